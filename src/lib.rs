@@ -1,0 +1,27 @@
+//! gtr-run: an inference runtime for Masked Autoregressive (MAR) image
+//! generators, driven by `.gtr` schedule files.
+//!
+//! The pipeline is: text → [`schedule::Schedule`] (parsed and checked) →
+//! [`plan::Plan`] (every step's tokens, diffusion steps, guidance) for one
+//! grid and seed → execution by the engine. [`cost`] prices a plan in FLOPs.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use gtr_run::{grid::Grid, plan::plan, schedule::{Schedule, Source}};
+//!
+//! let text = "partition checker(2)
+//!             stage scaffold    { tokens S1  order random  steps 8 }
+//!             stage reconstruct { tokens rest  steps 1  diffusion 20 }";
+//! let schedule = Schedule::from_source(Source::new("<doc>", text), &BTreeMap::new()).unwrap();
+//! let plan = plan(&schedule, Grid::new(4, 4), 0).unwrap();
+//! assert_eq!(plan.steps.len(), 9);
+//! assert_eq!(plan.steps[8].tokens.len(), 8);
+//! ```
+
+pub mod cost;
+pub mod fsutil;
+pub mod grid;
+pub mod plan;
+pub mod report;
+pub mod rng;
+pub mod schedule;

@@ -1,0 +1,730 @@
+//! The planner: (schedule, grid, seed) → an immutable [`Plan`] listing every
+//! MAR step with the exact tokens it reveals, its diffusion steps, FTS rule,
+//! guidance scale and temperature.
+//!
+//! Everything that depends on the grid is checked here (coverage, overlap,
+//! counts), with errors pointing into the schedule's source.
+
+pub mod allocation;
+pub mod order;
+pub mod partition;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::grid::{Grid, MAX_TOKENS};
+use crate::rng::{Purpose, Stream};
+use crate::schedule::ast::{Expr, RampShape, Rounding, Selector};
+use crate::schedule::expr::{self, Env};
+use crate::schedule::{Cfg, Diagnostic, DiffusionRule, Schedule, Source, Span, StepCount};
+
+/// The most diffusion steps a token may get (the training chain has 1000).
+pub const MAX_DIFFUSION_STEPS: u32 = 1000;
+
+/// A stage as planned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanStage {
+    pub name: String,
+    /// Number of tokens the stage reveals.
+    pub tokens: usize,
+    /// Number of MAR steps it takes.
+    pub steps: usize,
+}
+
+/// FTS for one step: the top `count` of the step's tokens by `selector`
+/// get `steps` diffusion steps instead of the step's base count.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DetailRule {
+    /// β as written.
+    pub fraction: f64,
+    pub steps: u32,
+    pub selector: Selector,
+    /// `clamp(round_half_even(β · tokens), 1, tokens)`.
+    pub count: usize,
+}
+
+/// One MAR step: one backbone pass, then diffusion for `tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanStep {
+    /// Index into [`Plan::stages`].
+    pub stage: usize,
+    /// Tokens revealed, row-major indices, ascending.
+    pub tokens: Vec<usize>,
+    /// Tokens known before this step.
+    pub known_before: usize,
+    /// Diffusion steps for each token (before FTS).
+    pub diffusion_steps: u32,
+    pub detail: Option<DetailRule>,
+    /// Classifier-free guidance scale for this step; `None` runs no
+    /// unconditional pass at all.
+    pub cfg: Option<f64>,
+    /// Scale of the diffusion sampler's per-step noise.
+    pub temperature: f64,
+}
+
+impl PlanStep {
+    /// Diffusion-head evaluations this step needs per CFG branch:
+    /// Σ over tokens of their diffusion steps.
+    pub fn diffusion_rows(&self) -> u64 {
+        let n = self.tokens.len() as u64;
+        match self.detail {
+            Some(d) => {
+                (n - d.count as u64) * u64::from(self.diffusion_steps)
+                    + d.count as u64 * u64::from(d.steps)
+            }
+            None => n * u64::from(self.diffusion_steps),
+        }
+    }
+
+    /// The longest diffusion chain in the step (what bounds its latency).
+    pub fn max_diffusion_steps(&self) -> u32 {
+        self.detail
+            .map_or(self.diffusion_steps, |d| d.steps.max(self.diffusion_steps))
+    }
+}
+
+/// An executable schedule for one grid and one seed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub grid: Grid,
+    pub seed: u64,
+    pub stages: Vec<PlanStage>,
+    pub steps: Vec<PlanStep>,
+}
+
+impl Plan {
+    /// For each token, the 0-based step that reveals it.
+    pub fn reveal_step(&self) -> Vec<usize> {
+        let mut out = vec![usize::MAX; self.grid.len()];
+        for (s, step) in self.steps.iter().enumerate() {
+            for &t in &step.tokens {
+                out[t] = s;
+            }
+        }
+        out
+    }
+
+    /// For each token, the stage that reveals it.
+    pub fn stage_of_token(&self) -> Vec<usize> {
+        let mut out = vec![usize::MAX; self.grid.len()];
+        for step in &self.steps {
+            for &t in &step.tokens {
+                out[t] = step.stage;
+            }
+        }
+        out
+    }
+
+    /// Checks the invariants every plan must satisfy: each token revealed
+    /// exactly once, at least one token per step, `known_before` consistent.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = vec![false; self.grid.len()];
+        let mut known = 0;
+        for (s, step) in self.steps.iter().enumerate() {
+            if step.tokens.is_empty() {
+                return Err(format!("step {s} reveals no token"));
+            }
+            if step.known_before != known {
+                return Err(format!(
+                    "step {s}: known_before {} != {known}",
+                    step.known_before
+                ));
+            }
+            for &t in &step.tokens {
+                if t >= seen.len() {
+                    return Err(format!("step {s} reveals token {t}, outside the grid"));
+                }
+                if std::mem::replace(&mut seen[t], true) {
+                    return Err(format!("token {t} is revealed twice (again at step {s})"));
+                }
+            }
+            known += step.tokens.len();
+        }
+        match seen.iter().position(|&x| !x) {
+            Some(t) => Err(format!("token {t} is never revealed")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Values of names while planning: parameters, grid size, and (for token
+/// sets) the current cell, set memberships and what earlier stages took.
+struct PlanEnv<'a> {
+    params: &'a HashMap<String, f64>,
+    grid: Grid,
+    cell: (usize, usize),
+    sets: &'a HashMap<String, Vec<bool>>,
+    taken: &'a [bool],
+}
+
+impl PlanEnv<'_> {
+    fn token(&self) -> usize {
+        self.grid.index(self.cell.0, self.cell.1)
+    }
+}
+
+impl Env for PlanEnv<'_> {
+    fn number(&self, name: &str) -> f64 {
+        match name {
+            "i" => self.cell.0 as f64,
+            "j" => self.cell.1 as f64,
+            "h" => self.grid.height as f64,
+            "w" => self.grid.width as f64,
+            _ => self.params.get(name).copied().unwrap_or(f64::NAN),
+        }
+    }
+
+    fn condition(&self, name: &str) -> bool {
+        self.sets.get(name).is_some_and(|m| m[self.token()])
+    }
+
+    fn rest(&self) -> bool {
+        !self.taken[self.token()]
+    }
+}
+
+/// Plans `schedule` on `grid` with `seed` (which drives random orders).
+pub fn plan(schedule: &Schedule, grid: Grid, seed: u64) -> Result<Plan, Diagnostic> {
+    Planner::new(schedule, grid)?.plan(seed)
+}
+
+/// Grid-dependent state that does not depend on the seed: set memberships,
+/// each stage's tokens and step counts. Build once, plan many seeds.
+pub struct Planner<'a> {
+    schedule: &'a Schedule,
+    grid: Grid,
+    params: HashMap<String, f64>,
+    /// Each stage's tokens, ascending.
+    stage_tokens: Vec<Vec<usize>>,
+    /// Each stage's tokens per step.
+    stage_counts: Vec<Vec<usize>>,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(schedule: &'a Schedule, grid: Grid) -> Result<Self, Diagnostic> {
+        let src = &schedule.source;
+        let first = &schedule.stages[0];
+        if grid.is_empty() || grid.len() > MAX_TOKENS {
+            return Err(Diagnostic::new(
+                src,
+                first.name_span,
+                format!("grid {grid} is not supported: it must have 1 to {MAX_TOKENS} tokens"),
+            ));
+        }
+        let params = schedule.param_values();
+        let mut sets: HashMap<String, Vec<bool>> = HashMap::new();
+        if let Some(p) = &schedule.partition {
+            let max = partition::max_levels(grid);
+            if p.levels > max {
+                return Err(Diagnostic::new(
+                    src,
+                    p.span,
+                    format!(
+                        "checker({}) does not fit a {grid} grid: set {} would be empty",
+                        p.levels,
+                        p.set_name(2)
+                    ),
+                )
+                .with_help(format!(
+                    "Algorithm 1 needs h + w - 2 >= 2^(K-2); on {grid} use at most checker({max})"
+                )));
+            }
+            let set_of = partition::checker(grid, p.levels);
+            for k in 1..=p.levels {
+                sets.insert(p.set_name(k), set_of.iter().map(|&s| s == k).collect());
+            }
+        }
+        let no_taken = vec![false; grid.len()];
+        for named in &schedule.sets {
+            let member = members(&named.cells, grid, &params, &sets, &no_taken);
+            sets.insert(named.name.clone(), member);
+        }
+
+        let mut taken: Vec<Option<usize>> = vec![None; grid.len()];
+        let mut taken_mask = vec![false; grid.len()];
+        let mut stage_tokens = Vec::new();
+        let mut stage_counts = Vec::new();
+        for (s, stage) in schedule.stages.iter().enumerate() {
+            let member = members(&stage.tokens, grid, &params, &sets, &taken_mask);
+            let tokens: Vec<usize> = (0..grid.len()).filter(|&t| member[t]).collect();
+            if tokens.is_empty() {
+                return Err(Diagnostic::new(
+                    src,
+                    stage.tokens.span,
+                    format!("stage `{}` takes no tokens on a {grid} grid", stage.name),
+                )
+                .with_help("every stage must reveal at least one token; check the condition, or remove the stage"));
+            }
+            let overlap: Vec<usize> = tokens.iter().copied().filter(|&t| taken_mask[t]).collect();
+            if let Some(&t0) = overlap.first() {
+                let earlier = &schedule.stages[taken[t0].unwrap_or(0)].name;
+                let (i, j) = grid.cell(t0);
+                return Err(Diagnostic::new(
+                    src,
+                    stage.tokens.span,
+                    format!(
+                        "stage `{}` takes {} token{} already taken by an earlier stage (e.g. row {i}, column {j}, taken by `{earlier}`)",
+                        stage.name,
+                        overlap.len(),
+                        plural(overlap.len())
+                    ),
+                )
+                .with_help("a token is revealed once; add `and rest` to take only what earlier stages left"));
+            }
+            for &t in &tokens {
+                taken[t] = Some(s);
+                taken_mask[t] = true;
+            }
+            let n = tokens.len();
+            let counts = step_counts(src, stage, n, &params, grid)?;
+            stage_tokens.push(tokens);
+            stage_counts.push(counts);
+        }
+        let missing: Vec<usize> = (0..grid.len()).filter(|&t| !taken_mask[t]).collect();
+        if let Some(&t0) = missing.first() {
+            let (i, j) = grid.cell(t0);
+            let last = schedule.stages.last().unwrap();
+            return Err(Diagnostic::new(
+                src,
+                last.span,
+                format!(
+                    "the stages leave {} of {} tokens uncovered (e.g. row {i}, column {j})",
+                    missing.len(),
+                    grid.len()
+                ),
+            )
+            .with_help(
+                "every token must be revealed once; end with a stage that takes `tokens rest`",
+            ));
+        }
+        Ok(Planner {
+            schedule,
+            grid,
+            params,
+            stage_tokens,
+            stage_counts,
+        })
+    }
+
+    /// The plan for one seed.
+    pub fn plan(&self, seed: u64) -> Result<Plan, Diagnostic> {
+        let schedule = self.schedule;
+        let src = &schedule.source;
+        let grid = self.grid;
+        let total = grid.len();
+        let mut rng = Stream::new(seed, Purpose::Order);
+        let env = PlanEnv {
+            params: &self.params,
+            grid,
+            cell: (0, 0),
+            sets: &HashMap::new(),
+            taken: &[],
+        };
+        let eval = |e: &Expr| expr::number(e, &env);
+
+        // Where each stage's first step sits in its ramp, and ramp lengths.
+        let mut ramp_offset = vec![0usize; schedule.stages.len()];
+        let mut ramp_len = vec![0usize; schedule.ramps.len()];
+        for (s, stage) in schedule.stages.iter().enumerate() {
+            if let DiffusionRule::Ramp(r) = stage.diffusion {
+                ramp_offset[s] = ramp_len[r];
+                ramp_len[r] += self.stage_counts[s].len();
+            }
+        }
+
+        let mut stages = Vec::new();
+        let mut steps = Vec::new();
+        let mut known = 0usize;
+        for (s, stage) in schedule.stages.iter().enumerate() {
+            let counts = &self.stage_counts[s];
+            let sequence = order::rule(stage.order).order(&self.stage_tokens[s], grid, &mut rng);
+            let diffusion = diffusion_steps(
+                src,
+                schedule,
+                s,
+                counts.len(),
+                &ramp_offset,
+                &ramp_len,
+                &eval,
+            )?;
+            let temperature = eval(&stage.temperature);
+            if !(temperature.is_finite() && temperature >= 0.0) {
+                return Err(Diagnostic::new(
+                    src,
+                    stage.temperature.span,
+                    format!("temperature {temperature} must be a number >= 0"),
+                )
+                .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
+            }
+            let fts = match &stage.fts {
+                None => None,
+                Some(f) => {
+                    let beta = eval(&f.fraction);
+                    if !(beta > 0.0 && beta <= 1.0) {
+                        return Err(Diagnostic::new(
+                            src,
+                            f.fraction.span,
+                            format!("the FTS fraction β = {} must be in (0, 1]", fmt_num(beta)),
+                        )
+                        .with_help(
+                            "write it as a percentage (`top 10%`) or a fraction (`top 0.1`)",
+                        ));
+                    }
+                    Some((
+                        beta,
+                        diffusion_count(src, eval(&f.steps), f.steps.span, "FTS detail steps")?,
+                        f.selector,
+                    ))
+                }
+            };
+            let mut cursor = 0;
+            for (k, &count) in counts.iter().enumerate() {
+                let mut tokens = sequence[cursor..cursor + count].to_vec();
+                tokens.sort_unstable();
+                cursor += count;
+                let masked_after = total - known - count;
+                let cfg = match &stage.cfg {
+                    Cfg::None => None,
+                    Cfg::Constant(e) | Cfg::Linear(e) => {
+                        let scale = eval(e);
+                        if !scale.is_finite() {
+                            return Err(Diagnostic::new(
+                                src,
+                                e.span,
+                                "the guidance scale must be a finite number",
+                            ));
+                        }
+                        if scale == 1.0 {
+                            // MAR runs no unconditional pass when cfg = 1.
+                            None
+                        } else if matches!(stage.cfg, Cfg::Linear(_)) {
+                            // mar.md §2.2 step 9, with MAR's clamp of the
+                            // masked count to at least 1 at the last step.
+                            let masked = masked_after.max(1) as f64;
+                            Some(1.0 + (scale - 1.0) * (total as f64 - masked) / total as f64)
+                        } else {
+                            Some(scale)
+                        }
+                    }
+                };
+                let detail = fts.map(|(fraction, steps, selector)| DetailRule {
+                    fraction,
+                    steps,
+                    selector,
+                    count: round_half_even(fraction * count as f64).clamp(1.0, count as f64)
+                        as usize,
+                });
+                steps.push(PlanStep {
+                    stage: s,
+                    tokens,
+                    known_before: known,
+                    diffusion_steps: diffusion[k],
+                    detail,
+                    cfg,
+                    temperature,
+                });
+                known += count;
+            }
+            stages.push(PlanStage {
+                name: stage.name.clone(),
+                tokens: self.stage_tokens[s].len(),
+                steps: counts.len(),
+            });
+        }
+        let plan = Plan {
+            grid,
+            seed,
+            stages,
+            steps,
+        };
+        debug_assert_eq!(plan.check_invariants(), Ok(()));
+        Ok(plan)
+    }
+}
+
+fn members(
+    cond: &Expr,
+    grid: Grid,
+    params: &HashMap<String, f64>,
+    sets: &HashMap<String, Vec<bool>>,
+    taken: &[bool],
+) -> Vec<bool> {
+    let mut env = PlanEnv {
+        params,
+        grid,
+        cell: (0, 0),
+        sets,
+        taken,
+    };
+    (0..grid.len())
+        .map(|t| {
+            env.cell = grid.cell(t);
+            expr::condition(cond, &env)
+        })
+        .collect()
+}
+
+/// Tokens per step for a stage of `n` tokens.
+fn step_counts(
+    src: &Arc<Source>,
+    stage: &crate::schedule::Stage,
+    n: usize,
+    params: &HashMap<String, f64>,
+    grid: Grid,
+) -> Result<Vec<usize>, Diagnostic> {
+    let env = PlanEnv {
+        params,
+        grid,
+        cell: (0, 0),
+        sets: &HashMap::new(),
+        taken: &[],
+    };
+    let too_many = |m: usize, span: Span| {
+        Diagnostic::new(
+            src,
+            span,
+            format!(
+                "stage `{}` has {n} token{} but asks for {m} steps",
+                stage.name,
+                plural(n)
+            ),
+        )
+        .with_help(format!(
+            "every step reveals at least one token: use at most {n} steps"
+        ))
+    };
+    match &stage.steps {
+        StepCount::Steps(e, dist) => {
+            let m = expr::number(e, &env);
+            if !(m.is_finite() && m.fract() == 0.0 && m >= 1.0) {
+                return Err(Diagnostic::new(
+                    src,
+                    e.span,
+                    format!(
+                        "a stage needs a whole number of steps, at least 1, not {}",
+                        fmt_num(m)
+                    ),
+                )
+                .with_help("to give tokens per step instead, write `rate R`"));
+            }
+            if m > n as f64 {
+                return Err(too_many(m as usize, e.span));
+            }
+            Ok(allocation::allocate(n, m as usize, *dist))
+        }
+        StepCount::Rate(e, dist) => {
+            let r = expr::number(e, &env);
+            if !(r.is_finite() && r > 0.0) {
+                return Err(Diagnostic::new(
+                    src,
+                    e.span,
+                    format!(
+                        "a rate is tokens per step and must be > 0, not {}",
+                        fmt_num(r)
+                    ),
+                ));
+            }
+            let m = round_half_even(n as f64 / r).max(1.0);
+            if m > n as f64 {
+                return Err(too_many(m as usize, e.span).with_help(format!(
+                    "a rate below 1 token per step is not possible; with {n} tokens use a rate of at least 1"
+                )));
+            }
+            Ok(allocation::allocate(n, m as usize, *dist))
+        }
+        StepCount::List(list) => {
+            let mut counts = Vec::with_capacity(list.len());
+            for e in list {
+                let k = expr::number(e, &env);
+                if !(k.is_finite() && k.fract() == 0.0 && k >= 1.0) {
+                    return Err(Diagnostic::new(
+                        src,
+                        e.span,
+                        format!(
+                            "each step reveals a whole number of tokens, at least 1, not {}",
+                            fmt_num(k)
+                        ),
+                    ));
+                }
+                counts.push(k as usize);
+            }
+            let sum: usize = counts.iter().sum();
+            if sum != n {
+                return Err(Diagnostic::new(
+                    src,
+                    stage.steps_span,
+                    format!(
+                        "these counts add up to {sum}, but stage `{}` has {n} tokens",
+                        stage.name
+                    ),
+                )
+                .with_help(format!("make the list sum to {n}")));
+            }
+            Ok(counts)
+        }
+    }
+}
+
+/// Base diffusion steps for each step of stage `s`.
+fn diffusion_steps(
+    src: &Arc<Source>,
+    schedule: &Schedule,
+    s: usize,
+    n_steps: usize,
+    ramp_offset: &[usize],
+    ramp_len: &[usize],
+    eval: &dyn Fn(&Expr) -> f64,
+) -> Result<Vec<u32>, Diagnostic> {
+    let stage = &schedule.stages[s];
+    match &stage.diffusion {
+        DiffusionRule::Constant(e) => {
+            let t = diffusion_count(src, eval(e), e.span, "diffusion steps")?;
+            Ok(vec![t; n_steps])
+        }
+        DiffusionRule::List(list) => {
+            if list.len() != n_steps {
+                return Err(Diagnostic::new(
+                    src,
+                    stage.diffusion_span,
+                    format!(
+                        "this list gives {} diffusion step count{}, but stage `{}` has {n_steps} step{}",
+                        list.len(),
+                        plural(list.len()),
+                        stage.name,
+                        plural(n_steps)
+                    ),
+                )
+                .with_help("give one count per MAR step of the stage"));
+            }
+            list.iter()
+                .map(|e| diffusion_count(src, eval(e), e.span, "diffusion steps"))
+                .collect()
+        }
+        DiffusionRule::Ramp(r) => {
+            let ramp = &schedule.ramps[*r];
+            let from = diffusion_count(src, eval(&ramp.from), ramp.from.span, "diffusion steps")?;
+            let to = diffusion_count(src, eval(&ramp.to), ramp.to.span, "diffusion steps")?;
+            let len = ramp_len[*r];
+            Ok((0..n_steps)
+                .map(|k| ramp_value(ramp.shape, ramp.rounding, from, to, ramp_offset[s] + k, len))
+                .collect())
+        }
+    }
+}
+
+/// Diffusion steps at step `g` of a ramp of `len` steps from `from` to `to`.
+///
+/// The weight on `from` is `(u − g)/u` (linear) or `(cos(π g/u) + 1)/2`
+/// (cosine) with `u = len − 1`, computed in DiSA's order of operations, so
+/// `floor` reproduces DiSA's chain choice exactly (mar.md §6.3). A ramp of
+/// one step gives `from`.
+pub fn ramp_value(
+    shape: RampShape,
+    rounding: Rounding,
+    from: u32,
+    to: u32,
+    g: usize,
+    len: usize,
+) -> u32 {
+    if len <= 1 {
+        return from;
+    }
+    let u = (len - 1) as f64;
+    let g = g as f64;
+    let weight = match shape {
+        RampShape::Linear => (u - g) / u,
+        RampShape::Cosine => ((std::f64::consts::PI * g / u).cos() + 1.0) / 2.0,
+    };
+    let span = f64::from(from) - f64::from(to);
+    let offset = weight * span;
+    let offset = match rounding {
+        Rounding::Round => round_half_even(offset),
+        Rounding::Floor => offset.floor(),
+    };
+    (f64::from(to) + offset) as u32
+}
+
+fn diffusion_count(src: &Arc<Source>, v: f64, span: Span, what: &str) -> Result<u32, Diagnostic> {
+    if v.is_finite() && v.fract() == 0.0 && (1.0..=f64::from(MAX_DIFFUSION_STEPS)).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(Diagnostic::new(
+            src,
+            span,
+            format!(
+                "{what} must be a whole number from 1 to {MAX_DIFFUSION_STEPS}, not {}",
+                fmt_num(v)
+            ),
+        )
+        .with_help("MAR samples with 100 diffusion steps; the training chain has 1000"))
+    }
+}
+
+/// Round half to even, as Python's `round` and numpy do.
+pub fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        r - x.signum()
+    } else {
+        r
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// A number as a person would write it (`24`, `2.5`).
+pub fn fmt_num(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_half_to_even() {
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(3.5), 4.0);
+        assert_eq!(round_half_even(-2.5), -2.0);
+        assert_eq!(round_half_even(2.4), 2.0);
+        assert_eq!(round_half_even(23.97), 24.0);
+    }
+
+    #[test]
+    fn disa_linear_and_cosine_ramps() {
+        // DiSA: upper 50, lower 5, 64 steps: first 50, last 5.
+        let lin: Vec<u32> = (0..64)
+            .map(|g| ramp_value(RampShape::Linear, Rounding::Floor, 50, 5, g, 64))
+            .collect();
+        assert_eq!((lin[0], lin[63]), (50, 5));
+        for (g, &t) in lin.iter().enumerate() {
+            let want = 5 + (((63 - g) as f64 / 63.0) * 45.0) as u32;
+            assert_eq!(t, want);
+        }
+        let cos: Vec<u32> = (0..64)
+            .map(|g| ramp_value(RampShape::Cosine, Rounding::Floor, 50, 5, g, 64))
+            .collect();
+        assert_eq!((cos[0], cos[63]), (50, 5));
+        assert!(cos.windows(2).all(|w| w[0] >= w[1]));
+    }
+
+    #[test]
+    fn gtr_linear_ramp_50_to_20_over_30_steps() {
+        let v: Vec<u32> = (0..30)
+            .map(|g| ramp_value(RampShape::Linear, Rounding::Round, 50, 20, g, 30))
+            .collect();
+        assert_eq!((v[0], v[29]), (50, 20));
+        for (g, &t) in v.iter().enumerate() {
+            let want = (50.0 - 30.0 * g as f64 / 29.0).round() as u32;
+            assert_eq!(t, want, "g = {g}");
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The plan as text: a grid of reveal steps, a grid of stage labels and a
+//! per-step table. Integers where possible, so it snapshots well.
+
+use std::fmt::Write;
+
+use super::stage_label;
+use crate::cost::Cost;
+use crate::plan::{Plan, fmt_num};
+use crate::schedule::Schedule;
+
+/// The grid of the 1-based step that reveals each token, fixed-width.
+pub fn step_grid(plan: &Plan) -> String {
+    let reveal = plan.reveal_step();
+    let width = plan
+        .steps
+        .len()
+        .to_string()
+        .len()
+        .max(plan.grid.width.saturating_sub(1).to_string().len());
+    let row_label = plan.grid.height.saturating_sub(1).to_string().len();
+    let mut out = String::new();
+    let _ = write!(out, "{:row_label$} |", "");
+    for j in 0..plan.grid.width {
+        let _ = write!(out, " {j:>width$}");
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "{}-+{}",
+        "-".repeat(row_label),
+        "-".repeat((width + 1) * plan.grid.width)
+    );
+    for i in 0..plan.grid.height {
+        let _ = write!(out, "{i:>row_label$} |");
+        for j in 0..plan.grid.width {
+            let _ = write!(out, " {:>width$}", reveal[plan.grid.index(i, j)] + 1);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The grid of stage labels (A = first stage), one character per token.
+pub fn stage_grid(plan: &Plan) -> String {
+    let stage_of = plan.stage_of_token();
+    let mut out = String::new();
+    for i in 0..plan.grid.height {
+        let row: Vec<String> = (0..plan.grid.width)
+            .map(|j| stage_label(stage_of[plan.grid.index(i, j)]).to_string())
+            .collect();
+        let _ = writeln!(out, "{}", row.join(" "));
+    }
+    out
+}
+
+/// One line per MAR step: stage, tokens, known before, diffusion steps,
+/// FTS, CFG scale and temperature.
+pub fn step_table(plan: &Plan) -> String {
+    let name_width = plan
+        .stages
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<22}  {:>6}  {:>5}",
+        "step", "stage", "tokens", "known", "diffusion", "fts", "cfg", "temp"
+    );
+    for (k, step) in plan.steps.iter().enumerate() {
+        let fts = match step.detail {
+            None => "-".to_string(),
+            Some(d) => format!("{} by {} -> {}", d.count, d.selector.name(), d.steps),
+        };
+        let cfg = step.cfg.map_or("-".to_string(), |c| format!("{c:.4}"));
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<22}  {:>6}  {:>5.2}",
+            k + 1,
+            plan.stages[step.stage].name,
+            step.tokens.len(),
+            step.known_before,
+            step.diffusion_steps,
+            fts,
+            cfg,
+            step.temperature
+        );
+    }
+    out
+}
+
+/// The full text report printed by `gtr-run plan`.
+pub fn report(schedule: &Schedule, plan: &Plan, cost: Option<&Cost>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "schedule {}", schedule.source.name);
+    let params: Vec<String> = schedule
+        .params
+        .iter()
+        .map(|p| {
+            let mark = if p.overridden { " (set)" } else { "" };
+            format!("{} = {}{mark}", p.name, fmt_num(p.value))
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "grid {}, seed {}, {} MAR steps, {} stage{}{}",
+        plan.grid,
+        plan.seed,
+        plan.steps.len(),
+        plan.stages.len(),
+        if plan.stages.len() == 1 { "" } else { "s" },
+        if params.is_empty() {
+            String::new()
+        } else {
+            format!("; params: {}", params.join(", "))
+        }
+    );
+    out.push_str("\nstages:\n");
+    for (k, s) in plan.stages.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  {} {:<16} {:>5} tokens in {:>3} steps",
+            stage_label(k),
+            s.name,
+            s.tokens,
+            s.steps
+        );
+    }
+    out.push_str("\nreveal step of each token (row i, column j; 1 = first step):\n");
+    out.push_str(&step_grid(plan));
+    out.push_str("\nstage of each token:\n");
+    out.push_str(&stage_grid(plan));
+    out.push_str("\nsteps:\n");
+    out.push_str(&step_table(plan));
+    if let Some(c) = cost {
+        out.push('\n');
+        out.push_str(&cost_table(c));
+    }
+    out
+}
+
+/// The analytic cost as a short table (TFLOPs per image).
+pub fn cost_table(c: &Cost) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "cost per image on {}:", c.model);
+    let _ = writeln!(out, "  MAR steps              {}", c.mar_steps);
+    let _ = writeln!(out, "  encoder passes         {}", c.encoder_passes);
+    let _ = writeln!(out, "  decoder passes         {}", c.decoder_passes);
+    let _ = writeln!(
+        out,
+        "  diffusion evaluations  {} (token rows x steps)",
+        c.diffusion_evaluations
+    );
+    let _ = writeln!(out, "  encoder   {:>8.3} TFLOPs", c.encoder_flops / 1e12);
+    let _ = writeln!(out, "  decoder   {:>8.3} TFLOPs", c.decoder_flops / 1e12);
+    let _ = writeln!(out, "  diffusion {:>8.3} TFLOPs", c.diffusion_flops / 1e12);
+    let _ = writeln!(out, "  total     {:>8.3} TFLOPs", c.total_flops() / 1e12);
+    out
+}

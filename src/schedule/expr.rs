@@ -1,0 +1,207 @@
+//! Type checking and evaluation of schedule expressions.
+//!
+//! Expressions have one of two types: numbers (`f64`) and conditions on a
+//! grid cell (`bool`). Which names may appear depends on where the expression
+//! is written; a [`Scope`] says so, and a [`Env`] supplies values.
+
+use std::sync::Arc;
+
+use super::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
+use super::diagnostic::{Diagnostic, Source};
+
+/// The type of an expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    Number,
+    Condition,
+}
+
+impl Type {
+    fn noun(self) -> &'static str {
+        match self {
+            Type::Number => "a number",
+            Type::Condition => "a condition",
+        }
+    }
+}
+
+/// What a name means where an expression is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameKind {
+    /// A `param`, known before any grid is chosen.
+    Param,
+    /// `h` or `w`, the grid's size.
+    GridSize,
+    /// `i` or `j`, the cell's row or column.
+    Cell,
+    /// A token set (`set` or partition name): a condition on the cell.
+    Set,
+}
+
+/// The names visible to an expression, and whether `rest`/`all` and cell
+/// coordinates may be used.
+pub trait Scope {
+    fn lookup(&self, name: &str) -> Option<NameKind>;
+    /// Whether `rest` is meaningful here (only in a stage's `tokens`).
+    fn allows_rest(&self) -> bool;
+    /// A sentence naming what may be used here, for "unknown name" errors.
+    fn describe(&self) -> String;
+}
+
+/// Values for the names of a [`Scope`].
+pub trait Env {
+    fn number(&self, name: &str) -> f64;
+    fn condition(&self, name: &str) -> bool;
+    fn rest(&self) -> bool;
+}
+
+/// Checks `expr` has type `want` in `scope`, or says precisely what is wrong.
+pub fn check(
+    source: &Arc<Source>,
+    expr: &Expr,
+    want: Type,
+    scope: &dyn Scope,
+) -> Result<(), Diagnostic> {
+    let got = type_of(source, expr, scope)?;
+    if got == want {
+        return Ok(());
+    }
+    let diag = Diagnostic::new(
+        source,
+        expr.span,
+        format!("this is {}, but {} is needed here", got.noun(), want.noun()),
+    );
+    Err(match want {
+        Type::Condition => diag.with_help(
+            "a token set is a condition on row `i` and column `j`, e.g. `(i + j) % 4 == 0`",
+        ),
+        Type::Number => {
+            diag.with_help("write a number or an arithmetic expression over parameters")
+        }
+    })
+}
+
+fn type_of(source: &Arc<Source>, expr: &Expr, scope: &dyn Scope) -> Result<Type, Diagnostic> {
+    match &expr.kind {
+        ExprKind::Number(v) => {
+            if v.is_finite() {
+                Ok(Type::Number)
+            } else {
+                Err(Diagnostic::new(
+                    source,
+                    expr.span,
+                    "this number is too large",
+                ))
+            }
+        }
+        ExprKind::Bool(_) | ExprKind::All => Ok(Type::Condition),
+        ExprKind::Rest => {
+            if scope.allows_rest() {
+                Ok(Type::Condition)
+            } else {
+                Err(Diagnostic::new(
+                    source,
+                    expr.span,
+                    "`rest` (the tokens no earlier stage took) only has a meaning in a stage's `tokens`",
+                ))
+            }
+        }
+        ExprKind::Name(name) => match scope.lookup(name) {
+            Some(NameKind::Set) => Ok(Type::Condition),
+            Some(_) => Ok(Type::Number),
+            None => Err(unknown_name(source, expr, name, scope)),
+        },
+        ExprKind::Unary(op, inner) => {
+            let want = match op {
+                UnaryOp::Neg => Type::Number,
+                UnaryOp::Not => Type::Condition,
+            };
+            check(source, inner, want, scope)?;
+            Ok(want)
+        }
+        ExprKind::Binary(op, lhs, rhs) => {
+            let (operand, result) = match op {
+                BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div | BinaryOp::Rem => {
+                    (Type::Number, Type::Number)
+                }
+                BinaryOp::Eq
+                | BinaryOp::Ne
+                | BinaryOp::Lt
+                | BinaryOp::Le
+                | BinaryOp::Gt
+                | BinaryOp::Ge => (Type::Number, Type::Condition),
+                BinaryOp::And | BinaryOp::Or => (Type::Condition, Type::Condition),
+            };
+            for side in [lhs, rhs] {
+                let got = type_of(source, side, scope)?;
+                if got != operand {
+                    return Err(Diagnostic::new(
+                        source,
+                        side.span,
+                        format!(
+                            "`{}` needs {} on each side, but this is {}",
+                            op.symbol(),
+                            operand.noun(),
+                            got.noun()
+                        ),
+                    ));
+                }
+            }
+            Ok(result)
+        }
+    }
+}
+
+fn unknown_name(source: &Arc<Source>, expr: &Expr, name: &str, scope: &dyn Scope) -> Diagnostic {
+    let what = match name {
+        "i" | "j" => {
+            format!("`{name}` (the cell's row or column) only has a meaning in a token set")
+        }
+        _ => format!("unknown name `{name}`"),
+    };
+    Diagnostic::new(source, expr.span, what).with_help(scope.describe())
+}
+
+/// Evaluates a number. The expression must have been checked.
+pub fn number(expr: &Expr, env: &dyn Env) -> f64 {
+    match &expr.kind {
+        ExprKind::Number(v) => *v,
+        ExprKind::Name(name) => env.number(name),
+        ExprKind::Unary(UnaryOp::Neg, inner) => -number(inner, env),
+        ExprKind::Binary(op, lhs, rhs) => {
+            let (a, b) = (number(lhs, env), number(rhs, env));
+            match op {
+                BinaryOp::Add => a + b,
+                BinaryOp::Sub => a - b,
+                BinaryOp::Mul => a * b,
+                BinaryOp::Div => a / b,
+                BinaryOp::Rem => a.rem_euclid(b),
+                _ => f64::NAN,
+            }
+        }
+        _ => f64::NAN,
+    }
+}
+
+/// Evaluates a condition. The expression must have been checked.
+pub fn condition(expr: &Expr, env: &dyn Env) -> bool {
+    match &expr.kind {
+        ExprKind::Bool(b) => *b,
+        ExprKind::All => true,
+        ExprKind::Rest => env.rest(),
+        ExprKind::Name(name) => env.condition(name),
+        ExprKind::Unary(UnaryOp::Not, inner) => !condition(inner, env),
+        ExprKind::Binary(op, lhs, rhs) => match op {
+            BinaryOp::And => condition(lhs, env) && condition(rhs, env),
+            BinaryOp::Or => condition(lhs, env) || condition(rhs, env),
+            BinaryOp::Eq => number(lhs, env) == number(rhs, env),
+            BinaryOp::Ne => number(lhs, env) != number(rhs, env),
+            BinaryOp::Lt => number(lhs, env) < number(rhs, env),
+            BinaryOp::Le => number(lhs, env) <= number(rhs, env),
+            BinaryOp::Gt => number(lhs, env) > number(rhs, env),
+            BinaryOp::Ge => number(lhs, env) >= number(rhs, env),
+            _ => false,
+        },
+        _ => false,
+    }
+}

@@ -1,0 +1,530 @@
+//! Text → [`ScheduleAst`] with the pest grammar in `grammar/gtr.pest`.
+
+use std::sync::{Arc, OnceLock};
+
+use pest::Parser;
+use pest::iterators::{Pair, Pairs};
+use pest::pratt_parser::{Assoc, Op, PrattParser};
+
+use super::ast::*;
+use super::diagnostic::{Diagnostic, Source, Span};
+
+#[derive(pest_derive::Parser)]
+#[grammar = "../grammar/gtr.pest"]
+struct GtrParser;
+
+/// Parses a schedule's text. Syntax errors come back as a [`Diagnostic`]
+/// pointing at the first place the text could not be read.
+pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
+    let mut pairs =
+        GtrParser::parse(Rule::schedule, &source.text).map_err(|e| syntax_error(source, e))?;
+    let root = pairs.next().expect("pest returns the schedule rule");
+    let builder = Builder { source };
+    let mut items = Vec::new();
+    for pair in root.into_inner() {
+        if pair.as_rule() == Rule::EOI {
+            break;
+        }
+        items.push(builder.item(pair)?);
+    }
+    Ok(ScheduleAst { items })
+}
+
+fn span_of(pair: &Pair<Rule>) -> Span {
+    let s = pair.as_span();
+    Span::new(s.start(), s.end())
+}
+
+struct Builder<'a> {
+    source: &'a Arc<Source>,
+}
+
+impl Builder<'_> {
+    fn item(&self, pair: Pair<Rule>) -> Result<Item, Diagnostic> {
+        let span = span_of(&pair);
+        let rule = pair.as_rule();
+        let mut inner = pair.into_inner();
+        Ok(match rule {
+            Rule::param_decl => {
+                inner.next(); // keyword
+                let name = ident(inner.next().unwrap());
+                let value = self.expr(inner.next().unwrap());
+                Item::Param { name, value }
+            }
+            Rule::grid_decl => {
+                inner.next();
+                let dims = inner.next().unwrap();
+                let dims_span = span_of(&dims);
+                let mut ints = dims.into_inner();
+                let h = self.dimension(ints.next().unwrap())?;
+                let w = self.dimension(ints.next().unwrap())?;
+                Item::Grid {
+                    height: h,
+                    width: w,
+                    span: dims_span,
+                }
+            }
+            Rule::partition_decl => {
+                inner.next();
+                inner.next(); // `checker`
+                let levels = self.expr(inner.next().unwrap());
+                let prefix = inner.nth(1).map(ident);
+                Item::Partition {
+                    levels,
+                    prefix,
+                    span,
+                }
+            }
+            Rule::set_decl => {
+                inner.next();
+                let name = ident(inner.next().unwrap());
+                let cells = self.expr(inner.next().unwrap());
+                Item::Set { name, cells }
+            }
+            Rule::stage => {
+                inner.next();
+                let name = ident(inner.next().unwrap());
+                let clauses = inner.map(|c| self.stage_clause(c)).collect();
+                Item::Stage(StageAst {
+                    name,
+                    span,
+                    clauses,
+                })
+            }
+            _ => Item::Setting(self.setting(rule, span, inner)),
+        })
+    }
+
+    fn dimension(&self, pair: Pair<Rule>) -> Result<usize, Diagnostic> {
+        let span = span_of(&pair);
+        pair.as_str()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| (1..=4096).contains(&n))
+            .ok_or_else(|| {
+                Diagnostic::new(self.source, span, "a grid side must be between 1 and 4096")
+            })
+    }
+
+    fn stage_clause(&self, pair: Pair<Rule>) -> StageClause {
+        let span = span_of(&pair);
+        let rule = pair.as_rule();
+        let mut inner = pair.into_inner();
+        match rule {
+            Rule::tokens_clause => {
+                inner.next();
+                StageClause::Tokens(self.expr(inner.next().unwrap()))
+            }
+            Rule::order_clause => {
+                inner.next();
+                let kind_pair = inner.next().unwrap();
+                let kind = match kind_pair.as_rule() {
+                    Rule::order_random => OrderKind::Random,
+                    Rule::order_raster => OrderKind::Raster,
+                    Rule::order_subsample => OrderKind::Subsample,
+                    Rule::order_halton => OrderKind::Halton {
+                        roll: kind_pair.into_inner().nth(1).is_some(),
+                    },
+                    r => unreachable!("order kind {r:?}"),
+                };
+                StageClause::Order(OrderAst { kind, span })
+            }
+            Rule::steps_clause | Rule::rate_clause => {
+                inner.next();
+                let first = inner.next().unwrap();
+                let count = if first.as_rule() == Rule::number_list {
+                    StepCountKind::List(self.list(first))
+                } else {
+                    let value = self.expr(first);
+                    let dist = inner.next().map(distribution).unwrap_or_default();
+                    if rule == Rule::rate_clause {
+                        StepCountKind::Rate(value, dist)
+                    } else {
+                        StepCountKind::Steps(value, dist)
+                    }
+                };
+                StageClause::Steps(StepCountAst { count, span })
+            }
+            Rule::fts_clause => {
+                inner.next();
+                let head = inner.next().unwrap();
+                let steps = self.expr(inner.next().unwrap());
+                let (fraction, selector) = match head.as_rule() {
+                    Rule::fts_all => (None, Selector::All),
+                    _ => {
+                        let mut parts = head.into_inner();
+                        parts.next(); // `top`
+                        let fraction = self.fraction(parts.next().unwrap());
+                        parts.next(); // `by`
+                        let sel = parts.next().unwrap().into_inner().next().unwrap();
+                        let selector = match sel.as_rule() {
+                            Rule::kw_high_freq => Selector::HighFreq,
+                            Rule::kw_low_freq => Selector::LowFreq,
+                            Rule::kw_random => Selector::Random,
+                            _ => Selector::All,
+                        };
+                        (Some(fraction), selector)
+                    }
+                };
+                StageClause::Fts(FtsAst {
+                    fraction,
+                    selector,
+                    steps,
+                    span,
+                })
+            }
+            _ => StageClause::Setting(self.setting(rule, span, inner)),
+        }
+    }
+
+    fn setting(&self, rule: Rule, span: Span, mut inner: Pairs<Rule>) -> Setting {
+        inner.next(); // keyword
+        match rule {
+            Rule::diffusion_clause => {
+                let body = inner.next().unwrap();
+                let kind = match body.as_rule() {
+                    Rule::number_list => DiffusionKind::List(self.list(body)),
+                    Rule::diffusion_ramp => {
+                        let mut parts = body.into_inner();
+                        let shape =
+                            match parts.next().unwrap().into_inner().next().unwrap().as_rule() {
+                                Rule::kw_cosine => RampShape::Cosine,
+                                _ => RampShape::Linear,
+                            };
+                        let from = self.expr(parts.next().unwrap());
+                        let to = self.expr(parts.next().unwrap());
+                        let mut rounding = Rounding::Round;
+                        let mut across = None;
+                        for part in parts {
+                            match part.as_rule() {
+                                Rule::rounding => {
+                                    if part.into_inner().next().unwrap().as_rule() == Rule::kw_floor
+                                    {
+                                        rounding = Rounding::Floor;
+                                    }
+                                }
+                                _ => {
+                                    let mut names = part.into_inner();
+                                    names.next();
+                                    let first = ident(names.next().unwrap());
+                                    let last = ident(names.next().unwrap());
+                                    across = Some((first, last));
+                                }
+                            }
+                        }
+                        DiffusionKind::Ramp {
+                            shape,
+                            from,
+                            to,
+                            rounding,
+                            across,
+                        }
+                    }
+                    _ => DiffusionKind::Constant(self.expr(body)),
+                };
+                Setting::Diffusion(DiffusionAst { kind, span })
+            }
+            Rule::cfg_clause => {
+                let body = inner.next().unwrap();
+                let kind = match body.as_rule() {
+                    Rule::cfg_none => CfgKind::None,
+                    Rule::cfg_linear => {
+                        CfgKind::Linear(self.expr(body.into_inner().nth(1).unwrap()))
+                    }
+                    _ => {
+                        let e = body.into_inner().last().unwrap();
+                        CfgKind::Constant(self.expr(e))
+                    }
+                };
+                Setting::Cfg(CfgAst { kind, span })
+            }
+            Rule::temperature_clause => Setting::Temperature(self.expr(inner.next().unwrap())),
+            r => unreachable!("setting {r:?}"),
+        }
+    }
+
+    fn fraction(&self, pair: Pair<Rule>) -> Expr {
+        let inner = pair.into_inner().next().unwrap();
+        if inner.as_rule() == Rule::percent {
+            let span = span_of(&inner);
+            let number = inner.into_inner().next().unwrap();
+            let value = number.as_str().parse::<f64>().unwrap_or(f64::NAN);
+            Expr {
+                kind: ExprKind::Number(value / 100.0),
+                span,
+            }
+        } else {
+            self.expr(inner)
+        }
+    }
+
+    fn list(&self, pair: Pair<Rule>) -> Vec<Expr> {
+        pair.into_inner().map(|e| self.expr(e)).collect()
+    }
+
+    fn expr(&self, pair: Pair<Rule>) -> Expr {
+        pratt()
+            .map_primary(|p| self.primary(p))
+            .map_prefix(|op, rhs| {
+                let span = span_of(&op).to(rhs.span);
+                let op = if op.as_rule() == Rule::neg {
+                    UnaryOp::Neg
+                } else {
+                    UnaryOp::Not
+                };
+                Expr {
+                    kind: ExprKind::Unary(op, Box::new(rhs)),
+                    span,
+                }
+            })
+            .map_infix(|lhs, op, rhs| {
+                let op = match op.as_rule() {
+                    Rule::add => BinaryOp::Add,
+                    Rule::sub => BinaryOp::Sub,
+                    Rule::mul => BinaryOp::Mul,
+                    Rule::div => BinaryOp::Div,
+                    Rule::rem => BinaryOp::Rem,
+                    Rule::eq => BinaryOp::Eq,
+                    Rule::ne => BinaryOp::Ne,
+                    Rule::lt => BinaryOp::Lt,
+                    Rule::le => BinaryOp::Le,
+                    Rule::gt => BinaryOp::Gt,
+                    Rule::ge => BinaryOp::Ge,
+                    Rule::and => BinaryOp::And,
+                    Rule::or => BinaryOp::Or,
+                    r => unreachable!("infix {r:?}"),
+                };
+                let span = lhs.span.to(rhs.span);
+                Expr {
+                    kind: ExprKind::Binary(op, Box::new(lhs), Box::new(rhs)),
+                    span,
+                }
+            })
+            .parse(pair.into_inner())
+    }
+
+    fn primary(&self, pair: Pair<Rule>) -> Expr {
+        let span = span_of(&pair);
+        let kind = match pair.as_rule() {
+            Rule::number => ExprKind::Number(pair.as_str().parse().unwrap_or(f64::NAN)),
+            Rule::boolean => ExprKind::Bool(pair.as_str() == "true"),
+            Rule::kw_all => ExprKind::All,
+            Rule::kw_rest => ExprKind::Rest,
+            Rule::ident => ExprKind::Name(pair.as_str().to_string()),
+            Rule::expr => return self.expr(pair),
+            r => unreachable!("primary {r:?}"),
+        };
+        Expr { kind, span }
+    }
+}
+
+fn ident(pair: Pair<Rule>) -> Ident {
+    Ident {
+        name: pair.as_str().to_string(),
+        span: span_of(&pair),
+    }
+}
+
+fn distribution(pair: Pair<Rule>) -> Distribution {
+    match pair.into_inner().next().unwrap().as_rule() {
+        Rule::kw_cosine => Distribution::Cosine,
+        Rule::kw_arccos => Distribution::Arccos,
+        _ => Distribution::Uniform,
+    }
+}
+
+fn pratt() -> &'static PrattParser<Rule> {
+    static PRATT: OnceLock<PrattParser<Rule>> = OnceLock::new();
+    PRATT.get_or_init(|| {
+        PrattParser::new()
+            .op(Op::infix(Rule::or, Assoc::Left))
+            .op(Op::infix(Rule::and, Assoc::Left))
+            .op(Op::prefix(Rule::not))
+            .op(Op::infix(Rule::eq, Assoc::Left)
+                | Op::infix(Rule::ne, Assoc::Left)
+                | Op::infix(Rule::lt, Assoc::Left)
+                | Op::infix(Rule::le, Assoc::Left)
+                | Op::infix(Rule::gt, Assoc::Left)
+                | Op::infix(Rule::ge, Assoc::Left))
+            .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
+            .op(Op::infix(Rule::mul, Assoc::Left)
+                | Op::infix(Rule::div, Assoc::Left)
+                | Op::infix(Rule::rem, Assoc::Left))
+            .op(Op::prefix(Rule::neg))
+    })
+}
+
+/// Turns a pest error into a diagnostic that names what was expected in prose.
+fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnostic {
+    use pest::error::{ErrorVariant, InputLocation};
+    let pos = match err.location {
+        InputLocation::Pos(p) => p,
+        InputLocation::Span((s, _)) => s,
+    };
+    let found = describe_found(&source.text, pos);
+    let end = pos + found.1;
+    let message = match &err.variant {
+        ErrorVariant::ParsingError { positives, .. } => {
+            let mut names: Vec<&'static str> =
+                positives.iter().filter_map(|r| rule_prose(*r)).collect();
+            names.sort_unstable();
+            names.dedup();
+            match names.len() {
+                0 => format!("unexpected {}", found.0),
+                1 => format!("expected {}, found {}", names[0], found.0),
+                _ => {
+                    let (last, rest) = names.split_last().unwrap();
+                    format!(
+                        "expected {} or {}, found {}",
+                        rest.join(", "),
+                        last,
+                        found.0
+                    )
+                }
+            }
+        }
+        ErrorVariant::CustomError { message } => message.clone(),
+    };
+    let diag = Diagnostic::new(source, Span::new(pos, end.max(pos)), message);
+    match hint_for(&source.text, pos) {
+        Some(h) => diag.with_help(h),
+        None => diag,
+    }
+}
+
+/// A short description of the text at `pos` and its length in bytes.
+fn describe_found(text: &str, pos: usize) -> (String, usize) {
+    let rest = text.get(pos..).unwrap_or("");
+    if rest.is_empty() {
+        return ("end of file".into(), 0);
+    }
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
+        .collect();
+    if !word.is_empty() {
+        return (format!("`{word}`"), word.len());
+    }
+    let c = rest.chars().next().unwrap();
+    (format!("`{}`", c.escape_default()), c.len_utf8())
+}
+
+fn hint_for(text: &str, pos: usize) -> Option<String> {
+    let rest = text.get(pos..).unwrap_or("");
+    let word: String = rest
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    let keywords = [
+        "param",
+        "grid",
+        "partition",
+        "checker",
+        "as",
+        "set",
+        "stage",
+        "tokens",
+        "order",
+        "random",
+        "raster",
+        "halton",
+        "roll",
+        "subsample",
+        "steps",
+        "rate",
+        "cosine",
+        "uniform",
+        "arccos",
+        "diffusion",
+        "linear",
+        "round",
+        "floor",
+        "across",
+        "fts",
+        "top",
+        "by",
+        "high_freq",
+        "low_freq",
+        "all",
+        "rest",
+        "cfg",
+        "none",
+        "constant",
+        "temperature",
+        "and",
+        "or",
+        "not",
+        "true",
+        "false",
+    ];
+    if keywords.contains(&word.as_str()) {
+        return Some(format!(
+            "`{word}` is a keyword and cannot be used as a name here; choose another name"
+        ));
+    }
+    if rest.starts_with("&&")
+        || rest.starts_with("||")
+        || rest.starts_with('!') && !rest.starts_with("!=")
+    {
+        return Some("conditions are combined with `and`, `or` and `not`".into());
+    }
+    if rest.starts_with('=') && !rest.starts_with("==") {
+        return Some("comparison for equality is written `==`".into());
+    }
+    None
+}
+
+/// Prose for the rules an error may say were expected; `None` hides a rule.
+fn rule_prose(rule: Rule) -> Option<&'static str> {
+    Some(match rule {
+        Rule::EOI => "end of file",
+        Rule::param_decl | Rule::kw_param => "`param`",
+        Rule::grid_decl | Rule::kw_grid => "`grid`",
+        Rule::partition_decl | Rule::kw_partition => "`partition`",
+        Rule::set_decl | Rule::kw_set => "`set`",
+        Rule::stage | Rule::kw_stage => "`stage`",
+        Rule::kw_checker => "`checker`",
+        Rule::kw_as => "`as`",
+        Rule::tokens_clause | Rule::kw_tokens => "`tokens`",
+        Rule::order_clause | Rule::kw_order => "`order`",
+        Rule::steps_clause | Rule::kw_steps => "`steps`",
+        Rule::rate_clause | Rule::kw_rate => "`rate`",
+        Rule::fts_clause | Rule::kw_fts => "`fts`",
+        Rule::diffusion_clause | Rule::kw_diffusion => "`diffusion`",
+        Rule::cfg_clause | Rule::kw_cfg => "`cfg`",
+        Rule::temperature_clause | Rule::kw_temperature => "`temperature`",
+        Rule::order_random | Rule::kw_random => "`random`",
+        Rule::order_raster | Rule::kw_raster => "`raster`",
+        Rule::order_halton | Rule::kw_halton => "`halton`",
+        Rule::order_subsample | Rule::kw_subsample => "`subsample`",
+        Rule::kw_roll => "`roll`",
+        Rule::distribution => "a distribution (`cosine`, `uniform` or `arccos`)",
+        Rule::kw_cosine => "`cosine`",
+        Rule::kw_uniform => "`uniform`",
+        Rule::kw_arccos => "`arccos`",
+        Rule::diffusion_ramp | Rule::ramp_shape => "`linear` or `cosine`",
+        Rule::kw_linear => "`linear`",
+        Rule::rounding | Rule::kw_round | Rule::kw_floor => "`round` or `floor`",
+        Rule::across | Rule::kw_across => "`across`",
+        Rule::fts_all | Rule::kw_all => "`all`",
+        Rule::fts_top | Rule::kw_top => "`top`",
+        Rule::kw_by => "`by`",
+        Rule::selector | Rule::kw_high_freq | Rule::kw_low_freq => {
+            "a selector (`high_freq`, `low_freq`, `random` or `all`)"
+        }
+        Rule::cfg_none | Rule::kw_none => "`none`",
+        Rule::cfg_linear => "`linear`",
+        Rule::cfg_constant | Rule::kw_constant => "a guidance scale",
+        Rule::grid_dims => "grid size like `16x16`",
+        Rule::number_list => "a list like `[1, 2, 3]`",
+        Rule::expr | Rule::number | Rule::boolean | Rule::fraction | Rule::percent => "a value",
+        Rule::integer => "a whole number",
+        Rule::ident => "a name",
+        Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem => "an operator",
+        Rule::eq | Rule::ne | Rule::lt | Rule::le | Rule::gt | Rule::ge => "an operator",
+        Rule::and | Rule::or | Rule::kw_and | Rule::kw_or => "an operator",
+        Rule::neg | Rule::not | Rule::kw_not => "a value",
+        Rule::kw_rest | Rule::kw_true | Rule::kw_false => "a value",
+        _ => return None,
+    })
+}
