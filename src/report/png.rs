@@ -1,7 +1,7 @@
 //! A picture of a plan's order, in the spirit of the GtR paper's Figure 4.
 //!
 //! Left: every token coloured by the step that reveals it (dark blue first,
-//! yellow last). Right: one panel per stage, showing that stage's tokens in
+//! yellow last). Right, when there are several stages: one panel per stage, showing that stage's tokens in
 //! the same colours, tokens known before the stage in grey, and tokens still
 //! to come in white, so each stage's boundary is visible.
 
@@ -35,7 +35,13 @@ pub fn render(plan: &Plan) -> RgbImage {
     let (h, w) = (plan.grid.height as u32, plan.grid.width as u32);
     let cell = (256 / h.max(w)).clamp(2, 32);
     let (pw, ph) = (w * cell, h * cell);
-    let panels = 1 + plan.stages.len() as u32;
+    // A single stage would repeat the left panel; stage panels need two or more.
+    let stage_panels = if plan.stages.len() > 1 {
+        plan.stages.len()
+    } else {
+        0
+    };
+    let panels = 1 + stage_panels as u32;
     let mut img = RgbImage::from_pixel(panels * pw + (panels + 1) * GAP, ph + 2 * GAP, BACKGROUND);
     let reveal = plan.reveal_step();
     let stage_of = plan.stage_of_token();
@@ -55,7 +61,7 @@ pub fn render(plan: &Plan) -> RgbImage {
     for t in 0..plan.grid.len() {
         let c = colour(reveal[t] as f64 / last);
         paint(0, t, c);
-        for s in 0..plan.stages.len() {
+        for s in 0..stage_panels {
             let here = match stage_of[t].cmp(&s) {
                 std::cmp::Ordering::Less => KNOWN,
                 std::cmp::Ordering::Equal => c,

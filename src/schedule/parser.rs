@@ -16,9 +16,28 @@ struct GtrParser;
 /// Parses a schedule's text. Syntax errors come back as a [`Diagnostic`]
 /// pointing at the first place the text could not be read.
 pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
+    check_nesting(source)?;
     let mut pairs =
         GtrParser::parse(Rule::schedule, &source.text).map_err(|e| syntax_error(source, e))?;
     let root = pairs.next().expect("pest returns the schedule rule");
+    for expr in root
+        .clone()
+        .into_inner()
+        .flatten()
+        .filter(|p| p.as_rule() == Rule::expr)
+    {
+        let parts = expr.clone().into_inner().flatten().count();
+        if parts > MAX_EXPR_PARTS {
+            return Err(Diagnostic::new(
+                source,
+                span_of(&expr),
+                format!(
+                    "this expression has {parts} operators and operands; at most {MAX_EXPR_PARTS} are allowed"
+                ),
+            )
+            .with_help("split it with `param` or `set` declarations"));
+        }
+    }
     let builder = Builder { source };
     let mut items = Vec::new();
     for pair in root.into_inner() {
@@ -28,6 +47,37 @@ pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
         items.push(builder.item(pair)?);
     }
     Ok(ScheduleAst { items })
+}
+
+/// Deepest nesting of `(` and `[` a schedule may use.
+const MAX_NESTING: usize = 64;
+/// Most operators plus operands in one expression, nested ones included.
+const MAX_EXPR_PARTS: usize = 500;
+
+/// Refuses absurdly deep bracket nesting before the recursive parser sees it.
+fn check_nesting(source: &Arc<Source>) -> Result<(), Diagnostic> {
+    let mut depth = 0usize;
+    let mut in_comment = false;
+    for (pos, c) in source.text.char_indices() {
+        match c {
+            '\n' => in_comment = false,
+            '#' => in_comment = true,
+            '(' | '[' if !in_comment => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(Diagnostic::new(
+                        source,
+                        Span::new(pos, pos + 1),
+                        format!("brackets nested more than {MAX_NESTING} deep"),
+                    )
+                    .with_help("simplify the expression, or split it with `param` or `set`"));
+                }
+            }
+            ')' | ']' if !in_comment => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn span_of(pair: &Pair<Rule>) -> Span {
@@ -84,7 +134,10 @@ impl Builder<'_> {
             Rule::stage => {
                 inner.next();
                 let name = ident(inner.next().unwrap());
-                let clauses = inner.map(|c| self.stage_clause(c)).collect();
+                let clauses = inner
+                    .filter(|c| c.as_rule() != Rule::close_brace)
+                    .map(|c| self.stage_clause(c))
+                    .collect();
                 Item::Stage(StageAst {
                     name,
                     span,
@@ -385,8 +438,9 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
         }
         ErrorVariant::CustomError { message } => message.clone(),
     };
+    let expected_name = matches!(&err.variant, ErrorVariant::ParsingError { positives, .. } if positives.contains(&Rule::ident));
     let diag = Diagnostic::new(source, Span::new(pos, end.max(pos)), message);
-    match hint_for(&source.text, pos) {
+    match hint_for(&source.text, pos, expected_name) {
         Some(h) => diag.with_help(h),
         None => diag,
     }
@@ -409,7 +463,7 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
     (format!("`{}`", c.escape_default()), c.len_utf8())
 }
 
-fn hint_for(text: &str, pos: usize) -> Option<String> {
+fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
     let rest = text.get(pos..).unwrap_or("");
     let word: String = rest
         .chars()
@@ -457,7 +511,11 @@ fn hint_for(text: &str, pos: usize) -> Option<String> {
         "true",
         "false",
     ];
-    if keywords.contains(&word.as_str()) {
+    let top_level = ["stage", "param", "partition", "set", "grid"];
+    if !expected_name && top_level.contains(&word.as_str()) {
+        return Some("is the `}` that closes the stage above missing?".into());
+    }
+    if expected_name && keywords.contains(&word.as_str()) {
         return Some(format!(
             "`{word}` is a keyword and cannot be used as a name here; choose another name"
         ));
@@ -478,6 +536,7 @@ fn hint_for(text: &str, pos: usize) -> Option<String> {
 fn rule_prose(rule: Rule) -> Option<&'static str> {
     Some(match rule {
         Rule::EOI => "end of file",
+        Rule::close_brace => "`}`",
         Rule::param_decl | Rule::kw_param => "`param`",
         Rule::grid_decl | Rule::kw_grid => "`grid`",
         Rule::partition_decl | Rule::kw_partition => "`partition`",

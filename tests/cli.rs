@@ -1,0 +1,158 @@
+//! The `gtr-run plan` command as a user runs it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gtr_run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn text_report_has_grids_and_table() {
+    let o = gtr_run(&["plan", "schedules/gtr.gtr"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("grid 16x16, seed 0, 32 MAR steps, 3 stages"),
+        "{out}"
+    );
+    assert!(out.contains("reveal step of each token"));
+    assert!(out.contains("stage of each token"));
+    assert!(out.contains("A scaffold"));
+    assert!(out.contains("6 by high_freq -> 50"));
+}
+
+#[test]
+fn json_has_the_documented_fields() {
+    let o = gtr_run(&[
+        "plan",
+        "schedules/gtr.gtr",
+        "--json",
+        "--seed",
+        "3",
+        "--cost",
+        "mar-h",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["grid"], serde_json::json!([16, 16]));
+    assert_eq!(v["seed"], 3);
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 32);
+    let total: usize = steps
+        .iter()
+        .map(|s| s["tokens"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(total, 256);
+    assert_eq!(steps[0]["stage"], "scaffold");
+    assert_eq!(steps[0]["diffusion_steps"], 50);
+    assert!(steps[0]["detail"].is_null());
+    assert!(steps[0]["cfg"].as_f64().unwrap() > 1.0);
+    assert_eq!(steps[0]["temperature"], 1.0);
+    let d = &steps[31]["detail"];
+    assert_eq!(d["fraction"], 0.1);
+    assert_eq!(d["steps"], 50);
+    assert_eq!(d["selector"], "high_freq");
+    let tflops = v["cost"]["total_flops"].as_f64().unwrap() / 1e12;
+    assert!((20.0..30.0).contains(&tflops), "{tflops}");
+}
+
+#[test]
+fn set_overrides_a_parameter() {
+    let o = gtr_run(&[
+        "plan",
+        "schedules/gtr-3.7x.gtr",
+        "--json",
+        "--set",
+        "scaffold_steps=4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["steps"].as_array().unwrap().len(), 4 + 6 + 2);
+    assert_eq!(v["params"]["scaffold_steps"], 4.0);
+}
+
+#[test]
+fn png_is_written() {
+    let dir = std::env::temp_dir().join(format!("gtr-run-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("order.png");
+    let o = gtr_run(&[
+        "plan",
+        "schedules/gtr-k4.gtr",
+        "--png",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert!(img.width() > img.height(), "panels side by side");
+    // No temporary file is left beside it.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(left.len(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_exit_code_2() {
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["plan", "schedules/no-such.gtr"],
+            "cannot read schedule schedules/no-such.gtr",
+        ),
+        (
+            &["plan", "schedules/gtr.gtr", "--set", "nope=1"],
+            "has no parameter `nope`",
+        ),
+        (
+            &["plan", "schedules/gtr.gtr", "--cost", "mar-xl"],
+            "built-in specs are mar-b, mar-l, mar-h",
+        ),
+        (
+            &["plan", "tests/invalid/overlap.gtr"],
+            "tests/invalid/overlap.gtr:4:28",
+        ),
+        (
+            &["plan", "schedules/gtr.gtr", "--grid", "1x1"],
+            "does not fit a 1x1 grid",
+        ),
+        (
+            &["plan", "schedules/gtr.gtr", "--png", "."],
+            "this is a folder",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = gtr_run(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("panicked"), "{args:?}");
+    }
+    // Clap refuses a malformed grid or override before we run.
+    for args in [
+        &["plan", "schedules/gtr.gtr", "--grid", "16"][..],
+        &["plan", "schedules/gtr.gtr", "--set", "x"][..],
+        &["plan", "schedules/gtr.gtr", "--set", "x=abc"][..],
+    ] {
+        let o = gtr_run(args);
+        assert!(!o.status.success());
+        assert!(!stderr(&o).contains("panicked"), "{args:?}");
+    }
+    assert!(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schedules/gtr.gtr")
+            .exists()
+    );
+}

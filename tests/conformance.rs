@@ -1,0 +1,160 @@
+//! One conformance suite every ordering rule, step allocation and preset
+//! must pass: each token revealed exactly once, at least one token per step,
+//! nothing revealed twice, the known set only grows.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use gtr_run::grid::Grid;
+use gtr_run::plan::order;
+use gtr_run::plan::{Plan, Planner, allocation, partition, plan};
+use gtr_run::rng::{Purpose, Stream};
+use gtr_run::schedule::{Distribution, OrderKind, Schedule, Source};
+
+const ORDERS: [OrderKind; 5] = [
+    OrderKind::Random,
+    OrderKind::Raster,
+    OrderKind::Halton { roll: false },
+    OrderKind::Halton { roll: true },
+    OrderKind::Subsample,
+];
+
+const GRIDS: [(usize, usize); 6] = [(1, 1), (2, 3), (5, 7), (8, 8), (16, 16), (32, 32)];
+
+fn assert_plan_conforms(plan: &Plan, what: &str) {
+    plan.check_invariants()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut known = vec![false; plan.grid.len()];
+    for (k, step) in plan.steps.iter().enumerate() {
+        assert!(!step.tokens.is_empty(), "{what}: step {k} is empty");
+        assert!(
+            step.tokens.windows(2).all(|w| w[0] < w[1]),
+            "{what}: step {k} not ascending"
+        );
+        for &t in &step.tokens {
+            assert!(!known[t], "{what}: token {t} revealed twice");
+            known[t] = true;
+        }
+    }
+    assert!(
+        known.iter().all(|&k| k),
+        "{what}: a token is never revealed"
+    );
+}
+
+#[test]
+fn every_order_rule_is_a_permutation_of_its_tokens() {
+    for (h, w) in GRIDS {
+        let grid = Grid::new(h, w);
+        let subsets: Vec<Vec<usize>> = vec![
+            (0..grid.len()).collect(),
+            (0..grid.len()).filter(|t| t % 3 == 1).collect(),
+            (0..grid.len())
+                .filter(|&t| partition::checker(grid, 2)[t] == 2)
+                .collect(),
+        ];
+        for kind in ORDERS {
+            for tokens in &subsets {
+                let mut rng = Stream::new(3, Purpose::Order);
+                let mut got = order::rule(kind).order(tokens, grid, &mut rng);
+                got.sort_unstable();
+                let mut want = tokens.clone();
+                want.sort_unstable();
+                assert_eq!(got, want, "{kind:?} on {h}x{w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_allocation_rule_reveals_at_least_one_token_per_step() {
+    for rule in [
+        Distribution::Cosine,
+        Distribution::Uniform,
+        Distribution::Arccos,
+    ] {
+        for n in [1, 2, 7, 64, 128, 256, 1024] {
+            for m in [1, 2, 3, 8, 16, 24, 64, 256, 1024]
+                .into_iter()
+                .filter(|&m| m <= n)
+            {
+                let c = allocation::allocate(n, m, rule);
+                assert_eq!(
+                    (c.len(), c.iter().sum::<usize>()),
+                    (m, n),
+                    "{rule:?} {n}/{m}"
+                );
+                assert!(c.iter().all(|&k| k >= 1), "{rule:?} {n}/{m}");
+            }
+        }
+    }
+}
+
+/// Every order × allocation, in a two-stage checkerboard schedule, on
+/// several grids and seeds.
+#[test]
+fn every_rule_combination_plans_conforming_schedules() {
+    let orders = ["random", "raster", "halton", "halton roll", "subsample"];
+    let dists = ["cosine", "uniform", "arccos"];
+    for order in orders {
+        for dist in dists {
+            let text = format!(
+                "partition checker(2)
+                 stage a {{ tokens S1  order {order}  rate 3 {dist} }}
+                 stage b {{ tokens rest  order {order}  steps 1 }}"
+            );
+            let s = Schedule::from_source(Source::new("t", text), &BTreeMap::new()).unwrap();
+            for (h, w) in GRIDS.into_iter().filter(|&(h, w)| h + w > 2) {
+                let planner = Planner::new(&s, Grid::new(h, w)).unwrap();
+                for seed in 0..3 {
+                    let p = planner.plan(seed).unwrap();
+                    assert_plan_conforms(&p, &format!("{order}/{dist} {h}x{w} seed {seed}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_preset_conforms_on_many_seeds_and_grids() {
+    for path in common::preset_paths() {
+        let s = common::load(&path, &BTreeMap::new()).unwrap();
+        let own = s.grid.unwrap_or(Grid::MAR);
+        for grid in [own, Grid::new(32, 32)] {
+            let planner = Planner::new(&s, grid).unwrap();
+            for seed in [0, 1, 42, u64::MAX] {
+                let p = planner.plan(seed).unwrap();
+                assert_plan_conforms(&p, &format!("{} {grid} seed {seed}", path.display()));
+            }
+        }
+    }
+}
+
+#[test]
+fn random_orders_depend_on_the_seed_and_only_on_it() {
+    let s = common::preset("mar-64.gtr");
+    let a = plan(&s, Grid::MAR, 5).unwrap();
+    let b = plan(&s, Grid::MAR, 5).unwrap();
+    let c = plan(&s, Grid::MAR, 6).unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a.steps, c.steps);
+    // Fixed orders do not depend on the seed.
+    let r = common::preset("raster.gtr");
+    assert_eq!(
+        plan(&r, Grid::MAR, 1).unwrap().steps,
+        plan(&r, Grid::MAR, 2).unwrap().steps
+    );
+    let h = common::preset("halton-16.gtr");
+    assert_eq!(
+        plan(&h, Grid::MAR, 1).unwrap().steps,
+        plan(&h, Grid::MAR, 2).unwrap().steps
+    );
+}
+
+#[test]
+fn raster_reveals_top_left_first() {
+    let p = common::plan_default(&common::preset("raster.gtr"), 0);
+    assert_eq!(p.steps[0].tokens, vec![0]);
+    assert_eq!(p.steps[63].tokens.last(), Some(&255));
+}

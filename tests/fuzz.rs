@@ -1,0 +1,199 @@
+//! Arbitrary input never panics: random text, and random edits of the
+//! presets, either parse (and then plan or fail with a diagnostic) or fail
+//! with a diagnostic.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use gtr_run::grid::Grid;
+use gtr_run::plan::plan;
+use gtr_run::schedule::{Schedule, Source};
+use proptest::prelude::*;
+
+/// Parses, and if that works plans on a few grids; any panic fails the test.
+fn exercise(text: &str) {
+    let source = Source::new("fuzz.gtr", text);
+    if let Ok(s) = Schedule::from_source(source, &BTreeMap::new()) {
+        for grid in [Grid::new(1, 1), Grid::new(3, 5), Grid::new(16, 16)] {
+            if let Ok(p) = plan(&s, grid, 7) {
+                p.check_invariants().unwrap();
+            }
+        }
+    } else if let Err(e) = Schedule::from_source(Source::new("fuzz.gtr", text), &BTreeMap::new()) {
+        // Rendering the error must not panic either (spans at odd places).
+        let _ = e.to_string();
+    }
+}
+
+fn presets() -> Vec<String> {
+    common::preset_paths()
+        .into_iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect()
+}
+
+/// Tokens the grammar uses, so random sequences get deep into the parser.
+const PIECES: &[&str] = &[
+    "stage",
+    "s",
+    "{",
+    "}",
+    "tokens",
+    "all",
+    "rest",
+    "S1",
+    "S2",
+    "order",
+    "random",
+    "halton",
+    "roll",
+    "raster",
+    "subsample",
+    "steps",
+    "rate",
+    "cosine",
+    "uniform",
+    "arccos",
+    "diffusion",
+    "linear",
+    "cosine",
+    "->",
+    "floor",
+    "across",
+    "s..s",
+    "fts",
+    "top",
+    "10%",
+    "by",
+    "high_freq",
+    "cfg",
+    "none",
+    "constant",
+    "temperature",
+    "param",
+    "x",
+    "=",
+    "partition",
+    "checker(3)",
+    "(",
+    ")",
+    "i",
+    "j",
+    "h",
+    "w",
+    "+",
+    "-",
+    "*",
+    "/",
+    "%",
+    "==",
+    "<",
+    "and",
+    "or",
+    "not",
+    "0",
+    "1",
+    "2.5",
+    "1e400",
+    "[",
+    "]",
+    ",",
+    "\n",
+    "#",
+    "grid",
+    "4x4",
+    "set",
+    "é",
+    "\t",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, .. ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        exercise(&text);
+    }
+
+    #[test]
+    fn token_soup_never_panics(pieces in prop::collection::vec(prop::sample::select(PIECES), 0..60)) {
+        exercise(&pieces.join(" "));
+    }
+
+    #[test]
+    fn edited_presets_never_panic(
+        which in 0usize..17,
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..3, prop::sample::select(PIECES)), 1..4),
+    ) {
+        let all = presets();
+        let mut text = all[which % all.len()].clone();
+        for (at, kind, piece) in edits {
+            let mut pos = at.index(text.len() + 1);
+            while !text.is_char_boundary(pos) { pos -= 1; }
+            match kind {
+                0 => text.insert_str(pos, piece),
+                1 => {
+                    let mut end = (pos + piece.len()).min(text.len());
+                    while !text.is_char_boundary(end) { end -= 1; }
+                    text.replace_range(pos..end, "");
+                }
+                _ => {
+                    let mut end = (pos + 3).min(text.len());
+                    while !text.is_char_boundary(end) { end -= 1; }
+                    text.replace_range(pos..end, piece);
+                }
+            }
+        }
+        exercise(&text);
+    }
+}
+
+#[test]
+fn presets_with_overrides_to_extremes_never_panic() {
+    for path in common::preset_paths() {
+        let s = common::load(&path, &BTreeMap::new()).unwrap();
+        for p in &s.params {
+            for v in [0.0, -1.0, 0.5, 1e9, 1e300] {
+                let o = BTreeMap::from([(p.name.clone(), v)]);
+                if let Ok(s2) = common::load(&path, &o) {
+                    let _ = plan(&s2, s2.grid.unwrap_or(Grid::MAR), 0).map_err(|d| d.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Deep nesting and long operator chains are refused with a diagnostic,
+/// on a test thread's small stack, instead of overflowing it.
+#[test]
+fn deep_and_long_expressions_are_refused_not_crashed() {
+    let cases = [
+        format!(
+            "stage a {{ tokens {}all{} steps 1 }}",
+            "(".repeat(5000),
+            ")".repeat(5000)
+        ),
+        format!("stage a {{ tokens {}all steps 1 }}", "not ".repeat(20000)),
+        format!("stage a {{ tokens all steps 1{} }}", "+1".repeat(100_000)),
+        format!(
+            "stage a {{ tokens all steps {}1{} }}",
+            "(- ".repeat(65),
+            ")".repeat(65)
+        ),
+    ];
+    for text in &cases {
+        let err = Schedule::from_source(Source::new("deep.gtr", text.as_str()), &BTreeMap::new());
+        assert!(err.is_err(), "should be refused: {}", &text[..60]);
+    }
+    // Just under the limits still works.
+    let ok = format!(
+        "stage a {{ tokens {}all{} steps 1 }}",
+        "(not not ".repeat(60),
+        ")".repeat(60)
+    );
+    let s = Schedule::from_source(Source::new("deep.gtr", ok), &BTreeMap::new()).unwrap();
+    plan(&s, Grid::new(4, 4), 0).unwrap();
+    let ok = format!("stage a {{ tokens all steps 1{} }}", "+0".repeat(200));
+    Schedule::from_source(Source::new("long.gtr", ok), &BTreeMap::new()).unwrap();
+}
