@@ -119,14 +119,24 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         gtr_run::fsutil::write_atomic(path, &bytes)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    if args.json {
+    let mut text = if args.json {
         let value = report::json::plan_json(&schedule, &plan, cost.as_ref());
-        println!("{}", serde_json::to_string(&value)?);
+        serde_json::to_string(&value)? + "\n"
     } else {
-        print!("{}", report::text::report(&schedule, &plan, cost.as_ref()));
-        if let Some(path) = &args.png {
-            println!("\npicture written to {}", path.display());
-        }
+        report::text::report(&schedule, &plan, cost.as_ref())
+    };
+    if let (Some(path), false) = (&args.png, args.json) {
+        text += &format!("\npicture written to {}\n", path.display());
     }
-    Ok(())
+    write_stdout(&text)
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

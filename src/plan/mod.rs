@@ -529,7 +529,7 @@ fn step_counts(
             let m = round_half_even(n as f64 / r).max(1.0);
             if m > n as f64 {
                 return Err(too_many(m as usize, e.span).with_help(format!(
-                    "a rate below 1 token per step is not possible; with {n} tokens use a rate of at least 1"
+                    "the steps are {n} / rate, rounded; every step reveals at least one token, so use a rate of at least 1"
                 )));
             }
             Ok(allocation::allocate(n, m as usize, *dist))

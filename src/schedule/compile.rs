@@ -40,7 +40,7 @@ impl Partition {
     /// The 1-based set index named by `name`, if it is one of ours.
     pub fn set_index(&self, name: &str) -> Option<usize> {
         let k: usize = name.strip_prefix(&self.prefix)?.parse().ok()?;
-        (1..=self.levels).contains(&k).then_some(k)
+        ((1..=self.levels).contains(&k) && self.set_name(k) == name).then_some(k)
     }
 }
 
@@ -618,6 +618,15 @@ fn compile(
                 StageClause::Order(o) => order = Some(o.kind),
                 StageClause::Steps(s) => steps = Some(s),
                 StageClause::Fts(f) => {
+                    if f.fraction.is_some() && f.selector == Selector::All {
+                        return Err(Diagnostic::new(
+                            src,
+                            f.span,
+                            "`by all` ranks nothing, so a fraction of the tokens cannot be chosen by it",
+                        )
+                        .with_help("write `fts all -> N` to enhance every token, or pick a selector: `high_freq`, `low_freq` or `random`")
+                        .into());
+                    }
                     if let Some(fr) = &f.fraction {
                         expr::check(src, fr, Type::Number, &numbers)?;
                     }

@@ -108,6 +108,17 @@ impl Builder<'_> {
                 let mut ints = dims.into_inner();
                 let h = self.dimension(ints.next().unwrap())?;
                 let w = self.dimension(ints.next().unwrap())?;
+                if h * w > crate::grid::MAX_TOKENS {
+                    return Err(Diagnostic::new(
+                        self.source,
+                        dims_span,
+                        format!(
+                            "a {h}x{w} grid has {} tokens; at most {} are supported",
+                            h * w,
+                            crate::grid::MAX_TOKENS
+                        ),
+                    ));
+                }
                 Item::Grid {
                     height: h,
                     width: w,
@@ -511,6 +522,12 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
         "true",
         "false",
     ];
+    let stage_only = ["tokens", "order", "steps", "rate", "fts"];
+    if !expected_name && stage_only.contains(&word.as_str()) && !text[..pos].contains('{') {
+        return Some(format!(
+            "`{word}` is a stage clause: write it inside `stage NAME {{ ... }}`"
+        ));
+    }
     let top_level = ["stage", "param", "partition", "set", "grid"];
     if !expected_name && top_level.contains(&word.as_str()) {
         return Some("is the `}` that closes the stage above missing?".into());

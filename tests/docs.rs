@@ -1,0 +1,128 @@
+//! Every schedule example in docs/schedule-language.md parses and plans
+//! (with the command-line variants its `<!-- check: ... -->` comment lists),
+//! and every error example prints exactly the message the doc shows.
+
+use std::collections::BTreeMap;
+
+use gtr_run::grid::Grid;
+use gtr_run::plan::plan;
+use gtr_run::schedule::{Schedule, Source};
+
+struct Example {
+    line: usize,
+    check: String,
+    body: String,
+    /// The ```text block right after, if any.
+    output: Option<String>,
+}
+
+fn examples() -> Vec<Example> {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/schedule-language.md"
+    ))
+    .unwrap();
+    let lines: Vec<&str> = doc.lines().collect();
+    let fence = |from: usize| {
+        (from..lines.len())
+            .find(|&k| lines[k].starts_with("```"))
+            .unwrap()
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if lines[i].starts_with("```gtr") {
+            let end = fence(i + 1);
+            let body = lines[i + 1..end].join("\n") + "\n";
+            let mut k = end + 1;
+            while k < lines.len() && lines[k].trim().is_empty() {
+                k += 1;
+            }
+            let output = (k < lines.len() && lines[k].starts_with("```text")).then(|| {
+                let e = fence(k + 1);
+                lines[k + 1..e].join("\n")
+            });
+            let check = if i > 0 {
+                lines[i - 1].trim().to_string()
+            } else {
+                String::new()
+            };
+            out.push(Example {
+                line: i + 1,
+                check,
+                body,
+                output,
+            });
+            i = end;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Applies one variant's `--grid`/`--set` flags; other flags do not change the plan.
+fn variant(args: &str) -> (Option<Grid>, BTreeMap<String, f64>) {
+    let words: Vec<&str> = args.split_whitespace().collect();
+    let mut grid = None;
+    let mut sets = BTreeMap::new();
+    for pair in words.windows(2) {
+        match pair[0] {
+            "--grid" => grid = Some(pair[1].parse().unwrap()),
+            "--set" => {
+                let (k, v) = pair[1].split_once('=').unwrap();
+                sets.insert(k.to_string(), v.parse().unwrap());
+            }
+            _ => {}
+        }
+    }
+    (grid, sets)
+}
+
+#[test]
+fn every_doc_example_works() {
+    let all = examples();
+    assert!(all.len() >= 30, "found only {} examples", all.len());
+    for ex in all {
+        let spec = ex
+            .check
+            .strip_prefix("<!-- check")
+            .and_then(|s| s.strip_suffix("-->"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "line {}: example without a `<!-- check -->` comment",
+                    ex.line
+                )
+            })
+            .trim_start_matches(':')
+            .trim();
+        if spec == "error" {
+            let want = ex
+                .output
+                .unwrap_or_else(|| panic!("line {}: error example without output", ex.line));
+            let name = want
+                .lines()
+                .find_map(|l| l.trim_start().strip_prefix("--> "))
+                .and_then(|l| l.split(':').next())
+                .unwrap();
+            let got = match Schedule::from_source(
+                Source::new(name, ex.body.as_str()),
+                &BTreeMap::new(),
+            ) {
+                Err(e) => e.to_string(),
+                Ok(s) => plan(&s, s.grid.unwrap_or(Grid::MAR), 0)
+                    .err()
+                    .unwrap_or_else(|| panic!("line {}: should fail", ex.line))
+                    .to_string(),
+            };
+            assert_eq!(got.trim_end(), want.trim_end(), "line {}", ex.line);
+            continue;
+        }
+        for args in spec.split('|') {
+            let (grid, sets) = variant(args);
+            let s = Schedule::from_source(Source::new("example.gtr", ex.body.as_str()), &sets)
+                .unwrap_or_else(|e| panic!("line {} [{args}]: {e}", ex.line));
+            let grid = grid.or(s.grid).unwrap_or(Grid::MAR);
+            plan(&s, grid, 0).unwrap_or_else(|d| panic!("line {} [{args}]: {d}", ex.line));
+        }
+    }
+}
