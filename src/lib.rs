@@ -18,10 +18,15 @@
 //! assert_eq!(plan.steps[8].tokens.len(), 8);
 //! ```
 
+pub mod backend;
+pub mod bundle;
 pub mod cost;
+pub mod engine;
 pub mod fsutil;
+pub mod generate;
 pub mod grid;
 pub mod plan;
 pub mod report;
 pub mod rng;
+pub mod sampler;
 pub mod schedule;

@@ -18,11 +18,69 @@ use gtr_run::schedule::{Schedule, ScheduleError};
 #[command(
     name = "gtr-run",
     version,
-    about = "Run Masked Autoregressive image generators with .gtr schedules"
+    about = "Run Masked Autoregressive image generators with .gtr schedules",
+    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    generate: GenerateArgs,
+}
+
+/// `gtr-run MODEL SCHEDULE`: generate images.
+#[derive(Args)]
+struct GenerateArgs {
+    /// Model bundle: its folder, its manifest.yaml, or any .onnx in it.
+    #[arg(required = true)]
+    model: Option<PathBuf>,
+    /// The schedule file (.gtr).
+    #[arg(required = true)]
+    schedule: Option<PathBuf>,
+    /// Number of images.
+    #[arg(long, default_value_t = 10)]
+    num_images: usize,
+    /// Images per batch (does not change any image).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Run seed; image i uses a seed derived from (seed, i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Generate every image of this class.
+    #[arg(long, conflicts_with = "classes")]
+    class: Option<i64>,
+    /// Classes to cycle through, e.g. --classes 1,3,5 (default: balanced over all).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<i64>>,
+    /// Guidance scale, replacing the schedule's and the model's.
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Temperature, replacing the schedule's and the model's.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Override a schedule parameter: --set name=value (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, f64)>,
+    /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
+    device: String,
+    /// Intra-op threads per graph (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output folder (default: runs/<model>-<schedule>-seed<seed>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a previous run in the output folder, skipping images already written.
+    #[arg(long, conflicts_with = "force")]
+    resume: bool,
+    /// Overwrite a previous run in the output folder.
+    #[arg(long)]
+    force: bool,
+    /// Take every image's token order and noise from this .npz (see README).
+    #[arg(long, value_name = "FILE.npz")]
+    replay: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -72,7 +130,8 @@ fn parse_override(s: &str) -> Result<(String, f64), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Plan(args) => run_plan(args),
+        Some(Command::Plan(args)) => run_plan(args),
+        None => run_generate(cli.generate),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,6 +143,83 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use gtr_run::backend::ort::{Device, OrtModel};
+    use gtr_run::bundle::Bundle;
+    use gtr_run::generate::{Classes, Existing, RunRequest, default_out_dir, run};
+
+    let (Some(model_path), Some(schedule_path)) = (args.model, args.schedule) else {
+        bail!("give a MODEL and a SCHEDULE (see --help)");
+    };
+    let bundle = Bundle::open(&model_path)?;
+    // Check the schedule before loading any graph.
+    let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    Schedule::from_file(&schedule_path, &overrides)?;
+    let device = match args.device.as_str() {
+        "cuda" => Device::Cuda,
+        "tensorrt" => Device::TensorRt,
+        "auto" => Device::Auto,
+        _ => Device::Cpu,
+    };
+    let model = OrtModel::load(&bundle, device, args.threads)?;
+    let out = args
+        .out
+        .unwrap_or_else(|| default_out_dir(&bundle.manifest.name, &schedule_path, args.seed));
+    let request = RunRequest {
+        schedule_path,
+        overrides,
+        num_images: args.num_images,
+        batch: args.batch,
+        seed: args.seed,
+        classes: match (args.class, args.classes) {
+            (Some(c), _) => Classes::One(c),
+            (None, Some(list)) if !list.is_empty() => Classes::List(list),
+            _ => Classes::Balanced,
+        },
+        cfg: args.cfg,
+        temperature: args.temperature,
+        out: out.clone(),
+        existing: if args.resume {
+            Existing::Resume
+        } else if args.force {
+            Existing::Overwrite
+        } else {
+            Existing::Refuse
+        },
+        replay: args.replay,
+        device_requested: args.device,
+    };
+    eprintln!(
+        "gtr-run: model {}, schedule {}, seed {}, {} images -> {}",
+        bundle.manifest.name,
+        request.schedule_path.display(),
+        request.seed,
+        request.num_images,
+        out.display()
+    );
+    let bar = indicatif::ProgressBar::new(request.num_images as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images, {elapsed} elapsed, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let record = run(&bundle, model, &request, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    let secs = &record["seconds"];
+    write_stdout(&format!(
+        "wrote {} images, grid.png and run.json to {} (seed {}, {} on {}, {:.2} s)\n",
+        request.num_images,
+        out.display(),
+        request.seed,
+        record["mar_steps"],
+        record["execution_provider"].as_str().unwrap_or("?"),
+        secs["wall"].as_f64().unwrap_or(0.0)
+    ))
 }
 
 fn run_plan(args: PlanArgs) -> anyhow::Result<()> {

@@ -13,6 +13,52 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 pub enum Purpose {
     /// Token orders and other planning choices.
     Order = 1,
+    /// Per-image seeds derived from the run seed.
+    ImageSeed = 2,
+    /// Diffusion noise: initial noise and per-iteration noise of each token.
+    TokenNoise = 3,
+    /// FTS `random` selector draws.
+    Selection = 4,
+}
+
+/// The seed of image `index` of a run with `seed`: independent of the batch
+/// size and of which other images are generated.
+pub fn image_seed(seed: u64, index: u64) -> u64 {
+    let mut s = Stream::new(seed, Purpose::ImageSeed);
+    s.seek_block(index);
+    s.next_u64()
+}
+
+/// Standard normal draws for one token of one image: first its initial
+/// noise, then the noise of each diffusion iteration, `dim` values each.
+/// Token `t` reads its own region of the stream, so its draws do not depend
+/// on which other tokens are sampled, in what order or batch.
+pub struct TokenNoise(Stream);
+
+impl TokenNoise {
+    pub fn new(image_seed: u64, token: usize) -> Self {
+        let mut s = Stream::new(image_seed, Purpose::TokenNoise);
+        // 2^32 blocks of 16 words per token: far more than any chain needs.
+        s.seek_block((token as u64) << 32);
+        TokenNoise(s)
+    }
+
+    /// Fills `out` with independent standard normal values (Box–Muller on
+    /// 53-bit uniforms).
+    pub fn fill(&mut self, out: &mut [f32]) {
+        let mut k = 0;
+        while k < out.len() {
+            let u1 = 1.0 - self.0.unit();
+            let u2 = self.0.unit();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let a = std::f64::consts::TAU * u2;
+            out[k] = (r * a.cos()) as f32;
+            if k + 1 < out.len() {
+                out[k + 1] = (r * a.sin()) as f32;
+            }
+            k += 2;
+        }
+    }
 }
 
 /// A seeded random stream with the few draws the planner needs, written
@@ -28,6 +74,16 @@ impl Stream {
 
     pub fn next_u64(&mut self) -> u64 {
         self.0.next_u64()
+    }
+
+    /// Moves to the start of 64-byte block `block` of this stream.
+    pub fn seek_block(&mut self, block: u64) {
+        self.0.set_word_pos(u128::from(block) * 16);
+    }
+
+    /// A uniform f64 in [0, 1) with 53 random bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
     /// A uniform integer in `0..n` (Lemire's multiply-and-reject method).
@@ -68,6 +124,31 @@ mod tests {
         assert_eq!(a, (0..4).map(|_| again.next_u64()).collect::<Vec<_>>());
         let mut other = Stream::new(8, Purpose::Order);
         assert_ne!(a[0], other.next_u64());
+    }
+
+    #[test]
+    fn token_noise_is_standard_normal_and_per_token() {
+        let mut n = TokenNoise::new(9, 3);
+        let mut v = vec![0f32; 20000];
+        n.fill(&mut v);
+        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+        let var = v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / v.len() as f64;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+        let mut a = [0f32; 4];
+        let mut b = [0f32; 4];
+        TokenNoise::new(9, 3).fill(&mut a);
+        TokenNoise::new(9, 4).fill(&mut b);
+        assert_ne!(a, b);
+        assert_eq!(a[..], v[..4]);
+        assert_ne!(image_seed(1, 0), image_seed(1, 1));
+        assert_eq!(image_seed(1, 5), image_seed(1, 5));
     }
 
     #[test]

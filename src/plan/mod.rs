@@ -149,6 +149,20 @@ impl Plan {
     }
 }
 
+/// Model defaults and command-line overrides applied while planning.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PlanOptions {
+    /// Guidance for stages whose schedule says nothing about `cfg` (a
+    /// model's default), applied with MAR's linear schedule.
+    pub default_cfg: Option<f64>,
+    /// Temperature for stages whose schedule sets none (else 1).
+    pub default_temperature: Option<f64>,
+    /// Replaces every guidance scale; stages with `cfg none` stay unguided.
+    pub cfg: Option<f64>,
+    /// Replaces every temperature.
+    pub temperature: Option<f64>,
+}
+
 /// Values of names while planning: parameters, grid size, and (for token
 /// sets) the current cell, set memberships and what earlier stages took.
 struct PlanEnv<'a> {
@@ -308,8 +322,13 @@ impl<'a> Planner<'a> {
         })
     }
 
-    /// The plan for one seed.
+    /// The plan for one seed, with no model defaults or overrides.
     pub fn plan(&self, seed: u64) -> Result<Plan, Diagnostic> {
+        self.plan_with(seed, &PlanOptions::default())
+    }
+
+    /// The plan for one seed, with model defaults and command-line overrides.
+    pub fn plan_with(&self, seed: u64, options: &PlanOptions) -> Result<Plan, Diagnostic> {
         let schedule = self.schedule;
         let src = &schedule.source;
         let grid = self.grid;
@@ -349,15 +368,22 @@ impl<'a> Planner<'a> {
                 &ramp_len,
                 &eval,
             )?;
-            let temperature = eval(&stage.temperature);
-            if !(temperature.is_finite() && temperature >= 0.0) {
-                return Err(Diagnostic::new(
-                    src,
-                    stage.temperature.span,
-                    format!("temperature {temperature} must be a number >= 0"),
-                )
-                .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
-            }
+            let temperature = match (options.temperature, &stage.temperature) {
+                (Some(t), _) => t,
+                (None, Some(e)) => {
+                    let t = eval(e);
+                    if !(t.is_finite() && t >= 0.0) {
+                        return Err(Diagnostic::new(
+                            src,
+                            e.span,
+                            format!("temperature {t} must be a number >= 0"),
+                        )
+                        .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
+                    }
+                    t
+                }
+                (None, None) => options.default_temperature.unwrap_or(1.0),
+            };
             let fts = match &stage.fts {
                 None => None,
                 Some(f) => {
@@ -385,8 +411,9 @@ impl<'a> Planner<'a> {
                 tokens.sort_unstable();
                 cursor += count;
                 let masked_after = total - known - count;
-                let cfg = match &stage.cfg {
+                let rule = match &stage.cfg {
                     Cfg::None => None,
+                    Cfg::Unset => options.default_cfg.map(|c| (c, true)),
                     Cfg::Constant(e) | Cfg::Linear(e) => {
                         let scale = eval(e);
                         if !scale.is_finite() {
@@ -396,18 +423,19 @@ impl<'a> Planner<'a> {
                                 "the guidance scale must be a finite number",
                             ));
                         }
-                        if scale == 1.0 {
-                            // MAR runs no unconditional pass when cfg = 1.
-                            None
-                        } else if matches!(stage.cfg, Cfg::Linear(_)) {
-                            // mar.md §2.2 step 9, with MAR's clamp of the
-                            // masked count to at least 1 at the last step.
-                            let masked = masked_after.max(1) as f64;
-                            Some(1.0 + (scale - 1.0) * (total as f64 - masked) / total as f64)
-                        } else {
-                            Some(scale)
-                        }
+                        Some((scale, matches!(stage.cfg, Cfg::Linear(_))))
                     }
+                };
+                let cfg = match rule.map(|(scale, linear)| (options.cfg.unwrap_or(scale), linear)) {
+                    // MAR runs no unconditional pass when cfg = 1.
+                    None | Some((1.0, _)) => None,
+                    Some((scale, true)) => {
+                        // mar.md §2.2 step 9, with MAR's clamp of the masked
+                        // count to at least 1 at the last step.
+                        let masked = masked_after.max(1) as f64;
+                        Some(1.0 + (scale - 1.0) * (total as f64 - masked) / total as f64)
+                    }
+                    Some((scale, false)) => Some(scale),
                 };
                 let detail = fts.map(|(fraction, steps, selector)| DetailRule {
                     fraction,

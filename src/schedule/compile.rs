@@ -92,6 +92,9 @@ pub struct Fts {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cfg {
+    /// The schedule does not say: the model's default guidance (linear, as
+    /// MAR), or none when planning without a model.
+    Unset,
     None,
     Constant(Expr),
     Linear(Expr),
@@ -110,7 +113,8 @@ pub struct Stage {
     pub diffusion_span: Span,
     pub fts: Option<Fts>,
     pub cfg: Cfg,
-    pub temperature: Expr,
+    /// `None`: the schedule does not say (the model's default, else 1).
+    pub temperature: Option<Expr>,
 }
 
 /// A checked schedule, ready to plan on any grid.
@@ -721,7 +725,7 @@ fn compile(
         };
 
         let cfg = match own.cfg.or(defaults.cfg) {
-            None => Cfg::None,
+            None => Cfg::Unset,
             Some(c) => match &c.kind {
                 CfgKind::None => Cfg::None,
                 CfgKind::Constant(e) => {
@@ -737,12 +741,9 @@ fn compile(
         let temperature = match own.temperature.or(defaults.temperature) {
             Some(t) => {
                 expr::check(src, t, Type::Number, &numbers)?;
-                t.clone()
+                Some(t.clone())
             }
-            None => Expr {
-                kind: ExprKind::Number(1.0),
-                span: ast.name.span,
-            },
+            None => None,
         };
 
         stages.push(Stage {

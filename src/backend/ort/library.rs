@@ -1,0 +1,157 @@
+//! Finding the ONNX Runtime shared library, with no manual step.
+//!
+//! Order: `ORT_DYLIB_PATH` if set; else a copy cached by an earlier run;
+//! else the library is taken from the PyPI `onnxruntime` wheel (fetched
+//! with `python3 -m pip download`, unpacked into the cache). The cache is
+//! `$GTR_RUN_CACHE`, else `$XDG_CACHE_HOME/gtr-run`, else `~/.cache/gtr-run`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The ONNX Runtime release fetched when none is given (API 1.31+ for ort rc.15).
+pub const ORT_VERSION: &str = "1.32.0";
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "ONNX Runtime could not be loaded: {problem}\n  To provide it yourself, point ORT_DYLIB_PATH at libonnxruntime.so {ORT_VERSION} (or newer),\n  e.g. from `pip download onnxruntime=={ORT_VERSION} --no-deps`: the file onnxruntime/capi/libonnxruntime.so.* inside the wheel."
+)]
+pub struct LibraryError {
+    pub problem: String,
+}
+
+fn fail(problem: impl Into<String>) -> LibraryError {
+    LibraryError {
+        problem: problem.into(),
+    }
+}
+
+/// The cache folder for fetched libraries.
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GTR_RUN_CACHE").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p).join("gtr-run"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("gtr-run"))
+}
+
+fn library_file_name() -> String {
+    if cfg!(target_os = "macos") {
+        format!("libonnxruntime.{ORT_VERSION}.dylib")
+    } else {
+        format!("libonnxruntime.so.{ORT_VERSION}")
+    }
+}
+
+/// Where the library is, fetching it if needed.
+pub fn locate() -> Result<PathBuf, LibraryError> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(fail(format!(
+                "ORT_DYLIB_PATH is {}, which is not a file",
+                p.display()
+            )))
+        };
+    }
+    let cache = cache_dir().ok_or_else(|| fail("no cache folder: set GTR_RUN_CACHE or HOME"))?;
+    let dir = cache.join(format!("onnxruntime-{ORT_VERSION}"));
+    let lib = dir.join(library_file_name());
+    if lib.is_file() {
+        return Ok(lib);
+    }
+    fetch(&dir, &lib)?;
+    Ok(lib)
+}
+
+fn wheel_platform() -> Result<&'static str, LibraryError> {
+    match (std::env::consts::OS, std::env::consts::ARCH) {
+        ("linux", "x86_64") => Ok("manylinux_2_28_x86_64"),
+        ("linux", "aarch64") => Ok("manylinux_2_28_aarch64"),
+        (os, arch) => Err(fail(format!(
+            "fetching ONNX Runtime automatically is supported on Linux x86_64 and aarch64, not {os} {arch}"
+        ))),
+    }
+}
+
+/// Downloads the wheel with pip and unpacks the library into `dir`.
+fn fetch(dir: &Path, lib: &Path) -> Result<(), LibraryError> {
+    let platform = wheel_platform()?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| fail(format!("cannot create {}: {e}", dir.display())))?;
+    let download = dir.join(format!(".download-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&download);
+    eprintln!(
+        "gtr-run: fetching ONNX Runtime {ORT_VERSION} from PyPI into {} (once)",
+        dir.display()
+    );
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let output = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+        ])
+        .args(["--python-version", "3.11", "--platform", platform])
+        .arg(format!("onnxruntime=={ORT_VERSION}"))
+        .arg("-d")
+        .arg(&download)
+        .output()
+        .map_err(|e| fail(format!("could not run `{python} -m pip` to fetch it: {e}")))?;
+    let cleanup = || {
+        let _ = std::fs::remove_dir_all(&download);
+    };
+    if !output.status.success() {
+        cleanup();
+        return Err(fail(format!(
+            "`{python} -m pip download onnxruntime=={ORT_VERSION}` failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let wheel = std::fs::read_dir(&download)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        })
+        .ok_or_else(|| {
+            cleanup();
+            fail("pip reported success but left no wheel")
+        })?;
+    let result = extract(&wheel, lib);
+    cleanup();
+    result
+}
+
+/// Copies `onnxruntime/capi/libonnxruntime.so.*` out of the wheel, writing a
+/// temporary file and renaming it so that no half-written library is left.
+fn extract(wheel: &Path, lib: &Path) -> Result<(), LibraryError> {
+    let file = std::fs::File::open(wheel).map_err(|e| fail(format!("{}: {e}", wheel.display())))?;
+    let mut archive =
+        zip::ZipArchive::new(file).map_err(|e| fail(format!("{}: {e}", wheel.display())))?;
+    let name = archive
+        .file_names()
+        .find(|n| {
+            let base = n.rsplit('/').next().unwrap_or(n);
+            n.contains("capi/") && base.starts_with("libonnxruntime.so.")
+                || base.starts_with("libonnxruntime.") && base.ends_with(".dylib")
+        })
+        .map(str::to_string)
+        .ok_or_else(|| fail(format!("{} holds no libonnxruntime", wheel.display())))?;
+    let mut entry = archive.by_name(&name).map_err(|e| fail(e.to_string()))?;
+    let mut bytes = Vec::new();
+    entry
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(e.to_string()))?;
+    crate::fsutil::write_atomic(lib, &bytes)
+        .map_err(|e| fail(format!("writing {}: {e}", lib.display())))
+}

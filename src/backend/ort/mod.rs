@@ -1,0 +1,513 @@
+//! The ONNX Runtime backend: a model bundle's four graphs as ORT sessions,
+//! checked against the manifest at load, behind [`MarModel`].
+
+pub mod library;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use ndarray::{
+    Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, Dimension, Ix2, Ix3,
+    Ix4,
+};
+use ort::environment::Environment;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{TensorElementType, TensorRef};
+
+use crate::bundle::{Bundle, Role};
+use crate::engine::{GraphStats, MarModel, ModelError, ModelInfo};
+
+/// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
+/// are strict; `Auto` tries the GPU providers compiled in and falls back
+/// to the CPU, recording what really ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    TensorRt,
+    Auto,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrtError {
+    #[error(transparent)]
+    Library(#[from] library::LibraryError),
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error("graph `{graph}` ({path}): {message}")]
+    Session {
+        graph: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("graph `{graph}`, tensor `{tensor}`: {problem}")]
+    Contract {
+        graph: &'static str,
+        tensor: String,
+        problem: String,
+    },
+    #[error("device `{device}`: {problem}")]
+    Device { device: String, problem: String },
+}
+
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// The process-wide ORT environment, loading the library on first use.
+fn environment() -> Result<&'static Environment, OrtError> {
+    let env = ENVIRONMENT.get_or_init(|| {
+        let path = library::locate().map_err(|e| e.to_string())?;
+        let builder = ort::init_from(&path).map_err(|e| {
+            library::LibraryError {
+                problem: format!("{}: {e}", path.display()),
+            }
+            .to_string()
+        })?;
+        builder
+            .with_name("gtr-run")
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    env.as_ref().map_err(|e| OrtError::Runtime(e.clone()))
+}
+
+struct Graph {
+    role: Role,
+    session: Session,
+    inputs: BTreeMap<String, String>,
+    outputs: BTreeMap<String, String>,
+    stats: GraphStats,
+}
+
+impl Graph {
+    fn name(&self) -> &'static str {
+        self.role.key()
+    }
+
+    /// Runs the graph on (role, tensor) inputs and returns the output `role`.
+    fn run<'a>(
+        &mut self,
+        inputs: Vec<(&str, SessionInputValue<'a>)>,
+        output: &str,
+    ) -> Result<ndarray::ArrayD<f32>, ModelError> {
+        let graph = self.role.key();
+        let err = |message: String| ModelError::Graph { graph, message };
+        let named: Vec<(Cow<'_, str>, SessionInputValue<'a>)> = inputs
+            .into_iter()
+            .map(|(role, v)| (Cow::Owned(self.inputs[role].clone()), v))
+            .collect();
+        let out_name = self.outputs[output].clone();
+        let start = Instant::now();
+        let outputs = self.session.run(named).map_err(|e| err(e.to_string()))?;
+        let value = outputs
+            .get(&out_name)
+            .ok_or_else(|| err(format!("no output `{out_name}`")))?;
+        let array = value
+            .try_extract_array::<f32>()
+            .map_err(|e| err(format!("output `{out_name}`: {e}")))?
+            .to_owned();
+        self.stats.calls += 1;
+        self.stats.seconds += start.elapsed().as_secs_f64();
+        if let Some(bad) = array.iter().find(|v| !v.is_finite()) {
+            return Err(err(format!(
+                "output `{out_name}` holds a non-finite value ({bad})"
+            )));
+        }
+        Ok(array)
+    }
+}
+
+fn view<
+    'a,
+    T: Clone + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static,
+    D: Dimension + 'static,
+>(
+    graph: &'static str,
+    a: ndarray::ArrayView<'a, T, D>,
+) -> Result<SessionInputValue<'a>, ModelError> {
+    let t = TensorRef::from_array_view(a).map_err(|e| ModelError::Graph {
+        graph,
+        message: format!("input tensor: {e}"),
+    })?;
+    Ok(SessionInputValue::from(t))
+}
+
+fn shaped<D: Dimension>(
+    graph: &'static str,
+    tensor: &str,
+    a: ndarray::ArrayD<f32>,
+    expected: String,
+) -> Result<ndarray::Array<f32, D>, ModelError> {
+    let got = a.shape().to_vec();
+    a.into_dimensionality::<D>().map_err(|_| ModelError::Shape {
+        graph,
+        tensor: tensor.into(),
+        got,
+        expected,
+    })
+}
+
+/// A bundle's graphs loaded into ONNX Runtime.
+pub struct OrtModel {
+    info: ModelInfo,
+    encoder: Graph,
+    decoder: Graph,
+    diffusion: Graph,
+    vae: Graph,
+    provider: String,
+}
+
+/// One expected tensor: element type and dims (`None` = any; batch-like
+/// dims must be dynamic).
+struct Expect {
+    role: &'static str,
+    ty: TensorElementType,
+    dims: Vec<Dim>,
+}
+
+#[derive(Clone, Copy)]
+enum Dim {
+    Dynamic,
+    Any,
+    Fixed(usize),
+}
+
+fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
+    use Dim::*;
+    use TensorElementType::{Float32 as F, Int64 as I};
+    let (l, c, d) = (info.grid.len(), info.token_dim, info.width);
+    let (h, w) = (info.grid.height, info.grid.width);
+    let e = |role, ty, dims: Vec<Dim>| Expect { role, ty, dims };
+    match role {
+        Role::Encoder => (
+            vec![
+                e("tokens", F, vec![Dynamic, Fixed(l), Fixed(c)]),
+                e("known", I, vec![Dynamic, Dynamic]),
+                e("label", I, vec![Dynamic]),
+            ],
+            vec![e("encoded", F, vec![Any, Any, Fixed(d)])],
+        ),
+        Role::Decoder => (
+            vec![
+                e("encoded", F, vec![Dynamic, Dynamic, Fixed(d)]),
+                e("known", I, vec![Dynamic, Dynamic]),
+            ],
+            vec![e("z", F, vec![Any, Fixed(l), Fixed(d)])],
+        ),
+        Role::Diffusion => (
+            vec![
+                e("x", F, vec![Dynamic, Fixed(c)]),
+                e("t", I, vec![Dynamic]),
+                e("z", F, vec![Dynamic, Fixed(d)]),
+            ],
+            vec![e("out", F, vec![Any, Fixed(info.head_channels())])],
+        ),
+        Role::VaeDecoder => (
+            vec![e("latent", F, vec![Dynamic, Fixed(c), Fixed(h), Fixed(w)])],
+            vec![e(
+                "image",
+                F,
+                vec![
+                    Any,
+                    Fixed(info.image.channels),
+                    Fixed(info.image.height),
+                    Fixed(info.image.width),
+                ],
+            )],
+        ),
+    }
+}
+
+fn check_contract(graph: &Graph, info: &ModelInfo) -> Result<(), OrtError> {
+    let name = graph.name();
+    let (ins, outs) = expectations(graph.role, info);
+    for (kind, list, names, outlets) in [
+        ("input", ins, &graph.inputs, graph.session.inputs()),
+        ("output", outs, &graph.outputs, graph.session.outputs()),
+    ] {
+        for exp in list {
+            let tensor = &names[exp.role];
+            let contract = |problem: String| OrtError::Contract {
+                graph: name,
+                tensor: tensor.clone(),
+                problem,
+            };
+            let outlet = outlets.iter().find(|o| o.name() == tensor).ok_or_else(|| {
+                let have: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+                contract(format!(
+                    "the graph has no {kind} of this name (manifest role `{}`); its {kind}s are {}",
+                    exp.role,
+                    have.join(", ")
+                ))
+            })?;
+            let ty = outlet.dtype().tensor_type();
+            if ty != Some(exp.ty) {
+                return Err(contract(format!(
+                    "element type {ty:?}, expected {:?}",
+                    exp.ty
+                )));
+            }
+            let shape: Vec<i64> = outlet
+                .dtype()
+                .tensor_shape()
+                .map(|s| s.to_vec())
+                .unwrap_or_default();
+            let want: Vec<String> = exp
+                .dims
+                .iter()
+                .map(|d| match d {
+                    Dim::Dynamic => "dynamic".into(),
+                    Dim::Any => "?".into(),
+                    Dim::Fixed(n) => n.to_string(),
+                })
+                .collect();
+            let mismatch = || contract(format!("shape {shape:?}, expected [{}]", want.join(", ")));
+            if shape.len() != exp.dims.len() {
+                return Err(mismatch());
+            }
+            for (&got, want) in shape.iter().zip(&exp.dims) {
+                let ok = match want {
+                    Dim::Dynamic => got < 0,
+                    Dim::Any => true,
+                    Dim::Fixed(n) => got < 0 || got == *n as i64,
+                };
+                if !ok {
+                    return Err(mismatch());
+                }
+            }
+        }
+        if kind == "input"
+            && let Some(extra) = outlets
+                .iter()
+                .find(|o| !names.values().any(|n| n == o.name()))
+        {
+            return Err(OrtError::Contract {
+                graph: name,
+                tensor: extra.name().to_string(),
+                problem: "the graph needs this input, but the manifest gives it no role".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl OrtModel {
+    /// Loads and checks the bundle's graphs on `device` with `threads`
+    /// intra-op threads per graph (`None`: ORT's default).
+    pub fn load(bundle: &Bundle, device: Device, threads: Option<usize>) -> Result<Self, OrtError> {
+        let env = environment()?;
+        let info = ModelInfo::from_bundle(bundle);
+        let mut provider = String::from("cpu");
+        let mut graphs = Vec::new();
+        for role in Role::ALL {
+            let path = bundle.graph_path(role);
+            let session_err = |message: String| OrtError::Session {
+                graph: role.key(),
+                path: path.display().to_string(),
+                message,
+            };
+            let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
+            builder = builder
+                .with_intra_op_spinning(false)
+                .map_err(|e| session_err(e.to_string()))?;
+            if let Some(n) = threads {
+                builder = builder
+                    .with_intra_threads(n)
+                    .map_err(|e| session_err(e.to_string()))?;
+            }
+            let (b, ran) = register_device(builder, device)?;
+            builder = b;
+            provider = ran;
+            let session = builder
+                .commit_from_file(&path)
+                .map_err(|e| session_err(e.to_string()))?;
+            let entry = bundle.graph(role);
+            let graph = Graph {
+                role,
+                session,
+                inputs: entry.inputs.clone(),
+                outputs: entry.outputs.clone(),
+                stats: GraphStats {
+                    graph: role.key().into(),
+                    ..GraphStats::default()
+                },
+            };
+            check_contract(&graph, &info)?;
+            graphs.push(graph);
+        }
+        let mut it = graphs.into_iter();
+        let (encoder, decoder, diffusion, vae) = (
+            it.next().unwrap(),
+            it.next().unwrap(),
+            it.next().unwrap(),
+            it.next().unwrap(),
+        );
+        Ok(OrtModel {
+            info,
+            encoder,
+            decoder,
+            diffusion,
+            vae,
+            provider,
+        })
+    }
+}
+
+/// Adds the device's execution provider; returns what will run.
+fn register_device(
+    builder: ort::session::builder::SessionBuilder,
+    device: Device,
+) -> Result<(ort::session::builder::SessionBuilder, String), OrtError> {
+    let unavailable = |name: &str, feature: &str| OrtError::Device {
+        device: name.into(),
+        problem: format!(
+            "this gtr-run was built without the `{feature}` feature; rebuild with `cargo build --release --features {feature}`"
+        ),
+    };
+    match device {
+        Device::Cpu => Ok((builder, "cpu".into())),
+        Device::Cuda => {
+            #[cfg(feature = "cuda")]
+            {
+                let ep = ort::ep::CUDA::default().build().error_on_failure();
+                let b = builder
+                    .with_execution_providers([ep])
+                    .map_err(|e| OrtError::Device {
+                        device: "cuda".into(),
+                        problem: e.to_string(),
+                    })?;
+                Ok((b, "cuda".into()))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = builder;
+                Err(unavailable("cuda", "cuda"))
+            }
+        }
+        Device::TensorRt => {
+            #[cfg(feature = "tensorrt")]
+            {
+                let ep = ort::ep::TensorRT::default().build().error_on_failure();
+                let b = builder
+                    .with_execution_providers([ep])
+                    .map_err(|e| OrtError::Device {
+                        device: "tensorrt".into(),
+                        problem: e.to_string(),
+                    })?;
+                Ok((b, "tensorrt".into()))
+            }
+            #[cfg(not(feature = "tensorrt"))]
+            {
+                let _ = builder;
+                Err(unavailable("tensorrt", "tensorrt"))
+            }
+        }
+        Device::Auto => {
+            #[allow(unused_mut)]
+            let mut builder = builder;
+            #[cfg(feature = "tensorrt")]
+            {
+                use ort::ep::ExecutionProvider;
+                if ort::ep::TensorRT::default().register(&mut builder).is_ok() {
+                    return Ok((builder, "tensorrt".into()));
+                }
+            }
+            #[cfg(feature = "cuda")]
+            {
+                use ort::ep::ExecutionProvider;
+                if ort::ep::CUDA::default().register(&mut builder).is_ok() {
+                    return Ok((builder, "cuda".into()));
+                }
+            }
+            let _ = unavailable;
+            Ok((builder, "cpu".into()))
+        }
+    }
+}
+
+impl MarModel for OrtModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn backbone(
+        &mut self,
+        canvas: ArrayView3<f32>,
+        known: ArrayView2<i64>,
+        labels: ArrayView1<i64>,
+    ) -> Result<Array3<f32>, ModelError> {
+        let (b, l, _) = canvas.dim();
+        let enc = self.encoder.run(
+            vec![
+                ("tokens", view("encoder", canvas)?),
+                ("known", view("encoder", known)?),
+                ("label", view("encoder", labels)?),
+            ],
+            "encoded",
+        )?;
+        let d = self.info.width;
+        let enc: Array3<f32> = shaped(
+            "encoder",
+            "encoded",
+            enc,
+            format!("[{b}, buffer + {}, {d}]", known.ncols()),
+        )?;
+        let z = self.decoder.run(
+            vec![
+                ("encoded", view("decoder", enc.view())?),
+                ("known", view("decoder", known)?),
+            ],
+            "z",
+        )?;
+        shaped::<Ix3>("decoder", "z", z, format!("[{b}, {l}, {d}]"))
+    }
+
+    fn diffusion(
+        &mut self,
+        x: ArrayView2<f32>,
+        t: ArrayView1<i64>,
+        z: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        let n = x.nrows();
+        let out = self.diffusion.run(
+            vec![
+                ("x", view("diffusion", x)?),
+                ("t", view("diffusion", t)?),
+                ("z", view("diffusion", z)?),
+            ],
+            "out",
+        )?;
+        shaped::<Ix2>(
+            "diffusion",
+            "out",
+            out,
+            format!("[{n}, {}]", self.info.head_channels()),
+        )
+    }
+
+    fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
+        let b = latent.dim().0;
+        let img = self.info.image;
+        let out = self
+            .vae
+            .run(vec![("latent", view("vae_decoder", latent)?)], "image")?;
+        shaped::<Ix4>(
+            "vae_decoder",
+            "image",
+            out,
+            format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width),
+        )
+    }
+
+    fn graph_stats(&self) -> Vec<GraphStats> {
+        [&self.encoder, &self.decoder, &self.diffusion, &self.vae]
+            .iter()
+            .map(|g| g.stats.clone())
+            .collect()
+    }
+
+    fn execution_provider(&self) -> String {
+        self.provider.clone()
+    }
+}

@@ -1,0 +1,298 @@
+//! Model bundles: a folder with `manifest.yaml` and four ONNX graphs.
+//! The manifest format and the graphs' I/O contract are in models/README.md.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::grid::Grid;
+use crate::sampler::Variance;
+
+pub const MANIFEST_FILE: &str = "manifest.yaml";
+pub const FORMAT: &str = "gtr-run/mar-bundle@1";
+
+/// The four graphs of a bundle, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Encoder,
+    Decoder,
+    Diffusion,
+    VaeDecoder,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::Encoder,
+        Role::Decoder,
+        Role::Diffusion,
+        Role::VaeDecoder,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Role::Encoder => "encoder",
+            Role::Decoder => "decoder",
+            Role::Diffusion => "diffusion",
+            Role::VaeDecoder => "vae_decoder",
+        }
+    }
+
+    /// Input roles the graph must have.
+    pub fn inputs(self) -> &'static [&'static str] {
+        match self {
+            Role::Encoder => &["tokens", "known", "label"],
+            Role::Decoder => &["encoded", "known"],
+            Role::Diffusion => &["x", "t", "z"],
+            Role::VaeDecoder => &["latent"],
+        }
+    }
+
+    /// Output roles the graph must have.
+    pub fn outputs(self) -> &'static [&'static str] {
+        match self {
+            Role::Encoder => &["encoded"],
+            Role::Decoder => &["z"],
+            Role::Diffusion => &["out"],
+            Role::VaeDecoder => &["image"],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphEntry {
+    pub file: String,
+    /// Role → tensor name in the graph.
+    pub inputs: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionSettings {
+    pub schedule: String,
+    pub train_steps: usize,
+    pub variance: Variance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSettings {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub cfg: f64,
+    pub temperature: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostShape {
+    pub encoder_depth: u64,
+    pub decoder_depth: u64,
+    pub diffusion_width: u64,
+    pub diffusion_depth: u64,
+}
+
+/// `manifest.yaml`, as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub name: String,
+    pub grid: [usize; 2],
+    pub token_dim: usize,
+    pub width: usize,
+    pub buffer: usize,
+    pub classes: usize,
+    pub null_class: i64,
+    pub latent_scale: f64,
+    pub diffusion: DiffusionSettings,
+    pub image: ImageSettings,
+    pub sampling: SamplingDefaults,
+    pub cost: CostShape,
+    pub graphs: BTreeMap<String, GraphEntry>,
+}
+
+/// Why a bundle could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: {problem}")]
+    Manifest { path: PathBuf, problem: String },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A checked manifest and where its graphs are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Bundle {
+    /// Opens a bundle from its folder, its manifest, or any `.onnx` in it.
+    pub fn open(path: &Path) -> Result<Bundle, BundleError> {
+        let dir = if path.is_dir() {
+            path.to_path_buf()
+        } else {
+            path.parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        };
+        let manifest_path =
+            if path.is_file() && path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                path.to_path_buf()
+            } else {
+                dir.join(MANIFEST_FILE)
+            };
+        if !path.exists() {
+            return Err(BundleError::Manifest {
+                path: path.to_path_buf(),
+                problem: "no such file or folder; give a model bundle folder, its manifest.yaml or one of its .onnx files".into(),
+            });
+        }
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| BundleError::Read {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let manifest: Manifest =
+            serde_norway::from_str(&text).map_err(|e| BundleError::Manifest {
+                path: manifest_path.clone(),
+                problem: e.to_string(),
+            })?;
+        let bundle = Bundle { dir, manifest };
+        bundle.validate().map_err(|problem| BundleError::Manifest {
+            path: manifest_path,
+            problem,
+        })?;
+        Ok(bundle)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let m = &self.manifest;
+        if m.format != FORMAT {
+            return Err(format!(
+                "format is `{}`; this gtr-run reads `{FORMAT}`",
+                m.format
+            ));
+        }
+        let positive = [
+            ("grid[0]", m.grid[0]),
+            ("grid[1]", m.grid[1]),
+            ("token_dim", m.token_dim),
+            ("width", m.width),
+            ("image.height", m.image.height),
+            ("image.width", m.image.width),
+            ("image.channels", m.image.channels),
+            ("diffusion.train_steps", m.diffusion.train_steps),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("`{key}` must be at least 1"));
+            }
+        }
+        if m.grid[0] * m.grid[1] > crate::grid::MAX_TOKENS {
+            return Err(format!("grid {}x{} is too large", m.grid[0], m.grid[1]));
+        }
+        if m.diffusion.schedule != "cosine" {
+            return Err(format!(
+                "diffusion.schedule `{}` is not supported; only `cosine` (MAR's) is",
+                m.diffusion.schedule
+            ));
+        }
+        if !(m.latent_scale.is_finite() && m.latent_scale > 0.0) {
+            return Err(format!("latent_scale must be > 0, not {}", m.latent_scale));
+        }
+        if m.null_class < 0 {
+            return Err("null_class must be >= 0".into());
+        }
+        if ![1, 3].contains(&m.image.channels) {
+            return Err(format!(
+                "image.channels must be 1 or 3, not {}",
+                m.image.channels
+            ));
+        }
+        for role in Role::ALL {
+            let entry = m
+                .graphs
+                .get(role.key())
+                .ok_or_else(|| format!("graphs.{} is missing", role.key()))?;
+            for (kind, want, have) in [
+                ("inputs", role.inputs(), &entry.inputs),
+                ("outputs", role.outputs(), &entry.outputs),
+            ] {
+                for r in want {
+                    if !have.contains_key(*r) {
+                        return Err(format!(
+                            "graphs.{}.{kind} has no `{r}` (it needs {})",
+                            role.key(),
+                            want.join(", ")
+                        ));
+                    }
+                }
+                if let Some(extra) = have.keys().find(|k| !want.contains(&k.as_str())) {
+                    return Err(format!(
+                        "graphs.{}.{kind} has an unknown role `{extra}` (known: {})",
+                        role.key(),
+                        want.join(", ")
+                    ));
+                }
+            }
+            let file = self.dir.join(&entry.file);
+            if !file.is_file() {
+                return Err(format!(
+                    "graphs.{}.file: {} does not exist",
+                    role.key(),
+                    file.display()
+                ));
+            }
+        }
+        if let Some(extra) = m
+            .graphs
+            .keys()
+            .find(|k| !Role::ALL.iter().any(|r| r.key() == k.as_str()))
+        {
+            return Err(format!(
+                "graphs has an unknown role `{extra}` (known: encoder, decoder, diffusion, vae_decoder)"
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn graph(&self, role: Role) -> &GraphEntry {
+        &self.manifest.graphs[role.key()]
+    }
+
+    pub fn graph_path(&self, role: Role) -> PathBuf {
+        self.dir.join(&self.graph(role).file)
+    }
+
+    pub fn grid(&self) -> Grid {
+        Grid::new(self.manifest.grid[0], self.manifest.grid[1])
+    }
+
+    /// The model's shape for the FLOPs model.
+    pub fn cost_spec(&self) -> crate::cost::ModelSpec {
+        let m = &self.manifest;
+        crate::cost::ModelSpec {
+            name: m.name.clone(),
+            width: m.width as u64,
+            encoder_depth: m.cost.encoder_depth,
+            decoder_depth: m.cost.decoder_depth,
+            diffusion_width: m.cost.diffusion_width,
+            diffusion_depth: m.cost.diffusion_depth,
+            token_dim: m.token_dim as u64,
+            buffer: m.buffer as u64,
+        }
+    }
+}

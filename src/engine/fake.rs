@@ -1,0 +1,134 @@
+//! A deterministic stand-in for a MAR model, for engine tests that need no
+//! ONNX Runtime. Its outputs are smooth functions of its inputs, so the
+//! engine's plumbing (gathers, CFG halves, batching) shows in the results.
+
+use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
+
+use super::model::{MarModel, ModelError, ModelInfo};
+use crate::bundle::{ImageSettings, SamplingDefaults};
+use crate::grid::Grid;
+use crate::sampler::Variance;
+
+pub struct FakeModel {
+    info: ModelInfo,
+    /// Backbone and diffusion calls made, for tests.
+    pub backbone_calls: usize,
+    pub diffusion_calls: usize,
+    /// Rows of every diffusion call, in order.
+    pub diffusion_rows: Vec<usize>,
+}
+
+impl FakeModel {
+    /// A 16×16, C = 4, D = 8 model with 10 classes, 32×32 RGB images.
+    pub fn new() -> Self {
+        Self::with_grid(Grid::MAR)
+    }
+
+    pub fn with_grid(grid: Grid) -> Self {
+        FakeModel {
+            info: ModelInfo {
+                name: "fake".into(),
+                grid,
+                token_dim: 4,
+                width: 8,
+                classes: 10,
+                null_class: 10,
+                latent_scale: 0.5,
+                train_steps: 1000,
+                variance: Variance::LearnedRange,
+                image: ImageSettings {
+                    height: grid.height * 2,
+                    width: grid.width * 2,
+                    channels: 3,
+                },
+                defaults: SamplingDefaults {
+                    cfg: 2.0,
+                    temperature: 1.0,
+                },
+            },
+            backbone_calls: 0,
+            diffusion_calls: 0,
+            diffusion_rows: Vec::new(),
+        }
+    }
+}
+
+impl Default for FakeModel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MarModel for FakeModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn backbone(
+        &mut self,
+        canvas: ArrayView3<f32>,
+        known: ArrayView2<i64>,
+        labels: ArrayView1<i64>,
+    ) -> Result<Array3<f32>, ModelError> {
+        self.backbone_calls += 1;
+        let (b, l, c) = canvas.dim();
+        let d = self.info.width;
+        let mut z = Array3::<f32>::zeros((b, l, d));
+        for r in 0..b {
+            // Mean of the known tokens: what the "encoder" saw.
+            let mut context = 0.0f32;
+            for &t in known.row(r) {
+                for ch in 0..c {
+                    context += canvas[[r, t as usize, ch]];
+                }
+            }
+            context /= (known.ncols().max(1) * c) as f32;
+            let label = labels[r] as f32;
+            for t in 0..l {
+                for k in 0..d {
+                    z[[r, t, k]] =
+                        ((t * (k + 1)) as f32 * 0.37 + label * 0.5).sin() * 0.8 + context;
+                }
+            }
+        }
+        Ok(z)
+    }
+
+    fn diffusion(
+        &mut self,
+        x: ArrayView2<f32>,
+        t: ArrayView1<i64>,
+        z: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        self.diffusion_calls += 1;
+        self.diffusion_rows.push(x.nrows());
+        let c = self.info.token_dim;
+        let mut out = Array2::<f32>::zeros((x.nrows(), self.info.head_channels()));
+        for r in 0..x.nrows() {
+            let time = t[r] as f32 / 1000.0;
+            for ch in 0..c {
+                out[[r, ch]] = (0.6 * x[[r, ch]] + z[[r, ch]] * (1.0 - time)).tanh();
+                out[[r, c + ch]] = (z[[r, ch + c]] * 0.5 - time).tanh();
+            }
+        }
+        Ok(out)
+    }
+
+    fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
+        let (b, c, h, w) = latent.dim();
+        let img = &self.info.image;
+        let (sy, sx) = (img.height / h, img.width / w);
+        let mut out = Array4::<f32>::zeros((b, img.channels, img.height, img.width));
+        for r in 0..b {
+            for ch in 0..img.channels {
+                for y in 0..img.height {
+                    for x in 0..img.width {
+                        let v = latent[[r, ch % c, (y / sy).min(h - 1), (x / sx).min(w - 1)]];
+                        out[[r, ch, y, x]] = (v * 0.5).tanh();
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,116 @@
+//! The narrow interface between the engine and a MAR model.
+
+use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
+
+use crate::bundle::{Bundle, ImageSettings, SamplingDefaults};
+use crate::grid::Grid;
+use crate::sampler::Variance;
+
+/// What the engine needs to know about a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub grid: Grid,
+    /// C: channels of one token.
+    pub token_dim: usize,
+    /// D: width of the conditioning vectors z.
+    pub width: usize,
+    /// Number of classes (0: unconditional).
+    pub classes: usize,
+    /// The label value that selects the null (unconditional) embedding.
+    pub null_class: i64,
+    pub latent_scale: f64,
+    pub train_steps: usize,
+    pub variance: Variance,
+    pub image: ImageSettings,
+    pub defaults: SamplingDefaults,
+}
+
+impl ModelInfo {
+    pub fn from_bundle(bundle: &Bundle) -> Self {
+        let m = &bundle.manifest;
+        ModelInfo {
+            name: m.name.clone(),
+            grid: bundle.grid(),
+            token_dim: m.token_dim,
+            width: m.width,
+            classes: m.classes,
+            null_class: m.null_class,
+            latent_scale: m.latent_scale,
+            train_steps: m.diffusion.train_steps,
+            variance: m.diffusion.variance,
+            image: m.image,
+            defaults: m.sampling,
+        }
+    }
+
+    /// Channels of the diffusion head's output: ε, plus v when learned.
+    pub fn head_channels(&self) -> usize {
+        match self.variance {
+            Variance::LearnedRange => 2 * self.token_dim,
+            _ => self.token_dim,
+        }
+    }
+}
+
+/// A model failure, named by graph (and tensor where it applies).
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("graph `{graph}`: {message}")]
+    Graph {
+        graph: &'static str,
+        message: String,
+    },
+    #[error("graph `{graph}`, output `{tensor}`: shape {got:?}, expected {expected}")]
+    Shape {
+        graph: &'static str,
+        tensor: String,
+        got: Vec<usize>,
+        expected: String,
+    },
+}
+
+/// A MAR model as three calls. Batch layouts are the caller's: the engine
+/// stacks conditional rows before unconditional ones when guiding.
+pub trait MarModel {
+    fn info(&self) -> &ModelInfo;
+
+    /// Encoder then decoder: `canvas` [B, L, C] (zeros where unknown),
+    /// `known` [B, K] ascending token indices, `labels` [B] → z [B, L, D].
+    fn backbone(
+        &mut self,
+        canvas: ArrayView3<f32>,
+        known: ArrayView2<i64>,
+        labels: ArrayView1<i64>,
+    ) -> Result<Array3<f32>, ModelError>;
+
+    /// One diffusion-head evaluation: `x` [N, C], `t` [N] (training-chain
+    /// timesteps), `z` [N, D] → [N, head_channels].
+    fn diffusion(
+        &mut self,
+        x: ArrayView2<f32>,
+        t: ArrayView1<i64>,
+        z: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError>;
+
+    /// VAE decoder: `latent` [B, C, h, w] → image [B, channels, H, W].
+    fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError>;
+
+    /// Per-graph call counts and seconds, if the model measures them.
+    fn graph_stats(&self) -> Vec<GraphStats> {
+        Vec::new()
+    }
+
+    /// The execution provider that really runs the graphs.
+    fn execution_provider(&self) -> String {
+        "none".into()
+    }
+}
+
+/// Calls and time spent in one graph.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct GraphStats {
+    pub graph: String,
+    pub calls: u64,
+    pub seconds: f64,
+}

@@ -1,0 +1,395 @@
+//! A generation run: images from a bundle and a schedule, written to an
+//! output folder as `00000.png`…, a preview `grid.png` and `run.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use image::{DynamicImage, GrayImage, RgbImage};
+use ndarray::{Array4, Axis};
+use serde_json::{Value, json};
+
+use crate::bundle::Bundle;
+use crate::cost::plan_cost;
+use crate::engine::{Engine, ImageJob, MarModel, Noise, Replay};
+use crate::fsutil::write_atomic;
+use crate::plan::{Plan, PlanOptions, Planner};
+use crate::rng::image_seed;
+use crate::schedule::{Schedule, ScheduleError};
+
+/// What to do with an output folder that holds a previous run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    Refuse,
+    /// Skip images whose PNG is already there.
+    Resume,
+    /// Replace the previous run's files.
+    Overwrite,
+}
+
+/// Which class each image asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Classes {
+    /// Balanced over all classes, in blocks (MAR's `arange(classes).repeat`).
+    Balanced,
+    /// The same class for every image.
+    One(i64),
+    /// These classes, cycled.
+    List(Vec<i64>),
+}
+
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub schedule_path: PathBuf,
+    pub overrides: BTreeMap<String, f64>,
+    pub num_images: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub classes: Classes,
+    pub cfg: Option<f64>,
+    pub temperature: Option<f64>,
+    pub out: PathBuf,
+    pub existing: Existing,
+    pub replay: Option<PathBuf>,
+    pub device_requested: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Replay(#[from] crate::engine::replay::ReplayError),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The label of image `index` of `n` under `classes` for a model with
+/// `count` classes (`null` for unconditional models).
+pub fn label_for(classes: &Classes, index: usize, n: usize, count: usize, null: i64) -> i64 {
+    match classes {
+        _ if count == 0 => null,
+        Classes::Balanced => (index * count / n.max(1)) as i64,
+        Classes::One(c) => *c,
+        Classes::List(list) => list[index % list.len()],
+    }
+}
+
+/// The default output folder: `runs/<model>-<schedule>-seed<seed>`.
+pub fn default_out_dir(model_name: &str, schedule: &Path, seed: u64) -> PathBuf {
+    let stem = schedule
+        .file_stem()
+        .map_or("schedule".into(), |s| s.to_string_lossy().into_owned());
+    let clean = |s: &str| {
+        s.chars()
+            .map(|c| {
+                if c.is_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>()
+    };
+    PathBuf::from("runs").join(format!("{}-{}-seed{seed}", clean(model_name), clean(&stem)))
+}
+
+fn image_path(out: &Path, index: usize) -> PathBuf {
+    out.join(format!("{index:05}.png"))
+}
+
+/// Runs the request on `model`; `progress` sees (images done, total).
+pub fn run<M: MarModel>(
+    bundle: &Bundle,
+    model: M,
+    req: &RunRequest,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Value, RunError> {
+    let schedule = Schedule::from_file(&req.schedule_path, &req.overrides)?;
+    let info = model.info().clone();
+    if req.num_images == 0 || req.batch == 0 {
+        return Err(RunError::Invalid(
+            "--num-images and --batch must be at least 1".into(),
+        ));
+    }
+    let labels: Vec<i64> = (0..req.num_images)
+        .map(|i| {
+            label_for(
+                &req.classes,
+                i,
+                req.num_images,
+                info.classes,
+                info.null_class,
+            )
+        })
+        .collect();
+    if let Some(bad) = labels
+        .iter()
+        .find(|&&c| c != info.null_class && !(0..info.classes as i64).contains(&c))
+    {
+        return Err(RunError::Invalid(format!(
+            "class {bad} is out of range: model `{}` has {} classes (0..{})",
+            info.name,
+            info.classes,
+            info.classes.saturating_sub(1)
+        )));
+    }
+    let replay = match &req.replay {
+        Some(p) => Some(Replay::load(p)?),
+        None => None,
+    };
+    if let Some(r) = &replay
+        && r.images() < req.num_images
+    {
+        return Err(RunError::Invalid(format!(
+            "the replay file holds {} images; --num-images is {}",
+            r.images(),
+            req.num_images
+        )));
+    }
+
+    // The output folder: refuse, resume or overwrite a previous run.
+    prepare_out_dir(&req.out, req.existing, req.num_images)?;
+    let todo: Vec<usize> = (0..req.num_images)
+        .filter(|&i| req.existing != Existing::Resume || !image_path(&req.out, i).is_file())
+        .collect();
+
+    let planner =
+        Planner::new(&schedule, info.grid).map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+    let options = PlanOptions {
+        default_cfg: Some(info.defaults.cfg),
+        default_temperature: Some(info.defaults.temperature),
+        cfg: req.cfg,
+        temperature: req.temperature,
+    };
+    let reference_plan = planner
+        .plan_with(req.seed, &options)
+        .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+
+    let mut engine = Engine::new(model);
+    let started = Instant::now();
+    let mut done = req.num_images - todo.len();
+    progress(done, req.num_images);
+    for chunk in todo.chunks(req.batch) {
+        let jobs: Vec<ImageJob> = chunk
+            .iter()
+            .map(|&i| ImageJob {
+                index: i as u64,
+                seed: image_seed(req.seed, i as u64),
+                label: labels[i],
+            })
+            .collect();
+        let plans: Vec<Plan> = jobs
+            .iter()
+            .map(|j| planner.plan_with(j.seed, &options))
+            .collect::<Result<_, _>>()
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+        let noise = replay.as_ref().map_or(Noise::Seeded, Noise::Replay);
+        let out = engine.generate(&plans, &jobs, noise, |_, _| {})?;
+        for (k, job) in jobs.iter().enumerate() {
+            let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
+            let path = image_path(&req.out, job.index as usize);
+            write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
+        }
+        done += jobs.len();
+        progress(done, req.num_images);
+    }
+    let wall = started.elapsed().as_secs_f64();
+
+    write_grid(&req.out, req.num_images, &labels, info.classes)?;
+
+    let stats = &engine.stats;
+    let cost = plan_cost(&reference_plan, &bundle.cost_spec());
+    let model_seconds = stats.model_seconds();
+    let steps: Vec<Value> = reference_plan
+        .steps
+        .iter()
+        .zip(stats.steps.iter().chain(std::iter::repeat(&Default::default())))
+        .enumerate()
+        .map(|(k, (p, s))| {
+            json!({
+                "step": k,
+                "stage": reference_plan.stages[p.stage].name,
+                "tokens": p.tokens.len(),
+                "known_before": p.known_before,
+                "diffusion_steps": p.diffusion_steps,
+                "detail": p.detail.map(|d| json!({"fraction": d.fraction, "steps": d.steps, "selector": d.selector.name(), "count": d.count})),
+                "cfg": p.cfg,
+                "temperature": p.temperature,
+                "backbone_seconds": s.backbone_seconds,
+                "diffusion_seconds": s.diffusion_seconds,
+                "diffusion_calls": s.diffusion_calls,
+                "diffusion_rows": s.diffusion_rows,
+                "other_seconds": s.other_seconds,
+            })
+        })
+        .collect();
+    let record = json!({
+        "gtr_run_version": env!("CARGO_PKG_VERSION"),
+        "model": {"name": info.name, "path": bundle.dir.display().to_string()},
+        "schedule": {
+            "path": req.schedule_path.display().to_string(),
+            "source": schedule.source.text,
+            "params": schedule.params.iter().map(|p| (p.name.clone(), json!(p.value))).collect::<serde_json::Map<_, _>>(),
+        },
+        "seed": req.seed,
+        "num_images": req.num_images,
+        "generated_now": todo.len(),
+        "batch": req.batch,
+        "labels": labels,
+        "cfg_override": req.cfg,
+        "temperature_override": req.temperature,
+        "replay": req.replay.as_ref().map(|p| p.display().to_string()),
+        "device_requested": req.device_requested,
+        "execution_provider": engine.model.execution_provider(),
+        "mar_steps": reference_plan.steps.len(),
+        "steps": steps,
+        "graphs": engine.model.graph_stats(),
+        "seconds": {
+            "wall": wall,
+            "generation": stats.total_seconds,
+            "in_model_calls": model_seconds,
+            "outside_model_calls": stats.total_seconds - model_seconds,
+            "vae": stats.vae_seconds,
+        },
+        "cost_per_image": {
+            "encoder_passes": cost.encoder_passes,
+            "decoder_passes": cost.decoder_passes,
+            "diffusion_evaluations": cost.diffusion_evaluations,
+            "encoder_flops": cost.encoder_flops,
+            "decoder_flops": cost.decoder_flops,
+            "diffusion_flops": cost.diffusion_flops,
+            "total_flops": cost.total_flops(),
+        },
+    });
+    let path = req.out.join("run.json");
+    let text = serde_json::to_string_pretty(&record).unwrap_or_default() + "\n";
+    write_atomic(&path, text.as_bytes()).map_err(|source| RunError::Write { path, source })?;
+    Ok(record)
+}
+
+fn prepare_out_dir(out: &Path, existing: Existing, n: usize) -> Result<(), RunError> {
+    let io = |path: &Path, source| RunError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if out.exists() && !out.is_dir() {
+        return Err(RunError::Invalid(format!(
+            "{} exists and is not a folder",
+            out.display()
+        )));
+    }
+    let previous = out.join("run.json").is_file()
+        || (0..n.max(1)).any(|i| image_path(out, i).is_file())
+        || out.join("grid.png").is_file();
+    match existing {
+        Existing::Refuse if previous => Err(RunError::Invalid(format!(
+            "{} holds a previous run; pass --resume to skip the images already written, --force to overwrite, or --out elsewhere",
+            out.display()
+        ))),
+        Existing::Overwrite if previous => {
+            for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
+                let path = entry.map_err(|e| io(out, e))?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let ours = name == "run.json"
+                    || name == "grid.png"
+                    || (name.len() == 9
+                        && name.ends_with(".png")
+                        && name[..5].bytes().all(|b| b.is_ascii_digit()));
+                if ours {
+                    std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+                }
+            }
+            Ok(())
+        }
+        _ => std::fs::create_dir_all(out).map_err(|e| io(out, e)),
+    }
+}
+
+/// PNG bytes of one image given as [H, W, channels] u8.
+pub fn encode_png(pixels: &ndarray::Array3<u8>) -> Vec<u8> {
+    let (h, w, ch) = pixels.dim();
+    let data: Vec<u8> = pixels.iter().copied().collect();
+    let img = if ch == 1 {
+        DynamicImage::ImageLuma8(
+            GrayImage::from_raw(w as u32, h as u32, data).expect("sized buffer"),
+        )
+    } else {
+        DynamicImage::ImageRgb8(RgbImage::from_raw(w as u32, h as u32, data).expect("sized buffer"))
+    };
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .expect("PNG encoding to memory");
+    bytes
+}
+
+/// `grid.png`: the images tiled, one row per class when the classes are
+/// balanced, else in a near-square grid.
+fn write_grid(out: &Path, n: usize, labels: &[i64], classes: usize) -> Result<(), RunError> {
+    let mut images = Vec::with_capacity(n);
+    for i in 0..n {
+        let path = image_path(out, i);
+        match image::open(&path) {
+            Ok(img) => images.push(img.to_rgb8()),
+            Err(e) => {
+                return Err(RunError::Invalid(format!(
+                    "reading back {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let Some(first) = images.first() else {
+        return Ok(());
+    };
+    let (w, h) = first.dimensions();
+    let per_class_rows = classes > 0
+        && n.is_multiple_of(classes)
+        && n >= classes
+        && labels.windows(2).all(|p| p[0] <= p[1]);
+    let cols = if per_class_rows {
+        n / classes
+    } else {
+        (n as f64).sqrt().ceil() as usize
+    };
+    let rows = n.div_ceil(cols);
+    let gap = 2u32;
+    let mut grid = RgbImage::from_pixel(
+        cols as u32 * (w + gap) + gap,
+        rows as u32 * (h + gap) + gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (k, img) in images.iter().enumerate() {
+        let (r, c) = (k / cols, k % cols);
+        image::imageops::replace(
+            &mut grid,
+            img,
+            (gap + c as u32 * (w + gap)) as i64,
+            (gap + r as u32 * (h + gap)) as i64,
+        );
+    }
+    let mut bytes = Vec::new();
+    DynamicImage::ImageRgb8(grid)
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .expect("PNG encoding to memory");
+    let path = out.join("grid.png");
+    write_atomic(&path, &bytes).map_err(|source| RunError::Write { path, source })
+}
+
+/// Pixels of a batch as one array per image (helper for tests and tools).
+pub fn split_pixels(pixels: &Array4<u8>) -> Vec<ndarray::Array3<u8>> {
+    pixels.outer_iter().map(|p| p.to_owned()).collect()
+}

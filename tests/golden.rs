@@ -1,0 +1,224 @@
+//! The engine on ONNX Runtime against golden tensors from an independent
+//! numpy implementation of MAR's sampler (models/fixtures/reference_sampler.py)
+//! run on the same tiny random-weight bundle with injected orders and noise.
+
+use std::path::{Path, PathBuf};
+
+use gtr_run::backend::ort::{Device, OrtModel};
+use gtr_run::bundle::Bundle;
+use gtr_run::engine::{Engine, ImageJob, Noise, Replay};
+use gtr_run::grid::Grid;
+use gtr_run::plan::{DetailRule, Plan, PlanStage, PlanStep, round_half_even};
+use gtr_run::sampler::NoiseSchedule;
+use gtr_run::schedule::Selector;
+use ndarray::{Array1, Array2, Array3, Array4, ArrayD};
+use ndarray_npy::NpzReader;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/tiny")
+}
+
+struct Golden(NpzReader<std::fs::File>);
+
+impl Golden {
+    fn open(name: &str) -> Golden {
+        let f = std::fs::File::open(fixtures().join("golden").join(name)).unwrap();
+        Golden(NpzReader::new(f).unwrap())
+    }
+    fn get<A: ndarray_npy::ReadableElement, D: ndarray::Dimension>(
+        &mut self,
+        key: &str,
+    ) -> ndarray::Array<A, D> {
+        self.0.by_name(key).unwrap_or_else(|e| panic!("{key}: {e}"))
+    }
+}
+
+/// One plan per image from the golden case's step table and orders.
+fn plans(g: &mut Golden) -> (Vec<Plan>, Array2<i64>, Array1<i64>) {
+    let order: Array2<i64> = g.get("order");
+    let labels: Array1<i64> = g.get("labels");
+    let sizes: Array1<i64> = g.get("step_sizes");
+    let base: Array1<i64> = g.get("diffusion_steps");
+    let frac: Array1<f64> = g.get("detail_fraction");
+    let dsteps: Array1<i64> = g.get("detail_steps");
+    let dsel: Array1<i64> = g.get("detail_selector");
+    let cfg: Array1<f64> = g.get("cfg");
+    let temp: Array1<f64> = g.get("temperature");
+    let plans = (0..order.nrows())
+        .map(|b| {
+            let mut known = 0usize;
+            let steps = (0..sizes.len())
+                .map(|s| {
+                    let n = sizes[s] as usize;
+                    let mut tokens: Vec<usize> = order
+                        .row(b)
+                        .iter()
+                        .skip(known)
+                        .take(n)
+                        .map(|&t| t as usize)
+                        .collect();
+                    tokens.sort_unstable();
+                    let selector = match dsel[s] {
+                        0 => None,
+                        1 => Some(Selector::HighFreq),
+                        2 => Some(Selector::LowFreq),
+                        _ => Some(Selector::All),
+                    };
+                    let detail = selector.map(|selector| DetailRule {
+                        fraction: if selector == Selector::All {
+                            1.0
+                        } else {
+                            frac[s]
+                        },
+                        steps: dsteps[s] as u32,
+                        selector,
+                        count: if selector == Selector::All {
+                            n
+                        } else {
+                            round_half_even(frac[s] * n as f64).clamp(1.0, n as f64) as usize
+                        },
+                    });
+                    let step = PlanStep {
+                        stage: 0,
+                        tokens,
+                        known_before: known,
+                        diffusion_steps: base[s] as u32,
+                        detail,
+                        cfg: (!cfg[s].is_nan()).then_some(cfg[s]),
+                        temperature: temp[s],
+                    };
+                    known += n;
+                    step
+                })
+                .collect();
+            Plan {
+                grid: Grid::MAR,
+                seed: 0,
+                stages: vec![PlanStage {
+                    name: "golden".into(),
+                    tokens: 256,
+                    steps: sizes.len(),
+                }],
+                steps,
+            }
+        })
+        .collect();
+    (plans, order, labels)
+}
+
+fn max_abs_diff(a: impl Iterator<Item = f32>, b: impl Iterator<Item = f32>) -> f32 {
+    a.zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn check_case(name: &str) {
+    let bundle = Bundle::open(&fixtures()).unwrap();
+    let model = OrtModel::load(&bundle, Device::Cpu, Some(1)).unwrap();
+    let mut g = Golden::open(name);
+    let (plans, order, labels) = plans(&mut g);
+    let replay = Replay {
+        order,
+        init_noise: g.get("init_noise"),
+        step_noise: g.get("step_noise"),
+    };
+    let jobs: Vec<ImageJob> = (0..labels.len())
+        .map(|b| ImageJob {
+            index: b as u64,
+            seed: 7,
+            label: labels[b],
+        })
+        .collect();
+    let mut engine = Engine::new(model);
+    let out = engine
+        .generate(&plans, &jobs, Noise::Replay(&replay), |_, _| {})
+        .unwrap();
+
+    let want_tokens: Array3<f32> = g.get("tokens");
+    let want_images: Array4<f32> = g.get("images");
+    let want_pixels: Array4<u8> = g.get("pixels");
+    let want_detail: Array2<bool> = g.get("detail_mask");
+    assert_eq!(out.detail, want_detail, "{name}: FTS chose other tokens");
+    let dt = max_abs_diff(out.tokens.iter().copied(), want_tokens.iter().copied());
+    let di = max_abs_diff(out.images.iter().copied(), want_images.iter().copied());
+    assert!(dt <= 1e-4, "{name}: tokens differ by {dt}");
+    assert!(di <= 1e-4, "{name}: images differ by {di}");
+    let off: Vec<i32> = out
+        .pixels
+        .iter()
+        .zip(want_pixels.iter())
+        .map(|(&a, &b)| (i32::from(a) - i32::from(b)).abs())
+        .collect();
+    assert!(
+        off.iter().all(|&d| d <= 1),
+        "{name}: pixels differ by more than 1"
+    );
+    let rounding = off.iter().filter(|&&d| d == 1).count();
+    assert!(
+        rounding * 1000 <= off.len(),
+        "{name}: {rounding} pixels differ by one"
+    );
+    eprintln!(
+        "{name}: max |Δtokens| = {dt:.2e}, max |Δimages| = {di:.2e}, {rounding} pixels off by one"
+    );
+}
+
+#[test]
+fn gtr_schedule_with_cfg_and_high_freq_fts() {
+    check_case("gtr_cfg.npz");
+}
+
+#[test]
+fn mar_schedule_without_cfg_with_low_freq_fts() {
+    check_case("mar_nocfg.npz");
+}
+
+#[test]
+fn one_step_chains_and_fts_all_unconditional() {
+    check_case("fts_all_t1.npz");
+}
+
+#[test]
+fn respaced_chains_match_the_reference() {
+    let mut g = Golden::open("chains.npz");
+    let schedule = NoiseSchedule::cosine(1000);
+    let acp: ArrayD<f64> = g.get("train_alphas_cumprod");
+    for (a, b) in schedule.alphas_cumprod().iter().zip(acp.iter()) {
+        assert!((a - b).abs() <= 1e-15 + 1e-12 * b.abs());
+    }
+    for t in [1usize, 2, 3, 4, 5, 6, 7, 8, 20, 50, 100] {
+        let chain = schedule.respace(t);
+        let map: ArrayD<i64> = g.get(&format!("T{t}_timestep_map"));
+        assert_eq!(
+            chain.timesteps,
+            map.iter().copied().collect::<Vec<_>>(),
+            "T={t}"
+        );
+        for (key, ours) in [
+            ("betas", &chain.betas),
+            ("alphas_cumprod", &chain.alphas_cumprod),
+            ("posterior_variance", &chain.posterior_variance),
+            ("coef1", &chain.coef1),
+            ("coef2", &chain.coef2),
+        ] {
+            let theirs: ArrayD<f64> = g.get(&format!("T{t}_{key}"));
+            for (a, b) in ours.iter().zip(theirs.iter()) {
+                assert!(
+                    (a - b).abs() <= 1e-12 * b.abs().max(1e-300),
+                    "T={t} {key}: {a} vs {b}"
+                );
+            }
+        }
+        if t > 1 {
+            let theirs: ArrayD<f64> = g.get(&format!("T{t}_posterior_log_variance_clipped"));
+            for (a, b) in chain
+                .posterior_log_variance_clipped
+                .iter()
+                .zip(theirs.iter())
+            {
+                assert!(
+                    (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                    "T={t} plvc: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
