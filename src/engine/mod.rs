@@ -37,13 +37,13 @@ pub struct ImageJob {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{source} (MAR step {step})")]
+    #[error("at MAR step {step}")]
     Model {
         step: usize,
         #[source]
         source: ModelError,
     },
-    #[error("VAE decoding: {0}")]
+    #[error("VAE decoding")]
     Vae(#[source] ModelError),
     #[error("graph `{graph}` returned {what} at MAR step {step}")]
     NonFinite {

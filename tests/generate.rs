@@ -1,0 +1,416 @@
+//! `gtr-run MODEL SCHEDULE` end to end on the tiny fixture bundle (ONNX
+//! Runtime on CPU): outputs, reproducibility, batching, and every error a
+//! user can run into.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gtr-run-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn gtr_run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> Output {
+    let o = gtr_run(args);
+    assert!(
+        o.status.success(),
+        "{args:?}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn fails(args: &[&str], want: &str) {
+    let o = gtr_run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: expected `{want}` in\n{err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
+fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name().unwrap().to_string_lossy().len() == 9
+                && p.extension().is_some_and(|e| e == "png")
+        })
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+const TINY: &str = "models/fixtures/tiny";
+
+#[test]
+fn writes_images_grid_and_run_record() {
+    let out = tmp("main");
+    let o = ok(&[
+        TINY,
+        "schedules/gtr.gtr",
+        "--num-images",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("wrote 3 images"));
+    let files = pngs(&out);
+    assert_eq!(
+        files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(),
+        ["00000.png", "00001.png", "00002.png"]
+    );
+    let img = image::load_from_memory(&files[0].1).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    assert!(out.join("grid.png").is_file());
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["seed"], 0);
+    assert_eq!(run["execution_provider"], "cpu");
+    assert_eq!(run["mar_steps"], 32);
+    assert_eq!(run["labels"], serde_json::json!([0, 3, 6]));
+    assert!(
+        run["schedule"]["source"]
+            .as_str()
+            .unwrap()
+            .contains("partition checker(3)")
+    );
+    assert_eq!(run["steps"].as_array().unwrap().len(), 32);
+    assert_eq!(run["graphs"].as_array().unwrap().len(), 4);
+    assert!(run["cost_per_image"]["total_flops"].as_f64().unwrap() > 0.0);
+    // The model's default guidance applies where the schedule sets it.
+    assert!(run["steps"][0]["cfg"].as_f64().unwrap() > 1.0);
+    // No temporary files are left behind.
+    assert!(
+        std::fs::read_dir(&out).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.'))
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn same_seed_same_bytes_and_batch_size_changes_nothing() {
+    let (a, b, c) = (tmp("seed-a"), tmp("seed-b"), tmp("seed-c"));
+    let common = [
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "4",
+        "--seed",
+        "9",
+    ];
+    ok(&[&common[..], &["--batch", "4", "--out", a.to_str().unwrap()]].concat());
+    ok(&[&common[..], &["--batch", "4", "--out", b.to_str().unwrap()]].concat());
+    ok(&[&common[..], &["--batch", "1", "--out", c.to_str().unwrap()]].concat());
+    assert!(pngs(&a) == pngs(&b), "same seed must give the same bytes");
+    assert!(pngs(&a) == pngs(&c), "batch size must not change any image");
+    let d = tmp("seed-d");
+    ok(&[
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "4",
+        "--seed",
+        "10",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert_ne!(pngs(&a)[0].1, pngs(&d)[0].1);
+    for dir in [a, b, c, d] {
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[test]
+fn every_preset_runs_end_to_end() {
+    let dir = root().join("schedules");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".gtr"))
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 17);
+    for name in names {
+        let out = tmp(&format!("preset-{name}"));
+        let schedule = format!("schedules/{name}");
+        ok(&[
+            TINY,
+            &schedule,
+            "--num-images",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(pngs(&out).len(), 1, "{name}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+#[test]
+fn an_output_folder_with_a_run_is_refused_resumed_or_overwritten() {
+    let out = tmp("existing");
+    let o = out.to_str().unwrap();
+    ok(&[
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "2",
+        "--out",
+        o,
+    ]);
+    let before = pngs(&out);
+    fails(
+        &[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "2",
+            "--out",
+            o,
+        ],
+        "holds a previous run",
+    );
+    assert!(
+        pngs(&out) == before,
+        "a refused run must not touch the folder"
+    );
+    // Resume: the deleted image is made again, identically; the other is kept.
+    std::fs::remove_file(out.join("00001.png")).unwrap();
+    ok(&[
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "2",
+        "--out",
+        o,
+        "--resume",
+    ]);
+    assert!(pngs(&out) == before, "resumed run differs");
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["generated_now"], 1);
+    ok(&[
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        o,
+        "--force",
+    ]);
+    assert_eq!(pngs(&out).len(), 1);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn bad_input_is_reported_clearly() {
+    let out = tmp("errors");
+    let o = out.to_str().unwrap();
+    fails(
+        &[TINY, "schedules/gtr.gtr", "--class", "12", "--out", o],
+        "class 12 is out of range",
+    );
+    fails(
+        &["models/fixtures", "schedules/gtr.gtr", "--out", o],
+        "manifest.yaml",
+    );
+    fails(
+        &["models/nowhere", "schedules/gtr.gtr", "--out", o],
+        "no such file or folder",
+    );
+    fails(
+        &[TINY, "schedules/nope.gtr", "--out", o],
+        "cannot read schedule",
+    );
+    fails(
+        &[TINY, "tests/invalid/overlap.gtr", "--out", o],
+        "tests/invalid/overlap.gtr:4:28",
+    );
+    fails(
+        &[TINY, "schedules/gtr.gtr", "--device", "cuda", "--out", o],
+        "device `cuda`",
+    );
+    fails(
+        &[
+            "models/fixtures/nan-diffusion",
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "1",
+            "--out",
+            o,
+        ],
+        "at MAR step 0: graph `diffusion`: output `out` holds a non-finite value (NaN)",
+    );
+    assert!(pngs(&out).is_empty(), "a failed run writes no image");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// A copy of the tiny bundle with a changed manifest.
+fn broken_bundle(name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(root().join(TINY)).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let manifest = std::fs::read_to_string(dir.join("manifest.yaml")).unwrap();
+    std::fs::write(dir.join("manifest.yaml"), edit(&manifest)).unwrap();
+    dir
+}
+
+#[test]
+fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
+    let cases: [(&str, fn(&str) -> String, &str); 6] = [
+        (
+            "bad-yaml",
+            |m| m.replace("grid: [16, 16]", "grid: [16, 16"),
+            "manifest.yaml",
+        ),
+        (
+            "no-graph",
+            |m| m.replace("file: vae_decoder.onnx", "file: missing.onnx"),
+            "graphs.vae_decoder.file",
+        ),
+        (
+            "bad-tensor",
+            |m| m.replace("known: known_index, label", "known: known_idx, label"),
+            "graph `encoder`, tensor `known_idx`: the graph has no input of this name",
+        ),
+        (
+            "bad-dim",
+            |m| m.replace("token_dim: 4 ", "token_dim: 5 "),
+            "graph `encoder`, tensor `tokens`: shape [-1, 256, 4], expected [dynamic, 256, 5]",
+        ),
+        (
+            "bad-role",
+            |m| m.replace("outputs: { z: z }", "outputs: { zz: z }"),
+            "graphs.decoder.outputs has no `z`",
+        ),
+        (
+            "bad-format",
+            |m| m.replace("mar-bundle@1", "mar-bundle@9"),
+            "this gtr-run reads",
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = broken_bundle(name, edit);
+        let out = tmp(&format!("{name}-out"));
+        fails(
+            &[
+                dir.to_str().unwrap(),
+                "schedules/gtr-fast.gtr",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            want,
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn the_model_may_be_given_as_folder_manifest_or_graph() {
+    for model in [
+        TINY,
+        "models/fixtures/tiny/manifest.yaml",
+        "models/fixtures/tiny/diffusion.onnx",
+    ] {
+        let out = tmp("forms");
+        ok(&[
+            model,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+#[test]
+fn replay_file_drives_order_and_noise() {
+    use ndarray::{Array2, Array3, Array4};
+    let dir = tmp("replay");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("replay.npz");
+    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&file).unwrap());
+    let order = Array2::from_shape_fn((2, 256), |(_, t)| (255 - t) as i64);
+    w.add_array("order", &order).unwrap();
+    w.add_array("init_noise", &Array3::<f32>::from_elem((2, 256, 4), 0.1))
+        .unwrap();
+    w.add_array("step_noise", &Array4::<f32>::zeros((2, 256, 50, 4)))
+        .unwrap();
+    w.finish().unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    for out in [&a, &b] {
+        ok(&[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "2",
+            "--replay",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--seed",
+            if out == &a { "1" } else { "2" },
+        ]);
+    }
+    assert!(
+        pngs(&a) == pngs(&b),
+        "with replay the seed no longer matters"
+    );
+    fails(
+        &[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "3",
+            "--replay",
+            file.to_str().unwrap(),
+            "--out",
+            dir.join("c").to_str().unwrap(),
+        ],
+        "holds 2 images",
+    );
+    fails(
+        &[
+            TINY,
+            "schedules/mar-8.gtr",
+            "--num-images",
+            "1",
+            "--replay",
+            file.to_str().unwrap(),
+            "--out",
+            dir.join("d").to_str().unwrap(),
+        ],
+        "the schedule needs 100",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
