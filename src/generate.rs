@@ -208,6 +208,13 @@ pub fn run<M: MarModel>(
     let stats = &engine.stats;
     let cost = plan_cost(&reference_plan, &bundle.cost_spec());
     let model_seconds = stats.model_seconds();
+    // Time inside the runtime's own run calls, where the model reports it.
+    let graph_stats = engine.model.graph_stats();
+    let runtime_seconds = if graph_stats.is_empty() {
+        model_seconds
+    } else {
+        graph_stats.iter().map(|g| g.seconds).sum()
+    };
     let steps: Vec<Value> = reference_plan
         .steps
         .iter()
@@ -251,12 +258,13 @@ pub fn run<M: MarModel>(
         "execution_provider": engine.model.execution_provider(),
         "mar_steps": reference_plan.steps.len(),
         "steps": steps,
-        "graphs": engine.model.graph_stats(),
+        "graphs": graph_stats,
         "seconds": {
             "wall": wall,
             "generation": stats.total_seconds,
             "in_model_calls": model_seconds,
-            "outside_model_calls": stats.total_seconds - model_seconds,
+            "in_runtime_run_calls": runtime_seconds,
+            "outside_runtime_run_calls": stats.total_seconds - runtime_seconds,
             "vae": stats.vae_seconds,
         },
         "cost_per_image": {

@@ -43,18 +43,23 @@ impl TokenNoise {
         TokenNoise(s)
     }
 
-    /// Fills `out` with independent standard normal values (Box–Muller on
-    /// 53-bit uniforms).
+    /// Fills `out` with independent standard normal values (Marsaglia's
+    /// polar method on 53-bit uniforms; a pair per accepted point).
     pub fn fill(&mut self, out: &mut [f32]) {
         let mut k = 0;
         while k < out.len() {
-            let u1 = 1.0 - self.0.unit();
-            let u2 = self.0.unit();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let a = std::f64::consts::TAU * u2;
-            out[k] = (r * a.cos()) as f32;
+            let (a, b) = loop {
+                let u = 2.0 * self.0.unit() - 1.0;
+                let v = 2.0 * self.0.unit() - 1.0;
+                let s = u * u + v * v;
+                if s > 0.0 && s < 1.0 {
+                    let f = (-2.0 * s.ln() / s).sqrt();
+                    break (u * f, v * f);
+                }
+            };
+            out[k] = a as f32;
             if k + 1 < out.len() {
-                out[k + 1] = (r * a.sin()) as f32;
+                out[k + 1] = b as f32;
             }
             k += 2;
         }

@@ -414,3 +414,51 @@ fn replay_file_drives_order_and_noise() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_missing_onnx_runtime_library_is_a_clear_error_not_a_panic() {
+    let out = tmp("nolib");
+    let run = |envs: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtr-run"));
+        cmd.args([
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .current_dir(root())
+        .env_remove("ORT_DYLIB_PATH");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let o = run(&[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("ORT_DYLIB_PATH is /nonexistent/libonnxruntime.so, which is not a file"),
+        "{err}"
+    );
+    assert!(
+        err.contains("point ORT_DYLIB_PATH at libonnxruntime.so"),
+        "{err}"
+    );
+    // No cached copy and no way to fetch one.
+    let cache = tmp("nolib-cache");
+    let o = run(&[
+        ("GTR_RUN_CACHE", cache.to_str().unwrap()),
+        ("PYTHON", "/nonexistent/python3"),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("could not run `/nonexistent/python3 -m pip`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(&cache);
+    let _ = std::fs::remove_dir_all(&out);
+}

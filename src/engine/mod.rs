@@ -203,7 +203,7 @@ impl<M: MarModel> Engine<M> {
                     },
                 });
             }
-            check_finite("decoder", "z", z.iter(), s)?;
+            check_finite("decoder", "z", z.as_slice().expect("owned z").iter(), s)?;
 
             // Rows: every predicted token of every image, with its chain.
             let mut rows: Vec<Row> = Vec::new();
@@ -247,6 +247,9 @@ impl<M: MarModel> Engine<M> {
                 }
             }
 
+            // Longest chains first (stable: image and token order otherwise).
+            rows.sort_by_key(|r| std::cmp::Reverse(r.steps));
+
             // Initial noise.
             let n_rows = rows.len();
             let mut x = vec![0f32; n_rows * c];
@@ -264,40 +267,55 @@ impl<M: MarModel> Engine<M> {
                 }
             }
 
-            // Diffusion ticks: all chains start together; shorter ones finish early.
+            // Diffusion ticks: all chains start together and shorter ones
+            // finish early. Rows run longest chain first, so the rows still
+            // running at a tick are a prefix; with guidance each row's two
+            // halves sit side by side (2r: conditional, 2r + 1: unconditional),
+            // so the conditioning rows are laid out once per step.
             let scale = template.cfg.unwrap_or(1.0);
             let temperature = template.temperature;
-            let longest = rows.iter().map(|r| r.steps).max().unwrap_or(0);
+            let per = if guided { 2 } else { 1 };
+            let longest = rows.first().map_or(0, |r| r.steps);
+            let mut xin = Array2::<f32>::zeros((per * n_rows, c));
+            let mut tin = Array1::<i64>::zeros(per * n_rows);
+            let mut zin = Array2::<f32>::zeros((per * n_rows, d));
+            for (r, row) in rows.iter().enumerate() {
+                for h in 0..per {
+                    zin.row_mut(per * r + h).assign(&z.slice(ndarray::s![
+                        row.image + h * b,
+                        row.token,
+                        ..
+                    ]));
+                }
+            }
             let mut diffusion_seconds = 0.0;
             let mut calls = 0u64;
             let mut call_rows = 0u64;
             let mut draw = vec![0f32; c];
             let mut eps = vec![0f64; c];
             for tick in 0..longest {
-                let active: Vec<usize> = (0..n_rows).filter(|&r| rows[r].steps > tick).collect();
-                let n = active.len();
-                let m = if guided { 2 * n } else { n };
-                let mut xin = Array2::<f32>::zeros((m, c));
-                let mut tin = Array1::<i64>::zeros(m);
-                let mut zin = Array2::<f32>::zeros((m, d));
-                for (a, &r) in active.iter().enumerate() {
-                    let row = &rows[r];
-                    let i = row.steps - 1 - tick;
-                    for half in 0..(m / n.max(1)) {
-                        let slot = a + half * n;
-                        for ch in 0..c {
-                            xin[[slot, ch]] = x[r * c + ch];
+                let n = rows.partition_point(|r| r.steps > tick);
+                let m = per * n;
+                {
+                    let xs = xin.as_slice_mut().expect("contiguous");
+                    let ts = tin.as_slice_mut().expect("contiguous");
+                    for (r, row) in rows[..n].iter().enumerate() {
+                        let i = row.steps - 1 - tick;
+                        for h in 0..per {
+                            let slot = per * r + h;
+                            xs[slot * c..(slot + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
+                            ts[slot] = row.chain.timesteps[i];
                         }
-                        tin[slot] = row.chain.timesteps[i];
-                        let zr = row.image + half * b;
-                        zin.row_mut(slot)
-                            .assign(&z.slice(ndarray::s![zr, row.token, ..]));
                     }
                 }
                 let t1 = Instant::now();
                 let out = self
                     .model
-                    .diffusion(xin.view(), tin.view(), zin.view())
+                    .diffusion(
+                        xin.slice(ndarray::s![..m, ..]),
+                        tin.slice(ndarray::s![..m]),
+                        zin.slice(ndarray::s![..m, ..]),
+                    )
                     .map_err(|source| EngineError::Model { step: s, source })?;
                 diffusion_seconds += t1.elapsed().as_secs_f64();
                 calls += 1;
@@ -313,21 +331,22 @@ impl<M: MarModel> Engine<M> {
                         },
                     });
                 }
-                check_finite("diffusion", "out", out.iter(), s)?;
-                for (a, &r) in active.iter().enumerate() {
-                    let row = &mut rows[r];
+                let out = out.as_standard_layout();
+                let os = out.as_slice().expect("standard layout");
+                check_finite("diffusion", "out", os.iter(), s)?;
+                for (r, row) in rows[..n].iter_mut().enumerate() {
                     let i = row.steps - 1 - tick;
+                    let cond = &os[per * r * head..(per * r + 1) * head];
                     for ch in 0..c {
-                        let cond = f64::from(out[[a, ch]]);
+                        let e = f64::from(cond[ch]);
                         eps[ch] = if guided {
-                            let uncond = f64::from(out[[a + n, ch]]);
-                            uncond + scale * (cond - uncond)
+                            let uncond = f64::from(os[(per * r + 1) * head + ch]);
+                            uncond + scale * (e - uncond)
                         } else {
-                            cond
+                            e
                         };
                     }
-                    let v = out.slice(ndarray::s![a, c..]);
-                    let v = v.as_slice().unwrap_or(&[]);
+                    let v = &cond[c..];
                     match (&mut row.noise, noise) {
                         (Some(stream), _) => stream.fill(&mut draw),
                         (None, Noise::Replay(rep)) => {
@@ -513,30 +532,24 @@ fn check_batch(
 fn check_finite<'a>(
     graph: &'static str,
     tensor: &str,
-    values: impl Iterator<Item = &'a f32>,
+    values: impl Iterator<Item = &'a f32> + Clone,
     step: usize,
 ) -> Result<(), EngineError> {
-    let mut bad = 0usize;
-    let mut nan = false;
-    for v in values {
-        if !v.is_finite() {
-            bad += 1;
-            nan |= v.is_nan();
-        }
+    // Branch-free fast path (vectorizes); count only when something is wrong.
+    if values.clone().fold(true, |ok, v| ok & v.is_finite()) {
+        return Ok(());
     }
-    if bad == 0 {
-        Ok(())
-    } else {
-        Err(EngineError::NonFinite {
-            graph,
-            what: format!(
-                "{bad} non-finite value{} ({}) in `{tensor}`",
-                if bad == 1 { "" } else { "s" },
-                if nan { "NaN" } else { "Inf" }
-            ),
-            step,
-        })
-    }
+    let bad = values.clone().filter(|v| !v.is_finite()).count();
+    let nan = values.clone().any(|v| v.is_nan());
+    Err(EngineError::NonFinite {
+        graph,
+        what: format!(
+            "{bad} non-finite value{} ({}) in `{tensor}`",
+            if bad == 1 { "" } else { "s" },
+            if nan { "NaN" } else { "Inf" }
+        ),
+        step,
+    })
 }
 
 /// MAR's conversion: (x + 1)/2, clipped to [0, 1], × 255, rounded half to even.

@@ -107,7 +107,7 @@ pub trait MarModel {
     }
 }
 
-/// Calls and time spent in one graph.
+/// Calls of one graph and the seconds spent inside the runtime's run call.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct GraphStats {
     pub graph: String,

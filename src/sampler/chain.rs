@@ -94,6 +94,10 @@ pub struct Chain {
     pub posterior_log_variance_clipped: Vec<f64>,
     pub coef1: Vec<f64>,
     pub coef2: Vec<f64>,
+    /// √(1/ᾱ'ᵢ), √(1/ᾱ'ᵢ − 1) and log β'ᵢ, precomputed for [`Chain::step`].
+    sqrt_recip_acp: Vec<f64>,
+    sqrt_recipm1_acp: Vec<f64>,
+    log_betas: Vec<f64>,
 }
 
 impl Chain {
@@ -133,6 +137,9 @@ impl Chain {
             .map(|i| (1.0 - prev(i)) * (1.0 - betas[i]).sqrt() / (1.0 - acp[i]))
             .collect();
         Chain {
+            sqrt_recip_acp: acp.iter().map(|a| (1.0 / a).sqrt()).collect(),
+            sqrt_recipm1_acp: acp.iter().map(|a| (1.0 / a - 1.0).sqrt()).collect(),
+            log_betas: betas.iter().map(|b| b.ln()).collect(),
             timesteps: kept.iter().map(|&t| t as i64).collect(),
             betas,
             alphas_cumprod: acp,
@@ -167,11 +174,10 @@ impl Chain {
         noise: &[f32],
         temperature: f64,
     ) {
-        let acp = self.alphas_cumprod[i];
-        let recip = (1.0 / acp).sqrt();
-        let recipm1 = (1.0 / acp - 1.0).sqrt();
+        let recip = self.sqrt_recip_acp[i];
+        let recipm1 = self.sqrt_recipm1_acp[i];
         let (c1, c2) = (self.coef1[i], self.coef2[i]);
-        let log_beta = self.betas[i].ln();
+        let log_beta = self.log_betas[i];
         let log_post = self.posterior_log_variance_clipped[i];
         for c in 0..x.len() {
             let xc = f64::from(x[c]);

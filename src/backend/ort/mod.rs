@@ -86,30 +86,41 @@ impl Graph {
     }
 
     /// Runs the graph on (role, tensor) inputs and returns the output `role`.
+    /// With `check_finite`, a NaN or Inf in the output is an error naming
+    /// this graph (the engine checks the outputs it consumes itself).
     fn run<'a>(
         &mut self,
         inputs: Vec<(&str, SessionInputValue<'a>)>,
         output: &str,
+        check_finite: bool,
     ) -> Result<ndarray::ArrayD<f32>, ModelError> {
-        let graph = self.role.key();
+        let Graph {
+            role,
+            session,
+            inputs: input_names,
+            outputs: output_names,
+            stats,
+        } = self;
+        let graph = role.key();
         let err = |message: String| ModelError::Graph { graph, message };
         let named: Vec<(Cow<'_, str>, SessionInputValue<'a>)> = inputs
             .into_iter()
-            .map(|(role, v)| (Cow::Owned(self.inputs[role].clone()), v))
+            .map(|(r, v)| (Cow::Borrowed(input_names[r].as_str()), v))
             .collect();
-        let out_name = self.outputs[output].clone();
+        let out_name = output_names[output].as_str();
         let start = Instant::now();
-        let outputs = self.session.run(named).map_err(|e| err(e.to_string()))?;
+        let outputs = session.run(named).map_err(|e| err(e.to_string()))?;
+        let seconds = start.elapsed().as_secs_f64();
         let value = outputs
-            .get(&out_name)
+            .get(out_name)
             .ok_or_else(|| err(format!("no output `{out_name}`")))?;
         let array = value
             .try_extract_array::<f32>()
             .map_err(|e| err(format!("output `{out_name}`: {e}")))?
             .to_owned();
-        self.stats.calls += 1;
-        self.stats.seconds += start.elapsed().as_secs_f64();
-        if let Some(bad) = array.iter().find(|v| !v.is_finite()) {
+        stats.calls += 1;
+        stats.seconds += seconds;
+        if check_finite && let Some(bad) = array.iter().find(|v| !v.is_finite()) {
             return Err(err(format!(
                 "output `{out_name}` holds a non-finite value ({bad})"
             )));
@@ -137,14 +148,16 @@ fn shaped<D: Dimension>(
     graph: &'static str,
     tensor: &str,
     a: ndarray::ArrayD<f32>,
-    expected: String,
+    expected: impl FnOnce() -> String,
 ) -> Result<ndarray::Array<f32, D>, ModelError> {
-    let got = a.shape().to_vec();
-    a.into_dimensionality::<D>().map_err(|_| ModelError::Shape {
+    if a.ndim() == D::NDIM.unwrap_or(a.ndim()) {
+        return Ok(a.into_dimensionality::<D>().expect("rank checked"));
+    }
+    Err(ModelError::Shape {
         graph,
         tensor: tensor.into(),
-        got,
-        expected,
+        got: a.shape().to_vec(),
+        expected: expected(),
     })
 }
 
@@ -445,22 +458,21 @@ impl MarModel for OrtModel {
                 ("label", view("encoder", labels)?),
             ],
             "encoded",
+            true,
         )?;
         let d = self.info.width;
-        let enc: Array3<f32> = shaped(
-            "encoder",
-            "encoded",
-            enc,
-            format!("[{b}, buffer + {}, {d}]", known.ncols()),
-        )?;
+        let enc: Array3<f32> = shaped("encoder", "encoded", enc, || {
+            format!("[{b}, buffer + {}, {d}]", known.ncols())
+        })?;
         let z = self.decoder.run(
             vec![
                 ("encoded", view("decoder", enc.view())?),
                 ("known", view("decoder", known)?),
             ],
             "z",
+            false,
         )?;
-        shaped::<Ix3>("decoder", "z", z, format!("[{b}, {l}, {d}]"))
+        shaped::<Ix3>("decoder", "z", z, || format!("[{b}, {l}, {d}]"))
     }
 
     fn diffusion(
@@ -477,27 +489,23 @@ impl MarModel for OrtModel {
                 ("z", view("diffusion", z)?),
             ],
             "out",
+            false,
         )?;
-        shaped::<Ix2>(
-            "diffusion",
-            "out",
-            out,
-            format!("[{n}, {}]", self.info.head_channels()),
-        )
+        let channels = self.info.head_channels();
+        shaped::<Ix2>("diffusion", "out", out, || format!("[{n}, {channels}]"))
     }
 
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
         let b = latent.dim().0;
         let img = self.info.image;
-        let out = self
-            .vae
-            .run(vec![("latent", view("vae_decoder", latent)?)], "image")?;
-        shaped::<Ix4>(
-            "vae_decoder",
+        let out = self.vae.run(
+            vec![("latent", view("vae_decoder", latent)?)],
             "image",
-            out,
-            format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width),
-        )
+            false,
+        )?;
+        shaped::<Ix4>("vae_decoder", "image", out, || {
+            format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width)
+        })
     }
 
     fn graph_stats(&self) -> Vec<GraphStats> {
