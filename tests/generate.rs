@@ -262,7 +262,7 @@ fn bad_input_is_reported_clearly() {
             "--out",
             o,
         ],
-        "at MAR step 0: graph `diffusion`: output `out` holds a non-finite value (NaN)",
+        "non-finite values (NaN) in `out` at MAR step 0",
     );
     assert!(pngs(&out).is_empty(), "a failed run writes no image");
     let _ = std::fs::remove_dir_all(&out);
@@ -285,7 +285,8 @@ fn broken_bundle(name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
 
 #[test]
 fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
-    let cases: [(&str, fn(&str) -> String, &str); 6] = [
+    type Edit = fn(&str) -> String;
+    let cases: [(&str, Edit, &str); 6] = [
         (
             "bad-yaml",
             |m| m.replace("grid: [16, 16]", "grid: [16, 16"),
