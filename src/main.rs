@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use gtr_run::cost::{ModelSpec, plan_cost};
@@ -108,7 +108,7 @@ struct PlanArgs {
     /// Also write a picture of the order to this PNG file.
     #[arg(long, value_name = "PATH")]
     png: Option<PathBuf>,
-    /// Add the analytic cost on a model: mar-b, mar-l or mar-h.
+    /// Add the analytic cost on a model: mar-b, mar-l, mar-h, or a model bundle.
     #[arg(long, value_name = "MODEL")]
     cost: Option<String>,
 }
@@ -232,12 +232,16 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     let cost = match &args.cost {
         None => None,
         Some(name) => {
-            let spec = ModelSpec::builtin(name).ok_or_else(|| {
-                anyhow!(
-                    "--cost {name}: no such model spec; the built-in specs are {}",
+            let spec = match ModelSpec::builtin(name) {
+                Some(spec) => spec,
+                None if std::path::Path::new(name).exists() => {
+                    gtr_run::bundle::Bundle::open(std::path::Path::new(name))?.cost_spec()
+                }
+                None => bail!(
+                    "--cost {name}: no such model spec or bundle; the built-in specs are {}, or give a model bundle",
                     ModelSpec::BUILTIN_NAMES.join(", ")
-                )
-            })?;
+                ),
+            };
             Some(plan_cost(&plan, &spec))
         }
     };

@@ -70,6 +70,21 @@ fn json_has_the_documented_fields() {
 }
 
 #[test]
+fn cost_on_a_model_bundle() {
+    let o = gtr_run(&[
+        "plan",
+        "schedules/mar-64.gtr",
+        "--json",
+        "--cost",
+        "models/fixtures/tiny",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["cost"]["model"], "tiny-random");
+    assert_eq!(v["cost"]["decoder_passes"], 128); // 64 steps, both CFG halves
+}
+
+#[test]
 fn set_overrides_a_parameter() {
     let o = gtr_run(&[
         "plan",
@@ -119,7 +134,7 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
         ),
         (
             &["plan", "schedules/gtr.gtr", "--cost", "mar-xl"],
-            "built-in specs are mar-b, mar-l, mar-h",
+            "built-in specs are mar-b, mar-l, mar-h, or give a model bundle",
         ),
         (
             &["plan", "tests/invalid/overlap.gtr"],
