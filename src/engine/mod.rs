@@ -193,15 +193,7 @@ impl<M: MarModel> Engine<M> {
                 .map_err(|source| EngineError::Model { step: s, source })?;
             let backbone_seconds = t0.elapsed().as_secs_f64();
             if z.dim() != (rows_b, l, d) {
-                return Err(EngineError::Model {
-                    step: s,
-                    source: ModelError::Shape {
-                        graph: "decoder",
-                        tensor: "z".into(),
-                        got: z.shape().to_vec(),
-                        expected: format!("[{rows_b}, {l}, {d}]"),
-                    },
-                });
+                return Err(shape_error(s, "decoder", "z", z.shape(), &[rows_b, l, d]));
             }
             check_finite("decoder", "z", z.as_slice().expect("owned z").iter(), s)?;
 
@@ -321,15 +313,7 @@ impl<M: MarModel> Engine<M> {
                 calls += 1;
                 call_rows += m as u64;
                 if out.dim() != (m, head) {
-                    return Err(EngineError::Model {
-                        step: s,
-                        source: ModelError::Shape {
-                            graph: "diffusion",
-                            tensor: "out".into(),
-                            got: out.shape().to_vec(),
-                            expected: format!("[{m}, {head}]"),
-                        },
-                    });
+                    return Err(shape_error(s, "diffusion", "out", out.shape(), &[m, head]));
                 }
                 let out = out.as_standard_layout();
                 let os = out.as_slice().expect("standard layout");
@@ -527,6 +511,24 @@ fn check_batch(
         }
     }
     Ok(())
+}
+
+fn shape_error(
+    step: usize,
+    graph: &'static str,
+    tensor: &str,
+    got: &[usize],
+    want: &[usize],
+) -> EngineError {
+    EngineError::Model {
+        step,
+        source: ModelError::Shape {
+            graph,
+            tensor: tensor.into(),
+            got: got.to_vec(),
+            expected: format!("{want:?}"),
+        },
+    }
 }
 
 fn check_finite<'a>(

@@ -197,6 +197,20 @@ struct Names<'a> {
     rest: bool,
 }
 
+impl<'a> Names<'a> {
+    /// Only parameters: what `param` values and `checker(K)` may use.
+    fn params_only(params: &'a [Param]) -> Self {
+        Names {
+            params,
+            partition: None,
+            sets: &[],
+            cells: false,
+            grid: false,
+            rest: false,
+        }
+    }
+}
+
 impl Scope for Names<'_> {
     fn lookup(&self, name: &str) -> Option<NameKind> {
         if self.params.iter().any(|p| p.name == name) {
@@ -319,14 +333,7 @@ fn compile(
         match item {
             Item::Param { name, value } => {
                 declare(name, "parameter")?;
-                let scope = Names {
-                    params: &params,
-                    partition: None,
-                    sets: &[],
-                    cells: false,
-                    grid: false,
-                    rest: false,
-                };
+                let scope = Names::params_only(&params);
                 expr::check(src, value, Type::Number, &scope)?;
                 let default = expr::number(value, &ParamEnv(&params));
                 let (value, overridden) = match overrides.get(&name.name) {
@@ -360,14 +367,7 @@ fn compile(
                 if let Some(p) = &partition {
                     return Err(twice(src, *span, p.span, "partition").into());
                 }
-                let scope = Names {
-                    params: &params,
-                    partition: None,
-                    sets: &[],
-                    cells: false,
-                    grid: false,
-                    rest: false,
-                };
+                let scope = Names::params_only(&params);
                 expr::check(src, levels, Type::Number, &scope)?;
                 let k = expr::number(levels, &ParamEnv(&params));
                 if k.fract() != 0.0 || !(1.0..=16.0).contains(&k) {
