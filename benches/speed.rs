@@ -71,14 +71,15 @@ fn main() {
     let mut samples: Vec<Vec<Sample>> = names.iter().map(|_| Vec::new()).collect();
     for rep in 0..=reps {
         for (k, schedule) in schedules.iter().enumerate() {
+            let before_runtime: f64 = engine.model.graph_stats().iter().map(|g| g.seconds).sum();
+            let before_model = engine.stats.model_seconds();
+            // Planning counts as generation time.
+            let start = Instant::now();
             let planner = Planner::new(schedule, info.grid).expect("plan");
             let plans: Vec<_> = jobs
                 .iter()
                 .map(|j| planner.plan_with(j.seed, &options).expect("plan"))
                 .collect();
-            let before_runtime: f64 = engine.model.graph_stats().iter().map(|g| g.seconds).sum();
-            let before_model = engine.stats.model_seconds();
-            let start = Instant::now();
             engine
                 .generate(&plans, &jobs, Noise::Seeded, |_, _| {})
                 .expect("generate");

@@ -342,7 +342,8 @@ pub fn encode_png(pixels: &ndarray::Array3<u8>) -> Vec<u8> {
 }
 
 /// `grid.png`: the images tiled, one row per class when the classes are
-/// balanced, else in a near-square grid.
+/// balanced (a single row when there is one image per class), else in a
+/// near-square grid.
 fn write_grid(out: &Path, n: usize, labels: &[i64], classes: usize) -> Result<(), RunError> {
     let mut images = Vec::with_capacity(n);
     for i in 0..n {
@@ -365,10 +366,11 @@ fn write_grid(out: &Path, n: usize, labels: &[i64], classes: usize) -> Result<()
         && n.is_multiple_of(classes)
         && n >= classes
         && labels.windows(2).all(|p| p[0] <= p[1]);
-    let cols = if per_class_rows {
-        n / classes
-    } else {
-        (n as f64).sqrt().ceil() as usize
+    let cols = match (per_class_rows, n / classes.max(1)) {
+        // One image per class: a single row, in class order.
+        (true, 1) => n,
+        (true, per_class) => per_class,
+        (false, _) => (n as f64).sqrt().ceil() as usize,
     };
     let rows = n.div_ceil(cols);
     let gap = 2u32;

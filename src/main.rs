@@ -212,7 +212,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let secs = &record["seconds"];
     write_stdout(&format!(
-        "wrote {} images, grid.png and run.json to {} (seed {}, {} on {}, {:.2} s)\n",
+        "wrote {} images, grid.png and run.json to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
         request.num_images,
         out.display(),
         request.seed,
