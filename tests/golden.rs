@@ -1,6 +1,8 @@
-//! The engine on ONNX Runtime against golden tensors from an independent
-//! numpy implementation of MAR's sampler (models/fixtures/reference_sampler.py)
-//! run on the same tiny random-weight bundle with injected orders and noise.
+//! The engine on ONNX Runtime against golden tensors from two independent
+//! implementations of MAR's sampler, run on the same weights with injected
+//! orders and noise: numpy (models/fixtures/reference_sampler.py, bundle
+//! `tiny`) and PyTorch (models/torch/reference_sampler.py, bundle
+//! `torch-small`, exported by models/export_mar.py). No Python runs here.
 
 use std::path::{Path, PathBuf};
 
@@ -15,14 +17,22 @@ use ndarray::{Array1, Array2, Array3, Array4, ArrayD};
 use ndarray_npy::NpzReader;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures/tiny")
+    bundle("tiny")
+}
+
+fn bundle(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
 }
 
 struct Golden(NpzReader<std::fs::File>);
 
 impl Golden {
     fn open(name: &str) -> Golden {
-        let f = std::fs::File::open(fixtures().join("golden").join(name)).unwrap();
+        Golden::open_in(&fixtures(), name)
+    }
+
+    fn open_in(dir: &Path, name: &str) -> Golden {
+        let f = std::fs::File::open(dir.join("golden").join(name)).unwrap();
         Golden(NpzReader::new(f).unwrap())
     }
     fn get<A: ndarray_npy::ReadableElement, D: ndarray::Dimension>(
@@ -111,9 +121,13 @@ fn max_abs_diff(a: impl Iterator<Item = f32>, b: impl Iterator<Item = f32>) -> f
 }
 
 fn check_case(name: &str) {
-    let bundle = Bundle::open(&fixtures()).unwrap();
+    check_case_in(&fixtures(), name)
+}
+
+fn check_case_in(dir: &Path, name: &str) {
+    let bundle = Bundle::open(dir).unwrap();
     let model = OrtModel::load(&bundle, Device::Cpu, Some(1)).unwrap();
-    let mut g = Golden::open(name);
+    let mut g = Golden::open_in(dir, name);
     let (plans, order, labels) = plans(&mut g);
     let replay = Replay {
         order,
@@ -174,6 +188,21 @@ fn mar_schedule_without_cfg_with_low_freq_fts() {
 #[test]
 fn one_step_chains_and_fts_all_unconditional() {
     check_case("fts_all_t1.npz");
+}
+
+#[test]
+fn torch_reference_gtr_schedule_with_cfg_and_high_freq_fts() {
+    check_case_in(&bundle("torch-small"), "gtr_cfg.npz");
+}
+
+#[test]
+fn torch_reference_mar_schedule_without_cfg() {
+    check_case_in(&bundle("torch-small"), "mar_nocfg.npz");
+}
+
+#[test]
+fn torch_reference_null_labels_and_one_step_chains() {
+    check_case_in(&bundle("torch-small"), "null_t1.npz");
 }
 
 #[test]

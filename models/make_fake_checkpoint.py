@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Write random-weight checkpoints in the layout of the official MAR release.
+
+MAR checkpoint (`checkpoint-last.pth`): a dict with `model` and `model_ema` (plain state dicts
+with the keys of mar.md §1.2; `model` differs from `model_ema` so that picking the wrong one is
+detectable), `args` (an argparse.Namespace with the fields of MAR's main_mar.py), `epoch`.
+VAE (`kl16.ckpt`): a dict with `model` = the full KL VAE state dict, encoder side included
+(`encoder.*`, `quant_conv.*`), which the exporter must report and ignore.
+
+Official sizes (`--size mar_base|mar_large|mar_huge`) get MAR's exact shapes and the KL-16 VAE.
+`--size custom` takes every shape from flags; the extra shape fields are stored in `args` under
+MAR's constructor names (`encoder_embed_dim`, `encoder_depth`, `encoder_num_heads`, …) plus
+`vae_ch`, `vae_ch_mult`, `vae_num_res_blocks`, so `export_mar.py --size custom` can read them
+back; `img_size` / `vae_stride` are set consistently with the VAE (stride = 2^(levels-1)).
+
+Weights are random normal, scaled so that every activation stays O(1) with no
+saturation (fan-in scaling, LayerNorm/GroupNorm gains near 1, small output layers), and
+deterministic for a given --seed.
+
+  python models/make_fake_checkpoint.py --size mar_base --out /tmp/mar_b/checkpoint-last.pth --vae-out /tmp/mar_b/kl16.ckpt
+  python models/make_fake_checkpoint.py --size custom --width 64 --depth 2 --heads 4 \\
+      --diffloss-w 128 --diffloss-d 2 --vae-ch 32 --vae-ch-mult 1,1,2,2,4 --out small.pth --vae-out small_vae.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# models/torch would shadow PyTorch if this script's folder stayed on sys.path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import torch  # noqa: E402
+
+from models.torch.mar import (  # noqa: E402
+    MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
+)
+
+def _gain(name: str) -> float:
+    """Extra scale of a weight matrix, by key (keeps outputs moderate with random weights)."""
+    if name.startswith("diffloss.net.final_layer.linear"):
+        return 0.2          # v (learned-range channel) stays within about ±1
+    if "adaLN_modulation" in name:
+        return 0.3          # scale/shift/gate of the adaLN blocks stay well below 1
+    if name.endswith("decoder.conv_out.weight"):
+        return 0.4          # VAE image within about [-1, 1]
+    return 1.0
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int) -> dict:
+    """A random state dict for `module` (keys in sorted order, one generator stream)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = module.state_dict()
+    out = {}
+    for name in sorted(sd):
+        shape = sd[name].shape
+
+        def normal(std, shape=shape):
+            return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+
+        leaf = name.rsplit(".", 1)[-1]
+        if name in ("class_emb.weight", "fake_latent", "mask_token"):
+            t = normal(1.0)
+        elif name.endswith("pos_embed_learned"):
+            t = normal(0.5)
+        elif leaf == "bias":
+            t = normal(0.1)
+        elif len(shape) == 1:                       # LayerNorm / GroupNorm weight
+            t = 1.0 + normal(0.1)
+        elif len(shape) >= 2:                       # Linear [out, in] / Conv [out, in, kh, kw]
+            fan_in = math.prod(shape[1:])
+            t = normal(_gain(name) / math.sqrt(fan_in))
+        else:
+            raise ValueError(f"no rule for {name} {tuple(shape)}")
+        out[name] = t.contiguous()
+    return out
+
+
+def official_args(size: str, cfg: MARConfig, vcfg: VAEConfig, seed: int) -> argparse.Namespace:
+    """An argparse.Namespace with the fields MAR's main_mar.py saves (values for this shape)."""
+    stride = vcfg.downsample
+    ns = argparse.Namespace(
+        batch_size=64, epochs=400, model=size, img_size=cfg.grid[0] * stride,
+        vae_path="pretrained_models/vae/kl16.ckpt", vae_embed_dim=vcfg.embed_dim, vae_stride=stride,
+        patch_size=1, num_iter=64, num_images=50000, cfg=1.0, cfg_schedule="linear",
+        label_drop_prob=0.1, eval_freq=40, save_last_freq=5, online_eval=False, evaluate=False,
+        eval_bsz=64, weight_decay=0.02, grad_checkpointing=False, lr=None, blr=1e-4, min_lr=0.0,
+        lr_schedule="constant", warmup_epochs=100, ema_rate=0.9999, mask_ratio_min=0.7,
+        grad_clip=3.0, attn_dropout=0.1, proj_dropout=0.1, buffer_size=cfg.buffer,
+        diffloss_d=cfg.diffloss_depth, diffloss_w=cfg.diffloss_width, num_sampling_steps="100",
+        diffusion_batch_mul=4, temperature=1.0, data_path="./data/imagenet", class_num=cfg.classes,
+        output_dir="./output_dir", log_dir="./output_dir", device="cuda", seed=seed, resume="",
+        start_epoch=0, num_workers=5, pin_mem=True, world_size=1, local_rank=-1,
+        dist_on_itp=False, dist_url="env://", use_cached=False, cached_path="",
+    )
+    if size == "custom":
+        # not in MAR's args: the shape of a custom model, under MAR's constructor names
+        ns.encoder_embed_dim = cfg.encoder_width
+        ns.decoder_embed_dim = cfg.decoder_width
+        ns.encoder_depth = cfg.encoder_depth
+        ns.decoder_depth = cfg.decoder_depth
+        ns.encoder_num_heads = cfg.encoder_heads
+        ns.decoder_num_heads = cfg.decoder_heads
+        ns.mlp_ratio = cfg.mlp_ratio
+        ns.vae_ch = vcfg.ch
+        ns.vae_ch_mult = list(vcfg.ch_mult)
+        ns.vae_num_res_blocks = vcfg.num_res_blocks
+    return ns
+
+
+def build_configs(a) -> tuple:
+    """(MARConfig, VAEConfig) from parsed flags."""
+    if a.size in MAR_SIZES:
+        cfg = mar_config(a.size)
+        vcfg = kl16_config()
+    else:
+        mult = tuple(int(x) for x in a.vae_ch_mult.split(","))
+        vcfg = VAEConfig(embed_dim=a.token_dim, z_channels=a.token_dim, ch=a.vae_ch, ch_mult=mult,
+                         num_res_blocks=a.vae_res_blocks, resolution=a.grid * 2 ** (len(mult) - 1))
+        cfg = MARConfig(grid=(a.grid, a.grid), token_dim=a.token_dim, encoder_width=a.width,
+                        decoder_width=a.width, encoder_depth=a.depth, decoder_depth=a.depth,
+                        encoder_heads=a.heads, decoder_heads=a.heads, mlp_ratio=a.mlp_ratio,
+                        buffer=a.buffer, classes=a.classes, diffloss_width=a.diffloss_w,
+                        diffloss_depth=a.diffloss_d)
+    return cfg, vcfg
+
+
+def make(size: str, cfg: MARConfig, vcfg: VAEConfig, seed: int = 0, with_model: bool = True):
+    """(MAR checkpoint dict, VAE checkpoint dict) with random weights."""
+    mar = MAR(cfg)
+    ema = randomize(mar, seed)
+    ckpt = {"model_ema": ema, "args": official_args(size, cfg, vcfg, seed), "epoch": 399}
+    if with_model:
+        # the non-EMA weights: a different draw, so exporting `model` by mistake is visible
+        ckpt["model"] = randomize(mar, seed + 1000)
+    vae = AutoencoderKL(vcfg, with_encoder=True)
+    vae_ckpt = {"model": randomize(vae, seed + 2000)}
+    return ckpt, vae_ckpt, count_parameters(mar), count_parameters(vae)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", required=True, choices=list(MAR_SIZES) + ["custom"])
+    ap.add_argument("--out", required=True, help="MAR checkpoint path (e.g. checkpoint-last.pth)")
+    ap.add_argument("--vae-out", help="VAE checkpoint path (e.g. kl16.ckpt); omitted = no VAE file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-model", action="store_true", help="write model_ema only (halves the file)")
+    g = ap.add_argument_group("custom size")
+    g.add_argument("--width", type=int, default=64)
+    g.add_argument("--depth", type=int, default=2)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--mlp-ratio", type=float, default=4.0)
+    g.add_argument("--diffloss-w", type=int, default=128)
+    g.add_argument("--diffloss-d", type=int, default=2)
+    g.add_argument("--classes", type=int, default=1000)
+    g.add_argument("--buffer", type=int, default=64)
+    g.add_argument("--grid", type=int, default=16, help="token grid side")
+    g.add_argument("--token-dim", type=int, default=16)
+    g.add_argument("--vae-ch", type=int, default=128)
+    g.add_argument("--vae-ch-mult", default="1,1,2,2,4")
+    g.add_argument("--vae-res-blocks", type=int, default=2)
+    a = ap.parse_args(argv)
+
+    cfg, vcfg = build_configs(a)
+    ckpt, vae_ckpt, n_mar, n_vae = make(a.size, cfg, vcfg, a.seed, with_model=not a.no_model)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    torch.save(ckpt, a.out)
+    print(f"{a.out}: MAR {a.size}, {n_mar / 1e6:.2f} M parameters, keys {sorted(ckpt)}, "
+          f"{os.path.getsize(a.out) / 1e6:.1f} MB")
+    if a.vae_out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.vae_out)), exist_ok=True)
+        torch.save(vae_ckpt, a.vae_out)
+        n_enc = sum(1 for k in vae_ckpt["model"] if not k.startswith(("decoder.", "post_quant_conv.")))
+        print(f"{a.vae_out}: KL VAE ch {vcfg.ch} ch_mult {list(vcfg.ch_mult)} res blocks {vcfg.num_res_blocks}, "
+              f"{n_vae / 1e6:.2f} M parameters ({n_enc} encoder-side keys), "
+              f"{os.path.getsize(a.vae_out) / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Tests of the MAR exporter (plain script: run it, it exits non-zero on the first failure).
+
+  .venv-torch/bin/python models/tests/test_export.py [--keep DIR]
+
+1. make_fake_checkpoint.py writes a small custom checkpoint in the official layout
+   (width 64, 2 blocks, 4 heads, diffusion MLP 128 x 2, VAE ch 32 ch_mult 1,1,2,2,4).
+2. export_mar.py --size custom exports it (contract and ORT-vs-PyTorch parity checked inside);
+   the test reads the printed errors back and checks the manifest.
+3. The exported graphs hold the `model_ema` weights, not `model`; unknown canvas positions do
+   not change the encoder output; K = 0 works; labels outside the table plus null are refused;
+   a graph written with external data (forced) loads and matches.
+4. Broken checkpoints are refused with a message naming the key: a renamed key, a wrong
+   shape, a missing VAE decoder key, a wrong --size, a missing `model_ema`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+_MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(_MODELS)
+sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from models import export_mar  # noqa: E402
+from models.torch.mar import MAR  # noqa: E402
+
+PY = sys.executable
+FAKE = os.path.join(_MODELS, "make_fake_checkpoint.py")
+EXPORT = os.path.join(_MODELS, "export_mar.py")
+SMALL = ["--size", "custom", "--width", "64", "--depth", "2", "--heads", "4", "--diffloss-w", "128",
+         "--diffloss-d", "2", "--vae-ch", "32", "--vae-ch-mult", "1,1,2,2,4", "--classes", "1000"]
+
+
+def run(cmd):
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT)
+    return p, time.time() - t0
+
+
+def export_in_process(argv):
+    """(return code, stdout, stderr) of export_mar.main(argv) (fails before exporting)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = export_mar.main(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def expect_refusal(tmp, name, ckpt, vae, size, must_contain):
+    rc, out, err = export_in_process(["--checkpoint", ckpt, "--vae", vae, "--size", size,
+                                      "--out", os.path.join(tmp, "never-" + name)])
+    assert rc == 2, f"{name}: exit {rc}, expected 2\n{out}\n{err}"
+    for s in must_contain:
+        assert s in err, f"{name}: the message does not contain {s!r}:\n{err}"
+    assert not os.path.exists(os.path.join(tmp, "never-" + name)), f"{name}: wrote a bundle"
+    first = err.strip().splitlines()
+    print(f"ok   {name}: refused; " + " | ".join(l.strip() for l in first[:4]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keep", help="keep the temporary files in this folder")
+    a = ap.parse_args()
+    ctx = tempfile.TemporaryDirectory() if not a.keep else contextlib.nullcontext(a.keep)
+    with ctx as tmp:
+        os.makedirs(tmp, exist_ok=True)
+        ckpt, vae = os.path.join(tmp, "checkpoint-last.pth"), os.path.join(tmp, "kl16.ckpt")
+        out = os.path.join(tmp, "bundle")
+
+        # 1. fake checkpoint
+        p, dt = run([PY, FAKE, *SMALL, "--out", ckpt, "--vae-out", vae, "--seed", "7"])
+        assert p.returncode == 0, p.stderr
+        print(f"ok   make_fake_checkpoint ({dt:.1f} s): " + " / ".join(p.stdout.strip().splitlines()))
+        obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+        assert set(obj) >= {"model", "model_ema", "args"} and isinstance(obj["args"], argparse.Namespace)
+        vobj = torch.load(vae, map_location="cpu", weights_only=False)
+        assert any(k.startswith("encoder.") for k in vobj["model"]) and "quant_conv.weight" in vobj["model"]
+
+        # 2. export, parity read back from the output
+        p, dt = run([PY, EXPORT, "--checkpoint", ckpt, "--vae", vae, "--size", "custom", "--out", out])
+        assert p.returncode == 0, p.stdout + p.stderr
+        errs = dict((m.group(1), float(m.group(2)))
+                    for m in re.finditer(r"^\s+(\w+): max \|ort - torch\| = ([0-9.e+-]+)", p.stdout, re.M))
+        assert set(errs) == {"encoder", "decoder", "diffusion", "vae_decoder"}, p.stdout
+        assert max(errs.values()) < 1e-4, errs
+        assert "ignored (not needed to decode): encoder.*" in p.stdout, p.stdout
+        print(f"ok   export --size custom ({dt:.1f} s): max |ort - torch| "
+              + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+        with open(os.path.join(out, "manifest.yaml")) as f:
+            m = yaml.safe_load(f)
+        want = {"format": "gtr-run/mar-bundle@1", "grid": [16, 16], "token_dim": 16, "width": 64, "buffer": 64,
+                "classes": 1000, "null_class": 1000, "latent_scale": 0.2325,
+                "diffusion": {"schedule": "cosine", "train_steps": 1000, "variance": "learned_range"},
+                "image": {"height": 256, "width": 256, "channels": 3},
+                "sampling": {"cfg": 3.0, "temperature": 1.0},
+                "cost": {"encoder_depth": 2, "decoder_depth": 2, "diffusion_width": 128, "diffusion_depth": 2}}
+        for k, v in want.items():
+            assert m[k] == v, (k, m[k], v)
+        assert set(m["graphs"]) == {"encoder", "decoder", "diffusion", "vae_decoder"}
+        with open(os.path.join(_ROOT, "models", "fixtures", "tiny", "manifest.yaml")) as f:
+            assert set(yaml.safe_load(f)) == set(m), "manifest keys differ from the format's example"
+        print("ok   manifest")
+
+        # 3. semantics of the exported graphs
+        import onnxruntime as ort
+
+        sd_ema, args = export_mar.load_mar_checkpoint(ckpt)
+        cfg, _, _ = export_mar.resolve_configs("custom", args, None)
+        ema, raw = MAR(cfg).eval(), MAR(cfg).eval()
+        export_mar.strict_load(ema, sd_ema, "ema")
+        export_mar.strict_load(raw, obj["model"], "model")
+        quiet = ort.SessionOptions()
+        quiet.log_severity_level = 4  # the out-of-range label below is expected to fail
+        enc = ort.InferenceSession(os.path.join(out, "encoder.onnx"), quiet, providers=["CPUExecutionProvider"])
+        dec = ort.InferenceSession(os.path.join(out, "decoder.onnx"), providers=["CPUExecutionProvider"])
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randn(2, 256, 16, generator=g)
+        known = torch.stack([torch.sort(torch.randperm(256, generator=g)[:9]).values for _ in range(2)])
+        labels = torch.tensor([5, 1000])
+        got = enc.run(None, {"tokens": tokens.numpy(), "known_index": known.numpy(), "class_label": labels.numpy()})[0]
+        with torch.no_grad():
+            e_ema = float(np.abs(got - ema.encode(tokens, known, labels).numpy()).max())
+            e_raw = float(np.abs(got - raw.encode(tokens, known, labels).numpy()).max())
+        assert e_ema < 1e-4 and e_raw > 1e-1, (e_ema, e_raw)
+        print(f"ok   the graphs hold model_ema (|Δ| {e_ema:.1e}), not model (|Δ| {e_raw:.1e})")
+        unknown = torch.ones(2, 256, dtype=torch.bool)
+        unknown[torch.arange(2)[:, None], known] = False
+        t2 = tokens.clone()
+        t2[unknown] = torch.randn(int(unknown.sum()), 16, generator=g) * 10
+        got2 = enc.run(None, {"tokens": t2.numpy(), "known_index": known.numpy(), "class_label": labels.numpy()})[0]
+        assert np.array_equal(got, got2), "unknown canvas positions changed the encoder output"
+        k0 = np.zeros((3, 0), np.int64)
+        e0 = enc.run(None, {"tokens": np.zeros((3, 256, 16), np.float32), "known_index": k0,
+                            "class_label": np.array([0, 999, 1000], np.int64)})[0]
+        z0 = dec.run(None, {"encoded": e0, "known_index": k0})[0]
+        assert e0.shape == (3, 64, 64) and z0.shape == (3, 256, 64) and np.isfinite(z0).all()
+        print("ok   unknown canvas positions are never read; K = 0 gives [B, 64, D] and a finite z")
+        try:
+            enc.run(None, {"tokens": np.zeros((1, 256, 16), np.float32), "known_index": np.zeros((1, 0), np.int64),
+                           "class_label": np.array([1001], np.int64)})
+            raise AssertionError("label 1001 (> null_class) was accepted")
+        except AssertionError:
+            raise
+        except Exception as ex:  # onnxruntime's out-of-range gather
+            print(f"ok   label 1001 is refused by the graph ({type(ex).__name__})")
+
+        # external data (used above 2 GB; forced here with a zero threshold)
+        ext = os.path.join(tmp, "ext")
+        os.makedirs(ext)
+        info = export_mar.export_graph(export_mar.DiffusionRole(ema.diffusion_head).eval(), "diffusion", cfg,
+                                       os.path.join(ext, "diffusion.onnx"), log=lambda *_: None, external_above=0)
+        assert info["external"] and os.path.getsize(os.path.join(ext, "diffusion.onnx.data")) > 500_000, info
+        assert os.path.getsize(os.path.join(ext, "diffusion.onnx")) < 100_000, info
+        export_mar.check_contract(os.path.join(ext, "diffusion.onnx"), "diffusion", cfg, export_mar.kl16_config())
+        sess = ort.InferenceSession(os.path.join(ext, "diffusion.onnx"), providers=["CPUExecutionProvider"])
+        x, t, zc = torch.randn(6, 16, generator=g), torch.tensor([0, 1, 500, 998, 999, 3]), torch.randn(6, 64, generator=g)
+        with torch.no_grad():
+            e_ext = float(np.abs(sess.run(None, {"x": x.numpy(), "t": t.numpy(), "z": zc.numpy()})[0]
+                                 - ema.diffusion_head(x, t, zc).numpy()).max())
+        assert e_ext < 1e-4, e_ext
+        print(f"ok   external data: diffusion.onnx + diffusion.onnx.data load in onnxruntime (|Δ| {e_ext:.1e})")
+
+        # 4. refusals
+        bad = dict(sd_ema)
+        bad["encoder_blocks.1.attn.qkv_renamed.weight"] = bad.pop("encoder_blocks.1.attn.qkv.weight")
+        p1 = os.path.join(tmp, "renamed.pth")
+        torch.save({**obj, "model_ema": bad}, p1)
+        expect_refusal(tmp, "renamed key", p1, vae, "custom",
+                       ["encoder_blocks.1.attn.qkv.weight", "encoder_blocks.1.attn.qkv_renamed.weight",
+                        "1 missing", "1 unexpected"])
+        bad = dict(sd_ema)
+        bad["diffloss.net.final_layer.linear.weight"] = torch.zeros(30, 128)
+        p2 = os.path.join(tmp, "shape.pth")
+        torch.save({**obj, "model_ema": bad}, p2)
+        expect_refusal(tmp, "wrong shape", p2, vae, "custom",
+                       ["diffloss.net.final_layer.linear.weight: checkpoint [30, 128], model [32, 128]"])
+        vbad = dict(vobj["model"])
+        del vbad["decoder.up.1.upsample.conv.weight"]
+        vbad["decoder.up.4.block.0.nin_shortcut.weight"] = torch.zeros(128, 128, 1, 1)  # 128 -> 128: none
+        p3 = os.path.join(tmp, "vae_bad.ckpt")
+        torch.save({"model": vbad}, p3)
+        expect_refusal(tmp, "VAE missing + unexpected key", ckpt, p3, "custom",
+                       ["decoder.up.1.upsample.conv.weight", "decoder.up.4.block.0.nin_shortcut.weight",
+                        "1 missing, 1 unexpected"])
+        expect_refusal(tmp, "wrong --size", ckpt, vae, "mar_base", ["--size mar_base", "model='custom'"])
+        p4 = os.path.join(tmp, "no_ema.pth")
+        torch.save({"model": obj["model"], "args": obj["args"]}, p4)
+        expect_refusal(tmp, "no model_ema", p4, vae, "custom", ["no `model_ema` entry"])
+        # an official size whose args agree, but with custom shapes inside: shape errors listed
+        o5 = dict(obj)
+        o5["args"] = argparse.Namespace(**{**vars(obj["args"]), "model": "mar_base"})
+        p5 = os.path.join(tmp, "small_as_base.pth")
+        torch.save(o5, p5)
+        expect_refusal(tmp, "custom weights as mar_base", p5, vae, "mar_base",
+                       ["240 missing", "65 mis-shaped", "decoder_blocks.2.attn.proj.bias [768]",
+                        "… and 200 more", "class_emb.weight: checkpoint [1000, 64], model [1000, 768]",
+                        "… and 25 more"])
+    print("all export tests passed")
+
+
+if __name__ == "__main__":
+    main()
