@@ -471,7 +471,8 @@ def check_parity(out_dir: str, roles: dict, cfg: MARConfig, tolerance: float = 1
 
 # -- manifest -------------------------------------------------------------------------------
 
-def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, temperature: float) -> str:
+def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, temperature: float,
+                  latent_scale: float = LATENT_SCALE) -> str:
     H, W = vcfg.image_size(cfg.grid)
     lines = [
         f"format: {FORMAT}",
@@ -482,7 +483,7 @@ def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, 
         f"buffer: {cfg.buffer}",
         f"classes: {cfg.classes}",
         f"null_class: {cfg.null_class}",
-        f"latent_scale: {LATENT_SCALE}",
+        f"latent_scale: {latent_scale}",
         "diffusion:",
         "  schedule: cosine",
         "  train_steps: 1000",
@@ -505,7 +506,8 @@ def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, 
 
 def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_scale: float,
                   temperature: float = 1.0, head: nn.Module | None = None, tolerance: float = 1e-3,
-                  quick_vae: bool = False, log=print, external_above: int = EXTERNAL_DATA_BYTES) -> dict:
+                  quick_vae: bool = False, log=print, external_above: int = EXTERNAL_DATA_BYTES,
+                  latent_scale: float = LATENT_SCALE) -> dict:
     """Export the four graphs + manifest to `out_dir`, check the contract and the parity."""
     cfg, vcfg = mar.cfg, vae.cfg
     if vcfg.embed_dim != cfg.token_dim:
@@ -521,7 +523,7 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
         info[role] = export_graph(module, role, cfg, path, log, external_above)
         check_contract(path, role, cfg, vcfg)
     with open(os.path.join(out_dir, "manifest.yaml"), "w") as f:
-        f.write(manifest_text(name, cfg, vcfg, cfg_scale, temperature))
+        f.write(manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale))
     log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
     log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
     errors = check_parity(out_dir, roles, cfg, tolerance, quick_vae=quick_vae, log=log)

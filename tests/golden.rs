@@ -21,7 +21,9 @@ fn fixtures() -> PathBuf {
 }
 
 fn bundle(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/fixtures")
+        .join(name)
 }
 
 struct Golden(NpzReader<std::fs::File>);
