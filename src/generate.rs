@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use image::{DynamicImage, GrayImage, RgbImage};
-use ndarray::{Array4, Axis};
+use ndarray::Axis;
 use serde_json::{Value, json};
 
 use crate::bundle::Bundle;
@@ -399,7 +399,32 @@ fn write_grid(out: &Path, n: usize, labels: &[i64], classes: usize) -> Result<()
     write_atomic(&path, &bytes).map_err(|source| RunError::Write { path, source })
 }
 
-/// Pixels of a batch as one array per image (helper for tests and tools).
-pub fn split_pixels(pixels: &Array4<u8>) -> Vec<ndarray::Array3<u8>> {
-    pixels.outer_iter().map(|p| p.to_owned()).collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_balanced_in_blocks_and_unconditional_models_use_null() {
+        let labels: Vec<i64> = (0..20)
+            .map(|i| label_for(&Classes::Balanced, i, 20, 10, 10))
+            .collect();
+        assert_eq!(
+            labels,
+            [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9, 9]
+        );
+        let few: Vec<i64> = (0..4)
+            .map(|i| label_for(&Classes::Balanced, i, 4, 10, 10))
+            .collect();
+        assert_eq!(few, [0, 2, 5, 7]);
+        assert_eq!(label_for(&Classes::List(vec![3, 5]), 3, 8, 10, 10), 5);
+        assert_eq!(label_for(&Classes::One(4), 7, 8, 10, 10), 4);
+        assert_eq!(label_for(&Classes::Balanced, 3, 8, 0, 0), 0);
+        assert_eq!(label_for(&Classes::One(4), 3, 8, 0, 7), 7);
+    }
+
+    #[test]
+    fn default_output_folder_names_model_schedule_and_seed() {
+        let p = default_out_dir("tiny random", Path::new("schedules/gtr-3.7x.gtr"), 42);
+        assert_eq!(p, PathBuf::from("runs/tiny_random-gtr-3.7x-seed42"));
+    }
 }
