@@ -690,30 +690,10 @@ fn compile(
                 .with_help("remove this clause, or narrow the other ramp's `across` range")
                 .into());
             }
-            (Some(d), None) => match &d.kind {
-                DiffusionKind::Constant(e) => {
-                    expr::check(src, e, Type::Number, &numbers)?;
-                    (DiffusionRule::Constant(e.clone()), d.span)
-                }
-                DiffusionKind::List(list) => {
-                    check_list(src, list, &numbers, d.span)?;
-                    (DiffusionRule::List(list.clone()), d.span)
-                }
-                DiffusionKind::Ramp { .. } => unreachable!("stage ramps are added first"),
-            },
+            (Some(d), None) => (fixed_diffusion(src, d, &numbers)?, d.span),
             (None, Some(r)) => (DiffusionRule::Ramp(r), ramps[r].span),
             (None, None) => match defaults.diffusion {
-                Some(d) => match &d.kind {
-                    DiffusionKind::Constant(e) => {
-                        expr::check(src, e, Type::Number, &numbers)?;
-                        (DiffusionRule::Constant(e.clone()), d.span)
-                    }
-                    DiffusionKind::List(list) => {
-                        check_list(src, list, &numbers, d.span)?;
-                        (DiffusionRule::List(list.clone()), d.span)
-                    }
-                    DiffusionKind::Ramp { .. } => unreachable!("top-level ramps are added first"),
-                },
+                Some(d) => (fixed_diffusion(src, d, &numbers)?, d.span),
                 None => (
                     DiffusionRule::Constant(Expr {
                         kind: ExprKind::Number(DEFAULT_DIFFUSION_STEPS),
@@ -771,6 +751,26 @@ fn compile(
         stages,
         ramps,
     })
+}
+
+/// A constant or per-step diffusion clause, checked (ramps are resolved
+/// before the stages are read).
+fn fixed_diffusion(
+    src: &Arc<Source>,
+    d: &DiffusionAst,
+    numbers: &dyn Scope,
+) -> Result<DiffusionRule, Diagnostic> {
+    match &d.kind {
+        DiffusionKind::Constant(e) => {
+            expr::check(src, e, Type::Number, numbers)?;
+            Ok(DiffusionRule::Constant(e.clone()))
+        }
+        DiffusionKind::List(list) => {
+            check_list(src, list, numbers, d.span)?;
+            Ok(DiffusionRule::List(list.clone()))
+        }
+        DiffusionKind::Ramp { .. } => unreachable!("ramps are resolved before the stages"),
+    }
 }
 
 /// MAR's `num_sampling_steps` default, used when a schedule gives none.
