@@ -6,6 +6,7 @@ minutes) can train.
     python models/mar-tiny/train.py scale                  # latent scale (1 / std of latents)
     python models/mar-tiny/train.py mar  --steps 20000     # MAR + DiffLoss on the latents
     python models/mar-tiny/train.py export                 # EMA weights -> the bundle in models/mar-tiny/
+    python models/mar-tiny/train.py slim                   # drop optimizer state before committing
 
 Every stage resumes from its checkpoint in models/mar-tiny/train/ (written atomically every
 --save-every steps and at the end), so training can be spread over sessions; losses are
@@ -129,7 +130,8 @@ def train_vae(args, s) -> None:
     if os.path.exists(path):
         ck = torch.load(path, weights_only=False)
         vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        if "opt" in ck:  # committed checkpoints are slimmed to the weights
+            opt.load_state_dict(ck["opt"])
         step, gen = ck["step"], ck["gen"]
         print(f"resuming the VAE at step {step}")
     x_all, _ = fashion_mnist("train")
@@ -192,7 +194,7 @@ def diffusion_loss(head, target, z, gen, acp, train_steps=1000):
     n = target.shape[0]
     t = torch.randint(0, train_steps, (n,), generator=gen)
     noise = torch.randn(target.shape, generator=gen)
-    a = acp[t][:, None]
+    a = acp[t][:, None].float()
     x_t = a.sqrt() * target + (1 - a).sqrt() * noise
     out = head(x_t, t, z)
     c = target.shape[1]
@@ -248,7 +250,8 @@ def train_mar(args, s) -> None:
     if os.path.exists(path):
         ck = torch.load(path, weights_only=False)
         mar.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        if "opt" in ck:  # committed checkpoints are slimmed to the weights
+            opt.load_state_dict(ck["opt"])
         ema, step, gen = ck["ema"], ck["step"], ck["gen"]
         print(f"resuming MAR at step {step}")
     print(f"MAR: {M.count_parameters(mar) / 1e6:.2f} M parameters, latent scale {scale:.4f}")
@@ -319,20 +322,33 @@ def export(args, s) -> None:
     mar = M.MAR(mar_config(s))
     mar.load_state_dict(ck["ema"])
     vae = load_vae(s)
-    result = export_bundle(mar, vae, HERE, "mar-tiny", cfg_scale=s["sampling"]["cfg"],
+    result = export_bundle(mar, vae, args.out, "mar-tiny", cfg_scale=s["sampling"]["cfg"],
                            temperature=s["sampling"]["temperature"], latent_scale=scale)
     print(f"exported MAR step {ck['step']}: max parity errors {result['errors']}")
 
 
+def slim(args, s) -> None:
+    """Drops the optimizer state from train/*.pt so the checkpoints are small enough to
+    commit; training resumes from them with a fresh optimizer."""
+    for name in ("vae.pt", "mar.pt"):
+        path = os.path.join(TRAIN_DIR, name)
+        if os.path.exists(path):
+            ck = torch.load(path, weights_only=False)
+            ck.pop("opt", None)
+            save_atomic(ck, path)
+            print(f"{path}: step {ck['step']}, {os.path.getsize(path) / 1e6:.1f} MB")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["vae", "scale", "mar", "export"])
+    p.add_argument("stage", choices=["vae", "scale", "mar", "export", "slim"])
     p.add_argument("--steps", type=int, default=1000, help="train until this many steps in total")
     p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--out", default=HERE, help="export: the bundle folder (default: beside this script)")
     args = p.parse_args(argv)
     s = load_settings()
     torch.manual_seed(s["seed"])
-    {"vae": train_vae, "scale": compute_scale, "mar": train_mar, "export": export}[args.stage](args, s)
+    {"vae": train_vae, "scale": compute_scale, "mar": train_mar, "export": export, "slim": slim}[args.stage](args, s)
 
 
 if __name__ == "__main__":
