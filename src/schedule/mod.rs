@@ -15,4 +15,4 @@ pub use compile::{
     Cfg, DiffusionRule, Fts, Param, Partition, Ramp, Schedule, ScheduleError, Stage, StepCount,
 };
 pub use diagnostic::{Diagnostic, Source, Span};
-pub use parser::parse;
+pub use parser::{KEYWORDS, parse};

@@ -49,6 +49,51 @@ pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
     Ok(ScheduleAst { items })
 }
 
+/// Every keyword of the grammar (the `keyword` rule of grammar/gtr.pest);
+/// none may be used as a name.
+pub const KEYWORDS: [&str; 40] = [
+    "param",
+    "grid",
+    "partition",
+    "checker",
+    "as",
+    "set",
+    "stage",
+    "tokens",
+    "order",
+    "random",
+    "raster",
+    "halton",
+    "roll",
+    "subsample",
+    "steps",
+    "rate",
+    "cosine",
+    "uniform",
+    "arccos",
+    "diffusion",
+    "linear",
+    "round",
+    "floor",
+    "across",
+    "fts",
+    "top",
+    "by",
+    "high_freq",
+    "low_freq",
+    "all",
+    "rest",
+    "cfg",
+    "none",
+    "constant",
+    "temperature",
+    "and",
+    "or",
+    "not",
+    "true",
+    "false",
+];
+
 /// Deepest nesting of `(` and `[` a schedule may use.
 const MAX_NESTING: usize = 64;
 /// Most operators plus operands in one expression, nested ones included.
@@ -480,48 +525,7 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
         .chars()
         .take_while(|c| c.is_alphanumeric() || *c == '_')
         .collect();
-    let keywords = [
-        "param",
-        "grid",
-        "partition",
-        "checker",
-        "as",
-        "set",
-        "stage",
-        "tokens",
-        "order",
-        "random",
-        "raster",
-        "halton",
-        "roll",
-        "subsample",
-        "steps",
-        "rate",
-        "cosine",
-        "uniform",
-        "arccos",
-        "diffusion",
-        "linear",
-        "round",
-        "floor",
-        "across",
-        "fts",
-        "top",
-        "by",
-        "high_freq",
-        "low_freq",
-        "all",
-        "rest",
-        "cfg",
-        "none",
-        "constant",
-        "temperature",
-        "and",
-        "or",
-        "not",
-        "true",
-        "false",
-    ];
+
     let stage_only = ["tokens", "order", "steps", "rate", "fts"];
     if !expected_name && stage_only.contains(&word.as_str()) && !text[..pos].contains('{') {
         return Some(format!(
@@ -532,7 +536,7 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
     if !expected_name && top_level.contains(&word.as_str()) {
         return Some("is the `}` that closes the stage above missing?".into());
     }
-    if expected_name && keywords.contains(&word.as_str()) {
+    if expected_name && KEYWORDS.contains(&word.as_str()) {
         return Some(format!(
             "`{word}` is a keyword and cannot be used as a name here; choose another name"
         ));

@@ -367,6 +367,23 @@ impl OrtModel {
     }
 }
 
+/// Registers `ep` so that failing to register it is an error (no silent
+/// fallback to the CPU); returns what will run.
+#[cfg(any(feature = "cuda", feature = "tensorrt"))]
+fn strict(
+    builder: ort::session::builder::SessionBuilder,
+    ep: ort::ep::ExecutionProviderDispatch,
+    name: &str,
+) -> Result<(ort::session::builder::SessionBuilder, String), OrtError> {
+    let builder = builder
+        .with_execution_providers([ep.error_on_failure()])
+        .map_err(|e| OrtError::Device {
+            device: name.into(),
+            problem: e.to_string(),
+        })?;
+    Ok((builder, name.into()))
+}
+
 /// Adds the device's execution provider; returns what will run.
 fn register_device(
     builder: ort::session::builder::SessionBuilder,
@@ -383,14 +400,7 @@ fn register_device(
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let ep = ort::ep::CUDA::default().build().error_on_failure();
-                let b = builder
-                    .with_execution_providers([ep])
-                    .map_err(|e| OrtError::Device {
-                        device: "cuda".into(),
-                        problem: e.to_string(),
-                    })?;
-                Ok((b, "cuda".into()))
+                strict(builder, ort::ep::CUDA::default().build(), "cuda")
             }
             #[cfg(not(feature = "cuda"))]
             {
@@ -401,14 +411,7 @@ fn register_device(
         Device::TensorRt => {
             #[cfg(feature = "tensorrt")]
             {
-                let ep = ort::ep::TensorRT::default().build().error_on_failure();
-                let b = builder
-                    .with_execution_providers([ep])
-                    .map_err(|e| OrtError::Device {
-                        device: "tensorrt".into(),
-                        problem: e.to_string(),
-                    })?;
-                Ok((b, "tensorrt".into()))
+                strict(builder, ort::ep::TensorRT::default().build(), "tensorrt")
             }
             #[cfg(not(feature = "tensorrt"))]
             {
