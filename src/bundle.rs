@@ -119,6 +119,29 @@ pub struct Manifest {
     pub sampling: SamplingDefaults,
     pub cost: CostShape,
     pub graphs: BTreeMap<String, GraphEntry>,
+    /// Optional image classifier that `gtr-run eval` scores images with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluator: Option<EvaluatorEntry>,
+}
+
+/// The input and output roles of an evaluator graph.
+pub const EVALUATOR_INPUTS: [&str; 1] = ["pixels"];
+pub const EVALUATOR_OUTPUTS: [&str; 2] = ["logits", "features"];
+
+/// An image classifier shipped with a bundle: `pixels` f32 [B, H, W,
+/// channels] holding 8-bit values 0..255 → `logits` [B, classes] and
+/// `features` [B, F]; `reference` is an npz with `mu` f64 [F] and `sigma`
+/// f64 [F, F], the feature statistics of real images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluatorEntry {
+    /// Names the feature extractor in reports (a Fréchet distance is only
+    /// comparable with others on the same features).
+    pub name: String,
+    pub file: String,
+    pub inputs: BTreeMap<String, String>,
+    pub outputs: BTreeMap<String, String>,
+    pub reference: String,
 }
 
 /// Why a bundle could not be opened.
@@ -227,35 +250,16 @@ impl Bundle {
                 .graphs
                 .get(role.key())
                 .ok_or_else(|| format!("graphs.{} is missing", role.key()))?;
-            for (kind, want, have) in [
-                ("inputs", role.inputs(), &entry.inputs),
-                ("outputs", role.outputs(), &entry.outputs),
-            ] {
-                for r in want {
-                    if !have.contains_key(*r) {
-                        return Err(format!(
-                            "graphs.{}.{kind} has no `{r}` (it needs {})",
-                            role.key(),
-                            want.join(", ")
-                        ));
-                    }
-                }
-                if let Some(extra) = have.keys().find(|k| !want.contains(&k.as_str())) {
-                    return Err(format!(
-                        "graphs.{}.{kind} has an unknown role `{extra}` (known: {})",
-                        role.key(),
-                        want.join(", ")
-                    ));
-                }
-            }
-            let file = self.dir.join(&entry.file);
-            if !file.is_file() {
-                return Err(format!(
-                    "graphs.{}.file: {} does not exist",
-                    role.key(),
-                    file.display()
-                ));
-            }
+            let key = format!("graphs.{}", role.key());
+            check_roles(&key, "inputs", role.inputs(), &entry.inputs)?;
+            check_roles(&key, "outputs", role.outputs(), &entry.outputs)?;
+            self.check_file(&format!("{key}.file"), &entry.file)?;
+        }
+        if let Some(e) = &m.evaluator {
+            check_roles("evaluator", "inputs", &EVALUATOR_INPUTS, &e.inputs)?;
+            check_roles("evaluator", "outputs", &EVALUATOR_OUTPUTS, &e.outputs)?;
+            self.check_file("evaluator.file", &e.file)?;
+            self.check_file("evaluator.reference", &e.reference)?;
         }
         if let Some(extra) = m
             .graphs
@@ -267,6 +271,15 @@ impl Bundle {
             ));
         }
         Ok(())
+    }
+
+    fn check_file(&self, key: &str, file: &str) -> Result<(), String> {
+        let path = self.dir.join(file);
+        if path.is_file() {
+            Ok(())
+        } else {
+            Err(format!("{key}: {} does not exist", path.display()))
+        }
     }
 
     pub fn graph(&self, role: Role) -> &GraphEntry {
@@ -295,4 +308,26 @@ impl Bundle {
             buffer: m.buffer as u64,
         }
     }
+}
+
+/// Checks that a graph entry names exactly the roles `want`.
+fn check_roles(
+    key: &str,
+    kind: &str,
+    want: &[&str],
+    have: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    if let Some(r) = want.iter().find(|r| !have.contains_key(**r)) {
+        return Err(format!(
+            "{key}.{kind} has no `{r}` (it needs {})",
+            want.join(", ")
+        ));
+    }
+    if let Some(extra) = have.keys().find(|k| !want.contains(&k.as_str())) {
+        return Err(format!(
+            "{key}.{kind} has an unknown role `{extra}` (known: {})",
+            want.join(", ")
+        ));
+    }
+    Ok(())
 }

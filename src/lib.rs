@@ -22,6 +22,7 @@ pub mod backend;
 pub mod bundle;
 pub mod cost;
 pub mod engine;
+pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod grid;

@@ -18,6 +18,7 @@ use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
 use crate::engine::{GraphStats, MarModel, ModelError, ModelInfo};
+use crate::eval::{Evaluator, Scores};
 
 /// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
 /// are strict; `Auto` tries the GPU providers compiled in and falls back
@@ -73,7 +74,7 @@ fn environment() -> Result<&'static Environment, OrtError> {
 }
 
 struct Graph {
-    role: Role,
+    name: &'static str,
     session: Session,
     inputs: BTreeMap<String, String>,
     outputs: BTreeMap<String, String>,
@@ -81,8 +82,46 @@ struct Graph {
 }
 
 impl Graph {
-    fn name(&self) -> &'static str {
-        self.role.key()
+    /// Opens the graph at `path` on `device`; `inputs`/`outputs` map roles
+    /// to tensor names. Returns the graph and the provider that will run it.
+    fn open(
+        name: &'static str,
+        path: &std::path::Path,
+        inputs: &BTreeMap<String, String>,
+        outputs: &BTreeMap<String, String>,
+        device: Device,
+        threads: Option<usize>,
+    ) -> Result<(Graph, String), OrtError> {
+        let env = environment()?;
+        let session_err = |message: String| OrtError::Session {
+            graph: name,
+            path: path.display().to_string(),
+            message,
+        };
+        let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
+        builder = builder
+            .with_intra_op_spinning(false)
+            .map_err(|e| session_err(e.to_string()))?;
+        if let Some(n) = threads {
+            builder = builder
+                .with_intra_threads(n)
+                .map_err(|e| session_err(e.to_string()))?;
+        }
+        let (mut builder, provider) = register_device(builder, device)?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| session_err(e.to_string()))?;
+        let graph = Graph {
+            name,
+            session,
+            inputs: inputs.clone(),
+            outputs: outputs.clone(),
+            stats: GraphStats {
+                graph: name.into(),
+                ..GraphStats::default()
+            },
+        };
+        Ok((graph, provider))
     }
 
     /// Runs the graph on (role, tensor) inputs and returns the output `role`.
@@ -94,38 +133,53 @@ impl Graph {
         output: &str,
         check_finite: bool,
     ) -> Result<ndarray::ArrayD<f32>, ModelError> {
+        let mut out = self.run_outputs(inputs, &[output], check_finite)?;
+        Ok(out.remove(0))
+    }
+
+    /// [`Graph::run`] for several output roles, returned in that order.
+    fn run_outputs<'a>(
+        &mut self,
+        inputs: Vec<(&str, SessionInputValue<'a>)>,
+        outputs: &[&str],
+        check_finite: bool,
+    ) -> Result<Vec<ndarray::ArrayD<f32>>, ModelError> {
         let Graph {
-            role,
+            name: graph,
             session,
             inputs: input_names,
             outputs: output_names,
             stats,
         } = self;
-        let graph = role.key();
+        let graph = *graph;
         let err = |message: String| ModelError::Graph { graph, message };
         let named: Vec<(Cow<'_, str>, SessionInputValue<'a>)> = inputs
             .into_iter()
             .map(|(r, v)| (Cow::Borrowed(input_names[r].as_str()), v))
             .collect();
-        let out_name = output_names[output].as_str();
         let start = Instant::now();
-        let outputs = session.run(named).map_err(|e| err(e.to_string()))?;
+        let values = session.run(named).map_err(|e| err(e.to_string()))?;
         let seconds = start.elapsed().as_secs_f64();
-        let value = outputs
-            .get(out_name)
-            .ok_or_else(|| err(format!("no output `{out_name}`")))?;
-        let array = value
-            .try_extract_array::<f32>()
-            .map_err(|e| err(format!("output `{out_name}`: {e}")))?
-            .to_owned();
         stats.calls += 1;
         stats.seconds += seconds;
-        if check_finite && let Some(bad) = array.iter().find(|v| !v.is_finite()) {
-            return Err(err(format!(
-                "output `{out_name}` holds a non-finite value ({bad})"
-            )));
+        let mut arrays = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let out_name = output_names[*output].as_str();
+            let value = values
+                .get(out_name)
+                .ok_or_else(|| err(format!("no output `{out_name}`")))?;
+            let array = value
+                .try_extract_array::<f32>()
+                .map_err(|e| err(format!("output `{out_name}`: {e}")))?
+                .to_owned();
+            if check_finite && let Some(bad) = array.iter().find(|v| !v.is_finite()) {
+                return Err(err(format!(
+                    "output `{out_name}` holds a non-finite value ({bad})"
+                )));
+            }
+            arrays.push(array);
         }
-        Ok(array)
+        Ok(arrays)
     }
 }
 
@@ -232,9 +286,38 @@ fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
     }
 }
 
-fn check_contract(graph: &Graph, info: &ModelInfo) -> Result<(), OrtError> {
-    let name = graph.name();
-    let (ins, outs) = expectations(graph.role, info);
+/// The evaluator's contract: `pixels` f32 [B, H, W, channels] →
+/// `logits` [B, classes], `features` [B, F].
+fn evaluator_expectations(info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
+    use Dim::*;
+    use TensorElementType::Float32 as F;
+    let img = info.image;
+    let classes = if info.classes > 0 {
+        Fixed(info.classes)
+    } else {
+        Any
+    };
+    let e = |role, dims: Vec<Dim>| Expect { role, ty: F, dims };
+    (
+        vec![e(
+            "pixels",
+            vec![
+                Dynamic,
+                Fixed(img.height),
+                Fixed(img.width),
+                Fixed(img.channels),
+            ],
+        )],
+        vec![
+            e("logits", vec![Any, classes]),
+            e("features", vec![Any, Any]),
+        ],
+    )
+}
+
+/// Checks the graph's tensors against the expected (inputs, outputs).
+fn check_contract(graph: &Graph, (ins, outs): (Vec<Expect>, Vec<Expect>)) -> Result<(), OrtError> {
+    let name = graph.name;
     for (kind, list, names, outlets) in [
         ("input", ins, &graph.inputs, graph.session.inputs()),
         ("output", outs, &graph.outputs, graph.session.outputs()),
@@ -309,44 +392,21 @@ impl OrtModel {
     /// Loads and checks the bundle's graphs on `device` with `threads`
     /// intra-op threads per graph (`None`: ORT's default).
     pub fn load(bundle: &Bundle, device: Device, threads: Option<usize>) -> Result<Self, OrtError> {
-        let env = environment()?;
         let info = ModelInfo::from_bundle(bundle);
         let mut provider = String::from("cpu");
         let mut graphs = Vec::new();
         for role in Role::ALL {
-            let path = bundle.graph_path(role);
-            let session_err = |message: String| OrtError::Session {
-                graph: role.key(),
-                path: path.display().to_string(),
-                message,
-            };
-            let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
-            builder = builder
-                .with_intra_op_spinning(false)
-                .map_err(|e| session_err(e.to_string()))?;
-            if let Some(n) = threads {
-                builder = builder
-                    .with_intra_threads(n)
-                    .map_err(|e| session_err(e.to_string()))?;
-            }
-            let (b, ran) = register_device(builder, device)?;
-            builder = b;
-            provider = ran;
-            let session = builder
-                .commit_from_file(&path)
-                .map_err(|e| session_err(e.to_string()))?;
             let entry = bundle.graph(role);
-            let graph = Graph {
-                role,
-                session,
-                inputs: entry.inputs.clone(),
-                outputs: entry.outputs.clone(),
-                stats: GraphStats {
-                    graph: role.key().into(),
-                    ..GraphStats::default()
-                },
-            };
-            check_contract(&graph, &info)?;
+            let (graph, ran) = Graph::open(
+                role.key(),
+                &bundle.graph_path(role),
+                &entry.inputs,
+                &entry.outputs,
+                device,
+                threads,
+            )?;
+            provider = ran;
+            check_contract(&graph, expectations(role, &info))?;
             graphs.push(graph);
         }
         let mut it = graphs.into_iter();
@@ -520,5 +580,71 @@ impl MarModel for OrtModel {
 
     fn execution_provider(&self) -> String {
         self.provider.clone()
+    }
+}
+
+/// A bundle's evaluator graph (see [`crate::bundle::EvaluatorEntry`]).
+pub struct OrtEvaluator {
+    name: String,
+    graph: Graph,
+    classes: usize,
+}
+
+impl OrtEvaluator {
+    /// Loads the bundle's evaluator, or `None` when it ships none.
+    pub fn load(
+        bundle: &Bundle,
+        device: Device,
+        threads: Option<usize>,
+    ) -> Result<Option<Self>, OrtError> {
+        let Some(entry) = &bundle.manifest.evaluator else {
+            return Ok(None);
+        };
+        let info = ModelInfo::from_bundle(bundle);
+        let (graph, _) = Graph::open(
+            "evaluator",
+            &bundle.dir.join(&entry.file),
+            &entry.inputs,
+            &entry.outputs,
+            device,
+            threads,
+        )?;
+        check_contract(&graph, evaluator_expectations(&info))?;
+        Ok(Some(OrtEvaluator {
+            name: entry.name.clone(),
+            graph,
+            classes: info.classes,
+        }))
+    }
+}
+
+impl Evaluator for OrtEvaluator {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&mut self, pixels: ArrayView4<u8>) -> Result<Scores, ModelError> {
+        let b = pixels.dim().0;
+        let input = pixels.mapv(f32::from);
+        let mut out = self.graph.run_outputs(
+            vec![("pixels", view("evaluator", input.view())?)],
+            &["logits", "features"],
+            true,
+        )?;
+        let features: Array2<f32> = shaped("evaluator", "features", out.remove(1), || {
+            format!("[{b}, F]")
+        })?;
+        let logits: Array2<f32> = shaped("evaluator", "logits", out.remove(0), || {
+            format!("[{b}, {}]", self.classes)
+        })?;
+        if logits.nrows() != b || features.nrows() != b {
+            return Err(ModelError::Shape {
+                graph: "evaluator",
+                tensor: "logits/features".into(),
+                got: vec![logits.nrows(), features.nrows()],
+                expected: format!("{b} rows each"),
+            });
+        }
+        Ok(Scores { logits, features })
     }
 }

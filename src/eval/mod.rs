@@ -1,0 +1,359 @@
+//! Schedules compared side by side on one model: speed measured in one
+//! interleaved run, analytic cost, and image quality on the bundle's
+//! evaluator (a classifier with reference feature statistics).
+//!
+//! The engine talks to the generator through [`MarModel`]; quality is
+//! measured through the separate, equally narrow [`Evaluator`] trait, so a
+//! model without an evaluator still gets the speed columns.
+
+pub mod report;
+pub mod stats;
+
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView4, Axis, concatenate};
+use serde::Serialize;
+
+use crate::cost::{ModelSpec, plan_cost};
+use crate::engine::{Engine, ImageJob, MarModel, ModelError, Noise};
+use crate::generate::{Classes, label_for};
+use crate::plan::{Plan, PlanOptions, Planner};
+use crate::rng::image_seed;
+use crate::schedule::{Schedule, ScheduleError};
+
+pub use stats::{FeatureStats, class_accuracy, classifier_score, frechet_distance, probabilities};
+
+/// What an evaluator returns for a batch of images.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    /// Class logits [B, classes].
+    pub logits: Array2<f32>,
+    /// Feature vectors [B, F] for the Fréchet distance.
+    pub features: Array2<f32>,
+}
+
+/// An image classifier used to score generated images.
+pub trait Evaluator {
+    /// The feature extractor's name; Fréchet distances are comparable only
+    /// between runs on the same one.
+    fn name(&self) -> &str;
+
+    /// Scores 8-bit pixels [B, H, W, channels], as written to PNG.
+    fn score(&mut self, pixels: ArrayView4<u8>) -> Result<Scores, ModelError>;
+}
+
+/// One schedule to compare.
+#[derive(Debug, Clone)]
+pub struct Contender {
+    /// How the schedule is named in the table (its file stem).
+    pub name: String,
+    pub schedule: Schedule,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CompareRequest {
+    /// Images per schedule and repeat.
+    pub num_images: usize,
+    pub batch: usize,
+    /// Repeat `r` uses seed `seed + r`; the spread over repeats is reported.
+    pub seed: u64,
+    pub repeats: usize,
+    pub options: PlanOptions,
+    /// Run one untimed batch of every schedule first.
+    pub warm_up: bool,
+}
+
+/// Quality of one schedule's images in one repeat.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Quality {
+    pub seed: u64,
+    pub frechet_distance: f64,
+    /// `None` for unconditional models.
+    pub class_accuracy: Option<f64>,
+    pub classifier_score: f64,
+}
+
+/// One schedule's row of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleResult {
+    pub name: String,
+    pub mar_steps: usize,
+    /// Backbone (encoder + decoder) passes per image, both CFG branches.
+    pub backbone_passes: u64,
+    /// Diffusion-head rows per image, both CFG branches.
+    pub diffusion_evaluations: u64,
+    pub flops_per_image: f64,
+    pub images_timed: usize,
+    /// Timed wall seconds (planning + generation, scoring excluded).
+    pub wall_seconds: f64,
+    /// Of which inside the runtime's run calls (where the model reports it).
+    pub runtime_seconds: f64,
+    /// Of which inside model calls as the engine sees them.
+    pub model_seconds: f64,
+    /// Wall seconds of each interleaved round (the same images for every
+    /// schedule), for the spread of the speed-up.
+    pub round_seconds: Vec<f64>,
+    pub quality: Vec<Quality>,
+}
+
+impl ScheduleResult {
+    pub fn seconds_per_image(&self) -> f64 {
+        self.wall_seconds / self.images_timed.max(1) as f64
+    }
+
+    /// Share of timed wall time spent outside the runtime's run calls.
+    pub fn outside_runtime_share(&self) -> f64 {
+        (self.wall_seconds - self.runtime_seconds) / self.wall_seconds.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Mean and sample standard deviation (0 for one value).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+/// The comparison of all schedules; row 0 is the baseline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub model: String,
+    pub evaluator: Option<String>,
+    pub num_images: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub repeats: usize,
+    pub execution_provider: String,
+    pub schedules: Vec<ScheduleResult>,
+}
+
+impl Comparison {
+    /// Measured speed-up of row `k` over row 0: total timed wall seconds.
+    pub fn speedup(&self, k: usize) -> f64 {
+        self.schedules[0].wall_seconds / self.schedules[k].wall_seconds
+    }
+
+    /// The (min, max) of the per-round speed-ups of row `k` over row 0.
+    pub fn speedup_range(&self, k: usize) -> (f64, f64) {
+        let base = &self.schedules[0].round_seconds;
+        self.schedules[k]
+            .round_seconds
+            .iter()
+            .zip(base)
+            .map(|(s, b)| b / s)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                (lo.min(r), hi.max(r))
+            })
+    }
+
+    /// Analytic (FLOPs) speed-up of row `k` over row 0.
+    pub fn flops_speedup(&self, k: usize) -> f64 {
+        self.schedules[0].flops_per_image / self.schedules[k].flops_per_image
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error("schedule `{name}`: {source}")]
+    Schedule {
+        name: String,
+        #[source]
+        source: ScheduleError,
+    },
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("evaluator: {0}")]
+    Evaluator(#[from] ModelError),
+    #[error(transparent)]
+    Stats(#[from] stats::StatsError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The evaluator and the reference statistics its distances are taken to.
+pub struct Scoring<'a> {
+    pub evaluator: &'a mut dyn Evaluator,
+    pub reference: &'a FeatureStats,
+}
+
+/// Per schedule and repeat: the scores of every image.
+#[derive(Default)]
+struct Collected {
+    logits: Vec<Array2<f32>>,
+    features: Vec<Array2<f32>>,
+}
+
+/// Runs every contender on the same images (same seeds and labels),
+/// interleaving schedules batch by batch so that drift of a shared machine
+/// hits all alike. `progress` sees (batches done, total).
+pub fn compare<M: MarModel>(
+    engine: &mut Engine<M>,
+    mut scoring: Option<Scoring<'_>>,
+    contenders: &[Contender],
+    cost_spec: &ModelSpec,
+    req: &CompareRequest,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Comparison, CompareError> {
+    if contenders.is_empty() || req.num_images == 0 || req.batch == 0 || req.repeats == 0 {
+        return Err(CompareError::Invalid(
+            "need at least one schedule, and --num-images, --batch and --repeats of at least 1"
+                .into(),
+        ));
+    }
+    if scoring.is_some() && req.num_images < 2 {
+        return Err(CompareError::Invalid(
+            "a Fréchet distance needs at least 2 images per schedule".into(),
+        ));
+    }
+    let info = engine.model.info().clone();
+    let planners: Vec<Planner> = contenders
+        .iter()
+        .map(|c| {
+            Planner::new(&c.schedule, info.grid).map_err(|d| CompareError::Schedule {
+                name: c.name.clone(),
+                source: ScheduleError::Invalid(Box::new(d)),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let plan_all = |k: usize, jobs: &[ImageJob]| -> Result<Vec<Plan>, CompareError> {
+        jobs.iter()
+            .map(|j| planners[k].plan_with(j.seed, &req.options))
+            .collect::<Result<_, _>>()
+            .map_err(|d| CompareError::Schedule {
+                name: contenders[k].name.clone(),
+                source: ScheduleError::Invalid(Box::new(d)),
+            })
+    };
+    let jobs_for = |seed: u64, indices: std::ops::Range<usize>| -> Vec<ImageJob> {
+        indices
+            .map(|i| ImageJob {
+                index: i as u64,
+                seed: image_seed(seed, i as u64),
+                label: label_for(
+                    &Classes::Balanced,
+                    i,
+                    req.num_images,
+                    info.classes,
+                    info.null_class,
+                ),
+            })
+            .collect()
+    };
+
+    let mut results: Vec<ScheduleResult> = contenders
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let plan = plan_all(k, &jobs_for(req.seed, 0..1))?.remove(0);
+            let cost = plan_cost(&plan, cost_spec);
+            Ok(ScheduleResult {
+                name: c.name.clone(),
+                mar_steps: plan.steps.len(),
+                backbone_passes: cost.encoder_passes,
+                diffusion_evaluations: cost.diffusion_evaluations,
+                flops_per_image: cost.total_flops(),
+                images_timed: 0,
+                wall_seconds: 0.0,
+                runtime_seconds: 0.0,
+                model_seconds: 0.0,
+                round_seconds: Vec::new(),
+                quality: Vec::new(),
+            })
+        })
+        .collect::<Result<_, CompareError>>()?;
+
+    if req.warm_up {
+        // A different seed than any timed repeat, so nothing is reused.
+        let jobs = jobs_for(
+            req.seed.wrapping_add(req.repeats as u64),
+            0..req.batch.min(req.num_images),
+        );
+        for k in 0..contenders.len() {
+            let plans = plan_all(k, &jobs)?;
+            engine.generate(&plans, &jobs, Noise::Seeded, |_, _| {})?;
+        }
+    }
+
+    let rounds_per_repeat = req.num_images.div_ceil(req.batch);
+    let total = rounds_per_repeat * req.repeats * contenders.len();
+    let mut done = 0;
+    progress(done, total);
+    let runtime_now =
+        |e: &Engine<M>| -> f64 { e.model.graph_stats().iter().map(|g| g.seconds).sum() };
+    for r in 0..req.repeats {
+        let seed = req.seed.wrapping_add(r as u64);
+        let mut collected: Vec<Collected> =
+            contenders.iter().map(|_| Collected::default()).collect();
+        let mut labels = Vec::with_capacity(req.num_images);
+        for start in (0..req.num_images).step_by(req.batch) {
+            let jobs = jobs_for(seed, start..(start + req.batch).min(req.num_images));
+            labels.extend(jobs.iter().map(|j| j.label));
+            for (k, result) in results.iter_mut().enumerate() {
+                let (runtime_before, model_before) =
+                    (runtime_now(engine), engine.stats.model_seconds());
+                let began = Instant::now();
+                let plans = plan_all(k, &jobs)?;
+                let out = engine.generate(&plans, &jobs, Noise::Seeded, |_, _| {})?;
+                let wall = began.elapsed().as_secs_f64();
+                let graph_seconds = runtime_now(engine) - runtime_before;
+                let model_seconds = engine.stats.model_seconds() - model_before;
+                result.images_timed += jobs.len();
+                result.wall_seconds += wall;
+                result.model_seconds += model_seconds;
+                result.runtime_seconds += if engine.model.graph_stats().is_empty() {
+                    model_seconds
+                } else {
+                    graph_seconds
+                };
+                result.round_seconds.push(wall);
+                if let Some(s) = scoring.as_mut() {
+                    let scores = s.evaluator.score(out.pixels.view())?;
+                    collected[k].logits.push(scores.logits);
+                    collected[k].features.push(scores.features);
+                }
+                done += 1;
+                progress(done, total);
+            }
+        }
+        if let Some(s) = scoring.as_ref() {
+            for (k, c) in collected.iter().enumerate() {
+                let logits = stack(&c.logits)?;
+                let features = stack(&c.features)?.mapv(f64::from);
+                let stats = FeatureStats::from_features(features.view())?;
+                results[k].quality.push(Quality {
+                    seed,
+                    frechet_distance: frechet_distance(&stats, s.reference)?,
+                    class_accuracy: (info.classes > 0)
+                        .then(|| class_accuracy(logits.view(), &labels)),
+                    classifier_score: classifier_score(&probabilities(logits.view())),
+                });
+            }
+        }
+    }
+    Ok(Comparison {
+        model: info.name.clone(),
+        evaluator: scoring.as_ref().map(|s| s.evaluator.name().to_string()),
+        num_images: req.num_images,
+        batch: req.batch,
+        seed: req.seed,
+        repeats: req.repeats,
+        execution_provider: engine.model.execution_provider(),
+        schedules: results,
+    })
+}
+
+fn stack(parts: &[Array2<f32>]) -> Result<Array2<f32>, CompareError> {
+    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+    concatenate(Axis(0), &views).map_err(|_| {
+        CompareError::Evaluator(ModelError::Graph {
+            graph: "evaluator",
+            message: "outputs of different widths across batches".into(),
+        })
+    })
+}
