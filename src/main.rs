@@ -81,6 +81,10 @@ struct GenerateArgs {
     /// Take every image's token order and noise from this .npz (see README).
     #[arg(long, value_name = "FILE.npz")]
     replay: Option<PathBuf>,
+    /// Also write all images as an .npz (`arr_0`, uint8 [N, H, W, 3]), as FID
+    /// evaluators read.
+    #[arg(long, value_name = "PATH")]
+    npz: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -190,6 +194,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
         replay: args.replay,
         device_requested: args.device,
+        npz: args.npz,
     };
     eprintln!(
         "gtr-run: model {}, schedule {}, seed {}, {} images -> {}",
@@ -211,8 +216,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let secs = &record["seconds"];
+    let files = match &request.npz {
+        Some(npz) => format!("grid.png, run.json and {}", npz.display()),
+        None => "grid.png and run.json".to_string(),
+    };
     write_stdout(&format!(
-        "wrote {} images, grid.png and run.json to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
+        "wrote {} images, {files} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
         request.num_images,
         out.display(),
         request.seed,

@@ -1,6 +1,6 @@
 //! `gtr-run MODEL SCHEDULE` end to end on the tiny fixture bundle (ONNX
-//! Runtime on CPU): outputs, reproducibility, batching, and every error a
-//! user can run into.
+//! Runtime on CPU): outputs, reproducibility, batching, the `.npz` output,
+//! and every error a user can run into.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -197,8 +197,10 @@ fn an_output_folder_with_a_run_is_refused_resumed_or_overwritten() {
         pngs(&out) == before,
         "a refused run must not touch the folder"
     );
-    // Resume: the deleted image is made again, identically; the other is kept.
+    // Resume: the deleted image is made again, identically; the other is
+    // kept, and the .npz holds both.
     std::fs::remove_file(out.join("00001.png")).unwrap();
+    let npz = out.join("images.npz");
     ok(&[
         TINY,
         "schedules/gtr-fast.gtr",
@@ -207,8 +209,11 @@ fn an_output_folder_with_a_run_is_refused_resumed_or_overwritten() {
         "--out",
         o,
         "--resume",
+        "--npz",
+        npz.to_str().unwrap(),
     ]);
     assert!(pngs(&out) == before, "resumed run differs");
+    assert_npz_holds_pngs(&npz, &out, 2);
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["generated_now"], 1);
@@ -462,4 +467,24 @@ fn a_missing_onnx_runtime_library_is_a_clear_error_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(&cache);
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The `.npz` at `path` holds `arr_0`, uint8 [n, H, W, 3], with the pixels
+/// of the PNGs 0..n in `dir`.
+fn assert_npz_holds_pngs(path: &Path, dir: &Path, n: usize) {
+    let mut npz = ndarray_npy::NpzReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    assert_eq!(npz.names().unwrap(), ["arr_0"]);
+    let arr: ndarray::Array4<u8> = npz.by_name("arr_0").unwrap();
+    assert_eq!(arr.dim(), (n, 64, 64, 3));
+    for i in 0..n {
+        let png = image::open(dir.join(format!("{i:05}.png")))
+            .unwrap()
+            .to_rgb8();
+        let row = arr.index_axis(ndarray::Axis(0), i);
+        assert_eq!(
+            row.as_slice().unwrap(),
+            png.as_raw().as_slice(),
+            "image {i}"
+        );
+    }
 }
