@@ -1,12 +1,15 @@
 //! A generation run: images from a bundle and a schedule, written to an
 //! output folder as `00000.png`…, a preview `grid.png` and `run.json`,
-//! optionally an `.npz` of all images.
+//! optionally an `.npz` of all images; a run may be split into shards
+//! ([`Shard`]).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Instant;
 
 use image::{DynamicImage, GrayImage, RgbImage};
@@ -44,6 +47,63 @@ pub enum Classes {
     List(Vec<i64>),
 }
 
+/// One of `n` contiguous parts of a run's image indices (`--shard K/N`).
+///
+/// Shards count from 0, as Kubernetes indexed Jobs (`JOB_COMPLETION_INDEX`)
+/// and `sbatch --array=0-(N-1)` (`SLURM_ARRAY_TASK_ID`) do. Shard `k` of a
+/// run of `num` images holds the indices `k·num/n .. (k+1)·num/n`: the parts
+/// differ in size by at most one and together hold every index once, in
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub k: usize,
+    pub n: usize,
+}
+
+impl Shard {
+    /// The image indices this shard holds in a run of `num_images`.
+    pub fn range(self, num_images: usize) -> Range<usize> {
+        let at = |k: usize| (k as u128 * num_images as u128 / self.n as u128) as usize;
+        at(self.k)..at(self.k + 1)
+    }
+}
+
+impl fmt::Display for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}/{}", self.k, self.n)
+    }
+}
+
+impl FromStr for Shard {
+    type Err = String;
+
+    /// Parses `K/N`; K must be in `0..N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (k, n) = s.split_once('/').ok_or_else(|| {
+            format!("`{s}` is not K/N: give the shard's number K (from 0) and the number of shards N, e.g. 0/4")
+        })?;
+        let number = |t: &str| {
+            t.trim().parse::<usize>().map_err(|_| {
+                format!("`{s}`: K and N must be whole numbers, e.g. 0/4 for the first of 4 shards")
+            })
+        };
+        let (k, n) = (number(k)?, number(n)?);
+        if n == 0 {
+            return Err(format!(
+                "`{s}`: N is the number of shards and must be at least 1"
+            ));
+        }
+        if k >= n {
+            return Err(format!(
+                "shard {k}/{n} does not exist: shards count from 0, so K is 0 to {last} \
+                 (with `sbatch --array=0-{last}`, pass $SLURM_ARRAY_TASK_ID/{n})",
+                last = n - 1
+            ));
+        }
+        Ok(Shard { k, n })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     pub schedule_path: PathBuf,
@@ -58,6 +118,9 @@ pub struct RunRequest {
     pub existing: Existing,
     pub replay: Option<PathBuf>,
     pub device_requested: String,
+    /// Generate only this part of the images (seeds, labels and file names
+    /// stay those of the whole run); no `grid.png` is written.
+    pub shard: Option<Shard>,
     /// Also write all images as an `.npz` here (see [`write_npz`]).
     pub npz: Option<PathBuf>,
 }
@@ -90,8 +153,15 @@ pub fn label_for(classes: &Classes, index: usize, n: usize, count: usize, null: 
     }
 }
 
-/// The default output folder: `runs/<model>-<schedule>-seed<seed>`.
-pub fn default_out_dir(model_name: &str, schedule: &Path, seed: u64) -> PathBuf {
+/// The default output folder: `runs/<model>-<schedule>-seed<seed>`, with
+/// `-shard<k>of<n>` added for a shard so that shards sharing a disk do not
+/// collide.
+pub fn default_out_dir(
+    model_name: &str,
+    schedule: &Path,
+    seed: u64,
+    shard: Option<Shard>,
+) -> PathBuf {
     let stem = schedule
         .file_stem()
         .map_or("schedule".into(), |s| s.to_string_lossy().into_owned());
@@ -106,14 +176,21 @@ pub fn default_out_dir(model_name: &str, schedule: &Path, seed: u64) -> PathBuf 
             })
             .collect::<String>()
     };
-    PathBuf::from("runs").join(format!("{}-{}-seed{seed}", clean(model_name), clean(&stem)))
+    let part = shard.map_or(String::new(), |s| format!("-shard{}of{}", s.k, s.n));
+    PathBuf::from("runs").join(format!(
+        "{}-{}-seed{seed}{part}",
+        clean(model_name),
+        clean(&stem)
+    ))
 }
 
+/// The file of image `index` in an output folder.
 fn image_path(out: &Path, index: usize) -> PathBuf {
     out.join(format!("{index:05}.png"))
 }
 
-/// Runs the request on `model`; `progress` sees (images done, total).
+/// Runs the request on `model`; `progress` sees (images done, images in
+/// this run or shard). Returns the record also written to `run.json`.
 pub fn run<M: MarModel>(
     bundle: &Bundle,
     model: M,
@@ -127,7 +204,22 @@ pub fn run<M: MarModel>(
             "--num-images and --batch must be at least 1".into(),
         ));
     }
+    let range = match req.shard {
+        Some(shard) if shard.n > req.num_images => {
+            return Err(RunError::Invalid(format!(
+                "--shard {shard}: {} shards of {} images would leave shards empty; use at most {} shards",
+                shard.n, req.num_images, req.num_images
+            )));
+        }
+        Some(shard) => shard.range(req.num_images),
+        None => 0..req.num_images,
+    };
     if let Some(npz) = &req.npz {
+        if req.shard.is_some() {
+            return Err(RunError::Invalid(
+                "--npz with --shard: a shard holds only part of the images; make the .npz from the whole run".into(),
+            ));
+        }
         check_file_target(npz, "--npz")?;
     }
     let labels: Vec<i64> = (0..req.num_images)
@@ -166,12 +258,6 @@ pub fn run<M: MarModel>(
         )));
     }
 
-    // The output folder: refuse, resume or overwrite a previous run.
-    prepare_out_dir(&req.out, req.existing, req.num_images)?;
-    let todo: Vec<usize> = (0..req.num_images)
-        .filter(|&i| req.existing != Existing::Resume || !image_path(&req.out, i).is_file())
-        .collect();
-
     let planner =
         Planner::new(&schedule, info.grid).map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
     let options = PlanOptions {
@@ -183,11 +269,57 @@ pub fn run<M: MarModel>(
     let reference_plan = planner
         .plan_with(req.seed, &options)
         .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+    let cost = plan_cost(&reference_plan, &bundle.cost_spec());
+
+    // What the run is, known before any image is made; the measurements
+    // are added at the end.
+    let mut record = json!({
+        "gtr_run_version": env!("CARGO_PKG_VERSION"),
+        "model": {
+            "name": info.name,
+            "path": bundle.dir.display().to_string(),
+            "classes": info.classes,
+        },
+        "schedule": {
+            "path": req.schedule_path.display().to_string(),
+            "source": schedule.source.text,
+            "params": schedule.params.iter().map(|p| (p.name.clone(), json!(p.value))).collect::<serde_json::Map<_, _>>(),
+        },
+        "seed": req.seed,
+        "num_images": req.num_images,
+        "shard": req.shard.map(|s| json!({"k": s.k, "n": s.n, "start": range.start, "end": range.end})),
+        "batch": req.batch,
+        "labels": labels,
+        "cfg_override": req.cfg,
+        "temperature_override": req.temperature,
+        "replay": req.replay.as_ref().map(|p| p.display().to_string()),
+        "device_requested": req.device_requested,
+        "mar_steps": reference_plan.steps.len(),
+        "cost_per_image": {
+            "encoder_passes": cost.encoder_passes,
+            "decoder_passes": cost.decoder_passes,
+            "diffusion_evaluations": cost.diffusion_evaluations,
+            "encoder_flops": cost.encoder_flops,
+            "decoder_flops": cost.decoder_flops,
+            "diffusion_flops": cost.diffusion_flops,
+            "total_flops": cost.total_flops(),
+        },
+    });
+
+    // The output folder: refuse, resume or overwrite a previous run.
+    prepare_out_dir(&req.out, req.existing, req.num_images)?;
+    if req.existing == Existing::Resume {
+        check_resumable(&req.out, &record)?;
+    }
+    let todo: Vec<usize> = range
+        .clone()
+        .filter(|&i| req.existing != Existing::Resume || !image_path(&req.out, i).is_file())
+        .collect();
 
     let mut engine = Engine::new(model);
     let started = Instant::now();
-    let mut done = req.num_images - todo.len();
-    progress(done, req.num_images);
+    let mut done = range.len() - todo.len();
+    progress(done, range.len());
     for chunk in todo.chunks(req.batch) {
         let jobs: Vec<ImageJob> = chunk
             .iter()
@@ -210,17 +342,19 @@ pub fn run<M: MarModel>(
             write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
         }
         done += jobs.len();
-        progress(done, req.num_images);
+        progress(done, range.len());
     }
     let wall = started.elapsed().as_secs_f64();
 
-    write_grid(&req.out, req.num_images, &labels, info.classes)?;
+    // A shard's preview would show a slice of the classes.
+    if req.shard.is_none() {
+        write_grid(&req.out, req.num_images, &labels, info.classes)?;
+    }
     if let Some(npz) = &req.npz {
-        write_npz(npz, &req.out, 0..req.num_images)?;
+        write_npz(npz, &req.out, range.clone())?;
     }
 
     let stats = &engine.stats;
-    let cost = plan_cost(&reference_plan, &bundle.cost_spec());
     let model_seconds = stats.model_seconds();
     // Time inside the runtime's own run calls, where the model reports it.
     let graph_stats = engine.model.graph_stats();
@@ -252,25 +386,9 @@ pub fn run<M: MarModel>(
             })
         })
         .collect();
-    let record = json!({
-        "gtr_run_version": env!("CARGO_PKG_VERSION"),
-        "model": {"name": info.name, "path": bundle.dir.display().to_string()},
-        "schedule": {
-            "path": req.schedule_path.display().to_string(),
-            "source": schedule.source.text,
-            "params": schedule.params.iter().map(|p| (p.name.clone(), json!(p.value))).collect::<serde_json::Map<_, _>>(),
-        },
-        "seed": req.seed,
-        "num_images": req.num_images,
+    let measured = json!({
         "generated_now": todo.len(),
-        "batch": req.batch,
-        "labels": labels,
-        "cfg_override": req.cfg,
-        "temperature_override": req.temperature,
-        "replay": req.replay.as_ref().map(|p| p.display().to_string()),
-        "device_requested": req.device_requested,
         "execution_provider": engine.model.execution_provider(),
-        "mar_steps": reference_plan.steps.len(),
         "steps": steps,
         "graphs": graph_stats,
         "seconds": {
@@ -281,20 +399,102 @@ pub fn run<M: MarModel>(
             "outside_runtime_run_calls": stats.total_seconds - runtime_seconds,
             "vae": stats.vae_seconds,
         },
-        "cost_per_image": {
-            "encoder_passes": cost.encoder_passes,
-            "decoder_passes": cost.decoder_passes,
-            "diffusion_evaluations": cost.diffusion_evaluations,
-            "encoder_flops": cost.encoder_flops,
-            "decoder_flops": cost.decoder_flops,
-            "diffusion_flops": cost.diffusion_flops,
-            "total_flops": cost.total_flops(),
-        },
     });
-    let path = req.out.join("run.json");
-    let text = serde_json::to_string_pretty(&record).unwrap_or_default() + "\n";
-    write_atomic(&path, text.as_bytes()).map_err(|source| RunError::Write { path, source })?;
+    if let (Value::Object(all), Value::Object(more)) = (&mut record, measured) {
+        all.extend(more);
+    }
+    write_record(&req.out, &record)?;
     Ok(record)
+}
+
+/// Writes `record` as `out/run.json`, atomically.
+fn write_record(out: &Path, record: &Value) -> Result<(), RunError> {
+    let path = out.join("run.json");
+    let text = serde_json::to_string_pretty(record).unwrap_or_default() + "\n";
+    write_atomic(&path, text.as_bytes()).map_err(|source| RunError::Write { path, source })
+}
+
+/// Reads `dir/run.json`.
+fn read_record(dir: &Path) -> Result<Value, RunError> {
+    let path = dir.join("run.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        RunError::Invalid(format!(
+            "cannot read {}: {e}; a folder is a finished run only once its run.json is written (resume an interrupted one with --resume)",
+            path.display()
+        ))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| RunError::Invalid(format!("{} is not a gtr-run record: {e}", path.display())))
+}
+
+/// What makes two records parts of one run: what they are called in
+/// messages, and the values compared. Not compared: batch size, device and
+/// paths (none changes an image), nor the measurements.
+fn identity(record: &Value) -> Vec<(&'static str, Value)> {
+    let r = |pointer: &str| record.pointer(pointer).cloned().unwrap_or(Value::Null);
+    vec![
+        ("gtr-run version", r("/gtr_run_version")),
+        ("model", r("/model/name")),
+        ("model's number of classes", r("/model/classes")),
+        ("schedule text", r("/schedule/source")),
+        ("schedule parameters", r("/schedule/params")),
+        ("MAR steps", r("/mar_steps")),
+        ("seed", r("/seed")),
+        ("number of images", r("/num_images")),
+        ("class labels", r("/labels")),
+        ("guidance (--cfg)", r("/cfg_override")),
+        ("temperature (--temperature)", r("/temperature_override")),
+        // Replay paths differ between machines; whether one was used may not.
+        ("use of a replay file", json!(!record["replay"].is_null())),
+    ]
+}
+
+/// How the run records `a` (of folder `a_name`) and `b` differ in what
+/// makes a run (see [`identity`]), one phrase each, e.g. "the seed (0 in
+/// A, 1 in B)"; empty when they are parts of one run.
+fn disagreements(a: &Value, a_name: &str, b: &Value, b_name: &str) -> Vec<String> {
+    identity(a)
+        .into_iter()
+        .zip(identity(b))
+        .filter(|((_, x), (_, y))| x != y)
+        .map(|((what, x), (_, y))| {
+            let (x, y) = (x.to_string(), y.to_string());
+            if x.len() + y.len() <= 60 {
+                format!("the {what} ({x} in {a_name}, {y} in {b_name})")
+            } else {
+                format!("the {what}")
+            }
+        })
+        .collect()
+}
+
+/// On `--resume`, a finished record already in `out` must be of this run
+/// and this shard; otherwise images of two runs would be mixed.
+fn check_resumable(out: &Path, record: &Value) -> Result<(), RunError> {
+    if !out.join("run.json").is_file() {
+        return Ok(());
+    }
+    let previous = read_record(out)?;
+    let mut differ = disagreements(&previous, "the folder", record, "this run");
+    if previous["shard"] != record["shard"] {
+        let name = |r: &Value| match (r["shard"]["k"].as_u64(), r["shard"]["n"].as_u64()) {
+            (Some(k), Some(n)) => format!("shard {k}/{n}"),
+            _ => "no shard".to_string(),
+        };
+        differ.push(format!(
+            "the shard ({} in the folder, {} in this run)",
+            name(&previous),
+            name(record)
+        ));
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(RunError::Invalid(format!(
+        "{} holds a different run, so resuming would mix images of two runs: they differ in {}; use the same settings, --force to overwrite, or --out elsewhere",
+        out.display(),
+        differ.join(", ")
+    )))
 }
 
 /// Refuses, before any work, a path a file cannot be written to: a folder,
@@ -545,8 +745,34 @@ mod tests {
 
     #[test]
     fn default_output_folder_names_model_schedule_and_seed() {
-        let p = default_out_dir("tiny random", Path::new("schedules/gtr-3.7x.gtr"), 42);
+        let p = default_out_dir("tiny random", Path::new("schedules/gtr-3.7x.gtr"), 42, None);
         assert_eq!(p, PathBuf::from("runs/tiny_random-gtr-3.7x-seed42"));
+        let shard = Some(Shard { k: 1, n: 8 });
+        let p = default_out_dir("tiny", Path::new("schedules/gtr.gtr"), 0, shard);
+        assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-shard1of8"));
+    }
+
+    #[test]
+    fn shards_split_the_indices_into_contiguous_near_equal_parts() {
+        for num in 1..40 {
+            for n in 1..=num {
+                let mut next = 0;
+                for k in 0..n {
+                    let r = Shard { k, n }.range(num);
+                    assert_eq!(r.start, next, "{k}/{n} of {num}");
+                    assert!(r.len() == num / n || r.len() == num / n + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, num);
+            }
+        }
+        assert_eq!("3/8".parse::<Shard>(), Ok(Shard { k: 3, n: 8 }));
+        assert_eq!("0 / 1".parse::<Shard>(), Ok(Shard { k: 0, n: 1 }));
+        assert_eq!(Shard { k: 3, n: 8 }.to_string(), "3/8");
+        let err = "8/8".parse::<Shard>().unwrap_err();
+        assert!(err.contains("shards count from 0, so K is 0 to 7"), "{err}");
+        assert!("3".parse::<Shard>().unwrap_err().contains("is not K/N"));
+        assert!("1/0".parse::<Shard>().unwrap_err().contains("at least 1"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use gtr_run::cost::{ModelSpec, plan_cost};
+use gtr_run::generate::Shard;
 use gtr_run::grid::Grid;
 use gtr_run::plan::Planner;
 use gtr_run::report;
@@ -81,9 +82,13 @@ struct GenerateArgs {
     /// Take every image's token order and noise from this .npz (see README).
     #[arg(long, value_name = "FILE.npz")]
     replay: Option<PathBuf>,
+    /// Make only shard K of N (K from 0: 0/4 … 3/4): a contiguous part of
+    /// the images, each with its own seed and class as in the whole run.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
     /// Also write all images as an .npz (`arr_0`, uint8 [N, H, W, 3]), as FID
     /// evaluators read.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "shard")]
     npz: Option<PathBuf>,
 }
 
@@ -168,9 +173,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         _ => Device::Cpu,
     };
     let model = OrtModel::load(&bundle, device, args.threads)?;
-    let out = args
-        .out
-        .unwrap_or_else(|| default_out_dir(&bundle.manifest.name, &schedule_path, args.seed));
+    let out = args.out.unwrap_or_else(|| {
+        default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
+    });
     let request = RunRequest {
         schedule_path,
         overrides,
@@ -194,35 +199,48 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
         replay: args.replay,
         device_requested: args.device,
+        shard: args.shard,
         npz: args.npz,
     };
+    let part = match request.shard {
+        Some(s) => {
+            let r = s.range(request.num_images);
+            format!(
+                ", shard {s}: images {}..{} of {}",
+                r.start, r.end, request.num_images
+            )
+        }
+        None => format!(", {} images", request.num_images),
+    };
     eprintln!(
-        "gtr-run: model {}, schedule {}, seed {}, {} images -> {}",
+        "gtr-run: model {}, schedule {}, seed {}{part} -> {}",
         bundle.manifest.name,
         request.schedule_path.display(),
         request.seed,
-        request.num_images,
         out.display()
     );
-    let bar = indicatif::ProgressBar::new(request.num_images as u64);
+    let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:40} {pos}/{len} images, {elapsed} elapsed, eta {eta}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let record = run(&bundle, model, &request, |done, _| {
-        bar.set_position(done as u64)
+    let mut made = 0;
+    let record = run(&bundle, model, &request, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        made = total;
     })?;
     bar.finish_and_clear();
     let secs = &record["seconds"];
-    let files = match &request.npz {
-        Some(npz) => format!("grid.png, run.json and {}", npz.display()),
-        None => "grid.png and run.json".to_string(),
+    let files = match (&request.shard, &request.npz) {
+        (Some(_), _) => "run.json".to_string(),
+        (None, Some(npz)) => format!("grid.png, run.json and {}", npz.display()),
+        (None, None) => "grid.png and run.json".to_string(),
     };
     write_stdout(&format!(
-        "wrote {} images, {files} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
-        request.num_images,
+        "wrote {made} images, {files} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
         out.display(),
         request.seed,
         record["mar_steps"],

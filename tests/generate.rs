@@ -1,6 +1,6 @@
 //! `gtr-run MODEL SCHEDULE` end to end on the tiny fixture bundle (ONNX
-//! Runtime on CPU): outputs, reproducibility, batching, the `.npz` output,
-//! and every error a user can run into.
+//! Runtime on CPU): outputs, reproducibility, batching, shards, the
+//! `.npz` output, and every error a user can run into.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -214,6 +214,21 @@ fn an_output_folder_with_a_run_is_refused_resumed_or_overwritten() {
     ]);
     assert!(pngs(&out) == before, "resumed run differs");
     assert_npz_holds_pngs(&npz, &out, 2);
+    // Resuming with other settings would mix two runs.
+    fails(
+        &[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            o,
+            "--resume",
+        ],
+        "differ in the seed (0 in the folder, 5 in this run)",
+    );
     let run: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["generated_now"], 1);
@@ -487,4 +502,88 @@ fn assert_npz_holds_pngs(path: &Path, dir: &Path, n: usize) {
             "image {i}"
         );
     }
+}
+
+fn record(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
+}
+
+const SHARD_RUN: [&str; 6] = [
+    TINY,
+    "schedules/gtr-fast.gtr",
+    "--num-images",
+    "5",
+    "--seed",
+    "7",
+];
+
+/// Makes shard `k/n` of [`SHARD_RUN`] in `out`.
+fn shard(k: usize, n: usize, out: &Path, extra: &[&str]) {
+    let s = format!("{k}/{n}");
+    let args = [
+        &SHARD_RUN[..],
+        &["--shard", &s, "--out", out.to_str().unwrap()],
+        extra,
+    ]
+    .concat();
+    ok(&args);
+}
+
+#[test]
+fn a_shard_resumes_only_its_own_images() {
+    let out = tmp("shard-resume");
+    shard(1, 2, &out, &[]);
+    let before = pngs(&out);
+    assert_eq!(before.len(), 3);
+    std::fs::remove_file(out.join("00003.png")).unwrap();
+    shard(1, 2, &out, &["--resume"]);
+    assert!(pngs(&out) == before, "resumed shard differs");
+    assert_eq!(record(&out)["generated_now"], 1);
+    // Another shard in the same folder would mix runs.
+    let s = ["--shard", "0/2", "--out", out.to_str().unwrap(), "--resume"];
+    fails(
+        &[&SHARD_RUN[..], &s].concat(),
+        "differ in the shard (shard 1/2 in the folder, shard 0/2 in this run)",
+    );
+    assert!(pngs(&out) == before);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn bad_shard_arguments_are_reported_clearly() {
+    let out = tmp("shard-errors");
+    let o = out.to_str().unwrap();
+    for (arg, want) in [
+        (
+            "2/2",
+            "shard 2/2 does not exist: shards count from 0, so K is 0 to 1",
+        ),
+        ("1-2", "`1-2` is not K/N"),
+        ("a/2", "K and N must be whole numbers"),
+        ("1/2.5", "K and N must be whole numbers"),
+        ("0/0", "N is the number of shards and must be at least 1"),
+        ("0/9", "9 shards of 5 images would leave shards empty"),
+    ] {
+        fails(
+            &[&SHARD_RUN[..], &["--shard", arg, "--out", o]].concat(),
+            want,
+        );
+    }
+    fails(
+        &[
+            &SHARD_RUN[..],
+            &["--shard", "0/2", "--npz", "x.npz", "--out", o],
+        ]
+        .concat(),
+        "cannot be used with",
+    );
+    fails(
+        &[&SHARD_RUN[..], &["--npz", "/nonexistent/x.npz", "--out", o]].concat(),
+        "the folder /nonexistent does not exist",
+    );
+    assert!(
+        !out.exists() || pngs(&out).is_empty(),
+        "nothing is generated"
+    );
+    let _ = std::fs::remove_dir_all(&out);
 }
