@@ -1,7 +1,7 @@
 //! A generation run: images from a bundle and a schedule, written to an
 //! output folder as `00000.png`…, a preview `grid.png` and `run.json`,
 //! optionally an `.npz` of all images; a run may be split into shards
-//! ([`Shard`]).
+//! ([`Shard`]) that [`crate::merge`] joins again.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -185,7 +185,7 @@ pub fn default_out_dir(
 }
 
 /// The file of image `index` in an output folder.
-fn image_path(out: &Path, index: usize) -> PathBuf {
+pub(crate) fn image_path(out: &Path, index: usize) -> PathBuf {
     out.join(format!("{index:05}.png"))
 }
 
@@ -217,7 +217,7 @@ pub fn run<M: MarModel>(
     if let Some(npz) = &req.npz {
         if req.shard.is_some() {
             return Err(RunError::Invalid(
-                "--npz with --shard: a shard holds only part of the images; make the .npz from the whole run".into(),
+                "--npz with --shard: a shard holds only part of the images; pass --npz to `gtr-run merge` instead".into(),
             ));
         }
         check_file_target(npz, "--npz")?;
@@ -346,7 +346,8 @@ pub fn run<M: MarModel>(
     }
     let wall = started.elapsed().as_secs_f64();
 
-    // A shard's preview would show a slice of the classes.
+    // A shard's preview would show a slice of the classes; merge makes the
+    // grid of the whole run.
     if req.shard.is_none() {
         write_grid(&req.out, req.num_images, &labels, info.classes)?;
     }
@@ -378,6 +379,7 @@ pub fn run<M: MarModel>(
                 "detail": p.detail.map(|d| json!({"fraction": d.fraction, "steps": d.steps, "selector": d.selector.name(), "count": d.count})),
                 "cfg": p.cfg,
                 "temperature": p.temperature,
+                // The measurements, summed by `combine_records`: STEP_COUNTERS.
                 "backbone_seconds": s.backbone_seconds,
                 "diffusion_seconds": s.diffusion_seconds,
                 "diffusion_calls": s.diffusion_calls,
@@ -408,14 +410,14 @@ pub fn run<M: MarModel>(
 }
 
 /// Writes `record` as `out/run.json`, atomically.
-fn write_record(out: &Path, record: &Value) -> Result<(), RunError> {
+pub(crate) fn write_record(out: &Path, record: &Value) -> Result<(), RunError> {
     let path = out.join("run.json");
     let text = serde_json::to_string_pretty(record).unwrap_or_default() + "\n";
     write_atomic(&path, text.as_bytes()).map_err(|source| RunError::Write { path, source })
 }
 
 /// Reads `dir/run.json`.
-fn read_record(dir: &Path) -> Result<Value, RunError> {
+pub(crate) fn read_record(dir: &Path) -> Result<Value, RunError> {
     let path = dir.join("run.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         RunError::Invalid(format!(
@@ -452,7 +454,7 @@ fn identity(record: &Value) -> Vec<(&'static str, Value)> {
 /// How the run records `a` (of folder `a_name`) and `b` differ in what
 /// makes a run (see [`identity`]), one phrase each, e.g. "the seed (0 in
 /// A, 1 in B)"; empty when they are parts of one run.
-fn disagreements(a: &Value, a_name: &str, b: &Value, b_name: &str) -> Vec<String> {
+pub(crate) fn disagreements(a: &Value, a_name: &str, b: &Value, b_name: &str) -> Vec<String> {
     identity(a)
         .into_iter()
         .zip(identity(b))
@@ -466,6 +468,101 @@ fn disagreements(a: &Value, a_name: &str, b: &Value, b_name: &str) -> Vec<String
             }
         })
         .collect()
+}
+
+/// The measurements of each step in a record, which add up over shards.
+const STEP_COUNTERS: [&str; 5] = [
+    "backbone_seconds",
+    "diffusion_seconds",
+    "diffusion_calls",
+    "diffusion_rows",
+    "other_seconds",
+];
+
+/// Fields a part may choose without changing an image; kept in a combined
+/// record where all parts agree, else null.
+const FREE_FIELDS: [&str; 6] = [
+    "/batch",
+    "/device_requested",
+    "/execution_provider",
+    "/model/path",
+    "/schedule/path",
+    "/replay",
+];
+
+/// The record of one run made of `parts` ((folder, record), in index
+/// order, checked with [`disagreements`]), as one machine would have
+/// written it: the first part's record with `shard` null; `generated_now`,
+/// every `seconds` entry and each graph's and step's calls, rows and
+/// seconds summed over the parts (machine time, not elapsed time); batch,
+/// device, execution provider and paths kept where all parts agree, else
+/// null; and `parts`, each part's folder, shard, batch, device, provider,
+/// images generated and seconds.
+pub(crate) fn combine_records(parts: &[(String, Value)]) -> Value {
+    let Some(((_, first), rest)) = parts.split_first() else {
+        return Value::Null;
+    };
+    let mut all = first.clone();
+    all["shard"] = Value::Null;
+    for (_, part) in rest {
+        add(&mut all["generated_now"], &part["generated_now"]);
+        if let Some(seconds) = all["seconds"].as_object_mut() {
+            for (key, total) in seconds {
+                add(total, &part["seconds"][key]);
+            }
+        }
+        for graph in all["graphs"].as_array_mut().into_iter().flatten() {
+            let same = part["graphs"]
+                .as_array()
+                .and_then(|gs| gs.iter().find(|g| g["graph"] == graph["graph"]));
+            if let Some(same) = same {
+                add(&mut graph["calls"], &same["calls"]);
+                add(&mut graph["seconds"], &same["seconds"]);
+            }
+        }
+        for (k, step) in all["steps"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            for key in STEP_COUNTERS {
+                add(&mut step[key], &part["steps"][k][key]);
+            }
+        }
+    }
+    for pointer in FREE_FIELDS {
+        let agree = parts
+            .iter()
+            .all(|(_, r)| r.pointer(pointer) == first.pointer(pointer));
+        if let (false, Some(field)) = (agree, all.pointer_mut(pointer)) {
+            *field = Value::Null;
+        }
+    }
+    all["parts"] = parts
+        .iter()
+        .map(|(dir, r)| {
+            json!({
+                "dir": dir,
+                "shard": r["shard"],
+                "batch": r["batch"],
+                "device_requested": r["device_requested"],
+                "execution_provider": r["execution_provider"],
+                "generated_now": r["generated_now"],
+                "seconds": r["seconds"],
+            })
+        })
+        .collect();
+    all
+}
+
+/// `total += more` for JSON numbers, staying an integer where both are.
+fn add(total: &mut Value, more: &Value) {
+    *total = match (total.as_u64(), more.as_u64(), total.as_f64(), more.as_f64()) {
+        (Some(a), Some(b), _, _) => json!(a + b),
+        (_, _, Some(a), Some(b)) => json!(a + b),
+        _ => return,
+    };
 }
 
 /// On `--resume`, a finished record already in `out` must be of this run
@@ -499,7 +596,7 @@ fn check_resumable(out: &Path, record: &Value) -> Result<(), RunError> {
 
 /// Refuses, before any work, a path a file cannot be written to: a folder,
 /// or a file in a folder that does not exist. `what` names the option.
-fn check_file_target(path: &Path, what: &str) -> Result<(), RunError> {
+pub(crate) fn check_file_target(path: &Path, what: &str) -> Result<(), RunError> {
     if path.is_dir() {
         return Err(RunError::Invalid(format!(
             "{what} {}: this is a folder; give a file name",
@@ -541,12 +638,7 @@ fn prepare_out_dir(out: &Path, existing: Existing, n: usize) -> Result<(), RunEr
             for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
                 let path = entry.map_err(|e| io(out, e))?.path();
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let ours = name == "run.json"
-                    || name == "grid.png"
-                    || (name.len() == 9
-                        && name.ends_with(".png")
-                        && name[..5].bytes().all(|b| b.is_ascii_digit()));
-                if ours {
+                if is_run_file(name) {
                     std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
                 }
             }
@@ -554,6 +646,15 @@ fn prepare_out_dir(out: &Path, existing: Existing, n: usize) -> Result<(), RunEr
         }
         _ => std::fs::create_dir_all(out).map_err(|e| io(out, e)),
     }
+}
+
+/// Whether a generation run writes files of this name: `run.json`,
+/// `grid.png` and the images (`00000.png`, …).
+pub(crate) fn is_run_file(name: &str) -> bool {
+    let image = name
+        .strip_suffix(".png")
+        .is_some_and(|stem| stem.len() >= 5 && stem.bytes().all(|b| b.is_ascii_digit()));
+    image || name == "run.json" || name == "grid.png"
 }
 
 /// PNG bytes of one image given as [H, W, channels] u8.
@@ -579,7 +680,12 @@ pub fn encode_png(pixels: &ndarray::Array3<u8>) -> Vec<u8> {
 /// `grid.png`: the images tiled, one row per class when the classes are
 /// balanced (a single row when there is one image per class), else in a
 /// near-square grid.
-fn write_grid(out: &Path, n: usize, labels: &[i64], classes: usize) -> Result<(), RunError> {
+pub(crate) fn write_grid(
+    out: &Path,
+    n: usize,
+    labels: &[i64],
+    classes: usize,
+) -> Result<(), RunError> {
     let images = (0..n)
         .map(|i| read_back(&image_path(out, i)))
         .collect::<Result<Vec<_>, _>>()?;

@@ -26,6 +26,7 @@ pub mod eval;
 pub mod fsutil;
 pub mod generate;
 pub mod grid;
+pub mod merge;
 pub mod plan;
 pub mod report;
 pub mod rng;

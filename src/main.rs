@@ -20,7 +20,7 @@ use gtr_run::schedule::{Schedule, ScheduleError};
     name = "gtr-run",
     version,
     about = "Run Masked Autoregressive image generators with .gtr schedules",
-    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]",
+    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]\n       gtr-run merge OUT PART_DIR... [OPTIONS]",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -83,7 +83,8 @@ struct GenerateArgs {
     #[arg(long, value_name = "FILE.npz")]
     replay: Option<PathBuf>,
     /// Make only shard K of N (K from 0: 0/4 … 3/4): a contiguous part of
-    /// the images, each with its own seed and class as in the whole run.
+    /// the images, each with its own seed and class as in the whole run;
+    /// join the shards with `gtr-run merge`.
     #[arg(long, value_name = "K/N")]
     shard: Option<Shard>,
     /// Also write all images as an .npz (`arr_0`, uint8 [N, H, W, 3]), as FID
@@ -96,6 +97,23 @@ struct GenerateArgs {
 enum Command {
     /// Show the token order and step table a schedule produces, without a model.
     Plan(PlanArgs),
+    /// Join the folders of a run's shards (--shard K/N) into one run folder.
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The merged folder to create.
+    out: PathBuf,
+    /// The shards' output folders, in any order.
+    #[arg(required = true, value_name = "PART_DIR")]
+    parts: Vec<PathBuf>,
+    /// Also write all images as an .npz (`arr_0`, uint8 [N, H, W, 3]).
+    #[arg(long, value_name = "PATH")]
+    npz: Option<PathBuf>,
+    /// Replace OUT if it holds a previous run (and nothing else).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -140,6 +158,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Plan(args)) => run_plan(args),
+        Some(Command::Merge(args)) => run_merge(args),
         None => run_generate(cli.generate),
     };
     match result {
@@ -246,6 +265,27 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         record["mar_steps"],
         record["execution_provider"].as_str().unwrap_or("?"),
         secs["wall"].as_f64().unwrap_or(0.0)
+    ))
+}
+
+fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
+    use gtr_run::merge::{MergeRequest, merge};
+    let request = MergeRequest {
+        out: args.out,
+        parts: args.parts,
+        npz: args.npz,
+        force: args.force,
+    };
+    let record = merge(&request)?;
+    let npz = match &request.npz {
+        Some(npz) => format!(" and {}", npz.display()),
+        None => String::new(),
+    };
+    write_stdout(&format!(
+        "merged {} parts: {} images, grid.png, run.json{npz} in {}\n",
+        request.parts.len(),
+        record["num_images"],
+        request.out.display()
     ))
 }
 

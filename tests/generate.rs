@@ -1,6 +1,6 @@
 //! `gtr-run MODEL SCHEDULE` end to end on the tiny fixture bundle (ONNX
-//! Runtime on CPU): outputs, reproducibility, batching, shards, the
-//! `.npz` output, and every error a user can run into.
+//! Runtime on CPU): outputs, reproducibility, batching, shards and
+//! `gtr-run merge`, the `.npz` output, and every error a user can run into.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -504,6 +504,16 @@ fn assert_npz_holds_pngs(path: &Path, dir: &Path, n: usize) {
     }
 }
 
+/// No file or folder in `dir` starts with `.` (temporary files).
+fn assert_no_temporaries(dir: &Path) {
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
+}
+
 fn record(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
 }
@@ -527,6 +537,135 @@ fn shard(k: usize, n: usize, out: &Path, extra: &[&str]) {
     ]
     .concat();
     ok(&args);
+}
+
+#[test]
+fn shards_merged_give_the_bytes_of_the_single_machine_run() {
+    let dir = tmp("shards");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (whole, merged) = (dir.join("whole"), dir.join("merged"));
+    let (whole_npz, merged_npz) = (dir.join("whole.npz"), dir.join("merged.npz"));
+    let o = ok(&[
+        &SHARD_RUN[..],
+        &[
+            "--out",
+            whole.to_str().unwrap(),
+            "--npz",
+            whole_npz.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("wrote 5 images"));
+    assert_npz_holds_pngs(&whole_npz, &whole, 5);
+
+    // Three uneven shards (1, 2 and 2 images), each with its own batch size.
+    let parts: Vec<PathBuf> = (0..3).map(|k| dir.join(format!("part{k}"))).collect();
+    for (k, part) in parts.iter().enumerate() {
+        shard(k, 3, part, &["--batch", &(k + 1).to_string()]);
+    }
+    let held: Vec<Vec<String>> = parts
+        .iter()
+        .map(|p| pngs(p).into_iter().map(|f| f.0).collect())
+        .collect();
+    assert_eq!(
+        held,
+        [
+            vec!["00000.png"],
+            vec!["00001.png", "00002.png"],
+            vec!["00003.png", "00004.png"]
+        ]
+    );
+    let r = record(&parts[1]);
+    assert_eq!(
+        r["shard"],
+        serde_json::json!({"k": 1, "n": 3, "start": 1, "end": 3})
+    );
+    assert_eq!(r["num_images"], 5);
+    assert_eq!(r["generated_now"], 2);
+    assert_eq!(r["labels"], record(&whole)["labels"]);
+    assert!(
+        !parts[1].join("grid.png").exists(),
+        "merge makes the grid, not shards"
+    );
+
+    // Parts in any order.
+    let o = ok(&[
+        "merge",
+        merged.to_str().unwrap(),
+        parts[2].to_str().unwrap(),
+        parts[0].to_str().unwrap(),
+        parts[1].to_str().unwrap(),
+        "--npz",
+        merged_npz.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("merged 3 parts: 5 images"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(pngs(&merged) == pngs(&whole), "merged images differ");
+    assert_eq!(
+        std::fs::read(merged.join("grid.png")).unwrap(),
+        std::fs::read(whole.join("grid.png")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(&merged_npz).unwrap(),
+        std::fs::read(&whole_npz).unwrap(),
+        "merged .npz differs"
+    );
+
+    let (m, w) = (record(&merged), record(&whole));
+    for key in [
+        "num_images",
+        "labels",
+        "seed",
+        "schedule",
+        "model",
+        "mar_steps",
+    ] {
+        assert_eq!(m[key], w[key], "{key}");
+    }
+    assert!(m["shard"].is_null());
+    assert_eq!(m["generated_now"], 5);
+    assert_eq!(m["batch"], serde_json::Value::Null, "batch sizes differed");
+    assert_eq!(m["execution_provider"], "cpu");
+    let ps = m["parts"].as_array().unwrap();
+    assert_eq!(ps.len(), 3);
+    assert_eq!(ps[0]["shard"]["k"], 0);
+    assert_eq!(ps[2]["dir"], parts[2].to_str().unwrap());
+    // Counts and seconds are summed over the parts; the diffusion rows of a
+    // step, one per image, add up to the whole run's.
+    let parts_records: Vec<serde_json::Value> = parts.iter().map(|p| record(p)).collect();
+    for (g, graph) in m["graphs"].as_array().unwrap().iter().enumerate() {
+        let calls: u64 = parts_records
+            .iter()
+            .map(|r| r["graphs"][g]["calls"].as_u64().unwrap())
+            .sum();
+        assert_eq!(graph["calls"], calls, "{}", graph["graph"]);
+    }
+    let rows = |r: &serde_json::Value| r["steps"][0]["diffusion_rows"].as_u64().unwrap();
+    assert_eq!(rows(&m), rows(&w));
+    let wall: f64 = parts_records
+        .iter()
+        .map(|r| r["seconds"]["wall"].as_f64().unwrap())
+        .sum();
+    assert!((m["seconds"]["wall"].as_f64().unwrap() - wall).abs() < 1e-9);
+    assert_no_temporaries(&merged);
+    assert_no_temporaries(&dir);
+
+    // An .npz inside the merged folder, replacing a previous merge.
+    let inside = merged.join("images.npz");
+    let mut args = vec!["merge", merged.to_str().unwrap()];
+    args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["--npz", inside.to_str().unwrap(), "--force"]);
+    ok(&args);
+    assert_eq!(
+        std::fs::read(&inside).unwrap(),
+        std::fs::read(&whole_npz).unwrap()
+    );
+    assert!(pngs(&merged) == pngs(&whole));
+    assert_no_temporaries(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -586,4 +725,107 @@ fn bad_shard_arguments_are_reported_clearly() {
         "nothing is generated"
     );
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn merge_refuses_parts_that_do_not_make_one_run() {
+    let dir = tmp("merge-errors");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (p0, p1) = (dir.join("p0"), dir.join("p1"));
+    shard(0, 2, &p0, &[]);
+    shard(1, 2, &p1, &[]);
+    let other_seed = dir.join("seed8");
+    ok(&[
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "5",
+        "--seed",
+        "8",
+        "--shard",
+        "1/2",
+        "--out",
+        other_seed.to_str().unwrap(),
+    ]);
+    let out = dir.join("out");
+    let merge = |parts: &[&Path], extra: &[&str], want: &str| {
+        let mut args = vec!["merge", out.to_str().unwrap()];
+        args.extend(parts.iter().map(|p| p.to_str().unwrap()));
+        args.extend(extra);
+        fails(&args, want);
+    };
+    let p = |path: &Path| path.display().to_string();
+    merge(
+        &[&p0],
+        &[],
+        "must hold each of the 5 images exactly once: no part holds images 2-4 (missing: shard 1/2)",
+    );
+    merge(
+        &[&p0, &p1, &p0],
+        &[],
+        &format!(
+            "images 0-1 are in both {} (shard 0/2, images 0-1) and {}",
+            p(&p0),
+            p(&p0)
+        ),
+    );
+    merge(
+        &[&p0, &other_seed],
+        &[],
+        &format!(
+            "{} and {} are not parts of one run: they differ in the seed (7 in {}, 8 in {})",
+            p(&p0),
+            p(&other_seed),
+            p(&p0),
+            p(&other_seed)
+        ),
+    );
+    merge(&[&p0, &dir.join("nowhere")], &[], "nowhere: no such folder");
+    // A shard still running (no run.json yet).
+    let running = dir.join("running");
+    std::fs::create_dir_all(&running).unwrap();
+    std::fs::copy(p1.join("00002.png"), running.join("00002.png")).unwrap();
+    merge(
+        &[&p0, &running],
+        &[],
+        "a folder is a finished run only once its run.json is written",
+    );
+    // A part missing an image it claims.
+    std::fs::copy(p1.join("run.json"), running.join("run.json")).unwrap();
+    merge(&[&p0, &running], &[], "lacks");
+    merge(
+        &[&p0, &p1],
+        &["--npz", "/nonexistent/x.npz"],
+        "does not exist",
+    );
+    assert!(!out.exists(), "a failed merge leaves no folder");
+    std::fs::remove_dir_all(&running).unwrap();
+    assert_no_temporaries(&dir);
+
+    // An existing folder: refused unless --force, and never one with files
+    // gtr-run did not write.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    merge(&[&p0, &p1], &[], "is not empty; pass --force");
+    merge(
+        &[&p0, &p1],
+        &["--force"],
+        "holds `notes.txt`, which gtr-run does not write",
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    fails(
+        &[
+            "merge",
+            p0.to_str().unwrap(),
+            p0.to_str().unwrap(),
+            p1.to_str().unwrap(),
+            "--force",
+        ],
+        "is one of the parts",
+    );
+    assert_no_temporaries(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

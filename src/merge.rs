@@ -1,0 +1,409 @@
+//! `gtr-run merge`: joins the output folders of the shards of one run
+//! (`--shard K/N`) into the folder one machine would have written.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::generate::{
+    RunError, Shard, check_file_target, combine_records, disagreements, image_path, is_run_file,
+    read_record, write_grid, write_npz, write_record,
+};
+
+#[derive(Debug, Clone)]
+pub struct MergeRequest {
+    /// The folder to create (or, with `force`, replace).
+    pub out: PathBuf,
+    /// Finished shard folders (or whole-run folders), in any order.
+    pub parts: Vec<PathBuf>,
+    /// Also write all images as an `.npz` here.
+    pub npz: Option<PathBuf>,
+    /// Replace a non-empty `out` that holds only gtr-run output.
+    pub force: bool,
+}
+
+/// One finished part: its folder, its record and the images it holds.
+struct Part {
+    dir: PathBuf,
+    record: Value,
+    /// Images in the whole run.
+    num: usize,
+    shard: Option<Shard>,
+    range: Range<usize>,
+}
+
+impl Part {
+    fn read(dir: &Path) -> Result<Part, RunError> {
+        if !dir.is_dir() {
+            return Err(RunError::Invalid(format!(
+                "{}: no such folder",
+                dir.display()
+            )));
+        }
+        let record = read_record(dir)?;
+        let bad = |what: &str| {
+            RunError::Invalid(format!(
+                "{}/run.json: {what}; is it a gtr-run record?",
+                dir.display()
+            ))
+        };
+        let num = record["num_images"]
+            .as_u64()
+            .ok_or_else(|| bad("no `num_images`"))? as usize;
+        let shard = match &record["shard"] {
+            Value::Null => None,
+            s => {
+                let (Some(k), Some(n)) = (s["k"].as_u64(), s["n"].as_u64()) else {
+                    return Err(bad("`shard` has no `k` and `n`"));
+                };
+                let shard = Shard {
+                    k: k as usize,
+                    n: n as usize,
+                };
+                if shard.k >= shard.n || shard.n > num {
+                    return Err(bad(&format!("shard {shard} of {num} images is impossible")));
+                }
+                Some(shard)
+            }
+        };
+        let range = shard.map_or(0..num, |s| s.range(num));
+        Ok(Part {
+            dir: dir.to_path_buf(),
+            record,
+            num,
+            shard,
+            range,
+        })
+    }
+
+    fn name(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    /// E.g. `parts/1 (shard 1/2, images 2-3)`.
+    fn describe(&self) -> String {
+        let images = spans(&self.range.clone().collect::<Vec<_>>());
+        match self.shard {
+            Some(s) => format!("{} (shard {s}, images {images})", self.name()),
+            None => format!("{} (a whole run, images {images})", self.name()),
+        }
+    }
+}
+
+/// Merges `req.parts` into `req.out`: checks that the parts are of one run
+/// (same model, schedule text and parameters, seed, number of images,
+/// labels, guidance and temperature overrides, version) and hold each image
+/// index exactly once, with every PNG they claim present; then builds the
+/// folder beside `out` (PNGs hard-linked where the file system allows, else
+/// copied; `grid.png`; a combined `run.json`, see
+/// [`crate::generate::combine_records`]; the `.npz` if asked) and renames
+/// it into place, so `out` is never seen half-written. A non-empty `out` is
+/// refused unless `force`, and even then only if it holds nothing but
+/// gtr-run output. Returns the combined record.
+pub fn merge(req: &MergeRequest) -> Result<Value, RunError> {
+    let mut parts: Vec<Part> = req
+        .parts
+        .iter()
+        .map(|dir| Part::read(dir))
+        .collect::<Result<_, _>>()?;
+    parts.sort_by_key(|p| (p.range.start, p.range.end));
+    let Some(first) = parts.first() else {
+        return Err(RunError::Invalid(
+            "give at least one part folder to merge".into(),
+        ));
+    };
+    for part in &parts[1..] {
+        let differ = disagreements(&first.record, &first.name(), &part.record, &part.name());
+        if !differ.is_empty() {
+            return Err(RunError::Invalid(format!(
+                "{} and {} are not parts of one run: they differ in {}",
+                first.name(),
+                part.name(),
+                differ.join(", ")
+            )));
+        }
+    }
+    let num = first.num;
+    check_coverage(&parts, num)?;
+    for part in &parts {
+        if let Some(i) = part
+            .range
+            .clone()
+            .find(|&i| !image_path(&part.dir, i).is_file())
+        {
+            return Err(RunError::Invalid(format!(
+                "{} lacks {}, which its run.json says it holds",
+                part.describe(),
+                image_path(&part.dir, i).display()
+            )));
+        }
+    }
+    check_out(&req.out, &parts, req.force)?;
+    let npz_in_out = req
+        .npz
+        .as_deref()
+        .is_some_and(|npz| in_folder(npz, &req.out));
+    if let (Some(npz), false) = (&req.npz, npz_in_out) {
+        check_file_target(npz, "--npz")?;
+    }
+
+    let staging = Staging::new(&req.out)?;
+    for part in &parts {
+        for i in part.range.clone() {
+            link_or_copy(&image_path(&part.dir, i), &image_path(&staging.dir, i))?;
+        }
+    }
+    let labels: Vec<i64> = first.record["labels"]
+        .as_array()
+        .map(|ls| ls.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    let classes = first.record["model"]["classes"].as_u64().unwrap_or(0) as usize;
+    write_grid(&staging.dir, num, &labels, classes)?;
+    let records: Vec<(String, Value)> =
+        parts.iter().map(|p| (p.name(), p.record.clone())).collect();
+    let record = combine_records(&records);
+    write_record(&staging.dir, &record)?;
+    if let Some(npz) = &req.npz {
+        // An .npz meant to sit in `out` is made in the staging folder too.
+        let target = match (npz_in_out, npz.file_name()) {
+            (true, Some(name)) => staging.dir.join(name),
+            _ => npz.clone(),
+        };
+        write_npz(&target, &staging.dir, 0..num)?;
+    }
+    staging.commit(&req.out)?;
+    Ok(record)
+}
+
+/// Every index in `0..num` must be held by exactly one part; the error
+/// names overlapping parts, missing indices and, when all parts are shards
+/// of one N, the missing shards.
+fn check_coverage(parts: &[Part], num: usize) -> Result<(), RunError> {
+    let mut problems = Vec::new();
+    for (k, a) in parts.iter().enumerate() {
+        for b in &parts[k + 1..] {
+            let both: Vec<usize> =
+                (a.range.start.max(b.range.start)..a.range.end.min(b.range.end)).collect();
+            if !both.is_empty() {
+                problems.push(format!(
+                    "images {} are in both {} and {}",
+                    spans(&both),
+                    a.describe(),
+                    b.describe()
+                ));
+            }
+        }
+    }
+    let mut held = vec![false; num];
+    for part in parts {
+        held[part.range.clone()].fill(true);
+    }
+    let missing: Vec<usize> = (0..num).filter(|&i| !held[i]).collect();
+    if !missing.is_empty() {
+        let mut problem = format!("no part holds images {}", spans(&missing));
+        let ns: Vec<usize> = parts.iter().filter_map(|p| p.shard.map(|s| s.n)).collect();
+        if ns.len() == parts.len() && ns.windows(2).all(|w| w[0] == w[1]) {
+            let n = ns[0];
+            let absent: Vec<String> = (0..n)
+                .filter(|&k| !parts.iter().any(|p| p.shard.is_some_and(|s| s.k == k)))
+                .map(|k| format!("{k}/{n}"))
+                .collect();
+            problem += &format!(" (missing: shard {})", absent.join(", "));
+        }
+        problems.push(problem);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Invalid(format!(
+            "the parts must hold each of the {num} images exactly once: {}",
+            problems.join("; ")
+        )))
+    }
+}
+
+/// Indices (ascending) as runs, e.g. `0-3, 7`.
+fn spans(indices: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut k = 0;
+    while k < indices.len() {
+        let start = indices[k];
+        while k + 1 < indices.len() && indices[k + 1] == indices[k] + 1 {
+            k += 1;
+        }
+        out.push(if indices[k] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", indices[k])
+        });
+        k += 1;
+    }
+    out.join(", ")
+}
+
+/// `out` may not be a file nor a part, and if it holds anything, `force`
+/// must be given and it may hold only gtr-run output.
+fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<(), RunError> {
+    let invalid = |m: String| Err(RunError::Invalid(m));
+    if out.exists() && !out.is_dir() {
+        return invalid(format!("{} exists and is not a folder", out.display()));
+    }
+    if out.file_name().is_none() {
+        return invalid(format!("{}: give the merged folder a name", out.display()));
+    }
+    let canonical = out.canonicalize().ok();
+    if let Some(part) = parts
+        .iter()
+        .find(|p| canonical.is_some() && p.dir.canonicalize().ok() == canonical)
+    {
+        return invalid(format!(
+            "{} is one of the parts ({}); merge into a new folder",
+            out.display(),
+            part.describe()
+        ));
+    }
+    if !out.is_dir() {
+        return Ok(());
+    }
+    let names: Vec<String> = std::fs::read_dir(out)
+        .map_err(|source| RunError::Write {
+            path: out.to_path_buf(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !force {
+        return invalid(format!(
+            "{} is not empty; pass --force to replace the run in it, or give a new folder",
+            out.display()
+        ));
+    }
+    match names
+        .iter()
+        .find(|n| !is_run_file(n) && !n.ends_with(".npz") && !n.ends_with(".tmp"))
+    {
+        Some(foreign) => invalid(format!(
+            "{} holds `{foreign}`, which gtr-run does not write; --force replaces only gtr-run output, so remove it or give a new folder",
+            out.display()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether `path` names a file directly in `folder`.
+fn in_folder(path: &Path, folder: &Path) -> bool {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (std::path::absolute(parent), std::path::absolute(folder)) {
+        (Ok(a), Ok(b)) => a.components().eq(b.components()),
+        _ => false,
+    }
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), RunError> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|source| RunError::Write {
+            path: to.to_path_buf(),
+            source,
+        })
+}
+
+/// A hidden folder beside the destination where the merge is built; removed
+/// unless committed.
+struct Staging {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn new(out: &Path) -> Result<Staging, RunError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RunError::Write { path, source }
+        };
+        let dir = sibling(out, "merge");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(Staging {
+            dir,
+            committed: false,
+        })
+    }
+
+    /// Puts the built folder at `out`, replacing what is there (checked by
+    /// [`check_out`]); the old folder is moved aside first and restored if
+    /// the move fails.
+    fn commit(mut self, out: &Path) -> Result<(), RunError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| RunError::Write { path, source }
+        };
+        if out.is_dir() {
+            let old = sibling(out, "old");
+            std::fs::rename(out, &old).map_err(io(out))?;
+            if let Err(e) = std::fs::rename(&self.dir, out) {
+                let _ = std::fs::rename(&old, out);
+                return Err(io(out)(e));
+            }
+            self.committed = true;
+            std::fs::remove_dir_all(&old).map_err(io(&old))
+        } else {
+            std::fs::rename(&self.dir, out).map_err(io(out))?;
+            self.committed = true;
+            Ok(())
+        }
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `.<name>.<what>-<pid>.tmp` beside `out`.
+fn sibling(out: &Path, what: &str) -> PathBuf {
+    let name = out
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy().into_owned());
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    parent.join(format!(".{name}.{what}-{}.tmp", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_join_consecutive_indices() {
+        assert_eq!(spans(&[0, 1, 2, 3, 7, 9, 10]), "0-3, 7, 9-10");
+        assert_eq!(spans(&[5]), "5");
+        assert_eq!(spans(&[]), "");
+    }
+
+    #[test]
+    fn npz_in_the_merged_folder_is_recognised() {
+        assert!(in_folder(Path::new("a/b/x.npz"), Path::new("a/b")));
+        assert!(in_folder(Path::new("a/b/x.npz"), Path::new("a/b/")));
+        assert!(!in_folder(Path::new("a/x.npz"), Path::new("a/b")));
+        assert!(in_folder(Path::new("x.npz"), Path::new(".")));
+    }
+}
