@@ -20,7 +20,7 @@ use gtr_run::schedule::{Schedule, ScheduleError};
     name = "gtr-run",
     version,
     about = "Run Masked Autoregressive image generators with .gtr schedules",
-    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]\n       gtr-run merge OUT PART_DIR... [OPTIONS]",
+    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]\n       gtr-run merge OUT PART_DIR... [OPTIONS]\n       gtr-run eval MODEL SCHEDULE... [OPTIONS]",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
@@ -99,6 +99,50 @@ enum Command {
     Plan(PlanArgs),
     /// Join the folders of a run's shards (--shard K/N) into one run folder.
     Merge(MergeArgs),
+    /// Compare schedules on one model: speed measured side by side, FLOPs, quality.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model bundle: its folder, its manifest.yaml, or any .onnx in it.
+    model: PathBuf,
+    /// Schedule files; the first is the baseline of the speed-up columns.
+    #[arg(required = true, value_name = "SCHEDULE")]
+    schedules: Vec<PathBuf>,
+    /// Images per schedule (and per repeat), balanced over the classes.
+    #[arg(long, default_value_t = 100)]
+    num_images: usize,
+    /// Images per batch; schedules take turns batch by batch.
+    #[arg(long, default_value_t = 25)]
+    batch: usize,
+    /// Run seed; repeat r uses seed + r, the same for every schedule.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Repeat the whole comparison with seeds seed, seed+1, … and report the spread.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Override a parameter of every schedule that declares it: --set name=value.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, f64)>,
+    /// Guidance scale, replacing the schedules' and the model's.
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Temperature, replacing the schedules' and the model's.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Execution provider: cpu, cuda, tensorrt (strict) or auto.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
+    device: String,
+    /// Intra-op threads per graph (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Folder for eval.md, eval.csv and eval.json (default: runs/eval-<model>-seed<seed>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace the results of a previous evaluation in the folder.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -159,6 +203,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Plan(args)) => run_plan(args),
         Some(Command::Merge(args)) => run_merge(args),
+        Some(Command::Eval(args)) => run_eval(args),
         None => run_generate(cli.generate),
     };
     match result {
@@ -173,8 +218,151 @@ fn main() -> ExitCode {
     }
 }
 
+fn device_of(name: &str) -> gtr_run::backend::ort::Device {
+    use gtr_run::backend::ort::Device;
+    match name {
+        "cuda" => Device::Cuda,
+        "tensorrt" => Device::TensorRt,
+        "auto" => Device::Auto,
+        _ => Device::Cpu,
+    }
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    use gtr_run::backend::ort::{OrtEvaluator, OrtModel};
+    use gtr_run::bundle::Bundle;
+    use gtr_run::engine::{Engine, MarModel};
+    use gtr_run::eval::{CompareRequest, Contender, FeatureStats, Scoring, compare, report};
+    use gtr_run::fsutil::write_atomic;
+    use gtr_run::plan::PlanOptions;
+
+    let bundle = Bundle::open(&args.model)?;
+    let mut overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    // Each override must be declared by at least one schedule; schedules
+    // that do not declare it run without it.
+    let mut contenders = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for path in &args.schedules {
+        let declared: BTreeMap<String, f64> = {
+            let plain = Schedule::from_file(path, &BTreeMap::new())?;
+            overrides
+                .iter()
+                .filter(|(k, _)| plain.params.iter().any(|p| &p.name == *k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        used.extend(declared.keys().cloned());
+        let schedule = Schedule::from_file(path, &declared)?;
+        let stem = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into(),
+        );
+        contenders.push(Contender {
+            name: stem,
+            schedule,
+        });
+    }
+    overrides.retain(|k, _| !used.contains(k));
+    if let Some(k) = overrides.keys().next() {
+        bail!("--set {k}: no schedule given declares a parameter `{k}`");
+    }
+    let device = device_of(&args.device);
+    let model = OrtModel::load(&bundle, device, args.threads)?;
+    let info = model.info().clone();
+    let mut evaluator = OrtEvaluator::load(&bundle, device, args.threads)?;
+    let reference = match &bundle.manifest.evaluator {
+        Some(e) => Some(FeatureStats::load_npz(&bundle.dir.join(&e.reference))?),
+        None => None,
+    };
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "eval-{}-seed{}",
+            bundle.manifest.name.replace(['/', '\\', ' '], "_"),
+            args.seed
+        ))
+    });
+    let json_path = out.join("eval.json");
+    if json_path.exists() && !args.force {
+        bail!(
+            "{} holds a previous evaluation; give --force to replace it or --out for another folder",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!(
+        "gtr-run eval: model {}, {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
+        info.name,
+        contenders.len(),
+        args.num_images,
+        args.repeats,
+        args.seed,
+        match &bundle.manifest.evaluator {
+            Some(e) => format!(", evaluator {}", e.name),
+            None => ", no evaluator (speed and cost only)".into(),
+        },
+        out.display()
+    );
+    let request = CompareRequest {
+        num_images: args.num_images,
+        batch: args.batch,
+        seed: args.seed,
+        repeats: args.repeats,
+        options: PlanOptions {
+            default_cfg: Some(info.defaults.cfg),
+            default_temperature: Some(info.defaults.temperature),
+            cfg: args.cfg,
+            temperature: args.temperature,
+        },
+        warm_up: true,
+    };
+    let scoring = match (evaluator.as_mut(), reference.as_ref()) {
+        (Some(evaluator), Some(reference)) => Some(Scoring {
+            evaluator,
+            reference,
+        }),
+        _ => None,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} batches ({eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut engine = Engine::new(model);
+    let comparison = compare(
+        &mut engine,
+        scoring,
+        &contenders,
+        &bundle.cost_spec(),
+        &request,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let table = report::markdown(&comparison);
+    for (name, text) in [
+        ("eval.md", table.clone()),
+        ("eval.csv", report::csv(&comparison)),
+        (
+            "eval.json",
+            serde_json::to_string_pretty(&report::json(&comparison))? + "\n",
+        ),
+    ] {
+        let path = out.join(name);
+        write_atomic(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    write_stdout(&table)?;
+    eprintln!(
+        "gtr-run eval: wrote eval.md, eval.csv and eval.json to {}",
+        out.display()
+    );
+    Ok(())
+}
+
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    use gtr_run::backend::ort::{Device, OrtModel};
+    use gtr_run::backend::ort::OrtModel;
     use gtr_run::bundle::Bundle;
     use gtr_run::generate::{Classes, Existing, RunRequest, default_out_dir, run};
 
@@ -185,13 +373,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     Schedule::from_file(&schedule_path, &overrides)?;
-    let device = match args.device.as_str() {
-        "cuda" => Device::Cuda,
-        "tensorrt" => Device::TensorRt,
-        "auto" => Device::Auto,
-        _ => Device::Cpu,
-    };
-    let model = OrtModel::load(&bundle, device, args.threads)?;
+    let model = OrtModel::load(&bundle, device_of(&args.device), args.threads)?;
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
     });

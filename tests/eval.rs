@@ -1,0 +1,215 @@
+//! `gtr-run eval` end to end on the tiny fixture bundle, with and without
+//! an evaluator (models/fixtures/tiny-evaluator, random weights).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const TINY: &str = "models/fixtures/tiny";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("gtr-run-eval-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn gtr_run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> Output {
+    let o = gtr_run(args);
+    assert!(
+        o.status.success(),
+        "{args:?}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn fails(args: &[&str], want: &str) {
+    let o = gtr_run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: expected `{want}` in\n{err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
+/// The tiny bundle plus the random-weight evaluator, as `manifest_edit` leaves it.
+fn bundle_with_evaluator(name: &str, manifest_edit: impl Fn(String) -> String) -> PathBuf {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for src in [TINY, "models/fixtures/tiny-evaluator"] {
+        for entry in std::fs::read_dir(root().join(src)).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let manifest = std::fs::read_to_string(dir.join("manifest.yaml")).unwrap()
+        + "evaluator:\n  name: tiny-random\n  file: evaluator.onnx\n  inputs: { pixels: pixels }\n  outputs: { logits: logits, features: features }\n  reference: evaluator.npz\n";
+    std::fs::write(dir.join("manifest.yaml"), manifest_edit(manifest)).unwrap();
+    dir
+}
+
+fn json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("eval.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn speed_and_cost_columns_without_an_evaluator() {
+    let out = tmp("no-evaluator");
+    let o = ok(&[
+        "eval",
+        TINY,
+        "schedules/mar-8.gtr",
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("| mar-8 | 8 | 16 | 51200 |"), "{table}");
+    assert!(table.contains("| gtr-fast | 8 |"), "{table}");
+    assert!(
+        !table.contains("FD ("),
+        "no quality columns without an evaluator"
+    );
+    let v = json(&out);
+    let rows = v["comparison"]["schedules"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["images_timed"], 2);
+    assert!(rows[1]["wall_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["derived"][0]["speedup_measured"], 1.0);
+    // The analytic ratio of the two presets on this model.
+    let flops = v["derived"][1]["speedup_flops"].as_f64().unwrap();
+    assert!((flops - 3.24).abs() < 0.01, "{flops}");
+    let csv = std::fs::read_to_string(out.join("eval.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3);
+    assert!(csv.lines().nth(2).unwrap().starts_with("gtr-fast,8,"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("eval.md")).unwrap(),
+        table.as_ref()
+    );
+    // A second evaluation into the same folder is refused without --force.
+    fails(
+        &[
+            "eval",
+            TINY,
+            "schedules/mar-8.gtr",
+            "--num-images",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "holds a previous evaluation",
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn quality_columns_are_deterministic_and_identical_for_identical_schedules() {
+    let bundle = bundle_with_evaluator("bundle", |m| m);
+    let out = tmp("quality");
+    let run = |out: &Path| {
+        ok(&[
+            "eval",
+            bundle.to_str().unwrap(),
+            "schedules/mar-8.gtr",
+            "schedules/mar-8.gtr",
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "3",
+            "--batch",
+            "2",
+            "--repeats",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+            "--force",
+        ]);
+        json(out)
+    };
+    let v = run(&out);
+    let q = |k: usize| v["comparison"]["schedules"][k]["quality"].clone();
+    assert_eq!(q(0).as_array().unwrap().len(), 2, "one entry per repeat");
+    assert_eq!(q(0)[1]["seed"], 1);
+    // The same schedule on the same images scores the same.
+    assert_eq!(q(0), q(1));
+    let fd = q(2)[0]["frechet_distance"].as_f64().unwrap();
+    assert!(fd.is_finite() && fd >= 0.0, "{fd}");
+    let acc = q(2)[0]["class_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    let score = q(2)[0]["classifier_score"].as_f64().unwrap();
+    assert!((1.0..=10.0).contains(&score), "{score}");
+    // Seeds fix the images, so a rerun gives the same quality numbers.
+    let again = tmp("quality-again");
+    let w = run(&again);
+    assert_eq!(
+        v["comparison"]["schedules"][2]["quality"],
+        w["comparison"]["schedules"][2]["quality"]
+    );
+    let table = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    assert!(table.contains("FD (tiny-random)"), "{table}");
+    assert!(table.contains(" ± "), "repeats show their spread: {table}");
+    for d in [&out, &again, &bundle] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+#[test]
+fn bad_evaluators_and_arguments_are_reported_clearly() {
+    let missing = bundle_with_evaluator("missing-ref", |m| {
+        m.replace("reference: evaluator.npz", "reference: nowhere.npz")
+    });
+    fails(
+        &["eval", missing.to_str().unwrap(), "schedules/mar-8.gtr"],
+        "evaluator.reference",
+    );
+    let wrong_role = bundle_with_evaluator("wrong-role", |m| {
+        m.replace("logits: logits", "classes: logits")
+    });
+    fails(
+        &["eval", wrong_role.to_str().unwrap(), "schedules/mar-8.gtr"],
+        "evaluator.outputs",
+    );
+    let wrong_tensor = bundle_with_evaluator("wrong-tensor", |m| {
+        m.replace("features: features", "features: feats")
+    });
+    fails(
+        &[
+            "eval",
+            wrong_tensor.to_str().unwrap(),
+            "schedules/mar-8.gtr",
+        ],
+        "graph `evaluator`, tensor `feats`",
+    );
+    fails(
+        &[
+            "eval",
+            TINY,
+            "schedules/mar-8.gtr",
+            "--set",
+            "no_such_param=3",
+        ],
+        "no schedule given declares a parameter `no_such_param`",
+    );
+    fails(
+        &["eval", TINY, "schedules/mar-8.gtr", "--num-images", "0"],
+        "at least 1",
+    );
+    for d in [&missing, &wrong_role, &wrong_tensor] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
