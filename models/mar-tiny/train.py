@@ -6,6 +6,7 @@ minutes) can train.
     python models/mar-tiny/train.py scale                  # latent scale (1 / std of latents)
     python models/mar-tiny/train.py mar  --steps 20000     # MAR + DiffLoss on the latents
     python models/mar-tiny/train.py export                 # EMA weights -> the bundle in models/mar-tiny/
+    python models/mar-tiny/train.py export --untrained --out DIR   # the untrained baseline
     python models/mar-tiny/train.py slim                   # drop optimizer state before committing
 
 Every stage resumes from its checkpoint in models/mar-tiny/train/ (written atomically every
@@ -188,11 +189,25 @@ def approx_std_normal_cdf(x):
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+# The first step of every respaced chain (T >= 2) is t = 999, where ᾱ = 2.4e-9 and the sampler's
+# x0 = 20284·(x − ε) enters the next mean with weight ≈ 0.033 (T = 50): an ε error e moves the
+# token by ≈ 660·e, so the head must learn ε ≈ x_t there to ~1e-3. Uniform t gives that row
+# 1/1000 of the samples and a tiny loss; measured at MAR step 2750, ε MSE 0.0095 at t = 999 blew
+# sampled tokens up to std ~2500 (class accuracy 20%), while substituting the exact ε = x_t at
+# t = 999 alone gave 85%. So a share of rows is drawn at t = 999 and its ε MSE is up-weighted.
+TOP_SHARE = 0.1
+TOP_WEIGHT = 100.0
+
+
 def diffusion_loss(head, target, z, gen, acp, train_steps=1000):
     """MSE on ε plus the VLB term for the learned-range variance (guided-diffusion, learn_sigma;
-    mar.md §3.6). target [N, C] clean tokens, z [N, D] conditions."""
+    mar.md §3.6), with TOP_SHARE of the rows at t = train_steps − 1 and their ε MSE weighted by
+    TOP_WEIGHT (see above). target [N, C] clean tokens, z [N, D] conditions.
+    Returns (loss, plain ε MSE, VB term, ε MSE of the t = 999 rows)."""
     n = target.shape[0]
     t = torch.randint(0, train_steps, (n,), generator=gen)
+    top = torch.rand(n, generator=gen) < TOP_SHARE
+    t = torch.where(top, train_steps - 1, t)
     noise = torch.randn(target.shape, generator=gen)
     a = acp[t][:, None].float()
     x_t = a.sqrt() * target + (1 - a).sqrt() * noise
@@ -200,6 +215,7 @@ def diffusion_loss(head, target, z, gen, acp, train_steps=1000):
     c = target.shape[1]
     eps, v = out[:, :c], out[:, c:]
     mse = (eps - noise).pow(2).mean(dim=1)
+    mse_top = mse[t == train_steps - 1].mean().item() if bool(top.any()) else float("nan")
 
     # Training-chain posterior tables (float64 → float32 at the gathered rows).
     betas = 1.0 - acp / torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
@@ -229,7 +245,15 @@ def diffusion_loss(head, target, z, gen, acp, train_steps=1000):
                     torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
     nll = -log_probs.mean(dim=1) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl)
-    return (mse + vb).mean(), mse.mean().item(), vb.mean().item()
+    weight = torch.where(t == train_steps - 1, TOP_WEIGHT, 1.0)
+    return (weight * mse + vb).mean(), mse.mean().item(), vb.mean().item(), mse_top
+
+
+def init_mar(mar: M.MAR) -> None:
+    """MAR's initialisation of the learned embeddings (normal, std 0.02)."""
+    for name, p in mar.named_parameters():
+        if name.endswith(("pos_embed_learned", "mask_token", "fake_latent")) or "class_emb" in name:
+            torch.nn.init.normal_(p, std=0.02)
 
 
 def train_mar(args, s) -> None:
@@ -238,9 +262,7 @@ def train_mar(args, s) -> None:
     cfg = mar_config(s)
     m = s["mar"]
     mar = M.MAR(cfg)
-    for name, p in mar.named_parameters():  # MAR initialises embeddings with std 0.02
-        if name.endswith(("pos_embed_learned", "mask_token", "fake_latent")) or "class_emb" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    init_mar(mar)
     opt = torch.optim.AdamW(mar.parameters(), lr=m["lr"], weight_decay=m["weight_decay"],
                             betas=(0.9, 0.95))
     ema = {k: v.detach().clone() for k, v in mar.state_dict().items()}
@@ -292,7 +314,7 @@ def train_mar(args, s) -> None:
         zm = torch.gather(z, 1, masked[:, :, None].expand(-1, -1, z.shape[2])).reshape(-1, z.shape[2])
         tm = torch.gather(tokens, 1, masked[:, :, None].expand(-1, -1, tokens.shape[2])).reshape(-1, tokens.shape[2])
         zm, tm = zm.repeat(mul, 1), tm.repeat(mul, 1)
-        loss, mse, vb = diffusion_loss(mar.diffusion_head, tm, zm, gen, acp)
+        loss, mse, vb, mse_top = diffusion_loss(mar.diffusion_head, tm, zm, gen, acp)
         lr = m["lr"] * min(1.0, (step + 1) / m["warmup"])
         for group in opt.param_groups:
             group["lr"] = lr
@@ -303,8 +325,9 @@ def train_mar(args, s) -> None:
         ema_update(ema, mar, m["ema"])
         step += 1
         if step % 25 == 0:
-            log_loss("mar", step, {"loss": loss.item(), "mse": mse, "vb": vb, "lr": lr})
-            print(f"mar step {step}: loss {loss.item():.4f} (mse {mse:.4f}, vb {vb:.4f}) "
+            log_loss("mar", step, {"loss": loss.item(), "mse": mse, "vb": vb, "lr": lr, "mse_t999": mse_top})
+            print(f"mar step {step}: loss {loss.item():.4f} (mse {mse:.4f}, vb {vb:.4f}, "
+                  f"mse at t=999 {mse_top:.2e}) "
                   f"{(time.time() - start) / 25:.3f} s/step", flush=True)
             start = time.time()
         if step % args.save_every == 0 or step == args.steps:
@@ -318,13 +341,21 @@ def export(args, s) -> None:
     from models.export_mar import export_bundle
 
     scale = json.load(open(os.path.join(TRAIN_DIR, "latent_scale.json")))["latent_scale"]
-    ck = torch.load(os.path.join(TRAIN_DIR, "mar.pt"), weights_only=False)
     mar = M.MAR(mar_config(s))
-    mar.load_state_dict(ck["ema"])
+    if args.untrained:  # the baseline for quality numbers: MAR at its initialisation
+        init_mar(mar)
+        step, name = 0, "mar-tiny-untrained"
+    else:
+        ck = torch.load(os.path.join(TRAIN_DIR, "mar.pt"), weights_only=False)
+        mar.load_state_dict(ck["ema"])
+        step, name = ck["step"], "mar-tiny"
     vae = load_vae(s)
-    result = export_bundle(mar, vae, args.out, "mar-tiny", cfg_scale=s["sampling"]["cfg"],
+    result = export_bundle(mar, vae, args.out, name, cfg_scale=s["sampling"]["cfg"],
                            temperature=s["sampling"]["temperature"], latent_scale=scale)
-    print(f"exported MAR step {ck['step']}: max parity errors {result['errors']}")
+    print(f"exported MAR step {step}: max parity errors {result['errors']}")
+    from classifier import add_evaluator
+    if add_evaluator(args.out):
+        print("added the Fashion-MNIST evaluator (classifier.py) to the manifest")
 
 
 def slim(args, s) -> None:
@@ -345,6 +376,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=1000, help="train until this many steps in total")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--out", default=HERE, help="export: the bundle folder (default: beside this script)")
+    p.add_argument("--untrained", action="store_true",
+                   help="export: the MAR at its initialisation (the quality baseline), with the trained VAE")
     args = p.parse_args(argv)
     s = load_settings()
     torch.manual_seed(s["seed"])
