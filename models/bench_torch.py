@@ -161,7 +161,8 @@ def load_torch_model(weights: str) -> tuple:
     vae = train.load_vae(s)
     with open(os.path.join(weights, "latent_scale.json")) as f:
         scale = json.load(f)["latent_scale"]
-    model = TimedModel(mar, vae, latent_scale=scale)
+    # The diffusion role as the bundle exports it (mar-tiny wraps MAR's MLP, see train.py).
+    model = TimedModel(mar, vae, head=train.diffusion_role(mar), latent_scale=scale)
     model.reset()
     return model, int(ck.get("step", -1))
 
