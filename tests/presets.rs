@@ -46,6 +46,9 @@ fn every_named_preset_exists() {
         "gtr-fts-low",
         "gtr-fts-all",
         "gtr-k4",
+        "gtr-backbone-only",
+        "gtr-diffusion-only",
+        "gtr-no-fts",
     ];
     for name in names {
         let s = common::preset(&format!("{name}.gtr"));
