@@ -55,21 +55,11 @@ struct GenerateArgs {
     /// Classes to cycle through, e.g. --classes 1,3,5 (default: balanced over all).
     #[arg(long, value_delimiter = ',')]
     classes: Option<Vec<i64>>,
-    /// Guidance scale, replacing the schedule's and the model's.
-    #[arg(long)]
-    cfg: Option<f64>,
-    /// Temperature, replacing the schedule's and the model's.
-    #[arg(long)]
-    temperature: Option<f64>,
     /// Override a schedule parameter: --set name=value (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
     overrides: Vec<(String, f64)>,
-    /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
-    device: String,
-    /// Intra-op threads per graph (default: ONNX Runtime's choice).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Output folder (default: runs/<model>-<schedule>-seed<seed>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -91,6 +81,23 @@ struct GenerateArgs {
     /// evaluators read.
     #[arg(long, value_name = "PATH", conflicts_with = "shard")]
     npz: Option<PathBuf>,
+}
+
+/// Sampling and runtime options of generation and eval.
+#[derive(Args)]
+struct RuntimeArgs {
+    /// Guidance scale, replacing the schedule's and the model's.
+    #[arg(long)]
+    cfg: Option<f64>,
+    /// Temperature, replacing the schedule's and the model's.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
+    device: String,
+    /// Intra-op threads per graph (default: ONNX Runtime's choice).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -125,18 +132,8 @@ struct EvalArgs {
     /// Override a parameter of every schedule that declares it: --set name=value.
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
     overrides: Vec<(String, f64)>,
-    /// Guidance scale, replacing the schedules' and the model's.
-    #[arg(long)]
-    cfg: Option<f64>,
-    /// Temperature, replacing the schedules' and the model's.
-    #[arg(long)]
-    temperature: Option<f64>,
-    /// Execution provider: cpu, cuda, tensorrt (strict) or auto.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
-    device: String,
-    /// Intra-op threads per graph (default: ONNX Runtime's choice).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Folder for eval.md, eval.csv and eval.json (default: runs/eval-<model>-seed<seed>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -266,10 +263,10 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(k) = overrides.keys().next() {
         bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
-    let device = device_of(&args.device);
-    let model = OrtModel::load(&bundle, device, args.threads)?;
+    let device = device_of(&args.runtime.device);
+    let model = OrtModel::load(&bundle, device, args.runtime.threads)?;
     let info = model.info().clone();
-    let mut evaluator = OrtEvaluator::load(&bundle, device, args.threads)?;
+    let mut evaluator = OrtEvaluator::load(&bundle, device, args.runtime.threads)?;
     let reference = match &bundle.manifest.evaluator {
         Some(e) => Some(FeatureStats::load_npz(&bundle.dir.join(&e.reference))?),
         None => None,
@@ -310,8 +307,8 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         options: PlanOptions {
             default_cfg: Some(info.defaults.cfg),
             default_temperature: Some(info.defaults.temperature),
-            cfg: args.cfg,
-            temperature: args.temperature,
+            cfg: args.runtime.cfg,
+            temperature: args.runtime.temperature,
         },
         warm_up: true,
     };
@@ -373,7 +370,11 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     Schedule::from_file(&schedule_path, &overrides)?;
-    let model = OrtModel::load(&bundle, device_of(&args.device), args.threads)?;
+    let model = OrtModel::load(
+        &bundle,
+        device_of(&args.runtime.device),
+        args.runtime.threads,
+    )?;
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
     });
@@ -388,8 +389,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             (None, Some(list)) if !list.is_empty() => Classes::List(list),
             _ => Classes::Balanced,
         },
-        cfg: args.cfg,
-        temperature: args.temperature,
+        cfg: args.runtime.cfg,
+        temperature: args.runtime.temperature,
         out: out.clone(),
         existing: if args.resume {
             Existing::Resume
@@ -399,7 +400,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             Existing::Refuse
         },
         replay: args.replay,
-        device_requested: args.device,
+        device_requested: args.runtime.device,
         shard: args.shard,
         npz: args.npz,
     };

@@ -2,45 +2,11 @@
 //! an evaluator (models/fixtures/tiny-evaluator, random weights).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+use common::{fails, ok, root, tmp};
 
 const TINY: &str = "models/fixtures/tiny";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gtr-run-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn gtr_run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gtr-run"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = gtr_run(args);
-    assert!(
-        o.status.success(),
-        "{args:?}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn fails(args: &[&str], want: &str) {
-    let o = gtr_run(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert!(err.contains(want), "{args:?}: expected `{want}` in\n{err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-}
 
 /// The tiny bundle plus the random-weight evaluator, as `manifest_edit` leaves it.
 fn bundle_with_evaluator(name: &str, manifest_edit: impl Fn(String) -> String) -> PathBuf {

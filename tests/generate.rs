@@ -3,43 +3,10 @@
 //! `gtr-run merge`, the `.npz` output, and every error a user can run into.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("gtr-run-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
-fn gtr_run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gtr-run"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = gtr_run(args);
-    assert!(
-        o.status.success(),
-        "{args:?}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn fails(args: &[&str], want: &str) {
-    let o = gtr_run(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert!(err.contains(want), "{args:?}: expected `{want}` in\n{err}");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-}
+mod common;
+use common::{fails, ok, root, tmp};
 
 fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)

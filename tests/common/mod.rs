@@ -42,3 +42,45 @@ pub fn preset_paths() -> Vec<std::path::PathBuf> {
     v.sort();
     v
 }
+
+/// The repository root (tests run the binary from here).
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh path under the temp folder, unique to this test process.
+pub fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("gtr-run-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// Runs the `gtr-run` binary from the repository root.
+pub fn gtr_run(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+/// Runs `gtr-run` and asserts that it succeeded.
+pub fn ok(args: &[&str]) -> std::process::Output {
+    let o = gtr_run(args);
+    assert!(
+        o.status.success(),
+        "{args:?}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Runs `gtr-run` and asserts a clear failure: exit code 2, `want` in the
+/// message, no panic.
+pub fn fails(args: &[&str], want: &str) {
+    let o = gtr_run(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: expected `{want}` in\n{err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
