@@ -346,7 +346,7 @@ def bench(a) -> dict:
     from models import export_mar
     log("same weights? the bundle's graphs (onnxruntime) vs the PyTorch modules:")
     try:
-        parity = export_mar.check_parity(a.bundle, export_mar.role_modules(model.mar, model.vae),
+        parity = export_mar.check_parity(a.bundle, export_mar.role_modules(model.mar, model.vae, model.head),
                                          model.mar.cfg, tolerance=1e-4, quick_vae=True, log=log,
                                          threads=a.threads)
     except RuntimeError as e:
