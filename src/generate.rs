@@ -359,11 +359,7 @@ pub fn run<M: MarModel>(
     let model_seconds = stats.model_seconds();
     // Time inside the runtime's own run calls, where the model reports it.
     let graph_stats = engine.model.graph_stats();
-    let runtime_seconds = if graph_stats.is_empty() {
-        model_seconds
-    } else {
-        graph_stats.iter().map(|g| g.seconds).sum()
-    };
+    let runtime_seconds = engine.runtime_seconds();
     let steps: Vec<Value> = reference_plan
         .steps
         .iter()

@@ -138,6 +138,17 @@ impl<M: MarModel> Engine<M> {
         }
     }
 
+    /// Seconds spent inside the runtime's own run calls so far, where the
+    /// model reports them ([`MarModel::graph_stats`]); else inside model calls.
+    pub fn runtime_seconds(&self) -> f64 {
+        let graphs = self.model.graph_stats();
+        if graphs.is_empty() {
+            self.stats.model_seconds()
+        } else {
+            graphs.iter().map(|g| g.seconds).sum()
+        }
+    }
+
     /// Generates one image per (plan, job). All plans must come from one
     /// schedule (same step sizes and settings; orders may differ).
     pub fn generate(

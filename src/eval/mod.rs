@@ -284,8 +284,6 @@ pub fn compare<M: MarModel>(
     let total = rounds_per_repeat * req.repeats * contenders.len();
     let mut done = 0;
     progress(done, total);
-    let runtime_now =
-        |e: &Engine<M>| -> f64 { e.model.graph_stats().iter().map(|g| g.seconds).sum() };
     for r in 0..req.repeats {
         let seed = req.seed.wrapping_add(r as u64);
         let mut collected: Vec<Collected> =
@@ -296,21 +294,15 @@ pub fn compare<M: MarModel>(
             labels.extend(jobs.iter().map(|j| j.label));
             for (k, result) in results.iter_mut().enumerate() {
                 let (runtime_before, model_before) =
-                    (runtime_now(engine), engine.stats.model_seconds());
+                    (engine.runtime_seconds(), engine.stats.model_seconds());
                 let began = Instant::now();
                 let plans = plan_all(k, &jobs)?;
                 let out = engine.generate(&plans, &jobs, Noise::Seeded, |_, _| {})?;
                 let wall = began.elapsed().as_secs_f64();
-                let graph_seconds = runtime_now(engine) - runtime_before;
-                let model_seconds = engine.stats.model_seconds() - model_before;
                 result.images_timed += jobs.len();
                 result.wall_seconds += wall;
-                result.model_seconds += model_seconds;
-                result.runtime_seconds += if engine.model.graph_stats().is_empty() {
-                    model_seconds
-                } else {
-                    graph_seconds
-                };
+                result.model_seconds += engine.stats.model_seconds() - model_before;
+                result.runtime_seconds += engine.runtime_seconds() - runtime_before;
                 result.round_seconds.push(wall);
                 if let Some(s) = scoring.as_mut() {
                     let scores = s.evaluator.score(out.pixels.view())?;
