@@ -92,9 +92,10 @@ impl LoadOptions {
 
 /// Provider switches for one session (read only by the GPU providers).
 #[derive(Debug, Clone, Default)]
-#[cfg_attr(not(any(feature = "cuda", feature = "tensorrt")), allow(dead_code))]
 struct ProviderSettings {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     cuda_tf32: bool,
+    #[cfg_attr(not(feature = "tensorrt"), allow(dead_code))]
     tensorrt: Option<TensorRtOptions>,
 }
 
@@ -595,7 +596,7 @@ fn explain_precision_failure(e: OrtError, precision: Precision, device: Device) 
 
 /// Registers `ep` so that failing to register it is an error (no silent
 /// fallback to the CPU); returns what will run.
-#[cfg(any(feature = "cuda", feature = "tensorrt"))]
+#[cfg(feature = "cuda")]
 fn strict(
     builder: ort::session::builder::SessionBuilder,
     ep: ort::ep::ExecutionProviderDispatch,
@@ -646,7 +647,24 @@ fn register_device(
         Device::TensorRt => {
             #[cfg(feature = "tensorrt")]
             {
-                strict(builder, tensorrt_provider(settings).build(), "tensorrt")
+                // TensorRT must register; with the `cuda` feature too, the
+                // nodes TensorRT does not take run on CUDA, not the CPU.
+                #[allow(unused_mut)]
+                let mut eps = vec![tensorrt_provider(settings).build().error_on_failure()];
+                #[cfg(feature = "cuda")]
+                eps.push(
+                    ort::ep::CUDA::default()
+                        .with_tf32(settings.cuda_tf32)
+                        .build(),
+                );
+                let builder =
+                    builder
+                        .with_execution_providers(eps)
+                        .map_err(|e| OrtError::Device {
+                            device: "tensorrt".into(),
+                            problem: e.to_string(),
+                        })?;
+                Ok((builder, "tensorrt".into()))
             }
             #[cfg(not(feature = "tensorrt"))]
             {
