@@ -35,6 +35,7 @@ as the variant, so that its quality can be measured on a CPU; such a variant is 
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -297,6 +298,20 @@ def to_int8(model, per_channel):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model, rewritten = gemm_to_matmul(model)
+    # quantize_dynamic advises pre-processing on every call through the root logger; the
+    # graphs are already shape-inferred exports, so keep its warnings out of the report.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return _quantize(model, rewritten, per_channel)
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(model, rewritten, per_channel):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
         onnx.save(model, src)

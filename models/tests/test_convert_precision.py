@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Tests of convert_precision.py (plain script: run it, it exits non-zero on the first failure).
+
+  .venv/bin/python models/tests/test_convert_precision.py        # ~15 s, needs models/fixtures/requirements.txt
+
+On temporary copies of models/fixtures/tiny:
+1. fp16 through the command line: four variants, inputs/outputs unchanged (names, float32),
+   half precision only in MatMul/Gemm/Conv, LayerNormalization/Softmax fed float32, errors
+   against fp32 small; the manifest keeps every byte before the appended `precisions` section;
+   converting again replaces the entry instead of adding a second.
+2. int8: MatMulInteger nodes, the VAE (no weight MatMul) is not written nor listed.
+3. bf16: ONNX Runtime's CPU provider refuses the real graph; the emulation runs and errs more
+   than fp16.
+4. The manifest rewrite keeps comments and keys after the section; Gemm → MatMul + Add is exact
+   for alpha, beta and transB; an unknown graph role (`sampler`) is left alone.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import yaml
+from onnx import TensorProto, helper, numpy_helper
+
+MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, MODELS)
+import convert_precision as cp  # noqa: E402
+
+TINY = os.path.join(MODELS, "fixtures", "tiny")
+
+
+def check(cond, what):
+    if not cond:
+        raise SystemExit(f"FAIL: {what}")
+    print(f"ok: {what}")
+
+
+def copy_tiny(tmp, name):
+    dst = os.path.join(tmp, name)
+    shutil.copytree(TINY, dst, ignore=shutil.ignore_patterns("golden"))
+    return dst
+
+
+def io_signature(model):
+    g = model.graph
+    sig = lambda vs: [(v.name, v.type.tensor_type.elem_type) for v in vs]  # noqa: E731
+    return sig(g.input), sig(g.output)
+
+
+def elem_types(model):
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return types
+
+
+def test_fp16(tmp):
+    bundle = copy_tiny(tmp, "fp16")
+    before = open(os.path.join(bundle, "manifest.yaml")).read()
+    p = subprocess.run([sys.executable, os.path.join(MODELS, "convert_precision.py"), bundle, "--precision", "fp16",
+                        "--report", os.path.join(tmp, "fp16.json")], capture_output=True, text=True)
+    check(p.returncode == 0, f"fp16 conversion runs ({p.stderr.strip()[-300:]})")
+    after = open(os.path.join(bundle, "manifest.yaml")).read()
+    check(after.startswith(before), "the manifest is kept as written, the section appended")
+    m = yaml.safe_load(after)
+    check(sorted(m["precisions"]["fp16"]) == ["decoder", "diffusion", "encoder", "vae_decoder"], "all four roles listed")
+    for role, entry in m["graphs"].items():
+        base = onnx.load(os.path.join(bundle, entry["file"]))
+        var = onnx.load(os.path.join(bundle, m["precisions"]["fp16"][role]))
+        check(io_signature(base) == io_signature(var), f"{role}: inputs and outputs unchanged")
+        types = elem_types(var)
+        for node in var.graph.node:
+            half_in = [x for x in node.input if types.get(x) == TensorProto.FLOAT16]
+            if node.op_type in ("LayerNormalization", "Softmax", "InstanceNormalization", "Erf", "Sigmoid", "Tanh"):
+                if half_in:
+                    raise SystemExit(f"FAIL: {role}: {node.op_type} reads fp16 {half_in}")
+            elif half_in and node.op_type not in ("MatMul", "Gemm", "Conv", "Cast"):
+                raise SystemExit(f"FAIL: {role}: {node.op_type} computes in fp16")
+        check(any(types.get(x) == TensorProto.FLOAT16 for n in var.graph.node if n.op_type in ("MatMul", "Conv") for x in n.input),
+              f"{role}: MatMul/Conv run in fp16")
+    import json
+    report = json.load(open(os.path.join(tmp, "fp16.json")))
+    for role, g in report["graphs"].items():
+        e = g["error_vs_fp32"]
+        check(0 < e["max_abs"] < 5e-3 and e["mean_abs"] < 5e-4, f"{role}: fp16 error {e['max_abs']:.2g} / {e['mean_abs']:.2g}")
+    cp.convert(bundle, "fp16", check=False, log=lambda *_: None)
+    again = open(os.path.join(bundle, "manifest.yaml")).read()
+    check(again == after, "converting again replaces the entry (same manifest)")
+
+
+def test_int8(tmp):
+    bundle = copy_tiny(tmp, "int8")
+    report = cp.convert(bundle, "int8", log=lambda *_: None)
+    check("vae_decoder" not in report["files"], "int8: the VAE (Conv only) is not written")
+    check(not os.path.exists(os.path.join(bundle, "vae_decoder.int8.onnx")), "int8: no VAE file")
+    m = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))
+    check(sorted(m["precisions"]["int8"]) == ["decoder", "diffusion", "encoder"], "int8: three roles listed")
+    enc = onnx.load(os.path.join(bundle, "encoder.int8.onnx"))
+    check(sum(n.op_type == "MatMulInteger" for n in enc.graph.node) == 5, "int8: the 5 weight MatMuls of the encoder are quantized")
+    for role, g in report["graphs"].items():
+        if g["file"]:
+            check(g["error_vs_fp32"]["max_abs"] < 0.2, f"{role}: int8 error {g['error_vs_fp32']['max_abs']:.2g}")
+
+
+def test_bf16(tmp):
+    bundle = copy_tiny(tmp, "bf16")
+    report = cp.convert(bundle, "bf16", log=lambda *_: None)
+    try:
+        ort.InferenceSession(os.path.join(bundle, "encoder.bf16.onnx"), providers=["CPUExecutionProvider"])
+        refused = False
+    except Exception as e:  # noqa: BLE001
+        refused = "NOT_IMPLEMENTED" in str(e) or "implementation" in str(e)
+    check(refused, "bf16: the CPU provider has no bf16 MatMul (session creation fails)")
+    e = report["graphs"]["encoder"]["error_vs_fp32"]
+    check(e["emulated"] and 1e-3 < e["max_abs"] < 0.1, f"bf16: emulated check runs, error {e['max_abs']:.2g}")
+    check(report["graphs"]["vae_decoder"]["file"] is None, "bf16: opset-17 Conv stays fp32, so the VAE is not written")
+    emu = copy_tiny(tmp, "bf16-emulated")
+    cp.convert(emu, "bf16", emulate=True, check=False, log=lambda *_: None)
+    s = ort.InferenceSession(os.path.join(emu, "encoder.bf16.onnx"), providers=["CPUExecutionProvider"])
+    check(len(s.get_inputs()) == 3, "bf16 --emulate: runs on the CPU provider")
+
+
+def test_manifest_rewrite():
+    text = "format: x  # comment\ngraphs: {}\nprecisions:   # old\n  int8: { encoder: e.int8.onnx }\n\n# a comment\nevaluator:\n  name: n\n"
+    out = cp.manifest_with_precisions(text, "fp16", {"encoder": "e.fp16.onnx"})
+    m = yaml.safe_load(out)
+    check(m["precisions"] == {"fp16": {"encoder": "e.fp16.onnx"}, "int8": {"encoder": "e.int8.onnx"}}, "rewrite merges entries")
+    check(out.startswith("format: x  # comment\ngraphs: {}\n") and "evaluator:\n  name: n\n" in out, "rewrite keeps the rest")
+    out = cp.manifest_with_precisions(out, "fp16", {})
+    check(yaml.safe_load(out)["precisions"] == {"int8": {"encoder": "e.int8.onnx"}}, "an empty variant removes its entry")
+    out = cp.manifest_with_precisions(out, "int8", {})
+    check("precisions" not in yaml.safe_load(out), "the last entry removes the section")
+
+
+def test_gemm_rewrite():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    c = rng.standard_normal(5).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], alpha=0.5, beta=2.0, transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    r, n = cp.gemm_to_matmul(m)
+    check(n == 1 and [k.op_type for k in r.graph.node] == ["MatMul", "Add"], "Gemm becomes MatMul + Add")
+    got = ort.InferenceSession(r.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    check(np.abs(got - want).max() < 1e-5, "Gemm rewrite is exact")
+
+
+def test_unknown_role(tmp):
+    bundle = copy_tiny(tmp, "sampler")
+    path = os.path.join(bundle, "manifest.yaml")
+    text = open(path).read().replace(
+        "graphs:\n", "graphs:\n  sampler:     { file: diffusion.onnx, inputs: { x: x, t: t, z: z }, outputs: { out: out } }\n")
+    open(path, "w").write(text)
+    report = cp.convert(bundle, "fp16", check=False, log=lambda *_: None)
+    check("sampler" not in report["graphs"] and "sampler" not in report["files"], "a `sampler` graph is left alone")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        test_manifest_rewrite()
+        test_gemm_rewrite()
+        test_fp16(tmp)
+        test_int8(tmp)
+        test_bf16(tmp)
+        test_unknown_role(tmp)
+    print("all convert_precision tests passed")
+
+
+if __name__ == "__main__":
+    main()
