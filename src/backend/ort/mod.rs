@@ -486,7 +486,7 @@ impl OrtModel {
         if choice.precision == Precision::Tf32 && !provider.starts_with("cuda") {
             return Err(OrtError::Device {
                 device: provider,
-                problem: "--precision tf32 needs the CUDA provider, and it did not register (tf32 is a CUDA math mode)".into(),
+                problem: "--precision tf32 is a math mode of the CUDA provider, which does not run these graphs; use --device cuda".into(),
             });
         }
         let mut it = graphs.into_iter();

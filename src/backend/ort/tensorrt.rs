@@ -135,8 +135,9 @@ pub struct TensorRtOptions {
     pub layer_norm_fp32_fallback: bool,
     /// `trt_engine_cache_enable` + `trt_engine_cache_path`.
     pub engine_cache: String,
-    /// `trt_engine_cache_prefix`: bundle, role and precision, so that one
-    /// folder holds the engines of many graphs.
+    /// `trt_engine_cache_prefix`: bundle, role, precision and a hash of the
+    /// profile shapes, so that one folder holds the engines of many graphs
+    /// and an engine is reused only for the profile it was built for.
     pub engine_cache_prefix: String,
     /// `trt_timing_cache_enable` + `trt_timing_cache_path`.
     pub timing_cache: String,
@@ -195,11 +196,11 @@ fn input_dims(
 #[error("{0}")]
 pub struct TensorRtOptionsError(pub String);
 
-/// Keeps `[A-Za-z0-9_.-]`, replacing anything else with `_`.
+/// Keeps `[A-Za-z0-9_-]`, replacing anything else with `_`.
 fn file_safe(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+            if c.is_ascii_alphanumeric() || "-_".contains(c) {
                 c
             } else {
                 '_'
@@ -257,16 +258,29 @@ pub fn graph_options(
             max.push(join(|d| d.max));
         }
     }
+    let (min, opt, max) = (min.join(","), opt.join(","), max.join(","));
+    let profile = fnv1a(format!("{min};{opt};{max}").as_bytes());
     Ok(TensorRtOptions {
         fp16,
         bf16,
         layer_norm_fp32_fallback: fp16,
         engine_cache: cache_text.to_string(),
-        engine_cache_prefix: file_safe(&format!("{model_name}-{}-{precision}", role.key())),
+        engine_cache_prefix: file_safe(&format!(
+            "{model_name}-{}-{precision}-{:08x}",
+            role.key(),
+            profile as u32
+        )),
         timing_cache: cache_text.to_string(),
-        profile_min_shapes: min.join(","),
-        profile_opt_shapes: opt.join(","),
-        profile_max_shapes: max.join(","),
+        profile_min_shapes: min,
+        profile_opt_shapes: opt,
+        profile_max_shapes: max,
+    })
+}
+
+/// 64-bit FNV-1a: a stable hash (the same on every machine and build).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
 
@@ -398,7 +412,16 @@ mod tests {
         assert_eq!(o.profile_max_shapes, "x_in:24x4,t:24,cond:24x32");
         assert_eq!(o.engine_cache, "/var/cache/gtr trt");
         assert_eq!(o.timing_cache, "/var/cache/gtr trt");
-        assert_eq!(o.engine_cache_prefix, "mar_tiny_v1-diffusion-fp16");
+        assert!(
+            o.engine_cache_prefix
+                .starts_with("mar_tiny_v1-diffusion-fp16-"),
+            "{}",
+            o.engine_cache_prefix
+        );
+        assert_eq!(
+            o.engine_cache_prefix.len(),
+            "mar_tiny_v1-diffusion-fp16-".len() + 8
+        );
         assert!(o.fp16 && o.layer_norm_fp32_fallback && !o.bf16);
 
         let encoder = entry(&[
@@ -484,7 +507,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.profile_min_shapes, "");
-        assert_eq!(o.engine_cache_prefix, "m-vae_decoder-fp32");
+        assert_eq!(
+            o.engine_cache_prefix,
+            format!("m-vae_decoder-fp32-{:08x}", fnv1a(b";;") as u32)
+        );
+        // Engines for another profile get another name; the same profile
+        // the same name.
+        let named = |r: &ShapeRanges| {
+            graph_options(
+                Role::VaeDecoder,
+                &vae,
+                &info(),
+                16,
+                "m",
+                "fp32",
+                false,
+                false,
+                Some(r),
+                cache,
+            )
+            .unwrap()
+            .engine_cache_prefix
+        };
+        let r8 = ShapeRanges::from_plans(&[&p], 8);
+        assert_ne!(named(&r), named(&r8));
+        assert_eq!(named(&r), named(&ShapeRanges::from_plans(&[&p], 3)));
+    }
+
+    #[test]
+    fn fnv1a_is_the_standard_one() {
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]
