@@ -60,7 +60,7 @@ def run(cmd, check=True):
 
 def generate(args, bundle, precision, out, n, batch, seed, npz=None):
     cmd = [args.gtr_run, bundle, args.schedule, "--num-images", str(n), "--batch", str(batch),
-           "--seed", str(seed), "--precision", precision, "--out", out, "--force"]
+           "--seed", str(seed), "--precision", precision, "--out", out, "--force", "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if npz:
@@ -88,7 +88,9 @@ def main():
     ap.add_argument("--bundle", default="models/mar-tiny")
     ap.add_argument("--schedule", default="schedules/mar-64.gtr")
     ap.add_argument("--gtr-run", default="target/release/gtr-run")
-    ap.add_argument("--precisions", nargs="+", default=["fp16", "int8", "bf16"], choices=convert_precision.PRECISIONS)
+    ap.add_argument("--precisions", nargs="+", default=["fp16", "int8", "bf16"],
+                    choices=convert_precision.PRECISIONS + ["tf32"], help="compared with fp32 (tf32: CUDA only)")
+    ap.add_argument("--device", default="cpu", help="gtr-run --device (cuda: e.g. --precisions tf32 fp16 bf16)")
     ap.add_argument("--images", type=int, default=20, help="images for the pixel comparison")
     ap.add_argument("--speed-images", type=int, default=8, help="images (one batch) per timed run")
     ap.add_argument("--reps", type=int, default=3)
@@ -112,8 +114,9 @@ def main():
     conversions = {}
     quiet = lambda *_: None  # noqa: E731
     for p in args.precisions:
-        conversions[p] = convert_precision.convert(bundle, p, seed=args.seed, log=quiet)
-    if "bf16" in args.precisions:
+        if p != "tf32":
+            conversions[p] = convert_precision.convert(bundle, p, seed=args.seed, log=quiet)
+    if "bf16" in args.precisions and args.device == "cpu":
         emulated = os.path.join(work, "bundle-bf16-emulated")
         shutil.rmtree(emulated, ignore_errors=True)
         copy_bundle(os.path.join(ROOT, args.bundle), emulated)
@@ -162,7 +165,8 @@ def main():
         for label, b, p in timed:
             out = os.path.join(work, "eval-" + label.replace(" ", "_").replace("(", "").replace(")", ""))
             cmd = [args.gtr_run, "eval", b, args.schedule, "--precision", p, "--num-images", str(args.eval_images),
-                   "--repeats", str(args.eval_repeats), "--seed", str(args.seed), "--out", out, "--force"]
+                   "--repeats", str(args.eval_repeats), "--seed", str(args.seed), "--out", out, "--force",
+                   "--device", args.device]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             run(cmd)
@@ -173,7 +177,7 @@ def main():
     result["seconds"] = time.time() - started
 
     # Tables.
-    print(f"\n{args.bundle}, {args.schedule}, seed {args.seed}; {result['date']}\n")
+    print(f"\n{args.bundle}, {args.schedule}, seed {args.seed}, --device {args.device}; {result['date']}\n")
     print("Per graph: |variant − fp32| on random inputs (max / mean; outputs up to)\n")
     roles = ["encoder", "decoder", "diffusion", "vae_decoder"]
     print("| precision | " + " | ".join(roles) + " |")
@@ -186,7 +190,7 @@ def main():
             g = rep["graphs"].get(r, {})
             e = g.get("error_vs_fp32")
             cells.append("fp32 graph" if e is None else f"{e['max_abs']:.2g} / {e['mean_abs']:.2g} ({e['output_max_abs']:.2g})")
-        name = label + (" (emulated check)" if label == "bf16" else "")
+        name = label + (" (emulated check)" if label == "bf16" and rep["graphs"] else "")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nImages ({args.images}, seed {args.seed}) against fp32, grey levels 0–255\n")
     print("| precision | mean |Δ| | max |Δ| | pixels differing | > 8 levels | identical images |")
