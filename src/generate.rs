@@ -387,6 +387,7 @@ pub fn run<M: MarModel>(
     let measured = json!({
         "generated_now": todo.len(),
         "execution_provider": engine.model.execution_provider(),
+        "diffusion_chains": engine.chain_runner(),
         "steps": steps,
         "graphs": graph_stats,
         "seconds": {

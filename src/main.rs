@@ -98,6 +98,46 @@ struct RuntimeArgs {
     /// Intra-op threads per graph (default: ONNX Runtime's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
+    /// call per MAR step, state on the device), `host` (one head call per
+    /// tick, the update on the CPU) or `auto` (graph when the bundle has one).
+    #[arg(long, value_enum, default_value_t = ChainRunner::Auto)]
+    sampler: ChainRunner,
+}
+
+/// The `--sampler` choice.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ChainRunner {
+    Auto,
+    Host,
+    Graph,
+}
+
+/// Loads the bundle's graphs as `runtime` asks, saying once where the
+/// diffusion chains will run.
+fn load_model(
+    bundle: &gtr_run::bundle::Bundle,
+    runtime: &RuntimeArgs,
+) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
+    let model =
+        gtr_run::backend::ort::OrtModel::load(bundle, device_of(&runtime.device), runtime.threads)?;
+    let model = match (runtime.sampler, model.has_sampler()) {
+        (ChainRunner::Graph, false) => bail!(
+            "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
+            bundle.manifest.name,
+            bundle.dir.display()
+        ),
+        (ChainRunner::Auto, false) => {
+            eprintln!(
+                "gtr-run: bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
+                bundle.manifest.name
+            );
+            model
+        }
+        (ChainRunner::Host, true) => model.without_sampler(),
+        _ => model,
+    };
+    Ok(model)
 }
 
 #[derive(Subcommand)]
@@ -226,7 +266,7 @@ fn device_of(name: &str) -> gtr_run::backend::ort::Device {
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    use gtr_run::backend::ort::{OrtEvaluator, OrtModel};
+    use gtr_run::backend::ort::OrtEvaluator;
     use gtr_run::bundle::Bundle;
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Contender, FeatureStats, Scoring, compare, report};
@@ -264,7 +304,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
     let device = device_of(&args.runtime.device);
-    let model = OrtModel::load(&bundle, device, args.runtime.threads)?;
+    let model = load_model(&bundle, &args.runtime)?;
     let info = model.info().clone();
     let mut evaluator = OrtEvaluator::load(&bundle, device, args.runtime.threads)?;
     let reference = match &bundle.manifest.evaluator {
@@ -359,7 +399,6 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    use gtr_run::backend::ort::OrtModel;
     use gtr_run::bundle::Bundle;
     use gtr_run::generate::{Classes, Existing, RunRequest, default_out_dir, run};
 
@@ -370,11 +409,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     Schedule::from_file(&schedule_path, &overrides)?;
-    let model = OrtModel::load(
-        &bundle,
-        device_of(&args.runtime.device),
-        args.runtime.threads,
-    )?;
+    let model = load_model(&bundle, &args.runtime)?;
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
     });
