@@ -103,6 +103,10 @@ struct RuntimeArgs {
     /// tick, the update on the CPU) or `auto` (graph when the bundle has one).
     #[arg(long, value_enum, default_value_t = ChainRunner::Auto)]
     sampler: ChainRunner,
+    /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
+    /// a per-tick call with the update still in the graph).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    sampler_ticks: Option<u32>,
 }
 
 /// The `--sampler` choice.
@@ -365,6 +369,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut engine = Engine::new(model);
+    engine.ticks_per_call = args.runtime.sampler_ticks.map(|n| n as usize);
     let comparison = compare(
         &mut engine,
         scoring,
@@ -438,6 +443,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         device_requested: args.runtime.device,
         shard: args.shard,
         npz: args.npz,
+        ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
     };
     let part = match request.shard {
         Some(s) => {

@@ -828,6 +828,21 @@ fn sampler_choice_is_honoured_and_recorded() {
     assert_eq!(calls(&run, "sampler"), Some(8), "one call per MAR step");
     assert_eq!(calls(&run, "diffusion"), Some(0));
 
+    // A call per tick: the same arithmetic, so the same bytes.
+    let ticked = tmp("sampler-ticked");
+    let args = [
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "2",
+        "--sampler-ticks",
+        "1",
+    ];
+    ok(&[&[sampler][..], &args, &["--out", ticked.to_str().unwrap()]].concat());
+    assert_eq!(pngs(&ticked), pngs(&graph));
+    let run = record(&ticked);
+    assert_eq!(run["sampler_ticks_per_call"], 1);
+    assert!(calls(&run, "sampler").unwrap() > 8);
+
     let host = tmp("sampler-host");
     let args = [
         "schedules/mar-8.gtr",

@@ -73,6 +73,8 @@ pub(super) struct StepChains<'a> {
     pub temperature: f64,
     pub noise: Noise<'a>,
     pub jobs: &'a [ImageJob],
+    /// Ticks per sampler-graph call (`None`: all of them in one call).
+    pub ticks_per_call: Option<usize>,
 }
 
 impl StepChains<'_> {
@@ -235,40 +237,46 @@ impl StepChains<'_> {
                 row.draw(self.noise, self.jobs, Some(tick), out);
             }
         }
-        let x0 = ndarray::ArrayView2::from_shape((n, c), &*x).expect("x holds N rows of C");
-        let started = Instant::now();
-        let out = model
-            .sample_chain(ChainInputs {
-                x: x0,
-                z: z.view(),
-                timesteps: timesteps.view(),
-                coefficients: coefficients.view(),
-                noise: noise.view(),
-                active: active.view(),
-                guidance: self.scale as f32,
-            })
-            .map_err(|source| EngineError::Model {
-                step: self.step,
-                source,
-            })?;
-        let seconds = started.elapsed().as_secs_f64();
-        if out.dim() != (n, c) {
-            return Err(shape_error(
-                self.step,
-                "sampler",
-                "x_out",
-                out.shape(),
-                &[n, c],
-            ));
-        }
-        let out = out.as_standard_layout();
-        let os = out.as_slice().expect("standard layout");
-        check_finite("sampler", "x_out", os.iter(), self.step)?;
-        x.copy_from_slice(os);
-        Ok(ChainWork {
-            seconds,
-            calls: 1,
+        let per_call = self.ticks_per_call.unwrap_or(ticks).clamp(1, ticks);
+        let mut work = ChainWork {
+            seconds: 0.0,
+            calls: 0,
             rows: self.head_rows(rows),
-        })
+        };
+        for first in (0..ticks).step_by(per_call) {
+            let span = first..(first + per_call).min(ticks);
+            let x0 = ndarray::ArrayView2::from_shape((n, c), &*x).expect("x holds N rows of C");
+            let started = Instant::now();
+            let out = model
+                .sample_chain(ChainInputs {
+                    x: x0,
+                    z: z.view(),
+                    timesteps: timesteps.slice(s![span.clone(), ..]),
+                    coefficients: coefficients.slice(s![span.clone(), .., ..]),
+                    noise: noise.slice(s![span.clone(), .., ..]),
+                    active: active.slice(s![span]),
+                    guidance: self.scale as f32,
+                })
+                .map_err(|source| EngineError::Model {
+                    step: self.step,
+                    source,
+                })?;
+            work.seconds += started.elapsed().as_secs_f64();
+            work.calls += 1;
+            if out.dim() != (n, c) {
+                return Err(shape_error(
+                    self.step,
+                    "sampler",
+                    "x_out",
+                    out.shape(),
+                    &[n, c],
+                ));
+            }
+            let out = out.as_standard_layout();
+            let os = out.as_slice().expect("standard layout");
+            check_finite("sampler", "x_out", os.iter(), self.step)?;
+            x.copy_from_slice(os);
+        }
+        Ok(work)
     }
 }

@@ -115,6 +115,8 @@ pub struct Engine<M: MarModel> {
     chains: ChainCache,
     fts: FtsScorer,
     pub stats: RunStats,
+    /// Ticks per sampler-graph call (`None`: a whole chain per call).
+    pub ticks_per_call: Option<usize>,
 }
 
 impl<M: MarModel> Engine<M> {
@@ -127,6 +129,7 @@ impl<M: MarModel> Engine<M> {
             chains,
             fts,
             stats: RunStats::default(),
+            ticks_per_call: None,
         }
     }
 
@@ -270,6 +273,7 @@ impl<M: MarModel> Engine<M> {
                 temperature: template.temperature,
                 noise,
                 jobs,
+                ticks_per_call: self.ticks_per_call,
             };
             let work = if self.model.runs_chains() {
                 chains.run_in_graph(&mut self.model, &mut rows, &mut x, &info)?
