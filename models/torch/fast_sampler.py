@@ -201,9 +201,15 @@ def sample(mar: MAR, vae: AutoencoderKL, steps: list, labels: torch.Tensor, orde
         counts["diffusion_rows"] = rows
     out = {"tokens": tokens}
     if decode:
-        latent = unpatchify(tokens / latent_scale, cfg.grid).contiguous()
-        images = vae.decode(latent)
-        pixels = torch.round(torch.clamp((images.float() + 1.0) * 0.5, 0.0, 1.0) * 255.0).to(torch.uint8)
-        out["images"] = images
-        out["pixels"] = pixels.permute(0, 2, 3, 1)
+        out.update(decode_pixels(vae, tokens, latent_scale, cfg.grid))
     return out
+
+
+@torch.no_grad()
+def decode_pixels(vae: AutoencoderKL, tokens: torch.Tensor, latent_scale: float, grid) -> dict:
+    """VAE decode of tokens f32 [B, L, C] ÷ latent_scale; {"images": [B, 3, H, W], "pixels": u8
+    [B, H, W, 3]} with pixels = round(clip((image + 1)/2, 0, 1)·255), on the tokens' device."""
+    latent = unpatchify(tokens / latent_scale, grid).contiguous()
+    images = vae.decode(latent)
+    pixels = torch.round(torch.clamp((images.float() + 1.0) * 0.5, 0.0, 1.0) * 255.0).to(torch.uint8)
+    return {"images": images, "pixels": pixels.permute(0, 2, 3, 1)}
