@@ -55,6 +55,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, REPO)
 
 T0 = time.time()
+# For --device cpu: OpenMP threads that sleep when idle, the counterpart of gtr-run's ORT sessions
+# (intra-op spinning off); as models/bench_torch.py does. Kept if the environment sets it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # make_fake_checkpoint.py / export_mar.py arguments per --size
 SIZES = {
@@ -176,16 +179,19 @@ class Bench:
                 rc = p.returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-        text = open(path, errors="replace").read()
+        with open(path, errors="replace") as f:
+            text = f.read()
         if show:
             for line in text.splitlines():
                 if show(line):
                     log("  " + line.strip())
         if rc != 0:
-            tail = "\n".join(text.strip().splitlines()[-15:])
+            lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+            said = next((x for x in reversed(lines) if x.lower().startswith("error")), lines[-1] if lines else "")
+            tail = "\n".join(lines[-15:])
             raise BenchError(f"`{os.path.basename(str(cmd[0]))} {' '.join(map(str, cmd[1:3]))} …` "
-                             f"{'stopped at the deadline' if rc == 'timeout' else f'exited with {rc}'}; "
-                             f"last lines of {path}:\n{tail}")
+                             f"{'stopped at the deadline' if rc == 'timeout' else f'exited with {rc}'}"
+                             f"{': ' + said if said and rc != 'timeout' else ''} (log: {path})\n{tail}")
         return text
 
     # -- inputs ----------------------------------------------------------------------------
@@ -288,12 +294,12 @@ class Bench:
                 py = sys.executable
                 self.run_logged([py, os.path.join(REPO, "models", "make_fake_checkpoint.py"), *fake_args,
                                  "--seed", a.seed, "--no-model", "--out", ckpt, "--vae-out", vae],
-                                "make_fake_checkpoint.log", show=lambda l: "parameters" in l)
+                                "make_fake_checkpoint.log", show=lambda line: "parameters" in line)
                 self.run_logged([py, os.path.join(REPO, "models", "export_mar.py"), "--checkpoint", ckpt,
                                  "--vae", vae, *export_args, "--out", bundle, "--quick-vae-check",
                                  "--name", f"mar-{a.size}-random"],
                                 "export_mar.log",
-                                show=lambda l: "max |ort" in l or "exported in" in l or l.startswith("wrote"))
+                                show=lambda line: "max |ort" in line or "exported in" in line or line.startswith("wrote"))
                 with open(stamp_path, "w") as f:
                     json.dump(stamp, f)
             self.bundle, self.checkpoint, self.vae_ckpt = bundle, ckpt, vae
@@ -307,7 +313,8 @@ class Bench:
         path = os.path.join(self.bundle, "manifest.yaml")
         if not os.path.isfile(path):
             raise BenchError(f"{path} not found")
-        text = open(path).read()
+        with open(path) as f:
+            text = f.read()
         m = {}
         for key in ("name", "latent_scale", "classes", "null_class"):
             r = re.search(rf"^{key}:\s*(\S+)", text, re.M)
@@ -355,6 +362,9 @@ class Bench:
         if self.a.threads:
             cmd += ["--threads", self.a.threads]
         cmd += self.a.gtr_arg + extra
+        if self.torch_model is not None and self.a.device == "cuda":
+            import torch
+            torch.cuda.empty_cache()              # leave the GPU's memory to ONNX Runtime
         t = time.time()
         self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=max(self.remaining(), 5.0))
         with open(os.path.join(evaldir, "eval.json")) as f:
@@ -554,7 +564,7 @@ class Bench:
 
     def measure(self, label: str, fn, *args) -> None:
         if self.remaining() < 0:
-            self.res["notes"].append(f"{label}: skipped (past --deadline {self.a.deadline:.0f} s)")
+            self.res.setdefault("skipped_at_deadline", []).append(label)
             log(f"skip {label}: past the deadline")
             return
         with self.phase(label):
@@ -609,10 +619,16 @@ class Bench:
                 f"(attention {a.torch_attention}); images per cell: "
                 + ", ".join(f"{self.images_for(B)} at batch {B}" for B in a.batches)
                 + ", after warm-up. Seconds per image (lower is better); 'speed vs autocast' = PyTorch autocast "
-                  f"s/image ÷ gtr-run s/image (> 1: gtr-run faster).", ""]
+                  "s/image ÷ gtr-run s/image (> 1: gtr-run faster).", ""]
         cols = ["schedule", "batch"] + (["gtr-run variant"] if multi else []) + [
             "gtr-run s/image", "PyTorch fp32", f"PyTorch autocast {half}", "gtr-run speed vs autocast",
             "gtr-run outside ORT", f"speed-up over {first} measured (FLOPs)"]
+        if multi:
+            described = []
+            for n, b, bd, args in self.variants:
+                words = ([] if b == a.gtr_run else ["--binary", b]) + ([] if not bd else ["--bundle", bd]) + args
+                described.append(f"{n} = `{' '.join(words)}`" if words else f"{n} = no extra arguments")
+            head.insert(1, "gtr-run variants: " + "; ".join(described) + ".")
         lines = head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
         def f(x, fmt="{:.3f}"):
@@ -625,6 +641,10 @@ class Bench:
                 tp = {p: r["torch"].get(p, {}).get(str(B), {}).get(s, {}).get("seconds_per_image")
                       for p in ("fp32", "half")}
                 tcell = {p: ("no FTS in MAR" if fts else f(tp[p])) for p in tp}
+                if not fts and (a.skip_torch or a.skip_torch_fp32):
+                    tcell["fp32"] = "skipped"
+                if not fts and a.skip_torch:
+                    tcell["half"] = "skipped"
                 for name, *_ in self.variants:
                     g = r["gtr_run"].get(name, {}).get(str(B), {}).get("schedules", {}).get(s, {})
                     gs = g.get("seconds_per_image")
@@ -635,8 +655,11 @@ class Bench:
                         f(gs), tcell["fp32"], tcell["half"], f(ratio, "{:.2f}×"),
                         f(g.get("outside_runtime_share"), "{:.1%}"), sp]
                     lines.append("| " + " | ".join(row) + " |")
-        if r["notes"] or r["errors"]:
+        skipped = r.get("skipped_at_deadline", [])
+        if r["notes"] or r["errors"] or skipped:
             lines.append("")
+            if skipped:
+                lines.append(f"- not run, past --deadline {a.deadline:.0f} s: {'; '.join(skipped)}")
             for n in r["notes"]:
                 lines.append(f"- {n}")
             for e in r["errors"]:
