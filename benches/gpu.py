@@ -299,7 +299,8 @@ class Bench:
                                  "--vae", vae, *export_args, "--out", bundle, "--quick-vae-check",
                                  "--name", f"mar-{a.size}-random"],
                                 "export_mar.log",
-                                show=lambda line: "max |ort" in line or "exported in" in line or line.startswith("wrote"))
+                                show=lambda line: any(k in line for k in ("max |ort", "exported in", "max |sampler"))
+                                or line.startswith("wrote"))
                 with open(stamp_path, "w") as f:
                     json.dump(stamp, f)
             self.bundle, self.checkpoint, self.vae_ckpt = bundle, ckpt, vae
@@ -371,7 +372,9 @@ class Bench:
             ej = json.load(f)
         comp = ej["comparison"]
         rec = {"command": [str(c) for c in cmd], "seconds": round(time.time() - t, 2), "images": N,
-               "execution_provider": comp.get("execution_provider"), "eval_json": os.path.join(evaldir, "eval.json"),
+               "execution_provider": comp.get("execution_provider"),
+               "diffusion_chains": comp.get("diffusion_chains"),       # gtr-run with a sampler graph says where
+               "eval_json": os.path.join(evaldir, "eval.json"),
                "schedules": {}}
         for s, d in zip(comp["schedules"], ej["derived"]):
             rec["schedules"][s["name"]] = {
@@ -389,7 +392,8 @@ class Bench:
                                      f"{rec['execution_provider']!r}, not CUDA")
         for sname, s in rec["schedules"].items():
             log(f"  {name} b{B} {sname}: {s['seconds_per_image']:.4f} s/image, outside ORT "
-                f"{s['outside_runtime_share']:.1%} ({rec['execution_provider']})")
+                f"{s['outside_runtime_share']:.1%} ({rec['execution_provider']}"
+                + (f", chains: {rec['diffusion_chains']}" if rec["diffusion_chains"] else "") + ")")
 
     # -- phase: PyTorch --------------------------------------------------------------------------
 
@@ -612,9 +616,12 @@ class Bench:
         ts = r.get("torch_setup", {})
         env = r["environment"]
         providers = sorted({str(b.get("execution_provider")) for v in r["gtr_run"].values() for b in v.values()})
+        chains = sorted({f"{n}: {b['diffusion_chains']}" if multi else str(b["diffusion_chains"])
+                         for n, v in r["gtr_run"].items() for b in v.values() if b.get("diffusion_chains")})
         head = [f"gtr-run vs MAR's PyTorch sampler, {r['date'][:10]}: MAR-{a.size} random weights "
                 f"({self.manifest.get('name', '?')}), {env.get('nvidia_smi') or ts.get('device_name') or a.device}; "
                 f"gtr-run `eval --device {a.device}` (provider {', '.join(providers) or '?'}"
+                + (f"; diffusion chains: {', '.join(chains)}" if chains else "")
                 + (f", args {' '.join(a.gtr_arg)}" if a.gtr_arg else "") + f"); PyTorch {ts.get('torch', '?')} "
                 f"(attention {a.torch_attention}); images per cell: "
                 + ", ".join(f"{self.images_for(B)} at batch {B}" for B in a.batches)
