@@ -491,6 +491,7 @@ class Bench:
         classes, null = self.manifest["classes"], self.manifest["null_class"]
         all_labels = [i * classes // N for i in range(N)] if classes > 0 else [null] * N
         orders = torch.tensor(order, dtype=torch.int64, device=dev)[None].expand(B, -1).contiguous()
+        order_len = len(order)
         gen = torch.Generator(device=dev).manual_seed(self.a.seed)
         cuda = dev.type == "cuda"
 
@@ -504,13 +505,21 @@ class Bench:
             return torch.autocast(dev.type, dtype=self.half_dtype())
 
         latent_scale, grid = self.manifest["latent_scale"], mar.cfg.grid
-        # warm-up: the first steps of one batch and a VAE decode, at this batch size and precision
+        # warm-up at this batch size and precision: the first and the last steps of the schedule
+        # (shortest and longest encoder sequences, so the allocator has seen the largest shapes) and a
+        # VAE decode; --torch-warmup-steps 0: the whole schedule
         t = time.time()
         labels = torch.tensor(all_labels[:B], dtype=torch.int64, device=dev)
+        k = self.a.torch_warmup_steps
         with ctx():
-            o = fast.sample(mar, vae, steps[:self.a.torch_warmup_steps or len(steps)], labels, orders,
-                            latent_scale, generator=gen)
-            o["pixels"].cpu()
+            if k == 0 or k >= len(steps):
+                parts = [(steps, 0)]
+            else:
+                head, tail = steps[:(k + 1) // 2], steps[len(steps) - k // 2:]
+                parts = [(head, 0)] + ([(tail, order_len - sum(x.tokens for x in tail))] if tail else [])
+            for part, before in parts:
+                o = fast.sample(mar, vae, part, labels, orders, latent_scale, generator=gen, known_before=before)
+                o["pixels"].cpu()
         sync()
         warm = time.time() - t
         batches, tokens_s, vae_s, counts = [], 0.0, 0.0, {}
@@ -620,7 +629,7 @@ class Bench:
                          for n, v in r["gtr_run"].items() for b in v.values() if b.get("diffusion_chains")})
         head = [f"gtr-run vs MAR's PyTorch sampler, {r['date'][:10]}: MAR-{a.size} random weights "
                 f"({self.manifest.get('name', '?')}), {env.get('nvidia_smi') or ts.get('device_name') or a.device}; "
-                f"gtr-run `eval --device {a.device}` (provider {', '.join(providers) or '?'}"
+                f"gtr-run `eval --device {a.device}` (provider {', '.join(providers) or 'not run'}"
                 + (f"; diffusion chains: {', '.join(chains)}" if chains else "")
                 + (f", args {' '.join(a.gtr_arg)}" if a.gtr_arg else "") + f"); PyTorch {ts.get('torch', '?')} "
                 f"(attention {a.torch_attention}); images per cell: "
@@ -709,8 +718,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "matmul"],
                     help="sdpa: F.scaled_dot_product_attention, what timm (MAR's code) uses; matmul: explicit, as exported")
     ap.add_argument("--torch-warmup-steps", type=int, default=4,
-                    help="MAR steps of the untimed PyTorch warm-up batch, plus a VAE decode (0: the whole "
-                         "schedule, as gtr-run eval warms up; default 4)")
+                    help="MAR steps of the untimed PyTorch warm-up batch, half from the start of the schedule "
+                         "and half from its end, plus VAE decodes (0: the whole schedule, as gtr-run eval warms "
+                         "up; default 4)")
     ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
     ap.add_argument("--deadline", type=float, default=450.0,
                     help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")

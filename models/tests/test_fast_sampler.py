@@ -11,7 +11,8 @@ make_fake_checkpoint.randomize), the same orders and the same injected noise:
 2. an unguided case with T = 1 and T = 3 chains and MAR-style steps;
 3. the fused attention switch (what timm / MAR's code use) gives the same tokens;
 4. the per-image work counts (backbone passes and head rows, both CFG halves);
-5. a run with on-device noise under CPU bf16 autocast is finite and close to float32 in the mean.
+5. a run with on-device noise under CPU bf16 autocast is finite and close to float32 in the mean;
+6. `known_before` runs the last steps alone and leaves the tokens taken as known untouched.
 The diffusion role is the torch-small fixture's wrapper (make_torch_golden.FixtureEpsHead), so a
 random head does not blow samples up and float32-vs-float64 differences stay small.
 """
@@ -135,6 +136,14 @@ def main():
     md = float((o16["tokens"] - o32["tokens"]).abs().mean())
     check("bf16 autocast", fin and md < 0.1 and o16["pixels"].dtype == torch.uint8,
           f"finite {fin}, mean |bf16 - fp32| token difference {md:.3f}")
+
+    # 6. known_before: the last steps alone (the benchmark's warm-up of the long sequences)
+    last = steps[-2:]
+    before = L - sum(x.tokens for x in last)
+    o = fast.sample(mar, vae, last, labels, order, 0.2325, generator=g, head=head, known_before=before, counts={})
+    untouched = bool((o["tokens"].gather(1, order[:, :before, None].expand(-1, -1, C)) == 0).all())
+    check("known_before", untouched and bool(torch.isfinite(o["images"]).all()),
+          f"{before} tokens taken as known, left zero: {untouched}")
 
     print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all passed'} in {time.time() - t0:.1f} s")
     return 1 if FAILED else 0

@@ -146,7 +146,7 @@ def _chain(head, zc, zu, step: Step, coeffs: _Coefficients, C: int, learned: boo
 def sample(mar: MAR, vae: AutoencoderKL, steps: list, labels: torch.Tensor, orders: torch.Tensor,
            latent_scale: float, generator: torch.Generator | None = None, head=None,
            noise: dict | None = None, counts: dict | None = None, train_steps: int = 1000,
-           decode: bool = True) -> dict:
+           decode: bool = True, known_before: int = 0) -> dict:
     """Sample len(labels) images. `orders` i64 [B, L] lists each image's tokens in reveal order
     (step s reveals the next steps[s].tokens). Everything lives on labels.device.
 
@@ -154,6 +154,8 @@ def sample(mar: MAR, vae: AutoencoderKL, steps: list, labels: torch.Tensor, orde
     f32 [B, L, Tmax, C]} in the reference layout (iteration k = T−1−i uses step[b, t, k]).
     counts: optional dict, gets per-image "backbone_passes" and "diffusion_rows" (both CFG halves).
     decode: False stops after the tokens (the steps may then cover only part of the canvas).
+    known_before: start as if the first `known_before` tokens of each order were known already
+    (their canvas values stay zero): runs the late, long-sequence steps alone, e.g. to warm up.
     Returns {"tokens": f32 [B, L, C], "images": [B, 3, H, W], "pixels": u8 [B, H, W, 3]} (device)."""
     cfg = mar.cfg
     _autocast_safe(mar)
@@ -165,7 +167,7 @@ def sample(mar: MAR, vae: AutoencoderKL, steps: list, labels: torch.Tensor, orde
     tokens = torch.zeros(B, L, C, device=dev)
     null = torch.full((B,), cfg.null_class, dtype=torch.int64, device=dev)
     passes, rows = 0, 0
-    c = 0
+    c = known_before
     for step in steps:
         n = step.tokens
         known = torch.sort(orders[:, :c], dim=1).values
