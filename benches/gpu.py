@@ -24,11 +24,12 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
 
 Order of work: batch sizes in the order given (default 64 first), and inside each: gtr-run
 variants, PyTorch half precision, PyTorch float32. Past --deadline seconds nothing new starts
-(and a gtr-run eval in flight is stopped), and the table is printed with what was measured;
-SIGTERM does the same.
+(and a gtr-run eval in flight is stopped); a measurement that the same kind at another batch size
+predicts to end more than 15 s after the deadline is skipped; the table is printed with what was
+measured. SIGTERM does the same.
 
-Full size (defaults) is planned for about 6-7 minutes on one H200 (set --deadline under the
-machine's limit). Smaller: --batches 64, --schedules mar-64 gtr-3.7x, --skip-torch-fp32,
+Full size (defaults) is planned for about 6-7 minutes on one H200 (an estimate from issue 9's
+per-image times; set --deadline about 40 s under the machine's limit). Smaller: --batches 64, --schedules mar-64 gtr-3.7x, --skip-torch-fp32,
 --bundle DIR (reuse an export), --num-images (default: one batch per batch size).
 CPU test at a tiny size: --size tiny --device cpu --batches 2 4 --threads 2.
 """
@@ -575,10 +576,30 @@ class Bench:
 
     # -- the run ------------------------------------------------------------------------------------
 
-    def measure(self, label: str, fn, *args) -> None:
-        if self.remaining() < 0:
-            self.res.setdefault("skipped_at_deadline", []).append(label)
-            log(f"skip {label}: past the deadline")
+    def predicted_seconds(self, kind: str, key: tuple, B: int) -> float | None:
+        """A guess of how long a measurement will take, from one of the same kind measured at
+        another batch size: gtr-run evals scale with the images they make (warm-up batch included),
+        PyTorch cells with the images timed plus their warm-up. None if nothing to go by."""
+        if kind == "gtr":
+            done = self.res["gtr_run"].get(key[0], {})
+            for b, rec in done.items():
+                return rec["seconds"] * (self.images_for(B) + B) / (rec["images"] + int(b))
+        else:
+            prec, sched = key
+            for b, cells in self.res["torch"].get(prec, {}).items():
+                if sched in cells:
+                    c = cells[sched]
+                    return c["seconds_per_image"] * self.images_for(B) + c["warmup_seconds"] * B / int(b)
+        return None
+
+    def measure(self, label: str, fn, *args, predict=None) -> None:
+        """Run one measurement as a phase, unless past the deadline or predicted to end after it."""
+        left = self.remaining()
+        guess = predict() if predict else None
+        if left < 0 or (guess is not None and guess > left + 15):
+            why = "past the deadline" if left < 0 else f"predicted {guess:.0f} s, {left:.0f} s left"
+            self.res.setdefault("skipped_at_deadline", []).append(f"{label} ({why})")
+            log(f"skip {label}: {why}")
             return
         with self.phase(label):
             fn(*args)
@@ -598,12 +619,14 @@ class Bench:
             for B in a.batches:
                 if not a.skip_gtr_run:
                     for v in self.variants:
-                        self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B)
+                        self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B,
+                                     predict=lambda v=v, B=B: self.predicted_seconds("gtr", (v[0],), B))
                 for prec in precisions:
                     for sched in self.plans:
                         if self.res["plans"][sched]["fts"]:
                             continue
-                        self.measure(f"PyTorch {prec} batch {B} {sched}", self.torch_measure, sched, B, prec)
+                        self.measure(f"PyTorch {prec} batch {B} {sched}", self.torch_measure, sched, B, prec,
+                                     predict=lambda p=prec, s=sched, B=B: self.predicted_seconds("torch", (p, s), B))
             fts = [s for s in self.plans if self.res["plans"][s]["fts"]]
             if fts and precisions:
                 self.res["notes"].append(f"no PyTorch column for {', '.join(fts)}: GtR's FTS is not part of "
@@ -675,7 +698,7 @@ class Bench:
         if r["notes"] or r["errors"] or skipped:
             lines.append("")
             if skipped:
-                lines.append(f"- not run, past --deadline {a.deadline:.0f} s: {'; '.join(skipped)}")
+                lines.append(f"- not run, --deadline {a.deadline:.0f} s: {'; '.join(skipped)}")
             for n in r["notes"]:
                 lines.append(f"- {n}")
             for e in r["errors"]:
