@@ -231,20 +231,26 @@ def manifest_with_sampler(text: str) -> str:
     raise SystemExit("manifest.yaml: no `graphs.diffusion` entry on one line to put the sampler after")
 
 
-def add_sampler(bundle: str, log=print) -> str:
-    text, m = read_manifest(bundle)
+def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print) -> str:
+    """Writes the sampler around the head graph `head_file` (the manifest's diffusion tensor
+    names) as sampler.onnx, or sampler.PRECISION.onnx for a precision variant; returns its name."""
     io = m["graphs"]["diffusion"]
-    head_path = os.path.join(bundle, io["file"])
-    head = onnx.load(head_path, load_external_data=False)
+    head = onnx.load(os.path.join(bundle, head_file), load_external_data=False)
     learned = m["diffusion"]["variance"] == "learned_range"
     model = build_sampler(head, io, int(m["token_dim"]), learned)
     onnx.checker.check_model(model)
-    out = os.path.join(bundle, SAMPLER_FILE)
-    onnx.save(model, out)
+    name = SAMPLER_FILE if precision is None else SAMPLER_FILE.replace(".onnx", f".{precision}.onnx")
+    onnx.save(model, os.path.join(bundle, name))
+    log(f"{name}: loop over the ticks around {head_file} ({'learned' if learned else 'fixed'} variance)")
+    return name
+
+
+def add_sampler(bundle: str, log=print) -> str:
+    text, m = read_manifest(bundle)
+    name = write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
     with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
         f.write(manifest_with_sampler(text))
-    log(f"{out}: loop over the ticks around {io['file']} ({'learned' if learned else 'fixed'} variance)")
-    return out
+    return os.path.join(bundle, name)
 
 
 def reference_chain(head_sess, io, x, z, t, coef, noise, active, guidance, C, learned):

@@ -130,6 +130,14 @@ pub struct Manifest {
     /// Optional image classifier that `gtr-run eval` scores images with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluator: Option<EvaluatorEntry>,
+    /// Optional default precision (`--precision` wins; fp32 without either):
+    /// fp32, tf32, fp16, bf16 or int8 (see [`crate::precision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+    /// Optional variant graphs: precision (fp16, bf16, int8) → role → file.
+    /// A role a variant does not list runs its fp32 graph.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub precisions: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// The input and output roles of an evaluator graph.
@@ -281,7 +289,15 @@ impl Bundle {
                 "graphs has an unknown role `{extra}` (known: encoder, decoder, diffusion, vae_decoder, sampler)"
             ));
         }
-        Ok(())
+        crate::precision::validate_manifest(self)
+    }
+
+    /// The manifest's default precision, if it sets one (checked at open).
+    pub fn default_precision(&self) -> Option<crate::precision::Precision> {
+        self.manifest
+            .precision
+            .as_deref()
+            .and_then(|p| p.parse().ok())
     }
 
     fn check_file(&self, key: &str, file: &str) -> Result<(), String> {

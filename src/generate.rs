@@ -118,6 +118,9 @@ pub struct RunRequest {
     pub existing: Existing,
     pub replay: Option<PathBuf>,
     pub device_requested: String,
+    /// How the model was loaded (precision, graph files, provider
+    /// settings), recorded as `runtime_settings`; `Null` when unknown.
+    pub runtime_settings: Value,
     /// Generate only this part of the images (seeds, labels and file names
     /// stay those of the whole run); no `grid.png` is written.
     pub shard: Option<Shard>,
@@ -296,6 +299,8 @@ pub fn run<M: MarModel>(
         "temperature_override": req.temperature,
         "replay": req.replay.as_ref().map(|p| p.display().to_string()),
         "device_requested": req.device_requested,
+        "precision": model.precision(),
+        "runtime_settings": req.runtime_settings,
         "mar_steps": reference_plan.steps.len(),
         "cost_per_image": {
             "encoder_passes": cost.encoder_passes,
@@ -401,6 +406,11 @@ pub fn run<M: MarModel>(
             "in_runtime_run_calls": runtime_seconds,
             "outside_runtime_run_calls": stats.total_seconds - runtime_seconds,
             "vae": stats.vae_seconds,
+            // Before and at the start of sampling, apart: creating the
+            // sessions (not in `wall`), and each graph's first call (in
+            // `generation`); with TensorRT, engines are built in one of them.
+            "session_creation": graph_stats.iter().map(|g| g.load_seconds).sum::<f64>(),
+            "first_calls": graph_stats.iter().map(|g| g.first_call_seconds).sum::<f64>(),
         },
     });
     if let (Value::Object(all), Value::Object(more)) = (&mut record, measured) {
@@ -449,6 +459,14 @@ fn identity(record: &Value) -> Vec<(&'static str, Value)> {
         ("temperature (--temperature)", r("/temperature_override")),
         // Replay paths differ between machines; whether one was used may not.
         ("use of a replay file", json!(!record["replay"].is_null())),
+        // Records written before precisions existed ran fp32.
+        (
+            "precision (--precision)",
+            record
+                .get("precision")
+                .cloned()
+                .unwrap_or_else(|| json!("fp32")),
+        ),
     ]
 }
 
@@ -482,10 +500,11 @@ const STEP_COUNTERS: [&str; 5] = [
 
 /// Fields a part may choose without changing an image; kept in a combined
 /// record where all parts agree, else null.
-const FREE_FIELDS: [&str; 6] = [
+const FREE_FIELDS: [&str; 7] = [
     "/batch",
     "/device_requested",
     "/execution_provider",
+    "/runtime_settings",
     "/model/path",
     "/schedule/path",
     "/replay",

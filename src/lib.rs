@@ -28,6 +28,7 @@ pub mod generate;
 pub mod grid;
 pub mod merge;
 pub mod plan;
+pub mod precision;
 pub mod report;
 pub mod rng;
 pub mod sampler;

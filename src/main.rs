@@ -107,6 +107,15 @@ struct RuntimeArgs {
     /// a per-tick call with the update still in the graph).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     sampler_ticks: Option<u32>,
+    /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
+    /// need the bundle's variant graphs (models/convert_precision.py). Default:
+    /// the manifest's `precision`, else fp32.
+    #[arg(long, value_parser = parse_precision)]
+    precision: Option<gtr_run::precision::Precision>,
+    /// TensorRT's engine and timing cache folder (default: <cache>/tensorrt,
+    /// the cache being $GTR_RUN_CACHE, $XDG_CACHE_HOME/gtr-run or ~/.cache/gtr-run).
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
 }
 
 /// The `--sampler` choice.
@@ -122,9 +131,9 @@ enum ChainRunner {
 fn load_model(
     bundle: &gtr_run::bundle::Bundle,
     runtime: &RuntimeArgs,
+    options: &gtr_run::backend::ort::LoadOptions,
 ) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
-    let model =
-        gtr_run::backend::ort::OrtModel::load(bundle, device_of(&runtime.device), runtime.threads)?;
+    let model = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?;
     let model = match (runtime.sampler, model.has_sampler()) {
         (ChainRunner::Graph, false) => bail!(
             "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
@@ -142,6 +151,39 @@ fn load_model(
         _ => model,
     };
     Ok(model)
+}
+
+impl RuntimeArgs {
+    /// How to load `bundle`: device, threads, precision and TensorRT's
+    /// settings, with TensorRT's profiles taken from `plans` at `batch`.
+    fn load_options(
+        &self,
+        bundle: &gtr_run::bundle::Bundle,
+        plans: &[&gtr_run::plan::Plan],
+        batch: usize,
+    ) -> anyhow::Result<gtr_run::backend::ort::LoadOptions> {
+        use gtr_run::backend::ort::{Device, LoadOptions, tensorrt::ShapeRanges};
+        let device = device_of(&self.device);
+        if self.trt_cache.is_some() && !matches!(device, Device::TensorRt | Device::Auto) {
+            bail!(
+                "--trt-cache is TensorRT's engine cache; it applies with --device tensorrt (or auto), not --device {}",
+                self.device
+            );
+        }
+        let precision = gtr_run::precision::choose(bundle, self.precision, device)?;
+        Ok(LoadOptions {
+            device,
+            threads: self.threads,
+            precision,
+            tensorrt_cache: self.trt_cache.clone(),
+            shape_ranges: matches!(device, Device::TensorRt | Device::Auto)
+                .then(|| ShapeRanges::from_plans(plans, batch)),
+        })
+    }
+}
+
+fn parse_precision(s: &str) -> Result<gtr_run::precision::Precision, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -308,8 +350,29 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
     let device = device_of(&args.runtime.device);
-    let model = load_model(&bundle, &args.runtime)?;
+    let options = {
+        let grid = bundle.grid();
+        let planning = PlanOptions {
+            default_cfg: Some(bundle.manifest.sampling.cfg),
+            default_temperature: Some(bundle.manifest.sampling.temperature),
+            cfg: args.runtime.cfg,
+            temperature: args.runtime.temperature,
+        };
+        let plans = contenders
+            .iter()
+            .map(|c| {
+                Planner::new(&c.schedule, grid)
+                    .and_then(|p| p.plan_with(args.seed, &planning))
+                    .map_err(|d| ScheduleError::Invalid(Box::new(d)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let plans: Vec<&gtr_run::plan::Plan> = plans.iter().collect();
+        args.runtime.load_options(&bundle, &plans, args.batch)?
+    };
+    let model = load_model(&bundle, &args.runtime, &options)?;
+    let settings = model.settings();
     let info = model.info().clone();
+    // The evaluator measures quality: it always runs its fp32 graph.
     let mut evaluator = OrtEvaluator::load(&bundle, device, args.runtime.threads)?;
     let reference = match &bundle.manifest.evaluator {
         Some(e) => Some(FeatureStats::load_npz(&bundle.dir.join(&e.reference))?),
@@ -331,8 +394,9 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!(
-        "gtr-run eval: model {}, {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
+        "gtr-run eval: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
         info.name,
+        options.precision.precision,
         contenders.len(),
         args.num_images,
         args.repeats,
@@ -388,7 +452,11 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         ("eval.csv", report::csv(&comparison)),
         (
             "eval.json",
-            serde_json::to_string_pretty(&report::json(&comparison))? + "\n",
+            serde_json::to_string_pretty(&{
+                let mut v = report::json(&comparison);
+                v["runtime_settings"] = settings.clone();
+                v
+            })? + "\n",
         ),
     ] {
         let path = out.join(name);
@@ -413,8 +481,26 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let bundle = Bundle::open(&model_path)?;
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
-    Schedule::from_file(&schedule_path, &overrides)?;
-    let model = load_model(&bundle, &args.runtime)?;
+    let schedule = Schedule::from_file(&schedule_path, &overrides)?;
+    let options = {
+        let plan = Planner::new(&schedule, bundle.grid())
+            .and_then(|p| {
+                p.plan_with(
+                    args.seed,
+                    &gtr_run::plan::PlanOptions {
+                        default_cfg: Some(bundle.manifest.sampling.cfg),
+                        default_temperature: Some(bundle.manifest.sampling.temperature),
+                        cfg: args.runtime.cfg,
+                        temperature: args.runtime.temperature,
+                    },
+                )
+            })
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+        args.runtime
+            .load_options(&bundle, &[&plan], args.batch.min(args.num_images).max(1))?
+    };
+    let model = load_model(&bundle, &args.runtime, &options)?;
+    let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
     });
@@ -441,6 +527,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
         replay: args.replay,
         device_requested: args.runtime.device,
+        runtime_settings: settings,
         shard: args.shard,
         npz: args.npz,
         ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
@@ -456,8 +543,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         None => format!(", {} images", request.num_images),
     };
     eprintln!(
-        "gtr-run: model {}, schedule {}, seed {}{part} -> {}",
+        "gtr-run: model {} ({}), schedule {}, seed {}{part} -> {}",
         bundle.manifest.name,
+        options.precision.precision,
         request.schedule_path.display(),
         request.seed,
         out.display()

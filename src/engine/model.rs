@@ -121,6 +121,11 @@ pub trait MarModel {
     fn execution_provider(&self) -> String {
         "none".into()
     }
+
+    /// The numeric precision the graphs run in (`--precision`).
+    fn precision(&self) -> String {
+        "fp32".into()
+    }
 }
 
 /// One MAR step's chains for [`MarModel::sample_chain`]: N rows (running
@@ -150,4 +155,9 @@ pub struct GraphStats {
     pub graph: String,
     pub calls: u64,
     pub seconds: f64,
+    /// Seconds to create the graph's session (with TensorRT, where engines
+    /// are built or read from the cache).
+    pub load_seconds: f64,
+    /// Seconds of the first call alone (included in `seconds`).
+    pub first_call_seconds: f64,
 }

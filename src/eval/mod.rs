@@ -132,6 +132,8 @@ pub struct Comparison {
     pub execution_provider: String,
     /// [`crate::engine::Engine::chain_runner`].
     pub diffusion_chains: String,
+    /// The numeric precision the model ran in (`--precision`).
+    pub precision: String,
     pub schedules: Vec<ScheduleResult>,
 }
 
@@ -339,6 +341,7 @@ pub fn compare<M: MarModel>(
         repeats: req.repeats,
         execution_provider: engine.model.execution_provider(),
         diffusion_chains: engine.chain_runner().into(),
+        precision: engine.model.precision(),
         schedules: results,
     })
 }

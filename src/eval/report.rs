@@ -44,7 +44,7 @@ pub fn markdown(c: &Comparison) -> String {
         c.seed,
         c.seed + c.repeats as u64 - 1,
         c.batch,
-        c.execution_provider,
+        format_args!("{}, {}", c.execution_provider, c.precision),
         c.diffusion_chains
     );
     let fd = c

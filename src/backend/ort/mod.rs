@@ -2,6 +2,7 @@
 //! checked against the manifest at load, behind [`MarModel`].
 
 pub mod library;
+pub mod tensorrt;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,6 +20,8 @@ use ort::value::{TensorElementType, TensorRef};
 use crate::bundle::{Bundle, Role};
 use crate::engine::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
 use crate::eval::{Evaluator, Scores};
+use crate::precision::{Precision, PrecisionChoice};
+use tensorrt::{ShapeRanges, TensorRtOptions};
 
 /// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
 /// are strict; `Auto` tries the GPU providers compiled in and falls back
@@ -51,6 +54,48 @@ pub enum OrtError {
     },
     #[error("device `{device}`: {problem}")]
     Device { device: String, problem: String },
+    #[error(transparent)]
+    Precision(#[from] crate::precision::PrecisionError),
+    #[error(transparent)]
+    TensorRt(#[from] tensorrt::TensorRtOptionsError),
+}
+
+/// How to load a bundle: the device, threads, precision and TensorRT's
+/// settings.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Intra-op threads per graph (`None`: ONNX Runtime's choice).
+    pub threads: Option<usize>,
+    /// Graph files and provider switches (see [`crate::precision::choose`]).
+    pub precision: PrecisionChoice,
+    /// TensorRT's engine and timing cache folder (`None`: the default,
+    /// [`tensorrt::default_cache_dir`]).
+    pub tensorrt_cache: Option<std::path::PathBuf>,
+    /// The shapes the run will use, for TensorRT's optimisation profiles
+    /// (`None`: no profiles).
+    pub shape_ranges: Option<ShapeRanges>,
+}
+
+impl LoadOptions {
+    /// fp32 graphs, no TensorRT settings.
+    pub fn new(bundle: &Bundle, device: Device, threads: Option<usize>) -> LoadOptions {
+        LoadOptions {
+            device,
+            threads,
+            precision: PrecisionChoice::fp32(bundle),
+            tensorrt_cache: None,
+            shape_ranges: None,
+        }
+    }
+}
+
+/// Provider switches for one session (read only by the GPU providers).
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(not(any(feature = "cuda", feature = "tensorrt")), allow(dead_code))]
+struct ProviderSettings {
+    cuda_tf32: bool,
+    tensorrt: Option<TensorRtOptions>,
 }
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -91,8 +136,10 @@ impl Graph {
         outputs: &BTreeMap<String, String>,
         device: Device,
         threads: Option<usize>,
+        settings: &ProviderSettings,
     ) -> Result<(Graph, String), OrtError> {
         let env = environment()?;
+        let started = Instant::now();
         let session_err = |message: String| OrtError::Session {
             graph: name,
             path: path.display().to_string(),
@@ -107,7 +154,7 @@ impl Graph {
                 .with_intra_threads(n)
                 .map_err(|e| session_err(e.to_string()))?;
         }
-        let (mut builder, provider) = register_device(builder, device)?;
+        let (mut builder, provider) = register_device(builder, device, settings)?;
         let session = builder
             .commit_from_file(path)
             .map_err(|e| session_err(e.to_string()))?;
@@ -118,6 +165,7 @@ impl Graph {
             outputs: outputs.clone(),
             stats: GraphStats {
                 graph: name.into(),
+                load_seconds: started.elapsed().as_secs_f64(),
                 ..GraphStats::default()
             },
         };
@@ -160,6 +208,9 @@ impl Graph {
         let start = Instant::now();
         let values = session.run(named).map_err(|e| err(e.to_string()))?;
         let seconds = start.elapsed().as_secs_f64();
+        if stats.calls == 0 {
+            stats.first_call_seconds = seconds;
+        }
         stats.calls += 1;
         stats.seconds += seconds;
         let mut arrays = Vec::with_capacity(outputs.len());
@@ -225,6 +276,8 @@ pub struct OrtModel {
     /// Whole chains per call, when the bundle has a sampler graph.
     sampler: Option<Graph>,
     provider: String,
+    precision: PrecisionChoice,
+    tensorrt: BTreeMap<String, TensorRtOptions>,
 }
 
 /// One expected tensor: element type and dims (`None` = any; batch-like
@@ -403,36 +456,72 @@ fn check_contract(graph: &Graph, (ins, outs): (Vec<Expect>, Vec<Expect>)) -> Res
 }
 
 impl OrtModel {
-    /// Loads and checks the bundle's graphs on `device` with `threads`
+    /// Loads and checks the bundle's fp32 graphs on `device` with `threads`
     /// intra-op threads per graph (`None`: ORT's default).
     pub fn load(bundle: &Bundle, device: Device, threads: Option<usize>) -> Result<Self, OrtError> {
+        Self::load_with(bundle, &LoadOptions::new(bundle, device, threads))
+    }
+
+    /// Loads and checks the graphs that `options.precision` chose, on
+    /// `options.device`, with the provider settings of that precision.
+    pub fn load_with(bundle: &Bundle, options: &LoadOptions) -> Result<Self, OrtError> {
         let info = ModelInfo::from_bundle(bundle);
+        let choice = &options.precision;
+        let tensorrt = tensorrt_options(bundle, &info, options)?;
         let mut provider = String::from("cpu");
         let mut graphs = Vec::new();
         for role in Role::ALL {
             let entry = bundle.graph(role);
+            let file = choice
+                .graph_files
+                .get(role.key())
+                .cloned()
+                .unwrap_or_else(|| entry.file.clone());
+            let settings = ProviderSettings {
+                cuda_tf32: choice.cuda_tf32,
+                tensorrt: tensorrt.get(role.key()).cloned(),
+            };
+            let path = bundle.dir.join(&file);
             let (graph, ran) = Graph::open(
                 role.key(),
-                &bundle.graph_path(role),
+                &path,
                 &entry.inputs,
                 &entry.outputs,
-                device,
-                threads,
-            )?;
+                options.device,
+                options.threads,
+                &settings,
+            )
+            .map_err(|e| explain_precision_failure(e, choice.precision, options.device))?;
             provider = ran;
             check_contract(&graph, expectations(role, &info))?;
             graphs.push(graph);
         }
+        if choice.precision == Precision::Tf32 && !provider.starts_with("cuda") {
+            return Err(OrtError::Device {
+                device: provider,
+                problem: "--precision tf32 needs the CUDA provider, and it did not register (tf32 is a CUDA math mode)".into(),
+            });
+        }
         let sampler = match bundle.optional_graph(Role::Sampler) {
             Some(entry) => {
+                let file = choice
+                    .graph_files
+                    .get(Role::Sampler.key())
+                    .unwrap_or(&entry.file);
+                let settings = ProviderSettings {
+                    cuda_tf32: choice.cuda_tf32,
+                    tensorrt: None,
+                };
                 let (graph, _) = Graph::open(
                     Role::Sampler.key(),
-                    &bundle.entry_path(entry),
+                    &bundle.dir.join(file),
                     &entry.inputs,
                     &entry.outputs,
-                    device,
-                    threads,
-                )?;
+                    options.device,
+                    options.threads,
+                    &settings,
+                )
+                .map_err(|e| explain_precision_failure(e, choice.precision, options.device))?;
                 check_contract(&graph, expectations(Role::Sampler, &info))?;
                 Some(graph)
             }
@@ -453,6 +542,8 @@ impl OrtModel {
             vae,
             sampler,
             provider,
+            precision: choice.clone(),
+            tensorrt,
         })
     }
 
@@ -465,6 +556,91 @@ impl OrtModel {
     pub fn without_sampler(mut self) -> Self {
         self.sampler = None;
         self
+    }
+
+    /// The precision, graph files and provider settings this model was
+    /// loaded with, for run records.
+    pub fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "precision": self.precision.precision,
+            "precision_source": self.precision.source,
+            "graph_files": self.precision.graph_files,
+            "cuda_tf32": self.precision.cuda_tf32,
+            "tensorrt": if self.provider == "tensorrt" {
+                serde_json::to_value(&self.tensorrt).unwrap_or_default()
+            } else {
+                serde_json::Value::Null
+            },
+        })
+    }
+}
+
+/// TensorRT's options per role, when TensorRT may run (`--device tensorrt`
+/// or `auto` in a build with the `tensorrt` feature); else none.
+fn tensorrt_options(
+    bundle: &Bundle,
+    info: &ModelInfo,
+    options: &LoadOptions,
+) -> Result<BTreeMap<String, TensorRtOptions>, OrtError> {
+    let mut all = BTreeMap::new();
+    if !cfg!(feature = "tensorrt") || !matches!(options.device, Device::TensorRt | Device::Auto) {
+        return Ok(all);
+    }
+    let cache = match (&options.tensorrt_cache, tensorrt::default_cache_dir()) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => dir,
+        (None, None) => {
+            return Err(OrtError::Device {
+                device: "tensorrt".into(),
+                problem: "no folder for TensorRT's engine cache: give --trt-cache DIR, or set GTR_RUN_CACHE or HOME".into(),
+            });
+        }
+    };
+    let choice = &options.precision;
+    for role in Role::ALL {
+        let o = tensorrt::graph_options(
+            role,
+            bundle.graph(role),
+            info,
+            bundle.manifest.buffer,
+            &bundle.manifest.name,
+            choice.precision.name(),
+            choice.tensorrt_fp16,
+            choice.tensorrt_bf16,
+            options.shape_ranges.as_ref(),
+            &cache,
+        )?;
+        all.insert(role.key().to_string(), o);
+    }
+    std::fs::create_dir_all(&cache).map_err(|e| OrtError::Device {
+        device: "tensorrt".into(),
+        problem: format!(
+            "cannot create the engine cache folder {} (--trt-cache): {e}",
+            cache.display()
+        ),
+    })?;
+    Ok(all)
+}
+
+/// Adds what is known about a precision that ONNX Runtime could not load.
+fn explain_precision_failure(e: OrtError, precision: Precision, device: Device) -> OrtError {
+    match e {
+        OrtError::Session {
+            graph,
+            path,
+            message,
+        } if precision == Precision::Bf16 && matches!(device, Device::Cpu | Device::Auto) => {
+            OrtError::Session {
+                graph,
+                path,
+                message: format!(
+                    "{message}\n  (--precision bf16: ONNX Runtime's CPU provider has no bfloat16 MatMul/Gemm kernels \
+                     (measured with ONNX Runtime 1.32), so bf16 variants run only on --device cuda; on the CPU use \
+                     --precision int8 or fp32)"
+                ),
+            }
+        }
+        e => e,
     }
 }
 
@@ -485,11 +661,14 @@ fn strict(
     Ok((builder, name.into()))
 }
 
-/// Adds the device's execution provider; returns what will run.
+/// Adds the device's execution provider with `settings`; returns what
+/// will run.
 fn register_device(
     builder: ort::session::builder::SessionBuilder,
     device: Device,
+    settings: &ProviderSettings,
 ) -> Result<(ort::session::builder::SessionBuilder, String), OrtError> {
+    let _ = settings;
     let unavailable = |name: &str, feature: &str| OrtError::Device {
         device: name.into(),
         problem: format!(
@@ -501,7 +680,13 @@ fn register_device(
         Device::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                strict(builder, ort::ep::CUDA::default().build(), "cuda")
+                strict(
+                    builder,
+                    ort::ep::CUDA::default()
+                        .with_tf32(settings.cuda_tf32)
+                        .build(),
+                    "cuda",
+                )
             }
             #[cfg(not(feature = "cuda"))]
             {
@@ -512,7 +697,7 @@ fn register_device(
         Device::TensorRt => {
             #[cfg(feature = "tensorrt")]
             {
-                strict(builder, ort::ep::TensorRT::default().build(), "tensorrt")
+                strict(builder, tensorrt_provider(settings).build(), "tensorrt")
             }
             #[cfg(not(feature = "tensorrt"))]
             {
@@ -526,14 +711,18 @@ fn register_device(
             #[cfg(feature = "tensorrt")]
             {
                 use ort::ep::ExecutionProvider;
-                if ort::ep::TensorRT::default().register(&mut builder).is_ok() {
+                if tensorrt_provider(settings).register(&mut builder).is_ok() {
                     return Ok((builder, "tensorrt".into()));
                 }
             }
             #[cfg(feature = "cuda")]
             {
                 use ort::ep::ExecutionProvider;
-                if ort::ep::CUDA::default().register(&mut builder).is_ok() {
+                if ort::ep::CUDA::default()
+                    .with_tf32(settings.cuda_tf32)
+                    .register(&mut builder)
+                    .is_ok()
+                {
                     return Ok((builder, "cuda".into()));
                 }
             }
@@ -541,6 +730,15 @@ fn register_device(
             Ok((builder, "cpu".into()))
         }
     }
+}
+
+/// TensorRT with the graph's options (ORT's defaults without them).
+#[cfg(feature = "tensorrt")]
+fn tensorrt_provider(settings: &ProviderSettings) -> ort::ep::TensorRT {
+    settings
+        .tensorrt
+        .as_ref()
+        .map_or_else(ort::ep::TensorRT::default, tensorrt::provider)
 }
 
 impl MarModel for OrtModel {
@@ -654,6 +852,10 @@ impl MarModel for OrtModel {
     fn execution_provider(&self) -> String {
         self.provider.clone()
     }
+
+    fn precision(&self) -> String {
+        self.precision.precision.to_string()
+    }
 }
 
 /// A bundle's evaluator graph (see [`crate::bundle::EvaluatorEntry`]).
@@ -681,6 +883,7 @@ impl OrtEvaluator {
             &entry.outputs,
             device,
             threads,
+            &ProviderSettings::default(),
         )?;
         check_contract(&graph, evaluator_expectations(&info))?;
         Ok(Some(OrtEvaluator {

@@ -1,0 +1,531 @@
+#!/usr/bin/env python3
+"""Write lower-precision variants of a bundle's graphs and record them in its manifest.
+
+    python models/convert_precision.py BUNDLE --precision fp16|bf16|int8 [--check] [--report FILE]
+
+For each model graph of the bundle (encoder, decoder, diffusion, vae_decoder; an optional
+`sampler` graph is rebuilt around the variant head by models/add_sampler.py; the evaluator is
+left alone) this writes `<name>.<precision>.onnx` beside
+`<name>.onnx` and adds, or replaces, `precisions.<precision>` in `manifest.yaml` (role -> file;
+the rest of the manifest, comments included, is kept as written). `gtr-run --precision X` then
+opens those files. A graph the conversion would leave unchanged is not written and not listed:
+gtr-run runs the fp32 graph for a role a variant does not list.
+
+fp16 / bf16 follow autocast: only MatMul, Gemm and Conv run in half precision. Their float
+inputs are cast to half (weights are stored in half), their outputs are cast back to float32,
+so everything else (LayerNormalization, InstanceNormalization, ReduceMean/Pow/Sqrt norms,
+Softmax, Exp/Log, Sin/Cos, the elementwise ops, every graph input and output) stays float32.
+Where one half op feeds another directly, the cast pair between them is dropped. bf16 Conv
+needs opset 22; in an older graph Conv stays float32 (reported).
+
+int8 is ONNX Runtime's dynamic quantization (onnxruntime.quantization.quantize_dynamic) of
+the MatMul weights: int8 weights (per output channel by default), activations quantized to
+uint8 on the fly, int32 accumulation. Gemm nodes with constant weights are first rewritten as
+MatMul (+ Add of the bias) so that their weights are quantized too; MatMuls of two activations
+(attention) stay float32.
+
+--check (on by default) runs every written graph and its fp32 original in onnxruntime (CPU)
+on the same random inputs, made from the manifest's shapes, and prints the max and mean
+absolute difference of each output. ONNX Runtime's CPU provider has no bfloat16 MatMul/Gemm
+kernels, so for bf16 the check runs an emulation instead: the same graph with every bf16 cast
+replaced by a round trip float32 -> bfloat16 -> float32 and the op itself in float32 (what a
+GPU's bf16 tensor cores do: bf16 operands, fp32 accumulation). --emulate writes that emulation
+as the variant, so that its quality can be measured on a CPU; such a variant is marked
+`emulated` in the report and must not be shipped as bf16.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from onnx import TensorProto, helper, numpy_helper
+
+ROLES = ["encoder", "decoder", "diffusion", "vae_decoder"]
+PRECISIONS = ["fp16", "bf16", "int8"]
+HALF_OPS = {"MatMul", "Gemm", "Conv"}
+HALF_TYPE = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+FP16_MAX = 65504.0
+
+
+class ConversionError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def float_tensors(model):
+    """Names of the float32 tensors of the main graph (after shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    names = set()
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            names.add(vi.name)
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            names.add(init.name)
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+                    names.add(node.output[0])
+    return names
+
+
+def opset(model):
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
+
+
+def unique(name, taken):
+    out, k = name, 1
+    while out in taken:
+        out = f"{name}_{k}"
+        k += 1
+    taken.add(out)
+    return out
+
+
+def bf16_bits(a):
+    """float32 array -> bfloat16 bit patterns (round to nearest even), as uint16."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(a)
+    out = rounded.astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out
+
+
+def half_initializer(init, precision, name, stats):
+    a = numpy_helper.to_array(init).astype(np.float32)
+    if precision == "fp16":
+        big = np.abs(a) > FP16_MAX
+        stats["weights_clipped"] += int(big.sum())
+        h = np.clip(a, -FP16_MAX, FP16_MAX).astype(np.float16)
+        stats["weights_flushed_to_zero"] += int(((h == 0) & (a != 0)).sum())
+        return numpy_helper.from_array(h, name)
+    t = TensorProto()
+    t.name = name
+    t.data_type = TensorProto.BFLOAT16
+    t.dims.extend(a.shape)
+    t.raw_data = bf16_bits(a).tobytes()
+    return t
+
+
+# ----------------------------------------------------------------------------- fp16 / bf16
+
+
+def to_half(model, precision, emulate=False):
+    """Autocast-style conversion of `model` (see the module docstring). With `emulate`,
+    half tensors are float32 tensors rounded through a cast to `precision` and back.
+    Returns (model, stats)."""
+    half = HALF_TYPE[precision]
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        raise ConversionError("graphs with subgraphs (If/Loop/Scan) are not supported")
+    floats = float_tensors(model)
+    version = opset(model)
+    inits = {i.name: i for i in g.initializer}
+    taken = {n for node in g.node for n in list(node.input) + list(node.output)} | set(inits) | {
+        i.name for i in g.input
+    }
+    stats = {
+        "half_ops": {},
+        "kept_float32": {},
+        "casts_inserted": 0,
+        "weights_clipped": 0,
+        "weights_flushed_to_zero": 0,
+    }
+    to_half_of = {}  # float32 tensor -> its half copy
+    produced_half = {}  # float32 output of a half op -> the half tensor it was cast from
+    new_inits = {}
+    new_nodes = []
+    consumers = {}
+    for node in g.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+
+    def round_trip(src, dst_name):
+        """Nodes turning float32 `src` into a rounded copy `dst_name`."""
+        mid = unique(dst_name + "_h", taken)
+        return [
+            helper.make_node("Cast", [src], [mid], to=half, name=unique("cast_" + mid, taken)),
+            helper.make_node("Cast", [mid], [dst_name], to=TensorProto.FLOAT, name=unique("cast_" + dst_name, taken)),
+        ]
+
+    for node in g.node:
+        convertible = node.op_type in HALF_OPS and not (
+            node.op_type == "Conv" and precision == "bf16" and version < 22
+        )
+        if not convertible:
+            if node.op_type in HALF_OPS:
+                stats["kept_float32"][node.op_type] = stats["kept_float32"].get(node.op_type, 0) + 1
+            new_nodes.append(node)
+            continue
+        if not all(x == "" or x in floats for x in node.input) or not all(y in floats for y in node.output):
+            stats["kept_float32"][node.op_type] = stats["kept_float32"].get(node.op_type, 0) + 1
+            new_nodes.append(node)
+            continue
+        stats["half_ops"][node.op_type] = stats["half_ops"].get(node.op_type, 0) + 1
+        inputs = []
+        for x in node.input:
+            if x == "":
+                inputs.append(x)
+            elif x in produced_half:
+                inputs.append(produced_half[x])
+            elif x in to_half_of:
+                inputs.append(to_half_of[x])
+            elif x in inits:
+                name = unique(x + "_" + precision, taken)
+                if emulate:
+                    init = half_initializer(inits[x], precision, "tmp", stats)
+                    if precision == "fp16":
+                        a = numpy_helper.to_array(init).astype(np.float32)
+                    else:
+                        bits = np.frombuffer(init.raw_data, dtype=np.uint16).astype(np.uint32) << 16
+                        a = bits.view(np.float32).reshape(tuple(init.dims))
+                    new_inits[name] = numpy_helper.from_array(a, name)
+                else:
+                    new_inits[name] = half_initializer(inits[x], precision, name, stats)
+                to_half_of[x] = name
+                inputs.append(name)
+            else:
+                name = unique(x + "_" + precision, taken)
+                if emulate:
+                    new_nodes.extend(round_trip(x, name))
+                    stats["casts_inserted"] += 2
+                else:
+                    new_nodes.append(helper.make_node("Cast", [x], [name], to=half, name=unique("cast_" + name, taken)))
+                    stats["casts_inserted"] += 1
+                to_half_of[x] = name
+                inputs.append(name)
+        outputs = []
+        after = []
+        for y in node.output:
+            inner = unique(y + "_" + precision, taken)
+            outputs.append(inner)
+            if emulate:
+                raw = unique(y + "_f32", taken)
+                outputs[-1] = raw
+                after.extend(round_trip(raw, inner))
+                after.append(helper.make_node("Identity", [inner], [y], name=unique("id_" + y, taken)))
+                stats["casts_inserted"] += 2
+            else:
+                after.append(helper.make_node("Cast", [inner], [y], to=TensorProto.FLOAT, name=unique("cast_" + y, taken)))
+                stats["casts_inserted"] += 1
+            produced_half[y] = inner
+        converted = helper.make_node(node.op_type, inputs, outputs, name=node.name or None)
+        converted.attribute.extend(node.attribute)
+        new_nodes.append(converted)
+        new_nodes.extend(after)
+    # Drop output casts nobody reads any more (a half op fed the next one directly).
+    used = {x for n in new_nodes for x in n.input} | {o.name for o in g.output}
+    original = {id(n) for n in g.node}
+    final = []
+    for n in new_nodes:
+        if id(n) not in original and n.op_type in ("Cast", "Identity") and all(y not in used for y in n.output):
+            stats["casts_inserted"] -= 1
+            continue
+        final.append(n)
+    # Float32 weights that only half ops read are no longer needed.
+    used = {x for n in final for x in n.input} | {o.name for o in g.output}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.node[:]
+    g.node.extend(final)
+    del g.initializer[:]
+    g.initializer.extend(kept + list(new_inits.values()))
+    return model, stats
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+def gemm_to_matmul(model):
+    """Rewrites Gemm(A, B const, C const) as MatMul(A, B') + C' (alpha, beta and transB folded
+    into the constants) so that quantize_dynamic, which quantizes MatMul, sees the weights."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    taken = {n for node in g.node for n in list(node.input) + list(node.output)} | set(inits)
+    nodes, added, rewritten = [], [], 0
+    for node in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ok = (
+            node.op_type == "Gemm"
+            and node.input[1] in inits
+            and (len(node.input) < 3 or node.input[2] == "" or node.input[2] in inits)
+            and attrs.get("transA", 0) == 0
+        )
+        if not ok:
+            nodes.append(node)
+            continue
+        b = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if attrs.get("transB", 0):
+            b = b.T
+        b = np.ascontiguousarray(b * np.float32(attrs.get("alpha", 1.0)))
+        bname = unique(node.input[1] + "_matmul", taken)
+        added.append(numpy_helper.from_array(b, bname))
+        y = node.output[0]
+        if len(node.input) >= 3 and node.input[2]:
+            c = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32) * np.float32(attrs.get("beta", 1.0))
+            cname = unique(node.input[2] + "_bias", taken)
+            added.append(numpy_helper.from_array(c, cname))
+            mid = unique(y + "_matmul", taken)
+            nodes.append(helper.make_node("MatMul", [node.input[0], bname], [mid], name=unique((node.name or "gemm") + "_matmul", taken)))
+            nodes.append(helper.make_node("Add", [mid, cname], [y], name=unique((node.name or "gemm") + "_bias", taken)))
+        else:
+            nodes.append(helper.make_node("MatMul", [node.input[0], bname], [y], name=unique((node.name or "gemm") + "_matmul", taken)))
+        rewritten += 1
+    used = {x for n in nodes for x in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(kept + added)
+    return model, rewritten
+
+
+def to_int8(model, per_channel):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, rewritten = gemm_to_matmul(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        onnx.save(model, src)
+        quantize_dynamic(
+            src,
+            dst,
+            op_types_to_quantize=["MatMul"],
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        out = onnx.load(dst)
+    count = sum(1 for n in out.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul"))
+    return out, {"gemm_rewritten_as_matmul": rewritten, "quantized_matmuls": count, "per_channel": per_channel}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def manifest_with_precisions(text, precision, files):
+    """`text` with `precisions.<precision>` set to `files` (role -> file), or removed when
+    `files` is empty; everything else is kept as written."""
+    lines = text.splitlines(keepends=True)
+    start = next((k for k, l in enumerate(lines) if re.match(r"precisions\s*:", l)), None)
+    table = {}
+    end = start
+    if start is not None:
+        end = start + 1
+        while end < len(lines) and (lines[end].strip() == "" or lines[end][0] in " \t#"):
+            end += 1
+        block = yaml.safe_load("".join(lines[start:end])) or {}
+        table = block.get("precisions") or {}
+        if not isinstance(table, dict):
+            raise ConversionError("manifest.yaml: `precisions` is not a mapping")
+    if files:
+        table[precision] = files
+    else:
+        table.pop(precision, None)
+    new = []
+    if table:
+        new.append("precisions:                    # variant graphs by precision (models/convert_precision.py)\n")
+        for p in [p for p in PRECISIONS if p in table] + sorted(p for p in table if p not in PRECISIONS):
+            roles = ", ".join(f"{r}: {f}" for r, f in table[p].items())
+            new.append(f"  {p}: {{ {roles} }}\n")
+    if start is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        return "".join(lines + new)
+    return "".join(lines[:start] + new + lines[end:])
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def random_feeds(role, manifest, entry, session, rng, case):
+    """Random inputs for one graph, shaped by the manifest (case picks B, K or N)."""
+    h, w = manifest["grid"]
+    l, c, d = h * w, manifest["token_dim"], manifest["width"]
+    names = entry["inputs"]
+    if role in ("encoder", "decoder"):
+        b, k = case
+        known = np.stack([np.sort(rng.choice(l, size=k, replace=False)) for _ in range(b)]).astype(np.int64)
+        known = known.reshape(b, k)
+        feeds = {names["known"]: known}
+        if role == "encoder":
+            canvas = np.zeros((b, l, c), np.float32)
+            for i in range(b):
+                canvas[i, known[i]] = rng.standard_normal((k, c)).astype(np.float32)
+            labels = rng.integers(0, manifest["classes"] + 1, size=b).astype(np.int64)
+            labels[-1] = manifest["null_class"]
+            feeds.update({names["tokens"]: canvas, names["label"]: labels})
+        else:
+            p = manifest["buffer"]
+            feeds[names["encoded"]] = rng.standard_normal((b, p + k, d)).astype(np.float32)
+        return feeds
+    if role == "diffusion":
+        (n,) = case
+        t = rng.integers(0, manifest["diffusion"]["train_steps"], size=n).astype(np.int64)
+        t[0], t[-1] = 0, manifest["diffusion"]["train_steps"] - 1
+        return {
+            names["x"]: rng.standard_normal((n, c)).astype(np.float32),
+            names["t"]: t,
+            names["z"]: rng.standard_normal((n, d)).astype(np.float32),
+        }
+    (b,) = case
+    latent = rng.standard_normal((b, c, h, w)).astype(np.float32) / np.float32(manifest["latent_scale"])
+    return {names["latent"]: latent}
+
+
+CASES = {
+    "encoder": [(1, 0), (3, 17), (2, 128)],
+    "decoder": [(1, 0), (3, 17), (2, 128)],
+    "diffusion": [(1,), (64,), (512,)],
+    "vae_decoder": [(1,), (4,)],
+}
+
+
+def compare(role, manifest, entry, base_path, variant, seed):
+    """Max / mean |variant - fp32| per output over the check cases, and the output scale."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    base = ort.InferenceSession(base_path, opts, providers=["CPUExecutionProvider"])
+    other = ort.InferenceSession(variant.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    worst, total, count, scale = 0.0, 0.0, 0, 0.0
+    for case in CASES[role]:
+        if role in ("encoder", "decoder") and case[1] > manifest["grid"][0] * manifest["grid"][1]:
+            continue
+        feeds = random_feeds(role, manifest, entry, base, rng, case)
+        a = base.run(None, feeds)
+        b = other.run(None, feeds)
+        for x, y in zip(a, b):
+            diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
+            if not np.all(np.isfinite(y)):
+                worst = float("inf")
+            worst = max(worst, float(diff.max()) if diff.size else 0.0)
+            total += float(diff.sum())
+            count += diff.size
+            scale = max(scale, float(np.abs(x).max()) if x.size else 0.0)
+    return {"max_abs": worst, "mean_abs": total / max(count, 1), "output_max_abs": scale}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed=0, log=print):
+    """Converts every model graph of `bundle`; returns the report (a dict)."""
+    manifest_path = os.path.join(bundle, "manifest.yaml")
+    with open(manifest_path) as f:
+        text = f.read()
+    manifest = yaml.safe_load(text)
+    if not isinstance(manifest, dict) or "graphs" not in manifest:
+        raise ConversionError(f"{manifest_path}: not a gtr-run bundle manifest (no `graphs`)")
+    if emulate and precision != "bf16" and precision != "fp16":
+        raise ConversionError("--emulate applies to fp16 and bf16")
+    report = {"bundle": bundle, "precision": precision, "emulated": emulate, "graphs": {}}
+    files = {}
+    for role, entry in manifest["graphs"].items():
+        if role not in ROLES:
+            log(f"{role}: not a graph this script converts (kept in float32)")
+            continue
+        src = os.path.join(bundle, entry["file"])
+        stem = entry["file"][: -len(".onnx")] if entry["file"].endswith(".onnx") else entry["file"]
+        out_name = f"{stem}.{precision}.onnx"
+        started = time.perf_counter()
+        model = onnx.load(src)
+        if precision == "int8":
+            model, stats = to_int8(model, per_channel)
+            changed = stats["quantized_matmuls"] > 0
+        else:
+            model, stats = to_half(model, precision, emulate=emulate)
+            changed = bool(stats["half_ops"])
+        model.producer_name = "gtr-run convert_precision.py"
+        onnx.checker.check_model(model)
+        info = {"file": None, "stats": stats, "seconds": round(time.perf_counter() - started, 3)}
+        out_path = os.path.join(bundle, out_name)
+        if not changed:
+            log(f"{role}: nothing to convert ({entry['file']} has no op this precision changes); the fp32 graph is used")
+            if os.path.exists(out_path):
+                os.remove(out_path)
+        else:
+            onnx.save(model, out_path)
+            files[role] = out_name
+            info["file"] = out_name
+            info["bytes"] = os.path.getsize(out_path)
+            log(f"{role}: wrote {out_name} ({info['bytes'] / 1e6:.2f} MB; {json.dumps(stats)})")
+            if check:
+                probe = model
+                if precision == "bf16" and not emulate:
+                    probe, _ = to_half(onnx.load(src), precision, emulate=True)
+                err = compare(role, manifest, entry, src, probe, seed)
+                err["emulated"] = precision == "bf16" or emulate
+                info["error_vs_fp32"] = err
+                log(
+                    f"{role}: |{precision}{' (emulated)' if err['emulated'] else ''} - fp32| max {err['max_abs']:.3g}, "
+                    f"mean {err['mean_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})"
+                )
+        report["graphs"][role] = info
+    if "sampler" in manifest["graphs"] and "diffusion" in files:
+        # The whole-chain sampler around this precision's head (models/add_sampler.py).
+        from models.add_sampler import write_sampler
+
+        files["sampler"] = write_sampler(bundle, manifest, files["diffusion"], precision, log=log)
+        report["graphs"]["sampler"] = {"file": files["sampler"]}
+    new_text = manifest_with_precisions(text, precision, files)
+    parsed = yaml.safe_load(new_text)
+    if (parsed.get("precisions") or {}).get(precision, {}) != files:
+        raise ConversionError("internal error: the rewritten manifest does not read back")
+    tmp = manifest_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new_text)
+    os.replace(tmp, manifest_path)
+    log(f"manifest.yaml: precisions.{precision} = {files if files else '(removed: nothing converted)'}")
+    report["files"] = files
+    return report
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", help="bundle folder (holding manifest.yaml)")
+    ap.add_argument("--precision", required=True, choices=PRECISIONS)
+    ap.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with fp32")
+    ap.add_argument("--emulate", action="store_true", help="write a float32 emulation of fp16/bf16 rounding (see above)")
+    ap.add_argument("--per-tensor", dest="per_channel", action="store_false", help="int8: one scale per weight tensor")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the check's random inputs")
+    ap.add_argument("--report", help="also write the report as JSON here")
+    args = ap.parse_args()
+    bundle = args.bundle
+    if os.path.isfile(bundle):
+        bundle = os.path.dirname(bundle) or "."
+    if not os.path.isfile(os.path.join(bundle, "manifest.yaml")):
+        print(f"error: {args.bundle}: no manifest.yaml there; give a bundle folder", file=sys.stderr)
+        return 2
+    try:
+        report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
