@@ -4,7 +4,8 @@
     python models/convert_precision.py BUNDLE --precision fp16|bf16|int8 [--check] [--report FILE]
 
 For each model graph of the bundle (encoder, decoder, diffusion, vae_decoder; an optional
-`sampler` graph and the evaluator are left alone) this writes `<name>.<precision>.onnx` beside
+`sampler` graph is rebuilt around the variant head by models/add_sampler.py; the evaluator is
+left alone) this writes `<name>.<precision>.onnx` beside
 `<name>.onnx` and adds, or replaces, `precisions.<precision>` in `manifest.yaml` (role -> file;
 the rest of the manifest, comments included, is kept as written). `gtr-run --precision X` then
 opens those files. A graph the conversion would leave unchanged is not written and not listed:
@@ -45,6 +46,8 @@ import time
 import numpy as np
 import onnx
 import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from onnx import TensorProto, helper, numpy_helper
 
 ROLES = ["encoder", "decoder", "diffusion", "vae_decoder"]
@@ -453,10 +456,15 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     files = {}
     for role, entry in manifest["graphs"].items():
         if role not in ROLES:
-            log(f"{role}: not a graph this script converts (kept in float32)")
+            if role != "sampler":  # rebuilt below, around the variant head
+                log(f"{role}: not a graph this script converts (kept in float32)")
             continue
         src = os.path.join(bundle, entry["file"])
         stem = entry["file"][: -len(".onnx")] if entry["file"].endswith(".onnx") else entry["file"]
+        stem = os.path.normpath(stem)
+        if os.path.isabs(stem) or stem.startswith(".."):
+            # A graph kept outside the bundle folder: its variant goes into the bundle.
+            stem = os.path.basename(stem)
         out_name = f"{stem}.{precision}.onnx"
         started = time.perf_counter()
         model = onnx.load(src)
@@ -492,6 +500,12 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
                     f"mean {err['mean_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})"
                 )
         report["graphs"][role] = info
+    if "sampler" in manifest["graphs"] and "diffusion" in files:
+        # The whole-chain sampler around this precision's head (models/add_sampler.py).
+        from models.add_sampler import write_sampler
+
+        files["sampler"] = write_sampler(bundle, manifest, files["diffusion"], precision, log=log)
+        report["graphs"]["sampler"] = {"file": files["sampler"]}
     new_text = manifest_with_precisions(text, precision, files)
     parsed = yaml.safe_load(new_text)
     if (parsed.get("precisions") or {}).get(precision, {}) != files:

@@ -527,6 +527,13 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
     log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
     log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
     errors = check_parity(out_dir, roles, cfg, tolerance, quick_vae=quick_vae, log=log)
+    # The whole-chain sampler around the diffusion graph just written (models/add_sampler.py).
+    from models.add_sampler import add_sampler
+    from models.add_sampler import check as check_sampler
+    add_sampler(out_dir, log=log)
+    errors["sampler"] = check_sampler(out_dir, log=log)
+    if errors["sampler"] > tolerance:
+        raise CheckpointError(f"sampler graph differs from its per-tick reference by {errors['sampler']}")
     return {"graphs": info, "errors": errors}
 
 

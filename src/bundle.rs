@@ -12,7 +12,7 @@ use crate::sampler::Variance;
 pub const MANIFEST_FILE: &str = "manifest.yaml";
 pub const FORMAT: &str = "gtr-run/mar-bundle@1";
 
-/// The four graphs of a bundle, by role.
+/// The graphs of a bundle, by role: four required, the sampler optional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -20,15 +20,20 @@ pub enum Role {
     Decoder,
     Diffusion,
     VaeDecoder,
+    /// Whole diffusion chains in one call (models/add_sampler.py).
+    Sampler,
 }
 
 impl Role {
+    /// The roles every bundle has.
     pub const ALL: [Role; 4] = [
         Role::Encoder,
         Role::Decoder,
         Role::Diffusion,
         Role::VaeDecoder,
     ];
+    /// The roles a bundle may have.
+    pub const OPTIONAL: [Role; 1] = [Role::Sampler];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -36,6 +41,7 @@ impl Role {
             Role::Decoder => "decoder",
             Role::Diffusion => "diffusion",
             Role::VaeDecoder => "vae_decoder",
+            Role::Sampler => "sampler",
         }
     }
 
@@ -46,6 +52,7 @@ impl Role {
             Role::Decoder => &["encoded", "known"],
             Role::Diffusion => &["x", "t", "z"],
             Role::VaeDecoder => &["latent"],
+            Role::Sampler => &["x", "z", "t", "coef", "noise", "active", "guidance"],
         }
     }
 
@@ -56,6 +63,7 @@ impl Role {
             Role::Decoder => &["z"],
             Role::Diffusion => &["out"],
             Role::VaeDecoder => &["image"],
+            Role::Sampler => &["x_out"],
         }
     }
 }
@@ -253,11 +261,13 @@ impl Bundle {
                 m.image.channels
             ));
         }
-        for role in Role::ALL {
-            let entry = m
-                .graphs
-                .get(role.key())
-                .ok_or_else(|| format!("graphs.{} is missing", role.key()))?;
+        for role in Role::ALL.into_iter().chain(Role::OPTIONAL) {
+            let Some(entry) = m.graphs.get(role.key()) else {
+                if Role::OPTIONAL.contains(&role) {
+                    continue;
+                }
+                return Err(format!("graphs.{} is missing", role.key()));
+            };
             let key = format!("graphs.{}", role.key());
             check_roles(&key, "inputs", role.inputs(), &entry.inputs)?;
             check_roles(&key, "outputs", role.outputs(), &entry.outputs)?;
@@ -269,13 +279,14 @@ impl Bundle {
             self.check_file("evaluator.file", &e.file)?;
             self.check_file("evaluator.reference", &e.reference)?;
         }
-        if let Some(extra) = m
-            .graphs
-            .keys()
-            .find(|k| !Role::ALL.iter().any(|r| r.key() == k.as_str()))
-        {
+        if let Some(extra) = m.graphs.keys().find(|k| {
+            !Role::ALL
+                .iter()
+                .chain(&Role::OPTIONAL)
+                .any(|r| r.key() == k.as_str())
+        }) {
             return Err(format!(
-                "graphs has an unknown role `{extra}` (known: encoder, decoder, diffusion, vae_decoder)"
+                "graphs has an unknown role `{extra}` (known: encoder, decoder, diffusion, vae_decoder, sampler)"
             ));
         }
         crate::precision::validate_manifest(self)
@@ -298,12 +309,23 @@ impl Bundle {
         }
     }
 
+    /// A required graph's entry (checked at open).
     pub fn graph(&self, role: Role) -> &GraphEntry {
         &self.manifest.graphs[role.key()]
     }
 
+    /// An optional graph's entry, if the bundle has it.
+    pub fn optional_graph(&self, role: Role) -> Option<&GraphEntry> {
+        self.manifest.graphs.get(role.key())
+    }
+
+    /// Where the graph of `entry` is.
+    pub fn entry_path(&self, entry: &GraphEntry) -> PathBuf {
+        self.dir.join(&entry.file)
+    }
+
     pub fn graph_path(&self, role: Role) -> PathBuf {
-        self.dir.join(&self.graph(role).file)
+        self.entry_path(self.graph(role))
     }
 
     pub fn grid(&self) -> Grid {

@@ -126,6 +126,8 @@ pub struct RunRequest {
     pub shard: Option<Shard>,
     /// Also write all images as an `.npz` here (see [`write_npz`]).
     pub npz: Option<PathBuf>,
+    /// Ticks per sampler-graph call ([`Engine::ticks_per_call`]).
+    pub ticks_per_call: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,6 +324,7 @@ pub fn run<M: MarModel>(
         .collect();
 
     let mut engine = Engine::new(model);
+    engine.ticks_per_call = req.ticks_per_call;
     let started = Instant::now();
     let mut done = range.len() - todo.len();
     progress(done, range.len());
@@ -392,6 +395,8 @@ pub fn run<M: MarModel>(
     let measured = json!({
         "generated_now": todo.len(),
         "execution_provider": engine.model.execution_provider(),
+        "diffusion_chains": engine.chain_runner(),
+        "sampler_ticks_per_call": req.ticks_per_call,
         "steps": steps,
         "graphs": graph_stats,
         "seconds": {

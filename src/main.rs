@@ -98,6 +98,15 @@ struct RuntimeArgs {
     /// Intra-op threads per graph (default: ONNX Runtime's choice).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
+    /// call per MAR step, state on the device), `host` (one head call per
+    /// tick, the update on the CPU) or `auto` (graph when the bundle has one).
+    #[arg(long, value_enum, default_value_t = ChainRunner::Auto)]
+    sampler: ChainRunner,
+    /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
+    /// a per-tick call with the update still in the graph).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    sampler_ticks: Option<u32>,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
     /// need the bundle's variant graphs (models/convert_precision.py). Default:
     /// the manifest's `precision`, else fp32.
@@ -107,6 +116,41 @@ struct RuntimeArgs {
     /// the cache being $GTR_RUN_CACHE, $XDG_CACHE_HOME/gtr-run or ~/.cache/gtr-run).
     #[arg(long, value_name = "DIR")]
     trt_cache: Option<PathBuf>,
+}
+
+/// The `--sampler` choice.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ChainRunner {
+    Auto,
+    Host,
+    Graph,
+}
+
+/// Loads the bundle's graphs as `runtime` asks, saying once where the
+/// diffusion chains will run.
+fn load_model(
+    bundle: &gtr_run::bundle::Bundle,
+    runtime: &RuntimeArgs,
+    options: &gtr_run::backend::ort::LoadOptions,
+) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
+    let model = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?;
+    let model = match (runtime.sampler, model.has_sampler()) {
+        (ChainRunner::Graph, false) => bail!(
+            "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
+            bundle.manifest.name,
+            bundle.dir.display()
+        ),
+        (ChainRunner::Auto, false) => {
+            eprintln!(
+                "gtr-run: bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
+                bundle.manifest.name
+            );
+            model
+        }
+        (ChainRunner::Host, true) => model.without_sampler(),
+        _ => model,
+    };
+    Ok(model)
 }
 
 impl RuntimeArgs {
@@ -268,7 +312,7 @@ fn device_of(name: &str) -> gtr_run::backend::ort::Device {
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    use gtr_run::backend::ort::{OrtEvaluator, OrtModel};
+    use gtr_run::backend::ort::OrtEvaluator;
     use gtr_run::bundle::Bundle;
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Contender, FeatureStats, Scoring, compare, report};
@@ -325,7 +369,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         let plans: Vec<&gtr_run::plan::Plan> = plans.iter().collect();
         args.runtime.load_options(&bundle, &plans, args.batch)?
     };
-    let model = OrtModel::load_with(&bundle, &options)?;
+    let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let info = model.info().clone();
     // The evaluator measures quality: it always runs its fp32 graph.
@@ -389,6 +433,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut engine = Engine::new(model);
+    engine.ticks_per_call = args.runtime.sampler_ticks.map(|n| n as usize);
     let comparison = compare(
         &mut engine,
         scoring,
@@ -427,7 +472,6 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
-    use gtr_run::backend::ort::OrtModel;
     use gtr_run::bundle::Bundle;
     use gtr_run::generate::{Classes, Existing, RunRequest, default_out_dir, run};
 
@@ -455,7 +499,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         args.runtime
             .load_options(&bundle, &[&plan], args.batch.min(args.num_images).max(1))?
     };
-    let model = OrtModel::load_with(&bundle, &options)?;
+    let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
@@ -486,6 +530,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         runtime_settings: settings,
         shard: args.shard,
         npz: args.npz,
+        ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
     };
     let part = match request.shard {
         Some(s) => {

@@ -796,3 +796,90 @@ fn merge_refuses_parts_that_do_not_make_one_run() {
     assert_no_temporaries(&dir);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--sampler`: a bundle with a sampler graph runs its chains there by
+/// default, `--sampler host` on the host; both record where; a bundle
+/// without one refuses `--sampler graph` and names the way to add one.
+#[test]
+fn sampler_choice_is_honoured_and_recorded() {
+    let record = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
+    };
+    let calls = |run: &serde_json::Value, graph: &str| {
+        run["graphs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["graph"] == graph)
+            .map(|g| g["calls"].as_u64().unwrap())
+    };
+    let sampler = "models/fixtures/tiny-sampler";
+    let graph = tmp("sampler-graph");
+    ok(&[
+        sampler,
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "2",
+        "--out",
+        graph.to_str().unwrap(),
+    ]);
+    let run = record(&graph);
+    assert_eq!(run["diffusion_chains"], "sampler graph");
+    assert_eq!(calls(&run, "sampler"), Some(8), "one call per MAR step");
+    assert_eq!(calls(&run, "diffusion"), Some(0));
+
+    // A call per tick: the same arithmetic, so the same bytes.
+    let ticked = tmp("sampler-ticked");
+    let args = [
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "2",
+        "--sampler-ticks",
+        "1",
+    ];
+    ok(&[&[sampler][..], &args, &["--out", ticked.to_str().unwrap()]].concat());
+    assert_eq!(pngs(&ticked), pngs(&graph));
+    let run = record(&ticked);
+    assert_eq!(run["sampler_ticks_per_call"], 1);
+    assert!(calls(&run, "sampler").unwrap() > 8);
+
+    let host = tmp("sampler-host");
+    let args = [
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "2",
+        "--sampler",
+        "host",
+    ];
+    ok(&[&[sampler][..], &args, &["--out", host.to_str().unwrap()]].concat());
+    let run = record(&host);
+    assert_eq!(run["diffusion_chains"], "host");
+    assert_eq!(calls(&run, "sampler"), None);
+    assert!(calls(&run, "diffusion").unwrap() > 8);
+
+    let plain = tmp("sampler-none");
+    let o = ok(&[
+        TINY,
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("has no sampler graph"),
+        "the host fallback is said once"
+    );
+    assert_eq!(record(&plain)["diffusion_chains"], "host");
+    fails(
+        &[
+            TINY,
+            "schedules/mar-8.gtr",
+            "--sampler",
+            "graph",
+            "--out",
+            tmp("sampler-refused").to_str().unwrap(),
+        ],
+        "--sampler graph: bundle `tiny-random` has no sampler graph",
+    );
+}

@@ -12,7 +12,9 @@ On temporary copies of models/fixtures/tiny:
 3. bf16: ONNX Runtime's CPU provider refuses the real graph; the emulation runs and errs more
    than fp16.
 4. The manifest rewrite keeps comments and keys after the section; Gemm → MatMul + Add is exact
-   for alpha, beta and transB; an unknown graph role (`sampler`) is left alone.
+   for alpha, beta and transB.
+5. A bundle whose graphs lie outside its folder (fixtures/tiny-sampler) gets its variants inside
+   it, and its sampler graph rebuilt around the variant head.
 """
 
 import os
@@ -157,14 +159,26 @@ def test_gemm_rewrite():
     check(np.abs(got - want).max() < 1e-5, "Gemm rewrite is exact")
 
 
-def test_unknown_role(tmp):
-    bundle = copy_tiny(tmp, "sampler")
+def test_sampler_and_outside_files(tmp):
+    # The tiny-sampler fixture: tiny's graphs by relative paths outside the folder, plus a
+    # sampler graph. Variants go into the bundle (never beside the shared fp32 files), and the
+    # sampler is rebuilt around the variant head (models/add_sampler.py).
+    bundle = os.path.join(tmp, "with-sampler")
+    os.makedirs(bundle)
+    src = os.path.join(MODELS, "fixtures", "tiny-sampler")
+    for name in ("manifest.yaml", "sampler.onnx"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(bundle, name))
     path = os.path.join(bundle, "manifest.yaml")
-    text = open(path).read().replace(
-        "graphs:\n", "graphs:\n  sampler:     { file: diffusion.onnx, inputs: { x: x, t: t, z: z }, outputs: { out: out } }\n")
+    text = open(path).read().replace("../tiny/", os.path.relpath(TINY, bundle) + "/")
     open(path, "w").write(text)
+    before = set(os.listdir(TINY))
     report = cp.convert(bundle, "fp16", check=False, log=lambda *_: None)
-    check("sampler" not in report["graphs"] and "sampler" not in report["files"], "a `sampler` graph is left alone")
+    check(set(os.listdir(TINY)) == before, "nothing is written beside graphs outside the bundle")
+    check(report["files"]["encoder"] == "encoder.fp16.onnx"
+          and os.path.isfile(os.path.join(bundle, "encoder.fp16.onnx")), "variants of outside graphs go into the bundle")
+    check(report["files"].get("sampler") == "sampler.fp16.onnx", "the sampler is rebuilt around the fp16 head")
+    s = ort.InferenceSession(os.path.join(bundle, "sampler.fp16.onnx"), providers=["CPUExecutionProvider"])
+    check([i.name for i in s.get_inputs()][:2] == ["x", "z"], "the fp16 sampler loads")
 
 
 def main():
@@ -174,7 +188,7 @@ def main():
         test_fp16(tmp)
         test_int8(tmp)
         test_bf16(tmp)
-        test_unknown_role(tmp)
+        test_sampler_and_outside_files(tmp)
     print("all convert_precision tests passed")
 
 

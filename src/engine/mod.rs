@@ -7,22 +7,23 @@
 //! of the step (both CFG halves), each row at its own timestep, so chains of
 //! 50 and 20 steps cost 50 calls. Then the VAE decodes the tokens.
 
+mod chains;
 pub mod fake;
 pub mod model;
 pub mod replay;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array3, Array4, Axis};
 
-pub use model::{GraphStats, MarModel, ModelError, ModelInfo};
+use chains::{Row, StepChains};
+pub use model::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
 pub use replay::Replay;
 
 use crate::plan::{Plan, round_half_even};
 use crate::rng::{Purpose, Stream, TokenNoise};
 use crate::sampler::fts::{FtsScorer, select};
-use crate::sampler::{Chain, ChainCache, NoiseSchedule};
+use crate::sampler::{ChainCache, NoiseSchedule};
 
 /// One image to generate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,15 +115,8 @@ pub struct Engine<M: MarModel> {
     chains: ChainCache,
     fts: FtsScorer,
     pub stats: RunStats,
-}
-
-/// One token being sampled in the current MAR step.
-struct Row {
-    image: usize,
-    token: usize,
-    steps: usize,
-    chain: Arc<Chain>,
-    noise: Option<TokenNoise>,
+    /// Ticks per sampler-graph call (`None`: a whole chain per call).
+    pub ticks_per_call: Option<usize>,
 }
 
 impl<M: MarModel> Engine<M> {
@@ -135,6 +129,17 @@ impl<M: MarModel> Engine<M> {
             chains,
             fts,
             stats: RunStats::default(),
+            ticks_per_call: None,
+        }
+    }
+
+    /// Where this engine runs diffusion chains: `sampler graph` (the
+    /// model's, one call per MAR step) or `host` (one head call per tick).
+    pub fn chain_runner(&self) -> &'static str {
+        if self.model.runs_chains() {
+            "sampler graph"
+        } else {
+            "host"
         }
     }
 
@@ -163,7 +168,6 @@ impl<M: MarModel> Engine<M> {
         check_batch(&info, plans, jobs, noise)?;
         let grid = info.grid;
         let (b, l, c, d) = (jobs.len(), grid.len(), info.token_dim, info.width);
-        let head = info.head_channels();
         let steps = &plans[0].steps;
         if self.stats.steps.len() < steps.len() {
             self.stats.steps.resize(steps.len(), StepStats::default());
@@ -257,112 +261,26 @@ impl<M: MarModel> Engine<M> {
             let n_rows = rows.len();
             let mut x = vec![0f32; n_rows * c];
             for (r, row) in rows.iter_mut().enumerate() {
-                let xr = &mut x[r * c..(r + 1) * c];
-                match (&mut row.noise, noise) {
-                    (Some(stream), _) => stream.fill(xr),
-                    (None, Noise::Replay(rep)) => {
-                        let idx = jobs[row.image].index as usize;
-                        for (ch, v) in xr.iter_mut().enumerate() {
-                            *v = rep.init_noise[[idx, row.token, ch]];
-                        }
-                    }
-                    (None, Noise::Seeded) => unreachable!("seeded rows carry a stream"),
-                }
+                row.draw(noise, jobs, None, &mut x[r * c..(r + 1) * c]);
             }
 
-            // Diffusion ticks: all chains start together and shorter ones
-            // finish early. Rows run longest chain first, so the rows still
-            // running at a tick are a prefix; with guidance each row's two
-            // halves sit side by side (2r: conditional, 2r + 1: unconditional),
-            // so the conditioning rows are laid out once per step.
-            let scale = template.cfg.unwrap_or(1.0);
-            let temperature = template.temperature;
-            let per = if guided { 2 } else { 1 };
-            let longest = rows.first().map_or(0, |r| r.steps);
-            let mut xin = Array2::<f32>::zeros((per * n_rows, c));
-            let mut tin = Array1::<i64>::zeros(per * n_rows);
-            let mut zin = Array2::<f32>::zeros((per * n_rows, d));
-            for (r, row) in rows.iter().enumerate() {
-                for h in 0..per {
-                    zin.row_mut(per * r + h).assign(&z.slice(ndarray::s![
-                        row.image + h * b,
-                        row.token,
-                        ..
-                    ]));
-                }
-            }
-            let mut diffusion_seconds = 0.0;
-            let mut calls = 0u64;
-            let mut call_rows = 0u64;
-            let mut draw = vec![0f32; c];
-            let mut eps = vec![0f64; c];
-            for tick in 0..longest {
-                let n = rows.partition_point(|r| r.steps > tick);
-                let m = per * n;
-                {
-                    let xs = xin.as_slice_mut().expect("contiguous");
-                    let ts = tin.as_slice_mut().expect("contiguous");
-                    for (r, row) in rows[..n].iter().enumerate() {
-                        let i = row.steps - 1 - tick;
-                        for h in 0..per {
-                            let slot = per * r + h;
-                            xs[slot * c..(slot + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
-                            ts[slot] = row.chain.timesteps[i];
-                        }
-                    }
-                }
-                let t1 = Instant::now();
-                let out = self
-                    .model
-                    .diffusion(
-                        xin.slice(ndarray::s![..m, ..]),
-                        tin.slice(ndarray::s![..m]),
-                        zin.slice(ndarray::s![..m, ..]),
-                    )
-                    .map_err(|source| EngineError::Model { step: s, source })?;
-                diffusion_seconds += t1.elapsed().as_secs_f64();
-                calls += 1;
-                call_rows += m as u64;
-                if out.dim() != (m, head) {
-                    return Err(shape_error(s, "diffusion", "out", out.shape(), &[m, head]));
-                }
-                let out = out.as_standard_layout();
-                let os = out.as_slice().expect("standard layout");
-                check_finite("diffusion", "out", os.iter(), s)?;
-                for (r, row) in rows[..n].iter_mut().enumerate() {
-                    let i = row.steps - 1 - tick;
-                    let cond = &os[per * r * head..(per * r + 1) * head];
-                    for ch in 0..c {
-                        let e = f64::from(cond[ch]);
-                        eps[ch] = if guided {
-                            let uncond = f64::from(os[(per * r + 1) * head + ch]);
-                            uncond + scale * (e - uncond)
-                        } else {
-                            e
-                        };
-                    }
-                    let v = &cond[c..];
-                    match (&mut row.noise, noise) {
-                        (Some(stream), _) => stream.fill(&mut draw),
-                        (None, Noise::Replay(rep)) => {
-                            let idx = jobs[row.image].index as usize;
-                            for (ch, v) in draw.iter_mut().enumerate() {
-                                *v = rep.step_noise[[idx, row.token, tick, ch]];
-                            }
-                        }
-                        (None, Noise::Seeded) => unreachable!("seeded rows carry a stream"),
-                    }
-                    row.chain.step(
-                        i,
-                        info.variance,
-                        &mut x[r * c..(r + 1) * c],
-                        &eps,
-                        v,
-                        &draw,
-                        temperature,
-                    );
-                }
-            }
+            let chains = StepChains {
+                step: s,
+                z: &z,
+                images: b,
+                guided,
+                scale: template.cfg.unwrap_or(1.0),
+                temperature: template.temperature,
+                noise,
+                jobs,
+                ticks_per_call: self.ticks_per_call,
+            };
+            let work = if self.model.runs_chains() {
+                chains.run_in_graph(&mut self.model, &mut rows, &mut x, &info)?
+            } else {
+                chains.run_on_host(&mut self.model, &mut rows, &mut x, &info)?
+            };
+            let (diffusion_seconds, calls, call_rows) = (work.seconds, work.calls, work.rows);
 
             // Write the sampled tokens back; they are known from now on.
             for (r, row) in rows.iter().enumerate() {

@@ -93,6 +93,22 @@ pub trait MarModel {
         z: ArrayView2<f32>,
     ) -> Result<Array2<f32>, ModelError>;
 
+    /// Whether the model runs whole diffusion chains ([`MarModel::sample_chain`]).
+    fn runs_chains(&self) -> bool {
+        false
+    }
+
+    /// Every tick of one MAR step's diffusion chains in one call (the
+    /// contract of models/README.md, "sampler graph") → the sampled tokens
+    /// [N, C]. Only called when [`MarModel::runs_chains`] says so.
+    fn sample_chain(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
+        let _ = inputs;
+        Err(ModelError::Graph {
+            graph: "sampler",
+            message: "this model has no sampler graph".into(),
+        })
+    }
+
     /// VAE decoder: `latent` [B, C, h, w] → image [B, channels, H, W].
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError>;
 
@@ -110,6 +126,27 @@ pub trait MarModel {
     fn precision(&self) -> String {
         "fp32".into()
     }
+}
+
+/// One MAR step's chains for [`MarModel::sample_chain`]: N rows (running
+/// longest first), T ticks, G = 2 halves with guidance (conditional first),
+/// else 1.
+#[derive(Debug, Clone, Copy)]
+pub struct ChainInputs<'a> {
+    /// Initial noise [N, C].
+    pub x: ArrayView2<'a, f32>,
+    /// Conditioning [G, N, D].
+    pub z: ArrayView3<'a, f32>,
+    /// Training-chain timestep of each row at each tick [T, N].
+    pub timesteps: ArrayView2<'a, i64>,
+    /// [`crate::sampler::Chain::tick_coefficients`] of each row at each tick [T, N, 5].
+    pub coefficients: ArrayView3<'a, f32>,
+    /// Standard normal draws of each row at each tick [T, N, C].
+    pub noise: ArrayView3<'a, f32>,
+    /// Rows still running at each tick (a prefix) [T].
+    pub active: ArrayView1<'a, i64>,
+    /// CFG scale (unused when G = 1).
+    pub guidance: f32,
 }
 
 /// Calls of one graph and the seconds spent inside the runtime's run call.

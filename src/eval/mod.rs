@@ -130,6 +130,8 @@ pub struct Comparison {
     pub seed: u64,
     pub repeats: usize,
     pub execution_provider: String,
+    /// [`crate::engine::Engine::chain_runner`].
+    pub diffusion_chains: String,
     /// The numeric precision the model ran in (`--precision`).
     pub precision: String,
     pub schedules: Vec<ScheduleResult>,
@@ -338,6 +340,7 @@ pub fn compare<M: MarModel>(
         seed: req.seed,
         repeats: req.repeats,
         execution_provider: engine.model.execution_provider(),
+        diffusion_chains: engine.chain_runner().into(),
         precision: engine.model.precision(),
         schedules: results,
     })

@@ -37,14 +37,15 @@ pub fn markdown(c: &Comparison) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "model {}, {} images per schedule × {} repeat(s) (seeds {}..{}), batch {}, {}; schedules interleaved batch by batch, one warm-up batch each excluded",
+        "model {}, {} images per schedule × {} repeat(s) (seeds {}..{}), batch {}, {}, diffusion chains: {}; schedules interleaved batch by batch, one warm-up batch each excluded",
         c.model,
         c.num_images,
         c.repeats,
         c.seed,
         c.seed + c.repeats as u64 - 1,
         c.batch,
-        format_args!("{}, {}", c.execution_provider, c.precision)
+        format_args!("{}, {}", c.execution_provider, c.precision),
+        c.diffusion_chains
     );
     let fd = c
         .evaluator

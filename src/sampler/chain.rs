@@ -158,6 +158,24 @@ impl Chain {
         self.timesteps.is_empty()
     }
 
+    /// The update at index `i` as a sampler graph takes it (models/README.md,
+    /// "sampler graph"): `[A, B, log β'ᵢ, log σ²ᵢ, scale]` with
+    /// x ← A·x − B·ε + scale·exp(½·log σ²)·noise, where A·x − B·ε is
+    /// [`Chain::step`]'s posterior mean folded into two coefficients, and
+    /// log σ² is frac·log β'ᵢ + (1 − frac)·(fourth entry) under the learned
+    /// range, the fourth entry alone under fixed variances. `scale` is the
+    /// temperature, 0 at i = 0 (the last update adds no noise).
+    pub fn tick_coefficients(&self, i: usize, variance: Variance, temperature: f64) -> [f64; 5] {
+        let a = self.coef1[i] * self.sqrt_recip_acp[i] + self.coef2[i];
+        let b = self.coef1[i] * self.sqrt_recipm1_acp[i];
+        let log_var = match variance {
+            Variance::LearnedRange | Variance::FixedSmall => self.posterior_log_variance_clipped[i],
+            Variance::FixedLarge => self.log_betas[i],
+        };
+        let scale = if i == 0 { 0.0 } else { temperature };
+        [a, b, self.log_betas[i], log_var, scale]
+    }
+
     /// One reverse update at index `i` of one token, in place on `x`.
     ///
     /// `eps` is the (guided) noise prediction, `v` the variance output of the
@@ -271,6 +289,41 @@ mod tests {
         assert!(close(c.posterior_variance[1], 3.8922e-5, 1e-4));
         assert!(close(c.posterior_log_variance_clipped[0], -10.153945, 1e-6));
         assert!((c.posterior_log_variance_clipped[99] - -0.000253).abs() < 1e-6);
+    }
+
+    /// The folded coefficients give [`Chain::step`]'s update.
+    #[test]
+    fn tick_coefficients_reproduce_the_step() {
+        let chain = NoiseSchedule::cosine(1000).respace(50);
+        for variance in [
+            Variance::LearnedRange,
+            Variance::FixedSmall,
+            Variance::FixedLarge,
+        ] {
+            for i in [0, 1, 17, 49] {
+                let (x0, eps, v, noise) =
+                    ([0.7f32, -1.3], [0.2, -0.4], [0.3f32, -0.9], [1.1f32, -0.6]);
+                let mut want = x0;
+                chain.step(i, variance, &mut want, &eps, &v, &noise, 0.8);
+                let [a, b, log_beta, log_var, scale] = chain.tick_coefficients(i, variance, 0.8);
+                for c in 0..2 {
+                    let lv = match variance {
+                        Variance::LearnedRange => {
+                            let frac = (f64::from(v[c]) + 1.0) / 2.0;
+                            frac * log_beta + (1.0 - frac) * log_var
+                        }
+                        _ => log_var,
+                    };
+                    let got = a * f64::from(x0[c]) - b * eps[c]
+                        + scale * (0.5 * lv).exp() * f64::from(noise[c]);
+                    let w = f64::from(want[c]);
+                    assert!(
+                        (got - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "{variance:?} i={i} c={c}: {got} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

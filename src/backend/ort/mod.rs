@@ -18,7 +18,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
-use crate::engine::{GraphStats, MarModel, ModelError, ModelInfo};
+use crate::engine::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
 use crate::eval::{Evaluator, Scores};
 use crate::precision::{Precision, PrecisionChoice};
 use tensorrt::{ShapeRanges, TensorRtOptions};
@@ -274,6 +274,8 @@ pub struct OrtModel {
     decoder: Graph,
     diffusion: Graph,
     vae: Graph,
+    /// Whole chains per call, when the bundle has a sampler graph.
+    sampler: Option<Graph>,
     provider: String,
     precision: PrecisionChoice,
     tensorrt: BTreeMap<String, TensorRtOptions>,
@@ -323,6 +325,18 @@ fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
                 e("z", F, vec![Dynamic, Fixed(d)]),
             ],
             vec![e("out", F, vec![Any, Fixed(info.head_channels())])],
+        ),
+        Role::Sampler => (
+            vec![
+                e("x", F, vec![Dynamic, Fixed(c)]),
+                e("z", F, vec![Dynamic, Dynamic, Fixed(d)]),
+                e("t", I, vec![Dynamic, Dynamic]),
+                e("coef", F, vec![Dynamic, Dynamic, Fixed(5)]),
+                e("noise", F, vec![Dynamic, Dynamic, Fixed(c)]),
+                e("active", I, vec![Dynamic]),
+                e("guidance", F, vec![Fixed(1)]),
+            ],
+            vec![e("x_out", F, vec![Any, Fixed(c)])],
         ),
         Role::VaeDecoder => (
             vec![e("latent", F, vec![Dynamic, Fixed(c), Fixed(h), Fixed(w)])],
@@ -489,6 +503,31 @@ impl OrtModel {
                 problem: "--precision tf32 is a math mode of the CUDA provider, which does not run these graphs; use --device cuda".into(),
             });
         }
+        let sampler = match bundle.optional_graph(Role::Sampler) {
+            Some(entry) => {
+                let file = choice
+                    .graph_files
+                    .get(Role::Sampler.key())
+                    .unwrap_or(&entry.file);
+                let settings = ProviderSettings {
+                    cuda_tf32: choice.cuda_tf32,
+                    tensorrt: None,
+                };
+                let (graph, _) = Graph::open(
+                    Role::Sampler.key(),
+                    &bundle.dir.join(file),
+                    &entry.inputs,
+                    &entry.outputs,
+                    options.device,
+                    options.threads,
+                    &settings,
+                )
+                .map_err(|e| explain_precision_failure(e, choice.precision, options.device))?;
+                check_contract(&graph, expectations(Role::Sampler, &info))?;
+                Some(graph)
+            }
+            None => None,
+        };
         let mut it = graphs.into_iter();
         let (encoder, decoder, diffusion, vae) = (
             it.next().unwrap(),
@@ -502,10 +541,22 @@ impl OrtModel {
             decoder,
             diffusion,
             vae,
+            sampler,
             provider,
             precision: choice.clone(),
             tensorrt,
         })
+    }
+
+    /// Whether the bundle's sampler graph was loaded.
+    pub fn has_sampler(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    /// Drops the sampler graph: diffusion chains run on the host.
+    pub fn without_sampler(mut self) -> Self {
+        self.sampler = None;
+        self
     }
 
     /// The precision, graph files and provider settings this model was
@@ -764,6 +815,37 @@ impl MarModel for OrtModel {
         shaped::<Ix2>("diffusion", "out", out, || format!("[{n}, {channels}]"))
     }
 
+    fn runs_chains(&self) -> bool {
+        self.sampler.is_some()
+    }
+
+    fn sample_chain(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
+        let graph = "sampler";
+        let Some(sampler) = self.sampler.as_mut() else {
+            return Err(ModelError::Graph {
+                graph,
+                message: "the bundle has no sampler graph".into(),
+            });
+        };
+        let n = inputs.x.nrows();
+        let guidance = ndarray::arr1(&[inputs.guidance]);
+        let out = sampler.run(
+            vec![
+                ("x", view(graph, inputs.x)?),
+                ("z", view(graph, inputs.z)?),
+                ("t", view(graph, inputs.timesteps)?),
+                ("coef", view(graph, inputs.coefficients)?),
+                ("noise", view(graph, inputs.noise)?),
+                ("active", view(graph, inputs.active)?),
+                ("guidance", view(graph, guidance.view())?),
+            ],
+            "x_out",
+            false,
+        )?;
+        let c = self.info.token_dim;
+        shaped::<Ix2>(graph, "x_out", out, || format!("[{n}, {c}]"))
+    }
+
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
         let b = latent.dim().0;
         let img = self.info.image;
@@ -779,7 +861,8 @@ impl MarModel for OrtModel {
 
     fn graph_stats(&self) -> Vec<GraphStats> {
         [&self.encoder, &self.decoder, &self.diffusion, &self.vae]
-            .iter()
+            .into_iter()
+            .chain(self.sampler.as_ref())
             .map(|g| g.stats.clone())
             .collect()
     }

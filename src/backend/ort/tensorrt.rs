@@ -188,6 +188,9 @@ fn input_dims(
             "latent",
             vec![r.images, f(c), f(info.grid.height), f(info.grid.width)],
         )],
+        // The sampler's Loop is left to ONNX Runtime's CUDA provider (it
+        // gets no TensorRT options), so it needs no profile.
+        Role::Sampler => Vec::new(),
     }
 }
 

@@ -1,0 +1,779 @@
+#!/usr/bin/env python3
+"""GPU benchmark: gtr-run against MAR's PyTorch sampler on the same MAR-B weights, one command.
+
+  python3 benches/gpu.py --gtr-run target/release/gtr-run [--out runs/gpu-bench] [options]
+
+Phases (each timed and printed; a phase that fails is reported and the rest still runs):
+1. weights + export: random official-layout MAR weights and KL-16 VAE
+   (models/make_fake_checkpoint.py --size mar_base --no-model), exported to a bundle by
+   models/export_mar.py (--quick-vae-check), in --work (default /tmp/gtr-gpubench; reused by a
+   later run with the same size and seed, or skipped with --bundle).
+2. gtr-run: `gtr-run eval BUNDLE <schedules> --device cuda --batch B --num-images N` per batch
+   size and per gtr-run configuration (--variant; --gtr-arg goes to all); seconds per image,
+   the share of timed time outside ONNX Runtime's run calls, and the measured and FLOPs
+   speed-ups over the first schedule, all from its eval.json (eval runs one untimed warm-up
+   batch per schedule first).
+3. PyTorch: models/torch/fast_sampler.py (MAR's sample_tokens + DiffLoss.sample + VAE decode,
+   batched on the device, noise drawn there, fused attention as timm does) on the same
+   checkpoint, float32 and under torch.autocast(fp16) (bf16 on the CPU), the same schedule
+   plans (`gtr-run plan --json`), the same balanced class labels, the same batch; a truncated
+   untimed warm-up, then torch.cuda.synchronize() around each timed batch, pixels copied to the
+   host inside the timing. Schedules with FTS (GtR) have no MAR counterpart: "n/a".
+4. One Markdown table (printed last, and written to OUT/gpu-bench.md) plus every raw number in
+   OUT/gpu-bench.json (rewritten after every measurement, so a run cut short still leaves data).
+
+Order of work: batch sizes in the order given (default 64 first), and inside each: gtr-run
+variants, PyTorch half precision, PyTorch float32. Past --deadline seconds nothing new starts
+(and a gtr-run eval in flight is stopped); a measurement that the same kind at another batch size
+predicts to end more than 15 s after the deadline is skipped; the table is printed with what was
+measured. SIGTERM does the same.
+
+Full size (defaults) is planned for about 6-7 minutes on one H200 (an estimate from issue 9's
+per-image times; set --deadline about 40 s under the machine's limit). Smaller: --batches 64, --schedules mar-64 gtr-3.7x, --skip-torch-fp32,
+--bundle DIR (reuse an export), --num-images (default: one batch per batch size).
+CPU test at a tiny size: --size tiny --device cpu --batches 2 4 --threads 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+sys.path.insert(0, REPO)
+
+T0 = time.time()
+# For --device cpu: OpenMP threads that sleep when idle, the counterpart of gtr-run's ORT sessions
+# (intra-op spinning off); as models/bench_torch.py does. Kept if the environment sets it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# make_fake_checkpoint.py / export_mar.py arguments per --size
+SIZES = {
+    "base": (["--size", "mar_base"], ["--size", "mar_base"]),
+    "large": (["--size", "mar_large"], ["--size", "mar_large"]),
+    "huge": (["--size", "mar_huge"], ["--size", "mar_huge"]),
+    # a few-MB custom MAR for testing the script on a CPU: 16x16 tokens, 32x32 images
+    "tiny": (["--size", "custom", "--width", "64", "--depth", "1", "--heads", "4", "--diffloss-w", "64",
+              "--diffloss-d", "2", "--classes", "10", "--vae-ch", "32", "--vae-ch-mult", "1,2",
+              "--vae-res-blocks", "1"], ["--size", "custom"]),
+}
+DEFAULT_SCHEDULES = ["mar-64", "mar-16", "gtr", "gtr-3.7x"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def log(msg: str = "") -> None:
+    print(f"[{time.time() - T0:6.1f} s] {msg}" if msg else "", flush=True)
+
+
+def short(e: BaseException, limit: int = 600) -> str:
+    s = f"{type(e).__name__}: {e}" if not isinstance(e, BenchError) else str(e)
+    return s if len(s) <= limit else s[:limit] + " …"
+
+
+class BenchError(Exception):
+    pass
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.out = os.path.abspath(a.out)
+        os.makedirs(self.out, exist_ok=True)
+        self.res = {
+            "what": "gtr-run eval vs MAR's PyTorch sampler (models/torch/fast_sampler.py) on the same weights; "
+                    "seconds per image",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": [sys.executable] + sys.argv,
+            "args": {k: v for k, v in vars(a).items()},
+            "environment": {},
+            "phases": [],
+            "bundle": None,
+            "plans": {},
+            "gtr_run": {},
+            "torch": {},
+            "notes": [],
+            "errors": [],
+        }
+        self.bundle = None
+        self.manifest = {}
+        self.checkpoint = None
+        self.vae_ckpt = None
+        self.plans = {}
+        self.schedules = [self.schedule_path(s) for s in a.schedules]
+        self.variants = self.parse_variants()
+        self.torch_model = None
+        self.torch_failed = None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def remaining(self) -> float:
+        return self.a.deadline - (time.time() - T0)
+
+    def save(self) -> None:
+        path = os.path.join(self.out, "gpu-bench.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.res, f, indent=1, default=str)
+        os.replace(path + ".tmp", path)
+
+    def error(self, where: str, e: BaseException) -> None:
+        msg = f"{where}: {short(e)}"
+        self.res["errors"].append({"where": where, "error": short(e, 4000),
+                                   "traceback": traceback.format_exc(limit=6)})
+        log(f"ERROR {msg}")
+        self.save()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase; an exception other than an interruption is recorded and swallowed."""
+        t = time.time()
+        log(f"== {name}")
+        rec = {"phase": name, "start_s": round(t - T0, 2)}
+        self.res["phases"].append(rec)
+        try:
+            yield rec
+            rec["seconds"] = round(time.time() - t, 2)
+            rec["ok"] = True
+            log(f"== {name}: done in {rec['seconds']:.1f} s")
+        except Interrupted:
+            rec["seconds"] = round(time.time() - t, 2)
+            rec["ok"] = False
+            rec["error"] = "interrupted"
+            raise
+        except Exception as e:  # noqa: BLE001 - every phase is allowed to fail
+            rec["seconds"] = round(time.time() - t, 2)
+            rec["ok"] = False
+            rec["error"] = short(e)
+            self.error(name, e)
+        finally:
+            self.save()
+
+    def run_logged(self, cmd: list, logname: str, timeout: float | None = None, show=None) -> str:
+        """Run cmd with its output in OUT/logs/logname; raise BenchError with its tail on failure."""
+        logdir = os.path.join(self.out, "logs")
+        os.makedirs(logdir, exist_ok=True)
+        path = os.path.join(logdir, logname)
+        log("$ " + " ".join(shlex.quote(str(c)) for c in cmd))
+        with open(path, "w") as f:
+            try:
+                p = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                                   timeout=timeout)
+                rc = p.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        with open(path, errors="replace") as f:
+            text = f.read()
+        if show:
+            for line in text.splitlines():
+                if show(line):
+                    log("  " + line.strip())
+        if rc != 0:
+            lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+            said = next((x for x in reversed(lines) if x.lower().startswith("error")), lines[-1] if lines else "")
+            tail = "\n".join(lines[-15:])
+            raise BenchError(f"`{os.path.basename(str(cmd[0]))} {' '.join(map(str, cmd[1:3]))} …` "
+                             f"{'stopped at the deadline' if rc == 'timeout' else f'exited with {rc}'}"
+                             f"{': ' + said if said and rc != 'timeout' else ''} (log: {path})\n{tail}")
+        return text
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def schedule_path(self, s: str) -> str:
+        for cand in (s, os.path.join(REPO, s), os.path.join(REPO, "schedules", s),
+                     os.path.join(REPO, "schedules", s + ".gtr")):
+            if os.path.isfile(cand):
+                return os.path.abspath(cand)
+        raise SystemExit(f"error: schedule {s!r} not found (looked in schedules/)")
+
+    @staticmethod
+    def schedule_name(path: str) -> str:
+        return os.path.splitext(os.path.basename(path))[0]
+
+    def parse_variants(self) -> list:
+        """[(name, binary, bundle or None, extra args)] from --variant NAME=ARGS (default: one)."""
+        specs = self.a.variant or ["gtr-run="]
+        out, seen = [], set()
+        for spec in specs:
+            name, sep, rest = spec.partition("=")
+            name = name.strip()
+            if not sep or not name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in seen:
+                raise SystemExit(f"error: --variant {spec!r}: expected a new NAME=ARGS (name of letters, digits, . _ + -)")
+            seen.add(name)
+            args, binary, bundle = shlex.split(rest), self.a.gtr_run, None
+            keep = []
+            i = 0
+            while i < len(args):
+                if args[i] in ("--binary", "--bundle") and i + 1 < len(args):
+                    if args[i] == "--binary":
+                        binary = args[i + 1]
+                    else:
+                        bundle = args[i + 1]
+                    i += 2
+                    continue
+                keep.append(args[i])
+                i += 1
+            out.append((name, os.path.abspath(binary), bundle, keep))
+        return out
+
+    # -- phase: environment -----------------------------------------------------------------
+
+    def environment(self) -> None:
+        env = self.res["environment"]
+        env["python"] = sys.version.split()[0]
+        env["platform"] = platform.platform()
+        env["cpus"] = os.cpu_count()
+        env["ORT_DYLIB_PATH"] = os.environ.get("ORT_DYLIB_PATH")
+        try:
+            env["gtr_run_version"] = subprocess.run([self.a.gtr_run, "--version"], capture_output=True,
+                                                    text=True, timeout=30).stdout.strip()
+        except Exception as e:  # noqa: BLE001
+            env["gtr_run_version"] = f"unavailable ({short(e)})"
+        try:
+            env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                               cwd=REPO, timeout=10).stdout.strip() or None
+        except Exception:  # noqa: BLE001
+            env["git_commit"] = None
+        if self.a.device == "cuda":
+            try:
+                env["nvidia_smi"] = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                    capture_output=True, text=True, timeout=30).stdout.strip()
+            except Exception as e:  # noqa: BLE001
+                env["nvidia_smi"] = f"unavailable ({short(e)})"
+        log(f"gtr-run: {env['gtr_run_version']}; ORT_DYLIB_PATH={env['ORT_DYLIB_PATH']}; "
+            f"{env.get('nvidia_smi', 'CPU')}; {env['cpus']} CPUs")
+        for name, binary, bundle, args in self.variants:
+            log(f"variant {name}: {binary} {' '.join(args)}{' (bundle ' + bundle + ')' if bundle else ''}")
+
+    # -- phase: weights and bundle ----------------------------------------------------------
+
+    def prepare_bundle(self) -> None:
+        a = self.a
+        work = os.path.abspath(a.work)
+        ckpt, vae = os.path.join(work, "checkpoint-last.pth"), os.path.join(work, "kl16.ckpt")
+        if a.bundle:
+            self.bundle = os.path.abspath(a.bundle)
+            parent = os.path.dirname(self.bundle)
+            self.checkpoint = a.checkpoint or next(
+                (p for p in [os.path.join(parent, "checkpoint-last.pth")] if os.path.isfile(p)), None)
+            self.vae_ckpt = a.vae or next((p for p in [os.path.join(parent, "kl16.ckpt")] if os.path.isfile(p)), None)
+            log(f"bundle {self.bundle} (given); PyTorch weights: {self.checkpoint or 'none'}, {self.vae_ckpt or 'none'}")
+        else:
+            fake_args, export_args = SIZES[a.size]
+            stamp_path = os.path.join(work, "stamp.json")
+            stamp = {"size": a.size, "seed": a.seed, "fake_args": fake_args, "export_args": export_args}
+            bundle = os.path.join(work, "bundle")
+            cached = False
+            if not a.fresh and os.path.isfile(stamp_path) and os.path.isfile(os.path.join(bundle, "manifest.yaml")):
+                with open(stamp_path) as f:
+                    cached = json.load(f) == stamp and os.path.isfile(ckpt) and os.path.isfile(vae)
+            if cached:
+                log(f"reusing the weights and bundle in {work} (same size and seed; --fresh re-makes them)")
+            else:
+                os.makedirs(work, exist_ok=True)
+                if os.path.exists(stamp_path):
+                    os.remove(stamp_path)
+                py = sys.executable
+                self.run_logged([py, os.path.join(REPO, "models", "make_fake_checkpoint.py"), *fake_args,
+                                 "--seed", a.seed, "--no-model", "--out", ckpt, "--vae-out", vae],
+                                "make_fake_checkpoint.log", show=lambda line: "parameters" in line)
+                self.run_logged([py, os.path.join(REPO, "models", "export_mar.py"), "--checkpoint", ckpt,
+                                 "--vae", vae, *export_args, "--out", bundle, "--quick-vae-check",
+                                 "--name", f"mar-{a.size}-random"],
+                                "export_mar.log",
+                                show=lambda line: any(k in line for k in ("max |ort", "exported in", "max |sampler"))
+                                or line.startswith("wrote"))
+                with open(stamp_path, "w") as f:
+                    json.dump(stamp, f)
+            self.bundle, self.checkpoint, self.vae_ckpt = bundle, ckpt, vae
+        self.read_manifest()
+        self.res["bundle"] = {"path": self.bundle, "checkpoint": self.checkpoint, "vae": self.vae_ckpt,
+                              "manifest": self.manifest,
+                              "bytes": sum(os.path.getsize(os.path.join(self.bundle, f))
+                                           for f in os.listdir(self.bundle) if ".onnx" in f)}
+
+    def read_manifest(self) -> None:
+        path = os.path.join(self.bundle, "manifest.yaml")
+        if not os.path.isfile(path):
+            raise BenchError(f"{path} not found")
+        with open(path) as f:
+            text = f.read()
+        m = {}
+        for key in ("name", "latent_scale", "classes", "null_class"):
+            r = re.search(rf"^{key}:\s*(\S+)", text, re.M)
+            if not r:
+                raise BenchError(f"{path}: no `{key}`")
+            m[key] = r.group(1)
+        g = re.search(r"^grid:\s*\[\s*(\d+)\s*,\s*(\d+)\s*\]", text, re.M)
+        if not g:
+            raise BenchError(f"{path}: no `grid`")
+        m["grid"] = [int(g.group(1)), int(g.group(2))]
+        m["latent_scale"] = float(m["latent_scale"])
+        m["classes"], m["null_class"] = int(m["classes"]), int(m["null_class"])
+        self.manifest = m
+
+    # -- phase: plans -------------------------------------------------------------------------
+
+    def make_plans(self) -> None:
+        g = self.manifest.get("grid", [16, 16])
+        for path in self.schedules:
+            name = self.schedule_name(path)
+            try:
+                p = subprocess.run([self.a.gtr_run, "plan", path, "--json", "--seed", str(self.a.seed),
+                                    "--grid", f"{g[0]}x{g[1]}"], capture_output=True, text=True, timeout=60)
+                if p.returncode != 0:
+                    raise BenchError(f"gtr-run plan {name} failed: {p.stderr.strip()[-500:]}")
+                plan = json.loads(p.stdout)
+                self.plans[name] = plan
+                fts = any(s.get("detail") is not None for s in plan["steps"])
+                self.res["plans"][name] = {"mar_steps": len(plan["steps"]), "fts": fts}
+            except Exception as e:  # noqa: BLE001
+                self.error(f"plan {name}", e)
+
+    # -- phase: gtr-run --------------------------------------------------------------------------
+
+    def images_for(self, B: int) -> int:
+        n = self.a.num_images or B
+        return -(-n // B) * B
+
+    def gtr_eval(self, variant, B: int) -> None:
+        name, binary, bundle, extra = variant
+        N = self.images_for(B)
+        evaldir = os.path.join(self.out, "eval", f"{name}-b{B}")
+        cmd = [binary, "eval", bundle or self.bundle, *self.schedules, "--device", self.a.device,
+               "--batch", B, "--num-images", N, "--seed", self.a.seed, "--out", evaldir, "--force"]
+        if self.a.threads:
+            cmd += ["--threads", self.a.threads]
+        cmd += self.a.gtr_arg + extra
+        if self.torch_model is not None and self.a.device == "cuda":
+            import torch
+            torch.cuda.empty_cache()              # leave the GPU's memory to ONNX Runtime
+        t = time.time()
+        self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=max(self.remaining(), 5.0))
+        with open(os.path.join(evaldir, "eval.json")) as f:
+            ej = json.load(f)
+        comp = ej["comparison"]
+        rec = {"command": [str(c) for c in cmd], "seconds": round(time.time() - t, 2), "images": N,
+               "execution_provider": comp.get("execution_provider"),
+               "diffusion_chains": comp.get("diffusion_chains"),       # gtr-run with a sampler graph says where
+               "eval_json": os.path.join(evaldir, "eval.json"),
+               "schedules": {}}
+        for s, d in zip(comp["schedules"], ej["derived"]):
+            rec["schedules"][s["name"]] = {
+                "seconds_per_image": d["seconds_per_image"],
+                "outside_runtime_share": d["outside_runtime_share"],
+                "speedup_measured": d["speedup_measured"], "speedup_range": d["speedup_range"],
+                "speedup_flops": d["speedup_flops"],
+                **{k: s[k] for k in ("mar_steps", "backbone_passes", "diffusion_evaluations", "flops_per_image",
+                                     "images_timed", "wall_seconds", "runtime_seconds", "model_seconds",
+                                     "round_seconds") if k in s},
+            }
+        self.res["gtr_run"].setdefault(name, {})[str(B)] = rec
+        if self.a.device == "cuda" and "cuda" not in str(rec["execution_provider"]).lower():
+            self.res["notes"].append(f"{name}, batch {B}: eval.json says the provider was "
+                                     f"{rec['execution_provider']!r}, not CUDA")
+        for sname, s in rec["schedules"].items():
+            log(f"  {name} b{B} {sname}: {s['seconds_per_image']:.4f} s/image, outside ORT "
+                f"{s['outside_runtime_share']:.1%} ({rec['execution_provider']}"
+                + (f", chains: {rec['diffusion_chains']}" if rec["diffusion_chains"] else "") + ")")
+
+    # -- phase: PyTorch --------------------------------------------------------------------------
+
+    def load_torch(self):
+        if self.torch_model is not None:
+            return self.torch_model
+        if self.torch_failed:
+            raise BenchError(f"PyTorch model unavailable ({self.torch_failed})")
+        try:
+            self.torch_model = self._load_torch()
+        except Exception as e:
+            self.torch_failed = short(e)
+            raise
+        return self.torch_model
+
+    def _load_torch(self):
+        import torch
+        from models import export_mar
+        from models.torch import fast_sampler as fast
+        from models.torch.mar import MAR, AutoencoderKL
+
+        if not (self.checkpoint and self.vae_ckpt):
+            raise BenchError("no PyTorch checkpoint for this bundle (give --checkpoint and --vae)")
+        dev = torch.device(self.a.device)
+        if self.a.threads:
+            torch.set_num_threads(self.a.threads)
+        t = time.time()
+        size = {"base": "mar_base", "large": "mar_large", "huge": "mar_huge"}.get(self.a.size, "custom")
+        sd, args = export_mar.load_mar_checkpoint(self.checkpoint)
+        cfg, vcfg, _ = export_mar.resolve_configs(size, args, None)
+        mar = MAR(cfg)
+        export_mar.strict_load(mar, sd, self.checkpoint)
+        vsd, _ = export_mar.load_vae_checkpoint(self.vae_ckpt)
+        vae = AutoencoderKL(vcfg, with_encoder=False)
+        export_mar.strict_load(vae, vsd, self.vae_ckpt)
+        del sd, vsd
+        mar.eval()
+        vae.eval()
+        info = {"load_seconds": round(time.time() - t, 2), "torch": torch.__version__,
+                "attention": self.a.torch_attention}
+        info["same_weights_check"] = self.same_weights(mar)
+        if self.a.torch_attention == "sdpa":
+            info["fused_attention_blocks"] = fast.use_fused_attention(mar)
+        mar.to(dev)
+        vae.to(dev)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True          # as MAR's main_mar.py sets it
+            info["device_name"] = torch.cuda.get_device_name(dev)
+            info["cudnn_benchmark"] = True
+            for k, f in (("matmul_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32),
+                         ("cudnn_allow_tf32", lambda: torch.backends.cudnn.allow_tf32)):
+                try:
+                    info[k] = bool(f())
+                except Exception as e:  # noqa: BLE001
+                    info[k] = f"unknown ({short(e)})"
+        self.res["torch_setup"] = info
+        log(f"PyTorch {torch.__version__} on {info.get('device_name', dev)}: model loaded in "
+            f"{info['load_seconds']:.1f} s; same weights as the bundle: {info['same_weights_check']}")
+        return mar, vae, dev
+
+    def same_weights(self, mar) -> str:
+        """The bundle's diffusion graph (onnxruntime, CPU) against the loaded head on a few rows."""
+        try:
+            import numpy as np
+            import onnxruntime as ort
+            import torch
+        except Exception as e:  # noqa: BLE001
+            return f"not checked ({short(e)})"
+        sess = ort.InferenceSession(os.path.join(self.bundle, "diffusion.onnx"), providers=["CPUExecutionProvider"])
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(5, mar.cfg.token_dim, generator=g)
+        t = torch.tensor([0, 10, 500, 990, 999])
+        z = torch.randn(5, mar.cfg.decoder_width, generator=g)
+        with torch.no_grad():
+            want = mar.diffusion_head(x, t, z).numpy()
+        got = sess.run(None, {"x": x.numpy(), "t": t.numpy(), "z": z.numpy()})[0]
+        err = float(np.abs(got - want).max())
+        if not err <= 1e-3:
+            raise BenchError(f"the bundle's diffusion graph differs from the checkpoint's head by {err:.2e}: "
+                             f"not the same weights")
+        return f"diffusion head max |ORT - PyTorch| {err:.1e}"
+
+    def half_dtype(self):
+        import torch
+        return torch.float16 if self.a.device == "cuda" else torch.bfloat16
+
+    def torch_measure(self, sched: str, B: int, precision: str) -> None:
+        import torch
+        from models.torch import fast_sampler as fast
+
+        plan = self.plans[sched]
+        steps, order = fast.steps_from_plan(plan)
+        mar, vae, dev = self.load_torch()
+        N = self.images_for(B)
+        classes, null = self.manifest["classes"], self.manifest["null_class"]
+        all_labels = [i * classes // N for i in range(N)] if classes > 0 else [null] * N
+        orders = torch.tensor(order, dtype=torch.int64, device=dev)[None].expand(B, -1).contiguous()
+        order_len = len(order)
+        gen = torch.Generator(device=dev).manual_seed(self.a.seed)
+        cuda = dev.type == "cuda"
+
+        def sync():
+            if cuda:
+                torch.cuda.synchronize(dev)
+
+        def ctx():
+            if precision == "fp32":
+                return contextlib.nullcontext()
+            return torch.autocast(dev.type, dtype=self.half_dtype())
+
+        latent_scale, grid = self.manifest["latent_scale"], mar.cfg.grid
+        # warm-up at this batch size and precision: the first and the last steps of the schedule
+        # (shortest and longest encoder sequences, so the allocator has seen the largest shapes) and a
+        # VAE decode; --torch-warmup-steps 0: the whole schedule
+        t = time.time()
+        labels = torch.tensor(all_labels[:B], dtype=torch.int64, device=dev)
+        k = self.a.torch_warmup_steps
+        with ctx():
+            if k == 0 or k >= len(steps):
+                parts = [(steps, 0)]
+            else:
+                head, tail = steps[:(k + 1) // 2], steps[len(steps) - k // 2:]
+                parts = [(head, 0)] + ([(tail, order_len - sum(x.tokens for x in tail))] if tail else [])
+            for part, before in parts:
+                o = fast.sample(mar, vae, part, labels, orders, latent_scale, generator=gen, known_before=before)
+                o["pixels"].cpu()
+        sync()
+        warm = time.time() - t
+        batches, tokens_s, vae_s, counts = [], 0.0, 0.0, {}
+        for start in range(0, N, B):
+            labels = torch.tensor(all_labels[start:start + B], dtype=torch.int64, device=dev)
+            sync()
+            t0 = time.perf_counter()
+            with ctx():
+                o = fast.sample(mar, vae, steps, labels, orders, latent_scale, generator=gen, counts=counts,
+                                decode=False)
+                sync()
+                t1 = time.perf_counter()
+                px = fast.decode_pixels(vae, o["tokens"], latent_scale, grid)["pixels"].cpu()
+            sync()
+            t2 = time.perf_counter()
+            batches.append(t2 - t0)
+            tokens_s += t1 - t0
+            vae_s += t2 - t1
+            if start + B < N and self.remaining() < 0:
+                self.res["notes"].append(f"PyTorch {precision} {sched} b{B}: stopped after {len(batches)} of "
+                                         f"{N // B} batches at the deadline")
+                break
+        images = B * len(batches)
+        total = sum(batches)
+        rec = {"seconds_per_image": total / images, "images_timed": images, "batch_seconds": batches,
+               "sampling_seconds": tokens_s, "vae_and_pixels_seconds": vae_s, "warmup_seconds": warm,
+               "warmup_steps": min(self.a.torch_warmup_steps or len(steps), len(steps)),
+               "backbone_passes_per_image": counts.get("backbone_passes"),
+               "diffusion_rows_per_image": counts.get("diffusion_rows"),
+               "pixel_mean": float(px.float().mean()), "finite": bool(torch.isfinite(o["tokens"]).all())}
+        if cuda:
+            rec["max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9
+        self.res["torch"].setdefault(precision, {}).setdefault(str(B), {})[sched] = rec
+        self.check_same_work(sched, B, precision, rec)
+        log(f"  PyTorch {precision} b{B} {sched}: {rec['seconds_per_image']:.4f} s/image "
+            f"({images} images, warm-up {warm:.1f} s)")
+
+    def check_same_work(self, sched: str, B: int, precision: str, rec: dict) -> None:
+        """PyTorch's backbone passes and head rows per image against gtr-run's eval.json."""
+        for name, per_b in self.res["gtr_run"].items():
+            g = per_b.get(str(B), {}).get("schedules", {}).get(sched)
+            if not g:
+                continue
+            same = (g.get("backbone_passes") == rec["backbone_passes_per_image"]
+                    and g.get("diffusion_evaluations") == rec["diffusion_rows_per_image"])
+            rec["same_work_as_gtr_run"] = same
+            if not same:
+                self.res["notes"].append(
+                    f"{sched} b{B}: not the same work: gtr-run ({name}) {g.get('backbone_passes')} backbone passes, "
+                    f"{g.get('diffusion_evaluations')} head rows per image; PyTorch {precision} "
+                    f"{rec['backbone_passes_per_image']}, {rec['diffusion_rows_per_image']}")
+            return
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def predicted_seconds(self, kind: str, key: tuple, B: int) -> float | None:
+        """A guess of how long a measurement will take, from one of the same kind measured at
+        another batch size: gtr-run evals scale with the images they make (warm-up batch included),
+        PyTorch cells with the images timed plus their warm-up. None if nothing to go by."""
+        if kind == "gtr":
+            done = self.res["gtr_run"].get(key[0], {})
+            for b, rec in done.items():
+                return rec["seconds"] * (self.images_for(B) + B) / (rec["images"] + int(b))
+        else:
+            prec, sched = key
+            for b, cells in self.res["torch"].get(prec, {}).items():
+                if sched in cells:
+                    c = cells[sched]
+                    return c["seconds_per_image"] * self.images_for(B) + c["warmup_seconds"] * B / int(b)
+        return None
+
+    def measure(self, label: str, fn, *args, predict=None) -> None:
+        """Run one measurement as a phase, unless past the deadline or predicted to end after it."""
+        left = self.remaining()
+        guess = predict() if predict else None
+        if left < 0 or (guess is not None and guess > left + 15):
+            why = "past the deadline" if left < 0 else f"predicted {guess:.0f} s, {left:.0f} s left"
+            self.res.setdefault("skipped_at_deadline", []).append(f"{label} ({why})")
+            log(f"skip {label}: {why}")
+            return
+        with self.phase(label):
+            fn(*args)
+
+    def run(self) -> None:
+        a = self.a
+        try:
+            with self.phase("environment"):
+                self.environment()
+            with self.phase("weights and bundle"):
+                self.prepare_bundle()
+            if self.bundle is None or not self.manifest:
+                raise BenchError("no bundle: nothing to measure")
+            with self.phase("plans"):
+                self.make_plans()
+            precisions = [] if a.skip_torch else (["half"] + ([] if a.skip_torch_fp32 else ["fp32"]))
+            for B in a.batches:
+                if not a.skip_gtr_run:
+                    for v in self.variants:
+                        self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B,
+                                     predict=lambda v=v, B=B: self.predicted_seconds("gtr", (v[0],), B))
+                for prec in precisions:
+                    for sched in self.plans:
+                        if self.res["plans"][sched]["fts"]:
+                            continue
+                        self.measure(f"PyTorch {prec} batch {B} {sched}", self.torch_measure, sched, B, prec,
+                                     predict=lambda p=prec, s=sched, B=B: self.predicted_seconds("torch", (p, s), B))
+            fts = [s for s in self.plans if self.res["plans"][s]["fts"]]
+            if fts and precisions:
+                self.res["notes"].append(f"no PyTorch column for {', '.join(fts)}: GtR's FTS is not part of "
+                                         f"MAR's sampler")
+        except Interrupted as e:
+            self.res["notes"].append(f"interrupted ({e}): the table holds what was measured before")
+            log(f"interrupted ({e})")
+        except BenchError as e:
+            self.error("run", e)
+        self.res["total_seconds"] = round(time.time() - T0, 1)
+
+    # -- the table ----------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        a, r = self.a, self.res
+        half = "fp16" if a.device == "cuda" else "bf16"
+        multi = len(self.variants) > 1
+        first = self.schedule_name(self.schedules[0])
+        ts = r.get("torch_setup", {})
+        env = r["environment"]
+        providers = sorted({str(b.get("execution_provider")) for v in r["gtr_run"].values() for b in v.values()})
+        chains = sorted({f"{n}: {b['diffusion_chains']}" if multi else str(b["diffusion_chains"])
+                         for n, v in r["gtr_run"].items() for b in v.values() if b.get("diffusion_chains")})
+        head = [f"gtr-run vs MAR's PyTorch sampler, {r['date'][:10]}: MAR-{a.size} random weights "
+                f"({self.manifest.get('name', '?')}), {env.get('nvidia_smi') or ts.get('device_name') or a.device}; "
+                f"gtr-run `eval --device {a.device}` (provider {', '.join(providers) or 'not run'}"
+                + (f"; diffusion chains: {', '.join(chains)}" if chains else "")
+                + (f", args {' '.join(a.gtr_arg)}" if a.gtr_arg else "") + f"); PyTorch {ts.get('torch', '?')} "
+                f"(attention {a.torch_attention}); images per cell: "
+                + ", ".join(f"{self.images_for(B)} at batch {B}" for B in a.batches)
+                + ", after warm-up. Seconds per image (lower is better); 'speed vs autocast' = PyTorch autocast "
+                  "s/image ÷ gtr-run s/image (> 1: gtr-run faster).", ""]
+        cols = ["schedule", "batch"] + (["gtr-run variant"] if multi else []) + [
+            "gtr-run s/image", "PyTorch fp32", f"PyTorch autocast {half}", "gtr-run speed vs autocast",
+            "gtr-run outside ORT", f"speed-up over {first} measured (FLOPs)"]
+        if multi:
+            described = []
+            for n, b, bd, args in self.variants:
+                words = ([] if b == a.gtr_run else ["--binary", b]) + ([] if not bd else ["--bundle", bd]) + args
+                described.append(f"{n} = `{' '.join(words)}`" if words else f"{n} = no extra arguments")
+            head.insert(1, "gtr-run variants: " + "; ".join(described) + ".")
+        lines = head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+        def f(x, fmt="{:.3f}"):
+            return fmt.format(x) if isinstance(x, (int, float)) else "n/a"
+
+        for path in self.schedules:
+            s = self.schedule_name(path)
+            fts = r["plans"].get(s, {}).get("fts")
+            for B in a.batches:
+                tp = {p: r["torch"].get(p, {}).get(str(B), {}).get(s, {}).get("seconds_per_image")
+                      for p in ("fp32", "half")}
+                tcell = {p: ("no FTS in MAR" if fts else f(tp[p])) for p in tp}
+                if not fts and (a.skip_torch or a.skip_torch_fp32):
+                    tcell["fp32"] = "skipped"
+                if not fts and a.skip_torch:
+                    tcell["half"] = "skipped"
+                for name, *_ in self.variants:
+                    g = r["gtr_run"].get(name, {}).get(str(B), {}).get("schedules", {}).get(s, {})
+                    gs = g.get("seconds_per_image")
+                    ratio = tp["half"] / gs if isinstance(gs, float) and isinstance(tp["half"], float) and gs > 0 else None
+                    sp = (f"{g['speedup_measured']:.2f}× ({g['speedup_flops']:.2f}×)"
+                          if "speedup_measured" in g else "n/a")
+                    row = [s, str(B)] + ([name] if multi else []) + [
+                        f(gs), tcell["fp32"], tcell["half"], f(ratio, "{:.2f}×"),
+                        f(g.get("outside_runtime_share"), "{:.1%}"), sp]
+                    lines.append("| " + " | ".join(row) + " |")
+        skipped = r.get("skipped_at_deadline", [])
+        if r["notes"] or r["errors"] or skipped:
+            lines.append("")
+            if skipped:
+                lines.append(f"- not run, --deadline {a.deadline:.0f} s: {'; '.join(skipped)}")
+            for n in r["notes"]:
+                lines.append(f"- {n}")
+            for e in r["errors"]:
+                lines.append(f"- error in {e['where']}: {e['error'].splitlines()[0][:300]}")
+        phases = "; ".join(f"{p['phase']} {p.get('seconds', '?')} s" + ("" if p.get("ok") else " (failed)")
+                           for p in r["phases"])
+        lines += ["", f"Phases: {phases}. Total {r.get('total_seconds', '?')} s."]
+        return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gtr-run", required=True, help="the gtr-run binary (built with --features cuda for the GPU)")
+    ap.add_argument("--out", default=os.path.join(REPO, "runs", "gpu-bench"),
+                    help="folder for gpu-bench.md, gpu-bench.json, logs/ and eval/ (small files only)")
+    ap.add_argument("--work", default="/tmp/gtr-gpubench",
+                    help="folder for the checkpoints and the bundle (~2.9 GB at MAR-B); reused when size and seed match")
+    ap.add_argument("--size", default="base", choices=list(SIZES), help="MAR size (tiny: a small custom model for tests)")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="for gtr-run and PyTorch")
+    ap.add_argument("--seed", type=int, default=0, help="weights, plans and sampling seed")
+    ap.add_argument("--fresh", action="store_true", help="re-make the weights and bundle even if --work has them")
+    ap.add_argument("--bundle", help="use this exported bundle (skips phase 1); PyTorch weights from --checkpoint/--vae "
+                    "or checkpoint-last.pth/kl16.ckpt beside it")
+    ap.add_argument("--checkpoint", help="MAR checkpoint of --bundle, for the PyTorch side")
+    ap.add_argument("--vae", help="KL VAE checkpoint of --bundle, for the PyTorch side")
+    ap.add_argument("--schedules", nargs="+", default=DEFAULT_SCHEDULES,
+                    help="schedule names or files; the first is the speed-up baseline (default: %(default)s)")
+    ap.add_argument("--batches", nargs="+", type=int, default=[64, 32], help="batch sizes, measured in this order")
+    ap.add_argument("--num-images", type=int, default=0,
+                    help="images timed per schedule and batch size, rounded up to whole batches (default: one batch)")
+    ap.add_argument("--gtr-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for every gtr-run eval (repeatable: --gtr-arg=--precision --gtr-arg=fp16)")
+    ap.add_argument("--variant", action="append", metavar="NAME=ARGS",
+                    help="a gtr-run configuration (repeatable): extra eval arguments, plus optionally "
+                         "--binary PATH and --bundle DIR for that configuration; e.g. --variant host= "
+                         "--variant 'fp16=--precision fp16'")
+    ap.add_argument("--skip-gtr-run", action="store_true")
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-torch-fp32", action="store_true", help="PyTorch in autocast only")
+    ap.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "matmul"],
+                    help="sdpa: F.scaled_dot_product_attention, what timm (MAR's code) uses; matmul: explicit, as exported")
+    ap.add_argument("--torch-warmup-steps", type=int, default=4,
+                    help="MAR steps of the untimed PyTorch warm-up batch, half from the start of the schedule "
+                         "and half from its end, plus VAE decodes (0: the whole schedule, as gtr-run eval warms "
+                         "up; default 4)")
+    ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
+    ap.add_argument("--deadline", type=float, default=450.0,
+                    help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")
+    a = ap.parse_args(argv)
+    if any(b < 1 for b in a.batches) or a.num_images < 0 or a.torch_warmup_steps < 0:
+        ap.error("--batches must be at least 1, --num-images and --torch-warmup-steps at least 0")
+    if not os.path.isfile(a.gtr_run):
+        ap.error(f"--gtr-run {a.gtr_run}: not found")
+    a.gtr_run = os.path.abspath(a.gtr_run)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGTERM, _on_term)
+    b = Bench(a)
+    log(f"gpu bench: size {a.size}, device {a.device}, schedules {' '.join(a.schedules)}, batches "
+        f"{' '.join(map(str, a.batches))}, deadline {a.deadline:.0f} s, out {b.out}")
+    try:
+        b.run()
+    except KeyboardInterrupt:
+        b.res["notes"].append("interrupted (Ctrl-C)")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    text = b.table()
+    b.res["table"] = text
+    b.save()
+    with open(os.path.join(b.out, "gpu-bench.md"), "w") as f:
+        f.write(text + "\n")
+    print("", flush=True)
+    print(text, flush=True)
+    print(f"\nraw numbers: {os.path.join(b.out, 'gpu-bench.json')}", flush=True)
+    return 1 if b.res["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

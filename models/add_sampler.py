@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""Adds a `sampler` graph to a model bundle: a whole respaced diffusion chain in one call.
+
+    python3 models/add_sampler.py BUNDLE_DIR [--check]
+
+The sampler wraps the bundle's own diffusion head (any bundle: exported by export_mar.py,
+mar-tiny with its v-prediction head inside, or a third party's) in an ONNX `Loop` over the
+chain's ticks. Per tick it runs the head once on the rows still running (both CFG halves),
+mixes ε with the guidance scale, applies the respaced DDPM posterior with the learned-range
+(or fixed) variance and adds the tick's noise scaled by the temperature. Everything the host
+decides (timesteps, the chain's coefficients, the noise from gtr-run's ChaCha streams) is an
+input, so one call per MAR step replaces one head call per tick, and the chain's state never
+leaves the device between ticks. The contract (models/README.md, "sampler graph"):
+
+  inputs   x       f32 [N, C]      initial noise of each row (rows running longest first)
+           z       f32 [G, N, D]   conditioning; G = 2 with guidance (conditional, then
+                                   unconditional), 1 without
+           t       i64 [T, N]      training-chain timestep of row r at tick k
+           coef    f32 [T, N, 5]   A, B, log β', log σ²_post, noise scale of row r at tick k:
+                                   x ← A·x − B·ε + scale·exp(½·log σ²)·noise
+           noise   f32 [T, N, C]   standard normal draws of row r at tick k
+           active  i64 [T]         rows still running at tick k (a prefix of the rows)
+           guidance f32 [1]        CFG scale s: ε = ε_u + s·(ε_c − ε_u) (unused when G = 1)
+  output   x_out   f32 [N, C]      the sampled tokens
+
+log σ² is frac·log β' + (1 − frac)·log σ²_post with frac = (v + 1)/2 from the head's second C
+outputs (learned range), else the fourth coefficient alone. Rows past `active` are untouched.
+
+The head's weights stay where they are: initializers kept in external data files are referenced
+again (not copied); inline ones are copied into sampler.onnx. The manifest gets a `sampler`
+entry after the diffusion graph's. `--check` compares the graph with a NumPy run of the same
+chain through the bundle's diffusion graph (onnxruntime).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SAMPLER_FILE = "sampler.onnx"
+INPUTS = ["x", "z", "t", "coef", "noise", "active", "guidance"]
+OUTPUT = "x_out"
+COEFFICIENTS = 5
+
+
+def read_manifest(bundle: str) -> tuple[str, dict]:
+    import yaml
+
+    path = os.path.join(bundle, "manifest.yaml")
+    with open(path) as f:
+        text = f.read()
+    return text, yaml.safe_load(text)
+
+
+def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
+    """The Loop graph around `head` (its tensor names for x, t, z and out in `io`)."""
+    hg = head.graph
+    C = token_dim
+    ins, out_name = io["inputs"], io["outputs"]["out"]
+    prefix = "head/"
+
+    # The head's nodes move into the loop body, every value renamed under `head/` except its
+    # initializers (they stay in the outer graph, which the body can read).
+    inits = {i.name for i in hg.initializer}
+    rename = {ins["x"]: "xt", ins["t"]: "tt", ins["z"]: "zf"}
+
+    def name(v: str) -> str:
+        if v == "" or v in inits:
+            return v
+        return rename.get(v) or prefix + v
+
+    body_nodes = []
+    for n in hg.node:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        del m.input[:]
+        m.input.extend(name(v) for v in n.input)
+        del m.output[:]
+        m.output.extend(name(v) for v in n.output)
+        if m.name:
+            m.name = prefix + m.name
+        body_nodes.append(m)
+    head_out = name(out_name)
+
+    const = []
+
+    def c(nm: str, arr) -> str:
+        const.append(numpy_helper.from_array(np.asarray(arr), nm))
+        return nm
+
+    n = helper.make_node
+    for j in range(COEFFICIENTS + 1):
+        c(f"k_col{j}", np.array([j], np.int64))
+    for nm, value in [
+        ("k_zero", np.array([0], np.int64)),
+        ("k_one", np.array([1], np.int64)),
+        ("k_last", np.array([-1], np.int64)),
+        ("k_end", np.array([np.iinfo(np.int64).max], np.int64)),
+        ("k_axis0", np.array([0], np.int64)),
+        ("k_axis1", np.array([1], np.int64)),
+        ("k_C", np.array([C], np.int64)),
+        ("k_2C", np.array([2 * C], np.int64)),
+        ("k_half", np.array(0.5, np.float32)),
+        ("k_onef", np.array(1.0, np.float32)),
+    ]:
+        c(nm, value)
+    body = [
+        # rows running at this tick: x_in[:n]
+        n("Gather", ["active", "iter"], ["n0"], axis=0),
+        n("Unsqueeze", ["n0", "k_axis0"], ["n"]),
+        n("Slice", ["x_in", "k_zero", "n", "k_axis0"], ["xa"]),
+        n("Slice", ["x_in", "n", "k_end", "k_axis0"], ["x_rest"]),
+        # conditioning of both halves: z[:, :n] as [G·n, D]
+        n("Slice", ["z", "k_zero", "n", "k_axis1"], ["za"]),
+        n("Shape", ["z"], ["z_shape"]),
+        n("Slice", ["z_shape", "k_zero", "k_one", "k_axis0"], ["G"]),
+        n("Slice", ["z_shape", "k_last", "k_end", "k_axis0"], ["D"]),
+        n("Concat", ["k_last", "D"], ["zf_shape"], axis=0),
+        n("Reshape", ["za", "zf_shape"], ["zf"]),
+        n("Concat", ["G", "k_one"], ["x_reps"], axis=0),
+        n("Tile", ["xa", "x_reps"], ["xt"]),
+        n("Gather", ["t", "iter"], ["t_k"], axis=0),
+        n("Slice", ["t_k", "k_zero", "n", "k_axis0"], ["ta"]),
+        n("Tile", ["ta", "G"], ["tt"]),
+        *body_nodes,
+        # ε of the conditional half (first n rows) and of the unconditional one (last n)
+        n("Neg", ["n"], ["minus_n"]),
+        n("Slice", [head_out, "k_zero", "n", "k_axis0"], ["out_c"]),
+        n("Slice", [head_out, "minus_n", "k_end", "k_axis0"], ["out_u"]),
+        n("Slice", ["out_c", "k_zero", "k_C", "k_axis1"], ["eps_c"]),
+        n("Slice", ["out_u", "k_zero", "k_C", "k_axis1"], ["eps_u"]),
+        n("Sub", ["eps_c", "eps_u"], ["eps_d"]),
+        n("Mul", ["eps_d", "guidance"], ["eps_ds"]),
+        n("Add", ["eps_u", "eps_ds"], ["eps"]),
+        # this tick's coefficients and noise for the running rows
+        n("Gather", ["coef", "iter"], ["coef_k"], axis=0),
+        n("Slice", ["coef_k", "k_zero", "n", "k_axis0"], ["ca"]),
+        *[n("Slice", ["ca", f"k_col{j}", f"k_col{j + 1}", "k_axis1"], [out])
+          for j, out in enumerate(["cA", "cB", "c_log_beta", "c_log_post", "c_scale"])],
+        n("Gather", ["noise", "iter"], ["noise_k"], axis=0),
+        n("Slice", ["noise_k", "k_zero", "n", "k_axis0"], ["noise_a"]),
+    ]
+    if learned:
+        body += [
+            n("Slice", ["out_c", "k_C", "k_2C", "k_axis1"], ["v"]),
+            n("Add", ["v", "k_onef"], ["v1"]),
+            n("Mul", ["v1", "k_half"], ["frac"]),
+            n("Sub", ["c_log_beta", "c_log_post"], ["log_gap"]),
+            n("Mul", ["frac", "log_gap"], ["frac_gap"]),
+            n("Add", ["c_log_post", "frac_gap"], ["log_var"]),
+        ]
+    else:
+        body += [n("Identity", ["c_log_post"], ["log_var"])]
+    body += [
+        n("Mul", ["log_var", "k_half"], ["half_log_var"]),
+        n("Exp", ["half_log_var"], ["sigma"]),
+        n("Mul", ["sigma", "c_scale"], ["sigma_s"]),
+        n("Mul", ["sigma_s", "noise_a"], ["step_noise"]),
+        n("Mul", ["cA", "xa"], ["ax"]),
+        n("Mul", ["cB", "eps"], ["be"]),
+        n("Sub", ["ax", "be"], ["mean"]),
+        n("Add", ["mean", "step_noise"], ["x_new"]),
+        n("Concat", ["x_new", "x_rest"], ["x_next"], axis=0),
+        n("Identity", ["cond_in"], ["cond_out"]),
+    ]
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    body_graph = helper.make_graph(
+        body,
+        "tick",
+        [
+            helper.make_tensor_value_info("iter", i64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", f32, ["N", C]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_next", f32, ["N", C]),
+        ],
+    )
+    outer = [
+        n("Shape", ["active"], ["ticks"]),
+        n("Squeeze", ["ticks", "k_axis0"], ["ticks_s"]),
+        n("Loop", ["ticks_s", "", "x"], [OUTPUT], body=body_graph),
+    ]
+    D = None
+    for vi in hg.input:
+        if vi.name == ins["z"]:
+            dims = vi.type.tensor_type.shape.dim
+            D = dims[-1].dim_value if dims and dims[-1].dim_value > 0 else "D"
+    graph = helper.make_graph(
+        outer,
+        "sampler",
+        [
+            helper.make_tensor_value_info("x", f32, ["N", C]),
+            helper.make_tensor_value_info("z", f32, ["G", "N", D]),
+            helper.make_tensor_value_info("t", i64, ["T", "N"]),
+            helper.make_tensor_value_info("coef", f32, ["T", "N", COEFFICIENTS]),
+            helper.make_tensor_value_info("noise", f32, ["T", "N", C]),
+            helper.make_tensor_value_info("active", i64, ["T"]),
+            helper.make_tensor_value_info("guidance", f32, [1]),
+        ],
+        [helper.make_tensor_value_info(OUTPUT, f32, ["N", C])],
+        initializer=list(hg.initializer) + const,
+    )
+    opset = max(o.version for o in head.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:
+        raise SystemExit(f"the diffusion graph uses opset {opset}; the sampler needs 13 or newer")
+    # The head's own opset, so that its nodes mean what they meant.
+    model = helper.make_model(graph, opset_imports=list(head.opset_import),
+                              producer_name="gtr-run add_sampler.py")
+    model.ir_version = head.ir_version
+    return model
+
+
+def manifest_with_sampler(text: str) -> str:
+    """The manifest text with a `sampler` graph entry after the diffusion graph's (replacing
+    an earlier one)."""
+    entry = (f"  sampler: {{ file: {SAMPLER_FILE}, inputs: {{ "
+             + ", ".join(f"{r}: {r}" for r in INPUTS)
+             + f" }}, outputs: {{ x_out: {OUTPUT} }} }}")
+    lines = [ln for ln in text.splitlines() if not re.match(r"^\s+sampler:\s*\{", ln)]
+    for i, ln in enumerate(lines):
+        if re.match(r"^\s+diffusion:\s*\{\s*file:", ln):
+            lines.insert(i + 1, entry)
+            return "\n".join(lines) + "\n"
+    raise SystemExit("manifest.yaml: no `graphs.diffusion` entry on one line to put the sampler after")
+
+
+def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print) -> str:
+    """Writes the sampler around the head graph `head_file` (the manifest's diffusion tensor
+    names) as sampler.onnx, or sampler.PRECISION.onnx for a precision variant; returns its name."""
+    io = m["graphs"]["diffusion"]
+    head = onnx.load(os.path.join(bundle, head_file), load_external_data=False)
+    learned = m["diffusion"]["variance"] == "learned_range"
+    model = build_sampler(head, io, int(m["token_dim"]), learned)
+    onnx.checker.check_model(model)
+    name = SAMPLER_FILE if precision is None else SAMPLER_FILE.replace(".onnx", f".{precision}.onnx")
+    onnx.save(model, os.path.join(bundle, name))
+    log(f"{name}: loop over the ticks around {head_file} ({'learned' if learned else 'fixed'} variance)")
+    return name
+
+
+def add_sampler(bundle: str, log=print) -> str:
+    text, m = read_manifest(bundle)
+    name = write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
+    with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
+        f.write(manifest_with_sampler(text))
+    return os.path.join(bundle, name)
+
+
+def reference_chain(head_sess, io, x, z, t, coef, noise, active, guidance, C, learned):
+    """The sampler's contract in NumPy, one head call per tick (for --check)."""
+    x = x.copy()
+    G = z.shape[0]
+    for k in range(t.shape[0]):
+        n = int(active[k])
+        xa = x[:n]
+        feeds = {io["inputs"]["x"]: np.tile(xa, (G, 1)), io["inputs"]["t"]: np.tile(t[k, :n], G),
+                 io["inputs"]["z"]: z[:, :n].reshape(G * n, -1)}
+        out = head_sess.run([io["outputs"]["out"]], feeds)[0]
+        oc, ou = out[:n], out[(G - 1) * n:]
+        eps = ou[:, :C] + guidance[0] * (oc[:, :C] - ou[:, :C])
+        a = coef[k, :n]
+        if learned:
+            frac = (oc[:, C:2 * C] + 1) / 2
+            log_var = frac * a[:, 2:3] + (1 - frac) * a[:, 3:4]
+        else:
+            log_var = np.broadcast_to(a[:, 3:4], xa.shape)
+        x[:n] = a[:, 0:1] * xa - a[:, 1:2] * eps + a[:, 4:5] * np.exp(0.5 * log_var) * noise[k, :n]
+    return x
+
+
+def check(bundle: str, log=print) -> float:
+    import onnxruntime as ort
+
+    _, m = read_manifest(bundle)
+    io = m["graphs"]["diffusion"]
+    C, learned = int(m["token_dim"]), m["diffusion"]["variance"] == "learned_range"
+    D = int(m["width"])
+    rng = np.random.default_rng(0)
+    N, T = 7, 5
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    z = rng.standard_normal((2, N, D)).astype(np.float32)
+    t = rng.integers(0, 1000, (T, N)).astype(np.int64)
+    coef = np.stack([rng.uniform(0.5, 1.0, (T, N)), rng.uniform(0.0, 0.2, (T, N)),
+                     rng.uniform(-6, -1, (T, N)), rng.uniform(-8, -2, (T, N)),
+                     rng.uniform(0, 1, (T, N))], -1).astype(np.float32)
+    noise = rng.standard_normal((T, N, C)).astype(np.float32)
+    active = np.array([7, 7, 5, 3, 3], np.int64)
+    guidance = np.array([2.5], np.float32)
+    head = ort.InferenceSession(os.path.join(bundle, io["file"]), providers=["CPUExecutionProvider"])
+    sampler = ort.InferenceSession(os.path.join(bundle, SAMPLER_FILE), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for g in (2, 1):
+        zg = np.ascontiguousarray(z[:g])
+        want = reference_chain(head, io, x, zg, t, coef, noise, active, guidance, C, learned)
+        got = sampler.run([OUTPUT], {"x": x, "z": zg, "t": t, "coef": coef, "noise": noise,
+                                     "active": active, "guidance": guidance})[0]
+        err = float(np.abs(got - want).max())
+        worst = max(worst, err)
+        log(f"check (G = {g}): max |sampler - per-tick reference| = {err:.3g}")
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", help="bundle folder (manifest.yaml and the diffusion graph)")
+    ap.add_argument("--check", action="store_true", help="compare with a per-tick NumPy reference")
+    args = ap.parse_args(argv)
+    add_sampler(args.bundle)
+    if args.check and check(args.bundle) > 1e-4:
+        print("check failed: the sampler differs from the per-tick reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+//! One MAR step's diffusion chains: every predicted token of the batch is a
+//! row with its own respaced chain; rows run longest chain first, so the
+//! rows still running at a tick are a prefix.
+//!
+//! Two runners with one contract: [`StepChains::run_on_host`] calls the
+//! diffusion head once per tick and applies the update here (f64 arithmetic,
+//! the reference); [`StepChains::run_in_graph`] hands every tick to the
+//! model's sampler graph in one call, so the chain's state stays on the
+//! model's device. Both take each row's noise from the same draws.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ndarray::{Array1, Array2, Array3, s};
+
+use super::model::{ChainInputs, MarModel, ModelInfo};
+use super::{EngineError, ImageJob, Noise, check_finite, shape_error};
+use crate::rng::TokenNoise;
+use crate::sampler::Chain;
+
+/// Coefficients per row and tick in a sampler graph's `coef`.
+const COEFFICIENTS: usize = 5;
+
+/// One token being sampled in the current MAR step.
+pub(super) struct Row {
+    pub image: usize,
+    pub token: usize,
+    pub steps: usize,
+    pub chain: Arc<Chain>,
+    /// The token's ChaCha stream (seeded runs; replays read recorded draws).
+    pub noise: Option<TokenNoise>,
+}
+
+impl Row {
+    /// Fills `out` with the row's next draw: the initial noise when `tick`
+    /// is `None`, else the noise of that tick. Seeded rows draw from their
+    /// stream in call order, so callers draw in tick order.
+    pub fn draw(&mut self, noise: Noise, jobs: &[ImageJob], tick: Option<usize>, out: &mut [f32]) {
+        match (&mut self.noise, noise) {
+            (Some(stream), _) => stream.fill(out),
+            (None, Noise::Replay(rep)) => {
+                let idx = jobs[self.image].index as usize;
+                for (ch, v) in out.iter_mut().enumerate() {
+                    *v = match tick {
+                        None => rep.init_noise[[idx, self.token, ch]],
+                        Some(k) => rep.step_noise[[idx, self.token, k, ch]],
+                    };
+                }
+            }
+            (None, Noise::Seeded) => unreachable!("seeded rows carry a stream"),
+        }
+    }
+}
+
+/// What a step's chains cost.
+pub(super) struct ChainWork {
+    /// Seconds inside model calls.
+    pub seconds: f64,
+    pub calls: u64,
+    /// Diffusion-head rows summed over ticks (both CFG halves).
+    pub rows: u64,
+}
+
+/// The settings one MAR step's chains share.
+pub(super) struct StepChains<'a> {
+    pub step: usize,
+    /// The backbone's output [rows_b, L, D] (conditional images, then unconditional).
+    pub z: &'a Array3<f32>,
+    /// Images in the batch.
+    pub images: usize,
+    pub guided: bool,
+    pub scale: f64,
+    pub temperature: f64,
+    pub noise: Noise<'a>,
+    pub jobs: &'a [ImageJob],
+    /// Ticks per sampler-graph call (`None`: all of them in one call).
+    pub ticks_per_call: Option<usize>,
+}
+
+impl StepChains<'_> {
+    /// CFG halves per row.
+    fn halves(&self) -> usize {
+        if self.guided { 2 } else { 1 }
+    }
+
+    /// Head rows of all ticks: Σₖ halves × rows running at tick k.
+    fn head_rows(&self, rows: &[Row]) -> u64 {
+        (self.halves() * rows.iter().map(|r| r.steps).sum::<usize>()) as u64
+    }
+
+    /// Conditioning vector of `row`'s half `h`.
+    fn condition(&self, row: &Row, h: usize) -> ndarray::ArrayView1<'_, f32> {
+        self.z.slice(s![row.image + h * self.images, row.token, ..])
+    }
+
+    /// One head call per tick, the update applied here in f64. `x` [N·C]
+    /// holds each row's initial noise and receives the sampled tokens.
+    pub fn run_on_host<M: MarModel>(
+        &self,
+        model: &mut M,
+        rows: &mut [Row],
+        x: &mut [f32],
+        info: &ModelInfo,
+    ) -> Result<ChainWork, EngineError> {
+        let (c, d, head) = (info.token_dim, info.width, info.head_channels());
+        let per = self.halves();
+        let n_rows = rows.len();
+        let longest = rows.first().map_or(0, |r| r.steps);
+        // With guidance each row's two halves sit side by side (2r:
+        // conditional, 2r + 1: unconditional), so the conditioning rows are
+        // laid out once per step and a tick's rows are a prefix.
+        let mut xin = Array2::<f32>::zeros((per * n_rows, c));
+        let mut tin = Array1::<i64>::zeros(per * n_rows);
+        let mut zin = Array2::<f32>::zeros((per * n_rows, d));
+        for (r, row) in rows.iter().enumerate() {
+            for h in 0..per {
+                zin.row_mut(per * r + h).assign(&self.condition(row, h));
+            }
+        }
+        let mut work = ChainWork {
+            seconds: 0.0,
+            calls: 0,
+            rows: 0,
+        };
+        let mut draw = vec![0f32; c];
+        let mut eps = vec![0f64; c];
+        for tick in 0..longest {
+            let n = rows.partition_point(|r| r.steps > tick);
+            let m = per * n;
+            {
+                let xs = xin.as_slice_mut().expect("contiguous");
+                let ts = tin.as_slice_mut().expect("contiguous");
+                for (r, row) in rows[..n].iter().enumerate() {
+                    let i = row.steps - 1 - tick;
+                    for h in 0..per {
+                        let slot = per * r + h;
+                        xs[slot * c..(slot + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
+                        ts[slot] = row.chain.timesteps[i];
+                    }
+                }
+            }
+            let started = Instant::now();
+            let out = model
+                .diffusion(
+                    xin.slice(s![..m, ..]),
+                    tin.slice(s![..m]),
+                    zin.slice(s![..m, ..]),
+                )
+                .map_err(|source| EngineError::Model {
+                    step: self.step,
+                    source,
+                })?;
+            work.seconds += started.elapsed().as_secs_f64();
+            work.calls += 1;
+            work.rows += m as u64;
+            if out.dim() != (m, head) {
+                return Err(shape_error(
+                    self.step,
+                    "diffusion",
+                    "out",
+                    out.shape(),
+                    &[m, head],
+                ));
+            }
+            let out = out.as_standard_layout();
+            let os = out.as_slice().expect("standard layout");
+            check_finite("diffusion", "out", os.iter(), self.step)?;
+            for (r, row) in rows[..n].iter_mut().enumerate() {
+                let i = row.steps - 1 - tick;
+                let cond = &os[per * r * head..(per * r + 1) * head];
+                for ch in 0..c {
+                    let e = f64::from(cond[ch]);
+                    eps[ch] = if self.guided {
+                        let uncond = f64::from(os[(per * r + 1) * head + ch]);
+                        uncond + self.scale * (e - uncond)
+                    } else {
+                        e
+                    };
+                }
+                row.draw(self.noise, self.jobs, Some(tick), &mut draw);
+                row.chain.step(
+                    i,
+                    info.variance,
+                    &mut x[r * c..(r + 1) * c],
+                    &eps,
+                    &cond[c..],
+                    &draw,
+                    self.temperature,
+                );
+            }
+        }
+        Ok(work)
+    }
+
+    /// Every tick in one call of the model's sampler graph; the update runs
+    /// there in f32 with [`Chain::tick_coefficients`].
+    pub fn run_in_graph<M: MarModel>(
+        &self,
+        model: &mut M,
+        rows: &mut [Row],
+        x: &mut [f32],
+        info: &ModelInfo,
+    ) -> Result<ChainWork, EngineError> {
+        let (c, d) = (info.token_dim, info.width);
+        let halves = self.halves();
+        let n = rows.len();
+        let ticks = rows.first().map_or(0, |r| r.steps);
+        if ticks == 0 {
+            return Ok(ChainWork {
+                seconds: 0.0,
+                calls: 0,
+                rows: 0,
+            });
+        }
+        let mut z = Array3::<f32>::zeros((halves, n, d));
+        let mut timesteps = Array2::<i64>::zeros((ticks, n));
+        let mut coefficients = Array3::<f32>::zeros((ticks, n, COEFFICIENTS));
+        let mut noise = Array3::<f32>::zeros((ticks, n, c));
+        let active: Array1<i64> = (0..ticks)
+            .map(|tick| rows.partition_point(|r| r.steps > tick) as i64)
+            .collect();
+        for (r, row) in rows.iter_mut().enumerate() {
+            for h in 0..halves {
+                z.slice_mut(s![h, r, ..]).assign(&self.condition(row, h));
+            }
+            for tick in 0..row.steps {
+                let i = row.steps - 1 - tick;
+                timesteps[[tick, r]] = row.chain.timesteps[i];
+                let k = row
+                    .chain
+                    .tick_coefficients(i, info.variance, self.temperature);
+                for (j, v) in k.into_iter().enumerate() {
+                    coefficients[[tick, r, j]] = v as f32;
+                }
+                let mut slot = noise.slice_mut(s![tick, r, ..]);
+                let out = slot.as_slice_mut().expect("a row of a standard array");
+                row.draw(self.noise, self.jobs, Some(tick), out);
+            }
+        }
+        let per_call = self.ticks_per_call.unwrap_or(ticks).clamp(1, ticks);
+        let mut work = ChainWork {
+            seconds: 0.0,
+            calls: 0,
+            rows: self.head_rows(rows),
+        };
+        for first in (0..ticks).step_by(per_call) {
+            let span = first..(first + per_call).min(ticks);
+            let x0 = ndarray::ArrayView2::from_shape((n, c), &*x).expect("x holds N rows of C");
+            let started = Instant::now();
+            let out = model
+                .sample_chain(ChainInputs {
+                    x: x0,
+                    z: z.view(),
+                    timesteps: timesteps.slice(s![span.clone(), ..]),
+                    coefficients: coefficients.slice(s![span.clone(), .., ..]),
+                    noise: noise.slice(s![span.clone(), .., ..]),
+                    active: active.slice(s![span]),
+                    guidance: self.scale as f32,
+                })
+                .map_err(|source| EngineError::Model {
+                    step: self.step,
+                    source,
+                })?;
+            work.seconds += started.elapsed().as_secs_f64();
+            work.calls += 1;
+            if out.dim() != (n, c) {
+                return Err(shape_error(
+                    self.step,
+                    "sampler",
+                    "x_out",
+                    out.shape(),
+                    &[n, c],
+                ));
+            }
+            let out = out.as_standard_layout();
+            let os = out.as_slice().expect("standard layout");
+            check_finite("sampler", "x_out", os.iter(), self.step)?;
+            x.copy_from_slice(os);
+        }
+        Ok(work)
+    }
+}
