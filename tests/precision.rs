@@ -398,3 +398,63 @@ fn eval_reports_the_precision() {
     assert_eq!(v["comparison"]["precision"], "fp16");
     assert_eq!(v["runtime_settings"]["precision_source"], "manifest");
 }
+
+/// A bundle with a sampler graph: `precisions.fp16.sampler` (the sampler
+/// rebuilt around the fp16 head, fixtures/tiny-fp16/sampler.fp16.onnx) runs
+/// the chains, one call per MAR step, with images close to fp32's.
+#[test]
+fn fp16_runs_through_the_sampler_graph() {
+    let bundle = tiny_with_fp16("fp16-sampler", |m| {
+        m.replace(
+            "graphs:\n",
+            "graphs:\n  sampler: { file: sampler.onnx, inputs: { x: x, z: z, t: t, coef: coef, noise: noise, active: active, guidance: guidance }, outputs: { x_out: x_out } }\n",
+        )
+        .replace(
+            "vae_decoder: vae_decoder.fp16.onnx }",
+            "vae_decoder: vae_decoder.fp16.onnx, sampler: sampler.fp16.onnx }",
+        )
+    });
+    std::fs::copy(
+        root().join("models/fixtures/tiny-sampler/sampler.onnx"),
+        bundle.join("sampler.onnx"),
+    )
+    .unwrap();
+    let b = bundle.to_str().unwrap();
+    let mut runs = Vec::new();
+    for precision in ["fp32", "fp16"] {
+        let out = tmp(&format!("fp16-sampler-{precision}"));
+        ok(&[
+            b,
+            "schedules/mar-8.gtr",
+            "--num-images",
+            "2",
+            "--precision",
+            precision,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        runs.push(out);
+    }
+    let fp16 = record(&runs[1]);
+    assert_eq!(fp16["diffusion_chains"], "sampler graph");
+    assert_eq!(
+        fp16["runtime_settings"]["graph_files"]["sampler"],
+        "sampler.fp16.onnx"
+    );
+    let sampler_calls = fp16["graphs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["graph"] == "sampler")
+        .map(|g| g["calls"].clone());
+    assert_eq!(sampler_calls, Some(serde_json::json!(8)));
+    let (a, h) = (pixels(&runs[0], 2), pixels(&runs[1], 2));
+    let diffs: Vec<u8> = a
+        .iter()
+        .zip(&h)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)))
+        .collect();
+    let worst = diffs.iter().copied().max().unwrap();
+    let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
+    assert!(worst <= 3 && mean <= 0.1, "max {worst}, mean {mean}");
+}
