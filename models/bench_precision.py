@@ -60,7 +60,8 @@ def run(cmd, check=True):
 
 def generate(args, bundle, precision, out, n, batch, seed, npz=None):
     cmd = [args.gtr_run, bundle, args.schedule, "--num-images", str(n), "--batch", str(batch),
-           "--seed", str(seed), "--precision", precision, "--out", out, "--force", "--device", args.device]
+           "--seed", str(seed), "--precision", precision, "--out", out, "--force", "--device", args.device,
+           "--sampler", args.sampler]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if npz:
@@ -91,6 +92,7 @@ def main():
     ap.add_argument("--precisions", nargs="+", default=["fp16", "int8", "bf16"],
                     choices=convert_precision.PRECISIONS + ["tf32"], help="compared with fp32 (tf32: CUDA only)")
     ap.add_argument("--device", default="cpu", help="gtr-run --device (cuda: e.g. --precisions tf32 fp16 bf16)")
+    ap.add_argument("--sampler", default="auto", choices=["auto", "host", "graph"], help="gtr-run --sampler")
     ap.add_argument("--images", type=int, default=20, help="images for the pixel comparison")
     ap.add_argument("--speed-images", type=int, default=8, help="images (one batch) per timed run")
     ap.add_argument("--reps", type=int, default=3)
@@ -132,6 +134,7 @@ def main():
 
     # 2. Pixels against fp32.
     images = {}
+    chains = {}
     failures = {}
     for label, b, p in contenders:
         out = os.path.join(work, f"images-{p}" + ("-emulated" if b == emulated else ""))
@@ -141,7 +144,9 @@ def main():
             failures[label] = error
             continue
         images[label] = np.load(npz)["arr_0"]
+        chains[label] = record.get("diffusion_chains", "host")
     result["failures"] = failures
+    result["diffusion_chains"] = chains
     result["pixels"] = {label: pixel_stats(images["fp32"], a) for label, a in images.items() if label != "fp32"}
     timed = [c for c in contenders if c[0] in images]
 
@@ -166,7 +171,7 @@ def main():
             out = os.path.join(work, "eval-" + label.replace(" ", "_").replace("(", "").replace(")", ""))
             cmd = [args.gtr_run, "eval", b, args.schedule, "--precision", p, "--num-images", str(args.eval_images),
                    "--repeats", str(args.eval_repeats), "--seed", str(args.seed), "--out", out, "--force",
-                   "--device", args.device]
+                   "--device", args.device, "--sampler", args.sampler]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             run(cmd)
@@ -177,7 +182,8 @@ def main():
     result["seconds"] = time.time() - started
 
     # Tables.
-    print(f"\n{args.bundle}, {args.schedule}, seed {args.seed}, --device {args.device}; {result['date']}\n")
+    print(f"\n{args.bundle}, {args.schedule}, seed {args.seed}, --device {args.device}, diffusion chains: "
+          f"{', '.join(sorted(set(chains.values())))}; {result['date']}\n")
     print("Per graph: |variant − fp32| on random inputs (max / mean; outputs up to)\n")
     roles = ["encoder", "decoder", "diffusion", "vae_decoder"]
     print("| precision | " + " | ".join(roles) + " |")
@@ -202,11 +208,11 @@ def main():
         print(f"| {label} | fails: {e.splitlines()[0][:160]} |||||")
     base = statistics.median(speed["fp32"])
     print(f"\nSpeed: {args.speed_images} images per run, {args.reps} interleaved reps, threads {args.threads or 'default'}\n")
-    print("| precision | s/image (median, min–max) | vs fp32 (ratio of medians) | diffusion s/image | encoder+decoder s/image |")
+    print("| precision | s/image (median, min–max) | vs fp32 (ratio of medians) | diffusion (+sampler) s/image | encoder+decoder s/image |")
     print("|---|---|---|---|---|")
     for label, v in speed.items():
         med = statistics.median(v)
-        diff = statistics.median(g["diffusion"] for g in graphs[label])
+        diff = statistics.median(g["diffusion"] + g.get("sampler", 0.0) for g in graphs[label])
         bb = statistics.median(g["encoder"] + g["decoder"] for g in graphs[label])
         print(f"| {label} | {med:.3f} ({min(v):.3f}–{max(v):.3f}) | {base / med:.2f}× | {diff:.3f} | {bb:.3f} |")
     if quality:
