@@ -88,6 +88,33 @@ impl StepChains<'_> {
         (self.halves() * rows.iter().map(|r| r.steps).sum::<usize>()) as u64
     }
 
+    /// `out` of `graph` in standard layout, once its shape is `want` and its
+    /// values are finite.
+    fn checked(
+        &self,
+        out: Array2<f32>,
+        graph: &'static str,
+        tensor: &str,
+        want: (usize, usize),
+    ) -> Result<Array2<f32>, EngineError> {
+        if out.dim() != want {
+            return Err(shape_error(
+                self.step,
+                graph,
+                tensor,
+                out.shape(),
+                &[want.0, want.1],
+            ));
+        }
+        let out = if out.is_standard_layout() {
+            out
+        } else {
+            out.as_standard_layout().into_owned()
+        };
+        check_finite(graph, tensor, out.iter(), self.step)?;
+        Ok(out)
+    }
+
     /// Conditioning vector of `row`'s half `h`.
     fn condition(&self, row: &Row, h: usize) -> ndarray::ArrayView1<'_, f32> {
         self.z.slice(s![row.image + h * self.images, row.token, ..])
@@ -153,18 +180,8 @@ impl StepChains<'_> {
             work.seconds += started.elapsed().as_secs_f64();
             work.calls += 1;
             work.rows += m as u64;
-            if out.dim() != (m, head) {
-                return Err(shape_error(
-                    self.step,
-                    "diffusion",
-                    "out",
-                    out.shape(),
-                    &[m, head],
-                ));
-            }
-            let out = out.as_standard_layout();
+            let out = self.checked(out, "diffusion", "out", (m, head))?;
             let os = out.as_slice().expect("standard layout");
-            check_finite("diffusion", "out", os.iter(), self.step)?;
             for (r, row) in rows[..n].iter_mut().enumerate() {
                 let i = row.steps - 1 - tick;
                 let cond = &os[per * r * head..(per * r + 1) * head];
@@ -263,19 +280,8 @@ impl StepChains<'_> {
                 })?;
             work.seconds += started.elapsed().as_secs_f64();
             work.calls += 1;
-            if out.dim() != (n, c) {
-                return Err(shape_error(
-                    self.step,
-                    "sampler",
-                    "x_out",
-                    out.shape(),
-                    &[n, c],
-                ));
-            }
-            let out = out.as_standard_layout();
-            let os = out.as_slice().expect("standard layout");
-            check_finite("sampler", "x_out", os.iter(), self.step)?;
-            x.copy_from_slice(os);
+            let out = self.checked(out, "sampler", "x_out", (n, c))?;
+            x.copy_from_slice(out.as_slice().expect("standard layout"));
         }
         Ok(work)
     }

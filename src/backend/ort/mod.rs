@@ -470,22 +470,16 @@ impl OrtModel {
         let choice = &options.precision;
         let tensorrt = tensorrt_options(bundle, &info, options)?;
         let mut provider = String::from("cpu");
-        let mut graphs = Vec::new();
-        for role in Role::ALL {
-            let entry = bundle.graph(role);
-            let file = choice
-                .graph_files
-                .get(role.key())
-                .cloned()
-                .unwrap_or_else(|| entry.file.clone());
+        // Opens `role`'s graph (the precision's file) and checks its contract.
+        let open = |role: Role, entry: &crate::bundle::GraphEntry| {
+            let file = choice.graph_files.get(role.key()).unwrap_or(&entry.file);
             let settings = ProviderSettings {
                 cuda_tf32: choice.cuda_tf32,
                 tensorrt: tensorrt.get(role.key()).cloned(),
             };
-            let path = bundle.dir.join(&file);
             let (graph, ran) = Graph::open(
                 role.key(),
-                &path,
+                &bundle.dir.join(file),
                 &entry.inputs,
                 &entry.outputs,
                 options.device,
@@ -493,8 +487,13 @@ impl OrtModel {
                 &settings,
             )
             .map_err(|e| explain_precision_failure(e, choice.precision, options.device))?;
-            provider = ran;
             check_contract(&graph, expectations(role, &info))?;
+            Ok::<_, OrtError>((graph, ran))
+        };
+        let mut graphs = Vec::new();
+        for role in Role::ALL {
+            let (graph, ran) = open(role, bundle.graph(role))?;
+            provider = ran;
             graphs.push(graph);
         }
         if choice.precision == Precision::Tf32 && !provider.starts_with("cuda") {
@@ -503,29 +502,9 @@ impl OrtModel {
                 problem: "--precision tf32 is a math mode of the CUDA provider, which does not run these graphs; use --device cuda".into(),
             });
         }
+        // The sampler gets no TensorRT options (`tensorrt_options` covers Role::ALL).
         let sampler = match bundle.optional_graph(Role::Sampler) {
-            Some(entry) => {
-                let file = choice
-                    .graph_files
-                    .get(Role::Sampler.key())
-                    .unwrap_or(&entry.file);
-                let settings = ProviderSettings {
-                    cuda_tf32: choice.cuda_tf32,
-                    tensorrt: None,
-                };
-                let (graph, _) = Graph::open(
-                    Role::Sampler.key(),
-                    &bundle.dir.join(file),
-                    &entry.inputs,
-                    &entry.outputs,
-                    options.device,
-                    options.threads,
-                    &settings,
-                )
-                .map_err(|e| explain_precision_failure(e, choice.precision, options.device))?;
-                check_contract(&graph, expectations(Role::Sampler, &info))?;
-                Some(graph)
-            }
+            Some(entry) => Some(open(Role::Sampler, entry)?.0),
             None => None,
         };
         let mut it = graphs.into_iter();
