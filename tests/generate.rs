@@ -797,9 +797,10 @@ fn merge_refuses_parts_that_do_not_make_one_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `--sampler`: a bundle with a sampler graph runs its chains there by
-/// default, `--sampler host` on the host; both record where; a bundle
-/// without one refuses `--sampler graph` and names the way to add one.
+/// `--sampler`: `graph` runs a bundle's chains in its sampler graph, `host`
+/// (and `auto`, the default, on the CPU provider) on the host; both record
+/// where; a bundle without one refuses `--sampler graph` and names the way
+/// to add one.
 #[test]
 fn sampler_choice_is_honoured_and_recorded() {
     let record = |dir: &Path| -> serde_json::Value {
@@ -820,6 +821,8 @@ fn sampler_choice_is_honoured_and_recorded() {
         "schedules/mar-8.gtr",
         "--num-images",
         "2",
+        "--sampler",
+        "graph",
         "--out",
         graph.to_str().unwrap(),
     ]);
@@ -834,6 +837,8 @@ fn sampler_choice_is_honoured_and_recorded() {
         "schedules/mar-8.gtr",
         "--num-images",
         "2",
+        "--sampler",
+        "graph",
         "--sampler-ticks",
         "1",
     ];
@@ -843,19 +848,24 @@ fn sampler_choice_is_honoured_and_recorded() {
     assert_eq!(run["sampler_ticks_per_call"], 1);
     assert!(calls(&run, "sampler").unwrap() > 8);
 
-    let host = tmp("sampler-host");
-    let args = [
-        "schedules/mar-8.gtr",
-        "--num-images",
-        "2",
-        "--sampler",
-        "host",
-    ];
-    ok(&[&[sampler][..], &args, &["--out", host.to_str().unwrap()]].concat());
-    let run = record(&host);
-    assert_eq!(run["diffusion_chains"], "host");
-    assert_eq!(calls(&run, "sampler"), None);
-    assert!(calls(&run, "diffusion").unwrap() > 8);
+    for (name, choice) in [("sampler-host", "host"), ("sampler-auto", "auto")] {
+        let host = tmp(name);
+        let args = [
+            "schedules/mar-8.gtr",
+            "--num-images",
+            "2",
+            "--sampler",
+            choice,
+        ];
+        ok(&[&[sampler][..], &args, &["--out", host.to_str().unwrap()]].concat());
+        let run = record(&host);
+        assert_eq!(
+            run["diffusion_chains"], "host",
+            "--sampler {choice} on the CPU"
+        );
+        assert_eq!(calls(&run, "sampler"), None);
+        assert!(calls(&run, "diffusion").unwrap() > 8);
+    }
 
     let plain = tmp("sampler-none");
     let o = ok(&[

@@ -430,6 +430,8 @@ fn fp16_runs_through_the_sampler_graph() {
             "2",
             "--precision",
             precision,
+            "--sampler",
+            "graph",
             "--out",
             out.to_str().unwrap(),
         ]);
