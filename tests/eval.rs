@@ -4,26 +4,14 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails, ok, root, tmp};
+use common::{fails, ok, tmp};
 
 const TINY: &str = "models/fixtures/tiny";
 
 /// The tiny bundle plus the random-weight evaluator, as `manifest_edit` leaves it.
 fn bundle_with_evaluator(name: &str, manifest_edit: impl Fn(String) -> String) -> PathBuf {
-    let dir = tmp(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for src in [TINY, "models/fixtures/tiny-evaluator"] {
-        for entry in std::fs::read_dir(root().join(src)).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_file() {
-                std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    let manifest = std::fs::read_to_string(dir.join("manifest.yaml")).unwrap()
-        + "evaluator:\n  name: tiny-random\n  file: evaluator.onnx\n  inputs: { pixels: pixels }\n  outputs: { logits: logits, features: features }\n  reference: evaluator.npz\n";
-    std::fs::write(dir.join("manifest.yaml"), manifest_edit(manifest)).unwrap();
-    dir
+    let evaluator = "evaluator:\n  name: tiny-random\n  file: evaluator.onnx\n  inputs: { pixels: pixels }\n  outputs: { logits: logits, features: features }\n  reference: evaluator.npz\n";
+    common::tiny_bundle_with(name, "tiny-evaluator", evaluator, manifest_edit)
 }
 
 fn json(dir: &Path) -> serde_json::Value {

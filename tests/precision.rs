@@ -27,21 +27,9 @@ const TINY: &str = "models/fixtures/tiny";
 /// The tiny bundle with its fp16 variant graphs, the manifest passed
 /// through `edit` after the fixture's `precisions` section is appended.
 fn tiny_with_fp16(name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let dir = tmp(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for src in [TINY, "models/fixtures/tiny-fp16"] {
-        for entry in std::fs::read_dir(root().join(src)).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().is_some_and(|e| e == "onnx" || e == "yaml") {
-                std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-            }
-        }
-    }
-    let manifest = std::fs::read_to_string(root().join(TINY).join("manifest.yaml")).unwrap()
-        + &std::fs::read_to_string(root().join("models/fixtures/tiny-fp16/precisions.yaml"))
-            .unwrap();
-    std::fs::write(dir.join("manifest.yaml"), edit(manifest)).unwrap();
-    dir
+    let precisions =
+        std::fs::read_to_string(root().join("models/fixtures/tiny-fp16/precisions.yaml")).unwrap();
+    common::tiny_bundle_with(name, "tiny-fp16", &precisions, edit)
 }
 
 fn open_err(dir: &Path) -> String {

@@ -55,6 +55,34 @@ pub fn tmp(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// A copy of the tiny fixture bundle with the files of `extra` (a folder
+/// under models/fixtures) beside its own, in a fresh folder `tmp(name)`;
+/// its manifest is the tiny one plus `more`, passed through `edit`.
+pub fn tiny_bundle_with(
+    name: &str,
+    extra: &str,
+    more: &str,
+    edit: impl Fn(String) -> String,
+) -> std::path::PathBuf {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for src in [
+        "models/fixtures/tiny".to_string(),
+        format!("models/fixtures/{extra}"),
+    ] {
+        for entry in std::fs::read_dir(root().join(src)).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let tiny = root().join("models/fixtures/tiny/manifest.yaml");
+    let manifest = std::fs::read_to_string(tiny).unwrap() + more;
+    std::fs::write(dir.join("manifest.yaml"), edit(manifest)).unwrap();
+    dir
+}
+
 /// Runs the `gtr-run` binary from the repository root.
 pub fn gtr_run(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
