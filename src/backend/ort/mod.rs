@@ -578,18 +578,17 @@ fn tensorrt_options(
     };
     let choice = &options.precision;
     for role in Role::ALL {
-        let o = tensorrt::graph_options(
-            role,
-            bundle.graph(role),
+        let settings = tensorrt::BundleSettings {
             info,
-            bundle.manifest.buffer,
-            &bundle.manifest.name,
-            choice.precision.name(),
-            choice.tensorrt_fp16,
-            choice.tensorrt_bf16,
-            options.shape_ranges.as_ref(),
-            &cache,
-        )?;
+            buffer: bundle.manifest.buffer,
+            model_name: &bundle.manifest.name,
+            precision: choice.precision.name(),
+            fp16: choice.tensorrt_fp16,
+            bf16: choice.tensorrt_bf16,
+            ranges: options.shape_ranges.as_ref(),
+            cache: &cache,
+        };
+        let o = tensorrt::graph_options(role, bundle.graph(role), &settings)?;
         all.insert(role.key().to_string(), o);
     }
     std::fs::create_dir_all(&cache).map_err(|e| OrtError::Device {

@@ -212,23 +212,42 @@ fn file_safe(s: &str) -> String {
         .collect()
 }
 
-/// The options of graph `role` (tensor names from `entry`) of the bundle
-/// `model_name`, with engines and timing cache in `cache`, the profile from
-/// `ranges` (none: TensorRT builds for the shapes it meets) and the
-/// precision's builder flags.
-#[allow(clippy::too_many_arguments)]
+/// What the TensorRT options of one bundle's graphs share.
+#[derive(Debug, Clone, Copy)]
+pub struct BundleSettings<'a> {
+    pub info: &'a ModelInfo,
+    /// The manifest's `buffer`: class-embedding rows before the known ones.
+    pub buffer: usize,
+    /// The bundle's name, part of engine names.
+    pub model_name: &'a str,
+    /// The precision's name, part of engine names.
+    pub precision: &'a str,
+    /// TensorRT's fp16 and bf16 builder flags.
+    pub fp16: bool,
+    pub bf16: bool,
+    /// The shapes the run will use (`None`: no profile; TensorRT builds for
+    /// the shapes it meets).
+    pub ranges: Option<&'a ShapeRanges>,
+    /// Engine and timing cache folder.
+    pub cache: &'a Path,
+}
+
+/// The options of graph `role` (tensor names from `entry`) of a bundle.
 pub fn graph_options(
     role: Role,
     entry: &GraphEntry,
-    info: &ModelInfo,
-    buffer: usize,
-    model_name: &str,
-    precision: &str,
-    fp16: bool,
-    bf16: bool,
-    ranges: Option<&ShapeRanges>,
-    cache: &Path,
+    bundle: &BundleSettings<'_>,
 ) -> Result<TensorRtOptions, TensorRtOptionsError> {
+    let BundleSettings {
+        info,
+        buffer,
+        model_name,
+        precision,
+        fp16,
+        bf16,
+        ranges,
+        cache,
+    } = *bundle;
     let cache_text = cache.to_str().ok_or_else(|| {
         TensorRtOptionsError(format!(
             "--trt-cache {}: ONNX Runtime takes the cache folder as UTF-8 text; choose a folder whose path is UTF-8",
@@ -400,14 +419,16 @@ mod tests {
         let o = graph_options(
             Role::Diffusion,
             &diffusion,
-            &info(),
-            16,
-            "mar tiny/v1",
-            "fp16",
-            true,
-            false,
-            Some(&r),
-            cache,
+            &BundleSettings {
+                info: &info(),
+                buffer: 16,
+                model_name: "mar tiny/v1",
+                precision: "fp16",
+                fp16: true,
+                bf16: false,
+                ranges: Some(&r),
+                cache,
+            },
         )
         .unwrap();
         assert_eq!(o.profile_min_shapes, "x_in:1x4,t:1,cond:1x32");
@@ -432,19 +453,7 @@ mod tests {
             ("known", "known_index"),
             ("label", "class_label"),
         ]);
-        let o = graph_options(
-            Role::Encoder,
-            &encoder,
-            &info(),
-            16,
-            "m",
-            "fp32",
-            false,
-            false,
-            Some(&r),
-            cache,
-        )
-        .unwrap();
+        let o = graph_options(Role::Encoder, &encoder, &fp32(&info(), Some(&r), cache)).unwrap();
         assert_eq!(
             o.profile_min_shapes,
             "tokens:1x16x4,known_index:1x0,class_label:1"
@@ -463,14 +472,16 @@ mod tests {
         let o = graph_options(
             Role::Decoder,
             &decoder,
-            &info(),
-            16,
-            "m",
-            "bf16",
-            false,
-            true,
-            Some(&r),
-            cache,
+            &BundleSettings {
+                info: &info(),
+                buffer: 16,
+                model_name: "m",
+                precision: "bf16",
+                fp16: false,
+                bf16: true,
+                ranges: Some(&r),
+                cache,
+            },
         )
         .unwrap();
         // The buffer (16 rows) comes before the K known rows.
@@ -479,36 +490,12 @@ mod tests {
         assert!(o.bf16 && !o.fp16);
 
         let vae = entry(&[("latent", "latent")]);
-        let o = graph_options(
-            Role::VaeDecoder,
-            &vae,
-            &info(),
-            16,
-            "m",
-            "fp32",
-            false,
-            false,
-            Some(&r),
-            cache,
-        )
-        .unwrap();
+        let o = graph_options(Role::VaeDecoder, &vae, &fp32(&info(), Some(&r), cache)).unwrap();
         assert_eq!(o.profile_min_shapes, "latent:1x4x4x4");
         assert_eq!(o.profile_opt_shapes, "latent:3x4x4x4");
 
         // Without ranges there is no profile, only caches and flags.
-        let o = graph_options(
-            Role::VaeDecoder,
-            &vae,
-            &info(),
-            16,
-            "m",
-            "fp32",
-            false,
-            false,
-            None,
-            cache,
-        )
-        .unwrap();
+        let o = graph_options(Role::VaeDecoder, &vae, &fp32(&info(), None, cache)).unwrap();
         assert_eq!(o.profile_min_shapes, "");
         assert_eq!(
             o.engine_cache_prefix,
@@ -517,20 +504,9 @@ mod tests {
         // Engines for another profile get another name; the same profile
         // the same name.
         let named = |r: &ShapeRanges| {
-            graph_options(
-                Role::VaeDecoder,
-                &vae,
-                &info(),
-                16,
-                "m",
-                "fp32",
-                false,
-                false,
-                Some(r),
-                cache,
-            )
-            .unwrap()
-            .engine_cache_prefix
+            graph_options(Role::VaeDecoder, &vae, &fp32(&info(), Some(r), cache))
+                .unwrap()
+                .engine_cache_prefix
         };
         let r8 = ShapeRanges::from_plans(&[&p], 8);
         assert_ne!(named(&r), named(&r8));
@@ -543,21 +519,33 @@ mod tests {
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
+    /// fp32 settings of the test model `m` (buffer 16).
+    fn fp32<'a>(
+        info: &'a ModelInfo,
+        ranges: Option<&'a ShapeRanges>,
+        cache: &'a Path,
+    ) -> BundleSettings<'a> {
+        BundleSettings {
+            info,
+            buffer: 16,
+            model_name: "m",
+            precision: "fp32",
+            fp16: false,
+            bf16: false,
+            ranges,
+            cache,
+        }
+    }
+
     #[test]
     fn paths_and_names_ort_cannot_take_are_refused() {
         let r = ShapeRanges::from_plans(&[&plan()], 1);
+        let info = info();
         let vae = entry(&[("latent", "latent")]);
         let e = graph_options(
             Role::VaeDecoder,
             &vae,
-            &info(),
-            16,
-            "m",
-            "fp32",
-            false,
-            false,
-            Some(&r),
-            Path::new("/tmp/a,b"),
+            &fp32(&info, Some(&r), Path::new("/tmp/a,b")),
         )
         .unwrap_err();
         assert!(
@@ -568,14 +556,7 @@ mod tests {
         let e = graph_options(
             Role::VaeDecoder,
             &odd,
-            &info(),
-            16,
-            "m",
-            "fp32",
-            false,
-            false,
-            Some(&r),
-            Path::new("/tmp/c"),
+            &fp32(&info, Some(&r), Path::new("/tmp/c")),
         )
         .unwrap_err();
         assert!(
