@@ -10,6 +10,13 @@ use crate::grid::Grid;
 use crate::sampler::Variance;
 
 pub const MANIFEST_FILE: &str = "manifest.yaml";
+
+/// Upper bounds of manifest sizes (far above any MAR; they keep arithmetic
+/// and allocations sane on hostile input).
+const MAX_SIDE: usize = 1024;
+const MAX_WIDTH: usize = 65_536;
+const MAX_IMAGE_SIDE: usize = 16_384;
+const MAX_TRAIN_STEPS: usize = 100_000;
 pub const FORMAT: &str = "gtr-run/mar-bundle@1";
 
 /// The graphs of a bundle, by role: four required, the sampler optional.
@@ -225,23 +232,35 @@ impl Bundle {
                 m.format
             ));
         }
-        let positive = [
-            ("grid[0]", m.grid[0]),
-            ("grid[1]", m.grid[1]),
-            ("token_dim", m.token_dim),
-            ("width", m.width),
-            ("image.height", m.image.height),
-            ("image.width", m.image.width),
-            ("image.channels", m.image.channels),
-            ("diffusion.train_steps", m.diffusion.train_steps),
+        // Sizes: at least 1, and small enough that no product of them
+        // overflows or asks for absurd memory.
+        let sizes = [
+            ("grid[0]", m.grid[0], MAX_SIDE),
+            ("grid[1]", m.grid[1], MAX_SIDE),
+            ("token_dim", m.token_dim, MAX_WIDTH),
+            ("width", m.width, MAX_WIDTH),
+            ("buffer", m.buffer, MAX_WIDTH),
+            ("image.height", m.image.height, MAX_IMAGE_SIDE),
+            ("image.width", m.image.width, MAX_IMAGE_SIDE),
+            ("image.channels", m.image.channels, 3),
+            (
+                "diffusion.train_steps",
+                m.diffusion.train_steps,
+                MAX_TRAIN_STEPS,
+            ),
         ];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(format!("`{key}` must be at least 1"));
+        for (key, v, max) in sizes {
+            if v == 0 || v > max {
+                return Err(format!("`{key}` is {v}; it must be from 1 to {max}"));
             }
         }
         if m.grid[0] * m.grid[1] > crate::grid::MAX_TOKENS {
-            return Err(format!("grid {}x{} is too large", m.grid[0], m.grid[1]));
+            return Err(format!(
+                "grid {}x{} is too large (at most {} tokens)",
+                m.grid[0],
+                m.grid[1],
+                crate::grid::MAX_TOKENS
+            ));
         }
         if m.diffusion.schedule != "cosine" {
             return Err(format!(
@@ -249,11 +268,31 @@ impl Bundle {
                 m.diffusion.schedule
             ));
         }
-        if !(m.latent_scale.is_finite() && m.latent_scale > 0.0) {
-            return Err(format!("latent_scale must be > 0, not {}", m.latent_scale));
+        if !(m.latent_scale.is_finite() && (1e-6..=1e6).contains(&m.latent_scale)) {
+            return Err(format!(
+                "latent_scale is {:e}; it must be a finite number from 1e-6 to 1e6 (MAR's KL-16: 0.2325)",
+                m.latent_scale
+            ));
         }
         if m.null_class < 0 {
             return Err("null_class must be >= 0".into());
+        }
+        if m.classes > 0 && (m.null_class as u64) < m.classes as u64 {
+            return Err(format!(
+                "null_class is {}, one of the {} real classes (0..{}); MAR's null class is the one after them ({})",
+                m.null_class,
+                m.classes,
+                m.classes - 1,
+                m.classes
+            ));
+        }
+        for (key, v) in [
+            ("sampling.cfg", m.sampling.cfg),
+            ("sampling.temperature", m.sampling.temperature),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("`{key}` is {v}; it must be a finite number >= 0"));
+            }
         }
         if ![1, 3].contains(&m.image.channels) {
             return Err(format!(

@@ -274,6 +274,7 @@ pub fn run<M: MarModel>(
     let reference_plan = planner
         .plan_with(req.seed, &options)
         .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+    crate::engine::check_plan(&info, &reference_plan).map_err(RunError::Invalid)?;
     let cost = plan_cost(&reference_plan, &bundle.cost_spec());
 
     // What the run is, known before any image is made; the measurements

@@ -40,11 +40,11 @@ struct GenerateArgs {
     /// The schedule file (.gtr).
     #[arg(required = true)]
     schedule: Option<PathBuf>,
-    /// Number of images.
-    #[arg(long, default_value_t = 10)]
+    /// Number of images (1 to 10,000,000).
+    #[arg(long, default_value_t = 10, value_parser = parse_image_count)]
     num_images: usize,
-    /// Images per batch (does not change any image).
-    #[arg(long, default_value_t = 8)]
+    /// Images per batch (does not change any image; 1 to 4096).
+    #[arg(long, default_value_t = 8, value_parser = parse_batch)]
     batch: usize,
     /// Run seed; image i uses a seed derived from (seed, i).
     #[arg(long, default_value_t = 0)]
@@ -86,17 +86,17 @@ struct GenerateArgs {
 /// Sampling and runtime options of generation and eval.
 #[derive(Args)]
 struct RuntimeArgs {
-    /// Guidance scale, replacing the schedule's and the model's.
-    #[arg(long)]
+    /// Guidance scale, replacing the schedule's and the model's (finite, >= 0).
+    #[arg(long, value_parser = parse_non_negative)]
     cfg: Option<f64>,
-    /// Temperature, replacing the schedule's and the model's.
-    #[arg(long)]
+    /// Temperature, replacing the schedule's and the model's (finite, >= 0).
+    #[arg(long, value_parser = parse_non_negative)]
     temperature: Option<f64>,
     /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
     device: String,
-    /// Intra-op threads per graph (default: ONNX Runtime's choice).
-    #[arg(long)]
+    /// Intra-op threads per graph (default: ONNX Runtime's choice; 1 to 1024).
+    #[arg(long, value_parser = parse_threads)]
     threads: Option<usize>,
     /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
     /// call per MAR step, state on the device), `host` (one head call per
@@ -186,6 +186,39 @@ impl RuntimeArgs {
     }
 }
 
+/// The most images one command makes (the labels and file names of a run
+/// are planned up front).
+const MAX_IMAGES: usize = 10_000_000;
+
+/// A whole number in `min..=max`, or an error saying the range.
+fn parse_in_range(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number from {min} to {max}")),
+    }
+}
+
+fn parse_image_count(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, MAX_IMAGES)
+}
+
+fn parse_batch(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, 4096)
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, 1024)
+}
+
+/// A finite number >= 0 (guidance scales and temperatures).
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number >= 0")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
+}
+
 fn parse_precision(s: &str) -> Result<gtr_run::precision::Precision, String> {
     s.parse()
 }
@@ -207,11 +240,11 @@ struct EvalArgs {
     /// Schedule files; the first is the baseline of the speed-up columns.
     #[arg(required = true, value_name = "SCHEDULE")]
     schedules: Vec<PathBuf>,
-    /// Images per schedule (and per repeat), balanced over the classes.
-    #[arg(long, default_value_t = 100)]
+    /// Images per schedule (and per repeat), balanced over the classes (1 to 10,000,000).
+    #[arg(long, default_value_t = 100, value_parser = parse_image_count)]
     num_images: usize,
-    /// Images per batch; schedules take turns batch by batch.
-    #[arg(long, default_value_t = 25)]
+    /// Images per batch; schedules take turns batch by batch (1 to 4096).
+    #[arg(long, default_value_t = 25, value_parser = parse_batch)]
     batch: usize,
     /// Run seed; repeat r uses seed + r, the same for every schedule.
     #[arg(long, default_value_t = 0)]

@@ -161,7 +161,7 @@ fn bad_evaluators_and_arguments_are_reported_clearly() {
     );
     fails(
         &["eval", TINY, "schedules/mar-8.gtr", "--num-images", "0"],
-        "at least 1",
+        "`0` is not a whole number from 1 to 10000000",
     );
     for d in [&missing, &wrong_role, &wrong_tensor] {
         let _ = std::fs::remove_dir_all(d);

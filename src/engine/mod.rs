@@ -362,6 +362,32 @@ fn predicted_tokens(plan: &Plan, s: usize, job: ImageJob, noise: Noise) -> Vec<u
     }
 }
 
+/// Checks that `plan` fits model `info`: its grid, and no chain longer than
+/// the training chain.
+pub fn check_plan(info: &ModelInfo, plan: &Plan) -> Result<(), String> {
+    if plan.grid != info.grid {
+        return Err(format!(
+            "the plan is for a {} grid but model `{}` has a {} grid",
+            plan.grid, info.name, info.grid
+        ));
+    }
+    if let Some((k, step)) = plan
+        .steps
+        .iter()
+        .enumerate()
+        .find(|(_, st)| st.max_diffusion_steps() as usize > info.train_steps)
+    {
+        return Err(format!(
+            "MAR step {k} (stage `{}`) asks for {} diffusion steps, but model `{}` was trained with {} (manifest diffusion.train_steps); a respaced chain cannot be longer than the training chain",
+            plan.stages[step.stage].name,
+            step.max_diffusion_steps(),
+            info.name,
+            info.train_steps
+        ));
+    }
+    Ok(())
+}
+
 fn check_batch(
     info: &ModelInfo,
     plans: &[Plan],
@@ -373,12 +399,6 @@ fn check_batch(
         return bad(format!("{} plans for {} images", plans.len(), jobs.len()));
     }
     let first = &plans[0];
-    if first.grid != info.grid {
-        return bad(format!(
-            "the plan is for a {} grid but model `{}` has a {} grid",
-            first.grid, info.name, info.grid
-        ));
-    }
     for p in plans {
         let same = p.steps.len() == first.steps.len()
             && p.steps.iter().zip(&first.steps).all(|(a, b)| {
@@ -392,6 +412,7 @@ fn check_batch(
             return bad("plans in one batch must share their step structure".into());
         }
     }
+    check_plan(info, first).map_err(EngineError::Input)?;
     for job in jobs {
         let label_ok = job.label == info.null_class
             || (info.classes > 0 && (0..info.classes as i64).contains(&job.label));

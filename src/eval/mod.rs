@@ -170,6 +170,8 @@ pub enum CompareError {
         #[source]
         source: ScheduleError,
     },
+    #[error("schedule `{name}` does not fit the model: {problem}")]
+    Unfit { name: String, problem: String },
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
     #[error("evaluator: {0}")]
@@ -225,6 +227,20 @@ pub fn compare<M: MarModel>(
             })
         })
         .collect::<Result<_, _>>()?;
+    // Each schedule against the model, before any work.
+    for (k, planner) in planners.iter().enumerate() {
+        let plan =
+            planner
+                .plan_with(req.seed, &req.options)
+                .map_err(|d| CompareError::Schedule {
+                    name: contenders[k].name.clone(),
+                    source: ScheduleError::Invalid(Box::new(d)),
+                })?;
+        crate::engine::check_plan(&info, &plan).map_err(|problem| CompareError::Unfit {
+            name: contenders[k].name.clone(),
+            problem,
+        })?;
+    }
     let plan_all = |k: usize, jobs: &[ImageJob]| -> Result<Vec<Plan>, CompareError> {
         jobs.iter()
             .map(|j| planners[k].plan_with(j.seed, &req.options))
