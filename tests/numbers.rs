@@ -147,3 +147,60 @@ fn chains_longer_than_the_training_chain_are_refused_up_front() {
         "schedule `mar-8` does not fit the model: MAR step 0 (stage `generate`) asks for 100 diffusion steps",
     );
 }
+
+/// A small replay file whose `.npy` header claims a huge shape is refused
+/// before anything is allocated (it used to abort allocating 2 TB), and
+/// non-finite noise is blamed on the replay file, not on a graph.
+#[test]
+fn replay_files_cannot_claim_more_than_they_hold() {
+    use std::io::Write;
+    let dir = tmp("numbers-replay");
+    std::fs::create_dir_all(&dir).unwrap();
+    let huge = dir.join("huge.npz");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&huge).unwrap());
+    zip.start_file("order.npy", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    let dict = "{'descr': '<i8', 'fortran_order': False, 'shape': (1000000000, 256), }";
+    let mut header = format!("{dict:<117}\n").into_bytes();
+    header.splice(0..0, *b"\x93NUMPY\x01\x00\x76\x00");
+    zip.write_all(&header).unwrap();
+    zip.write_all(&vec![0u8; 50_000]).unwrap();
+    zip.finish().unwrap();
+    let out = dir.join("out");
+    fails(
+        &[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--replay",
+            huge.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "`order`'s header claims a shape larger than its 50128 bytes of data",
+    );
+
+    use ndarray::{Array2, Array3, Array4};
+    let nan = dir.join("nan.npz");
+    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&nan).unwrap());
+    w.add_array("order", &Array2::from_shape_fn((1, 256), |(_, t)| t as i64))
+        .unwrap();
+    let mut init = Array3::<f32>::zeros((1, 256, 4));
+    init[[0, 7, 1]] = f32::NAN;
+    w.add_array("init_noise", &init).unwrap();
+    w.add_array("step_noise", &Array4::<f32>::zeros((1, 256, 50, 4)))
+        .unwrap();
+    w.finish().unwrap();
+    fails(
+        &[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "1",
+            "--replay",
+            nan.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "`init_noise` holds a non-finite value (at flat index 29); noise must be finite",
+    );
+}
