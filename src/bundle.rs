@@ -172,7 +172,7 @@ pub struct EvaluatorEntry {
 pub enum BundleError {
     #[error("{path}: {problem}")]
     Manifest { path: PathBuf, problem: String },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -207,9 +207,18 @@ impl Bundle {
                 problem: "no such file or folder; give a model bundle folder, its manifest.yaml or one of its .onnx files".into(),
             });
         }
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| BundleError::Read {
-            path: manifest_path.clone(),
-            source,
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                BundleError::Manifest {
+                    path: manifest_path.clone(),
+                    problem: "not found: a model bundle is a folder holding manifest.yaml and its ONNX graphs (models/README.md); give the folder, its manifest or one of its graphs, or export one with models/export_mar.py".into(),
+                }
+            } else {
+                BundleError::Read {
+                    path: manifest_path.clone(),
+                    source,
+                }
+            }
         })?;
         let manifest: Manifest =
             serde_norway::from_str(&text).map_err(|e| BundleError::Manifest {

@@ -140,7 +140,7 @@ pub enum RunError {
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Replay(#[from] crate::engine::replay::ReplayError),
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,

@@ -893,3 +893,27 @@ fn sampler_choice_is_honoured_and_recorded() {
         "--sampler graph: bundle `tiny-random` has no sampler graph",
     );
 }
+
+/// An OS error is said once, at the input (issue 10, case 12), and a lone
+/// `.onnx` says what a bundle is.
+#[test]
+fn causes_are_said_once() {
+    let out = tmp("causes");
+    let o = out.to_str().unwrap();
+    let o2 = common::gtr_run(&[TINY, "/tmp", "--out", o]);
+    let err = String::from_utf8_lossy(&o2.stderr);
+    assert_eq!(o2.status.code(), Some(2));
+    assert_eq!(err.matches("os error 21").count(), 1, "{err}");
+    let alone = tmp("causes-alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::write(alone.join("model.onnx"), b"").unwrap();
+    fails(
+        &[
+            alone.join("model.onnx").to_str().unwrap(),
+            "schedules/gtr.gtr",
+            "--out",
+            o,
+        ],
+        "not found: a model bundle is a folder holding manifest.yaml and its ONNX graphs",
+    );
+}

@@ -164,7 +164,7 @@ impl Comparison {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
-    #[error("schedule `{name}`: {source}")]
+    #[error("schedule `{name}`")]
     Schedule {
         name: String,
         #[source]

@@ -137,7 +137,7 @@ pub enum ScheduleError {
     Invalid(Box<Diagnostic>),
     #[error("--set {name}=...: {problem}")]
     Override { name: String, problem: String },
-    #[error("cannot read schedule {path}: {source}")]
+    #[error("cannot read schedule {path}")]
     Read {
         path: String,
         source: std::io::Error,
