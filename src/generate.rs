@@ -263,6 +263,9 @@ pub fn run<M: MarModel>(
         )));
     }
 
+    schedule
+        .check_model_grid(info.grid, &info.name)
+        .map_err(RunError::Invalid)?;
     let planner =
         Planner::new(&schedule, info.grid).map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
     let options = PlanOptions {

@@ -373,6 +373,9 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         };
         used.extend(declared.keys().cloned());
         let schedule = Schedule::from_file(path, &declared)?;
+        schedule
+            .check_model_grid(bundle.grid(), &bundle.manifest.name)
+            .map_err(|m| anyhow::anyhow!(m))?;
         let stem = path.file_stem().map_or_else(
             || path.display().to_string(),
             |s| s.to_string_lossy().into(),
@@ -519,6 +522,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     let schedule = Schedule::from_file(&schedule_path, &overrides)?;
+    schedule
+        .check_model_grid(bundle.grid(), &bundle.manifest.name)
+        .map_err(|m| anyhow::anyhow!(m))?;
     let options = {
         let plan = Planner::new(&schedule, bundle.grid())
             .and_then(|p| {

@@ -123,6 +123,16 @@ fn every_preset_runs_end_to_end() {
     for name in names {
         let out = tmp(&format!("preset-{name}"));
         let schedule = format!("schedules/{name}");
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("grid ") && *l != "grid 16x16")
+        {
+            // Stated for another grid: refused on the 16x16 fixture.
+            let want = format!("states `{line}`, but model `tiny-random` has a 16x16 grid");
+            fails(&[TINY, &schedule, "--out", out.to_str().unwrap()], &want);
+            continue;
+        }
         ok(&[
             TINY,
             &schedule,
@@ -916,4 +926,26 @@ fn causes_are_said_once() {
         ],
         "not found: a model bundle is a folder holding manifest.yaml and its ONNX graphs",
     );
+}
+
+/// A schedule that states a grid refuses a model of another grid, naming
+/// both, before anything is loaded or written (issue 12, item 3).
+#[test]
+fn a_stated_grid_is_checked_not_replaced() {
+    let out = tmp("grid-stated");
+    let o = out.to_str().unwrap();
+    let want = "schedule schedules/gtr-k4.gtr states `grid 32x32`, but model `tiny-random` has a 16x16 grid";
+    fails(&[TINY, "schedules/gtr-k4.gtr", "--out", o], want);
+    fails(
+        &[
+            "eval",
+            TINY,
+            "schedules/mar-8.gtr",
+            "schedules/gtr-k4.gtr",
+            "--out",
+            o,
+        ],
+        want,
+    );
+    assert!(!out.exists());
 }

@@ -218,6 +218,14 @@ pub fn compare<M: MarModel>(
         ));
     }
     let info = engine.model.info().clone();
+    for c in contenders {
+        c.schedule
+            .check_model_grid(info.grid, &info.name)
+            .map_err(|problem| CompareError::Unfit {
+                name: c.name.clone(),
+                problem,
+            })?;
+    }
     let planners: Vec<Planner> = contenders
         .iter()
         .map(|c| {

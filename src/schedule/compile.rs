@@ -151,6 +151,19 @@ impl From<Diagnostic> for ScheduleError {
 }
 
 impl Schedule {
+    /// A schedule that states a grid runs only on a model of that grid;
+    /// one that states none adapts to any (partitions and conditions are
+    /// relative to the grid).
+    pub fn check_model_grid(&self, model: Grid, model_name: &str) -> Result<(), String> {
+        match self.grid {
+            Some(g) if g != model => Err(format!(
+                "schedule {} states `grid {g}`, but model `{model_name}` has a {model} grid; remove the `grid` line to let the schedule adapt, or use a model of that grid",
+                self.source.name
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Parses and checks `text`; `name` is used in error messages.
     /// `overrides` replace parameter values (as `--set name=value` does).
     pub fn from_source(
