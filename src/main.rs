@@ -282,7 +282,7 @@ struct MergeArgs {
 
 #[derive(Args)]
 struct PlanArgs {
-    /// The schedule file (.gtr).
+    /// The schedule file (.gtr), or `-` for standard input (at most 1 MiB).
     schedule: PathBuf,
     /// Token grid HxW (default: the schedule's `grid`, else 16x16).
     #[arg(long)]
@@ -363,6 +363,11 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let mut contenders = Vec::new();
     let mut used = std::collections::BTreeSet::new();
     for path in &args.schedules {
+        if path.as_os_str() == "-" {
+            bail!(
+                "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
+            );
+        }
         let declared: BTreeMap<String, f64> = {
             let plain = Schedule::from_file(path, &BTreeMap::new())?;
             overrides
@@ -521,6 +526,11 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let bundle = Bundle::open(&model_path)?;
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    if schedule_path.as_os_str() == "-" {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; generation takes a schedule file"
+        );
+    }
     let schedule = Schedule::from_file(&schedule_path, &overrides)?;
     schedule
         .check_model_grid(bundle.grid(), &bundle.manifest.name)

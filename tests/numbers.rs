@@ -204,3 +204,42 @@ fn replay_files_cannot_claim_more_than_they_hold() {
         "`init_noise` holds a non-finite value (at flat index 29); noise must be finite",
     );
 }
+
+/// A schedule comes from a file of at most 1 MiB of UTF-8 text, or from
+/// standard input with `plan -` (issue 10 cases 9 and 12, issue 12).
+#[test]
+fn schedules_are_small_text_files_or_standard_input() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args(["plan", "-"])
+        .current_dir(common::root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let text = std::fs::read(common::root().join("schedules/mar-8.gtr")).unwrap();
+    child.stdin.take().unwrap().write_all(&text).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.starts_with("schedule <stdin>") && out.contains("8 MAR steps"),
+        "{out}"
+    );
+
+    let dir = tmp("numbers-schedule-text");
+    std::fs::create_dir_all(&dir).unwrap();
+    let big = dir.join("big.gtr");
+    std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).unwrap();
+    fails(&["plan", big.to_str().unwrap()], "larger than 1024 KiB");
+    let bad = dir.join("bad.gtr");
+    std::fs::write(&bad, b"stage a {\n  tokens all \xff\n}\n").unwrap();
+    fails(
+        &["plan", bad.to_str().unwrap()],
+        "not UTF-8 text (line 2, byte 14 of the line)",
+    );
+    fails(
+        &[TINY, "-", "--out", dir.join("out").to_str().unwrap()],
+        "standard input is read by `gtr-run plan -`",
+    );
+}

@@ -142,7 +142,12 @@ pub enum ScheduleError {
         path: String,
         source: std::io::Error,
     },
+    #[error("schedule {path}: {problem}")]
+    Text { path: String, problem: String },
 }
+
+/// The largest schedule file read (the presets are under 3 KB).
+pub const MAX_SCHEDULE_BYTES: u64 = 1 << 20;
 
 impl From<Diagnostic> for ScheduleError {
     fn from(d: Diagnostic) -> Self {
@@ -179,11 +184,52 @@ impl Schedule {
         path: &std::path::Path,
         overrides: &BTreeMap<String, f64>,
     ) -> Result<Schedule, ScheduleError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ScheduleError::Read {
-            path: path.display().to_string(),
-            source: e,
+        use std::io::Read;
+        let stdin = path.as_os_str() == "-";
+        let name = if stdin {
+            "<stdin>".to_string()
+        } else {
+            path.display().to_string()
+        };
+        let read_err = |source| ScheduleError::Read {
+            path: name.clone(),
+            source,
+        };
+        let reader: Box<dyn Read> = if stdin {
+            Box::new(std::io::stdin())
+        } else {
+            Box::new(std::fs::File::open(path).map_err(read_err)?)
+        };
+        let mut bytes = Vec::new();
+        reader
+            .take(MAX_SCHEDULE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        let text_err = |problem: String| ScheduleError::Text {
+            path: name.clone(),
+            problem,
+        };
+        if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
+            return Err(text_err(format!(
+                "larger than {} KiB; a schedule is a small text file",
+                MAX_SCHEDULE_BYTES / 1024
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let before = &e.as_bytes()[..at];
+            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+            let col = at
+                - before
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |p| p + 1)
+                + 1;
+            text_err(format!(
+                "not UTF-8 text (line {line}, byte {col} of the line)"
+            ))
         })?;
-        Schedule::from_source(Source::new(path.display().to_string(), text), overrides)
+        Schedule::from_source(Source::new(name, text), overrides)
     }
 
     /// The value of parameter `name`.
