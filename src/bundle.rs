@@ -207,7 +207,7 @@ impl Bundle {
                 problem: "no such file or folder; give a model bundle folder, its manifest.yaml or one of its .onnx files".into(),
             });
         }
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| {
+        let text = read_manifest_text(&manifest_path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 BundleError::Manifest {
                     path: manifest_path.clone(),
@@ -220,6 +220,12 @@ impl Bundle {
                 }
             }
         })?;
+        if let Some(problem) = text_problem(&text) {
+            return Err(BundleError::Manifest {
+                path: manifest_path,
+                problem,
+            });
+        }
         let manifest: Manifest =
             serde_norway::from_str(&text).map_err(|e| BundleError::Manifest {
                 path: manifest_path.clone(),
@@ -394,6 +400,49 @@ impl Bundle {
             buffer: m.buffer as u64,
         }
     }
+}
+
+/// The largest manifest read (MAR's are under 2 KB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// The deepest bracket nesting a manifest may have (the format needs 2).
+const MAX_NESTING: usize = 32;
+
+/// The manifest's text, read through a bounded reader (one byte past the
+/// limit tells it was exceeded; [`text_problem`] says so).
+fn read_manifest_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    String::from_utf8(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
+/// Why a manifest's text is refused before parsing: too large, or nested
+/// deeper than any manifest needs (deep nesting makes YAML parsing slow).
+fn text_problem(text: &str) -> Option<String> {
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Some(format!(
+            "larger than {} KiB; a manifest is a small text file",
+            MAX_MANIFEST_BYTES / 1024
+        ));
+    }
+    let mut depth = 0usize;
+    for (k, c) in text.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_NESTING {
+            let line = text[..k].matches('\n').count() + 1;
+            return Some(format!(
+                "brackets nested more than {MAX_NESTING} deep (line {line}); a manifest needs 2"
+            ));
+        }
+    }
+    None
 }
 
 /// Checks that a graph entry names exactly the roles `want`.

@@ -243,3 +243,35 @@ fn schedules_are_small_text_files_or_standard_input() {
         "standard input is read by `gtr-run plan -`",
     );
 }
+
+/// A manifest is read through a bounded reader and refused when it is too
+/// large or nested deeper than the format needs (100,000 nested brackets
+/// used to take 49 s to parse).
+#[test]
+fn manifests_are_small_and_shallow() {
+    for (k, (more, want)) in [
+        (
+            format!("x: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)),
+            "brackets nested more than 32 deep (line 26)",
+        ),
+        (
+            format!("# {}\n", "x".repeat(1 << 20)),
+            "larger than 1024 KiB",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tiny_bundle_with(&format!("numbers-manifest-text-{k}"), "", &more, |m| m);
+        let out = tmp(&format!("numbers-manifest-text-out-{k}"));
+        fails(
+            &[
+                dir.to_str().unwrap(),
+                "schedules/mar-8.gtr",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            want,
+        );
+    }
+}
