@@ -92,14 +92,18 @@ fn hex(bytes: &[u8]) -> String {
 /// leaves no stale lock).
 ///
 /// On Unix the folder itself is opened and locked with `flock` (through
-/// [`File::try_lock`]), so the lock leaves no file behind; elsewhere a file
-/// `.gtr-run.lock` in the folder carries it. Only processes that ask for
-/// the lock are kept out: it is advisory, as all locks on Linux are.
+/// [`File::try_lock`]), so the lock leaves no file behind; elsewhere the
+/// file [`LOCK_FILE`] in the folder carries it. The lock is advisory: it
+/// keeps out processes that ask for it (other gtr-run runs), nothing else.
 #[derive(Debug)]
 pub struct FolderLock {
     _file: File,
     pub dir: PathBuf,
 }
+
+/// The file that carries a [`FolderLock`] where folders cannot be locked
+/// themselves (not Unix); it belongs to the folder's run.
+pub const LOCK_FILE: &str = ".gtr-run.lock";
 
 /// Why [`FolderLock::try_new`] did not get the lock.
 #[derive(Debug)]
@@ -120,7 +124,7 @@ impl FolderLock {
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(".gtr-run.lock"))
+            .open(dir.join(LOCK_FILE))
             .map_err(LockError::Io)?;
         match file.try_lock() {
             Ok(()) => Ok(FolderLock {

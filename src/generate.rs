@@ -22,8 +22,8 @@ use crate::bundle::Bundle;
 use crate::cost::plan_cost;
 use crate::engine::{Engine, ImageJob, MarModel, Noise, Replay};
 use crate::fsutil::{
-    FolderLock, LockError, host_name, is_temporary, sha256_file, sha256_hex, write_atomic,
-    write_atomic_with,
+    FolderLock, LOCK_FILE, LockError, host_name, is_temporary, sha256_file, sha256_hex,
+    write_atomic, write_atomic_with,
 };
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
@@ -747,7 +747,9 @@ fn claim_out_dir(out: &Path, existing: Existing) -> Result<(FolderLock, Option<V
         let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let plain = kind.is_file() || kind.is_symlink();
-        if plain && is_run_file(&name) {
+        if name == LOCK_FILE {
+            continue;
+        } else if plain && is_run_file(&name) {
             has_record |= name == "run.json";
             run_files.push(entry.path());
         } else if plain && is_temporary(&name) {
