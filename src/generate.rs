@@ -336,20 +336,35 @@ pub fn run<M: MarModel>(
     let (kept, todo): (Vec<usize>, Vec<usize>) = range
         .clone()
         .partition(|&i| req.existing == Existing::Resume && is_written(&image_path(&req.out, i)));
-    // The folder is this run's from here on: its identity is on disk before
-    // the first image, so that a later --resume, even after a kill, can
-    // compare against it.
-    let mut started_record = record.clone();
-    started_record["finished"] = json!(false);
-    started_record["writer"] = json!({"pid": std::process::id(), "host": host_name()});
-    write_record(&req.out, &started_record)?;
+    // Images kept by --resume: where the folder's record has their hashes
+    // (a finished run), each must still be the image it recorded.
     let mut hashes = BTreeMap::new();
+    let recorded = previous
+        .as_ref()
+        .and_then(|r| r["images_sha256"].as_object());
     for i in kept {
-        let path = image_path(&req.out, i);
+        let (path, name) = (image_path(&req.out, i), image_name(i));
         let hash = sha256_file(&path)
             .map_err(|e| RunError::Invalid(format!("reading back {}: {e}", path.display())))?;
-        hashes.insert(image_name(i), hash);
+        if let Some(want) = recorded.and_then(|h| h.get(&name))
+            && want.as_str() != Some(hash.as_str())
+        {
+            return Err(RunError::Invalid(format!(
+                "{} is not the image the folder's run.json recorded (SHA-256 {hash}, recorded {}): it was changed or replaced after the run; remove it and --resume makes it again",
+                path.display(),
+                want.as_str().unwrap_or("?")
+            )));
+        }
+        hashes.insert(name, hash);
     }
+    // The folder is this run's from here on: its identity is on disk before
+    // the first image, so that a later --resume, even after a kill, can
+    // compare against it (and the kept images against their hashes).
+    let mut started_record = record.clone();
+    started_record["finished"] = json!(false);
+    started_record["images_sha256"] = json!(hashes);
+    started_record["writer"] = json!({"pid": std::process::id(), "host": host_name()});
+    write_record(&req.out, &started_record)?;
 
     let mut engine = Engine::new(model);
     engine.ticks_per_call = req.ticks_per_call;

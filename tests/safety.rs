@@ -120,7 +120,8 @@ fn s(p: &Path) -> &str {
 
 /// Case 1: a run killed with `kill -9` has its identity on disk already,
 /// so `--resume` with another seed is refused instead of mixing two runs;
-/// with the same settings it finishes the run.
+/// with the same settings it finishes the run. An image changed after the
+/// run makes --resume refuse too.
 #[test]
 fn a_killed_run_resumed_with_another_seed_is_refused() {
     let out = tmp("safety-killed");
@@ -165,6 +166,17 @@ fn a_killed_run_resumed_with_another_seed_is_refused() {
     assert_eq!(done["generated_now"], 60 - before.len());
     assert_eq!(pngs(&out).len(), 60);
     assert_hashes_match(&out);
+
+    // An image replaced after the run is not kept by --resume.
+    std::fs::copy(out.join("00001.png"), out.join("00000.png")).unwrap();
+    fails(
+        &[&run("7")[..], &["--resume"]].concat(),
+        &format!(
+            "{} is not the image the folder's run.json recorded",
+            out.join("00000.png").display()
+        ),
+    );
+    assert_eq!(record(&out)["finished"], true, "the record is untouched");
     std::fs::remove_dir_all(&out).unwrap();
 }
 
