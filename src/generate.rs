@@ -782,7 +782,7 @@ fn claim_out_dir(out: &Path, existing: Existing) -> Result<(FolderLock, Option<V
             Ok(r) if ours && r.get("gtr_run_version").is_some() => Some(r),
             _ => {
                 return Err(RunError::Invalid(format!(
-                    "{} holds a run.json that is not a gtr-run record; gtr-run writes only into a new or empty folder or one holding its own run (--force included), so give --out a new folder",
+                    "{} holds a run.json that is not a gtr-run record; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
                     out.display()
                 )));
             }
@@ -825,7 +825,7 @@ fn claim_out_dir(out: &Path, existing: Existing) -> Result<(FolderLock, Option<V
 /// The refusal of a folder holding `name`, which gtr-run did not write.
 fn foreign(out: &Path, name: &str) -> RunError {
     RunError::Invalid(format!(
-        "{} holds `{name}`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run (--force included), so give --out a new folder",
+        "{} holds `{name}`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
         out.display()
     ))
 }

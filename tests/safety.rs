@@ -335,7 +335,7 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
     for extra in [&[][..], &["--force"], &["--resume"]] {
         fails(
             &[&run[..], extra].concat(),
-            "holds `sub`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run (--force included)",
+            "holds `sub`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
         );
     }
     std::fs::remove_dir(out.join("sub")).unwrap();
