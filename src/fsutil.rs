@@ -1,8 +1,12 @@
-//! File writing that never leaves a half-written file behind.
+//! File writing that never leaves a half-written file behind, never writes
+//! through a symbolic link, and folders that one process at a time may
+//! write.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 /// Writes `bytes` to `path` by writing a temporary file beside it and
 /// renaming it into place, so readers see the old file or the new one.
@@ -14,6 +18,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// buffered temporary file beside `path`. The file appears at `path` only
 /// if `fill`, the flush and the sync all succeed; otherwise the temporary
 /// file is removed and `path` is left as it was.
+///
+/// The temporary file is `.NAME.XXXXXX.tmp` with six random characters,
+/// created exclusively (`O_CREAT|O_EXCL`, which fails on any existing
+/// name, a symbolic link included, instead of following it), so a link
+/// planted beside `path` cannot redirect the write. The rename replaces
+/// whatever is at `path`: a symbolic link there is replaced by the file,
+/// never written through. The file gets the usual permissions (0666 less
+/// the umask), as `File::create` would give it.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
@@ -25,16 +37,186 @@ pub fn write_atomic_with(
     let name = path
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut w = BufWriter::new(File::create(&tmp)?);
-        fill(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp").rand_bytes(6);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
-    result
+    // Removed when dropped, so every early return below cleans up.
+    let tmp = builder.tempfile_in(dir)?;
+    let (file, tmp_path) = tmp.into_parts();
+    let mut w = BufWriter::new(file);
+    fill(&mut w)?;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    tmp_path.persist(path).map_err(|e| e.error)
+}
+
+/// Whether `name` is a temporary file of [`write_atomic_with`]
+/// (`.NAME.XXXXXX.tmp`), left behind only by a process that was killed.
+pub fn is_temporary(name: &str) -> bool {
+    name.len() > ".x.tmp".len() && name.starts_with('.') && name.ends_with(".tmp")
+}
+
+/// SHA-256 of `bytes`, as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// SHA-256 of the file at `path`, read in pieces, as 64 lowercase hex
+/// digits.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An exclusive OS lock on a folder, held until dropped (or until the
+/// process ends, however it ends: the kernel releases it, so a killed run
+/// leaves no stale lock).
+///
+/// On Unix the folder itself is opened and locked with `flock` (through
+/// [`File::try_lock`]), so the lock leaves no file behind; elsewhere the
+/// file [`LOCK_FILE`] in the folder carries it. The lock is advisory: it
+/// keeps out processes that ask for it (other gtr-run runs), nothing else.
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: File,
+    pub dir: PathBuf,
+}
+
+/// The file that carries a [`FolderLock`] where folders cannot be locked
+/// themselves (not Unix); it belongs to the folder's run.
+pub const LOCK_FILE: &str = ".gtr-run.lock";
+
+/// Why [`FolderLock::try_new`] did not get the lock.
+#[derive(Debug)]
+pub enum LockError {
+    /// Another process holds it.
+    Busy,
+    /// The folder could not be opened or locked.
+    Io(std::io::Error),
+}
+
+impl FolderLock {
+    /// Takes the lock on the existing folder `dir` without waiting.
+    pub fn try_new(dir: &Path) -> Result<FolderLock, LockError> {
+        #[cfg(unix)]
+        let file = File::open(dir).map_err(LockError::Io)?;
+        #[cfg(not(unix))]
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(LockError::Io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(FolderLock {
+                _file: file,
+                dir: dir.to_path_buf(),
+            }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(LockError::Busy),
+            Err(std::fs::TryLockError::Error(e)) => Err(LockError::Io(e)),
+        }
+    }
+}
+
+/// This machine's name, for messages naming who holds a folder; empty if
+/// unknown.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gtr-run-fsutil-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn sha256_matches_the_standard_test_vectors() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        let dir = scratch("sha");
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join("f"), &big).unwrap();
+        assert_eq!(sha256_file(&dir.join("f")).unwrap(), sha256_hex(&big));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symbolic_link_at_the_output_is_replaced_not_written_through() {
+        let dir = scratch("link");
+        let victim = dir.join("victim.txt");
+        std::fs::write(&victim, "keep").unwrap();
+        let out = dir.join("out.png");
+        std::os::unix::fs::symlink(&victim, &out).unwrap();
+        write_atomic(&out, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!std::fs::symlink_metadata(&out).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_nothing() {
+        let dir = scratch("fail");
+        let out = dir.join("x.npz");
+        let err = write_atomic_with(&out, |w| {
+            w.write_all(b"part")?;
+            Err(std::io::Error::other("stop"))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert!(is_temporary(".x.npz.a1B2c3.tmp"));
+        assert!(!is_temporary("x.tmp") && !is_temporary(".tmp"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_folder_is_locked_by_one_holder_at_a_time() {
+        let dir = scratch("lock");
+        let first = FolderLock::try_new(&dir).unwrap();
+        assert!(matches!(FolderLock::try_new(&dir), Err(LockError::Busy)));
+        drop(first);
+        FolderLock::try_new(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -21,7 +21,10 @@ use serde_json::{Value, json};
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
 use crate::engine::{Engine, ImageJob, MarModel, Noise, Replay};
-use crate::fsutil::{write_atomic, write_atomic_with};
+use crate::fsutil::{
+    FolderLock, LOCK_FILE, LockError, host_name, is_temporary, sha256_file, sha256_hex,
+    write_atomic, write_atomic_with,
+};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
 use crate::schedule::{Schedule, ScheduleError};
@@ -191,7 +194,18 @@ pub fn default_out_dir(
 
 /// The file of image `index` in an output folder.
 pub(crate) fn image_path(out: &Path, index: usize) -> PathBuf {
-    out.join(format!("{index:05}.png"))
+    out.join(image_name(index))
+}
+
+/// The file name of image `index`: `00000.png`, ….
+pub(crate) fn image_name(index: usize) -> String {
+    format!("{index:05}.png")
+}
+
+/// Whether an image is written at `path`: a file, not a symbolic link
+/// (gtr-run writes none; a link there is replaced, never followed).
+fn is_written(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file())
 }
 
 /// Runs the request on `model`; `progress` sees (images done, images in
@@ -317,15 +331,44 @@ pub fn run<M: MarModel>(
         },
     });
 
-    // The output folder: refuse, resume or overwrite a previous run.
-    prepare_out_dir(&req.out, req.existing, req.num_images)?;
+    // The output folder: locked for this process, then a previous run in
+    // it refused, resumed or overwritten.
+    let (_lock, previous) = claim_out_dir(&req.out, req.existing)?;
     if req.existing == Existing::Resume {
-        check_resumable(&req.out, &record)?;
+        check_resumable(&req.out, previous.as_ref(), &record)?;
     }
-    let todo: Vec<usize> = range
+    let (kept, todo): (Vec<usize>, Vec<usize>) = range
         .clone()
-        .filter(|&i| req.existing != Existing::Resume || !image_path(&req.out, i).is_file())
-        .collect();
+        .partition(|&i| req.existing == Existing::Resume && is_written(&image_path(&req.out, i)));
+    // Images kept by --resume: where the folder's record has their hashes
+    // (a finished run), each must still be the image it recorded.
+    let mut hashes = BTreeMap::new();
+    let recorded = previous
+        .as_ref()
+        .and_then(|r| r["images_sha256"].as_object());
+    for i in kept {
+        let (path, name) = (image_path(&req.out, i), image_name(i));
+        let hash = sha256_file(&path)
+            .map_err(|e| RunError::Invalid(format!("reading back {}: {e}", path.display())))?;
+        if let Some(want) = recorded.and_then(|h| h.get(&name))
+            && want.as_str() != Some(hash.as_str())
+        {
+            return Err(RunError::Invalid(format!(
+                "{} is not the image the folder's run.json recorded (SHA-256 {hash}, recorded {}): it was changed or replaced after the run; remove it and --resume makes it again",
+                path.display(),
+                want.as_str().unwrap_or("?")
+            )));
+        }
+        hashes.insert(name, hash);
+    }
+    // The folder is this run's from here on: its identity is on disk before
+    // the first image, so that a later --resume, even after a kill, can
+    // compare against it (and the kept images against their hashes).
+    let mut started_record = record.clone();
+    started_record["finished"] = json!(false);
+    started_record["images_sha256"] = json!(hashes);
+    started_record["writer"] = json!({"pid": std::process::id(), "host": host_name()});
+    write_record(&req.out, &started_record)?;
 
     let mut engine = Engine::new(model);
     engine.ticks_per_call = req.ticks_per_call;
@@ -351,6 +394,7 @@ pub fn run<M: MarModel>(
         for (k, job) in jobs.iter().enumerate() {
             let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
             let path = image_path(&req.out, job.index as usize);
+            hashes.insert(image_name(job.index as usize), sha256_hex(&png));
             write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
         }
         done += jobs.len();
@@ -397,6 +441,8 @@ pub fn run<M: MarModel>(
         })
         .collect();
     let measured = json!({
+        "finished": true,
+        "images_sha256": hashes,
         "generated_now": todo.len(),
         "execution_provider": engine.model.execution_provider(),
         "diffusion_chains": engine.chain_runner(),
@@ -516,7 +562,8 @@ const FREE_FIELDS: [&str; 7] = [
 
 /// The record of one run made of `parts` ((folder, record), in index
 /// order, checked with [`disagreements`]), as one machine would have
-/// written it: the first part's record with `shard` null; `generated_now`,
+/// written it: the first part's record with `shard` null; the image hashes
+/// (`images_sha256`) of all parts together; `generated_now`,
 /// every `seconds` entry and each graph's and step's calls, rows and
 /// seconds summed over the parts (machine time, not elapsed time); batch,
 /// device, execution provider and paths kept where all parts agree, else
@@ -529,6 +576,12 @@ pub(crate) fn combine_records(parts: &[(String, Value)]) -> Value {
     let mut all = first.clone();
     all["shard"] = Value::Null;
     for (_, part) in rest {
+        if let (Some(hashes), Some(more)) = (
+            all["images_sha256"].as_object_mut(),
+            part["images_sha256"].as_object(),
+        ) {
+            hashes.extend(more.clone());
+        }
         add(&mut all["generated_now"], &part["generated_now"]);
         if let Some(seconds) = all["seconds"].as_object_mut() {
             for (key, total) in seconds {
@@ -589,14 +642,28 @@ fn add(total: &mut Value, more: &Value) {
     };
 }
 
-/// On `--resume`, a finished record already in `out` must be of this run
-/// and this shard; otherwise images of two runs would be mixed.
-fn check_resumable(out: &Path, record: &Value) -> Result<(), RunError> {
-    if !out.join("run.json").is_file() {
+/// On `--resume`, the record already in `out` (written before the first
+/// image, so present even when that run was killed) must be of this run and
+/// this shard; otherwise images of two runs would be mixed. A folder with
+/// images but no record cannot be checked and is refused.
+fn check_resumable(out: &Path, previous: Option<&Value>, record: &Value) -> Result<(), RunError> {
+    let Some(previous) = previous else {
+        let any_image = std::fs::read_dir(out)
+            .map_err(|source| RunError::Write {
+                path: out.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok())
+            .any(|e| is_run_file(&e.file_name().to_string_lossy()));
+        if any_image {
+            return Err(RunError::Invalid(format!(
+                "{} holds images but no run.json, so nothing says which run they belong to and resuming could mix two runs; pass --force to start over, or --out elsewhere",
+                out.display()
+            )));
+        }
         return Ok(());
-    }
-    let previous = read_record(out)?;
-    let mut differ = disagreements(&previous, "the folder", record, "this run");
+    };
+    let mut differ = disagreements(previous, "the folder", record, "this run");
     if previous["shard"] != record["shard"] {
         let name = |r: &Value| match (r["shard"]["k"].as_u64(), r["shard"]["n"].as_u64()) {
             (Some(k), Some(n)) => format!("shard {k}/{n}"),
@@ -604,7 +671,7 @@ fn check_resumable(out: &Path, record: &Value) -> Result<(), RunError> {
         };
         differ.push(format!(
             "the shard ({} in the folder, {} in this run)",
-            name(&previous),
+            name(previous),
             name(record)
         ));
     }
@@ -639,7 +706,18 @@ pub(crate) fn check_file_target(path: &Path, what: &str) -> Result<(), RunError>
     }
 }
 
-fn prepare_out_dir(out: &Path, existing: Existing, n: usize) -> Result<(), RunError> {
+/// Takes the output folder `out` for this run and returns the lock that
+/// keeps other gtr-run processes out of it (hold it until the run ends)
+/// with the record of the run already there, if any.
+///
+/// In order: `out` is created if missing; locked (another process holding
+/// it is named and refused); refused, `--force` or not, if it holds
+/// anything gtr-run does not write (a folder, an unknown name, a `run.json`
+/// that is not gtr-run's, an `.npz` without a run); cleared of temporary
+/// files a killed run left; and then a previous run in it is refused
+/// ([`Existing::Refuse`]), kept ([`Existing::Resume`], checked by
+/// [`check_resumable`]) or its files removed ([`Existing::Overwrite`]).
+fn claim_out_dir(out: &Path, existing: Existing) -> Result<(FolderLock, Option<Value>), RunError> {
     let io = |path: &Path, source| RunError::Write {
         path: path.to_path_buf(),
         source,
@@ -650,26 +728,110 @@ fn prepare_out_dir(out: &Path, existing: Existing, n: usize) -> Result<(), RunEr
             out.display()
         )));
     }
-    let previous = out.join("run.json").is_file()
-        || (0..n.max(1)).any(|i| image_path(out, i).is_file())
-        || out.join("grid.png").is_file();
-    match existing {
-        Existing::Refuse if previous => Err(RunError::Invalid(format!(
-            "{} holds a previous run; pass --resume to skip the images already written, --force to overwrite, or --out elsewhere",
-            out.display()
-        ))),
-        Existing::Overwrite if previous => {
-            for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
-                let path = entry.map_err(|e| io(out, e))?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if is_run_file(name) {
-                    std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
-                }
-            }
-            Ok(())
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let lock = match FolderLock::try_new(out) {
+        Ok(lock) => lock,
+        Err(LockError::Busy) => {
+            let holder = read_record(out)
+                .ok()
+                .and_then(|r| {
+                    let pid = r["writer"]["pid"].as_u64()?;
+                    let host = r["writer"]["host"].as_str().unwrap_or("");
+                    Some(if host.is_empty() {
+                        format!(" (pid {pid})")
+                    } else {
+                        format!(" (pid {pid} on {host})")
+                    })
+                })
+                .unwrap_or_default();
+            return Err(RunError::Invalid(format!(
+                "{} is being written by another gtr-run process{holder}; two runs in one folder would overwrite each other's images: wait for it to end, or give --out another folder",
+                out.display()
+            )));
         }
-        _ => std::fs::create_dir_all(out).map_err(|e| io(out, e)),
+        Err(LockError::Io(e)) => {
+            return Err(RunError::Invalid(format!(
+                "cannot lock {} for this run: {e}",
+                out.display()
+            )));
+        }
+    };
+
+    let mut run_files = Vec::new();
+    let mut temporaries = Vec::new();
+    let mut npz = None;
+    let mut has_record = false;
+    for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
+        let entry = entry.map_err(|e| io(out, e))?;
+        let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let plain = kind.is_file() || kind.is_symlink();
+        if name == LOCK_FILE {
+            continue;
+        } else if plain && is_run_file(&name) {
+            has_record |= name == "run.json";
+            run_files.push(entry.path());
+        } else if plain && is_temporary(&name) {
+            temporaries.push(entry.path());
+        } else if plain && name.ends_with(".npz") {
+            npz = Some(name);
+        } else {
+            return Err(foreign(out, &name));
+        }
     }
+    let record = if has_record {
+        let path = out.join("run.json");
+        let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+        match read_record(out) {
+            Ok(r) if ours && r.get("gtr_run_version").is_some() => Some(r),
+            _ => {
+                return Err(RunError::Invalid(format!(
+                    "{} holds a run.json that is not a gtr-run record; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
+                    out.display()
+                )));
+            }
+        }
+    } else {
+        None
+    };
+    if let (Some(name), None) = (npz, &record) {
+        return Err(foreign(out, &name));
+    }
+    // No other gtr-run process can be writing these: the lock is ours.
+    for path in temporaries {
+        std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+    }
+    match existing {
+        Existing::Refuse if !run_files.is_empty() => {
+            let unfinished = record
+                .as_ref()
+                .is_some_and(|r| r["finished"] == json!(false));
+            Err(RunError::Invalid(format!(
+                "{} holds a previous run{}; pass --resume to skip the images already written, --force to overwrite, or --out elsewhere",
+                out.display(),
+                if unfinished {
+                    " (unfinished: it was interrupted)"
+                } else {
+                    ""
+                }
+            )))
+        }
+        Existing::Overwrite => {
+            for path in run_files {
+                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            }
+            Ok((lock, None))
+        }
+        _ => Ok((lock, record)),
+    }
+}
+
+/// The refusal of a folder holding `name`, which gtr-run did not write.
+fn foreign(out: &Path, name: &str) -> RunError {
+    RunError::Invalid(format!(
+        "{} holds `{name}`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
+        out.display()
+    ))
 }
 
 /// Whether a generation run writes files of this name: `run.json`,

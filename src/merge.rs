@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::fsutil::sha256_file;
 use crate::generate::{
-    RunError, Shard, check_file_target, combine_records, disagreements, image_path, is_run_file,
-    read_record, write_grid, write_npz, write_record,
+    RunError, Shard, check_file_target, combine_records, disagreements, image_name, image_path,
+    is_run_file, read_record, write_grid, write_npz, write_record,
 };
 
 #[derive(Debug, Clone)]
@@ -42,6 +43,12 @@ impl Part {
             )));
         }
         let record = read_record(dir)?;
+        if record["finished"] == Value::Bool(false) {
+            return Err(RunError::Invalid(format!(
+                "{} holds an unfinished run (its run.json is written before the first image and marked finished only at the end): it was interrupted or is still running; finish it with --resume, then merge",
+                dir.display()
+            )));
+        }
         let bad = |what: &str| {
             RunError::Invalid(format!(
                 "{}/run.json: {what}; is it a gtr-run record?",
@@ -75,6 +82,59 @@ impl Part {
             shard,
             range,
         })
+    }
+
+    /// Every image the part claims must be there as a file of its own: a
+    /// symbolic link (gtr-run writes none) could lead out of the part, to
+    /// anything. Each must also have a hash in the part's record, which
+    /// [`Part::check_hash`] compares.
+    fn check_files(&self) -> Result<(), RunError> {
+        let hashes = self.record["images_sha256"].as_object();
+        for i in self.range.clone() {
+            let path = image_path(&self.dir, i);
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_symlink() => {
+                    let to = std::fs::read_link(&path)
+                        .map_or_else(|_| "?".into(), |t| t.display().to_string());
+                    return Err(RunError::Invalid(format!(
+                        "{} is a symbolic link (to {to}), but gtr-run writes images as files; a link can lead out of the part, so merge refuses it: put the image itself there, or run the part again with --resume after removing the link",
+                        path.display()
+                    )));
+                }
+                Ok(m) if m.is_file() => {}
+                _ => {
+                    return Err(RunError::Invalid(format!(
+                        "{} lacks {}, which its run.json says it holds",
+                        self.describe(),
+                        path.display()
+                    )));
+                }
+            }
+            if hashes.is_none_or(|h| !h.contains_key(&image_name(i))) {
+                return Err(RunError::Invalid(format!(
+                    "{}/run.json records no SHA-256 for {} (`images_sha256`; records written before gtr-run kept image hashes have none), so the image cannot be checked; make the part again with --force",
+                    self.dir.display(),
+                    image_name(i)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The image `i` of this part, as found at `path`, must have the
+    /// SHA-256 the part's record gives it.
+    fn check_hash(&self, i: usize, path: &Path) -> Result<(), RunError> {
+        let name = image_name(i);
+        let want = self.record["images_sha256"][&name].as_str().unwrap_or("");
+        let got = sha256_file(path)
+            .map_err(|e| RunError::Invalid(format!("reading {}: {e}", path.display())))?;
+        if got == want {
+            return Ok(());
+        }
+        Err(RunError::Invalid(format!(
+            "{} is not the image its run.json recorded (SHA-256 {got}, recorded {want}): it was changed or replaced after the run; remove it and run the part again with --resume to make it anew",
+            self.dir.join(&name).display()
+        )))
     }
 
     fn name(&self) -> String {
@@ -127,17 +187,7 @@ pub fn merge(req: &MergeRequest) -> Result<Value, RunError> {
     let num = first.num;
     check_coverage(&parts, num)?;
     for part in &parts {
-        if let Some(i) = part
-            .range
-            .clone()
-            .find(|&i| !image_path(&part.dir, i).is_file())
-        {
-            return Err(RunError::Invalid(format!(
-                "{} lacks {}, which its run.json says it holds",
-                part.describe(),
-                image_path(&part.dir, i).display()
-            )));
-        }
+        part.check_files()?;
     }
     check_out(&req.out, &parts, req.force)?;
     let npz_in_out = req
@@ -151,7 +201,10 @@ pub fn merge(req: &MergeRequest) -> Result<Value, RunError> {
     let staging = Staging::new(&req.out)?;
     for part in &parts {
         for i in part.range.clone() {
-            link_or_copy(&image_path(&part.dir, i), &image_path(&staging.dir, i))?;
+            let staged = image_path(&staging.dir, i);
+            link_or_copy(&image_path(&part.dir, i), &staged)?;
+            // The file as merged, checked against the part's record.
+            part.check_hash(i, &staged)?;
         }
     }
     let labels: Vec<i64> = first.record["labels"]
@@ -328,15 +381,7 @@ struct Staging {
 
 impl Staging {
     fn new(out: &Path) -> Result<Staging, RunError> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| RunError::Write { path, source }
-        };
-        let dir = sibling(out, "merge");
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-        }
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let dir = hidden_sibling(out, "merge")?;
         Ok(Staging {
             dir,
             committed: false,
@@ -352,8 +397,12 @@ impl Staging {
             move |source| RunError::Write { path, source }
         };
         if out.is_dir() {
-            let old = sibling(out, "old");
-            std::fs::rename(out, &old).map_err(io(out))?;
+            // A folder renamed onto an empty folder replaces it.
+            let old = hidden_sibling(out, "old")?;
+            if let Err(e) = std::fs::rename(out, &old) {
+                let _ = std::fs::remove_dir(&old);
+                return Err(io(out)(e));
+            }
             if let Err(e) = std::fs::rename(&self.dir, out) {
                 let _ = std::fs::rename(&old, out);
                 return Err(io(out)(e));
@@ -376,8 +425,10 @@ impl Drop for Staging {
     }
 }
 
-/// `.<name>.<what>-<pid>.tmp` beside `out`.
-fn sibling(out: &Path, what: &str) -> PathBuf {
+/// A new empty folder `.<name>.<what>-XXXXXX.tmp` beside `out`, its name
+/// random and created exclusively (an existing name, a planted symbolic
+/// link included, is never reused), with the usual permissions.
+fn hidden_sibling(out: &Path, what: &str) -> Result<PathBuf, RunError> {
     let name = out
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy().into_owned());
@@ -385,7 +436,21 @@ fn sibling(out: &Path, what: &str) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    parent.join(format!(".{name}.{what}-{}.tmp", std::process::id()))
+    let prefix = format!(".{name}.{what}-");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp").rand_bytes(6);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o777));
+    }
+    builder
+        .tempdir_in(parent)
+        .map(|d| d.keep())
+        .map_err(|source| RunError::Write {
+            path: parent.join(format!("{prefix}XXXXXX.tmp")),
+            source,
+        })
 }
 
 #[cfg(test)]

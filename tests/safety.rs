@@ -1,0 +1,440 @@
+//! Run folders that cannot be mixed, shared or escaped (issue 10, cases
+//! 1–5), end to end with the `gtr-run` binary on the tiny fixture bundle:
+//! a killed run resumed with other settings is refused; a second process
+//! on a folder in use is refused; symbolic links planted at temporary or
+//! output names are never written through; a folder holding no run is
+//! refused even with `--force`; `merge` checks every image against its
+//! part's record and refuses links.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{fails, ok, root, tmp};
+
+const TINY: &str = "models/fixtures/tiny";
+const FAST: &str = "schedules/gtr-fast.gtr";
+
+/// A `gtr-run` started in the background, killed (SIGKILL) when dropped.
+struct Running(Child);
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let child = Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+            .args(args)
+            .current_dir(root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Running(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits until `path` exists; fails if the process ends first.
+    fn wait_for(&mut self, path: &Path) {
+        let start = Instant::now();
+        while !path.exists() {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                panic!(
+                    "gtr-run ended ({status}) before {} appeared",
+                    path.display()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{} did not appear",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `kill -9`, and waits for the process to be gone.
+    fn kill(mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn record(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
+}
+
+/// The image files (`NNNNN.png`) in `dir`, sorted, with their bytes.
+fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.len() == 9 && name.ends_with(".png") && name != "grid.png"
+        })
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every image of `dir` is a plain file whose SHA-256 is the one its
+/// run.json records, and the record holds no other.
+fn assert_hashes_match(dir: &Path) {
+    let run = record(dir);
+    let hashes = run["images_sha256"].as_object().unwrap();
+    let files = pngs(dir);
+    assert_eq!(hashes.len(), files.len(), "{}", dir.display());
+    for (name, bytes) in files {
+        assert!(
+            !std::fs::symlink_metadata(dir.join(&name))
+                .unwrap()
+                .is_symlink()
+        );
+        assert_eq!(
+            hashes[&name],
+            gtr_run::fsutil::sha256_hex(&bytes),
+            "{}/{name}",
+            dir.display()
+        );
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Case 1: a run killed with `kill -9` has its identity on disk already,
+/// so `--resume` with another seed is refused instead of mixing two runs;
+/// with the same settings it finishes the run. An image changed after the
+/// run makes --resume refuse too.
+#[test]
+fn a_killed_run_resumed_with_another_seed_is_refused() {
+    let out = tmp("safety-killed");
+    let run = |seed: &'static str| {
+        vec![
+            TINY,
+            FAST,
+            "--num-images",
+            "60",
+            "--batch",
+            "1",
+            "--seed",
+            seed,
+            "--out",
+            s(&out),
+        ]
+    };
+    let mut child = Running::start(&run("7"));
+    child.wait_for(&out.join("00000.png"));
+    child.kill();
+    let killed = record(&out);
+    assert_eq!(killed["finished"], false, "killed too late: {killed}");
+    assert_eq!(killed["seed"], 7);
+    let before = pngs(&out);
+    assert!(!before.is_empty() && before.len() < 60, "{}", before.len());
+
+    fails(
+        &[&run("8")[..], &["--resume"]].concat(),
+        "differ in the seed (7 in the folder, 8 in this run)",
+    );
+    // The same seed without --resume is refused too, as unfinished.
+    fails(&run("7"), "holds a previous run (unfinished");
+    assert!(
+        pngs(&out) == before,
+        "a refused run must not touch the folder"
+    );
+    assert_eq!(record(&out)["seed"], 7);
+
+    ok(&[&run("7")[..], &["--resume"]].concat());
+    let done = record(&out);
+    assert_eq!(done["finished"], true);
+    assert_eq!(done["generated_now"], 60 - before.len());
+    assert_eq!(pngs(&out).len(), 60);
+    assert_hashes_match(&out);
+
+    // An image replaced after the run is not kept by --resume.
+    std::fs::copy(out.join("00001.png"), out.join("00000.png")).unwrap();
+    fails(
+        &[&run("7")[..], &["--resume"]].concat(),
+        &format!(
+            "{} is not the image the folder's run.json recorded",
+            out.join("00000.png").display()
+        ),
+    );
+    assert_eq!(record(&out)["finished"], true, "the record is untouched");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Case 2: while one process writes a folder, a second one on the same
+/// `--out` is refused, whatever it asks, and told who holds it; once the
+/// holder is gone (even killed), the folder is free again.
+#[test]
+fn a_second_process_on_a_folder_in_use_is_refused() {
+    let out = tmp("safety-locked");
+    let mut first = Running::start(&[
+        TINY,
+        FAST,
+        "--num-images",
+        "5000",
+        "--batch",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    first.wait_for(&out.join("00000.png"));
+    let holder = format!(
+        "is being written by another gtr-run process (pid {}",
+        first.pid()
+    );
+    let second = [TINY, FAST, "--num-images", "2", "--out", s(&out)];
+    for extra in [&[][..], &["--resume"], &["--force"]] {
+        fails(&[&second[..], extra].concat(), &holder);
+    }
+    // The first is still writing its own run.
+    assert_eq!(record(&out)["num_images"], 5000);
+    first.kill();
+    ok(&[&second[..], &["--force"]].concat());
+    assert_eq!(pngs(&out).len(), 2);
+    assert_hashes_match(&out);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Case 3: symbolic links planted where gtr-run writes (its temporary
+/// names as they were before they became random, `.NAME.PID.tmp`; image,
+/// grid, record and `.npz` names; `plan --png`) are replaced or removed,
+/// never written through: the files they point to are untouched.
+#[cfg(unix)]
+#[test]
+fn symbolic_links_at_temporary_or_output_names_are_never_written_through() {
+    use std::os::unix::fs::symlink;
+    let dir = tmp("safety-links");
+    let victims = dir.join("victims");
+    std::fs::create_dir_all(&victims).unwrap();
+    let victim = |name: &str| {
+        let path = victims.join(name);
+        std::fs::write(&path, format!("victim {name}")).unwrap();
+        path
+    };
+    let untouched = || {
+        for entry in std::fs::read_dir(&victims).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                std::fs::read(&path).unwrap() == format!("victim {name}").into_bytes(),
+                "{} was written through a link",
+                path.display()
+            );
+        }
+    };
+
+    // Links at the temporary names a run would have used, planted as soon
+    // as the process exists (it loads the model for a while first).
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let npz = dir.join("all.npz");
+    let child = Running::start(&[
+        TINY,
+        FAST,
+        "--num-images",
+        "3",
+        "--out",
+        s(&out),
+        "--npz",
+        s(&npz),
+    ]);
+    let pid = child.pid();
+    for name in [
+        "00000.png",
+        "00001.png",
+        "00002.png",
+        "grid.png",
+        "run.json",
+    ] {
+        let tmp_name = format!(".{name}.{pid}.tmp");
+        let _ = symlink(victim(&tmp_name), out.join(&tmp_name));
+    }
+    let _ = symlink(victim("npz-tmp"), dir.join(format!(".all.npz.{pid}.tmp")));
+    let mut child = child;
+    let status = child.0.wait().unwrap();
+    assert!(status.success());
+    untouched();
+    assert_eq!(pngs(&out).len(), 3);
+    assert_hashes_match(&out);
+
+    // A link at an image's name: resuming makes the image again as a file.
+    let before = pngs(&out);
+    std::fs::remove_file(out.join("00001.png")).unwrap();
+    symlink(victim("image"), out.join("00001.png")).unwrap();
+    let run = [TINY, FAST, "--num-images", "3", "--out", s(&out)];
+    ok(&[&run[..], &["--resume"]].concat());
+    untouched();
+    assert!(pngs(&out) == before);
+    assert_eq!(record(&out)["generated_now"], 1);
+    assert_hashes_match(&out);
+
+    // Links at the record's, grid's, an image's and the .npz's names,
+    // replaced by --force.
+    for name in ["run.json", "grid.png", "00002.png"] {
+        std::fs::remove_file(out.join(name)).unwrap();
+        symlink(victim(name), out.join(name)).unwrap();
+    }
+    // (A run.json that is a link is not gtr-run's record.)
+    fails(
+        &[&run[..], &["--force"]].concat(),
+        "holds a run.json that is not a gtr-run record",
+    );
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    std::fs::remove_file(&npz).unwrap();
+    symlink(victim("npz"), &npz).unwrap();
+    ok(&[&run[..], &["--force", "--npz", s(&npz)]].concat());
+    untouched();
+    assert!(pngs(&out) == before);
+    assert_hashes_match(&out);
+    for path in [out.join("grid.png"), npz.clone()] {
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+    }
+
+    // `plan --png` onto a link.
+    let picture = dir.join("order.png");
+    symlink(victim("order"), &picture).unwrap();
+    ok(&["plan", FAST, "--png", s(&picture)]);
+    untouched();
+    assert!(std::fs::symlink_metadata(&picture).unwrap().is_file());
+    image::open(&picture).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Case 4: a folder that holds anything gtr-run does not write is refused,
+/// with or without `--force` or `--resume`, and left as it was.
+#[test]
+fn a_folder_holding_no_run_is_refused_even_with_force() {
+    for extra in [&[][..], &["--force"], &["--resume"]] {
+        fails(
+            &[&[TINY, FAST, "--num-images", "1", "--out", "/"][..], extra].concat(),
+            "which gtr-run does not write",
+        );
+    }
+    let out = tmp("safety-foreign");
+    std::fs::create_dir_all(out.join("sub")).unwrap();
+    let run = [TINY, FAST, "--num-images", "2", "--out", s(&out)];
+    for extra in [&[][..], &["--force"], &["--resume"]] {
+        fails(
+            &[&run[..], extra].concat(),
+            "holds `sub`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
+        );
+    }
+    std::fs::remove_dir(out.join("sub")).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    fails(&[&run[..], &["--force"]].concat(), "holds `notes.txt`");
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    std::fs::write(out.join("run.json"), "{\"mine\": 1}").unwrap();
+    fails(
+        &[&run[..], &["--force"]].concat(),
+        "holds a run.json that is not a gtr-run record",
+    );
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    std::fs::write(out.join("data.npz"), "mine").unwrap();
+    fails(&[&run[..], &["--force"]].concat(), "holds `data.npz`");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        1,
+        "nothing was written"
+    );
+    // Images without a record cannot be resumed (nothing says whose they
+    // are); --force starts over.
+    std::fs::remove_file(out.join("data.npz")).unwrap();
+    std::fs::write(out.join("00000.png"), "old").unwrap();
+    fails(
+        &[&run[..], &["--resume"]].concat(),
+        "holds images but no run.json",
+    );
+    ok(&[&run[..], &["--force"]].concat());
+    assert_hashes_match(&out);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// Case 5: `merge` compares every image of every part with the SHA-256 its
+/// part's run.json records, and refuses images that are symbolic links
+/// and parts whose run is unfinished.
+#[cfg(unix)]
+#[test]
+fn merge_checks_images_against_their_record_and_refuses_links() {
+    let dir = tmp("safety-merge");
+    std::fs::create_dir_all(&dir).unwrap();
+    let part = |k: usize, seed: &str| -> PathBuf {
+        let out = dir.join(format!("p{k}-seed{seed}"));
+        let shard = format!("{k}/2");
+        ok(&[
+            TINY,
+            FAST,
+            "--num-images",
+            "5",
+            "--seed",
+            seed,
+            "--shard",
+            &shard,
+            "--out",
+            s(&out),
+        ]);
+        out
+    };
+    let (p0, p1, other) = (part(0, "7"), part(1, "7"), part(1, "8"));
+    assert_hashes_match(&p0);
+    let out = dir.join("merged");
+    let merge = |want: &str| {
+        fails(&["merge", s(&out), s(&p0), s(&p1)], want);
+        assert!(!out.exists(), "a refused merge writes nothing");
+    };
+
+    // An image swapped for another run's.
+    let good = std::fs::read(p1.join("00003.png")).unwrap();
+    std::fs::copy(other.join("00003.png"), p1.join("00003.png")).unwrap();
+    merge(&format!(
+        "{} is not the image its run.json recorded",
+        p1.join("00003.png").display()
+    ));
+
+    // An image that is a link leaving the part, even to the right bytes.
+    let outside = dir.join("outside.png");
+    std::fs::write(&outside, &good).unwrap();
+    std::fs::remove_file(p1.join("00003.png")).unwrap();
+    std::os::unix::fs::symlink(&outside, p1.join("00003.png")).unwrap();
+    merge(&format!(
+        "{} is a symbolic link (to {})",
+        p1.join("00003.png").display(),
+        outside.display()
+    ));
+    std::fs::remove_file(p1.join("00003.png")).unwrap();
+    std::fs::write(p1.join("00003.png"), &good).unwrap();
+
+    // A record without hashes, and an unfinished part.
+    let text = std::fs::read_to_string(p0.join("run.json")).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edited.as_object_mut().unwrap().remove("images_sha256");
+    std::fs::write(p0.join("run.json"), edited.to_string()).unwrap();
+    merge("records no SHA-256 for 00000.png");
+    edited["finished"] = serde_json::json!(false);
+    std::fs::write(p0.join("run.json"), edited.to_string()).unwrap();
+    merge("holds an unfinished run");
+    std::fs::write(p0.join("run.json"), text).unwrap();
+
+    ok(&["merge", s(&out), s(&p0), s(&p1)]);
+    assert_eq!(pngs(&out).len(), 5);
+    assert_hashes_match(&out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
