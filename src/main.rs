@@ -66,7 +66,8 @@ struct GenerateArgs {
     /// Continue a previous run in the output folder, skipping images already written.
     #[arg(long, conflicts_with = "force")]
     resume: bool,
-    /// Overwrite a previous run in the output folder.
+    /// Overwrite a previous run in the output folder (only a folder gtr-run
+    /// wrote: one holding anything else is refused even with --force).
     #[arg(long)]
     force: bool,
     /// Take every image's token order and noise from this .npz (see README).
