@@ -54,6 +54,21 @@ fn command_line_numbers_out_of_range_are_refused() {
     assert!(!std::path::Path::new(out).exists(), "nothing was written");
 }
 
+/// The tiny bundle with `more` added to its manifest and `edit` applied is
+/// refused with `want`, before any output folder is made.
+fn refused_manifest(name: &str, more: &str, want: &str, edit: impl Fn(String) -> String) {
+    let dir = tiny_bundle_with(name, "", more, edit);
+    let out = tmp(&format!("{name}-out"));
+    let args = [
+        dir.to_str().unwrap(),
+        "schedules/mar-8.gtr",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    fails(&args, want);
+    assert!(!out.exists(), "{name}: nothing was written");
+}
+
 #[test]
 fn manifest_numbers_out_of_range_are_refused() {
     let cases: [(&str, &str, &str); 9] = [
@@ -104,21 +119,10 @@ fn manifest_numbers_out_of_range_are_refused() {
         ),
     ];
     for (k, (from, to, want)) in cases.into_iter().enumerate() {
-        let dir = tiny_bundle_with(&format!("numbers-manifest-{k}"), "", "", |m| {
+        refused_manifest(&format!("numbers-manifest-{k}"), "", want, |m| {
             assert!(m.contains(from), "fixture manifest lacks `{from}`");
             m.replacen(from, to, 1)
         });
-        let out = tmp(&format!("numbers-manifest-out-{k}"));
-        fails(
-            &[
-                dir.to_str().unwrap(),
-                "schedules/mar-8.gtr",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            want,
-        );
-        assert!(!out.exists(), "{to}: nothing was written");
     }
 }
 
@@ -262,16 +266,6 @@ fn manifests_are_small_and_shallow() {
     .into_iter()
     .enumerate()
     {
-        let dir = tiny_bundle_with(&format!("numbers-manifest-text-{k}"), "", &more, |m| m);
-        let out = tmp(&format!("numbers-manifest-text-out-{k}"));
-        fails(
-            &[
-                dir.to_str().unwrap(),
-                "schedules/mar-8.gtr",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            want,
-        );
+        refused_manifest(&format!("numbers-manifest-text-{k}"), &more, want, |m| m);
     }
 }
