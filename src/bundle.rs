@@ -358,6 +358,11 @@ impl Bundle {
         let path = self.dir.join(file);
         if path.is_file() {
             Ok(())
+        } else if path.exists() {
+            Err(format!(
+                "{key}: {} is not a regular file (a folder, device or pipe)",
+                path.display()
+            ))
         } else {
             Err(format!("{key}: {} does not exist", path.display()))
         }

@@ -694,16 +694,25 @@ pub(crate) fn check_file_target(path: &Path, what: &str) -> Result<(), RunError>
             path.display()
         )));
     }
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => {
-            Err(RunError::Invalid(format!(
-                "{what} {}: the folder {} does not exist",
-                path.display(),
-                dir.display()
-            )))
-        }
-        _ => Ok(()),
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(RunError::Invalid(format!(
+            "{what} {}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        )));
     }
+    // Found now, not after every image is made: can a file be made there?
+    tempfile::NamedTempFile::new_in(dir).map(drop).map_err(|e| {
+        RunError::Invalid(format!(
+            "{what} {}: cannot write in the folder {}: {e}",
+            path.display(),
+            dir.display()
+        ))
+    })
 }
 
 /// Takes the output folder `out` for this run and returns the lock that

@@ -949,3 +949,35 @@ fn a_stated_grid_is_checked_not_replaced() {
     );
     assert!(!out.exists());
 }
+
+/// Outputs that cannot be written are found before any image is made, and
+/// a graph path that is no regular file says so (issue 10, cases 12, 14).
+#[cfg(target_os = "linux")]
+#[test]
+fn unwritable_outputs_and_odd_graph_files_are_found_up_front() {
+    let out = tmp("npz-unwritable");
+    fails(
+        &[
+            TINY,
+            "schedules/mar-8.gtr",
+            "--npz",
+            "/proc/gtr-run.npz",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "--npz /proc/gtr-run.npz: cannot write in the folder /proc",
+    );
+    assert!(!out.exists(), "refused before the run folder is made");
+    let dir = common::tiny_bundle_with("graph-dev-zero", "", "", |m| {
+        m.replacen("file: vae_decoder.onnx", "file: /dev/zero", 1)
+    });
+    fails(
+        &[
+            dir.to_str().unwrap(),
+            "schedules/mar-8.gtr",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "graphs.vae_decoder.file: /dev/zero is not a regular file",
+    );
+}
