@@ -534,7 +534,16 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
     }
     let top_level = ["stage", "param", "partition", "set", "grid"];
     if !expected_name && top_level.contains(&word.as_str()) {
-        return Some("is the `}` that closes the stage above missing?".into());
+        let before = &text[..pos];
+        if before.matches('{').count() > before.matches('}').count() {
+            return Some("is the `}` that closes the stage above missing?".into());
+        }
+        if word == "stage" {
+            return Some(
+                "a stage is written `stage NAME { clauses }`: check the name and the `{` after it"
+                    .into(),
+            );
+        }
     }
     if expected_name && KEYWORDS.contains(&word.as_str()) {
         return Some(format!(
