@@ -269,3 +269,92 @@ fn manifests_are_small_and_shallow() {
         refused_manifest(&format!("numbers-manifest-text-{k}"), &more, want, |m| m);
     }
 }
+
+/// Manifests with random numbers (zero, huge, negative, NaN, infinite,
+/// and ordinary values) either open with every value in range, and then
+/// plan and check a preset against the model without panicking, or are
+/// refused with a message naming a field; no input panics.
+mod generated_manifests {
+    use std::collections::BTreeMap;
+
+    use gtr_run::bundle::Bundle;
+    use gtr_run::engine::{ModelInfo, check_plan};
+    use gtr_run::plan::Planner;
+    use gtr_run::schedule::Schedule;
+    use proptest::prelude::*;
+
+    fn size() -> impl Strategy<Value = String> {
+        prop_oneof![
+            1 => Just("0".to_string()),
+            1 => Just("18446744073709551615".to_string()),
+            1 => Just("4294967296".to_string()),
+            1 => Just("-1".to_string()),
+            // Mostly ordinary values, so that many manifests open.
+            12 => (1u64..1100).prop_map(|n| n.to_string()),
+        ]
+    }
+
+    fn real() -> impl Strategy<Value = String> {
+        prop_oneof![
+            1 => Just(".nan".to_string()),
+            1 => Just(".inf".to_string()),
+            1 => Just("-.inf".to_string()),
+            1 => Just("1e-300".to_string()),
+            1 => Just("-2.5".to_string()),
+            10 => (0.01f64..10.0).prop_map(|v| format!("{v}")),
+        ]
+    }
+
+    /// How many generated manifests opened (the property must see both kinds).
+    static OPENED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    #[test]
+    fn some_generated_manifests_open() {
+        never_panic();
+        assert!(OPENED.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn never_panic(
+            sizes in proptest::collection::vec(size(), 7),
+            reals in proptest::collection::vec(real(), 3),
+        ) {
+            let tiny = super::common::root().join("models/fixtures/tiny");
+            let graph = |f: &str| tiny.join(f).display().to_string();
+            let text = format!(
+                "format: gtr-run/mar-bundle@1\nname: generated\ngrid: [{}, {}]\ntoken_dim: {}\nwidth: {}\nbuffer: {}\nclasses: {}\nnull_class: {}\nlatent_scale: {}\ndiffusion: {{ schedule: cosine, train_steps: {}, variance: learned_range }}\nimage: {{ height: 64, width: 64, channels: 3 }}\nsampling: {{ cfg: {}, temperature: {} }}\ncost: {{ encoder_depth: 1, decoder_depth: 1, diffusion_width: 64, diffusion_depth: 2 }}\ngraphs:\n  encoder: {{ file: {}, inputs: {{ tokens: tokens, known: known_index, label: class_label }}, outputs: {{ encoded: encoded }} }}\n  decoder: {{ file: {}, inputs: {{ encoded: encoded, known: known_index }}, outputs: {{ z: z }} }}\n  diffusion: {{ file: {}, inputs: {{ x: x, t: t, z: z }}, outputs: {{ out: out }} }}\n  vae_decoder: {{ file: {}, inputs: {{ latent: latent }}, outputs: {{ image: image }} }}\n",
+                sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6],
+                reals[0], sizes[6], reals[1], reals[2],
+                graph("encoder.onnx"), graph("decoder.onnx"), graph("diffusion.onnx"), graph("vae_decoder.onnx"),
+            );
+            static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = super::tmp(&format!("numbers-generated-{case}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("manifest.yaml"), &text).unwrap();
+            let opened = Bundle::open(&dir);
+            std::fs::remove_dir_all(&dir).unwrap();
+            match opened {
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+                Ok(bundle) => {
+                    OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let m = &bundle.manifest;
+                    prop_assert!(m.latent_scale.is_finite() && m.latent_scale >= 1e-6);
+                    prop_assert!(m.sampling.cfg.is_finite() && m.sampling.cfg >= 0.0);
+                    prop_assert!(m.diffusion.train_steps >= 1 && m.diffusion.train_steps <= 100_000);
+                    prop_assert!(m.classes == 0 || m.null_class as usize >= m.classes);
+                    let info = ModelInfo::from_bundle(&bundle);
+                    let path = super::common::root().join("schedules/gtr.gtr");
+                    let schedule = Schedule::from_file(&path, &BTreeMap::new()).unwrap();
+                    if let Ok(planner) = Planner::new(&schedule, info.grid)
+                        && let Ok(plan) = planner.plan(3)
+                    {
+                        let _ = check_plan(&info, &plan);
+                    }
+                }
+            }
+        }
+    }
+}
