@@ -315,20 +315,16 @@ class Bench:
         path = os.path.join(self.bundle, "manifest.yaml")
         if not os.path.isfile(path):
             raise BenchError(f"{path} not found")
-        with open(path) as f:
-            text = f.read()
-        m = {}
-        for key in ("name", "latent_scale", "classes", "null_class"):
-            r = re.search(rf"^{key}:\s*(\S+)", text, re.M)
-            if not r:
-                raise BenchError(f"{path}: no `{key}`")
-            m[key] = r.group(1)
-        g = re.search(r"^grid:\s*\[\s*(\d+)\s*,\s*(\d+)\s*\]", text, re.M)
-        if not g:
-            raise BenchError(f"{path}: no `grid`")
-        m["grid"] = [int(g.group(1)), int(g.group(2))]
-        m["latent_scale"] = float(m["latent_scale"])
-        m["classes"], m["null_class"] = int(m["classes"]), int(m["null_class"])
+        from models.add_sampler import read_manifest
+
+        _, manifest = read_manifest(self.bundle)
+        try:
+            m = {key: manifest[key] for key in ("name", "latent_scale", "classes", "null_class", "grid")}
+            m["grid"] = [int(v) for v in m["grid"]]
+            m["latent_scale"] = float(m["latent_scale"])
+            m["classes"], m["null_class"] = int(m["classes"]), int(m["null_class"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise BenchError(f"{path}: {e!r} (see models/README.md, the manifest)") from e
         self.manifest = m
 
     # -- phase: plans -------------------------------------------------------------------------
