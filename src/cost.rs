@@ -2,7 +2,7 @@
 //! mar.md §7 (FLOPs = 2 × multiply-accumulates; LayerNorm, softmax and
 //! activations ignored; VAE decoding not included, as in the GtR paper).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::plan::Plan;
 
@@ -83,7 +83,7 @@ impl ModelSpec {
 }
 
 /// What a plan costs per image on a model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cost {
     pub model: String,
     pub mar_steps: usize,
@@ -100,6 +100,22 @@ pub struct Cost {
 impl Cost {
     pub fn total_flops(&self) -> f64 {
         self.encoder_flops + self.decoder_flops + self.diffusion_flops
+    }
+}
+
+/// A [`Cost`] with its total, as `plan --json` and `run.json` write it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PricedCost {
+    #[serde(flatten)]
+    pub cost: Cost,
+    /// [`Cost::total_flops`].
+    pub total_flops: f64,
+}
+
+impl From<Cost> for PricedCost {
+    fn from(cost: Cost) -> Self {
+        let total_flops = cost.total_flops();
+        PricedCost { cost, total_flops }
     }
 }
 

@@ -9,10 +9,10 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use gtr_run::cost::{ModelSpec, plan_cost};
-use gtr_run::generate::Shard;
 use gtr_run::grid::Grid;
 use gtr_run::plan::Planner;
 use gtr_run::report;
+use gtr_run::run::Shard;
 use gtr_run::schedule::{Schedule, ScheduleError};
 
 #[derive(Parser)]
@@ -519,7 +519,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     use gtr_run::bundle::Bundle;
-    use gtr_run::generate::{Classes, Existing, RunRequest, default_out_dir, run};
+    use gtr_run::run::{Classes, Existing, RunRequest, default_out_dir, generate};
 
     let (Some(model_path), Some(schedule_path)) = (args.model, args.schedule) else {
         bail!("give a MODEL and a SCHEDULE (see --help)");
@@ -559,8 +559,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
     });
     let request = RunRequest {
-        schedule_path,
-        overrides,
+        schedule,
         num_images: args.num_images,
         batch: args.batch,
         seed: args.seed,
@@ -600,7 +599,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         "gtr-run: model {} ({}), schedule {}, seed {}{part} -> {}",
         bundle.manifest.name,
         options.precision.precision,
-        request.schedule_path.display(),
+        request.schedule.source.name,
         request.seed,
         out.display()
     );
@@ -612,13 +611,15 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut made = 0;
-    let record = run(&bundle, model, &request, |done, total| {
+    let record = generate(&bundle, model, &request, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
         made = total;
     })?;
     bar.finish_and_clear();
-    let secs = &record["seconds"];
+    let measured = record
+        .measured
+        .context("the run finished without measurements")?;
     let files = match (&request.shard, &request.npz) {
         (Some(_), _) => "run.json".to_string(),
         (None, Some(npz)) => format!("grid.png, run.json and {}", npz.display()),
@@ -628,14 +629,14 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         "wrote {made} images, {files} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
         out.display(),
         request.seed,
-        record["mar_steps"],
-        record["execution_provider"].as_str().unwrap_or("?"),
-        secs["wall"].as_f64().unwrap_or(0.0)
+        record.mar_steps,
+        measured.execution_provider.as_deref().unwrap_or("?"),
+        measured.seconds.wall
     ))
 }
 
 fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
-    use gtr_run::merge::{MergeRequest, merge};
+    use gtr_run::run::merge::{MergeRequest, merge};
     let request = MergeRequest {
         out: args.out,
         parts: args.parts,
@@ -650,7 +651,7 @@ fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
     write_stdout(&format!(
         "merged {} parts: {} images, grid.png, run.json{npz} in {}\n",
         request.parts.len(),
-        record["num_images"],
+        record.num_images,
         request.out.display()
     ))
 }

@@ -57,7 +57,7 @@ pub enum EngineError {
 }
 
 /// Time and work of one MAR step, summed over a batch.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepStats {
     pub backbone_seconds: f64,
     pub diffusion_seconds: f64,
@@ -65,6 +65,17 @@ pub struct StepStats {
     /// Diffusion-head rows summed over calls (both CFG halves).
     pub diffusion_rows: u64,
     pub other_seconds: f64,
+}
+
+impl StepStats {
+    /// Adds `more`'s seconds and counters.
+    pub fn add(&mut self, more: &StepStats) {
+        self.backbone_seconds += more.backbone_seconds;
+        self.diffusion_seconds += more.diffusion_seconds;
+        self.diffusion_calls += more.diffusion_calls;
+        self.diffusion_rows += more.diffusion_rows;
+        self.other_seconds += more.other_seconds;
+    }
 }
 
 /// Totals over everything the engine ran.

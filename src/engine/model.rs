@@ -150,7 +150,7 @@ pub struct ChainInputs<'a> {
 }
 
 /// Calls of one graph and the seconds spent inside the runtime's run call.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GraphStats {
     pub graph: String,
     pub calls: u64,

@@ -16,9 +16,9 @@ use serde::Serialize;
 
 use crate::cost::{ModelSpec, plan_cost};
 use crate::engine::{Engine, ImageJob, MarModel, ModelError, Noise};
-use crate::generate::{Classes, label_for};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
+use crate::run::{Classes, label_for};
 use crate::schedule::{Schedule, ScheduleError};
 
 pub use stats::{FeatureStats, class_accuracy, classifier_score, frechet_distance, probabilities};

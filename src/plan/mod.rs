@@ -12,7 +12,7 @@ pub mod partition;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::grid::{Grid, MAX_TOKENS};
 use crate::rng::{Purpose, Stream};
@@ -35,7 +35,7 @@ pub struct PlanStage {
 
 /// FTS for one step: the top `count` of the step's tokens by `selector`
 /// get `steps` diffusion steps instead of the step's base count.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DetailRule {
     /// β as written.
     pub fraction: f64,

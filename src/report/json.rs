@@ -3,8 +3,8 @@
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::cost::Cost;
-use crate::plan::Plan;
+use crate::cost::{Cost, PricedCost};
+use crate::plan::{DetailRule, Plan};
 use crate::schedule::Schedule;
 
 #[derive(Serialize)]
@@ -16,7 +16,7 @@ struct StepJson<'a> {
     /// `null` when the step runs no unconditional pass.
     cfg: Option<f64>,
     temperature: f64,
-    detail: Option<Value>,
+    detail: Option<DetailRule>,
 }
 
 /// `{"schedule", "grid": [h, w], "seed", "params", "stages", "steps", "cost"?}`
@@ -32,9 +32,7 @@ pub fn plan_json(schedule: &Schedule, plan: &Plan, cost: Option<&Cost>) -> Value
             diffusion_steps: s.diffusion_steps,
             cfg: s.cfg,
             temperature: s.temperature,
-            detail: s.detail.map(|d| {
-                json!({"fraction": d.fraction, "steps": d.steps, "selector": d.selector.name(), "count": d.count})
-            }),
+            detail: s.detail,
         })
         .collect();
     let params: serde_json::Map<String, Value> = schedule
@@ -51,17 +49,7 @@ pub fn plan_json(schedule: &Schedule, plan: &Plan, cost: Option<&Cost>) -> Value
         "steps": steps,
     });
     if let Some(c) = cost {
-        out["cost"] = json!({
-            "model": c.model,
-            "mar_steps": c.mar_steps,
-            "encoder_passes": c.encoder_passes,
-            "decoder_passes": c.decoder_passes,
-            "diffusion_evaluations": c.diffusion_evaluations,
-            "encoder_flops": c.encoder_flops,
-            "decoder_flops": c.decoder_flops,
-            "diffusion_flops": c.diffusion_flops,
-            "total_flops": c.total_flops(),
-        });
+        out["cost"] = json!(PricedCost::from(c.clone()));
     }
     out
 }

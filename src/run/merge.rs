@@ -4,13 +4,11 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
+use super::folder::{check_file_target, image_name, image_path, is_run_file};
+use super::outputs::{write_grid, write_npz};
+use super::record::RunRecord;
+use super::{RunError, Shard};
 use crate::fsutil::sha256_file;
-use crate::generate::{
-    RunError, Shard, check_file_target, combine_records, disagreements, image_name, image_path,
-    is_run_file, read_record, write_grid, write_npz, write_record,
-};
 
 #[derive(Debug, Clone)]
 pub struct MergeRequest {
@@ -27,7 +25,7 @@ pub struct MergeRequest {
 /// One finished part: its folder, its record and the images it holds.
 struct Part {
     dir: PathBuf,
-    record: Value,
+    record: RunRecord,
     /// Images in the whole run.
     num: usize,
     shard: Option<Shard>,
@@ -42,38 +40,23 @@ impl Part {
                 dir.display()
             )));
         }
-        let record = read_record(dir)?;
-        if record["finished"] == Value::Bool(false) {
+        let record = RunRecord::read(dir)?;
+        if !record.finished {
             return Err(RunError::Invalid(format!(
                 "{} holds an unfinished run (its run.json is written before the first image and marked finished only at the end): it was interrupted or is still running; finish it with --resume, then merge",
                 dir.display()
             )));
         }
-        let bad = |what: &str| {
-            RunError::Invalid(format!(
-                "{}/run.json: {what}; is it a gtr-run record?",
+        let num = record.num_images;
+        let shard = record.shard.map(|s| Shard { k: s.k, n: s.n });
+        if let Some(shard) = shard
+            && (shard.k >= shard.n || shard.n > num)
+        {
+            return Err(RunError::Invalid(format!(
+                "{}/run.json: shard {shard} of {num} images is impossible; is it a gtr-run record?",
                 dir.display()
-            ))
-        };
-        let num = record["num_images"]
-            .as_u64()
-            .ok_or_else(|| bad("no `num_images`"))? as usize;
-        let shard = match &record["shard"] {
-            Value::Null => None,
-            s => {
-                let (Some(k), Some(n)) = (s["k"].as_u64(), s["n"].as_u64()) else {
-                    return Err(bad("`shard` has no `k` and `n`"));
-                };
-                let shard = Shard {
-                    k: k as usize,
-                    n: n as usize,
-                };
-                if shard.k >= shard.n || shard.n > num {
-                    return Err(bad(&format!("shard {shard} of {num} images is impossible")));
-                }
-                Some(shard)
-            }
-        };
+            )));
+        }
         let range = shard.map_or(0..num, |s| s.range(num));
         Ok(Part {
             dir: dir.to_path_buf(),
@@ -89,7 +72,6 @@ impl Part {
     /// anything. Each must also have a hash in the part's record, which
     /// [`Part::check_hash`] compares.
     fn check_files(&self) -> Result<(), RunError> {
-        let hashes = self.record["images_sha256"].as_object();
         for i in self.range.clone() {
             let path = image_path(&self.dir, i);
             match std::fs::symlink_metadata(&path) {
@@ -110,7 +92,7 @@ impl Part {
                     )));
                 }
             }
-            if hashes.is_none_or(|h| !h.contains_key(&image_name(i))) {
+            if !self.record.images_sha256.contains_key(&image_name(i)) {
                 return Err(RunError::Invalid(format!(
                     "{}/run.json records no SHA-256 for {} (`images_sha256`; records written before gtr-run kept image hashes have none), so the image cannot be checked; make the part again with --force",
                     self.dir.display(),
@@ -125,7 +107,11 @@ impl Part {
     /// SHA-256 the part's record gives it.
     fn check_hash(&self, i: usize, path: &Path) -> Result<(), RunError> {
         let name = image_name(i);
-        let want = self.record["images_sha256"][&name].as_str().unwrap_or("");
+        let want = self
+            .record
+            .images_sha256
+            .get(&name)
+            .map_or("", String::as_str);
         let got = sha256_file(path)
             .map_err(|e| RunError::Invalid(format!("reading {}: {e}", path.display())))?;
         if got == want {
@@ -157,11 +143,11 @@ impl Part {
 /// index exactly once, with every PNG they claim present; then builds the
 /// folder beside `out` (PNGs hard-linked where the file system allows, else
 /// copied; `grid.png`; a combined `run.json`, see
-/// [`crate::generate::combine_records`]; the `.npz` if asked) and renames
+/// [`RunRecord::combine`]; the `.npz` if asked) and renames
 /// it into place, so `out` is never seen half-written. A non-empty `out` is
 /// refused unless `force`, and even then only if it holds nothing but
 /// gtr-run output. Returns the combined record.
-pub fn merge(req: &MergeRequest) -> Result<Value, RunError> {
+pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
     let mut parts: Vec<Part> = req
         .parts
         .iter()
@@ -174,7 +160,9 @@ pub fn merge(req: &MergeRequest) -> Result<Value, RunError> {
         ));
     };
     for part in &parts[1..] {
-        let differ = disagreements(&first.record, &first.name(), &part.record, &part.name());
+        let differ = first
+            .record
+            .disagreements(&first.name(), &part.record, &part.name());
         if !differ.is_empty() {
             return Err(RunError::Invalid(format!(
                 "{} and {} are not parts of one run: they differ in {}",
@@ -207,16 +195,16 @@ pub fn merge(req: &MergeRequest) -> Result<Value, RunError> {
             part.check_hash(i, &staged)?;
         }
     }
-    let labels: Vec<i64> = first.record["labels"]
-        .as_array()
-        .map(|ls| ls.iter().filter_map(Value::as_i64).collect())
-        .unwrap_or_default();
-    let classes = first.record["model"]["classes"].as_u64().unwrap_or(0) as usize;
-    write_grid(&staging.dir, num, &labels, classes)?;
-    let records: Vec<(String, Value)> =
+    write_grid(
+        &staging.dir,
+        num,
+        &first.record.labels,
+        first.record.model.classes,
+    )?;
+    let records: Vec<(String, RunRecord)> =
         parts.iter().map(|p| (p.name(), p.record.clone())).collect();
-    let record = combine_records(&records);
-    write_record(&staging.dir, &record)?;
+    let record = RunRecord::combine(&records).expect("at least one part");
+    record.write(&staging.dir)?;
     if let Some(npz) = &req.npz {
         // An .npz meant to sit in `out` is made in the staging folder too.
         let target = match (npz_in_out, npz.file_name()) {

@@ -1,0 +1,377 @@
+//! What happens around generation: a run of images from a bundle and a
+//! schedule, written to an output folder as `00000.png`…, a preview
+//! `grid.png` and `run.json` ([`record::RunRecord`]), optionally an `.npz`
+//! of all images; a run may be split into shards ([`Shard`]) that
+//! [`merge`] joins again.
+//!
+//! Rooms: [`folder`] (the output folder: ownership, overwrite rules, file
+//! names), [`outputs`] (PNG, grid, npz), [`jobs`] (labels, seeds, shards),
+//! [`record`] (run.json), [`merge`] (shards joined). This module only
+//! orchestrates them around the engine.
+
+pub mod folder;
+pub mod jobs;
+pub mod merge;
+pub mod outputs;
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::Axis;
+use serde_json::Value;
+
+pub use folder::{Existing, default_out_dir};
+pub use jobs::{Classes, Shard, label_for};
+pub use outputs::{encode_png, write_npz};
+pub use record::RunRecord;
+
+use crate::bundle::Bundle;
+use crate::cost::plan_cost;
+use crate::engine::{Engine, MarModel, ModelInfo, Noise, Replay};
+use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
+use crate::plan::{Plan, PlanOptions, Planner};
+use crate::schedule::{Schedule, ScheduleError};
+use folder::{image_name, image_path};
+use record::{Measurements, ModelRecord, ScheduleRecord, Seconds, ShardRecord, StepRecord, Writer};
+
+/// A generation run as asked for.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The checked schedule (overrides applied); its source's name is
+    /// recorded as the schedule's path.
+    pub schedule: Schedule,
+    pub num_images: usize,
+    pub batch: usize,
+    pub seed: u64,
+    pub classes: Classes,
+    pub cfg: Option<f64>,
+    pub temperature: Option<f64>,
+    pub out: PathBuf,
+    pub existing: Existing,
+    pub replay: Option<PathBuf>,
+    pub device_requested: String,
+    /// How the model was loaded (precision, graph files, provider
+    /// settings), recorded as `runtime_settings`; `Null` when unknown.
+    pub runtime_settings: Value,
+    /// Generate only this part of the images (seeds, labels and file names
+    /// stay those of the whole run); no `grid.png` is written.
+    pub shard: Option<Shard>,
+    /// Also write all images as an `.npz` here (see [`write_npz`]).
+    pub npz: Option<PathBuf>,
+    /// Ticks per sampler-graph call ([`Engine::ticks_per_call`]).
+    pub ticks_per_call: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error(transparent)]
+    Replay(#[from] crate::engine::replay::ReplayError),
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The plans of a run: the planner for each image's seed, the options every
+/// plan takes, and the plan of the run's own seed (recorded as the run's
+/// step table and priced).
+struct RunPlans<'s> {
+    planner: Planner<'s>,
+    options: PlanOptions,
+    reference: Plan,
+}
+
+impl RunPlans<'_> {
+    fn plan(&self, seed: u64) -> Result<Plan, RunError> {
+        self.planner
+            .plan_with(seed, &self.options)
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)).into())
+    }
+}
+
+/// Runs the request on `model`; `progress` sees (images done, images in
+/// this run or shard). Returns the record also written to `run.json`.
+///
+/// Everything that can be checked is checked before the output folder is
+/// touched; the folder's record is written before the first image (so a
+/// killed run can be resumed) and again, with the measurements, at the end.
+pub fn generate<M: MarModel>(
+    bundle: &Bundle,
+    model: M,
+    req: &RunRequest,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<RunRecord, RunError> {
+    let info = model.info().clone();
+    let range = check_request(req)?;
+    let labels = jobs::labels(&req.classes, req.num_images, &info)?;
+    let replay = load_replay(req)?;
+    let plans = plan_run(req, &info)?;
+    let mut record = describe_run(bundle, &model, req, &labels, &range, &plans.reference);
+
+    // The output folder: locked for this process, then a previous run in
+    // it refused, resumed or overwritten.
+    let (_lock, previous) = folder::claim(&req.out, req.existing)?;
+    if req.existing == Existing::Resume {
+        folder::check_resumable(&req.out, previous.as_ref(), &record)?;
+    }
+    let (kept, todo): (Vec<usize>, Vec<usize>) = range.clone().partition(|&i| {
+        req.existing == Existing::Resume && folder::is_written(&image_path(&req.out, i))
+    });
+    let mut hashes = check_kept(&req.out, &kept, previous.as_ref())?;
+    // The folder is this run's from here on: its identity is on disk before
+    // the first image, so that a later --resume, even after a kill, can
+    // compare against it (and the kept images against their hashes).
+    RunRecord {
+        finished: false,
+        images_sha256: hashes.clone(),
+        writer: Some(Writer {
+            pid: std::process::id(),
+            host: host_name(),
+        }),
+        ..record.clone()
+    }
+    .write(&req.out)?;
+
+    let mut engine = Engine::new(model);
+    engine.ticks_per_call = req.ticks_per_call;
+    let started = Instant::now();
+    let mut done = range.len() - todo.len();
+    progress(done, range.len());
+    for chunk in todo.chunks(req.batch) {
+        let jobs = jobs::image_jobs(chunk, req.seed, &labels);
+        let image_plans: Vec<Plan> = jobs
+            .iter()
+            .map(|j| plans.plan(j.seed))
+            .collect::<Result<_, _>>()?;
+        let noise = replay.as_ref().map_or(Noise::Seeded, Noise::Replay);
+        let out = engine.generate(&image_plans, &jobs, noise, |_, _| {})?;
+        for (k, job) in jobs.iter().enumerate() {
+            let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
+            let path = image_path(&req.out, job.index as usize);
+            hashes.insert(image_name(job.index as usize), sha256_hex(&png));
+            write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
+        }
+        done += jobs.len();
+        progress(done, range.len());
+    }
+    let wall = started.elapsed().as_secs_f64();
+
+    // A shard's preview would show a slice of the classes; merge makes the
+    // grid of the whole run.
+    if req.shard.is_none() {
+        outputs::write_grid(&req.out, req.num_images, &labels, info.classes)?;
+    }
+    if let Some(npz) = &req.npz {
+        write_npz(npz, &req.out, range.clone())?;
+    }
+    record.images_sha256 = hashes;
+    record.measured = Some(measure(&engine, &plans.reference, todo.len(), wall, req));
+    record.write(&req.out)?;
+    Ok(record)
+}
+
+/// The image indices this process makes; refuses counts, shards and an
+/// `.npz` target that cannot work, before any work.
+fn check_request(req: &RunRequest) -> Result<Range<usize>, RunError> {
+    if req.num_images == 0 || req.batch == 0 {
+        return Err(RunError::Invalid(
+            "--num-images and --batch must be at least 1".into(),
+        ));
+    }
+    let range = match req.shard {
+        Some(shard) if shard.n > req.num_images => {
+            return Err(RunError::Invalid(format!(
+                "--shard {shard}: {} shards of {} images would leave shards empty; use at most {} shards",
+                shard.n, req.num_images, req.num_images
+            )));
+        }
+        Some(shard) => shard.range(req.num_images),
+        None => 0..req.num_images,
+    };
+    if let Some(npz) = &req.npz {
+        if req.shard.is_some() {
+            return Err(RunError::Invalid(
+                "--npz with --shard: a shard holds only part of the images; pass --npz to `gtr-run merge` instead".into(),
+            ));
+        }
+        folder::check_file_target(npz, "--npz")?;
+    }
+    Ok(range)
+}
+
+/// The `--replay` file, checked to hold noise for every image.
+fn load_replay(req: &RunRequest) -> Result<Option<Replay>, RunError> {
+    let Some(path) = &req.replay else {
+        return Ok(None);
+    };
+    let replay = Replay::load(path)?;
+    if replay.images() < req.num_images {
+        return Err(RunError::Invalid(format!(
+            "the replay file holds {} images; --num-images is {}",
+            replay.images(),
+            req.num_images
+        )));
+    }
+    Ok(Some(replay))
+}
+
+/// The run's plans on the model `info`, checked against the model (grid,
+/// chain lengths) before any work.
+fn plan_run<'s>(req: &'s RunRequest, info: &ModelInfo) -> Result<RunPlans<'s>, RunError> {
+    let invalid = |d| RunError::from(ScheduleError::Invalid(Box::new(d)));
+    req.schedule
+        .check_model_grid(info.grid, &info.name)
+        .map_err(RunError::Invalid)?;
+    let planner = Planner::new(&req.schedule, info.grid).map_err(invalid)?;
+    let options = PlanOptions {
+        default_cfg: Some(info.defaults.cfg),
+        default_temperature: Some(info.defaults.temperature),
+        cfg: req.cfg,
+        temperature: req.temperature,
+    };
+    let reference = planner.plan_with(req.seed, &options).map_err(invalid)?;
+    crate::engine::check_plan(info, &reference).map_err(RunError::Invalid)?;
+    Ok(RunPlans {
+        planner,
+        options,
+        reference,
+    })
+}
+
+/// What the run is, known before any image is made (no measurements, no
+/// hashes yet).
+fn describe_run<M: MarModel>(
+    bundle: &Bundle,
+    model: &M,
+    req: &RunRequest,
+    labels: &[i64],
+    range: &Range<usize>,
+    reference: &Plan,
+) -> RunRecord {
+    let info = model.info();
+    RunRecord {
+        gtr_run_version: env!("CARGO_PKG_VERSION").into(),
+        model: ModelRecord {
+            name: info.name.clone(),
+            path: Some(bundle.dir.display().to_string()),
+            classes: info.classes,
+        },
+        schedule: ScheduleRecord {
+            path: Some(req.schedule.source.name.clone()),
+            source: req.schedule.source.text.clone(),
+            params: req
+                .schedule
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.value))
+                .collect(),
+        },
+        seed: req.seed,
+        num_images: req.num_images,
+        shard: req.shard.map(|s| ShardRecord {
+            k: s.k,
+            n: s.n,
+            start: range.start,
+            end: range.end,
+        }),
+        batch: Some(req.batch),
+        labels: labels.to_vec(),
+        cfg_override: req.cfg,
+        temperature_override: req.temperature,
+        replay: req.replay.as_ref().map(|p| p.display().to_string()),
+        device_requested: Some(req.device_requested.clone()),
+        precision: model.precision(),
+        runtime_settings: req.runtime_settings.clone(),
+        mar_steps: reference.steps.len(),
+        cost_per_image: plan_cost(reference, &bundle.cost_spec()).into(),
+        finished: true,
+        images_sha256: BTreeMap::new(),
+        writer: None,
+        measured: None,
+        parts: Vec::new(),
+    }
+}
+
+/// The hashes of the images `--resume` keeps. Where the folder's record has
+/// their hashes (a finished run), each must still be the image it recorded.
+fn check_kept(
+    out: &Path,
+    kept: &[usize],
+    previous: Option<&RunRecord>,
+) -> Result<BTreeMap<String, String>, RunError> {
+    let mut hashes = BTreeMap::new();
+    for &i in kept {
+        let (path, name) = (image_path(out, i), image_name(i));
+        let hash = sha256_file(&path)
+            .map_err(|e| RunError::Invalid(format!("reading back {}: {e}", path.display())))?;
+        if let Some(want) = previous.and_then(|r| r.images_sha256.get(&name))
+            && *want != hash
+        {
+            return Err(RunError::Invalid(format!(
+                "{} is not the image the folder's run.json recorded (SHA-256 {hash}, recorded {want}): it was changed or replaced after the run; remove it and --resume makes it again",
+                path.display(),
+            )));
+        }
+        hashes.insert(name, hash);
+    }
+    Ok(hashes)
+}
+
+/// What the engine measured over the run: the reference plan's step table
+/// with each step's counters, each graph's calls, and the seconds.
+fn measure<M: MarModel>(
+    engine: &Engine<M>,
+    reference: &Plan,
+    generated_now: usize,
+    wall: f64,
+    req: &RunRequest,
+) -> Measurements {
+    let stats = &engine.stats;
+    let graphs = engine.model.graph_stats();
+    // Time inside the runtime's own run calls, where the model reports it.
+    let runtime_seconds = engine.runtime_seconds();
+    let steps = reference
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(k, p)| StepRecord {
+            step: k,
+            stage: reference.stages[p.stage].name.clone(),
+            tokens: p.tokens.len(),
+            known_before: p.known_before,
+            diffusion_steps: p.diffusion_steps,
+            detail: p.detail,
+            cfg: p.cfg,
+            temperature: p.temperature,
+            measured: stats.steps.get(k).cloned().unwrap_or_default(),
+        })
+        .collect();
+    Measurements {
+        generated_now,
+        execution_provider: Some(engine.model.execution_provider()),
+        diffusion_chains: engine.chain_runner().into(),
+        sampler_ticks_per_call: req.ticks_per_call,
+        steps,
+        seconds: Seconds {
+            wall,
+            generation: stats.total_seconds,
+            in_model_calls: stats.model_seconds(),
+            in_runtime_run_calls: runtime_seconds,
+            outside_runtime_run_calls: stats.total_seconds - runtime_seconds,
+            vae: stats.vae_seconds,
+            session_creation: graphs.iter().map(|g| g.load_seconds).sum(),
+            first_calls: graphs.iter().map(|g| g.first_call_seconds).sum(),
+        },
+        graphs,
+    }
+}
