@@ -12,7 +12,7 @@ use std::path::Path;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 use gtr_run::engine::fake::FakeModel;
-use gtr_run::engine::{Engine, ImageJob, Noise};
+use gtr_run::engine::{Engine, ImageJob, SeededNoise};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{PlanOptions, Planner};
 use gtr_run::rng::image_seed;
@@ -115,7 +115,7 @@ fn engine_batch(c: &mut Criterion) {
         b.iter(|| {
             black_box(
                 engine
-                    .generate(&plans, &jobs, Noise::Seeded, |_, _| {})
+                    .generate(&plans, &jobs, &SeededNoise, |_, _| {})
                     .expect("generate"),
             )
         })

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use gtr_run::engine::fake::FakeModel;
-use gtr_run::engine::{Engine, ImageJob, Noise, Replay};
+use gtr_run::engine::{Engine, ImageJob, Replay, SeededNoise};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{Plan, PlanOptions, Planner};
 use gtr_run::rng::image_seed;
@@ -46,7 +46,7 @@ fn plans(s: &Schedule, jobs: &[ImageJob]) -> Vec<Plan> {
 fn run(s: &Schedule, jobs: &[ImageJob]) -> Array3<f32> {
     let mut engine = Engine::new(FakeModel::new());
     engine
-        .generate(&plans(s, jobs), jobs, Noise::Seeded, |_, _| {})
+        .generate(&plans(s, jobs), jobs, &SeededNoise, |_, _| {})
         .unwrap()
         .tokens
 }
@@ -95,7 +95,7 @@ fn one_diffusion_call_per_tick_of_the_longest_chain() {
     let plan = planner.plan(job.seed).unwrap();
     let mut engine = Engine::new(FakeModel::with_grid(Grid::new(4, 4)));
     let out = engine
-        .generate(&[plan], &[job], Noise::Seeded, |_, _| {})
+        .generate(&[plan], &[job], &SeededNoise, |_, _| {})
         .unwrap();
     let fake = &engine.model;
     assert_eq!(fake.backbone_calls, 2);
@@ -121,7 +121,7 @@ fn unguided_steps_run_single_rows() {
     };
     let mut engine = Engine::new(FakeModel::with_grid(Grid::new(4, 4)));
     engine
-        .generate(&[plan], &[job], Noise::Seeded, |_, _| {})
+        .generate(&[plan], &[job], &SeededNoise, |_, _| {})
         .unwrap();
     assert_eq!(engine.model.diffusion_rows, vec![8; 6]);
 }
@@ -143,18 +143,14 @@ fn replay_sets_order_and_noise() {
     };
     replay.check().unwrap();
     let mut engine = Engine::new(FakeModel::new());
-    let a = engine
-        .generate(&plan, &job, Noise::Replay(&replay), |_, _| {})
-        .unwrap();
+    let a = engine.generate(&plan, &job, &replay, |_, _| {}).unwrap();
     let mut engine = Engine::new(FakeModel::new());
-    let b = engine
-        .generate(&plan, &job, Noise::Replay(&replay), |_, _| {})
-        .unwrap();
+    let b = engine.generate(&plan, &job, &replay, |_, _| {}).unwrap();
     assert_eq!(a.tokens, b.tokens);
     // Zero step noise and equal initial noise: tokens differ only through
     // their position and context, never through a random draw.
     let seeded = engine
-        .generate(&plan, &job, Noise::Seeded, |_, _| {})
+        .generate(&plan, &job, &SeededNoise, |_, _| {})
         .unwrap();
     assert_ne!(a.tokens, seeded.tokens);
     // Too little step noise for the chains is refused, not indexed out of bounds.
@@ -162,9 +158,7 @@ fn replay_sets_order_and_noise() {
         step_noise: Array4::zeros((1, l, 10, c)),
         ..replay
     };
-    let err = engine
-        .generate(&plan, &job, Noise::Replay(&short), |_, _| {})
-        .unwrap_err();
+    let err = engine.generate(&plan, &job, &short, |_, _| {}).unwrap_err();
     assert!(err.to_string().contains("needs 100"), "{err}");
 }
 
@@ -175,7 +169,7 @@ fn out_of_range_classes_and_foreign_grids_are_refused() {
     bad[0].label = 11;
     let mut engine = Engine::new(FakeModel::new());
     let err = engine
-        .generate(&plans(&s, &bad), &bad, Noise::Seeded, |_, _| {})
+        .generate(&plans(&s, &bad), &bad, &SeededNoise, |_, _| {})
         .unwrap_err();
     assert!(
         err.to_string().contains("class 11 is out of range"),
@@ -184,7 +178,7 @@ fn out_of_range_classes_and_foreign_grids_are_refused() {
     let p = Planner::new(&s, Grid::new(8, 8)).unwrap().plan(0).unwrap();
     let ok = jobs(0, 0..1);
     let err = engine
-        .generate(&[p], &ok, Noise::Seeded, |_, _| {})
+        .generate(&[p], &ok, &SeededNoise, |_, _| {})
         .unwrap_err();
     assert!(err.to_string().contains("8x8 grid"), "{err}");
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use gtr_run::backend::ort::{Device, OrtModel};
 use gtr_run::bundle::Bundle;
-use gtr_run::engine::{Engine, GraphStats, ImageJob, MarModel, Noise, Replay};
+use gtr_run::engine::{Engine, GraphStats, ImageJob, MarModel, Replay};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{DetailRule, Plan, PlanStage, PlanStep, round_half_even};
 use gtr_run::sampler::NoiseSchedule;
@@ -162,9 +162,7 @@ fn check_case_on(dir: &Path, golden_dir: &Path, name: &str, tol: Tolerance) -> V
         })
         .collect();
     let mut engine = Engine::new(model);
-    let out = engine
-        .generate(&plans, &jobs, Noise::Replay(&replay), |_, _| {})
-        .unwrap();
+    let out = engine.generate(&plans, &jobs, &replay, |_, _| {}).unwrap();
 
     let want_tokens: Array3<f32> = g.get("tokens");
     let want_images: Array4<f32> = g.get("images");

@@ -8,49 +8,16 @@
 //! model's sampler graph in one call, so the chain's state stays on the
 //! model's device. Both take each row's noise from the same draws.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array3, s};
 
 use super::model::{ChainInputs, MarModel, ModelInfo};
-use super::{EngineError, ImageJob, Noise, check_finite, shape_error};
-use crate::rng::TokenNoise;
-use crate::sampler::Chain;
+use super::rows::Row;
+use super::{EngineError, check_finite, shape_error};
 
 /// Coefficients per row and tick in a sampler graph's `coef`.
 const COEFFICIENTS: usize = 5;
-
-/// One token being sampled in the current MAR step.
-pub(super) struct Row {
-    pub image: usize,
-    pub token: usize,
-    pub steps: usize,
-    pub chain: Arc<Chain>,
-    /// The token's ChaCha stream (seeded runs; replays read recorded draws).
-    pub noise: Option<TokenNoise>,
-}
-
-impl Row {
-    /// Fills `out` with the row's next draw: the initial noise when `tick`
-    /// is `None`, else the noise of that tick. Seeded rows draw from their
-    /// stream in call order, so callers draw in tick order.
-    pub fn draw(&mut self, noise: Noise, jobs: &[ImageJob], tick: Option<usize>, out: &mut [f32]) {
-        match (&mut self.noise, noise) {
-            (Some(stream), _) => stream.fill(out),
-            (None, Noise::Replay(rep)) => {
-                let idx = jobs[self.image].index as usize;
-                for (ch, v) in out.iter_mut().enumerate() {
-                    *v = match tick {
-                        None => rep.init_noise[[idx, self.token, ch]],
-                        Some(k) => rep.step_noise[[idx, self.token, k, ch]],
-                    };
-                }
-            }
-            (None, Noise::Seeded) => unreachable!("seeded rows carry a stream"),
-        }
-    }
-}
 
 /// What a step's chains cost.
 pub(super) struct ChainWork {
@@ -71,8 +38,6 @@ pub(super) struct StepChains<'a> {
     pub guided: bool,
     pub scale: f64,
     pub temperature: f64,
-    pub noise: Noise<'a>,
-    pub jobs: &'a [ImageJob],
     /// Ticks per sampler-graph call (`None`: all of them in one call).
     pub ticks_per_call: Option<usize>,
 }
@@ -194,7 +159,7 @@ impl StepChains<'_> {
                         e
                     };
                 }
-                row.draw(self.noise, self.jobs, Some(tick), &mut draw);
+                row.draws.draw(Some(tick), &mut draw);
                 row.chain.step(
                     i,
                     info.variance,
@@ -210,7 +175,7 @@ impl StepChains<'_> {
     }
 
     /// Every tick in one call of the model's sampler graph; the update runs
-    /// there in f32 with [`Chain::tick_coefficients`].
+    /// there in f32 with [`crate::sampler::Chain::tick_coefficients`].
     pub fn run_in_graph<M: MarModel>(
         &self,
         model: &mut M,
@@ -251,7 +216,7 @@ impl StepChains<'_> {
                 }
                 let mut slot = noise.slice_mut(s![tick, r, ..]);
                 let out = slot.as_slice_mut().expect("a row of a standard array");
-                row.draw(self.noise, self.jobs, Some(tick), out);
+                row.draws.draw(Some(tick), out);
             }
         }
         let per_call = self.ticks_per_call.unwrap_or(ticks).clamp(1, ticks);

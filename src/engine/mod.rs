@@ -10,19 +10,22 @@
 mod chains;
 pub mod fake;
 pub mod model;
+pub mod noise;
 pub mod replay;
+mod rows;
 
 use std::time::Instant;
 
-use ndarray::{Array1, Array2, Array3, Array4, Axis};
+use ndarray::{Array2, Array3, Array4};
 
-use chains::{Row, StepChains};
+use chains::StepChains;
 pub use model::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
+pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 pub use replay::Replay;
+use rows::{Canvas, RowSources};
 
 use crate::plan::{Plan, round_half_even};
-use crate::rng::{Purpose, Stream, TokenNoise};
-use crate::sampler::fts::{FtsScorer, select};
+use crate::sampler::fts::FtsScorer;
 use crate::sampler::{ChainCache, NoiseSchedule};
 
 /// One image to generate.
@@ -112,15 +115,6 @@ pub struct BatchOutput {
     pub detail: Array2<bool>,
 }
 
-/// Where diffusion noise comes from.
-#[derive(Clone, Copy)]
-pub enum Noise<'a> {
-    /// Per-token ChaCha streams from each image's seed.
-    Seeded,
-    /// Recorded draws, indexed by [`ImageJob::index`].
-    Replay(&'a Replay),
-}
-
 pub struct Engine<M: MarModel> {
     pub model: M,
     chains: ChainCache,
@@ -165,174 +159,126 @@ impl<M: MarModel> Engine<M> {
         }
     }
 
-    /// Generates one image per (plan, job). All plans must come from one
-    /// schedule (same step sizes and settings; orders may differ).
+    /// Generates one image per (plan, job), drawing from `noise`. All plans
+    /// must come from one schedule (same step sizes and settings; orders
+    /// may differ). `on_step` sees (step done, steps).
     pub fn generate(
         &mut self,
         plans: &[Plan],
         jobs: &[ImageJob],
-        noise: Noise,
+        noise: &dyn NoiseSource,
         mut on_step: impl FnMut(usize, usize),
     ) -> Result<BatchOutput, EngineError> {
         let start = Instant::now();
         let info = self.model.info().clone();
         check_batch(&info, plans, jobs, noise)?;
-        let grid = info.grid;
-        let (b, l, c, d) = (jobs.len(), grid.len(), info.token_dim, info.width);
-        let steps = &plans[0].steps;
-        if self.stats.steps.len() < steps.len() {
-            self.stats.steps.resize(steps.len(), StepStats::default());
+        let steps = plans[0].steps.len();
+        if self.stats.steps.len() < steps {
+            self.stats.steps.resize(steps, StepStats::default());
         }
-
-        let mut tokens = Array3::<f32>::zeros((b, l, c));
-        let mut detail_mask = Array2::<bool>::from_elem((b, l), false);
-        let mut known: Vec<Vec<usize>> = vec![Vec::new(); b];
-
-        for (s, template) in steps.iter().enumerate() {
-            let step_start = Instant::now();
-            let guided = template.cfg.is_some();
-            let rows_b = if guided { 2 * b } else { b };
-            let k = template.known_before;
-
-            // Backbone: canvas, known indices, labels ([cond; uncond]).
-            let mut canvas = Array3::<f32>::zeros((rows_b, l, c));
-            let mut known_idx = Array2::<i64>::zeros((rows_b, k));
-            let mut labels = Array1::<i64>::zeros(rows_b);
-            for r in 0..rows_b {
-                let img = r % b;
-                canvas
-                    .index_axis_mut(Axis(0), r)
-                    .assign(&tokens.index_axis(Axis(0), img));
-                for (slot, &t) in known[img].iter().enumerate() {
-                    known_idx[[r, slot]] = t as i64;
-                }
-                labels[r] = if r < b {
-                    jobs[img].label
-                } else {
-                    info.null_class
-                };
-            }
-            let t0 = Instant::now();
-            let z = self
-                .model
-                .backbone(canvas.view(), known_idx.view(), labels.view())
-                .map_err(|source| EngineError::Model { step: s, source })?;
-            let backbone_seconds = t0.elapsed().as_secs_f64();
-            if z.dim() != (rows_b, l, d) {
-                return Err(shape_error(s, "decoder", "z", z.shape(), &[rows_b, l, d]));
-            }
-            check_finite("decoder", "z", z.as_slice().expect("owned z").iter(), s)?;
-
-            // Rows: every predicted token of every image, with its chain.
-            let mut rows: Vec<Row> = Vec::new();
-            for (img, plan) in plans.iter().enumerate() {
-                let step = &plan.steps[s];
-                let tokens_here = predicted_tokens(plan, s, jobs[img], noise);
-                let chosen = match step.detail {
-                    None => vec![false; tokens_here.len()],
-                    Some(rule) => {
-                        let scores: Vec<f64> = tokens_here
-                            .iter()
-                            .map(|&t| {
-                                let row = z.slice(ndarray::s![img, t, ..]);
-                                self.fts
-                                    .score(row.as_slice().expect("z rows are contiguous"))
-                            })
-                            .collect();
-                        let mut sel = Stream::new(jobs[img].seed, Purpose::Selection);
-                        sel.seek_block(s as u64);
-                        let draws: Vec<u64> =
-                            (0..tokens_here.len()).map(|_| sel.next_u64()).collect();
-                        select(&scores, rule.count, rule.selector, &draws)
-                    }
-                };
-                for (&t, &is_detail) in tokens_here.iter().zip(&chosen) {
-                    let n = match (is_detail, step.detail) {
-                        (true, Some(rule)) => rule.steps,
-                        _ => step.diffusion_steps,
-                    } as usize;
-                    detail_mask[[img, t]] = is_detail;
-                    rows.push(Row {
-                        image: img,
-                        token: t,
-                        steps: n,
-                        chain: self.chains.get(n),
-                        noise: match noise {
-                            Noise::Seeded => Some(TokenNoise::new(jobs[img].seed, t)),
-                            Noise::Replay(_) => None,
-                        },
-                    });
-                }
-            }
-
-            // Longest chains first (stable: image and token order otherwise).
-            rows.sort_by_key(|r| std::cmp::Reverse(r.steps));
-
-            // Initial noise.
-            let n_rows = rows.len();
-            let mut x = vec![0f32; n_rows * c];
-            for (r, row) in rows.iter_mut().enumerate() {
-                row.draw(noise, jobs, None, &mut x[r * c..(r + 1) * c]);
-            }
-
-            let chains = StepChains {
-                step: s,
-                z: &z,
-                images: b,
-                guided,
-                scale: template.cfg.unwrap_or(1.0),
-                temperature: template.temperature,
-                noise,
-                jobs,
-                ticks_per_call: self.ticks_per_call,
-            };
-            let work = if self.model.runs_chains() {
-                chains.run_in_graph(&mut self.model, &mut rows, &mut x, &info)?
-            } else {
-                chains.run_on_host(&mut self.model, &mut rows, &mut x, &info)?
-            };
-            let (diffusion_seconds, calls, call_rows) = (work.seconds, work.calls, work.rows);
-
-            // Write the sampled tokens back; they are known from now on.
-            for (r, row) in rows.iter().enumerate() {
-                for ch in 0..c {
-                    tokens[[row.image, row.token, ch]] = x[r * c + ch];
-                }
-                known[row.image].push(row.token);
-            }
-            for list in &mut known {
-                list.sort_unstable();
-            }
-            check_finite("diffusion", "sampled tokens", x.iter(), s)?;
-
-            let st = &mut self.stats.steps[s];
-            st.backbone_seconds += backbone_seconds;
-            st.diffusion_seconds += diffusion_seconds;
-            st.diffusion_calls += calls;
-            st.diffusion_rows += call_rows;
-            st.other_seconds +=
-                step_start.elapsed().as_secs_f64() - backbone_seconds - diffusion_seconds;
-            on_step(s, steps.len());
+        let mut canvas = Canvas::new(jobs.len(), info.grid.len(), info.token_dim);
+        for s in 0..steps {
+            let stats = self.step(plans, jobs, noise, s, &mut canvas, &info)?;
+            self.stats.steps[s].add(&stats);
+            on_step(s, steps);
         }
+        let (images, pixels) = self.decode(&canvas, &info, steps)?;
+        self.stats.total_seconds += start.elapsed().as_secs_f64();
+        Ok(BatchOutput {
+            tokens: canvas.tokens,
+            images,
+            pixels,
+            detail: canvas.detail,
+        })
+    }
 
-        // VAE decode: tokens / latent scale, unpatchified to [B, C, h, w].
-        let mut latent = Array4::<f32>::zeros((b, c, grid.height, grid.width));
-        let inv = 1.0 / info.latent_scale;
-        for img in 0..b {
-            for t in 0..l {
-                let (i, j) = grid.cell(t);
-                for ch in 0..c {
-                    latent[[img, ch, i, j]] = (f64::from(tokens[[img, t, ch]]) * inv) as f32;
-                }
-            }
+    /// MAR step `s` of the batch: the backbone on the canvas, the step's
+    /// rows laid out with their conditioning, their chains run (on the host
+    /// or in the model's sampler graph), the sampled tokens written back.
+    fn step(
+        &mut self,
+        plans: &[Plan],
+        jobs: &[ImageJob],
+        noise: &dyn NoiseSource,
+        s: usize,
+        canvas: &mut Canvas,
+        info: &ModelInfo,
+    ) -> Result<StepStats, EngineError> {
+        let step_start = Instant::now();
+        let template = &plans[0].steps[s];
+        let guided = template.cfg.is_some();
+        let (b, l, d) = (jobs.len(), info.grid.len(), info.width);
+        let rows_b = if guided { 2 * b } else { b };
+
+        let inputs = canvas.backbone_inputs(jobs, guided, info.null_class, template.known_before);
+        let t0 = Instant::now();
+        let z = self
+            .model
+            .backbone(
+                inputs.canvas.view(),
+                inputs.known.view(),
+                inputs.labels.view(),
+            )
+            .map_err(|source| EngineError::Model { step: s, source })?;
+        let backbone_seconds = t0.elapsed().as_secs_f64();
+        if z.dim() != (rows_b, l, d) {
+            return Err(shape_error(s, "decoder", "z", z.shape(), &[rows_b, l, d]));
         }
-        let t2 = Instant::now();
+        check_finite("decoder", "z", z.as_slice().expect("owned z").iter(), s)?;
+
+        let (mut rows, mut x) = RowSources {
+            jobs,
+            noise,
+            chains: &mut self.chains,
+            fts: &mut self.fts,
+        }
+        .step_rows(plans, s, z.view(), &mut canvas.detail, info);
+        let chains = StepChains {
+            step: s,
+            z: &z,
+            images: b,
+            guided,
+            scale: template.cfg.unwrap_or(1.0),
+            temperature: template.temperature,
+            ticks_per_call: self.ticks_per_call,
+        };
+        let work = if self.model.runs_chains() {
+            chains.run_in_graph(&mut self.model, &mut rows, &mut x, info)?
+        } else {
+            chains.run_on_host(&mut self.model, &mut rows, &mut x, info)?
+        };
+        check_finite("diffusion", "sampled tokens", x.iter(), s)?;
+        canvas.write_back(&rows, &x);
+        Ok(StepStats {
+            backbone_seconds,
+            diffusion_seconds: work.seconds,
+            diffusion_calls: work.calls,
+            diffusion_rows: work.rows,
+            other_seconds: step_start.elapsed().as_secs_f64() - backbone_seconds - work.seconds,
+        })
+    }
+
+    /// The VAE on the finished canvas: images [B, channels, H, W] checked
+    /// against the manifest, and their 8-bit pixels.
+    fn decode(
+        &mut self,
+        canvas: &Canvas,
+        info: &ModelInfo,
+        steps: usize,
+    ) -> Result<(Array4<f32>, Array4<u8>), EngineError> {
+        let latent = canvas.latent(info.grid, info.latent_scale);
+        let started = Instant::now();
         let images = self
             .model
             .decode_image(latent.view())
             .map_err(EngineError::Vae)?;
-        self.stats.vae_seconds += t2.elapsed().as_secs_f64();
-        let want = (b, info.image.channels, info.image.height, info.image.width);
+        self.stats.vae_seconds += started.elapsed().as_secs_f64();
+        let want = (
+            canvas.tokens.dim().0,
+            info.image.channels,
+            info.image.height,
+            info.image.width,
+        );
         if images.dim() != want {
             return Err(EngineError::Vae(ModelError::Shape {
                 graph: "vae_decoder",
@@ -341,35 +287,9 @@ impl<M: MarModel> Engine<M> {
                 expected: format!("{:?}", [want.0, want.1, want.2, want.3]),
             }));
         }
-        check_finite("vae_decoder", "image", images.iter(), steps.len())?;
+        check_finite("vae_decoder", "image", images.iter(), steps)?;
         let pixels = to_pixels(&images);
-        self.stats.total_seconds += start.elapsed().as_secs_f64();
-        Ok(BatchOutput {
-            tokens,
-            images,
-            pixels,
-            detail: detail_mask,
-        })
-    }
-}
-
-/// The tokens image `job` predicts at step `s`: the plan's, or the replay's.
-fn predicted_tokens(plan: &Plan, s: usize, job: ImageJob, noise: Noise) -> Vec<usize> {
-    match noise {
-        Noise::Seeded => plan.steps[s].tokens.clone(),
-        Noise::Replay(rep) => {
-            let start = plan.steps[s].known_before;
-            let n = plan.steps[s].tokens.len();
-            let row = rep.order.row(job.index as usize);
-            let mut v: Vec<usize> = row
-                .iter()
-                .skip(start)
-                .take(n)
-                .map(|&t| t as usize)
-                .collect();
-            v.sort_unstable();
-            v
-        }
+        Ok((images, pixels))
     }
 }
 
@@ -403,7 +323,7 @@ fn check_batch(
     info: &ModelInfo,
     plans: &[Plan],
     jobs: &[ImageJob],
-    noise: Noise,
+    noise: &dyn NoiseSource,
 ) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::Input(m));
     if plans.is_empty() || plans.len() != jobs.len() {
@@ -442,35 +362,15 @@ fn check_batch(
             ));
         }
     }
-    if let Noise::Replay(rep) = noise {
-        let (n, l) = rep.order.dim();
-        let c = rep.init_noise.dim().2;
-        if l != info.grid.len() || c != info.token_dim {
-            return bad(format!(
-                "replay is for {l} tokens of {c} channels; the model has {} of {}",
-                info.grid.len(),
-                info.token_dim
-            ));
-        }
-        if let Some(job) = jobs.iter().find(|j| j.index as usize >= n) {
-            return bad(format!(
-                "replay holds {n} images; image {} was asked for",
-                job.index
-            ));
-        }
-        let longest = first
-            .steps
-            .iter()
-            .map(|s| s.max_diffusion_steps() as usize)
-            .max()
-            .unwrap_or(0);
-        if rep.step_noise.dim().2 < longest {
-            return bad(format!(
-                "replay step_noise holds {} iterations per token; the schedule needs {longest}",
-                rep.step_noise.dim().2
-            ));
-        }
-    }
+    let longest = first
+        .steps
+        .iter()
+        .map(|s| s.max_diffusion_steps() as usize)
+        .max()
+        .unwrap_or(0);
+    noise
+        .check(info, jobs, longest)
+        .map_err(EngineError::Input)?;
     Ok(())
 }
 

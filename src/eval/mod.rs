@@ -15,7 +15,7 @@ use ndarray::{Array2, ArrayView4, Axis, concatenate};
 use serde::Serialize;
 
 use crate::cost::{ModelSpec, plan_cost};
-use crate::engine::{Engine, ImageJob, MarModel, ModelError, Noise};
+use crate::engine::{Engine, ImageJob, MarModel, ModelError, SeededNoise};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
 use crate::run::{Classes, label_for};
@@ -304,7 +304,7 @@ pub fn compare<M: MarModel>(
         );
         for k in 0..contenders.len() {
             let plans = plan_all(k, &jobs)?;
-            engine.generate(&plans, &jobs, Noise::Seeded, |_, _| {})?;
+            engine.generate(&plans, &jobs, &SeededNoise, |_, _| {})?;
         }
     }
 
@@ -325,7 +325,7 @@ pub fn compare<M: MarModel>(
                     (engine.runtime_seconds(), engine.stats.model_seconds());
                 let began = Instant::now();
                 let plans = plan_all(k, &jobs)?;
-                let out = engine.generate(&plans, &jobs, Noise::Seeded, |_, _| {})?;
+                let out = engine.generate(&plans, &jobs, &SeededNoise, |_, _| {})?;
                 let wall = began.elapsed().as_secs_f64();
                 result.images_timed += jobs.len();
                 result.wall_seconds += wall;

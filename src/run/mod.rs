@@ -30,7 +30,7 @@ pub use record::RunRecord;
 
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
-use crate::engine::{Engine, MarModel, ModelInfo, Noise, Replay};
+use crate::engine::{Engine, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise};
 use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
@@ -153,7 +153,10 @@ pub fn generate<M: MarModel>(
             .iter()
             .map(|j| plans.plan(j.seed))
             .collect::<Result<_, _>>()?;
-        let noise = replay.as_ref().map_or(Noise::Seeded, Noise::Replay);
+        let noise: &dyn NoiseSource = match &replay {
+            Some(replay) => replay,
+            None => &SeededNoise,
+        };
         let out = engine.generate(&image_plans, &jobs, noise, |_, _| {})?;
         for (k, job) in jobs.iter().enumerate() {
             let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());

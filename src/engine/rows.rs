@@ -1,0 +1,196 @@
+//! Row layout: the batch's tokens so far (the canvas), the backbone's
+//! inputs laid out from it, and the rows a step samples: each predicted
+//! token of each image with its chain, detail choice and draws, gathered
+//! with its conditioning vector.
+
+use std::sync::Arc;
+
+use ndarray::{Array1, Array2, Array3, Array4, ArrayView3, Axis};
+
+use super::noise::{NoiseSource, TokenDraws};
+use super::{ImageJob, ModelInfo};
+use crate::grid::Grid;
+use crate::plan::Plan;
+use crate::rng::{Purpose, Stream};
+use crate::sampler::fts::{FtsScorer, select};
+use crate::sampler::{Chain, ChainCache};
+
+/// One token being sampled in the current MAR step.
+pub(super) struct Row<'a> {
+    pub image: usize,
+    pub token: usize,
+    pub steps: usize,
+    pub chain: Arc<Chain>,
+    pub draws: Box<dyn TokenDraws + 'a>,
+}
+
+/// The batch's tokens as sampling fills them in.
+pub(super) struct Canvas {
+    /// [B, L, C], zero where not yet known.
+    pub tokens: Array3<f32>,
+    /// Each image's known tokens, ascending.
+    known: Vec<Vec<usize>>,
+    /// Which tokens got FTS detail steps [B, L].
+    pub detail: Array2<bool>,
+}
+
+/// The backbone's inputs for one step: `rows_b` = B rows, or 2B with
+/// guidance (conditional first, then unconditional with the null class).
+pub(super) struct BackboneInputs {
+    pub canvas: Array3<f32>,
+    pub known: Array2<i64>,
+    pub labels: Array1<i64>,
+}
+
+impl Canvas {
+    pub fn new(images: usize, tokens: usize, channels: usize) -> Canvas {
+        Canvas {
+            tokens: Array3::zeros((images, tokens, channels)),
+            known: vec![Vec::new(); images],
+            detail: Array2::from_elem((images, tokens), false),
+        }
+    }
+
+    /// The backbone's inputs when `known_before` tokens of each image are
+    /// known, with an unconditional copy of the batch when `guided`.
+    pub fn backbone_inputs(
+        &self,
+        jobs: &[ImageJob],
+        guided: bool,
+        null_class: i64,
+        known_before: usize,
+    ) -> BackboneInputs {
+        let (b, l, c) = self.tokens.dim();
+        let rows = if guided { 2 * b } else { b };
+        let mut inputs = BackboneInputs {
+            canvas: Array3::zeros((rows, l, c)),
+            known: Array2::zeros((rows, known_before)),
+            labels: Array1::zeros(rows),
+        };
+        for r in 0..rows {
+            let img = r % b;
+            inputs
+                .canvas
+                .index_axis_mut(Axis(0), r)
+                .assign(&self.tokens.index_axis(Axis(0), img));
+            for (slot, &t) in self.known[img].iter().enumerate() {
+                inputs.known[[r, slot]] = t as i64;
+            }
+            inputs.labels[r] = if r < b { jobs[img].label } else { null_class };
+        }
+        inputs
+    }
+
+    /// Writes the sampled tokens `x` ([rows · C], in `rows`' order) into the
+    /// canvas; they are known from now on.
+    pub fn write_back(&mut self, rows: &[Row], x: &[f32]) {
+        let c = self.tokens.dim().2;
+        for (r, row) in rows.iter().enumerate() {
+            for ch in 0..c {
+                self.tokens[[row.image, row.token, ch]] = x[r * c + ch];
+            }
+            self.known[row.image].push(row.token);
+        }
+        for list in &mut self.known {
+            list.sort_unstable();
+        }
+    }
+
+    /// The VAE's input: tokens divided by the latent scale, unpatchified to
+    /// [B, C, h, w].
+    pub fn latent(&self, grid: Grid, latent_scale: f64) -> Array4<f32> {
+        let (b, l, c) = self.tokens.dim();
+        let mut latent = Array4::<f32>::zeros((b, c, grid.height, grid.width));
+        let inv = 1.0 / latent_scale;
+        for img in 0..b {
+            for t in 0..l {
+                let (i, j) = grid.cell(t);
+                for ch in 0..c {
+                    latent[[img, ch, i, j]] = (f64::from(self.tokens[[img, t, ch]]) * inv) as f32;
+                }
+            }
+        }
+        latent
+    }
+}
+
+/// What laying out a step's rows needs besides the plans.
+pub(super) struct RowSources<'a> {
+    pub jobs: &'a [ImageJob],
+    pub noise: &'a dyn NoiseSource,
+    pub chains: &'a mut ChainCache,
+    pub fts: &'a mut FtsScorer,
+}
+
+impl<'a> RowSources<'a> {
+    /// The rows of step `s`: every predicted token of every image, with its
+    /// chain (FTS detail tokens chosen by their conditioning vectors in `z`
+    /// [B.., L, D]), marked in `detail`; longest chains first (stable:
+    /// image and token order otherwise), each row's initial noise in `x`
+    /// [rows · C].
+    pub fn step_rows(
+        &mut self,
+        plans: &[Plan],
+        s: usize,
+        z: ArrayView3<f32>,
+        detail: &mut Array2<bool>,
+        info: &ModelInfo,
+    ) -> (Vec<Row<'a>>, Vec<f32>) {
+        let mut rows: Vec<Row<'a>> = Vec::new();
+        for (img, plan) in plans.iter().enumerate() {
+            let step = &plan.steps[s];
+            let job = self.jobs[img];
+            let tokens = self.noise.predicted_tokens(plan, s, job);
+            let chosen = self.detail_tokens(plan, s, img, &tokens, z);
+            for (&t, &is_detail) in tokens.iter().zip(&chosen) {
+                let n = match (is_detail, step.detail) {
+                    (true, Some(rule)) => rule.steps,
+                    _ => step.diffusion_steps,
+                } as usize;
+                detail[[img, t]] = is_detail;
+                rows.push(Row {
+                    image: img,
+                    token: t,
+                    steps: n,
+                    chain: self.chains.get(n),
+                    draws: self.noise.token_draws(job, t),
+                });
+            }
+        }
+        rows.sort_by_key(|r| std::cmp::Reverse(r.steps));
+        let c = info.token_dim;
+        let mut x = vec![0f32; rows.len() * c];
+        for (r, row) in rows.iter_mut().enumerate() {
+            row.draws.draw(None, &mut x[r * c..(r + 1) * c]);
+        }
+        (rows, x)
+    }
+
+    /// Which of `tokens` (image `img` at step `s`) get the step's FTS
+    /// detail steps: the rule's top `count` by their conditioning vectors'
+    /// scores, ties and `random` broken by the image's selection stream.
+    fn detail_tokens(
+        &mut self,
+        plan: &Plan,
+        s: usize,
+        img: usize,
+        tokens: &[usize],
+        z: ArrayView3<f32>,
+    ) -> Vec<bool> {
+        let Some(rule) = plan.steps[s].detail else {
+            return vec![false; tokens.len()];
+        };
+        let scores: Vec<f64> = tokens
+            .iter()
+            .map(|&t| {
+                let row = z.slice(ndarray::s![img, t, ..]);
+                self.fts
+                    .score(row.as_slice().expect("z rows are contiguous"))
+            })
+            .collect();
+        let mut selection = Stream::new(self.jobs[img].seed, Purpose::Selection);
+        selection.seek_block(s as u64);
+        let draws: Vec<u64> = (0..tokens.len()).map(|_| selection.next_u64()).collect();
+        select(&scores, rule.count, rule.selector, &draws)
+    }
+}
