@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::ModelInfo;
+pub use crate::engine::{ImageSettings, SamplingDefaults};
 use crate::grid::Grid;
 use crate::sampler::Variance;
 
@@ -94,21 +96,6 @@ pub struct DiffusionSettings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ImageSettings {
-    pub height: usize,
-    pub width: usize,
-    pub channels: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SamplingDefaults {
-    pub cfg: f64,
-    pub temperature: f64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CostShape {
     pub encoder_depth: u64,
     pub decoder_depth: u64,
@@ -187,6 +174,24 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// What the engine needs to know about the bundle's model.
+    pub fn model_info(&self) -> ModelInfo {
+        let m = &self.manifest;
+        ModelInfo {
+            name: m.name.clone(),
+            grid: self.grid(),
+            token_dim: m.token_dim,
+            width: m.width,
+            classes: m.classes,
+            null_class: m.null_class,
+            latent_scale: m.latent_scale,
+            train_steps: m.diffusion.train_steps,
+            variance: m.diffusion.variance,
+            image: m.image,
+            defaults: m.sampling,
+        }
+    }
+
     /// Opens a bundle from its folder, its manifest, or any `.onnx` in it.
     pub fn open(path: &Path) -> Result<Bundle, BundleError> {
         let dir = if path.is_dir() {

@@ -94,8 +94,8 @@ struct RuntimeArgs {
     #[arg(long, value_parser = parse_non_negative)]
     temperature: Option<f64>,
     /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda", "tensorrt", "auto"])]
-    device: String,
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::Device::Cpu)]
+    device: gtr_run::backend::ort::Device,
     /// Intra-op threads per graph (default: ONNX Runtime's choice; 1 to 1024).
     #[arg(long, value_parser = parse_threads)]
     threads: Option<usize>,
@@ -168,7 +168,7 @@ impl RuntimeArgs {
         batch: usize,
     ) -> anyhow::Result<gtr_run::backend::ort::LoadOptions> {
         use gtr_run::backend::ort::{Device, LoadOptions, tensorrt::ShapeRanges};
-        let device = device_of(&self.device);
+        let device = self.device;
         if self.trt_cache.is_some() && !matches!(device, Device::TensorRt | Device::Auto) {
             bail!(
                 "--trt-cache is TensorRT's engine cache; it applies with --device tensorrt (or auto), not --device {}",
@@ -339,16 +339,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn device_of(name: &str) -> gtr_run::backend::ort::Device {
-    use gtr_run::backend::ort::Device;
-    match name {
-        "cuda" => Device::Cuda,
-        "tensorrt" => Device::TensorRt,
-        "auto" => Device::Auto,
-        _ => Device::Cpu,
-    }
-}
-
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     use gtr_run::backend::ort::OrtEvaluator;
     use gtr_run::bundle::Bundle;
@@ -395,7 +385,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(k) = overrides.keys().next() {
         bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
-    let device = device_of(&args.runtime.device);
+    let device = args.runtime.device;
     let options = {
         let grid = bundle.grid();
         let planning = PlanOptions {
@@ -579,7 +569,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             Existing::Refuse
         },
         replay: args.replay,
-        device_requested: args.runtime.device,
+        device_requested: args.runtime.device.name().into(),
         runtime_settings: settings,
         shard: args.shard,
         npz: args.npz,

@@ -157,12 +157,7 @@ pub fn choose(
             manifest_path.display()
         ),
     };
-    let device_name = match device {
-        Device::Cpu => "cpu",
-        Device::Cuda => "cuda",
-        Device::TensorRt => "tensorrt",
-        Device::Auto => "auto",
-    };
+    let device_name = device.name();
     let mut choice = PrecisionChoice {
         precision,
         source,

@@ -278,7 +278,7 @@ mod generated_manifests {
     use std::collections::BTreeMap;
 
     use gtr_run::bundle::Bundle;
-    use gtr_run::engine::{ModelInfo, check_plan};
+    use gtr_run::engine::check_plan;
     use gtr_run::plan::Planner;
     use gtr_run::schedule::Schedule;
     use proptest::prelude::*;
@@ -345,7 +345,7 @@ mod generated_manifests {
                     prop_assert!(m.sampling.cfg.is_finite() && m.sampling.cfg >= 0.0);
                     prop_assert!(m.diffusion.train_steps >= 1 && m.diffusion.train_steps <= 100_000);
                     prop_assert!(m.classes == 0 || m.null_class as usize >= m.classes);
-                    let info = ModelInfo::from_bundle(&bundle);
+                    let info = bundle.model_info();
                     let path = super::common::root().join("schedules/gtr.gtr");
                     let schedule = Schedule::from_file(&path, &BTreeMap::new()).unwrap();
                     if let Ok(planner) = Planner::new(&schedule, info.grid)

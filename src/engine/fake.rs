@@ -4,8 +4,8 @@
 
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
 
+use super::model::{ImageSettings, SamplingDefaults};
 use super::model::{MarModel, ModelError, ModelInfo};
-use crate::bundle::{ImageSettings, SamplingDefaults};
 use crate::grid::Grid;
 use crate::sampler::Variance;
 

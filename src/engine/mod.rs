@@ -19,7 +19,10 @@ use std::time::Instant;
 use ndarray::{Array2, Array3, Array4};
 
 use chains::StepChains;
-pub use model::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
+pub use model::{
+    ChainInputs, Evaluator, GraphStats, ImageSettings, MarModel, ModelError, ModelInfo,
+    SamplingDefaults, Scores,
+};
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 pub use replay::Replay;
 use rows::{Canvas, RowSources};

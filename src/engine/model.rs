@@ -1,12 +1,30 @@
 //! The narrow interface between the engine and a MAR model.
 
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
+use serde::{Deserialize, Serialize};
 
-use crate::bundle::{Bundle, ImageSettings, SamplingDefaults};
 use crate::grid::Grid;
 use crate::sampler::Variance;
 
-/// What the engine needs to know about a model.
+/// The images a model's VAE decodes to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSettings {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+}
+
+/// Guidance and temperature a model samples with unless told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    pub cfg: f64,
+    pub temperature: f64,
+}
+
+/// What the engine needs to know about a model; a bundle's is
+/// [`crate::bundle::Bundle::model_info`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub name: String,
@@ -27,23 +45,6 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
-    pub fn from_bundle(bundle: &Bundle) -> Self {
-        let m = &bundle.manifest;
-        ModelInfo {
-            name: m.name.clone(),
-            grid: bundle.grid(),
-            token_dim: m.token_dim,
-            width: m.width,
-            classes: m.classes,
-            null_class: m.null_class,
-            latent_scale: m.latent_scale,
-            train_steps: m.diffusion.train_steps,
-            variance: m.diffusion.variance,
-            image: m.image,
-            defaults: m.sampling,
-        }
-    }
-
     /// Channels of the diffusion head's output: ε, plus v when learned.
     pub fn head_channels(&self) -> usize {
         match self.variance {
@@ -160,4 +161,23 @@ pub struct GraphStats {
     pub load_seconds: f64,
     /// Seconds of the first call alone (included in `seconds`).
     pub first_call_seconds: f64,
+}
+
+/// What an evaluator returns for a batch of images.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    /// Class logits [B, classes].
+    pub logits: Array2<f32>,
+    /// Feature vectors [B, F] for the Fréchet distance.
+    pub features: Array2<f32>,
+}
+
+/// An image classifier used to score generated images (`gtr-run eval`).
+pub trait Evaluator {
+    /// The feature extractor's name; Fréchet distances are comparable only
+    /// between runs on the same one.
+    fn name(&self) -> &str;
+
+    /// Scores 8-bit pixels [B, H, W, channels], as written to PNG.
+    fn score(&mut self, pixels: ArrayView4<u8>) -> Result<Scores, ModelError>;
 }

@@ -11,7 +11,7 @@ pub mod stats;
 
 use std::time::Instant;
 
-use ndarray::{Array2, ArrayView4, Axis, concatenate};
+use ndarray::{Array2, Axis, concatenate};
 use serde::Serialize;
 
 use crate::cost::{ModelSpec, plan_cost};
@@ -23,24 +23,7 @@ use crate::schedule::{Schedule, ScheduleError};
 
 pub use stats::{FeatureStats, class_accuracy, classifier_score, frechet_distance, probabilities};
 
-/// What an evaluator returns for a batch of images.
-#[derive(Debug, Clone)]
-pub struct Scores {
-    /// Class logits [B, classes].
-    pub logits: Array2<f32>,
-    /// Feature vectors [B, F] for the Fréchet distance.
-    pub features: Array2<f32>,
-}
-
-/// An image classifier used to score generated images.
-pub trait Evaluator {
-    /// The feature extractor's name; Fréchet distances are comparable only
-    /// between runs on the same one.
-    fn name(&self) -> &str;
-
-    /// Scores 8-bit pixels [B, H, W, channels], as written to PNG.
-    fn score(&mut self, pixels: ArrayView4<u8>) -> Result<Scores, ModelError>;
-}
+pub use crate::engine::{Evaluator, Scores};
 
 /// One schedule to compare.
 #[derive(Debug, Clone)]

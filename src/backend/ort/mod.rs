@@ -18,20 +18,42 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
-use crate::engine::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
-use crate::eval::{Evaluator, Scores};
+use crate::engine::{ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores};
 use crate::precision::{Precision, PrecisionChoice};
 use tensorrt::{ShapeRanges, TensorRtOptions};
 
 /// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
 /// are strict; `Auto` tries the GPU providers compiled in and falls back
 /// to the CPU, recording what really ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// The CLI takes these by [`Device::name`] (`--device`); adding a provider
+/// means a variant here, its arm in `register_device` and a Cargo
+/// feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
     Cpu,
     Cuda,
+    #[value(name = "tensorrt")]
     TensorRt,
     Auto,
+}
+
+impl Device {
+    /// The name `--device` takes and run.json records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::TensorRt => "tensorrt",
+            Device::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -466,7 +488,7 @@ impl OrtModel {
     /// Loads and checks the graphs that `options.precision` chose, on
     /// `options.device`, with the provider settings of that precision.
     pub fn load_with(bundle: &Bundle, options: &LoadOptions) -> Result<Self, OrtError> {
-        let info = ModelInfo::from_bundle(bundle);
+        let info = bundle.model_info();
         let choice = &options.precision;
         let tensorrt = tensorrt_options(bundle, &info, options)?;
         let mut provider = String::from("cpu");
@@ -871,7 +893,7 @@ impl OrtEvaluator {
         let Some(entry) = &bundle.manifest.evaluator else {
             return Ok(None);
         };
-        let info = ModelInfo::from_bundle(bundle);
+        let info = bundle.model_info();
         let (graph, _) = Graph::open(
             "evaluator",
             &bundle.dir.join(&entry.file),

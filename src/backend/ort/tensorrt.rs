@@ -333,7 +333,7 @@ pub(crate) fn provider(o: &TensorRtOptions) -> ort::ep::TensorRT {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::{ImageSettings, SamplingDefaults};
+    use crate::engine::{ImageSettings, SamplingDefaults};
     use crate::grid::Grid;
     use crate::sampler::Variance;
     use crate::schedule::{Schedule, Source};
