@@ -339,21 +339,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    use gtr_run::backend::ort::OrtEvaluator;
-    use gtr_run::bundle::Bundle;
-    use gtr_run::engine::{Engine, MarModel};
-    use gtr_run::eval::{CompareRequest, Contender, FeatureStats, Scoring, compare, report};
-    use gtr_run::fsutil::write_atomic;
-    use gtr_run::plan::PlanOptions;
-
-    let bundle = Bundle::open(&args.model)?;
-    let mut overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
-    // Each override must be declared by at least one schedule; schedules
-    // that do not declare it run without it.
+/// The schedules `eval` compares, each with the `--set` overrides it
+/// declares; an override no schedule declares is an error.
+fn eval_contenders(
+    paths: &[PathBuf],
+    overrides: Vec<(String, f64)>,
+    bundle: &gtr_run::bundle::Bundle,
+) -> anyhow::Result<Vec<gtr_run::eval::Contender>> {
+    let mut overrides: BTreeMap<String, f64> = overrides.into_iter().collect();
     let mut contenders = Vec::new();
     let mut used = std::collections::BTreeSet::new();
-    for path in &args.schedules {
+    for path in paths {
         if path.as_os_str() == "-" {
             bail!(
                 "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
@@ -376,7 +372,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             || path.display().to_string(),
             |s| s.to_string_lossy().into(),
         );
-        contenders.push(Contender {
+        contenders.push(gtr_run::eval::Contender {
             name: stem,
             schedule,
         });
@@ -385,26 +381,57 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(k) = overrides.keys().next() {
         bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
-    let device = args.runtime.device;
-    let options = {
-        let grid = bundle.grid();
-        let planning = PlanOptions {
+    Ok(contenders)
+}
+
+impl RuntimeArgs {
+    /// Plan options from the bundle's sampling defaults and `--cfg` /
+    /// `--temperature`.
+    fn plan_options(&self, bundle: &gtr_run::bundle::Bundle) -> gtr_run::plan::PlanOptions {
+        gtr_run::plan::PlanOptions {
             default_cfg: Some(bundle.manifest.sampling.cfg),
             default_temperature: Some(bundle.manifest.sampling.temperature),
-            cfg: args.runtime.cfg,
-            temperature: args.runtime.temperature,
-        };
-        let plans = contenders
+            cfg: self.cfg,
+            temperature: self.temperature,
+        }
+    }
+
+    /// How to load `bundle` for `schedules` planned with `seed`, at `batch`.
+    fn load_options_for(
+        &self,
+        bundle: &gtr_run::bundle::Bundle,
+        schedules: &[&Schedule],
+        seed: u64,
+        batch: usize,
+    ) -> anyhow::Result<gtr_run::backend::ort::LoadOptions> {
+        let planning = self.plan_options(bundle);
+        let plans = schedules
             .iter()
-            .map(|c| {
-                Planner::new(&c.schedule, grid)
-                    .and_then(|p| p.plan_with(args.seed, &planning))
+            .map(|s| {
+                Planner::new(s, bundle.grid())
+                    .and_then(|p| p.plan_with(seed, &planning))
                     .map_err(|d| ScheduleError::Invalid(Box::new(d)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let plans: Vec<&gtr_run::plan::Plan> = plans.iter().collect();
-        args.runtime.load_options(&bundle, &plans, args.batch)?
-    };
+        self.load_options(bundle, &plans, batch)
+    }
+}
+
+fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    use gtr_run::backend::ort::OrtEvaluator;
+    use gtr_run::bundle::Bundle;
+    use gtr_run::engine::{Engine, MarModel};
+    use gtr_run::eval::{CompareRequest, FeatureStats, Scoring, compare, report};
+    use gtr_run::fsutil::write_atomic;
+
+    let bundle = Bundle::open(&args.model)?;
+    let contenders = eval_contenders(&args.schedules, args.overrides, &bundle)?;
+    let device = args.runtime.device;
+    let schedules: Vec<&Schedule> = contenders.iter().map(|c| &c.schedule).collect();
+    let options = args
+        .runtime
+        .load_options_for(&bundle, &schedules, args.seed, args.batch)?;
     let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let info = model.info().clone();
@@ -448,12 +475,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         batch: args.batch,
         seed: args.seed,
         repeats: args.repeats,
-        options: PlanOptions {
-            default_cfg: Some(info.defaults.cfg),
-            default_temperature: Some(info.defaults.temperature),
-            cfg: args.runtime.cfg,
-            temperature: args.runtime.temperature,
-        },
+        options: args.runtime.plan_options(&bundle),
         warm_up: true,
     };
     let scoring = match (evaluator.as_mut(), reference.as_ref()) {
@@ -526,23 +548,12 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     schedule
         .check_model_grid(bundle.grid(), &bundle.manifest.name)
         .map_err(|m| anyhow::anyhow!(m))?;
-    let options = {
-        let plan = Planner::new(&schedule, bundle.grid())
-            .and_then(|p| {
-                p.plan_with(
-                    args.seed,
-                    &gtr_run::plan::PlanOptions {
-                        default_cfg: Some(bundle.manifest.sampling.cfg),
-                        default_temperature: Some(bundle.manifest.sampling.temperature),
-                        cfg: args.runtime.cfg,
-                        temperature: args.runtime.temperature,
-                    },
-                )
-            })
-            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
-        args.runtime
-            .load_options(&bundle, &[&plan], args.batch.min(args.num_images).max(1))?
-    };
+    let options = args.runtime.load_options_for(
+        &bundle,
+        &[&schedule],
+        args.seed,
+        args.batch.min(args.num_images).max(1),
+    )?;
     let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {

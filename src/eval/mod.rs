@@ -15,10 +15,11 @@ use ndarray::{Array2, Axis, concatenate};
 use serde::Serialize;
 
 use crate::cost::{ModelSpec, plan_cost};
-use crate::engine::{Engine, ImageJob, MarModel, ModelError, SeededNoise};
+use crate::engine::{Engine, ImageJob, MarModel, ModelError, ModelInfo, SeededNoise};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
-use crate::run::{Classes, label_for};
+use crate::run::Classes;
+use crate::run::jobs::image_jobs;
 use crate::schedule::{Schedule, ScheduleError};
 
 pub use stats::{FeatureStats, class_accuracy, classifier_score, frechet_distance, probabilities};
@@ -178,6 +179,109 @@ struct Collected {
     features: Vec<Array2<f32>>,
 }
 
+/// The contenders' planners, each checked against the model before any
+/// work; errors name the schedule.
+struct Planners<'c> {
+    contenders: &'c [Contender],
+    planners: Vec<Planner<'c>>,
+    options: &'c PlanOptions,
+}
+
+impl<'c> Planners<'c> {
+    fn new(
+        contenders: &'c [Contender],
+        info: &ModelInfo,
+        req: &'c CompareRequest,
+    ) -> Result<Self, CompareError> {
+        let unfit = |k: usize| {
+            let name = contenders[k].name.clone();
+            move |problem| CompareError::Unfit { name, problem }
+        };
+        let mut planners = Vec::new();
+        for (k, c) in contenders.iter().enumerate() {
+            c.schedule
+                .check_model_grid(info.grid, &info.name)
+                .map_err(unfit(k))?;
+            let planner =
+                Planner::new(&c.schedule, info.grid).map_err(|d| CompareError::Schedule {
+                    name: c.name.clone(),
+                    source: ScheduleError::Invalid(Box::new(d)),
+                })?;
+            planners.push(planner);
+        }
+        let planners = Planners {
+            contenders,
+            planners,
+            options: &req.options,
+        };
+        for k in 0..contenders.len() {
+            let plan = planners.plan(k, req.seed)?;
+            crate::engine::check_plan(info, &plan).map_err(unfit(k))?;
+        }
+        Ok(planners)
+    }
+
+    /// Contender `k`'s plan for an image `seed`.
+    fn plan(&self, k: usize, seed: u64) -> Result<Plan, CompareError> {
+        self.planners[k]
+            .plan_with(seed, self.options)
+            .map_err(|d| CompareError::Schedule {
+                name: self.contenders[k].name.clone(),
+                source: ScheduleError::Invalid(Box::new(d)),
+            })
+    }
+
+    /// Contender `k`'s plans for `jobs`.
+    fn plans(&self, k: usize, jobs: &[ImageJob]) -> Result<Vec<Plan>, CompareError> {
+        jobs.iter().map(|j| self.plan(k, j.seed)).collect()
+    }
+
+    /// Contender `k`'s table row before any measurement: its plan's size
+    /// and cost per image on `spec`.
+    fn empty_result(
+        &self,
+        k: usize,
+        seed: u64,
+        spec: &ModelSpec,
+    ) -> Result<ScheduleResult, CompareError> {
+        let plan = self.plan(k, image_seed(seed, 0))?;
+        let cost = plan_cost(&plan, spec);
+        Ok(ScheduleResult {
+            name: self.contenders[k].name.clone(),
+            mar_steps: plan.steps.len(),
+            backbone_passes: cost.encoder_passes,
+            diffusion_evaluations: cost.diffusion_evaluations,
+            flops_per_image: cost.total_flops(),
+            images_timed: 0,
+            wall_seconds: 0.0,
+            runtime_seconds: 0.0,
+            model_seconds: 0.0,
+            round_seconds: Vec::new(),
+            quality: Vec::new(),
+        })
+    }
+}
+
+/// Refuses comparisons that cannot give a table.
+fn check_request(
+    req: &CompareRequest,
+    contenders: usize,
+    scored: bool,
+) -> Result<(), CompareError> {
+    if contenders == 0 || req.num_images == 0 || req.batch == 0 || req.repeats == 0 {
+        return Err(CompareError::Invalid(
+            "need at least one schedule, and --num-images, --batch and --repeats of at least 1"
+                .into(),
+        ));
+    }
+    if scored && req.num_images < 2 {
+        return Err(CompareError::Invalid(
+            "a Fréchet distance needs at least 2 images per schedule".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs every contender on the same images (same seeds and labels),
 /// interleaving schedules batch by batch so that drift of a shared machine
 /// hits all alike. `progress` sees (batches done, total).
@@ -189,95 +293,17 @@ pub fn compare<M: MarModel>(
     req: &CompareRequest,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Comparison, CompareError> {
-    if contenders.is_empty() || req.num_images == 0 || req.batch == 0 || req.repeats == 0 {
-        return Err(CompareError::Invalid(
-            "need at least one schedule, and --num-images, --batch and --repeats of at least 1"
-                .into(),
-        ));
-    }
-    if scoring.is_some() && req.num_images < 2 {
-        return Err(CompareError::Invalid(
-            "a Fréchet distance needs at least 2 images per schedule".into(),
-        ));
-    }
+    check_request(req, contenders.len(), scoring.is_some())?;
     let info = engine.model.info().clone();
-    for c in contenders {
-        c.schedule
-            .check_model_grid(info.grid, &info.name)
-            .map_err(|problem| CompareError::Unfit {
-                name: c.name.clone(),
-                problem,
-            })?;
-    }
-    let planners: Vec<Planner> = contenders
-        .iter()
-        .map(|c| {
-            Planner::new(&c.schedule, info.grid).map_err(|d| CompareError::Schedule {
-                name: c.name.clone(),
-                source: ScheduleError::Invalid(Box::new(d)),
-            })
-        })
-        .collect::<Result<_, _>>()?;
-    // Each schedule against the model, before any work.
-    for (k, planner) in planners.iter().enumerate() {
-        let plan =
-            planner
-                .plan_with(req.seed, &req.options)
-                .map_err(|d| CompareError::Schedule {
-                    name: contenders[k].name.clone(),
-                    source: ScheduleError::Invalid(Box::new(d)),
-                })?;
-        crate::engine::check_plan(&info, &plan).map_err(|problem| CompareError::Unfit {
-            name: contenders[k].name.clone(),
-            problem,
-        })?;
-    }
-    let plan_all = |k: usize, jobs: &[ImageJob]| -> Result<Vec<Plan>, CompareError> {
-        jobs.iter()
-            .map(|j| planners[k].plan_with(j.seed, &req.options))
-            .collect::<Result<_, _>>()
-            .map_err(|d| CompareError::Schedule {
-                name: contenders[k].name.clone(),
-                source: ScheduleError::Invalid(Box::new(d)),
-            })
-    };
+    let planners = Planners::new(contenders, &info, req)?;
+    let labels = crate::run::jobs::labels(&Classes::Balanced, req.num_images, &info)
+        .map_err(|e| CompareError::Invalid(e.to_string()))?;
     let jobs_for = |seed: u64, indices: std::ops::Range<usize>| -> Vec<ImageJob> {
-        indices
-            .map(|i| ImageJob {
-                index: i as u64,
-                seed: image_seed(seed, i as u64),
-                label: label_for(
-                    &Classes::Balanced,
-                    i,
-                    req.num_images,
-                    info.classes,
-                    info.null_class,
-                ),
-            })
-            .collect()
+        image_jobs(&indices.collect::<Vec<_>>(), seed, &labels)
     };
-
-    let mut results: Vec<ScheduleResult> = contenders
-        .iter()
-        .enumerate()
-        .map(|(k, c)| {
-            let plan = plan_all(k, &jobs_for(req.seed, 0..1))?.remove(0);
-            let cost = plan_cost(&plan, cost_spec);
-            Ok(ScheduleResult {
-                name: c.name.clone(),
-                mar_steps: plan.steps.len(),
-                backbone_passes: cost.encoder_passes,
-                diffusion_evaluations: cost.diffusion_evaluations,
-                flops_per_image: cost.total_flops(),
-                images_timed: 0,
-                wall_seconds: 0.0,
-                runtime_seconds: 0.0,
-                model_seconds: 0.0,
-                round_seconds: Vec::new(),
-                quality: Vec::new(),
-            })
-        })
-        .collect::<Result<_, CompareError>>()?;
+    let mut results: Vec<ScheduleResult> = (0..contenders.len())
+        .map(|k| planners.empty_result(k, req.seed, cost_spec))
+        .collect::<Result<_, _>>()?;
 
     if req.warm_up {
         // A different seed than any timed repeat, so nothing is reused.
@@ -286,8 +312,7 @@ pub fn compare<M: MarModel>(
             0..req.batch.min(req.num_images),
         );
         for k in 0..contenders.len() {
-            let plans = plan_all(k, &jobs)?;
-            engine.generate(&plans, &jobs, &SeededNoise, |_, _| {})?;
+            engine.generate(&planners.plans(k, &jobs)?, &jobs, &SeededNoise, |_, _| {})?;
         }
     }
 
@@ -299,15 +324,13 @@ pub fn compare<M: MarModel>(
         let seed = req.seed.wrapping_add(r as u64);
         let mut collected: Vec<Collected> =
             contenders.iter().map(|_| Collected::default()).collect();
-        let mut labels = Vec::with_capacity(req.num_images);
         for start in (0..req.num_images).step_by(req.batch) {
             let jobs = jobs_for(seed, start..(start + req.batch).min(req.num_images));
-            labels.extend(jobs.iter().map(|j| j.label));
             for (k, result) in results.iter_mut().enumerate() {
                 let (runtime_before, model_before) =
                     (engine.runtime_seconds(), engine.stats.model_seconds());
                 let began = Instant::now();
-                let plans = plan_all(k, &jobs)?;
+                let plans = planners.plans(k, &jobs)?;
                 let out = engine.generate(&plans, &jobs, &SeededNoise, |_, _| {})?;
                 let wall = began.elapsed().as_secs_f64();
                 result.images_timed += jobs.len();
@@ -326,16 +349,9 @@ pub fn compare<M: MarModel>(
         }
         if let Some(s) = scoring.as_ref() {
             for (k, c) in collected.iter().enumerate() {
-                let logits = stack(&c.logits)?;
-                let features = stack(&c.features)?.mapv(f64::from);
-                let stats = FeatureStats::from_features(features.view())?;
-                results[k].quality.push(Quality {
-                    seed,
-                    frechet_distance: frechet_distance(&stats, s.reference)?,
-                    class_accuracy: (info.classes > 0)
-                        .then(|| class_accuracy(logits.view(), &labels)),
-                    classifier_score: classifier_score(&probabilities(logits.view())),
-                });
+                results[k]
+                    .quality
+                    .push(c.quality(seed, s.reference, &labels, info.classes)?);
             }
         }
     }
@@ -351,6 +367,28 @@ pub fn compare<M: MarModel>(
         precision: engine.model.precision(),
         schedules: results,
     })
+}
+
+impl Collected {
+    /// The quality of one repeat's images (made with `seed`, labelled
+    /// `labels`) against `reference`.
+    fn quality(
+        &self,
+        seed: u64,
+        reference: &FeatureStats,
+        labels: &[i64],
+        classes: usize,
+    ) -> Result<Quality, CompareError> {
+        let logits = stack(&self.logits)?;
+        let features = stack(&self.features)?.mapv(f64::from);
+        let stats = FeatureStats::from_features(features.view())?;
+        Ok(Quality {
+            seed,
+            frechet_distance: frechet_distance(&stats, reference)?,
+            class_accuracy: (classes > 0).then(|| class_accuracy(logits.view(), labels)),
+            classifier_score: classifier_score(&probabilities(logits.view())),
+        })
+    }
 }
 
 fn stack(parts: &[Array2<f32>]) -> Result<Array2<f32>, CompareError> {
