@@ -39,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import convert_precision  # noqa: E402
+from run_record import read_run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,8 +70,7 @@ def generate(args, bundle, precision, out, n, batch, seed, npz=None):
     p = run(cmd, check=False)
     if p.returncode != 0:
         return None, p.stderr.strip()
-    with open(os.path.join(out, "run.json")) as f:
-        return json.load(f), None
+    return read_run_record(out), None
 
 
 def pixel_stats(a, b):

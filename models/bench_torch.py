@@ -92,6 +92,7 @@ import torch  # noqa: E402
 
 from models.torch import reference_sampler as ref  # noqa: E402
 from models.torch import mar as M  # noqa: E402
+from models.run_record import read_run_record  # noqa: E402
 
 MAR_TINY = os.path.join(_HERE, "mar-tiny")
 GRAPHS = ("encoder.onnx", "decoder.onnx", "diffusion.onnx", "vae_decoder.onnx")
@@ -215,8 +216,7 @@ def run_rust(a, schedule: str, B: int, out: str, replay: str | None = None, npz:
     if npz:
         cmd += ["--npz", npz]
     run_cmd(cmd)
-    with open(os.path.join(out, "run.json")) as f:
-        return json.load(f)
+    return read_run_record(out)
 
 
 # -- plan -> reference case -------------------------------------------------------------------

@@ -592,6 +592,7 @@ fn shards_merged_give_the_bytes_of_the_single_machine_run() {
     );
 
     let (m, w) = (record(&merged), record(&whole));
+    run_records_are_documented(&[&w, &m, &record(&parts[0])]);
     for key in [
         "num_images",
         "labels",
@@ -980,4 +981,44 @@ fn unwritable_outputs_and_odd_graph_files_are_found_up_front() {
         ],
         "graphs.vae_decoder.file: /dev/zero is not a regular file",
     );
+}
+
+/// Every field of these records has its row in docs/run-record.md, the
+/// record's schema (maps with free keys are rows of their own; a part's
+/// `seconds` has the fields of `seconds`).
+fn run_records_are_documented(records: &[&serde_json::Value]) {
+    fn paths(value: &serde_json::Value, at: String, out: &mut Vec<String>) {
+        const FREE_KEYS: [&str; 3] = ["schedule.params", "images_sha256", "runtime_settings"];
+        match value {
+            serde_json::Value::Object(map) if !FREE_KEYS.contains(&at.as_str()) => {
+                for (k, v) in map {
+                    let path = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    out.push(path.clone());
+                    paths(v, path, out);
+                }
+            }
+            serde_json::Value::Array(list) => {
+                for v in list {
+                    paths(v, format!("{at}[]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let doc = std::fs::read_to_string(common::root().join("docs/run-record.md")).unwrap();
+    for record in records {
+        let mut found = Vec::new();
+        paths(record, String::new(), &mut found);
+        for path in found {
+            let row = path.replacen("parts[].seconds.", "seconds.", 1);
+            assert!(
+                doc.contains(&format!("| `{row}` |")),
+                "run.json field `{path}` has no row in docs/run-record.md"
+            );
+        }
+    }
 }
