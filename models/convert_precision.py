@@ -4,7 +4,8 @@
     python models/convert_precision.py BUNDLE --precision fp16|bf16|int8 [--check] [--report FILE]
 
 For each model graph of the bundle (encoder, decoder, diffusion, vae_decoder; an optional
-`sampler` graph is rebuilt around the variant head by models/add_sampler.py; the evaluator is
+`sampler` graph is rebuilt around the variant head by models/add_sampler.py, an optional `backbone`
+from the variant encoder and decoder by models/add_backbone.py; the evaluator is
 left alone) this writes `<name>.<precision>.onnx` beside
 `<name>.onnx` and adds, or replaces, `precisions.<precision>` in `manifest.yaml` (role -> file;
 the rest of the manifest, comments included, is kept as written). `gtr-run --precision X` then
@@ -456,7 +457,7 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     files = {}
     for role, entry in manifest["graphs"].items():
         if role not in ROLES:
-            if role != "sampler":  # rebuilt below, around the variant head
+            if role not in ("sampler", "backbone"):  # rebuilt below from the variants
                 log(f"{role}: not a graph this script converts (kept in float32)")
             continue
         src = os.path.join(bundle, entry["file"])
@@ -506,6 +507,12 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
 
         files["sampler"] = write_sampler(bundle, manifest, files["diffusion"], precision, log=log)
         report["graphs"]["sampler"] = {"file": files["sampler"]}
+    if "backbone" in manifest["graphs"] and "encoder" in files and "decoder" in files:
+        # The fused backbone of this precision's encoder and decoder (models/add_backbone.py).
+        from models.add_backbone import write_backbone
+
+        files["backbone"] = write_backbone(bundle, manifest, files["encoder"], files["decoder"], precision, log=log)
+        report["graphs"]["backbone"] = {"file": files["backbone"]}
     new_text = manifest_with_precisions(text, precision, files)
     parsed = yaml.safe_load(new_text)
     if (parsed.get("precisions") or {}).get(precision, {}) != files:

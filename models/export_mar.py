@@ -534,6 +534,13 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
     errors["sampler"] = check_sampler(out_dir, log=log)
     if errors["sampler"] > tolerance:
         raise CheckpointError(f"sampler graph differs from its per-tick reference by {errors['sampler']}")
+    # The fused encoder and decoder (models/add_backbone.py).
+    from models.add_backbone import add_backbone
+    from models.add_backbone import check as check_backbone
+    add_backbone(out_dir, log=log)
+    errors["backbone"] = check_backbone(out_dir, log=log)
+    if errors["backbone"] > tolerance:
+        raise CheckpointError(f"backbone graph differs from the encoder and decoder by {errors['backbone']}")
     return {"graphs": info, "errors": errors}
 
 

@@ -21,7 +21,8 @@ const MAX_IMAGE_SIDE: usize = 16_384;
 const MAX_TRAIN_STEPS: usize = 100_000;
 pub const FORMAT: &str = "gtr-run/mar-bundle@1";
 
-/// The graphs of a bundle, by role: four required, the sampler optional.
+/// The graphs of a bundle, by role: four required, the sampler and the
+/// fused backbone optional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -31,6 +32,9 @@ pub enum Role {
     VaeDecoder,
     /// Whole diffusion chains in one call (models/add_sampler.py).
     Sampler,
+    /// Encoder and decoder in one call, returning only the predicted
+    /// tokens' z (models/add_backbone.py).
+    Backbone,
 }
 
 impl Role {
@@ -42,7 +46,7 @@ impl Role {
         Role::VaeDecoder,
     ];
     /// The roles a bundle may have.
-    pub const OPTIONAL: [Role; 1] = [Role::Sampler];
+    pub const OPTIONAL: [Role; 2] = [Role::Sampler, Role::Backbone];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -51,6 +55,7 @@ impl Role {
             Role::Diffusion => "diffusion",
             Role::VaeDecoder => "vae_decoder",
             Role::Sampler => "sampler",
+            Role::Backbone => "backbone",
         }
     }
 
@@ -62,6 +67,7 @@ impl Role {
             Role::Diffusion => &["x", "t", "z"],
             Role::VaeDecoder => &["latent"],
             Role::Sampler => &["x", "z", "t", "coef", "noise", "active", "guidance"],
+            Role::Backbone => &["tokens", "known", "label", "predict"],
         }
     }
 
@@ -73,6 +79,7 @@ impl Role {
             Role::Diffusion => &["out"],
             Role::VaeDecoder => &["image"],
             Role::Sampler => &["x_out"],
+            Role::Backbone => &["z"],
         }
     }
 }
@@ -338,14 +345,15 @@ impl Bundle {
             self.check_file("evaluator.file", &e.file)?;
             self.check_file("evaluator.reference", &e.reference)?;
         }
-        if let Some(extra) = m.graphs.keys().find(|k| {
-            !Role::ALL
-                .iter()
-                .chain(&Role::OPTIONAL)
-                .any(|r| r.key() == k.as_str())
-        }) {
+        let known: Vec<&str> = Role::ALL
+            .iter()
+            .chain(&Role::OPTIONAL)
+            .map(|r| r.key())
+            .collect();
+        if let Some(extra) = m.graphs.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(format!(
-                "graphs has an unknown role `{extra}` (known: encoder, decoder, diffusion, vae_decoder, sampler)"
+                "graphs has an unknown role `{extra}` (known: {})",
+                known.join(", ")
             ));
         }
         crate::precision::validate_manifest(self)

@@ -109,6 +109,13 @@ struct RuntimeArgs {
     /// a per-tick call with the update still in the graph).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     sampler_ticks: Option<u32>,
+    /// How the backbone runs: `fused` (the bundle's backbone graph: encoder
+    /// and decoder in one call, only the predicted tokens' z returned),
+    /// `split` (the two graphs, z gathered on the host) or `auto` (fused
+    /// when the bundle has the graph and a GPU provider runs it; split on
+    /// the CPU provider, where it measured faster).
+    #[arg(long, value_enum, default_value_t = BackboneRunner::Auto)]
+    backbone: BackboneRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
     /// need the bundle's variant graphs (models/convert_precision.py). Default:
     /// the manifest's `precision`, else fp32.
@@ -118,6 +125,14 @@ struct RuntimeArgs {
     /// the cache being $GTR_RUN_CACHE, $XDG_CACHE_HOME/gtr-run or ~/.cache/gtr-run).
     #[arg(long, value_name = "DIR")]
     trt_cache: Option<PathBuf>,
+}
+
+/// The `--backbone` choice.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackboneRunner {
+    Auto,
+    Fused,
+    Split,
 }
 
 /// The `--sampler` choice.
@@ -153,6 +168,19 @@ fn load_model(
         (ChainRunner::Host, true) => model.without_sampler(),
         // On the CPU provider the host path measured faster (README, "Speed").
         (ChainRunner::Auto, true) if model.execution_provider() == "cpu" => model.without_sampler(),
+        _ => model,
+    };
+    let model = match (runtime.backbone, model.has_backbone()) {
+        (BackboneRunner::Fused, false) => bail!(
+            "--backbone fused: bundle `{}` has no backbone graph (graphs.backbone in its manifest; not used under --device tensorrt); add one with `python3 models/add_backbone.py {}`",
+            bundle.manifest.name,
+            bundle.dir.display()
+        ),
+        (BackboneRunner::Split, true) => model.without_backbone(),
+        // On the CPU provider the two graphs measured faster (README, "Speed").
+        (BackboneRunner::Auto, true) if model.execution_provider() == "cpu" => {
+            model.without_backbone()
+        }
         _ => model,
     };
     Ok(model)

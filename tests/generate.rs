@@ -1022,3 +1022,54 @@ fn run_records_are_documented(records: &[&serde_json::Value]) {
         }
     }
 }
+
+/// `--backbone`: `fused` runs a bundle's backbone graph (one call per MAR
+/// step returning only the predicted tokens' z) and makes the bytes the two
+/// graphs make; `auto` on the CPU provider and `split` run the encoder and
+/// decoder; run.json says which; a bundle without the graph refuses `fused`
+/// and names the way to add one.
+#[test]
+fn backbone_choice_is_honoured_and_recorded() {
+    let bundle = "models/fixtures/tiny-sampler";
+    let args = ["schedules/gtr-fast.gtr", "--num-images", "3"];
+    let mut made = Vec::new();
+    for choice in ["fused", "split", "auto"] {
+        let out = tmp(&format!("backbone-{choice}"));
+        let o = out.to_str().unwrap();
+        ok(&[&[bundle][..], &args, &["--backbone", choice, "--out", o]].concat());
+        let run = record(&out);
+        let calls = |graph: &str| {
+            run["graphs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|g| g["graph"] == graph)
+                .map(|g| g["calls"].as_u64().unwrap())
+        };
+        let steps = run["mar_steps"].as_u64().unwrap();
+        if choice == "fused" {
+            assert_eq!(run["backbone"], "backbone graph");
+            assert_eq!(calls("backbone"), Some(steps));
+            assert_eq!(calls("encoder"), Some(0));
+        } else {
+            assert_eq!(
+                run["backbone"], "encoder and decoder",
+                "--backbone {choice}"
+            );
+            assert_eq!(calls("backbone"), None);
+            assert_eq!(calls("encoder"), Some(steps));
+        }
+        made.push(pngs(&out));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    assert!(made[0] == made[1], "the fused backbone changed the images");
+    assert!(made[2] == made[1]);
+
+    let out = tmp("backbone-none");
+    let o = out.to_str().unwrap();
+    fails(
+        &[&[TINY][..], &args, &["--backbone", "fused", "--out", o]].concat(),
+        "add one with `python3 models/add_backbone.py",
+    );
+    assert!(!out.exists(), "nothing is written for a refused run");
+}

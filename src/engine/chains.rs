@@ -31,7 +31,8 @@ pub(super) struct ChainWork {
 /// The settings one MAR step's chains share.
 pub(super) struct StepChains<'a> {
     pub step: usize,
-    /// The backbone's output [rows_b, L, D] (conditional images, then unconditional).
+    /// The backbone's output at the predicted tokens [rows_b, N, D]
+    /// (conditional images, then unconditional; a row's `slot` indexes N).
     pub z: &'a Array3<f32>,
     /// Images in the batch.
     pub images: usize,
@@ -82,7 +83,7 @@ impl StepChains<'_> {
 
     /// Conditioning vector of `row`'s half `h`.
     fn condition(&self, row: &Row, h: usize) -> ndarray::ArrayView1<'_, f32> {
-        self.z.slice(s![row.image + h * self.images, row.token, ..])
+        self.z.slice(s![row.image + h * self.images, row.slot, ..])
     }
 
     /// One head call per tick, the update applied here in f64. `x` [N·C]

@@ -21,7 +21,7 @@ use ndarray::{Array2, Array3, Array4};
 use chains::StepChains;
 pub use model::{
     ChainInputs, Evaluator, GraphStats, ImageSettings, MarModel, ModelError, ModelInfo,
-    SamplingDefaults, Scores,
+    SamplingDefaults, Scores, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 pub use replay::Replay;
@@ -151,6 +151,17 @@ impl<M: MarModel> Engine<M> {
         }
     }
 
+    /// How this engine runs the backbone: `backbone graph` (the model's
+    /// fused graph, only the predicted rows returned) or `encoder and
+    /// decoder` (two calls, the rows gathered after).
+    pub fn backbone_runner(&self) -> &'static str {
+        if self.model.fuses_backbone() {
+            "backbone graph"
+        } else {
+            "encoder and decoder"
+        }
+    }
+
     /// Seconds spent inside the runtime's own run calls so far, where the
     /// model reports them ([`MarModel::graph_stats`]); else inside model calls.
     pub fn runtime_seconds(&self) -> f64 {
@@ -210,24 +221,33 @@ impl<M: MarModel> Engine<M> {
         let step_start = Instant::now();
         let template = &plans[0].steps[s];
         let guided = template.cfg.is_some();
-        let (b, l, d) = (jobs.len(), info.grid.len(), info.width);
+        let (b, d) = (jobs.len(), info.width);
         let rows_b = if guided { 2 * b } else { b };
 
+        let predicted: Vec<Vec<usize>> = plans
+            .iter()
+            .zip(jobs)
+            .map(|(plan, &job)| noise.predicted_tokens(plan, s, job))
+            .collect();
+        let n = template.tokens.len();
         let inputs = canvas.backbone_inputs(jobs, guided, info.null_class, template.known_before);
+        let predict = Array2::from_shape_fn((rows_b, n), |(r, k)| predicted[r % b][k] as i64);
         let t0 = Instant::now();
         let z = self
             .model
-            .backbone(
+            .backbone_rows(
                 inputs.canvas.view(),
                 inputs.known.view(),
                 inputs.labels.view(),
+                predict.view(),
             )
             .map_err(|source| EngineError::Model { step: s, source })?;
         let backbone_seconds = t0.elapsed().as_secs_f64();
-        if z.dim() != (rows_b, l, d) {
-            return Err(shape_error(s, "decoder", "z", z.shape(), &[rows_b, l, d]));
+        if z.dim() != (rows_b, n, d) {
+            return Err(shape_error(s, "backbone", "z", z.shape(), &[rows_b, n, d]));
         }
-        check_finite("decoder", "z", z.as_slice().expect("owned z").iter(), s)?;
+        let z = z.as_standard_layout().into_owned();
+        check_finite("backbone", "z", z.as_slice().expect("standard z").iter(), s)?;
 
         let (mut rows, mut x) = RowSources {
             jobs,
@@ -235,7 +255,7 @@ impl<M: MarModel> Engine<M> {
             chains: &mut self.chains,
             fts: &mut self.fts,
         }
-        .step_rows(plans, s, z.view(), &mut canvas.detail, info);
+        .step_rows(plans, s, &predicted, z.view(), &mut canvas.detail, info);
         let chains = StepChains {
             step: s,
             z: &z,

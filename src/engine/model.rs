@@ -85,6 +85,22 @@ pub trait MarModel {
         labels: ArrayView1<i64>,
     ) -> Result<Array3<f32>, ModelError>;
 
+    /// The backbone's z at the tokens each row predicts: `predict` [B, N]
+    /// token indices → [B, N, D] with row `[b, n]` = z[b, predict[b, n]].
+    /// The engine calls only this; a model that can gather where z is made
+    /// (a fused backbone graph) overrides it, so that only these rows leave
+    /// its device.
+    fn backbone_rows(
+        &mut self,
+        canvas: ArrayView3<f32>,
+        known: ArrayView2<i64>,
+        labels: ArrayView1<i64>,
+        predict: ArrayView2<i64>,
+    ) -> Result<Array3<f32>, ModelError> {
+        let z = self.backbone(canvas, known, labels)?;
+        Ok(gather_rows(&z, predict))
+    }
+
     /// One diffusion-head evaluation: `x` [N, C], `t` [N] (training-chain
     /// timesteps), `z` [N, D] → [N, head_channels].
     fn diffusion(
@@ -93,6 +109,12 @@ pub trait MarModel {
         t: ArrayView1<i64>,
         z: ArrayView2<f32>,
     ) -> Result<Array2<f32>, ModelError>;
+
+    /// Whether [`MarModel::backbone_rows`] runs in one fused call that
+    /// returns only the predicted rows (else: the backbone, then a gather).
+    fn fuses_backbone(&self) -> bool {
+        false
+    }
 
     /// Whether the model runs whole diffusion chains ([`MarModel::sample_chain`]).
     fn runs_chains(&self) -> bool {
@@ -127,6 +149,19 @@ pub trait MarModel {
     fn precision(&self) -> String {
         "fp32".into()
     }
+}
+
+/// Rows of `z` [B, L, D] at `predict` [B, N] → [B, N, D]. An index
+/// outside `0..L` (a model's bug, not an input's) is a panic.
+pub fn gather_rows(z: &Array3<f32>, predict: ArrayView2<i64>) -> Array3<f32> {
+    let (b, n) = predict.dim();
+    let d = z.dim().2;
+    let mut out = Array3::<f32>::zeros((b, n, d));
+    for ((i, k), &t) in predict.indexed_iter() {
+        out.slice_mut(ndarray::s![i, k, ..])
+            .assign(&z.slice(ndarray::s![i, t as usize, ..]));
+    }
+    out
 }
 
 /// One MAR step's chains for [`MarModel::sample_chain`]: N rows (running

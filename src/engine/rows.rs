@@ -19,6 +19,9 @@ use crate::sampler::{Chain, ChainCache};
 pub(super) struct Row<'a> {
     pub image: usize,
     pub token: usize,
+    /// The token's place among its image's predicted tokens (its row of
+    /// the step's z).
+    pub slot: usize,
     pub steps: usize,
     pub chain: Arc<Chain>,
     pub draws: Box<dyn TokenDraws + 'a>,
@@ -123,15 +126,16 @@ pub(super) struct RowSources<'a> {
 }
 
 impl<'a> RowSources<'a> {
-    /// The rows of step `s`: every predicted token of every image, with its
-    /// chain (FTS detail tokens chosen by their conditioning vectors in `z`
-    /// [B.., L, D]), marked in `detail`; longest chains first (stable:
-    /// image and token order otherwise), each row's initial noise in `x`
-    /// [rows · C].
+    /// The rows of step `s`: every token of `predicted` (per image,
+    /// ascending) with its chain (FTS detail tokens chosen by their
+    /// conditioning vectors in `z` [B.., N, D], one row per predicted
+    /// token), marked in `detail`; longest chains first (stable: image and
+    /// token order otherwise), each row's initial noise in `x` [rows · C].
     pub fn step_rows(
         &mut self,
         plans: &[Plan],
         s: usize,
+        predicted: &[Vec<usize>],
         z: ArrayView3<f32>,
         detail: &mut Array2<bool>,
         info: &ModelInfo,
@@ -140,9 +144,9 @@ impl<'a> RowSources<'a> {
         for (img, plan) in plans.iter().enumerate() {
             let step = &plan.steps[s];
             let job = self.jobs[img];
-            let tokens = self.noise.predicted_tokens(plan, s, job);
-            let chosen = self.detail_tokens(plan, s, img, &tokens, z);
-            for (&t, &is_detail) in tokens.iter().zip(&chosen) {
+            let tokens = &predicted[img];
+            let chosen = self.detail_tokens(plan, s, img, tokens.len(), z);
+            for (slot, (&t, &is_detail)) in tokens.iter().zip(&chosen).enumerate() {
                 let n = match (is_detail, step.detail) {
                     (true, Some(rule)) => rule.steps,
                     _ => step.diffusion_steps,
@@ -151,6 +155,7 @@ impl<'a> RowSources<'a> {
                 rows.push(Row {
                     image: img,
                     token: t,
+                    slot,
                     steps: n,
                     chain: self.chains.get(n),
                     draws: self.noise.token_draws(job, t),
@@ -166,31 +171,31 @@ impl<'a> RowSources<'a> {
         (rows, x)
     }
 
-    /// Which of `tokens` (image `img` at step `s`) get the step's FTS
-    /// detail steps: the rule's top `count` by their conditioning vectors'
-    /// scores, ties and `random` broken by the image's selection stream.
+    /// Which of image `img`'s `count` predicted tokens at step `s` get the
+    /// step's FTS detail steps: the rule's top `count` by their conditioning
+    /// vectors' scores (`z[img, slot]`), ties and `random` broken by the
+    /// image's selection stream.
     fn detail_tokens(
         &mut self,
         plan: &Plan,
         s: usize,
         img: usize,
-        tokens: &[usize],
+        count: usize,
         z: ArrayView3<f32>,
     ) -> Vec<bool> {
         let Some(rule) = plan.steps[s].detail else {
-            return vec![false; tokens.len()];
+            return vec![false; count];
         };
-        let scores: Vec<f64> = tokens
-            .iter()
-            .map(|&t| {
-                let row = z.slice(ndarray::s![img, t, ..]);
+        let scores: Vec<f64> = (0..count)
+            .map(|slot| {
+                let row = z.slice(ndarray::s![img, slot, ..]);
                 self.fts
                     .score(row.as_slice().expect("z rows are contiguous"))
             })
             .collect();
         let mut selection = Stream::new(self.jobs[img].seed, Purpose::Selection);
         selection.seek_block(s as u64);
-        let draws: Vec<u64> = (0..tokens.len()).map(|_| selection.next_u64()).collect();
+        let draws: Vec<u64> = (0..count).map(|_| selection.next_u64()).collect();
         select(&scores, rule.count, rule.selector, &draws)
     }
 }

@@ -363,6 +363,7 @@ fn measure<M: MarModel>(
         generated_now,
         execution_provider: Some(engine.model.execution_provider()),
         diffusion_chains: engine.chain_runner().into(),
+        backbone: engine.backbone_runner().into(),
         sampler_ticks_per_call: req.ticks_per_call,
         steps,
         seconds: Seconds {

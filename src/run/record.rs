@@ -87,6 +87,10 @@ fn yes() -> bool {
     true
 }
 
+fn split_backbone() -> String {
+    "encoder and decoder".into()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRecord {
     /// The bundle manifest's `name`.
@@ -133,6 +137,10 @@ pub struct Measurements {
     pub execution_provider: Option<String>,
     /// Where the diffusion chains ran: `host` or `sampler graph`.
     pub diffusion_chains: String,
+    /// How the backbone ran: `encoder and decoder` or `backbone graph`
+    /// (records older than the fused graph ran the former).
+    #[serde(default = "split_backbone")]
+    pub backbone: String,
     /// `--sampler-ticks`.
     pub sampler_ticks_per_call: Option<usize>,
     /// The plan of image 0, step by step, with each step's measurements.

@@ -18,7 +18,9 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
-use crate::engine::{ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores};
+use crate::engine::{
+    ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores, gather_rows,
+};
 use crate::precision::{Precision, PrecisionChoice};
 use tensorrt::{ShapeRanges, TensorRtOptions};
 
@@ -298,6 +300,9 @@ pub struct OrtModel {
     vae: Graph,
     /// Whole chains per call, when the bundle has a sampler graph.
     sampler: Option<Graph>,
+    /// Encoder and decoder in one call returning the predicted tokens' z,
+    /// when the bundle has a backbone graph.
+    backbone: Option<Graph>,
     provider: String,
     precision: PrecisionChoice,
     tensorrt: BTreeMap<String, TensorRtOptions>,
@@ -359,6 +364,15 @@ fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
                 e("guidance", F, vec![Fixed(1)]),
             ],
             vec![e("x_out", F, vec![Any, Fixed(c)])],
+        ),
+        Role::Backbone => (
+            vec![
+                e("tokens", F, vec![Dynamic, Fixed(l), Fixed(c)]),
+                e("known", I, vec![Dynamic, Dynamic]),
+                e("label", I, vec![Dynamic]),
+                e("predict", I, vec![Dynamic, Dynamic]),
+            ],
+            vec![e("z", F, vec![Any, Any, Fixed(d)])],
         ),
         Role::VaeDecoder => (
             vec![e("latent", F, vec![Dynamic, Fixed(c), Fixed(h), Fixed(w)])],
@@ -529,6 +543,14 @@ impl OrtModel {
             Some(entry) => Some(open(Role::Sampler, entry)?.0),
             None => None,
         };
+        // Under TensorRT the encoder and decoder run as TensorRT engines with
+        // profiles; the fused graph would get none, so it is not used there.
+        let backbone = match bundle.optional_graph(Role::Backbone) {
+            Some(entry) if options.device != Device::TensorRt => {
+                Some(open(Role::Backbone, entry)?.0)
+            }
+            _ => None,
+        };
         let mut it = graphs.into_iter();
         let (encoder, decoder, diffusion, vae) = (
             it.next().unwrap(),
@@ -543,10 +565,23 @@ impl OrtModel {
             diffusion,
             vae,
             sampler,
+            backbone,
             provider,
             precision: choice.clone(),
             tensorrt,
         })
+    }
+
+    /// Whether the bundle's fused backbone graph was loaded.
+    pub fn has_backbone(&self) -> bool {
+        self.backbone.is_some()
+    }
+
+    /// Drops the fused backbone graph: the encoder and decoder run apart and
+    /// the predicted rows are gathered on the host.
+    pub fn without_backbone(mut self) -> Self {
+        self.backbone = None;
+        self
     }
 
     /// Whether the bundle's sampler graph was loaded.
@@ -795,6 +830,32 @@ impl MarModel for OrtModel {
         shaped::<Ix3>("decoder", "z", z, || format!("[{b}, {l}, {d}]"))
     }
 
+    fn backbone_rows(
+        &mut self,
+        canvas: ArrayView3<f32>,
+        known: ArrayView2<i64>,
+        labels: ArrayView1<i64>,
+        predict: ArrayView2<i64>,
+    ) -> Result<Array3<f32>, ModelError> {
+        let Some(backbone) = self.backbone.as_mut() else {
+            let z = self.backbone(canvas, known, labels)?;
+            return Ok(gather_rows(&z, predict));
+        };
+        let graph = "backbone";
+        let z = backbone.run(
+            vec![
+                ("tokens", view(graph, canvas)?),
+                ("known", view(graph, known)?),
+                ("label", view(graph, labels)?),
+                ("predict", view(graph, predict)?),
+            ],
+            "z",
+            false,
+        )?;
+        let (b, n, d) = (predict.nrows(), predict.ncols(), self.info.width);
+        shaped::<Ix3>(graph, "z", z, || format!("[{b}, {n}, {d}]"))
+    }
+
     fn diffusion(
         &mut self,
         x: ArrayView2<f32>,
@@ -813,6 +874,10 @@ impl MarModel for OrtModel {
         )?;
         let channels = self.info.head_channels();
         shaped::<Ix2>("diffusion", "out", out, || format!("[{n}, {channels}]"))
+    }
+
+    fn fuses_backbone(&self) -> bool {
+        self.backbone.is_some()
     }
 
     fn runs_chains(&self) -> bool {
@@ -863,6 +928,7 @@ impl MarModel for OrtModel {
         [&self.encoder, &self.decoder, &self.diffusion, &self.vae]
             .into_iter()
             .chain(self.sampler.as_ref())
+            .chain(self.backbone.as_ref())
             .map(|g| g.stats.clone())
             .collect()
     }

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Adds a `backbone` graph to a model bundle: encoder and decoder fused, returning only the
+conditioning vectors of the tokens a step predicts.
+
+    python3 models/add_backbone.py BUNDLE_DIR [--check]
+
+With separate graphs, every MAR step hands the encoder's output back to the host and down again
+to the decoder, and the decoder's whole z [B, L, D] comes back although the step uses only the
+rows of the tokens it predicts (on MAR-B at batch 64, 100 MB a step). The backbone graph runs
+both in one call and gathers those rows on the device. The contract (models/README.md,
+"backbone graph"):
+
+  inputs   tokens   f32 [B, L, C]   the canvas (zeros where unknown), as the encoder's
+           known    i64 [B, K]      known token indices, ascending, as both graphs'
+           label    i64 [B]         class labels, as the encoder's
+           predict  i64 [B, N]      the tokens each row predicts this step
+  output   z        f32 [B, N, D]   z[b, n] = decoder's z[b, predict[b, n]]
+
+The graph is built from the bundle's own encoder and decoder (any bundle), their weights copied;
+the manifest gets a `backbone` entry after the decoder's. gtr-run uses it when it is there and
+gathers on the host otherwise; the numbers are the same. `--check` compares it with the two
+graphs run one after the other through onnxruntime and the rows gathered in NumPy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+BACKBONE_FILE = "backbone.onnx"
+INPUTS = ["tokens", "known", "label", "predict"]
+OUTPUT = "z"
+
+
+def read_manifest(bundle: str) -> tuple[str, dict]:
+    from models.add_sampler import read_manifest as read
+
+    return read(bundle)
+
+
+def _copy_renamed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]):
+    """`graph`'s nodes, initializers and value infos with every name under `prefix`, except
+    those in `keep` (old → new)."""
+    for n in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            raise SystemExit(f"node `{n.name}` ({n.op_type}) holds a subgraph; fusing such graphs is not supported")
+
+    def name(v: str) -> str:
+        if v == "":
+            return v
+        return keep.get(v, prefix + v)
+
+    nodes = []
+    for n in graph.node:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        m.name = prefix + n.name if n.name else ""
+        m.input[:] = [name(v) for v in n.input]
+        m.output[:] = [name(v) for v in n.output]
+        nodes.append(m)
+    inits = []
+    for t in graph.initializer:
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        c.name = name(t.name)
+        inits.append(c)
+    infos = []
+    for v in graph.value_info:
+        c = onnx.ValueInfoProto()
+        c.CopyFrom(v)
+        c.name = name(v.name)
+        infos.append(c)
+    return nodes, inits, infos
+
+
+def build_backbone(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc_io: dict, dec_io: dict) -> onnx.ModelProto:
+    """The fused graph (tensor names of both graphs as the manifest gives them in `*_io`)."""
+    ei, eo = enc_io["inputs"], enc_io["outputs"]
+    di, do = dec_io["inputs"], dec_io["outputs"]
+    enc_keep = {ei["tokens"]: "tokens", ei["known"]: "known", ei["label"]: "label",
+                eo["encoded"]: "encoded"}
+    dec_keep = {di["encoded"]: "encoded", di["known"]: "known", do["z"]: "z_all"}
+    enc_nodes, enc_inits, enc_infos = _copy_renamed(encoder.graph, "encoder/", enc_keep)
+    dec_nodes, dec_inits, dec_infos = _copy_renamed(decoder.graph, "decoder/", dec_keep)
+
+    gather = [
+        helper.make_node("Constant", [], ["gather/axes"],
+                         value=helper.make_tensor("gather/axes_value", TensorProto.INT64, [1], [2])),
+        helper.make_node("Unsqueeze", ["predict", "gather/axes"], ["gather/index"]),
+        # z_all [B, L, D], index [B, N, 1] → z [B, N, D]
+        helper.make_node("GatherND", ["z_all", "gather/index"], [OUTPUT], batch_dims=1),
+    ]
+
+    def graph_input(graph: onnx.GraphProto, name: str, new: str) -> onnx.ValueInfoProto:
+        v = next(i for i in graph.input if i.name == name)
+        c = onnx.ValueInfoProto()
+        c.CopyFrom(v)
+        c.name = new
+        return c
+
+    inputs = [graph_input(encoder.graph, ei["tokens"], "tokens"),
+              graph_input(encoder.graph, ei["known"], "known"),
+              graph_input(encoder.graph, ei["label"], "label"),
+              helper.make_tensor_value_info("predict", TensorProto.INT64, ["batch", "predicted"])]
+    z_type = next(o for o in decoder.graph.output if o.name == do["z"]).type.tensor_type
+    output = helper.make_tensor_value_info(OUTPUT, z_type.elem_type, ["batch", "predicted", "width"])
+    graph = helper.make_graph(enc_nodes + dec_nodes + gather, "backbone", inputs, [output],
+                              enc_inits + dec_inits, value_info=enc_infos + dec_infos)
+    opsets: dict[str, int] = {}
+    for o in list(encoder.opset_import) + list(decoder.opset_import):
+        opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    # GatherND's batch_dims needs opset 12, Unsqueeze with an axes input 13.
+    opsets[""] = max(opsets.get("", 0), 13)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              producer_name="gtr-run add_backbone.py")
+    model.ir_version = max(encoder.ir_version, decoder.ir_version)
+    functions = {(f.domain, f.name): f for f in list(encoder.functions) + list(decoder.functions)}
+    model.functions.extend(functions.values())
+    return model
+
+
+def manifest_with_backbone(text: str) -> str:
+    """The manifest text with a `backbone` graph entry after the decoder's (replacing an earlier
+    one)."""
+    entry = (f"  backbone: {{ file: {BACKBONE_FILE}, inputs: {{ "
+             + ", ".join(f"{r}: {r}" for r in INPUTS)
+             + f" }}, outputs: {{ z: {OUTPUT} }} }}")
+    lines = [ln for ln in text.splitlines() if not re.match(r"^\s+backbone:\s*\{", ln)]
+    for i, ln in enumerate(lines):
+        if re.match(r"^\s+decoder:\s*\{\s*file:", ln):
+            lines.insert(i + 1, entry)
+            return "\n".join(lines) + "\n"
+    raise SystemExit("manifest.yaml: no `graphs.decoder` entry on one line to put the backbone after")
+
+
+def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
+                   precision: str | None = None, log=print) -> str:
+    """Writes the fused graph of `encoder_file` and `decoder_file` as backbone.onnx, or
+    backbone.PRECISION.onnx for a precision variant; returns its name."""
+    g = m["graphs"]
+    encoder = onnx.load(os.path.join(bundle, encoder_file))
+    decoder = onnx.load(os.path.join(bundle, decoder_file))
+    model = build_backbone(encoder, decoder, g["encoder"], g["decoder"])
+    onnx.checker.check_model(model)
+    name = BACKBONE_FILE if precision is None else BACKBONE_FILE.replace(".onnx", f".{precision}.onnx")
+    onnx.save(model, os.path.join(bundle, name))
+    log(f"{name}: {encoder_file} and {decoder_file} fused, z gathered at the predicted tokens")
+    return name
+
+
+def add_backbone(bundle: str, log=print) -> str:
+    text, m = read_manifest(bundle)
+    g = m["graphs"]
+    name = write_backbone(bundle, m, g["encoder"]["file"], g["decoder"]["file"], log=log)
+    with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
+        f.write(manifest_with_backbone(text))
+    return os.path.join(bundle, name)
+
+
+def check(bundle: str, log=print) -> float:
+    """Max |fused − separate graphs gathered in NumPy| on random inputs, with and without
+    known tokens."""
+    import onnxruntime as ort
+
+    _, m = read_manifest(bundle)
+    g = m["graphs"]
+    (H, W), C = m["grid"], int(m["token_dim"])
+    L = H * W
+    rng = np.random.default_rng(0)
+    session = lambda f: ort.InferenceSession(os.path.join(bundle, f), providers=["CPUExecutionProvider"])
+    enc, dec, fused = session(g["encoder"]["file"]), session(g["decoder"]["file"]), session(BACKBONE_FILE)
+    worst = 0.0
+    for B, K, N in ((3, 0, 5), (4, L // 3, 7)):
+        tokens = rng.standard_normal((B, L, C)).astype(np.float32)
+        known = np.stack([np.sort(rng.permutation(L)[:K]) for _ in range(B)]).astype(np.int64).reshape(B, K)
+        label = rng.integers(0, max(int(m["classes"]), 1), B).astype(np.int64)
+        predict = np.stack([np.sort(rng.permutation(L)[:N]) for _ in range(B)]).astype(np.int64)
+        ei, di = g["encoder"]["inputs"], g["decoder"]["inputs"]
+        encoded = enc.run([g["encoder"]["outputs"]["encoded"]],
+                          {ei["tokens"]: tokens, ei["known"]: known, ei["label"]: label})[0]
+        z_all = dec.run([g["decoder"]["outputs"]["z"]], {di["encoded"]: encoded, di["known"]: known})[0]
+        want = np.take_along_axis(z_all, predict[:, :, None], axis=1)
+        got = fused.run([OUTPUT], {"tokens": tokens, "known": known, "label": label, "predict": predict})[0]
+        err = float(np.abs(got - want).max())
+        worst = max(worst, err)
+        log(f"check (B = {B}, K = {K}, N = {N}): max |backbone - encoder, decoder, gather| = {err:.3g}")
+    return worst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", help="bundle folder (manifest.yaml, the encoder and decoder graphs)")
+    ap.add_argument("--check", action="store_true", help="compare with the separate graphs")
+    args = ap.parse_args(argv)
+    add_backbone(args.bundle)
+    if args.check and check(args.bundle) > 1e-5:
+        print("check failed: the backbone differs from the separate graphs", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
