@@ -10,15 +10,7 @@ use gtr_run::grid::Grid;
 use gtr_run::plan::order;
 use gtr_run::plan::{Plan, Planner, allocation, partition, plan};
 use gtr_run::rng::{Purpose, Stream};
-use gtr_run::schedule::{Distribution, OrderKind, Schedule, Source};
-
-const ORDERS: [OrderKind; 5] = [
-    OrderKind::Random,
-    OrderKind::Raster,
-    OrderKind::Halton { roll: false },
-    OrderKind::Halton { roll: true },
-    OrderKind::Subsample,
-];
+use gtr_run::schedule::{Distribution, OrderKind, Schedule, Source, Vocabulary};
 
 const GRIDS: [(usize, usize); 6] = [(1, 1), (2, 3), (5, 7), (8, 8), (16, 16), (32, 32)];
 
@@ -54,7 +46,7 @@ fn every_order_rule_is_a_permutation_of_its_tokens() {
                 .filter(|&t| partition::checker(grid, 2)[t] == 2)
                 .collect(),
         ];
-        for kind in ORDERS {
+        for &kind in OrderKind::ALL {
             for tokens in &subsets {
                 let mut rng = Stream::new(3, Purpose::Order);
                 let mut got = order::rule(kind).order(tokens, grid, &mut rng);
@@ -69,11 +61,7 @@ fn every_order_rule_is_a_permutation_of_its_tokens() {
 
 #[test]
 fn every_allocation_rule_reveals_at_least_one_token_per_step() {
-    for rule in [
-        Distribution::Cosine,
-        Distribution::Uniform,
-        Distribution::Arccos,
-    ] {
+    for &rule in Distribution::ALL {
         for n in [1, 2, 7, 64, 128, 256, 1024] {
             for m in [1, 2, 3, 8, 16, 24, 64, 256, 1024]
                 .into_iter()
@@ -95,10 +83,8 @@ fn every_allocation_rule_reveals_at_least_one_token_per_step() {
 /// several grids and seeds.
 #[test]
 fn every_rule_combination_plans_conforming_schedules() {
-    let orders = ["random", "raster", "halton", "halton roll", "subsample"];
-    let dists = ["cosine", "uniform", "arccos"];
-    for order in orders {
-        for dist in dists {
+    for order in OrderKind::ALL.iter().map(|k| k.name()) {
+        for dist in Distribution::ALL.iter().map(|d| d.name()) {
             let text = format!(
                 "partition checker(2)
                  stage a {{ tokens S1  order {order}  rate 3 {dist} }}

@@ -140,12 +140,69 @@ impl StageClause {
     }
 }
 
+/// A closed set of words of the language with one meaning each. The
+/// implementation is the one list of an enum's words: the parser reads them
+/// with [`Vocabulary::from_name`], errors name them with
+/// [`Vocabulary::prose`], and a test checks each against the grammar.
+pub trait Vocabulary: Copy + PartialEq + std::fmt::Debug + 'static {
+    /// Every value, in the order errors and docs list them.
+    const ALL: &'static [Self];
+    /// What one of the words is, for errors ("a selector"), if a noun helps.
+    const NOUN: Option<&'static str>;
+
+    /// The words as written in a schedule (keywords separated by a space).
+    fn name(self) -> &'static str;
+
+    /// The value written `words` (keywords separated by one space).
+    fn from_name(words: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == words)
+    }
+
+    /// "a selector (`high_freq`, `low_freq`, `random` or `all`)".
+    fn prose() -> String {
+        let names: Vec<String> = Self::ALL
+            .iter()
+            .map(|v| format!("`{}`", v.name()))
+            .collect();
+        let list = match names.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => names.concat(),
+        };
+        match Self::NOUN {
+            Some(noun) => format!("{noun} ({list})"),
+            None => list,
+        }
+    }
+}
+
+/// A named order of a stage's tokens (`order random`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderKind {
     Random,
     Raster,
     Halton { roll: bool },
     Subsample,
+}
+
+impl Vocabulary for OrderKind {
+    const ALL: &'static [Self] = &[
+        OrderKind::Random,
+        OrderKind::Raster,
+        OrderKind::Halton { roll: false },
+        OrderKind::Halton { roll: true },
+        OrderKind::Subsample,
+    ];
+    const NOUN: Option<&'static str> = Some("an order");
+
+    fn name(self) -> &'static str {
+        match self {
+            OrderKind::Random => "random",
+            OrderKind::Raster => "raster",
+            OrderKind::Halton { roll: false } => "halton",
+            OrderKind::Halton { roll: true } => "halton roll",
+            OrderKind::Subsample => "subsample",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +221,23 @@ pub enum Distribution {
     Uniform,
     /// Halton-MaskGIT's arccos rule (mar.md §6.2).
     Arccos,
+}
+
+impl Vocabulary for Distribution {
+    const ALL: &'static [Self] = &[
+        Distribution::Cosine,
+        Distribution::Uniform,
+        Distribution::Arccos,
+    ];
+    const NOUN: Option<&'static str> = Some("a distribution");
+
+    fn name(self) -> &'static str {
+        match self {
+            Distribution::Cosine => "cosine",
+            Distribution::Uniform => "uniform",
+            Distribution::Arccos => "arccos",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +262,18 @@ pub enum RampShape {
     Cosine,
 }
 
+impl Vocabulary for RampShape {
+    const ALL: &'static [Self] = &[RampShape::Linear, RampShape::Cosine];
+    const NOUN: Option<&'static str> = None;
+
+    fn name(self) -> &'static str {
+        match self {
+            RampShape::Linear => "linear",
+            RampShape::Cosine => "cosine",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Rounding {
     /// Round half to even (as Python and numpy do).
@@ -195,6 +281,18 @@ pub enum Rounding {
     Round,
     /// Round down (as `int()` does for DiSA's chain index).
     Floor,
+}
+
+impl Vocabulary for Rounding {
+    const ALL: &'static [Self] = &[Rounding::Round, Rounding::Floor];
+    const NOUN: Option<&'static str> = None;
+
+    fn name(self) -> &'static str {
+        match self {
+            Rounding::Round => "round",
+            Rounding::Floor => "floor",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,7 +324,22 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// [`Vocabulary::name`], for callers that do not import the trait.
     pub fn name(self) -> &'static str {
+        Vocabulary::name(self)
+    }
+}
+
+impl Vocabulary for Selector {
+    const ALL: &'static [Self] = &[
+        Selector::HighFreq,
+        Selector::LowFreq,
+        Selector::Random,
+        Selector::All,
+    ];
+    const NOUN: Option<&'static str> = Some("a selector");
+
+    fn name(self) -> &'static str {
         match self {
             Selector::HighFreq => "high_freq",
             Selector::LowFreq => "low_freq",

@@ -10,7 +10,7 @@ pub mod diagnostic;
 pub mod expr;
 mod parser;
 
-pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector};
+pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector, Vocabulary};
 pub use compile::{
     Cfg, DiffusionRule, Fts, Param, Partition, Ramp, Schedule, ScheduleError, Stage, StepCount,
 };

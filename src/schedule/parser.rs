@@ -226,16 +226,7 @@ impl Builder<'_> {
             }
             Rule::order_clause => {
                 inner.next();
-                let kind_pair = inner.next().unwrap();
-                let kind = match kind_pair.as_rule() {
-                    Rule::order_random => OrderKind::Random,
-                    Rule::order_raster => OrderKind::Raster,
-                    Rule::order_subsample => OrderKind::Subsample,
-                    Rule::order_halton => OrderKind::Halton {
-                        roll: kind_pair.into_inner().nth(1).is_some(),
-                    },
-                    r => unreachable!("order kind {r:?}"),
-                };
+                let kind = words(inner.next().unwrap());
                 StageClause::Order(OrderAst { kind, span })
             }
             Rule::steps_clause | Rule::rate_clause => {
@@ -245,7 +236,7 @@ impl Builder<'_> {
                     StepCountKind::List(self.list(first))
                 } else {
                     let value = self.expr(first);
-                    let dist = inner.next().map(distribution).unwrap_or_default();
+                    let dist = inner.next().map(words).unwrap_or_default();
                     if rule == Rule::rate_clause {
                         StepCountKind::Rate(value, dist)
                     } else {
@@ -265,14 +256,7 @@ impl Builder<'_> {
                         parts.next(); // `top`
                         let fraction = self.fraction(parts.next().unwrap());
                         parts.next(); // `by`
-                        let sel = parts.next().unwrap().into_inner().next().unwrap();
-                        let selector = match sel.as_rule() {
-                            Rule::kw_high_freq => Selector::HighFreq,
-                            Rule::kw_low_freq => Selector::LowFreq,
-                            Rule::kw_random => Selector::Random,
-                            _ => Selector::All,
-                        };
-                        (Some(fraction), selector)
+                        (Some(fraction), words(parts.next().unwrap()))
                     }
                 };
                 StageClause::Fts(FtsAst {
@@ -295,23 +279,14 @@ impl Builder<'_> {
                     Rule::number_list => DiffusionKind::List(self.list(body)),
                     Rule::diffusion_ramp => {
                         let mut parts = body.into_inner();
-                        let shape =
-                            match parts.next().unwrap().into_inner().next().unwrap().as_rule() {
-                                Rule::kw_cosine => RampShape::Cosine,
-                                _ => RampShape::Linear,
-                            };
+                        let shape = words(parts.next().unwrap());
                         let from = self.expr(parts.next().unwrap());
                         let to = self.expr(parts.next().unwrap());
                         let mut rounding = Rounding::Round;
                         let mut across = None;
                         for part in parts {
                             match part.as_rule() {
-                                Rule::rounding => {
-                                    if part.into_inner().next().unwrap().as_rule() == Rule::kw_floor
-                                    {
-                                        rounding = Rounding::Floor;
-                                    }
-                                }
+                                Rule::rounding => rounding = words(part),
                                 _ => {
                                     let mut names = part.into_inner();
                                     names.next();
@@ -434,12 +409,12 @@ fn ident(pair: Pair<Rule>) -> Ident {
     }
 }
 
-fn distribution(pair: Pair<Rule>) -> Distribution {
-    match pair.into_inner().next().unwrap().as_rule() {
-        Rule::kw_cosine => Distribution::Cosine,
-        Rule::kw_arccos => Distribution::Arccos,
-        _ => Distribution::Uniform,
-    }
+/// The value of a [`Vocabulary`] a rule of keywords spells (the grammar
+/// admits only its words; a test checks they agree).
+fn words<V: Vocabulary>(pair: Pair<Rule>) -> V {
+    let text: Vec<&str> = pair.into_inner().map(|k| k.as_str()).collect();
+    let text = text.join(" ");
+    V::from_name(&text).unwrap_or_else(|| unreachable!("`{text}` is not {}", V::prose()))
 }
 
 fn pratt() -> &'static PrattParser<Rule> {
@@ -474,8 +449,7 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
     let end = pos + found.1;
     let message = match &err.variant {
         ErrorVariant::ParsingError { positives, .. } => {
-            let mut names: Vec<&'static str> =
-                positives.iter().filter_map(|r| rule_prose(*r)).collect();
+            let mut names: Vec<String> = positives.iter().filter_map(|r| rule_prose(*r)).collect();
             names.sort_unstable();
             names.dedup();
             match names.len() {
@@ -563,8 +537,10 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
 }
 
 /// Prose for the rules an error may say were expected; `None` hides a rule.
-fn rule_prose(rule: Rule) -> Option<&'static str> {
-    Some(match rule {
+/// Exhaustive, so that a new rule of the grammar cannot build without its
+/// sentence (or an explicit `None`).
+fn rule_prose(rule: Rule) -> Option<String> {
+    let text = match rule {
         Rule::EOI => "end of file",
         Rule::close_brace => "`}`",
         Rule::param_decl | Rule::kw_param => "`param`",
@@ -582,24 +558,25 @@ fn rule_prose(rule: Rule) -> Option<&'static str> {
         Rule::diffusion_clause | Rule::kw_diffusion => "`diffusion`",
         Rule::cfg_clause | Rule::kw_cfg => "`cfg`",
         Rule::temperature_clause | Rule::kw_temperature => "`temperature`",
-        Rule::order_random | Rule::kw_random => "`random`",
-        Rule::order_raster | Rule::kw_raster => "`raster`",
-        Rule::order_halton | Rule::kw_halton => "`halton`",
-        Rule::order_subsample | Rule::kw_subsample => "`subsample`",
+        Rule::order_named => return Some(OrderKind::prose()),
+        Rule::kw_random => "`random`",
+        Rule::kw_raster => "`raster`",
+        Rule::kw_halton => "`halton`",
+        Rule::kw_subsample => "`subsample`",
         Rule::kw_roll => "`roll`",
-        Rule::distribution => "a distribution (`cosine`, `uniform` or `arccos`)",
+        Rule::distribution => return Some(Distribution::prose()),
         Rule::kw_cosine => "`cosine`",
         Rule::kw_uniform => "`uniform`",
         Rule::kw_arccos => "`arccos`",
-        Rule::diffusion_ramp | Rule::ramp_shape => "`linear` or `cosine`",
+        Rule::diffusion_ramp | Rule::ramp_shape => return Some(RampShape::prose()),
         Rule::kw_linear => "`linear`",
-        Rule::rounding | Rule::kw_round | Rule::kw_floor => "`round` or `floor`",
+        Rule::rounding | Rule::kw_round | Rule::kw_floor => return Some(Rounding::prose()),
         Rule::across | Rule::kw_across => "`across`",
         Rule::fts_all | Rule::kw_all => "`all`",
         Rule::fts_top | Rule::kw_top => "`top`",
         Rule::kw_by => "`by`",
         Rule::selector | Rule::kw_high_freq | Rule::kw_low_freq => {
-            "a selector (`high_freq`, `low_freq`, `random` or `all`)"
+            return Some(Selector::prose());
         }
         Rule::cfg_none | Rule::kw_none => "`none`",
         Rule::cfg_linear => "`linear`",
@@ -614,6 +591,19 @@ fn rule_prose(rule: Rule) -> Option<&'static str> {
         Rule::and | Rule::or | Rule::kw_and | Rule::kw_or => "an operator",
         Rule::neg | Rule::not | Rule::kw_not => "a value",
         Rule::kw_rest | Rule::kw_true | Rule::kw_false => "a value",
-        _ => return None,
-    })
+        // Silent or structural rules an error never names.
+        Rule::WHITESPACE
+        | Rule::COMMENT
+        | Rule::schedule
+        | Rule::item
+        | Rule::stage_clause
+        | Rule::setting
+        | Rule::diffusion_rule
+        | Rule::prefix
+        | Rule::infix
+        | Rule::primary
+        | Rule::ident_char
+        | Rule::keyword => return None,
+    };
+    Some(text.to_string())
 }
