@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use gtr_run::grid::Grid;
 use gtr_run::plan::plan;
 use gtr_run::schedule::{
-    Distribution, KEYWORDS, OrderKind, RampShape, Rounding, Schedule, Selector, Source, Vocabulary,
+    Distribution, KEYWORDS, OrderKind, RampShape, Rounding, Schedule, Selector, Source, Ties,
+    Vocabulary,
 };
 
 struct Example {
@@ -121,7 +122,7 @@ fn every_doc_example_works() {
         }
         for args in spec.split('|') {
             let (grid, sets) = variant(args);
-            let s = Schedule::from_source(Source::new("example.gtr", ex.body.as_str()), &sets)
+            let s = Schedule::from_source(Source::new("docs/example.gtr", ex.body.as_str()), &sets)
                 .unwrap_or_else(|e| panic!("line {} [{args}]: {e}", ex.line));
             let grid = grid.or(s.grid).unwrap_or(Grid::MAR);
             plan(&s, grid, 0).unwrap_or_else(|d| panic!("line {} [{args}]: {d}", ex.line));
@@ -200,4 +201,5 @@ fn vocabularies_are_keywords() {
     check::<Selector>();
     check::<RampShape>();
     check::<Rounding>();
+    check::<Ties>();
 }

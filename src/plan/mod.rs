@@ -8,6 +8,7 @@
 pub mod allocation;
 pub mod order;
 pub mod partition;
+mod stage_order;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -214,6 +215,8 @@ pub struct Planner<'a> {
     stage_tokens: Vec<Vec<usize>>,
     /// Each stage's tokens per step.
     stage_counts: Vec<Vec<usize>>,
+    /// Each stage's order rule.
+    stage_orders: Vec<Box<dyn order::TokenOrder>>,
 }
 
 impl<'a> Planner<'a> {
@@ -260,6 +263,7 @@ impl<'a> Planner<'a> {
         let mut taken_mask = vec![false; grid.len()];
         let mut stage_tokens = Vec::new();
         let mut stage_counts = Vec::new();
+        let mut stage_orders = Vec::new();
         for (s, stage) in schedule.stages.iter().enumerate() {
             let member = members(&stage.tokens, grid, &params, &sets, &taken_mask);
             let tokens: Vec<usize> = (0..grid.len()).filter(|&t| member[t]).collect();
@@ -293,6 +297,7 @@ impl<'a> Planner<'a> {
             }
             let n = tokens.len();
             let counts = step_counts(src, stage, n, &params, grid)?;
+            stage_orders.push(stage_order::resolve(src, stage, &tokens, grid, &params)?);
             stage_tokens.push(tokens);
             stage_counts.push(counts);
         }
@@ -319,6 +324,7 @@ impl<'a> Planner<'a> {
             params,
             stage_tokens,
             stage_counts,
+            stage_orders,
         })
     }
 
@@ -358,7 +364,7 @@ impl<'a> Planner<'a> {
         let mut known = 0usize;
         for (s, stage) in schedule.stages.iter().enumerate() {
             let counts = &self.stage_counts[s];
-            let sequence = order::rule(stage.order).order(&self.stage_tokens[s], grid, &mut rng);
+            let sequence = self.stage_orders[s].order(&self.stage_tokens[s], grid, &mut rng);
             let diffusion = diffusion_steps(
                 src,
                 schedule,
@@ -479,6 +485,17 @@ fn members(
     sets: &HashMap<String, Vec<bool>>,
     taken: &[bool],
 ) -> Vec<bool> {
+    per_cell(grid, params, sets, taken, |env| expr::condition(cond, env))
+}
+
+/// `f` evaluated at every cell of `grid`, in token order.
+fn per_cell<T>(
+    grid: Grid,
+    params: &HashMap<String, f64>,
+    sets: &HashMap<String, Vec<bool>>,
+    taken: &[bool],
+    f: impl Fn(&PlanEnv) -> T,
+) -> Vec<T> {
     let mut env = PlanEnv {
         params,
         grid,
@@ -489,7 +506,7 @@ fn members(
     (0..grid.len())
         .map(|t| {
             env.cell = grid.cell(t);
-            expr::condition(cond, &env)
+            f(&env)
         })
         .collect()
 }

@@ -22,6 +22,8 @@ pub enum BinaryOp {
     Sub,
     Mul,
     Div,
+    /// `//`: floor division.
+    FloorDiv,
     Rem,
     Eq,
     Ne,
@@ -40,6 +42,7 @@ impl BinaryOp {
             BinaryOp::Sub => "-",
             BinaryOp::Mul => "*",
             BinaryOp::Div => "/",
+            BinaryOp::FloorDiv => "//",
             BinaryOp::Rem => "%",
             BinaryOp::Eq => "==",
             BinaryOp::Ne => "!=",
@@ -71,6 +74,8 @@ pub enum ExprKind {
     Name(String),
     Unary(UnaryOp, Box<Expr>),
     Binary(BinaryOp, Box<Expr>, Box<Expr>),
+    /// `abs(x)`: a function by name (checked against `expr::Func`).
+    Call(Ident, Vec<Expr>),
 }
 
 /// One declaration or stage, in file order.
@@ -158,19 +163,23 @@ pub trait Vocabulary: Copy + PartialEq + std::fmt::Debug + 'static {
         Self::ALL.iter().copied().find(|v| v.name() == words)
     }
 
-    /// "a selector (`high_freq`, `low_freq`, `random` or `all`)".
-    fn prose() -> String {
+    /// "`high_freq`, `low_freq`, `random` or `all`".
+    fn choices() -> String {
         let names: Vec<String> = Self::ALL
             .iter()
             .map(|v| format!("`{}`", v.name()))
             .collect();
-        let list = match names.split_last() {
+        match names.split_last() {
             Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
             _ => names.concat(),
-        };
+        }
+    }
+
+    /// "a selector (`high_freq`, `low_freq`, `random` or `all`)".
+    fn prose() -> String {
         match Self::NOUN {
-            Some(noun) => format!("{noun} ({list})"),
-            None => list,
+            Some(noun) => format!("{noun} ({})", Self::choices()),
+            None => Self::choices(),
         }
     }
 }
@@ -205,9 +214,44 @@ impl Vocabulary for OrderKind {
     }
 }
 
+/// How `order by` breaks ties between tokens of equal key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ties {
+    /// The stage's seeded random order (the default).
+    #[default]
+    Random,
+    /// Ascending token index.
+    Raster,
+}
+
+impl Vocabulary for Ties {
+    const ALL: &'static [Self] = &[Ties::Random, Ties::Raster];
+    const NOUN: Option<&'static str> = Some("a tie-break");
+
+    fn name(self) -> &'static str {
+        match self {
+            Ties::Random => "random",
+            Ties::Raster => "raster",
+        }
+    }
+}
+
+/// An `order` clause as written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrderRule {
+    /// `order random`, `order halton roll`, ...
+    Named(OrderKind),
+    /// `order by KEY [then TIES]`.
+    By { key: Expr, ties: Ties },
+    /// `order list [t1, t2, ...]`: token indices, first revealed first.
+    List(Vec<Expr>),
+    /// `order file "PATH"`; `span` is the quoted path's.
+    File { path: String, span: Span },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderAst {
-    pub kind: OrderKind,
+    pub rule: OrderRule,
     pub span: Span,
 }
 

@@ -51,6 +51,25 @@ pub struct NamedSet {
     pub cells: Expr,
 }
 
+/// How a stage orders its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Order {
+    /// `order random`, `order raster`, ...
+    Named(OrderKind),
+    /// `order by KEY`: ascending `key` (a number over `i`, `j`, `h`, `w`
+    /// and parameters), equal keys in `ties` order.
+    By { key: Expr, ties: Ties },
+    /// `order list [...]`: token indices (numbers over parameters, `h` and
+    /// `w`), first revealed first.
+    List(Vec<Expr>),
+    /// `order file "..."`: token indices read from `path` (as shown in
+    /// errors), each with its 1-based line.
+    File {
+        path: String,
+        tokens: Vec<(usize, usize)>,
+    },
+}
+
 /// How a stage's tokens are divided into steps.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepCount {
@@ -106,7 +125,9 @@ pub struct Stage {
     pub span: Span,
     pub name_span: Span,
     pub tokens: Expr,
-    pub order: OrderKind,
+    pub order: Order,
+    /// The `order` clause, or the stage's name when it has none.
+    pub order_span: Span,
     pub steps: StepCount,
     pub steps_span: Span,
     pub diffusion: DiffusionRule,
@@ -146,8 +167,49 @@ pub enum ScheduleError {
     Text { path: String, problem: String },
 }
 
-/// The largest schedule file read (the presets are under 3 KB).
+/// The largest schedule file read (the presets are under 3 KB), and the
+/// largest order file.
 pub const MAX_SCHEDULE_BYTES: u64 = 1 << 20;
+
+/// Why [`read_small_text`] gave no text.
+#[derive(Debug)]
+pub enum SmallTextError {
+    Io(std::io::Error),
+    /// Too large, or not UTF-8 (with the place).
+    Text(String),
+}
+
+/// Reads at most [`MAX_SCHEDULE_BYTES`] of UTF-8 text through a bounded
+/// reader (one byte past the limit tells it was exceeded). `what` names the
+/// kind of file in the size message ("a schedule").
+pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String, SmallTextError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_SCHEDULE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(SmallTextError::Io)?;
+    if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
+        return Err(SmallTextError::Text(format!(
+            "larger than {} KiB; {what} is a small text file",
+            MAX_SCHEDULE_BYTES / 1024
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        SmallTextError::Text(format!(
+            "not UTF-8 text (line {line}, byte {col} of the line)"
+        ))
+    })
+}
 
 impl From<Diagnostic> for ScheduleError {
     fn from(d: Diagnostic) -> Self {
@@ -179,55 +241,35 @@ impl Schedule {
         compile(source, &ast, overrides)
     }
 
-    /// Reads, parses and checks the schedule file at `path`.
+    /// Reads, parses and checks the schedule file at `path`; `-` reads
+    /// standard input (named `<stdin>`, its relative paths read from the
+    /// current directory).
     pub fn from_file(
         path: &std::path::Path,
         overrides: &BTreeMap<String, f64>,
     ) -> Result<Schedule, ScheduleError> {
-        use std::io::Read;
         let stdin = path.as_os_str() == "-";
         let name = if stdin {
             "<stdin>".to_string()
         } else {
             path.display().to_string()
         };
-        let read_err = |source| ScheduleError::Read {
-            path: name.clone(),
-            source,
-        };
-        let reader: Box<dyn Read> = if stdin {
-            Box::new(std::io::stdin())
+        let text = if stdin {
+            read_small_text(std::io::stdin(), "a schedule")
         } else {
-            Box::new(std::fs::File::open(path).map_err(read_err)?)
+            std::fs::File::open(path)
+                .map_err(SmallTextError::Io)
+                .and_then(|f| read_small_text(f, "a schedule"))
         };
-        let mut bytes = Vec::new();
-        reader
-            .take(MAX_SCHEDULE_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
-        let text_err = |problem: String| ScheduleError::Text {
-            path: name.clone(),
-            problem,
-        };
-        if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
-            return Err(text_err(format!(
-                "larger than {} KiB; a schedule is a small text file",
-                MAX_SCHEDULE_BYTES / 1024
-            )));
-        }
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let at = e.utf8_error().valid_up_to();
-            let before = &e.as_bytes()[..at];
-            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-            let col = at
-                - before
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |p| p + 1)
-                + 1;
-            text_err(format!(
-                "not UTF-8 text (line {line}, byte {col} of the line)"
-            ))
+        let text = text.map_err(|e| match e {
+            SmallTextError::Io(source) => ScheduleError::Read {
+                path: name.clone(),
+                source,
+            },
+            SmallTextError::Text(problem) => ScheduleError::Text {
+                path: name.clone(),
+                problem,
+            },
         })?;
         Schedule::from_source(Source::new(name, text), overrides)
     }
@@ -588,6 +630,15 @@ impl<'a> Declarations<'a> {
         }
     }
 
+    /// What an `order by` key may use: parameters, the grid size and the
+    /// cell.
+    fn cell_numbers(&self) -> Names<'_> {
+        Names {
+            cells: true,
+            ..self.numbers()
+        }
+    }
+
     /// What a stage's `tokens` may use: everything declared, cells and `rest`.
     fn cells(&self) -> Names<'_> {
         Names {
@@ -841,6 +892,10 @@ fn compile_stage(
             .with_help("add `steps 8` (a count), `rate 4` (tokens per step) or `steps [1, 2, 5]` (tokens per step, listed)")
     })?;
     let steps = step_count(src, steps_ast, &numbers)?;
+    let order = match clauses.order {
+        None => Order::Named(OrderKind::Random),
+        Some(o) => compile_order(src, decls, o)?,
+    };
     let (diffusion, diffusion_span) =
         stage_diffusion(src, decls, ramps, index, ast, clauses.own.diffusion)?;
     let cfg = match clauses.own.cfg.or(decls.defaults.cfg) {
@@ -866,7 +921,8 @@ fn compile_stage(
         span: ast.span,
         name_span: ast.name.span,
         tokens: tokens.clone(),
-        order: clauses.order.map_or(OrderKind::Random, |o| o.kind),
+        order,
+        order_span: clauses.order.map_or(ast.name.span, |o| o.span),
         steps,
         steps_span: steps_ast.span,
         diffusion,
@@ -961,6 +1017,76 @@ fn stage_diffusion(
                 ast.name.span,
             ),
         },
+    })
+}
+
+fn compile_order(
+    src: &Arc<Source>,
+    decls: &Declarations,
+    order: &OrderAst,
+) -> Result<Order, Diagnostic> {
+    Ok(match &order.rule {
+        OrderRule::Named(kind) => Order::Named(*kind),
+        OrderRule::By { key, ties } => {
+            expr::check(src, key, Type::Number, &decls.cell_numbers())?;
+            Order::By {
+                key: key.clone(),
+                ties: *ties,
+            }
+        }
+        OrderRule::List(list) => {
+            check_list(src, list, &decls.numbers(), order.span)?;
+            Order::List(list.clone())
+        }
+        OrderRule::File { path, span } => read_order_file(src, path, *span)?,
+    })
+}
+
+/// Reads `order file "path"`: token indices separated by spaces, commas or
+/// newlines, `#` comments. The path is relative to the schedule's folder
+/// ([`Source::folder`]).
+fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, Diagnostic> {
+    let full = match src.folder() {
+        Some(dir) if std::path::Path::new(path).is_relative() => dir.join(path),
+        _ => std::path::PathBuf::from(path),
+    };
+    let shown = full.display().to_string();
+    let help =
+        "a relative path is read from the schedule's folder (the current directory for `plan -`)";
+    let text = std::fs::File::open(&full)
+        .map_err(SmallTextError::Io)
+        .and_then(|f| read_small_text(f, "an order file"))
+        .map_err(|e| {
+            let problem = match e {
+                SmallTextError::Io(err) => format!("cannot read order file `{shown}`: {err}"),
+                SmallTextError::Text(p) => format!("order file `{shown}`: {p}"),
+            };
+            Diagnostic::new(src, span, problem).with_help(help)
+        })?;
+    let mut tokens = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        let code = line.split('#').next().unwrap_or("");
+        for word in code.split(|c: char| c.is_whitespace() || c == ',') {
+            if word.is_empty() {
+                continue;
+            }
+            let token = word.parse::<usize>().map_err(|_| {
+                Diagnostic::new(
+                    src,
+                    span,
+                    format!(
+                        "order file `{shown}`, line {}: `{word}` is not a token index",
+                        k + 1
+                    ),
+                )
+                .with_help("list token indices i·w + j (whole numbers from 0), separated by spaces, commas or newlines")
+            })?;
+            tokens.push((token, k + 1));
+        }
+    }
+    Ok(Order::File {
+        path: shown,
+        tokens,
     })
 }
 

@@ -226,8 +226,27 @@ impl Builder<'_> {
             }
             Rule::order_clause => {
                 inner.next();
-                let kind = words(inner.next().unwrap());
-                StageClause::Order(OrderAst { kind, span })
+                let body = inner.next().unwrap();
+                let rule = match body.as_rule() {
+                    Rule::order_by => {
+                        let mut parts = body.into_inner().skip(1); // `by`
+                        let key = self.expr(parts.next().unwrap());
+                        let ties = parts.nth(1).map(words).unwrap_or_default();
+                        OrderRule::By { key, ties }
+                    }
+                    Rule::order_list => {
+                        OrderRule::List(self.list(body.into_inner().nth(1).unwrap()))
+                    }
+                    Rule::order_file => {
+                        let string = body.into_inner().nth(1).unwrap();
+                        OrderRule::File {
+                            span: span_of(&string),
+                            path: string.into_inner().next().unwrap().as_str().to_string(),
+                        }
+                    }
+                    _ => OrderRule::Named(words(body)),
+                };
+                StageClause::Order(OrderAst { rule, span })
             }
             Rule::steps_clause | Rule::rate_clause => {
                 inner.next();
@@ -367,6 +386,7 @@ impl Builder<'_> {
                     Rule::sub => BinaryOp::Sub,
                     Rule::mul => BinaryOp::Mul,
                     Rule::div => BinaryOp::Div,
+                    Rule::fdiv => BinaryOp::FloorDiv,
                     Rule::rem => BinaryOp::Rem,
                     Rule::eq => BinaryOp::Eq,
                     Rule::ne => BinaryOp::Ne,
@@ -395,6 +415,11 @@ impl Builder<'_> {
             Rule::kw_all => ExprKind::All,
             Rule::kw_rest => ExprKind::Rest,
             Rule::ident => ExprKind::Name(pair.as_str().to_string()),
+            Rule::call => {
+                let mut parts = pair.into_inner();
+                let name = ident(parts.next().unwrap());
+                ExprKind::Call(name, parts.map(|e| self.expr(e)).collect())
+            }
             Rule::expr => return self.expr(pair),
             r => unreachable!("primary {r:?}"),
         };
@@ -433,6 +458,7 @@ fn pratt() -> &'static PrattParser<Rule> {
             .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
             .op(Op::infix(Rule::mul, Assoc::Left)
                 | Op::infix(Rule::div, Assoc::Left)
+                | Op::infix(Rule::fdiv, Assoc::Left)
                 | Op::infix(Rule::rem, Assoc::Left))
             .op(Op::prefix(Rule::neg))
     })
@@ -559,6 +585,12 @@ fn rule_prose(rule: Rule) -> Option<String> {
         Rule::cfg_clause | Rule::kw_cfg => "`cfg`",
         Rule::temperature_clause | Rule::kw_temperature => "`temperature`",
         Rule::order_named => return Some(OrderKind::prose()),
+        Rule::order_by => "`by`",
+        Rule::order_list | Rule::kw_list => "`list`",
+        Rule::order_file | Rule::kw_file => "`file`",
+        Rule::kw_then => "`then`",
+        Rule::ties => return Some(Ties::prose()),
+        Rule::string | Rule::string_text => "a file name in double quotes",
         Rule::kw_random => "`random`",
         Rule::kw_raster => "`raster`",
         Rule::kw_halton => "`halton`",
@@ -586,11 +618,14 @@ fn rule_prose(rule: Rule) -> Option<String> {
         Rule::expr | Rule::number | Rule::boolean | Rule::fraction | Rule::percent => "a value",
         Rule::integer => "a whole number",
         Rule::ident => "a name",
-        Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem => "an operator",
+        Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::fdiv | Rule::rem => "an operator",
         Rule::eq | Rule::ne | Rule::lt | Rule::le | Rule::gt | Rule::ge => "an operator",
         Rule::and | Rule::or | Rule::kw_and | Rule::kw_or => "an operator",
         Rule::neg | Rule::not | Rule::kw_not => "a value",
         Rule::kw_rest | Rule::kw_true | Rule::kw_false => "a value",
+        Rule::call => "a value",
+        // A call starts like a name, which the error already offers.
+        Rule::function => return None,
         // Silent or structural rules an error never names.
         Rule::WHITESPACE
         | Rule::COMMENT
