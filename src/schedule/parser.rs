@@ -191,7 +191,7 @@ impl Builder<'_> {
                 inner.next();
                 let name = ident(inner.next().unwrap());
                 let clauses = inner
-                    .filter(|c| c.as_rule() != Rule::close_brace)
+                    .filter(|c| !matches!(c.as_rule(), Rule::open_brace | Rule::close_brace))
                     .map(|c| self.stage_clause(c))
                     .collect();
                 Item::Stage(StageAst {
@@ -267,7 +267,7 @@ impl Builder<'_> {
             Rule::fts_clause => {
                 inner.next();
                 let head = inner.next().unwrap();
-                let steps = self.expr(inner.next().unwrap());
+                let steps = self.expr(inner.nth(1).unwrap()); // after `->`
                 let (fraction, selector) = match head.as_rule() {
                     Rule::fts_all => (None, Selector::All),
                     _ => {
@@ -300,7 +300,7 @@ impl Builder<'_> {
                         let mut parts = body.into_inner();
                         let shape = words(parts.next().unwrap());
                         let from = self.expr(parts.next().unwrap());
-                        let to = self.expr(parts.next().unwrap());
+                        let to = self.expr(parts.nth(1).unwrap()); // after `->`
                         let mut rounding = Rounding::Round;
                         let mut across = None;
                         for part in parts {
@@ -494,9 +494,12 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
         }
         ErrorVariant::CustomError { message } => message.clone(),
     };
-    let expected_name = matches!(&err.variant, ErrorVariant::ParsingError { positives, .. } if positives.contains(&Rule::ident));
+    let positives = match &err.variant {
+        ErrorVariant::ParsingError { positives, .. } => positives.as_slice(),
+        ErrorVariant::CustomError { .. } => &[],
+    };
     let diag = Diagnostic::new(source, Span::new(pos, end.max(pos)), message);
-    match hint_for(&source.text, pos, expected_name) {
+    match hint_for(&source.text, pos, positives) {
         Some(h) => diag.with_help(h),
         None => diag,
     }
@@ -519,7 +522,30 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
     (format!("`{}`", c.escape_default()), c.len_utf8())
 }
 
-fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
+/// The last `{` before `pos` that no `}` closes (comments skipped), and
+/// the name of the stage it opens.
+fn unclosed_brace(text: &str, pos: usize) -> Option<(usize, &str)> {
+    let mut open = Vec::new();
+    let mut in_comment = false;
+    for (k, c) in text[..pos.min(text.len())].char_indices() {
+        match c {
+            '\n' => in_comment = false,
+            '#' => in_comment = true,
+            '{' if !in_comment => open.push(k),
+            '}' if !in_comment => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    let at = *open.last()?;
+    let name = text[..at].split_whitespace().last().unwrap_or("");
+    Some((at, name))
+}
+
+/// A `help` line for a syntax error at `pos`, where `positives` were expected.
+fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
+    let expected_name = positives.contains(&Rule::ident);
     let rest = text.get(pos..).unwrap_or("");
     let word: String = rest
         .chars()
@@ -533,17 +559,29 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
         ));
     }
     let top_level = ["stage", "param", "partition", "set", "grid"];
-    if !expected_name && top_level.contains(&word.as_str()) {
-        let before = &text[..pos];
-        if before.matches('{').count() > before.matches('}').count() {
-            return Some("is the `}` that closes the stage above missing?".into());
-        }
-        if word == "stage" {
-            return Some(
-                "a stage is written `stage NAME { clauses }`: check the name and the `{` after it"
-                    .into(),
-            );
-        }
+    let at_end = rest.trim().is_empty() && positives.contains(&Rule::close_brace);
+    if let Some((at, name)) = unclosed_brace(text, pos)
+        .filter(|_| !expected_name && (at_end || top_level.contains(&word.as_str())))
+    {
+        let line = text[..at].matches('\n').count() + 1;
+        return Some(format!(
+            "the `{{` of stage `{name}` on line {line} is not closed: is its `}}` missing?"
+        ));
+    }
+    if positives.contains(&Rule::open_brace) {
+        return Some("a stage is written `stage NAME { clauses }`: a name, then `{`".into());
+    }
+    if positives.contains(&Rule::fts_arrow) {
+        return Some(
+            "an `fts` clause ends with `-> T`, the diffusion steps of the chosen tokens: `fts top 10% by high_freq -> 50`"
+                .into(),
+        );
+    }
+    if !expected_name && word == "stage" {
+        return Some(
+            "a stage is written `stage NAME { clauses }`: check the name and the `{` after it"
+                .into(),
+        );
     }
     if expected_name && KEYWORDS.contains(&word.as_str()) {
         return Some(format!(
@@ -569,6 +607,9 @@ fn rule_prose(rule: Rule) -> Option<String> {
     let text = match rule {
         Rule::EOI => "end of file",
         Rule::close_brace => "`}`",
+        Rule::open_brace => "`{`",
+        Rule::fts_arrow => "`-> T`",
+        Rule::ramp_arrow => "`->`",
         Rule::param_decl | Rule::kw_param => "`param`",
         Rule::grid_decl | Rule::kw_grid => "`grid`",
         Rule::partition_decl | Rule::kw_partition => "`partition`",
