@@ -6,22 +6,15 @@ mod common;
 use std::collections::BTreeMap;
 
 use gtr_run::cost::{ModelSpec, plan_cost};
-use gtr_run::report::text;
+use gtr_run::report::snapshot;
 
 #[test]
 fn preset_orders() {
     insta::glob!("../schedules", "*.gtr", |path| {
         let schedule = common::load(path, &BTreeMap::new()).unwrap();
-        let plan = common::plan_default(&schedule, 0);
+        let plan = snapshot::snapshot_plan(&schedule).unwrap();
         plan.check_invariants().unwrap();
-        let body = format!(
-            "{} MAR steps on {}\n\nreveal step (1 = first):\n{}\nstages:\n{}\n{}",
-            plan.steps.len(),
-            plan.grid,
-            text::step_grid(&plan),
-            text::stage_grid(&plan),
-            text::step_table(&plan)
-        );
+        let body = snapshot::body(&plan);
         insta::assert_snapshot!(body);
     });
 }
