@@ -174,7 +174,20 @@ struct PlanEnv<'a> {
     taken: &'a [bool],
 }
 
-impl PlanEnv<'_> {
+impl<'a> PlanEnv<'a> {
+    /// Values for numbers outside any cell: parameters and the grid size.
+    fn numbers(params: &'a HashMap<String, f64>, grid: Grid) -> Self {
+        static NO_SETS: std::sync::LazyLock<HashMap<String, Vec<bool>>> =
+            std::sync::LazyLock::new(HashMap::new);
+        PlanEnv {
+            params,
+            grid,
+            cell: (0, 0),
+            sets: &NO_SETS,
+            taken: &[],
+        }
+    }
+
     fn token(&self) -> usize {
         self.grid.index(self.cell.0, self.cell.1)
     }
@@ -340,13 +353,7 @@ impl<'a> Planner<'a> {
         let grid = self.grid;
         let total = grid.len();
         let mut rng = Stream::new(seed, Purpose::Order);
-        let env = PlanEnv {
-            params: &self.params,
-            grid,
-            cell: (0, 0),
-            sets: &HashMap::new(),
-            taken: &[],
-        };
+        let env = PlanEnv::numbers(&self.params, grid);
         let eval = |e: &Expr| expr::number(e, &env);
 
         // Where each stage's first step sits in its ramp, and ramp lengths.
@@ -519,13 +526,7 @@ fn step_counts(
     params: &HashMap<String, f64>,
     grid: Grid,
 ) -> Result<Vec<usize>, Diagnostic> {
-    let env = PlanEnv {
-        params,
-        grid,
-        cell: (0, 0),
-        sets: &HashMap::new(),
-        taken: &[],
-    };
+    let env = PlanEnv::numbers(params, grid);
     let too_many = |m: usize, span: Span| {
         Diagnostic::new(
             src,

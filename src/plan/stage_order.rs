@@ -40,13 +40,7 @@ pub(super) fn resolve(
             Ok(Box::new(KeyOrder { keys, ties: *ties }))
         }
         Order::List(list) => {
-            let env = PlanEnv {
-                params,
-                grid,
-                cell: (0, 0),
-                sets: &HashMap::new(),
-                taken: &[],
-            };
+            let env = PlanEnv::numbers(params, grid);
             let mut listed = Vec::with_capacity(list.len());
             for e in list {
                 let v = expr::number(e, &env);

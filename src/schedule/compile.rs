@@ -757,18 +757,12 @@ impl RampTable {
         let id = self.ramps.len();
         for s in range.0..=range.1 {
             if let Some(other) = self.of_stage[s] {
-                let (line, _) = src.line_col(self.ramps[other].span.start);
-                return Err(Diagnostic::new(
-                    src,
-                    d.span,
-                    format!(
-                        "stage `{}` already gets its diffusion steps from the ramp on line {line}",
-                        decls.stages[s].name.name
+                let stage = &decls.stages[s].name.name;
+                return Err(
+                    ramped_twice(src, &self.ramps[other], d.span, stage).with_help(
+                        "each stage follows one diffusion rule; narrow one of the `across` ranges",
                     ),
-                )
-                .with_help(
-                    "each stage follows one diffusion rule; narrow one of the `across` ranges",
-                ));
+                );
             }
             self.of_stage[s] = Some(id);
         }
@@ -782,6 +776,16 @@ impl RampTable {
         });
         Ok(id)
     }
+}
+
+/// A second diffusion rule (at `span`) for `stage`, which `ramp` covers.
+fn ramped_twice(src: &Arc<Source>, ramp: &Ramp, span: Span, stage: &str) -> Diagnostic {
+    let (line, _) = src.line_col(ramp.span.start);
+    Diagnostic::new(
+        src,
+        span,
+        format!("stage `{stage}` already gets its diffusion steps from the ramp on line {line}"),
+    )
 }
 
 /// The stages `across a..b` covers; a ramp written in stage `own` must
@@ -994,16 +998,8 @@ fn stage_diffusion(
             (DiffusionRule::Ramp(r), d.span)
         }
         (Some(d), Some(r)) => {
-            let (line, _) = src.line_col(ramps.ramps[r].span.start);
-            return Err(Diagnostic::new(
-                src,
-                d.span,
-                format!(
-                    "stage `{}` already gets its diffusion steps from the ramp on line {line}",
-                    ast.name.name
-                ),
-            )
-            .with_help("remove this clause, or narrow the other ramp's `across` range"));
+            return Err(ramped_twice(src, &ramps.ramps[r], d.span, &ast.name.name)
+                .with_help("remove this clause, or narrow the other ramp's `across` range"));
         }
         (Some(d), None) => (fixed_diffusion(src, d, &numbers)?, d.span),
         (None, Some(r)) => (DiffusionRule::Ramp(r), ramps.ramps[r].span),
