@@ -312,7 +312,14 @@ struct MergeArgs {
 #[derive(Args)]
 struct PlanArgs {
     /// The schedule file (.gtr), or `-` for standard input (at most 1 MiB).
-    schedule: PathBuf,
+    #[arg(required_unless_present = "snapshot")]
+    schedule: Option<PathBuf>,
+    /// Write the order of every DIR/*.gtr (seed 0, its own grid) to DIR/snapshots/NAME.gtr.snap.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["schedule", "grid", "seed", "overrides", "json", "png", "cost"])]
+    snapshot: Option<PathBuf>,
+    /// With --snapshot: compare with the snapshots instead, and fail on a difference.
+    #[arg(long)]
+    check: bool,
     /// Token grid HxW (default: the schedule's `grid`, else 16x16).
     #[arg(long)]
     grid: Option<Grid>,
@@ -686,8 +693,22 @@ fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
 }
 
 fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
+    if args.check && args.snapshot.is_none() {
+        bail!("--check compares a folder's snapshots: use it with --snapshot DIR");
+    }
+    let Some(path) = &args.schedule else {
+        let dir = args
+            .snapshot
+            .as_deref()
+            .unwrap_or(std::path::Path::new("."));
+        let outcomes = report::snapshot::snapshot_dir(dir, args.check)?;
+        return match report::snapshot::summary(dir, &outcomes) {
+            Ok(text) => write_stdout(&text),
+            Err(text) => bail!("snapshots differ\n{}", text.trim_end()),
+        };
+    };
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
-    let schedule = Schedule::from_file(&args.schedule, &overrides)?;
+    let schedule = Schedule::from_file(path, &overrides)?;
     let grid = args.grid.or(schedule.grid).unwrap_or(Grid::MAR);
     let plan = Planner::new(&schedule, grid)
         .and_then(|p| p.plan(args.seed))

@@ -171,3 +171,79 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
             .exists()
     );
 }
+
+/// `plan --snapshot DIR` writes one snapshot per schedule (the body the
+/// presets' snapshots have), `--check` passes on them, and fails, naming the
+/// file and line, once a schedule's order changes or has no snapshot.
+#[test]
+fn snapshot_a_folder_of_schedules() {
+    let dir = std::env::temp_dir().join(format!("gtr-run-cli-snapshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["raster.gtr", "wavefront.gtr"] {
+        let preset = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schedules")
+            .join(name);
+        std::fs::copy(preset, dir.join(name)).unwrap();
+    }
+    let d = dir.to_str().unwrap();
+    let o = gtr_run(&["plan", "--snapshot", d]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("raster.gtr: written to"),
+        "{}",
+        stdout(&o)
+    );
+    let body = |text: &str| {
+        text.splitn(3, "---\n")
+            .nth(2)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let ours = std::fs::read_to_string(dir.join("snapshots/raster.gtr.snap")).unwrap();
+    let preset = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/snapshots/presets__preset_orders@raster.gtr.snap"),
+    )
+    .unwrap();
+    assert_eq!(body(&ours), body(&preset));
+
+    let o = gtr_run(&["plan", "--snapshot", d, "--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "raster.gtr: unchanged\nwavefront.gtr: unchanged\n"
+    );
+
+    let raster = dir.join("raster.gtr");
+    let text = std::fs::read_to_string(&raster).unwrap();
+    std::fs::write(&raster, text.replace("order raster", "order subsample")).unwrap();
+    std::fs::write(
+        dir.join("new.gtr"),
+        "# new\nstage a { tokens all  steps 4 }\n",
+    )
+    .unwrap();
+    let o = gtr_run(&["plan", "--snapshot", d, "--check"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains("raster.gtr: differs from"), "{err}");
+    assert!(err.contains("at line 6"), "{err}");
+    assert!(err.contains("new.gtr: no snapshot"), "{err}");
+    assert!(err.contains("wavefront.gtr: unchanged"), "{err}");
+
+    let o = gtr_run(&["plan", "--check", "schedules/gtr.gtr"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("use it with --snapshot DIR"),
+        "{}",
+        stderr(&o)
+    );
+    let o = gtr_run(&["plan", "--snapshot", "docs"]);
+    assert!(
+        stderr(&o).contains("docs holds no .gtr schedules"),
+        "{}",
+        stderr(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -10,17 +10,29 @@ use gtr_run::grid::Grid;
 use gtr_run::plan::order;
 use gtr_run::plan::{Plan, Planner, allocation, partition, plan};
 use gtr_run::rng::{Purpose, Stream};
-use gtr_run::schedule::{Distribution, OrderKind, Schedule, Source};
-
-const ORDERS: [OrderKind; 5] = [
-    OrderKind::Random,
-    OrderKind::Raster,
-    OrderKind::Halton { roll: false },
-    OrderKind::Halton { roll: true },
-    OrderKind::Subsample,
-];
+use gtr_run::schedule::{Distribution, OrderKind, Schedule, Source, Ties, Vocabulary};
 
 const GRIDS: [(usize, usize); 6] = [(1, 1), (2, 3), (5, 7), (8, 8), (16, 16), (32, 32)];
+
+/// Orders written as expressions, beside the named ones of `OrderKind::ALL`.
+const KEY_ORDERS: [&str; 5] = [
+    "by i + j",
+    "by abs(i - h // 2) + abs(j - w // 2) then raster",
+    "by -hypot(i - (h - 1) / 2, j - (w - 1) / 2) then random",
+    "by max(i, j) % 3 - min(i, j) // 2",
+    "by sqrt(i * w + j)",
+];
+
+/// Every `order` clause the conformance suite plans: the named orders and
+/// the expression orders (explicit lists are grid-specific; see
+/// `explicit_orders_conform`).
+fn order_clauses() -> Vec<String> {
+    OrderKind::ALL
+        .iter()
+        .map(|k| k.name().to_string())
+        .chain(KEY_ORDERS.iter().map(|k| k.to_string()))
+        .collect()
+}
 
 fn assert_plan_conforms(plan: &Plan, what: &str) {
     plan.check_invariants()
@@ -54,26 +66,67 @@ fn every_order_rule_is_a_permutation_of_its_tokens() {
                 .filter(|&t| partition::checker(grid, 2)[t] == 2)
                 .collect(),
         ];
-        for kind in ORDERS {
+        // The named orders, and key and listed orders (a listed order may
+        // list tokens outside the subset and miss some of it).
+        let keys: Vec<f64> = (0..grid.len()).map(|t| (t % 5) as f64).collect();
+        let mut rules: Vec<(String, Box<dyn order::TokenOrder>)> = OrderKind::ALL
+            .iter()
+            .map(|&k| (format!("{k:?}"), order::rule(k)))
+            .collect();
+        for ties in [Ties::Random, Ties::Raster] {
+            let keys = keys.clone();
+            rules.push((
+                format!("key, {ties:?} ties"),
+                Box::new(order::KeyOrder { keys, ties }),
+            ));
+        }
+        let listed = (0..grid.len()).rev().step_by(2).collect();
+        rules.push(("listed".into(), Box::new(order::ListedOrder(listed))));
+        for (what, rule) in &rules {
             for tokens in &subsets {
                 let mut rng = Stream::new(3, Purpose::Order);
-                let mut got = order::rule(kind).order(tokens, grid, &mut rng);
+                let mut got = rule.order(tokens, grid, &mut rng);
                 got.sort_unstable();
-                let mut want = tokens.clone();
-                want.sort_unstable();
-                assert_eq!(got, want, "{kind:?} on {h}x{w}");
+                assert_eq!(&got, tokens, "{what} on {h}x{w}");
             }
         }
     }
 }
 
+/// `order list` and `order file` plan conforming schedules, and refuse
+/// sequences that are not a permutation of the stage's tokens.
+#[test]
+fn explicit_orders_conform() {
+    let spiral = "0, 1, 2, 3, 7, 11, 15, 14, 13, 12, 8, 4, 5, 6, 10, 9";
+    let dir = common::tmp("explicit-orders");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("spiral.txt"), spiral.replace(',', "\n")).unwrap();
+    for order in [format!("list [{spiral}]"), "file \"spiral.txt\"".into()] {
+        let text = format!("grid 4x4\nstage a {{ tokens all  order {order}  rate 3 }}\n");
+        let name = dir.join("s.gtr").display().to_string();
+        let s = Schedule::from_source(Source::new(name, text), &BTreeMap::new()).unwrap();
+        let p = plan(&s, Grid::new(4, 4), 0).unwrap();
+        assert_plan_conforms(&p, &order);
+        assert_eq!(p.steps[0].tokens, vec![0, 1, 2], "{order}");
+        assert_eq!(p.steps[4].tokens, vec![5, 6, 9, 10], "{order}");
+    }
+    for (list, problem) in [
+        ("[0, 1, 2]", "misses 1 of stage `a`'s 4 tokens"),
+        ("[0, 1, 2, 2]", "listed twice"),
+        ("[0, 1, 2, 3, 4]", "4 is not a token of the 2x2 grid"),
+        ("[0, 1, 2, 3.5]", "3.5 is not a token of the 2x2 grid"),
+    ] {
+        let text = format!("grid 2x2\nstage a {{ tokens all  order list {list}  steps 1 }}\n");
+        let s = Schedule::from_source(Source::new("t", text), &BTreeMap::new()).unwrap();
+        let err = plan(&s, Grid::new(2, 2), 0).unwrap_err().to_string();
+        assert!(err.contains(problem), "{list}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn every_allocation_rule_reveals_at_least_one_token_per_step() {
-    for rule in [
-        Distribution::Cosine,
-        Distribution::Uniform,
-        Distribution::Arccos,
-    ] {
+    for &rule in Distribution::ALL {
         for n in [1, 2, 7, 64, 128, 256, 1024] {
             for m in [1, 2, 3, 8, 16, 24, 64, 256, 1024]
                 .into_iter()
@@ -95,10 +148,8 @@ fn every_allocation_rule_reveals_at_least_one_token_per_step() {
 /// several grids and seeds.
 #[test]
 fn every_rule_combination_plans_conforming_schedules() {
-    let orders = ["random", "raster", "halton", "halton roll", "subsample"];
-    let dists = ["cosine", "uniform", "arccos"];
-    for order in orders {
-        for dist in dists {
+    for order in order_clauses() {
+        for dist in Distribution::ALL.iter().map(|d| d.name()) {
             let text = format!(
                 "partition checker(2)
                  stage a {{ tokens S1  order {order}  rate 3 {dist} }}

@@ -2,11 +2,14 @@
 //! (with the command-line variants its `<!-- check: ... -->` comment lists),
 //! and every error example prints exactly the message the doc shows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use gtr_run::grid::Grid;
 use gtr_run::plan::plan;
-use gtr_run::schedule::{Schedule, Source};
+use gtr_run::schedule::{
+    Distribution, KEYWORDS, OrderKind, RampShape, Rounding, Schedule, Selector, Source, Ties,
+    Vocabulary,
+};
 
 struct Example {
     line: usize,
@@ -119,10 +122,84 @@ fn every_doc_example_works() {
         }
         for args in spec.split('|') {
             let (grid, sets) = variant(args);
-            let s = Schedule::from_source(Source::new("example.gtr", ex.body.as_str()), &sets)
+            let s = Schedule::from_source(Source::new("docs/example.gtr", ex.body.as_str()), &sets)
                 .unwrap_or_else(|e| panic!("line {} [{args}]: {e}", ex.line));
             let grid = grid.or(s.grid).unwrap_or(Grid::MAR);
             plan(&s, grid, 0).unwrap_or_else(|d| panic!("line {} [{args}]: {d}", ex.line));
         }
     }
+}
+
+/// The words between the quotes of the grammar rule `name = @{ ... }`.
+fn grammar_words(rule: &str) -> BTreeSet<String> {
+    let grammar =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/grammar/gtr.pest")).unwrap();
+    let start = grammar
+        .find(&format!("\n{rule} "))
+        .unwrap_or_else(|| panic!("no rule `{rule}` in grammar/gtr.pest"));
+    let body = &grammar[start..];
+    let body = &body[..body
+        .find("\n}")
+        .expect("the rule ends with `}` on its own line")];
+    body.split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn keywords_are_the_grammars() {
+    let listed: BTreeSet<String> = KEYWORDS.iter().map(|k| k.to_string()).collect();
+    assert_eq!(
+        listed,
+        grammar_words("keyword"),
+        "KEYWORDS and the `keyword` rule differ"
+    );
+    assert_eq!(listed.len(), KEYWORDS.len(), "a keyword is listed twice");
+    // Each has its own `kw_` rule spelling it.
+    let grammar =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/grammar/gtr.pest")).unwrap();
+    for k in KEYWORDS {
+        let rule = format!("kw_{k}");
+        let line = grammar
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(rule.as_str()))
+            .unwrap_or_else(|| panic!("no rule {rule}"));
+        assert!(line.contains(&format!("\"{k}\"")), "{line}");
+    }
+    // The docs' keyword table lists the same words.
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/schedule-language.md"
+    ))
+    .unwrap();
+    let at = doc
+        .find("are keywords and cannot be used as names")
+        .unwrap();
+    let table = &doc[at..];
+    let table = &table[table.find("```text\n").unwrap() + 8..];
+    let table = &table[..table.find("```").unwrap()];
+    let documented: BTreeSet<String> = table.split_whitespace().map(str::to_string).collect();
+    assert_eq!(documented, listed, "the docs' keyword table");
+}
+
+/// Every word of every vocabulary enum is a keyword (so the grammar can
+/// spell it and no name can shadow it).
+#[test]
+fn vocabularies_are_keywords() {
+    fn check<V: Vocabulary>() {
+        for v in V::ALL {
+            for word in v.name().split(' ') {
+                assert!(KEYWORDS.contains(&word), "`{word}` of {}", V::prose());
+            }
+            assert_eq!(V::from_name(v.name()), Some(*v));
+        }
+    }
+    check::<OrderKind>();
+    check::<Distribution>();
+    check::<Selector>();
+    check::<RampShape>();
+    check::<Rounding>();
+    check::<Ties>();
 }

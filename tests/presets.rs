@@ -6,63 +6,55 @@ mod common;
 use std::collections::BTreeMap;
 
 use gtr_run::cost::{ModelSpec, plan_cost};
-use gtr_run::report::text;
+use gtr_run::report::snapshot;
 
 #[test]
 fn preset_orders() {
     insta::glob!("../schedules", "*.gtr", |path| {
         let schedule = common::load(path, &BTreeMap::new()).unwrap();
-        let plan = common::plan_default(&schedule, 0);
+        let plan = snapshot::snapshot_plan(&schedule).unwrap();
         plan.check_invariants().unwrap();
-        let body = format!(
-            "{} MAR steps on {}\n\nreveal step (1 = first):\n{}\nstages:\n{}\n{}",
-            plan.steps.len(),
-            plan.grid,
-            text::step_grid(&plan),
-            text::stage_grid(&plan),
-            text::step_table(&plan)
-        );
+        let body = snapshot::body(&plan);
         insta::assert_snapshot!(body);
     });
 }
 
+/// The presets are whatever `schedules/` holds (see `preset_orders`); each
+/// opens with a header comment, and each one the README or the docs name in
+/// their preset tables exists.
 #[test]
-fn every_named_preset_exists() {
-    let names = [
-        "mar-64",
-        "mar-32",
-        "mar-16",
-        "mar-8",
-        "raster",
-        "subsample",
-        "random",
-        "halton-16",
-        "halton-8",
-        "disa",
-        "gtr",
-        "gtr-3.7x",
-        "gtr-fast",
-        "gtr-fts-random",
-        "gtr-fts-low",
-        "gtr-fts-all",
-        "gtr-k4",
-        "gtr-backbone-only",
-        "gtr-diffusion-only",
-        "gtr-no-fts",
-    ];
-    for name in names {
-        let s = common::preset(&format!("{name}.gtr"));
+fn presets_have_headers_and_documented_presets_exist() {
+    for path in common::preset_paths() {
+        let s = common::load(&path, &BTreeMap::new()).unwrap();
         let first = s.source.text.lines().next().unwrap_or("");
         assert!(
             first.starts_with("# "),
-            "{name}.gtr must open with a header comment"
+            "{} must open with a header comment",
+            path.display()
         );
     }
-    assert_eq!(
-        common::preset_paths().len(),
-        names.len(),
-        "a preset is not in the list above"
-    );
+    for doc in ["README.md", "docs/schedule-language.md"] {
+        let text = std::fs::read_to_string(common::root().join(doc)).unwrap();
+        let start = text
+            .find("Presets\n")
+            .and_then(|at| text[..at].rfind("\n## "))
+            .unwrap_or_else(|| panic!("{doc} has no Presets section"));
+        let section = &text[start + 1..];
+        let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+        let named: Vec<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| w.ends_with(".gtr") && !w.contains(['/', ' ']))
+            .collect();
+        assert!(named.len() >= 10, "{doc}: found only {named:?}");
+        for name in named {
+            assert!(
+                common::root().join("schedules").join(name).is_file(),
+                "{doc} names preset {name}, which schedules/ does not hold"
+            );
+        }
+    }
 }
 
 #[test]

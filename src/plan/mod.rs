@@ -8,6 +8,7 @@
 pub mod allocation;
 pub mod order;
 pub mod partition;
+mod stage_order;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -173,7 +174,20 @@ struct PlanEnv<'a> {
     taken: &'a [bool],
 }
 
-impl PlanEnv<'_> {
+impl<'a> PlanEnv<'a> {
+    /// Values for numbers outside any cell: parameters and the grid size.
+    fn numbers(params: &'a HashMap<String, f64>, grid: Grid) -> Self {
+        static NO_SETS: std::sync::LazyLock<HashMap<String, Vec<bool>>> =
+            std::sync::LazyLock::new(HashMap::new);
+        PlanEnv {
+            params,
+            grid,
+            cell: (0, 0),
+            sets: &NO_SETS,
+            taken: &[],
+        }
+    }
+
     fn token(&self) -> usize {
         self.grid.index(self.cell.0, self.cell.1)
     }
@@ -214,6 +228,8 @@ pub struct Planner<'a> {
     stage_tokens: Vec<Vec<usize>>,
     /// Each stage's tokens per step.
     stage_counts: Vec<Vec<usize>>,
+    /// Each stage's order rule.
+    stage_orders: Vec<Box<dyn order::TokenOrder>>,
 }
 
 impl<'a> Planner<'a> {
@@ -260,6 +276,7 @@ impl<'a> Planner<'a> {
         let mut taken_mask = vec![false; grid.len()];
         let mut stage_tokens = Vec::new();
         let mut stage_counts = Vec::new();
+        let mut stage_orders = Vec::new();
         for (s, stage) in schedule.stages.iter().enumerate() {
             let member = members(&stage.tokens, grid, &params, &sets, &taken_mask);
             let tokens: Vec<usize> = (0..grid.len()).filter(|&t| member[t]).collect();
@@ -293,6 +310,7 @@ impl<'a> Planner<'a> {
             }
             let n = tokens.len();
             let counts = step_counts(src, stage, n, &params, grid)?;
+            stage_orders.push(stage_order::resolve(src, stage, &tokens, grid, &params)?);
             stage_tokens.push(tokens);
             stage_counts.push(counts);
         }
@@ -319,6 +337,7 @@ impl<'a> Planner<'a> {
             params,
             stage_tokens,
             stage_counts,
+            stage_orders,
         })
     }
 
@@ -334,13 +353,7 @@ impl<'a> Planner<'a> {
         let grid = self.grid;
         let total = grid.len();
         let mut rng = Stream::new(seed, Purpose::Order);
-        let env = PlanEnv {
-            params: &self.params,
-            grid,
-            cell: (0, 0),
-            sets: &HashMap::new(),
-            taken: &[],
-        };
+        let env = PlanEnv::numbers(&self.params, grid);
         let eval = |e: &Expr| expr::number(e, &env);
 
         // Where each stage's first step sits in its ramp, and ramp lengths.
@@ -358,7 +371,7 @@ impl<'a> Planner<'a> {
         let mut known = 0usize;
         for (s, stage) in schedule.stages.iter().enumerate() {
             let counts = &self.stage_counts[s];
-            let sequence = order::rule(stage.order).order(&self.stage_tokens[s], grid, &mut rng);
+            let sequence = self.stage_orders[s].order(&self.stage_tokens[s], grid, &mut rng);
             let diffusion = diffusion_steps(
                 src,
                 schedule,
@@ -479,6 +492,17 @@ fn members(
     sets: &HashMap<String, Vec<bool>>,
     taken: &[bool],
 ) -> Vec<bool> {
+    per_cell(grid, params, sets, taken, |env| expr::condition(cond, env))
+}
+
+/// `f` evaluated at every cell of `grid`, in token order.
+fn per_cell<T>(
+    grid: Grid,
+    params: &HashMap<String, f64>,
+    sets: &HashMap<String, Vec<bool>>,
+    taken: &[bool],
+    f: impl Fn(&PlanEnv) -> T,
+) -> Vec<T> {
     let mut env = PlanEnv {
         params,
         grid,
@@ -489,7 +513,7 @@ fn members(
     (0..grid.len())
         .map(|t| {
             env.cell = grid.cell(t);
-            expr::condition(cond, &env)
+            f(&env)
         })
         .collect()
 }
@@ -502,13 +526,7 @@ fn step_counts(
     params: &HashMap<String, f64>,
     grid: Grid,
 ) -> Result<Vec<usize>, Diagnostic> {
-    let env = PlanEnv {
-        params,
-        grid,
-        cell: (0, 0),
-        sets: &HashMap::new(),
-        taken: &[],
-    };
+    let env = PlanEnv::numbers(params, grid);
     let too_many = |m: usize, span: Span| {
         Diagnostic::new(
             src,

@@ -3,10 +3,10 @@
 
 use crate::grid::Grid;
 use crate::rng::Stream;
-use crate::schedule::OrderKind;
+use crate::schedule::{OrderKind, Ties};
 
 /// An ordering rule. Contract: the result is a permutation of `tokens`.
-pub trait TokenOrder {
+pub trait TokenOrder: Send + Sync {
     fn order(&self, tokens: &[usize], grid: Grid, rng: &mut Stream) -> Vec<usize>;
 }
 
@@ -76,6 +76,90 @@ impl TokenOrder for SubsampleOrder {
         (0..longest)
             .flat_map(|k| quadrants.iter().filter_map(move |q| q.get(k).copied()))
             .collect()
+    }
+}
+
+/// `order by KEY`: ascending key; equal keys keep the order of `ties`
+/// (the seeded random order, or raster).
+pub struct KeyOrder {
+    /// The key of every token of the grid (finite: the planner checks).
+    pub keys: Vec<f64>,
+    pub ties: Ties,
+}
+
+impl TokenOrder for KeyOrder {
+    fn order(&self, tokens: &[usize], grid: Grid, rng: &mut Stream) -> Vec<usize> {
+        let mut v = match self.ties {
+            Ties::Random => RandomOrder.order(tokens, grid, rng),
+            Ties::Raster => RasterOrder.order(tokens, grid, rng),
+        };
+        v.sort_by(|&a, &b| self.keys[a].total_cmp(&self.keys[b]));
+        v
+    }
+}
+
+/// An explicit sequence (`order list`, `order file`): its tokens in its
+/// order, then any token it does not list in raster order (the planner
+/// refuses sequences that are not a permutation of the stage's tokens, see
+/// [`permutation`]).
+pub struct ListedOrder(pub Vec<usize>);
+
+impl TokenOrder for ListedOrder {
+    fn order(&self, tokens: &[usize], grid: Grid, _: &mut Stream) -> Vec<usize> {
+        let mut member = vec![false; grid.len()];
+        for &t in tokens {
+            member[t] = true;
+        }
+        let mut v: Vec<usize> = self
+            .0
+            .iter()
+            .copied()
+            .filter(|&t| t < member.len() && std::mem::take(&mut member[t]))
+            .collect();
+        v.extend(tokens.iter().copied().filter(|&t| member[t]));
+        v
+    }
+}
+
+/// Why a listed sequence is not a permutation of a stage's tokens; entries
+/// are 0-based positions in the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotAPermutation {
+    /// Entry `entry` is not one of the stage's tokens.
+    Foreign { entry: usize },
+    /// Entry `entry` repeats entry `first`.
+    Repeated { entry: usize, first: usize },
+    /// `count` of the stage's tokens are not listed, `token` among them.
+    Missing { count: usize, token: usize },
+}
+
+/// Checks that `listed` holds each of `tokens` exactly once and nothing else.
+pub fn permutation(
+    listed: &[usize],
+    tokens: &[usize],
+    grid: Grid,
+) -> Result<Vec<usize>, NotAPermutation> {
+    let mut member = vec![false; grid.len()];
+    for &t in tokens {
+        member[t] = true;
+    }
+    let mut at: Vec<Option<usize>> = vec![None; grid.len()];
+    for (entry, &t) in listed.iter().enumerate() {
+        if t >= grid.len() || !member[t] {
+            return Err(NotAPermutation::Foreign { entry });
+        }
+        if let Some(first) = at[t] {
+            return Err(NotAPermutation::Repeated { entry, first });
+        }
+        at[t] = Some(entry);
+    }
+    let mut missing = tokens.iter().filter(|&&t| at[t].is_none());
+    match missing.next() {
+        Some(&token) => Err(NotAPermutation::Missing {
+            count: 1 + missing.count(),
+            token,
+        }),
+        None => Ok(listed.to_vec()),
     }
 }
 
@@ -165,6 +249,29 @@ mod tests {
             }
         }
         assert_eq!(count, 256);
+    }
+
+    #[test]
+    fn permutation_problems_are_named() {
+        let g = Grid::new(2, 2);
+        let stage = [0, 1, 3];
+        assert_eq!(permutation(&[3, 0, 1], &stage, g), Ok(vec![3, 0, 1]));
+        assert_eq!(
+            permutation(&[3, 2], &stage, g),
+            Err(NotAPermutation::Foreign { entry: 1 })
+        );
+        assert_eq!(
+            permutation(&[3, 9], &stage, g),
+            Err(NotAPermutation::Foreign { entry: 1 })
+        );
+        assert_eq!(
+            permutation(&[3, 0, 3], &stage, g),
+            Err(NotAPermutation::Repeated { entry: 2, first: 0 })
+        );
+        assert_eq!(
+            permutation(&[3], &stage, g),
+            Err(NotAPermutation::Missing { count: 2, token: 0 })
+        );
     }
 
     #[test]

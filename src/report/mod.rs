@@ -1,8 +1,10 @@
 //! Renderings of a plan for people and programs: text tables
-//! ([`text`]), JSON ([`json`]) and a picture of the order ([`png`]).
+//! ([`text`]), JSON ([`json`]), a picture of the order ([`png`]) and
+//! regression snapshots of a folder of schedules ([`snapshot`]).
 
 pub mod json;
 pub mod png;
+pub mod snapshot;
 pub mod text;
 
 /// A one-character label for stage `index`: A–Z, then a–z, then 0–9.

@@ -22,6 +22,8 @@ pub enum BinaryOp {
     Sub,
     Mul,
     Div,
+    /// `//`: floor division.
+    FloorDiv,
     Rem,
     Eq,
     Ne,
@@ -40,6 +42,7 @@ impl BinaryOp {
             BinaryOp::Sub => "-",
             BinaryOp::Mul => "*",
             BinaryOp::Div => "/",
+            BinaryOp::FloorDiv => "//",
             BinaryOp::Rem => "%",
             BinaryOp::Eq => "==",
             BinaryOp::Ne => "!=",
@@ -71,6 +74,8 @@ pub enum ExprKind {
     Name(String),
     Unary(UnaryOp, Box<Expr>),
     Binary(BinaryOp, Box<Expr>, Box<Expr>),
+    /// `abs(x)`: a function by name (checked against `expr::Func`).
+    Call(Ident, Vec<Expr>),
 }
 
 /// One declaration or stage, in file order.
@@ -140,6 +145,46 @@ impl StageClause {
     }
 }
 
+/// A closed set of words of the language with one meaning each. The
+/// implementation is the one list of an enum's words: the parser reads them
+/// with [`Vocabulary::from_name`], errors name them with
+/// [`Vocabulary::prose`], and a test checks each against the grammar.
+pub trait Vocabulary: Copy + PartialEq + std::fmt::Debug + 'static {
+    /// Every value, in the order errors and docs list them.
+    const ALL: &'static [Self];
+    /// What one of the words is, for errors ("a selector"), if a noun helps.
+    const NOUN: Option<&'static str>;
+
+    /// The words as written in a schedule (keywords separated by a space).
+    fn name(self) -> &'static str;
+
+    /// The value written `words` (keywords separated by one space).
+    fn from_name(words: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == words)
+    }
+
+    /// "`high_freq`, `low_freq`, `random` or `all`".
+    fn choices() -> String {
+        let names: Vec<String> = Self::ALL
+            .iter()
+            .map(|v| format!("`{}`", v.name()))
+            .collect();
+        match names.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+            _ => names.concat(),
+        }
+    }
+
+    /// "a selector (`high_freq`, `low_freq`, `random` or `all`)".
+    fn prose() -> String {
+        match Self::NOUN {
+            Some(noun) => format!("{noun} ({})", Self::choices()),
+            None => Self::choices(),
+        }
+    }
+}
+
+/// A named order of a stage's tokens (`order random`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OrderKind {
     Random,
@@ -148,9 +193,65 @@ pub enum OrderKind {
     Subsample,
 }
 
+impl Vocabulary for OrderKind {
+    const ALL: &'static [Self] = &[
+        OrderKind::Random,
+        OrderKind::Raster,
+        OrderKind::Halton { roll: false },
+        OrderKind::Halton { roll: true },
+        OrderKind::Subsample,
+    ];
+    const NOUN: Option<&'static str> = Some("an order");
+
+    fn name(self) -> &'static str {
+        match self {
+            OrderKind::Random => "random",
+            OrderKind::Raster => "raster",
+            OrderKind::Halton { roll: false } => "halton",
+            OrderKind::Halton { roll: true } => "halton roll",
+            OrderKind::Subsample => "subsample",
+        }
+    }
+}
+
+/// How `order by` breaks ties between tokens of equal key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ties {
+    /// The stage's seeded random order (the default).
+    #[default]
+    Random,
+    /// Ascending token index.
+    Raster,
+}
+
+impl Vocabulary for Ties {
+    const ALL: &'static [Self] = &[Ties::Random, Ties::Raster];
+    const NOUN: Option<&'static str> = Some("a tie-break");
+
+    fn name(self) -> &'static str {
+        match self {
+            Ties::Random => "random",
+            Ties::Raster => "raster",
+        }
+    }
+}
+
+/// An `order` clause as written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrderRule {
+    /// `order random`, `order halton roll`, ...
+    Named(OrderKind),
+    /// `order by KEY [then TIES]`.
+    By { key: Expr, ties: Ties },
+    /// `order list [t1, t2, ...]`: token indices, first revealed first.
+    List(Vec<Expr>),
+    /// `order file "PATH"`; `span` is the quoted path's.
+    File { path: String, span: Span },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OrderAst {
-    pub kind: OrderKind,
+    pub rule: OrderRule,
     pub span: Span,
 }
 
@@ -164,6 +265,23 @@ pub enum Distribution {
     Uniform,
     /// Halton-MaskGIT's arccos rule (mar.md §6.2).
     Arccos,
+}
+
+impl Vocabulary for Distribution {
+    const ALL: &'static [Self] = &[
+        Distribution::Cosine,
+        Distribution::Uniform,
+        Distribution::Arccos,
+    ];
+    const NOUN: Option<&'static str> = Some("a distribution");
+
+    fn name(self) -> &'static str {
+        match self {
+            Distribution::Cosine => "cosine",
+            Distribution::Uniform => "uniform",
+            Distribution::Arccos => "arccos",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -188,6 +306,18 @@ pub enum RampShape {
     Cosine,
 }
 
+impl Vocabulary for RampShape {
+    const ALL: &'static [Self] = &[RampShape::Linear, RampShape::Cosine];
+    const NOUN: Option<&'static str> = None;
+
+    fn name(self) -> &'static str {
+        match self {
+            RampShape::Linear => "linear",
+            RampShape::Cosine => "cosine",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Rounding {
     /// Round half to even (as Python and numpy do).
@@ -195,6 +325,18 @@ pub enum Rounding {
     Round,
     /// Round down (as `int()` does for DiSA's chain index).
     Floor,
+}
+
+impl Vocabulary for Rounding {
+    const ALL: &'static [Self] = &[Rounding::Round, Rounding::Floor];
+    const NOUN: Option<&'static str> = None;
+
+    fn name(self) -> &'static str {
+        match self {
+            Rounding::Round => "round",
+            Rounding::Floor => "floor",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,7 +368,22 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// [`Vocabulary::name`], for callers that do not import the trait.
     pub fn name(self) -> &'static str {
+        Vocabulary::name(self)
+    }
+}
+
+impl Vocabulary for Selector {
+    const ALL: &'static [Self] = &[
+        Selector::HighFreq,
+        Selector::LowFreq,
+        Selector::Random,
+        Selector::All,
+    ];
+    const NOUN: Option<&'static str> = Some("a selector");
+
+    fn name(self) -> &'static str {
         match self {
             Selector::HighFreq => "high_freq",
             Selector::LowFreq => "low_freq",

@@ -51,6 +51,25 @@ pub struct NamedSet {
     pub cells: Expr,
 }
 
+/// How a stage orders its tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Order {
+    /// `order random`, `order raster`, ...
+    Named(OrderKind),
+    /// `order by KEY`: ascending `key` (a number over `i`, `j`, `h`, `w`
+    /// and parameters), equal keys in `ties` order.
+    By { key: Expr, ties: Ties },
+    /// `order list [...]`: token indices (numbers over parameters, `h` and
+    /// `w`), first revealed first.
+    List(Vec<Expr>),
+    /// `order file "..."`: token indices read from `path` (as shown in
+    /// errors), each with its 1-based line.
+    File {
+        path: String,
+        tokens: Vec<(usize, usize)>,
+    },
+}
+
 /// How a stage's tokens are divided into steps.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepCount {
@@ -106,7 +125,9 @@ pub struct Stage {
     pub span: Span,
     pub name_span: Span,
     pub tokens: Expr,
-    pub order: OrderKind,
+    pub order: Order,
+    /// The `order` clause, or the stage's name when it has none.
+    pub order_span: Span,
     pub steps: StepCount,
     pub steps_span: Span,
     pub diffusion: DiffusionRule,
@@ -146,8 +167,49 @@ pub enum ScheduleError {
     Text { path: String, problem: String },
 }
 
-/// The largest schedule file read (the presets are under 3 KB).
+/// The largest schedule file read (the presets are under 3 KB), and the
+/// largest order file.
 pub const MAX_SCHEDULE_BYTES: u64 = 1 << 20;
+
+/// Why [`read_small_text`] gave no text.
+#[derive(Debug)]
+pub enum SmallTextError {
+    Io(std::io::Error),
+    /// Too large, or not UTF-8 (with the place).
+    Text(String),
+}
+
+/// Reads at most [`MAX_SCHEDULE_BYTES`] of UTF-8 text through a bounded
+/// reader (one byte past the limit tells it was exceeded). `what` names the
+/// kind of file in the size message ("a schedule").
+pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String, SmallTextError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_SCHEDULE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(SmallTextError::Io)?;
+    if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
+        return Err(SmallTextError::Text(format!(
+            "larger than {} KiB; {what} is a small text file",
+            MAX_SCHEDULE_BYTES / 1024
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        SmallTextError::Text(format!(
+            "not UTF-8 text (line {line}, byte {col} of the line)"
+        ))
+    })
+}
 
 impl From<Diagnostic> for ScheduleError {
     fn from(d: Diagnostic) -> Self {
@@ -179,55 +241,35 @@ impl Schedule {
         compile(source, &ast, overrides)
     }
 
-    /// Reads, parses and checks the schedule file at `path`.
+    /// Reads, parses and checks the schedule file at `path`; `-` reads
+    /// standard input (named `<stdin>`, its relative paths read from the
+    /// current directory).
     pub fn from_file(
         path: &std::path::Path,
         overrides: &BTreeMap<String, f64>,
     ) -> Result<Schedule, ScheduleError> {
-        use std::io::Read;
         let stdin = path.as_os_str() == "-";
         let name = if stdin {
             "<stdin>".to_string()
         } else {
             path.display().to_string()
         };
-        let read_err = |source| ScheduleError::Read {
-            path: name.clone(),
-            source,
-        };
-        let reader: Box<dyn Read> = if stdin {
-            Box::new(std::io::stdin())
+        let text = if stdin {
+            read_small_text(std::io::stdin(), "a schedule")
         } else {
-            Box::new(std::fs::File::open(path).map_err(read_err)?)
+            std::fs::File::open(path)
+                .map_err(SmallTextError::Io)
+                .and_then(|f| read_small_text(f, "a schedule"))
         };
-        let mut bytes = Vec::new();
-        reader
-            .take(MAX_SCHEDULE_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
-        let text_err = |problem: String| ScheduleError::Text {
-            path: name.clone(),
-            problem,
-        };
-        if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
-            return Err(text_err(format!(
-                "larger than {} KiB; a schedule is a small text file",
-                MAX_SCHEDULE_BYTES / 1024
-            )));
-        }
-        let text = String::from_utf8(bytes).map_err(|e| {
-            let at = e.utf8_error().valid_up_to();
-            let before = &e.as_bytes()[..at];
-            let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-            let col = at
-                - before
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |p| p + 1)
-                + 1;
-            text_err(format!(
-                "not UTF-8 text (line {line}, byte {col} of the line)"
-            ))
+        let text = text.map_err(|e| match e {
+            SmallTextError::Io(source) => ScheduleError::Read {
+                path: name.clone(),
+                source,
+            },
+            SmallTextError::Text(problem) => ScheduleError::Text {
+                path: name.clone(),
+                problem,
+            },
         })?;
         Schedule::from_source(Source::new(name, text), overrides)
     }
@@ -346,24 +388,109 @@ struct Settings<'a> {
     temperature: Option<&'a Expr>,
 }
 
+/// Checks `ast` and applies `overrides`, one pass after
+/// another (declarations, overrides, ramps, then each stage).
 fn compile(
     source: Arc<Source>,
     ast: &ScheduleAst,
     overrides: &BTreeMap<String, f64>,
 ) -> Result<Schedule, ScheduleError> {
     let src = &source;
-    let mut params: Vec<Param> = Vec::new();
-    let mut grid = None;
-    let mut grid_span = None;
-    let mut partition: Option<Partition> = None;
-    let mut sets: Vec<NamedSet> = Vec::new();
-    let mut defaults = Settings::default();
-    let mut top_ramps: Vec<&DiffusionAst> = Vec::new();
-    let mut stage_asts: Vec<&StageAst> = Vec::new();
-    // Every name declared so far and where, to refuse duplicates.
-    let mut declared: HashMap<String, Span> = HashMap::new();
+    let decls = Declarations::read(src, ast, overrides)?;
+    check_overrides(src, &decls.params, overrides)?;
+    if decls.stages.is_empty() {
+        let end = src.text.len();
+        return Err(Diagnostic::new(src, Span::new(end, end), "this schedule has no stages")
+            .with_help("add one, e.g. `stage all_tokens { tokens all  order random  steps 64 cosine }`")
+            .into());
+    }
+    let ramps = RampTable::build(src, &decls)?;
+    let stages = decls
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(index, ast)| compile_stage(src, &decls, &ramps, index, ast))
+        .collect::<Result<Vec<_>, _>>()?;
+    let Declarations {
+        params,
+        grid,
+        partition,
+        sets,
+        ..
+    } = decls;
+    Ok(Schedule {
+        source,
+        params,
+        grid: grid.map(|(g, _)| g),
+        partition,
+        sets,
+        stages,
+        ramps: ramps.ramps,
+    })
+}
 
-    let mut declare = |ident: &Ident, what: &str| -> Result<(), Diagnostic> {
+/// Pass 1: the declarations, in file order (parameters with overrides
+/// applied, grid, partition, sets, top-level settings), and the stages
+/// collected for the later passes.
+struct Declarations<'a> {
+    params: Vec<Param>,
+    grid: Option<(Grid, Span)>,
+    partition: Option<Partition>,
+    sets: Vec<NamedSet>,
+    defaults: Settings<'a>,
+    top_ramps: Vec<&'a DiffusionAst>,
+    stages: Vec<&'a StageAst>,
+    /// Every name declared so far and where, to refuse duplicates.
+    declared: HashMap<String, Span>,
+}
+
+impl<'a> Declarations<'a> {
+    fn read(
+        src: &Arc<Source>,
+        ast: &'a ScheduleAst,
+        overrides: &BTreeMap<String, f64>,
+    ) -> Result<Self, Diagnostic> {
+        let mut d = Declarations {
+            params: Vec::new(),
+            grid: None,
+            partition: None,
+            sets: Vec::new(),
+            defaults: Settings::default(),
+            top_ramps: Vec::new(),
+            stages: Vec::new(),
+            declared: HashMap::new(),
+        };
+        for item in &ast.items {
+            match item {
+                Item::Param { name, value } => d.param(src, name, value, overrides)?,
+                Item::Grid {
+                    height,
+                    width,
+                    span,
+                } => {
+                    if let Some((_, prev)) = d.grid {
+                        return Err(twice(src, *span, prev, "grid"));
+                    }
+                    d.grid = Some((Grid::new(*height, *width), *span));
+                }
+                Item::Partition {
+                    levels,
+                    prefix,
+                    span,
+                } => d.partition(src, levels, prefix.as_ref(), *span)?,
+                Item::Set { name, cells } => d.set(src, name, cells)?,
+                Item::Setting(setting) => d.setting(src, setting)?,
+                Item::Stage(stage) => {
+                    d.declare(src, &stage.name, "stage")?;
+                    d.stages.push(stage);
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// Refuses reserved and already declared names.
+    fn declare(&mut self, src: &Arc<Source>, ident: &Ident, what: &str) -> Result<(), Diagnostic> {
         if RESERVED.contains(&ident.name.as_str()) {
             return Err(Diagnostic::new(
                 src,
@@ -375,7 +502,7 @@ fn compile(
             )
             .with_help(format!("give the {what} another name")));
         }
-        if let Some(prev) = declared.get(&ident.name) {
+        if let Some(prev) = self.declared.get(&ident.name) {
             let (line, _) = src.line_col(prev.start);
             return Err(Diagnostic::new(
                 src,
@@ -384,168 +511,154 @@ fn compile(
             )
             .with_help(format!("give the {what} another name")));
         }
-        declared.insert(ident.name.clone(), ident.span);
+        self.declared.insert(ident.name.clone(), ident.span);
         Ok(())
-    };
+    }
 
-    for item in &ast.items {
-        match item {
-            Item::Param { name, value } => {
-                declare(name, "parameter")?;
-                let scope = Names::params_only(&params);
-                expr::check(src, value, Type::Number, &scope)?;
-                let default = expr::number(value, &ParamEnv(&params));
-                let (value, overridden) = match overrides.get(&name.name) {
-                    Some(v) => (*v, true),
-                    None => (default, false),
-                };
-                params.push(Param {
-                    name: name.name.clone(),
-                    value,
-                    default,
-                    overridden,
-                    span: name.span,
-                });
+    fn param(
+        &mut self,
+        src: &Arc<Source>,
+        name: &Ident,
+        value: &Expr,
+        overrides: &BTreeMap<String, f64>,
+    ) -> Result<(), Diagnostic> {
+        self.declare(src, name, "parameter")?;
+        expr::check(src, value, Type::Number, &Names::params_only(&self.params))?;
+        let default = expr::number(value, &ParamEnv(&self.params));
+        let (value, overridden) = match overrides.get(&name.name) {
+            Some(v) => (*v, true),
+            None => (default, false),
+        };
+        self.params.push(Param {
+            name: name.name.clone(),
+            value,
+            default,
+            overridden,
+            span: name.span,
+        });
+        Ok(())
+    }
+
+    fn partition(
+        &mut self,
+        src: &Arc<Source>,
+        levels: &Expr,
+        prefix: Option<&Ident>,
+        span: Span,
+    ) -> Result<(), Diagnostic> {
+        if let Some(p) = &self.partition {
+            return Err(twice(src, span, p.span, "partition"));
+        }
+        expr::check(src, levels, Type::Number, &Names::params_only(&self.params))?;
+        let k = expr::number(levels, &ParamEnv(&self.params));
+        if k.fract() != 0.0 || !(1.0..=16.0).contains(&k) {
+            return Err(Diagnostic::new(
+                src,
+                levels.span,
+                format!("checker({k}) needs a whole number of stages K from 1 to 16"),
+            )
+            .with_help("GtR uses K = 3 for 16×16 tokens and K = 4 for 32×32"));
+        }
+        let part = Partition {
+            levels: k as usize,
+            prefix: prefix.map_or("S".to_string(), |p| p.name.clone()),
+            span,
+        };
+        for n in 1..=part.levels {
+            let ident = Ident {
+                name: part.set_name(n),
+                span: prefix.map_or(span, |p| p.span),
+            };
+            self.declare(src, &ident, "partition")?;
+        }
+        self.partition = Some(part);
+        Ok(())
+    }
+
+    fn set(&mut self, src: &Arc<Source>, name: &Ident, cells: &Expr) -> Result<(), Diagnostic> {
+        self.declare(src, name, "set")?;
+        let scope = Names {
+            rest: false,
+            ..self.cells()
+        };
+        expr::check(src, cells, Type::Condition, &scope)?;
+        self.sets.push(NamedSet {
+            name: name.name.clone(),
+            cells: cells.clone(),
+        });
+        Ok(())
+    }
+
+    /// A top-level setting: a default for every stage, or a ramp.
+    fn setting(&mut self, src: &Arc<Source>, setting: &'a Setting) -> Result<(), Diagnostic> {
+        match setting {
+            Setting::Diffusion(d) if matches!(d.kind, DiffusionKind::Ramp { .. }) => {
+                self.top_ramps.push(d);
             }
-            Item::Grid {
-                height,
-                width,
-                span,
-            } => {
-                if let Some(prev) = grid_span {
-                    return Err(twice(src, *span, prev, "grid").into());
+            Setting::Diffusion(d) => {
+                if let Some(prev) = self.defaults.diffusion {
+                    return Err(twice(src, d.span, prev.span, "diffusion"));
                 }
-                grid = Some(Grid::new(*height, *width));
-                grid_span = Some(*span);
+                self.defaults.diffusion = Some(d);
             }
-            Item::Partition {
-                levels,
-                prefix,
-                span,
-            } => {
-                if let Some(p) = &partition {
-                    return Err(twice(src, *span, p.span, "partition").into());
+            Setting::Cfg(c) => {
+                if let Some(prev) = self.defaults.cfg {
+                    return Err(twice(src, c.span, prev.span, "cfg"));
                 }
-                let scope = Names::params_only(&params);
-                expr::check(src, levels, Type::Number, &scope)?;
-                let k = expr::number(levels, &ParamEnv(&params));
-                if k.fract() != 0.0 || !(1.0..=16.0).contains(&k) {
-                    return Err(Diagnostic::new(
-                        src,
-                        levels.span,
-                        format!("checker({k}) needs a whole number of stages K from 1 to 16"),
-                    )
-                    .with_help("GtR uses K = 3 for 16×16 tokens and K = 4 for 32×32")
-                    .into());
-                }
-                let prefix_name = prefix.as_ref().map_or("S".to_string(), |p| p.name.clone());
-                let part = Partition {
-                    levels: k as usize,
-                    prefix: prefix_name.clone(),
-                    span: *span,
-                };
-                for n in 1..=part.levels {
-                    let ident = Ident {
-                        name: part.set_name(n),
-                        span: prefix.as_ref().map_or(*span, |p| p.span),
-                    };
-                    declare(&ident, "partition")?;
-                }
-                partition = Some(part);
+                self.defaults.cfg = Some(c);
             }
-            Item::Set { name, cells } => {
-                declare(name, "set")?;
-                let scope = Names {
-                    params: &params,
-                    partition: partition.as_ref(),
-                    sets: &sets,
-                    cells: true,
-                    grid: true,
-                    rest: false,
-                };
-                expr::check(src, cells, Type::Condition, &scope)?;
-                sets.push(NamedSet {
-                    name: name.name.clone(),
-                    cells: cells.clone(),
-                });
+            Setting::Temperature(t) => {
+                if let Some(prev) = self.defaults.temperature {
+                    return Err(twice(src, t.span, prev.span, "temperature"));
+                }
+                self.defaults.temperature = Some(t);
             }
-            Item::Setting(setting) => match setting {
-                Setting::Diffusion(d) => {
-                    if matches!(d.kind, DiffusionKind::Ramp { .. }) {
-                        top_ramps.push(d);
-                    } else if let Some(prev) = defaults.diffusion {
-                        return Err(twice(src, d.span, prev.span, "diffusion").into());
-                    } else {
-                        defaults.diffusion = Some(d);
-                    }
-                }
-                Setting::Cfg(c) => {
-                    if let Some(prev) = defaults.cfg {
-                        return Err(twice(src, c.span, prev.span, "cfg").into());
-                    }
-                    defaults.cfg = Some(c);
-                }
-                Setting::Temperature(t) => {
-                    if let Some(prev) = defaults.temperature {
-                        return Err(twice(src, t.span, prev.span, "temperature").into());
-                    }
-                    defaults.temperature = Some(t);
-                }
-            },
-            Item::Stage(stage) => {
-                declare(&stage.name, "stage")?;
-                stage_asts.push(stage);
-            }
+        }
+        Ok(())
+    }
+
+    /// What numbers in stage and setting clauses may use: parameters and
+    /// the grid size.
+    fn numbers(&self) -> Names<'_> {
+        Names {
+            params: &self.params,
+            partition: None,
+            sets: &[],
+            cells: false,
+            grid: true,
+            rest: false,
         }
     }
 
-    for name in overrides.keys() {
-        if !params.iter().any(|p| &p.name == name) {
-            let known: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
-            return Err(ScheduleError::Override {
-                name: name.clone(),
-                problem: if known.is_empty() {
-                    format!("{} declares no parameters", src.name)
-                } else {
-                    format!(
-                        "{} has no parameter `{name}`; its parameters are {}",
-                        src.name,
-                        known.join(", ")
-                    )
-                },
-            });
+    /// What an `order by` key may use: parameters, the grid size and the
+    /// cell.
+    fn cell_numbers(&self) -> Names<'_> {
+        Names {
+            cells: true,
+            ..self.numbers()
         }
     }
 
-    if stage_asts.is_empty() {
-        let end = src.text.len();
-        return Err(Diagnostic::new(src, Span::new(end, end), "this schedule has no stages")
-            .with_help("add one, e.g. `stage all_tokens { tokens all  order random  steps 64 cosine }`")
-            .into());
+    /// What a stage's `tokens` may use: everything declared, cells and `rest`.
+    fn cells(&self) -> Names<'_> {
+        Names {
+            params: &self.params,
+            partition: self.partition.as_ref(),
+            sets: &self.sets,
+            cells: true,
+            grid: true,
+            rest: true,
+        }
     }
 
-    let numbers = Names {
-        params: &params,
-        partition: None,
-        sets: &[],
-        cells: false,
-        grid: true,
-        rest: false,
-    };
-    let cells = Names {
-        params: &params,
-        partition: partition.as_ref(),
-        sets: &sets,
-        cells: true,
-        grid: true,
-        rest: true,
-    };
-    let stage_index = |ident: &Ident| -> Result<usize, Diagnostic> {
-        stage_asts
+    /// The index of the stage `ident` names.
+    fn stage_index(&self, src: &Arc<Source>, ident: &Ident) -> Result<usize, Diagnostic> {
+        self.stages
             .iter()
             .position(|s| s.name.name == ident.name)
             .ok_or_else(|| {
-                let names: Vec<String> = stage_asts
+                let names: Vec<String> = self
+                    .stages
                     .iter()
                     .map(|s| format!("`{}`", s.name.name))
                     .collect();
@@ -556,12 +669,74 @@ fn compile(
                 )
                 .with_help(format!("the stages are {}", names.join(", ")))
             })
-    };
+    }
+}
 
-    // Ramps, each covering a run of stages; a stage may be under at most one.
-    let mut ramps: Vec<Ramp> = Vec::new();
-    let mut ramp_of_stage: Vec<Option<usize>> = vec![None; stage_asts.len()];
-    let mut add_ramp = |d: &DiffusionAst, own: Option<usize>| -> Result<usize, Diagnostic> {
+/// Pass 2: every `--set` names a parameter of the file.
+fn check_overrides(
+    src: &Arc<Source>,
+    params: &[Param],
+    overrides: &BTreeMap<String, f64>,
+) -> Result<(), ScheduleError> {
+    let Some(name) = overrides
+        .keys()
+        .find(|name| !params.iter().any(|p| &p.name == *name))
+    else {
+        return Ok(());
+    };
+    let known: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+    Err(ScheduleError::Override {
+        name: name.clone(),
+        problem: if known.is_empty() {
+            format!("{} declares no parameters", src.name)
+        } else {
+            format!(
+                "{} has no parameter `{name}`; its parameters are {}",
+                src.name,
+                known.join(", ")
+            )
+        },
+    })
+}
+
+/// Pass 3: the diffusion ramps, each covering a run of stages; a stage may
+/// be under at most one.
+struct RampTable {
+    ramps: Vec<Ramp>,
+    of_stage: Vec<Option<usize>>,
+}
+
+impl RampTable {
+    /// Top-level ramps first, then those written inside a stage (the first
+    /// diffusion clause of each), so that a ramp over later stages is known
+    /// before those stages are read.
+    fn build(src: &Arc<Source>, decls: &Declarations) -> Result<Self, Diagnostic> {
+        let mut table = RampTable {
+            ramps: Vec::new(),
+            of_stage: vec![None; decls.stages.len()],
+        };
+        for d in &decls.top_ramps {
+            table.add(src, decls, d, None)?;
+        }
+        for (index, stage) in decls.stages.iter().enumerate() {
+            let first = stage.clauses.iter().find_map(|c| match c {
+                StageClause::Setting(Setting::Diffusion(d)) => Some(d),
+                _ => None,
+            });
+            if let Some(d) = first.filter(|d| matches!(d.kind, DiffusionKind::Ramp { .. })) {
+                table.add(src, decls, d, Some(index))?;
+            }
+        }
+        Ok(table)
+    }
+
+    fn add(
+        &mut self,
+        src: &Arc<Source>,
+        decls: &Declarations,
+        d: &DiffusionAst,
+        own: Option<usize>,
+    ) -> Result<usize, Diagnostic> {
         let DiffusionKind::Ramp {
             shape,
             from,
@@ -572,57 +747,26 @@ fn compile(
         else {
             unreachable!("only ramps are added");
         };
-        expr::check(src, from, Type::Number, &numbers)?;
-        expr::check(src, to, Type::Number, &numbers)?;
+        expr::check(src, from, Type::Number, &decls.numbers())?;
+        expr::check(src, to, Type::Number, &decls.numbers())?;
         let range = match (across, own) {
-            (Some((a, b)), _) => {
-                let (first, last) = (stage_index(a)?, stage_index(b)?);
-                if first > last {
-                    return Err(Diagnostic::new(
-                        src,
-                        a.span.to(b.span),
-                        format!("`{}` comes after `{}`", a.name, b.name),
-                    )
-                    .with_help(format!(
-                        "write the range in stage order: `across {}..{}`",
-                        b.name, a.name
-                    )));
-                }
-                if let Some(s) = own.filter(|s| !(first..=last).contains(s)) {
-                    return Err(Diagnostic::new(
-                        src,
-                        a.span.to(b.span),
-                        format!(
-                            "stage `{}` is not in the range it gives",
-                            stage_asts[s].name.name
-                        ),
-                    )
-                    .with_help("a ramp written inside a stage must span that stage"));
-                }
-                (first, last)
-            }
+            (Some((a, b)), _) => ramp_range(src, decls, a, b, own)?,
             (None, Some(s)) => (s, s),
-            (None, None) => (0, stage_asts.len() - 1),
+            (None, None) => (0, decls.stages.len() - 1),
         };
-        let id = ramps.len();
+        let id = self.ramps.len();
         for s in range.0..=range.1 {
-            if let Some(other) = ramp_of_stage[s] {
-                let (line, _) = src.line_col(ramps[other].span.start);
-                return Err(Diagnostic::new(
-                    src,
-                    d.span,
-                    format!(
-                        "stage `{}` already gets its diffusion steps from the ramp on line {line}",
-                        stage_asts[s].name.name
+            if let Some(other) = self.of_stage[s] {
+                let stage = &decls.stages[s].name.name;
+                return Err(
+                    ramped_twice(src, &self.ramps[other], d.span, stage).with_help(
+                        "each stage follows one diffusion rule; narrow one of the `across` ranges",
                     ),
-                )
-                .with_help(
-                    "each stage follows one diffusion rule; narrow one of the `across` ranges",
-                ));
+                );
             }
-            ramp_of_stage[s] = Some(id);
+            self.of_stage[s] = Some(id);
         }
-        ramps.push(Ramp {
+        self.ramps.push(Ramp {
             shape: *shape,
             from: from.clone(),
             to: to.clone(),
@@ -631,29 +775,73 @@ fn compile(
             span: d.span,
         });
         Ok(id)
-    };
-    for d in &top_ramps {
-        add_ramp(d, None)?;
     }
-    // Ramps written inside a stage (the first diffusion clause of each), so
-    // that a ramp over later stages is known before those stages are read.
-    for (index, stage) in stage_asts.iter().enumerate() {
-        let first = stage.clauses.iter().find_map(|c| match c {
-            StageClause::Setting(Setting::Diffusion(d)) => Some(d),
-            _ => None,
-        });
-        if let Some(d) = first.filter(|d| matches!(d.kind, DiffusionKind::Ramp { .. })) {
-            add_ramp(d, Some(index))?;
-        }
-    }
+}
 
-    let mut stages = Vec::new();
-    for (index, ast) in stage_asts.iter().enumerate() {
-        let mut tokens = None;
-        let mut order = None;
-        let mut steps: Option<&StepCountAst> = None;
-        let mut fts = None;
-        let mut own = Settings::default();
+/// A second diffusion rule (at `span`) for `stage`, which `ramp` covers.
+fn ramped_twice(src: &Arc<Source>, ramp: &Ramp, span: Span, stage: &str) -> Diagnostic {
+    let (line, _) = src.line_col(ramp.span.start);
+    Diagnostic::new(
+        src,
+        span,
+        format!("stage `{stage}` already gets its diffusion steps from the ramp on line {line}"),
+    )
+}
+
+/// The stages `across a..b` covers; a ramp written in stage `own` must
+/// cover it.
+fn ramp_range(
+    src: &Arc<Source>,
+    decls: &Declarations,
+    a: &Ident,
+    b: &Ident,
+    own: Option<usize>,
+) -> Result<(usize, usize), Diagnostic> {
+    let (first, last) = (decls.stage_index(src, a)?, decls.stage_index(src, b)?);
+    if first > last {
+        return Err(Diagnostic::new(
+            src,
+            a.span.to(b.span),
+            format!("`{}` comes after `{}`", a.name, b.name),
+        )
+        .with_help(format!(
+            "write the range in stage order: `across {}..{}`",
+            b.name, a.name
+        )));
+    }
+    if let Some(s) = own.filter(|s| !(first..=last).contains(s)) {
+        return Err(Diagnostic::new(
+            src,
+            a.span.to(b.span),
+            format!(
+                "stage `{}` is not in the range it gives",
+                decls.stages[s].name.name
+            ),
+        )
+        .with_help("a ramp written inside a stage must span that stage"));
+    }
+    Ok((first, last))
+}
+
+/// A stage's clauses, each present at most once.
+#[derive(Default)]
+struct StageClauses<'a> {
+    tokens: Option<&'a Expr>,
+    order: Option<&'a OrderAst>,
+    steps: Option<&'a StepCountAst>,
+    fts: Option<Fts>,
+    own: Settings<'a>,
+}
+
+impl<'a> StageClauses<'a> {
+    /// Sorts the clauses of `ast`, refusing one written twice; `tokens` and
+    /// `fts` are checked as they come.
+    fn collect(
+        src: &Arc<Source>,
+        decls: &Declarations,
+        ast: &'a StageAst,
+    ) -> Result<Self, Diagnostic> {
+        let mut c = StageClauses::default();
         let mut seen: HashMap<&'static str, Span> = HashMap::new();
         for clause in &ast.clauses {
             let key = match clause {
@@ -669,146 +857,232 @@ fn compile(
                 };
                 let (line, _) = src.line_col(prev.start);
                 return Err(Diagnostic::new(src, span, msg)
-                    .with_help(format!("keep one; the other is on line {line}"))
-                    .into());
+                    .with_help(format!("keep one; the other is on line {line}")));
             }
             seen.insert(key, span);
             match clause {
                 StageClause::Tokens(e) => {
-                    expr::check(src, e, Type::Condition, &cells)?;
-                    tokens = Some(e.clone());
+                    expr::check(src, e, Type::Condition, &decls.cells())?;
+                    c.tokens = Some(e);
                 }
-                StageClause::Order(o) => order = Some(o.kind),
-                StageClause::Steps(s) => steps = Some(s),
-                StageClause::Fts(f) => {
-                    if f.fraction.is_some() && f.selector == Selector::All {
-                        return Err(Diagnostic::new(
-                            src,
-                            f.span,
-                            "`by all` ranks nothing, so a fraction of the tokens cannot be chosen by it",
-                        )
-                        .with_help("write `fts all -> N` to enhance every token, or pick a selector: `high_freq`, `low_freq` or `random`")
-                        .into());
-                    }
-                    if let Some(fr) = &f.fraction {
-                        expr::check(src, fr, Type::Number, &numbers)?;
-                    }
-                    expr::check(src, &f.steps, Type::Number, &numbers)?;
-                    fts = Some(Fts {
-                        fraction: f.fraction.clone().unwrap_or(Expr {
-                            kind: ExprKind::Number(1.0),
-                            span: f.span,
-                        }),
-                        selector: f.selector,
-                        steps: f.steps.clone(),
-                        span: f.span,
-                    });
-                }
-                StageClause::Setting(Setting::Diffusion(d)) => own.diffusion = Some(d),
-                StageClause::Setting(Setting::Cfg(c)) => own.cfg = Some(c),
-                StageClause::Setting(Setting::Temperature(t)) => own.temperature = Some(t),
+                StageClause::Order(o) => c.order = Some(o),
+                StageClause::Steps(s) => c.steps = Some(s),
+                StageClause::Fts(f) => c.fts = Some(compile_fts(src, f, &decls.numbers())?),
+                StageClause::Setting(Setting::Diffusion(d)) => c.own.diffusion = Some(d),
+                StageClause::Setting(Setting::Cfg(g)) => c.own.cfg = Some(g),
+                StageClause::Setting(Setting::Temperature(t)) => c.own.temperature = Some(t),
             }
         }
-        let tokens = tokens.ok_or_else(|| {
-            Diagnostic::new(src, ast.name.span, format!("stage `{}` does not say which tokens it takes", ast.name.name))
-                .with_help("add `tokens rest` (what earlier stages left), `tokens all`, or a condition such as `tokens S1`")
-        })?;
-        let steps_ast = steps.ok_or_else(|| {
-            Diagnostic::new(src, ast.name.span, format!("stage `{}` does not say how many steps it takes", ast.name.name))
-                .with_help("add `steps 8` (a count), `rate 4` (tokens per step) or `steps [1, 2, 5]` (tokens per step, listed)")
-        })?;
-        let step_count = match &steps_ast.count {
-            StepCountKind::Steps(e, d) => {
-                expr::check(src, e, Type::Number, &numbers)?;
-                StepCount::Steps(e.clone(), *d)
-            }
-            StepCountKind::Rate(e, d) => {
-                expr::check(src, e, Type::Number, &numbers)?;
-                StepCount::Rate(e.clone(), *d)
-            }
-            StepCountKind::List(list) => {
-                check_list(src, list, &numbers, steps_ast.span)?;
-                StepCount::List(list.clone())
-            }
-        };
+        Ok(c)
+    }
+}
 
-        let (diffusion, diffusion_span) = match (own.diffusion, ramp_of_stage[index]) {
-            (Some(d), Some(r)) if matches!(d.kind, DiffusionKind::Ramp { .. }) => {
-                (DiffusionRule::Ramp(r), d.span)
+/// Pass 4: one stage, its clauses checked and the file's defaults applied.
+fn compile_stage(
+    src: &Arc<Source>,
+    decls: &Declarations,
+    ramps: &RampTable,
+    index: usize,
+    ast: &StageAst,
+) -> Result<Stage, Diagnostic> {
+    let clauses = StageClauses::collect(src, decls, ast)?;
+    let numbers = decls.numbers();
+    let tokens = clauses.tokens.ok_or_else(|| {
+        Diagnostic::new(src, ast.name.span, format!("stage `{}` does not say which tokens it takes", ast.name.name))
+            .with_help("add `tokens rest` (what earlier stages left), `tokens all`, or a condition such as `tokens S1`")
+    })?;
+    let steps_ast = clauses.steps.ok_or_else(|| {
+        Diagnostic::new(src, ast.name.span, format!("stage `{}` does not say how many steps it takes", ast.name.name))
+            .with_help("add `steps 8` (a count), `rate 4` (tokens per step) or `steps [1, 2, 5]` (tokens per step, listed)")
+    })?;
+    let steps = step_count(src, steps_ast, &numbers)?;
+    let order = match clauses.order {
+        None => Order::Named(OrderKind::Random),
+        Some(o) => compile_order(src, decls, o)?,
+    };
+    let (diffusion, diffusion_span) =
+        stage_diffusion(src, decls, ramps, index, ast, clauses.own.diffusion)?;
+    let cfg = match clauses.own.cfg.or(decls.defaults.cfg) {
+        None => Cfg::Unset,
+        Some(c) => match &c.kind {
+            CfgKind::None => Cfg::None,
+            CfgKind::Constant(e) => {
+                expr::check(src, e, Type::Number, &numbers)?;
+                Cfg::Constant(e.clone())
             }
-            (Some(d), Some(r)) => {
-                let (line, _) = src.line_col(ramps[r].span.start);
-                return Err(Diagnostic::new(
+            CfgKind::Linear(e) => {
+                expr::check(src, e, Type::Number, &numbers)?;
+                Cfg::Linear(e.clone())
+            }
+        },
+    };
+    let temperature = clauses.own.temperature.or(decls.defaults.temperature);
+    if let Some(t) = temperature {
+        expr::check(src, t, Type::Number, &numbers)?;
+    }
+    Ok(Stage {
+        name: ast.name.name.clone(),
+        span: ast.span,
+        name_span: ast.name.span,
+        tokens: tokens.clone(),
+        order,
+        order_span: clauses.order.map_or(ast.name.span, |o| o.span),
+        steps,
+        steps_span: steps_ast.span,
+        diffusion,
+        diffusion_span,
+        fts: clauses.fts,
+        cfg,
+        temperature: temperature.cloned(),
+    })
+}
+
+fn step_count(
+    src: &Arc<Source>,
+    steps: &StepCountAst,
+    numbers: &dyn Scope,
+) -> Result<StepCount, Diagnostic> {
+    Ok(match &steps.count {
+        StepCountKind::Steps(e, d) => {
+            expr::check(src, e, Type::Number, numbers)?;
+            StepCount::Steps(e.clone(), *d)
+        }
+        StepCountKind::Rate(e, d) => {
+            expr::check(src, e, Type::Number, numbers)?;
+            StepCount::Rate(e.clone(), *d)
+        }
+        StepCountKind::List(list) => {
+            check_list(src, list, numbers, steps.span)?;
+            StepCount::List(list.clone())
+        }
+    })
+}
+
+fn compile_fts(src: &Arc<Source>, f: &FtsAst, numbers: &dyn Scope) -> Result<Fts, Diagnostic> {
+    if f.fraction.is_some() && f.selector == Selector::All {
+        return Err(Diagnostic::new(
+            src,
+            f.span,
+            "`by all` ranks nothing, so a fraction of the tokens cannot be chosen by it",
+        )
+        .with_help("write `fts all -> N` to enhance every token, or pick a selector: `high_freq`, `low_freq` or `random`"));
+    }
+    if let Some(fr) = &f.fraction {
+        expr::check(src, fr, Type::Number, numbers)?;
+    }
+    expr::check(src, &f.steps, Type::Number, numbers)?;
+    Ok(Fts {
+        fraction: f.fraction.clone().unwrap_or(Expr {
+            kind: ExprKind::Number(1.0),
+            span: f.span,
+        }),
+        selector: f.selector,
+        steps: f.steps.clone(),
+        span: f.span,
+    })
+}
+
+/// The diffusion rule of stage `index`: its ramp, its own clause, the
+/// top-level default, or MAR's 100 steps.
+fn stage_diffusion(
+    src: &Arc<Source>,
+    decls: &Declarations,
+    ramps: &RampTable,
+    index: usize,
+    ast: &StageAst,
+    own: Option<&DiffusionAst>,
+) -> Result<(DiffusionRule, Span), Diagnostic> {
+    let numbers = decls.numbers();
+    Ok(match (own, ramps.of_stage[index]) {
+        (Some(d), Some(r)) if matches!(d.kind, DiffusionKind::Ramp { .. }) => {
+            (DiffusionRule::Ramp(r), d.span)
+        }
+        (Some(d), Some(r)) => {
+            return Err(ramped_twice(src, &ramps.ramps[r], d.span, &ast.name.name)
+                .with_help("remove this clause, or narrow the other ramp's `across` range"));
+        }
+        (Some(d), None) => (fixed_diffusion(src, d, &numbers)?, d.span),
+        (None, Some(r)) => (DiffusionRule::Ramp(r), ramps.ramps[r].span),
+        (None, None) => match decls.defaults.diffusion {
+            Some(d) => (fixed_diffusion(src, d, &numbers)?, d.span),
+            None => (
+                DiffusionRule::Constant(Expr {
+                    kind: ExprKind::Number(DEFAULT_DIFFUSION_STEPS),
+                    span: ast.name.span,
+                }),
+                ast.name.span,
+            ),
+        },
+    })
+}
+
+fn compile_order(
+    src: &Arc<Source>,
+    decls: &Declarations,
+    order: &OrderAst,
+) -> Result<Order, Diagnostic> {
+    Ok(match &order.rule {
+        OrderRule::Named(kind) => Order::Named(*kind),
+        OrderRule::By { key, ties } => {
+            expr::check(src, key, Type::Number, &decls.cell_numbers())?;
+            Order::By {
+                key: key.clone(),
+                ties: *ties,
+            }
+        }
+        OrderRule::List(list) => {
+            check_list(src, list, &decls.numbers(), order.span)?;
+            Order::List(list.clone())
+        }
+        OrderRule::File { path, span } => read_order_file(src, path, *span)?,
+    })
+}
+
+/// Reads `order file "path"`: token indices separated by spaces, commas or
+/// newlines, `#` comments. The path is relative to the schedule's folder
+/// ([`Source::folder`]).
+fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, Diagnostic> {
+    let full = match src.folder() {
+        Some(dir) if std::path::Path::new(path).is_relative() => dir.join(path),
+        _ => std::path::PathBuf::from(path),
+    };
+    let shown = full.display().to_string();
+    let help =
+        "a relative path is read from the schedule's folder (the current directory for `plan -`)";
+    let text = std::fs::File::open(&full)
+        .map_err(SmallTextError::Io)
+        .and_then(|f| read_small_text(f, "an order file"))
+        .map_err(|e| {
+            let problem = match e {
+                SmallTextError::Io(err) => format!("cannot read order file `{shown}`: {err}"),
+                SmallTextError::Text(p) => format!("order file `{shown}`: {p}"),
+            };
+            Diagnostic::new(src, span, problem).with_help(help)
+        })?;
+    let mut tokens = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        let code = line.split('#').next().unwrap_or("");
+        for word in code.split(|c: char| c.is_whitespace() || c == ',') {
+            if word.is_empty() {
+                continue;
+            }
+            let token = word.parse::<usize>().map_err(|_| {
+                Diagnostic::new(
                     src,
-                    d.span,
+                    span,
                     format!(
-                        "stage `{}` already gets its diffusion steps from the ramp on line {line}",
-                        ast.name.name
+                        "order file `{shown}`, line {}: `{word}` is not a token index",
+                        k + 1
                     ),
                 )
-                .with_help("remove this clause, or narrow the other ramp's `across` range")
-                .into());
-            }
-            (Some(d), None) => (fixed_diffusion(src, d, &numbers)?, d.span),
-            (None, Some(r)) => (DiffusionRule::Ramp(r), ramps[r].span),
-            (None, None) => match defaults.diffusion {
-                Some(d) => (fixed_diffusion(src, d, &numbers)?, d.span),
-                None => (
-                    DiffusionRule::Constant(Expr {
-                        kind: ExprKind::Number(DEFAULT_DIFFUSION_STEPS),
-                        span: ast.name.span,
-                    }),
-                    ast.name.span,
-                ),
-            },
-        };
-
-        let cfg = match own.cfg.or(defaults.cfg) {
-            None => Cfg::Unset,
-            Some(c) => match &c.kind {
-                CfgKind::None => Cfg::None,
-                CfgKind::Constant(e) => {
-                    expr::check(src, e, Type::Number, &numbers)?;
-                    Cfg::Constant(e.clone())
-                }
-                CfgKind::Linear(e) => {
-                    expr::check(src, e, Type::Number, &numbers)?;
-                    Cfg::Linear(e.clone())
-                }
-            },
-        };
-        let temperature = match own.temperature.or(defaults.temperature) {
-            Some(t) => {
-                expr::check(src, t, Type::Number, &numbers)?;
-                Some(t.clone())
-            }
-            None => None,
-        };
-
-        stages.push(Stage {
-            name: ast.name.name.clone(),
-            span: ast.span,
-            name_span: ast.name.span,
-            tokens,
-            order: order.unwrap_or(OrderKind::Random),
-            steps: step_count,
-            steps_span: steps_ast.span,
-            diffusion,
-            diffusion_span,
-            fts,
-            cfg,
-            temperature,
-        });
+                .with_help("list token indices i·w + j (whole numbers from 0), separated by spaces, commas or newlines")
+            })?;
+            tokens.push((token, k + 1));
+        }
     }
-
-    Ok(Schedule {
-        source,
-        params,
-        grid,
-        partition,
-        sets,
-        stages,
-        ramps,
+    Ok(Order::File {
+        path: shown,
+        tokens,
     })
 }
 

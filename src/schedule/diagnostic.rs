@@ -37,6 +37,15 @@ impl Source {
         })
     }
 
+    /// The folder the schedule's relative paths are read from: that of the
+    /// file it was read from; `None` (the current directory) for standard
+    /// input, strings and names without a folder.
+    pub fn folder(&self) -> Option<&std::path::Path> {
+        std::path::Path::new(&self.name)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+    }
+
     /// 1-based line and column (in characters) of byte offset `pos`.
     pub fn line_col(&self, pos: usize) -> (usize, usize) {
         let pos = floor_char_boundary(&self.text, pos.min(self.text.len()));

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::ast::{BinaryOp, Expr, ExprKind, UnaryOp};
+use super::ast::{BinaryOp, Expr, ExprKind, Ident, UnaryOp, Vocabulary};
 use super::diagnostic::{Diagnostic, Source};
 
 /// The type of an expression.
@@ -21,6 +21,54 @@ impl Type {
         match self {
             Type::Number => "a number",
             Type::Condition => "a condition",
+        }
+    }
+}
+
+/// A function of numbers, written `abs(x)`: each takes and gives numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Func {
+    Abs,
+    Min,
+    Max,
+    Sqrt,
+    /// `hypot(a, b)` = sqrt(a² + b²).
+    Hypot,
+}
+
+impl Vocabulary for Func {
+    const ALL: &'static [Self] = &[Func::Abs, Func::Min, Func::Max, Func::Sqrt, Func::Hypot];
+    const NOUN: Option<&'static str> = Some("a function");
+
+    fn name(self) -> &'static str {
+        match self {
+            Func::Abs => "abs",
+            Func::Min => "min",
+            Func::Max => "max",
+            Func::Sqrt => "sqrt",
+            Func::Hypot => "hypot",
+        }
+    }
+}
+
+impl Func {
+    /// The fewest and most arguments it takes.
+    pub fn arity(self) -> (usize, usize) {
+        match self {
+            Func::Abs | Func::Sqrt => (1, 1),
+            Func::Hypot => (2, 2),
+            Func::Min | Func::Max => (2, usize::MAX),
+        }
+    }
+
+    /// Its value on `args` (whose count [`Func::arity`] allows).
+    pub fn apply(self, args: &[f64]) -> f64 {
+        match self {
+            Func::Abs => args[0].abs(),
+            Func::Sqrt => args[0].sqrt(),
+            Func::Hypot => args[0].hypot(args[1]),
+            Func::Min => args.iter().copied().fold(f64::INFINITY, f64::min),
+            Func::Max => args.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         }
     }
 }
@@ -121,9 +169,12 @@ fn type_of(source: &Arc<Source>, expr: &Expr, scope: &dyn Scope) -> Result<Type,
         }
         ExprKind::Binary(op, lhs, rhs) => {
             let (operand, result) = match op {
-                BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div | BinaryOp::Rem => {
-                    (Type::Number, Type::Number)
-                }
+                BinaryOp::Add
+                | BinaryOp::Sub
+                | BinaryOp::Mul
+                | BinaryOp::Div
+                | BinaryOp::FloorDiv
+                | BinaryOp::Rem => (Type::Number, Type::Number),
                 BinaryOp::Eq
                 | BinaryOp::Ne
                 | BinaryOp::Lt
@@ -149,7 +200,52 @@ fn type_of(source: &Arc<Source>, expr: &Expr, scope: &dyn Scope) -> Result<Type,
             }
             Ok(result)
         }
+        ExprKind::Call(name, args) => {
+            let func = function(source, name, args.len())?;
+            for arg in args {
+                let got = type_of(source, arg, scope)?;
+                if got != Type::Number {
+                    return Err(Diagnostic::new(
+                        source,
+                        arg.span,
+                        format!(
+                            "`{}` takes numbers, but this is {}",
+                            func.name(),
+                            got.noun()
+                        ),
+                    ));
+                }
+            }
+            Ok(Type::Number)
+        }
     }
+}
+
+/// The function `name` names, if it takes `count` arguments.
+fn function(source: &Arc<Source>, name: &Ident, count: usize) -> Result<Func, Diagnostic> {
+    let func = Func::from_name(&name.name).ok_or_else(|| {
+        Diagnostic::new(
+            source,
+            name.span,
+            format!("unknown function `{}`", name.name),
+        )
+        .with_help(format!("the functions are {}", Func::choices()))
+    })?;
+    let (least, most) = func.arity();
+    if (least..=most).contains(&count) {
+        return Ok(func);
+    }
+    let wanted = match (least, most) {
+        (1, 1) => "one number".to_string(),
+        (a, b) if a == b => format!("{a} numbers"),
+        (a, _) => format!("{a} or more numbers"),
+    };
+    Err(Diagnostic::new(
+        source,
+        name.span,
+        format!("`{}` takes {wanted}, not {count}", name.name),
+    )
+    .with_help("e.g. `abs(i - h / 2)`, `min(i, j)`, `max(i, j, 2)`, `sqrt(i)`, `hypot(i, j)`"))
 }
 
 fn unknown_name(source: &Arc<Source>, expr: &Expr, name: &str, scope: &dyn Scope) -> Diagnostic {
@@ -168,6 +264,10 @@ pub fn number(expr: &Expr, env: &dyn Env) -> f64 {
         ExprKind::Number(v) => *v,
         ExprKind::Name(name) => env.number(name),
         ExprKind::Unary(UnaryOp::Neg, inner) => -number(inner, env),
+        ExprKind::Call(name, args) => {
+            let args: Vec<f64> = args.iter().map(|a| number(a, env)).collect();
+            Func::from_name(&name.name).map_or(f64::NAN, |f| f.apply(&args))
+        }
         ExprKind::Binary(op, lhs, rhs) => {
             let (a, b) = (number(lhs, env), number(rhs, env));
             match op {
@@ -175,6 +275,7 @@ pub fn number(expr: &Expr, env: &dyn Env) -> f64 {
                 BinaryOp::Sub => a - b,
                 BinaryOp::Mul => a * b,
                 BinaryOp::Div => a / b,
+                BinaryOp::FloorDiv => (a / b).floor(),
                 BinaryOp::Rem => a.rem_euclid(b),
                 _ => f64::NAN,
             }

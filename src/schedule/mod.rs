@@ -10,9 +10,10 @@ pub mod diagnostic;
 pub mod expr;
 mod parser;
 
-pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector};
+pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector, Ties, Vocabulary};
 pub use compile::{
-    Cfg, DiffusionRule, Fts, Param, Partition, Ramp, Schedule, ScheduleError, Stage, StepCount,
+    Cfg, DiffusionRule, Fts, MAX_SCHEDULE_BYTES, Order, Param, Partition, Ramp, Schedule,
+    ScheduleError, SmallTextError, Stage, StepCount, read_small_text,
 };
 pub use diagnostic::{Diagnostic, Source, Span};
 pub use parser::{KEYWORDS, parse};

@@ -191,7 +191,7 @@ impl Builder<'_> {
                 inner.next();
                 let name = ident(inner.next().unwrap());
                 let clauses = inner
-                    .filter(|c| c.as_rule() != Rule::close_brace)
+                    .filter(|c| !matches!(c.as_rule(), Rule::open_brace | Rule::close_brace))
                     .map(|c| self.stage_clause(c))
                     .collect();
                 Item::Stage(StageAst {
@@ -226,17 +226,27 @@ impl Builder<'_> {
             }
             Rule::order_clause => {
                 inner.next();
-                let kind_pair = inner.next().unwrap();
-                let kind = match kind_pair.as_rule() {
-                    Rule::order_random => OrderKind::Random,
-                    Rule::order_raster => OrderKind::Raster,
-                    Rule::order_subsample => OrderKind::Subsample,
-                    Rule::order_halton => OrderKind::Halton {
-                        roll: kind_pair.into_inner().nth(1).is_some(),
-                    },
-                    r => unreachable!("order kind {r:?}"),
+                let body = inner.next().unwrap();
+                let rule = match body.as_rule() {
+                    Rule::order_by => {
+                        let mut parts = body.into_inner().skip(1); // `by`
+                        let key = self.expr(parts.next().unwrap());
+                        let ties = parts.nth(1).map(words).unwrap_or_default();
+                        OrderRule::By { key, ties }
+                    }
+                    Rule::order_list => {
+                        OrderRule::List(self.list(body.into_inner().nth(1).unwrap()))
+                    }
+                    Rule::order_file => {
+                        let string = body.into_inner().nth(1).unwrap();
+                        OrderRule::File {
+                            span: span_of(&string),
+                            path: string.into_inner().next().unwrap().as_str().to_string(),
+                        }
+                    }
+                    _ => OrderRule::Named(words(body)),
                 };
-                StageClause::Order(OrderAst { kind, span })
+                StageClause::Order(OrderAst { rule, span })
             }
             Rule::steps_clause | Rule::rate_clause => {
                 inner.next();
@@ -245,7 +255,7 @@ impl Builder<'_> {
                     StepCountKind::List(self.list(first))
                 } else {
                     let value = self.expr(first);
-                    let dist = inner.next().map(distribution).unwrap_or_default();
+                    let dist = inner.next().map(words).unwrap_or_default();
                     if rule == Rule::rate_clause {
                         StepCountKind::Rate(value, dist)
                     } else {
@@ -257,7 +267,7 @@ impl Builder<'_> {
             Rule::fts_clause => {
                 inner.next();
                 let head = inner.next().unwrap();
-                let steps = self.expr(inner.next().unwrap());
+                let steps = self.expr(inner.nth(1).unwrap()); // after `->`
                 let (fraction, selector) = match head.as_rule() {
                     Rule::fts_all => (None, Selector::All),
                     _ => {
@@ -265,14 +275,7 @@ impl Builder<'_> {
                         parts.next(); // `top`
                         let fraction = self.fraction(parts.next().unwrap());
                         parts.next(); // `by`
-                        let sel = parts.next().unwrap().into_inner().next().unwrap();
-                        let selector = match sel.as_rule() {
-                            Rule::kw_high_freq => Selector::HighFreq,
-                            Rule::kw_low_freq => Selector::LowFreq,
-                            Rule::kw_random => Selector::Random,
-                            _ => Selector::All,
-                        };
-                        (Some(fraction), selector)
+                        (Some(fraction), words(parts.next().unwrap()))
                     }
                 };
                 StageClause::Fts(FtsAst {
@@ -295,23 +298,14 @@ impl Builder<'_> {
                     Rule::number_list => DiffusionKind::List(self.list(body)),
                     Rule::diffusion_ramp => {
                         let mut parts = body.into_inner();
-                        let shape =
-                            match parts.next().unwrap().into_inner().next().unwrap().as_rule() {
-                                Rule::kw_cosine => RampShape::Cosine,
-                                _ => RampShape::Linear,
-                            };
+                        let shape = words(parts.next().unwrap());
                         let from = self.expr(parts.next().unwrap());
-                        let to = self.expr(parts.next().unwrap());
+                        let to = self.expr(parts.nth(1).unwrap()); // after `->`
                         let mut rounding = Rounding::Round;
                         let mut across = None;
                         for part in parts {
                             match part.as_rule() {
-                                Rule::rounding => {
-                                    if part.into_inner().next().unwrap().as_rule() == Rule::kw_floor
-                                    {
-                                        rounding = Rounding::Floor;
-                                    }
-                                }
+                                Rule::rounding => rounding = words(part),
                                 _ => {
                                     let mut names = part.into_inner();
                                     names.next();
@@ -392,6 +386,7 @@ impl Builder<'_> {
                     Rule::sub => BinaryOp::Sub,
                     Rule::mul => BinaryOp::Mul,
                     Rule::div => BinaryOp::Div,
+                    Rule::fdiv => BinaryOp::FloorDiv,
                     Rule::rem => BinaryOp::Rem,
                     Rule::eq => BinaryOp::Eq,
                     Rule::ne => BinaryOp::Ne,
@@ -420,6 +415,11 @@ impl Builder<'_> {
             Rule::kw_all => ExprKind::All,
             Rule::kw_rest => ExprKind::Rest,
             Rule::ident => ExprKind::Name(pair.as_str().to_string()),
+            Rule::call => {
+                let mut parts = pair.into_inner();
+                let name = ident(parts.next().unwrap());
+                ExprKind::Call(name, parts.map(|e| self.expr(e)).collect())
+            }
             Rule::expr => return self.expr(pair),
             r => unreachable!("primary {r:?}"),
         };
@@ -434,12 +434,12 @@ fn ident(pair: Pair<Rule>) -> Ident {
     }
 }
 
-fn distribution(pair: Pair<Rule>) -> Distribution {
-    match pair.into_inner().next().unwrap().as_rule() {
-        Rule::kw_cosine => Distribution::Cosine,
-        Rule::kw_arccos => Distribution::Arccos,
-        _ => Distribution::Uniform,
-    }
+/// The value of a [`Vocabulary`] a rule of keywords spells (the grammar
+/// admits only its words; a test checks they agree).
+fn words<V: Vocabulary>(pair: Pair<Rule>) -> V {
+    let text: Vec<&str> = pair.into_inner().map(|k| k.as_str()).collect();
+    let text = text.join(" ");
+    V::from_name(&text).unwrap_or_else(|| unreachable!("`{text}` is not {}", V::prose()))
 }
 
 fn pratt() -> &'static PrattParser<Rule> {
@@ -458,6 +458,7 @@ fn pratt() -> &'static PrattParser<Rule> {
             .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
             .op(Op::infix(Rule::mul, Assoc::Left)
                 | Op::infix(Rule::div, Assoc::Left)
+                | Op::infix(Rule::fdiv, Assoc::Left)
                 | Op::infix(Rule::rem, Assoc::Left))
             .op(Op::prefix(Rule::neg))
     })
@@ -474,8 +475,7 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
     let end = pos + found.1;
     let message = match &err.variant {
         ErrorVariant::ParsingError { positives, .. } => {
-            let mut names: Vec<&'static str> =
-                positives.iter().filter_map(|r| rule_prose(*r)).collect();
+            let mut names: Vec<String> = positives.iter().filter_map(|r| rule_prose(*r)).collect();
             names.sort_unstable();
             names.dedup();
             match names.len() {
@@ -494,9 +494,12 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
         }
         ErrorVariant::CustomError { message } => message.clone(),
     };
-    let expected_name = matches!(&err.variant, ErrorVariant::ParsingError { positives, .. } if positives.contains(&Rule::ident));
+    let positives = match &err.variant {
+        ErrorVariant::ParsingError { positives, .. } => positives.as_slice(),
+        ErrorVariant::CustomError { .. } => &[],
+    };
     let diag = Diagnostic::new(source, Span::new(pos, end.max(pos)), message);
-    match hint_for(&source.text, pos, expected_name) {
+    match hint_for(&source.text, pos, positives) {
         Some(h) => diag.with_help(h),
         None => diag,
     }
@@ -519,7 +522,30 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
     (format!("`{}`", c.escape_default()), c.len_utf8())
 }
 
-fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
+/// The last `{` before `pos` that no `}` closes (comments skipped), and
+/// the name of the stage it opens.
+fn unclosed_brace(text: &str, pos: usize) -> Option<(usize, &str)> {
+    let mut open = Vec::new();
+    let mut in_comment = false;
+    for (k, c) in text[..pos.min(text.len())].char_indices() {
+        match c {
+            '\n' => in_comment = false,
+            '#' => in_comment = true,
+            '{' if !in_comment => open.push(k),
+            '}' if !in_comment => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    let at = *open.last()?;
+    let name = text[..at].split_whitespace().last().unwrap_or("");
+    Some((at, name))
+}
+
+/// A `help` line for a syntax error at `pos`, where `positives` were expected.
+fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
+    let expected_name = positives.contains(&Rule::ident);
     let rest = text.get(pos..).unwrap_or("");
     let word: String = rest
         .chars()
@@ -533,17 +559,29 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
         ));
     }
     let top_level = ["stage", "param", "partition", "set", "grid"];
-    if !expected_name && top_level.contains(&word.as_str()) {
-        let before = &text[..pos];
-        if before.matches('{').count() > before.matches('}').count() {
-            return Some("is the `}` that closes the stage above missing?".into());
-        }
-        if word == "stage" {
-            return Some(
-                "a stage is written `stage NAME { clauses }`: check the name and the `{` after it"
-                    .into(),
-            );
-        }
+    let at_end = rest.trim().is_empty() && positives.contains(&Rule::close_brace);
+    if let Some((at, name)) = unclosed_brace(text, pos)
+        .filter(|_| !expected_name && (at_end || top_level.contains(&word.as_str())))
+    {
+        let line = text[..at].matches('\n').count() + 1;
+        return Some(format!(
+            "the `{{` of stage `{name}` on line {line} is not closed: is its `}}` missing?"
+        ));
+    }
+    if positives.contains(&Rule::open_brace) {
+        return Some("a stage is written `stage NAME { clauses }`: a name, then `{`".into());
+    }
+    if positives.contains(&Rule::fts_arrow) {
+        return Some(
+            "an `fts` clause ends with `-> T`, the diffusion steps of the chosen tokens: `fts top 10% by high_freq -> 50`"
+                .into(),
+        );
+    }
+    if !expected_name && word == "stage" {
+        return Some(
+            "a stage is written `stage NAME { clauses }`: check the name and the `{` after it"
+                .into(),
+        );
     }
     if expected_name && KEYWORDS.contains(&word.as_str()) {
         return Some(format!(
@@ -563,10 +601,15 @@ fn hint_for(text: &str, pos: usize, expected_name: bool) -> Option<String> {
 }
 
 /// Prose for the rules an error may say were expected; `None` hides a rule.
-fn rule_prose(rule: Rule) -> Option<&'static str> {
-    Some(match rule {
+/// Exhaustive, so that a new rule of the grammar cannot build without its
+/// sentence (or an explicit `None`).
+fn rule_prose(rule: Rule) -> Option<String> {
+    let text = match rule {
         Rule::EOI => "end of file",
         Rule::close_brace => "`}`",
+        Rule::open_brace => "`{`",
+        Rule::fts_arrow => "`-> T`",
+        Rule::ramp_arrow => "`->`",
         Rule::param_decl | Rule::kw_param => "`param`",
         Rule::grid_decl | Rule::kw_grid => "`grid`",
         Rule::partition_decl | Rule::kw_partition => "`partition`",
@@ -582,24 +625,31 @@ fn rule_prose(rule: Rule) -> Option<&'static str> {
         Rule::diffusion_clause | Rule::kw_diffusion => "`diffusion`",
         Rule::cfg_clause | Rule::kw_cfg => "`cfg`",
         Rule::temperature_clause | Rule::kw_temperature => "`temperature`",
-        Rule::order_random | Rule::kw_random => "`random`",
-        Rule::order_raster | Rule::kw_raster => "`raster`",
-        Rule::order_halton | Rule::kw_halton => "`halton`",
-        Rule::order_subsample | Rule::kw_subsample => "`subsample`",
+        Rule::order_named => return Some(OrderKind::prose()),
+        Rule::order_by => "`by`",
+        Rule::order_list | Rule::kw_list => "`list`",
+        Rule::order_file | Rule::kw_file => "`file`",
+        Rule::kw_then => "`then`",
+        Rule::ties => return Some(Ties::prose()),
+        Rule::string | Rule::string_text => "a file name in double quotes",
+        Rule::kw_random => "`random`",
+        Rule::kw_raster => "`raster`",
+        Rule::kw_halton => "`halton`",
+        Rule::kw_subsample => "`subsample`",
         Rule::kw_roll => "`roll`",
-        Rule::distribution => "a distribution (`cosine`, `uniform` or `arccos`)",
+        Rule::distribution => return Some(Distribution::prose()),
         Rule::kw_cosine => "`cosine`",
         Rule::kw_uniform => "`uniform`",
         Rule::kw_arccos => "`arccos`",
-        Rule::diffusion_ramp | Rule::ramp_shape => "`linear` or `cosine`",
+        Rule::diffusion_ramp | Rule::ramp_shape => return Some(RampShape::prose()),
         Rule::kw_linear => "`linear`",
-        Rule::rounding | Rule::kw_round | Rule::kw_floor => "`round` or `floor`",
+        Rule::rounding | Rule::kw_round | Rule::kw_floor => return Some(Rounding::prose()),
         Rule::across | Rule::kw_across => "`across`",
         Rule::fts_all | Rule::kw_all => "`all`",
         Rule::fts_top | Rule::kw_top => "`top`",
         Rule::kw_by => "`by`",
         Rule::selector | Rule::kw_high_freq | Rule::kw_low_freq => {
-            "a selector (`high_freq`, `low_freq`, `random` or `all`)"
+            return Some(Selector::prose());
         }
         Rule::cfg_none | Rule::kw_none => "`none`",
         Rule::cfg_linear => "`linear`",
@@ -609,11 +659,27 @@ fn rule_prose(rule: Rule) -> Option<&'static str> {
         Rule::expr | Rule::number | Rule::boolean | Rule::fraction | Rule::percent => "a value",
         Rule::integer => "a whole number",
         Rule::ident => "a name",
-        Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::rem => "an operator",
+        Rule::add | Rule::sub | Rule::mul | Rule::div | Rule::fdiv | Rule::rem => "an operator",
         Rule::eq | Rule::ne | Rule::lt | Rule::le | Rule::gt | Rule::ge => "an operator",
         Rule::and | Rule::or | Rule::kw_and | Rule::kw_or => "an operator",
         Rule::neg | Rule::not | Rule::kw_not => "a value",
         Rule::kw_rest | Rule::kw_true | Rule::kw_false => "a value",
-        _ => return None,
-    })
+        Rule::call => "a value",
+        // A call starts like a name, which the error already offers.
+        Rule::function => return None,
+        // Silent or structural rules an error never names.
+        Rule::WHITESPACE
+        | Rule::COMMENT
+        | Rule::schedule
+        | Rule::item
+        | Rule::stage_clause
+        | Rule::setting
+        | Rule::diffusion_rule
+        | Rule::prefix
+        | Rule::infix
+        | Rule::primary
+        | Rule::ident_char
+        | Rule::keyword => return None,
+    };
+    Some(text.to_string())
 }
