@@ -18,17 +18,14 @@
 //! assert_eq!(plan.steps[8].tokens.len(), 8);
 //! ```
 
+pub use gtr_plan::{cost, grid, plan, report, rng, schedule};
+
 pub mod backend;
 pub mod bundle;
-pub mod cost;
 pub mod engine;
 pub mod eval;
 pub mod fsutil;
-pub mod grid;
-pub mod plan;
 pub mod precision;
-pub mod report;
-pub mod rng;
 pub mod run;
 pub mod sampler;
-pub mod schedule;
+pub mod snapshot;

@@ -701,8 +701,8 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
             .snapshot
             .as_deref()
             .unwrap_or(std::path::Path::new("."));
-        let outcomes = report::snapshot::snapshot_dir(dir, args.check)?;
-        return match report::snapshot::summary(dir, &outcomes) {
+        let outcomes = gtr_run::snapshot::snapshot_dir(dir, args.check)?;
+        return match gtr_run::snapshot::summary(dir, &outcomes) {
             Ok(text) => write_stdout(&text),
             Err(text) => bail!("snapshots differ\n{}", text.trim_end()),
         };

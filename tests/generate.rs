@@ -119,7 +119,10 @@ fn every_preset_runs_end_to_end() {
         .filter(|n| n.ends_with(".gtr"))
         .collect();
     names.sort();
-    assert!(names.len() >= 20, "presets missing from schedules/: {names:?}");
+    assert!(
+        names.len() >= 20,
+        "presets missing from schedules/: {names:?}"
+    );
     for name in names {
         let out = tmp(&format!("preset-{name}"));
         let schedule = format!("schedules/{name}");

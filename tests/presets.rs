@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use gtr_run::cost::{ModelSpec, plan_cost};
-use gtr_run::report::snapshot;
+use gtr_run::snapshot;
 
 #[test]
 fn preset_orders() {

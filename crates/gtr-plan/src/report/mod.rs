@@ -1,10 +1,10 @@
 //! Renderings of a plan for people and programs: text tables
-//! ([`text`]), JSON ([`json`]), a picture of the order ([`png`]) and
-//! regression snapshots of a folder of schedules ([`snapshot`]).
+//! ([`text`]), JSON ([`json`]) and a picture of the order ([`png`]).
+//! Regression snapshots of a folder of schedules, which write files, are
+//! the `gtr-run` crate's (`gtr_run::snapshot`).
 
 pub mod json;
 pub mod png;
-pub mod snapshot;
 pub mod text;
 
 /// A one-character label for stage `index`: A–Z, then a–z, then 0–9.

@@ -7,9 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::text;
 use crate::grid::Grid;
 use crate::plan::{Plan, plan};
+use crate::report::text;
 use crate::schedule::{Schedule, ScheduleError};
 
 /// The snapshot of a plan: steps and grid, the reveal step and the stage of
