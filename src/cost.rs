@@ -6,6 +6,19 @@ use serde::Serialize;
 
 use crate::plan::Plan;
 
+/// Why [`ModelSpec::named`] found no spec.
+#[derive(Debug, thiserror::Error)]
+pub enum NamedSpecError {
+    #[error(
+        "{name}: no such model spec or bundle; the built-in specs are {list}, or give a model bundle",
+        name = .0,
+        list = ModelSpec::BUILTIN_NAMES.join(", ")
+    )]
+    Unknown(String),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
+}
+
 /// The shape of a MAR model, as far as cost is concerned.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelSpec {
@@ -49,6 +62,18 @@ impl ModelSpec {
     }
 
     pub const BUILTIN_NAMES: [&'static str; 3] = ["mar-b", "mar-l", "mar-h"];
+
+    /// A built-in spec by name (see [`ModelSpec::builtin`]), else the cost
+    /// shape of the model bundle at the path `name` (`gtr-run plan --cost`).
+    pub fn named(name: &str) -> Result<ModelSpec, NamedSpecError> {
+        match Self::builtin(name) {
+            Some(spec) => Ok(spec),
+            None if std::path::Path::new(name).exists() => {
+                Ok(crate::bundle::Bundle::open(std::path::Path::new(name))?.cost_spec())
+            }
+            None => Err(NamedSpecError::Unknown(name.to_string())),
+        }
+    }
 
     /// MACs of one pre-norm transformer block over `n` tokens.
     fn block_macs(&self, n: u64) -> u64 {

@@ -18,6 +18,9 @@
 //! assert_eq!(plan.steps[8].tokens.len(), 8);
 //! ```
 
+/// This crate's version (`gtr_run_version` in run records).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod backend;
 pub mod bundle;
 pub mod cost;

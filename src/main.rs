@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use gtr_run::cost::{ModelSpec, plan_cost};
+use gtr_run::cost::{ModelSpec, NamedSpecError, plan_cost};
 use gtr_run::generate::Shard;
 use gtr_run::grid::Grid;
 use gtr_run::plan::Planner;
@@ -135,26 +135,16 @@ fn load_model(
     runtime: &RuntimeArgs,
     options: &gtr_run::backend::ort::LoadOptions,
 ) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
-    use gtr_run::engine::MarModel;
-    let model = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?;
-    let model = match (runtime.sampler, model.has_sampler()) {
-        (ChainRunner::Graph, false) => bail!(
-            "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
-            bundle.manifest.name,
-            bundle.dir.display()
-        ),
-        (ChainRunner::Auto, false) => {
-            eprintln!(
-                "gtr-run: bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
-                bundle.manifest.name
-            );
-            model
-        }
-        (ChainRunner::Host, true) => model.without_sampler(),
-        // On the CPU provider the host path measured faster (README, "Speed").
-        (ChainRunner::Auto, true) if model.execution_provider() == "cpu" => model.without_sampler(),
-        _ => model,
+    use gtr_run::backend::ort::{self, OrtModel};
+    let runner = match runtime.sampler {
+        ChainRunner::Auto => ort::ChainRunner::Auto,
+        ChainRunner::Host => ort::ChainRunner::Host,
+        ChainRunner::Graph => ort::ChainRunner::Graph,
     };
+    let (model, note) = OrtModel::load_with(bundle, options)?.run_chains(runner, bundle)?;
+    if let Some(note) = note {
+        eprintln!("gtr-run: {note}");
+    }
     Ok(model)
 }
 
@@ -658,23 +648,17 @@ fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
 fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     let schedule = Schedule::from_file(&args.schedule, &overrides)?;
-    let grid = args.grid.or(schedule.grid).unwrap_or(Grid::MAR);
+    let grid = schedule.planning_grid(args.grid);
     let plan = Planner::new(&schedule, grid)
         .and_then(|p| p.plan(args.seed))
         .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
     let cost = match &args.cost {
         None => None,
         Some(name) => {
-            let spec = match ModelSpec::builtin(name) {
-                Some(spec) => spec,
-                None if std::path::Path::new(name).exists() => {
-                    gtr_run::bundle::Bundle::open(std::path::Path::new(name))?.cost_spec()
-                }
-                None => bail!(
-                    "--cost {name}: no such model spec or bundle; the built-in specs are {}, or give a model bundle",
-                    ModelSpec::BUILTIN_NAMES.join(", ")
-                ),
-            };
+            let spec = ModelSpec::named(name).map_err(|e| match e {
+                NamedSpecError::Unknown(_) => anyhow::anyhow!("--cost {e}"),
+                NamedSpecError::Bundle(e) => e.into(),
+            })?;
             Some(plan_cost(&plan, &spec))
         }
     };

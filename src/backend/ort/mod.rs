@@ -58,6 +58,21 @@ pub enum OrtError {
     Precision(#[from] crate::precision::PrecisionError),
     #[error(transparent)]
     TensorRt(#[from] tensorrt::TensorRtOptionsError),
+    /// A [`ChainRunner`] the bundle cannot honour.
+    #[error("{0}")]
+    Sampler(String),
+}
+
+/// Where diffusion chains run (`--sampler`): the bundle's sampler graph
+/// (one call per MAR step, state on the device), the host (one head call
+/// per tick, the update on the CPU), or `Auto`: the graph when the bundle
+/// has one and a GPU provider runs it, the host on the CPU provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChainRunner {
+    #[default]
+    Auto,
+    Host,
+    Graph,
 }
 
 /// How to load a bundle: the device, threads, precision and TensorRT's
@@ -536,6 +551,37 @@ impl OrtModel {
     pub fn without_sampler(mut self) -> Self {
         self.sampler = None;
         self
+    }
+
+    /// Applies the `--sampler` choice: where the diffusion chains will run.
+    /// Returns the model and, when the bundle has no sampler graph and
+    /// `Auto` was asked, a note to show the user once; `Graph` without a
+    /// sampler graph is an error naming the bundle and the fix.
+    pub fn run_chains(
+        self,
+        runner: ChainRunner,
+        bundle: &Bundle,
+    ) -> Result<(Self, Option<String>), OrtError> {
+        Ok(match (runner, self.has_sampler()) {
+            (ChainRunner::Graph, false) => {
+                return Err(OrtError::Sampler(format!(
+                    "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
+                    bundle.manifest.name,
+                    bundle.dir.display()
+                )));
+            }
+            (ChainRunner::Auto, false) => {
+                let note = format!(
+                    "bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
+                    bundle.manifest.name
+                );
+                (self, Some(note))
+            }
+            (ChainRunner::Host, true) => (self.without_sampler(), None),
+            // On the CPU provider the host path measured faster (README, "Speed").
+            (ChainRunner::Auto, true) if self.provider == "cpu" => (self.without_sampler(), None),
+            _ => (self, None),
+        })
     }
 
     /// The precision, graph files and provider settings this model was
