@@ -153,7 +153,7 @@ pub const EVALUATOR_OUTPUTS: [&str; 2] = ["logits", "features"];
 
 /// An image classifier shipped with a bundle: `pixels` f32 [B, H, W,
 /// channels] holding 8-bit values 0..255 → `logits` [B, classes] and
-/// `features` [B, F]; `reference` is an npz with `mu` f64 [F] and `sigma`
+/// `features` [B, F]; `reference` is an npz with `mu` f64 `[F]` and `sigma`
 /// f64 [F, F], the feature statistics of real images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
