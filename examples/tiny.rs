@@ -14,17 +14,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use gtr_run::backend::ort::{Device, OrtModel};
+use gtr_run::backend::ort::{ChainRunner, Device, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, ImageJob, Noise};
 use gtr_run::generate::encode_png;
 use gtr_run::plan::{PlanOptions, Planner};
 use gtr_run::report::text::step_table;
-use gtr_run::rng::image_seed;
 use gtr_run::schedule::Schedule;
 use ndarray::Axis;
 
-const IMAGES: u64 = 4;
+const IMAGES: usize = 4;
 const SEED: u64 = 0;
 
 fn main() -> anyhow::Result<()> {
@@ -60,20 +59,20 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Generate: each image has its own seed and plan (its own random order),
-    // all in one batch; classes 0, 1, 2, ….
-    let model = OrtModel::load(&bundle, Device::Cpu, None)?;
+    // all in one batch; classes 0, 1, 2, ….  Image i is the image i of
+    // `gtr-run MODEL SCHEDULE --seed 0 --classes 0,1,2,3`.
+    // Diffusion chains run where the command line runs them by default.
+    let (model, note) =
+        OrtModel::load(&bundle, Device::Cpu, None)?.run_chains(ChainRunner::Auto, &bundle)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     let mut engine = Engine::new(model);
-    let jobs: Vec<ImageJob> = (0..IMAGES)
-        .map(|i| ImageJob {
-            index: i,
-            seed: image_seed(SEED, i),
-            label: (i % bundle.manifest.classes.max(1) as u64) as i64,
-        })
+    let labels: Vec<i64> = (0..IMAGES)
+        .map(|i| (i % bundle.manifest.classes.max(1)) as i64)
         .collect();
-    let plans = jobs
-        .iter()
-        .map(|j| planner.plan_with(j.seed, &options))
-        .collect::<Result<Vec<_>, _>>()?;
+    let indices: Vec<usize> = (0..IMAGES).collect();
+    let (jobs, plans) = ImageJob::batch(&planner, &options, SEED, &indices, &labels)?;
     let batch = engine.generate(&plans, &jobs, Noise::Seeded, |_, _| {})?;
 
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -20,10 +20,11 @@ use chains::{Row, StepChains};
 pub use model::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo};
 pub use replay::Replay;
 
-use crate::plan::{Plan, round_half_even};
+use crate::plan::{Plan, PlanOptions, Planner, round_half_even};
 use crate::rng::{Purpose, Stream, TokenNoise};
 use crate::sampler::fts::{FtsScorer, select};
 use crate::sampler::{ChainCache, NoiseSchedule};
+use crate::schedule::Diagnostic;
 
 /// One image to generate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,6 +35,34 @@ pub struct ImageJob {
     pub seed: u64,
     /// Class label, or the model's null class for unconditional images.
     pub label: i64,
+}
+
+impl ImageJob {
+    /// The jobs of images `indices` of a run with `seed`, each with its own
+    /// plan: image `i` gets the seed [`crate::rng::image_seed`]`(seed, i)`,
+    /// the label `labels[i]` and the plan of that seed, so it is the same
+    /// image in whatever batch it is made.
+    pub fn batch(
+        planner: &Planner,
+        options: &PlanOptions,
+        seed: u64,
+        indices: &[usize],
+        labels: &[i64],
+    ) -> Result<(Vec<ImageJob>, Vec<Plan>), Diagnostic> {
+        let jobs: Vec<ImageJob> = indices
+            .iter()
+            .map(|&i| ImageJob {
+                index: i as u64,
+                seed: crate::rng::image_seed(seed, i as u64),
+                label: labels[i],
+            })
+            .collect();
+        let plans = jobs
+            .iter()
+            .map(|j| planner.plan_with(j.seed, options))
+            .collect::<Result<_, _>>()?;
+        Ok((jobs, plans))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
