@@ -343,47 +343,30 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     use gtr_run::backend::ort::OrtEvaluator;
     use gtr_run::bundle::Bundle;
     use gtr_run::engine::{Engine, MarModel};
-    use gtr_run::eval::{CompareRequest, Contender, FeatureStats, Scoring, compare, report};
+    use gtr_run::eval::{
+        CompareRequest, ContenderError, Scoring, compare, contenders, reference_stats, report,
+    };
     use gtr_run::fsutil::write_atomic;
     use gtr_run::plan::PlanOptions;
 
     let bundle = Bundle::open(&args.model)?;
-    let mut overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    if args.schedules.iter().any(|p| p.as_os_str() == "-") {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
+        );
+    }
+    let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     // Each override must be declared by at least one schedule; schedules
     // that do not declare it run without it.
-    let mut contenders = Vec::new();
-    let mut used = std::collections::BTreeSet::new();
-    for path in &args.schedules {
-        if path.as_os_str() == "-" {
-            bail!(
-                "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
-            );
-        }
-        let declared: BTreeMap<String, f64> = {
-            let plain = Schedule::from_file(path, &BTreeMap::new())?;
-            overrides
-                .iter()
-                .filter(|(k, _)| plain.params.iter().any(|p| &p.name == *k))
-                .map(|(k, v)| (k.clone(), *v))
-                .collect()
-        };
-        used.extend(declared.keys().cloned());
-        let schedule = Schedule::from_file(path, &declared)?;
-        schedule
+    let contenders = contenders(&args.schedules, &overrides).map_err(|e| match e {
+        // Kept as a ScheduleError so that a diagnostic prints as one.
+        ContenderError::Schedule(e) => anyhow::Error::from(e),
+        other => other.into(),
+    })?;
+    for c in &contenders {
+        c.schedule
             .check_model_grid(bundle.grid(), &bundle.manifest.name)
             .map_err(|m| anyhow::anyhow!(m))?;
-        let stem = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |s| s.to_string_lossy().into(),
-        );
-        contenders.push(Contender {
-            name: stem,
-            schedule,
-        });
-    }
-    overrides.retain(|k, _| !used.contains(k));
-    if let Some(k) = overrides.keys().next() {
-        bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
     let device = device_of(&args.runtime.device);
     let options = {
@@ -410,10 +393,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let info = model.info().clone();
     // The evaluator measures quality: it always runs its fp32 graph.
     let mut evaluator = OrtEvaluator::load(&bundle, device, args.runtime.threads)?;
-    let reference = match &bundle.manifest.evaluator {
-        Some(e) => Some(FeatureStats::load_npz(&bundle.dir.join(&e.reference))?),
-        None => None,
-    };
+    let reference = reference_stats(&bundle)?;
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "eval-{}-seed{}",

@@ -149,3 +149,23 @@ class Model:
         labels, provider, ``images_sha256`` of the PNGs the command line would write, …).
         The GIL is released while generating; Ctrl-C (KeyboardInterrupt) stops the call at
         the end of the current batch."""
+    def eval(
+        self,
+        schedules: Sequence[Union[str, "os.PathLike[str]"]],
+        num_images: int = 100,
+        seed: int = 0,
+        batch: int = 25,
+        repeats: int = 1,
+        cfg: Optional[float] = None,
+        temperature: Optional[float] = None,
+        params: Optional[Mapping[str, float]] = None,
+        progress: Union[bool, Callable[[int, int], Any]] = True,
+    ) -> list[dict[str, Any]]:
+        """Compares schedules (.gtr paths; the first is the baseline) as ``gtr-run eval`` does:
+        speed measured side by side (schedules take turns batch by batch), FLOPs, and quality
+        on the bundle's evaluator (Fréchet distance, class accuracy, classifier score).
+
+        Returns the rows of ``eval.csv`` as dicts (``pandas.DataFrame(rows)`` makes a table).
+        ``params`` applies to every schedule that declares the parameter; ``progress`` counts
+        batches. A Ctrl-C or an exception of ``progress`` is raised when the comparison ends:
+        it cannot be stopped halfway."""

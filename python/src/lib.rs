@@ -8,10 +8,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use gtr_run::backend::ort::{ChainRunner, Device, LoadOptions, OrtModel};
+use gtr_run::backend::ort::{ChainRunner, Device, LoadOptions, OrtEvaluator, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::cost::{ModelSpec, plan_cost};
 use gtr_run::engine::{Engine, ImageJob, MarModel, Noise, RunStats, check_plan};
+use gtr_run::eval::{CompareRequest, Scoring, compare};
 use gtr_run::generate::{Classes, encode_png, label_for};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{PlanOptions, Planner};
@@ -442,12 +443,97 @@ enum Progress {
     Call(Py<PyAny>),
 }
 
+impl Progress {
+    /// `progress=` as given: a bar counting `unit`, nothing, or a function.
+    fn new(py: Python<'_>, arg: ProgressArg, unit: &str) -> PyResult<Self> {
+        Ok(match arg {
+            ProgressArg::Call(f) if f.bind(py).is_callable() => Progress::Call(f),
+            ProgressArg::Call(_) => {
+                return Err(PyValueError::new_err(
+                    "progress: give True, False or a function f(done, total)",
+                ));
+            }
+            ProgressArg::Flag(false) => Progress::Quiet,
+            ProgressArg::Flag(true) => Progress::Bar(
+                indicatif::ProgressBar::new(0).with_style(
+                    indicatif::ProgressStyle::with_template(&format!(
+                        "{{bar:40}} {{pos}}/{{len}} {unit}, {{elapsed}} elapsed, eta {{eta}}"
+                    ))
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                ),
+            ),
+        })
+    }
+
+    /// Takes the GIL to let Python handle signals (Ctrl-C raises
+    /// KeyboardInterrupt here), then reports `done` of `total`.
+    fn report(&self, done: usize, total: usize) -> PyResult<()> {
+        Python::attach(|py| {
+            py.check_signals()?;
+            match self {
+                Progress::Quiet => {}
+                Progress::Bar(bar) => {
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                }
+                Progress::Call(f) => {
+                    f.call1(py, (done, total))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The rows of a CSV table (`eval.csv`) as dicts keyed by its header,
+/// numbers as int or float and empty cells as None.
+fn csv_rows<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
+    let io = py.import("io")?.getattr("StringIO")?.call1((text,))?;
+    let rows = py
+        .import("csv")?
+        .call_method1("reader", (io,))?
+        .try_iter()?
+        .map(|row| row?.extract::<Vec<String>>())
+        .collect::<PyResult<Vec<_>>>()?;
+    let Some((header, rows)) = rows.split_first() else {
+        return Ok(pyo3::types::PyList::empty(py).into_any());
+    };
+    let out = pyo3::types::PyList::empty(py);
+    for row in rows {
+        let dict = PyDict::new(py);
+        for (key, cell) in header.iter().zip(row) {
+            if key == "schedule" {
+                dict.set_item(key, cell)?;
+            } else if cell.is_empty() {
+                dict.set_item(key, py.None())?;
+            } else if let Ok(i) = cell.parse::<i64>() {
+                dict.set_item(key, i)?;
+            } else if let Ok(x) = cell.parse::<f64>() {
+                dict.set_item(key, x)?;
+            } else {
+                dict.set_item(key, cell)?;
+            }
+        }
+        out.append(dict)?;
+    }
+    Ok(out.into_any())
+}
+
 /// A model bundle loaded on a device, ready to generate.
 #[pyclass(module = "gtr_run")]
 struct Model {
     bundle: Bundle,
     engine: Engine<OrtModel>,
     device: String,
+    /// The device and threads the graphs were loaded with (the evaluator's too).
+    device_kind: Device,
+    threads: Option<usize>,
 }
 
 #[pymethods]
@@ -502,6 +588,8 @@ impl Model {
                 bundle,
                 engine: Engine::new(model),
                 device,
+                device_kind,
+                threads,
             })
         })
         .map_err(PyErr::from)
@@ -568,23 +656,7 @@ impl Model {
         let source = ScheduleArg::extract(schedule)?;
         let overrides = overrides(params)?;
         let classes = classes_arg(classes)?;
-        let progress = match progress {
-            ProgressArg::Call(f) if f.bind(py).is_callable() => Progress::Call(f),
-            ProgressArg::Call(_) => {
-                return Err(PyValueError::new_err(
-                    "progress: give True, False or a function f(done, total)",
-                ));
-            }
-            ProgressArg::Flag(false) => Progress::Quiet,
-            ProgressArg::Flag(true) => Progress::Bar(
-                indicatif::ProgressBar::new(num_images as u64).with_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {pos}/{len} images, {elapsed} elapsed, eta {eta}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                ),
-            ),
-        };
+        let progress = Progress::new(py, progress, "images")?;
         let request = Request {
             source,
             overrides,
@@ -596,10 +668,97 @@ impl Model {
             batch,
         };
         let (pixels, record) = py.detach(|| self.run(&request, &progress))?;
-        if let Progress::Bar(bar) = &progress {
-            bar.finish_and_clear();
-        }
+        progress.finish();
         Ok((pixels.into_pyarray(py), to_python(py, &record)?))
+    }
+
+    /// Compares `schedules` (.gtr paths; the first is the baseline) on this
+    /// model as `gtr-run eval` does: speed measured side by side, FLOPs,
+    /// and quality on the bundle's evaluator. Returns the rows of eval.csv
+    /// as dicts (numbers as int or float, None where empty).
+    #[pyo3(signature = (schedules, num_images=100, seed=0, batch=25, repeats=1, cfg=None, temperature=None, params=None, progress=ProgressArg::Flag(true)))]
+    #[allow(clippy::too_many_arguments)]
+    fn eval<'py>(
+        &mut self,
+        py: Python<'py>,
+        schedules: Vec<PathBuf>,
+        num_images: usize,
+        seed: u64,
+        batch: usize,
+        repeats: usize,
+        cfg: Option<f64>,
+        temperature: Option<f64>,
+        params: Option<&Bound<'py, PyDict>>,
+        progress: ProgressArg,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let overrides = overrides(params)?;
+        let progress = Progress::new(py, progress, "batches")?;
+        let table = py.detach(|| {
+            let n = in_range("num_images", num_images, 1, MAX_IMAGES)?;
+            let batch = in_range("batch", batch, 1, MAX_BATCH)?;
+            let repeats = in_range("repeats", repeats, 1, MAX_IMAGES)?;
+            let (cfg, temperature) = (
+                non_negative("cfg", cfg)?,
+                non_negative("temperature", temperature)?,
+            );
+            if schedules.is_empty() {
+                return Err(Failure::Value(
+                    "schedules: give at least one .gtr path".into(),
+                ));
+            }
+            let contenders =
+                gtr_run::eval::contenders(&schedules, &overrides).map_err(|e| match e {
+                    gtr_run::eval::ContenderError::Schedule(e) => Failure::Schedule(e),
+                    other => Failure::Value(chain(&other)),
+                })?;
+            let mut evaluator = OrtEvaluator::load(&self.bundle, self.device_kind, self.threads)
+                .map_err(run_failure)?;
+            let reference = gtr_run::eval::reference_stats(&self.bundle).map_err(run_failure)?;
+            let scoring = match (evaluator.as_mut(), reference.as_ref()) {
+                (Some(evaluator), Some(reference)) => Some(Scoring {
+                    evaluator,
+                    reference,
+                }),
+                _ => None,
+            };
+            let defaults = self.engine.model.info().defaults;
+            let request = CompareRequest {
+                num_images: n,
+                batch,
+                seed,
+                repeats,
+                options: PlanOptions {
+                    default_cfg: Some(defaults.cfg),
+                    default_temperature: Some(defaults.temperature),
+                    cfg,
+                    temperature,
+                },
+                warm_up: true,
+            };
+            self.engine.stats = RunStats::default();
+            // `compare` cannot be stopped halfway: a signal or an error of the
+            // progress function is kept and raised when it returns.
+            let mut interrupted = None;
+            let comparison = compare(
+                &mut self.engine,
+                scoring,
+                &contenders,
+                &self.bundle.cost_spec(),
+                &request,
+                |done, total| {
+                    if interrupted.is_none() {
+                        interrupted = progress.report(done, total).err();
+                    }
+                },
+            )
+            .map_err(run_failure)?;
+            match interrupted {
+                Some(e) => Err(Failure::Python(e)),
+                None => Ok(gtr_run::eval::report::csv(&comparison)),
+            }
+        })?;
+        progress.finish();
+        csv_rows(py, &table)
     }
 
     fn __repr__(&self) -> String {
@@ -713,18 +872,7 @@ impl Model {
                 );
                 pixels.slice_mut(s![i, .., .., ..]).assign(&one);
             }
-            let done = chunk.last().map_or(0, |&i| i + 1);
-            Python::attach(|py| {
-                py.check_signals()?;
-                match progress {
-                    Progress::Quiet => {}
-                    Progress::Bar(bar) => bar.set_position(done as u64),
-                    Progress::Call(f) => {
-                        f.call1(py, (done, n))?;
-                    }
-                }
-                Ok::<_, PyErr>(())
-            })?;
+            progress.report(chunk.last().map_or(0, |&i| i + 1), n)?;
         }
         let record = json!({
             "gtr_run_version": gtr_run::VERSION,
