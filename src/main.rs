@@ -329,14 +329,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `--device` value (clap has checked it is one of the names).
 fn device_of(name: &str) -> gtr_run::backend::ort::Device {
-    use gtr_run::backend::ort::Device;
-    match name {
-        "cuda" => Device::Cuda,
-        "tensorrt" => Device::TensorRt,
-        "auto" => Device::Auto,
-        _ => Device::Cpu,
-    }
+    name.parse().unwrap_or(gtr_run::backend::ort::Device::Cpu)
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {

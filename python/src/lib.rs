@@ -551,17 +551,9 @@ impl Model {
         precision: Option<&str>,
         threads: Option<usize>,
     ) -> PyResult<Self> {
-        let device_kind = match device {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda,
-            "tensorrt" => Device::TensorRt,
-            "auto" => Device::Auto,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "device: `{other}` is not one of cpu, cuda, tensorrt, auto"
-                )));
-            }
-        };
+        let device_kind: Device = device
+            .parse()
+            .map_err(|e: String| PyValueError::new_err(format!("device: {e}")))?;
         let precision = precision
             .map(|p| p.parse())
             .transpose()

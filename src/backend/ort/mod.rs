@@ -34,6 +34,21 @@ pub enum Device {
     Auto,
 }
 
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `cpu`, `cuda`, `tensorrt` or `auto` (`--device`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            "tensorrt" => Ok(Device::TensorRt),
+            "auto" => Ok(Device::Auto),
+            other => Err(format!("`{other}` is not one of cpu, cuda, tensorrt, auto")),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OrtError {
     #[error(transparent)]
