@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cost::ModelSpec;
 use crate::engine::ModelInfo;
 pub use crate::engine::{ImageSettings, SamplingDefaults};
 use crate::grid::Grid;
@@ -147,7 +148,7 @@ pub const EVALUATOR_OUTPUTS: [&str; 2] = ["logits", "features"];
 
 /// An image classifier shipped with a bundle: `pixels` f32 [B, H, W,
 /// channels] holding 8-bit values 0..255 → `logits` [B, classes] and
-/// `features` [B, F]; `reference` is an npz with `mu` f64 [F] and `sigma`
+/// `features` [B, F]; `reference` is an npz with `mu` f64 `[F]` and `sigma`
 /// f64 [F, F], the feature statistics of real images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -483,4 +484,27 @@ fn check_roles(
         ));
     }
     Ok(())
+}
+
+/// Why [`cost_spec_named`] found no spec.
+#[derive(Debug, thiserror::Error)]
+pub enum NamedSpecError {
+    #[error(
+        "{name}: no such model spec or bundle; the built-in specs are {list}, or give a model bundle",
+        name = .0,
+        list = ModelSpec::BUILTIN_NAMES.join(", ")
+    )]
+    Unknown(String),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+}
+
+/// A built-in cost spec by name (see [`ModelSpec::builtin`]), else the cost
+/// shape of the model bundle at the path `name` (`gtr-run plan --cost`).
+pub fn cost_spec_named(name: &str) -> Result<ModelSpec, NamedSpecError> {
+    match ModelSpec::builtin(name) {
+        Some(spec) => Ok(spec),
+        None if Path::new(name).exists() => Ok(Bundle::open(Path::new(name))?.cost_spec()),
+        None => Err(NamedSpecError::Unknown(name.to_string())),
+    }
 }

@@ -17,6 +17,23 @@
 //! assert_eq!(plan.steps.len(), 9);
 //! assert_eq!(plan.steps[8].tokens.len(), 8);
 //! ```
+//!
+//! Generating images: open a model bundle ([`bundle::Bundle::open`]), load
+//! its ONNX graphs ([`backend::ort::OrtModel::load`]; the ONNX Runtime
+//! library is taken from `ORT_DYLIB_PATH` or fetched once into
+//! `~/.cache/gtr-run`), and give an [`engine::Engine`] one plan and one
+//! [`engine::ImageJob`] per image, each image's seed from
+//! [`rng::image_seed`]; `examples/tiny.rs` does this on the tiny fixture
+//! bundle. [`generate`] adds what the command line does around it: output
+//! folders, PNGs, `run.json`, shards. Images depend only on the run seed,
+//! the image's index and the schedule: never on the batch, the thread
+//! count or the machine.
+//!
+//! Features: `cuda` and `tensorrt` compile in the GPU execution providers
+//! (they need the `onnxruntime-gpu` libraries at run time).
+
+/// This crate's version (`gtr_run_version` in run records).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub use gtr_plan::{cost, grid, plan, report, rng, schedule};
 

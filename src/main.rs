@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use gtr_run::cost::{ModelSpec, plan_cost};
+use gtr_run::cost::plan_cost;
 use gtr_run::grid::Grid;
 use gtr_run::plan::Planner;
 use gtr_run::report;
@@ -103,8 +103,8 @@ struct RuntimeArgs {
     /// call per MAR step, state on the device), `host` (one head call per
     /// tick, the update on the CPU) or `auto` (the graph when the bundle has
     /// one and a GPU provider runs it; the host path on the CPU provider).
-    #[arg(long, value_enum, default_value_t = ChainRunner::Auto)]
-    sampler: ChainRunner,
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::ChainRunner::Auto)]
+    sampler: gtr_run::backend::ort::ChainRunner,
     /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
     /// a per-tick call with the update still in the graph).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -114,8 +114,8 @@ struct RuntimeArgs {
     /// `split` (the two graphs, z gathered on the host) or `auto` (fused
     /// when the bundle has the graph and a GPU provider runs it; split on
     /// the CPU provider, where it measured faster).
-    #[arg(long, value_enum, default_value_t = BackboneRunner::Auto)]
-    backbone: BackboneRunner,
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::BackboneRunner::Auto)]
+    backbone: gtr_run::backend::ort::BackboneRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
     /// need the bundle's variant graphs (models/convert_precision.py). Default:
     /// the manifest's `precision`, else fp32.
@@ -127,22 +127,6 @@ struct RuntimeArgs {
     trt_cache: Option<PathBuf>,
 }
 
-/// The `--backbone` choice.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum BackboneRunner {
-    Auto,
-    Fused,
-    Split,
-}
-
-/// The `--sampler` choice.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ChainRunner {
-    Auto,
-    Host,
-    Graph,
-}
-
 /// Loads the bundle's graphs as `runtime` asks, saying once where the
 /// diffusion chains will run.
 fn load_model(
@@ -150,39 +134,12 @@ fn load_model(
     runtime: &RuntimeArgs,
     options: &gtr_run::backend::ort::LoadOptions,
 ) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
-    use gtr_run::engine::MarModel;
-    let model = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?;
-    let model = match (runtime.sampler, model.has_sampler()) {
-        (ChainRunner::Graph, false) => bail!(
-            "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
-            bundle.manifest.name,
-            bundle.dir.display()
-        ),
-        (ChainRunner::Auto, false) => {
-            eprintln!(
-                "gtr-run: bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
-                bundle.manifest.name
-            );
-            model
-        }
-        (ChainRunner::Host, true) => model.without_sampler(),
-        // On the CPU provider the host path measured faster (README, "Speed").
-        (ChainRunner::Auto, true) if model.execution_provider() == "cpu" => model.without_sampler(),
-        _ => model,
-    };
-    let model = match (runtime.backbone, model.has_backbone()) {
-        (BackboneRunner::Fused, false) => bail!(
-            "--backbone fused: bundle `{}` has no backbone graph (graphs.backbone in its manifest; not used under --device tensorrt); add one with `python3 models/add_backbone.py {}`",
-            bundle.manifest.name,
-            bundle.dir.display()
-        ),
-        (BackboneRunner::Split, true) => model.without_backbone(),
-        // On the CPU provider the two graphs measured faster (README, "Speed").
-        (BackboneRunner::Auto, true) if model.execution_provider() == "cpu" => {
-            model.without_backbone()
-        }
-        _ => model,
-    };
+    let (model, note) = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?
+        .run_chains(runtime.sampler, bundle)?;
+    if let Some(note) = note {
+        eprintln!("gtr-run: {note}");
+    }
+    let model = model.run_backbone(runtime.backbone, bundle)?;
     Ok(model)
 }
 
@@ -374,47 +331,29 @@ fn main() -> ExitCode {
     }
 }
 
-/// The schedules `eval` compares, each with the `--set` overrides it
-/// declares; an override no schedule declares is an error.
+/// The schedules `eval` compares (see [`gtr_run::eval::contenders`]),
+/// each checked against the bundle's grid.
 fn eval_contenders(
     paths: &[PathBuf],
     overrides: Vec<(String, f64)>,
     bundle: &gtr_run::bundle::Bundle,
 ) -> anyhow::Result<Vec<gtr_run::eval::Contender>> {
-    let mut overrides: BTreeMap<String, f64> = overrides.into_iter().collect();
-    let mut contenders = Vec::new();
-    let mut used = std::collections::BTreeSet::new();
-    for path in paths {
-        if path.as_os_str() == "-" {
-            bail!(
-                "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
-            );
-        }
-        let declared: BTreeMap<String, f64> = {
-            let plain = Schedule::from_file(path, &BTreeMap::new())?;
-            overrides
-                .iter()
-                .filter(|(k, _)| plain.params.iter().any(|p| &p.name == *k))
-                .map(|(k, v)| (k.clone(), *v))
-                .collect()
-        };
-        used.extend(declared.keys().cloned());
-        let schedule = Schedule::from_file(path, &declared)?;
-        schedule
+    use gtr_run::eval::{ContenderError, contenders};
+    if paths.iter().any(|p| p.as_os_str() == "-") {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
+        );
+    }
+    let overrides: BTreeMap<String, f64> = overrides.into_iter().collect();
+    let contenders = contenders(paths, &overrides).map_err(|e| match e {
+        // Kept as a ScheduleError so that a diagnostic prints as one.
+        ContenderError::Schedule(e) => anyhow::Error::from(e),
+        other => other.into(),
+    })?;
+    for c in &contenders {
+        c.schedule
             .check_model_grid(bundle.grid(), &bundle.manifest.name)
             .map_err(|m| anyhow::anyhow!(m))?;
-        let stem = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |s| s.to_string_lossy().into(),
-        );
-        contenders.push(gtr_run::eval::Contender {
-            name: stem,
-            schedule,
-        });
-    }
-    overrides.retain(|k, _| !used.contains(k));
-    if let Some(k) = overrides.keys().next() {
-        bail!("--set {k}: no schedule given declares a parameter `{k}`");
     }
     Ok(contenders)
 }
@@ -457,7 +396,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     use gtr_run::backend::ort::OrtEvaluator;
     use gtr_run::bundle::Bundle;
     use gtr_run::engine::{Engine, MarModel};
-    use gtr_run::eval::{CompareRequest, FeatureStats, Scoring, compare, report};
+    use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
     use gtr_run::fsutil::write_atomic;
 
     let bundle = Bundle::open(&args.model)?;
@@ -472,10 +411,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let info = model.info().clone();
     // The evaluator measures quality: it always runs its fp32 graph.
     let mut evaluator = OrtEvaluator::load(&bundle, device, args.runtime.threads)?;
-    let reference = match &bundle.manifest.evaluator {
-        Some(e) => Some(FeatureStats::load_npz(&bundle.dir.join(&e.reference))?),
-        None => None,
-    };
+    let reference = reference_stats(&bundle)?;
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "eval-{}-seed{}",
@@ -709,23 +645,18 @@ fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     };
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     let schedule = Schedule::from_file(path, &overrides)?;
-    let grid = args.grid.or(schedule.grid).unwrap_or(Grid::MAR);
+    let grid = schedule.planning_grid(args.grid);
     let plan = Planner::new(&schedule, grid)
         .and_then(|p| p.plan(args.seed))
         .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
     let cost = match &args.cost {
         None => None,
         Some(name) => {
-            let spec = match ModelSpec::builtin(name) {
-                Some(spec) => spec,
-                None if std::path::Path::new(name).exists() => {
-                    gtr_run::bundle::Bundle::open(std::path::Path::new(name))?.cost_spec()
-                }
-                None => bail!(
-                    "--cost {name}: no such model spec or bundle; the built-in specs are {}, or give a model bundle",
-                    ModelSpec::BUILTIN_NAMES.join(", ")
-                ),
-            };
+            use gtr_run::bundle::{NamedSpecError, cost_spec_named};
+            let spec = cost_spec_named(name).map_err(|e| match e {
+                NamedSpecError::Unknown(_) => anyhow::anyhow!("--cost {e}"),
+                NamedSpecError::Bundle(e) => e.into(),
+            })?;
             Some(plan_cost(&plan, &spec))
         }
     };

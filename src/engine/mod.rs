@@ -27,9 +27,10 @@ pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 pub use replay::Replay;
 use rows::{Canvas, RowSources};
 
-use crate::plan::{Plan, round_half_even};
+use crate::plan::{Plan, PlanOptions, Planner, round_half_even};
 use crate::sampler::fts::FtsScorer;
 use crate::sampler::{ChainCache, NoiseSchedule};
+use crate::schedule::Diagnostic;
 
 /// One image to generate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,6 +41,41 @@ pub struct ImageJob {
     pub seed: u64,
     /// Class label, or the model's null class for unconditional images.
     pub label: i64,
+}
+
+impl ImageJob {
+    /// The jobs of images `indices` of a run with `seed`: image `i` gets
+    /// the seed [`crate::rng::image_seed`]`(seed, i)` and the label
+    /// `labels[i]`, whatever batch it is made in.
+    pub fn for_images(seed: u64, indices: &[usize], labels: &[i64]) -> Vec<ImageJob> {
+        indices
+            .iter()
+            .map(|&i| ImageJob {
+                index: i as u64,
+                seed: crate::rng::image_seed(seed, i as u64),
+                label: labels[i],
+            })
+            .collect()
+    }
+
+    /// The jobs of images `indices` of a run with `seed`, each with its own
+    /// plan: image `i` gets the seed [`crate::rng::image_seed`]`(seed, i)`,
+    /// the label `labels[i]` and the plan of that seed, so it is the same
+    /// image in whatever batch it is made.
+    pub fn batch(
+        planner: &Planner,
+        options: &PlanOptions,
+        seed: u64,
+        indices: &[usize],
+        labels: &[i64],
+    ) -> Result<(Vec<ImageJob>, Vec<Plan>), Diagnostic> {
+        let jobs = ImageJob::for_images(seed, indices, labels);
+        let plans = jobs
+            .iter()
+            .map(|j| planner.plan_with(j.seed, options))
+            .collect::<Result<_, _>>()?;
+        Ok((jobs, plans))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -77,7 +77,7 @@ pub trait MarModel {
     fn info(&self) -> &ModelInfo;
 
     /// Encoder then decoder: `canvas` [B, L, C] (zeros where unknown),
-    /// `known` [B, K] ascending token indices, `labels` [B] → z [B, L, D].
+    /// `known` [B, K] ascending token indices, `labels` `[B]` → z [B, L, D].
     fn backbone(
         &mut self,
         canvas: ArrayView3<f32>,
@@ -101,7 +101,7 @@ pub trait MarModel {
         Ok(gather_rows(&z, predict))
     }
 
-    /// One diffusion-head evaluation: `x` [N, C], `t` [N] (training-chain
+    /// One diffusion-head evaluation: `x` [N, C], `t` `[N]` (training-chain
     /// timesteps), `z` [N, D] → [N, head_channels].
     fn diffusion(
         &mut self,
@@ -179,7 +179,7 @@ pub struct ChainInputs<'a> {
     pub coefficients: ArrayView3<'a, f32>,
     /// Standard normal draws of each row at each tick [T, N, C].
     pub noise: ArrayView3<'a, f32>,
-    /// Rows still running at each tick (a prefix) [T].
+    /// Rows still running at each tick (a prefix) `[T]`.
     pub active: ArrayView1<'a, i64>,
     /// CFG scale (unused when G = 1).
     pub guidance: f32,

@@ -9,17 +9,19 @@
 pub mod report;
 pub mod stats;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use ndarray::{Array2, Axis, concatenate};
 use serde::Serialize;
 
+use crate::bundle::Bundle;
 use crate::cost::{ModelSpec, plan_cost};
 use crate::engine::{Engine, ImageJob, MarModel, ModelError, ModelInfo, SeededNoise};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
 use crate::run::Classes;
-use crate::run::jobs::image_jobs;
 use crate::schedule::{Schedule, ScheduleError};
 
 pub use stats::{FeatureStats, class_accuracy, classifier_score, frechet_distance, probabilities};
@@ -32,6 +34,60 @@ pub struct Contender {
     /// How the schedule is named in the table (its file stem).
     pub name: String,
     pub schedule: Schedule,
+}
+
+/// Why [`contenders`] refused the schedules.
+#[derive(Debug, thiserror::Error)]
+pub enum ContenderError {
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    /// A parameter override that no schedule declares.
+    #[error("--set {0}: no schedule given declares a parameter `{0}`")]
+    Undeclared(String),
+}
+
+/// The schedule files at `paths` as contenders named by their file stems.
+/// Each gets the `overrides` among those it declares (the same `--set`
+/// applies to every schedule that has the parameter); one that no
+/// schedule declares is an error.
+pub fn contenders(
+    paths: &[PathBuf],
+    overrides: &BTreeMap<String, f64>,
+) -> Result<Vec<Contender>, ContenderError> {
+    let mut used = BTreeSet::new();
+    let mut out = Vec::new();
+    for path in paths {
+        let declared: BTreeMap<String, f64> = {
+            let plain = Schedule::from_file(path, &BTreeMap::new())?;
+            overrides
+                .iter()
+                .filter(|(k, _)| plain.params.iter().any(|p| &p.name == *k))
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        used.extend(declared.keys().cloned());
+        let schedule = Schedule::from_file(path, &declared)?;
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into(),
+        );
+        out.push(Contender { name, schedule });
+    }
+    match overrides.keys().find(|k| !used.contains(*k)) {
+        Some(k) => Err(ContenderError::Undeclared(k.clone())),
+        None => Ok(out),
+    }
+}
+
+/// The reference statistics of the bundle's evaluator (`None` when the
+/// bundle ships no evaluator).
+pub fn reference_stats(bundle: &Bundle) -> Result<Option<FeatureStats>, stats::StatsError> {
+    bundle
+        .manifest
+        .evaluator
+        .as_ref()
+        .map(|e| FeatureStats::load_npz(&bundle.dir.join(&e.reference)))
+        .transpose()
 }
 
 /// What to run.
@@ -299,7 +355,7 @@ pub fn compare<M: MarModel>(
     let labels = crate::run::jobs::labels(&Classes::Balanced, req.num_images, &info)
         .map_err(|e| CompareError::Invalid(e.to_string()))?;
     let jobs_for = |seed: u64, indices: std::ops::Range<usize>| -> Vec<ImageJob> {
-        image_jobs(&indices.collect::<Vec<_>>(), seed, &labels)
+        ImageJob::for_images(seed, &indices.collect::<Vec<_>>(), &labels)
     };
     let mut results: Vec<ScheduleResult> = (0..contenders.len())
         .map(|k| planners.empty_result(k, req.seed, cost_spec))

@@ -116,7 +116,7 @@ pub fn csv(c: &Comparison) -> String {
                     .join(",")
             })
             .unwrap_or_else(|| ",,,,,".into());
-        let name = if s.name.contains([',', '"']) {
+        let name = if s.name.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", s.name.replace('"', "\"\""))
         } else {
             s.name.clone()

@@ -44,7 +44,7 @@ impl FeatureStats {
         })
     }
 
-    /// Reads `mu` [F], `sigma` [F, F] (f64) and optional `count` from an npz.
+    /// Reads `mu` `[F]`, `sigma` [F, F] (f64) and optional `count` from an npz.
     pub fn load_npz(path: &Path) -> Result<Self, StatsError> {
         let err = |problem: String| StatsError::Reference {
             path: path.display().to_string(),

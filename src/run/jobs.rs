@@ -6,8 +6,7 @@ use std::ops::Range;
 use std::str::FromStr;
 
 use super::RunError;
-use crate::engine::{ImageJob, ModelInfo};
-use crate::rng::image_seed;
+use crate::engine::ModelInfo;
 
 /// Which class each image asks for.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,19 +109,6 @@ pub fn labels(
         )));
     }
     Ok(labels)
-}
-
-/// The engine's jobs for the image indices `indices` of a run with `seed`
-/// and `labels`.
-pub fn image_jobs(indices: &[usize], seed: u64, labels: &[i64]) -> Vec<ImageJob> {
-    indices
-        .iter()
-        .map(|&i| ImageJob {
-            index: i as u64,
-            seed: image_seed(seed, i as u64),
-            label: labels[i],
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::Axis;
+use ndarray::{Array4, ArrayView3, Axis};
 use serde_json::Value;
 
 pub use folder::{Existing, default_out_dir};
@@ -30,7 +30,7 @@ pub use record::RunRecord;
 
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
-use crate::engine::{Engine, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise};
+use crate::engine::{Engine, ImageJob, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise};
 use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
@@ -91,11 +91,72 @@ struct RunPlans<'s> {
     reference: Plan,
 }
 
-impl RunPlans<'_> {
-    fn plan(&self, seed: u64) -> Result<Plan, RunError> {
-        self.planner
-            .plan_with(seed, &self.options)
-            .map_err(|d| ScheduleError::Invalid(Box::new(d)).into())
+/// What a run knows before its first image: the model, the image indices
+/// this process makes, every image's label, the replay, the plans, and the
+/// record of what the run is (no measurements, no hashes).
+struct Prepared<'s> {
+    info: ModelInfo,
+    range: Range<usize>,
+    labels: Vec<i64>,
+    replay: Option<Replay>,
+    plans: RunPlans<'s>,
+    record: RunRecord,
+}
+
+impl<'s> Prepared<'s> {
+    /// Checks everything that can be checked before any work.
+    fn new<M: MarModel>(bundle: &Bundle, model: &M, req: &'s RunRequest) -> Result<Self, RunError> {
+        let info = model.info().clone();
+        let range = check_request(req)?;
+        let labels = jobs::labels(&req.classes, req.num_images, &info)?;
+        let replay = load_replay(req)?;
+        let plans = plan_run(req, &info)?;
+        let record = describe_run(bundle, model, req, &labels, &range, &plans.reference);
+        Ok(Prepared {
+            info,
+            range,
+            labels,
+            replay,
+            plans,
+            record,
+        })
+    }
+
+    /// Makes the images `todo` in batches of `req.batch`, handing each
+    /// image's job and pixels [H, W, channels] to `sink` and the number
+    /// made so far to `progress` after each batch (either may stop the run
+    /// with an error). Returns the seconds it took.
+    fn make_images<M: MarModel>(
+        &self,
+        engine: &mut Engine<M>,
+        req: &RunRequest,
+        todo: &[usize],
+        mut sink: impl FnMut(&ImageJob, ArrayView3<u8>) -> Result<(), RunError>,
+        mut progress: impl FnMut(usize) -> Result<(), RunError>,
+    ) -> Result<f64, RunError> {
+        let started = Instant::now();
+        let noise: &dyn NoiseSource = match &self.replay {
+            Some(replay) => replay,
+            None => &SeededNoise,
+        };
+        let mut made = 0;
+        for chunk in todo.chunks(req.batch) {
+            let (jobs, plans) = ImageJob::batch(
+                &self.plans.planner,
+                &self.plans.options,
+                req.seed,
+                chunk,
+                &self.labels,
+            )
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+            let out = engine.generate(&plans, &jobs, noise, |_, _| {})?;
+            for (k, job) in jobs.iter().enumerate() {
+                sink(job, out.pixels.index_axis(Axis(0), k))?;
+            }
+            made += jobs.len();
+            progress(made)?;
+        }
+        Ok(started.elapsed().as_secs_f64())
     }
 }
 
@@ -111,18 +172,14 @@ pub fn generate<M: MarModel>(
     req: &RunRequest,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<RunRecord, RunError> {
-    let info = model.info().clone();
-    let range = check_request(req)?;
-    let labels = jobs::labels(&req.classes, req.num_images, &info)?;
-    let replay = load_replay(req)?;
-    let plans = plan_run(req, &info)?;
-    let mut record = describe_run(bundle, &model, req, &labels, &range, &plans.reference);
+    let run = Prepared::new(bundle, &model, req)?;
+    let range = run.range.clone();
 
     // The output folder: locked for this process, then a previous run in
     // it refused, resumed or overwritten.
     let (_lock, previous) = folder::claim(&req.out, req.existing)?;
     if req.existing == Existing::Resume {
-        folder::check_resumable(&req.out, previous.as_ref(), &record)?;
+        folder::check_resumable(&req.out, previous.as_ref(), &run.record)?;
     }
     let (kept, todo): (Vec<usize>, Vec<usize>) = range.clone().partition(|&i| {
         req.existing == Existing::Resume && folder::is_written(&image_path(&req.out, i))
@@ -138,49 +195,87 @@ pub fn generate<M: MarModel>(
             pid: std::process::id(),
             host: host_name(),
         }),
-        ..record.clone()
+        ..run.record.clone()
     }
     .write(&req.out)?;
 
     let mut engine = Engine::new(model);
     engine.ticks_per_call = req.ticks_per_call;
-    let started = Instant::now();
-    let mut done = range.len() - todo.len();
-    progress(done, range.len());
-    for chunk in todo.chunks(req.batch) {
-        let jobs = jobs::image_jobs(chunk, req.seed, &labels);
-        let image_plans: Vec<Plan> = jobs
-            .iter()
-            .map(|j| plans.plan(j.seed))
-            .collect::<Result<_, _>>()?;
-        let noise: &dyn NoiseSource = match &replay {
-            Some(replay) => replay,
-            None => &SeededNoise,
-        };
-        let out = engine.generate(&image_plans, &jobs, noise, |_, _| {})?;
-        for (k, job) in jobs.iter().enumerate() {
-            let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
+    progress(kept.len(), range.len());
+    let wall = run.make_images(
+        &mut engine,
+        req,
+        &todo,
+        |job, pixels| {
+            let png = encode_png(&pixels.to_owned());
             let path = image_path(&req.out, job.index as usize);
             hashes.insert(image_name(job.index as usize), sha256_hex(&png));
-            write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
-        }
-        done += jobs.len();
-        progress(done, range.len());
-    }
-    let wall = started.elapsed().as_secs_f64();
+            write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })
+        },
+        |made| {
+            progress(kept.len() + made, range.len());
+            Ok(())
+        },
+    )?;
 
     // A shard's preview would show a slice of the classes; merge makes the
     // grid of the whole run.
     if req.shard.is_none() {
-        outputs::write_grid(&req.out, req.num_images, &labels, info.classes)?;
+        outputs::write_grid(&req.out, req.num_images, &run.labels, run.info.classes)?;
     }
     if let Some(npz) = &req.npz {
         write_npz(npz, &req.out, range.clone())?;
     }
+    let mut record = run.record.clone();
     record.images_sha256 = hashes;
-    record.measured = Some(measure(&engine, &plans.reference, todo.len(), wall, req));
+    record.measured = Some(measure(
+        &engine,
+        &run.plans.reference,
+        todo.len(),
+        wall,
+        req,
+    ));
     record.write(&req.out)?;
     Ok(record)
+}
+
+/// Runs the request on `engine` in memory: no folder is touched (`out`,
+/// `existing` and `npz` are not used). Returns the pixels of the images of
+/// the run (or of its shard) [N, H, W, channels] and the record a folder
+/// would hold, each image's SHA-256 being that of its PNG. `progress` sees
+/// (images done, images) after each batch; an error from it stops the run.
+/// The engine's statistics are reset first, so the record measures this
+/// run alone.
+pub fn generate_in_memory<M: MarModel>(
+    bundle: &Bundle,
+    engine: &mut Engine<M>,
+    req: &RunRequest,
+    mut progress: impl FnMut(usize, usize) -> Result<(), RunError>,
+) -> Result<(Array4<u8>, RunRecord), RunError> {
+    let run = Prepared::new(bundle, &engine.model, req)?;
+    engine.stats = Default::default();
+    engine.ticks_per_call = req.ticks_per_call;
+    let image = run.info.image;
+    let (start, n) = (run.range.start, run.range.len());
+    let mut pixels = Array4::<u8>::zeros((n, image.height, image.width, image.channels));
+    let mut hashes = BTreeMap::new();
+    let todo: Vec<usize> = run.range.clone().collect();
+    let wall = run.make_images(
+        engine,
+        req,
+        &todo,
+        |job, one| {
+            let i = job.index as usize;
+            hashes.insert(image_name(i), sha256_hex(&encode_png(&one.to_owned())));
+            pixels.index_axis_mut(Axis(0), i - start).assign(&one);
+            Ok(())
+        },
+        |made| progress(made, n),
+    )?;
+    let mut record = run.record.clone();
+    record.images_sha256 = hashes;
+    record.measured = Some(measure(engine, &run.plans.reference, n, wall, req));
+    Ok((pixels, record))
 }
 
 /// The image indices this process makes; refuses counts, shards and an
@@ -263,7 +358,7 @@ fn describe_run<M: MarModel>(
 ) -> RunRecord {
     let info = model.info();
     RunRecord {
-        gtr_run_version: env!("CARGO_PKG_VERSION").into(),
+        gtr_run_version: crate::VERSION.into(),
         model: ModelRecord {
             name: info.name.clone(),
             path: Some(bundle.dir.display().to_string()),

@@ -3,9 +3,15 @@
 //! Every random choice draws from a ChaCha20 stream picked by (seed, purpose),
 //! so orders and noise never share draws and the same seed gives the same
 //! bytes on every platform and with every batch size.
+//!
+//! The streams are [`rand_core`] generators ([`Stream`] implements
+//! [`TryRng`], hence [`Rng`]), so they plug into anything written against
+//! those traits.
+
+use std::convert::Infallible;
 
 use rand_chacha::ChaCha20Rng;
-use rand_chacha::rand_core::{Rng, SeedableRng};
+use rand_core::{Rng, SeedableRng, TryCryptoRng, TryRng};
 
 /// What a stream is used for; each purpose has its own ChaCha stream id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,9 +72,36 @@ impl TokenNoise {
     }
 }
 
-/// A seeded random stream with the few draws the planner needs, written
-/// out so their algorithms never change under us.
+/// A seeded random stream with the few draws the planner and the sampler
+/// need.
+///
+/// Why the draws below (and [`TokenNoise::fill`]) are written out instead
+/// of taken from `rand` (`random_range`, `shuffle`, `rand_distr`'s normal):
+/// `rand` keeps the right to change which values those produce from one
+/// release to the next, while a seed must give the same token order and
+/// noise, hence byte-identical images, in every version of gtr-run
+/// (tests/golden.rs and the byte-identity tests hold us to it); only the
+/// ChaCha20 stream itself, fixed by its specification, comes from a crate.
 pub struct Stream(ChaCha20Rng);
+
+impl TryRng for Stream {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok(self.0.next_u32())
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(self.0.next_u64())
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+        self.0.fill_bytes(dst);
+        Ok(())
+    }
+}
+
+impl TryCryptoRng for Stream {}
 
 impl Stream {
     pub fn new(seed: u64, purpose: Purpose) -> Self {
@@ -154,6 +187,16 @@ mod tests {
         assert_eq!(a[..], v[..4]);
         assert_ne!(image_seed(1, 0), image_seed(1, 1));
         assert_eq!(image_seed(1, 5), image_seed(1, 5));
+    }
+
+    #[test]
+    fn the_rand_core_view_is_the_same_stream() {
+        let mut a = Stream::new(5, Purpose::Selection);
+        let mut b = Stream::new(5, Purpose::Selection);
+        assert_eq!(a.next_u64(), Rng::next_u64(&mut b));
+        let mut bytes = [0u8; 8];
+        b.fill_bytes(&mut bytes);
+        assert_eq!(u64::from_le_bytes(bytes), a.next_u64());
     }
 
     #[test]

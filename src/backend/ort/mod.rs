@@ -41,6 +41,9 @@ pub enum Device {
 }
 
 impl Device {
+    /// Every device, in the order `--device` lists them.
+    pub const ALL: [Device; 4] = [Device::Cpu, Device::Cuda, Device::TensorRt, Device::Auto];
+
     /// The name `--device` takes and run.json records.
     pub fn name(self) -> &'static str {
         match self {
@@ -49,6 +52,21 @@ impl Device {
             Device::TensorRt => "tensorrt",
             Device::Auto => "auto",
         }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// A [`Device::name`] (`--device`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Device::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Device::ALL.iter().map(|d| d.name()).collect();
+                format!("`{s}` is not one of {}", names.join(", "))
+            })
     }
 }
 
@@ -82,6 +100,34 @@ pub enum OrtError {
     Precision(#[from] crate::precision::PrecisionError),
     #[error(transparent)]
     TensorRt(#[from] tensorrt::TensorRtOptionsError),
+    /// A [`ChainRunner`] or [`BackboneRunner`] the bundle cannot honour.
+    #[error("{0}")]
+    Sampler(String),
+}
+
+/// Where diffusion chains run (`--sampler`): the bundle's sampler graph
+/// (one call per MAR step, state on the device), the host (one head call
+/// per tick, the update on the CPU), or `Auto`: the graph when the bundle
+/// has one and a GPU provider runs it, the host on the CPU provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ChainRunner {
+    #[default]
+    Auto,
+    Host,
+    Graph,
+}
+
+/// How the backbone runs (`--backbone`): `Fused`, the bundle's backbone
+/// graph (encoder and decoder in one call, only the predicted tokens' z
+/// returned); `Split`, the two graphs with z gathered on the host; or
+/// `Auto`: fused when the bundle has the graph and a GPU provider runs it,
+/// split on the CPU provider (where it measured faster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackboneRunner {
+    #[default]
+    Auto,
+    Fused,
+    Split,
 }
 
 /// How to load a bundle: the device, threads, precision and TensorRT's
@@ -593,6 +639,55 @@ impl OrtModel {
     pub fn without_sampler(mut self) -> Self {
         self.sampler = None;
         self
+    }
+
+    /// Applies the `--sampler` choice: where the diffusion chains will run.
+    /// Returns the model and, when the bundle has no sampler graph and
+    /// `Auto` was asked, a note to show the user once; `Graph` without a
+    /// sampler graph is an error naming the bundle and the fix.
+    pub fn run_chains(
+        self,
+        runner: ChainRunner,
+        bundle: &Bundle,
+    ) -> Result<(Self, Option<String>), OrtError> {
+        Ok(match (runner, self.has_sampler()) {
+            (ChainRunner::Graph, false) => {
+                return Err(OrtError::Sampler(format!(
+                    "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
+                    bundle.manifest.name,
+                    bundle.dir.display()
+                )));
+            }
+            (ChainRunner::Auto, false) => {
+                let note = format!(
+                    "bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
+                    bundle.manifest.name
+                );
+                (self, Some(note))
+            }
+            (ChainRunner::Host, true) => (self.without_sampler(), None),
+            // On the CPU provider the host path measured faster (README, "Speed").
+            (ChainRunner::Auto, true) if self.provider == "cpu" => (self.without_sampler(), None),
+            _ => (self, None),
+        })
+    }
+
+    /// The model with its backbone run as `runner` asks; `Fused` without a
+    /// backbone graph is an error naming the bundle and the fix.
+    pub fn run_backbone(self, runner: BackboneRunner, bundle: &Bundle) -> Result<Self, OrtError> {
+        Ok(match (runner, self.has_backbone()) {
+            (BackboneRunner::Fused, false) => {
+                return Err(OrtError::Sampler(format!(
+                    "--backbone fused: bundle `{}` has no backbone graph (graphs.backbone in its manifest; not used under --device tensorrt); add one with `python3 models/add_backbone.py {}`",
+                    bundle.manifest.name,
+                    bundle.dir.display()
+                )));
+            }
+            (BackboneRunner::Split, true) => self.without_backbone(),
+            // On the CPU provider the two graphs measured faster (models/README.md).
+            (BackboneRunner::Auto, true) if self.provider == "cpu" => self.without_backbone(),
+            _ => self,
+        })
     }
 
     /// The precision, graph files and provider settings this model was

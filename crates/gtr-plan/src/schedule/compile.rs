@@ -274,6 +274,12 @@ impl Schedule {
         Schedule::from_source(Source::new(name, text), overrides)
     }
 
+    /// The grid a plan without a model uses: `requested` if given, else the
+    /// schedule's own `grid`, else MAR's 16×16.
+    pub fn planning_grid(&self, requested: Option<Grid>) -> Grid {
+        requested.or(self.grid).unwrap_or(Grid::MAR)
+    }
+
     /// The value of parameter `name`.
     pub fn param(&self, name: &str) -> Option<f64> {
         self.params.iter().find(|p| p.name == name).map(|p| p.value)

@@ -1,0 +1,281 @@
+"""The Python API against the command line: same plans, same image bytes, same errors.
+
+The command line is ``$GTR_RUN_BIN``, else ``target/debug/gtr-run`` (built here if missing).
+"""
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gtr_run
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEDULES = ROOT / "schedules"
+TINY = ROOT / "models" / "fixtures" / "tiny"
+MAR_TINY = ROOT / "models" / "mar-tiny"
+
+
+@pytest.fixture(scope="session")
+def cli():
+    path = Path(os.environ.get("GTR_RUN_BIN", ROOT / "target" / "debug" / "gtr-run"))
+    if not path.exists():
+        subprocess.run(["cargo", "build", "--bin", "gtr-run"], cwd=ROOT, check=True)
+    return path
+
+
+def run_cli(cli, *args, ok=True):
+    out = subprocess.run([str(cli), *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    if ok:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, seed, grid, params",
+    [
+        ("gtr.gtr", 0, None, {}),
+        ("mar-64.gtr", 3, None, {}),
+        ("random.gtr", 7, (8, 12), {}),
+        ("disa.gtr", 1, None, {}),
+        ("gtr-fts-random.gtr", 2, "16x16", {"cfg_scale": 1.5}),
+    ],
+)
+def test_plan_matches_plan_json(cli, name, seed, grid, params):
+    path = f"schedules/{name}"
+    args = ["plan", path, "--json", "--seed", seed, "--cost", "mar-b"]
+    if grid is not None:
+        args += ["--grid", grid if isinstance(grid, str) else f"{grid[0]}x{grid[1]}"]
+    for k, v in params.items():
+        args += ["--set", f"{k}={v}"]
+    want = json.loads(run_cli(cli, *args).stdout)
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the schedule's name is the path as given, as on the command line
+    try:
+        p = gtr_run.plan(path, grid=grid, seed=seed, **params)
+    finally:
+        os.chdir(cwd)
+    got = p.to_json()
+    got["cost"] = p.cost("mar-b")
+    assert got == want
+
+    assert len(p) == len(want["steps"])
+    for step, w in zip(p.steps, want["steps"]):
+        assert step.stage == w["stage"]
+        assert step.tokens.dtype == np.int64
+        assert step.tokens.tolist() == w["tokens"]
+        assert (step.known_before, step.diffusion_steps) == (w["known_before"], w["diffusion_steps"])
+        assert (step.cfg, step.temperature, step.detail) == (w["cfg"], w["temperature"], w["detail"])
+    assert p.grid == tuple(want["grid"]) and p.seed == seed
+    assert p.stages == want["stages"] and p.params == want["params"]
+
+
+def test_reveal_grid_and_picture():
+    p = gtr_run.plan(SCHEDULES / "gtr.gtr", seed=4)
+    reveal = p.reveal
+    assert reveal.shape == (16, 16)
+    for k, step in enumerate(p.steps):
+        assert (reveal.reshape(-1)[step.tokens] == k).all()
+    assert sorted(np.unique(p.stage_of_token).tolist()) == [0, 1, 2]
+    picture = p.picture()
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    assert "reveal step of each token" in str(p)
+
+
+def test_schedule_from_text_plans_like_the_file():
+    path = SCHEDULES / "gtr-fast.gtr"
+    from_file = gtr_run.plan(path, seed=2).to_json()
+    from_text = gtr_run.plan(path.read_text(), seed=2).to_json()
+    assert from_text.pop("schedule") == "<string>"
+    from_file.pop("schedule")
+    assert from_text == from_file
+
+
+def test_cost_takes_a_bundle_and_refuses_unknown_specs():
+    p = gtr_run.plan(SCHEDULES / "mar-8.gtr")
+    assert p.cost(TINY)["total_flops"] > 0
+    with pytest.raises(ValueError, match="no such model spec or bundle"):
+        p.cost("mar-xl")
+
+
+def test_schedule_errors_carry_the_cli_message_and_position(cli, tmp_path):
+    bad = tmp_path / "bad.gtr"
+    bad.write_text("partition checker(2)\nstage a { tokens S9  steps 4 }\n")
+    cli_message = run_cli(cli, "plan", bad, ok=False).stderr
+    with pytest.raises(gtr_run.ScheduleError) as caught:
+        gtr_run.plan(bad)
+    e = caught.value
+    assert str(e) + "\n" == cli_message
+    assert (e.line, e.column, e.file) == (2, 18, str(bad))
+    assert isinstance(e, gtr_run.GtrRunError)
+    with pytest.raises(gtr_run.ScheduleError) as caught:
+        gtr_run.plan("stage a {\n  tokens all\n  steps }\n")
+    assert caught.value.line == 3 and caught.value.file == "<string>"
+    with pytest.raises(gtr_run.ScheduleError, match="no-such.gtr"):
+        gtr_run.plan("no-such.gtr")
+    with pytest.raises(gtr_run.ScheduleError, match="does not declare|unknown parameter|no parameter"):
+        gtr_run.plan(SCHEDULES / "gtr.gtr", no_such_param=1.0)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="grid"):
+        gtr_run.plan(SCHEDULES / "gtr.gtr", grid="sixteen")
+    with pytest.raises(ValueError, match="not a finite number"):
+        gtr_run.plan(SCHEDULES / "gtr.gtr", cfg_scale=float("nan"))
+    with pytest.raises(ValueError, match="device"):
+        gtr_run.Model(TINY, device="gpu")
+    with pytest.raises(ValueError, match="precision"):
+        gtr_run.Model(TINY, precision="fp8")
+    with pytest.raises(gtr_run.GtrRunError, match="no-such-bundle"):
+        gtr_run.Model(ROOT / "no-such-bundle")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return gtr_run.Model(TINY)
+
+
+def test_generate_refuses_bad_requests(tiny):
+    fast = SCHEDULES / "gtr-fast.gtr"
+    with pytest.raises(ValueError, match="num_images"):
+        tiny.generate(fast, 0)
+    with pytest.raises(ValueError, match="class 12 is out of range"):
+        tiny.generate(fast, 2, classes=[1, 12])
+    with pytest.raises(ValueError, match="cfg"):
+        tiny.generate(fast, 1, cfg=-1.0)
+    with pytest.raises(ValueError, match="progress"):
+        tiny.generate(fast, 1, progress="yes")
+
+
+def png_pixels(path):
+    with Image.open(path) as img:
+        a = np.asarray(img)
+    return a[..., None] if a.ndim == 2 else a
+
+
+@pytest.mark.parametrize(
+    "bundle, schedule, extra",
+    [
+        (TINY, "gtr-fast.gtr", []),
+        (TINY, "mar-8.gtr", ["--classes", "3,1", "--cfg", "2.5"]),
+        (MAR_TINY, "gtr-fast.gtr", ["--temperature", "0.9", "--set", "cfg_scale=2"]),
+    ],
+)
+def test_generate_gives_the_cli_png_bytes(cli, tmp_path, bundle, schedule, extra):
+    n, seed = 5, 11
+    out = tmp_path / "run"
+    run_cli(cli, bundle, SCHEDULES / schedule, "--num-images", n, "--seed", seed, "--out", out, *extra)
+    run_json = json.loads((out / "run.json").read_text())
+
+    options = dict(zip(extra[::2], extra[1::2]))
+    model = gtr_run.Model(bundle)
+    images, record = model.generate(
+        SCHEDULES / schedule,
+        n,
+        seed=seed,
+        classes=[int(c) for c in options["--classes"].split(",")] if "--classes" in options else None,
+        cfg=float(options["--cfg"]) if "--cfg" in options else None,
+        temperature=float(options["--temperature"]) if "--temperature" in options else None,
+        params={k: float(v) for k, v in [options["--set"].split("=")]} if "--set" in options else None,
+        batch=2,  # the command line used 8: batch size never changes an image
+        progress=False,
+    )
+    assert images.dtype == np.uint8 and images.shape == (n, *model.image_shape)
+    for i in range(n):
+        png = out / f"{i:05d}.png"
+        assert np.array_equal(images[i], png_pixels(png)), f"image {i}"
+        assert record["images_sha256"][png.name] == hashlib.sha256(png.read_bytes()).hexdigest()
+    assert record["images_sha256"] == run_json["images_sha256"]
+    for key in ["seed", "labels", "mar_steps", "num_images", "precision", "execution_provider"]:
+        assert record[key] == run_json[key], key
+    assert record["schedule"]["params"] == run_json["schedule"]["params"]
+
+
+def test_progress_callback_sees_each_batch(tiny):
+    seen = []
+    tiny.generate(SCHEDULES / "mar-8.gtr", 5, batch=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+
+def test_an_exception_in_progress_stops_generation(tiny):
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny.generate(SCHEDULES / "mar-8.gtr", 6, batch=2, progress=stop)
+    assert calls == [2]
+
+
+def test_the_gil_is_released_while_generating():
+    model = gtr_run.Model(MAR_TINY)
+    ticks = []
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+
+    thread = threading.Thread(target=count)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        start = time.perf_counter()
+        # One batch, no progress: the call takes the GIL back only at its end.
+        model.generate(SCHEDULES / "gtr-fast.gtr", 8, batch=8, progress=False)
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        thread.join()
+    assert end - start > 0.2, "the generation is too short to tell"
+    middle = [t for t in ticks if start + 0.05 < t < end - 0.05]
+    assert len(middle) > 1000, f"the other thread ran {len(middle)} times during {end - start:.2f} s"
+
+
+def test_ctrl_c_stops_a_generation(tiny):
+    def interrupt():
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt).start()
+    done = []
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        tiny.generate(SCHEDULES / "gtr.gtr", 10_000, batch=1, progress=lambda d, n: done.append(d))
+    # Stopped at the end of the batch running when the signal came.
+    assert time.perf_counter() - start < 20 and len(done) < 100
+
+
+def test_eval_gives_the_cli_table(cli, tmp_path):
+    schedules = [SCHEDULES / "mar-8.gtr", SCHEDULES / "gtr-fast.gtr"]
+    out = tmp_path / "eval"
+    run_cli(cli, "eval", MAR_TINY, *schedules, "--num-images", 4, "--batch", 4, "--seed", 3, "--out", out)
+    with open(out / "eval.csv", newline="") as f:
+        want = list(csv.DictReader(f))
+    rows = gtr_run.Model(MAR_TINY).eval(schedules, num_images=4, batch=4, seed=3, progress=False)
+    assert [r["schedule"] for r in rows] == ["mar-8", "gtr-fast"]
+    # Everything but the measured times is the same as the command line's.
+    same = ["mar_steps", "backbone_passes", "diffusion_evaluations", "flops_per_image", "speedup_flops"]
+    same += ["frechet_distance", "class_accuracy", "classifier_score"]
+    for row, w in zip(rows, want):
+        for key in same:
+            assert row[key] == pytest.approx(float(w[key]), rel=1e-12), key
+        assert row["seconds_per_image"] > 0 and row["frechet_distance_std"] is not None
+    assert isinstance(rows[0]["mar_steps"], int)
+
+
+def test_eval_refuses_undeclared_parameters(tiny):
+    with pytest.raises(ValueError, match="no schedule given declares a parameter `nope`"):
+        tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, params={"nope": 1.0}, progress=False)
