@@ -4,6 +4,9 @@
 //! The pipeline is: text → [`schedule::Schedule`] (parsed and checked) →
 //! [`plan::Plan`] (every step's tokens, diffusion steps, guidance) for one
 //! grid and seed → execution by the engine. [`cost`] prices a plan in FLOPs.
+//! Those first layers are the `gtr-plan` crate, re-exported here under the
+//! same names; it has no model runtime in its dependency tree. The map of
+//! the layers is `docs/architecture.md`.
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -24,8 +27,10 @@
 //! `~/.cache/gtr-run`), and give an [`engine::Engine`] one plan and one
 //! [`engine::ImageJob`] per image, each image's seed from
 //! [`rng::image_seed`]; `examples/tiny.rs` does this on the tiny fixture
-//! bundle. [`generate`] adds what the command line does around it: output
-//! folders, PNGs, `run.json`, shards. Images depend only on the run seed,
+//! bundle. [`run`] adds what the command line does around it: output
+//! folders, PNGs, `run.json` ([`run::RunRecord`]), shards
+//! ([`run::generate`]), or the same run in memory
+//! ([`run::generate_in_memory`], what the Python package uses). Images depend only on the run seed,
 //! the image's index and the schedule: never on the batch, the thread
 //! count or the machine.
 //!
