@@ -23,7 +23,6 @@ graphs run one after the other through onnxruntime and the rows gathered in NumP
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -55,6 +54,15 @@ def _copy_renamed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]):
             return v
         return keep.get(v, prefix + v)
 
+    def renamed(protos, kind):
+        out = []
+        for p in protos:
+            c = kind()
+            c.CopyFrom(p)
+            c.name = name(p.name)
+            out.append(c)
+        return out
+
     nodes = []
     for n in graph.node:
         m = onnx.NodeProto()
@@ -63,19 +71,7 @@ def _copy_renamed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]):
         m.input[:] = [name(v) for v in n.input]
         m.output[:] = [name(v) for v in n.output]
         nodes.append(m)
-    inits = []
-    for t in graph.initializer:
-        c = onnx.TensorProto()
-        c.CopyFrom(t)
-        c.name = name(t.name)
-        inits.append(c)
-    infos = []
-    for v in graph.value_info:
-        c = onnx.ValueInfoProto()
-        c.CopyFrom(v)
-        c.name = name(v.name)
-        infos.append(c)
-    return nodes, inits, infos
+    return nodes, renamed(graph.initializer, onnx.TensorProto), renamed(graph.value_info, onnx.ValueInfoProto)
 
 
 def build_backbone(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc_io: dict, dec_io: dict) -> onnx.ModelProto:
@@ -193,15 +189,10 @@ def check(bundle: str, log=print) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", help="bundle folder (manifest.yaml, the encoder and decoder graphs)")
-    ap.add_argument("--check", action="store_true", help="compare with the separate graphs")
-    args = ap.parse_args(argv)
-    add_backbone(args.bundle)
-    if args.check and check(args.bundle) > 1e-5:
-        print("check failed: the backbone differs from the separate graphs", file=sys.stderr)
-        return 1
-    return 0
+    from models.add_sampler import graph_tool
+
+    return graph_tool(argv, __doc__, "the encoder and decoder graphs", add_backbone, check, 1e-5,
+                      "the encoder and decoder run apart")
 
 
 if __name__ == "__main__":

@@ -311,16 +311,23 @@ def check(bundle: str, log=print) -> float:
     return worst
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", help="bundle folder (manifest.yaml and the diffusion graph)")
-    ap.add_argument("--check", action="store_true", help="compare with a per-tick NumPy reference")
+def graph_tool(argv, doc: str, needs: str, add, check, tolerance: float, what: str) -> int:
+    """The command line of a script that adds a derived graph to a bundle: `add(bundle)`, then
+    with --check `check(bundle)` (the largest difference) against `tolerance`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", help=f"bundle folder (manifest.yaml and {needs})")
+    ap.add_argument("--check", action="store_true", help=f"compare with {what}")
     args = ap.parse_args(argv)
-    add_sampler(args.bundle)
-    if args.check and check(args.bundle) > 1e-4:
-        print("check failed: the sampler differs from the per-tick reference", file=sys.stderr)
+    add(args.bundle)
+    if args.check and check(args.bundle) > tolerance:
+        print(f"check failed: the graph differs from {what}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    return graph_tool(argv, __doc__, "the diffusion graph", add_sampler, check, 1e-4,
+                      "a per-tick NumPy reference")
 
 
 if __name__ == "__main__":

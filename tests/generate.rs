@@ -494,6 +494,16 @@ fn assert_no_temporaries(dir: &Path) {
     assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
 }
 
+/// The calls run.json records for `graph`, if it lists the graph.
+fn graph_calls(run: &serde_json::Value, graph: &str) -> Option<u64> {
+    run["graphs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["graph"] == graph)
+        .map(|g| g["calls"].as_u64().unwrap())
+}
+
 fn record(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
 }
@@ -817,17 +827,7 @@ fn merge_refuses_parts_that_do_not_make_one_run() {
 /// to add one.
 #[test]
 fn sampler_choice_is_honoured_and_recorded() {
-    let record = |dir: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(dir.join("run.json")).unwrap()).unwrap()
-    };
-    let calls = |run: &serde_json::Value, graph: &str| {
-        run["graphs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["graph"] == graph)
-            .map(|g| g["calls"].as_u64().unwrap())
-    };
+    let calls = graph_calls;
     let sampler = "models/fixtures/tiny-sampler";
     let graph = tmp("sampler-graph");
     ok(&[
@@ -1041,14 +1041,7 @@ fn backbone_choice_is_honoured_and_recorded() {
         let o = out.to_str().unwrap();
         ok(&[&[bundle][..], &args, &["--backbone", choice, "--out", o]].concat());
         let run = record(&out);
-        let calls = |graph: &str| {
-            run["graphs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|g| g["graph"] == graph)
-                .map(|g| g["calls"].as_u64().unwrap())
-        };
+        let calls = |graph: &str| graph_calls(&run, graph);
         let steps = run["mar_steps"].as_u64().unwrap();
         if choice == "fused" {
             assert_eq!(run["backbone"], "backbone graph");
