@@ -10,6 +10,7 @@ use crate::cost::ModelSpec;
 use crate::engine::ModelInfo;
 pub use crate::engine::{ImageSettings, SamplingDefaults};
 use crate::grid::Grid;
+use crate::precision::Precision;
 use crate::sampler::Variance;
 
 pub const MANIFEST_FILE: &str = "manifest.yaml";
@@ -357,7 +358,7 @@ impl Bundle {
                 known.join(", ")
             ));
         }
-        crate::precision::validate_manifest(self)
+        check_precisions(self)
     }
 
     /// The manifest's default precision, if it sets one (checked at open).
@@ -482,6 +483,67 @@ fn check_roles(
             "{key}.{kind} has an unknown role `{extra}` (known: {})",
             want.join(", ")
         ));
+    }
+    Ok(())
+}
+
+/// Checks a manifest's `precision` and `precisions` fields (called by
+/// [`Bundle::open`]): known names, variants of existing roles only, and
+/// a default that the bundle can honour.
+fn check_precisions(bundle: &Bundle) -> Result<(), String> {
+    let m = &bundle.manifest;
+    for (name, roles) in &m.precisions {
+        let key = format!("precisions.{name}");
+        match name.parse::<Precision>() {
+            Ok(p) if p.is_variant() => {}
+            Ok(Precision::Fp32) => {
+                return Err(format!(
+                    "{key}: fp32 is the `graphs` section itself; `precisions` lists fp16, bf16 and int8 variants"
+                ));
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "{key}: tf32 is not a graph variant but the CUDA provider's TF32 switch (--precision tf32 with the fp32 graphs); remove this entry"
+                ));
+            }
+            Err(_) => {
+                return Err(format!(
+                    "{key}: unknown precision `{name}`; variants can be fp16, bf16 or int8"
+                ));
+            }
+        }
+        if roles.is_empty() {
+            return Err(format!(
+                "{key} lists no graphs; remove it or give role: file entries"
+            ));
+        }
+        for (role, file) in roles {
+            if !m.graphs.contains_key(role) {
+                let known: Vec<&str> = m.graphs.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "{key}.{role}: the bundle has no graph of this role (its graphs: {})",
+                    known.join(", ")
+                ));
+            }
+            let path = bundle.dir.join(file);
+            if !path.is_file() {
+                return Err(format!(
+                    "{key}.{role}: {} does not exist (make it with `python3 models/convert_precision.py {} --precision {name}`)",
+                    path.display(),
+                    bundle.dir.display()
+                ));
+            }
+        }
+    }
+    if let Some(text) = &m.precision {
+        let p: Precision = text
+            .parse()
+            .map_err(|e: String| format!("precision: {e}"))?;
+        if p.is_variant() && !m.precisions.contains_key(p.name()) {
+            return Err(format!(
+                "precision: {p} is the default, but there is no `precisions: {p}:` entry with its graphs"
+            ));
+        }
     }
     Ok(())
 }

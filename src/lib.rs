@@ -44,6 +44,7 @@ pub use gtr_plan::{cost, grid, plan, report, rng, schedule};
 
 pub mod backend;
 pub mod bundle;
+pub mod device;
 pub mod engine;
 pub mod eval;
 pub mod fsutil;

@@ -160,7 +160,7 @@ impl RuntimeArgs {
                 self.device
             );
         }
-        let precision = gtr_run::precision::choose(bundle, self.precision, device)?;
+        let precision = gtr_run::backend::ort::precision::choose(bundle, self.precision, device)?;
         Ok(LoadOptions {
             device,
             threads: self.threads,

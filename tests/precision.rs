@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use gtr_run::backend::ort::Device;
+use gtr_run::backend::ort::precision::{PrecisionSource, choose};
 use gtr_run::bundle::Bundle;
-use gtr_run::precision::{Precision, PrecisionSource, choose};
+use gtr_run::precision::Precision;
 
 mod common;
 use common::{gtr_run, ok, root, tmp};

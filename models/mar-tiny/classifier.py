@@ -31,7 +31,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from train import TRAIN_DIR, fashion_mnist, save_atomic  # noqa: E402
+from data import TRAIN_DIR, fashion_mnist, save_atomic  # noqa: E402
 
 FEATURES = 64
 CHECKPOINT = os.path.join(TRAIN_DIR, "classifier.pt")

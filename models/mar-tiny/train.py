@@ -29,50 +29,26 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import json
 import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
+sys.path.insert(0, HERE)  # data.py, also when this file is loaded by path (bench_torch.py)
 
 from models.torch import diffusion as D  # noqa: E402
 from models.torch import mar as M  # noqa: E402
-
-DATA = "/usr/share/datasets/fashion-mnist"
-TRAIN_DIR = os.path.join(HERE, "train")
-
+from data import TRAIN_DIR, fashion_mnist, save_atomic  # noqa: E402
 
 def load_settings() -> dict:
     with open(os.path.join(HERE, "settings.json")) as f:
         return json.load(f)
-
-
-def read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def fashion_mnist(split: str = "train"):
-    """(images float32 [N, 1, 32, 32] in [-1, 1], labels int64 [N])."""
-    prefix = "train" if split == "train" else "t10k"
-    try:
-        images = read_idx(os.path.join(DATA, f"{prefix}-images-idx3-ubyte.gz"))
-        labels = read_idx(os.path.join(DATA, f"{prefix}-labels-idx1-ubyte.gz"))
-    except FileNotFoundError:
-        sys.exit(f"Fashion-MNIST not found in {DATA}: apt-get install dataset-fashion-mnist")
-    x = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(x[:, None]), torch.from_numpy(labels.astype(np.int64))
 
 
 def vae_config(s: dict) -> M.VAEConfig:
@@ -91,13 +67,6 @@ def mar_config(s: dict) -> M.MARConfig:
                        buffer=m["buffer"], classes=10, diffloss_width=m["diffloss_width"],
                        diffloss_depth=m["diffloss_depth"], learn_sigma=True,
                        label_drop_prob=m["label_drop"])
-
-
-def save_atomic(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def log_loss(stage: str, step: int, values: dict) -> None:

@@ -564,8 +564,8 @@ impl Model {
         let device = device.to_string();
         py.detach(move || {
             let bundle = Bundle::open(&bundle).map_err(run_failure)?;
-            let choice =
-                gtr_run::precision::choose(&bundle, precision, device_kind).map_err(run_failure)?;
+            let choice = gtr_run::backend::ort::precision::choose(&bundle, precision, device_kind)
+                .map_err(run_failure)?;
             let options = LoadOptions {
                 precision: choice,
                 ..LoadOptions::new(&bundle, device_kind, threads)

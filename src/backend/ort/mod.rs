@@ -2,6 +2,7 @@
 //! checked against the manifest at load, behind [`MarModel`].
 
 pub mod library;
+pub mod precision;
 pub mod tensorrt;
 
 use std::borrow::Cow;
@@ -18,63 +19,13 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
+pub use crate::device::Device;
 use crate::engine::{
     ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores, gather_rows,
 };
-use crate::precision::{Precision, PrecisionChoice};
+use crate::precision::Precision;
+use precision::PrecisionChoice;
 use tensorrt::{ShapeRanges, TensorRtOptions};
-
-/// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
-/// are strict; `Auto` tries the GPU providers compiled in and falls back
-/// to the CPU, recording what really ran.
-///
-/// The CLI takes these by [`Device::name`] (`--device`); adding a provider
-/// means a variant here, its arm in `register_device` and a Cargo
-/// feature.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-    #[value(name = "tensorrt")]
-    TensorRt,
-    Auto,
-}
-
-impl Device {
-    /// Every device, in the order `--device` lists them.
-    pub const ALL: [Device; 4] = [Device::Cpu, Device::Cuda, Device::TensorRt, Device::Auto];
-
-    /// The name `--device` takes and run.json records.
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-            Device::TensorRt => "tensorrt",
-            Device::Auto => "auto",
-        }
-    }
-}
-
-impl std::str::FromStr for Device {
-    type Err = String;
-
-    /// A [`Device::name`] (`--device`).
-    fn from_str(s: &str) -> Result<Self, String> {
-        Device::ALL
-            .into_iter()
-            .find(|d| d.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Device::ALL.iter().map(|d| d.name()).collect();
-                format!("`{s}` is not one of {}", names.join(", "))
-            })
-    }
-}
-
-impl std::fmt::Display for Device {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrtError {
@@ -97,7 +48,7 @@ pub enum OrtError {
     #[error("device `{device}`: {problem}")]
     Device { device: String, problem: String },
     #[error(transparent)]
-    Precision(#[from] crate::precision::PrecisionError),
+    Precision(#[from] precision::PrecisionError),
     #[error(transparent)]
     TensorRt(#[from] tensorrt::TensorRtOptionsError),
     /// A [`ChainRunner`] or [`BackboneRunner`] the bundle cannot honour.
@@ -137,7 +88,7 @@ pub struct LoadOptions {
     pub device: Device,
     /// Intra-op threads per graph (`None`: ONNX Runtime's choice).
     pub threads: Option<usize>,
-    /// Graph files and provider switches (see [`crate::precision::choose`]).
+    /// Graph files and provider switches (see [`precision::choose`]).
     pub precision: PrecisionChoice,
     /// TensorRT's engine and timing cache folder (`None`: the default,
     /// [`tensorrt::default_cache_dir`]).

@@ -1,0 +1,55 @@
+//! The execution providers a run can ask for (`--device`), by name. The
+//! ONNX Runtime backend registers them (`backend::ort`); precisions are
+//! checked against them (`backend::ort::precision`).
+
+/// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
+/// are strict; `Auto` tries the GPU providers compiled in and falls back
+/// to the CPU, recording what really ran.
+///
+/// The CLI takes these by [`Device::name`] (`--device`); adding a provider
+/// means a variant here, its arm in `register_device` and a Cargo
+/// feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    Cpu,
+    Cuda,
+    #[value(name = "tensorrt")]
+    TensorRt,
+    Auto,
+}
+
+impl Device {
+    /// Every device, in the order `--device` lists them.
+    pub const ALL: [Device; 4] = [Device::Cpu, Device::Cuda, Device::TensorRt, Device::Auto];
+
+    /// The name `--device` takes and run.json records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::TensorRt => "tensorrt",
+            Device::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// A [`Device::name`] (`--device`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        Device::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Device::ALL.iter().map(|d| d.name()).collect();
+                format!("`{s}` is not one of {}", names.join(", "))
+            })
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
