@@ -438,7 +438,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_error_not_a_panic() {
     };
     let o = run(&[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(o.status.code(), Some(4), "a runtime failure: {err}");
     assert!(
         err.contains("ORT_DYLIB_PATH is /nonexistent/libonnxruntime.so, which is not a file"),
         "{err}"
@@ -454,7 +454,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_error_not_a_panic() {
         ("PYTHON", "/nonexistent/python3"),
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(
         err.contains("could not run `/nonexistent/python3 -m pip`"),
         "{err}"
@@ -916,7 +916,7 @@ fn causes_are_said_once() {
     let o = out.to_str().unwrap();
     let o2 = common::gtr_run(&[TINY, "/tmp", "--out", o]);
     let err = String::from_utf8_lossy(&o2.stderr);
-    assert_eq!(o2.status.code(), Some(2));
+    assert_eq!(o2.status.code(), Some(3), "a wrong input: {err}");
     assert_eq!(err.matches("os error 21").count(), 1, "{err}");
     let alone = tmp("causes-alone");
     std::fs::create_dir_all(&alone).unwrap();
