@@ -1,6 +1,11 @@
 //! Arbitrary input never panics: random text, and random edits of the
 //! presets, either parse (and then plan or fail with a diagnostic) or fail
-//! with a diagnostic.
+//! with a diagnostic; random edits of a bundle manifest either open or are
+//! refused with a message.
+//!
+//! Each property tries 400 inputs in `cargo test`; a longer fuzzing run
+//! sets the count (README, "Fuzzing"):
+//! `GTR_RUN_FUZZ_CASES=100000 cargo test --release --test fuzz`.
 
 mod common;
 
@@ -82,8 +87,94 @@ fn pieces() -> Vec<&'static str> {
         .collect()
 }
 
+/// Inputs per property: `GTR_RUN_FUZZ_CASES`, else 400.
+fn cases() -> u32 {
+    std::env::var("GTR_RUN_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400)
+}
+
+/// Applies `edits` (position, kind: insert / delete / replace, piece) to
+/// `text`, keeping it valid UTF-8.
+fn edit(text: &mut String, edits: &[(prop::sample::Index, u8, &str)]) {
+    for (at, kind, piece) in edits {
+        let mut pos = at.index(text.len() + 1);
+        while !text.is_char_boundary(pos) {
+            pos -= 1;
+        }
+        let span = |len: usize| {
+            let mut end = (pos + len).min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            pos..end
+        };
+        match kind {
+            0 => text.insert_str(pos, piece),
+            1 => {
+                let r = span(piece.len());
+                text.replace_range(r, "");
+            }
+            _ => {
+                let r = span(3);
+                text.replace_range(r, piece);
+            }
+        }
+    }
+}
+
+/// Pieces of YAML and of the manifest's vocabulary, and numbers at the
+/// edges of every type.
+const MANIFEST_PIECES: &[&str] = &[
+    ":",
+    "{",
+    "}",
+    "[",
+    "]",
+    "-",
+    ",",
+    "\n",
+    "\n  ",
+    "  ",
+    "#",
+    "\"",
+    "'",
+    "&a",
+    "*a",
+    "!!str",
+    "null",
+    "~",
+    "true",
+    "0",
+    "-1",
+    "1e309",
+    ".nan",
+    "-.inf",
+    "18446744073709551616",
+    "4294967296",
+    "65536",
+    "grid",
+    "graphs",
+    "encoder",
+    "decoder",
+    "backbone",
+    "sampler",
+    "file",
+    "inputs",
+    "outputs",
+    "precisions",
+    "fp16",
+    "../",
+    "/dev/null",
+    "classes",
+    "null_class",
+    "train_steps",
+    "latent_scale",
+];
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), .. ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
@@ -102,25 +193,48 @@ proptest! {
     ) {
         let all = presets();
         let mut text = all[which % all.len()].clone();
-        for (at, kind, piece) in edits {
-            let mut pos = at.index(text.len() + 1);
-            while !text.is_char_boundary(pos) { pos -= 1; }
-            match kind {
-                0 => text.insert_str(pos, piece),
-                1 => {
-                    let mut end = (pos + piece.len()).min(text.len());
-                    while !text.is_char_boundary(end) { end -= 1; }
-                    text.replace_range(pos..end, "");
-                }
-                _ => {
-                    let mut end = (pos + 3).min(text.len());
-                    while !text.is_char_boundary(end) { end -= 1; }
-                    text.replace_range(pos..end, piece);
-                }
-            }
-        }
+        edit(&mut text, &edits);
         exercise(&text);
     }
+
+    #[test]
+    fn edited_manifests_open_or_are_refused(
+        edits in prop::collection::vec(
+            (any::<prop::sample::Index>(), 0u8..3, prop::sample::select(MANIFEST_PIECES)),
+            1..5,
+        ),
+    ) {
+        let mut text = manifest();
+        edit(&mut text, &edits);
+        static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let case = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = common::tmp(&format!("fuzz-manifest-{case}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("manifest.yaml"), &text).unwrap();
+        let opened = gtr_run::bundle::Bundle::open(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        if let Err(e) = opened {
+            prop_assert!(!e.to_string().is_empty());
+        }
+    }
+}
+
+/// The tiny fixture's manifest with its graph files named by absolute
+/// paths, so that an unedited copy opens from any folder.
+fn manifest() -> String {
+    let tiny = common::root().join("models/fixtures/tiny");
+    let text = std::fs::read_to_string(tiny.join("manifest.yaml")).unwrap();
+    text.replace("file: ", &format!("file: {}/", tiny.display()))
+}
+
+#[test]
+fn the_unedited_manifest_opens() {
+    let dir = common::tmp("fuzz-manifest-plain");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("manifest.yaml"), manifest()).unwrap();
+    let opened = gtr_run::bundle::Bundle::open(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    opened.unwrap();
 }
 
 #[test]
