@@ -128,6 +128,36 @@ fn manifest_numbers_out_of_range_are_refused() {
 
 /// A schedule whose chains are longer than the model's training chain is
 /// refused before any folder is made (it used to index out of bounds).
+/// `classes` and `null_class` beyond the encoder's class embedding (the
+/// tiny graphs have 11 rows: 10 classes and the null class) are refused when
+/// the graphs load, naming the manifest's fields, not by ONNX Runtime at the
+/// first step; with exit status 3, a wrong input.
+#[test]
+fn classes_beyond_the_class_embedding_are_refused_at_load() {
+    let edit = |m: String| {
+        m.replace("classes: 10 ", "classes: 20 ")
+            .replace("null_class: 10 ", "null_class: 20 ")
+    };
+    let dir = tiny_bundle_with("numbers-classes", "", "", edit);
+    let manifest = std::fs::read_to_string(dir.join("manifest.yaml")).unwrap();
+    assert!(manifest.contains("classes: 20 ") && manifest.contains("null_class: 20 "));
+    let out = tmp("numbers-classes-out");
+    let o = common::gtr_run(&[
+        dir.to_str().unwrap(),
+        "schedules/mar-8.gtr",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("(the last of the manifest's `classes: 20`, and its `null_class: 20`) do not run through the encoder's class embedding"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "said once: {err}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn chains_longer_than_the_training_chain_are_refused_up_front() {
     let dir = tiny_bundle_with("numbers-train-steps", "", "", |m| {

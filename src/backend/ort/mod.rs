@@ -168,8 +168,12 @@ impl Graph {
             message,
         };
         let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
+        // A failing run's error comes back to us and is said once, with the
+        // graph named; ONNX Runtime's own log line would say it again.
         builder = builder
             .with_intra_op_spinning(false)
+            .map_err(|e| session_err(e.to_string()))?
+            .with_log_level(ort::logging::LogLevel::Fatal)
             .map_err(|e| session_err(e.to_string()))?;
         if let Some(n) = threads {
             builder = builder
@@ -555,7 +559,7 @@ impl OrtModel {
             it.next().unwrap(),
             it.next().unwrap(),
         );
-        Ok(OrtModel {
+        let mut model = OrtModel {
             info,
             encoder,
             decoder,
@@ -566,6 +570,59 @@ impl OrtModel {
             provider,
             precision: choice.clone(),
             tensorrt,
+        };
+        // TensorRT engines are built for the run's shapes, not a probe's.
+        if options.device != Device::TensorRt {
+            model.probe_labels()?;
+        }
+        Ok(model)
+    }
+
+    /// Runs the encoder once on the largest real class and the null class,
+    /// so that a manifest whose `classes` or `null_class` lie beyond the
+    /// graph's class embedding is refused at load, naming those fields,
+    /// rather than failing inside ONNX Runtime at the first step. The
+    /// probe's time is counted as the encoder's loading time.
+    fn probe_labels(&mut self) -> Result<(), OrtError> {
+        let info = &self.info;
+        let (l, c) = (info.grid.len(), info.token_dim);
+        let labels = ndarray::Array1::from_iter(
+            (info.classes > 0)
+                .then(|| info.classes as i64 - 1)
+                .into_iter()
+                .chain([info.null_class]),
+        );
+        let b = labels.len();
+        let tokens = Array3::<f32>::zeros((b, l, c));
+        let known = Array2::<i64>::zeros((b, 0));
+        let to_contract = |problem: String| OrtError::Contract {
+            graph: "encoder",
+            tensor: "label".into(),
+            problem,
+        };
+        let inputs = vec![
+            (
+                "tokens",
+                view("encoder", tokens.view()).map_err(|e| to_contract(e.to_string()))?,
+            ),
+            (
+                "known",
+                view("encoder", known.view()).map_err(|e| to_contract(e.to_string()))?,
+            ),
+            (
+                "label",
+                view("encoder", labels.view()).map_err(|e| to_contract(e.to_string()))?,
+            ),
+        ];
+        let result = self.encoder.run(inputs, "encoded", false);
+        let stats = &mut self.encoder.stats;
+        stats.load_seconds += stats.seconds;
+        (stats.calls, stats.seconds, stats.first_call_seconds) = (0, 0.0, 0.0);
+        result.map(drop).map_err(|e| {
+            to_contract(format!(
+                "labels {labels} (the last of the manifest's `classes: {}`, and its `null_class: {}`) do not run through the encoder's class embedding: {e}; the manifest's classes or null_class do not match the graph",
+                self.info.classes, self.info.null_class
+            ))
         })
     }
 
