@@ -124,23 +124,40 @@ pub fn generate<M: MarModel>(
     if req.existing == Existing::Resume {
         folder::check_resumable(&req.out, previous.as_ref(), &record)?;
     }
+    // With adaptive orders an image is kept only with its recorded order
+    // (one made without it is made again, to the same bytes).
+    let adaptive = plans.reference.is_adaptive();
+    let recorded_orders = previous
+        .as_ref()
+        .map(|r| r.reveal_orders.clone())
+        .unwrap_or_default();
     let (kept, todo): (Vec<usize>, Vec<usize>) = range.clone().partition(|&i| {
-        req.existing == Existing::Resume && folder::is_written(&image_path(&req.out, i))
+        req.existing == Existing::Resume
+            && folder::is_written(&image_path(&req.out, i))
+            && (!adaptive || recorded_orders.contains_key(&image_name(i)))
     });
     let mut hashes = check_kept(&req.out, &kept, previous.as_ref())?;
+    let mut orders: BTreeMap<String, Vec<usize>> = recorded_orders
+        .into_iter()
+        .filter(|(name, _)| hashes.contains_key(name))
+        .collect();
     // The folder is this run's from here on: its identity is on disk before
     // the first image, so that a later --resume, even after a kill, can
     // compare against it (and the kept images against their hashes).
-    RunRecord {
-        finished: false,
-        images_sha256: hashes.clone(),
-        writer: Some(Writer {
-            pid: std::process::id(),
-            host: host_name(),
-        }),
-        ..record.clone()
-    }
-    .write(&req.out)?;
+    let unfinished = |hashes: &BTreeMap<String, String>, orders: &BTreeMap<String, Vec<usize>>| {
+        RunRecord {
+            finished: false,
+            images_sha256: hashes.clone(),
+            reveal_orders: orders.clone(),
+            writer: Some(Writer {
+                pid: std::process::id(),
+                host: host_name(),
+            }),
+            ..record.clone()
+        }
+        .write(&req.out)
+    };
+    unfinished(&hashes, &orders)?;
 
     let mut engine = Engine::new(model);
     engine.ticks_per_call = req.ticks_per_call;
@@ -162,7 +179,15 @@ pub fn generate<M: MarModel>(
             let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
             let path = image_path(&req.out, job.index as usize);
             hashes.insert(image_name(job.index as usize), sha256_hex(&png));
+            if adaptive {
+                orders.insert(image_name(job.index as usize), out.reveal_orders[k].clone());
+            }
             write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
+        }
+        // The engine's choices exist nowhere else: on disk after each batch,
+        // so that --resume after a kill keeps these images.
+        if adaptive {
+            unfinished(&hashes, &orders)?;
         }
         done += jobs.len();
         progress(done, range.len());
@@ -178,6 +203,7 @@ pub fn generate<M: MarModel>(
         write_npz(npz, &req.out, range.clone())?;
     }
     record.images_sha256 = hashes;
+    record.reveal_orders = orders;
     record.measured = Some(measure(&engine, &plans.reference, todo.len(), wall, req));
     record.write(&req.out)?;
     Ok(record)
@@ -299,6 +325,7 @@ fn describe_run<M: MarModel>(
         cost_per_image: plan_cost(reference, &bundle.cost_spec()).into(),
         finished: true,
         images_sha256: BTreeMap::new(),
+        reveal_orders: BTreeMap::new(),
         writer: None,
         measured: None,
         parts: Vec::new(),
