@@ -200,6 +200,14 @@ pub fn cost_table(c: &Cost) -> String {
     let _ = writeln!(out, "  encoder   {:>8.3} TFLOPs", c.encoder_flops / 1e12);
     let _ = writeln!(out, "  decoder   {:>8.3} TFLOPs", c.decoder_flops / 1e12);
     let _ = writeln!(out, "  diffusion {:>8.3} TFLOPs", c.diffusion_flops / 1e12);
+    if c.adaptive_candidates > 0 {
+        let _ = writeln!(
+            out,
+            "  scoring   {:>8.3} MFLOPs: {} FTS scores (eq. 5), one per masked token of each adaptive step, whose z rows the backbone returns",
+            c.scoring_flops / 1e6,
+            c.adaptive_candidates
+        );
+    }
     let _ = writeln!(out, "  total     {:>8.3} TFLOPs", c.total_flops() / 1e12);
     out
 }
