@@ -119,7 +119,10 @@ fn every_preset_runs_end_to_end() {
         .filter(|n| n.ends_with(".gtr"))
         .collect();
     names.sort();
-    assert!(names.len() >= 20, "presets missing from schedules/: {names:?}");
+    assert!(
+        names.len() >= 20,
+        "presets missing from schedules/: {names:?}"
+    );
     for name in names {
         let out = tmp(&format!("preset-{name}"));
         let schedule = format!("schedules/{name}");
@@ -1113,7 +1116,12 @@ fn adaptive_runs_record_their_orders_resume_and_merge() {
     assert!(pngs(&a) == pngs(&b), "same seed, same bytes, any batch");
     assert_eq!(orders(&ra), orders(&rb));
     run_records_are_documented(&[&ra]);
-    assert!(ra["cost_per_image"]["adaptive_candidates"].as_u64().unwrap() > 0);
+    assert!(
+        ra["cost_per_image"]["adaptive_candidates"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     let schedule = common::preset("gtr-adaptive.gtr");
     let planner = Planner::new(&schedule, Grid::MAR).unwrap();
@@ -1125,9 +1133,7 @@ fn adaptive_runs_record_their_orders_resume_and_merge() {
         let mut sorted = order.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..256).collect::<Vec<_>>(), "every token once");
-        let plan = planner
-            .plan(gtr_run::rng::image_seed(4, i as u64))
-            .unwrap();
+        let plan = planner.plan(gtr_run::rng::image_seed(4, i as u64)).unwrap();
         let scaffold = plan.stage_sequence(0);
         for step in plan.steps.iter().filter(|s| s.adaptive.is_some()) {
             let got = &order[step.known_before..step.known_before + step.tokens.len()];

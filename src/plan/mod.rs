@@ -19,9 +19,7 @@ use crate::grid::{Grid, MAX_TOKENS};
 use crate::rng::{Purpose, Stream};
 use crate::schedule::ast::{Expr, RampShape, Rounding, Selector};
 use crate::schedule::expr::{self, Env};
-use crate::schedule::{
-    Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, StepCount,
-};
+use crate::schedule::{Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, StepCount};
 
 /// The most diffusion steps a token may get (the training chain has 1000).
 pub const MAX_DIFFUSION_STEPS: u32 = 1000;
