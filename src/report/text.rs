@@ -52,7 +52,7 @@ pub fn step_grid(plan: &Plan) -> String {
         let Some(by) = plan.steps[first].adaptive else {
             continue;
         };
-        let last = steps.last().unwrap_or(first);
+        let last = steps.next_back().unwrap_or(first);
         let _ = writeln!(
             out,
             "? stage `{}`: steps {}-{} each reveal their count of its masked tokens, chosen at run time (order adaptive by {})",
