@@ -12,7 +12,6 @@ use gtr_run::engine::fake::FakeModel;
 use gtr_run::engine::{BatchOutput, Engine, ImageJob, NoiseSource, Replay, SeededNoise};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{Plan, Planner};
-use gtr_run::rng::image_seed;
 use gtr_run::schedule::{Schedule, Selector, Source};
 use ndarray::{Array2, Array3, Array4};
 
@@ -29,13 +28,7 @@ fn schedule(selector: &str) -> Schedule {
 }
 
 fn jobs(seed: u64, n: u64) -> Vec<ImageJob> {
-    (0..n)
-        .map(|i| ImageJob {
-            index: i,
-            seed: image_seed(seed, i),
-            label: (i % 10) as i64,
-        })
-        .collect()
+    common::image_jobs(seed, 0..n)
 }
 
 fn plans(s: &Schedule, jobs: &[ImageJob]) -> Vec<Plan> {

@@ -354,20 +354,29 @@ fn the_model_may_be_given_as_folder_manifest_or_graph() {
     }
 }
 
+/// A replay file for `images` images of the 16x16 fixture: token `order(k)`
+/// revealed `k`-th, initial noise 0.1, step noise 0 for 50 iterations.
+fn write_replay(file: &Path, images: usize, order: impl Fn(usize) -> usize) {
+    use ndarray::{Array2, Array3, Array4};
+    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(file).unwrap());
+    let order = Array2::from_shape_fn((images, 256), |(_, k)| order(k) as i64);
+    w.add_array("order", &order).unwrap();
+    w.add_array(
+        "init_noise",
+        &Array3::<f32>::from_elem((images, 256, 4), 0.1),
+    )
+    .unwrap();
+    w.add_array("step_noise", &Array4::<f32>::zeros((images, 256, 50, 4)))
+        .unwrap();
+    w.finish().unwrap();
+}
+
 #[test]
 fn replay_file_drives_order_and_noise() {
-    use ndarray::{Array2, Array3, Array4};
     let dir = tmp("replay");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("replay.npz");
-    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&file).unwrap());
-    let order = Array2::from_shape_fn((2, 256), |(_, t)| (255 - t) as i64);
-    w.add_array("order", &order).unwrap();
-    w.add_array("init_noise", &Array3::<f32>::from_elem((2, 256, 4), 0.1))
-        .unwrap();
-    w.add_array("step_noise", &Array4::<f32>::zeros((2, 256, 50, 4)))
-        .unwrap();
-    w.finish().unwrap();
+    write_replay(&file, 2, |t| 255 - t);
     let (a, b) = (dir.join("a"), dir.join("b"));
     for out in [&a, &b] {
         ok(&[
@@ -1169,16 +1178,8 @@ fn adaptive_runs_record_their_orders_resume_and_merge() {
     assert_eq!(orders(&record(&m)), orders(&ra));
 
     // A replay's order is revealed, adaptive steps included.
-    use ndarray::{Array2, Array3, Array4};
     let file = dir.join("replay.npz");
-    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&file).unwrap());
-    let order = Array2::from_shape_fn((3, 256), |(_, t)| ((t * 37) % 256) as i64);
-    w.add_array("order", &order).unwrap();
-    w.add_array("init_noise", &Array3::<f32>::from_elem((3, 256, 4), 0.1))
-        .unwrap();
-    w.add_array("step_noise", &Array4::<f32>::zeros((3, 256, 50, 4)))
-        .unwrap();
-    w.finish().unwrap();
+    write_replay(&file, 3, |k| (k * 37) % 256);
     let replayed = run(&dir.join("r"), &["--replay", file.to_str().unwrap()]);
     let plan = planner.plan(0).unwrap();
     for (_, got) in orders(&replayed) {
