@@ -1168,7 +1168,22 @@ fn adaptive_runs_record_their_orders_resume_and_merge() {
     // Shards merged hold every image's order.
     let (p0, p1, m) = (dir.join("p0"), dir.join("p1"), dir.join("m"));
     run(&p0, &["--shard", "0/2"]);
-    run(&p1, &["--shard", "1/2"]);
+    let whole = run(&p1, &["--shard", "1/2"]);
+    let mut lacking = whole.clone();
+    let orders_of = lacking["reveal_orders"].as_object_mut().unwrap();
+    let first = orders_of.keys().next().unwrap().clone();
+    orders_of.remove(&first);
+    std::fs::write(p1.join("run.json"), lacking.to_string()).unwrap();
+    let (m0, pp0, pp1) = (
+        dir.join("m0"),
+        p0.to_str().unwrap().to_string(),
+        p1.to_str().unwrap().to_string(),
+    );
+    fails(
+        &["merge", m0.to_str().unwrap(), &pp0, &pp1],
+        &format!("records no reveal order for {first}"),
+    );
+    std::fs::write(p1.join("run.json"), whole.to_string()).unwrap();
     ok(&[
         "merge",
         m.to_str().unwrap(),

@@ -221,9 +221,12 @@ impl<M: MarModel> Engine<M> {
         })
     }
 
-    /// MAR step `s` of the batch: the backbone on the canvas, the step's
-    /// rows laid out with their conditioning, their chains run (on the host
-    /// or in the model's sampler graph), the sampled tokens written back.
+    /// MAR step `s` of the batch: the backbone on the canvas (at an
+    /// adaptive step, for all of the stage's masked tokens, of which the
+    /// step's count is chosen), the step's rows laid out with their
+    /// conditioning, their chains run (on the host or in the model's
+    /// sampler graph), the sampled tokens written back. Returns the step's
+    /// measurements and each image's revealed tokens (ascending).
     fn step(
         &mut self,
         plans: &[Plan],
