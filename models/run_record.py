@@ -81,6 +81,8 @@ def check(record: dict, where: str = "run.json") -> dict:
     states.add("finished" if record.get("finished", True) else "unfinished")
     if record.get("parts"):
         states.add("merged")
+    if "reveal_orders" in record:
+        states.add("adaptive")
     for field, kind, nullable, when in schema():
         if when not in states:
             continue

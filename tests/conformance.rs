@@ -23,14 +23,19 @@ const KEY_ORDERS: [&str; 5] = [
     "by sqrt(i * w + j)",
 ];
 
-/// Every `order` clause the conformance suite plans: the named orders and
-/// the expression orders (explicit lists are grid-specific; see
-/// `explicit_orders_conform`).
+/// Adaptive orders: planned with a provisional order (checked here), chosen
+/// at run time (see `adaptive_orders_reveal_every_token_once_when_run`).
+const ADAPTIVE_ORDERS: [&str; 2] = ["adaptive by high_freq", "adaptive by low_freq"];
+
+/// Every `order` clause the conformance suite plans: the named orders, the
+/// expression orders and the adaptive ones (explicit lists are
+/// grid-specific; see `explicit_orders_conform`).
 fn order_clauses() -> Vec<String> {
     OrderKind::ALL
         .iter()
         .map(|k| k.name().to_string())
         .chain(KEY_ORDERS.iter().map(|k| k.to_string()))
+        .chain(ADAPTIVE_ORDERS.iter().map(|k| k.to_string()))
         .collect()
 }
 
@@ -208,4 +213,52 @@ fn raster_reveals_top_left_first() {
     let p = common::plan_default(&common::preset("raster.gtr"), 0);
     assert_eq!(p.steps[0].tokens, vec![0]);
     assert_eq!(p.steps[63].tokens.last(), Some(&255));
+}
+
+/// What the engine reveals at adaptive steps conforms too: on several
+/// grids, seeds and distributions, every token once, each step its planned
+/// count of its stage's tokens.
+#[test]
+fn adaptive_orders_reveal_every_token_once_when_run() {
+    use gtr_run::engine::fake::FakeModel;
+    use gtr_run::engine::{Engine, ImageJob, SeededNoise};
+    for order in ADAPTIVE_ORDERS {
+        for dist in Distribution::ALL.iter().map(|d| d.name()) {
+            let text = format!(
+                "partition checker(2)
+                 diffusion 2
+                 stage a {{ tokens S1  order {order}  rate 3 {dist} }}
+                 stage b {{ tokens rest  order {order}  rate 2 {dist} }}"
+            );
+            let s = Schedule::from_source(Source::new("t", text), &BTreeMap::new()).unwrap();
+            for (h, w) in [(2, 3), (5, 7), (8, 8)] {
+                let grid = Grid::new(h, w);
+                let planner = Planner::new(&s, grid).unwrap();
+                let jobs: Vec<ImageJob> = (0..2)
+                    .map(|i| ImageJob {
+                        index: i,
+                        seed: i * 7 + 1,
+                        label: i as i64,
+                    })
+                    .collect();
+                let plans: Vec<Plan> = jobs.iter().map(|j| planner.plan(j.seed).unwrap()).collect();
+                let mut engine = Engine::new(FakeModel::with_grid(grid));
+                let out = engine
+                    .generate(&plans, &jobs, &SeededNoise, |_, _| {})
+                    .unwrap();
+                for (img, plan) in plans.iter().enumerate() {
+                    let what = format!("{order}/{dist} {h}x{w} image {img}");
+                    let revealed = &out.reveal_orders[img];
+                    let mut all = revealed.clone();
+                    all.sort_unstable();
+                    assert_eq!(all, (0..grid.len()).collect::<Vec<_>>(), "{what}");
+                    let stage_of = plan.stage_of_token();
+                    for step in &plan.steps {
+                        let got = &revealed[step.known_before..][..step.tokens.len()];
+                        assert!(got.iter().all(|&t| stage_of[t] == step.stage), "{what}");
+                    }
+                }
+            }
+        }
+    }
 }

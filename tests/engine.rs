@@ -1,13 +1,16 @@
 //! The engine on the deterministic fake model: batching never changes an
 //! image, seeds reproduce, calls are batched as promised, replay is honoured.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::image_jobs as jobs;
 
 use gtr_run::engine::fake::FakeModel;
 use gtr_run::engine::{Engine, ImageJob, Replay, SeededNoise};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{Plan, PlanOptions, Planner};
-use gtr_run::rng::image_seed;
 use gtr_run::schedule::{Schedule, Source};
 use ndarray::{Array2, Array3, Array4, Axis};
 
@@ -20,16 +23,6 @@ fn preset(name: &str) -> Schedule {
         .join("schedules")
         .join(name);
     Schedule::from_file(&path, &BTreeMap::new()).unwrap()
-}
-
-fn jobs(seed: u64, indices: std::ops::Range<u64>) -> Vec<ImageJob> {
-    indices
-        .map(|i| ImageJob {
-            index: i,
-            seed: image_seed(seed, i),
-            label: (i % 10) as i64,
-        })
-        .collect()
 }
 
 fn plans(s: &Schedule, jobs: &[ImageJob]) -> Vec<Plan> {

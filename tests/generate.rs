@@ -354,20 +354,29 @@ fn the_model_may_be_given_as_folder_manifest_or_graph() {
     }
 }
 
+/// A replay file for `images` images of the 16x16 fixture: token `order(k)`
+/// revealed `k`-th, initial noise 0.1, step noise 0 for 50 iterations.
+fn write_replay(file: &Path, images: usize, order: impl Fn(usize) -> usize) {
+    use ndarray::{Array2, Array3, Array4};
+    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(file).unwrap());
+    let order = Array2::from_shape_fn((images, 256), |(_, k)| order(k) as i64);
+    w.add_array("order", &order).unwrap();
+    w.add_array(
+        "init_noise",
+        &Array3::<f32>::from_elem((images, 256, 4), 0.1),
+    )
+    .unwrap();
+    w.add_array("step_noise", &Array4::<f32>::zeros((images, 256, 50, 4)))
+        .unwrap();
+    w.finish().unwrap();
+}
+
 #[test]
 fn replay_file_drives_order_and_noise() {
-    use ndarray::{Array2, Array3, Array4};
     let dir = tmp("replay");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("replay.npz");
-    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&file).unwrap());
-    let order = Array2::from_shape_fn((2, 256), |(_, t)| (255 - t) as i64);
-    w.add_array("order", &order).unwrap();
-    w.add_array("init_noise", &Array3::<f32>::from_elem((2, 256, 4), 0.1))
-        .unwrap();
-    w.add_array("step_noise", &Array4::<f32>::zeros((2, 256, 50, 4)))
-        .unwrap();
-    w.finish().unwrap();
+    write_replay(&file, 2, |t| 255 - t);
     let (a, b) = (dir.join("a"), dir.join("b"));
     for out in [&a, &b] {
         ok(&[
@@ -991,7 +1000,12 @@ fn unwritable_outputs_and_odd_graph_files_are_found_up_front() {
 /// `seconds` has the fields of `seconds`).
 fn run_records_are_documented(records: &[&serde_json::Value]) {
     fn paths(value: &serde_json::Value, at: String, out: &mut Vec<String>) {
-        const FREE_KEYS: [&str; 3] = ["schedule.params", "images_sha256", "runtime_settings"];
+        const FREE_KEYS: [&str; 4] = [
+            "schedule.params",
+            "images_sha256",
+            "reveal_orders",
+            "runtime_settings",
+        ];
         match value {
             serde_json::Value::Object(map) if !FREE_KEYS.contains(&at.as_str()) => {
                 for (k, v) in map {
@@ -1068,4 +1082,121 @@ fn backbone_choice_is_honoured_and_recorded() {
         "add one with `python3 models/add_backbone.py",
     );
     assert!(!out.exists(), "nothing is written for a refused run");
+}
+
+/// `order adaptive` end to end: the same bytes and choices twice, every
+/// image's reveal order in run.json (documented, inside the stage, not the
+/// plan's provisional order), kept by `--resume` (an image without a
+/// recorded order is made again) and joined by `merge`; a replay's order
+/// is the one revealed.
+#[test]
+fn adaptive_runs_record_their_orders_resume_and_merge() {
+    use gtr_run::grid::Grid;
+    use gtr_run::plan::Planner;
+    let dir = tmp("adaptive");
+    let run = |out: &Path, extra: &[&str]| {
+        let args = [
+            &[TINY, "schedules/gtr-adaptive.gtr", "--num-images", "3"][..],
+            &["--seed", "4", "--out", out.to_str().unwrap()],
+            extra,
+        ]
+        .concat();
+        ok(&args);
+        record(out)
+    };
+    let orders = |r: &serde_json::Value| -> Vec<(String, Vec<usize>)> {
+        serde_json::from_value::<std::collections::BTreeMap<String, Vec<usize>>>(
+            r["reveal_orders"].clone(),
+        )
+        .unwrap()
+        .into_iter()
+        .collect()
+    };
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let ra = run(&a, &[]);
+    let rb = run(&b, &["--batch", "2"]);
+    assert!(pngs(&a) == pngs(&b), "same seed, same bytes, any batch");
+    assert_eq!(orders(&ra), orders(&rb));
+    run_records_are_documented(&[&ra]);
+    assert!(
+        ra["cost_per_image"]["adaptive_candidates"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    let schedule = common::preset("gtr-adaptive.gtr");
+    let planner = Planner::new(&schedule, Grid::MAR).unwrap();
+    let mut differs = 0;
+    let all = orders(&ra);
+    assert_eq!(all.len(), 3);
+    for (i, (name, order)) in all.iter().enumerate() {
+        assert_eq!(name, &format!("{i:05}.png"));
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..256).collect::<Vec<_>>(), "every token once");
+        let plan = planner.plan(gtr_run::rng::image_seed(4, i as u64)).unwrap();
+        let scaffold = plan.stage_sequence(0);
+        for step in plan.steps.iter().filter(|s| s.adaptive.is_some()) {
+            let got = &order[step.known_before..step.known_before + step.tokens.len()];
+            assert!(got.iter().all(|t| scaffold.contains(t)), "inside S1");
+            differs += usize::from(got != step.tokens.as_slice());
+        }
+    }
+    assert!(differs > 0, "chosen, not the provisional order");
+
+    // --resume: a missing image and one whose order is not recorded are made again.
+    std::fs::remove_file(b.join("00001.png")).unwrap();
+    let mut rec = record(&b);
+    rec["reveal_orders"]
+        .as_object_mut()
+        .unwrap()
+        .remove("00002.png");
+    std::fs::write(b.join("run.json"), rec.to_string()).unwrap();
+    let resumed = run(&b, &["--resume"]);
+    assert_eq!(resumed["generated_now"], 2);
+    assert!(pngs(&a) == pngs(&b));
+    assert_eq!(orders(&resumed), orders(&ra));
+
+    // Shards merged hold every image's order.
+    let (p0, p1, m) = (dir.join("p0"), dir.join("p1"), dir.join("m"));
+    run(&p0, &["--shard", "0/2"]);
+    let whole = run(&p1, &["--shard", "1/2"]);
+    let mut lacking = whole.clone();
+    let orders_of = lacking["reveal_orders"].as_object_mut().unwrap();
+    let first = orders_of.keys().next().unwrap().clone();
+    orders_of.remove(&first);
+    std::fs::write(p1.join("run.json"), lacking.to_string()).unwrap();
+    let (m0, pp0, pp1) = (
+        dir.join("m0"),
+        p0.to_str().unwrap().to_string(),
+        p1.to_str().unwrap().to_string(),
+    );
+    fails(
+        &["merge", m0.to_str().unwrap(), &pp0, &pp1],
+        &format!("records no reveal order for {first}"),
+    );
+    std::fs::write(p1.join("run.json"), whole.to_string()).unwrap();
+    ok(&[
+        "merge",
+        m.to_str().unwrap(),
+        p0.to_str().unwrap(),
+        p1.to_str().unwrap(),
+    ]);
+    assert_eq!(orders(&record(&m)), orders(&ra));
+
+    // A replay's order is revealed, adaptive steps included.
+    let file = dir.join("replay.npz");
+    write_replay(&file, 3, |k| (k * 37) % 256);
+    let replayed = run(&dir.join("r"), &["--replay", file.to_str().unwrap()]);
+    let plan = planner.plan(0).unwrap();
+    for (_, got) in orders(&replayed) {
+        for step in &plan.steps {
+            let range = step.known_before..step.known_before + step.tokens.len();
+            let mut want: Vec<usize> = range.clone().map(|k| (k * 37) % 256).collect();
+            want.sort_unstable();
+            assert_eq!(got[range], want[..]);
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -93,6 +93,7 @@ fn plans(g: &mut Golden) -> (Vec<Plan>, Array2<i64>, Array1<i64>) {
                     let step = PlanStep {
                         stage: 0,
                         tokens,
+                        adaptive: None,
                         known_before: known,
                         diffusion_steps: base[s] as u32,
                         detail,

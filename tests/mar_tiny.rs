@@ -35,3 +35,48 @@ fn mar_tiny_makes_the_requested_classes() {
 /// Clearly below the untrained model's distance on the same images (see
 /// models/mar-tiny/README.md).
 const FD_BOUND: f64 = 100.0;
+
+/// The adaptive preset on the shipped model: the same bytes and choices
+/// twice, and every image's reveal order recorded.
+#[test]
+fn mar_tiny_runs_the_adaptive_preset_deterministically() {
+    let made: Vec<(Vec<Vec<u8>>, serde_json::Value)> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let out = tmp(&format!("mar-tiny-adaptive-{name}"));
+            ok(&[
+                "models/mar-tiny",
+                "schedules/gtr-adaptive.gtr",
+                "--num-images",
+                "2",
+                "--seed",
+                "3",
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            let pngs = ["00000.png", "00001.png"]
+                .iter()
+                .map(|f| std::fs::read(out.join(f)).unwrap())
+                .collect();
+            let run: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap())
+                    .unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            (pngs, run["reveal_orders"].clone())
+        })
+        .collect();
+    assert_eq!(made[0].0, made[1].0, "same seed, same bytes");
+    assert_eq!(made[0].1, made[1].1, "same choices");
+    let orders = made[0].1.as_object().unwrap();
+    assert_eq!(orders.len(), 2);
+    for order in orders.values() {
+        let mut tokens: Vec<u64> = order
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, (0..256).collect::<Vec<u64>>());
+    }
+}

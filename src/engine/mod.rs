@@ -6,7 +6,13 @@
 //! diffusion chain together: one diffusion-head call per tick for all rows
 //! of the step (both CFG halves), each row at its own timestep, so chains of
 //! 50 and 20 steps cost 50 calls. Then the VAE decodes the tokens.
+//!
+//! At an adaptive step ([`crate::plan::PlanStep::adaptive`]) the backbone
+//! returns the conditioning vectors of all of the stage's still-masked
+//! tokens; the step reveals the top count of them by FTS score and goes on
+//! with their rows only. A [`Replay`] names its own tokens instead.
 
+mod adaptive;
 mod chains;
 pub mod fake;
 pub mod model;
@@ -152,6 +158,10 @@ pub struct BatchOutput {
     pub pixels: Array4<u8>,
     /// Which tokens got FTS detail steps [B, L].
     pub detail: Array2<bool>,
+    /// Each image's tokens in the order they were revealed (step by step,
+    /// ascending within a step): the plan's, a replay's, or at adaptive
+    /// steps the engine's choice.
+    pub reveal_orders: Vec<Vec<usize>>,
 }
 
 pub struct Engine<M: MarModel> {
@@ -227,8 +237,12 @@ impl<M: MarModel> Engine<M> {
             self.stats.steps.resize(steps, StepStats::default());
         }
         let mut canvas = Canvas::new(jobs.len(), info.grid.len(), info.token_dim);
+        let mut reveal_orders = vec![Vec::with_capacity(info.grid.len()); jobs.len()];
         for s in 0..steps {
-            let stats = self.step(plans, jobs, noise, s, &mut canvas, &info)?;
+            let (stats, predicted) = self.step(plans, jobs, noise, s, &mut canvas, &info)?;
+            for (order, tokens) in reveal_orders.iter_mut().zip(predicted) {
+                order.extend(tokens);
+            }
             self.stats.steps[s].add(&stats);
             on_step(s, steps);
         }
@@ -239,12 +253,16 @@ impl<M: MarModel> Engine<M> {
             images,
             pixels,
             detail: canvas.detail,
+            reveal_orders,
         })
     }
 
-    /// MAR step `s` of the batch: the backbone on the canvas, the step's
-    /// rows laid out with their conditioning, their chains run (on the host
-    /// or in the model's sampler graph), the sampled tokens written back.
+    /// MAR step `s` of the batch: the backbone on the canvas (at an
+    /// adaptive step, for all of the stage's masked tokens, of which the
+    /// step's count is chosen), the step's rows laid out with their
+    /// conditioning, their chains run (on the host or in the model's
+    /// sampler graph), the sampled tokens written back. Returns the step's
+    /// measurements and each image's revealed tokens (ascending).
     fn step(
         &mut self,
         plans: &[Plan],
@@ -253,21 +271,35 @@ impl<M: MarModel> Engine<M> {
         s: usize,
         canvas: &mut Canvas,
         info: &ModelInfo,
-    ) -> Result<StepStats, EngineError> {
+    ) -> Result<(StepStats, Vec<Vec<usize>>), EngineError> {
         let step_start = Instant::now();
         let template = &plans[0].steps[s];
         let guided = template.cfg.is_some();
         let (b, d) = (jobs.len(), info.width);
         let rows_b = if guided { 2 * b } else { b };
 
-        let predicted: Vec<Vec<usize>> = plans
+        // The tokens each image predicts; at an adaptive step (a source
+        // without orders of its own) the stage's still-masked tokens, of
+        // which the step's count is chosen after the backbone.
+        let fixed: Option<Vec<Vec<usize>>> = plans
             .iter()
             .zip(jobs)
             .map(|(plan, &job)| noise.predicted_tokens(plan, s, job))
             .collect();
-        let n = template.tokens.len();
+        let asked: Vec<Vec<usize>> = match &fixed {
+            Some(tokens) => tokens.clone(),
+            None => (0..b)
+                .map(|img| adaptive::candidates(&plans[img], s, canvas, img))
+                .collect(),
+        };
+        let n = asked[0].len();
+        if asked.iter().any(|a| a.len() != n) {
+            return Err(EngineError::Input(format!(
+                "MAR step {s}: the images of a batch predict different numbers of tokens"
+            )));
+        }
         let inputs = canvas.backbone_inputs(jobs, guided, info.null_class, template.known_before);
-        let predict = Array2::from_shape_fn((rows_b, n), |(r, k)| predicted[r % b][k] as i64);
+        let predict = Array2::from_shape_fn((rows_b, n), |(r, k)| asked[r % b][k] as i64);
         let t0 = Instant::now();
         let z = self
             .model
@@ -284,6 +316,19 @@ impl<M: MarModel> Engine<M> {
         }
         let z = z.as_standard_layout().into_owned();
         check_finite("backbone", "z", z.as_slice().expect("standard z").iter(), s)?;
+        let (predicted, z) = match (fixed, template.adaptive) {
+            (Some(tokens), _) => (tokens, z),
+            (None, Some(selector)) => {
+                let count = template.tokens.len();
+                let choice = adaptive::choose(&mut self.fts, z.view(), &asked, count, selector);
+                (choice.tokens, gather_rows(&z, choice.slots.view()))
+            }
+            (None, None) => {
+                return Err(EngineError::Input(format!(
+                    "MAR step {s}: the noise source named no tokens for a step that is not adaptive"
+                )));
+            }
+        };
 
         let (mut rows, mut x) = RowSources {
             jobs,
@@ -308,13 +353,14 @@ impl<M: MarModel> Engine<M> {
         };
         check_finite("diffusion", "sampled tokens", x.iter(), s)?;
         canvas.write_back(&rows, &x);
-        Ok(StepStats {
+        let stats = StepStats {
             backbone_seconds,
             diffusion_seconds: work.seconds,
             diffusion_calls: work.calls,
             diffusion_rows: work.rows,
             other_seconds: step_start.elapsed().as_secs_f64() - backbone_seconds - work.seconds,
-        })
+        };
+        Ok((stats, predicted))
     }
 
     /// The VAE on the finished canvas: images [B, channels, H, W] checked
@@ -393,6 +439,8 @@ fn check_batch(
         let same = p.steps.len() == first.steps.len()
             && p.steps.iter().zip(&first.steps).all(|(a, b)| {
                 a.tokens.len() == b.tokens.len()
+                    && a.stage == b.stage
+                    && a.adaptive == b.adaptive
                     && a.diffusion_steps == b.diffusion_steps
                     && a.detail == b.detail
                     && a.cfg == b.cfg

@@ -14,8 +14,10 @@ pub trait NoiseSource {
     /// up to `longest` ticks; the message names what is missing.
     fn check(&self, info: &ModelInfo, jobs: &[ImageJob], longest: usize) -> Result<(), String>;
 
-    /// The tokens image `job` predicts at step `step` of `plan`, ascending.
-    fn predicted_tokens(&self, plan: &Plan, step: usize, job: ImageJob) -> Vec<usize>;
+    /// The tokens image `job` predicts at step `step` of `plan`, ascending;
+    /// `None` where the engine is to choose them (an adaptive step of a
+    /// source that holds no orders of its own).
+    fn predicted_tokens(&self, plan: &Plan, step: usize, job: ImageJob) -> Option<Vec<usize>>;
 
     /// The draws of token `token` of image `job`.
     fn token_draws(&self, job: ImageJob, token: usize) -> Box<dyn TokenDraws + '_>;
@@ -30,7 +32,8 @@ pub trait TokenDraws {
 }
 
 /// Each token's own ChaCha stream from its image's seed
-/// ([`TokenNoise`]); tokens in the plan's order.
+/// ([`TokenNoise`]); tokens in the plan's order, chosen by the engine at
+/// adaptive steps.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SeededNoise;
 
@@ -39,8 +42,9 @@ impl NoiseSource for SeededNoise {
         Ok(())
     }
 
-    fn predicted_tokens(&self, plan: &Plan, step: usize, _: ImageJob) -> Vec<usize> {
-        plan.steps[step].tokens.clone()
+    fn predicted_tokens(&self, plan: &Plan, step: usize, _: ImageJob) -> Option<Vec<usize>> {
+        let step = &plan.steps[step];
+        step.adaptive.is_none().then(|| step.tokens.clone())
     }
 
     fn token_draws(&self, job: ImageJob, token: usize) -> Box<dyn TokenDraws + '_> {
@@ -55,7 +59,8 @@ impl TokenDraws for TokenNoise {
 }
 
 /// Recorded orders and draws, indexed by [`ImageJob::index`]; the plan
-/// still sets how many tokens each step reveals.
+/// still sets how many tokens each step reveals. The recorded order is
+/// authoritative at adaptive steps too: a replay reveals its own order.
 impl NoiseSource for Replay {
     fn check(&self, info: &ModelInfo, jobs: &[ImageJob], longest: usize) -> Result<(), String> {
         let (n, l) = self.order.dim();
@@ -82,7 +87,7 @@ impl NoiseSource for Replay {
         Ok(())
     }
 
-    fn predicted_tokens(&self, plan: &Plan, step: usize, job: ImageJob) -> Vec<usize> {
+    fn predicted_tokens(&self, plan: &Plan, step: usize, job: ImageJob) -> Option<Vec<usize>> {
         let start = plan.steps[step].known_before;
         let n = plan.steps[step].tokens.len();
         let mut tokens: Vec<usize> = self
@@ -94,7 +99,7 @@ impl NoiseSource for Replay {
             .map(|&t| t as usize)
             .collect();
         tokens.sort_unstable();
-        tokens
+        Some(tokens)
     }
 
     fn token_draws(&self, job: ImageJob, token: usize) -> Box<dyn TokenDraws + '_> {

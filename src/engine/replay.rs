@@ -4,7 +4,8 @@
 //! Layout (numpy `.npz`, arrays indexed by image index 0..N):
 //! - `order` int64 [N, L]: each image's tokens in reveal order; step s of
 //!   the schedule reveals the next `n_s` of them (the schedule still sets
-//!   the step sizes, diffusion steps, FTS and guidance);
+//!   the step sizes, diffusion steps, FTS and guidance; adaptive steps
+//!   reveal the replay's tokens too);
 //! - `init_noise` float32 [N, L, C]: each token's initial x_T;
 //! - `step_noise` float32 [N, L, T, C]: the standard normal draw of each
 //!   diffusion iteration of each token, iteration 0 first (index i = T−1 of

@@ -84,6 +84,11 @@ impl Canvas {
         inputs
     }
 
+    /// Whether image `img` knows token `t`.
+    pub fn is_known(&self, img: usize, t: usize) -> bool {
+        self.known[img].binary_search(&t).is_ok()
+    }
+
     /// Writes the sampled tokens `x` ([rows · C], in `rows`' order) into the
     /// canvas; they are known from now on.
     pub fn write_back(&mut self, rows: &[Row], x: &[f32]) {

@@ -70,7 +70,8 @@ impl Part {
     /// Every image the part claims must be there as a file of its own: a
     /// symbolic link (gtr-run writes none) could lead out of the part, to
     /// anything. Each must also have a hash in the part's record, which
-    /// [`Part::check_hash`] compares.
+    /// [`Part::check_hash`] compares, and, for a schedule with adaptive
+    /// steps, its reveal order.
     fn check_files(&self) -> Result<(), RunError> {
         for i in self.range.clone() {
             let path = image_path(&self.dir, i);
@@ -91,6 +92,16 @@ impl Part {
                         path.display()
                     )));
                 }
+            }
+            // An adaptive run's orders exist only in its record.
+            if self.record.cost_per_image.cost.adaptive_candidates > 0
+                && !self.record.reveal_orders.contains_key(&image_name(i))
+            {
+                return Err(RunError::Invalid(format!(
+                    "{}/run.json records no reveal order for {} (`reveal_orders`), which its schedule's adaptive steps chose; run the part again with --resume to make the image anew",
+                    self.dir.display(),
+                    image_name(i)
+                )));
             }
             if !self.record.images_sha256.contains_key(&image_name(i)) {
                 return Err(RunError::Invalid(format!(

@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ndarray::{Array4, ArrayView3, Axis};
+use ndarray::{Array4, Axis};
 use serde_json::Value;
 
 pub use folder::{Existing, default_out_dir};
@@ -30,7 +30,9 @@ pub use record::RunRecord;
 
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
-use crate::engine::{Engine, ImageJob, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise};
+use crate::engine::{
+    BatchOutput, Engine, ImageJob, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise,
+};
 use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
@@ -123,23 +125,20 @@ impl<'s> Prepared<'s> {
     }
 
     /// Makes the images `todo` in batches of `req.batch`, handing each
-    /// image's job and pixels [H, W, channels] to `sink` and the number
-    /// made so far to `progress` after each batch (either may stop the run
-    /// with an error). Returns the seconds it took.
+    /// batch's jobs and output to `on_batch` (which may stop the run with
+    /// an error). Returns the seconds it took.
     fn make_images<M: MarModel>(
         &self,
         engine: &mut Engine<M>,
         req: &RunRequest,
         todo: &[usize],
-        mut sink: impl FnMut(&ImageJob, ArrayView3<u8>) -> Result<(), RunError>,
-        mut progress: impl FnMut(usize) -> Result<(), RunError>,
+        mut on_batch: impl FnMut(&[ImageJob], &BatchOutput) -> Result<(), RunError>,
     ) -> Result<f64, RunError> {
         let started = Instant::now();
         let noise: &dyn NoiseSource = match &self.replay {
             Some(replay) => replay,
             None => &SeededNoise,
         };
-        let mut made = 0;
         for chunk in todo.chunks(req.batch) {
             let (jobs, plans) = ImageJob::batch(
                 &self.plans.planner,
@@ -150,11 +149,7 @@ impl<'s> Prepared<'s> {
             )
             .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
             let out = engine.generate(&plans, &jobs, noise, |_, _| {})?;
-            for (k, job) in jobs.iter().enumerate() {
-                sink(job, out.pixels.index_axis(Axis(0), k))?;
-            }
-            made += jobs.len();
-            progress(made)?;
+            on_batch(&jobs, &out)?;
         }
         Ok(started.elapsed().as_secs_f64())
     }
@@ -181,42 +176,67 @@ pub fn generate<M: MarModel>(
     if req.existing == Existing::Resume {
         folder::check_resumable(&req.out, previous.as_ref(), &run.record)?;
     }
+    // With adaptive orders an image is kept only with its recorded order
+    // (one made without it is made again, to the same bytes).
+    let adaptive = run.plans.reference.is_adaptive();
+    let recorded_orders = previous
+        .as_ref()
+        .map(|r| r.reveal_orders.clone())
+        .unwrap_or_default();
     let (kept, todo): (Vec<usize>, Vec<usize>) = range.clone().partition(|&i| {
-        req.existing == Existing::Resume && folder::is_written(&image_path(&req.out, i))
+        req.existing == Existing::Resume
+            && folder::is_written(&image_path(&req.out, i))
+            && (!adaptive || recorded_orders.contains_key(&image_name(i)))
     });
     let mut hashes = check_kept(&req.out, &kept, previous.as_ref())?;
+    let mut orders: BTreeMap<String, Vec<usize>> = recorded_orders
+        .into_iter()
+        .filter(|(name, _)| hashes.contains_key(name))
+        .collect();
     // The folder is this run's from here on: its identity is on disk before
     // the first image, so that a later --resume, even after a kill, can
     // compare against it (and the kept images against their hashes).
-    RunRecord {
-        finished: false,
-        images_sha256: hashes.clone(),
-        writer: Some(Writer {
-            pid: std::process::id(),
-            host: host_name(),
-        }),
-        ..run.record.clone()
-    }
-    .write(&req.out)?;
+    let unfinished = |hashes: &BTreeMap<String, String>, orders: &BTreeMap<String, Vec<usize>>| {
+        RunRecord {
+            finished: false,
+            images_sha256: hashes.clone(),
+            reveal_orders: orders.clone(),
+            writer: Some(Writer {
+                pid: std::process::id(),
+                host: host_name(),
+            }),
+            ..run.record.clone()
+        }
+        .write(&req.out)
+    };
+    unfinished(&hashes, &orders)?;
 
     let mut engine = Engine::new(model);
     engine.ticks_per_call = req.ticks_per_call;
     progress(kept.len(), range.len());
-    let wall = run.make_images(
-        &mut engine,
-        req,
-        &todo,
-        |job, pixels| {
-            let png = encode_png(&pixels.to_owned());
-            let path = image_path(&req.out, job.index as usize);
-            hashes.insert(image_name(job.index as usize), sha256_hex(&png));
-            write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })
-        },
-        |made| {
-            progress(kept.len() + made, range.len());
-            Ok(())
-        },
-    )?;
+    let mut done = kept.len();
+    let wall = run.make_images(&mut engine, req, &todo, |jobs, out| {
+        for (k, job) in jobs.iter().enumerate() {
+            let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
+            let (path, name) = (
+                image_path(&req.out, job.index as usize),
+                image_name(job.index as usize),
+            );
+            hashes.insert(name.clone(), sha256_hex(&png));
+            if adaptive {
+                orders.insert(name, out.reveal_orders[k].clone());
+            }
+            write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
+        }
+        // The engine's choices exist nowhere else: on disk after each batch,
+        // so that --resume after a kill keeps these images.
+        if adaptive {
+            unfinished(&hashes, &orders)?;
+        }
+        done += jobs.len();
+        progress(done, range.len());
+        Ok(())
+    })?;
 
     // A shard's preview would show a slice of the classes; merge makes the
     // grid of the whole run.
@@ -228,6 +248,7 @@ pub fn generate<M: MarModel>(
     }
     let mut record = run.record.clone();
     record.images_sha256 = hashes;
+    record.reveal_orders = orders;
     record.measured = Some(measure(
         &engine,
         &run.plans.reference,
@@ -260,20 +281,24 @@ pub fn generate_in_memory<M: MarModel>(
     let mut pixels = Array4::<u8>::zeros((n, image.height, image.width, image.channels));
     let mut hashes = BTreeMap::new();
     let todo: Vec<usize> = run.range.clone().collect();
-    let wall = run.make_images(
-        engine,
-        req,
-        &todo,
-        |job, one| {
-            let i = job.index as usize;
+    let adaptive = run.plans.reference.is_adaptive();
+    let mut orders = BTreeMap::new();
+    let mut done = 0;
+    let wall = run.make_images(engine, req, &todo, |jobs, out| {
+        for (k, job) in jobs.iter().enumerate() {
+            let (i, one) = (job.index as usize, out.pixels.index_axis(Axis(0), k));
             hashes.insert(image_name(i), sha256_hex(&encode_png(&one.to_owned())));
+            if adaptive {
+                orders.insert(image_name(i), out.reveal_orders[k].clone());
+            }
             pixels.index_axis_mut(Axis(0), i - start).assign(&one);
-            Ok(())
-        },
-        |made| progress(made, n),
-    )?;
+        }
+        done += jobs.len();
+        progress(done, n)
+    })?;
     let mut record = run.record.clone();
     record.images_sha256 = hashes;
+    record.reveal_orders = orders;
     record.measured = Some(measure(engine, &run.plans.reference, n, wall, req));
     Ok((pixels, record))
 }
@@ -394,6 +419,7 @@ fn describe_run<M: MarModel>(
         cost_per_image: plan_cost(reference, &bundle.cost_spec()).into(),
         finished: true,
         images_sha256: BTreeMap::new(),
+        reveal_orders: BTreeMap::new(),
         writer: None,
         measured: None,
         parts: Vec::new(),

@@ -68,6 +68,11 @@ pub struct RunRecord {
     /// SHA-256 (hex) of every image in the folder, by file name.
     #[serde(default)]
     pub images_sha256: BTreeMap<String, String>,
+    /// Each image's tokens in the order they were revealed (step by step,
+    /// ascending within a step), by file name; only for schedules with
+    /// adaptive orders, whose tokens the engine chooses at run time.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reveal_orders: BTreeMap<String, Vec<usize>>,
     /// The process writing the folder, while it is unfinished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writer: Option<Writer>,
@@ -282,7 +287,7 @@ impl RunRecord {
     /// The record of one run made of `parts` ((folder, record), in index
     /// order, checked with [`RunRecord::disagreements`]), as one machine
     /// would have written it: the first part's record with `shard` `None`;
-    /// the image hashes of all parts together; `generated_now`, every
+    /// the image hashes and reveal orders of all parts together; `generated_now`, every
     /// `seconds` entry and each graph's and step's counters summed over the
     /// parts (machine time, not elapsed time); batch, device, execution
     /// provider, runtime settings and paths kept where all parts agree,
@@ -294,6 +299,7 @@ impl RunRecord {
         all.writer = None;
         for (_, part) in rest {
             all.images_sha256.extend(part.images_sha256.clone());
+            all.reveal_orders.extend(part.reveal_orders.clone());
             if let (Some(total), Some(more)) = (all.measured.as_mut(), part.measured.as_ref()) {
                 total.add(more);
             }

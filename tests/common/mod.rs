@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use gtr_run::engine::ImageJob;
 use gtr_run::grid::Grid;
 use gtr_run::plan::{Plan, plan};
 use gtr_run::schedule::{Schedule, ScheduleError, Source};
@@ -117,4 +118,15 @@ pub fn fails(args: &[&str], want: &str) {
     assert!(is_failure_status(o.status.code()), "{args:?}: {err}");
     assert!(err.contains(want), "{args:?}: expected `{want}` in\n{err}");
     assert!(!err.contains("panicked"), "{args:?}: {err}");
+}
+
+/// Images `indices` of a run with `seed`: their own seeds, labels `i % 10`.
+pub fn image_jobs(seed: u64, indices: std::ops::Range<u64>) -> Vec<ImageJob> {
+    indices
+        .map(|i| ImageJob {
+            index: i,
+            seed: gtr_run::rng::image_seed(seed, i),
+            label: (i % 10) as i64,
+        })
+        .collect()
 }

@@ -1,6 +1,14 @@
 //! Analytic cost of a plan: network evaluations and FLOPs, following
 //! mar.md §7 (FLOPs = 2 × multiply-accumulates; LayerNorm, softmax and
 //! activations ignored; VAE decoding not included, as in the GtR paper).
+//!
+//! Adaptive steps (`order adaptive`) add work outside the networks: the
+//! backbone computes z for every token anyway, but it returns the rows of
+//! all of the stage's still-masked tokens (both CFG branches) instead of
+//! the step's, and the host scores the conditional row of each with eq. 5
+//! (an FFT of width D). [`Cost::adaptive_candidates`] counts those scores
+//! and [`Cost::scoring_flops`] estimates their FLOPs. FTS detail scores
+//! (a step's own tokens) are not counted.
 
 use serde::{Deserialize, Serialize};
 
@@ -71,6 +79,14 @@ impl ModelSpec {
         self.decoder_depth * self.block_macs(self.buffer + seq)
     }
 
+    /// FLOPs of one eq. 5 score of a conditioning vector, estimated as a
+    /// complex FFT of width D (5·D·log2 D) plus the weighted magnitudes of
+    /// its D/2 frequencies (5 each).
+    pub fn score_flops(&self) -> f64 {
+        let d = self.width as f64;
+        5.0 * d * d.log2().max(0.0) + 5.0 * (self.width / 2) as f64
+    }
+
     /// MACs of one diffusion-MLP evaluation of one token.
     pub fn diffusion_row_macs(&self) -> u64 {
         let (w, d) = (self.diffusion_width, self.diffusion_depth);
@@ -95,11 +111,28 @@ pub struct Cost {
     pub encoder_flops: f64,
     pub decoder_flops: f64,
     pub diffusion_flops: f64,
+    /// Conditioning vectors scored to choose adaptive steps' tokens: at
+    /// each adaptive step, every still-masked token of its stage (absent,
+    /// i.e. 0, without adaptive steps).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub adaptive_candidates: u64,
+    /// FLOPs of those scores, [`ModelSpec::score_flops`] each.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub scoring_flops: f64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Cost {
+    /// Network FLOPs plus the adaptive steps' scoring.
     pub fn total_flops(&self) -> f64 {
-        self.encoder_flops + self.decoder_flops + self.diffusion_flops
+        self.encoder_flops + self.decoder_flops + self.diffusion_flops + self.scoring_flops
     }
 }
 
@@ -120,7 +153,8 @@ impl From<Cost> for PricedCost {
 }
 
 /// The cost of `plan` on `spec`, per image. CFG doubles every network
-/// evaluation of a guided step (both branches run).
+/// evaluation of a guided step (both branches run); adaptive steps score
+/// the conditional branch only.
 pub fn plan_cost(plan: &Plan, spec: &ModelSpec) -> Cost {
     let seq = plan.grid.len() as u64;
     let mut cost = Cost {
@@ -132,9 +166,20 @@ pub fn plan_cost(plan: &Plan, spec: &ModelSpec) -> Cost {
         encoder_flops: 0.0,
         decoder_flops: 0.0,
         diffusion_flops: 0.0,
+        adaptive_candidates: 0,
+        scoring_flops: 0.0,
     };
     let row = spec.diffusion_row_macs() as f64;
-    for step in &plan.steps {
+    for (s, step) in plan.steps.iter().enumerate() {
+        if step.adaptive.is_some() {
+            let masked: usize = plan.steps[s..]
+                .iter()
+                .take_while(|later| later.stage == step.stage)
+                .map(|later| later.tokens.len())
+                .sum();
+            cost.adaptive_candidates += masked as u64;
+            cost.scoring_flops += masked as f64 * spec.score_flops();
+        }
         let branches = if step.cfg.is_some() { 2 } else { 1 };
         cost.encoder_passes += branches;
         cost.decoder_passes += branches;

@@ -19,7 +19,7 @@ use crate::grid::{Grid, MAX_TOKENS};
 use crate::rng::{Purpose, Stream};
 use crate::schedule::ast::{Expr, RampShape, Rounding, Selector};
 use crate::schedule::expr::{self, Env};
-use crate::schedule::{Cfg, Diagnostic, DiffusionRule, Schedule, Source, Span, StepCount};
+use crate::schedule::{Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, StepCount};
 
 /// The most diffusion steps a token may get (the training chain has 1000).
 pub const MAX_DIFFUSION_STEPS: u32 = 1000;
@@ -51,8 +51,15 @@ pub struct DetailRule {
 pub struct PlanStep {
     /// Index into [`Plan::stages`].
     pub stage: usize,
-    /// Tokens revealed, row-major indices, ascending.
+    /// Tokens revealed, row-major indices, ascending. For an adaptive step
+    /// a provisional choice (the right count, from the stage's tokens, in
+    /// a seeded random order): the engine picks the real ones.
     pub tokens: Vec<usize>,
+    /// `Some` for a step of an `order adaptive by SELECTOR` stage: the
+    /// engine reveals the `tokens.len()` still-masked tokens of the stage
+    /// ranked first by `SELECTOR` on their FTS scores at this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<Selector>,
     /// Tokens known before this step.
     pub known_before: usize,
     /// Diffusion steps for each token (before FTS).
@@ -96,6 +103,21 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Whether any step's tokens are chosen at run time.
+    pub fn is_adaptive(&self) -> bool {
+        self.steps.iter().any(|s| s.adaptive.is_some())
+    }
+
+    /// The tokens of stage `stage` in the order its steps' provisional
+    /// tokens list them (step by step, ascending within a step).
+    pub fn stage_sequence(&self, stage: usize) -> Vec<usize> {
+        self.steps
+            .iter()
+            .filter(|s| s.stage == stage)
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect()
+    }
+
     /// For each token, the 0-based step that reveals it.
     pub fn reveal_step(&self) -> Vec<usize> {
         let mut out = vec![usize::MAX; self.grid.len()];
@@ -371,6 +393,10 @@ impl<'a> Planner<'a> {
         let mut known = 0usize;
         for (s, stage) in schedule.stages.iter().enumerate() {
             let counts = &self.stage_counts[s];
+            let adaptive = match stage.order {
+                Order::Adaptive(selector) => Some(selector),
+                _ => None,
+            };
             let sequence = self.stage_orders[s].order(&self.stage_tokens[s], grid, &mut rng);
             let diffusion = diffusion_steps(
                 src,
@@ -460,6 +486,7 @@ impl<'a> Planner<'a> {
                 steps.push(PlanStep {
                     stage: s,
                     tokens,
+                    adaptive,
                     known_before: known,
                     diffusion_steps: diffusion[k],
                     detail,

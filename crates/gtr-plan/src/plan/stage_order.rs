@@ -9,7 +9,7 @@ use super::{PlanEnv, fmt_num, per_cell};
 use crate::grid::Grid;
 use crate::schedule::ast::Expr;
 use crate::schedule::expr;
-use crate::schedule::{Diagnostic, Order, Source, Span, Stage};
+use crate::schedule::{Diagnostic, Order, OrderKind, Source, Span, Stage};
 
 /// The rule ordering `stage`'s `tokens` (ascending) on `grid`.
 pub(super) fn resolve(
@@ -21,6 +21,8 @@ pub(super) fn resolve(
 ) -> Result<Box<dyn TokenOrder>, Diagnostic> {
     match &stage.order {
         Order::Named(kind) => Ok(order::rule(*kind)),
+        // The provisional order of an adaptive stage: the engine replaces it.
+        Order::Adaptive(_) => Ok(order::rule(OrderKind::Random)),
         Order::By { key, ties } => {
             let keys = per_cell(grid, params, &HashMap::new(), &[], |env| {
                 expr::number(key, env)

@@ -5,12 +5,19 @@ use serde_json::{Value, json};
 
 use crate::cost::{Cost, PricedCost};
 use crate::plan::{DetailRule, Plan};
-use crate::schedule::Schedule;
+use crate::schedule::{Schedule, Selector};
 
 #[derive(Serialize)]
 struct StepJson<'a> {
     stage: &'a str,
-    tokens: &'a [usize],
+    /// `null` at an adaptive step: the engine chooses them.
+    tokens: Option<&'a [usize]>,
+    /// How many tokens an adaptive step reveals (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<usize>,
+    /// The selector of an adaptive step (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adaptive: Option<Selector>,
     known_before: usize,
     diffusion_steps: u32,
     /// `null` when the step runs no unconditional pass.
@@ -20,14 +27,17 @@ struct StepJson<'a> {
 }
 
 /// `{"schedule", "grid": [h, w], "seed", "params", "stages", "steps", "cost"?}`
-/// with `steps` in execution order.
+/// with `steps` in execution order. An adaptive step has `"tokens": null`,
+/// its `count` and its `adaptive` selector instead of a token list.
 pub fn plan_json(schedule: &Schedule, plan: &Plan, cost: Option<&Cost>) -> Value {
     let steps: Vec<StepJson> = plan
         .steps
         .iter()
         .map(|s| StepJson {
             stage: &plan.stages[s.stage].name,
-            tokens: &s.tokens,
+            tokens: s.adaptive.is_none().then_some(s.tokens.as_slice()),
+            count: s.adaptive.map(|_| s.tokens.len()),
+            adaptive: s.adaptive,
             known_before: s.known_before,
             diffusion_steps: s.diffusion_steps,
             cfg: s.cfg,

@@ -3,7 +3,9 @@
 //! Left: every token coloured by the step that reveals it (dark blue first,
 //! yellow last). Right, when there are several stages: one panel per stage, showing that stage's tokens in
 //! the same colours, tokens known before the stage in grey, and tokens still
-//! to come in white, so each stage's boundary is visible.
+//! to come in white, so each stage's boundary is visible. A token of an
+//! adaptive stage, whose step is chosen at run time, is striped in the
+//! colours of its stage's first and last step.
 
 use image::{Rgb, RgbImage};
 
@@ -46,7 +48,17 @@ pub fn render(plan: &Plan) -> RgbImage {
     let reveal = plan.reveal_step();
     let stage_of = plan.stage_of_token();
     let last = plan.steps.len().saturating_sub(1).max(1) as f64;
-    let mut paint = |panel: u32, t: usize, c: Rgb<u8>| {
+    // (first, last) step colours of each adaptive stage.
+    let mut striped: Vec<Option<(Rgb<u8>, Rgb<u8>)>> = vec![None; plan.stages.len()];
+    for (s, step) in plan.steps.iter().enumerate() {
+        if step.adaptive.is_some() {
+            let c = colour(s as f64 / last);
+            let entry = striped[step.stage].get_or_insert((c, c));
+            entry.1 = c;
+        }
+    }
+    // `fill`: two colours in diagonal stripes (the same twice: solid).
+    let mut paint = |panel: u32, t: usize, fill: (Rgb<u8>, Rgb<u8>)| {
         let (i, j) = plan.grid.cell(t);
         let x0 = GAP + panel * (pw + GAP) + j as u32 * cell;
         let y0 = GAP + i as u32 * cell;
@@ -54,18 +66,20 @@ pub fn render(plan: &Plan) -> RgbImage {
         for y in y0..y0 + cell {
             for x in x0..x0 + cell {
                 let edge = x < x0 + border || y < y0 + border;
+                let c = if (x + y) / 2 % 2 == 1 { fill.1 } else { fill.0 };
                 img.put_pixel(x, y, if edge { BACKGROUND } else { c });
             }
         }
     };
     for t in 0..plan.grid.len() {
         let c = colour(reveal[t] as f64 / last);
-        paint(0, t, c);
+        let fill = striped[stage_of[t]].unwrap_or((c, c));
+        paint(0, t, fill);
         for s in 0..stage_panels {
             let here = match stage_of[t].cmp(&s) {
-                std::cmp::Ordering::Less => KNOWN,
-                std::cmp::Ordering::Equal => c,
-                std::cmp::Ordering::Greater => LATER,
+                std::cmp::Ordering::Less => (KNOWN, KNOWN),
+                std::cmp::Ordering::Equal => fill,
+                std::cmp::Ordering::Greater => (LATER, LATER),
             };
             paint(1 + s as u32, t, here);
         }

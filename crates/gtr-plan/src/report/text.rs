@@ -8,9 +8,12 @@ use crate::cost::Cost;
 use crate::plan::{Plan, fmt_num};
 use crate::schedule::Schedule;
 
-/// The grid of the 1-based step that reveals each token, fixed-width.
+/// The grid of the 1-based step that reveals each token, fixed-width;
+/// `?` for a token of an adaptive stage (its step is chosen at run time),
+/// explained under the grid.
 pub fn step_grid(plan: &Plan) -> String {
     let reveal = plan.reveal_step();
+    let adaptive = adaptive_tokens(plan);
     let width = plan
         .steps
         .len()
@@ -33,9 +36,42 @@ pub fn step_grid(plan: &Plan) -> String {
     for i in 0..plan.grid.height {
         let _ = write!(out, "{i:>row_label$} |");
         for j in 0..plan.grid.width {
-            let _ = write!(out, " {:>width$}", reveal[plan.grid.index(i, j)] + 1);
+            let t = plan.grid.index(i, j);
+            let shown = if adaptive[t] {
+                "?".to_string()
+            } else {
+                (reveal[t] + 1).to_string()
+            };
+            let _ = write!(out, " {shown:>width$}");
         }
         out.push('\n');
+    }
+    for (k, stage) in plan.stages.iter().enumerate() {
+        let mut steps = (0..plan.steps.len()).filter(|&s| plan.steps[s].stage == k);
+        let Some(first) = steps.next() else { continue };
+        let Some(by) = plan.steps[first].adaptive else {
+            continue;
+        };
+        let last = steps.next_back().unwrap_or(first);
+        let _ = writeln!(
+            out,
+            "? stage `{}`: steps {}-{} each reveal their count of its masked tokens, chosen at run time (order adaptive by {})",
+            stage.name,
+            first + 1,
+            last + 1,
+            by.name()
+        );
+    }
+    out
+}
+
+/// Whether each token belongs to a stage with an adaptive order.
+fn adaptive_tokens(plan: &Plan) -> Vec<bool> {
+    let mut out = vec![false; plan.grid.len()];
+    for step in plan.steps.iter().filter(|s| s.adaptive.is_some()) {
+        for &t in &step.tokens {
+            out[t] = true;
+        }
     }
     out
 }
@@ -70,6 +106,11 @@ pub fn step_table(plan: &Plan) -> String {
         "step", "stage", "tokens", "known", "diffusion", "fts", "cfg", "temp"
     );
     for (k, step) in plan.steps.iter().enumerate() {
+        // `*`: the count is planned, the tokens are chosen at run time.
+        let tokens = match step.adaptive {
+            Some(_) => format!("{}*", step.tokens.len()),
+            None => step.tokens.len().to_string(),
+        };
         let fts = match step.detail {
             None => "-".to_string(),
             Some(d) => format!("{} by {} -> {}", d.count, d.selector.name(), d.steps),
@@ -80,13 +121,16 @@ pub fn step_table(plan: &Plan) -> String {
             "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<22}  {:>6}  {:>5.2}",
             k + 1,
             plan.stages[step.stage].name,
-            step.tokens.len(),
+            tokens,
             step.known_before,
             step.diffusion_steps,
             fts,
             cfg,
             step.temperature
         );
+    }
+    if plan.is_adaptive() {
+        out.push_str("* adaptive step: the engine picks which tokens from its backbone pass\n");
     }
     out
 }
@@ -156,6 +200,14 @@ pub fn cost_table(c: &Cost) -> String {
     let _ = writeln!(out, "  encoder   {:>8.3} TFLOPs", c.encoder_flops / 1e12);
     let _ = writeln!(out, "  decoder   {:>8.3} TFLOPs", c.decoder_flops / 1e12);
     let _ = writeln!(out, "  diffusion {:>8.3} TFLOPs", c.diffusion_flops / 1e12);
+    if c.adaptive_candidates > 0 {
+        let _ = writeln!(
+            out,
+            "  scoring   {:>8.3} MFLOPs: {} FTS scores (eq. 5), one per masked token of each adaptive step, whose z rows the backbone returns",
+            c.scoring_flops / 1e6,
+            c.adaptive_candidates
+        );
+    }
     let _ = writeln!(out, "  total     {:>8.3} TFLOPs", c.total_flops() / 1e12);
     out
 }

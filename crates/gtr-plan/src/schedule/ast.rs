@@ -247,6 +247,9 @@ pub enum OrderRule {
     List(Vec<Expr>),
     /// `order file "PATH"`; `span` is the quoted path's.
     File { path: String, span: Span },
+    /// `order adaptive by SELECTOR`: chosen at run time by FTS score
+    /// (the compiler admits `high_freq` and `low_freq` only).
+    Adaptive(Selector),
 }
 
 #[derive(Debug, Clone, PartialEq)]

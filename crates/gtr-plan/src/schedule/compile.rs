@@ -68,6 +68,11 @@ pub enum Order {
         path: String,
         tokens: Vec<(usize, usize)>,
     },
+    /// `order adaptive by high_freq|low_freq`: the planner fixes only the
+    /// step sizes (and a provisional random order); at run time each step
+    /// reveals the stage's still-masked tokens with the highest (lowest)
+    /// FTS score of their conditioning vectors.
+    Adaptive(Selector),
 }
 
 /// How a stage's tokens are divided into steps.
@@ -1041,6 +1046,20 @@ fn compile_order(
             Order::List(list.clone())
         }
         OrderRule::File { path, span } => read_order_file(src, path, *span)?,
+        OrderRule::Adaptive(selector @ (Selector::HighFreq | Selector::LowFreq)) => {
+            Order::Adaptive(*selector)
+        }
+        OrderRule::Adaptive(other) => {
+            return Err(Diagnostic::new(
+                src,
+                order.span,
+                format!(
+                    "an adaptive order ranks tokens by their FTS score, so it takes `high_freq` or `low_freq`, not `{}`",
+                    other.name()
+                ),
+            )
+            .with_help("for a seeded random order write `order random`"));
+        }
     })
 }
 

@@ -228,6 +228,9 @@ impl Builder<'_> {
                 inner.next();
                 let body = inner.next().unwrap();
                 let rule = match body.as_rule() {
+                    Rule::order_adaptive => {
+                        OrderRule::Adaptive(words(body.into_inner().nth(2).unwrap()))
+                    }
                     Rule::order_by => {
                         let mut parts = body.into_inner().skip(1); // `by`
                         let key = self.expr(parts.next().unwrap());
@@ -627,6 +630,7 @@ fn rule_prose(rule: Rule) -> Option<String> {
         Rule::temperature_clause | Rule::kw_temperature => "`temperature`",
         Rule::order_named => return Some(OrderKind::prose()),
         Rule::order_by => "`by`",
+        Rule::order_adaptive | Rule::kw_adaptive => "`adaptive`",
         Rule::order_list | Rule::kw_list => "`list`",
         Rule::order_file | Rule::kw_file => "`file`",
         Rule::kw_then => "`then`",
