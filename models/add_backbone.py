@@ -24,7 +24,6 @@ graphs run one after the other through onnxruntime and the rows gathered in NumP
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import numpy as np
@@ -121,17 +120,10 @@ def build_backbone(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc_io: d
 
 
 def manifest_with_backbone(text: str) -> str:
-    """The manifest text with a `backbone` graph entry after the decoder's (replacing an earlier
-    one)."""
-    entry = (f"  backbone: {{ file: {BACKBONE_FILE}, inputs: {{ "
-             + ", ".join(f"{r}: {r}" for r in INPUTS)
-             + f" }}, outputs: {{ z: {OUTPUT} }} }}")
-    lines = [ln for ln in text.splitlines() if not re.match(r"^\s+backbone:\s*\{", ln)]
-    for i, ln in enumerate(lines):
-        if re.match(r"^\s+decoder:\s*\{\s*file:", ln):
-            lines.insert(i + 1, entry)
-            return "\n".join(lines) + "\n"
-    raise SystemExit("manifest.yaml: no `graphs.decoder` entry on one line to put the backbone after")
+    """The manifest text with a `backbone` graph entry after the decoder's."""
+    from models.add_sampler import manifest_with_graph
+
+    return manifest_with_graph(text, "backbone", BACKBONE_FILE, INPUTS, {"z": OUTPUT}, "decoder")
 
 
 def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,

@@ -221,18 +221,25 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
     return model
 
 
-def manifest_with_sampler(text: str) -> str:
-    """The manifest text with a `sampler` graph entry after the diffusion graph's (replacing
-    an earlier one)."""
-    entry = (f"  sampler: {{ file: {SAMPLER_FILE}, inputs: {{ "
-             + ", ".join(f"{r}: {r}" for r in INPUTS)
-             + f" }}, outputs: {{ x_out: {OUTPUT} }} }}")
-    lines = [ln for ln in text.splitlines() if not re.match(r"^\s+sampler:\s*\{", ln)]
+def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outputs: dict[str, str],
+                        after: str) -> str:
+    """The manifest text with a `role` graph entry (`file`, each input role named as itself, the
+    `outputs` roles → tensor names) on one line after the `after` graph's entry, replacing an
+    earlier `role` entry; the rest of the text, comments included, as written."""
+    entry = (f"  {role}: {{ file: {file}, inputs: {{ "
+             + ", ".join(f"{r}: {r}" for r in inputs)
+             + " }, outputs: { " + ", ".join(f"{r}: {t}" for r, t in outputs.items()) + " } }")
+    lines = [ln for ln in text.splitlines() if not re.match(rf"^\s+{role}:\s*\{{", ln)]
     for i, ln in enumerate(lines):
-        if re.match(r"^\s+diffusion:\s*\{\s*file:", ln):
+        if re.match(rf"^\s+{after}:\s*\{{\s*file:", ln):
             lines.insert(i + 1, entry)
             return "\n".join(lines) + "\n"
-    raise SystemExit("manifest.yaml: no `graphs.diffusion` entry on one line to put the sampler after")
+    raise SystemExit(f"manifest.yaml: no `graphs.{after}` entry on one line to put the {role} after")
+
+
+def manifest_with_sampler(text: str) -> str:
+    """The manifest text with a `sampler` graph entry after the diffusion graph's."""
+    return manifest_with_graph(text, "sampler", SAMPLER_FILE, INPUTS, {"x_out": OUTPUT}, "diffusion")
 
 
 def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print) -> str:
