@@ -19,7 +19,9 @@ use crate::grid::{Grid, MAX_TOKENS};
 use crate::rng::{Purpose, Stream};
 use crate::schedule::ast::{Expr, RampShape, Rounding, Selector};
 use crate::schedule::expr::{self, Env};
-use crate::schedule::{Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, StepCount};
+use crate::schedule::{
+    Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, Stage, StepCount,
+};
 
 /// The most diffusion steps a token may get (the training chain has 1000).
 pub const MAX_DIFFUSION_STEPS: u32 = 1000;
@@ -407,65 +409,16 @@ impl<'a> Planner<'a> {
                 &ramp_len,
                 &eval,
             )?;
-            let temperature = match (options.temperature, &stage.temperature) {
-                (Some(t), _) => t,
-                (None, Some(e)) => {
-                    let t = eval(e);
-                    if !(t.is_finite() && t >= 0.0) {
-                        return Err(Diagnostic::new(
-                            src,
-                            e.span,
-                            format!("temperature {t} must be a number >= 0"),
-                        )
-                        .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
-                    }
-                    t
-                }
-                (None, None) => options.default_temperature.unwrap_or(1.0),
-            };
-            let fts = match &stage.fts {
-                None => None,
-                Some(f) => {
-                    let beta = eval(&f.fraction);
-                    if !(beta > 0.0 && beta <= 1.0) {
-                        return Err(Diagnostic::new(
-                            src,
-                            f.fraction.span,
-                            format!("the FTS fraction β = {} must be in (0, 1]", fmt_num(beta)),
-                        )
-                        .with_help(
-                            "write it as a percentage (`top 10%`) or a fraction (`top 0.1`)",
-                        ));
-                    }
-                    Some((
-                        beta,
-                        diffusion_count(src, eval(&f.steps), f.steps.span, "FTS detail steps")?,
-                        f.selector,
-                    ))
-                }
-            };
+            let temperature = stage_temperature(src, stage, options, &eval)?;
+            let fts = stage_fts(src, stage, &eval)?;
+            let guidance = stage_guidance(src, stage, options, &eval)?;
             let mut cursor = 0;
             for (k, &count) in counts.iter().enumerate() {
                 let mut tokens = sequence[cursor..cursor + count].to_vec();
                 tokens.sort_unstable();
                 cursor += count;
                 let masked_after = total - known - count;
-                let rule = match &stage.cfg {
-                    Cfg::None => None,
-                    Cfg::Unset => options.default_cfg.map(|c| (c, true)),
-                    Cfg::Constant(e) | Cfg::Linear(e) => {
-                        let scale = eval(e);
-                        if !scale.is_finite() {
-                            return Err(Diagnostic::new(
-                                src,
-                                e.span,
-                                "the guidance scale must be a finite number",
-                            ));
-                        }
-                        Some((scale, matches!(stage.cfg, Cfg::Linear(_))))
-                    }
-                };
-                let cfg = match rule.map(|(scale, linear)| (options.cfg.unwrap_or(scale), linear)) {
+                let cfg = match guidance {
                     // MAR runs no unconditional pass when cfg = 1.
                     None | Some((1.0, _)) => None,
                     Some((scale, true)) => {
@@ -510,6 +463,80 @@ impl<'a> Planner<'a> {
         debug_assert_eq!(plan.check_invariants(), Ok(()));
         Ok(plan)
     }
+}
+
+/// A stage's sampler temperature: `--temperature`, else the stage's
+/// (finite, ≥ 0), else the model's default, else 1.
+fn stage_temperature(
+    src: &Arc<Source>,
+    stage: &Stage,
+    options: &PlanOptions,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<f64, Diagnostic> {
+    Ok(match (options.temperature, &stage.temperature) {
+        (Some(t), _) => t,
+        (None, Some(e)) => {
+            let t = eval(e);
+            if !(t.is_finite() && t >= 0.0) {
+                return Err(Diagnostic::new(
+                    src,
+                    e.span,
+                    format!("temperature {t} must be a number >= 0"),
+                )
+                .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
+            }
+            t
+        }
+        (None, None) => options.default_temperature.unwrap_or(1.0),
+    })
+}
+
+/// A stage's FTS rule as (β in (0, 1], detail steps, selector), if it has one.
+fn stage_fts(
+    src: &Arc<Source>,
+    stage: &Stage,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<Option<(f64, u32, Selector)>, Diagnostic> {
+    let Some(f) = &stage.fts else {
+        return Ok(None);
+    };
+    let beta = eval(&f.fraction);
+    if !(beta > 0.0 && beta <= 1.0) {
+        return Err(Diagnostic::new(
+            src,
+            f.fraction.span,
+            format!("the FTS fraction β = {} must be in (0, 1]", fmt_num(beta)),
+        )
+        .with_help("write it as a percentage (`top 10%`) or a fraction (`top 0.1`)"));
+    }
+    let steps = diffusion_count(src, eval(&f.steps), f.steps.span, "FTS detail steps")?;
+    Ok(Some((beta, steps, f.selector)))
+}
+
+/// A stage's guidance as (scale, linear in the revealed share), with
+/// `--cfg` replacing the scale; `None` when the stage runs none.
+fn stage_guidance(
+    src: &Arc<Source>,
+    stage: &Stage,
+    options: &PlanOptions,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<Option<(f64, bool)>, Diagnostic> {
+    let rule = match &stage.cfg {
+        Cfg::None => None,
+        Cfg::Unset => options.default_cfg.map(|c| (c, true)),
+        Cfg::Constant(e) | Cfg::Linear(e) => {
+            let scale = eval(e);
+            if !scale.is_finite() {
+                return Err(Diagnostic::new(
+                    src,
+                    e.span,
+                    "the guidance scale must be a finite number",
+                ));
+            }
+            Some((scale, matches!(stage.cfg, Cfg::Linear(_))))
+        }
+    };
+    Ok(rule.map(|(scale, linear)| (options.cfg.unwrap_or(scale), linear)))
 }
 
 fn members(
