@@ -154,6 +154,16 @@ fn command() -> impl Strategy<Value = (Vec<String>, Vec<Vec<String>>)> {
         })
 }
 
+/// What the default output folder `runs/` holds (empty when it does not
+/// exist: the README's first command makes it).
+fn runs_folder() -> Vec<std::path::PathBuf> {
+    let mut names: Vec<_> = std::fs::read_dir(common::root().join("runs"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 proptest! {
     // A fixed seed: the same command lines on every run.
     #![proptest_config(ProptestConfig {
@@ -180,6 +190,7 @@ proptest! {
         }
         args.extend(flags.into_iter().flatten());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let runs_before = runs_folder();
         let o = common::gtr_run(&argv);
         let err = String::from_utf8_lossy(&o.stderr);
         prop_assert!(
@@ -192,7 +203,7 @@ proptest! {
             prop_assert!(!err.trim().is_empty(), "{argv:?} failed without a word");
         }
         prop_assert!(
-            !common::root().join("runs").exists(),
+            runs_folder() == runs_before,
             "{argv:?} wrote into runs/ although --out was given"
         );
         std::fs::remove_dir_all(&dir).unwrap();
