@@ -160,12 +160,14 @@ class Model:
         temperature: Optional[float] = None,
         params: Optional[Mapping[str, float]] = None,
         progress: Union[bool, Callable[[int, int], Any]] = True,
-    ) -> list[dict[str, Any]]:
+        as_frame: bool = False,
+    ) -> Any:
         """Compares schedules (.gtr paths; the first is the baseline) as ``gtr-run eval`` does:
         speed measured side by side (schedules take turns batch by batch), FLOPs, and quality
         on the bundle's evaluator (Fréchet distance, class accuracy, classifier score).
 
-        Returns the rows of ``eval.csv`` as dicts (``pandas.DataFrame(rows)`` makes a table).
+        Returns the rows of ``eval.csv`` as a list of dicts, or with ``as_frame=True`` a pandas
+        DataFrame of them (ImportError naming pandas when it is not installed).
         ``params`` applies to every schedule that declares the parameter; ``progress`` counts
         batches. A Ctrl-C or an exception of ``progress`` is raised when the comparison ends:
         it cannot be stopped halfway."""

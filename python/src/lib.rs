@@ -667,8 +667,9 @@ impl Model {
     /// Compares `schedules` (.gtr paths; the first is the baseline) on this
     /// model as `gtr-run eval` does: speed measured side by side, FLOPs,
     /// and quality on the bundle's evaluator. Returns the rows of eval.csv
-    /// as dicts (numbers as int or float, None where empty).
-    #[pyo3(signature = (schedules, num_images=100, seed=0, batch=25, repeats=1, cfg=None, temperature=None, params=None, progress=ProgressArg::Flag(true)))]
+    /// as dicts (numbers as int or float, None where empty), or with
+    /// `as_frame` a pandas DataFrame of them (pandas must be installed).
+    #[pyo3(signature = (schedules, num_images=100, seed=0, batch=25, repeats=1, cfg=None, temperature=None, params=None, progress=ProgressArg::Flag(true), as_frame=false))]
     #[allow(clippy::too_many_arguments)]
     fn eval<'py>(
         &mut self,
@@ -682,7 +683,17 @@ impl Model {
         temperature: Option<f64>,
         params: Option<&Bound<'py, PyDict>>,
         progress: ProgressArg,
+        as_frame: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // Found missing before the comparison, not after it.
+        let pandas = match as_frame {
+            true => Some(py.import("pandas").map_err(|e| {
+                pyo3::exceptions::PyImportError::new_err(format!(
+                    "as_frame=True needs pandas ({e}); `pip install pandas`, or leave as_frame out for a list of dicts"
+                ))
+            })?),
+            false => None,
+        };
         let overrides = overrides(params)?;
         let progress = Progress::new(py, progress, "batches")?;
         let table = py.detach(|| {
@@ -750,7 +761,11 @@ impl Model {
             }
         })?;
         progress.finish();
-        csv_rows(py, &table)
+        let rows = csv_rows(py, &table)?;
+        match pandas {
+            Some(pandas) => pandas.call_method1("DataFrame", (rows,)),
+            None => Ok(rows),
+        }
     }
 
     fn __repr__(&self) -> String {

@@ -279,3 +279,18 @@ def test_eval_gives_the_cli_table(cli, tmp_path):
 def test_eval_refuses_undeclared_parameters(tiny):
     with pytest.raises(ValueError, match="no schedule given declares a parameter `nope`"):
         tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, params={"nope": 1.0}, progress=False)
+
+
+def test_eval_as_frame_is_a_pandas_table_or_names_pandas(tiny):
+    schedules = [SCHEDULES / "mar-8.gtr"]
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        # Refused before any image is made.
+        with pytest.raises(ImportError, match="as_frame=True needs pandas"):
+            tiny.eval(schedules, num_images=2, as_frame=True, progress=False)
+        return
+    frame = tiny.eval(schedules, num_images=2, batch=2, as_frame=True, progress=False)
+    rows = tiny.eval(schedules, num_images=2, batch=2, progress=False)
+    assert list(frame["schedule"]) == [r["schedule"] for r in rows]
+    assert list(frame["mar_steps"]) == [r["mar_steps"] for r in rows]
