@@ -217,6 +217,9 @@ enum Command {
     Merge(MergeArgs),
     /// Compare schedules on one model: speed measured side by side, FLOPs, quality.
     Eval(EvalArgs),
+    /// Run one schedule over a grid of parameter values as eval does, and draw
+    /// speed against quality with the Pareto front.
+    Sweep(SweepArgs),
 }
 
 #[derive(Args)]
@@ -226,6 +229,30 @@ struct EvalArgs {
     /// Schedule files; the first is the baseline of the speed-up columns.
     #[arg(required = true, value_name = "SCHEDULE")]
     schedules: Vec<PathBuf>,
+    /// Override a parameter of every schedule that declares it: --set name=value.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, f64)>,
+    #[command(flatten)]
+    compare: CompareArgs,
+}
+
+#[derive(Args)]
+struct SweepArgs {
+    /// Model bundle: its folder, its manifest.yaml, or any .onnx in it.
+    model: PathBuf,
+    /// The schedule file whose parameters are swept.
+    schedule: PathBuf,
+    /// A parameter and its values: --set name=v1,v2,... (repeat for a grid;
+    /// the first setting is the baseline).
+    #[arg(long = "set", value_name = "NAME=V1,V2,...", required = true)]
+    axes: Vec<gtr_run::eval::sweep::SweepAxis>,
+    #[command(flatten)]
+    compare: CompareArgs,
+}
+
+/// How `eval` and `sweep` run their comparison.
+#[derive(Args)]
+struct CompareArgs {
     /// Images per schedule (and per repeat), balanced over the classes (1 to 10,000,000).
     #[arg(long, default_value_t = 100, value_parser = parse_image_count)]
     num_images: usize,
@@ -238,12 +265,10 @@ struct EvalArgs {
     /// Repeat the whole comparison with seeds seed, seed+1, … and report the spread.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
-    /// Override a parameter of every schedule that declares it: --set name=value.
-    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
-    overrides: Vec<(String, f64)>,
     #[command(flatten)]
     runtime: RuntimeArgs,
-    /// Folder for eval.md, eval.csv and eval.json (default: runs/eval-<model>-seed<seed>).
+    /// Folder for the table (NAME.md, NAME.csv, NAME.json; sweep also
+    /// pareto.svg), NAME being eval or sweep (default: runs/NAME-<model>-seed<seed>).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Replace the results of a previous evaluation in the folder.
@@ -317,6 +342,7 @@ fn main() -> ExitCode {
         Some(Command::Plan(args)) => run_plan(args),
         Some(Command::Merge(args)) => run_merge(args),
         Some(Command::Eval(args)) => run_eval(args),
+        Some(Command::Sweep(args)) => run_sweep(args),
         None => run_generate(cli.generate),
     };
     match result {
@@ -472,33 +498,78 @@ impl RuntimeArgs {
 }
 
 fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let bundle = gtr_run::bundle::Bundle::open(&args.model)?;
+    let contenders = eval_contenders(&args.schedules, args.overrides, &bundle)?;
+    run_comparison("eval", &bundle, &contenders, args.compare)?;
+    Ok(())
+}
+
+fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
+    use gtr_run::eval::sweep;
+    let bundle = gtr_run::bundle::Bundle::open(&args.model)?;
+    if args.schedule.as_os_str() == "-" {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; sweep takes a schedule file"
+        );
+    }
+    let contenders = sweep::contenders(&args.schedule, &args.axes)?;
+    for c in &contenders {
+        c.schedule
+            .check_model_grid(bundle.grid(), &bundle.manifest.name)
+            .map_err(|m| anyhow::anyhow!(m))?;
+    }
+    let (comparison, out) = run_comparison("sweep", &bundle, &contenders, args.compare)?;
+    match sweep::pareto_svg(&comparison) {
+        Some(svg) => {
+            let path = out.join("pareto.svg");
+            gtr_run::fsutil::write_atomic(&path, svg.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "gtr-run sweep: the trade-off is drawn in {}",
+                path.display()
+            );
+        }
+        None => eprintln!(
+            "gtr-run sweep: bundle `{}` has no evaluator, so there is no quality to draw against speed (the table has speed and cost)",
+            bundle.manifest.name
+        ),
+    }
+    Ok(())
+}
+
+/// Runs `contenders` on `bundle` as `args` asks and writes the table as
+/// `WHAT.md`, `WHAT.csv` and `WHAT.json` in the output folder (printing the
+/// Markdown); returns the comparison and the folder.
+fn run_comparison(
+    what: &str,
+    bundle: &gtr_run::bundle::Bundle,
+    contenders: &[gtr_run::eval::Contender],
+    args: CompareArgs,
+) -> anyhow::Result<(gtr_run::eval::Comparison, PathBuf)> {
     use gtr_run::backend::ort::OrtEvaluator;
-    use gtr_run::bundle::Bundle;
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
     use gtr_run::fsutil::write_atomic;
 
-    let bundle = Bundle::open(&args.model)?;
-    let contenders = eval_contenders(&args.schedules, args.overrides, &bundle)?;
     let device = args.runtime.device;
     let schedules: Vec<&Schedule> = contenders.iter().map(|c| &c.schedule).collect();
     let options = args
         .runtime
-        .load_options_for(&bundle, &schedules, args.seed, args.batch)?;
-    let model = load_model(&bundle, &args.runtime, &options)?;
+        .load_options_for(bundle, &schedules, args.seed, args.batch)?;
+    let model = load_model(bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let info = model.info().clone();
     // The evaluator measures quality: it always runs its fp32 graph.
-    let mut evaluator = OrtEvaluator::load(&bundle, device, args.runtime.threads)?;
-    let reference = reference_stats(&bundle)?;
+    let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
+    let reference = reference_stats(bundle)?;
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
-            "eval-{}-seed{}",
+            "{what}-{}-seed{}",
             bundle.manifest.name.replace(['/', '\\', ' '], "_"),
             args.seed
         ))
     });
-    let json_path = out.join("eval.json");
+    let json_path = out.join(format!("{what}.json"));
     if json_path.exists() && !args.force {
         bail!(
             "{} holds a previous evaluation; give --force to replace it or --out for another folder",
@@ -507,7 +578,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!(
-        "gtr-run eval: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
+        "gtr-run {what}: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
         info.name,
         options.precision.precision,
         contenders.len(),
@@ -525,7 +596,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
         batch: args.batch,
         seed: args.seed,
         repeats: args.repeats,
-        options: args.runtime.plan_options(&bundle),
+        options: args.runtime.plan_options(bundle),
         warm_up: true,
     };
     let scoring = match (evaluator.as_mut(), reference.as_ref()) {
@@ -545,7 +616,7 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     let comparison = compare(
         &mut engine,
         scoring,
-        &contenders,
+        contenders,
         &bundle.cost_spec(),
         &request,
         |done, total| {
@@ -555,11 +626,11 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
     )?;
     bar.finish_and_clear();
     let table = report::markdown(&comparison);
-    for (name, text) in [
-        ("eval.md", table.clone()),
-        ("eval.csv", report::csv(&comparison)),
+    for (extension, text) in [
+        ("md", table.clone()),
+        ("csv", report::csv(&comparison)),
         (
-            "eval.json",
+            "json",
             serde_json::to_string_pretty(&{
                 let mut v = report::json(&comparison);
                 v["runtime_settings"] = settings.clone();
@@ -567,16 +638,16 @@ fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
             })? + "\n",
         ),
     ] {
-        let path = out.join(name);
+        let path = out.join(format!("{what}.{extension}"));
         write_atomic(&path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     write_stdout(&table)?;
     eprintln!(
-        "gtr-run eval: wrote eval.md, eval.csv and eval.json to {}",
+        "gtr-run {what}: wrote {what}.md, {what}.csv and {what}.json to {}",
         out.display()
     );
-    Ok(())
+    Ok((comparison, out))
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -167,3 +167,100 @@ fn bad_evaluators_and_arguments_are_reported_clearly() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// `gtr-run sweep`: every setting of the grid is a row (named by its
+/// values, the first the baseline), the table is written as eval writes
+/// its own, and with an evaluator `pareto.svg` shows every setting and the
+/// front; without one it says there is nothing to draw. A parameter the
+/// schedule does not declare, or a malformed value list, is refused.
+#[test]
+fn sweeps_write_the_table_and_the_trade_off() {
+    let bundle = bundle_with_evaluator("sweep-evaluator", |m| m);
+    let out = tmp("sweep");
+    let o = ok(&[
+        "sweep",
+        bundle.to_str().unwrap(),
+        "schedules/gtr-fast.gtr",
+        "--set",
+        "beta=0.1,0.3",
+        "--set",
+        "t_max=10,20",
+        "--num-images",
+        "4",
+        "--batch",
+        "4",
+        "--repeats",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let table = String::from_utf8_lossy(&o.stdout);
+    let names = [
+        "beta=0.1 t_max=10",
+        "beta=0.1 t_max=20",
+        "beta=0.3 t_max=10",
+        "beta=0.3 t_max=20",
+    ];
+    for name in names {
+        assert!(table.contains(&format!("| {name} |")), "{name}: {table}");
+    }
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    let schedules = rows["comparison"]["schedules"].as_array().unwrap();
+    assert_eq!(schedules.len(), 4);
+    assert_eq!(schedules[0]["name"], names[0]);
+    assert!(out.join("sweep.csv").is_file() && out.join("sweep.md").is_file());
+    let svg = std::fs::read_to_string(out.join("pareto.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("Pareto front"));
+    for name in names {
+        assert!(svg.contains(name), "{name} is labelled");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+
+    let plain = tmp("sweep-plain");
+    let o = ok(&[
+        "sweep",
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--set",
+        "beta=0.1,0.3",
+        "--num-images",
+        "2",
+        "--out",
+        plain.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("has no evaluator, so there is no quality to draw")
+    );
+    assert!(plain.join("sweep.json").is_file() && !plain.join("pareto.svg").exists());
+    std::fs::remove_dir_all(&plain).unwrap();
+
+    let refused = tmp("sweep-refused");
+    let r = refused.to_str().unwrap();
+    fails(
+        &[
+            "sweep",
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--set",
+            "nope=1,2",
+            "--out",
+            r,
+        ],
+        "nope",
+    );
+    fails(
+        &[
+            "sweep",
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--set",
+            "beta=0.1,0.1",
+            "--out",
+            r,
+        ],
+        "lists 0.1 twice",
+    );
+    assert!(!refused.exists());
+}

@@ -8,6 +8,7 @@
 
 pub mod report;
 pub mod stats;
+pub mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
