@@ -133,10 +133,10 @@ def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
     g = m["graphs"]
     encoder = onnx.load(os.path.join(bundle, encoder_file))
     decoder = onnx.load(os.path.join(bundle, decoder_file))
-    model = build_backbone(encoder, decoder, g["encoder"], g["decoder"])
-    onnx.checker.check_model(model)
-    name = BACKBONE_FILE if precision is None else BACKBONE_FILE.replace(".onnx", f".{precision}.onnx")
-    onnx.save(model, os.path.join(bundle, name))
+    from models.add_sampler import save_graph
+
+    name = save_graph(bundle, build_backbone(encoder, decoder, g["encoder"], g["decoder"]), BACKBONE_FILE,
+                      precision)
     log(f"{name}: {encoder_file} and {decoder_file} fused, z gathered at the predicted tokens")
     return name
 

@@ -242,16 +242,22 @@ def manifest_with_sampler(text: str) -> str:
     return manifest_with_graph(text, "sampler", SAMPLER_FILE, INPUTS, {"x_out": OUTPUT}, "diffusion")
 
 
+def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None) -> str:
+    """Checks `model` and saves it in `bundle` as `file`, or as FILE.PRECISION.onnx for a
+    precision variant; returns the name written."""
+    onnx.checker.check_model(model)
+    name = file if precision is None else file.replace(".onnx", f".{precision}.onnx")
+    onnx.save(model, os.path.join(bundle, name))
+    return name
+
+
 def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print) -> str:
     """Writes the sampler around the head graph `head_file` (the manifest's diffusion tensor
     names) as sampler.onnx, or sampler.PRECISION.onnx for a precision variant; returns its name."""
     io = m["graphs"]["diffusion"]
     head = onnx.load(os.path.join(bundle, head_file))
     learned = m["diffusion"]["variance"] == "learned_range"
-    model = build_sampler(head, io, int(m["token_dim"]), learned)
-    onnx.checker.check_model(model)
-    name = SAMPLER_FILE if precision is None else SAMPLER_FILE.replace(".onnx", f".{precision}.onnx")
-    onnx.save(model, os.path.join(bundle, name))
+    name = save_graph(bundle, build_sampler(head, io, int(m["token_dim"]), learned), SAMPLER_FILE, precision)
     log(f"{name}: loop over the ticks around {head_file} ({'learned' if learned else 'fixed'} variance)")
     return name
 

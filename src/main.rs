@@ -409,8 +409,9 @@ fn exit_status(e: &anyhow::Error) -> ExitStatus {
             })
         } else if let Some(e) = cause.downcast_ref::<OrtError>() {
             match e {
-                OrtError::Runtime(_) | OrtError::Session { .. } => Some(Runtime),
-                OrtError::Library(_) => Some(Runtime),
+                OrtError::Runtime(_) | OrtError::Session { .. } | OrtError::Library(_) => {
+                    Some(Runtime)
+                }
                 _ => Some(Input),
             }
         } else if let Some(e) = cause.downcast_ref::<CompareError>() {
