@@ -522,11 +522,24 @@ fn check_finite<'a>(
     })
 }
 
-/// MAR's conversion: (x + 1)/2, clipped to [0, 1], × 255, rounded half to even.
+/// Images [B, channels, H, W] → pixels [B, H, W, channels] by MAR's
+/// conversion: (x + 1)/2, clipped to [0, 1], × 255, rounded half to even.
 pub fn to_pixels(images: &Array4<f32>) -> Array4<u8> {
     let (b, ch, h, w) = images.dim();
-    Array4::from_shape_fn((b, h, w, ch), |(i, y, x, c)| {
-        let v = ((f64::from(images[[i, c, y, x]]) + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
-        round_half_even(v) as u8
-    })
+    if b * ch * h * w == 0 {
+        return Array4::zeros((b, h, w, ch));
+    }
+    let images = images.as_standard_layout();
+    let src = images.as_slice().expect("standard layout");
+    let mut out = vec![0u8; b * h * w * ch];
+    // One image's plane c holds h·w values; pixel p of it goes to p·ch + c.
+    for (planes, pixels) in src.chunks_exact(ch * h * w).zip(out.chunks_exact_mut(h * w * ch)) {
+        for (c, plane) in planes.chunks_exact(h * w).enumerate() {
+            for (p, &v) in plane.iter().enumerate() {
+                let v = ((f64::from(v) + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
+                pixels[p * ch + c] = round_half_even(v) as u8;
+            }
+        }
+    }
+    Array4::from_shape_vec((b, h, w, ch), out).expect("B·H·W·channels pixels")
 }

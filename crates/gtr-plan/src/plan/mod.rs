@@ -764,12 +764,7 @@ fn diffusion_count(src: &Arc<Source>, v: f64, span: Span, what: &str) -> Result<
 
 /// Round half to even, as Python's `round` and numpy do.
 pub fn round_half_even(x: f64) -> f64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
-        r - x.signum()
-    } else {
-        r
-    }
+    x.round_ties_even()
 }
 
 fn plural(n: usize) -> &'static str {
