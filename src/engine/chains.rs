@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use ndarray::{Array1, Array2, Array3, s};
+use rayon::prelude::*;
 
 use super::model::{ChainInputs, MarModel, ModelInfo};
 use super::rows::Row;
@@ -91,7 +92,7 @@ impl StepChains<'_> {
     pub fn run_on_host<M: MarModel>(
         &self,
         model: &mut M,
-        rows: &mut [Row],
+        rows: &[Row],
         x: &mut [f32],
         info: &ModelInfo,
     ) -> Result<ChainWork, EngineError> {
@@ -115,7 +116,6 @@ impl StepChains<'_> {
             calls: 0,
             rows: 0,
         };
-        let mut draw = vec![0f32; c];
         let mut eps = vec![0f64; c];
         for tick in 0..longest {
             let n = rows.partition_point(|r| r.steps > tick);
@@ -148,7 +148,7 @@ impl StepChains<'_> {
             work.rows += m as u64;
             let out = self.checked(out, "diffusion", "out", (m, head))?;
             let os = out.as_slice().expect("standard layout");
-            for (r, row) in rows[..n].iter_mut().enumerate() {
+            for (r, row) in rows[..n].iter().enumerate() {
                 let i = row.steps - 1 - tick;
                 let cond = &os[per * r * head..(per * r + 1) * head];
                 for ch in 0..c {
@@ -160,14 +160,13 @@ impl StepChains<'_> {
                         e
                     };
                 }
-                row.draws.draw(Some(tick), &mut draw);
                 row.chain.step(
                     i,
                     info.variance,
                     &mut x[r * c..(r + 1) * c],
                     &eps,
                     &cond[c..],
-                    &draw,
+                    row.draws.tick(tick),
                     self.temperature,
                 );
             }
@@ -180,7 +179,7 @@ impl StepChains<'_> {
     pub fn run_in_graph<M: MarModel>(
         &self,
         model: &mut M,
-        rows: &mut [Row],
+        rows: &[Row],
         x: &mut [f32],
         info: &ModelInfo,
     ) -> Result<ChainWork, EngineError> {
@@ -196,30 +195,19 @@ impl StepChains<'_> {
             });
         }
         let mut z = Array3::<f32>::zeros((halves, n, d));
-        let mut timesteps = Array2::<i64>::zeros((ticks, n));
-        let mut coefficients = Array3::<f32>::zeros((ticks, n, COEFFICIENTS));
-        let mut noise = Array3::<f32>::zeros((ticks, n, c));
-        let active: Array1<i64> = (0..ticks)
-            .map(|tick| rows.partition_point(|r| r.steps > tick) as i64)
-            .collect();
-        for (r, row) in rows.iter_mut().enumerate() {
+        for (r, row) in rows.iter().enumerate() {
             for h in 0..halves {
                 z.slice_mut(s![h, r, ..]).assign(&self.condition(row, h));
             }
-            for tick in 0..row.steps {
-                let i = row.steps - 1 - tick;
-                timesteps[[tick, r]] = row.chain.timesteps[i];
-                let k = row
-                    .chain
-                    .tick_coefficients(i, info.variance, self.temperature);
-                for (j, v) in k.into_iter().enumerate() {
-                    coefficients[[tick, r, j]] = v as f32;
-                }
-                let mut slot = noise.slice_mut(s![tick, r, ..]);
-                let out = slot.as_slice_mut().expect("a row of a standard array");
-                row.draws.draw(Some(tick), out);
-            }
         }
+        let active: Array1<i64> = (0..ticks)
+            .map(|tick| rows.partition_point(|r| r.steps > tick) as i64)
+            .collect();
+        let TickInputs {
+            timesteps,
+            coefficients,
+            noise,
+        } = TickInputs::of_rows(rows, ticks, c, info, self.temperature);
         let per_call = self.ticks_per_call.unwrap_or(ticks).clamp(1, ticks);
         let mut work = ChainWork {
             seconds: 0.0,
@@ -250,5 +238,48 @@ impl StepChains<'_> {
             x.copy_from_slice(out.as_slice().expect("standard layout"));
         }
         Ok(work)
+    }
+}
+
+/// Each row's timestep, coefficients and noise at each tick, in a sampler
+/// graph's tick-major layout ([`ChainInputs`]); ticks past a row's chain
+/// are zeros.
+struct TickInputs {
+    timesteps: Array2<i64>,
+    coefficients: Array3<f32>,
+    noise: Array3<f32>,
+}
+
+impl TickInputs {
+    /// Filled tick by tick in parallel (each tick's slab is its own).
+    fn of_rows(rows: &[Row], ticks: usize, c: usize, info: &ModelInfo, temperature: f64) -> Self {
+        let n = rows.len();
+        let mut timesteps = vec![0i64; ticks * n];
+        let mut coefficients = vec![0f32; ticks * n * COEFFICIENTS];
+        let mut noise = vec![0f32; ticks * n * c];
+        timesteps
+            .par_chunks_mut(n)
+            .zip(coefficients.par_chunks_mut(n * COEFFICIENTS))
+            .zip(noise.par_chunks_mut(n * c))
+            .enumerate()
+            .for_each(|(tick, ((t, k), e))| {
+                // Rows run longest first: those still running are a prefix.
+                let running = rows.partition_point(|r| r.steps > tick);
+                for (r, row) in rows[..running].iter().enumerate() {
+                    let i = row.steps - 1 - tick;
+                    t[r] = row.chain.timesteps[i];
+                    let values = row.chain.tick_coefficients(i, info.variance, temperature);
+                    for (slot, v) in k[r * COEFFICIENTS..].iter_mut().zip(values) {
+                        *slot = v as f32;
+                    }
+                    e[r * c..(r + 1) * c].copy_from_slice(row.draws.tick(tick));
+                }
+            });
+        TickInputs {
+            timesteps: Array2::from_shape_vec((ticks, n), timesteps).expect("T·N timesteps"),
+            coefficients: Array3::from_shape_vec((ticks, n, COEFFICIENTS), coefficients)
+                .expect("T·N·5 coefficients"),
+            noise: Array3::from_shape_vec((ticks, n, c), noise).expect("T·N·C draws"),
+        }
     }
 }

@@ -30,8 +30,9 @@ pub use model::{
     SamplingDefaults, Scores, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
+use rayon::prelude::*;
 pub use replay::Replay;
-use rows::{Canvas, RowSources};
+use rows::{Canvas, RowSources, draw_ahead};
 
 use crate::plan::{Plan, PlanOptions, Planner, round_half_even};
 use crate::sampler::fts::FtsScorer;
@@ -300,17 +301,31 @@ impl<M: MarModel> Engine<M> {
         }
         let inputs = canvas.backbone_inputs(jobs, guided, info.null_class, template.known_before);
         let predict = Array2::from_shape_fn((rows_b, n), |(r, k)| asked[r % b][k] as i64);
-        let t0 = Instant::now();
-        let z = self
-            .model
-            .backbone_rows(
+        // Each image's tokens draw their noise (the step's base ticks; FTS
+        // detail tokens draw on once chosen) on other threads while the
+        // backbone runs, where the tokens are known before it.
+        let ticks: Vec<usize> = plans
+            .iter()
+            .map(|p| p.steps[s].diffusion_steps as usize)
+            .collect();
+        let c = info.token_dim;
+        let model = &mut self.model;
+        let (z, backbone_seconds, drawn) = std::thread::scope(|scope| {
+            let ahead = fixed
+                .as_ref()
+                .map(|tokens| scope.spawn(|| draw_ahead(noise, jobs, tokens, &ticks, c)));
+            let t0 = Instant::now();
+            let z = model.backbone_rows(
                 inputs.canvas.view(),
                 inputs.known.view(),
                 inputs.labels.view(),
                 predict.view(),
-            )
-            .map_err(|source| EngineError::Model { step: s, source })?;
-        let backbone_seconds = t0.elapsed().as_secs_f64();
+            );
+            let seconds = t0.elapsed().as_secs_f64();
+            let drawn = ahead.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            (z, seconds, drawn)
+        });
+        let z = z.map_err(|source| EngineError::Model { step: s, source })?;
         if z.dim() != (rows_b, n, d) {
             return Err(shape_error(s, "backbone", "z", z.shape(), &[rows_b, n, d]));
         }
@@ -330,13 +345,13 @@ impl<M: MarModel> Engine<M> {
             }
         };
 
-        let (mut rows, mut x) = RowSources {
+        let drawn = drawn.unwrap_or_else(|| draw_ahead(noise, jobs, &predicted, &ticks, c));
+        let (rows, mut x) = RowSources {
             jobs,
-            noise,
             chains: &mut self.chains,
             fts: &mut self.fts,
         }
-        .step_rows(plans, s, &predicted, z.view(), &mut canvas.detail, info);
+        .step_rows(plans, s, &predicted, drawn, z.view(), &mut canvas.detail);
         let chains = StepChains {
             step: s,
             z: &z,
@@ -347,9 +362,9 @@ impl<M: MarModel> Engine<M> {
             ticks_per_call: self.ticks_per_call,
         };
         let work = if self.model.runs_chains() {
-            chains.run_in_graph(&mut self.model, &mut rows, &mut x, info)?
+            chains.run_in_graph(&mut self.model, &rows, &mut x, info)?
         } else {
-            chains.run_on_host(&mut self.model, &mut rows, &mut x, info)?
+            chains.run_on_host(&mut self.model, &rows, &mut x, info)?
         };
         check_finite("diffusion", "sampled tokens", x.iter(), s)?;
         canvas.write_back(&rows, &x);
@@ -533,13 +548,15 @@ pub fn to_pixels(images: &Array4<f32>) -> Array4<u8> {
     let src = images.as_slice().expect("standard layout");
     let mut out = vec![0u8; b * h * w * ch];
     // One image's plane c holds h·w values; pixel p of it goes to p·ch + c.
-    for (planes, pixels) in src.chunks_exact(ch * h * w).zip(out.chunks_exact_mut(h * w * ch)) {
-        for (c, plane) in planes.chunks_exact(h * w).enumerate() {
-            for (p, &v) in plane.iter().enumerate() {
-                let v = ((f64::from(v) + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
-                pixels[p * ch + c] = round_half_even(v) as u8;
+    src.par_chunks_exact(ch * h * w)
+        .zip(out.par_chunks_exact_mut(h * w * ch))
+        .for_each(|(planes, pixels)| {
+            for (c, plane) in planes.chunks_exact(h * w).enumerate() {
+                for (p, &v) in plane.iter().enumerate() {
+                    let v = ((f64::from(v) + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0;
+                    pixels[p * ch + c] = round_half_even(v) as u8;
+                }
             }
-        }
-    }
+        });
     Array4::from_shape_vec((b, h, w, ch), out).expect("B·H·W·channels pixels")
 }

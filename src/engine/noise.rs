@@ -8,8 +8,9 @@ use super::{ImageJob, Replay};
 use crate::plan::Plan;
 use crate::rng::TokenNoise;
 
-/// A source of each token's draws and of each step's tokens.
-pub trait NoiseSource {
+/// A source of each token's draws and of each step's tokens. `Sync`, so
+/// that a step's tokens draw ahead on other threads.
+pub trait NoiseSource: Sync {
     /// Refuses jobs the source cannot serve on model `info` with chains of
     /// up to `longest` ticks; the message names what is missing.
     fn check(&self, info: &ModelInfo, jobs: &[ImageJob], longest: usize) -> Result<(), String>;
@@ -23,8 +24,10 @@ pub trait NoiseSource {
     fn token_draws(&self, job: ImageJob, token: usize) -> Box<dyn TokenDraws + '_>;
 }
 
-/// One token's draws: its initial noise, then one per chain tick.
-pub trait TokenDraws {
+/// One token's draws: its initial noise, then one per chain tick. `Send`
+/// and `Sync`, so that the rows of a step draw and are laid out in parallel
+/// (each from its own stream).
+pub trait TokenDraws: Send + Sync {
     /// Fills `out` with the initial noise when `tick` is `None`, else with
     /// that tick's draw. Callers draw the initial noise first, then in tick
     /// order (a stream gives its values in call order).

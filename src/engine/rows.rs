@@ -1,14 +1,16 @@
 //! Row layout: the batch's tokens so far (the canvas), the backbone's
-//! inputs laid out from it, and the rows a step samples: each predicted
-//! token of each image with its chain, detail choice and draws, gathered
-//! with its conditioning vector.
+//! inputs laid out from it, the draws of a step's predicted tokens (made
+//! ahead, while the backbone runs), and the rows a step samples: each
+//! predicted token of each image with its chain, detail choice and draws,
+//! gathered with its conditioning vector.
 
 use std::sync::Arc;
 
 use ndarray::{Array1, Array2, Array3, Array4, ArrayView3, Axis};
+use rayon::prelude::*;
 
+use super::ImageJob;
 use super::noise::{NoiseSource, TokenDraws};
-use super::{ImageJob, ModelInfo};
 use crate::grid::Grid;
 use crate::plan::Plan;
 use crate::rng::{Purpose, Stream};
@@ -24,7 +26,79 @@ pub(super) struct Row<'a> {
     pub slot: usize,
     pub steps: usize,
     pub chain: Arc<Chain>,
-    pub draws: Box<dyn TokenDraws + 'a>,
+    pub draws: DrawnAhead<'a>,
+}
+
+/// One predicted token's draws, made ahead of its chain: its initial noise
+/// and its first ticks' draws, with its stream kept to draw more.
+pub(super) struct DrawnAhead<'a> {
+    /// The initial noise, then one draw per tick: (1 + ticks) · C values.
+    values: Vec<f32>,
+    stream: Box<dyn TokenDraws + 'a>,
+    channels: usize,
+}
+
+impl<'a> DrawnAhead<'a> {
+    /// The initial noise and `ticks` ticks' draws from `stream`.
+    fn new(mut stream: Box<dyn TokenDraws + 'a>, channels: usize, ticks: usize) -> Self {
+        let mut values = vec![0f32; channels];
+        stream.draw(None, &mut values);
+        let mut drawn = DrawnAhead {
+            values,
+            stream,
+            channels,
+        };
+        drawn.extend_to(ticks);
+        drawn
+    }
+
+    /// Ticks whose draws are held.
+    fn ticks(&self) -> usize {
+        self.values.len() / self.channels - 1
+    }
+
+    /// Draws on from where the stream stopped until `ticks` ticks are held.
+    pub fn extend_to(&mut self, ticks: usize) {
+        let c = self.channels;
+        for tick in self.ticks()..ticks {
+            let start = self.values.len();
+            self.values.resize(start + c, 0.0);
+            self.stream.draw(Some(tick), &mut self.values[start..]);
+        }
+    }
+
+    /// The initial noise.
+    pub fn initial(&self) -> &[f32] {
+        &self.values[..self.channels]
+    }
+
+    /// Tick `tick`'s draw; the tick must be held ([`DrawnAhead::extend_to`]).
+    pub fn tick(&self, tick: usize) -> &[f32] {
+        let c = self.channels;
+        &self.values[(1 + tick) * c..(2 + tick) * c]
+    }
+}
+
+/// The draws of each image's predicted tokens (`tokens[img]`, ascending),
+/// `ticks[img]` ticks each, made in parallel: each token draws from its own
+/// stream, so the values do not depend on the threads. Indexed [image][slot].
+pub(super) fn draw_ahead<'a>(
+    noise: &'a dyn NoiseSource,
+    jobs: &[ImageJob],
+    tokens: &[Vec<usize>],
+    ticks: &[usize],
+    channels: usize,
+) -> Vec<Vec<DrawnAhead<'a>>> {
+    jobs.par_iter()
+        .zip(tokens)
+        .zip(ticks)
+        .map(|((&job, tokens), &ticks)| {
+            tokens
+                .par_iter()
+                .map(|&t| DrawnAhead::new(noise.token_draws(job, t), channels, ticks))
+                .collect()
+        })
+        .collect()
 }
 
 /// The batch's tokens as sampling fills them in.
@@ -125,33 +199,35 @@ impl Canvas {
 /// What laying out a step's rows needs besides the plans.
 pub(super) struct RowSources<'a> {
     pub jobs: &'a [ImageJob],
-    pub noise: &'a dyn NoiseSource,
     pub chains: &'a mut ChainCache,
     pub fts: &'a mut FtsScorer,
 }
 
-impl<'a> RowSources<'a> {
+impl RowSources<'_> {
     /// The rows of step `s`: every token of `predicted` (per image,
     /// ascending) with its chain (FTS detail tokens chosen by their
     /// conditioning vectors in `z` [B.., N, D], one row per predicted
-    /// token), marked in `detail`; longest chains first (stable: image and
-    /// token order otherwise), each row's initial noise in `x` [rows · C].
-    pub fn step_rows(
+    /// token) and its draws from `drawn` (same layout as `predicted`,
+    /// drawn on as far as the chain needs), marked in `detail`; longest
+    /// chains first (stable: image and token order otherwise), each row's
+    /// initial noise in `x` [rows · C].
+    pub fn step_rows<'d>(
         &mut self,
         plans: &[Plan],
         s: usize,
         predicted: &[Vec<usize>],
+        drawn: Vec<Vec<DrawnAhead<'d>>>,
         z: ArrayView3<f32>,
         detail: &mut Array2<bool>,
-        info: &ModelInfo,
-    ) -> (Vec<Row<'a>>, Vec<f32>) {
-        let mut rows: Vec<Row<'a>> = Vec::new();
-        for (img, plan) in plans.iter().enumerate() {
+    ) -> (Vec<Row<'d>>, Vec<f32>) {
+        let mut rows: Vec<Row<'d>> = Vec::new();
+        for ((img, plan), drawn) in plans.iter().enumerate().zip(drawn) {
             let step = &plan.steps[s];
-            let job = self.jobs[img];
             let tokens = &predicted[img];
             let chosen = self.detail_tokens(plan, s, img, tokens.len(), z);
-            for (slot, (&t, &is_detail)) in tokens.iter().zip(&chosen).enumerate() {
+            for (slot, ((&t, &is_detail), draws)) in
+                tokens.iter().zip(&chosen).zip(drawn).enumerate()
+            {
                 let n = match (is_detail, step.detail) {
                     (true, Some(rule)) => rule.steps,
                     _ => step.diffusion_steps,
@@ -163,16 +239,18 @@ impl<'a> RowSources<'a> {
                     slot,
                     steps: n,
                     chain: self.chains.get(n),
-                    draws: self.noise.token_draws(job, t),
+                    draws,
                 });
             }
         }
+        rows.par_iter_mut()
+            .for_each(|row| row.draws.extend_to(row.steps));
         rows.sort_by_key(|r| std::cmp::Reverse(r.steps));
-        let c = info.token_dim;
-        let mut x = vec![0f32; rows.len() * c];
-        for (r, row) in rows.iter_mut().enumerate() {
-            row.draws.draw(None, &mut x[r * c..(r + 1) * c]);
-        }
+        let x = rows
+            .iter()
+            .flat_map(|row| row.draws.initial())
+            .copied()
+            .collect();
         (rows, x)
     }
 
