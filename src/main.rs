@@ -96,7 +96,8 @@ struct RuntimeArgs {
     /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
     #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::Device::Cpu)]
     device: gtr_run::backend::ort::Device,
-    /// Intra-op threads per graph (default: ONNX Runtime's choice; 1 to 1024).
+    /// Intra-op threads per graph, and threads of gtr-run's own parallel
+    /// work (default: ONNX Runtime's choice, and one per core; 1 to 1024).
     #[arg(long, value_parser = parse_threads)]
     threads: Option<usize>,
     /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
@@ -134,6 +135,9 @@ fn load_model(
     runtime: &RuntimeArgs,
     options: &gtr_run::backend::ort::LoadOptions,
 ) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
+    if let Some(threads) = runtime.threads {
+        gtr_run::engine::set_host_threads(threads);
+    }
     let (model, note) = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?
         .run_chains(runtime.sampler, bundle)?;
     if let Some(note) = note {

@@ -108,7 +108,8 @@ class Model:
 
         ``device``: ``cpu``, ``cuda``, ``tensorrt`` (strict) or ``auto``; ``precision``: fp32,
         tf32, fp16, bf16 or int8 (default: the manifest's, else fp32); ``threads``: intra-op
-        threads per graph (default: ONNX Runtime's). Raises GtrRunError with the command
+        threads per graph, and for gtr-run's own parallel work when it is the process's first
+        model to set it (default: ONNX Runtime's, and one per core). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails."""
     @property
     def name(self) -> str: ...

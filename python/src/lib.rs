@@ -541,7 +541,9 @@ impl Model {
     /// Opens the bundle (its folder, its manifest.yaml or any .onnx in it)
     /// and loads its graphs on `device` (`cpu`, `cuda`, `tensorrt` or
     /// `auto`) at `precision` (default: the manifest's, else fp32) with
-    /// `threads` intra-op threads per graph (default: ONNX Runtime's).
+    /// `threads` intra-op threads per graph, and for gtr-run's own parallel
+    /// work if it is the process's first model to say (default: ONNX
+    /// Runtime's, and one per core).
     #[new]
     #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None))]
     fn new(
@@ -562,6 +564,9 @@ impl Model {
             .map(|t| in_range("threads", t, 1, MAX_THREADS))
             .transpose()?;
         let device = device.to_string();
+        if let Some(threads) = threads {
+            gtr_run::engine::set_host_threads(threads);
+        }
         py.detach(move || {
             let bundle = Bundle::open(&bundle).map_err(run_failure)?;
             let choice = gtr_run::backend::ort::precision::choose(&bundle, precision, device_kind)

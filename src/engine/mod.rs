@@ -413,6 +413,18 @@ impl<M: MarModel> Engine<M> {
     }
 }
 
+/// Sizes the thread pool of the engine's own parallel work (a step's
+/// noise drawn while the backbone runs, tick layouts, pixels) to `threads`.
+/// It is rayon's global pool, so the first call in a process decides;
+/// without one it has `RAYON_NUM_THREADS` threads, else one per core. The
+/// work's results do not depend on the threads.
+pub fn set_host_threads(threads: usize) {
+    // An error means the pool already exists: the earlier size stands.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global();
+}
+
 /// Checks that `plan` fits model `info`: its grid, and no chain longer than
 /// the training chain.
 pub fn check_plan(info: &ModelInfo, plan: &Plan) -> Result<(), String> {
