@@ -40,15 +40,16 @@
 /// This crate's version (`gtr_run_version` in run records).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The engine (the `gtr-engine` crate) and its sampler.
+pub use gtr_engine as engine;
+pub use gtr_engine::sampler;
 pub use gtr_plan::{cost, grid, plan, report, rng, schedule};
 
 pub mod backend;
 pub mod bundle;
 pub mod device;
-pub mod engine;
 pub mod eval;
 pub mod fsutil;
 pub mod precision;
 pub mod run;
-pub mod sampler;
 pub mod snapshot;

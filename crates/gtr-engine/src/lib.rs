@@ -1,16 +1,26 @@
-//! The generation engine: executes plans on any [`MarModel`].
+//! The generation engine of gtr-run: executes plans ([`gtr_plan`]) on any
+//! [`MarModel`], the one trait it knows models through.
 //!
-//! Per MAR step it runs the backbone once for the batch (CFG appends the
-//! unconditional half), gathers the conditioning vectors of the tokens being
-//! predicted, chooses FTS detail tokens, and advances every token's respaced
-//! diffusion chain together: one diffusion-head call per tick for all rows
-//! of the step (both CFG halves), each row at its own timestep, so chains of
-//! 50 and 20 steps cost 50 calls. Then the VAE decodes the tokens.
+//! Per MAR step it asks the model for the conditioning vectors of the
+//! tokens being predicted (the backbone once for the batch; CFG appends the
+//! unconditional half), chooses FTS detail tokens, and advances every
+//! token's respaced diffusion chain together: on the host with one
+//! diffusion-head call per tick for all rows of the step (both CFG halves),
+//! each row at its own timestep, or in the model's sampler graph in one call
+//! ([`MarModel::runs_chains`]). Each token's noise is drawn from its own
+//! stream on other threads while the backbone runs. Then the VAE decodes the
+//! tokens.
 //!
-//! At an adaptive step ([`crate::plan::PlanStep::adaptive`]) the backbone
+//! At an adaptive step ([`gtr_plan::plan::PlanStep::adaptive`]) the backbone
 //! returns the conditioning vectors of all of the stage's still-masked
 //! tokens; the step reveals the top count of them by FTS score and goes on
 //! with their rows only. A [`Replay`] names its own tokens instead.
+//!
+//! This crate has no model runtime in its dependency tree: ONNX Runtime is
+//! gtr-run's backend, one layer up, which re-exports this crate as
+//! `gtr_run::engine` and `gtr_run::sampler`.
+
+use gtr_plan::{grid, plan, rng, schedule};
 
 mod adaptive;
 mod chains;
@@ -19,6 +29,7 @@ pub mod model;
 pub mod noise;
 pub mod replay;
 mod rows;
+pub mod sampler;
 
 use std::time::Instant;
 
