@@ -1,7 +1,8 @@
 //! The engine's own hot paths, without ONNX Runtime (`cargo bench --bench
 //! hot_paths`): planning a schedule, FTS scoring, the diffusion sampler
 //! update, and a whole batch through the engine on the in-process fake
-//! model (canvas and conditioning gathers, row layout, CFG mixing, noise).
+//! model (canvas and conditioning gathers, row layout, CFG mixing, noise),
+//! and a batch's PNGs one by one against `encode_batch`.
 //! Timings only; `cargo bench --bench speed` measures the share of real
 //! generation time these take.
 
@@ -16,6 +17,7 @@ use gtr_run::engine::{Engine, ImageJob, SeededNoise};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{PlanOptions, Planner};
 use gtr_run::rng::image_seed;
+use gtr_run::run::{encode_batch, encode_png};
 use gtr_run::sampler::fts::{FtsScorer, select};
 use gtr_run::sampler::{NoiseSchedule, Variance};
 use gtr_run::schedule::{Schedule, Selector};
@@ -123,5 +125,33 @@ fn engine_batch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, planning, fts_scoring, sampler_update, engine_batch);
+fn png_encoding(c: &mut Criterion) {
+    // A batch of 64 MAR-B-sized images (256×256 RGB) of smooth content.
+    let pixels = ndarray::Array4::from_shape_fn((64, 256, 256, 3), |(i, y, x, ch)| {
+        ((x * (ch + 1) + y * 3 + i * 7) % 256) as u8
+    });
+    let mut group = c.benchmark_group("png");
+    group.sample_size(10);
+    group.bench_function("64 images 256x256 one by one", |b| {
+        b.iter(|| {
+            let pngs: Vec<Vec<u8>> = (0..64)
+                .map(|k| encode_png(&pixels.index_axis(ndarray::Axis(0), k).to_owned()))
+                .collect();
+            black_box(pngs)
+        })
+    });
+    group.bench_function("64 images 256x256 encode_batch", |b| {
+        b.iter(|| black_box(encode_batch(pixels.view())))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    planning,
+    fts_scoring,
+    sampler_update,
+    engine_batch,
+    png_encoding
+);
 criterion_main!(benches);

@@ -25,7 +25,7 @@ use serde_json::Value;
 
 pub use folder::{Existing, default_out_dir};
 pub use jobs::{Classes, Shard, label_for};
-pub use outputs::{encode_png, write_npz};
+pub use outputs::{encode_batch, encode_png, write_npz};
 pub use record::RunRecord;
 
 use crate::bundle::Bundle;
@@ -216,8 +216,8 @@ pub fn generate<M: MarModel>(
     progress(kept.len(), range.len());
     let mut done = kept.len();
     let wall = run.make_images(&mut engine, req, &todo, |jobs, out| {
-        for (k, job) in jobs.iter().enumerate() {
-            let png = encode_png(&out.pixels.index_axis(Axis(0), k).to_owned());
+        let pngs = encode_batch(out.pixels.view());
+        for ((k, job), png) in jobs.iter().enumerate().zip(pngs) {
             let (path, name) = (
                 image_path(&req.out, job.index as usize),
                 image_name(job.index as usize),
@@ -285,9 +285,10 @@ pub fn generate_in_memory<M: MarModel>(
     let mut orders = BTreeMap::new();
     let mut done = 0;
     let wall = run.make_images(engine, req, &todo, |jobs, out| {
-        for (k, job) in jobs.iter().enumerate() {
+        let pngs = encode_batch(out.pixels.view());
+        for ((k, job), png) in jobs.iter().enumerate().zip(pngs) {
             let (i, one) = (job.index as usize, out.pixels.index_axis(Axis(0), k));
-            hashes.insert(image_name(i), sha256_hex(&encode_png(&one.to_owned())));
+            hashes.insert(image_name(i), sha256_hex(&png));
             if adaptive {
                 orders.insert(image_name(i), out.reveal_orders[k].clone());
             }

@@ -34,6 +34,16 @@ pub fn encode_png(pixels: &ndarray::Array3<u8>) -> Vec<u8> {
     bytes
 }
 
+/// The PNG of each image of a batch of pixels [B, H, W, channels], encoded
+/// in parallel (the engine's thread pool).
+pub fn encode_batch(pixels: ndarray::ArrayView4<u8>) -> Vec<Vec<u8>> {
+    use rayon::prelude::*;
+    (0..pixels.dim().0)
+        .into_par_iter()
+        .map(|k| encode_png(&pixels.index_axis(ndarray::Axis(0), k).to_owned()))
+        .collect()
+}
+
 /// `grid.png`: the images tiled, one row per class when the classes are
 /// balanced (a single row when there is one image per class), else in a
 /// near-square grid.
