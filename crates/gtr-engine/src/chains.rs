@@ -87,6 +87,22 @@ impl StepChains<'_> {
         self.z.slice(s![row.image + h * self.images, row.slot, ..])
     }
 
+    /// The conditioning of `rows`, half by half, in row order: [G, N, D]
+    /// (`D` = `width`), copied in parallel.
+    fn conditioning(&self, rows: &[Row], width: usize) -> Array3<f32> {
+        let halves = self.halves();
+        let mut z = vec![0f32; halves * rows.len() * width];
+        z.par_chunks_mut(width).enumerate().for_each(|(k, out)| {
+            let (h, r) = (k / rows.len(), k % rows.len());
+            out.copy_from_slice(
+                self.condition(&rows[r], h)
+                    .as_slice()
+                    .expect("z rows are contiguous"),
+            );
+        });
+        Array3::from_shape_vec((halves, rows.len(), width), z).expect("G·N·D values")
+    }
+
     /// One head call per tick, the update applied here in f64. `x` [N·C]
     /// holds each row's initial noise and receives the sampled tokens.
     pub fn run_on_host<M: MarModel>(
@@ -184,7 +200,6 @@ impl StepChains<'_> {
         info: &ModelInfo,
     ) -> Result<ChainWork, EngineError> {
         let (c, d) = (info.token_dim, info.width);
-        let halves = self.halves();
         let n = rows.len();
         let ticks = rows.first().map_or(0, |r| r.steps);
         if ticks == 0 {
@@ -194,12 +209,7 @@ impl StepChains<'_> {
                 rows: 0,
             });
         }
-        let mut z = Array3::<f32>::zeros((halves, n, d));
-        for (r, row) in rows.iter().enumerate() {
-            for h in 0..halves {
-                z.slice_mut(s![h, r, ..]).assign(&self.condition(row, h));
-            }
-        }
+        let z = self.conditioning(rows, d);
         let active: Array1<i64> = (0..ticks)
             .map(|tick| rows.partition_point(|r| r.steps > tick) as i64)
             .collect();

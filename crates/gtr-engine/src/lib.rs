@@ -340,7 +340,11 @@ impl<M: MarModel> Engine<M> {
         if z.dim() != (rows_b, n, d) {
             return Err(shape_error(s, "backbone", "z", z.shape(), &[rows_b, n, d]));
         }
-        let z = z.as_standard_layout().into_owned();
+        let z = if z.is_standard_layout() {
+            z
+        } else {
+            z.as_standard_layout().into_owned()
+        };
         check_finite("backbone", "z", z.as_slice().expect("standard z").iter(), s)?;
         let (predicted, z) = match (fixed, template.adaptive) {
             (Some(tokens), _) => (tokens, z),
@@ -360,7 +364,7 @@ impl<M: MarModel> Engine<M> {
         let (rows, mut x) = RowSources {
             jobs,
             chains: &mut self.chains,
-            fts: &mut self.fts,
+            fts: &self.fts,
         }
         .step_rows(plans, s, &predicted, drawn, z.view(), &mut canvas.detail);
         let chains = StepChains {

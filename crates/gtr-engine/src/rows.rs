@@ -200,7 +200,8 @@ impl Canvas {
 pub(super) struct RowSources<'a> {
     pub jobs: &'a [ImageJob],
     pub chains: &'a mut ChainCache,
-    pub fts: &'a mut FtsScorer,
+    /// Cloned per thread for the detail choices.
+    pub fts: &'a FtsScorer,
 }
 
 impl RowSources<'_> {
@@ -220,11 +221,22 @@ impl RowSources<'_> {
         z: ArrayView3<f32>,
         detail: &mut Array2<bool>,
     ) -> (Vec<Row<'d>>, Vec<f32>) {
+        // Each image's detail choice, images in parallel (an FFT scorer each).
+        let jobs = self.jobs;
+        let chosen: Vec<Vec<bool>> = plans
+            .par_iter()
+            .enumerate()
+            .map_init(
+                || self.fts.clone(),
+                |fts, (img, plan)| {
+                    detail_tokens(fts, jobs[img], plan, s, img, predicted[img].len(), z)
+                },
+            )
+            .collect();
         let mut rows: Vec<Row<'d>> = Vec::new();
-        for ((img, plan), drawn) in plans.iter().enumerate().zip(drawn) {
+        for (((img, plan), drawn), chosen) in plans.iter().enumerate().zip(drawn).zip(chosen) {
             let step = &plan.steps[s];
             let tokens = &predicted[img];
-            let chosen = self.detail_tokens(plan, s, img, tokens.len(), z);
             for (slot, ((&t, &is_detail), draws)) in
                 tokens.iter().zip(&chosen).zip(drawn).enumerate()
             {
@@ -253,32 +265,32 @@ impl RowSources<'_> {
             .collect();
         (rows, x)
     }
+}
 
-    /// Which of image `img`'s `count` predicted tokens at step `s` get the
-    /// step's FTS detail steps: the rule's top `count` by their conditioning
-    /// vectors' scores (`z[img, slot]`), ties and `random` broken by the
-    /// image's selection stream.
-    fn detail_tokens(
-        &mut self,
-        plan: &Plan,
-        s: usize,
-        img: usize,
-        count: usize,
-        z: ArrayView3<f32>,
-    ) -> Vec<bool> {
-        let Some(rule) = plan.steps[s].detail else {
-            return vec![false; count];
-        };
-        let scores: Vec<f64> = (0..count)
-            .map(|slot| {
-                let row = z.slice(ndarray::s![img, slot, ..]);
-                self.fts
-                    .score(row.as_slice().expect("z rows are contiguous"))
-            })
-            .collect();
-        let mut selection = Stream::new(self.jobs[img].seed, Purpose::Selection);
-        selection.seek_block(s as u64);
-        let draws: Vec<u64> = (0..count).map(|_| selection.next_u64()).collect();
-        select(&scores, rule.count, rule.selector, &draws)
-    }
+/// Which of image `img`'s `count` predicted tokens at step `s` get the
+/// step's FTS detail steps: the rule's top `count` by their conditioning
+/// vectors' scores (`z[img, slot]`), ties and `random` broken by the
+/// image's selection stream (from `job`'s seed).
+fn detail_tokens(
+    fts: &mut FtsScorer,
+    job: ImageJob,
+    plan: &Plan,
+    s: usize,
+    img: usize,
+    count: usize,
+    z: ArrayView3<f32>,
+) -> Vec<bool> {
+    let Some(rule) = plan.steps[s].detail else {
+        return vec![false; count];
+    };
+    let scores: Vec<f64> = (0..count)
+        .map(|slot| {
+            let row = z.slice(ndarray::s![img, slot, ..]);
+            fts.score(row.as_slice().expect("z rows are contiguous"))
+        })
+        .collect();
+    let mut selection = Stream::new(job.seed, Purpose::Selection);
+    selection.seek_block(s as u64);
+    let draws: Vec<u64> = (0..count).map(|_| selection.next_u64()).collect();
+    select(&scores, rule.count, rule.selector, &draws)
 }

@@ -15,7 +15,9 @@ use rustfft::{Fft, FftPlanner};
 
 use crate::schedule::Selector;
 
-/// Scores conditioning vectors of one width D, reusing one FFT plan.
+/// Scores conditioning vectors of one width D, reusing one FFT plan (a
+/// clone shares the plan and has buffers of its own).
+#[derive(Clone)]
 pub struct FtsScorer {
     fft: Arc<dyn Fft<f64>>,
     buffer: Vec<Complex<f64>>,
