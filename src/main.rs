@@ -114,7 +114,7 @@ struct RuntimeArgs {
     /// and decoder in one call, only the predicted tokens' z returned),
     /// `split` (the two graphs, z gathered on the host) or `auto` (fused
     /// when the bundle has the graph and a GPU provider runs it; split on
-    /// the CPU provider, where it measured faster).
+    /// the CPU provider, where it has not been shown faster).
     #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::BackboneRunner::Auto)]
     backbone: gtr_run::backend::ort::BackboneRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8

@@ -72,7 +72,7 @@ pub enum ChainRunner {
 /// graph (encoder and decoder in one call, only the predicted tokens' z
 /// returned); `Split`, the two graphs with z gathered on the host; or
 /// `Auto`: fused when the bundle has the graph and a GPU provider runs it,
-/// split on the CPU provider (where it measured faster).
+/// split on the CPU provider (where it has not been shown faster).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BackboneRunner {
     #[default]
@@ -692,7 +692,8 @@ impl OrtModel {
                 )));
             }
             (BackboneRunner::Split, true) => self.without_backbone(),
-            // On the CPU provider the two graphs measured faster (models/README.md).
+            // On the CPU provider the fused graph has not been shown faster
+            // (models/README.md).
             (BackboneRunner::Auto, true) if self.provider == "cpu" => self.without_backbone(),
             _ => self,
         })
