@@ -93,6 +93,23 @@ fn same_seed_same_bytes_and_batch_size_changes_nothing() {
     ok(&[&common[..], &["--batch", "1", "--out", c.to_str().unwrap()]].concat());
     assert!(pngs(&a) == pngs(&b), "same seed must give the same bytes");
     assert!(pngs(&a) == pngs(&c), "batch size must not change any image");
+    // One thread for ONNX Runtime and for the engine's own parallel work
+    // (noise drawn during the backbone, layouts, PNGs): the same bytes.
+    let one = tmp("seed-one-thread");
+    let threads = [
+        "--batch",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        one.to_str().unwrap(),
+    ];
+    ok(&[&common[..], &threads].concat());
+    assert!(
+        pngs(&a) == pngs(&one),
+        "the thread count must not change any image"
+    );
+    std::fs::remove_dir_all(one).unwrap();
     let d = tmp("seed-d");
     ok(&[
         TINY,
