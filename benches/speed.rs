@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use gtr_run::backend::ort::{Device, OrtModel};
+use gtr_run::backend::{Device, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, MarModel};
 use gtr_run::eval::{CompareRequest, Contender, compare};

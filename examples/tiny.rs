@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use gtr_run::backend::ort::{ChainRunner, Device, OrtModel};
+use gtr_run::backend::{ChainRunner, Device, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, ImageJob, SeededNoise};
 use gtr_run::plan::{PlanOptions, Planner};

@@ -22,7 +22,7 @@
 //! ```
 //!
 //! Generating images: open a model bundle ([`bundle::Bundle::open`]), load
-//! its ONNX graphs ([`backend::ort::OrtModel::load`]; the ONNX Runtime
+//! its ONNX graphs ([`backend::OrtModel::load`]; the ONNX Runtime
 //! library is taken from `ORT_DYLIB_PATH` or fetched once into
 //! `~/.cache/gtr-run`), and give an [`engine::Engine`] one plan and one
 //! [`engine::ImageJob`] per image, each image's seed from
@@ -43,13 +43,12 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The engine (the `gtr-engine` crate) and its sampler.
 pub use gtr_engine as engine;
 pub use gtr_engine::sampler;
+/// The ONNX Runtime backend and the bundle format (the `gtr-ort` crate).
+pub use gtr_ort as backend;
+pub use gtr_ort::{bundle, device, precision};
 pub use gtr_plan::{cost, grid, plan, report, rng, schedule};
 
-pub mod backend;
-pub mod bundle;
-pub mod device;
 pub mod eval;
 pub mod fsutil;
-pub mod precision;
 pub mod run;
 pub mod snapshot;

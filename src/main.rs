@@ -94,8 +94,8 @@ struct RuntimeArgs {
     #[arg(long, value_parser = parse_non_negative)]
     temperature: Option<f64>,
     /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
-    #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::Device::Cpu)]
-    device: gtr_run::backend::ort::Device,
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::Device::Cpu)]
+    device: gtr_run::backend::Device,
     /// Intra-op threads per graph, and threads of gtr-run's own parallel
     /// work (default: ONNX Runtime's choice, and one per core; 1 to 1024).
     #[arg(long, value_parser = parse_threads)]
@@ -104,8 +104,8 @@ struct RuntimeArgs {
     /// call per MAR step, state on the device), `host` (one head call per
     /// tick, the update on the CPU) or `auto` (the graph when the bundle has
     /// one and a GPU provider runs it; the host path on the CPU provider).
-    #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::ChainRunner::Auto)]
-    sampler: gtr_run::backend::ort::ChainRunner,
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::ChainRunner::Auto)]
+    sampler: gtr_run::backend::ChainRunner,
     /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
     /// a per-tick call with the update still in the graph).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -115,8 +115,8 @@ struct RuntimeArgs {
     /// `split` (the two graphs, z gathered on the host) or `auto` (fused
     /// when the bundle has the graph and a GPU provider runs it; split on
     /// the CPU provider, where it has not been shown faster).
-    #[arg(long, value_enum, default_value_t = gtr_run::backend::ort::BackboneRunner::Auto)]
-    backbone: gtr_run::backend::ort::BackboneRunner,
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::BackboneRunner::Auto)]
+    backbone: gtr_run::backend::BackboneRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
     /// need the bundle's variant graphs (models/convert_precision.py). Default:
     /// the manifest's `precision`, else fp32.
@@ -133,12 +133,12 @@ struct RuntimeArgs {
 fn load_model(
     bundle: &gtr_run::bundle::Bundle,
     runtime: &RuntimeArgs,
-    options: &gtr_run::backend::ort::LoadOptions,
-) -> anyhow::Result<gtr_run::backend::ort::OrtModel> {
+    options: &gtr_run::backend::LoadOptions,
+) -> anyhow::Result<gtr_run::backend::OrtModel> {
     if let Some(threads) = runtime.threads {
         gtr_run::engine::set_host_threads(threads);
     }
-    let (model, note) = gtr_run::backend::ort::OrtModel::load_with(bundle, options)?
+    let (model, note) = gtr_run::backend::OrtModel::load_with(bundle, options)?
         .run_chains(runtime.sampler, bundle)?;
     if let Some(note) = note {
         eprintln!("gtr-run: {note}");
@@ -155,8 +155,8 @@ impl RuntimeArgs {
         bundle: &gtr_run::bundle::Bundle,
         plans: &[&gtr_run::plan::Plan],
         batch: usize,
-    ) -> anyhow::Result<gtr_run::backend::ort::LoadOptions> {
-        use gtr_run::backend::ort::{Device, LoadOptions, tensorrt::ShapeRanges};
+    ) -> anyhow::Result<gtr_run::backend::LoadOptions> {
+        use gtr_run::backend::{Device, LoadOptions, tensorrt::ShapeRanges};
         let device = self.device;
         if self.trt_cache.is_some() && !matches!(device, Device::TensorRt | Device::Auto) {
             bail!(
@@ -164,7 +164,7 @@ impl RuntimeArgs {
                 self.device
             );
         }
-        let precision = gtr_run::backend::ort::precision::choose(bundle, self.precision, device)?;
+        let precision = gtr_run::precision::choose(bundle, self.precision, device)?;
         Ok(LoadOptions {
             device,
             threads: self.threads,
@@ -381,7 +381,7 @@ enum ExitStatus {
 /// what went wrong; a message of the front end's own is a usage error.
 fn exit_status(e: &anyhow::Error) -> ExitStatus {
     use ExitStatus::{Input, Runtime};
-    use gtr_run::backend::ort::{OrtError, library::LibraryError};
+    use gtr_run::backend::{OrtError, library::LibraryError};
     use gtr_run::engine::{EngineError, replay::ReplayError};
     use gtr_run::eval::{CompareError, ContenderError};
     use gtr_run::run::RunError;
@@ -390,7 +390,7 @@ fn exit_status(e: &anyhow::Error) -> ExitStatus {
             || cause.is::<gtr_run::bundle::BundleError>()
             || cause.is::<ReplayError>()
             || cause.is::<ContenderError>()
-            || cause.is::<gtr_run::backend::ort::precision::PrecisionError>()
+            || cause.is::<gtr_run::precision::PrecisionError>()
             || cause.is::<gtr_run::bundle::NamedSpecError>()
         {
             Some(Input)
@@ -487,7 +487,7 @@ impl RuntimeArgs {
         schedules: &[&Schedule],
         seed: u64,
         batch: usize,
-    ) -> anyhow::Result<gtr_run::backend::ort::LoadOptions> {
+    ) -> anyhow::Result<gtr_run::backend::LoadOptions> {
         let planning = self.plan_options(bundle);
         let plans = schedules
             .iter()
@@ -551,7 +551,7 @@ fn run_comparison(
     contenders: &[gtr_run::eval::Contender],
     args: CompareArgs,
 ) -> anyhow::Result<(gtr_run::eval::Comparison, PathBuf)> {
-    use gtr_run::backend::ort::OrtEvaluator;
+    use gtr_run::backend::OrtEvaluator;
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
     use gtr_run::fsutil::write_atomic;

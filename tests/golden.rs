@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use gtr_run::backend::ort::{Device, OrtModel};
+use gtr_run::backend::{Device, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, GraphStats, ImageJob, MarModel, Replay};
 use gtr_run::grid::Grid;

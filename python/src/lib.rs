@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use gtr_run::backend::ort::{ChainRunner, Device, LoadOptions, OrtEvaluator, OrtModel};
+use gtr_run::backend::{ChainRunner, Device, LoadOptions, OrtEvaluator, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::cost::plan_cost;
 use gtr_run::engine::{Engine, MarModel, RunStats};
@@ -569,8 +569,8 @@ impl Model {
         }
         py.detach(move || {
             let bundle = Bundle::open(&bundle).map_err(run_failure)?;
-            let choice = gtr_run::backend::ort::precision::choose(&bundle, precision, device_kind)
-                .map_err(run_failure)?;
+            let choice =
+                gtr_run::precision::choose(&bundle, precision, device_kind).map_err(run_failure)?;
             let options = LoadOptions {
                 precision: choice,
                 ..LoadOptions::new(&bundle, device_kind, threads)

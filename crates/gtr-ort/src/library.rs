@@ -5,7 +5,7 @@
 //! with `python3 -m pip download`, unpacked into the cache). The cache is
 //! `$GTR_RUN_CACHE`, else `$XDG_CACHE_HOME/gtr-run`, else `~/.cache/gtr-run`.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -152,6 +152,11 @@ fn extract(wheel: &Path, lib: &Path) -> Result<(), LibraryError> {
     entry
         .read_to_end(&mut bytes)
         .map_err(|e| fail(e.to_string()))?;
-    crate::fsutil::write_atomic(lib, &bytes)
-        .map_err(|e| fail(format!("writing {}: {e}", lib.display())))
+    let writing = |e: std::io::Error| fail(format!("writing {}: {e}", lib.display()));
+    let dir = lib.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(writing)?;
+    tmp.write_all(&bytes).map_err(writing)?;
+    tmp.as_file().sync_all().map_err(writing)?;
+    tmp.persist(lib).map_err(|e| writing(e.error))?;
+    Ok(())
 }

@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cost::ModelSpec;
-use crate::engine::ModelInfo;
-pub use crate::engine::{ImageSettings, SamplingDefaults};
-use crate::grid::Grid;
 use crate::precision::Precision;
-use crate::sampler::Variance;
+use gtr_engine::ModelInfo;
+use gtr_engine::sampler::Variance;
+pub use gtr_engine::{ImageSettings, SamplingDefaults};
+use gtr_plan::cost::ModelSpec;
+use gtr_plan::grid::Grid;
 
 pub const MANIFEST_FILE: &str = "manifest.yaml";
 
@@ -283,12 +283,12 @@ impl Bundle {
                 return Err(format!("`{key}` is {v}; it must be from 1 to {max}"));
             }
         }
-        if m.grid[0] * m.grid[1] > crate::grid::MAX_TOKENS {
+        if m.grid[0] * m.grid[1] > gtr_plan::grid::MAX_TOKENS {
             return Err(format!(
                 "grid {}x{} is too large (at most {} tokens)",
                 m.grid[0],
                 m.grid[1],
-                crate::grid::MAX_TOKENS
+                gtr_plan::grid::MAX_TOKENS
             ));
         }
         if m.diffusion.schedule != "cosine" {
@@ -407,9 +407,9 @@ impl Bundle {
     }
 
     /// The model's shape for the FLOPs model.
-    pub fn cost_spec(&self) -> crate::cost::ModelSpec {
+    pub fn cost_spec(&self) -> gtr_plan::cost::ModelSpec {
         let m = &self.manifest;
-        crate::cost::ModelSpec {
+        gtr_plan::cost::ModelSpec {
             name: m.name.clone(),
             width: m.width as u64,
             encoder_depth: m.cost.encoder_depth,

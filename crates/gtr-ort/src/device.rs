@@ -1,6 +1,7 @@
 //! The execution providers a run can ask for (`--device`), by name. The
-//! ONNX Runtime backend registers them (`backend::ort`); precisions are
-//! checked against them (`backend::ort::precision`).
+//! backend registers them ([`crate::OrtModel`]); precisions are checked
+//! against them ([`crate::precision`]). With the `clap` feature a
+//! [`Device`] is a `clap::ValueEnum`, so a command line lists them by itself.
 
 /// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`
 /// are strict; `Auto` tries the GPU providers compiled in and falls back
@@ -9,11 +10,12 @@
 /// The CLI takes these by [`Device::name`] (`--device`); adding a provider
 /// means a variant here, its arm in `register_device` and a Cargo
 /// feature.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Device {
     Cpu,
     Cuda,
-    #[value(name = "tensorrt")]
+    #[cfg_attr(feature = "clap", value(name = "tensorrt"))]
     TensorRt,
     Auto,
 }

@@ -1,9 +1,6 @@
-//! The ONNX Runtime backend: a model bundle's four graphs as ORT sessions,
-//! checked against the manifest at load, behind [`MarModel`].
-
-pub mod library;
-pub mod precision;
-pub mod tensorrt;
+//! A model bundle's graphs as ONNX Runtime sessions, checked against the
+//! manifest at load, behind [`MarModel`]; and a bundle's evaluator graph
+//! behind [`Evaluator`].
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,13 +16,13 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
-pub use crate::device::Device;
-use crate::engine::{
+use crate::device::Device;
+use crate::precision::{Precision, PrecisionChoice};
+use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
+use crate::{library, precision};
+use gtr_engine::{
     ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores, gather_rows,
 };
-use crate::precision::Precision;
-use precision::PrecisionChoice;
-use tensorrt::{ShapeRanges, TensorRtOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrtError {
@@ -60,7 +57,8 @@ pub enum OrtError {
 /// (one call per MAR step, state on the device), the host (one head call
 /// per tick, the update on the CPU), or `Auto`: the graph when the bundle
 /// has one and a GPU provider runs it, the host on the CPU provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ChainRunner {
     #[default]
     Auto,
@@ -73,7 +71,8 @@ pub enum ChainRunner {
 /// returned); `Split`, the two graphs with z gathered on the host; or
 /// `Auto`: fused when the bundle has the graph and a GPU provider runs it,
 /// split on the CPU provider (where it has not been shown faster).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum BackboneRunner {
     #[default]
     Auto,

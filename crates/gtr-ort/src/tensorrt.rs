@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::bundle::{GraphEntry, Role};
-use crate::engine::ModelInfo;
-use crate::plan::Plan;
+use gtr_engine::ModelInfo;
+use gtr_plan::plan::Plan;
 
 /// min / opt / max of one dynamic dim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -333,10 +333,10 @@ pub(crate) fn provider(o: &TensorRtOptions) -> ort::ep::TensorRT {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{ImageSettings, SamplingDefaults};
-    use crate::grid::Grid;
-    use crate::sampler::Variance;
-    use crate::schedule::{Schedule, Source};
+    use gtr_engine::sampler::Variance;
+    use gtr_engine::{ImageSettings, SamplingDefaults};
+    use gtr_plan::grid::Grid;
+    use gtr_plan::schedule::{Schedule, Source};
 
     /// 4x4 tokens: 8 unguided in one step (10 diffusion steps), then 8
     /// guided in two steps of 4, one token of each getting 30 steps (FTS).
@@ -350,7 +350,7 @@ mod tests {
     fn plan() -> Plan {
         let s = Schedule::from_source(Source::new("<test>", SCHEDULE), &BTreeMap::new())
             .unwrap_or_else(|e| panic!("{e}"));
-        crate::plan::plan(&s, Grid::new(4, 4), 0).unwrap_or_else(|d| panic!("{d}"))
+        gtr_plan::plan::plan(&s, Grid::new(4, 4), 0).unwrap_or_else(|d| panic!("{d}"))
     }
 
     fn info() -> ModelInfo {
