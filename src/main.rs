@@ -164,7 +164,7 @@ impl RuntimeArgs {
                 self.device
             );
         }
-        let precision = gtr_run::precision::choose(bundle, self.precision, device)?;
+        let precision = gtr_run::backend::precision_choice::choose(bundle, self.precision, device)?;
         Ok(LoadOptions {
             device,
             threads: self.threads,
@@ -390,7 +390,7 @@ fn exit_status(e: &anyhow::Error) -> ExitStatus {
             || cause.is::<gtr_run::bundle::BundleError>()
             || cause.is::<ReplayError>()
             || cause.is::<ContenderError>()
-            || cause.is::<gtr_run::precision::PrecisionError>()
+            || cause.is::<gtr_run::backend::precision_choice::PrecisionError>()
             || cause.is::<gtr_run::bundle::NamedSpecError>()
         {
             Some(Input)

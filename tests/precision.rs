@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use gtr_run::backend::Device;
+use gtr_run::backend::precision_choice::{PrecisionSource, choose};
 use gtr_run::bundle::Bundle;
 use gtr_run::precision::Precision;
-use gtr_run::precision::{PrecisionSource, choose};
 
 mod common;
 use common::{gtr_run, ok, root, tmp};

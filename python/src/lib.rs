@@ -570,7 +570,8 @@ impl Model {
         py.detach(move || {
             let bundle = Bundle::open(&bundle).map_err(run_failure)?;
             let choice =
-                gtr_run::precision::choose(&bundle, precision, device_kind).map_err(run_failure)?;
+                gtr_run::backend::precision_choice::choose(&bundle, precision, device_kind)
+                    .map_err(run_failure)?;
             let options = LoadOptions {
                 precision: choice,
                 ..LoadOptions::new(&bundle, device_kind, threads)

@@ -1,6 +1,6 @@
 //! The execution providers a run can ask for (`--device`), by name. The
 //! backend registers them ([`crate::OrtModel`]); precisions are checked
-//! against them ([`crate::precision`]). With the `clap` feature a
+//! against them ([`crate::precision_choice`]). With the `clap` feature a
 //! [`Device`] is a `clap::ValueEnum`, so a command line lists them by itself.
 
 /// Which execution provider runs the graphs. `Cpu`, `Cuda` and `TensorRt`

@@ -27,6 +27,7 @@ pub mod device;
 pub mod library;
 mod model;
 pub mod precision;
+pub mod precision_choice;
 pub mod tensorrt;
 
 pub use device::Device;

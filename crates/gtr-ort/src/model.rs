@@ -17,9 +17,10 @@ use ort::value::{TensorElementType, TensorRef};
 
 use crate::bundle::{Bundle, Role};
 use crate::device::Device;
-use crate::precision::{Precision, PrecisionChoice};
+use crate::library;
+use crate::precision::Precision;
+use crate::precision_choice::{self, PrecisionChoice};
 use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
-use crate::{library, precision};
 use gtr_engine::{
     ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores, gather_rows,
 };
@@ -45,7 +46,7 @@ pub enum OrtError {
     #[error("device `{device}`: {problem}")]
     Device { device: String, problem: String },
     #[error(transparent)]
-    Precision(#[from] precision::PrecisionError),
+    Precision(#[from] precision_choice::PrecisionError),
     #[error(transparent)]
     TensorRt(#[from] tensorrt::TensorRtOptionsError),
     /// A [`ChainRunner`] or [`BackboneRunner`] the bundle cannot honour.
@@ -87,7 +88,7 @@ pub struct LoadOptions {
     pub device: Device,
     /// Intra-op threads per graph (`None`: ONNX Runtime's choice).
     pub threads: Option<usize>,
-    /// Graph files and provider switches (see [`precision::choose`]).
+    /// Graph files and provider switches (see [`precision_choice::choose`]).
     pub precision: PrecisionChoice,
     /// TensorRT's engine and timing cache folder (`None`: the default,
     /// [`tensorrt::default_cache_dir`]).
