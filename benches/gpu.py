@@ -327,6 +327,39 @@ class Bench:
             raise BenchError(f"{path}: {e!r} (see models/README.md, the manifest)") from e
         self.manifest = m
 
+    # -- phase: precision variants ------------------------------------------------------------
+
+    def asked_precisions(self) -> list:
+        """[(bundle, precision)] of every variant graph a gtr-run configuration asks for with
+        `--precision fp16|bf16|int8` (variant args or --gtr-arg), in order, each pair once."""
+        from models.convert_precision import PRECISIONS
+
+        out = []
+        for _, _, bundle, keep in self.variants:
+            args = list(self.a.gtr_arg) + keep
+            for i, arg in enumerate(args):
+                value = args[i + 1] if arg == "--precision" and i + 1 < len(args) else (
+                    arg.partition("=")[2] if arg.startswith("--precision=") else None)
+                pair = (os.path.abspath(bundle or self.bundle), value)
+                if value in PRECISIONS and pair not in out:
+                    out.append(pair)
+        return out
+
+    def prepare_precisions(self) -> None:
+        """Writes the variant graphs a configuration asks for into a bundle that lacks them
+        (models/convert_precision.py, without its CPU check), so that one command compares
+        `--precision fp16` with PyTorch's autocast on a fresh export."""
+        from models.add_sampler import read_manifest
+
+        for bundle, precision in self.asked_precisions():
+            _, manifest = read_manifest(bundle)
+            if precision in (manifest.get("precisions") or {}):
+                log(f"{bundle} has {precision} graphs")
+                continue
+            self.run_logged([sys.executable, os.path.join(REPO, "models", "convert_precision.py"), bundle,
+                             "--precision", precision, "--no-check"], f"convert_{precision}.log",
+                            timeout=max(1.0, self.remaining()), show=lambda line: "wrote" in line or "error" in line.lower())
+
     # -- phase: plans -------------------------------------------------------------------------
 
     def make_plans(self) -> None:
@@ -609,6 +642,9 @@ class Bench:
                 self.prepare_bundle()
             if self.bundle is None or not self.manifest:
                 raise BenchError("no bundle: nothing to measure")
+            if self.asked_precisions():
+                with self.phase("precision variants"):
+                    self.prepare_precisions()
             with self.phase("plans"):
                 self.make_plans()
             precisions = [] if a.skip_torch else (["half"] + ([] if a.skip_torch_fp32 else ["fp32"]))
