@@ -12,7 +12,8 @@ the rest of the manifest, comments included, is kept as written). `gtr-run --pre
 opens those files. A graph the conversion would leave unchanged is not written and not listed:
 gtr-run runs the fp32 graph for a role a variant does not list.
 
-fp16 / bf16 follow autocast: only MatMul, Gemm and Conv run in half precision. Their float
+fp16 / bf16 follow autocast: only MatMul, Gemm and Conv run in half precision, and for fp16 the
+fused attention of models/fuse_attention.py (MultiHeadAttention). Their float
 inputs are cast to half (weights are stored in half), their outputs are cast back to float32,
 so everything else (LayerNormalization, InstanceNormalization, ReduceMean/Pow/Sqrt norms,
 Softmax, Exp/Log, Sin/Cos, the elementwise ops, every graph input and output) stays float32.
@@ -54,6 +55,9 @@ from onnx import TensorProto, helper, numpy_helper
 ROLES = ["encoder", "decoder", "diffusion", "vae_decoder"]
 PRECISIONS = ["fp16", "bf16", "int8"]
 HALF_OPS = {"MatMul", "Gemm", "Conv"}
+# Fused attention (models/fuse_attention.py) runs in half precision too, as autocast runs
+# scaled_dot_product_attention; ONNX Runtime's CUDA MultiHeadAttention takes fp16, not bf16.
+HALF_OPS_BY_PRECISION = {"fp16": HALF_OPS | {"MultiHeadAttention"}, "bf16": HALF_OPS}
 HALF_TYPE = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
 
@@ -134,6 +138,7 @@ def to_half(model, precision, emulate=False):
     half tensors are float32 tensors rounded through a cast to `precision` and back.
     Returns (model, stats)."""
     half = HALF_TYPE[precision]
+    half_ops = HALF_OPS_BY_PRECISION[precision]
     g = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         raise ConversionError("graphs with subgraphs (If/Loop/Scan) are not supported")
@@ -168,11 +173,11 @@ def to_half(model, precision, emulate=False):
         ]
 
     for node in g.node:
-        convertible = node.op_type in HALF_OPS and not (
+        convertible = node.op_type in half_ops and not (
             node.op_type == "Conv" and precision == "bf16" and version < 22
         )
         if not convertible:
-            if node.op_type in HALF_OPS:
+            if node.op_type in half_ops:
                 stats["kept_float32"][node.op_type] = stats["kept_float32"].get(node.op_type, 0) + 1
             new_nodes.append(node)
             continue
@@ -228,7 +233,7 @@ def to_half(model, precision, emulate=False):
                 after.append(helper.make_node("Cast", [inner], [y], to=TensorProto.FLOAT, name=unique("cast_" + y, taken)))
                 stats["casts_inserted"] += 1
             produced_half[y] = inner
-        converted = helper.make_node(node.op_type, inputs, outputs, name=node.name or None)
+        converted = helper.make_node(node.op_type, inputs, outputs, name=node.name or None, domain=node.domain or None)
         converted.attribute.extend(node.attribute)
         new_nodes.append(converted)
         new_nodes.extend(after)

@@ -507,8 +507,9 @@ def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, 
 def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_scale: float,
                   temperature: float = 1.0, head: nn.Module | None = None, tolerance: float = 1e-3,
                   quick_vae: bool = False, log=print, external_above: int = EXTERNAL_DATA_BYTES,
-                  latent_scale: float = LATENT_SCALE) -> dict:
-    """Export the four graphs + manifest to `out_dir`, check the contract and the parity."""
+                  latent_scale: float = LATENT_SCALE, fused_attention: bool = False) -> dict:
+    """Export the four graphs + manifest to `out_dir`, check the contract and the parity; with
+    `fused_attention`, fuse the encoder's and decoder's attention (models/fuse_attention.py)."""
     cfg, vcfg = mar.cfg, vae.cfg
     if vcfg.embed_dim != cfg.token_dim:
         raise CheckpointError(f"VAE latent channels {vcfg.embed_dim} != MAR token_dim {cfg.token_dim}")
@@ -527,6 +528,11 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
     log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
     log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
     errors = check_parity(out_dir, roles, cfg, tolerance, quick_vae=quick_vae, log=log)
+    if fused_attention:
+        # ONNX Runtime's MultiHeadAttention in place of each block's attention chain, compared
+        # there with the plain graphs that were just checked against PyTorch.
+        from models.fuse_attention import fuse_bundle
+        fuse_bundle(out_dir, log=log)
     # The whole-chain sampler around the diffusion graph just written (models/add_sampler.py).
     from models.add_sampler import add_sampler
     from models.add_sampler import check as check_sampler
@@ -558,6 +564,8 @@ def main(argv=None):
                     help="which weights of the checkpoint to export (default: the EMA weights, as MAR evaluates)")
     ap.add_argument("--tolerance", type=float, default=1e-3, help="max |onnxruntime - PyTorch| allowed per graph")
     ap.add_argument("--quick-vae-check", action="store_true", help="parity-check the VAE at batch 1 only")
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="fuse each block's attention into ONNX Runtime's MultiHeadAttention (models/fuse_attention.py)")
     ap.add_argument("--external-data-mb", type=float, default=EXTERNAL_DATA_BYTES / 2**20,
                     help="write a graph's weights to <graph>.onnx.data when they exceed this many MiB "
                          "(default: just under protobuf's 2 GB limit)")
@@ -609,7 +617,8 @@ def main(argv=None):
     cfg_scale = a.cfg if a.cfg is not None else DEFAULT_CFG.get(a.size, 3.0)
     name = a.name or {"mar_base": "mar-base", "mar_large": "mar-large", "mar_huge": "mar-huge"}.get(a.size, "mar-custom")
     res = export_bundle(mar, vae, a.out, name, cfg_scale, a.temperature, tolerance=a.tolerance,
-                        quick_vae=a.quick_vae_check, external_above=int(a.external_data_mb * 2**20))
+                        quick_vae=a.quick_vae_check, external_above=int(a.external_data_mb * 2**20),
+                        fused_attention=a.fused_attention)
     total = sum(g["bytes"] for g in res["graphs"].values())
     print(f"wrote {a.out}: manifest.yaml + 4 graphs, {total / 1e6:.1f} MB, in {time.time() - t_start:.1f} s")
     return 0

@@ -241,6 +241,36 @@ fn sampler_graph_one_step_chains_and_fts_all_unconditional() {
     check_sampler_case("fts_all_t1.npz");
 }
 
+/// Golden case `name` through bundle `tiny-mha`: `tiny`'s encoder and
+/// decoder with their attention fused into ONNX Runtime's MultiHeadAttention
+/// (models/fuse_attention.py, fixture by models/fixtures/make_tiny_mha.py),
+/// its other graphs `tiny`'s. The draws agree to the plain graphs' tolerance.
+fn check_fused_attention_case(name: &str) {
+    let dir = bundle("tiny-mha");
+    for graph in ["encoder.onnx", "decoder.onnx"] {
+        let bytes = std::fs::read(dir.join(graph)).unwrap();
+        assert!(
+            bytes.windows(18).any(|w| w == b"MultiHeadAttention"),
+            "{graph} of tiny-mha has no fused attention"
+        );
+    }
+    let tol = Tolerance {
+        values: 1e-4,
+        off_by_one_per_mille: 1,
+    };
+    check_case_on(&dir, &fixtures(), name, tol);
+}
+
+#[test]
+fn fused_attention_gtr_schedule_with_cfg_and_high_freq_fts() {
+    check_fused_attention_case("gtr_cfg.npz");
+}
+
+#[test]
+fn fused_attention_mar_schedule_without_cfg_with_low_freq_fts() {
+    check_fused_attention_case("mar_nocfg.npz");
+}
+
 #[test]
 fn gtr_schedule_with_cfg_and_high_freq_fts() {
     check_case("gtr_cfg.npz");

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Tests of fuse_attention.py (plain script: run it, it exits non-zero on the first failure).
+
+  .venv/bin/python models/tests/test_fuse_attention.py        # ~10 s, needs models/fixtures/requirements.txt
+
+On temporary copies of models/fixtures/tiny:
+1. Through the command line: one MultiHeadAttention per graph (4 heads, MAR's scale), no
+   Softmax left, the graphs' inputs and outputs unchanged, outputs within 1e-5 of the plain
+   graphs'; a second run finds nothing to fuse and exits 1, changing nothing.
+2. A chain of another shape (Softmax over another axis) is left as it is, with the reason.
+3. fp16 after fusion: the fused node runs in half precision, the projection after it too, and
+   ONNX Runtime's CPU provider runs the graph close to fp32.
+4. A bundle with a backbone graph and an fp16 variant: both are rebuilt from the fused graphs.
+5. Files are replaced by renaming: a hard link to the old encoder keeps the plain graph.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(MODELS))
+from models import convert_precision as cp  # noqa: E402
+from models import fuse_attention as fa  # noqa: E402
+from models.add_backbone import add_backbone  # noqa: E402
+from models.add_sampler import read_manifest  # noqa: E402
+
+TINY = os.path.join(MODELS, "fixtures", "tiny")
+
+
+def check(cond, what):
+    if not cond:
+        raise SystemExit(f"FAIL: {what}")
+    print(f"ok: {what}")
+
+
+def copy_tiny(tmp, name):
+    dst = os.path.join(tmp, name)
+    shutil.copytree(TINY, dst, ignore=shutil.ignore_patterns("golden"))
+    return dst
+
+
+def ops(path):
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def signature(path):
+    g = onnx.load(path).graph
+    return [(v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.output)]
+
+
+def largest_error(bundle, role, fused_path, plain_path):
+    _, manifest = read_manifest(bundle)
+    return cp.compare(role, manifest, manifest["graphs"][role], plain_path, onnx.load(fused_path), seed=1)["max_abs"]
+
+
+def test_command_line(tmp):
+    bundle = copy_tiny(tmp, "cli")
+    script = os.path.join(MODELS, "fuse_attention.py")
+    r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
+    check(r.returncode == 0, f"fuse_attention.py exits 0 ({r.stderr.strip()[-300:]})")
+    for role in ("encoder", "decoder"):
+        path = os.path.join(bundle, f"{role}.onnx")
+        found = ops(path)
+        check(found.count("MultiHeadAttention") == 1 and "Softmax" not in found, f"{role}: one fused node, no Softmax")
+        node = next(n for n in onnx.load(path).graph.node if n.op_type == "MultiHeadAttention")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        check(node.domain == "com.microsoft", f"{role}: the node is ONNX Runtime's (com.microsoft)")
+        _, manifest = read_manifest(bundle)
+        head_dim = manifest["width"] // attrs["num_heads"]
+        check(abs(attrs["scale"] - head_dim ** -0.5) < 1e-6, f"{role}: scale 1/sqrt({head_dim}) read from the chain")
+        check(signature(path) == signature(os.path.join(TINY, f"{role}.onnx")), f"{role}: inputs and outputs unchanged")
+        err = largest_error(bundle, role, path, os.path.join(TINY, f"{role}.onnx"))
+        check(err < 1e-5, f"{role}: fused within 1e-5 of plain ({err:.2g})")
+    before = open(os.path.join(bundle, "encoder.onnx"), "rb").read()
+    r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
+    check(r.returncode == 1 and "no attention chain to fuse" in r.stdout, "a second run finds nothing and exits 1")
+    check(open(os.path.join(bundle, "encoder.onnx"), "rb").read() == before, "… and leaves the graph as it was")
+
+
+def test_other_shape_is_left():
+    model = onnx.load(os.path.join(TINY, "encoder.onnx"))
+    for n in model.graph.node:
+        if n.op_type == "Softmax":
+            for a in n.attribute:
+                if a.name == "axis":
+                    a.i = 2
+    out, count, skipped = fa.fuse(model)
+    check(count == 0 and "Softmax" in [n.op_type for n in out.graph.node], "a Softmax over another axis stays")
+    check(len(skipped) == 1 and "not over the last axis" in skipped[0], f"… with its reason ({skipped})")
+
+
+def test_fp16_after_fusion(tmp):
+    bundle = copy_tiny(tmp, "fp16")
+    fa.fuse_bundle(bundle, log=lambda *_: None)
+    report = cp.convert(bundle, "fp16", log=lambda *_: None)
+    for role in ("encoder", "decoder"):
+        stats = report["graphs"][role]["stats"]
+        check(stats["half_ops"].get("MultiHeadAttention") == 1, f"{role}: the fused node runs in fp16")
+        plain_matmuls = ops(os.path.join(TINY, f"{role}.onnx")).count("MatMul")
+        check(stats["half_ops"].get("MatMul") == plain_matmuls - 2 and not stats["kept_float32"],
+              f"{role}: every weight MatMul in fp16, the one after the fused node too ({stats['half_ops']})")
+        err = report["graphs"][role]["error_vs_fp32"]["max_abs"]
+        check(err < 0.05, f"{role}: ONNX Runtime (CPU) runs it, {err:.2g} from fp32")
+
+
+def test_derived_graphs_rebuilt(tmp):
+    bundle = copy_tiny(tmp, "derived")
+    add_backbone(bundle, log=lambda *_: None)
+    cp.convert(bundle, "fp16", check=False, log=lambda *_: None)
+    fa.fuse_bundle(bundle, log=lambda *_: None)
+    check(ops(os.path.join(bundle, "backbone.onnx")).count("MultiHeadAttention") == 2,
+          "the backbone graph is rebuilt from the fused encoder and decoder")
+    check(ops(os.path.join(bundle, "encoder.fp16.onnx")).count("MultiHeadAttention") == 1,
+          "the fp16 variant is rebuilt from the fused encoder")
+    check(ops(os.path.join(bundle, "backbone.fp16.onnx")).count("MultiHeadAttention") == 2,
+          "… and its backbone too")
+    s = ort.InferenceSession(os.path.join(bundle, "backbone.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    z = s.run(None, {"tokens": rng.standard_normal((2, 256, 4)).astype(np.float32),
+                     "known": np.array([[1, 5, 9]] * 2, np.int64), "label": np.array([3, 10], np.int64),
+                     "predict": np.array([[0, 2]] * 2, np.int64)})[0]
+    check(z.shape == (2, 2, 32) and np.isfinite(z).all(), "the fused backbone runs")
+
+
+def test_replaced_by_rename(tmp):
+    bundle = copy_tiny(tmp, "links")
+    link = os.path.join(tmp, "encoder-link.onnx")
+    os.link(os.path.join(bundle, "encoder.onnx"), link)
+    fa.fuse_bundle(bundle, check=False, log=lambda *_: None)
+    check("MultiHeadAttention" not in ops(link), "a hard link to the old encoder still holds the plain graph")
+    check(oct(os.stat(os.path.join(bundle, "encoder.onnx")).st_mode & 0o777) == oct(os.stat(link).st_mode & 0o777),
+          "the new file keeps the old one's permissions")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        test_command_line(tmp)
+        test_other_shape_is_left()
+        test_fp16_after_fusion(tmp)
+        test_derived_graphs_rebuilt(tmp)
+        test_replaced_by_rename(tmp)
+    print("all fuse_attention tests passed")
+
+
+if __name__ == "__main__":
+    main()
