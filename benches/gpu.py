@@ -8,6 +8,10 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
    (models/make_fake_checkpoint.py --size mar_base --no-model), exported to a bundle by
    models/export_mar.py (--quick-vae-check), in --work (default /tmp/gtr-gpubench; reused by a
    later run with the same size and seed, or skipped with --bundle).
+1b. bundle variants, where a configuration asks for them: `--fused-attention` in a --variant's
+   ARGS runs it on a copy of the bundle with models/fuse_attention.py applied (BUNDLE-fused,
+   reused while the encoder and decoder are unchanged); `--precision fp16|bf16|int8` writes the
+   variant graphs its bundle lacks (models/convert_precision.py --no-check).
 2. gtr-run: `gtr-run eval BUNDLE <schedules> --device cuda --batch B --num-images N` per batch
    size and per gtr-run configuration (--variant; --gtr-arg goes to all); seconds per image,
    the share of timed time outside ONNX Runtime's run calls, and the measured and FLOPs
@@ -44,11 +48,14 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import traceback
+
+from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -75,6 +82,15 @@ DEFAULT_SCHEDULES = ["mar-64", "mar-16", "gtr", "gtr-3.7x"]
 
 class Interrupted(Exception):
     pass
+
+
+class Variant(NamedTuple):
+    """One gtr-run configuration of the table (--variant NAME=ARGS)."""
+    name: str
+    binary: str
+    bundle: str | None          # None: the benchmark's bundle
+    args: list
+    fused_attention: bool       # run on a copy of the bundle with models/fuse_attention.py applied
 
 
 def _on_term(signum, frame):
@@ -121,6 +137,7 @@ class Bench:
         self.plans = {}
         self.schedules = [self.schedule_path(s) for s in a.schedules]
         self.variants = self.parse_variants()
+        self.fused_bundles: dict[str, str] = {}     # bundle -> its fused-attention copy
         self.torch_model = None
         self.torch_failed = None
 
@@ -209,7 +226,8 @@ class Bench:
         return os.path.splitext(os.path.basename(path))[0]
 
     def parse_variants(self) -> list:
-        """[(name, binary, bundle or None, extra args)] from --variant NAME=ARGS (default: one)."""
+        """[Variant] from --variant NAME=ARGS (default: one). ARGS go to `gtr-run eval`, but for
+        `--binary PATH`, `--bundle DIR` and `--fused-attention`, which this script takes."""
         specs = self.a.variant or ["gtr-run="]
         out, seen = [], set()
         for spec in specs:
@@ -218,7 +236,7 @@ class Bench:
             if not sep or not name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in seen:
                 raise SystemExit(f"error: --variant {spec!r}: expected a new NAME=ARGS (name of letters, digits, . _ + -)")
             seen.add(name)
-            args, binary, bundle = shlex.split(rest), self.a.gtr_run, None
+            args, binary, bundle, fused = shlex.split(rest), self.a.gtr_run, None, False
             keep = []
             i = 0
             while i < len(args):
@@ -229,9 +247,12 @@ class Bench:
                         bundle = args[i + 1]
                     i += 2
                     continue
-                keep.append(args[i])
+                if args[i] == "--fused-attention":
+                    fused = True
+                else:
+                    keep.append(args[i])
                 i += 1
-            out.append((name, os.path.abspath(binary), bundle, keep))
+            out.append(Variant(name, os.path.abspath(binary), bundle, keep, fused))
         return out
 
     # -- phase: environment -----------------------------------------------------------------
@@ -261,8 +282,9 @@ class Bench:
                 env["nvidia_smi"] = f"unavailable ({short(e)})"
         log(f"gtr-run: {env['gtr_run_version']}; ORT_DYLIB_PATH={env['ORT_DYLIB_PATH']}; "
             f"{env.get('nvidia_smi', 'CPU')}; {env['cpus']} CPUs")
-        for name, binary, bundle, args in self.variants:
-            log(f"variant {name}: {binary} {' '.join(args)}{' (bundle ' + bundle + ')' if bundle else ''}")
+        for v in self.variants:
+            log(f"variant {v.name}: {v.binary} {' '.join(v.args)}{' (bundle ' + v.bundle + ')' if v.bundle else ''}"
+                f"{' (fused attention)' if v.fused_attention else ''}")
 
     # -- phase: weights and bundle ----------------------------------------------------------
 
@@ -327,7 +349,42 @@ class Bench:
             raise BenchError(f"{path}: {e!r} (see models/README.md, the manifest)") from e
         self.manifest = m
 
-    # -- phase: precision variants ------------------------------------------------------------
+    # -- phase: bundle variants ---------------------------------------------------------------
+
+    def fused_copy(self, source: str) -> str:
+        """A copy of bundle `source` with fused attention (models/fuse_attention.py), beside it as
+        SOURCE-fused; reused while the source's encoder and decoder are unchanged."""
+        from models.add_sampler import read_manifest
+        from models.fuse_attention import fuse_bundle
+
+        target = source.rstrip(os.sep) + "-fused"
+        _, manifest = read_manifest(source)
+        stamp = {"source": source, "graphs": {
+            role: [os.path.getsize(p), os.path.getmtime(p)]
+            for role in ("encoder", "decoder")
+            for p in [os.path.join(source, manifest["graphs"][role]["file"])]}}
+        stamp_path = os.path.join(target, ".fused-from.json")
+        if os.path.isfile(stamp_path):
+            with open(stamp_path) as f:
+                if json.load(f) == stamp:
+                    log(f"reusing {target} (fused attention; same encoder and decoder as {source})")
+                    return target
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        log(f"copying {source} to {target} and fusing its attention")
+        shutil.copytree(source, target)
+        counts = fuse_bundle(target, log=lambda line: log("  " + line))
+        if not any(counts.values()):
+            raise BenchError(f"{source}: no attention chain to fuse (see the lines above)")
+        with open(stamp_path, "w") as f:
+            json.dump(stamp, f)
+        return target
+
+    def bundle_of(self, v: Variant) -> str | None:
+        """The bundle variant `v` runs: its own or the benchmark's, or their fused-attention copy
+        (None while that has not been made)."""
+        source = os.path.abspath(v.bundle or self.bundle)
+        return self.fused_bundles.get(source) if v.fused_attention else source
 
     def asked_precisions(self) -> list:
         """[(bundle, precision)] of every variant graph a gtr-run configuration asks for with
@@ -335,22 +392,27 @@ class Bench:
         from models.convert_precision import PRECISIONS
 
         out = []
-        for _, _, bundle, keep in self.variants:
-            args = list(self.a.gtr_arg) + keep
+        for v in self.variants:
+            args = list(self.a.gtr_arg) + v.args
             for i, arg in enumerate(args):
                 value = args[i + 1] if arg == "--precision" and i + 1 < len(args) else (
                     arg.partition("=")[2] if arg.startswith("--precision=") else None)
-                pair = (os.path.abspath(bundle or self.bundle), value)
-                if value in PRECISIONS and pair not in out:
+                pair = (self.bundle_of(v), value)
+                if value in PRECISIONS and pair[0] and pair not in out:
                     out.append(pair)
         return out
 
-    def prepare_precisions(self) -> None:
-        """Writes the variant graphs a configuration asks for into a bundle that lacks them
-        (models/convert_precision.py, without its CPU check), so that one command compares
-        `--precision fp16` with PyTorch's autocast on a fresh export."""
+    def prepare_bundle_variants(self) -> None:
+        """Makes what the configurations ask of their bundles: a fused-attention copy for
+        `--fused-attention`, then the variant graphs of `--precision fp16|bf16|int8` where a bundle
+        lacks them (models/convert_precision.py, without its CPU check), so that one command
+        compares them with PyTorch's autocast on a fresh export."""
         from models.add_sampler import read_manifest
 
+        for v in self.variants:
+            source = os.path.abspath(v.bundle or self.bundle)
+            if v.fused_attention and source not in self.fused_bundles:
+                self.fused_bundles[source] = self.fused_copy(source)
         for bundle, precision in self.asked_precisions():
             _, manifest = read_manifest(bundle)
             if precision in (manifest.get("precisions") or {}):
@@ -358,7 +420,8 @@ class Bench:
                 continue
             self.run_logged([sys.executable, os.path.join(REPO, "models", "convert_precision.py"), bundle,
                              "--precision", precision, "--no-check"], f"convert_{precision}.log",
-                            timeout=max(1.0, self.remaining()), show=lambda line: "wrote" in line or "error" in line.lower())
+                            timeout=max(1.0, self.remaining()),
+                            show=lambda line: "wrote" in line or "error" in line.lower())
 
     # -- phase: plans -------------------------------------------------------------------------
 
@@ -385,10 +448,13 @@ class Bench:
         return -(-n // B) * B
 
     def gtr_eval(self, variant, B: int) -> None:
-        name, binary, bundle, extra = variant
+        name, binary, _, extra, _ = variant
+        bundle = self.bundle_of(variant)
+        if bundle is None:
+            raise BenchError(f"variant {name}: its fused-attention bundle was not made (see the bundle variants phase)")
         N = self.images_for(B)
         evaldir = os.path.join(self.out, "eval", f"{name}-b{B}")
-        cmd = [binary, "eval", bundle or self.bundle, *self.schedules, "--device", self.a.device,
+        cmd = [binary, "eval", bundle, *self.schedules, "--device", self.a.device,
                "--batch", B, "--num-images", N, "--seed", self.a.seed, "--out", evaldir, "--force"]
         if self.a.threads:
             cmd += ["--threads", self.a.threads]
@@ -642,9 +708,9 @@ class Bench:
                 self.prepare_bundle()
             if self.bundle is None or not self.manifest:
                 raise BenchError("no bundle: nothing to measure")
-            if self.asked_precisions():
-                with self.phase("precision variants"):
-                    self.prepare_precisions()
+            if self.asked_precisions() or any(v.fused_attention for v in self.variants):
+                with self.phase("bundle variants"):
+                    self.prepare_bundle_variants()
             with self.phase("plans"):
                 self.make_plans()
             precisions = [] if a.skip_torch else (["half"] + ([] if a.skip_torch_fp32 else ["fp32"]))
@@ -696,8 +762,9 @@ class Bench:
             "gtr-run outside ORT", f"speed-up over {first} measured (FLOPs)"]
         if multi:
             described = []
-            for n, b, bd, args in self.variants:
-                words = ([] if b == a.gtr_run else ["--binary", b]) + ([] if not bd else ["--bundle", bd]) + args
+            for n, b, bd, args, fused in self.variants:
+                words = (([] if b == a.gtr_run else ["--binary", b]) + ([] if not bd else ["--bundle", bd])
+                         + (["--fused-attention"] if fused else []) + args)
                 described.append(f"{n} = `{' '.join(words)}`" if words else f"{n} = no extra arguments")
             head.insert(1, "gtr-run variants: " + "; ".join(described) + ".")
         lines = head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
