@@ -9,7 +9,7 @@ On temporary copies of models/fixtures/tiny:
    graphs'; a second run finds nothing to fuse and exits 1, changing nothing.
 2. A chain of another shape (Softmax over another axis) is left as it is, with the reason.
 3. fp16 after fusion: the fused node runs in half precision, the projection after it too, and
-   ONNX Runtime's CPU provider runs the graph close to fp32.
+   ONNX Runtime's CPU provider runs the graph close to fp32; int8 quantizes the weights around it.
 4. A bundle with a backbone graph and an fp16 variant: both are rebuilt from the fused graphs.
 5. Files are replaced by renaming: a hard link to the old encoder keeps the plain graph.
 """
@@ -96,7 +96,7 @@ def test_other_shape_is_left():
     check(len(skipped) == 1 and "not over the last axis" in skipped[0], f"… with its reason ({skipped})")
 
 
-def test_fp16_after_fusion(tmp):
+def test_precisions_after_fusion(tmp):
     bundle = copy_tiny(tmp, "fp16")
     fa.fuse_bundle(bundle, log=lambda *_: None)
     report = cp.convert(bundle, "fp16", log=lambda *_: None)
@@ -108,6 +108,13 @@ def test_fp16_after_fusion(tmp):
               f"{role}: every weight MatMul in fp16, the one after the fused node too ({stats['half_ops']})")
         err = report["graphs"][role]["error_vs_fp32"]["max_abs"]
         check(err < 0.05, f"{role}: ONNX Runtime (CPU) runs it, {err:.2g} from fp32")
+    report = cp.convert(bundle, "int8", log=lambda *_: None)
+    for role in ("encoder", "decoder"):
+        path = os.path.join(bundle, report["files"][role])
+        check(ops(path).count("MultiHeadAttention") == 1 and report["graphs"][role]["stats"]["quantized_matmuls"] > 0,
+              f"{role}: int8 quantizes the weight MatMuls around the fused node")
+        err = report["graphs"][role]["error_vs_fp32"]["max_abs"]
+        check(err < 0.5, f"{role}: … and ONNX Runtime (CPU) runs it, {err:.2g} from fp32")
 
 
 def test_derived_graphs_rebuilt(tmp):
@@ -143,7 +150,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_command_line(tmp)
         test_other_shape_is_left()
-        test_fp16_after_fusion(tmp)
+        test_precisions_after_fusion(tmp)
         test_derived_graphs_rebuilt(tmp)
         test_replaced_by_rename(tmp)
     print("all fuse_attention tests passed")
