@@ -33,19 +33,8 @@ MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, MODELS)
 import convert_precision as cp  # noqa: E402
 
-TINY = os.path.join(MODELS, "fixtures", "tiny")
-
-
-def check(cond, what):
-    if not cond:
-        raise SystemExit(f"FAIL: {what}")
-    print(f"ok: {what}")
-
-
-def copy_tiny(tmp, name):
-    dst = os.path.join(tmp, name)
-    shutil.copytree(TINY, dst, ignore=shutil.ignore_patterns("golden"))
-    return dst
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_copies import TINY, check, copy_tiny  # noqa: E402
 
 
 def io_signature(model):

@@ -15,7 +15,6 @@ On temporary copies of models/fixtures/tiny:
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,19 +30,8 @@ from models import fuse_attention as fa  # noqa: E402
 from models.add_backbone import add_backbone  # noqa: E402
 from models.add_sampler import read_manifest  # noqa: E402
 
-TINY = os.path.join(MODELS, "fixtures", "tiny")
-
-
-def check(cond, what):
-    if not cond:
-        raise SystemExit(f"FAIL: {what}")
-    print(f"ok: {what}")
-
-
-def copy_tiny(tmp, name):
-    dst = os.path.join(tmp, name)
-    shutil.copytree(TINY, dst, ignore=shutil.ignore_patterns("golden"))
-    return dst
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_copies import TINY, check, copy_tiny  # noqa: E402
 
 
 def ops(path):
