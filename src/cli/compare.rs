@@ -1,0 +1,247 @@
+//! `gtr-run eval` and `gtr-run sweep`: schedules compared on one model, and
+//! the table written.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use gtr_run::schedule::Schedule;
+
+use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
+use super::write_stdout;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model bundle: its folder, its manifest.yaml, or any .onnx in it.
+    model: PathBuf,
+    /// Schedule files; the first is the baseline of the speed-up columns.
+    #[arg(required = true, value_name = "SCHEDULE")]
+    schedules: Vec<PathBuf>,
+    /// Override a parameter of every schedule that declares it: --set name=value.
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, f64)>,
+    #[command(flatten)]
+    compare: CompareArgs,
+}
+
+#[derive(Args)]
+pub struct SweepArgs {
+    /// Model bundle: its folder, its manifest.yaml, or any .onnx in it.
+    model: PathBuf,
+    /// The schedule file whose parameters are swept.
+    schedule: PathBuf,
+    /// A parameter and its values: --set name=v1,v2,... (repeat for a grid;
+    /// the first setting is the baseline).
+    #[arg(long = "set", value_name = "NAME=V1,V2,...", required = true)]
+    axes: Vec<gtr_run::eval::sweep::SweepAxis>,
+    #[command(flatten)]
+    compare: CompareArgs,
+}
+
+/// How `eval` and `sweep` run their comparison.
+#[derive(Args)]
+struct CompareArgs {
+    /// Images per schedule (and per repeat), balanced over the classes (1 to 10,000,000).
+    #[arg(long, default_value_t = 100, value_parser = parse_image_count)]
+    num_images: usize,
+    /// Images per batch; schedules take turns batch by batch (1 to 4096).
+    #[arg(long, default_value_t = 25, value_parser = parse_batch)]
+    batch: usize,
+    /// Run seed; repeat r uses seed + r, the same for every schedule.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Repeat the whole comparison with seeds seed, seed+1, … and report the spread.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// Folder for the table (NAME.md, NAME.csv, NAME.json; sweep also
+    /// pareto.svg), NAME being eval or sweep (default: runs/NAME-<model>-seed<seed>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace the results of a previous evaluation in the folder.
+    #[arg(long)]
+    force: bool,
+}
+
+/// The schedules `eval` compares (see [`gtr_run::eval::contenders`]),
+/// each checked against the bundle's grid.
+fn eval_contenders(
+    paths: &[PathBuf],
+    overrides: Vec<(String, f64)>,
+    bundle: &gtr_run::bundle::Bundle,
+) -> anyhow::Result<Vec<gtr_run::eval::Contender>> {
+    use gtr_run::eval::{ContenderError, contenders};
+    if paths.iter().any(|p| p.as_os_str() == "-") {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
+        );
+    }
+    let overrides: BTreeMap<String, f64> = overrides.into_iter().collect();
+    let contenders = contenders(paths, &overrides).map_err(|e| match e {
+        // Kept as a ScheduleError so that a diagnostic prints as one.
+        ContenderError::Schedule(e) => anyhow::Error::from(e),
+        other => other.into(),
+    })?;
+    for c in &contenders {
+        c.schedule
+            .check_model_grid(bundle.grid(), &bundle.manifest.name)
+            .map_err(|m| anyhow::anyhow!(m))?;
+    }
+    Ok(contenders)
+}
+
+pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
+    let bundle = gtr_run::bundle::Bundle::open(&args.model)?;
+    let contenders = eval_contenders(&args.schedules, args.overrides, &bundle)?;
+    run_comparison("eval", &bundle, &contenders, args.compare)?;
+    Ok(())
+}
+
+pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
+    use gtr_run::eval::sweep;
+    let bundle = gtr_run::bundle::Bundle::open(&args.model)?;
+    if args.schedule.as_os_str() == "-" {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; sweep takes a schedule file"
+        );
+    }
+    let contenders = sweep::contenders(&args.schedule, &args.axes)?;
+    for c in &contenders {
+        c.schedule
+            .check_model_grid(bundle.grid(), &bundle.manifest.name)
+            .map_err(|m| anyhow::anyhow!(m))?;
+    }
+    let (comparison, out) = run_comparison("sweep", &bundle, &contenders, args.compare)?;
+    match sweep::pareto_svg(&comparison) {
+        Some(svg) => {
+            let path = out.join("pareto.svg");
+            gtr_run::fsutil::write_atomic(&path, svg.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "gtr-run sweep: the trade-off is drawn in {}",
+                path.display()
+            );
+        }
+        None => eprintln!(
+            "gtr-run sweep: bundle `{}` has no evaluator, so there is no quality to draw against speed (the table has speed and cost)",
+            bundle.manifest.name
+        ),
+    }
+    Ok(())
+}
+
+/// Runs `contenders` on `bundle` as `args` asks and writes the table as
+/// `WHAT.md`, `WHAT.csv` and `WHAT.json` in the output folder (printing the
+/// Markdown); returns the comparison and the folder.
+fn run_comparison(
+    what: &str,
+    bundle: &gtr_run::bundle::Bundle,
+    contenders: &[gtr_run::eval::Contender],
+    args: CompareArgs,
+) -> anyhow::Result<(gtr_run::eval::Comparison, PathBuf)> {
+    use gtr_run::backend::OrtEvaluator;
+    use gtr_run::engine::{Engine, MarModel};
+    use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
+    use gtr_run::fsutil::write_atomic;
+
+    let device = args.runtime.device;
+    let schedules: Vec<&Schedule> = contenders.iter().map(|c| &c.schedule).collect();
+    let options = args
+        .runtime
+        .load_options_for(bundle, &schedules, args.seed, args.batch)?;
+    let model = load_model(bundle, &args.runtime, &options)?;
+    let settings = model.settings();
+    let info = model.info().clone();
+    // The evaluator measures quality: it always runs its fp32 graph.
+    let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
+    let reference = reference_stats(bundle)?;
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!(
+            "{what}-{}-seed{}",
+            bundle.manifest.name.replace(['/', '\\', ' '], "_"),
+            args.seed
+        ))
+    });
+    let json_path = out.join(format!("{what}.json"));
+    if json_path.exists() && !args.force {
+        bail!(
+            "{} holds a previous evaluation; give --force to replace it or --out for another folder",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!(
+        "gtr-run {what}: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
+        info.name,
+        options.precision.precision,
+        contenders.len(),
+        args.num_images,
+        args.repeats,
+        args.seed,
+        match &bundle.manifest.evaluator {
+            Some(e) => format!(", evaluator {}", e.name),
+            None => ", no evaluator (speed and cost only)".into(),
+        },
+        out.display()
+    );
+    let request = CompareRequest {
+        num_images: args.num_images,
+        batch: args.batch,
+        seed: args.seed,
+        repeats: args.repeats,
+        options: args.runtime.plan_options(bundle),
+        warm_up: true,
+    };
+    let scoring = match (evaluator.as_mut(), reference.as_ref()) {
+        (Some(evaluator), Some(reference)) => Some(Scoring {
+            evaluator,
+            reference,
+        }),
+        _ => None,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} batches ({eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut engine = Engine::new(model);
+    engine.ticks_per_call = args.runtime.sampler_ticks.map(|n| n as usize);
+    let comparison = compare(
+        &mut engine,
+        scoring,
+        contenders,
+        &bundle.cost_spec(),
+        &request,
+        |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let table = report::markdown(&comparison);
+    for (extension, text) in [
+        ("md", table.clone()),
+        ("csv", report::csv(&comparison)),
+        (
+            "json",
+            serde_json::to_string_pretty(&{
+                let mut v = report::json(&comparison);
+                v["runtime_settings"] = settings.clone();
+                v
+            })? + "\n",
+        ),
+    ] {
+        let path = out.join(format!("{what}.{extension}"));
+        write_atomic(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    write_stdout(&table)?;
+    eprintln!(
+        "gtr-run {what}: wrote {what}.md, {what}.csv and {what}.json to {}",
+        out.display()
+    );
+    Ok((comparison, out))
+}

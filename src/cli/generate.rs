@@ -1,0 +1,210 @@
+//! `gtr-run MODEL SCHEDULE` (images into a run folder) and `gtr-run merge`
+//! (a run's shards joined).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use gtr_run::run::Shard;
+use gtr_run::schedule::Schedule;
+
+use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
+use super::write_stdout;
+
+/// `gtr-run MODEL SCHEDULE`: generate images.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Model bundle: its folder, its manifest.yaml, or any .onnx in it.
+    #[arg(required = true)]
+    model: Option<PathBuf>,
+    /// The schedule file (.gtr).
+    #[arg(required = true)]
+    schedule: Option<PathBuf>,
+    /// Number of images (1 to 10,000,000).
+    #[arg(long, default_value_t = 10, value_parser = parse_image_count)]
+    num_images: usize,
+    /// Images per batch (does not change any image; 1 to 4096).
+    #[arg(long, default_value_t = 8, value_parser = parse_batch)]
+    batch: usize,
+    /// Run seed; image i uses a seed derived from (seed, i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Generate every image of this class.
+    #[arg(long, conflicts_with = "classes")]
+    class: Option<i64>,
+    /// Classes to cycle through, e.g. --classes 1,3,5 (default: balanced over all).
+    #[arg(long, value_delimiter = ',')]
+    classes: Option<Vec<i64>>,
+    /// Override a schedule parameter: --set name=value (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, f64)>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+    /// Output folder (default: runs/<model>-<schedule>-seed<seed>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a previous run in the output folder, skipping images already written.
+    #[arg(long, conflicts_with = "force")]
+    resume: bool,
+    /// Overwrite a previous run in the output folder (only a folder gtr-run
+    /// wrote: one holding anything else is refused even with --force).
+    #[arg(long)]
+    force: bool,
+    /// Take every image's token order and noise from this .npz (see README).
+    #[arg(long, value_name = "FILE.npz")]
+    replay: Option<PathBuf>,
+    /// Make only shard K of N (K from 0: 0/4 … 3/4): a contiguous part of
+    /// the images, each with its own seed and class as in the whole run;
+    /// join the shards with `gtr-run merge`.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
+    /// Also write all images as an .npz (`arr_0`, uint8 [N, H, W, 3]), as FID
+    /// evaluators read.
+    #[arg(long, value_name = "PATH", conflicts_with = "shard")]
+    npz: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The merged folder to create.
+    out: PathBuf,
+    /// The shards' output folders, in any order.
+    #[arg(required = true, value_name = "PART_DIR")]
+    parts: Vec<PathBuf>,
+    /// Also write all images as an .npz (`arr_0`, uint8 [N, H, W, 3]).
+    #[arg(long, value_name = "PATH")]
+    npz: Option<PathBuf>,
+    /// Replace OUT if it holds a previous run (and nothing else).
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use gtr_run::bundle::Bundle;
+    use gtr_run::run::{Classes, Existing, RunRequest, default_out_dir, generate};
+
+    let (Some(model_path), Some(schedule_path)) = (args.model, args.schedule) else {
+        bail!("give a MODEL and a SCHEDULE (see --help)");
+    };
+    let bundle = Bundle::open(&model_path)?;
+    // Check the schedule before loading any graph.
+    let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    if schedule_path.as_os_str() == "-" {
+        bail!(
+            "SCHEDULE `-`: standard input is read by `gtr-run plan -`; generation takes a schedule file"
+        );
+    }
+    let schedule = Schedule::from_file(&schedule_path, &overrides)?;
+    schedule
+        .check_model_grid(bundle.grid(), &bundle.manifest.name)
+        .map_err(|m| anyhow::anyhow!(m))?;
+    let options = args.runtime.load_options_for(
+        &bundle,
+        &[&schedule],
+        args.seed,
+        args.batch.min(args.num_images).max(1),
+    )?;
+    let model = load_model(&bundle, &args.runtime, &options)?;
+    let settings = model.settings();
+    let out = args.out.unwrap_or_else(|| {
+        default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
+    });
+    let request = RunRequest {
+        schedule,
+        num_images: args.num_images,
+        batch: args.batch,
+        seed: args.seed,
+        classes: match (args.class, args.classes) {
+            (Some(c), _) => Classes::One(c),
+            (None, Some(list)) if !list.is_empty() => Classes::List(list),
+            _ => Classes::Balanced,
+        },
+        cfg: args.runtime.cfg,
+        temperature: args.runtime.temperature,
+        out: out.clone(),
+        existing: if args.resume {
+            Existing::Resume
+        } else if args.force {
+            Existing::Overwrite
+        } else {
+            Existing::Refuse
+        },
+        replay: args.replay,
+        device_requested: args.runtime.device.name().into(),
+        runtime_settings: settings,
+        shard: args.shard,
+        npz: args.npz,
+        ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
+    };
+    let part = match request.shard {
+        Some(s) => {
+            let r = s.range(request.num_images);
+            format!(
+                ", shard {s}: images {}..{} of {}",
+                r.start, r.end, request.num_images
+            )
+        }
+        None => format!(", {} images", request.num_images),
+    };
+    eprintln!(
+        "gtr-run: model {} ({}), schedule {}, seed {}{part} -> {}",
+        bundle.manifest.name,
+        options.precision.precision,
+        request.schedule.source.name,
+        request.seed,
+        out.display()
+    );
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} images, {elapsed} elapsed, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut made = 0;
+    let record = generate(&bundle, model, &request, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        made = total;
+    })?;
+    bar.finish_and_clear();
+    let measured = record
+        .measured
+        .context("the run finished without measurements")?;
+    let files = match (&request.shard, &request.npz) {
+        (Some(_), _) => "run.json".to_string(),
+        (None, Some(npz)) => format!("grid.png, run.json and {}", npz.display()),
+        (None, None) => "grid.png and run.json".to_string(),
+    };
+    write_stdout(&format!(
+        "wrote {made} images, {files} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
+        out.display(),
+        request.seed,
+        record.mar_steps,
+        measured.execution_provider.as_deref().unwrap_or("?"),
+        measured.seconds.wall
+    ))
+}
+
+pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {
+    use gtr_run::run::merge::{MergeRequest, merge};
+    let request = MergeRequest {
+        out: args.out,
+        parts: args.parts,
+        npz: args.npz,
+        force: args.force,
+    };
+    let record = merge(&request)?;
+    let npz = match &request.npz {
+        Some(npz) => format!(" and {}", npz.display()),
+        None => String::new(),
+    };
+    write_stdout(&format!(
+        "merged {} parts: {} images, grid.png, run.json{npz} in {}\n",
+        request.parts.len(),
+        record.num_images,
+        request.out.display()
+    ))
+}

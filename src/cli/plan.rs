@@ -1,0 +1,112 @@
+//! `gtr-run plan`: a schedule's order and step table without a model, and
+//! the snapshots of a folder of schedules.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use gtr_run::cost::plan_cost;
+use gtr_run::grid::Grid;
+use gtr_run::plan::Planner;
+use gtr_run::report;
+use gtr_run::schedule::{Schedule, ScheduleError};
+
+use super::runtime::parse_override;
+use super::write_stdout;
+
+#[derive(Args)]
+pub struct PlanArgs {
+    /// The schedule file (.gtr), or `-` for standard input (at most 1 MiB).
+    #[arg(required_unless_present = "snapshot")]
+    schedule: Option<PathBuf>,
+    /// Write the order of every DIR/*.gtr (seed 0, its own grid) to DIR/snapshots/NAME.gtr.snap.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["schedule", "grid", "seed", "overrides", "json", "png", "cost"])]
+    snapshot: Option<PathBuf>,
+    /// With --snapshot: compare with the snapshots instead, and fail on a difference.
+    #[arg(long)]
+    check: bool,
+    /// Token grid HxW (default: the schedule's `grid`, else 16x16).
+    #[arg(long)]
+    grid: Option<Grid>,
+    /// Seed for random orders.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Override a parameter: --set name=value (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
+    overrides: Vec<(String, f64)>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Also write a picture of the order to this PNG file.
+    #[arg(long, value_name = "PATH")]
+    png: Option<PathBuf>,
+    /// Add the analytic cost on a model: mar-b, mar-l, mar-h, or a model bundle.
+    #[arg(long, value_name = "MODEL")]
+    cost: Option<String>,
+}
+
+/// `plan --snapshot --check` found differences (the report is the message).
+#[derive(Debug, thiserror::Error)]
+#[error("snapshots differ\n{0}")]
+pub struct SnapshotsDiffer(String);
+
+pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
+    if args.check && args.snapshot.is_none() {
+        bail!("--check compares a folder's snapshots: use it with --snapshot DIR");
+    }
+    let Some(path) = &args.schedule else {
+        let dir = args
+            .snapshot
+            .as_deref()
+            .unwrap_or(std::path::Path::new("."));
+        let outcomes = gtr_run::snapshot::snapshot_dir(dir, args.check)?;
+        return match gtr_run::snapshot::summary(dir, &outcomes) {
+            Ok(text) => write_stdout(&text),
+            Err(text) => Err(SnapshotsDiffer(text.trim_end().to_string()).into()),
+        };
+    };
+    let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    let schedule = Schedule::from_file(path, &overrides)?;
+    let grid = schedule.planning_grid(args.grid);
+    let plan = Planner::new(&schedule, grid)
+        .and_then(|p| p.plan(args.seed))
+        .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+    let cost = match &args.cost {
+        None => None,
+        Some(name) => {
+            use gtr_run::bundle::{NamedSpecError, cost_spec_named};
+            let spec = cost_spec_named(name).map_err(|e| match e {
+                NamedSpecError::Unknown(_) => anyhow::anyhow!("--cost {e}"),
+                NamedSpecError::Bundle(e) => e.into(),
+            })?;
+            Some(plan_cost(&plan, &spec))
+        }
+    };
+    if let Some(path) = &args.png {
+        let img = report::png::render(&plan);
+        let mut bytes = Vec::new();
+        img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .context("encoding the PNG")?;
+        if path.is_dir() {
+            bail!(
+                "--png {}: this is a folder; give a file name",
+                path.display()
+            );
+        }
+        gtr_run::fsutil::write_atomic(path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let mut text = if args.json {
+        let value = report::json::plan_json(&schedule, &plan, cost.as_ref());
+        serde_json::to_string(&value)? + "\n"
+    } else {
+        report::text::report(&schedule, &plan, cost.as_ref())
+    };
+    if let (Some(path), false) = (&args.png, args.json) {
+        text += &format!("\npicture written to {}\n", path.display());
+    }
+    write_stdout(&text)
+}

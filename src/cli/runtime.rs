@@ -1,0 +1,187 @@
+//! The sampling and runtime options that generation, eval and sweep share
+//! (`RuntimeArgs`), how they load a model, and the parsers of numeric flags.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::Args;
+
+use gtr_run::plan::Planner;
+use gtr_run::schedule::{Schedule, ScheduleError};
+
+/// Sampling and runtime options of generation and eval.
+#[derive(Args)]
+pub struct RuntimeArgs {
+    /// Guidance scale, replacing the schedule's and the model's (finite, >= 0).
+    #[arg(long, value_parser = parse_non_negative)]
+    pub cfg: Option<f64>,
+    /// Temperature, replacing the schedule's and the model's (finite, >= 0).
+    #[arg(long, value_parser = parse_non_negative)]
+    pub temperature: Option<f64>,
+    /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::Device::Cpu)]
+    pub device: gtr_run::backend::Device,
+    /// Intra-op threads per graph, and threads of gtr-run's own parallel
+    /// work (default: ONNX Runtime's choice, and one per core; 1 to 1024).
+    #[arg(long, value_parser = parse_threads)]
+    pub threads: Option<usize>,
+    /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
+    /// call per MAR step, state on the device), `host` (one head call per
+    /// tick, the update on the CPU) or `auto` (the graph when the bundle has
+    /// one and a GPU provider runs it; the host path on the CPU provider).
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::ChainRunner::Auto)]
+    sampler: gtr_run::backend::ChainRunner,
+    /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
+    /// a per-tick call with the update still in the graph).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub sampler_ticks: Option<u32>,
+    /// How the backbone runs: `fused` (the bundle's backbone graph: encoder
+    /// and decoder in one call, only the predicted tokens' z returned),
+    /// `split` (the two graphs, z gathered on the host) or `auto` (fused
+    /// when the bundle has the graph and a GPU provider runs it; split on
+    /// the CPU provider, where it has not been shown faster).
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::BackboneRunner::Auto)]
+    backbone: gtr_run::backend::BackboneRunner,
+    /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
+    /// need the bundle's variant graphs (models/convert_precision.py). Default:
+    /// the manifest's `precision`, else fp32.
+    #[arg(long, value_parser = parse_precision)]
+    precision: Option<gtr_run::precision::Precision>,
+    /// TensorRT's engine and timing cache folder (default: <cache>/tensorrt,
+    /// the cache being $GTR_RUN_CACHE, $XDG_CACHE_HOME/gtr-run or ~/.cache/gtr-run).
+    #[arg(long, value_name = "DIR")]
+    trt_cache: Option<PathBuf>,
+}
+
+/// Loads the bundle's graphs as `runtime` asks, saying once where the
+/// diffusion chains will run.
+pub fn load_model(
+    bundle: &gtr_run::bundle::Bundle,
+    runtime: &RuntimeArgs,
+    options: &gtr_run::backend::LoadOptions,
+) -> anyhow::Result<gtr_run::backend::OrtModel> {
+    if let Some(threads) = runtime.threads {
+        gtr_run::engine::set_host_threads(threads);
+    }
+    let (model, note) = gtr_run::backend::OrtModel::load_with(bundle, options)?
+        .run_chains(runtime.sampler, bundle)?;
+    if let Some(note) = note {
+        eprintln!("gtr-run: {note}");
+    }
+    let model = model.run_backbone(runtime.backbone, bundle)?;
+    Ok(model)
+}
+
+impl RuntimeArgs {
+    /// How to load `bundle`: device, threads, precision and TensorRT's
+    /// settings, with TensorRT's profiles taken from `plans` at `batch`.
+    fn load_options(
+        &self,
+        bundle: &gtr_run::bundle::Bundle,
+        plans: &[&gtr_run::plan::Plan],
+        batch: usize,
+    ) -> anyhow::Result<gtr_run::backend::LoadOptions> {
+        use gtr_run::backend::{Device, LoadOptions, tensorrt::ShapeRanges};
+        let device = self.device;
+        if self.trt_cache.is_some() && !matches!(device, Device::TensorRt | Device::Auto) {
+            bail!(
+                "--trt-cache is TensorRT's engine cache; it applies with --device tensorrt (or auto), not --device {}",
+                self.device
+            );
+        }
+        let precision = gtr_run::backend::precision_choice::choose(bundle, self.precision, device)?;
+        Ok(LoadOptions {
+            device,
+            threads: self.threads,
+            precision,
+            tensorrt_cache: self.trt_cache.clone(),
+            shape_ranges: matches!(device, Device::TensorRt | Device::Auto)
+                .then(|| ShapeRanges::from_plans(plans, batch)),
+        })
+    }
+}
+
+impl RuntimeArgs {
+    /// Plan options from the bundle's sampling defaults and `--cfg` /
+    /// `--temperature`.
+    pub fn plan_options(&self, bundle: &gtr_run::bundle::Bundle) -> gtr_run::plan::PlanOptions {
+        gtr_run::plan::PlanOptions {
+            default_cfg: Some(bundle.manifest.sampling.cfg),
+            default_temperature: Some(bundle.manifest.sampling.temperature),
+            cfg: self.cfg,
+            temperature: self.temperature,
+        }
+    }
+
+    /// How to load `bundle` for `schedules` planned with `seed`, at `batch`.
+    pub fn load_options_for(
+        &self,
+        bundle: &gtr_run::bundle::Bundle,
+        schedules: &[&Schedule],
+        seed: u64,
+        batch: usize,
+    ) -> anyhow::Result<gtr_run::backend::LoadOptions> {
+        let planning = self.plan_options(bundle);
+        let plans = schedules
+            .iter()
+            .map(|s| {
+                Planner::new(s, bundle.grid())
+                    .and_then(|p| p.plan_with(seed, &planning))
+                    .map_err(|d| ScheduleError::Invalid(Box::new(d)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let plans: Vec<&gtr_run::plan::Plan> = plans.iter().collect();
+        self.load_options(bundle, &plans, batch)
+    }
+}
+
+/// The most images one command makes (the labels and file names of a run
+/// are planned up front).
+const MAX_IMAGES: usize = 10_000_000;
+
+/// A whole number in `min..=max`, or an error saying the range.
+fn parse_in_range(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number from {min} to {max}")),
+    }
+}
+
+pub fn parse_image_count(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, MAX_IMAGES)
+}
+
+pub fn parse_batch(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, 4096)
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, 1024)
+}
+
+/// A finite number >= 0 (guidance scales and temperatures).
+fn parse_non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("{v} is not a finite number >= 0")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
+}
+
+fn parse_precision(s: &str) -> Result<gtr_run::precision::Precision, String> {
+    s.parse()
+}
+
+pub fn parse_override(s: &str) -> Result<(String, f64), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not NAME=VALUE (e.g. --set gen_steps=10)"))?;
+    let v: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number (in --set {s})"))?;
+    if !v.is_finite() {
+        return Err(format!("`{value}` is not a finite number (in --set {s})"));
+    }
+    Ok((name.trim().to_string(), v))
+}

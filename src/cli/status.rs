@@ -1,0 +1,80 @@
+//! What a failed command's exit status is (README, "Exit status").
+
+use gtr_run::schedule::ScheduleError;
+
+use super::plan::SnapshotsDiffer;
+
+/// How a command ended (README, "Exit status").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// `plan --snapshot DIR --check` found snapshots that differ.
+    ChecksDiffer = 1,
+    /// The command line asks for something that cannot be done (clap's own
+    /// refusals exit with 2 too).
+    Usage = 2,
+    /// An input is wrong: a schedule, a bundle or its graphs' contracts, a
+    /// replay file, a class, an output folder that is not this run's.
+    Input = 3,
+    /// A failure while running: ONNX Runtime, non-finite values, reading
+    /// or writing files.
+    Runtime = 4,
+}
+
+/// The status of a failure: the first cause in `e`'s chain whose type says
+/// what went wrong; a message of the front end's own is a usage error.
+pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
+    use ExitStatus::{Input, Runtime};
+    use gtr_run::backend::{OrtError, library::LibraryError};
+    use gtr_run::engine::{EngineError, replay::ReplayError};
+    use gtr_run::eval::{CompareError, ContenderError};
+    use gtr_run::run::RunError;
+    for cause in e.chain() {
+        let status = if cause.is::<ScheduleError>()
+            || cause.is::<gtr_run::bundle::BundleError>()
+            || cause.is::<ReplayError>()
+            || cause.is::<ContenderError>()
+            || cause.is::<gtr_run::backend::precision_choice::PrecisionError>()
+            || cause.is::<gtr_run::bundle::NamedSpecError>()
+        {
+            Some(Input)
+        } else if cause.is::<LibraryError>()
+            || cause.is::<std::io::Error>()
+            || cause.is::<gtr_run::engine::ModelError>()
+            || cause.is::<gtr_run::eval::stats::StatsError>()
+        {
+            Some(Runtime)
+        } else if let Some(e) = cause.downcast_ref::<RunError>() {
+            match e {
+                RunError::Invalid(_) | RunError::Schedule(_) | RunError::Replay(_) => Some(Input),
+                RunError::Write { .. } => Some(Runtime),
+                RunError::Engine(_) => None,
+            }
+        } else if let Some(e) = cause.downcast_ref::<EngineError>() {
+            Some(match e {
+                EngineError::Input(_) => Input,
+                _ => Runtime,
+            })
+        } else if let Some(e) = cause.downcast_ref::<OrtError>() {
+            match e {
+                OrtError::Runtime(_) | OrtError::Session { .. } | OrtError::Library(_) => {
+                    Some(Runtime)
+                }
+                _ => Some(Input),
+            }
+        } else if let Some(e) = cause.downcast_ref::<CompareError>() {
+            match e {
+                CompareError::Schedule { .. } | CompareError::Unfit { .. } => Some(Input),
+                CompareError::Invalid(_) => Some(ExitStatus::Usage),
+                _ => None,
+            }
+        } else if cause.is::<SnapshotsDiffer>() {
+            Some(ExitStatus::ChecksDiffer)
+        } else {
+            None
+        };
+        if let Some(status) = status {
+            return status;
+        }
+    }
+    ExitStatus::Usage
+}
