@@ -1,0 +1,136 @@
+//! Python arguments into the library's types: schedules given as a path or
+//! text, parameter overrides, grids, classes, ranged numbers; JSON values
+//! back into Python objects.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use gtr_run::grid::Grid;
+use gtr_run::run::Classes;
+use gtr_run::schedule::{Schedule, Source};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use serde_json::Value;
+
+use crate::GtrRunError;
+use crate::errors::Failure;
+
+/// A JSON value as the Python object `json.loads` makes of it.
+pub(crate) fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    let text = serde_json::to_string(value).map_err(|e| GtrRunError::new_err(e.to_string()))?;
+    py.import("json")?.call_method1("loads", (text,))
+}
+
+/// Where a schedule comes from: a file, or the text itself.
+pub(crate) enum ScheduleArg {
+    Path(PathBuf),
+    Text(String),
+}
+
+impl ScheduleArg {
+    /// A `str` holding a newline or a `{` is schedule text (no schedule
+    /// fits on one line without a stage's braces, and no sane file name
+    /// holds either); any other `str` or `os.PathLike` is a file.
+    pub(crate) fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(text) = obj.extract::<String>() {
+            return Ok(if text.contains(['\n', '{']) {
+                ScheduleArg::Text(text)
+            } else {
+                ScheduleArg::Path(PathBuf::from(text))
+            });
+        }
+        obj.extract::<PathBuf>().map(ScheduleArg::Path).map_err(|_| {
+            PyValueError::new_err(
+                "schedule: give a path (str or os.PathLike) to a .gtr file, or the schedule's text",
+            )
+        })
+    }
+
+    pub(crate) fn load(&self, overrides: &BTreeMap<String, f64>) -> Result<Schedule, Failure> {
+        Ok(match self {
+            ScheduleArg::Path(path) => Schedule::from_file(path, overrides)?,
+            ScheduleArg::Text(text) => {
+                Schedule::from_source(Source::new("<string>", text.clone()), overrides)?
+            }
+        })
+    }
+
+    pub(crate) fn path(&self) -> Option<String> {
+        match self {
+            ScheduleArg::Path(p) => Some(p.display().to_string()),
+            ScheduleArg::Text(_) => None,
+        }
+    }
+}
+
+/// Parameter overrides (`--set name=value`), which must be finite.
+pub(crate) fn overrides(params: Option<&Bound<'_, PyDict>>) -> PyResult<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in params.into_iter().flat_map(|d| d.iter()) {
+        let name: String = k.extract()?;
+        let value: f64 = v.extract().map_err(|_| {
+            PyValueError::new_err(format!("parameter `{name}`: {v} is not a number"))
+        })?;
+        if !value.is_finite() {
+            return Err(PyValueError::new_err(format!(
+                "parameter `{name}`: {value} is not a finite number"
+            )));
+        }
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// A guidance scale or temperature: finite and >= 0, as `--cfg` takes it.
+pub(crate) fn non_negative(what: &str, v: Option<f64>) -> Result<Option<f64>, Failure> {
+    match v {
+        Some(x) if !(x.is_finite() && x >= 0.0) => Err(Failure::Value(format!(
+            "{what}: {x} is not a finite number >= 0"
+        ))),
+        _ => Ok(v),
+    }
+}
+
+/// A whole number in `min..=max`, named `what` in the error.
+pub(crate) fn in_range(what: &str, v: usize, min: usize, max: usize) -> Result<usize, Failure> {
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(Failure::Value(format!(
+            "{what}: {v} is not a whole number from {min} to {max}"
+        )))
+    }
+}
+
+/// A grid given as `(height, width)` or `"HxW"`, checked as `--grid` is.
+pub(crate) fn grid_arg(obj: &Bound<'_, PyAny>) -> PyResult<Grid> {
+    let text = match obj.extract::<(usize, usize)>() {
+        Ok((h, w)) => format!("{h}x{w}"),
+        Err(_) => obj.extract::<String>().map_err(|_| {
+            PyValueError::new_err("grid: give (height, width) or a string such as \"16x16\"")
+        })?,
+    };
+    text.parse::<Grid>()
+        .map_err(|e| PyValueError::new_err(format!("grid: {e}")))
+}
+
+/// `classes=`: None (balanced over all classes), one class, or a list to
+/// cycle through.
+pub(crate) fn classes_arg(classes: Option<&Bound<'_, PyAny>>) -> PyResult<Classes> {
+    let Some(obj) = classes else {
+        return Ok(Classes::Balanced);
+    };
+    if let Ok(one) = obj.extract::<i64>() {
+        return Ok(Classes::One(one));
+    }
+    match obj.extract::<Vec<i64>>() {
+        Ok(list) if !list.is_empty() => Ok(Classes::List(list)),
+        Ok(_) => Err(PyValueError::new_err(
+            "classes: an empty list; give None for classes balanced over all",
+        )),
+        Err(_) => Err(PyValueError::new_err(
+            "classes: give None, one class (int) or a list of ints",
+        )),
+    }
+}
