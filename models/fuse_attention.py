@@ -98,13 +98,21 @@ def attr(node, name: str, default=None):
     return default
 
 
-def scalar(g: Graph, node, other_of: str):
-    """The scalar constant among `node`'s two inputs other than `other_of`, else None."""
-    others = [i for i in node.input if i != other_of]
-    if len(others) != 1:
-        return None
-    value = g.const(others[0])
-    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+def scaling(g: Graph, name: str):
+    """(x, factor) when `name` is x · c or x / c with c a scalar constant, else None."""
+    for op_type in ("Mul", "Div"):
+        node = g.op(name, op_type)
+        if node is None or len(node.input) != 2:
+            continue
+        values = [g.const(i) for i in node.input]
+        sides = [v for v in (0, 1) if values[v] is not None and values[v].size == 1]
+        if op_type == "Div":
+            sides = [1] if 1 in sides else []
+        if len(sides) != 1:
+            return None
+        c = float(values[sides[0]].reshape(-1)[0])
+        return node.input[1 - sides[0]], (c if op_type == "Mul" else 1.0 / c)
+    return None
 
 
 def selected(g: Graph, name: str):
@@ -133,26 +141,22 @@ def match(g: Graph, softmax):
         return None, "Softmax not over the last axis"
     scale = 1.0
     scores = softmax.input[0]
-    for op_type in ("Mul", "Div"):  # scaling of the scores
-        n = g.op(scores, op_type)
-        if n is not None:
-            s = scalar(g, n, n.input[0])
-            if s is None:
-                return None, f"{op_type} before Softmax is not by a constant"
-            scale *= s if op_type == "Mul" else 1.0 / s
-            scores = n.input[0]
-            break
+    scaled = scaling(g, scores)  # scores · c
+    if scaled is not None:
+        scores, factor = scaled
+        scale *= factor
+    elif g.op(scores, "Mul") is not None or g.op(scores, "Div") is not None:
+        return None, "the scores are scaled by something other than a constant"
     qk = g.op(scores, "MatMul")
     if qk is None:
         return None, "no MatMul before Softmax"
     q, kt = qk.input
-    mul = g.op(q, "Mul")
-    if mul is not None:  # q * scale, as MAR's Attention does it
-        s = scalar(g, mul, mul.input[0])
-        if s is None:
-            return None, "q is multiplied by something other than a constant"
-        scale *= s
-        q = mul.input[0]
+    scaled = scaling(g, q)  # q · c, as MAR's Attention does it
+    if scaled is not None:
+        q, factor = scaled
+        scale *= factor
+    elif g.op(q, "Mul") is not None or g.op(q, "Div") is not None:
+        return None, "q is scaled by something other than a constant"
     transpose_k = g.op(kt, "Transpose")
     if transpose_k is None or list(attr(transpose_k, "perm", [])) != [0, 1, 3, 2]:
         return None, "the MatMul's second input is not kᵀ"
@@ -189,6 +193,9 @@ def match(g: Graph, softmax):
 def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, list[str]]:
     """The model with every matching attention chain fused; the count fused and why the others
     were not."""
+    version = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if version < 13:  # Split with its sizes as an input
+        return model, 0, [f"opset {version}: fusing needs opset 13 or later"]
     g = Graph(model.graph)
     fusions, skipped = [], []
     for n in list(model.graph.node):

@@ -7,7 +7,9 @@ On temporary copies of models/fixtures/tiny:
 1. Through the command line: one MultiHeadAttention per graph (4 heads, MAR's scale), no
    Softmax left, the graphs' inputs and outputs unchanged, outputs within 1e-5 of the plain
    graphs'; a second run finds nothing to fuse and exits 1, changing nothing.
-2. A chain of another shape (Softmax over another axis) is left as it is, with the reason.
+2. A chain of another shape (Softmax over another axis) is left as it is, with the reason;
+   the scaling written as c · x or x / c fuses with the same scale; mar-tiny's exported graphs
+   (q scaled, as export_mar.py writes them) fuse both blocks.
 3. fp16 after fusion: the fused node runs in half precision, the projection after it too, and
    ONNX Runtime's CPU provider runs the graph close to fp32; int8 quantizes the weights around it.
 4. A bundle with a backbone graph and an fp16 variant: both are rebuilt from the fused graphs.
@@ -84,6 +86,53 @@ def test_other_shape_is_left():
     check(len(skipped) == 1 and "not over the last axis" in skipped[0], f"… with its reason ({skipped})")
 
 
+def scale_node(model):
+    """The Mul that scales q or the scores in the tiny encoder (it scales the scores;
+    mar-tiny's q), and its constant's name."""
+    inits = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Mul" and any(i in inits for i in n.input):
+            producer = {o: m for m in model.graph.node for o in m.output}.get(n.input[0])
+            if producer is not None and producer.op_type in ("Gather", "MatMul"):
+                return n, next(i for i in n.input if i in inits)
+    raise SystemExit("FAIL: the tiny encoder has no attention scaling")
+
+
+def test_scale_forms(tmp):
+    bundle = copy_tiny(tmp, "scales")
+    path = os.path.join(bundle, "encoder.onnx")
+    plain = onnx.load(path)
+    want, _, _ = fa.fuse(onnx.load(path))
+    scale = next(a.f for n in want.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "scale")
+    swapped = onnx.load(path)
+    node, _ = scale_node(swapped)
+    node.input[0], node.input[1] = node.input[1], node.input[0]
+    divided = onnx.load(path)
+    node, const = scale_node(divided)
+    node.op_type = "Div"
+    init = next(i for i in divided.graph.initializer if i.name == const)
+    init.CopyFrom(onnx.numpy_helper.from_array(1.0 / onnx.numpy_helper.to_array(init), const))
+    for name, model in (("c · x", swapped), ("x / c", divided)):
+        fused, count, _ = fa.fuse(model)
+        got = next(a.f for n in fused.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "scale")
+        check(count == 1 and abs(got - scale) < 1e-6, f"scaling written as {name}: fused with the same scale")
+        fused_path = os.path.join(tmp, "scaled.onnx")
+        onnx.save(fused, fused_path)
+        onnx.save(plain, os.path.join(tmp, "plain.onnx"))
+        err = largest_error(bundle, "encoder", fused_path, os.path.join(tmp, "plain.onnx"))
+        check(err < 1e-5, f"… and within 1e-5 of the plain graph ({err:.2g})")
+
+
+def test_exported_graphs():
+    """models/mar-tiny, as export_mar.py writes graphs: q scaled before q·kᵀ, two blocks."""
+    for role in ("encoder", "decoder"):
+        fused, count, skipped = fa.fuse(onnx.load(os.path.join(MODELS, "mar-tiny", f"{role}.onnx")))
+        scales = [a.f for n in fused.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute
+                  if a.name == "scale"]
+        check(count == 2 and not skipped and all(abs(x - 24 ** -0.5) < 1e-6 for x in scales),
+              f"mar-tiny {role}: both blocks fused, scale 1/sqrt(24) taken from q's Mul")
+
+
 def test_precisions_after_fusion(tmp):
     bundle = copy_tiny(tmp, "fp16")
     fa.fuse_bundle(bundle, log=lambda *_: None)
@@ -138,6 +187,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_command_line(tmp)
         test_other_shape_is_left()
+        test_scale_forms(tmp)
+        test_exported_graphs()
         test_precisions_after_fusion(tmp)
         test_derived_graphs_rebuilt(tmp)
         test_replaced_by_rename(tmp)
