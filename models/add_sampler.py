@@ -245,9 +245,10 @@ def manifest_with_sampler(text: str) -> str:
 def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None) -> str:
     """Checks `model` and saves it in `bundle` as `file`, or as FILE.PRECISION.onnx for a
     precision variant; returns the name written."""
-    onnx.checker.check_model(model)
+    from models.onnx_save import save_model
+
     name = file if precision is None else file.replace(".onnx", f".{precision}.onnx")
-    onnx.save(model, os.path.join(bundle, name))
+    save_model(model, os.path.join(bundle, name))
     return name
 
 

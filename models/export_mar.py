@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from models.onnx_save import EXTERNAL_DATA_BYTES  # noqa: E402
 from models.torch.mar import (  # noqa: E402
     MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
     vae_decoder_keys,
@@ -56,7 +57,6 @@ FORMAT = "gtr-run/mar-bundle@1"
 LATENT_SCALE = 0.2325
 DEFAULT_CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2}  # mar.md §2.6 (linear schedule)
 OPSET = 18
-EXTERNAL_DATA_BYTES = 2_000_000_000 - 64 * 2**20   # protobuf's 2 GB limit, with headroom
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "diffusion": "diffusion.onnx",
                "vae_decoder": "vae_decoder.onnx"}
 # role -> (input tensor names in role order, output tensor name); the roles' keys are fixed by gtr-run
@@ -568,7 +568,8 @@ def main(argv=None):
                     help="fuse each block's attention into ONNX Runtime's MultiHeadAttention (models/fuse_attention.py)")
     ap.add_argument("--external-data-mb", type=float, default=EXTERNAL_DATA_BYTES / 2**20,
                     help="write a graph's weights to <graph>.onnx.data when they exceed this many MiB "
-                         "(default: just under protobuf's 2 GB limit)")
+                         "(default: just under protobuf's 2 GB limit; the graphs written after the export, "
+                         "sampler, backbone and fused attention, go external above that default: models/onnx_save.py)")
     g = ap.add_argument_group("shape of --size custom (default: from the checkpoint's args)")
     g.add_argument("--width", type=int)
     g.add_argument("--depth", type=int)

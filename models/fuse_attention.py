@@ -19,22 +19,24 @@ graph from the fused encoder and decoder (models/add_backbone.py) and every prec
 manifest lists (models/convert_precision.py; for fp16 the fused node runs in half precision, as
 autocast runs scaled_dot_product_attention).
 
-Files are replaced by writing a temporary file and renaming it, so a bundle copied with hard links
-is not changed through its links. Unless --no-check, each fused graph is compared with the plain
-one in onnxruntime (CPU) on random inputs shaped by the manifest before it replaces it; the run
-fails when they differ by more than 1e-4.
+Files are replaced by writing a temporary file and renaming it (models/onnx_save.py), so a bundle
+copied with hard links is not changed through its links; a graph over 2 GB keeps its weights in
+a data file beside it. Unless --no-check, each fused graph is compared with the plain one in
+onnxruntime (CPU) on random inputs shaped by the manifest before it replaces it; the run fails
+when they differ by more than 1e-4.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import stat
 import sys
-import tempfile
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.onnx_save import save_model  # noqa: E402
 
 MSFT = "com.microsoft"
 ROLES = ("encoder", "decoder")
@@ -252,21 +254,6 @@ def prune(nodes: list, outputs: set[str]) -> list:
         nodes = alive
 
 
-def save_replacing(model: onnx.ModelProto, path: str) -> None:
-    """Saves `model` at `path` through a temporary file renamed into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fuse-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644)
-        onnx.save(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
     """Fuses the encoder's and decoder's attention in place and rebuilds derived graphs; returns
     {role: chains fused}."""
@@ -278,9 +265,6 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
     for role in ROLES:
         entry = graphs[role]
         path = os.path.join(bundle, entry["file"])
-        if any(i.data_location == onnx.TensorProto.EXTERNAL
-               for i in onnx.load(path, load_external_data=False).graph.initializer):
-            raise SystemExit(f"error: {path}: graphs with external data (over 2 GB) are not supported yet")
         model, count, skipped = fuse(onnx.load(path))
         for line in skipped:
             log(f"{role}: left as it is: {line}")
@@ -289,16 +273,19 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
             log(f"{role}: no attention chain to fuse")
             continue
         model.producer_name = "gtr-run fuse_attention.py"
-        onnx.checker.check_model(model)
-        if check:
+
+        def verify(fused_path, role=role, entry=entry, path=path):
+            if not check:
+                return
             from models.convert_precision import compare
 
-            err = compare(role, manifest, entry, path, model, seed=0)
+            err = compare(role, manifest, entry, path, fused_path, seed=0)
             log(f"{role}: |fused - plain| max {err['max_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})")
             if not err["max_abs"] <= TOLERANCE:
                 raise SystemExit(f"error: {path}: the fused graph differs from the plain one by "
                                  f"{err['max_abs']:.3g} (more than {TOLERANCE}); the bundle is unchanged")
-        save_replacing(model, path)
+
+        save_model(model, path, verify=verify)
         log(f"{role}: {count} attention chains fused into MultiHeadAttention ({entry['file']})")
     if not any(fused_counts.values()):
         return fused_counts
@@ -328,5 +315,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())
