@@ -7,6 +7,7 @@
    (width 64, 2 blocks, 4 heads, diffusion MLP 128 x 2, VAE ch 32 ch_mult 1,1,2,2,4).
 2. export_mar.py --size custom exports it (contract and ORT-vs-PyTorch parity checked inside);
    the test reads the printed errors back and checks the manifest.
+   With --fused-attention, both blocks of the encoder and decoder are fused and checked.
 3. The exported graphs hold the `model_ema` weights, not `model`; unknown canvas positions do
    not change the encoder output; K = 0 works; labels outside the table plus null are refused;
    a graph written with external data (forced) loads and matches.
@@ -31,6 +32,7 @@ _ROOT = os.path.dirname(_MODELS)
 sys.path.insert(0, _ROOT)
 
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -108,10 +110,22 @@ def main():
                 "cost": {"encoder_depth": 2, "decoder_depth": 2, "diffusion_width": 128, "diffusion_depth": 2}}
         for k, v in want.items():
             assert m[k] == v, (k, m[k], v)
-        assert set(m["graphs"]) == {"encoder", "decoder", "diffusion", "vae_decoder", "sampler"}
+        assert set(m["graphs"]) == {"encoder", "decoder", "diffusion", "vae_decoder", "sampler", "backbone"}
         with open(os.path.join(_ROOT, "models", "fixtures", "tiny", "manifest.yaml")) as f:
             assert set(yaml.safe_load(f)) == set(m), "manifest keys differ from the format's example"
         print("ok   manifest")
+
+        # 2b. export with fused attention: the same parity, both blocks of both graphs fused
+        fused = os.path.join(tmp, "bundle-fused")
+        p, dt = run([PY, EXPORT, "--checkpoint", ckpt, "--vae", vae, "--size", "custom", "--out", fused,
+                     "--quick-vae-check", "--fused-attention"])
+        assert p.returncode == 0, p.stdout + p.stderr
+        for role in ("encoder", "decoder"):
+            assert f"{role}: 2 attention chains fused into MultiHeadAttention" in p.stdout, p.stdout
+            err = float(re.search(rf"^{role}: \|fused - plain\| max ([0-9.e+-]+)", p.stdout, re.M).group(1))
+            assert err < 1e-4, (role, err)
+            assert "MultiHeadAttention" in [n.op_type for n in onnx.load(os.path.join(fused, f"{role}.onnx")).graph.node]
+        print(f"ok   export --fused-attention ({dt:.1f} s)")
 
         # 3. semantics of the exported graphs
         import onnxruntime as ort
