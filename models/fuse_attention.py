@@ -33,6 +33,7 @@ import sys
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -261,14 +262,22 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
 
     _, manifest = read_manifest(bundle)
     graphs = manifest["graphs"]
-    fused_counts = {}
+    # Every graph is read and fused before any is written, so an unreadable one changes nothing.
+    fused = {}
     for role in ROLES:
-        entry = graphs[role]
-        path = os.path.join(bundle, entry["file"])
-        model, count, skipped = fuse(onnx.load(path))
+        path = os.path.join(bundle, graphs[role]["file"])
+        try:
+            model = onnx.load(path)
+        except DecodeError as e:
+            raise ValueError(f"{path} ({role}) is not an ONNX graph: {e}") from e
+        model, count, skipped = fuse(model)
         for line in skipped:
             log(f"{role}: left as it is: {line}")
-        fused_counts[role] = count
+        fused[role] = (model, count)
+    fused_counts = {role: count for role, (_, count) in fused.items()}
+    for role, (model, count) in fused.items():
+        entry = graphs[role]
+        path = os.path.join(bundle, entry["file"])
         if not count:
             log(f"{role}: no attention chain to fuse")
             continue
@@ -283,7 +292,7 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
             log(f"{role}: |fused - plain| max {err['max_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})")
             if not err["max_abs"] <= TOLERANCE:
                 raise SystemExit(f"error: {path}: the fused graph differs from the plain one by "
-                                 f"{err['max_abs']:.3g} (more than {TOLERANCE}); the bundle is unchanged")
+                                 f"{err['max_abs']:.3g} (more than {TOLERANCE}); this graph is left as it was")
 
         save_model(model, path, verify=verify)
         log(f"{role}: {count} attention chains fused into MultiHeadAttention ({entry['file']})")
@@ -310,7 +319,13 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(args.bundle, "manifest.yaml")):
         print(f"error: {args.bundle}: no manifest.yaml there; give a bundle folder", file=sys.stderr)
         return 2
-    counts = fuse_bundle(args.bundle, check=args.check)
+    try:
+        counts = fuse_bundle(args.bundle, check=args.check)
+    except (OSError, KeyError, ValueError, onnx.checker.ValidationError) as e:
+        # A graph file missing or unreadable, a manifest without a role: read before anything
+        # is written, so nothing was replaced.
+        print(f"error: {args.bundle}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     return 0 if any(counts.values()) else 1
 
 

@@ -7,7 +7,8 @@ On temporary copies of models/fixtures/tiny:
 1. Through the command line: one MultiHeadAttention per graph (4 heads, MAR's scale), no
    Softmax left, the graphs' inputs and outputs unchanged, outputs within 1e-5 of the plain
    graphs'; a second run finds nothing to fuse and exits 1, changing nothing.
-2. A chain of another shape (Softmax over another axis) is left as it is, with the reason;
+2. An unreadable decoder: exit status 2 and a message naming it, the encoder untouched.
+   A chain of another shape (Softmax over another axis) is left as it is, with the reason;
    the scaling written as c · x or x / c fuses with the same scale; mar-tiny's exported graphs
    (q scaled, as export_mar.py writes them) fuse both blocks.
 3. fp16 after fusion: the fused node runs in half precision, the projection after it too, and
@@ -72,6 +73,18 @@ def test_command_line(tmp):
     r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
     check(r.returncode == 1 and "no attention chain to fuse" in r.stdout, "a second run finds nothing and exits 1")
     check(open(os.path.join(bundle, "encoder.onnx"), "rb").read() == before, "… and leaves the graph as it was")
+
+
+def test_unreadable_graph(tmp):
+    bundle = copy_tiny(tmp, "broken")
+    with open(os.path.join(bundle, "decoder.onnx"), "wb") as f:
+        f.write(b"not a graph")
+    before = open(os.path.join(bundle, "encoder.onnx"), "rb").read()
+    r = subprocess.run([sys.executable, os.path.join(MODELS, "fuse_attention.py"), bundle],
+                       capture_output=True, text=True)
+    check(r.returncode == 2 and "decoder.onnx (decoder) is not an ONNX graph" in r.stderr
+          and "Traceback" not in r.stderr, f"an unreadable decoder: exit 2 naming it ({r.stderr.strip()[-160:]})")
+    check(open(os.path.join(bundle, "encoder.onnx"), "rb").read() == before, "… and the encoder is left as it was")
 
 
 def test_other_shape_is_left():
@@ -186,6 +199,7 @@ def test_replaced_by_rename(tmp):
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_command_line(tmp)
+        test_unreadable_graph(tmp)
         test_other_shape_is_left()
         test_scale_forms(tmp)
         test_exported_graphs()
