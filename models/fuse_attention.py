@@ -44,6 +44,10 @@ ROLES = ("encoder", "decoder")
 TOLERANCE = 1e-4
 
 
+class FuseError(Exception):
+    """A fused graph that does not match the plain one (nothing of it was written)."""
+
+
 class Graph:
     """Producer, consumer and constant lookups over one ONNX graph."""
 
@@ -291,8 +295,8 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
             err = compare(role, manifest, entry, path, fused_path, seed=0)
             log(f"{role}: |fused - plain| max {err['max_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})")
             if not err["max_abs"] <= TOLERANCE:
-                raise SystemExit(f"error: {path}: the fused graph differs from the plain one by "
-                                 f"{err['max_abs']:.3g} (more than {TOLERANCE}); this graph is left as it was")
+                raise FuseError(f"{path}: the fused graph differs from the plain one by "
+                                f"{err['max_abs']:.3g} (more than {TOLERANCE}); this graph is left as it was")
 
         save_model(model, path, verify=verify)
         log(f"{role}: {count} attention chains fused into MultiHeadAttention ({entry['file']})")
@@ -321,7 +325,7 @@ def main(argv=None) -> int:
         return 2
     try:
         counts = fuse_bundle(args.bundle, check=args.check)
-    except (OSError, KeyError, ValueError, onnx.checker.ValidationError) as e:
+    except (FuseError, OSError, KeyError, ValueError, onnx.checker.ValidationError) as e:
         # A graph file missing or unreadable, a manifest without a role: read before anything
         # is written, so nothing was replaced.
         print(f"error: {args.bundle}: {type(e).__name__}: {e}", file=sys.stderr)
