@@ -13,7 +13,9 @@ opens those files. A graph the conversion would leave unchanged is not written a
 gtr-run runs the fp32 graph for a role a variant does not list.
 
 fp16 / bf16 follow autocast: only MatMul, Gemm and Conv run in half precision, and for fp16 the
-fused attention of models/fuse_attention.py (MultiHeadAttention). Their float
+fused attention of models/fuse_attention.py (MultiHeadAttention) and the elementwise ops that
+autocast's type promotion keeps in fp16 after them (a Linear's bias Add, GELU's Div/Erf/Add/Mul by
+constants; FOLLOW_OPS below). Their float
 inputs are cast to half (weights are stored in half), their outputs are cast back to float32,
 so everything else (LayerNormalization, InstanceNormalization, ReduceMean/Pow/Sqrt norms,
 Softmax, Exp/Log, Sin/Cos, the elementwise ops, every graph input and output) stays float32.
@@ -58,6 +60,12 @@ HALF_OPS = {"MatMul", "Gemm", "Conv"}
 # Fused attention (models/fuse_attention.py) runs in half precision too, as autocast runs
 # scaled_dot_product_attention; ONNX Runtime's CUDA MultiHeadAttention takes fp16, not bf16.
 HALF_OPS_BY_PRECISION = {"fp16": HALF_OPS | {"MultiHeadAttention"}, "bf16": HALF_OPS}
+# Elementwise ops that stay in fp16 after a half op, as autocast's type promotion keeps them: when
+# every other input is a scalar constant (a Python number in PyTorch) or, for Add, the 1-D bias of
+# a half MatMul (nn.Linear's bias, which autocast casts with the weight). A float32 tensor input
+# (the residual stream, a position embedding) keeps the op in float32. fp16 only: ONNX Runtime's
+# CUDA provider has these kernels in fp16, not all of them in bf16.
+FOLLOW_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu"}
 HALF_TYPE = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
 
@@ -172,10 +180,32 @@ def to_half(model, precision, emulate=False):
             helper.make_node("Cast", [mid], [dst_name], to=TensorProto.FLOAT, name=unique("cast_" + dst_name, taken)),
         ]
 
+    half_matmuls = set()  # float32 outputs of MatMuls converted to half
+
+    def follows_in_half(node):
+        """Whether elementwise `node` stays in fp16 after a half op (see FOLLOW_OPS)."""
+        if precision != "fp16" or node.op_type not in FOLLOW_OPS:
+            return False
+        ins = [x for x in node.input if x]
+        if not any(x in produced_half for x in ins) or not all(y in floats for y in node.output):
+            return False
+        for x in ins:
+            if x in produced_half:
+                continue
+            init = inits.get(x)
+            if init is None or init.data_type != TensorProto.FLOAT:
+                return False
+            if int(np.prod(init.dims)) == 1:
+                continue
+            bias = node.op_type == "Add" and len(init.dims) == 1 and any(y in half_matmuls for y in ins)
+            if not bias:
+                return False
+        return True
+
     for node in g.node:
-        convertible = node.op_type in half_ops and not (
+        convertible = (node.op_type in half_ops and not (
             node.op_type == "Conv" and precision == "bf16" and version < 22
-        )
+        )) or follows_in_half(node)
         if not convertible:
             if node.op_type in half_ops:
                 stats["kept_float32"][node.op_type] = stats["kept_float32"].get(node.op_type, 0) + 1
@@ -233,6 +263,8 @@ def to_half(model, precision, emulate=False):
                 after.append(helper.make_node("Cast", [inner], [y], to=TensorProto.FLOAT, name=unique("cast_" + y, taken)))
                 stats["casts_inserted"] += 1
             produced_half[y] = inner
+            if node.op_type == "MatMul":
+                half_matmuls.add(y)
         converted = helper.make_node(node.op_type, inputs, outputs, name=node.name or None, domain=node.domain or None)
         converted.attribute.extend(node.attribute)
         new_nodes.append(converted)

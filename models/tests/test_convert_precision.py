@@ -5,7 +5,8 @@
 
 On temporary copies of models/fixtures/tiny:
 1. fp16 through the command line: four variants, inputs/outputs unchanged (names, float32),
-   half precision only in MatMul/Gemm/Conv, LayerNormalization/Softmax fed float32, errors
+   half precision only in MatMul/Gemm/Conv and the elementwise ops autocast keeps in fp16 after
+   them (a bias Add in fp16, the residual Add in float32), norms and Softmax fed float32, errors
    against fp32 small; the manifest keeps every byte before the appended `precisions` section;
    converting again replaces the entry instead of adding a second.
 2. int8: MatMulInteger nodes, the VAE (no weight MatMul) is not written nor listed.
@@ -68,13 +69,19 @@ def test_fp16(tmp):
         types = elem_types(var)
         for node in var.graph.node:
             half_in = [x for x in node.input if types.get(x) == TensorProto.FLOAT16]
-            if node.op_type in ("LayerNormalization", "Softmax", "InstanceNormalization", "Erf", "Sigmoid", "Tanh"):
+            if node.op_type in ("LayerNormalization", "Softmax", "InstanceNormalization", "ReduceMean", "Pow"):
                 if half_in:
                     raise SystemExit(f"FAIL: {role}: {node.op_type} reads fp16 {half_in}")
-            elif half_in and node.op_type not in ("MatMul", "Gemm", "Conv", "Cast"):
+            elif half_in and node.op_type not in {"MatMul", "Gemm", "Conv", "Cast"} | cp.FOLLOW_OPS:
                 raise SystemExit(f"FAIL: {role}: {node.op_type} computes in fp16")
         check(any(types.get(x) == TensorProto.FLOAT16 for n in var.graph.node if n.op_type in ("MatMul", "Conv") for x in n.input),
               f"{role}: MatMul/Conv run in fp16")
+        if role in ("encoder", "decoder"):
+            adds = [n for n in var.graph.node if n.op_type == "Add"]
+            inits = {i.name for i in var.graph.initializer}
+            check(any(all(types.get(x) == TensorProto.FLOAT16 for x in n.input) for n in adds)
+                  and any(all(types.get(x) == TensorProto.FLOAT and x not in inits for x in n.input) for n in adds),
+                  f"{role}: a Linear's bias Add runs in fp16, the residual Add in float32")
     import json
     report = json.load(open(os.path.join(tmp, "fp16.json")))
     for role, g in report["graphs"].items():
