@@ -122,6 +122,17 @@ def scaling(g: Graph, name: str):
     return None
 
 
+def unscaled(g: Graph, name: str):
+    """(x, c) when `name` is x scaled by a scalar constant c, (name, 1.0) when it is not scaled
+    at all, (None, None) when it is multiplied or divided by anything else."""
+    scaled = scaling(g, name)
+    if scaled is not None:
+        return scaled
+    if g.op(name, "Mul") is not None or g.op(name, "Div") is not None:
+        return None, None
+    return name, 1.0
+
+
 def selected(g: Graph, name: str):
     """(permute node, index) when `name` is q, k or v taken from the permuted projection
     ([B, L, 3, H, d] permuted to [3, B, H, L, d]): Gather on axis 0 with a scalar index, or a
@@ -146,24 +157,16 @@ def match(g: Graph, softmax):
     (dict, None) or (None, str)."""
     if attr(softmax, "axis", -1) not in (-1, 3):
         return None, "Softmax not over the last axis"
-    scale = 1.0
-    scores = softmax.input[0]
-    scaled = scaling(g, scores)  # scores · c
-    if scaled is not None:
-        scores, factor = scaled
-        scale *= factor
-    elif g.op(scores, "Mul") is not None or g.op(scores, "Div") is not None:
+    scores, score_scale = unscaled(g, softmax.input[0])  # scores · c
+    if scores is None:
         return None, "the scores are scaled by something other than a constant"
     qk = g.op(scores, "MatMul")
     if qk is None:
         return None, "no MatMul before Softmax"
-    q, kt = qk.input
-    scaled = scaling(g, q)  # q · c, as MAR's Attention does it
-    if scaled is not None:
-        q, factor = scaled
-        scale *= factor
-    elif g.op(q, "Mul") is not None or g.op(q, "Div") is not None:
+    q, q_scale = unscaled(g, qk.input[0])  # q · c, as MAR's Attention does it
+    if q is None:
         return None, "q is scaled by something other than a constant"
+    kt, scale = qk.input[1], score_scale * q_scale
     transpose_k = g.op(kt, "Transpose")
     if transpose_k is None or list(attr(transpose_k, "perm", [])) != [0, 1, 3, 2]:
         return None, "the MatMul's second input is not kᵀ"
