@@ -847,6 +847,16 @@ fn merge_refuses_parts_that_do_not_make_one_run() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Two images of MAR-8 with the chains in the sampler graph (a bundle to be
+/// put in front).
+const SAMPLER_GRAPH_RUN: [&str; 5] = [
+    "schedules/mar-8.gtr",
+    "--num-images",
+    "2",
+    "--sampler",
+    "graph",
+];
+
 /// `--sampler`: `graph` runs a bundle's chains in its sampler graph, `host`
 /// (and `auto`, the default, on the CPU provider) on the host; both record
 /// where; a bundle without one refuses `--sampler graph` and names the way
@@ -873,15 +883,7 @@ fn sampler_choice_is_honoured_and_recorded() {
 
     // A call per tick: the same arithmetic, so the same bytes.
     let ticked = tmp("sampler-ticked");
-    let args = [
-        "schedules/mar-8.gtr",
-        "--num-images",
-        "2",
-        "--sampler",
-        "graph",
-        "--sampler-ticks",
-        "1",
-    ];
+    let args = [&SAMPLER_GRAPH_RUN[..], &["--sampler-ticks", "1"]].concat();
     ok(&[&[sampler][..], &args, &["--out", ticked.to_str().unwrap()]].concat());
     assert_eq!(pngs(&ticked), pngs(&graph));
     let run = record(&ticked);
@@ -1216,4 +1218,111 @@ fn adaptive_runs_record_their_orders_resume_and_merge() {
         }
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--ort-profile DIR`: ONNX Runtime writes one profile per graph into DIR
+/// and run.json summarises each: every node on the CPU provider, each op's
+/// calls a whole number of the graph's calls, shares summing to 1; the Loop
+/// of the sampler graph is listed without a share, its body's kernels
+/// counted once per tick. The images are those of a run without profiling.
+#[test]
+fn ort_profile_summarises_each_graph_in_the_run_record() {
+    let sampler = "models/fixtures/tiny-sampler";
+    let args = SAMPLER_GRAPH_RUN;
+    let (plain, profiled, profiles) =
+        (tmp("profile-plain"), tmp("profile-run"), tmp("profile-dir"));
+    ok(&[&[sampler][..], &args, &["--out", plain.to_str().unwrap()]].concat());
+    let o = ok(&[
+        &[sampler][..],
+        &args,
+        &[
+            "--out",
+            profiled.to_str().unwrap(),
+            "--ort-profile",
+            profiles.to_str().unwrap(),
+        ],
+    ]
+    .concat());
+    assert_eq!(pngs(&profiled), pngs(&plain));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("kernel profile sampler: ") && stderr.contains("on CPUExecutionProvider"),
+        "{stderr}"
+    );
+    let run = record(&profiled);
+    let graphs = run["graphs"].as_array().unwrap();
+    let files: Vec<String> = std::fs::read_dir(&profiles)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for graph in graphs {
+        let name = graph["graph"].as_str().unwrap();
+        let kernels = &graph["kernels"];
+        let file = kernels["file"].as_str().unwrap();
+        assert!(Path::new(file).starts_with(&profiles), "{file}");
+        assert!(
+            files
+                .iter()
+                .any(|f| f.starts_with(&format!("{name}_")) && file.ends_with(f.as_str())),
+            "{name}: {file} not in {files:?}"
+        );
+        assert_eq!(kernels["truncated"], false);
+        let calls = graph["calls"].as_u64().unwrap();
+        let ops = kernels["ops"].as_array().unwrap();
+        if calls == 0 {
+            continue;
+        }
+        for p in kernels["providers"].as_array().unwrap() {
+            assert_eq!(p["provider"], "CPUExecutionProvider", "{name}: {p}");
+        }
+        let shares: f64 = ops.iter().filter_map(|o| o["share"].as_f64()).sum();
+        assert!(
+            (shares - 1.0).abs() < 1e-9,
+            "{name}: shares sum to {shares}"
+        );
+        if name == "sampler" {
+            let looped = ops.iter().find(|o| o["op"] == "Loop").expect("a Loop");
+            assert_eq!(looped["calls"].as_u64(), Some(calls));
+            assert!(looped["share"].is_null());
+            // The head's Gemms run once per tick: more calls than the graph's.
+            let gemm = ops.iter().find(|o| o["op"] == "Gemm").expect("a Gemm");
+            assert!(gemm["calls"].as_u64().unwrap() > gemm["nodes"].as_u64().unwrap() * calls);
+        } else {
+            // No control flow: each node runs once per call (the encoder
+            // once more, for the class probe at load).
+            let per_node = calls + u64::from(name == "encoder");
+            for op in ops {
+                let (n, c) = (op["nodes"].as_u64().unwrap(), op["calls"].as_u64().unwrap());
+                assert_eq!(c, n * per_node, "{name}: {op}");
+            }
+        }
+    }
+    assert_eq!(graph_calls(&run, "sampler"), Some(8));
+    for d in [plain, profiled, profiles] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// `--ort-profile` naming a file, not a folder, is refused before any work,
+/// naming the flag.
+#[test]
+fn ort_profile_into_a_file_is_refused() {
+    let dir = tmp("profile-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("taken");
+    std::fs::write(&file, "x").unwrap();
+    let out = dir.join("run");
+    fails(
+        &[
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--out",
+            out.to_str().unwrap(),
+            "--ort-profile",
+            file.to_str().unwrap(),
+        ],
+        &format!("--ort-profile {}: cannot create the folder", file.display()),
+    );
+    assert!(!out.exists());
+    std::fs::remove_dir_all(dir).unwrap();
 }

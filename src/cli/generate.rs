@@ -64,6 +64,12 @@ pub struct GenerateArgs {
     /// evaluators read.
     #[arg(long, value_name = "PATH", conflicts_with = "shard")]
     npz: Option<PathBuf>,
+    /// Have ONNX Runtime profile every kernel call into DIR (created if
+    /// missing; one `<graph>_<timestamp>.json` per graph) and summarise it
+    /// in run.json (`graphs[].kernels`: the execution provider of each node,
+    /// time by op type). Profiling slows the run; profile a few images.
+    #[arg(long, value_name = "DIR")]
+    ort_profile: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -100,12 +106,18 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     schedule
         .check_model_grid(bundle.grid(), &bundle.manifest.name)
         .map_err(|m| anyhow::anyhow!(m))?;
-    let options = args.runtime.load_options_for(
+    let mut options = args.runtime.load_options_for(
         &bundle,
         &[&schedule],
         args.seed,
         args.batch.min(args.num_images).max(1),
     )?;
+    if let Some(dir) = &args.ort_profile {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!("--ort-profile {}: cannot create the folder", dir.display())
+        })?;
+        options.profile_dir = Some(dir.clone());
+    }
     let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
@@ -173,6 +185,17 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let measured = record
         .measured
         .context("the run finished without measurements")?;
+    for graph in &measured.graphs {
+        if let Some(kernels) = &graph.kernels
+            && kernels.events > 0
+            && !kernels.ops.is_empty()
+        {
+            eprintln!(
+                "gtr-run: kernel profile {}",
+                gtr_run::backend::profile::describe(&graph.graph, kernels)
+            );
+        }
+    }
     let files = match (&request.shard, &request.npz) {
         (Some(_), _) => "run.json".to_string(),
         (None, Some(npz)) => format!("grid.png, run.json and {}", npz.display()),

@@ -97,6 +97,7 @@ impl RuntimeArgs {
             tensorrt_cache: self.trt_cache.clone(),
             shape_ranges: matches!(device, Device::TensorRt | Device::Auto)
                 .then(|| ShapeRanges::from_plans(plans, batch)),
+            profile_dir: None,
         })
     }
 }

@@ -350,8 +350,8 @@ impl RunRecord {
 
 impl Measurements {
     /// Adds another part's counters and seconds: images made, seconds,
-    /// each graph's calls and seconds (matched by name) and each step's
-    /// counters (matched by index).
+    /// each graph's calls and seconds (matched by name; kernel profiles are
+    /// dropped) and each step's counters (matched by index).
     fn add(&mut self, more: &Measurements) {
         self.generated_now += more.generated_now;
         self.seconds.add(&more.seconds);
@@ -360,6 +360,9 @@ impl Measurements {
                 graph.calls += same.calls;
                 graph.seconds += same.seconds;
             }
+            // A kernel profile is of one process's calls, not of the sum
+            // (each part's file stays where that part wrote it).
+            graph.kernels = None;
         }
         for (step, same) in self.steps.iter_mut().zip(&more.steps) {
             step.measured.add(&same.measured);

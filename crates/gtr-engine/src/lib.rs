@@ -37,8 +37,8 @@ use ndarray::{Array2, Array3, Array4};
 
 use chains::StepChains;
 pub use model::{
-    ChainInputs, Evaluator, GraphStats, ImageSettings, MarModel, ModelError, ModelInfo,
-    SamplingDefaults, Scores, gather_rows,
+    ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel, ModelError,
+    ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 use rayon::prelude::*;

@@ -149,6 +149,13 @@ pub trait MarModel {
     fn precision(&self) -> String {
         "fp32".into()
     }
+
+    /// Ends the runtime's profiling, where it was asked for, and puts each
+    /// graph's [`KernelProfile`] into its [`GraphStats`]. Calls made after
+    /// this are not profiled.
+    fn end_profiling(&mut self) -> Result<(), ModelError> {
+        Ok(())
+    }
 }
 
 /// Rows of `z` [B, L, D] at `predict` [B, N] → [B, N, D]. An index
@@ -196,6 +203,55 @@ pub struct GraphStats {
     pub load_seconds: f64,
     /// Seconds of the first call alone (included in `seconds`).
     pub first_call_seconds: f64,
+    /// The runtime's own per-kernel profile of this graph, where one was
+    /// asked for (`--ort-profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<KernelProfile>,
+}
+
+/// What the runtime's profiler saw of one graph's calls: which execution
+/// provider ran its nodes, and where the time went by op type.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KernelProfile {
+    /// The profiler's own file (every kernel call, as the runtime wrote it).
+    pub file: String,
+    /// Events the file holds.
+    pub events: u64,
+    /// True when the runtime stopped recording at its cap on events: the
+    /// counts and seconds below then cover only the start of the run.
+    pub truncated: bool,
+    /// Per execution provider, by seconds (most first). Control-flow
+    /// kernels are not counted here: their bodies' kernels are.
+    pub providers: Vec<ProviderKernels>,
+    /// Per op type and provider, by seconds (most first).
+    pub ops: Vec<OpKernels>,
+}
+
+/// The kernels one execution provider ran for a graph.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProviderKernels {
+    pub provider: String,
+    /// Distinct nodes (subgraph nodes included).
+    pub nodes: u64,
+    /// Kernel calls.
+    pub calls: u64,
+    pub seconds: f64,
+}
+
+/// The kernels of one op type on one execution provider.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OpKernels {
+    pub op: String,
+    pub provider: String,
+    /// Distinct nodes of this op type.
+    pub nodes: u64,
+    /// Kernel calls.
+    pub calls: u64,
+    pub seconds: f64,
+    /// Share of the graph's kernel seconds (0 to 1); `None` for
+    /// control-flow ops (Loop, If, Scan), whose seconds include their
+    /// bodies' kernels, counted under their own ops.
+    pub share: Option<f64>,
 }
 
 /// What an evaluator returns for a batch of images.

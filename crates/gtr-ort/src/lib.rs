@@ -28,6 +28,7 @@ pub mod library;
 mod model;
 pub mod precision;
 pub mod precision_choice;
+pub mod profile;
 pub mod tensorrt;
 
 pub use device::Device;

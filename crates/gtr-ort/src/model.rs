@@ -96,6 +96,10 @@ pub struct LoadOptions {
     /// The shapes the run will use, for TensorRT's optimisation profiles
     /// (`None`: no profiles).
     pub shape_ranges: Option<ShapeRanges>,
+    /// Where ONNX Runtime writes each graph's per-kernel profile
+    /// (`<graph>_<timestamp>.json`; `None`: no profiling). The folder must
+    /// exist. [`MarModel::end_profiling`] reads the files back.
+    pub profile_dir: Option<std::path::PathBuf>,
 }
 
 impl LoadOptions {
@@ -107,17 +111,21 @@ impl LoadOptions {
             precision: PrecisionChoice::fp32(bundle),
             tensorrt_cache: None,
             shape_ranges: None,
+            profile_dir: None,
         }
     }
 }
 
-/// Provider switches for one session (read only by the GPU providers).
+/// What one session is opened with besides its device and threads: the
+/// GPU providers' switches and where ONNX Runtime writes its profile.
 #[derive(Debug, Clone, Default)]
-struct ProviderSettings {
+struct SessionSettings {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     cuda_tf32: bool,
     #[cfg_attr(not(feature = "tensorrt"), allow(dead_code))]
     tensorrt: Option<TensorRtOptions>,
+    /// Profile file prefix (ONNX Runtime appends a timestamp and `.json`).
+    profile_prefix: Option<std::path::PathBuf>,
 }
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -146,6 +154,8 @@ struct Graph {
     inputs: BTreeMap<String, String>,
     outputs: BTreeMap<String, String>,
     stats: GraphStats,
+    /// ONNX Runtime is profiling this session.
+    profiling: bool,
 }
 
 impl Graph {
@@ -158,7 +168,7 @@ impl Graph {
         outputs: &BTreeMap<String, String>,
         device: Device,
         threads: Option<usize>,
-        settings: &ProviderSettings,
+        settings: &SessionSettings,
     ) -> Result<(Graph, String), OrtError> {
         let env = environment()?;
         let started = Instant::now();
@@ -180,6 +190,11 @@ impl Graph {
                 .with_intra_threads(n)
                 .map_err(|e| session_err(e.to_string()))?;
         }
+        if let Some(prefix) = &settings.profile_prefix {
+            builder = builder
+                .with_profiling(prefix)
+                .map_err(|e| session_err(format!("profiling into {}: {e}", prefix.display())))?;
+        }
         let (mut builder, provider) = register_device(builder, device, settings)?;
         let session = builder
             .commit_from_file(path)
@@ -194,8 +209,25 @@ impl Graph {
                 load_seconds: started.elapsed().as_secs_f64(),
                 ..GraphStats::default()
             },
+            profiling: settings.profile_prefix.is_some(),
         };
         Ok((graph, provider))
+    }
+
+    /// Ends ONNX Runtime's profiling of this session, if it was on, and
+    /// records the profile's summary in the graph's stats.
+    fn end_profiling(&mut self) -> Result<(), ModelError> {
+        if !std::mem::take(&mut self.profiling) {
+            return Ok(());
+        }
+        let graph = self.name;
+        let err = |message: String| ModelError::Graph { graph, message };
+        let file = self
+            .session
+            .end_profiling()
+            .map_err(|e| err(format!("ending the profile: {e}")))?;
+        self.stats.kernels = Some(crate::profile::read(std::path::Path::new(&file)).map_err(err)?);
+        Ok(())
     }
 
     /// Runs the graph on (role, tensor) inputs and returns the output `role`.
@@ -224,6 +256,7 @@ impl Graph {
             inputs: input_names,
             outputs: output_names,
             stats,
+            ..
         } = self;
         let graph = *graph;
         let err = |message: String| ModelError::Graph { graph, message };
@@ -510,9 +543,10 @@ impl OrtModel {
         // Opens `role`'s graph (the precision's file) and checks its contract.
         let open = |role: Role, entry: &crate::bundle::GraphEntry| {
             let file = choice.graph_files.get(role.key()).unwrap_or(&entry.file);
-            let settings = ProviderSettings {
+            let settings = SessionSettings {
                 cuda_tf32: choice.cuda_tf32,
                 tensorrt: tensorrt.get(role.key()).cloned(),
+                profile_prefix: options.profile_dir.as_ref().map(|d| d.join(role.key())),
             };
             let (graph, ran) = Graph::open(
                 role.key(),
@@ -806,7 +840,7 @@ fn strict(
 fn register_device(
     builder: ort::session::builder::SessionBuilder,
     device: Device,
-    settings: &ProviderSettings,
+    settings: &SessionSettings,
 ) -> Result<(ort::session::builder::SessionBuilder, String), OrtError> {
     let _ = settings;
     let unavailable = |name: &str, feature: &str| OrtError::Device {
@@ -891,7 +925,7 @@ fn register_device(
 
 /// TensorRT with the graph's options (ORT's defaults without them).
 #[cfg(feature = "tensorrt")]
-fn tensorrt_provider(settings: &ProviderSettings) -> ort::ep::TensorRT {
+fn tensorrt_provider(settings: &SessionSettings) -> ort::ep::TensorRT {
     settings
         .tensorrt
         .as_ref()
@@ -1037,6 +1071,19 @@ impl MarModel for OrtModel {
             .collect()
     }
 
+    fn end_profiling(&mut self) -> Result<(), ModelError> {
+        [
+            &mut self.encoder,
+            &mut self.decoder,
+            &mut self.diffusion,
+            &mut self.vae,
+        ]
+        .into_iter()
+        .chain(self.sampler.as_mut())
+        .chain(self.backbone.as_mut())
+        .try_for_each(Graph::end_profiling)
+    }
+
     fn execution_provider(&self) -> String {
         self.provider.clone()
     }
@@ -1071,7 +1118,7 @@ impl OrtEvaluator {
             &entry.outputs,
             device,
             threads,
-            &ProviderSettings::default(),
+            &SessionSettings::default(),
         )?;
         check_contract(&graph, evaluator_expectations(&info))?;
         Ok(Some(OrtEvaluator {
