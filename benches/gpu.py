@@ -23,6 +23,9 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
    plans (`gtr-run plan --json`), the same balanced class labels, the same batch; a truncated
    untimed warm-up, then torch.cuda.synchronize() around each timed batch, pixels copied to the
    host inside the timing. Schedules with FTS (GtR) have no MAR counterpart: "n/a".
+3b. With --profile, after the measurements: one generation of --profile-schedule per variant
+   under ONNX Runtime's profiler (`gtr-run --ort-profile`), summarised under the table: which
+   execution provider ran each graph's nodes (any node off CUDA is a note) and its top ops.
 4. One Markdown table (printed last, and written to OUT/gpu-bench.md) plus every raw number in
    OUT/gpu-bench.json (rewritten after every measurement, so a run cut short still leaves data).
 
@@ -137,6 +140,7 @@ class Bench:
         self.plans = {}
         self.schedules = [self.schedule_path(s) for s in a.schedules]
         self.variants = self.parse_variants()
+        self.profile_schedule = self.schedule_path(a.profile_schedule) if a.profile else None
         self.fused_bundles: dict[str, str] = {}     # bundle -> its fused-attention copy
         self.torch_model = None
         self.torch_failed = None
@@ -491,6 +495,48 @@ class Bench:
                 f"{s['outside_runtime_share']:.1%} ({rec['execution_provider']}"
                 + (f", chains: {rec['diffusion_chains']}" if rec["diffusion_chains"] else "") + ")")
 
+    def gtr_profile(self, variant, B: int) -> None:
+        """One generation of --profile-schedule at batch B under ONNX Runtime's profiler
+        (`gtr-run --ort-profile`): which provider ran each graph's nodes, and the ops with the
+        most kernel time (on CUDA these are launch times, not device times). Profiles and images
+        go to --work; the summary to gpu-bench.json and the table's notes."""
+        name, binary, _, extra, _ = variant
+        bundle = self.bundle_of(variant)
+        if bundle is None:
+            raise BenchError(f"variant {name}: its fused-attention bundle was not made (see the bundle variants phase)")
+        work = os.path.join(os.path.abspath(self.a.work), "profile", name)
+        shutil.rmtree(work, ignore_errors=True)
+        rundir = os.path.join(work, "run")
+        sched = self.profile_schedule
+        cmd = [binary, bundle, sched, "--device", self.a.device, "--batch", B, "--num-images", B,
+               "--seed", self.a.seed, "--out", rundir, "--ort-profile", os.path.join(work, "ort")]
+        if self.a.threads:
+            cmd += ["--threads", self.a.threads]
+        cmd += self.a.gtr_arg + extra
+        self.run_logged(cmd, f"profile-{name}.log", timeout=max(self.remaining(), 5.0),
+                        show=lambda line: "kernel profile" in line)
+        with open(os.path.join(rundir, "run.json")) as f:
+            run = json.load(f)
+        graphs = {}
+        for g in run["graphs"]:
+            k = g.get("kernels")
+            if not k or not g["calls"]:
+                continue
+            graphs[g["graph"]] = {
+                "calls": g["calls"], "truncated": k["truncated"], "file": k["file"],
+                "providers": {p["provider"]: {"nodes": p["nodes"], "seconds": round(p["seconds"], 4)}
+                              for p in k["providers"]},
+                "top_ops": [[o["op"], o["provider"], round(o["share"], 3)] for o in k["ops"] if o["share"]][:5],
+            }
+        self.res.setdefault("profiles", {})[name] = {
+            "schedule": self.schedule_name(sched), "batch": B, "command": [str(c) for c in cmd],
+            "execution_provider": run.get("execution_provider"), "graphs": graphs}
+        off = {g: v["providers"] for g, v in graphs.items()
+               if any(p != "CUDAExecutionProvider" for p in v["providers"])}
+        if self.a.device == "cuda" and off:
+            self.res["notes"].append(f"profile {name}: nodes off CUDA: " + "; ".join(
+                f"{g}: " + ", ".join(f"{d['nodes']} on {p}" for p, d in ps.items()) for g, ps in off.items()))
+
     # -- phase: PyTorch --------------------------------------------------------------------------
 
     def load_torch(self):
@@ -725,6 +771,9 @@ class Bench:
                             continue
                         self.measure(f"PyTorch {prec} batch {B} {sched}", self.torch_measure, sched, B, prec,
                                      predict=lambda p=prec, s=sched, B=B: self.predicted_seconds("torch", (p, s), B))
+            if a.profile and not a.skip_gtr_run:
+                for v in self.variants:
+                    self.measure(f"gtr-run {v[0]} kernel profile", self.gtr_profile, v, a.batches[0])
             fts = [s for s in self.plans if self.res["plans"][s]["fts"]]
             if fts and precisions:
                 self.res["notes"].append(f"no PyTorch column for {', '.join(fts)}: GtR's FTS is not part of "
@@ -802,6 +851,14 @@ class Bench:
                 lines.append(f"- {n}")
             for e in r["errors"]:
                 lines.append(f"- error in {e['where']}: {e['error'].splitlines()[0][:300]}")
+        for name, prof in r.get("profiles", {}).items():
+            lines.append("")
+            lines.append(f"Kernel profile of {name} (`gtr-run --ort-profile`, {prof['schedule']}, batch "
+                         f"{prof['batch']}; op shares are of kernel time as ONNX Runtime's profiler sees it):")
+            for g, d in prof["graphs"].items():
+                where = ", ".join(f"{v['nodes']} nodes on {p}" for p, v in d["providers"].items())
+                ops = ", ".join(f"{op} {share:.0%}" for op, _, share in d["top_ops"])
+                lines.append(f"- {g} ({d['calls']} calls): {where}; {ops}" + (" (profile truncated)" if d["truncated"] else ""))
         phases = "; ".join(f"{p['phase']} {p.get('seconds', '?')} s" + ("" if p.get("ok") else " (failed)")
                            for p in r["phases"])
         lines += ["", f"Phases: {phases}. Total {r.get('total_seconds', '?')} s."]
@@ -843,6 +900,11 @@ def main(argv=None) -> int:
                     help="MAR steps of the untimed PyTorch warm-up batch, half from the start of the schedule "
                          "and half from its end, plus VAE decodes (0: the whole schedule, as gtr-run eval warms "
                          "up; default 4)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the measurements, one generation per variant under ONNX Runtime's profiler "
+                         "(gtr-run --ort-profile): which provider ran each graph's nodes, and the top ops")
+    ap.add_argument("--profile-schedule", default="gtr-3.7x",
+                    help="the schedule of the --profile runs, one batch of the first batch size (default: %(default)s)")
     ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
     ap.add_argument("--deadline", type=float, default=450.0,
                     help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")
