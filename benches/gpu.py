@@ -527,15 +527,17 @@ class Bench:
                 "providers": {p["provider"]: {"nodes": p["nodes"], "seconds": round(p["seconds"], 4)}
                               for p in k["providers"]},
                 "top_ops": [[o["op"], o["provider"], round(o["share"], 3)] for o in k["ops"] if o["share"]][:5],
+                "ops_off_gpu": [[o["op"], o["provider"], o["nodes"]] for o in k["ops"]
+                                if o["provider"] != "CUDAExecutionProvider"] if self.a.device == "cuda" else [],
             }
         self.res.setdefault("profiles", {})[name] = {
             "schedule": self.schedule_name(sched), "batch": B, "command": [str(c) for c in cmd],
             "execution_provider": run.get("execution_provider"), "graphs": graphs}
-        off = {g: v["providers"] for g, v in graphs.items()
-               if any(p != "CUDAExecutionProvider" for p in v["providers"])}
-        if self.a.device == "cuda" and off:
+        off = [g for g, v in graphs.items() if v["ops_off_gpu"]]
+        if off:
             self.res["notes"].append(f"profile {name}: nodes off CUDA: " + "; ".join(
-                f"{g}: " + ", ".join(f"{d['nodes']} on {p}" for p, d in ps.items()) for g, ps in off.items()))
+                f"{g}: " + ", ".join(f"{op} ×{n} on {p}" for op, p, n in graphs[g]["ops_off_gpu"])
+                for g in off))
 
     # -- phase: PyTorch --------------------------------------------------------------------------
 
