@@ -1280,13 +1280,29 @@ fn ort_profile_summarises_each_graph_in_the_run_record() {
             (shares - 1.0).abs() < 1e-9,
             "{name}: shares sum to {shares}"
         );
+        // The providers' seconds are their kernels' (a Loop's time, which
+        // holds its body's, is not counted again).
+        let seconds = |v: &serde_json::Value| v["seconds"].as_f64().unwrap();
+        let by_providers: f64 = kernels["providers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(seconds)
+            .sum();
+        let by_kernels: f64 = ops.iter().filter(|o| o["op"] != "Loop").map(seconds).sum();
+        assert!(
+            (by_providers - by_kernels).abs() < 1e-9,
+            "{name}: {by_providers} against {by_kernels}"
+        );
         if name == "sampler" {
             let looped = ops.iter().find(|o| o["op"] == "Loop").expect("a Loop");
             assert_eq!(looped["calls"].as_u64(), Some(calls));
             assert!(looped["share"].is_null());
-            // The head's Gemms run once per tick: more calls than the graph's.
+            // The head's Gemms run once per tick, inside the Loop: more calls
+            // than the graph's, within the Loop's time.
             let gemm = ops.iter().find(|o| o["op"] == "Gemm").expect("a Gemm");
             assert!(gemm["calls"].as_u64().unwrap() > gemm["nodes"].as_u64().unwrap() * calls);
+            assert!(seconds(looped) >= seconds(gemm), "{looped} {gemm}");
         } else {
             // No control flow: each node runs once per call (the encoder
             // once more, for the class probe at load).
@@ -1303,26 +1319,32 @@ fn ort_profile_summarises_each_graph_in_the_run_record() {
     }
 }
 
-/// `--ort-profile` naming a file, not a folder, is refused before any work,
-/// naming the flag.
+/// `--ort-profile` naming a file, not a folder, or a folder nothing can be
+/// written in, is refused before any work, naming the flag.
 #[test]
-fn ort_profile_into_a_file_is_refused() {
+fn ort_profile_into_a_file_or_an_unwritable_folder_is_refused() {
     let dir = tmp("profile-file");
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("taken");
     std::fs::write(&file, "x").unwrap();
     let out = dir.join("run");
-    fails(
-        &[
+    let mut cases = vec![(
+        file.to_str().unwrap().to_string(),
+        format!("--ort-profile {}: cannot create the folder", file.display()),
+    )];
+    if cfg!(target_os = "linux") {
+        let proc = "--ort-profile /proc/self: cannot write in the folder";
+        cases.push(("/proc/self".into(), proc.into()));
+    }
+    for (profile, want) in cases {
+        let run = [
             TINY,
             "schedules/gtr-fast.gtr",
             "--out",
             out.to_str().unwrap(),
-            "--ort-profile",
-            file.to_str().unwrap(),
-        ],
-        &format!("--ort-profile {}: cannot create the folder", file.display()),
-    );
-    assert!(!out.exists());
+        ];
+        fails(&[&run[..], &["--ort-profile", &profile]].concat(), &want);
+        assert!(!out.exists(), "{profile}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

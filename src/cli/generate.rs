@@ -113,10 +113,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         args.batch.min(args.num_images).max(1),
     )?;
     if let Some(dir) = &args.ort_profile {
-        std::fs::create_dir_all(dir).with_context(|| {
-            format!("--ort-profile {}: cannot create the folder", dir.display())
-        })?;
-        options.profile_dir = Some(dir.clone());
+        options.profile_dir = Some(profile_dir(dir)?);
     }
     let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
@@ -186,14 +183,17 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .measured
         .context("the run finished without measurements")?;
     for graph in &measured.graphs {
-        if let Some(kernels) = &graph.kernels
-            && kernels.events > 0
-            && !kernels.ops.is_empty()
-        {
-            eprintln!(
+        match &graph.kernels {
+            Some(kernels) if kernels.problem.is_some() => eprintln!(
+                "gtr-run: warning: no kernel profile of {}: {}",
+                graph.graph,
+                kernels.problem.as_deref().unwrap_or_default()
+            ),
+            Some(kernels) if graph.calls > 0 => eprintln!(
                 "gtr-run: kernel profile {}",
                 gtr_run::backend::profile::describe(&graph.graph, kernels)
-            );
+            ),
+            _ => {}
         }
     }
     let files = match (&request.shard, &request.npz) {
@@ -209,6 +209,21 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         measured.execution_provider.as_deref().unwrap_or("?"),
         measured.seconds.wall
     ))
+}
+
+/// The `--ort-profile` folder, created if missing, as an absolute path (so
+/// that run.json's file names hold from anywhere); refused unless a file can
+/// be written in it, since ONNX Runtime would fail to write there silently.
+fn profile_dir(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let refuse = |what: &str, e: std::io::Error| {
+        anyhow::anyhow!("--ort-profile {}: {what}: {e}", dir.display())
+    };
+    std::fs::create_dir_all(dir).map_err(|e| refuse("cannot create the folder", e))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| refuse("cannot resolve the folder", e))?;
+    tempfile::NamedTempFile::new_in(&dir).map_err(|e| refuse("cannot write in the folder", e))?;
+    Ok(dir)
 }
 
 pub fn run_merge(args: MergeArgs) -> anyhow::Result<()> {

@@ -46,7 +46,7 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
         } else if let Some(e) = cause.downcast_ref::<RunError>() {
             match e {
                 RunError::Invalid(_) | RunError::Schedule(_) | RunError::Replay(_) => Some(Input),
-                RunError::Write { .. } | RunError::Profile(_) => Some(Runtime),
+                RunError::Write { .. } => Some(Runtime),
                 RunError::Engine(_) => None,
             }
         } else if let Some(e) = cause.downcast_ref::<EngineError>() {

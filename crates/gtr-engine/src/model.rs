@@ -151,11 +151,10 @@ pub trait MarModel {
     }
 
     /// Ends the runtime's profiling, where it was asked for, and puts each
-    /// graph's [`KernelProfile`] into its [`GraphStats`]. Calls made after
-    /// this are not profiled.
-    fn end_profiling(&mut self) -> Result<(), ModelError> {
-        Ok(())
-    }
+    /// graph's [`KernelProfile`] into its [`GraphStats`] (a profile that
+    /// cannot be read says why in [`KernelProfile::problem`]). Calls made
+    /// after this are not profiled.
+    fn end_profiling(&mut self) {}
 }
 
 /// Rows of `z` [B, L, D] at `predict` [B, N] → [B, N, D]. An index
@@ -215,6 +214,10 @@ pub struct GraphStats {
 pub struct KernelProfile {
     /// The profiler's own file (every kernel call, as the runtime wrote it).
     pub file: String,
+    /// Why the profile could not be ended or read, if so: the counts below
+    /// are then empty (the run itself is not failed for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     /// Events the file holds.
     pub events: u64,
     /// True when the runtime stopped recording at its cap on events: the

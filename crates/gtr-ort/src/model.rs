@@ -22,7 +22,8 @@ use crate::precision::Precision;
 use crate::precision_choice::{self, PrecisionChoice};
 use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
 use gtr_engine::{
-    ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores, gather_rows,
+    ChainInputs, Evaluator, GraphStats, KernelProfile, MarModel, ModelError, ModelInfo, Scores,
+    gather_rows,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +98,10 @@ pub struct LoadOptions {
     /// (`None`: no profiles).
     pub shape_ranges: Option<ShapeRanges>,
     /// Where ONNX Runtime writes each graph's per-kernel profile
-    /// (`<graph>_<timestamp>.json`; `None`: no profiling). The folder must
-    /// exist. [`MarModel::end_profiling`] reads the files back.
+    /// (`<graph>_<timestamp>.json`, opened with the session; `None`: no
+    /// profiling). The folder must exist and be writable: ONNX Runtime does
+    /// not say when it cannot open the file, which then shows only as a
+    /// [`KernelProfile::problem`] from [`MarModel::end_profiling`].
     pub profile_dir: Option<std::path::PathBuf>,
 }
 
@@ -215,19 +218,27 @@ impl Graph {
     }
 
     /// Ends ONNX Runtime's profiling of this session, if it was on, and
-    /// records the profile's summary in the graph's stats.
-    fn end_profiling(&mut self) -> Result<(), ModelError> {
+    /// records the profile's summary (or why there is none) in the graph's
+    /// stats.
+    fn end_profiling(&mut self) {
         if !std::mem::take(&mut self.profiling) {
-            return Ok(());
+            return;
         }
-        let graph = self.name;
-        let err = |message: String| ModelError::Graph { graph, message };
-        let file = self
-            .session
-            .end_profiling()
-            .map_err(|e| err(format!("ending the profile: {e}")))?;
-        self.stats.kernels = Some(crate::profile::read(std::path::Path::new(&file)).map_err(err)?);
-        Ok(())
+        self.stats.kernels = Some(match self.session.end_profiling() {
+            Ok(file) => {
+                crate::profile::read(std::path::Path::new(&file)).unwrap_or_else(|problem| {
+                    KernelProfile {
+                        file,
+                        problem: Some(problem),
+                        ..KernelProfile::default()
+                    }
+                })
+            }
+            Err(e) => KernelProfile {
+                problem: Some(format!("ONNX Runtime could not end the profile: {e}")),
+                ..KernelProfile::default()
+            },
+        });
     }
 
     /// Runs the graph on (role, tensor) inputs and returns the output `role`.
@@ -1071,7 +1082,7 @@ impl MarModel for OrtModel {
             .collect()
     }
 
-    fn end_profiling(&mut self) -> Result<(), ModelError> {
+    fn end_profiling(&mut self) {
         [
             &mut self.encoder,
             &mut self.decoder,
@@ -1081,7 +1092,7 @@ impl MarModel for OrtModel {
         .into_iter()
         .chain(self.sampler.as_mut())
         .chain(self.backbone.as_mut())
-        .try_for_each(Graph::end_profiling)
+        .for_each(Graph::end_profiling)
     }
 
     fn execution_provider(&self) -> String {

@@ -48,43 +48,76 @@ struct Tally {
     seconds: f64,
 }
 
-/// Reads the profile at `path`; an unreadable or malformed file is an error
-/// naming it.
-pub fn read(path: &Path) -> Result<KernelProfile, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("reading the profile {}: {e}", path.display()))?;
-    summarize(&text, &path.display().to_string())
-        .map_err(|e| format!("the profile {}: {e}", path.display()))
+/// The kernel events of a profile, tallied by (op, provider) as they are
+/// read, and the number of events.
+#[derive(Default)]
+struct Tallies {
+    events: u64,
+    by_op: BTreeMap<(String, String), Tally>,
 }
 
-/// Summarises a profile's JSON `text`; `file` is recorded as its name.
-pub fn summarize(text: &str, file: &str) -> Result<KernelProfile, String> {
-    let events: Vec<Event> = serde_json::from_str(text)
-        .map_err(|e| format!("not an ONNX Runtime profile (a JSON array of events): {e}"))?;
-    let mut tallies: BTreeMap<(String, String), Tally> = BTreeMap::new();
-    for event in &events {
+impl Tallies {
+    fn add(&mut self, event: Event) {
+        self.events += 1;
         let Some(node) = event.name.strip_suffix("_kernel_time") else {
-            continue;
+            return;
         };
         if event.cat != "Node" {
-            continue;
+            return;
         }
-        let op = event.args.op_name.clone().unwrap_or_else(|| "?".into());
-        let provider = event.args.provider.clone().unwrap_or_else(|| "?".into());
-        let tally = tallies.entry((op, provider)).or_default();
+        let op = event.args.op_name.unwrap_or_else(|| "?".into());
+        let provider = event.args.provider.unwrap_or_else(|| "?".into());
+        let tally = self.by_op.entry((op, provider)).or_default();
         tally.nodes.insert(node.to_string());
         tally.calls += 1;
         tally.seconds += event.dur * 1e-6;
     }
+}
+
+/// Reads a JSON array of events one event at a time, so that a profile of
+/// a million events (about a gigabyte) is never held whole.
+impl<'de> serde::de::Visitor<'de> for Tallies {
+    type Value = Tallies;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of trace events")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<Tallies, A::Error> {
+        while let Some(event) = seq.next_element::<Event>()? {
+            self.add(event);
+        }
+        Ok(self)
+    }
+}
+
+/// Reads the profile at `path`, streaming; an unreadable or malformed file
+/// is an error naming it.
+pub fn read(path: &Path) -> Result<KernelProfile, String> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| format!("reading the profile {}: {e}", path.display()))?;
+    summarize(std::io::BufReader::new(file), &path.display().to_string())
+        .map_err(|e| format!("the profile {}: {e}", path.display()))
+}
+
+/// Summarises a profile read from `reader`; `file` is recorded as its name.
+pub fn summarize(reader: impl std::io::Read, file: &str) -> Result<KernelProfile, String> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let tallies = de
+        .deserialize_seq(Tallies::default())
+        .and_then(|t| de.end().map(|()| t))
+        .map_err(|e| format!("not an ONNX Runtime profile (a JSON array of events): {e}"))?;
     let is_control_flow = |op: &str| CONTROL_FLOW.contains(&op);
     let kernel_seconds: f64 = tallies
+        .by_op
         .iter()
         .filter(|((op, _), _)| !is_control_flow(op))
         .map(|(_, t)| t.seconds)
         .sum();
     let mut providers: BTreeMap<&str, ProviderKernels> = BTreeMap::new();
-    let mut ops = Vec::with_capacity(tallies.len());
-    for ((op, provider), tally) in &tallies {
+    let mut ops = Vec::with_capacity(tallies.by_op.len());
+    for ((op, provider), tally) in &tallies.by_op {
         let control_flow = is_control_flow(op);
         if !control_flow {
             let p = providers
@@ -111,8 +144,9 @@ pub fn summarize(text: &str, file: &str) -> Result<KernelProfile, String> {
     ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
     Ok(KernelProfile {
         file: file.to_string(),
-        events: events.len() as u64,
-        truncated: events.len() as u64 >= EVENT_CAP,
+        problem: None,
+        events: tallies.events,
+        truncated: tallies.events >= EVENT_CAP,
         providers,
         ops,
     })
@@ -168,7 +202,7 @@ mod tests {
 
     #[test]
     fn counts_nodes_calls_and_seconds_per_provider_and_op() {
-        let p = summarize(PROFILE, "x.json").unwrap();
+        let p = summarize(PROFILE.as_bytes(), "x.json").unwrap();
         assert_eq!(p.file, "x.json");
         assert_eq!(p.events, 9);
         assert!(!p.truncated);
@@ -209,7 +243,7 @@ mod tests {
     fn a_file_at_the_event_cap_is_marked_truncated() {
         let event = r#"{"cat":"Node","name":"n_kernel_time","dur":1,"args":{"op_name":"Neg","provider":"CPUExecutionProvider"}}"#;
         let text = format!("[{}]", vec![event; EVENT_CAP as usize].join(","));
-        let p = summarize(&text, "cap.json").unwrap();
+        let p = summarize(text.as_bytes(), "cap.json").unwrap();
         assert!(p.truncated);
         assert!(describe("g", &p).contains("event cap"));
     }
@@ -218,12 +252,19 @@ mod tests {
     fn a_file_that_is_not_a_profile_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.json");
-        std::fs::write(&path, "{\"not\": \"a list\"}").unwrap();
-        let e = read(&path).unwrap_err();
-        assert!(
-            e.contains("p.json") && e.contains("not an ONNX Runtime profile"),
-            "{e}"
-        );
+        // Not a list; a list with something after it; an event of the wrong shape.
+        for text in [
+            r#"{"not": "a list"}"#,
+            r#"[{"cat": "Node"}] x"#,
+            r#"[{"dur": "x"}]"#,
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = read(&path).unwrap_err();
+            assert!(
+                e.contains("p.json") && e.contains("not an ONNX Runtime profile"),
+                "{text}: {e}"
+            );
+        }
         let e = read(&dir.path().join("missing.json")).unwrap_err();
         assert!(e.contains("missing.json"), "{e}");
     }
