@@ -15,7 +15,8 @@ gtr-run runs the fp32 graph for a role a variant does not list.
 fp16 / bf16 follow autocast: only MatMul, Gemm and Conv run in half precision, and for fp16 the
 fused attention of models/fuse_attention.py (MultiHeadAttention) and the elementwise ops that
 autocast's type promotion keeps in fp16 after them (a Linear's bias Add, GELU's Div/Erf/Add/Mul by
-constants; FOLLOW_OPS below). Their float
+0-d constants; FOLLOW_OPS below), and the ops that only move half values (Reshape, Transpose,
+Split, Concat, ...; MOVE_OPS below). Their float
 inputs are cast to half (weights are stored in half), their outputs are cast back to float32,
 so everything else (LayerNormalization, InstanceNormalization, ReduceMean/Pow/Sqrt norms,
 Softmax, Exp/Log, Sin/Cos, the elementwise ops, every graph input and output) stays float32.
@@ -30,7 +31,8 @@ MatMul (+ Add of the bias) so that their weights are quantized too; MatMuls of t
 
 --check (on by default) runs every written graph and its fp32 original in onnxruntime (CPU)
 on the same random inputs, made from the manifest's shapes, and prints the max and mean
-absolute difference of each output. ONNX Runtime's CPU provider has no bfloat16 MatMul/Gemm
+absolute difference of each output; a graph off by more than --tolerance (default 0.1) times
+the largest fp32 output, or not finite, is refused before it replaces anything. ONNX Runtime's CPU provider has no bfloat16 MatMul/Gemm
 kernels, so for bf16 the check runs an emulation instead: the same graph with every bf16 cast
 replaced by a round trip float32 -> bfloat16 -> float32 and the op itself in float32 (what a
 GPU's bf16 tensor cores do: bf16 operands, fp32 accumulation). --emulate writes that emulation
@@ -66,8 +68,21 @@ HALF_OPS_BY_PRECISION = {"fp16": HALF_OPS | {"MultiHeadAttention"}, "bf16": HALF
 # (the residual stream, a position embedding) keeps the op in float32. fp16 only: ONNX Runtime's
 # CUDA provider has these kernels in fp16, not all of them in bf16.
 FOLLOW_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu"}
+# Ops that only move or select values, by the indices of their data inputs (the rest are shapes,
+# axes or indices): fed half values they run in half too, as autocast leaves them, instead of a
+# Cast to float32 and back around them (between a half projection and the attention reading its
+# split q, k and v, for one). They change no value themselves (a half value is exact in float32);
+# the elementwise ops after them then follow in half by the FOLLOW_OPS rule, as in autocast (the
+# attention's scaling of q, for one). fp16 only.
+MOVE_OPS = {"Reshape": (0,), "Transpose": (0,), "Split": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
+            "Flatten": (0,), "Identity": (0,), "Slice": (0,), "Gather": (0,), "Expand": (0,),
+            "Concat": None}  # None: every input is data
 HALF_TYPE = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
+# The check refuses a variant whose largest error exceeds this share of the largest float32
+# output on the check's inputs (measured errors: under 1% in fp16/bf16/int8 on mar-tiny and
+# MAR-B; a broken conversion is off by tens of percent or more).
+DEFAULT_TOLERANCE = 0.1
 
 
 class ConversionError(Exception):
@@ -182,6 +197,18 @@ def to_half(model, precision, emulate=False):
 
     half_matmuls = set()  # float32 outputs of MatMuls converted to half
 
+    def data_inputs(node):
+        """The inputs of `node` that carry values (for a MOVE_OPS op, its data inputs)."""
+        keep = MOVE_OPS.get(node.op_type) if node.op_type in MOVE_OPS else None
+        return [x for k, x in enumerate(node.input) if x and (keep is None or k in keep)]
+
+    def moves_in_half(node):
+        """Whether data-movement `node` is fed only half values (see MOVE_OPS)."""
+        if precision != "fp16" or node.op_type not in MOVE_OPS:
+            return False
+        ins = data_inputs(node)
+        return bool(ins) and all(x in produced_half for x in ins) and all(y in floats for y in node.output)
+
     def follows_in_half(node):
         """Whether elementwise `node` stays in fp16 after a half op (see FOLLOW_OPS)."""
         if precision != "fp16" or node.op_type not in FOLLOW_OPS:
@@ -195,7 +222,9 @@ def to_half(model, precision, emulate=False):
             init = inits.get(x)
             if init is None or init.data_type != TensorProto.FLOAT:
                 return False
-            if int(np.prod(init.dims)) == 1:
+            if len(init.dims) == 0:
+                # a 0-d constant (a Python number in PyTorch) keeps the op in half; a [1]
+                # tensor would promote it to float32, as in autocast
                 continue
             bias = node.op_type == "Add" and len(init.dims) == 1 and any(y in half_matmuls for y in ins)
             if not bias:
@@ -203,23 +232,26 @@ def to_half(model, precision, emulate=False):
         return True
 
     for node in g.node:
+        moving = moves_in_half(node)
         convertible = (node.op_type in half_ops and not (
             node.op_type == "Conv" and precision == "bf16" and version < 22
-        )) or follows_in_half(node)
+        )) or follows_in_half(node) or moving
         if not convertible:
             if node.op_type in half_ops:
                 stats["kept_float32"][node.op_type] = stats["kept_float32"].get(node.op_type, 0) + 1
             new_nodes.append(node)
             continue
-        if not all(x == "" or x in floats for x in node.input) or not all(y in floats for y in node.output):
+        if not moving and (not all(x == "" or x in floats for x in node.input)
+                           or not all(y in floats for y in node.output)):
             stats["kept_float32"][node.op_type] = stats["kept_float32"].get(node.op_type, 0) + 1
             new_nodes.append(node)
             continue
         stats["half_ops"][node.op_type] = stats["half_ops"].get(node.op_type, 0) + 1
+        values = set(data_inputs(node)) if moving else None
         inputs = []
         for x in node.input:
-            if x == "":
-                inputs.append(x)
+            if x == "" or (values is not None and x not in values):
+                inputs.append(x)  # a shape, axes or indices input of a data-movement op
             elif x in produced_half:
                 inputs.append(produced_half[x])
             elif x in to_half_of:
@@ -336,8 +368,6 @@ def gemm_to_matmul(model):
 
 
 def to_int8(model, per_channel):
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     model, rewritten = gemm_to_matmul(model)
     # quantize_dynamic advises pre-processing on every call through the root logger; the
     # graphs are already shape-inferred exports, so keep its warnings out of the report.
@@ -380,9 +410,14 @@ def manifest_with_precisions(text, precision, files):
     table = {}
     end = start
     if start is not None:
+        # The block is its indented lines (blank lines between them included); a column-0
+        # comment or blank line after it belongs to what follows and is kept.
         end = start + 1
-        while end < len(lines) and (lines[end].strip() == "" or lines[end][0] in " \t#"):
-            end += 1
+        k = start + 1
+        while k < len(lines) and (lines[k].strip() == "" or lines[k][0] in " \t"):
+            k += 1
+            if lines[k - 1].strip():
+                end = k
         block = yaml.safe_load("".join(lines[start:end])) or {}
         table = block.get("precisions") or {}
         if not isinstance(table, dict):
@@ -481,8 +516,11 @@ def compare(role, manifest, entry, base_path, variant, seed):
 # ----------------------------------------------------------------------------- main
 
 
-def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed=0, log=print):
-    """Converts every model graph of `bundle`; returns the report (a dict)."""
+def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed=0, log=print,
+            tolerance=DEFAULT_TOLERANCE):
+    """Converts every model graph of `bundle`; returns the report (a dict). With `check`, a
+    graph whose outputs differ from float32's by more than `tolerance` times their largest
+    magnitude (or are not finite) raises ConversionError before it replaces anything."""
     manifest_path = os.path.join(bundle, "manifest.yaml")
     with open(manifest_path) as f:
         text = f.read()
@@ -523,22 +561,33 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
         else:
             from models.onnx_save import save_model
 
-            written = save_model(model, out_path)
-            files[role] = out_name
-            info["file"] = out_name
-            info["bytes"] = sum(os.path.getsize(p) for p in written)
-            log(f"{role}: wrote {out_name} ({info['bytes'] / 1e6:.2f} MB; {json.dumps(stats)})")
-            if check:
-                probe = out_path
+            def verify(written_path, role=role, entry=entry, src=src, info=info):
+                """The check, on the written graph before it replaces anything (see --tolerance)."""
+                probe = written_path
                 if precision == "bf16" and not emulate:
                     probe, _ = to_half(onnx.load(src), precision, emulate=True)
-                err = compare(role, manifest, entry, src, probe, seed)
+                try:
+                    err = compare(role, manifest, entry, src, probe, seed)
+                except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors are many
+                    raise ConversionError(f"{role}: the {precision} graph does not run in ONNX Runtime: {e}") from e
                 err["emulated"] = precision == "bf16" or emulate
                 info["error_vs_fp32"] = err
                 log(
                     f"{role}: |{precision}{' (emulated)' if err['emulated'] else ''} - fp32| max {err['max_abs']:.3g}, "
                     f"mean {err['mean_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})"
                 )
+                if not err["max_abs"] <= tolerance * err["output_max_abs"]:
+                    raise ConversionError(
+                        f"{role}: the {precision} graph is off by up to {err['max_abs']:.3g} against the float32 "
+                        f"graph's outputs of up to {err['output_max_abs']:.3g}, over --tolerance {tolerance:g} of "
+                        f"them; it is not written (the bundle is left as it was for this graph; {out_name} "
+                        f"and precisions.{precision} in manifest.yaml are not changed)")
+
+            written = save_model(model, out_path, verify=verify if check else None)
+            files[role] = out_name
+            info["file"] = out_name
+            info["bytes"] = sum(os.path.getsize(p) for p in written)
+            log(f"{role}: wrote {out_name} ({info['bytes'] / 1e6:.2f} MB; {json.dumps(stats)})")
         report["graphs"][role] = info
     if "sampler" in manifest["graphs"] and "diffusion" in files:
         # The whole-chain sampler around this precision's head (models/add_sampler.py).
@@ -573,6 +622,9 @@ def main():
     ap.add_argument("--emulate", action="store_true", help="write a float32 emulation of fp16/bf16 rounding (see above)")
     ap.add_argument("--per-tensor", dest="per_channel", action="store_false", help="int8: one scale per weight tensor")
     ap.add_argument("--seed", type=int, default=0, help="seed of the check's random inputs")
+    ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                    help="the check refuses a graph whose max |variant - fp32| exceeds this share of the "
+                         "largest fp32 output (default %(default)s)")
     ap.add_argument("--report", help="also write the report as JSON here")
     args = ap.parse_args()
     bundle = args.bundle
@@ -582,7 +634,8 @@ def main():
         print(f"error: {args.bundle}: no manifest.yaml there; give a bundle folder", file=sys.stderr)
         return 2
     try:
-        report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed)
+        report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed,
+                         tolerance=args.tolerance)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

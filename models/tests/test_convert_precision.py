@@ -6,7 +6,8 @@
 On temporary copies of models/fixtures/tiny:
 1. fp16 through the command line: four variants, inputs/outputs unchanged (names, float32),
    half precision only in MatMul/Gemm/Conv and the elementwise ops autocast keeps in fp16 after
-   them (a bias Add in fp16, the residual Add in float32), norms and Softmax fed float32, errors
+   them (a bias Add in fp16, the residual Add in float32, no op with a float32 tensor constant in
+   fp16), values only moved between half ops kept half, norms and Softmax fed float32, errors
    against fp32 small; the manifest keeps every byte before the appended `precisions` section;
    converting again replaces the entry instead of adding a second.
 2. int8: MatMulInteger nodes, the VAE (no weight MatMul) is not written nor listed.
@@ -16,6 +17,7 @@ On temporary copies of models/fixtures/tiny:
    for alpha, beta and transB.
 5. A bundle whose graphs lie outside its folder (fixtures/tiny-sampler) gets its variants inside
    it, and its sampler graph rebuilt around the variant head.
+6. A variant far from float32 on the check's inputs is refused before it replaces anything.
 """
 
 import os
@@ -36,6 +38,15 @@ import convert_precision as cp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixture_copies import TINY, check, copy_tiny  # noqa: E402
+
+
+# What autocast runs in fp16: its fp16 ops, the elementwise ops its type promotion keeps in half
+# after them, and the ops that only move values (written out here rather than taken from the
+# module under test).
+MOVES = {"Reshape", "Transpose", "Split", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Gather",
+         "Expand", "Concat"}
+AUTOCAST_HALF = {"MatMul", "Gemm", "Conv", "Cast", "MultiHeadAttention", "Add", "Sub", "Mul", "Div", "Erf",
+                 "Tanh", "Sigmoid", "Relu"} | MOVES
 
 
 def io_signature(model):
@@ -67,13 +78,32 @@ def test_fp16(tmp):
         var = onnx.load(os.path.join(bundle, m["precisions"]["fp16"][role]))
         check(io_signature(base) == io_signature(var), f"{role}: inputs and outputs unchanged")
         types = elem_types(var)
+        inits = {i.name: i for i in var.graph.initializer}
+        made_by = {y: n for n in var.graph.node for y in n.output}
         for node in var.graph.node:
             half_in = [x for x in node.input if types.get(x) == TensorProto.FLOAT16]
             if node.op_type in ("LayerNormalization", "Softmax", "InstanceNormalization", "ReduceMean", "Pow"):
                 if half_in:
                     raise SystemExit(f"FAIL: {role}: {node.op_type} reads fp16 {half_in}")
-            elif half_in and node.op_type not in {"MatMul", "Gemm", "Conv", "Cast"} | cp.FOLLOW_OPS:
+            elif half_in and node.op_type not in AUTOCAST_HALF:
                 raise SystemExit(f"FAIL: {role}: {node.op_type} computes in fp16")
+            # An op with a float32 tensor constant that is neither a 0-d number nor a 1-D bias
+            # (a position embedding, a [1] tensor) computes in float32, as autocast promotes it.
+            for x in node.input:
+                t = inits.get(x)
+                if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2 and half_in:
+                    raise SystemExit(f"FAIL: {role}: {node.op_type} reads fp16 with the float32 tensor {x}")
+            # Values only moved (split, reshaped, transposed) after half ops stay half: no such op
+            # reads only half values cast to float32 (its data input; all inputs of a Concat).
+            if node.op_type in MOVES:
+                data = [x for x in (node.input if node.op_type == "Concat" else node.input[:1]) if x]
+
+                def cast_from_half(x):
+                    src = made_by.get(x)
+                    return src is not None and src.op_type == "Cast" and types.get(src.input[0]) == TensorProto.FLOAT16
+
+                if data and all(cast_from_half(x) for x in data):
+                    raise SystemExit(f"FAIL: {role}: {node.op_type} reads only half values cast to float32 {data}")
         check(any(types.get(x) == TensorProto.FLOAT16 for n in var.graph.node if n.op_type in ("MatMul", "Conv") for x in n.input),
               f"{role}: MatMul/Conv run in fp16")
         if role in ("encoder", "decoder"):
@@ -129,7 +159,8 @@ def test_manifest_rewrite():
     out = cp.manifest_with_precisions(text, "fp16", {"encoder": "e.fp16.onnx"})
     m = yaml.safe_load(out)
     check(m["precisions"] == {"fp16": {"encoder": "e.fp16.onnx"}, "int8": {"encoder": "e.int8.onnx"}}, "rewrite merges entries")
-    check(out.startswith("format: x  # comment\ngraphs: {}\n") and "evaluator:\n  name: n\n" in out, "rewrite keeps the rest")
+    check(out.startswith("format: x  # comment\ngraphs: {}\n") and out.endswith("\n\n# a comment\nevaluator:\n  name: n\n"),
+          "rewrite keeps the rest, the comment and blank line after the section too")
     out = cp.manifest_with_precisions(out, "fp16", {})
     check(yaml.safe_load(out)["precisions"] == {"int8": {"encoder": "e.int8.onnx"}}, "an empty variant removes its entry")
     out = cp.manifest_with_precisions(out, "int8", {})
@@ -177,6 +208,27 @@ def test_sampler_and_outside_files(tmp):
     check([i.name for i in s.get_inputs()][:2] == ["x", "z"], "the fp16 sampler loads")
 
 
+def test_a_variant_off_by_too_much_is_refused(tmp):
+    """A conversion whose graph is far from float32 on the check's inputs (here: weights too
+    large for fp16, clipped) is refused before it replaces anything; the manifest is kept."""
+    bundle = copy_tiny(tmp, "off")
+    path = os.path.join(bundle, "encoder.onnx")
+    m = onnx.load(path)
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if init.data_type == TensorProto.FLOAT and a.ndim == 2:
+            init.CopyFrom(numpy_helper.from_array((a * 1e6).astype(np.float32), init.name))
+    onnx.save(m, path)
+    before = open(os.path.join(bundle, "manifest.yaml")).read()
+    try:
+        cp.convert(bundle, "fp16", log=lambda *_: None)
+        raise SystemExit("FAIL: a variant far from float32 was accepted")
+    except cp.ConversionError as e:
+        check("encoder" in str(e) and "--tolerance" in str(e), f"refused, naming the graph: {str(e)[:120]}")
+    check(not os.path.exists(os.path.join(bundle, "encoder.fp16.onnx")), "the refused graph is not written")
+    check(open(os.path.join(bundle, "manifest.yaml")).read() == before, "the manifest is unchanged")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_manifest_rewrite()
@@ -185,6 +237,7 @@ def main():
         test_int8(tmp)
         test_bf16(tmp)
         test_sampler_and_outside_files(tmp)
+        test_a_variant_off_by_too_much_is_refused(tmp)
     print("all convert_precision tests passed")
 
 
