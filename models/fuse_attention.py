@@ -13,23 +13,30 @@ axis, `num_heads` and `scale` read from the chain), which the CUDA provider runs
 attention kernels and the CPU provider with its own.
 
 The graphs keep their tensors (the contract in models/README.md), so gtr-run needs nothing new;
-the numbers change at float rounding. A chain that does not have this shape is left as it is
-and reported; a graph without any is left alone. Derived graphs are rebuilt: the `backbone`
-graph from the fused encoder and decoder (models/add_backbone.py) and every precision variant the
-manifest lists (models/convert_precision.py; for fp16 the fused node runs in half precision, as
-autocast runs scaled_dot_product_attention).
+the numbers change at float rounding. A chain that does not have this shape (a projection that is
+not [B, L, 3D], among others) is left as it is and reported; a graph without any is left alone.
+Derived graphs are rebuilt: the `backbone` graph from the fused encoder and decoder
+(models/add_backbone.py) and every precision variant the manifest lists (models/convert_precision.py;
+for fp16 the fused node runs in half precision, as autocast runs scaled_dot_product_attention),
+with the options it was made with, read from its graphs (--emulate, --per-tensor).
 
 Files are replaced by writing a temporary file and renaming it (models/onnx_save.py), so a bundle
 copied with hard links is not changed through its links; a graph over 2 GB keeps its weights in
-a data file beside it. Unless --no-check, each fused graph is compared with the plain one in
-onnxruntime (CPU) on random inputs shaped by the manifest before it replaces it; the run fails
-when they differ by more than 1e-4.
+a data file beside it. A graph the manifest takes from outside the bundle folder (`../tiny/...`)
+is never replaced: its fused graph is written into the bundle under its own name and the
+manifest's `file` entry points there. Every fused graph is written and, unless --no-check,
+compared with the plain one in onnxruntime (CPU) on random inputs shaped by the manifest before
+any file is replaced; the run fails (exit status 2, nothing changed) when they differ by more than
+1e-4 or the comparison cannot run.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -45,14 +52,16 @@ TOLERANCE = 1e-4
 
 
 class FuseError(Exception):
-    """A fused graph that does not match the plain one (nothing of it was written)."""
+    """A fused graph that does not match the plain one, or that could not be compared with it
+    (no file of the bundle was replaced)."""
 
 
 class Graph:
-    """Producer, consumer and constant lookups over one ONNX graph."""
+    """Producer, consumer, constant and inferred-shape lookups over one ONNX graph."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, shapes: dict | None = None):
         self.graph = graph
+        self.shapes = shapes or {}
         self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list] = {}
         for n in graph.node:
@@ -72,6 +81,11 @@ class Graph:
             if a.name in ("value_float", "value_int"):
                 return np.array(helper.get_attribute_value(a))
         return None
+
+    def rank(self, name: str):
+        """The rank of a tensor as shape inference gave it, else None."""
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
 
     def op(self, name: str, op_type: str):
         """The node that produces `name` if it is an `op_type`, else None."""
@@ -96,6 +110,33 @@ class Graph:
             if len(tail) >= k:
                 return tail[-k:]
         return None
+
+
+def inferred_shapes(model: onnx.ModelProto) -> dict:
+    """{tensor: dims (int, or None where not known)} from ONNX shape inference, run on a copy whose
+    large weights are left out (their dims are all it reads), so a graph over 2 GB is inferred
+    too; {} where inference fails."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = light.graph
+    for field in ("node", "input", "output", "value_info"):
+        getattr(g, field).extend(getattr(model.graph, field))
+    for init in model.graph.initializer:
+        if init.ByteSize() <= 1 << 20:
+            g.initializer.append(init)
+            continue
+        stub = g.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                 data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="left-out")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light).graph
+    except Exception:  # noqa: BLE001 - no shapes: every chain is then left, with its reason
+        return {}
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.input) + list(inferred.value_info) + list(inferred.output)
+            if v.type.tensor_type.HasField("shape")}
 
 
 def attr(node, name: str, default=None):
@@ -187,6 +228,12 @@ def match(g: Graph, softmax):
     if reshape is None or tail is None or tail[0] != 3 or min(tail[1:]) <= 0:
         return None, "the projection is not reshaped to [B, L, 3, H, d] with constant H and d"
     heads, head_dim = tail[1], tail[2]
+    # MultiHeadAttention takes q, k and v as [B, L, D]: split from a [B, L, 3D] projection only.
+    rank = g.rank(reshape.input[0])
+    if rank != 3:
+        return None, f"the projection is not [B, L, 3D] (rank {rank if rank is not None else 'unknown'})"
+    if g.shapes[reshape.input[0]][-1] not in (None, 3 * heads * head_dim):
+        return None, "the projection's last axis is not 3·H·d"
     back = g.consumers.get(av.output[0], [])
     if len(back) != 1 or back[0].op_type != "Transpose" or list(attr(back[0], "perm", [])) != [0, 2, 1, 3]:
         return None, "the attention output is not permuted back to [B, L, H, d]"
@@ -196,6 +243,10 @@ def match(g: Graph, softmax):
     width = g.shape_tail(merged[0].input[1], 1)
     if width != [heads * head_dim]:
         return None, "the attention output is not reshaped to [B, L, H·d]"
+    target = g.const(merged[0].input[1])
+    rank = g.rank(merged[0].output[0]) or (target.size if target is not None else None)
+    if rank != 3:
+        return None, f"the attention output is not reshaped to [B, L, D] (rank {rank if rank is not None else 'unknown'})"
     return {"projection": reshape.input[0], "output": merged[0].output[0], "heads": heads,
             "width": heads * head_dim, "scale": scale, "name": softmax.name or softmax.output[0]}, None
 
@@ -206,7 +257,7 @@ def fuse(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, list[str]]:
     version = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if version < 13:  # Split with its sizes as an input
         return model, 0, [f"opset {version}: fusing needs opset 13 or later"]
-    g = Graph(model.graph)
+    g = Graph(model.graph, inferred_shapes(model))
     fusions, skipped = [], []
     for n in list(model.graph.node):
         if n.op_type == "Softmax":
@@ -262,12 +313,146 @@ def prune(nodes: list, outputs: set[str]) -> list:
         nodes = alive
 
 
+def inside(file: str) -> bool:
+    """Whether a manifest `file` entry names a file in the bundle folder (as convert_precision.py
+    decides where a variant goes: a graph outside gets its variant inside)."""
+    path = os.path.normpath(file)
+    return not (os.path.isabs(path) or path.startswith(".."))
+
+
+def fused_names(bundle: str, graphs: dict, roles: list[str]) -> dict[str, str]:
+    """{role: file} where each role's fused graph goes: its own file when that is in the bundle,
+    else a free name in the bundle (the file's name, else ROLE.onnx, else ROLE.fused.onnx)."""
+    taken = {os.path.normpath(e["file"]) for e in graphs.values() if isinstance(e, dict) and "file" in e}
+    names = {}
+    for role in roles:
+        file = graphs[role]["file"]
+        if inside(file):
+            names[role] = file
+            continue
+        free = [n for n in (os.path.basename(file), f"{role}.onnx", f"{role}.fused.onnx")
+                if n not in taken and not os.path.lexists(os.path.join(bundle, n))]
+        if not free:
+            raise ValueError(f"{file} ({role}) is outside the bundle and no free name is left in it for its "
+                             f"fused graph (tried {os.path.basename(file)}, {role}.onnx, {role}.fused.onnx)")
+        names[role] = free[0]
+        taken.add(free[0])
+    return names
+
+
+def manifest_with_files(text: str, files: dict[str, str]) -> str:
+    """The manifest text with `graphs.<role>.file` set to files[role]; everything else as written.
+    ValueError where an entry is not written in a way this can rewrite."""
+    import yaml
+
+    manifest = yaml.safe_load(text)
+    lines = text.splitlines(keepends=True)
+    top = next((i for i, ln in enumerate(lines) if re.match(r"graphs\s*:", ln)), None)
+    for role, file in files.items():
+        old = manifest["graphs"][role]["file"]
+        at = top is not None and next((i for i in range(top + 1, len(lines)) if re.match(rf"\s+{role}\s*:", lines[i])
+                                       or (lines[i].strip() and lines[i][0] not in " \t#")), None)
+        if at and re.match(rf"\s+{role}\s*:", lines[at]):
+            indent = len(lines[at]) - len(lines[at].lstrip())
+            block = range(at, len(lines))
+            for i in block:
+                if i > at and lines[i].strip() and len(lines[i]) - len(lines[i].lstrip()) <= indent:
+                    break
+                new, n = re.subn(rf"(\bfile\s*:\s*)([\"']?){re.escape(old)}\2(?=\s*[,}}#\n]|\s*$)",
+                                 lambda m: m.group(1) + m.group(2) + file + m.group(2), lines[i], count=1)
+                if n:
+                    lines[i] = new
+                    break
+    new_text = "".join(lines)
+    want = yaml.safe_load(text)
+    for role, file in files.items():
+        want["graphs"][role]["file"] = file
+    if yaml.safe_load(new_text) != want:
+        raise ValueError("manifest.yaml: could not point " + ", ".join(f"graphs.{r}.file to {f}" for r, f in files.items())
+                         + " (write those entries as `role: { file: NAME, ... }`)")
+    return new_text
+
+
+def half_compute(model: onnx.ModelProto) -> bool:
+    """Whether an op other than a Cast reads a half tensor (a half weight or a Cast to half): a real
+    fp16/bf16 variant; convert_precision.py's --emulate only rounds through half casts."""
+    from models.convert_precision import HALF_TYPE
+
+    half_types = set(HALF_TYPE.values())
+    half = {i.name for i in model.graph.initializer if i.data_type in half_types}
+    half |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and attr(n, "to") in half_types}
+    return any(n.op_type != "Cast" and set(n.input) & half for n in model.graph.node)
+
+
+def per_channel(model: onnx.ModelProto):
+    """Whether an int8 variant's weights have a scale per output channel (convert_precision.py's
+    default) rather than one each (--per-tensor); None when it has no quantized MatMul."""
+    inits = {i.name: i for i in model.graph.initializer}
+    # The weight's zero point (MatMulInteger) or scale (DynamicQuantizeMatMul): one value per tensor.
+    weight_params = [n.input[3] if n.op_type == "MatMulInteger" else n.input[2] for n in model.graph.node
+                     if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    sizes = [int(np.prod(inits[p].dims)) for p in weight_params if p in inits]
+    return any(size > 1 for size in sizes) if sizes else None
+
+
+def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
+    """{precision: convert_precision.convert's options} that rebuild each variant the manifest lists
+    as it was made: emulate for an fp16/bf16 variant that only rounds through half (--emulate),
+    per_channel False for a per-tensor int8 one (--per-tensor). ValueError where a variant cannot
+    be read or is not one convert_precision.py makes."""
+    from models.convert_precision import PRECISIONS
+    from models.convert_precision import ROLES as CONVERTED
+
+    options = {}
+    for precision, files in (manifest.get("precisions") or {}).items():
+        rebuild = f"remove precisions.{precision} from manifest.yaml and rebuild it after fusing " \
+                  f"(python3 models/convert_precision.py BUNDLE --precision {precision} ...)"
+        if precision not in PRECISIONS or not isinstance(files, dict):
+            raise ValueError(f"precisions.{precision}: not a variant convert_precision.py makes; {rebuild}")
+        models = []
+        for role, file in files.items():
+            if role not in CONVERTED:  # sampler, backbone: rebuilt from the others
+                continue
+            path = os.path.join(bundle, file)
+            try:
+                models.append(onnx.load(path, load_external_data=False))
+            except (OSError, DecodeError) as e:
+                raise ValueError(f"precisions.{precision}: {path} cannot be read ({e}), so how it was made "
+                                 f"cannot be told; {rebuild}") from e
+        if precision == "int8":
+            found = {per_channel(m) for m in models} - {None}
+            options[precision] = {"per_channel": False} if found == {False} else {}
+        else:
+            options[precision] = {"emulate": True} if models and not any(map(half_compute, models)) else {}
+    return options
+
+
+def checked(role: str, manifest: dict, entry: dict, plain: str, log):
+    """A save_model verify hook: FuseError unless the graph it sees is within TOLERANCE of the
+    plain graph at `plain` in onnxruntime; any error running either is a FuseError too."""
+    from models.convert_precision import compare
+
+    def verify(fused_path):
+        try:
+            err = compare(role, manifest, entry, plain, fused_path, seed=0)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types
+            raise FuseError(f"{plain} ({role}): the fused graph could not be compared with the plain one "
+                            f"({type(e).__name__}: {e}); no graph was replaced") from e
+        log(f"{role}: |fused - plain| max {err['max_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})")
+        if not err["max_abs"] <= TOLERANCE:
+            raise FuseError(f"{plain} ({role}): the fused graph differs from the plain one by "
+                            f"{err['max_abs']:.3g} (more than {TOLERANCE}); no graph was replaced")
+    return verify
+
+
 def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
-    """Fuses the encoder's and decoder's attention in place and rebuilds derived graphs; returns
-    {role: chains fused}."""
+    """Fuses the encoder's and decoder's attention and rebuilds derived graphs; returns
+    {role: chains fused}. Every graph is read, fused, written aside and checked before any file
+    of the bundle is replaced; a graph outside the bundle folder is left and its fused graph
+    written into the bundle, the manifest pointing to it."""
     from models.add_sampler import read_manifest
 
-    _, manifest = read_manifest(bundle)
+    text, manifest = read_manifest(bundle)
     graphs = manifest["graphs"]
     # Every graph is read and fused before any is written, so an unreadable one changes nothing.
     fused = {}
@@ -280,40 +465,54 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
         model, count, skipped = fuse(model)
         for line in skipped:
             log(f"{role}: left as it is: {line}")
-        fused[role] = (model, count)
-    fused_counts = {role: count for role, (_, count) in fused.items()}
-    for role, (model, count) in fused.items():
-        entry = graphs[role]
-        path = os.path.join(bundle, entry["file"])
         if not count:
             log(f"{role}: no attention chain to fuse")
-            continue
-        model.producer_name = "gtr-run fuse_attention.py"
-
-        def verify(fused_path, role=role, entry=entry, path=path):
-            if not check:
-                return
-            from models.convert_precision import compare
-
-            err = compare(role, manifest, entry, path, fused_path, seed=0)
-            log(f"{role}: |fused - plain| max {err['max_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})")
-            if not err["max_abs"] <= TOLERANCE:
-                raise FuseError(f"{path}: the fused graph differs from the plain one by "
-                                f"{err['max_abs']:.3g} (more than {TOLERANCE}); this graph is left as it was")
-
-        save_model(model, path, verify=verify)
-        log(f"{role}: {count} attention chains fused into MultiHeadAttention ({entry['file']})")
-    if not any(fused_counts.values()):
+        fused[role] = (model, count)
+    fused_counts = {role: count for role, (_, count) in fused.items()}
+    roles = [role for role in ROLES if fused_counts[role]]
+    if not roles:
         return fused_counts
+    # What would stop the run later is found now, before anything is written.
+    names = fused_names(bundle, graphs, roles)
+    moved = {role: name for role, name in names.items() if name != graphs[role]["file"]}
+    new_text = manifest_with_files(text, moved) if moved else text
+    options = variant_options(bundle, manifest)
+    staging = tempfile.mkdtemp(prefix=".fuse_attention.", dir=bundle)
+    try:
+        staged = {}
+        for role in roles:
+            model, entry = fused.pop(role)[0], graphs[role]
+            model.producer_name = "gtr-run fuse_attention.py"
+            staged[role] = os.path.join(staging, f"{role}.onnx")
+            plain = os.path.join(bundle, entry["file"])
+            save_model(model, staged[role], verify=checked(role, manifest, entry, plain, log) if check else None)
+            del model  # read back from its file below; one graph in memory at a time
+        # All fused and checked: now they replace the plain graphs (or go beside them, in the
+        # bundle, for graphs kept outside), and then the manifest points to them.
+        for role in roles:
+            save_model(onnx.load(staged[role]), os.path.join(bundle, names[role]))
+            where = f"{names[role]}, in place of {graphs[role]['file']}" if role in moved else names[role]
+            log(f"{role}: {fused_counts[role]} attention chains fused into MultiHeadAttention ({where})")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if moved:
+        manifest_path = os.path.join(bundle, "manifest.yaml")
+        with open(manifest_path + ".tmp", "w") as f:
+            f.write(new_text)
+        os.replace(manifest_path + ".tmp", manifest_path)
+        for role, name in moved.items():
+            graphs[role]["file"] = name
+        log("manifest.yaml: " + ", ".join(f"graphs.{r}.file = {n}" for r, n in moved.items()))
     if "backbone" in graphs:
         from models.add_backbone import write_backbone
 
         write_backbone(bundle, manifest, graphs["encoder"]["file"], graphs["decoder"]["file"], log=log)
-    for precision in manifest.get("precisions") or {}:
+    for precision, kwargs in options.items():
         from models.convert_precision import convert
 
-        log(f"precision {precision}: rebuilt from the fused graphs")
-        convert(bundle, precision, check=check, log=log)
+        made = {"emulate": " (emulated, as before)", "per_channel": " (per tensor, as before)"}
+        log(f"precision {precision}: rebuilt from the fused graphs{''.join(made[k] for k in kwargs)}")
+        convert(bundle, precision, check=check, log=log, **kwargs)
     return fused_counts
 
 
@@ -326,12 +525,20 @@ def main(argv=None) -> int:
     if not os.path.isfile(os.path.join(args.bundle, "manifest.yaml")):
         print(f"error: {args.bundle}: no manifest.yaml there; give a bundle folder", file=sys.stderr)
         return 2
+    from models.convert_precision import ConversionError
+
     try:
         counts = fuse_bundle(args.bundle, check=args.check)
     except (FuseError, OSError, KeyError, ValueError, onnx.checker.ValidationError) as e:
         # A graph file missing or unreadable, a manifest without a role: read before anything
         # is written, so nothing was replaced.
         print(f"error: {args.bundle}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except ConversionError as e:
+        # A precision variant could not be rebuilt: the fused graphs are in place, and the
+        # variant's old files stay listed (they still run, unfused).
+        print(f"error: {args.bundle}: the attention is fused, but a precision variant could not be rebuilt "
+              f"from it: {e}; rebuild it with models/convert_precision.py", file=sys.stderr)
         return 2
     return 0 if any(counts.values()) else 1
 

@@ -15,9 +15,17 @@ On temporary copies of models/fixtures/tiny:
    ONNX Runtime's CPU provider runs the graph close to fp32; int8 quantizes the weights around it.
 4. A bundle with a backbone graph and an fp16 variant: both are rebuilt from the fused graphs.
 5. Files are replaced by renaming: a hard link to the old encoder keeps the plain graph.
+6. A bundle whose manifest takes its encoder and decoder from another folder (as
+   fixtures/tiny-sampler does): the fused graphs are written into the bundle and its manifest
+   points to them; the other folder's graphs are left as they were.
+7. A decoder whose check fails (onnxruntime cannot run it with the manifest's inputs): exit 2
+   with a FuseError, no traceback, and neither graph nor the manifest changed.
+8. A qkv projection of rank 2 (a Flatten before its Reshape): the chain is left, with the reason.
+9. Variants made with --emulate (fp16) and --per-tensor (int8) are rebuilt the same way.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -191,6 +199,92 @@ def test_replaced_by_rename(tmp):
           "the new file keeps the old one's permissions")
 
 
+def test_graphs_outside_bundle(tmp):
+    shared = copy_tiny(tmp, "tiny")  # what ../tiny/ in tiny-sampler's manifest names
+    bundle = os.path.join(tmp, "sampler")
+    shutil.copytree(os.path.join(MODELS, "fixtures", "tiny-sampler"), bundle)
+    _, manifest = read_manifest(bundle)
+    check(manifest["graphs"]["encoder"]["file"] == "../tiny/encoder.onnx", "tiny-sampler takes its encoder from ../tiny")
+    before = {n: open(os.path.join(shared, n), "rb").read() for n in os.listdir(shared)}
+    counts = fa.fuse_bundle(bundle, log=lambda *_: None)
+    check(counts == {"encoder": 1, "decoder": 1}, f"a bundle with graphs outside its folder is fused ({counts})")
+    check(all(open(os.path.join(shared, n), "rb").read() == b for n, b in before.items())
+          and sorted(os.listdir(shared)) == sorted(before), "… and the graphs outside it are left as they were")
+    _, manifest = read_manifest(bundle)
+    files = {role: e["file"] for role, e in manifest["graphs"].items()}
+    check(files["encoder"] == "encoder.onnx" and files["decoder"] == "decoder.onnx"
+          and files["diffusion"] == "../tiny/diffusion.onnx",
+          f"… the fused graphs are written into the bundle and the manifest points to them ({files})")
+    for role in ("encoder", "decoder"):
+        check(ops(os.path.join(bundle, f"{role}.onnx")).count("MultiHeadAttention") == 1, f"{role}: fused in the bundle")
+    check(ops(os.path.join(bundle, "backbone.onnx")).count("MultiHeadAttention") == 2,
+          "… and the backbone graph is rebuilt from them")
+
+
+def test_failed_check_changes_nothing(tmp):
+    bundle = copy_tiny(tmp, "failed-check")
+    manifest_path = os.path.join(bundle, "manifest.yaml")
+    text = open(manifest_path).read()
+    # The decoder's `known` input named wrongly: onnxruntime refuses the check's inputs.
+    text = text.replace("inputs: { encoded: encoded, known: known_index }", "inputs: { encoded: encoded, known: no_such_input }")
+    with open(manifest_path, "w") as f:
+        f.write(text)
+    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
+    r = subprocess.run([sys.executable, os.path.join(MODELS, "fuse_attention.py"), bundle],
+                       capture_output=True, text=True)
+    check(r.returncode == 2 and "FuseError" in r.stderr and "decoder" in r.stderr and "Traceback" not in r.stderr,
+          f"a decoder whose check fails: exit 2 with a FuseError naming it ({r.stderr.strip()[-200:]})")
+    after = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
+    check(after == before, "… and no file of the bundle changed, the encoder (checked first) included")
+
+
+def test_rank2_projection_is_left():
+    """The qkv projection flattened to [B·L, 3D] and reshaped to [B, L, 3, H, d] with B and L taken
+    from the unflattened one: onnxruntime runs the plain graph, but not MultiHeadAttention on it."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(os.path.join(TINY, "encoder.onnx"))
+    g = model.graph
+    reshape = next(n for n in g.node if n.op_type == "Reshape" and
+                   any(m.op_type == "Transpose" and m.input[0] == n.output[0] for m in g.node))
+    projection, at = reshape.input[0], list(g.node).index(reshape)
+    g.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), k) for k, v in
+                          (("t_start", [0]), ("t_end", [2]), ("t_heads", [3, 2, 16]))])
+    for k, n in enumerate([
+            helper.make_node("Flatten", [projection], ["t_flat"], axis=2),
+            helper.make_node("Shape", [projection], ["t_shape"]),
+            helper.make_node("Slice", ["t_shape", "t_start", "t_end"], ["t_bl"]),
+            helper.make_node("Concat", ["t_bl", "t_heads"], ["t_target"], axis=0)]):
+        g.node.insert(at + k, n)
+    reshape.input[0], reshape.input[1] = "t_flat", "t_target"
+    onnx.checker.check_model(model)
+    out, count, skipped = fa.fuse(model)
+    check(count == 0 and "Softmax" in [n.op_type for n in out.graph.node], "a rank-2 qkv projection is not fused")
+    check(len(skipped) == 1 and "rank 2" in skipped[0], f"… with its reason ({skipped})")
+
+
+def test_variant_options_kept(tmp):
+    bundle = copy_tiny(tmp, "options")
+    cp.convert(bundle, "fp16", check=False, emulate=True, log=lambda *_: None)
+    cp.convert(bundle, "int8", check=False, per_channel=False, log=lambda *_: None)
+    fa.fuse_bundle(bundle, check=False, log=lambda *_: None)
+    for role in ("encoder", "decoder"):
+        model = onnx.load(os.path.join(bundle, f"{role}.fp16.onnx"))
+        half = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16} | {
+            n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16}
+        readers = {n.op_type for n in model.graph.node if set(n.input) & half}
+        check("MultiHeadAttention" in ops(os.path.join(bundle, f"{role}.fp16.onnx")) and readers == {"Cast"},
+              f"{role}: the emulated fp16 variant is rebuilt fused and still emulated (half tensors read by {readers})")
+        model = onnx.load(os.path.join(bundle, f"{role}.int8.onnx"))
+        inits = {i.name: i for i in model.graph.initializer}
+        points = [inits[n.input[3]] for n in model.graph.node if n.op_type == "MatMulInteger"]
+        check("MultiHeadAttention" in ops(os.path.join(bundle, f"{role}.int8.onnx"))
+              and points and all(not p.dims for p in points),
+              f"{role}: the per-tensor int8 variant is rebuilt fused and still per tensor")
+    check(fa.variant_options(bundle, read_manifest(bundle)[1]) == {"fp16": {"emulate": True}, "int8": {"per_channel": False}},
+          "… and both are recognized as such from their graphs")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_command_line(tmp)
@@ -201,6 +295,10 @@ def main():
         test_precisions_after_fusion(tmp)
         test_derived_graphs_rebuilt(tmp)
         test_replaced_by_rename(tmp)
+        test_graphs_outside_bundle(tmp)
+        test_failed_check_changes_nothing(tmp)
+        test_rank2_projection_is_left()
+        test_variant_options_kept(tmp)
     print("all fuse_attention tests passed")
 
 
