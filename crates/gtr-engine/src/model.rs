@@ -234,7 +234,8 @@ pub struct KernelProfile {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProviderKernels {
     pub provider: String,
-    /// Distinct nodes (subgraph nodes included).
+    /// Distinct nodes, by name (subgraph nodes included; same-named nodes
+    /// of two subgraphs count once).
     pub nodes: u64,
     /// Kernel calls.
     pub calls: u64,
@@ -246,7 +247,7 @@ pub struct ProviderKernels {
 pub struct OpKernels {
     pub op: String,
     pub provider: String,
-    /// Distinct nodes of this op type.
+    /// Distinct nodes of this op type, by name.
     pub nodes: u64,
     /// Kernel calls.
     pub calls: u64,
