@@ -15,8 +15,8 @@ gtr-run runs the fp32 graph for a role a variant does not list.
 fp16 / bf16 follow autocast: only MatMul, Gemm and Conv run in half precision, and for fp16 the
 fused attention of models/fuse_attention.py (MultiHeadAttention) and the elementwise ops that
 autocast's type promotion keeps in fp16 after them (a Linear's bias Add, GELU's Div/Erf/Add/Mul by
-0-d constants; FOLLOW_OPS below), and the ops that only move half values (Reshape, Transpose,
-Split, Concat, ...; MOVE_OPS below). Their float
+0-d constants; FOLLOW_OPS below), and (fp16 and bf16) the ops that only move half values
+(Reshape, Transpose, Split, Concat, ...; MOVE_OPS below). Their float
 inputs are cast to half (weights are stored in half), their outputs are cast back to float32,
 so everything else (LayerNormalization, InstanceNormalization, ReduceMean/Pow/Sqrt norms,
 Softmax, Exp/Log, Sin/Cos, the elementwise ops, every graph input and output) stays float32.
@@ -72,8 +72,9 @@ FOLLOW_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu"}
 # axes or indices): fed half values they run in half too, as autocast leaves them, instead of a
 # Cast to float32 and back around them (between a half projection and the attention reading its
 # split q, k and v, for one). They change no value themselves (a half value is exact in float32);
-# the elementwise ops after them then follow in half by the FOLLOW_OPS rule, as in autocast (the
-# attention's scaling of q, for one). fp16 only.
+# in fp16 the elementwise ops after them then follow in half by the FOLLOW_OPS rule, as in
+# autocast (the attention's scaling of q, for one). fp16 and bf16 (ONNX Runtime's CUDA provider
+# has all of them in both); in bf16, where nothing follows, the numbers do not change at all.
 MOVE_OPS = {"Reshape": (0,), "Transpose": (0,), "Split": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
             "Flatten": (0,), "Identity": (0,), "Slice": (0,), "Gather": (0,), "Expand": (0,),
             "Concat": None}  # None: every input is data
@@ -204,7 +205,7 @@ def to_half(model, precision, emulate=False):
 
     def moves_in_half(node):
         """Whether data-movement `node` is fed only half values (see MOVE_OPS)."""
-        if precision != "fp16" or node.op_type not in MOVE_OPS:
+        if node.op_type not in MOVE_OPS:
             return False
         ins = data_inputs(node)
         return bool(ins) and all(x in produced_half for x in ins) and all(y in floats for y in node.output)

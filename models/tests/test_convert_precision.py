@@ -148,6 +148,13 @@ def test_bf16(tmp):
     e = report["graphs"]["encoder"]["error_vs_fp32"]
     check(e["emulated"] and 1e-3 < e["max_abs"] < 0.1, f"bf16: emulated check runs, error {e['max_abs']:.2g}")
     check(report["graphs"]["vae_decoder"]["file"] is None, "bf16: opset-17 Conv stays fp32, so the VAE is not written")
+    var = onnx.load(os.path.join(bundle, "encoder.bf16.onnx"))
+    types = elem_types(var)
+    moved = [n.op_type for n in var.graph.node if n.op_type in MOVES and types.get(n.input[0]) == TensorProto.BFLOAT16]
+    check("Reshape" in moved and "Transpose" in moved, f"bf16: values only moved stay bf16 ({sorted(set(moved))})")
+    follow = [n.op_type for n in var.graph.node if n.op_type not in MOVES | {"MatMul", "Gemm", "Cast"}
+              and any(types.get(x) == TensorProto.BFLOAT16 for x in n.input)]
+    check(not follow, f"bf16: no elementwise op computes in bf16 ({follow})")
     emu = copy_tiny(tmp, "bf16-emulated")
     cp.convert(emu, "bf16", emulate=True, check=False, log=lambda *_: None)
     s = ort.InferenceSession(os.path.join(emu, "encoder.bf16.onnx"), providers=["CPUExecutionProvider"])
