@@ -94,8 +94,7 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         return nm
 
     n = helper.make_node
-    for j in range(COEFFICIENTS + 1):
-        c(f"k_col{j}", np.array([j], np.int64))
+    c("k_columns", np.ones(COEFFICIENTS, np.int64))
     for nm, value in [
         ("k_zero", np.array([0], np.int64)),
         ("k_one", np.array([1], np.int64)),
@@ -115,14 +114,10 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         n("Unsqueeze", ["n0", "k_axis0"], ["n"]),
         n("Slice", ["x_in", "k_zero", "n", "k_axis0"], ["xa"]),
         n("Slice", ["x_in", "n", "k_end", "k_axis0"], ["x_rest"]),
-        # conditioning of both halves: z[:, :n] as [G·n, D]
+        # conditioning of both halves: z[:, :n] as [G·n, D] (G, zf_shape and x_reps are the
+        # same at every tick: made once, before the loop)
         n("Slice", ["z", "k_zero", "n", "k_axis1"], ["za"]),
-        n("Shape", ["z"], ["z_shape"]),
-        n("Slice", ["z_shape", "k_zero", "k_one", "k_axis0"], ["G"]),
-        n("Slice", ["z_shape", "k_last", "k_end", "k_axis0"], ["D"]),
-        n("Concat", ["k_last", "D"], ["zf_shape"], axis=0),
         n("Reshape", ["za", "zf_shape"], ["zf"]),
-        n("Concat", ["G", "k_one"], ["x_reps"], axis=0),
         n("Tile", ["xa", "x_reps"], ["xt"]),
         n("Gather", ["t", "iter"], ["t_k"], axis=0),
         n("Slice", ["t_k", "k_zero", "n", "k_axis0"], ["ta"]),
@@ -140,8 +135,7 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         # this tick's coefficients and noise for the running rows
         n("Gather", ["coef", "iter"], ["coef_k"], axis=0),
         n("Slice", ["coef_k", "k_zero", "n", "k_axis0"], ["ca"]),
-        *[n("Slice", ["ca", f"k_col{j}", f"k_col{j + 1}", "k_axis1"], [out])
-          for j, out in enumerate(["cA", "cB", "c_log_beta", "c_log_post", "c_scale"])],
+        n("Split", ["ca", "k_columns"], ["cA", "cB", "c_log_beta", "c_log_post", "c_scale"], axis=1),
         n("Gather", ["noise", "iter"], ["noise_k"], axis=0),
         n("Slice", ["noise_k", "k_zero", "n", "k_axis0"], ["noise_a"]),
     ]
@@ -189,6 +183,13 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
     outer = [
         n("Shape", ["active"], ["ticks"]),
         n("Squeeze", ["ticks", "k_axis0"], ["ticks_s"]),
+        # what every tick reads of z's shape: G (2 with guidance, else 1), the [G·n, D] target
+        # of its rows, and the repeats that stack x once per half
+        n("Shape", ["z"], ["z_shape"]),
+        n("Slice", ["z_shape", "k_zero", "k_one", "k_axis0"], ["G"]),
+        n("Slice", ["z_shape", "k_last", "k_end", "k_axis0"], ["D"]),
+        n("Concat", ["k_last", "D"], ["zf_shape"], axis=0),
+        n("Concat", ["G", "k_one"], ["x_reps"], axis=0),
         n("Loop", ["ticks_s", "", "x"], [OUTPUT], body=body_graph),
     ]
     D = None
@@ -345,4 +346,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # `models.onnx_save` (imported when a graph is written) from the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())
