@@ -390,6 +390,13 @@ class Bench:
         source = os.path.abspath(v.bundle or self.bundle)
         return self.fused_bundles.get(source) if v.fused_attention else source
 
+    def runnable_bundle(self, v: Variant) -> str:
+        """bundle_of(v), or BenchError where its fused-attention copy was not made."""
+        bundle = self.bundle_of(v)
+        if bundle is None:
+            raise BenchError(f"variant {v.name}: its fused-attention bundle was not made (see the bundle variants phase)")
+        return bundle
+
     def asked_precisions(self) -> list:
         """[(bundle, precision)] of every variant graph a gtr-run configuration asks for with
         `--precision fp16|bf16|int8` (variant args or --gtr-arg), in order, each pair once."""
@@ -453,9 +460,7 @@ class Bench:
 
     def gtr_eval(self, variant, B: int) -> None:
         name, binary, _, extra, _ = variant
-        bundle = self.bundle_of(variant)
-        if bundle is None:
-            raise BenchError(f"variant {name}: its fused-attention bundle was not made (see the bundle variants phase)")
+        bundle = self.runnable_bundle(variant)
         N = self.images_for(B)
         evaldir = os.path.join(self.out, "eval", f"{name}-b{B}")
         cmd = [binary, "eval", bundle, *self.schedules, "--device", self.a.device,
@@ -501,9 +506,7 @@ class Bench:
         most kernel time (on CUDA these are launch times, not device times). Profiles and images
         go to --work; the summary to gpu-bench.json and the table's notes."""
         name, binary, _, extra, _ = variant
-        bundle = self.bundle_of(variant)
-        if bundle is None:
-            raise BenchError(f"variant {name}: its fused-attention bundle was not made (see the bundle variants phase)")
+        bundle = self.runnable_bundle(variant)
         work = os.path.join(os.path.abspath(self.a.work), "profile", name)
         shutil.rmtree(work, ignore_errors=True)
         rundir = os.path.join(work, "run")

@@ -184,10 +184,12 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .context("the run finished without measurements")?;
     for graph in &measured.graphs {
         match &graph.kernels {
-            Some(kernels) if kernels.problem.is_some() => eprintln!(
-                "gtr-run: warning: no kernel profile of {}: {}",
-                graph.graph,
-                kernels.problem.as_deref().unwrap_or_default()
+            Some(gtr_run::engine::KernelProfile {
+                problem: Some(problem),
+                ..
+            }) => eprintln!(
+                "gtr-run: warning: no kernel profile of {}: {problem}",
+                graph.graph
             ),
             Some(kernels) if graph.calls > 0 => eprintln!(
                 "gtr-run: kernel profile {}",
