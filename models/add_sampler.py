@@ -27,9 +27,24 @@ log σ² is frac·log β' + (1 − frac)·log σ²_post with frac = (v + 1)/2 fr
 outputs (learned range), else the fourth coefficient alone. Rows past `active` are untouched.
 
 The head's weights are copied into the loop body (sampler.onnx holds them: MAR-B's head is
-~140 MB); see `build_sampler` for why they cannot stay outside the loop. The manifest gets a `sampler`
-entry after the diffusion graph's. `--check` compares the graph with a NumPy run of the same
-chain through the bundle's diffusion graph (onnxruntime).
+~140 MB); see `build_sampler` for why they cannot stay outside the loop.
+
+It also writes `tick.onnx`, the same tick without control flow (ONNX Runtime cannot capture a
+Loop in a CUDA graph): gtr-run calls it once per tick (`--sampler ticks`) on buffers it binds once
+per shape, so that on CUDA each call replays a captured graph. Its contract:
+
+  inputs   x, z, t, coef, noise, guidance   as above (x: the state before tick k)
+           k       i64 []          the tick
+           running bool [T, N]     whether row r's chain runs at tick k (a row that does not
+                                   keeps its value; rows padded to a fixed count never run)
+  outputs  x_next  f32 [N, C]      the state after tick k
+           k_next  i64 []          k + 1
+
+Every row goes through the head at every tick, so its shapes never change between calls.
+
+The manifest gets `sampler` and `tick` entries after the diffusion graph's. `--check` compares
+both graphs with a NumPy run of the same chain through the bundle's diffusion graph
+(onnxruntime).
 """
 from __future__ import annotations
 
@@ -45,6 +60,9 @@ from onnx import TensorProto, helper, numpy_helper
 SAMPLER_FILE = "sampler.onnx"
 INPUTS = ["x", "z", "t", "coef", "noise", "active", "guidance"]
 OUTPUT = "x_out"
+TICK_FILE = "tick.onnx"
+TICK_INPUTS = ["x", "k", "z", "t", "coef", "noise", "running", "guidance"]
+TICK_OUTPUTS = ["x_next", "k_next"]
 COEFFICIENTS = 5
 
 
@@ -57,15 +75,11 @@ def read_manifest(bundle: str) -> tuple[str, dict]:
     return text, yaml.safe_load(text)
 
 
-def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
-    """The Loop graph around `head` (its tensor names for x, t, z and out in `io`)."""
-    hg = head.graph
-    C = token_dim
+def head_nodes(hg: onnx.GraphProto, io: dict) -> tuple[list, str]:
+    """The head's nodes, their values renamed under `head/` except its initializers and its
+    inputs x, t and z, which become `xt`, `tt` and `zf`; and the name of its output."""
     ins, out_name = io["inputs"], io["outputs"]["out"]
     prefix = "head/"
-
-    # The head's nodes move into the loop body, every value renamed under `head/` except its
-    # initializers (they become the body's own, see below).
     inits = {i.name for i in hg.initializer}
     rename = {ins["x"]: "xt", ins["t"]: "tt", ins["z"]: "zf"}
 
@@ -74,7 +88,7 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
             return v
         return rename.get(v) or prefix + v
 
-    body_nodes = []
+    nodes = []
     for n in hg.node:
         m = onnx.NodeProto()
         m.CopyFrom(n)
@@ -84,18 +98,14 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         m.output.extend(name(v) for v in n.output)
         if m.name:
             m.name = prefix + m.name
-        body_nodes.append(m)
-    head_out = name(out_name)
+        nodes.append(m)
+    return nodes, name(out_name)
 
-    const = []
 
-    def c(nm: str, arr) -> str:
-        const.append(numpy_helper.from_array(np.asarray(arr), nm))
-        return nm
-
-    n = helper.make_node
-    c("k_columns", np.ones(COEFFICIENTS, np.int64))
-    for nm, value in [
+def chain_constants(C: int) -> list:
+    """The constants the tick nodes of both graphs read."""
+    values = [
+        ("k_columns", np.ones(COEFFICIENTS, np.int64)),
         ("k_zero", np.array([0], np.int64)),
         ("k_one", np.array([1], np.int64)),
         ("k_last", np.array([-1], np.int64)),
@@ -106,8 +116,89 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         ("k_2C", np.array([2 * C], np.int64)),
         ("k_half", np.array(0.5, np.float32)),
         ("k_onef", np.array(1.0, np.float32)),
-    ]:
-        c(nm, value)
+    ]
+    return [numpy_helper.from_array(v, nm) for nm, v in values]
+
+
+def shape_nodes() -> list:
+    """What a tick reads of z's shape: G (2 with guidance, else 1), the [G·n, D] target of its
+    rows (`zf_shape`) and the repeats that stack x once per half (`x_reps`)."""
+    n = helper.make_node
+    return [
+        n("Shape", ["z"], ["z_shape"]),
+        n("Slice", ["z_shape", "k_zero", "k_one", "k_axis0"], ["G"]),
+        n("Slice", ["z_shape", "k_last", "k_end", "k_axis0"], ["D"]),
+        n("Concat", ["k_last", "D"], ["zf_shape"], axis=0),
+        n("Concat", ["G", "k_one"], ["x_reps"], axis=0),
+    ]
+
+
+def update_nodes(head_out: str, learned: bool) -> list:
+    """One tick's update of the rows `xa` (n = `n` [1] rows): ε mixed from the head's two halves
+    in `head_out` with `guidance`, then the respaced DDPM step with the tick's coefficients `ca`
+    [n, 5] and noise `noise_a` [n, C] → `x_new`."""
+    n = helper.make_node
+    nodes = [
+        # ε of the conditional half (first n rows) and of the unconditional one (last n)
+        n("Neg", ["n"], ["minus_n"]),
+        n("Slice", [head_out, "k_zero", "n", "k_axis0"], ["out_c"]),
+        n("Slice", [head_out, "minus_n", "k_end", "k_axis0"], ["out_u"]),
+        n("Slice", ["out_c", "k_zero", "k_C", "k_axis1"], ["eps_c"]),
+        n("Slice", ["out_u", "k_zero", "k_C", "k_axis1"], ["eps_u"]),
+        n("Sub", ["eps_c", "eps_u"], ["eps_d"]),
+        n("Mul", ["eps_d", "guidance"], ["eps_ds"]),
+        n("Add", ["eps_u", "eps_ds"], ["eps"]),
+        n("Split", ["ca", "k_columns"], ["cA", "cB", "c_log_beta", "c_log_post", "c_scale"], axis=1),
+    ]
+    if learned:
+        nodes += [
+            n("Slice", ["out_c", "k_C", "k_2C", "k_axis1"], ["v"]),
+            n("Add", ["v", "k_onef"], ["v1"]),
+            n("Mul", ["v1", "k_half"], ["frac"]),
+            n("Sub", ["c_log_beta", "c_log_post"], ["log_gap"]),
+            n("Mul", ["frac", "log_gap"], ["frac_gap"]),
+            n("Add", ["c_log_post", "frac_gap"], ["log_var"]),
+        ]
+    else:
+        nodes += [n("Identity", ["c_log_post"], ["log_var"])]
+    return nodes + [
+        n("Mul", ["log_var", "k_half"], ["half_log_var"]),
+        n("Exp", ["half_log_var"], ["sigma"]),
+        n("Mul", ["sigma", "c_scale"], ["sigma_s"]),
+        n("Mul", ["sigma_s", "noise_a"], ["step_noise"]),
+        n("Mul", ["cA", "xa"], ["ax"]),
+        n("Mul", ["cB", "eps"], ["be"]),
+        n("Sub", ["ax", "be"], ["mean"]),
+        n("Add", ["mean", "step_noise"], ["x_new"]),
+    ]
+
+
+def z_width(hg: onnx.GraphProto, io: dict):
+    """D of the head's z input, or the symbol "D" where the graph leaves it open."""
+    for vi in hg.input:
+        if vi.name == io["inputs"]["z"]:
+            dims = vi.type.tensor_type.shape.dim
+            return dims[-1].dim_value if dims and dims[-1].dim_value > 0 else "D"
+    return "D"
+
+
+def model_like(head: onnx.ModelProto, graph: onnx.GraphProto, what: str) -> onnx.ModelProto:
+    """`graph` as a model with the head's own opset (so that its nodes mean what they meant)."""
+    opset = max(o.version for o in head.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 13:
+        raise SystemExit(f"the diffusion graph uses opset {opset}; the {what} needs 13 or newer")
+    model = helper.make_model(graph, opset_imports=list(head.opset_import),
+                              producer_name="gtr-run add_sampler.py")
+    model.ir_version = head.ir_version
+    return model
+
+
+def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
+    """The Loop graph around `head` (its tensor names for x, t, z and out in `io`)."""
+    hg = head.graph
+    C = token_dim
+    body_nodes, head_out = head_nodes(hg, io)
+    n = helper.make_node
     body = [
         # rows running at this tick: x_in[:n]
         n("Gather", ["active", "iter"], ["n0"], axis=0),
@@ -123,42 +214,12 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         n("Slice", ["t_k", "k_zero", "n", "k_axis0"], ["ta"]),
         n("Tile", ["ta", "G"], ["tt"]),
         *body_nodes,
-        # ε of the conditional half (first n rows) and of the unconditional one (last n)
-        n("Neg", ["n"], ["minus_n"]),
-        n("Slice", [head_out, "k_zero", "n", "k_axis0"], ["out_c"]),
-        n("Slice", [head_out, "minus_n", "k_end", "k_axis0"], ["out_u"]),
-        n("Slice", ["out_c", "k_zero", "k_C", "k_axis1"], ["eps_c"]),
-        n("Slice", ["out_u", "k_zero", "k_C", "k_axis1"], ["eps_u"]),
-        n("Sub", ["eps_c", "eps_u"], ["eps_d"]),
-        n("Mul", ["eps_d", "guidance"], ["eps_ds"]),
-        n("Add", ["eps_u", "eps_ds"], ["eps"]),
         # this tick's coefficients and noise for the running rows
         n("Gather", ["coef", "iter"], ["coef_k"], axis=0),
         n("Slice", ["coef_k", "k_zero", "n", "k_axis0"], ["ca"]),
-        n("Split", ["ca", "k_columns"], ["cA", "cB", "c_log_beta", "c_log_post", "c_scale"], axis=1),
         n("Gather", ["noise", "iter"], ["noise_k"], axis=0),
         n("Slice", ["noise_k", "k_zero", "n", "k_axis0"], ["noise_a"]),
-    ]
-    if learned:
-        body += [
-            n("Slice", ["out_c", "k_C", "k_2C", "k_axis1"], ["v"]),
-            n("Add", ["v", "k_onef"], ["v1"]),
-            n("Mul", ["v1", "k_half"], ["frac"]),
-            n("Sub", ["c_log_beta", "c_log_post"], ["log_gap"]),
-            n("Mul", ["frac", "log_gap"], ["frac_gap"]),
-            n("Add", ["c_log_post", "frac_gap"], ["log_var"]),
-        ]
-    else:
-        body += [n("Identity", ["c_log_post"], ["log_var"])]
-    body += [
-        n("Mul", ["log_var", "k_half"], ["half_log_var"]),
-        n("Exp", ["half_log_var"], ["sigma"]),
-        n("Mul", ["sigma", "c_scale"], ["sigma_s"]),
-        n("Mul", ["sigma_s", "noise_a"], ["step_noise"]),
-        n("Mul", ["cA", "xa"], ["ax"]),
-        n("Mul", ["cB", "eps"], ["be"]),
-        n("Sub", ["ax", "be"], ["mean"]),
-        n("Add", ["mean", "step_noise"], ["x_new"]),
+        *update_nodes(head_out, learned),
         n("Concat", ["x_new", "x_rest"], ["x_next"], axis=0),
         n("Identity", ["cond_in"], ["cond_out"]),
     ]
@@ -183,20 +244,11 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
     outer = [
         n("Shape", ["active"], ["ticks"]),
         n("Squeeze", ["ticks", "k_axis0"], ["ticks_s"]),
-        # what every tick reads of z's shape: G (2 with guidance, else 1), the [G·n, D] target
-        # of its rows, and the repeats that stack x once per half
-        n("Shape", ["z"], ["z_shape"]),
-        n("Slice", ["z_shape", "k_zero", "k_one", "k_axis0"], ["G"]),
-        n("Slice", ["z_shape", "k_last", "k_end", "k_axis0"], ["D"]),
-        n("Concat", ["k_last", "D"], ["zf_shape"], axis=0),
-        n("Concat", ["G", "k_one"], ["x_reps"], axis=0),
+        # what every tick reads of z's shape, made once
+        *shape_nodes(),
         n("Loop", ["ticks_s", "", "x"], [OUTPUT], body=body_graph),
     ]
-    D = None
-    for vi in hg.input:
-        if vi.name == ins["z"]:
-            dims = vi.type.tensor_type.shape.dim
-            D = dims[-1].dim_value if dims and dims[-1].dim_value > 0 else "D"
+    D = z_width(hg, io)
     graph = helper.make_graph(
         outer,
         "sampler",
@@ -210,16 +262,61 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
             helper.make_tensor_value_info("guidance", f32, [1]),
         ],
         [helper.make_tensor_value_info(OUTPUT, f32, ["N", C])],
-        initializer=const,
+        initializer=chain_constants(C),
     )
-    opset = max(o.version for o in head.opset_import if o.domain in ("", "ai.onnx"))
-    if opset < 13:
-        raise SystemExit(f"the diffusion graph uses opset {opset}; the sampler needs 13 or newer")
-    # The head's own opset, so that its nodes mean what they meant.
-    model = helper.make_model(graph, opset_imports=list(head.opset_import),
-                              producer_name="gtr-run add_sampler.py")
-    model.ir_version = head.ir_version
-    return model
+    return model_like(head, graph, "sampler")
+
+
+def build_tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
+    """One tick of the chains around `head`, without control flow (see TICK_INPUTS)."""
+    hg = head.graph
+    C = token_dim
+    body_nodes, head_out = head_nodes(hg, io)
+    n = helper.make_node
+    nodes = [
+        *shape_nodes(),
+        # every row, both halves: the shapes never depend on the tick
+        n("Shape", ["x"], ["x_shape"]),
+        n("Slice", ["x_shape", "k_zero", "k_one", "k_axis0"], ["n"]),
+        n("Identity", ["x"], ["xa"]),
+        n("Reshape", ["z", "zf_shape"], ["zf"]),
+        n("Tile", ["xa", "x_reps"], ["xt"]),
+        n("Gather", ["t", "k"], ["t_k"], axis=0),
+        n("Tile", ["t_k", "G"], ["tt"]),
+        *body_nodes,
+        n("Gather", ["coef", "k"], ["ca"], axis=0),
+        n("Gather", ["noise", "k"], ["noise_a"], axis=0),
+        *update_nodes(head_out, learned),
+        # rows whose chain has ended keep their value
+        n("Gather", ["running", "k"], ["run_k"], axis=0),
+        n("Unsqueeze", ["run_k", "k_axis1"], ["run_rows"]),
+        n("Where", ["run_rows", "x_new", "xa"], [TICK_OUTPUTS[0]]),
+        n("Add", ["k", "k_one_scalar"], [TICK_OUTPUTS[1]]),
+    ]
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    D = z_width(hg, io)
+    graph = helper.make_graph(
+        nodes,
+        "tick",
+        [
+            helper.make_tensor_value_info("x", f32, ["N", C]),
+            helper.make_tensor_value_info("k", i64, []),
+            helper.make_tensor_value_info("z", f32, ["G", "N", D]),
+            helper.make_tensor_value_info("t", i64, ["T", "N"]),
+            helper.make_tensor_value_info("coef", f32, ["T", "N", COEFFICIENTS]),
+            helper.make_tensor_value_info("noise", f32, ["T", "N", C]),
+            helper.make_tensor_value_info("running", TensorProto.BOOL, ["T", "N"]),
+            helper.make_tensor_value_info("guidance", f32, [1]),
+        ],
+        [
+            helper.make_tensor_value_info(TICK_OUTPUTS[0], f32, ["N", C]),
+            helper.make_tensor_value_info(TICK_OUTPUTS[1], i64, []),
+        ],
+        initializer=chain_constants(C)
+        + [numpy_helper.from_array(np.array(1, np.int64), "k_one_scalar")]
+        + list(hg.initializer),
+    )
+    return model_like(head, graph, "tick graph")
 
 
 def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outputs: dict[str, str],
@@ -239,8 +336,10 @@ def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outp
 
 
 def manifest_with_sampler(text: str) -> str:
-    """The manifest text with a `sampler` graph entry after the diffusion graph's."""
-    return manifest_with_graph(text, "sampler", SAMPLER_FILE, INPUTS, {"x_out": OUTPUT}, "diffusion")
+    """The manifest text with `sampler` and `tick` graph entries after the diffusion graph's."""
+    text = manifest_with_graph(text, "sampler", SAMPLER_FILE, INPUTS, {"x_out": OUTPUT}, "diffusion")
+    return manifest_with_graph(text, "tick", TICK_FILE, TICK_INPUTS, {r: r for r in TICK_OUTPUTS},
+                               "sampler")
 
 
 def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None) -> str:
@@ -253,23 +352,32 @@ def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | 
     return name
 
 
-def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print) -> str:
-    """Writes the sampler around the head graph `head_file` (the manifest's diffusion tensor
-    names) as sampler.onnx, or sampler.PRECISION.onnx for a precision variant; returns its name."""
+CHAIN_GRAPHS = {"sampler": (build_sampler, SAMPLER_FILE, "loop over the ticks"),
+                "tick": (build_tick, TICK_FILE, "one tick, no control flow")}
+
+
+def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print,
+                  roles=tuple(CHAIN_GRAPHS)) -> dict[str, str]:
+    """Writes the chain graphs `roles` (sampler, tick) around the head graph `head_file` (the
+    manifest's diffusion tensor names) as ROLE.onnx, or ROLE.PRECISION.onnx for a precision
+    variant; returns the names written by role."""
     io = m["graphs"]["diffusion"]
     head = onnx.load(os.path.join(bundle, head_file))
     learned = m["diffusion"]["variance"] == "learned_range"
-    name = save_graph(bundle, build_sampler(head, io, int(m["token_dim"]), learned), SAMPLER_FILE, precision)
-    log(f"{name}: loop over the ticks around {head_file} ({'learned' if learned else 'fixed'} variance)")
-    return name
+    names = {}
+    for role in roles:
+        build, file, what = CHAIN_GRAPHS[role]
+        names[role] = save_graph(bundle, build(head, io, int(m["token_dim"]), learned), file, precision)
+        log(f"{names[role]}: {what} around {head_file} ({'learned' if learned else 'fixed'} variance)")
+    return names
 
 
 def add_sampler(bundle: str, log=print) -> str:
     text, m = read_manifest(bundle)
-    name = write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
+    names = write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
     with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
         f.write(manifest_with_sampler(text))
-    return os.path.join(bundle, name)
+    return os.path.join(bundle, names["sampler"])
 
 
 def reference_chain(head_sess, io, x, z, t, coef, noise, active, guidance, C, learned):
@@ -314,6 +422,8 @@ def check(bundle: str, log=print) -> float:
     guidance = np.array([2.5], np.float32)
     head = ort.InferenceSession(os.path.join(bundle, io["file"]), providers=["CPUExecutionProvider"])
     sampler = ort.InferenceSession(os.path.join(bundle, SAMPLER_FILE), providers=["CPUExecutionProvider"])
+    tick = ort.InferenceSession(os.path.join(bundle, TICK_FILE), providers=["CPUExecutionProvider"])
+    running = np.arange(N)[None, :] < active[:, None]
     worst = 0.0
     for g in (2, 1):
         zg = np.ascontiguousarray(z[:g])
@@ -321,8 +431,16 @@ def check(bundle: str, log=print) -> float:
         got = sampler.run([OUTPUT], {"x": x, "z": zg, "t": t, "coef": coef, "noise": noise,
                                      "active": active, "guidance": guidance})[0]
         err = float(np.abs(got - want).max())
-        worst = max(worst, err)
         log(f"check (G = {g}): max |sampler - per-tick reference| = {err:.3g}")
+        xk, k = x, np.array(0, np.int64)
+        for _ in range(T):
+            xk, k = tick.run(TICK_OUTPUTS, {"x": xk, "k": k, "z": zg, "t": t, "coef": coef, "noise": noise,
+                                            "running": running, "guidance": guidance})
+        if int(k) != T:
+            raise SystemExit(f"tick graph: k_next counted to {int(k)} after {T} ticks")
+        tick_err = float(np.abs(xk - want).max())
+        log(f"check (G = {g}): max |tick graph, {T} calls - per-tick reference| = {tick_err:.3g}")
+        worst = max(worst, err, tick_err)
     return worst
 
 

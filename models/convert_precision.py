@@ -590,12 +590,16 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
             info["bytes"] = sum(os.path.getsize(p) for p in written)
             log(f"{role}: wrote {out_name} ({info['bytes'] / 1e6:.2f} MB; {json.dumps(stats)})")
         report["graphs"][role] = info
-    if "sampler" in manifest["graphs"] and "diffusion" in files:
-        # The whole-chain sampler around this precision's head (models/add_sampler.py).
+    chain_roles = [r for r in ("sampler", "tick") if r in manifest["graphs"]]
+    if chain_roles and "diffusion" in files:
+        # The whole-chain sampler and the tick graph around this precision's head
+        # (models/add_sampler.py).
         from models.add_sampler import write_sampler
 
-        files["sampler"] = write_sampler(bundle, manifest, files["diffusion"], precision, log=log)
-        report["graphs"]["sampler"] = {"file": files["sampler"]}
+        for role, name in write_sampler(bundle, manifest, files["diffusion"], precision, log=log,
+                                        roles=chain_roles).items():
+            files[role] = name
+            report["graphs"][role] = {"file": name}
     if "backbone" in manifest["graphs"] and "encoder" in files and "decoder" in files:
         # The fused backbone of this precision's encoder and decoder (models/add_backbone.py).
         from models.add_backbone import write_backbone

@@ -27,8 +27,10 @@ pub struct RuntimeArgs {
     pub threads: Option<usize>,
     /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
     /// call per MAR step, state on the device), `host` (one head call per
-    /// tick, the update on the CPU) or `auto` (the graph when the bundle has
-    /// one and a GPU provider runs it; the host path on the CPU provider).
+    /// tick, the update on the CPU), `ticks` (the bundle's tick graph, one
+    /// call per tick on tensors bound once per shape; CUDA graphs replayed on
+    /// --device cuda) or `auto` (the sampler graph when the bundle has one
+    /// and a GPU provider runs it; the host path on the CPU provider).
     #[arg(long, value_enum, default_value_t = gtr_run::backend::ChainRunner::Auto)]
     sampler: gtr_run::backend::ChainRunner,
     /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
@@ -98,6 +100,7 @@ impl RuntimeArgs {
             shape_ranges: matches!(device, Device::TensorRt | Device::Auto)
                 .then(|| ShapeRanges::from_plans(plans, batch)),
             profile_dir: None,
+            tick_graph: self.sampler == gtr_run::backend::ChainRunner::Ticks,
         })
     }
 }

@@ -13,12 +13,9 @@ use std::time::Instant;
 use ndarray::{Array1, Array2, Array3, s};
 use rayon::prelude::*;
 
-use super::model::{ChainInputs, MarModel, ModelInfo};
+use super::model::{COEFFICIENTS, ChainInputs, MarModel, ModelInfo};
 use super::rows::Row;
 use super::{EngineError, check_finite, shape_error};
-
-/// Coefficients per row and tick in a sampler graph's `coef`.
-const COEFFICIENTS: usize = 5;
 
 /// What a step's chains cost.
 pub(super) struct ChainWork {

@@ -37,7 +37,7 @@ use ndarray::{Array2, Array3, Array4};
 
 use chains::StepChains;
 pub use model::{
-    ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel, ModelError,
+    COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel, ModelError,
     ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
@@ -199,13 +199,14 @@ impl<M: MarModel> Engine<M> {
         }
     }
 
-    /// Where this engine runs diffusion chains: `sampler graph` (the
-    /// model's, one call per MAR step) or `host` (one head call per tick).
-    pub fn chain_runner(&self) -> &'static str {
+    /// Where this engine runs diffusion chains: the model's
+    /// [`MarModel::chain_graph`] (`sampler graph`: one call per MAR step) or
+    /// `host` (one head call per tick).
+    pub fn chain_runner(&self) -> String {
         if self.model.runs_chains() {
-            "sampler graph"
+            self.model.chain_graph()
         } else {
-            "host"
+            "host".into()
         }
     }
 

@@ -121,6 +121,12 @@ pub trait MarModel {
         false
     }
 
+    /// What runs whole chains when [`MarModel::runs_chains`] says so, for
+    /// run records: `sampler graph` unless the model says otherwise.
+    fn chain_graph(&self) -> String {
+        "sampler graph".into()
+    }
+
     /// Every tick of one MAR step's diffusion chains in one call (the
     /// contract of models/README.md, "sampler graph") → the sampled tokens
     /// [N, C]. Only called when [`MarModel::runs_chains`] says so.
@@ -169,6 +175,10 @@ pub fn gather_rows(z: &Array3<f32>, predict: ArrayView2<i64>) -> Array3<f32> {
     }
     out
 }
+
+/// Columns of [`ChainInputs::coefficients`]: A, B, log β′, log σ²_post and
+/// the noise scale.
+pub const COEFFICIENTS: usize = 5;
 
 /// One MAR step's chains for [`MarModel::sample_chain`]: N rows (running
 /// longest first), T ticks, G = 2 halves with guidance (conditional first),

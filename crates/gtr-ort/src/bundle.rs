@@ -23,8 +23,8 @@ const MAX_IMAGE_SIDE: usize = 16_384;
 const MAX_TRAIN_STEPS: usize = 100_000;
 pub const FORMAT: &str = "gtr-run/mar-bundle@1";
 
-/// The graphs of a bundle, by role: four required, the sampler and the
-/// fused backbone optional.
+/// The graphs of a bundle, by role: four required, the sampler, the tick
+/// graph and the fused backbone optional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -34,6 +34,9 @@ pub enum Role {
     VaeDecoder,
     /// Whole diffusion chains in one call (models/add_sampler.py).
     Sampler,
+    /// One tick of the chains without control flow, on fixed shapes
+    /// (models/add_sampler.py; `--sampler ticks`).
+    Tick,
     /// Encoder and decoder in one call, returning only the predicted
     /// tokens' z (models/add_backbone.py).
     Backbone,
@@ -48,7 +51,7 @@ impl Role {
         Role::VaeDecoder,
     ];
     /// The roles a bundle may have.
-    pub const OPTIONAL: [Role; 2] = [Role::Sampler, Role::Backbone];
+    pub const OPTIONAL: [Role; 3] = [Role::Sampler, Role::Tick, Role::Backbone];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -57,6 +60,7 @@ impl Role {
             Role::Diffusion => "diffusion",
             Role::VaeDecoder => "vae_decoder",
             Role::Sampler => "sampler",
+            Role::Tick => "tick",
             Role::Backbone => "backbone",
         }
     }
@@ -69,6 +73,9 @@ impl Role {
             Role::Diffusion => &["x", "t", "z"],
             Role::VaeDecoder => &["latent"],
             Role::Sampler => &["x", "z", "t", "coef", "noise", "active", "guidance"],
+            Role::Tick => &[
+                "x", "k", "z", "t", "coef", "noise", "running", "guidance",
+            ],
             Role::Backbone => &["tokens", "known", "label", "predict"],
         }
     }
@@ -81,6 +88,7 @@ impl Role {
             Role::Diffusion => &["out"],
             Role::VaeDecoder => &["image"],
             Role::Sampler => &["x_out"],
+            Role::Tick => &["x_next", "k_next"],
             Role::Backbone => &["z"],
         }
     }

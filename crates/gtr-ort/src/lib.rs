@@ -30,6 +30,7 @@ pub mod precision;
 pub mod precision_choice;
 pub mod profile;
 pub mod tensorrt;
+mod ticks;
 
 pub use device::Device;
 pub use model::{BackboneRunner, ChainRunner, LoadOptions, OrtError, OrtEvaluator, OrtModel};

@@ -21,6 +21,7 @@ use crate::library;
 use crate::precision::Precision;
 use crate::precision_choice::{self, PrecisionChoice};
 use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
+use crate::ticks::TickRunner;
 use gtr_engine::{
     ChainInputs, Evaluator, GraphStats, KernelProfile, MarModel, ModelError, ModelInfo, Scores,
     gather_rows,
@@ -57,8 +58,10 @@ pub enum OrtError {
 
 /// Where diffusion chains run (`--sampler`): the bundle's sampler graph
 /// (one call per MAR step, state on the device), the host (one head call
-/// per tick, the update on the CPU), or `Auto`: the graph when the bundle
-/// has one and a GPU provider runs it, the host on the CPU provider.
+/// per tick, the update on the CPU), the bundle's tick graph (one call per
+/// tick on bound tensors, CUDA graphs replayed on CUDA; [`crate::ticks`]), or
+/// `Auto`: the sampler graph when the bundle has one and a GPU provider runs
+/// it, the host on the CPU provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum ChainRunner {
@@ -66,6 +69,7 @@ pub enum ChainRunner {
     Auto,
     Host,
     Graph,
+    Ticks,
 }
 
 /// How the backbone runs (`--backbone`): `Fused`, the bundle's backbone
@@ -103,6 +107,9 @@ pub struct LoadOptions {
     /// not say when it cannot open the file, which then shows only as a
     /// [`KernelProfile::problem`] from [`MarModel::end_profiling`].
     pub profile_dir: Option<std::path::PathBuf>,
+    /// Open the bundle's tick graph, for [`ChainRunner::Ticks`] (with CUDA
+    /// graphs on the CUDA provider unless profiling).
+    pub tick_graph: bool,
 }
 
 impl LoadOptions {
@@ -115,6 +122,7 @@ impl LoadOptions {
             tensorrt_cache: None,
             shape_ranges: None,
             profile_dir: None,
+            tick_graph: false,
         }
     }
 }
@@ -129,6 +137,9 @@ struct SessionSettings {
     tensorrt: Option<TensorRtOptions>,
     /// Profile file prefix (ONNX Runtime appends a timestamp and `.json`).
     profile_prefix: Option<std::path::PathBuf>,
+    /// The CUDA provider captures and replays CUDA graphs.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    cuda_graph: bool,
 }
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -151,12 +162,13 @@ fn environment() -> Result<&'static Environment, OrtError> {
     env.as_ref().map_err(|e| OrtError::Runtime(e.clone()))
 }
 
-struct Graph {
+/// One graph's session, its tensor names by role and what its calls cost.
+pub(crate) struct Graph {
     name: &'static str,
-    session: Session,
-    inputs: BTreeMap<String, String>,
-    outputs: BTreeMap<String, String>,
-    stats: GraphStats,
+    pub(crate) session: Session,
+    pub(crate) inputs: BTreeMap<String, String>,
+    pub(crate) outputs: BTreeMap<String, String>,
+    pub(crate) stats: GraphStats,
     /// ONNX Runtime is profiling this session.
     profiling: bool,
 }
@@ -345,6 +357,9 @@ pub struct OrtModel {
     vae: Graph,
     /// Whole chains per call, when the bundle has a sampler graph.
     sampler: Option<Graph>,
+    /// One call per tick on bound tensors, when asked for
+    /// ([`LoadOptions::tick_graph`]) and the bundle has a tick graph.
+    ticks: Option<TickRunner>,
     /// Encoder and decoder in one call returning the predicted tokens' z,
     /// when the bundle has a backbone graph.
     backbone: Option<Graph>,
@@ -409,6 +424,22 @@ fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
                 e("guidance", F, vec![Fixed(1)]),
             ],
             vec![e("x_out", F, vec![Any, Fixed(c)])],
+        ),
+        Role::Tick => (
+            vec![
+                e("x", F, vec![Dynamic, Fixed(c)]),
+                e("k", I, vec![]),
+                e("z", F, vec![Dynamic, Dynamic, Fixed(d)]),
+                e("t", I, vec![Dynamic, Dynamic]),
+                e("coef", F, vec![Dynamic, Dynamic, Fixed(5)]),
+                e("noise", F, vec![Dynamic, Dynamic, Fixed(c)]),
+                e("running", TensorElementType::Bool, vec![Dynamic, Dynamic]),
+                e("guidance", F, vec![Fixed(1)]),
+            ],
+            vec![
+                e("x_next", F, vec![Any, Fixed(c)]),
+                e("k_next", I, vec![]),
+            ],
         ),
         Role::Backbone => (
             vec![
@@ -551,13 +582,15 @@ impl OrtModel {
         let choice = &options.precision;
         let tensorrt = tensorrt_options(bundle, &info, options)?;
         let mut provider = String::from("cpu");
-        // Opens `role`'s graph (the precision's file) and checks its contract.
-        let open = |role: Role, entry: &crate::bundle::GraphEntry| {
+        // Opens `role`'s graph (the precision's file) and checks its
+        // contract; `cuda_graph` asks the CUDA provider to capture it.
+        let open_with = |role: Role, entry: &crate::bundle::GraphEntry, cuda_graph: bool| {
             let file = choice.graph_files.get(role.key()).unwrap_or(&entry.file);
             let settings = SessionSettings {
                 cuda_tf32: choice.cuda_tf32,
                 tensorrt: tensorrt.get(role.key()).cloned(),
                 profile_prefix: options.profile_dir.as_ref().map(|d| d.join(role.key())),
+                cuda_graph,
             };
             let (graph, ran) = Graph::open(
                 role.key(),
@@ -572,6 +605,7 @@ impl OrtModel {
             check_contract(&graph, expectations(role, &info))?;
             Ok::<_, OrtError>((graph, ran))
         };
+        let open = |role: Role, entry: &crate::bundle::GraphEntry| open_with(role, entry, false);
         let mut graphs = Vec::new();
         for role in Role::ALL {
             let (graph, ran) = open(role, bundle.graph(role))?;
@@ -597,6 +631,24 @@ impl OrtModel {
             }
             _ => None,
         };
+        // The tick graph (asked for by `--sampler ticks`; not under TensorRT,
+        // which would get no profiles for it) with CUDA graphs where CUDA
+        // runs it, unless profiling (a replayed graph's kernels are not
+        // profiled one by one).
+        let ticks = match bundle.optional_graph(Role::Tick) {
+            Some(entry) if options.tick_graph && options.device != Device::TensorRt => {
+                let capture = provider == "cuda" && options.profile_dir.is_none();
+                let (graph, ran) = open_with(Role::Tick, entry, capture)?;
+                let runner = TickRunner::new(graph, &ran, capture, info.token_dim, info.width)
+                    .map_err(|message| OrtError::Session {
+                        graph: "tick",
+                        path: bundle.entry_path(entry).display().to_string(),
+                        message: format!("device memory for the bound tensors: {message}"),
+                    })?;
+                Some(runner)
+            }
+            _ => None,
+        };
         let mut it = graphs.into_iter();
         let (encoder, decoder, diffusion, vae) = (
             it.next().unwrap(),
@@ -611,6 +663,7 @@ impl OrtModel {
             diffusion,
             vae,
             sampler,
+            ticks,
             backbone,
             provider,
             precision: choice.clone(),
@@ -694,6 +747,11 @@ impl OrtModel {
         self
     }
 
+    /// Whether the bundle's tick graph was loaded ([`LoadOptions::tick_graph`]).
+    pub fn has_tick_graph(&self) -> bool {
+        self.ticks.is_some()
+    }
+
     /// Applies the `--sampler` choice: where the diffusion chains will run.
     /// Returns the model and, when the bundle has no sampler graph and
     /// `Auto` was asked, a note to show the user once; `Graph` without a
@@ -703,7 +761,19 @@ impl OrtModel {
         runner: ChainRunner,
         bundle: &Bundle,
     ) -> Result<(Self, Option<String>), OrtError> {
-        Ok(match (runner, self.has_sampler()) {
+        if runner == ChainRunner::Ticks {
+            if !self.has_tick_graph() {
+                return Err(OrtError::Sampler(format!(
+                    "--sampler ticks: bundle `{}` has no tick graph (graphs.tick in its manifest; not used under --device tensorrt); add one with `python3 models/add_sampler.py {}`",
+                    bundle.manifest.name,
+                    bundle.dir.display()
+                )));
+            }
+            return Ok((self.without_sampler(), None));
+        }
+        let mut model = self;
+        model.ticks = None;
+        Ok(match (runner, model.has_sampler()) {
             (ChainRunner::Graph, false) => {
                 return Err(OrtError::Sampler(format!(
                     "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
@@ -716,12 +786,14 @@ impl OrtModel {
                     "bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
                     bundle.manifest.name
                 );
-                (self, Some(note))
+                (model, Some(note))
             }
-            (ChainRunner::Host, true) => (self.without_sampler(), None),
+            (ChainRunner::Host, true) => (model.without_sampler(), None),
             // On the CPU provider the host path measured faster (README, "Speed").
-            (ChainRunner::Auto, true) if self.provider == "cpu" => (self.without_sampler(), None),
-            _ => (self, None),
+            (ChainRunner::Auto, true) if model.provider == "cpu" => {
+                (model.without_sampler(), None)
+            }
+            _ => (model, None),
         })
     }
 
@@ -869,6 +941,7 @@ fn register_device(
                     builder,
                     ort::ep::CUDA::default()
                         .with_tf32(settings.cuda_tf32)
+                        .with_cuda_graph(settings.cuda_graph)
                         .build(),
                     "cuda",
                 )
@@ -922,6 +995,7 @@ fn register_device(
                 use ort::ep::ExecutionProvider;
                 if ort::ep::CUDA::default()
                     .with_tf32(settings.cuda_tf32)
+                    .with_cuda_graph(settings.cuda_graph)
                     .register(&mut builder)
                     .is_ok()
                 {
@@ -1030,10 +1104,21 @@ impl MarModel for OrtModel {
     }
 
     fn runs_chains(&self) -> bool {
-        self.sampler.is_some()
+        self.sampler.is_some() || self.ticks.is_some()
+    }
+
+    fn chain_graph(&self) -> String {
+        match &self.ticks {
+            Some(t) if t.captures() => "tick graph (CUDA graphs)".into(),
+            Some(_) => "tick graph".into(),
+            None => "sampler graph".into(),
+        }
     }
 
     fn sample_chain(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
+        if let Some(ticks) = self.ticks.as_mut() {
+            return ticks.run(inputs);
+        }
         let graph = "sampler";
         let Some(sampler) = self.sampler.as_mut() else {
             return Err(ModelError::Graph {
@@ -1077,6 +1162,7 @@ impl MarModel for OrtModel {
         [&self.encoder, &self.decoder, &self.diffusion, &self.vae]
             .into_iter()
             .chain(self.sampler.as_ref())
+            .chain(self.ticks.as_ref().map(|t| &t.graph))
             .chain(self.backbone.as_ref())
             .map(|g| g.stats.clone())
             .collect()
@@ -1091,6 +1177,7 @@ impl MarModel for OrtModel {
         ]
         .into_iter()
         .chain(self.sampler.as_mut())
+        .chain(self.ticks.as_mut().map(|t| &mut t.graph))
         .chain(self.backbone.as_mut())
         .for_each(Graph::end_profiling)
     }

@@ -1,0 +1,341 @@
+//! `--sampler ticks`: the bundle's tick graph (models/add_sampler.py,
+//! `graphs.tick`: one tick of every chain, no control flow) called once per
+//! tick on tensors bound once per shape.
+//!
+//! A MAR step uploads its chains' inputs (initial noise, conditioning, every
+//! tick's timesteps, coefficients, noise and running rows) once; then each
+//! tick is one run of the graph on bound tensors, the state going from one
+//! pair of tensors to the other and back, and only the finished tokens come
+//! back. The rows are padded to a few sizes ([`bucket_rows`]) so that the
+//! shapes of a run repeat. On the CUDA provider with CUDA graphs on, every
+//! (shape, direction) is a graph id (`gpu_graph_id`): ONNX Runtime captures
+//! the tick's kernels once and replays them, one launch per tick, which the
+//! sampler graph's `Loop` cannot have (ONNX Runtime does not capture control
+//! flow). A graph id keeps the addresses it was captured with, so the
+//! tensors of a shape live as long as the model and ids are never reused.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use ndarray::Array2;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{IoBinding, RunOptions};
+use ort::value::{PrimitiveTensorElementType, Tensor};
+
+use gtr_engine::{COEFFICIENTS, ChainInputs, ModelError};
+
+use crate::model::Graph;
+
+const GRAPH: &str = "tick";
+
+/// The row count a step of `n` rows runs on: the least of 8, 12, 16, 24,
+/// 32, 48, ... (2^k and 3·2^(k−1)) that is at least `n`, so that a run's
+/// steps share a few shapes; past 8 rows, padding adds less than half.
+pub fn bucket_rows(n: usize) -> usize {
+    let mut size = 8;
+    loop {
+        if size >= n {
+            return size;
+        }
+        if size / 2 * 3 >= n {
+            return size / 2 * 3;
+        }
+        size *= 2;
+    }
+}
+
+/// What one set of bound tensors serves: G, the padded rows and the ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    groups: usize,
+    rows: usize,
+    ticks: usize,
+}
+
+/// Where bound tensors live: the device's memory and, when the host cannot
+/// write it, host memory to stage copies in.
+struct Memory {
+    device: Allocator,
+    staging: Option<Allocator>,
+}
+
+/// A tensor bound to the graph, with its host staging copy where the bound
+/// one is device memory.
+struct Buffer<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static> {
+    bound: Tensor<T>,
+    staging: Option<Tensor<T>>,
+}
+
+impl<T: PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static> Buffer<T> {
+    fn new(memory: &Memory, shape: Vec<usize>) -> ort::Result<Self> {
+        Ok(Buffer {
+            bound: Tensor::new(&memory.device, shape.clone())?,
+            staging: match &memory.staging {
+                Some(host) => Some(Tensor::new(host, shape)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Fills the tensor through `fill` (given every element, row-major).
+    fn write(&mut self, fill: impl FnOnce(&mut [T])) -> ort::Result<()> {
+        match &mut self.staging {
+            None => fill(self.bound.extract_tensor_mut().1),
+            Some(host) => {
+                fill(host.extract_tensor_mut().1);
+                host.copy_into(&mut self.bound)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor's elements, row-major.
+    fn read(&mut self) -> ort::Result<&[T]> {
+        match &mut self.staging {
+            None => Ok(self.bound.extract_tensor().1),
+            Some(host) => {
+                self.bound.copy_into(&mut *host)?;
+                Ok(host.extract_tensor().1)
+            }
+        }
+    }
+}
+
+/// The bound tensors of one [`Shape`] and the two bindings that step the
+/// state from `x[0]` to `x[1]` and back.
+struct BufferSet {
+    x: [Buffer<f32>; 2],
+    k: [Buffer<i64>; 2],
+    z: Buffer<f32>,
+    t: Buffer<i64>,
+    coef: Buffer<f32>,
+    noise: Buffer<f32>,
+    running: Buffer<bool>,
+    guidance: Buffer<f32>,
+    bindings: [IoBinding; 2],
+    run_options: [RunOptions; 2],
+}
+
+impl BufferSet {
+    /// Allocates and binds the tensors of `shape`; with `graph_ids`, the
+    /// two directions run as CUDA graph ids `2·id` and `2·id + 1`.
+    fn new(
+        graph: &Graph,
+        memory: &Memory,
+        shape: Shape,
+        (c, d): (usize, usize),
+        graph_ids: Option<usize>,
+    ) -> ort::Result<Self> {
+        let Shape {
+            groups,
+            rows,
+            ticks,
+        } = shape;
+        let mut set = BufferSet {
+            x: [
+                Buffer::new(memory, vec![rows, c])?,
+                Buffer::new(memory, vec![rows, c])?,
+            ],
+            k: [Buffer::new(memory, vec![])?, Buffer::new(memory, vec![])?],
+            z: Buffer::new(memory, vec![groups, rows, d])?,
+            t: Buffer::new(memory, vec![ticks, rows])?,
+            coef: Buffer::new(memory, vec![ticks, rows, COEFFICIENTS])?,
+            noise: Buffer::new(memory, vec![ticks, rows, c])?,
+            running: Buffer::new(memory, vec![ticks, rows])?,
+            guidance: Buffer::new(memory, vec![1])?,
+            bindings: [graph.session.create_binding()?, graph.session.create_binding()?],
+            run_options: [RunOptions::new()?, RunOptions::new()?],
+        };
+        let name = |role: &str| graph.inputs[role].as_str();
+        let out = |role: &str| graph.outputs[role].as_str();
+        for (from, binding) in set.bindings.iter_mut().enumerate() {
+            let to = 1 - from;
+            binding.bind_input(name("x"), &set.x[from].bound)?;
+            binding.bind_input(name("k"), &set.k[from].bound)?;
+            binding.bind_input(name("z"), &set.z.bound)?;
+            binding.bind_input(name("t"), &set.t.bound)?;
+            binding.bind_input(name("coef"), &set.coef.bound)?;
+            binding.bind_input(name("noise"), &set.noise.bound)?;
+            binding.bind_input(name("running"), &set.running.bound)?;
+            binding.bind_input(name("guidance"), &set.guidance.bound)?;
+            binding.bind_output(out("x_next"), &mut set.x[to].bound)?;
+            binding.bind_output(out("k_next"), &mut set.k[to].bound)?;
+        }
+        if let Some(id) = graph_ids {
+            for (from, options) in set.run_options.iter_mut().enumerate() {
+                options.set("gpu_graph_id", (2 * id + from).to_string())?;
+            }
+        }
+        Ok(set)
+    }
+
+    /// Writes one step's chains into the bound tensors, rows past the step's
+    /// padded with zeros that never run.
+    fn upload(&mut self, inputs: &ChainInputs<'_>, c: usize) -> ort::Result<()> {
+        let n = inputs.x.nrows();
+        // `src`'s rows, then zeros, into `dst` (rows of `width`).
+        let pad = |dst: &mut [f32], src: ndarray::ArrayView2<f32>, width: usize| {
+            dst.fill(0.0);
+            for (row, values) in dst.chunks_mut(width).zip(src.rows()) {
+                row.iter_mut().zip(values).for_each(|(d, &v)| *d = v);
+            }
+        };
+        self.x[0].write(|dst| pad(dst, inputs.x, c))?;
+        self.k[0].write(|dst| dst[0] = 0)?;
+        let rows = self.x[0].bound.shape()[0] as usize;
+        self.z.write(|dst| {
+            let width = inputs.z.dim().2;
+            for (g, half) in dst.chunks_mut(rows * width).enumerate() {
+                pad(half, inputs.z.index_axis(ndarray::Axis(0), g), width);
+            }
+        })?;
+        let active = inputs.active;
+        self.t.write(|dst| {
+            dst.fill(0);
+            for (row, values) in dst.chunks_mut(rows).zip(inputs.timesteps.rows()) {
+                row.iter_mut().zip(values).for_each(|(d, &v)| *d = v);
+            }
+        })?;
+        self.coef.write(|dst| {
+            let width = COEFFICIENTS;
+            for (tick, slab) in dst.chunks_mut(rows * width).enumerate() {
+                pad(slab, inputs.coefficients.index_axis(ndarray::Axis(0), tick), width);
+            }
+        })?;
+        self.noise.write(|dst| {
+            for (tick, slab) in dst.chunks_mut(rows * c).enumerate() {
+                pad(slab, inputs.noise.index_axis(ndarray::Axis(0), tick), c);
+            }
+        })?;
+        self.running.write(|dst| {
+            for (tick, row) in dst.chunks_mut(rows).enumerate() {
+                let running = active[tick].clamp(0, n as i64) as usize;
+                row[..running].fill(true);
+                row[running..].fill(false);
+            }
+        })?;
+        self.guidance.write(|dst| dst[0] = inputs.guidance)
+    }
+}
+
+/// The tick graph with the tensors of every shape it has run.
+pub(crate) struct TickRunner {
+    pub(crate) graph: Graph,
+    memory: Memory,
+    /// CUDA graphs are captured and replayed (`gpu_graph_id` per shape and
+    /// direction).
+    captures: bool,
+    sets: HashMap<Shape, BufferSet>,
+    /// C and D.
+    widths: (usize, usize),
+}
+
+impl TickRunner {
+    /// The runner of `graph` (opened on `provider`, with CUDA graphs on
+    /// when `captures`), for tokens of C = `token_dim` and z of D = `width`.
+    pub(crate) fn new(
+        graph: Graph,
+        provider: &str,
+        captures: bool,
+        token_dim: usize,
+        width: usize,
+    ) -> Result<Self, String> {
+        let memory = if provider == "cpu" {
+            Memory {
+                device: Allocator::default(),
+                staging: None,
+            }
+        } else {
+            let info = MemoryInfo::new(
+                AllocationDevice::CUDA,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            )
+            .map_err(|e| e.to_string())?;
+            Memory {
+                device: Allocator::new(&graph.session, info).map_err(|e| e.to_string())?,
+                staging: Some(Allocator::default()),
+            }
+        };
+        Ok(TickRunner {
+            graph,
+            memory,
+            captures,
+            sets: HashMap::new(),
+            widths: (token_dim, width),
+        })
+    }
+
+    /// Whether ticks replay captured CUDA graphs.
+    pub(crate) fn captures(&self) -> bool {
+        self.captures
+    }
+
+    /// Runs every tick of `inputs` (the contract of
+    /// [`gtr_engine::MarModel::sample_chain`]) → the sampled tokens [N, C].
+    pub(crate) fn run(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
+        let err = |message: String| ModelError::Graph {
+            graph: GRAPH,
+            message,
+        };
+        let (n, c) = inputs.x.dim();
+        let ticks = inputs.timesteps.nrows();
+        let shape = Shape {
+            groups: inputs.z.dim().0,
+            rows: bucket_rows(n),
+            ticks,
+        };
+        if !self.sets.contains_key(&shape) {
+            let ids = self.captures.then_some(self.sets.len());
+            let set = BufferSet::new(&self.graph, &self.memory, shape, self.widths, ids)
+                .map_err(|e| err(format!("binding tensors of {shape:?}: {e}")))?;
+            self.sets.insert(shape, set);
+        }
+        let set = self.sets.get_mut(&shape).expect("inserted above");
+        let started = Instant::now();
+        set.upload(&inputs, c)
+            .map_err(|e| err(format!("uploading a step's inputs: {e}")))?;
+        let stats = &mut self.graph.stats;
+        for tick in 0..ticks {
+            let from = tick % 2;
+            let call = Instant::now();
+            self.graph
+                .session
+                .run_binding_with_options(&set.bindings[from], &set.run_options[from])
+                .map_err(|e| err(e.to_string()))?;
+            let seconds = call.elapsed().as_secs_f64();
+            if stats.calls == 0 {
+                stats.first_call_seconds = seconds;
+            }
+            stats.calls += 1;
+        }
+        let state = set.x[ticks % 2]
+            .read()
+            .map_err(|e| err(format!("reading the state back: {e}")))?;
+        let out = Array2::from_shape_vec((n, c), state[..n * c].to_vec()).expect("N·C values");
+        stats.seconds += started.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_rows;
+
+    #[test]
+    fn rows_pad_to_two_sizes_an_octave() {
+        let sizes: Vec<usize> = [1, 8, 9, 12, 13, 16, 17, 24, 25, 100, 4096, 4097]
+            .into_iter()
+            .map(bucket_rows)
+            .collect();
+        assert_eq!(
+            sizes,
+            [8, 8, 12, 12, 16, 16, 24, 24, 32, 128, 4096, 6144]
+        );
+        for n in 1..5000 {
+            let b = bucket_rows(n);
+            assert!(b >= n && (n <= 8 || 2 * b < 3 * n), "{n} -> {b}");
+        }
+    }
+}
