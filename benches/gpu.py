@@ -326,7 +326,7 @@ class Bench:
                                  "--vae", vae, *export_args, "--out", bundle, "--quick-vae-check",
                                  "--name", f"mar-{a.size}-random"],
                                 "export_mar.log",
-                                show=lambda line: any(k in line for k in ("max |ort", "exported in", "max |sampler"))
+                                show=lambda line: any(k in line for k in ("max |ort", "exported in", "max |sampler", "max |tick"))
                                 or line.startswith("wrote"))
                 with open(stamp_path, "w") as f:
                     json.dump(stamp, f)
@@ -876,7 +876,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "gpu-bench"),
                     help="folder for gpu-bench.md, gpu-bench.json, logs/ and eval/ (small files only)")
     ap.add_argument("--work", default="/tmp/gtr-gpubench",
-                    help="folder for the checkpoints and the bundle (~2.9 GB at MAR-B); reused when size and seed match")
+                    help="folder for the checkpoints and the bundle (~3 GB at MAR-B); reused when size and seed match")
     ap.add_argument("--size", default="base", choices=list(SIZES), help="MAR size (tiny: a small custom model for tests)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="for gtr-run and PyTorch")
     ap.add_argument("--seed", type=int, default=0, help="weights, plans and sampling seed")

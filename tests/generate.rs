@@ -520,6 +520,19 @@ fn assert_no_temporaries(dir: &Path) {
     assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
 }
 
+/// The largest difference, in levels, between the pixels of two PNG files.
+fn pixel_gap(a: &(String, Vec<u8>), b: &(String, Vec<u8>)) -> u8 {
+    assert_eq!(a.0, b.0, "the same image");
+    let decode = |png: &[u8]| image::load_from_memory(png).unwrap().to_rgb8().into_raw();
+    let (a, b) = (decode(&a.1), decode(&b.1));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The calls run.json records for `graph`, if it lists the graph.
 fn graph_calls(run: &serde_json::Value, graph: &str) -> Option<u64> {
     run["graphs"]
@@ -933,6 +946,61 @@ fn sampler_choice_is_honoured_and_recorded() {
             tmp("sampler-refused").to_str().unwrap(),
         ],
         "--sampler graph: bundle `tiny-random` has no sampler graph",
+    );
+}
+
+/// `--sampler ticks` runs the chains in the bundle's tick graph, one call
+/// per tick (as many as the host path's head calls), also in spans of
+/// `--sampler-ticks`, and records it; the images are the host path's to
+/// within a level (the update in f32); a bundle without a tick graph is
+/// refused, naming the way to add one.
+#[test]
+fn tick_graph_runs_a_call_per_tick() {
+    let calls = graph_calls;
+    let sampler = "models/fixtures/tiny-sampler";
+    let run_with = |name: &str, extra: &[&str]| {
+        let out = tmp(name);
+        let args = [
+            sampler,
+            "schedules/gtr.gtr",
+            "--num-images",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        ok(&[&args[..], extra].concat());
+        out
+    };
+    let host = run_with("ticks-host", &["--sampler", "host"]);
+    let ticks = run_with("ticks", &["--sampler", "ticks"]);
+    let spans = run_with(
+        "ticks-spans",
+        &["--sampler", "ticks", "--sampler-ticks", "7"],
+    );
+    let head_calls = calls(&record(&host), "diffusion").unwrap();
+    for out in [&ticks, &spans] {
+        let run = record(out);
+        assert_eq!(run["diffusion_chains"], "tick graph");
+        assert_eq!(calls(&run, "tick"), Some(head_calls), "a call per tick");
+        assert_eq!(calls(&run, "diffusion"), Some(0));
+        assert_eq!(calls(&run, "sampler"), None);
+        let (got, want) = (pngs(out), pngs(&host));
+        assert_eq!(got.len(), 3);
+        for (a, b) in got.iter().zip(&want) {
+            let off = pixel_gap(a, b);
+            assert!(off <= 1, "{}: pixels off by {off}", out.display());
+        }
+    }
+    fails(
+        &[
+            TINY,
+            "schedules/mar-8.gtr",
+            "--sampler",
+            "ticks",
+            "--out",
+            tmp("ticks-refused").to_str().unwrap(),
+        ],
+        "--sampler ticks: bundle `tiny-random` has no tick graph",
     );
 }
 

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use gtr_run::backend::{Device, OrtModel};
+use gtr_run::backend::{ChainRunner, Device, LoadOptions, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, GraphStats, ImageJob, MarModel, Replay};
 use gtr_run::grid::Grid;
@@ -132,7 +132,7 @@ fn check_case_in(dir: &Path, name: &str) -> Vec<GraphStats> {
         values: 1e-4,
         off_by_one_per_mille: 1,
     };
-    check_case_on(dir, dir, name, tol)
+    check_case_on(dir, dir, name, tol, None)
 }
 
 /// How far a run may be from a golden case.
@@ -143,11 +143,28 @@ struct Tolerance {
     off_by_one_per_mille: usize,
 }
 
-/// Runs golden case `name` of `golden_dir` on the bundle in `dir`; pixels
-/// never differ by more than one level. Returns the graphs' call counts.
-fn check_case_on(dir: &Path, golden_dir: &Path, name: &str, tol: Tolerance) -> Vec<GraphStats> {
+/// Runs golden case `name` of `golden_dir` on the bundle in `dir`, its
+/// chains where `runner` says (`None`: the model as loaded); pixels never
+/// differ by more than one level. Returns the graphs' call counts.
+fn check_case_on(
+    dir: &Path,
+    golden_dir: &Path,
+    name: &str,
+    tol: Tolerance,
+    runner: Option<ChainRunner>,
+) -> Vec<GraphStats> {
     let bundle = Bundle::open(dir).unwrap();
-    let model = OrtModel::load(&bundle, Device::Cpu, Some(1)).unwrap();
+    let model = match runner {
+        None => OrtModel::load(&bundle, Device::Cpu, Some(1)).unwrap(),
+        Some(runner) => {
+            let options = LoadOptions {
+                tick_graph: runner == ChainRunner::Ticks,
+                ..LoadOptions::new(&bundle, Device::Cpu, Some(1))
+            };
+            let model = OrtModel::load_with(&bundle, &options).unwrap();
+            model.run_chains(runner, &bundle).unwrap().0
+        }
+    };
     let mut g = Golden::open_in(golden_dir, name);
     let (plans, order, labels) = plans(&mut g);
     let replay = Replay {
@@ -208,6 +225,7 @@ fn check_sampler_case(name: &str) {
         &fixtures(),
         name,
         SAMPLER_TOLERANCE,
+        Some(ChainRunner::Graph),
     );
     let calls = |graph: &str| stats.iter().find(|g| g.graph == graph).map(|g| g.calls);
     assert_eq!(calls("sampler"), Some(steps), "{name}: sampler calls");
@@ -241,6 +259,54 @@ fn sampler_graph_one_step_chains_and_fts_all_unconditional() {
     check_sampler_case("fts_all_t1.npz");
 }
 
+/// Golden case `name` through `tiny-sampler`'s tick graph (`--sampler
+/// ticks`, on bound tensors, rows padded): the sampler graph's arithmetic
+/// per tick, so its tolerance, with one tick-graph call per tick (as many
+/// as the host path's head calls) and none of the head from the host.
+fn check_tick_case(name: &str) {
+    let host = check_case_on(
+        &bundle("tiny-sampler"),
+        &fixtures(),
+        name,
+        SAMPLER_TOLERANCE,
+        Some(ChainRunner::Host),
+    );
+    let ticks = check_case_on(
+        &bundle("tiny-sampler"),
+        &fixtures(),
+        name,
+        SAMPLER_TOLERANCE,
+        Some(ChainRunner::Ticks),
+    );
+    let calls = |stats: &[GraphStats], graph: &str| {
+        stats.iter().find(|g| g.graph == graph).map(|g| g.calls)
+    };
+    let head_calls = calls(&host, "diffusion").unwrap();
+    assert!(head_calls > 0, "{name}: the host path calls the head");
+    assert_eq!(
+        calls(&ticks, "tick"),
+        Some(head_calls),
+        "{name}: tick calls"
+    );
+    assert_eq!(calls(&ticks, "diffusion"), Some(0), "{name}: head calls");
+    assert_eq!(calls(&ticks, "sampler"), None, "{name}: sampler loaded");
+}
+
+#[test]
+fn tick_graph_gtr_schedule_with_cfg_and_high_freq_fts() {
+    check_tick_case("gtr_cfg.npz");
+}
+
+#[test]
+fn tick_graph_mar_schedule_without_cfg_with_low_freq_fts() {
+    check_tick_case("mar_nocfg.npz");
+}
+
+#[test]
+fn tick_graph_one_step_chains_and_fts_all_unconditional() {
+    check_tick_case("fts_all_t1.npz");
+}
+
 /// Golden case `name` through bundle `tiny-mha`: `tiny`'s encoder and
 /// decoder with their attention fused into ONNX Runtime's MultiHeadAttention
 /// (models/fuse_attention.py, fixture by models/fixtures/make_tiny_mha.py),
@@ -258,7 +324,7 @@ fn check_fused_attention_case(name: &str) {
         values: 1e-4,
         off_by_one_per_mille: 1,
     };
-    check_case_on(&dir, &fixtures(), name, tol);
+    check_case_on(&dir, &fixtures(), name, tol, None);
 }
 
 #[test]

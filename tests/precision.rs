@@ -391,26 +391,30 @@ fn eval_reports_the_precision() {
     assert_eq!(v["runtime_settings"]["precision_source"], "manifest");
 }
 
-/// A bundle with a sampler graph: `precisions.fp16.sampler` (the sampler
-/// rebuilt around the fp16 head, fixtures/tiny-fp16/sampler.fp16.onnx) runs
-/// the chains, one call per MAR step, with images close to fp32's.
+/// A bundle with sampler and tick graphs: `precisions.fp16.sampler` (the
+/// sampler rebuilt around the fp16 head, fixtures/tiny-fp16/sampler.fp16.onnx)
+/// runs the chains, one call per MAR step, with images close to fp32's; and
+/// `precisions.fp16.tick` runs them a tick per call with the same images to
+/// within a level.
 #[test]
 fn fp16_runs_through_the_sampler_graph() {
     let bundle = tiny_with_fp16("fp16-sampler", |m| {
         m.replace(
             "graphs:\n",
-            "graphs:\n  sampler: { file: sampler.onnx, inputs: { x: x, z: z, t: t, coef: coef, noise: noise, active: active, guidance: guidance }, outputs: { x_out: x_out } }\n",
+            "graphs:\n  sampler: { file: sampler.onnx, inputs: { x: x, z: z, t: t, coef: coef, noise: noise, active: active, guidance: guidance }, outputs: { x_out: x_out } }\n  tick: { file: tick.onnx, inputs: { x: x, k: k, z: z, t: t, coef: coef, noise: noise, running: running, guidance: guidance }, outputs: { x_next: x_next, k_next: k_next } }\n",
         )
         .replace(
             "vae_decoder: vae_decoder.fp16.onnx }",
-            "vae_decoder: vae_decoder.fp16.onnx, sampler: sampler.fp16.onnx }",
+            "vae_decoder: vae_decoder.fp16.onnx, sampler: sampler.fp16.onnx, tick: tick.fp16.onnx }",
         )
     });
-    std::fs::copy(
-        root().join("models/fixtures/tiny-sampler/sampler.onnx"),
-        bundle.join("sampler.onnx"),
-    )
-    .unwrap();
+    for graph in ["sampler.onnx", "tick.onnx"] {
+        std::fs::copy(
+            root().join("models/fixtures/tiny-sampler").join(graph),
+            bundle.join(graph),
+        )
+        .unwrap();
+    }
     let b = bundle.to_str().unwrap();
     let mut runs = Vec::new();
     for precision in ["fp32", "fp16"] {
@@ -451,4 +455,34 @@ fn fp16_runs_through_the_sampler_graph() {
     let worst = diffs.iter().copied().max().unwrap();
     let mean = diffs.iter().map(|&d| f64::from(d)).sum::<f64>() / diffs.len() as f64;
     assert!(worst <= 3 && mean <= 0.1, "max {worst}, mean {mean}");
+
+    let ticks = tmp("fp16-ticks");
+    ok(&[
+        b,
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "2",
+        "--precision",
+        "fp16",
+        "--sampler",
+        "ticks",
+        "--out",
+        ticks.to_str().unwrap(),
+    ]);
+    let run = record(&ticks);
+    assert_eq!(run["diffusion_chains"], "tick graph");
+    assert_eq!(
+        run["runtime_settings"]["graph_files"]["tick"],
+        "tick.fp16.onnx"
+    );
+    let off = pixels(&ticks, 2)
+        .iter()
+        .zip(&h)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)))
+        .max()
+        .unwrap();
+    assert!(
+        off <= 1,
+        "tick graph against sampler graph in fp16: {off} levels"
+    );
 }

@@ -195,12 +195,12 @@ def test_gemm_rewrite():
 
 def test_sampler_and_outside_files(tmp):
     # The tiny-sampler fixture: tiny's graphs by relative paths outside the folder, plus a
-    # sampler graph. Variants go into the bundle (never beside the shared fp32 files), and the
-    # sampler is rebuilt around the variant head (models/add_sampler.py).
+    # sampler and a tick graph. Variants go into the bundle (never beside the shared fp32 files),
+    # and the sampler and tick graphs are rebuilt around the variant head (models/add_sampler.py).
     bundle = os.path.join(tmp, "with-sampler")
     os.makedirs(bundle)
     src = os.path.join(MODELS, "fixtures", "tiny-sampler")
-    for name in ("manifest.yaml", "sampler.onnx"):
+    for name in ("manifest.yaml", "sampler.onnx", "tick.onnx"):
         shutil.copyfile(os.path.join(src, name), os.path.join(bundle, name))
     path = os.path.join(bundle, "manifest.yaml")
     text = open(path).read().replace("../tiny/", os.path.relpath(TINY, bundle) + "/")
@@ -213,6 +213,9 @@ def test_sampler_and_outside_files(tmp):
     check(report["files"].get("sampler") == "sampler.fp16.onnx", "the sampler is rebuilt around the fp16 head")
     s = ort.InferenceSession(os.path.join(bundle, "sampler.fp16.onnx"), providers=["CPUExecutionProvider"])
     check([i.name for i in s.get_inputs()][:2] == ["x", "z"], "the fp16 sampler loads")
+    check(report["files"].get("tick") == "tick.fp16.onnx", "the tick graph is rebuilt around the fp16 head")
+    s = ort.InferenceSession(os.path.join(bundle, "tick.fp16.onnx"), providers=["CPUExecutionProvider"])
+    check([i.name for i in s.get_inputs()][:2] == ["x", "k"], "the fp16 tick graph loads")
 
 
 def test_a_variant_off_by_too_much_is_refused(tmp):

@@ -420,7 +420,7 @@ pub fn compare<M: MarModel>(
         seed: req.seed,
         repeats: req.repeats,
         execution_provider: engine.model.execution_provider(),
-        diffusion_chains: engine.chain_runner().into(),
+        diffusion_chains: engine.chain_runner(),
         precision: engine.model.precision(),
         schedules: results,
     })

@@ -485,7 +485,7 @@ fn measure<M: MarModel>(
     Measurements {
         generated_now,
         execution_provider: Some(engine.model.execution_provider()),
-        diffusion_chains: engine.chain_runner().into(),
+        diffusion_chains: engine.chain_runner(),
         backbone: engine.backbone_runner().into(),
         sampler_ticks_per_call: req.ticks_per_call,
         steps,

@@ -37,8 +37,8 @@ use ndarray::{Array2, Array3, Array4};
 
 use chains::StepChains;
 pub use model::{
-    COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel, ModelError,
-    ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores, gather_rows,
+    COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel,
+    ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 use rayon::prelude::*;

@@ -73,9 +73,7 @@ impl Role {
             Role::Diffusion => &["x", "t", "z"],
             Role::VaeDecoder => &["latent"],
             Role::Sampler => &["x", "z", "t", "coef", "noise", "active", "guidance"],
-            Role::Tick => &[
-                "x", "k", "z", "t", "coef", "noise", "running", "guidance",
-            ],
+            Role::Tick => &["x", "k", "z", "t", "coef", "noise", "running", "guidance"],
             Role::Backbone => &["tokens", "known", "label", "predict"],
         }
     }

@@ -360,6 +360,8 @@ pub struct OrtModel {
     /// One call per tick on bound tensors, when asked for
     /// ([`LoadOptions::tick_graph`]) and the bundle has a tick graph.
     ticks: Option<TickRunner>,
+    /// Why the tick graph runs without CUDA graphs on CUDA, if it does.
+    capture_refused: Option<String>,
     /// Encoder and decoder in one call returning the predicted tokens' z,
     /// when the bundle has a backbone graph.
     backbone: Option<Graph>,
@@ -436,10 +438,7 @@ fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
                 e("running", TensorElementType::Bool, vec![Dynamic, Dynamic]),
                 e("guidance", F, vec![Fixed(1)]),
             ],
-            vec![
-                e("x_next", F, vec![Any, Fixed(c)]),
-                e("k_next", I, vec![]),
-            ],
+            vec![e("x_next", F, vec![Any, Fixed(c)]), e("k_next", I, vec![])],
         ),
         Role::Backbone => (
             vec![
@@ -634,11 +633,23 @@ impl OrtModel {
         // The tick graph (asked for by `--sampler ticks`; not under TensorRT,
         // which would get no profiles for it) with CUDA graphs where CUDA
         // runs it, unless profiling (a replayed graph's kernels are not
-        // profiled one by one).
+        // profiled one by one). ONNX Runtime refuses to capture a graph
+        // whose nodes are not all on the CUDA provider: the graph then runs
+        // without, and the note says why.
+        let mut capture_refused = None;
         let ticks = match bundle.optional_graph(Role::Tick) {
-            Some(entry) if options.tick_graph && options.device != Device::TensorRt => {
-                let capture = provider == "cuda" && options.profile_dir.is_none();
-                let (graph, ran) = open_with(Role::Tick, entry, capture)?;
+            Some(entry) if options.tick_graph && provider != "tensorrt" => {
+                let mut capture = provider == "cuda" && options.profile_dir.is_none();
+                let (graph, ran) = match open_with(Role::Tick, entry, capture) {
+                    Err(e) if capture => {
+                        capture = false;
+                        capture_refused = Some(format!(
+                            "the tick graph runs without CUDA graphs: ONNX Runtime would not capture it ({e})"
+                        ));
+                        open_with(Role::Tick, entry, false)?
+                    }
+                    opened => opened?,
+                };
                 let runner = TickRunner::new(graph, &ran, capture, info.token_dim, info.width)
                     .map_err(|message| OrtError::Session {
                         graph: "tick",
@@ -664,6 +675,7 @@ impl OrtModel {
             vae,
             sampler,
             ticks,
+            capture_refused,
             backbone,
             provider,
             precision: choice.clone(),
@@ -754,8 +766,10 @@ impl OrtModel {
 
     /// Applies the `--sampler` choice: where the diffusion chains will run.
     /// Returns the model and, when the bundle has no sampler graph and
-    /// `Auto` was asked, a note to show the user once; `Graph` without a
-    /// sampler graph is an error naming the bundle and the fix.
+    /// `Auto` was asked, or the tick graph runs without the CUDA graphs it
+    /// was opened for, a note to show the user once; `Graph` without a
+    /// sampler graph, or `Ticks` without a loaded tick graph, is an error
+    /// naming the bundle and the fix.
     pub fn run_chains(
         self,
         runner: ChainRunner,
@@ -769,7 +783,8 @@ impl OrtModel {
                     bundle.dir.display()
                 )));
             }
-            return Ok((self.without_sampler(), None));
+            let note = self.capture_refused.clone();
+            return Ok((self.without_sampler(), note));
         }
         let mut model = self;
         model.ticks = None;
@@ -790,9 +805,7 @@ impl OrtModel {
             }
             (ChainRunner::Host, true) => (model.without_sampler(), None),
             // On the CPU provider the host path measured faster (README, "Speed").
-            (ChainRunner::Auto, true) if model.provider == "cpu" => {
-                (model.without_sampler(), None)
-            }
+            (ChainRunner::Auto, true) if model.provider == "cpu" => (model.without_sampler(), None),
             _ => (model, None),
         })
     }

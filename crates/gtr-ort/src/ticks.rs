@@ -143,7 +143,10 @@ impl BufferSet {
             noise: Buffer::new(memory, vec![ticks, rows, c])?,
             running: Buffer::new(memory, vec![ticks, rows])?,
             guidance: Buffer::new(memory, vec![1])?,
-            bindings: [graph.session.create_binding()?, graph.session.create_binding()?],
+            bindings: [
+                graph.session.create_binding()?,
+                graph.session.create_binding()?,
+            ],
             run_options: [RunOptions::new()?, RunOptions::new()?],
         };
         let name = |role: &str| graph.inputs[role].as_str();
@@ -199,7 +202,11 @@ impl BufferSet {
         self.coef.write(|dst| {
             let width = COEFFICIENTS;
             for (tick, slab) in dst.chunks_mut(rows * width).enumerate() {
-                pad(slab, inputs.coefficients.index_axis(ndarray::Axis(0), tick), width);
+                pad(
+                    slab,
+                    inputs.coefficients.index_axis(ndarray::Axis(0), tick),
+                    width,
+                );
             }
         })?;
         self.noise.write(|dst| {
@@ -329,10 +336,7 @@ mod tests {
             .into_iter()
             .map(bucket_rows)
             .collect();
-        assert_eq!(
-            sizes,
-            [8, 8, 12, 12, 16, 16, 24, 24, 32, 128, 4096, 6144]
-        );
+        assert_eq!(sizes, [8, 8, 12, 12, 16, 16, 24, 24, 32, 128, 4096, 6144]);
         for n in 1..5000 {
             let b = bucket_rows(n);
             assert!(b >= n && (n <= 8 || 2 * b < 3 * n), "{n} -> {b}");

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Tests of add_sampler.py (plain script: run it, it exits non-zero on the first failure).
+
+  .venv/bin/python models/tests/test_add_sampler.py        # ~5 s, needs models/fixtures/requirements.txt
+
+1. On a copy of the tiny bundle it writes sampler.onnx and tick.onnx with their manifest entries
+   (once each, also when run twice), and both graphs match the per-tick NumPy reference.
+2. The tick graph: rows that do not run keep their value exactly, k comes back as k + 1, and rows
+   padded with zeros that never run leave the real rows' results as they were.
+3. The command line with --check exits 0 (run from the repository root, as documented).
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnxruntime as ort
+import yaml
+
+MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(MODELS))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fixture_copies import check, copy_tiny  # noqa: E402
+
+from models import add_sampler  # noqa: E402
+
+
+def test_writes_both_graphs(tmp):
+    bundle = copy_tiny(tmp, "both")
+    add_sampler.add_sampler(bundle, log=lambda *_: None)
+    add_sampler.add_sampler(bundle, log=lambda *_: None)
+    text = open(os.path.join(bundle, "manifest.yaml")).read()
+    graphs = yaml.safe_load(text)["graphs"]
+    check(graphs["sampler"]["file"] == "sampler.onnx" and graphs["tick"]["file"] == "tick.onnx",
+          "the manifest lists the sampler and tick graphs")
+    check(text.count("  sampler:") == 1 and text.count("  tick:") == 1, "once each after a second run")
+    check(sorted(graphs["tick"]["inputs"]) == sorted(add_sampler.TICK_INPUTS)
+          and sorted(graphs["tick"]["outputs"]) == sorted(add_sampler.TICK_OUTPUTS), "the tick graph's roles")
+    worst = add_sampler.check(bundle, log=lambda *_: None)
+    check(worst < 1e-4, f"both graphs match the per-tick reference (max |diff| {worst:.2g})")
+
+
+def tick_inputs(rng, n, ticks, c, d):
+    return {
+        "x": rng.standard_normal((n, c)).astype(np.float32),
+        "k": np.array(0, np.int64),
+        "z": rng.standard_normal((2, n, d)).astype(np.float32),
+        "t": rng.integers(0, 1000, (ticks, n)).astype(np.int64),
+        "coef": np.stack([rng.uniform(0.5, 1.0, (ticks, n)), rng.uniform(0.0, 0.2, (ticks, n)),
+                          rng.uniform(-6, -1, (ticks, n)), rng.uniform(-8, -2, (ticks, n)),
+                          rng.uniform(0, 1, (ticks, n))], -1).astype(np.float32),
+        "noise": rng.standard_normal((ticks, n, c)).astype(np.float32),
+        "running": np.ones((ticks, n), bool),
+        "guidance": np.array([3.0], np.float32),
+    }
+
+
+def pad_rows(feeds, extra):
+    """`feeds` with `extra` rows of zeros that never run after its own."""
+    out = dict(feeds)
+    for name, axis in [("x", 0), ("z", 1), ("t", 1), ("coef", 1), ("noise", 1), ("running", 1)]:
+        a = feeds[name]
+        shape = list(a.shape)
+        shape[axis] = extra
+        out[name] = np.concatenate([a, np.zeros(shape, a.dtype)], axis=axis)
+    return out
+
+
+def test_tick_semantics(tmp):
+    bundle = copy_tiny(tmp, "semantics")
+    add_sampler.add_sampler(bundle, log=lambda *_: None)
+    m = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))
+    c, d = int(m["token_dim"]), int(m["width"])
+    s = ort.InferenceSession(os.path.join(bundle, "tick.onnx"), providers=["CPUExecutionProvider"])
+    feeds = tick_inputs(np.random.default_rng(1), 6, 3, c, d)
+    feeds["running"][1, 4:] = False
+    feeds["k"] = np.array(1, np.int64)
+    x_next, k_next = s.run(add_sampler.TICK_OUTPUTS, feeds)
+    check(int(k_next) == 2 and k_next.shape == (), "k_next is k + 1, a scalar")
+    check(np.array_equal(x_next[4:], feeds["x"][4:]), "rows that do not run keep their value exactly")
+    check(not np.array_equal(x_next[:4], feeds["x"][:4]), "rows that run move")
+    padded = s.run(add_sampler.TICK_OUTPUTS, pad_rows(feeds, 5))[0]
+    check(np.abs(padded[:6] - x_next).max() < 1e-6 and not padded[6:].any(),
+          "padding rows stay zero and leave the real rows' results")
+
+
+def test_command_line(tmp):
+    bundle = copy_tiny(tmp, "cli")
+    root = os.path.dirname(MODELS)
+    r = subprocess.run([sys.executable, "models/add_sampler.py", bundle, "--check"], cwd=root,
+                       capture_output=True, text=True)
+    check(r.returncode == 0 and "tick graph" in r.stdout, f"the command line with --check: {r.stderr[-300:]}")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        test_writes_both_graphs(tmp)
+        test_tick_semantics(tmp)
+        test_command_line(tmp)
+    print("all add_sampler tests passed")
+
+
+if __name__ == "__main__":
+    main()
