@@ -103,13 +103,16 @@ class Model:
         device: str = "cpu",
         precision: Optional[str] = None,
         threads: Optional[int] = None,
+        sampler: str = "auto",
     ) -> None:
         """Opens the bundle (its folder, manifest.yaml or any .onnx in it) and loads its graphs.
 
         ``device``: ``cpu``, ``cuda``, ``tensorrt`` (strict) or ``auto``; ``precision``: fp32,
         tf32, fp16, bf16 or int8 (default: the manifest's, else fp32); ``threads``: intra-op
         threads per graph, and for gtr-run's own parallel work when it is the process's first
-        model to set it (default: ONNX Runtime's, and one per core). Raises GtrRunError with the command
+        model to set it (default: ONNX Runtime's, and one per core); ``sampler``: where diffusion
+        chains run, as ``--sampler``: ``auto``, ``host``, ``graph`` (the bundle's sampler graph) or
+        ``ticks`` (its tick graph; CUDA graphs on ``cuda``). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails."""
     @property
     def name(self) -> str: ...

@@ -73,16 +73,21 @@ impl Model {
     /// `auto`) at `precision` (default: the manifest's, else fp32) with
     /// `threads` intra-op threads per graph, and for gtr-run's own parallel
     /// work if it is the process's first model to say (default: ONNX
-    /// Runtime's, and one per core).
+    /// Runtime's, and one per core), with its diffusion chains where
+    /// `sampler` says (`--sampler`: auto, host, graph or ticks).
     #[new]
-    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None))]
+    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto"))]
     fn new(
         py: Python<'_>,
         bundle: PathBuf,
         device: &str,
         precision: Option<&str>,
         threads: Option<usize>,
+        sampler: &str,
     ) -> PyResult<Self> {
+        let sampler: ChainRunner = sampler
+            .parse()
+            .map_err(|e: String| PyValueError::new_err(format!("sampler: {e}")))?;
         let device_kind: Device = device
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("device: {e}")))?;
@@ -104,10 +109,11 @@ impl Model {
                     .map_err(run_failure)?;
             let options = LoadOptions {
                 precision: choice,
+                tick_graph: sampler == ChainRunner::Ticks,
                 ..LoadOptions::new(&bundle, device_kind, threads)
             };
             let (model, note) = OrtModel::load_with(&bundle, &options)
-                .and_then(|m| m.run_chains(ChainRunner::Auto, &bundle))
+                .and_then(|m| m.run_chains(sampler, &bundle))
                 .map_err(run_failure)?;
             if let Some(note) = note {
                 eprintln!("gtr-run: {note}");

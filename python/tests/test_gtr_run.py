@@ -138,6 +138,24 @@ def test_bad_arguments_are_named():
         gtr_run.Model(TINY, precision="fp8")
     with pytest.raises(gtr_run.GtrRunError, match="no-such-bundle"):
         gtr_run.Model(ROOT / "no-such-bundle")
+    with pytest.raises(ValueError, match="sampler"):
+        gtr_run.Model(TINY, sampler="loop")
+    with pytest.raises(gtr_run.GtrRunError, match="has no tick graph"):
+        gtr_run.Model(TINY, sampler="ticks")
+
+
+def test_sampler_choice_runs_the_chains_there():
+    """`sampler` is `--sampler`: mar-tiny's tick graph (a call per tick) gives the host path's
+    images to within a level, and the record says where the chains ran."""
+    schedule = SCHEDULES / "gtr-fast.gtr"
+    runs = {}
+    for sampler in ["host", "ticks"]:
+        model = gtr_run.Model(MAR_TINY, sampler=sampler)
+        runs[sampler] = model.generate(schedule, 4, seed=3, progress=False)
+    assert runs["host"][1]["diffusion_chains"] == "host"
+    assert runs["ticks"][1]["diffusion_chains"] == "tick graph"
+    gap = np.abs(runs["host"][0].astype(int) - runs["ticks"][0].astype(int)).max()
+    assert gap <= 1, gap
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,41 @@ pub enum ChainRunner {
     Ticks,
 }
 
+impl ChainRunner {
+    /// Every choice, in the order `--sampler` lists them.
+    pub const ALL: [ChainRunner; 4] = [
+        ChainRunner::Auto,
+        ChainRunner::Host,
+        ChainRunner::Graph,
+        ChainRunner::Ticks,
+    ];
+
+    /// The name `--sampler` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChainRunner::Auto => "auto",
+            ChainRunner::Host => "host",
+            ChainRunner::Graph => "graph",
+            ChainRunner::Ticks => "ticks",
+        }
+    }
+}
+
+impl std::str::FromStr for ChainRunner {
+    type Err = String;
+
+    /// A [`ChainRunner::name`] (`--sampler`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        ChainRunner::ALL
+            .into_iter()
+            .find(|r| r.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = ChainRunner::ALL.iter().map(|r| r.name()).collect();
+                format!("`{s}` is not one of {}", names.join(", "))
+            })
+    }
+}
+
 /// How the backbone runs (`--backbone`): `Fused`, the bundle's backbone
 /// graph (encoder and decoder in one call, only the predicted tokens' z
 /// returned); `Split`, the two graphs with z gathered on the host; or

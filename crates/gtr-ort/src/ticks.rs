@@ -15,6 +15,7 @@
 //! tensors of a shape live as long as the model and ids are never reused.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use ndarray::Array2;
@@ -228,13 +229,21 @@ impl BufferSet {
 /// The tick graph with the tensors of every shape it has run.
 pub(crate) struct TickRunner {
     pub(crate) graph: Graph,
-    memory: Memory,
     /// CUDA graphs are captured and replayed (`gpu_graph_id` per shape and
     /// direction).
     captures: bool,
-    sets: HashMap<Shape, BufferSet>,
     /// C and D.
     widths: (usize, usize),
+    /// Allocators and bindings are `Send` but not `Sync`; the mutex makes
+    /// the model `Sync` (as a Python object must be). It is never locked:
+    /// every use has `&mut self` ([`Mutex::get_mut`]).
+    bound: Mutex<Bound>,
+}
+
+/// The memory the tensors come from, and the tensors of each shape.
+struct Bound {
+    memory: Memory,
+    sets: HashMap<Shape, BufferSet>,
 }
 
 impl TickRunner {
@@ -267,10 +276,12 @@ impl TickRunner {
         };
         Ok(TickRunner {
             graph,
-            memory,
             captures,
-            sets: HashMap::new(),
             widths: (token_dim, width),
+            bound: Mutex::new(Bound {
+                memory,
+                sets: HashMap::new(),
+            }),
         })
     }
 
@@ -293,13 +304,14 @@ impl TickRunner {
             rows: bucket_rows(n),
             ticks,
         };
-        if !self.sets.contains_key(&shape) {
-            let ids = self.captures.then_some(self.sets.len());
-            let set = BufferSet::new(&self.graph, &self.memory, shape, self.widths, ids)
+        let Bound { memory, sets } = self.bound.get_mut().unwrap_or_else(|e| e.into_inner());
+        if !sets.contains_key(&shape) {
+            let ids = self.captures.then_some(sets.len());
+            let set = BufferSet::new(&self.graph, memory, shape, self.widths, ids)
                 .map_err(|e| err(format!("binding tensors of {shape:?}: {e}")))?;
-            self.sets.insert(shape, set);
+            sets.insert(shape, set);
         }
-        let set = self.sets.get_mut(&shape).expect("inserted above");
+        let set = sets.get_mut(&shape).expect("inserted above");
         let started = Instant::now();
         set.upload(&inputs, c)
             .map_err(|e| err(format!("uploading a step's inputs: {e}")))?;
