@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ndarray::Array2;
+use ndarray::{Array2, s};
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, RunOptions};
 use ort::value::{PrimitiveTensorElementType, Tensor};
@@ -292,7 +292,40 @@ impl TickRunner {
 
     /// Runs every tick of `inputs` (the contract of
     /// [`gtr_engine::MarModel::sample_chain`]) → the sampled tokens [N, C].
+    ///
+    /// The ticks go in spans over which the running rows keep one padded
+    /// size: as chains end (rows run longest first), the later spans run on
+    /// the fewer rows still going, their state handed over through the host.
     pub(crate) fn run(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
+        let ticks = inputs.timesteps.nrows();
+        let n = inputs.x.nrows();
+        let running = |tick: usize| (inputs.active[tick].clamp(0, n as i64) as usize).max(1);
+        let mut state = inputs.x.to_owned();
+        let mut first = 0;
+        while first < ticks {
+            let rows = bucket_rows(running(first));
+            let end = (first + 1..ticks)
+                .find(|&tick| bucket_rows(running(tick)) != rows)
+                .unwrap_or(ticks);
+            let live = running(first);
+            let out = self.run_span(ChainInputs {
+                x: state.slice(s![..live, ..]),
+                z: inputs.z.slice(s![.., ..live, ..]),
+                timesteps: inputs.timesteps.slice(s![first..end, ..live]),
+                coefficients: inputs.coefficients.slice(s![first..end, ..live, ..]),
+                noise: inputs.noise.slice(s![first..end, ..live, ..]),
+                active: inputs.active.slice(s![first..end]),
+                guidance: inputs.guidance,
+            })?;
+            state.slice_mut(s![..live, ..]).assign(&out);
+            first = end;
+        }
+        Ok(state)
+    }
+
+    /// [`TickRunner::run`] on one set of bound tensors: every tick of
+    /// `inputs`, its rows padded to [`bucket_rows`].
+    fn run_span(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
         let err = |message: String| ModelError::Graph {
             graph: GRAPH,
             message,
