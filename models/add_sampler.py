@@ -173,6 +173,19 @@ def update_nodes(head_out: str, learned: bool) -> list:
     ]
 
 
+def value_infos(names: list[str], C: int, D) -> list:
+    """The chain graphs' tensors `names`, typed and shaped as the contract says (N rows, T ticks,
+    G halves, C token channels, D the width of z)."""
+    f32, i64, boolean = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+    spec = {
+        "x": (f32, ["N", C]), "x_out": (f32, ["N", C]), "x_next": (f32, ["N", C]),
+        "z": (f32, ["G", "N", D]), "t": (i64, ["T", "N"]), "coef": (f32, ["T", "N", COEFFICIENTS]),
+        "noise": (f32, ["T", "N", C]), "active": (i64, ["T"]), "running": (boolean, ["T", "N"]),
+        "guidance": (f32, [1]), "k": (i64, []), "k_next": (i64, []),
+    }
+    return [helper.make_tensor_value_info(name, *spec[name]) for name in names]
+
+
 def z_width(hg: onnx.GraphProto, io: dict):
     """D of the head's z input, or the symbol "D" where the graph leaves it open."""
     for vi in hg.input:
@@ -248,30 +261,14 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         *shape_nodes(),
         n("Loop", ["ticks_s", "", "x"], [OUTPUT], body=body_graph),
     ]
-    D = z_width(hg, io)
-    graph = helper.make_graph(
-        outer,
-        "sampler",
-        [
-            helper.make_tensor_value_info("x", f32, ["N", C]),
-            helper.make_tensor_value_info("z", f32, ["G", "N", D]),
-            helper.make_tensor_value_info("t", i64, ["T", "N"]),
-            helper.make_tensor_value_info("coef", f32, ["T", "N", COEFFICIENTS]),
-            helper.make_tensor_value_info("noise", f32, ["T", "N", C]),
-            helper.make_tensor_value_info("active", i64, ["T"]),
-            helper.make_tensor_value_info("guidance", f32, [1]),
-        ],
-        [helper.make_tensor_value_info(OUTPUT, f32, ["N", C])],
-        initializer=chain_constants(C),
-    )
+    graph = helper.make_graph(outer, "sampler", value_infos(INPUTS, C, z_width(hg, io)),
+                              value_infos([OUTPUT], C, None), initializer=chain_constants(C))
     return model_like(head, graph, "sampler")
 
 
 def build_tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
     """One tick of the chains around `head`, without control flow (see TICK_INPUTS)."""
-    hg = head.graph
-    C = token_dim
-    body_nodes, head_out = head_nodes(hg, io)
+    body_nodes, head_out = head_nodes(head.graph, io)
     n = helper.make_node
     nodes = [
         *shape_nodes(),
@@ -293,28 +290,12 @@ def build_tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -
         n("Where", ["run_rows", "x_new", "xa"], [TICK_OUTPUTS[0]]),
         n("Add", ["k", "k_one_scalar"], [TICK_OUTPUTS[1]]),
     ]
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    D = z_width(hg, io)
+    C, D = token_dim, z_width(head.graph, io)
     graph = helper.make_graph(
-        nodes,
-        "tick",
-        [
-            helper.make_tensor_value_info("x", f32, ["N", C]),
-            helper.make_tensor_value_info("k", i64, []),
-            helper.make_tensor_value_info("z", f32, ["G", "N", D]),
-            helper.make_tensor_value_info("t", i64, ["T", "N"]),
-            helper.make_tensor_value_info("coef", f32, ["T", "N", COEFFICIENTS]),
-            helper.make_tensor_value_info("noise", f32, ["T", "N", C]),
-            helper.make_tensor_value_info("running", TensorProto.BOOL, ["T", "N"]),
-            helper.make_tensor_value_info("guidance", f32, [1]),
-        ],
-        [
-            helper.make_tensor_value_info(TICK_OUTPUTS[0], f32, ["N", C]),
-            helper.make_tensor_value_info(TICK_OUTPUTS[1], i64, []),
-        ],
+        nodes, "tick", value_infos(TICK_INPUTS, C, D), value_infos(TICK_OUTPUTS, C, None),
         initializer=chain_constants(C)
         + [numpy_helper.from_array(np.array(1, np.int64), "k_one_scalar")]
-        + list(hg.initializer),
+        + list(head.graph.initializer),
     )
     return model_like(head, graph, "tick graph")
 

@@ -40,14 +40,20 @@ impl std::str::FromStr for Device {
 
     /// A [`Device::name`] (`--device`).
     fn from_str(s: &str) -> Result<Self, String> {
-        Device::ALL
-            .into_iter()
-            .find(|d| d.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Device::ALL.iter().map(|d| d.name()).collect();
-                format!("`{s}` is not one of {}", names.join(", "))
-            })
+        by_name(s, Device::ALL, Device::name)
     }
+}
+
+/// The one of `all` whose `name` is `s`, or an error listing the names.
+pub(crate) fn by_name<T: Copy, const N: usize>(
+    s: &str,
+    all: [T; N],
+    name: fn(T) -> &'static str,
+) -> Result<T, String> {
+    all.into_iter().find(|&v| name(v) == s).ok_or_else(|| {
+        let names: Vec<&str> = all.into_iter().map(name).collect();
+        format!("`{s}` is not one of {}", names.join(", "))
+    })
 }
 
 impl std::fmt::Display for Device {

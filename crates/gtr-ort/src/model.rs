@@ -59,7 +59,8 @@ pub enum OrtError {
 /// Where diffusion chains run (`--sampler`): the bundle's sampler graph
 /// (one call per MAR step, state on the device), the host (one head call
 /// per tick, the update on the CPU), the bundle's tick graph (one call per
-/// tick on bound tensors, CUDA graphs replayed on CUDA; [`crate::ticks`]), or
+/// tick on bound tensors, CUDA graphs replayed on CUDA; models/README.md,
+/// "The optional tick graph"), or
 /// `Auto`: the sampler graph when the bundle has one and a GPU provider runs
 /// it, the host on the CPU provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,13 +98,7 @@ impl std::str::FromStr for ChainRunner {
 
     /// A [`ChainRunner::name`] (`--sampler`).
     fn from_str(s: &str) -> Result<Self, String> {
-        ChainRunner::ALL
-            .into_iter()
-            .find(|r| r.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = ChainRunner::ALL.iter().map(|r| r.name()).collect();
-                format!("`{s}` is not one of {}", names.join(", "))
-            })
+        crate::device::by_name(s, ChainRunner::ALL, ChainRunner::name)
     }
 }
 
