@@ -12,6 +12,9 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
    ARGS runs it on a copy of the bundle with models/fuse_attention.py applied (BUNDLE-fused,
    reused while the encoder and decoder are unchanged); `--precision fp16|bf16|int8` writes the
    variant graphs its bundle lacks (models/convert_precision.py --no-check).
+1c. images (--image-check N, default 16; 0 skips): mar-tiny's GtR images made with each
+   variant's --sampler arguments on --device, against the CPU host path (`--npz`, pixels
+   compared): how many differ and by how much, so that a wrong result is seen before its timing.
 2. gtr-run: `gtr-run eval BUNDLE <schedules> --device cuda --batch B --num-images N` per batch
    size and per gtr-run configuration (--variant; --gtr-arg goes to all); seconds per image,
    the share of timed time outside ONNX Runtime's run calls, and the measured and FLOPs
@@ -542,6 +545,54 @@ class Bench:
                 f"{g}: " + ", ".join(f"{op} ×{n} on {p}" for op, p, n in graphs[g]["ops_off_gpu"])
                 for g in off))
 
+    # -- phase: images against the CPU -------------------------------------------------------------
+
+    # The arguments of a variant that say where chains run; mar-tiny takes them (it has sampler and
+    # tick graphs, but no precision variants or backbone graph).
+    CHAIN_ARGS = ("--sampler", "--sampler-ticks")
+
+    def image_check(self) -> None:
+        """mar-tiny's GtR images made by each variant's way of running chains on --device, against
+        the CPU host path: how many pixels differ, by how much. A wrong result on the GPU shows
+        here before its timing means anything."""
+        import numpy as np
+
+        n, seed = self.a.image_check, 3
+        tiny, sched = os.path.join(REPO, "models", "mar-tiny"), os.path.join(REPO, "schedules", "gtr.gtr")
+        work = os.path.join(os.path.abspath(self.a.work), "images")
+        os.makedirs(work, exist_ok=True)
+
+        def generate(name: str, binary: str, device: str, args: list):
+            out = os.path.join(work, name)
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [binary, tiny, sched, "--num-images", n, "--batch", n, "--seed", seed, "--device", device,
+                   "--out", out, "--npz", out + ".npz", *args]
+            if self.a.threads:
+                cmd += ["--threads", self.a.threads]
+            self.run_logged(cmd, f"images-{name}.log", timeout=max(self.remaining(), 5.0))
+            with open(os.path.join(out, "run.json")) as f:
+                chains = json.load(f).get("diffusion_chains")
+            return np.load(out + ".npz")["arr_0"].astype(np.int16), chains, [str(c) for c in cmd]
+
+        reference, _, ref_cmd = generate("cpu-host", self.a.gtr_run, "cpu", ["--sampler", "host"])
+        checks = {}
+        for v in self.variants:
+            args = [w for i, w in enumerate(v.args)
+                    if w in self.CHAIN_ARGS or (i > 0 and v.args[i - 1] in self.CHAIN_ARGS)]
+            try:
+                got, chains, cmd = generate(v.name, v.binary, self.a.device, args)
+            except Exception as e:  # noqa: BLE001 - reported, the other variants still run
+                checks[v.name] = {"error": short(e)}
+                self.res["notes"].append(f"images of {v.name} against the CPU: not made ({short(e, 200)})")
+                continue
+            d = np.abs(got - reference)
+            checks[v.name] = {"command": cmd, "diffusion_chains": chains, "pixels": int(d.size),
+                              "differ": int((d > 0).sum()), "max_levels": int(d.max()),
+                              "mean_levels": round(float(d.mean()), 4)}
+            log(f"  {v.name} ({chains}): {checks[v.name]['differ']} of {d.size} pixels differ from the CPU "
+                f"host path, by up to {checks[v.name]['max_levels']} levels")
+        self.res["images_vs_cpu"] = {"images": n, "seed": seed, "reference": ref_cmd, "variants": checks}
+
     # -- phase: PyTorch --------------------------------------------------------------------------
 
     def load_torch(self):
@@ -764,6 +815,8 @@ class Bench:
                     self.prepare_bundle_variants()
             with self.phase("plans"):
                 self.make_plans()
+            if a.image_check and not a.skip_gtr_run:
+                self.measure("images against the CPU", self.image_check)
             precisions = [] if a.skip_torch else (["half"] + ([] if a.skip_torch_fp32 else ["fp32"]))
             for B in a.batches:
                 if not a.skip_gtr_run:
@@ -856,6 +909,14 @@ class Bench:
                 lines.append(f"- {n}")
             for e in r["errors"]:
                 lines.append(f"- error in {e['where']}: {e['error'].splitlines()[0][:300]}")
+        images = r.get("images_vs_cpu")
+        if images and any("differ" in c for c in images["variants"].values()):
+            lines.append("")
+            lines.append(f"Images against the CPU host path (mar-tiny, GtR, {images['images']} images, seed "
+                         f"{images['seed']}; each variant's --sampler on --device {a.device}): " + "; ".join(
+                             f"{name} ({c['diffusion_chains']}): {c['differ']} of {c['pixels']} pixels differ, "
+                             f"max {c['max_levels']} levels" for name, c in images["variants"].items() if "differ" in c)
+                         + ".")
         for name, prof in r.get("profiles", {}).items():
             lines.append("")
             lines.append(f"Kernel profile of {name} (`gtr-run --ort-profile`, {prof['schedule']}, batch "
@@ -910,12 +971,15 @@ def main(argv=None) -> int:
                          "(gtr-run --ort-profile): which provider ran each graph's nodes, and the top ops")
     ap.add_argument("--profile-schedule", default="gtr-3.7x",
                     help="the schedule of the --profile runs, one batch of the first batch size (default: %(default)s)")
+    ap.add_argument("--image-check", type=int, default=16, metavar="N",
+                    help="first, N mar-tiny GtR images per variant (its --sampler) on --device against the CPU "
+                         "host path, pixels compared (0: skip; default %(default)s)")
     ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
     ap.add_argument("--deadline", type=float, default=450.0,
                     help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")
     a = ap.parse_args(argv)
-    if any(b < 1 for b in a.batches) or a.num_images < 0 or a.torch_warmup_steps < 0:
-        ap.error("--batches must be at least 1, --num-images and --torch-warmup-steps at least 0")
+    if any(b < 1 for b in a.batches) or a.num_images < 0 or a.torch_warmup_steps < 0 or a.image_check < 0:
+        ap.error("--batches must be at least 1, --num-images, --torch-warmup-steps and --image-check at least 0")
     if not os.path.isfile(a.gtr_run):
         ap.error(f"--gtr-run {a.gtr_run}: not found")
     a.gtr_run = os.path.abspath(a.gtr_run)
