@@ -807,11 +807,17 @@ impl OrtModel {
     ) -> Result<(Self, Option<String>), OrtError> {
         if runner == ChainRunner::Ticks {
             if !self.has_tick_graph() {
-                return Err(OrtError::Sampler(format!(
-                    "--sampler ticks: bundle `{}` has no tick graph (graphs.tick in its manifest; not used under --device tensorrt); add one with `python3 models/add_sampler.py {}`",
-                    bundle.manifest.name,
-                    bundle.dir.display()
-                )));
+                return Err(OrtError::Sampler(
+                    match bundle.optional_graph(Role::Tick) {
+                        None => format!(
+                            "--sampler ticks: bundle `{}` has no tick graph (graphs.tick in its manifest); add one with `python3 models/add_sampler.py {}`",
+                            bundle.manifest.name,
+                            bundle.dir.display()
+                        ),
+                        Some(_) if self.provider == "tensorrt" => "--sampler ticks: the tick graph is not used under TensorRT (it would get no optimisation profiles); use --device cuda".into(),
+                        Some(_) => "--sampler ticks: the model was loaded without its tick graph (LoadOptions::tick_graph)".into(),
+                    },
+                ));
             }
             let note = self.capture_refused.clone();
             return Ok((self.without_sampler(), note));
