@@ -110,7 +110,7 @@ def main():
                 "cost": {"encoder_depth": 2, "decoder_depth": 2, "diffusion_width": 128, "diffusion_depth": 2}}
         for k, v in want.items():
             assert m[k] == v, (k, m[k], v)
-        assert set(m["graphs"]) == {"encoder", "decoder", "diffusion", "vae_decoder", "sampler", "backbone"}
+        assert set(m["graphs"]) == {"encoder", "decoder", "diffusion", "vae_decoder", "sampler", "tick", "backbone"}
         with open(os.path.join(_ROOT, "models", "fixtures", "tiny", "manifest.yaml")) as f:
             assert set(yaml.safe_load(f)) == set(m), "manifest keys differ from the format's example"
         print("ok   manifest")
