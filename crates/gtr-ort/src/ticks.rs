@@ -45,6 +45,35 @@ pub fn bucket_rows(n: usize) -> usize {
     }
 }
 
+/// Ticks over which the running rows keep one [`bucket_rows`] size, and
+/// the rows running at the first of them (the later ticks run a prefix of
+/// those).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Span {
+    ticks: std::ops::Range<usize>,
+    live: usize,
+}
+
+/// The spans of a step whose rows still running at each tick are `active`
+/// (non-increasing, as rows run longest first) out of `n`.
+fn spans(active: ndarray::ArrayView1<i64>, n: usize) -> Vec<Span> {
+    let running = |tick: usize| (active[tick].clamp(0, n as i64) as usize).max(1);
+    let mut out = Vec::new();
+    let mut first = 0;
+    while first < active.len() {
+        let rows = bucket_rows(running(first));
+        let end = (first + 1..active.len())
+            .find(|&tick| bucket_rows(running(tick)) != rows)
+            .unwrap_or(active.len());
+        out.push(Span {
+            ticks: first..end,
+            live: running(first),
+        });
+        first = end;
+    }
+    out
+}
+
 /// What one set of bound tensors serves: G, the padded rows and the ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Shape {
@@ -297,28 +326,18 @@ impl TickRunner {
     /// size: as chains end (rows run longest first), the later spans run on
     /// the fewer rows still going, their state handed over through the host.
     pub(crate) fn run(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
-        let ticks = inputs.timesteps.nrows();
-        let n = inputs.x.nrows();
-        let running = |tick: usize| (inputs.active[tick].clamp(0, n as i64) as usize).max(1);
         let mut state = inputs.x.to_owned();
-        let mut first = 0;
-        while first < ticks {
-            let rows = bucket_rows(running(first));
-            let end = (first + 1..ticks)
-                .find(|&tick| bucket_rows(running(tick)) != rows)
-                .unwrap_or(ticks);
-            let live = running(first);
+        for Span { ticks, live } in spans(inputs.active, inputs.x.nrows()) {
             let out = self.run_span(ChainInputs {
                 x: state.slice(s![..live, ..]),
                 z: inputs.z.slice(s![.., ..live, ..]),
-                timesteps: inputs.timesteps.slice(s![first..end, ..live]),
-                coefficients: inputs.coefficients.slice(s![first..end, ..live, ..]),
-                noise: inputs.noise.slice(s![first..end, ..live, ..]),
-                active: inputs.active.slice(s![first..end]),
+                timesteps: inputs.timesteps.slice(s![ticks.clone(), ..live]),
+                coefficients: inputs.coefficients.slice(s![ticks.clone(), ..live, ..]),
+                noise: inputs.noise.slice(s![ticks.clone(), ..live, ..]),
+                active: inputs.active.slice(s![ticks]),
                 guidance: inputs.guidance,
             })?;
             state.slice_mut(s![..live, ..]).assign(&out);
-            first = end;
         }
         Ok(state)
     }
@@ -373,7 +392,20 @@ impl TickRunner {
 
 #[cfg(test)]
 mod tests {
-    use super::bucket_rows;
+    use super::{Span, bucket_rows, spans};
+
+    #[test]
+    fn ticks_split_where_the_running_rows_change_size() {
+        let active = ndarray::arr1(&[20i64, 20, 17, 10, 9, 5, 1]);
+        let span = |ticks: std::ops::Range<usize>, live| Span { ticks, live };
+        // 20 and 17 pad to 24, 10 and 9 to 12, 5 and 1 to 8.
+        assert_eq!(
+            spans(active.view(), 20),
+            [span(0..3, 20), span(3..5, 10), span(5..7, 5)]
+        );
+        assert_eq!(spans(ndarray::arr1(&[3i64; 4]).view(), 3), [span(0..4, 3)]);
+        assert!(spans(ndarray::Array1::<i64>::zeros(0).view(), 3).is_empty());
+    }
 
     #[test]
     fn rows_pad_to_two_sizes_an_octave() {
