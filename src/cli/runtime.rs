@@ -33,8 +33,9 @@ pub struct RuntimeArgs {
     /// and a GPU provider runs it; the host path on the CPU provider).
     #[arg(long, value_enum, default_value_t = gtr_run::backend::ChainRunner::Auto)]
     sampler: gtr_run::backend::ChainRunner,
-    /// Ticks per sampler-graph call (default: a whole chain per call; 1 is
-    /// a per-tick call with the update still in the graph).
+    /// Ticks per chain call (default: a whole chain per call; with the
+    /// sampler graph, 1 is a per-tick call with the update still in the
+    /// graph; with `--sampler ticks`, the ticks that share one upload).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub sampler_ticks: Option<u32>,
     /// How the backbone runs: `fused` (the bundle's backbone graph: encoder
