@@ -24,11 +24,13 @@
 
 pub mod bundle;
 pub mod device;
+mod error;
 pub mod library;
 mod model;
 pub mod precision;
 pub mod precision_choice;
 pub mod profile;
+mod session;
 pub mod tensorrt;
 mod ticks;
 

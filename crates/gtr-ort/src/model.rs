@@ -2,59 +2,24 @@
 //! manifest at load, behind [`MarModel`]; and a bundle's evaluator graph
 //! behind [`Evaluator`].
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
-use std::time::Instant;
 
 use ndarray::{
-    Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, Dimension, Ix2, Ix3,
-    Ix4,
+    Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, Ix2, Ix3, Ix4,
 };
-use ort::environment::Environment;
-use ort::session::{Session, SessionInputValue};
-use ort::value::{TensorElementType, TensorRef};
+use ort::value::TensorElementType;
 
 use crate::bundle::{Bundle, Role};
 use crate::device::Device;
-use crate::library;
+pub use crate::error::OrtError;
 use crate::precision::Precision;
-use crate::precision_choice::{self, PrecisionChoice};
+use crate::precision_choice::PrecisionChoice;
+use crate::session::{Graph, SessionSettings, shaped, view};
 use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
 use crate::ticks::TickRunner;
 use gtr_engine::{
-    ChainInputs, Evaluator, GraphStats, KernelProfile, MarModel, ModelError, ModelInfo, Scores,
-    gather_rows,
+    ChainInputs, Evaluator, GraphStats, MarModel, ModelError, ModelInfo, Scores, gather_rows,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum OrtError {
-    #[error(transparent)]
-    Library(#[from] library::LibraryError),
-    #[error("ONNX Runtime: {0}")]
-    Runtime(String),
-    #[error("graph `{graph}` ({path}): {message}")]
-    Session {
-        graph: &'static str,
-        path: String,
-        message: String,
-    },
-    #[error("graph `{graph}`, tensor `{tensor}`: {problem}")]
-    Contract {
-        graph: &'static str,
-        tensor: String,
-        problem: String,
-    },
-    #[error("device `{device}`: {problem}")]
-    Device { device: String, problem: String },
-    #[error(transparent)]
-    Precision(#[from] precision_choice::PrecisionError),
-    #[error(transparent)]
-    TensorRt(#[from] tensorrt::TensorRtOptionsError),
-    /// A [`ChainRunner`] or [`BackboneRunner`] the bundle cannot honour.
-    #[error("{0}")]
-    Sampler(String),
-}
 
 /// Where diffusion chains run (`--sampler`): the bundle's sampler graph
 /// (one call per MAR step, state on the device), the host (one head call
@@ -123,7 +88,7 @@ pub struct LoadOptions {
     pub device: Device,
     /// Intra-op threads per graph (`None`: ONNX Runtime's choice).
     pub threads: Option<usize>,
-    /// Graph files and provider switches (see [`precision_choice::choose`]).
+    /// Graph files and provider switches (see [`crate::precision_choice::choose`]).
     pub precision: PrecisionChoice,
     /// TensorRT's engine and timing cache folder (`None`: the default,
     /// [`tensorrt::default_cache_dir`]).
@@ -135,7 +100,7 @@ pub struct LoadOptions {
     /// (`<graph>_<timestamp>.json`, opened with the session; `None`: no
     /// profiling). The folder must exist and be writable: ONNX Runtime does
     /// not say when it cannot open the file, which then shows only as a
-    /// [`KernelProfile::problem`] from [`MarModel::end_profiling`].
+    /// [`KernelProfile::problem`](gtr_engine::KernelProfile::problem) from [`MarModel::end_profiling`].
     pub profile_dir: Option<std::path::PathBuf>,
     /// Open the bundle's tick graph, for [`ChainRunner::Ticks`] (with CUDA
     /// graphs on the CUDA provider unless profiling).
@@ -155,227 +120,6 @@ impl LoadOptions {
             tick_graph: false,
         }
     }
-}
-
-/// What one session is opened with besides its device and threads: the
-/// GPU providers' switches and where ONNX Runtime writes its profile.
-#[derive(Debug, Clone, Default)]
-struct SessionSettings {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    cuda_tf32: bool,
-    #[cfg_attr(not(feature = "tensorrt"), allow(dead_code))]
-    tensorrt: Option<TensorRtOptions>,
-    /// Profile file prefix (ONNX Runtime appends a timestamp and `.json`).
-    profile_prefix: Option<std::path::PathBuf>,
-    /// The CUDA provider captures and replays CUDA graphs.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    cuda_graph: bool,
-}
-
-static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
-
-/// The process-wide ORT environment, loading the library on first use.
-fn environment() -> Result<&'static Environment, OrtError> {
-    let env = ENVIRONMENT.get_or_init(|| {
-        let path = library::locate().map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&path).map_err(|e| {
-            library::LibraryError {
-                problem: format!("{}: {e}", path.display()),
-            }
-            .to_string()
-        })?;
-        builder
-            .with_name("gtr-run")
-            .build()
-            .map_err(|e| e.to_string())
-    });
-    env.as_ref().map_err(|e| OrtError::Runtime(e.clone()))
-}
-
-/// One graph's session, its tensor names by role and what its calls cost.
-pub(crate) struct Graph {
-    name: &'static str,
-    pub(crate) session: Session,
-    pub(crate) inputs: BTreeMap<String, String>,
-    pub(crate) outputs: BTreeMap<String, String>,
-    pub(crate) stats: GraphStats,
-    /// ONNX Runtime is profiling this session.
-    profiling: bool,
-}
-
-impl Graph {
-    /// Opens the graph at `path` on `device`; `inputs`/`outputs` map roles
-    /// to tensor names. Returns the graph and the provider that will run it.
-    fn open(
-        name: &'static str,
-        path: &std::path::Path,
-        inputs: &BTreeMap<String, String>,
-        outputs: &BTreeMap<String, String>,
-        device: Device,
-        threads: Option<usize>,
-        settings: &SessionSettings,
-    ) -> Result<(Graph, String), OrtError> {
-        let env = environment()?;
-        let started = Instant::now();
-        let session_err = |message: String| OrtError::Session {
-            graph: name,
-            path: path.display().to_string(),
-            message,
-        };
-        let mut builder = Session::builder(env).map_err(|e| session_err(e.to_string()))?;
-        // A failing run's error comes back to us and is said once, with the
-        // graph named; ONNX Runtime's own log line would say it again.
-        builder = builder
-            .with_intra_op_spinning(false)
-            .map_err(|e| session_err(e.to_string()))?
-            .with_log_level(ort::logging::LogLevel::Fatal)
-            .map_err(|e| session_err(e.to_string()))?;
-        if let Some(n) = threads {
-            builder = builder
-                .with_intra_threads(n)
-                .map_err(|e| session_err(e.to_string()))?;
-        }
-        if let Some(prefix) = &settings.profile_prefix {
-            builder = builder
-                .with_profiling(prefix)
-                .map_err(|e| session_err(format!("profiling into {}: {e}", prefix.display())))?;
-        }
-        let (mut builder, provider) = register_device(builder, device, settings)?;
-        let session = builder
-            .commit_from_file(path)
-            .map_err(|e| session_err(e.to_string()))?;
-        let graph = Graph {
-            name,
-            session,
-            inputs: inputs.clone(),
-            outputs: outputs.clone(),
-            stats: GraphStats {
-                graph: name.into(),
-                load_seconds: started.elapsed().as_secs_f64(),
-                ..GraphStats::default()
-            },
-            profiling: settings.profile_prefix.is_some(),
-        };
-        Ok((graph, provider))
-    }
-
-    /// Ends ONNX Runtime's profiling of this session, if it was on, and
-    /// records the profile's summary (or why there is none) in the graph's
-    /// stats.
-    fn end_profiling(&mut self) {
-        if !std::mem::take(&mut self.profiling) {
-            return;
-        }
-        self.stats.kernels = Some(match self.session.end_profiling() {
-            Ok(file) => {
-                crate::profile::read(std::path::Path::new(&file)).unwrap_or_else(|problem| {
-                    KernelProfile {
-                        file,
-                        problem: Some(problem),
-                        ..KernelProfile::default()
-                    }
-                })
-            }
-            Err(e) => KernelProfile {
-                problem: Some(format!("ONNX Runtime could not end the profile: {e}")),
-                ..KernelProfile::default()
-            },
-        });
-    }
-
-    /// Runs the graph on (role, tensor) inputs and returns the output `role`.
-    /// With `check_finite`, a NaN or Inf in the output is an error naming
-    /// this graph (the engine checks the outputs it consumes itself).
-    fn run<'a>(
-        &mut self,
-        inputs: Vec<(&str, SessionInputValue<'a>)>,
-        output: &str,
-        check_finite: bool,
-    ) -> Result<ndarray::ArrayD<f32>, ModelError> {
-        let mut out = self.run_outputs(inputs, &[output], check_finite)?;
-        Ok(out.remove(0))
-    }
-
-    /// [`Graph::run`] for several output roles, returned in that order.
-    fn run_outputs<'a>(
-        &mut self,
-        inputs: Vec<(&str, SessionInputValue<'a>)>,
-        outputs: &[&str],
-        check_finite: bool,
-    ) -> Result<Vec<ndarray::ArrayD<f32>>, ModelError> {
-        let Graph {
-            name: graph,
-            session,
-            inputs: input_names,
-            outputs: output_names,
-            stats,
-            ..
-        } = self;
-        let graph = *graph;
-        let err = |message: String| ModelError::Graph { graph, message };
-        let named: Vec<(Cow<'_, str>, SessionInputValue<'a>)> = inputs
-            .into_iter()
-            .map(|(r, v)| (Cow::Borrowed(input_names[r].as_str()), v))
-            .collect();
-        let start = Instant::now();
-        let values = session.run(named).map_err(|e| err(e.to_string()))?;
-        let seconds = start.elapsed().as_secs_f64();
-        if stats.calls == 0 {
-            stats.first_call_seconds = seconds;
-        }
-        stats.calls += 1;
-        stats.seconds += seconds;
-        let mut arrays = Vec::with_capacity(outputs.len());
-        for output in outputs {
-            let out_name = output_names[*output].as_str();
-            let value = values
-                .get(out_name)
-                .ok_or_else(|| err(format!("no output `{out_name}`")))?;
-            let array = value
-                .try_extract_array::<f32>()
-                .map_err(|e| err(format!("output `{out_name}`: {e}")))?
-                .to_owned();
-            if check_finite && let Some(bad) = array.iter().find(|v| !v.is_finite()) {
-                return Err(err(format!(
-                    "output `{out_name}` holds a non-finite value ({bad})"
-                )));
-            }
-            arrays.push(array);
-        }
-        Ok(arrays)
-    }
-}
-
-fn view<
-    'a,
-    T: Clone + ort::value::PrimitiveTensorElementType + std::fmt::Debug + 'static,
-    D: Dimension + 'static,
->(
-    graph: &'static str,
-    a: ndarray::ArrayView<'a, T, D>,
-) -> Result<SessionInputValue<'a>, ModelError> {
-    let t = TensorRef::from_array_view(a).map_err(|e| ModelError::Graph {
-        graph,
-        message: format!("input tensor: {e}"),
-    })?;
-    Ok(SessionInputValue::from(t))
-}
-
-fn shaped<D: Dimension>(
-    graph: &'static str,
-    tensor: &str,
-    a: ndarray::ArrayD<f32>,
-    expected: impl FnOnce() -> String,
-) -> Result<ndarray::Array<f32, D>, ModelError> {
-    if a.ndim() == D::NDIM.unwrap_or(a.ndim()) {
-        return Ok(a.into_dimensionality::<D>().expect("rank checked"));
-    }
-    Err(ModelError::Shape {
-        graph,
-        tensor: tensor.into(),
-        got: a.shape().to_vec(),
-        expected: expected(),
-    })
 }
 
 /// A bundle's graphs loaded into ONNX Runtime.
@@ -948,122 +692,6 @@ fn explain_precision_failure(e: OrtError, precision: Precision, device: Device) 
         }
         e => e,
     }
-}
-
-/// Registers `ep` so that failing to register it is an error (no silent
-/// fallback to the CPU); returns what will run.
-#[cfg(feature = "cuda")]
-fn strict(
-    builder: ort::session::builder::SessionBuilder,
-    ep: ort::ep::ExecutionProviderDispatch,
-    name: &str,
-) -> Result<(ort::session::builder::SessionBuilder, String), OrtError> {
-    let builder = builder
-        .with_execution_providers([ep.error_on_failure()])
-        .map_err(|e| OrtError::Device {
-            device: name.into(),
-            problem: e.to_string(),
-        })?;
-    Ok((builder, name.into()))
-}
-
-/// Adds the device's execution provider with `settings`; returns what
-/// will run.
-fn register_device(
-    builder: ort::session::builder::SessionBuilder,
-    device: Device,
-    settings: &SessionSettings,
-) -> Result<(ort::session::builder::SessionBuilder, String), OrtError> {
-    let _ = settings;
-    let unavailable = |name: &str, feature: &str| OrtError::Device {
-        device: name.into(),
-        problem: format!(
-            "this gtr-run was built without the `{feature}` feature; rebuild with `cargo build --release --features {feature}`"
-        ),
-    };
-    match device {
-        Device::Cpu => Ok((builder, "cpu".into())),
-        Device::Cuda => {
-            #[cfg(feature = "cuda")]
-            {
-                strict(
-                    builder,
-                    ort::ep::CUDA::default()
-                        .with_tf32(settings.cuda_tf32)
-                        .with_cuda_graph(settings.cuda_graph)
-                        .build(),
-                    "cuda",
-                )
-            }
-            #[cfg(not(feature = "cuda"))]
-            {
-                let _ = builder;
-                Err(unavailable("cuda", "cuda"))
-            }
-        }
-        Device::TensorRt => {
-            #[cfg(feature = "tensorrt")]
-            {
-                // TensorRT must register; with the `cuda` feature too, the
-                // nodes TensorRT does not take run on CUDA, not the CPU.
-                #[allow(unused_mut)]
-                let mut eps = vec![tensorrt_provider(settings).build().error_on_failure()];
-                #[cfg(feature = "cuda")]
-                eps.push(
-                    ort::ep::CUDA::default()
-                        .with_tf32(settings.cuda_tf32)
-                        .build(),
-                );
-                let builder =
-                    builder
-                        .with_execution_providers(eps)
-                        .map_err(|e| OrtError::Device {
-                            device: "tensorrt".into(),
-                            problem: e.to_string(),
-                        })?;
-                Ok((builder, "tensorrt".into()))
-            }
-            #[cfg(not(feature = "tensorrt"))]
-            {
-                let _ = builder;
-                Err(unavailable("tensorrt", "tensorrt"))
-            }
-        }
-        Device::Auto => {
-            #[allow(unused_mut)]
-            let mut builder = builder;
-            #[cfg(feature = "tensorrt")]
-            {
-                use ort::ep::ExecutionProvider;
-                if tensorrt_provider(settings).register(&mut builder).is_ok() {
-                    return Ok((builder, "tensorrt".into()));
-                }
-            }
-            #[cfg(feature = "cuda")]
-            {
-                use ort::ep::ExecutionProvider;
-                if ort::ep::CUDA::default()
-                    .with_tf32(settings.cuda_tf32)
-                    .with_cuda_graph(settings.cuda_graph)
-                    .register(&mut builder)
-                    .is_ok()
-                {
-                    return Ok((builder, "cuda".into()));
-                }
-            }
-            let _ = unavailable;
-            Ok((builder, "cpu".into()))
-        }
-    }
-}
-
-/// TensorRT with the graph's options (ORT's defaults without them).
-#[cfg(feature = "tensorrt")]
-fn tensorrt_provider(settings: &SessionSettings) -> ort::ep::TensorRT {
-    settings
-        .tensorrt
-        .as_ref()
-        .map_or_else(ort::ep::TensorRT::default, tensorrt::provider)
 }
 
 impl MarModel for OrtModel {

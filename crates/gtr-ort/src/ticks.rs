@@ -25,7 +25,7 @@ use ort::value::{PrimitiveTensorElementType, Tensor};
 
 use gtr_engine::{COEFFICIENTS, ChainInputs, ModelError};
 
-use crate::model::Graph;
+use crate::session::Graph;
 
 const GRAPH: &str = "tick";
 

@@ -1,0 +1,32 @@
+//! What can go wrong in this crate, named by the graph, tensor, device or
+//! flag it concerns.
+
+/// A failure of loading or checking a bundle's graphs, or of the library.
+#[derive(Debug, thiserror::Error)]
+pub enum OrtError {
+    #[error(transparent)]
+    Library(#[from] crate::library::LibraryError),
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    #[error("graph `{graph}` ({path}): {message}")]
+    Session {
+        graph: &'static str,
+        path: String,
+        message: String,
+    },
+    #[error("graph `{graph}`, tensor `{tensor}`: {problem}")]
+    Contract {
+        graph: &'static str,
+        tensor: String,
+        problem: String,
+    },
+    #[error("device `{device}`: {problem}")]
+    Device { device: String, problem: String },
+    #[error(transparent)]
+    Precision(#[from] crate::precision_choice::PrecisionError),
+    #[error(transparent)]
+    TensorRt(#[from] crate::tensorrt::TensorRtOptionsError),
+    /// A [`crate::ChainRunner`] or [`crate::BackboneRunner`] the bundle cannot honour.
+    #[error("{0}")]
+    Sampler(String),
+}
