@@ -37,7 +37,7 @@ pub(crate) struct SessionSettings {
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
 /// The process-wide ORT environment, loading the library on first use.
-fn environment() -> Result<&'static Environment, OrtError> {
+pub(crate) fn environment() -> Result<&'static Environment, OrtError> {
     let env = ENVIRONMENT.get_or_init(|| {
         let path = library::locate().map_err(|e| e.to_string())?;
         let builder = ort::init_from(&path).map_err(|e| {

@@ -392,7 +392,41 @@ impl TickRunner {
 
 #[cfg(test)]
 mod tests {
-    use super::{Span, bucket_rows, spans};
+    use super::{Buffer, Memory, Span, bucket_rows, spans};
+    use ort::memory::Allocator;
+
+    /// The staged path (host tensors copied into the bound ones and back,
+    /// as on a GPU) on the CPU: what is written is what is read, for the
+    /// element types and the 0-d shape the tick graph binds.
+    #[test]
+    fn staged_buffers_round_trip() {
+        crate::session::environment().expect("the ONNX Runtime library");
+        let memory = Memory {
+            device: Allocator::default(),
+            staging: Some(Allocator::default()),
+        };
+        let mut x = Buffer::<f32>::new(&memory, vec![3, 2]).unwrap();
+        x.write(|d| {
+            d.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = i as f32 - 2.5)
+        })
+        .unwrap();
+        assert_eq!(
+            x.bound.extract_tensor().1,
+            [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+        );
+        x.bound.extract_tensor_mut().1[0] = 7.0;
+        assert_eq!(x.read().unwrap(), [7.0, -1.5, -0.5, 0.5, 1.5, 2.5]);
+        let mut k = Buffer::<i64>::new(&memory, vec![]).unwrap();
+        k.write(|d| d[0] = 41).unwrap();
+        assert_eq!(k.read().unwrap(), [41]);
+        let mut running = Buffer::<bool>::new(&memory, vec![2, 2]).unwrap();
+        running
+            .write(|d| d.copy_from_slice(&[true, false, false, true]))
+            .unwrap();
+        assert_eq!(running.read().unwrap(), [true, false, false, true]);
+    }
 
     #[test]
     fn ticks_split_where_the_running_rows_change_size() {
