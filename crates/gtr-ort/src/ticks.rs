@@ -206,12 +206,14 @@ impl BufferSet {
     /// padded with zeros that never run.
     fn upload(&mut self, inputs: &ChainInputs<'_>, c: usize) -> ort::Result<()> {
         let n = inputs.x.nrows();
-        // `src`'s rows, then zeros, into `dst` (rows of `width`).
+        // `src`'s rows, then zeros, into `dst` (rows of `width`): each
+        // element written once.
         let pad = |dst: &mut [f32], src: ndarray::ArrayView2<f32>, width: usize| {
-            dst.fill(0.0);
-            for (row, values) in dst.chunks_mut(width).zip(src.rows()) {
+            let (head, tail) = dst.split_at_mut(src.nrows() * width);
+            for (row, values) in head.chunks_mut(width).zip(src.rows()) {
                 row.iter_mut().zip(values).for_each(|(d, &v)| *d = v);
             }
+            tail.fill(0.0);
         };
         self.x[0].write(|dst| pad(dst, inputs.x, c))?;
         self.k[0].write(|dst| dst[0] = 0)?;
@@ -224,9 +226,10 @@ impl BufferSet {
         })?;
         let active = inputs.active;
         self.t.write(|dst| {
-            dst.fill(0);
             for (row, values) in dst.chunks_mut(rows).zip(inputs.timesteps.rows()) {
-                row.iter_mut().zip(values).for_each(|(d, &v)| *d = v);
+                let (head, tail) = row.split_at_mut(n);
+                head.iter_mut().zip(values).for_each(|(d, &v)| *d = v);
+                tail.fill(0);
             }
         })?;
         self.coef.write(|dst| {
