@@ -342,14 +342,22 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
     """Writes the chain graphs `roles` (sampler, tick) around the head graph `head_file` (the
     manifest's diffusion tensor names) as ROLE.onnx, or ROLE.PRECISION.onnx for a precision
     variant; returns the names written by role."""
+    from models.cuda_capture import capture_blockers
+
     io = m["graphs"]["diffusion"]
     head = onnx.load(os.path.join(bundle, head_file))
     learned = m["diffusion"]["variance"] == "learned_range"
     names = {}
     for role in roles:
         build, file, what = CHAIN_GRAPHS[role]
-        names[role] = save_graph(bundle, build(head, io, int(m["token_dim"]), learned), file, precision)
+        model = build(head, io, int(m["token_dim"]), learned)
+        names[role] = save_graph(bundle, model, file, precision)
         log(f"{names[role]}: {what} around {head_file} ({'learned' if learned else 'fixed'} variance)")
+        blockers = capture_blockers(model) if role == "tick" else []
+        if blockers:
+            log(f"note: ONNX Runtime's CUDA provider cannot capture {names[role]} in a CUDA graph "
+                f"({'; '.join(blockers)}), which is what gtr-run --sampler ticks is for; on CUDA use "
+                f"--sampler graph")
     return names
 
 

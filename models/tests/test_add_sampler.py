@@ -7,7 +7,9 @@
    (once each, also when run twice), and both graphs match the per-tick NumPy reference.
 2. The tick graph: rows that do not run keep their value exactly, k comes back as k + 1, and rows
    padded with zeros that never run leave the real rows' results as they were.
-3. The command line with --check exits 0 (run from the repository root, as documented).
+3. Nothing in the tick graph stops ONNX Runtime's CUDA provider from capturing it in a CUDA graph
+   (models/cuda_capture.py's reading of the provider's rule, itself tested on small graphs).
+4. The command line with --check exits 0 (run from the repository root, as documented).
 """
 
 import os
@@ -16,15 +18,17 @@ import sys
 import tempfile
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import yaml
+from onnx import TensorProto, helper, numpy_helper
 
 MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(MODELS))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixture_copies import check, copy_tiny  # noqa: E402
 
-from models import add_sampler  # noqa: E402
+from models import add_sampler, cuda_capture  # noqa: E402
 
 
 def test_writes_both_graphs(tmp):
@@ -86,6 +90,71 @@ def test_tick_semantics(tmp):
           "padding rows stay zero and leave the real rows' results")
 
 
+def test_tick_graph_can_be_captured(tmp):
+    bundle = copy_tiny(tmp, "capture")
+    add_sampler.add_sampler(bundle, log=lambda *_: None)
+    tick = onnx.load(os.path.join(bundle, "tick.onnx"))
+    check(cuda_capture.capture_blockers(tick) == [], "nothing in the tick graph stops a CUDA graph capture")
+    moved, _ = cuda_capture.host_nodes(tick.graph)
+    check(sorted(tick.graph.node[i].op_type for i in moved) == ["Concat", "Concat", "Neg", "Slice", "Slice", "Slice"],
+          "only the tick graph's shape arithmetic runs on the host")
+    sampler = onnx.load(os.path.join(bundle, "sampler.onnx"))
+    check([b.split(": ")[-1] for b in cuda_capture.capture_blockers(sampler)] == ["control flow"],
+          "the sampler graph's Loop is what stops its capture")
+
+
+def test_note_on_a_head_that_blocks_capture(tmp):
+    bundle = copy_tiny(tmp, "blocking-head")
+    path = os.path.join(bundle, "diffusion.onnx")
+    head = onnx.load(path)
+    out = head.graph.output[0].name
+    for n in head.graph.node:
+        n.output[:] = [o + "_raw" if o == out else o for o in n.output]
+    # the head's output scaled by a number taken from its shape: a host value read on the device
+    head.graph.node.extend([helper.make_node("Shape", [out + "_raw"], ["raw_shape"]),
+                            helper.make_node("Cast", ["raw_shape"], ["raw_dims"], to=TensorProto.FLOAT),
+                            helper.make_node("ReduceMin", ["raw_dims"], ["raw_rows"], keepdims=1),
+                            helper.make_node("Div", ["raw_rows", "raw_rows"], ["one"]),
+                            helper.make_node("Mul", [out + "_raw", "one"], [out])])
+    onnx.save(head, path)
+    lines = []
+    add_sampler.add_sampler(bundle, log=lines.append)
+    notes = [line for line in lines if line.startswith("note:")]
+    check(len(notes) == 1 and "tick.onnx" in notes[0] and "reads 'head/one' from the host" in notes[0]
+          and "use --sampler graph" in notes[0], f"a tick graph that cannot be captured is said so: {notes}")
+
+
+def tiny_graph(nodes, inputs, initializers=()):
+    """A model of `nodes` with float inputs `inputs` (name: shape) and output `y`."""
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(initializers))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_capture_rule():
+    shape_to_math = tiny_graph([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["f"], to=1),
+                                helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Mul", ["n", "f"], ["y"])],
+                               {"x": [4]})
+    check(cuda_capture.capture_blockers(shape_to_math) == ["Mul node 'y' runs on the device but reads 'f' from the host"],
+          "a shape used as a number is copied to the device")
+    shape_with_input = tiny_graph([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["f"], to=1),
+                                   helper.make_node("Mul", ["f", "w"], ["y"])], {"x": [4], "w": [1]})
+    check(cuda_capture.capture_blockers(shape_with_input)
+          == ["Mul node 'y' runs on the host but reads 'w' from the device", "output 'y' is computed on the host"],
+          "a graph input joins the host arithmetic, read from where it is bound, and its output stays there")
+    big = numpy_helper.from_array(np.ones(101, np.float32), "big")
+    shape_with_weights = tiny_graph([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Cast", ["s"], ["f"], to=1),
+                                     helper.make_node("Mul", ["f", "big"], ["y"])], {"x": [4]}, [big])
+    check(cuda_capture.capture_blockers(shape_with_weights) == ["Mul node 'y' runs on the device but reads 'f' from the host"],
+          "a large initializer keeps the node on the device")
+    reshape = tiny_graph([helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])],
+                         {"x": [4]})
+    check(cuda_capture.capture_blockers(reshape) == [], "a shape read where the kernel wants it on the host is no copy")
+    wide = tiny_graph([helper.make_node("Concat", ["x"] * 33, ["y"], axis=0)], {"x": [4]})
+    check(cuda_capture.capture_blockers(wide) == ["Concat node 'y': 33 inputs, the CUDA kernel takes at most 32 while "
+                                                  "capturing"], "a Concat of more than 32 inputs")
+
+
 def test_command_line(tmp):
     bundle = copy_tiny(tmp, "cli")
     root = os.path.dirname(MODELS)
@@ -98,6 +167,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_writes_both_graphs(tmp)
         test_tick_semantics(tmp)
+        test_tick_graph_can_be_captured(tmp)
+        test_capture_rule()
+        test_note_on_a_head_that_blocks_capture(tmp)
         test_command_line(tmp)
     print("all add_sampler tests passed")
 

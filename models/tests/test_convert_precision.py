@@ -16,7 +16,8 @@ On temporary copies of models/fixtures/tiny:
 4. The manifest rewrite keeps comments and keys after the section; Gemm → MatMul + Add is exact
    for alpha, beta and transB.
 5. A bundle whose graphs lie outside its folder (fixtures/tiny-sampler) gets its variants inside
-   it, and its sampler graph rebuilt around the variant head.
+   it, and its sampler and tick graphs rebuilt around the variant head (nothing in the fp16 tick
+   graph stops a CUDA graph capture).
 6. A variant far from float32 on the check's inputs is refused before it replaces anything.
 """
 
@@ -35,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, MODELS)
 import convert_precision as cp  # noqa: E402
+import cuda_capture  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixture_copies import TINY, check, copy_tiny  # noqa: E402
@@ -206,7 +208,8 @@ def test_sampler_and_outside_files(tmp):
     text = open(path).read().replace("../tiny/", os.path.relpath(TINY, bundle) + "/")
     open(path, "w").write(text)
     before = set(os.listdir(TINY))
-    report = cp.convert(bundle, "fp16", check=False, log=lambda *_: None)
+    lines = []
+    report = cp.convert(bundle, "fp16", check=False, log=lines.append)
     check(set(os.listdir(TINY)) == before, "nothing is written beside graphs outside the bundle")
     check(report["files"]["encoder"] == "encoder.fp16.onnx"
           and os.path.isfile(os.path.join(bundle, "encoder.fp16.onnx")), "variants of outside graphs go into the bundle")
@@ -216,6 +219,9 @@ def test_sampler_and_outside_files(tmp):
     check(report["files"].get("tick") == "tick.fp16.onnx", "the tick graph is rebuilt around the fp16 head")
     s = ort.InferenceSession(os.path.join(bundle, "tick.fp16.onnx"), providers=["CPUExecutionProvider"])
     check([i.name for i in s.get_inputs()][:2] == ["x", "k"], "the fp16 tick graph loads")
+    check(cuda_capture.capture_blockers(onnx.load(os.path.join(bundle, "tick.fp16.onnx"))) == []
+          and not any(line.startswith("note:") for line in lines),
+          "nothing in the fp16 tick graph stops a CUDA graph capture")
 
 
 def test_a_variant_off_by_too_much_is_refused(tmp):

@@ -13,6 +13,11 @@
 //! sampler graph's `Loop` cannot have (ONNX Runtime does not capture control
 //! flow). A graph id keeps the addresses it was captured with, so the
 //! tensors of a shape live as long as the model and ids are never reused.
+//!
+//! A run never writes a tensor it reads: ONNX Runtime (1.31) runs the first
+//! call of each graph id three times (two warm-up runs, then the capture),
+//! which gives the same result only because `x_next` and `k_next` are bound
+//! to the other pair of tensors than `x` and `k`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
