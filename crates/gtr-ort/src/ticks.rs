@@ -17,7 +17,11 @@
 //! A run never writes a tensor it reads: ONNX Runtime (1.31) runs the first
 //! call of each graph id three times (two warm-up runs, then the capture),
 //! which gives the same result only because `x_next` and `k_next` are bound
-//! to the other pair of tensors than `x` and `k`.
+//! to the other pair of tensors than `x` and `k`. And every use of a shape's
+//! tensors first writes all of its inputs ([`BufferSet::upload`]): tensors
+//! allocated later from the session's arena may lie in memory that an
+//! earlier captured graph uses for its intermediates, which its replays
+//! overwrite.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
