@@ -32,8 +32,9 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
 4. One Markdown table (printed last, and written to OUT/gpu-bench.md) plus every raw number in
    OUT/gpu-bench.json (rewritten after every measurement, so a run cut short still leaves data).
 
-Order of work: batch sizes in the order given (default 64 first), and inside each: gtr-run
-variants, PyTorch half precision, PyTorch float32. Past --deadline seconds nothing new starts
+Order of work: batch sizes in the order given (default 64 first), and inside each: the first
+gtr-run variant, PyTorch half precision, the other variants, PyTorch float32, so that a run cut
+short still holds the comparison the table is for. Past --deadline seconds nothing new starts
 (and a gtr-run eval in flight is stopped); a measurement that the same kind at another batch size
 predicts to end more than 15 s after the deadline is skipped; the table is printed with what was
 measured. SIGTERM does the same.
@@ -818,17 +819,12 @@ class Bench:
             if a.image_check and not a.skip_gtr_run:
                 self.measure("images against the CPU", self.image_check)
             precisions = [] if a.skip_torch else (["half"] + ([] if a.skip_torch_fp32 else ["fp32"]))
+            variants = [] if a.skip_gtr_run else self.variants
             for B in a.batches:
-                if not a.skip_gtr_run:
-                    for v in self.variants:
-                        self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B,
-                                     predict=lambda v=v, B=B: self.predicted_seconds("gtr", (v[0],), B))
-                for prec in precisions:
-                    for sched in self.plans:
-                        if self.res["plans"][sched]["fts"]:
-                            continue
-                        self.measure(f"PyTorch {prec} batch {B} {sched}", self.torch_measure, sched, B, prec,
-                                     predict=lambda p=prec, s=sched, B=B: self.predicted_seconds("torch", (p, s), B))
+                self.measure_gtr_run(variants[:1], B)
+                self.measure_torch(precisions[:1], B)
+                self.measure_gtr_run(variants[1:], B)
+                self.measure_torch(precisions[1:], B)
             if a.profile and not a.skip_gtr_run:
                 for v in self.variants:
                     self.measure(f"gtr-run {v[0]} kernel profile", self.gtr_profile, v, a.batches[0])
@@ -842,6 +838,21 @@ class Bench:
         except BenchError as e:
             self.error("run", e)
         self.res["total_seconds"] = round(time.time() - T0, 1)
+
+    def measure_gtr_run(self, variants: list, B: int) -> None:
+        """`gtr-run eval` of every schedule for each of `variants` at batch B."""
+        for v in variants:
+            self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B,
+                         predict=lambda v=v, B=B: self.predicted_seconds("gtr", (v[0],), B))
+
+    def measure_torch(self, precisions: list[str], B: int) -> None:
+        """PyTorch's sampler in each of `precisions` at batch B, for the schedules MAR has."""
+        for prec in precisions:
+            for sched in self.plans:
+                if self.res["plans"][sched]["fts"]:
+                    continue
+                self.measure(f"PyTorch {prec} batch {B} {sched}", self.torch_measure, sched, B, prec,
+                             predict=lambda p=prec, s=sched, B=B: self.predicted_seconds("torch", (p, s), B))
 
     # -- the table ----------------------------------------------------------------------------------
 
