@@ -5,10 +5,13 @@
 
 Phases (each timed and printed; a phase that fails is reported and the rest still runs):
 1. weights + export: random official-layout MAR weights and KL-16 VAE
-   (models/make_fake_checkpoint.py --size mar_base --no-model), exported to a bundle by
+   (models/make_fake_checkpoint.py --size mar_base --no-model --denoising-head: the diffusion
+   head predicts ε ≈ x_t, so that sampling keeps the tokens finite in float16), exported to a bundle by
    models/export_mar.py (--quick-vae-check), in --work (default /tmp/gtr-gpubench; reused by a
    later run with the same size and seed, or skipped with --bundle).
-1b. bundle variants, where a configuration asks for them: `--fused-attention` in a --variant's
+1b. bundle variants, where a configuration asks for them, made just before its first measurement
+   (so that a run cut short spends nothing on configurations it never reaches; listed here in
+   the order of the rest): `--fused-attention` in a --variant's
    ARGS runs it on a copy of the bundle with models/fuse_attention.py applied (BUNDLE-fused,
    reused while the encoder and decoder are unchanged); `--precision fp16|bf16|int8` writes the
    variant graphs its bundle lacks (models/convert_precision.py --no-check).
@@ -146,6 +149,7 @@ class Bench:
         self.variants = self.parse_variants()
         self.profile_schedule = self.schedule_path(a.profile_schedule) if a.profile else None
         self.fused_bundles: dict[str, str] = {}     # bundle -> its fused-attention copy
+        self.prepared: set[str] = set()              # configurations whose bundle variants are made
         self.torch_model = None
         self.torch_failed = None
 
@@ -309,6 +313,9 @@ class Bench:
             log(f"bundle {self.bundle} (given); PyTorch weights: {self.checkpoint or 'none'}, {self.vae_ckpt or 'none'}")
         else:
             fake_args, export_args = SIZES[a.size]
+            # a head that keeps tokens at a trained model's scale: a random one drives them past
+            # float16's range, and no half-precision run would end in finite images
+            fake_args = [*fake_args, "--denoising-head"]
             stamp_path = os.path.join(work, "stamp.json")
             stamp = {"size": a.size, "seed": a.seed, "fake_args": fake_args, "export_args": export_args}
             bundle = os.path.join(work, "bundle")
@@ -401,13 +408,13 @@ class Bench:
             raise BenchError(f"variant {v.name}: its fused-attention bundle was not made (see the bundle variants phase)")
         return bundle
 
-    def asked_precisions(self) -> list:
-        """[(bundle, precision)] of every variant graph a gtr-run configuration asks for with
-        `--precision fp16|bf16|int8` (variant args or --gtr-arg), in order, each pair once."""
+    def asked_precisions(self, variants: list) -> list:
+        """[(bundle, precision)] of every variant graph the gtr-run configurations `variants` ask
+        for with `--precision fp16|bf16|int8` (variant args or --gtr-arg), in order, each pair once."""
         from models.convert_precision import PRECISIONS
 
         out = []
-        for v in self.variants:
+        for v in variants:
             args = list(self.a.gtr_arg) + v.args
             for i, arg in enumerate(args):
                 value = args[i + 1] if arg == "--precision" and i + 1 < len(args) else (
@@ -417,18 +424,23 @@ class Bench:
                     out.append(pair)
         return out
 
-    def prepare_bundle_variants(self) -> None:
-        """Makes what the configurations ask of their bundles: a fused-attention copy for
-        `--fused-attention`, then the variant graphs of `--precision fp16|bf16|int8` where a bundle
-        lacks them (models/convert_precision.py, without its CPU check), so that one command
+    def needs_bundle_variants(self, v: Variant) -> bool:
+        """Whether configuration `v` asks for graphs not yet made or checked for it."""
+        return v.name not in self.prepared and (v.fused_attention or bool(self.asked_precisions([v])))
+
+    def prepare_bundle_variants(self, variants: list) -> None:
+        """Makes what the configurations `variants` ask of their bundles: a fused-attention copy
+        for `--fused-attention`, then the variant graphs of `--precision fp16|bf16|int8` where a
+        bundle lacks them (models/convert_precision.py, without its CPU check), so that one command
         compares them with PyTorch's autocast on a fresh export."""
         from models.add_sampler import read_manifest
 
-        for v in self.variants:
+        for v in variants:
+            self.prepared.add(v.name)
             source = os.path.abspath(v.bundle or self.bundle)
             if v.fused_attention and source not in self.fused_bundles:
                 self.fused_bundles[source] = self.fused_copy(source)
-        for bundle, precision in self.asked_precisions():
+        for bundle, precision in self.asked_precisions(variants):
             _, manifest = read_manifest(bundle)
             if precision in (manifest.get("precisions") or {}):
                 log(f"{bundle} has {precision} graphs")
@@ -811,9 +823,6 @@ class Bench:
                 self.prepare_bundle()
             if self.bundle is None or not self.manifest:
                 raise BenchError("no bundle: nothing to measure")
-            if self.asked_precisions() or any(v.fused_attention for v in self.variants):
-                with self.phase("bundle variants"):
-                    self.prepare_bundle_variants()
             with self.phase("plans"):
                 self.make_plans()
             if a.image_check and not a.skip_gtr_run:
@@ -842,6 +851,10 @@ class Bench:
     def measure_gtr_run(self, variants: list, B: int) -> None:
         """`gtr-run eval` of every schedule for each of `variants` at batch B."""
         for v in variants:
+            if self.needs_bundle_variants(v):
+                # made when first needed, so that a run cut short has spent no time on graphs
+                # for configurations it never reached
+                self.measure(f"bundle variants for {v.name}", self.prepare_bundle_variants, [v])
             self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B,
                          predict=lambda v=v, B=B: self.predicted_seconds("gtr", (v[0],), B))
 

@@ -15,7 +15,10 @@ back; `img_size` / `vae_stride` are set consistently with the VAE (stride = 2^(l
 
 Weights are random normal, scaled so that every activation stays O(1) with no
 saturation (fan-in scaling, LayerNorm/GroupNorm gains near 1, small output layers), and
-deterministic for a given --seed.
+deterministic for a given --seed. Sampling with a random diffusion head still drives the tokens
+to ~1e5 (its error in ε is multiplied by up to 1/sqrt(ᾱ)); `--denoising-head` sets the head's
+weights so that it predicts ε ≈ x_t and the tokens stay near 1, as a trained model's do
+(`make_denoising_head`; the benchmark uses it so that half-precision runs stay finite).
 
   python models/make_fake_checkpoint.py --size mar_base --out /tmp/mar_b/checkpoint-last.pth --vae-out /tmp/mar_b/kl16.ckpt
   python models/make_fake_checkpoint.py --size custom --width 64 --depth 2 --heads 4 \\
@@ -81,6 +84,49 @@ def randomize(module: torch.nn.Module, seed: int) -> dict:
     return out
 
 
+# --denoising-head: the offset that carries the head's input through its norms, and the scale
+# left on the adaLN modulations (their gates, shifts and scales stay this close to 0).
+DENOISING_OFFSET = 100.0
+DENOISING_MODULATION = 1e-6
+
+
+@torch.no_grad()
+def make_denoising_head(sd: dict, token_dim: int, prefix: str = "diffloss.net.") -> None:
+    """Turns the random diffusion head in `sd` into one that predicts ε ≈ x_t (and v = 0).
+
+    With random weights, MAR's sampler turns the head's error in ε into tokens of ~1e5 (the
+    ε-to-x0 step divides by sqrt(ᾱ), down to 5e-5), and `tokens / 0.2325` overflows float16
+    (65504) at the VAE's input, so no half-precision run would end in finite images. A head that
+    predicts ε = x_t makes every x0 estimate a shrunken x_t instead, and the tokens stay at a
+    trained model's scale (about 1). Every weight matrix stays dense, so the speed is unchanged:
+
+    - input_proj: h = [x, -x, 0, ...] + K·u, u = ±1 alternating on the other channels (sum 0), so
+      that h's mean is 0 and its norm is dominated by K: LayerNorm divides x by a near constant;
+    - res blocks and the final layer: adaLN modulations scaled by DENOISING_MODULATION (gates,
+      shifts and scales ≈ 0: the blocks leave h as it is), their biases 0;
+    - final linear: ε = x·(1 − O(|x|²/K²)) from the first C channels, v = 0.
+    """
+    C, K = token_dim, DENOISING_OFFSET
+    weight = sd[prefix + "input_proj.weight"]
+    width = weight.shape[0]
+    if width < 2 * C + 2:
+        raise SystemExit(f"--denoising-head needs a head width of at least {2 * C + 2} (got {width})")
+    proj = torch.zeros_like(weight)
+    proj[:C] = torch.eye(C)
+    proj[C:2 * C] = -torch.eye(C)
+    free = width - 2 * C - (width - 2 * C) % 2           # an even count of ±1 channels
+    offset = torch.zeros(width)
+    offset[2 * C:2 * C + free] = K * torch.tensor([1.0, -1.0]).repeat(free // 2)
+    sd[prefix + "input_proj.weight"], sd[prefix + "input_proj.bias"] = proj, offset
+    for name in [n for n in sd if n.startswith(prefix) and ".adaLN_modulation." in n]:
+        sd[name] = sd[name] * DENOISING_MODULATION if name.endswith("weight") else torch.zeros_like(sd[name])
+    # LayerNorm's denominator for h: sqrt(mean(h²)) = sqrt((2|x|² + K²·free) / width) ≈ K·sqrt(free / width)
+    linear = torch.zeros_like(sd[prefix + "final_layer.linear.weight"])
+    linear[:C, :C] = K * math.sqrt(free / width) * torch.eye(C)
+    sd[prefix + "final_layer.linear.weight"] = linear
+    sd[prefix + "final_layer.linear.bias"] = torch.zeros_like(sd[prefix + "final_layer.linear.bias"])
+
+
 def official_args(size: str, cfg: MARConfig, vcfg: VAEConfig, seed: int) -> argparse.Namespace:
     """An argparse.Namespace with the fields MAR's main_mar.py saves (values for this shape)."""
     stride = vcfg.downsample
@@ -130,10 +176,14 @@ def build_configs(a) -> tuple:
     return cfg, vcfg
 
 
-def make(size: str, cfg: MARConfig, vcfg: VAEConfig, seed: int = 0, with_model: bool = True):
-    """(MAR checkpoint dict, VAE checkpoint dict) with random weights."""
+def make(size: str, cfg: MARConfig, vcfg: VAEConfig, seed: int = 0, with_model: bool = True,
+         denoising_head: bool = False):
+    """(MAR checkpoint dict, VAE checkpoint dict) with random weights (the diffusion head made a
+    denoiser by make_denoising_head if asked)."""
     mar = MAR(cfg)
     ema = randomize(mar, seed)
+    if denoising_head:
+        make_denoising_head(ema, cfg.token_dim)
     ckpt = {"model_ema": ema, "args": official_args(size, cfg, vcfg, seed), "epoch": 399}
     if with_model:
         # the non-EMA weights: a different draw, so exporting `model` by mistake is visible
@@ -150,6 +200,10 @@ def main(argv=None):
     ap.add_argument("--vae-out", help="VAE checkpoint path (e.g. kl16.ckpt); omitted = no VAE file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-model", action="store_true", help="write model_ema only (halves the file)")
+    ap.add_argument("--denoising-head", action="store_true",
+                    help="a diffusion head that predicts eps = x_t, so that sampling keeps tokens near a trained "
+                         "model's scale (random heads drive them to ~1e5, past float16); for speed benchmarks "
+                         "in half precision")
     g = ap.add_argument_group("custom size")
     g.add_argument("--width", type=int, default=64)
     g.add_argument("--depth", type=int, default=2)
@@ -167,7 +221,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     cfg, vcfg = build_configs(a)
-    ckpt, vae_ckpt, n_mar, n_vae = make(a.size, cfg, vcfg, a.seed, with_model=not a.no_model)
+    ckpt, vae_ckpt, n_mar, n_vae = make(a.size, cfg, vcfg, a.seed, with_model=not a.no_model,
+                                        denoising_head=a.denoising_head)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     torch.save(ckpt, a.out)
     print(f"{a.out}: MAR {a.size}, {n_mar / 1e6:.2f} M parameters, keys {sorted(ckpt)}, "

@@ -12,7 +12,9 @@ make_fake_checkpoint.randomize), the same orders and the same injected noise:
 3. the fused attention switch (what timm / MAR's code use) gives the same tokens;
 4. the per-image work counts (backbone passes and head rows, both CFG halves);
 5. a run with on-device noise under CPU bf16 autocast is finite and close to float32 in the mean;
-6. `known_before` runs the last steps alone and leaves the tokens taken as known untouched.
+6. `known_before` runs the last steps alone and leaves the tokens taken as known untouched;
+7. make_fake_checkpoint's --denoising-head: the plain head predicts ε = x_t and v = 0, and 100-step
+   sampling keeps tokens below 10 where the random head's pass 1000 (fp16 autocast stays finite).
 The diffusion role is the torch-small fixture's wrapper (make_torch_golden.FixtureEpsHead), so a
 random head does not blow samples up and float32-vs-float64 differences stay small.
 """
@@ -144,6 +146,34 @@ def main():
     untouched = bool((o["tokens"].gather(1, order[:, :before, None].expand(-1, -1, C)) == 0).all())
     check("known_before", untouched and bool(torch.isfinite(o["images"]).all()),
           f"{before} tokens taken as known, left zero: {untouched}")
+
+    # 7. make_fake_checkpoint --denoising-head: the plain head (no wrapper) predicts eps = x_t, and
+    # MAR's sampler with 100 diffusion steps keeps the tokens at a trained model's scale, where the
+    # random head's pass float16's range (the benchmark's half-precision runs need them finite)
+    tame = MAR(mar.cfg)
+    sd = make_fake_checkpoint.randomize(tame, 7)
+    make_fake_checkpoint.make_denoising_head(sd, C)
+    tame.load_state_dict(sd)
+    tame.eval()
+    x = torch.randn(64, C) * 2
+    with torch.no_grad():
+        out = tame.diffusion_head(x, torch.randint(0, 1000, (64,)), torch.randn(64, mar.cfg.decoder_width))
+    err, v, top = float((out[:, :C] - x).abs().max()), float(out[:, C:].abs().max()), float(x.abs().max())
+    check("denoising head: eps = x", err < 1e-3 * top and v < 1e-4,
+          f"max |eps - x| {err:.1e} (x up to {top:.1f}; the norm shrinks eps by about |x|²/K²), max |v| {v:.1e}")
+    steps100 = [fast.Step(int(n), 100, c, 1.0) for n, c in zip(case["step_sizes"], case["cfg"])]
+    peaks = {}
+    for name, model in (("random", mar), ("denoising", tame)):
+        g = torch.Generator().manual_seed(0)
+        peaks[name] = float(fast.sample(model, vae, steps100, labels, order, 0.2325, generator=g,
+                                        decode=False)["tokens"].abs().max())
+    g = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        o16 = fast.sample(tame, vae, steps100, labels, order, 0.2325, generator=g)
+    fin = bool(torch.isfinite(o16["images"].float()).all())
+    check("denoising head: tokens stay small", peaks["denoising"] < 10 < 1000 < peaks["random"] and fin,
+          f"max |token| {peaks['denoising']:.2f} against the random head's {peaks['random']:.3g}; "
+          f"fp16 autocast images finite: {fin}")
 
     print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all passed'} in {time.time() - t0:.1f} s")
     return 1 if FAILED else 0
