@@ -424,9 +424,11 @@ class Bench:
                     out.append(pair)
         return out
 
-    def needs_bundle_variants(self, v: Variant) -> bool:
-        """Whether configuration `v` asks for graphs not yet made or checked for it."""
-        return v.name not in self.prepared and (v.fused_attention or bool(self.asked_precisions([v])))
+    def ensure_bundle_variants(self, v: Variant) -> None:
+        """Makes the graphs configuration `v` asks for, once, as a phase of its own: when first
+        needed, so that a run cut short spends no time on configurations it never reaches."""
+        if v.name not in self.prepared and (v.fused_attention or self.asked_precisions([v])):
+            self.measure(f"bundle variants for {v.name}", self.prepare_bundle_variants, [v])
 
     def prepare_bundle_variants(self, variants: list) -> None:
         """Makes what the configurations `variants` ask of their bundles: a fused-attention copy
@@ -836,6 +838,7 @@ class Bench:
                 self.measure_torch(precisions[1:], B)
             if a.profile and not a.skip_gtr_run:
                 for v in self.variants:
+                    self.ensure_bundle_variants(v)
                     self.measure(f"gtr-run {v[0]} kernel profile", self.gtr_profile, v, a.batches[0])
             fts = [s for s in self.plans if self.res["plans"][s]["fts"]]
             if fts and precisions:
@@ -851,10 +854,7 @@ class Bench:
     def measure_gtr_run(self, variants: list, B: int) -> None:
         """`gtr-run eval` of every schedule for each of `variants` at batch B."""
         for v in variants:
-            if self.needs_bundle_variants(v):
-                # made when first needed, so that a run cut short has spent no time on graphs
-                # for configurations it never reached
-                self.measure(f"bundle variants for {v.name}", self.prepare_bundle_variants, [v])
+            self.ensure_bundle_variants(v)
             self.measure(f"gtr-run {v[0]} batch {B}", self.gtr_eval, v, B,
                          predict=lambda v=v, B=B: self.predicted_seconds("gtr", (v[0],), B))
 
