@@ -20,7 +20,9 @@ device kernel reads it as device memory, or where it reads a device tensor (a gr
 bound on the device included).
 
 `capture_blockers(model)` applies that rule to a graph and says what would stop the capture;
-an empty list means the provider accepts `enable_cuda_graph` for it. Of the kernels themselves it
+an empty list means the provider accepts `enable_cuda_graph` for it. It takes every op to have a
+CUDA kernel for its types (an op without one runs on the host and stops the capture through
+its copies: check the kernel table first). Of the kernels themselves it
 knows one limit (a Concat of more than 32 inputs fails while capturing); whether the kernels of
 the tick graph's ops capture and replay correctly was read from ONNX Runtime 1.31.1, not run
 (models/README.md, "The optional tick graph").
