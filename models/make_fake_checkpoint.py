@@ -98,7 +98,8 @@ def make_denoising_head(sd: dict, token_dim: int, prefix: str = "diffloss.net.")
     ε-to-x0 step divides by sqrt(ᾱ), down to 5e-5), and `tokens / 0.2325` overflows float16
     (65504) at the VAE's input, so no half-precision run would end in finite images. A head that
     predicts ε = x_t makes every x0 estimate a shrunken x_t instead, and the tokens stay at a
-    trained model's scale (about 1). Every weight matrix stays dense, so the speed is unchanged:
+    trained model's scale (about 1). Only values change: the kernels multiply every weight
+    matrix in full whatever it holds, so the speed is the same (README, "GPU benchmark"):
 
     - input_proj: h = [x, -x, 0, ...] + K·u, u = ±1 alternating on the other channels (sum 0), so
       that h's mean is 0 and its norm is dominated by K: LayerNorm divides x by a near constant;
