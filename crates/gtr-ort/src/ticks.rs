@@ -404,8 +404,101 @@ impl TickRunner {
 
 #[cfg(test)]
 mod tests {
-    use super::{Buffer, Memory, Span, bucket_rows, spans};
+    use super::{Buffer, BufferSet, Memory, Shape, Span, bucket_rows, spans};
+    use gtr_engine::{COEFFICIENTS, ChainInputs};
+    use ndarray::{Array1, Array2, Array3};
     use ort::memory::Allocator;
+
+    /// ONNX Runtime runs the first call of each CUDA graph id three
+    /// times; that is right only if a tick never writes what it reads. So
+    /// on the CPU: three runs of one direction leave what one run left, and
+    /// the other direction reads what the first wrote.
+    #[test]
+    fn a_tick_run_again_gives_the_same_state() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/fixtures/tiny-sampler");
+        let names = |list: &[&str]| {
+            list.iter()
+                .map(|n| (n.to_string(), n.to_string()))
+                .collect()
+        };
+        let (mut graph, _) = crate::session::Graph::open(
+            "tick",
+            &dir.join("tick.onnx"),
+            &names(&["x", "k", "z", "t", "coef", "noise", "running", "guidance"]),
+            &names(&["x_next", "k_next"]),
+            crate::Device::Cpu,
+            Some(1),
+            &crate::session::SessionSettings::default(),
+        )
+        .expect("the tiny-sampler fixture's tick graph");
+        let memory = Memory {
+            device: Allocator::default(),
+            staging: None,
+        };
+        let (c, d, n, ticks) = (4, 32, 5, 3);
+        let shape = Shape {
+            groups: 2,
+            rows: bucket_rows(n),
+            ticks,
+        };
+        let mut set = BufferSet::new(&graph, &memory, shape, (c, d), None).unwrap();
+        let wave = |i: usize| ((i * 37 % 17) as f32 - 8.0) / 8.0;
+        let x = Array2::from_shape_fn((n, c), |(r, j)| wave(r * c + j));
+        let z = Array3::from_shape_fn((2, n, d), |(g, r, j)| wave(g + r * d + j));
+        let timesteps = Array2::from_shape_fn((ticks, n), |(k, r)| (900 - 300 * k - r) as i64);
+        let coefficients = Array3::from_shape_fn((ticks, n, COEFFICIENTS), |(_, _, j)| {
+            [0.98, 0.05, -3.0, -4.0, 1.0][j]
+        });
+        let noise = Array3::from_shape_fn((ticks, n, c), |(k, r, j)| wave(k + r + j));
+        let active = Array1::from_elem(ticks, n as i64);
+        let inputs = ChainInputs {
+            x: x.view(),
+            z: z.view(),
+            timesteps: timesteps.view(),
+            coefficients: coefficients.view(),
+            noise: noise.view(),
+            active: active.view(),
+            guidance: 2.0,
+        };
+        set.upload(&inputs, c).unwrap();
+        let run = |graph: &mut crate::session::Graph, set: &BufferSet, from: usize| {
+            graph
+                .session
+                .run_binding(&set.bindings[from])
+                .map(drop)
+                .unwrap()
+        };
+        run(&mut graph, &set, 0);
+        let once = (
+            set.x[1].read().unwrap().to_vec(),
+            set.k[1].read().unwrap().to_vec(),
+        );
+        run(&mut graph, &set, 0);
+        run(&mut graph, &set, 0);
+        let thrice = (
+            set.x[1].read().unwrap().to_vec(),
+            set.k[1].read().unwrap().to_vec(),
+        );
+        assert_eq!(once, thrice, "a repeated run moved the state");
+        assert_eq!(once.1, [1], "k_next = k + 1");
+        assert_eq!(
+            (&set.x[0].read().unwrap()[..n * c], set.k[0].read().unwrap()),
+            (x.as_slice().unwrap(), &[0][..]),
+            "a run left its inputs as they were"
+        );
+        let moved = &once.0[..n * c];
+        assert!(
+            moved.iter().zip(x.iter()).any(|(a, b)| a != b) && moved.iter().all(|v| v.is_finite()),
+            "the rows ran"
+        );
+        run(&mut graph, &set, 1);
+        assert_eq!(
+            set.k[0].read().unwrap(),
+            [2],
+            "the other direction reads what the first wrote"
+        );
+    }
 
     /// The staged path (host tensors copied into the bound ones and back,
     /// as on a GPU) on the CPU: what is written is what is read, for the
