@@ -151,11 +151,9 @@ pub fn host_name() -> String {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("gtr-run-fsutil-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A fresh folder, removed when the returned guard drops.
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     #[test]
@@ -168,17 +166,18 @@ mod tests {
             sha256_hex(b""),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        let dir = scratch("sha");
+        let scratch = scratch();
+        let dir = scratch.path().to_path_buf();
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(dir.join("f"), &big).unwrap();
         assert_eq!(sha256_file(&dir.join("f")).unwrap(), sha256_hex(&big));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[cfg(unix)]
     #[test]
     fn a_symbolic_link_at_the_output_is_replaced_not_written_through() {
-        let dir = scratch("link");
+        let scratch = scratch();
+        let dir = scratch.path().to_path_buf();
         let victim = dir.join("victim.txt");
         std::fs::write(&victim, "keep").unwrap();
         let out = dir.join("out.png");
@@ -192,12 +191,12 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_failed_fill_leaves_nothing() {
-        let dir = scratch("fail");
+        let scratch = scratch();
+        let dir = scratch.path().to_path_buf();
         let out = dir.join("x.npz");
         let err = write_atomic_with(&out, |w| {
             w.write_all(b"part")?;
@@ -207,16 +206,15 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         assert!(is_temporary(".x.npz.a1B2c3.tmp"));
         assert!(!is_temporary("x.tmp") && !is_temporary(".tmp"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_folder_is_locked_by_one_holder_at_a_time() {
-        let dir = scratch("lock");
+        let scratch = scratch();
+        let dir = scratch.path().to_path_buf();
         let first = FolderLock::try_new(&dir).unwrap();
         assert!(matches!(FolderLock::try_new(&dir), Err(LockError::Busy)));
         drop(first);
         FolderLock::try_new(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,15 +1,11 @@
 //! The `gtr-run plan` command as a user runs it.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn gtr_run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gtr-run"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
+use std::path::Path;
+use std::process::Output;
+
+use common::{gtr_run, tmp};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -101,7 +97,7 @@ fn set_overrides_a_parameter() {
 
 #[test]
 fn png_is_written() {
-    let dir = std::env::temp_dir().join(format!("gtr-run-cli-{}", std::process::id()));
+    let dir = tmp("png");
     std::fs::create_dir_all(&dir).unwrap();
     let png = dir.join("order.png");
     let o = gtr_run(&[
@@ -181,8 +177,7 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
 /// file and line, once a schedule's order changes or has no snapshot.
 #[test]
 fn snapshot_a_folder_of_schedules() {
-    let dir = std::env::temp_dir().join(format!("gtr-run-cli-snapshot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = tmp("snapshot");
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["raster.gtr", "wavefront.gtr"] {
         let preset = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -263,7 +258,7 @@ fn snapshot_a_folder_of_schedules() {
 #[test]
 fn exit_statuses_say_what_failed() {
     let tiny = "models/fixtures/tiny";
-    let out = std::env::temp_dir().join(format!("gtr-run-cli-{}-status", std::process::id()));
+    let out = tmp("status");
     let o = out.to_str().unwrap();
     let cases: [(&[&str], i32); 6] = [
         (&["plan", "--no-such-flag"], 2),

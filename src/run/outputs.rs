@@ -200,9 +200,8 @@ mod tests {
 
     #[test]
     fn npz_repeats_grey_images_to_three_channels_and_refuses_mixed_sizes() {
-        let dir = std::env::temp_dir().join(format!("gtr-run-unit-{}-npz", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().to_path_buf();
         let grey = ndarray::Array3::from_shape_fn((2, 3, 1), |(i, j, _)| (10 * i + j) as u8);
         let rgb =
             ndarray::Array3::from_shape_fn((2, 3, 3), |(i, j, c)| (100 + 10 * i + j + c) as u8);
@@ -232,6 +231,5 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 4, "no partial file is left: {left:?}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

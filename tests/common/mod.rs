@@ -49,9 +49,13 @@ pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A fresh path under the temp folder, unique to this test process.
+/// A fresh (removed if there) path `NAME` for this test binary under
+/// Cargo's `target/tmp`: what a run leaves stays there for a look until the
+/// next run or `cargo clean`, and nothing piles up in the system's temp
+/// folder run after run.
 pub fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("gtr-run-test-{}-{name}", std::process::id()));
+    let d =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{}-{name}", env!("CARGO_CRATE_NAME")));
     let _ = std::fs::remove_dir_all(&d);
     d
 }
