@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""What splitting a bundle's diffusion head in two would gain on this machine (a measurement for
+a design not built in gtr-run).
+
+  python3 benches/head_split.py BUNDLE [--precision int8] [--rows 32] [--ticks 10 25 100]
+
+A head's result for a row is f(x, g(t, z)): much of it (MAR's time and condition embeddings and
+every block's adaLN modulation) reads only the timestep t and the conditioning z, never the
+chain's state x. Within a MAR step every row's z is fixed and every tick's t is known before the
+first tick, so g could run once for many ticks at a time, on rows x ticks rows, and the per-tick
+call would run only the part that reads x. This script cuts the head's graph there (the tensors
+computed from t and z alone that a node reading x consumes), checks that the two parts together
+give the whole graph's output, and times:
+
+- the whole head on --rows rows (what a tick costs today);
+- the x part on --rows rows, plus the (t, z) part on rows x T rows divided by T (a tick's cost
+  when g runs once per T ticks), for each T of --ticks.
+
+Needs onnx, onnxruntime and numpy (models/fixtures/requirements.txt) and PyYAML.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import yaml
+from onnx.utils import Extractor
+
+
+def head_file(bundle: Path, precision: str) -> tuple[Path, dict]:
+    """The diffusion head's graph file for `precision` and its manifest entry (I/O names)."""
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    entry = manifest["graphs"]["diffusion"]
+    if precision == "fp32":
+        return bundle / entry["file"], entry
+    variants = manifest.get("precisions", {}).get(precision, {})
+    if "diffusion" not in variants:
+        sys.exit(f"{bundle}/manifest.yaml: precisions.{precision} has no diffusion graph "
+                 f"(models/convert_precision.py {bundle} --precision {precision})")
+    return bundle / variants["diffusion"], entry
+
+
+def cut(model: onnx.ModelProto, x: str, conditioning: list[str]) -> list[str]:
+    """The tensors computed from the conditioning inputs and not from x that a node reading x
+    (directly or not) consumes, in graph order: the split's interface."""
+    from_x, from_cond = {x}, set(conditioning)
+    frontier: list[str] = []
+    for node in model.graph.node:
+        inputs = [i for i in node.input if i]
+        if any(i in from_x for i in inputs):
+            for i in inputs:
+                if i in from_cond and i not in from_x and i not in frontier:
+                    frontier.append(i)
+            from_x.update(node.output)
+        elif any(i in from_cond for i in inputs):
+            from_cond.update(node.output)
+    return frontier
+
+
+def weights_in(model: onnx.ModelProto) -> int:
+    """Number of initializer values of a graph."""
+    return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+
+
+def timed(session: ort.InferenceSession, feed: dict, reps: int) -> float:
+    """Median seconds of `reps` runs after one untimed run."""
+    session.run(None, feed)
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        session.run(None, feed)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    ap.add_argument("--rows", type=int, default=32, help="rows of a tick (MAR-16 at batch 1 with CFG: 32)")
+    ap.add_argument("--ticks", type=int, nargs="+", default=[10, 25, 100])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    path, entry = head_file(a.bundle, a.precision)
+    names = entry["inputs"]
+    x, t, z, out = names["x"], names["t"], names["z"], entry["outputs"]["out"]
+    model = onnx.load(str(path))
+    frontier = cut(model, x, [t, z])
+    if not frontier:
+        sys.exit(f"{path}: nothing is computed from {t} and {z} alone before {x} is read")
+    extractor = Extractor(onnx.shape_inference.infer_shapes(model))
+    for name in frontier:  # a type shape inference could not give: the heads' cut is float
+        extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    cond_part = extractor.extract_model([t, z], frontier)
+    x_part = extractor.extract_model([x] + frontier, [out])
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = a.threads
+    cpu = ["CPUExecutionProvider"]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(cond_part, f"{tmp}/cond.onnx")
+        onnx.save(x_part, f"{tmp}/x.onnx")
+        whole = ort.InferenceSession(str(path), options, providers=cpu)
+        cond = ort.InferenceSession(f"{tmp}/cond.onnx", options, providers=cpu)
+        xs = ort.InferenceSession(f"{tmp}/x.onnx", options, providers=cpu)
+
+    rng = np.random.default_rng(0)
+    n, width = a.rows, whole.get_inputs()[[i.name for i in whole.get_inputs()].index(z)].shape[1]
+    token = whole.get_inputs()[[i.name for i in whole.get_inputs()].index(x)].shape[1]
+
+    def rows_of(count: int) -> dict:
+        return {t: rng.integers(0, 1000, count).astype(np.int64),
+                z: rng.standard_normal((count, width), dtype=np.float32)}
+
+    tick = {x: rng.standard_normal((n, token), dtype=np.float32), **rows_of(n)}
+    parts = dict(zip(frontier, cond.run(None, {t: tick[t], z: tick[z]})))
+    for name, value in parts.items():
+        if value.shape[:1] != (n,):
+            sys.exit(f"{path}: split tensor {name} has shape {value.shape}, not [rows, ...]; "
+                     "this head does not split by rows")
+    split_out = xs.run(None, {x: tick[x], **parts})[0]
+    whole_out = whole.run(None, tick)[0]
+    print(f"{path}: {len(frontier)} tensors cross the cut; weights in the (t, z) part "
+          f"{weights_in(cond_part) / weights_in(model):.0%} of the head's")
+    print(f"check: max |split - whole| = {np.abs(split_out - whole_out).max():.3g} "
+          f"(whole output up to {np.abs(whole_out).max():.3g})")
+
+    print(f"\nper tick on {n} rows, {a.threads} threads, {a.precision} (median of {a.reps}; the whole head and"
+          " the x part timed again before each row):")
+    print("| (t, z) part runs once per | whole head | x part | (t, z) part per tick | split | whole / split "
+          "| max diff, rows batched vs alone |")
+    print("|---|---|---|---|---|---|---|")
+    for ticks in a.ticks:
+        many = rows_of(n * ticks)
+        alone = cond.run(None, {t: many[t][:n], z: many[z][:n]})
+        batched = cond.run(None, many)
+        drift = max(float(np.abs(b[:n] - s).max()) for b, s in zip(batched, alone))
+        t_whole = timed(whole, tick, a.reps)
+        t_x = timed(xs, {x: tick[x], **parts}, a.reps)
+        t_cond = timed(cond, many, max(3, a.reps // ticks)) / ticks
+        print(f"| {ticks} ticks | {t_whole * 1e3:.2f} ms | {t_x * 1e3:.2f} ms | {t_cond * 1e3:.2f} ms "
+              f"| {(t_x + t_cond) * 1e3:.2f} ms | {t_whole / (t_x + t_cond):.2f}x | {drift:.3g} |")
+
+if __name__ == "__main__":
+    main()
