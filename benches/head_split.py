@@ -33,17 +33,19 @@ import yaml
 from onnx.utils import Extractor
 
 
-def head_file(bundle: Path, precision: str) -> tuple[Path, dict]:
-    """The diffusion head's graph file for `precision` and its manifest entry (I/O names)."""
+def head_file(bundle: Path, precision: str) -> tuple[Path, dict, int]:
+    """The diffusion head's graph file for `precision`, its manifest entry (I/O names) and the
+    model's training timesteps."""
     manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
     entry = manifest["graphs"]["diffusion"]
+    steps = int(manifest["diffusion"]["train_steps"])
     if precision == "fp32":
-        return bundle / entry["file"], entry
+        return bundle / entry["file"], entry, steps
     variants = manifest.get("precisions", {}).get(precision, {})
     if "diffusion" not in variants:
         sys.exit(f"{bundle}/manifest.yaml: precisions.{precision} has no diffusion graph "
                  f"(models/convert_precision.py {bundle} --precision {precision})")
-    return bundle / variants["diffusion"], entry
+    return bundle / variants["diffusion"], entry, steps
 
 
 def cut(model: onnx.ModelProto, x: str, conditioning: list[str]) -> list[str]:
@@ -89,7 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
 
-    path, entry = head_file(a.bundle, a.precision)
+    path, entry, train_steps = head_file(a.bundle, a.precision)
     names = entry["inputs"]
     x, t, z, out = names["x"], names["t"], names["z"], entry["outputs"]["out"]
     model = onnx.load(str(path))
@@ -97,7 +99,7 @@ def main() -> None:
     if not frontier:
         sys.exit(f"{path}: nothing is computed from {t} and {z} alone before {x} is read")
     extractor = Extractor(onnx.shape_inference.infer_shapes(model))
-    for name in frontier:  # a type shape inference could not give: the heads' cut is float
+    for name in frontier:  # where shape inference gave no type: the tensors of heads' cuts are float
         extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     cond_part = extractor.extract_model([t, z], frontier)
     x_part = extractor.extract_model([x] + frontier, [out])
@@ -113,11 +115,11 @@ def main() -> None:
         xs = ort.InferenceSession(f"{tmp}/x.onnx", options, providers=cpu)
 
     rng = np.random.default_rng(0)
-    n, width = a.rows, whole.get_inputs()[[i.name for i in whole.get_inputs()].index(z)].shape[1]
-    token = whole.get_inputs()[[i.name for i in whole.get_inputs()].index(x)].shape[1]
+    shapes = {i.name: i.shape for i in whole.get_inputs()}
+    n, width, token = a.rows, shapes[z][1], shapes[x][1]
 
     def rows_of(count: int) -> dict:
-        return {t: rng.integers(0, 1000, count).astype(np.int64),
+        return {t: rng.integers(0, train_steps, count).astype(np.int64),
                 z: rng.standard_normal((count, width), dtype=np.float32)}
 
     tick = {x: rng.standard_normal((n, token), dtype=np.float32), **rows_of(n)}
