@@ -1,7 +1,8 @@
 //! `--precision` and the manifest's `precision` / `precisions` fields: parsing,
-//! every error a user can meet, and fp16 variant graphs of the tiny bundle
-//! (models/fixtures/tiny-fp16, written by models/fixtures/make_tiny_fp16.py)
-//! generating images close to fp32 on the CPU provider.
+//! every error a user can meet, fp16 variant graphs of the tiny bundle
+//! generating images close to fp32 on the CPU provider, and int8 ones whose
+//! images depend on their batch (models/fixtures/tiny-fp16 and tiny-int8,
+//! written by models/fixtures/make_tiny_precision.py).
 
 use std::path::{Path, PathBuf};
 
@@ -28,12 +29,24 @@ fn fails(args: &[&str]) -> String {
 
 const TINY: &str = "models/fixtures/tiny";
 
-/// The tiny bundle with its fp16 variant graphs, the manifest passed
-/// through `edit` after the fixture's `precisions` section is appended.
+/// The tiny bundle with its variant graphs of `precision`
+/// (models/fixtures/tiny-<precision>), the manifest passed through `edit`
+/// after the fixture's `precisions` section is appended.
+fn tiny_with(precision: &str, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let fixture = format!("tiny-{precision}");
+    let precisions = std::fs::read_to_string(
+        root()
+            .join("models/fixtures")
+            .join(&fixture)
+            .join("precisions.yaml"),
+    )
+    .unwrap();
+    common::tiny_bundle_with(name, &fixture, &precisions, edit)
+}
+
+/// [`tiny_with`] fp16.
 fn tiny_with_fp16(name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let precisions =
-        std::fs::read_to_string(root().join("models/fixtures/tiny-fp16/precisions.yaml")).unwrap();
-    common::tiny_bundle_with(name, "tiny-fp16", &precisions, edit)
+    tiny_with("fp16", name, edit)
 }
 
 fn open_err(dir: &Path) -> String {
@@ -485,4 +498,70 @@ fn fp16_runs_through_the_sampler_graph() {
         off <= 1,
         "tick graph against sampler graph in fp16: {off} levels"
     );
+}
+
+/// int8 quantizes each MatMul's activations with one scale per tensor
+/// (ONNX Runtime's dynamic quantization), so an image depends on the other
+/// images of its batch, as the README says. The same command gives the same
+/// bytes, and `--resume` remakes a missing image within the batch a whole
+/// run makes it in, so it comes back byte-identical.
+#[test]
+fn int8_images_depend_on_their_batch_and_resume_remakes_them_exactly() {
+    let bundle = tiny_with("int8", "int8-batch", |m| m);
+    let b = bundle.to_str().unwrap();
+    let n = 6;
+    let generate = |out: &Path, batch: &str, resume: bool| {
+        let count = n.to_string();
+        let mut args = vec![
+            b,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            &count,
+            "--batch",
+            batch,
+            "--precision",
+            "int8",
+            "--threads",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        ok(&args);
+    };
+    let png = |dir: &Path, i: usize| std::fs::read(dir.join(format!("{i:05}.png"))).unwrap();
+
+    let whole = tmp("int8-batch-3");
+    generate(&whole, "3", false);
+    let again = tmp("int8-batch-3-again");
+    generate(&again, "3", false);
+    let single = tmp("int8-batch-1");
+    generate(&single, "1", false);
+    assert!((0..n).all(|i| png(&whole, i) == png(&again, i)));
+    assert!(
+        (0..n).any(|i| pixels(&whole, n)[i] != pixels(&single, n)[i]),
+        "int8 images no longer depend on their batch: the README and --precision's help say they do"
+    );
+
+    // Images 1 and 4 lost (one in each batch of 3): made again beside 0, 2
+    // and 3, 5, not as a batch of their own.
+    let resumed = tmp("int8-resumed");
+    std::fs::create_dir_all(&resumed).unwrap();
+    for entry in std::fs::read_dir(&whole).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, resumed.join(p.file_name().unwrap())).unwrap();
+    }
+    for i in [1, 4] {
+        std::fs::remove_file(resumed.join(format!("{i:05}.png"))).unwrap();
+    }
+    generate(&resumed, "3", true);
+    for i in 0..n {
+        assert!(
+            png(&resumed, i) == png(&whole, i),
+            "image {i} after --resume"
+        );
+    }
+    assert_eq!(record(&resumed)["generated_now"], 2);
 }

@@ -15,7 +15,7 @@ pub mod merge;
 pub mod outputs;
 pub mod record;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -124,9 +124,14 @@ impl<'s> Prepared<'s> {
         })
     }
 
-    /// Makes the images `todo` in batches of `req.batch`, handing each
-    /// batch's jobs and output to `on_batch` (which may stop the run with
-    /// an error). Returns the seconds it took.
+    /// Makes the images `todo` (indices in the run's range) in the batches
+    /// a run of the whole range makes them in: the range in chunks of
+    /// `req.batch`, each chunk holding an image of `todo` made whole. So a
+    /// resumed run makes an image beside the same images as an
+    /// uninterrupted one, which keeps it byte-identical where a result
+    /// depends on its batch (int8's per-tensor activation scale). Each
+    /// batch's `todo` jobs and their output go to `on_batch` (which may
+    /// stop the run with an error). Returns the seconds it took.
     fn make_images<M: MarModel>(
         &self,
         engine: &mut Engine<M>,
@@ -139,7 +144,15 @@ impl<'s> Prepared<'s> {
             Some(replay) => replay,
             None => &SeededNoise,
         };
-        for chunk in todo.chunks(req.batch) {
+        let wanted: BTreeSet<usize> = todo.iter().copied().collect();
+        let range: Vec<usize> = self.range.clone().collect();
+        for chunk in range.chunks(req.batch) {
+            let keep: Vec<usize> = (0..chunk.len())
+                .filter(|&k| wanted.contains(&chunk[k]))
+                .collect();
+            if keep.is_empty() {
+                continue;
+            }
             let (jobs, plans) = ImageJob::batch(
                 &self.plans.planner,
                 &self.plans.options,
@@ -149,7 +162,12 @@ impl<'s> Prepared<'s> {
             )
             .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
             let out = engine.generate(&plans, &jobs, noise, |_, _| {})?;
-            on_batch(&jobs, &out)?;
+            if keep.len() == chunk.len() {
+                on_batch(&jobs, &out)?;
+            } else {
+                let kept_jobs: Vec<ImageJob> = keep.iter().map(|&k| jobs[k]).collect();
+                on_batch(&kept_jobs, &out.select(&keep))?;
+            }
         }
         Ok(started.elapsed().as_secs_f64())
     }

@@ -176,6 +176,22 @@ pub struct BatchOutput {
     pub reveal_orders: Vec<Vec<usize>>,
 }
 
+impl BatchOutput {
+    /// The images at positions `keep` of the batch, in that order.
+    pub fn select(&self, keep: &[usize]) -> BatchOutput {
+        BatchOutput {
+            tokens: self.tokens.select(ndarray::Axis(0), keep),
+            images: self.images.select(ndarray::Axis(0), keep),
+            pixels: self.pixels.select(ndarray::Axis(0), keep),
+            detail: self.detail.select(ndarray::Axis(0), keep),
+            reveal_orders: keep
+                .iter()
+                .map(|&k| self.reveal_orders[k].clone())
+                .collect(),
+        }
+    }
+}
+
 pub struct Engine<M: MarModel> {
     pub model: M,
     chains: ChainCache,
