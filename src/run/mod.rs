@@ -147,10 +147,11 @@ impl<'s> Prepared<'s> {
         let wanted: BTreeSet<usize> = todo.iter().copied().collect();
         let range: Vec<usize> = self.range.clone().collect();
         for chunk in range.chunks(req.batch) {
-            let keep: Vec<usize> = (0..chunk.len())
+            // Positions in the batch of the images to make.
+            let to_make: Vec<usize> = (0..chunk.len())
                 .filter(|&k| wanted.contains(&chunk[k]))
                 .collect();
-            if keep.is_empty() {
+            if to_make.is_empty() {
                 continue;
             }
             let (jobs, plans) = ImageJob::batch(
@@ -162,11 +163,11 @@ impl<'s> Prepared<'s> {
             )
             .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
             let out = engine.generate(&plans, &jobs, noise, |_, _| {})?;
-            if keep.len() == chunk.len() {
+            if to_make.len() == chunk.len() {
                 on_batch(&jobs, &out)?;
             } else {
-                let kept_jobs: Vec<ImageJob> = keep.iter().map(|&k| jobs[k]).collect();
-                on_batch(&kept_jobs, &out.select(&keep))?;
+                let made: Vec<ImageJob> = to_make.iter().map(|&k| jobs[k]).collect();
+                on_batch(&made, &out.select(&to_make))?;
             }
         }
         Ok(started.elapsed().as_secs_f64())

@@ -177,14 +177,14 @@ pub struct BatchOutput {
 }
 
 impl BatchOutput {
-    /// The images at positions `keep` of the batch, in that order.
-    pub fn select(&self, keep: &[usize]) -> BatchOutput {
+    /// The images at `positions` of the batch, in that order.
+    pub fn select(&self, positions: &[usize]) -> BatchOutput {
         BatchOutput {
-            tokens: self.tokens.select(ndarray::Axis(0), keep),
-            images: self.images.select(ndarray::Axis(0), keep),
-            pixels: self.pixels.select(ndarray::Axis(0), keep),
-            detail: self.detail.select(ndarray::Axis(0), keep),
-            reveal_orders: keep
+            tokens: self.tokens.select(ndarray::Axis(0), positions),
+            images: self.images.select(ndarray::Axis(0), positions),
+            pixels: self.pixels.select(ndarray::Axis(0), positions),
+            detail: self.detail.select(ndarray::Axis(0), positions),
+            reveal_orders: positions
                 .iter()
                 .map(|&k| self.reveal_orders[k].clone())
                 .collect(),
