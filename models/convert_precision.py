@@ -27,7 +27,9 @@ int8 is ONNX Runtime's dynamic quantization (onnxruntime.quantization.quantize_d
 the MatMul weights: int8 weights (per output channel by default), activations quantized to
 uint8 on the fly, int32 accumulation. Gemm nodes with constant weights are first rewritten as
 MatMul (+ Add of the bias) so that their weights are quantized too; MatMuls of two activations
-(attention) stay float32.
+(attention) stay float32. quantize_dynamic gives the activations one scale per tensor, which
+ONNX Runtime runs in one fused kernel, but which makes an image depend on the other images of
+its batch; --per-row-activations gives them one scale per row instead (activations_per_row).
 
 --check (on by default) runs every written graph and its fp32 original in onnxruntime (CPU)
 on the same random inputs, made from the manifest's shapes, and prints the max and mean
@@ -368,7 +370,7 @@ def gemm_to_matmul(model):
     return model, rewritten
 
 
-def to_int8(model, per_channel):
+def to_int8(model, per_channel, per_row=False):
     model, rewritten = gemm_to_matmul(model)
     # quantize_dynamic advises pre-processing on every call through the root logger; the
     # graphs are already shape-inferred exports, so keep its warnings out of the report.
@@ -376,9 +378,94 @@ def to_int8(model, per_channel):
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        return _quantize(model, rewritten, per_channel)
+        model, stats = _quantize(model, rewritten, per_channel)
     finally:
         root.setLevel(level)
+    stats["activations"] = "per row" if per_row else "per tensor"
+    if per_row:
+        model = activations_per_row(model)
+    return model, stats
+
+
+def activations_per_row(model):
+    """Gives every quantized MatMul's activations one scale per row (per vector along the last
+    axis) instead of quantize_dynamic's one per tensor, so that a row's result does not depend on
+    the other rows of the call: an image on the images of its batch.
+
+    quantize_dynamic writes, per activation x: DynamicQuantizeLinear(x) -> (q, s, zp), and per
+    MatMul reading it: Mul(s, w_scale) -> m; MatMulInteger(q, w, zp, w_zp) -> Cast -> Mul(., m).
+    Here x is quantized symmetrically per row (r = max |x| / 127 over the last axis, q = round(x /
+    r) + 128 as uint8 by QuantizeLinear with scale 1, zp = 128), m becomes w_scale alone and the row scale r multiplies the
+    dequantized output after it. (Folding r into m instead gives wrong results once ONNX Runtime
+    1.32 fuses Cast and Mul into MatMulIntegerToFloat, whose scale must be a scalar or per column.)
+    Raises ConversionError on a graph of another shape."""
+    g = model.graph
+    fused = [n.name for n in g.node if n.op_type == "DynamicQuantizeMatMul"]
+    if fused:
+        raise ConversionError(f"int8 per-row activations: quantize_dynamic wrote fused DynamicQuantizeMatMul "
+                              f"nodes ({', '.join(fused[:3])}), whose activation scale cannot be changed")
+    inits = {i.name for i in g.initializer}
+    taken = {n for node in g.node for n in list(node.input) + list(node.output)} | inits
+    consts = {key: unique(f"per_row_{key}", taken) for key in ("q_max", "one", "tiny", "zero_point", "axes")}
+    values = {"q_max": np.float32(127), "one": np.float32(1), "tiny": np.float32(1e-30),
+              "zero_point": np.uint8(128), "axes": np.array([-1], np.int64)}
+    def reduce_max_last(x, out):
+        # ReduceMax takes its axes as an input from opset 18, as an attribute before.
+        if opset(model) >= 18:
+            return helper.make_node("ReduceMax", [x, consts["axes"]], [out], keepdims=1)
+        return helper.make_node("ReduceMax", [x], [out], axes=[-1], keepdims=1)
+
+    row_scale_of = {}  # DynamicQuantizeLinear's scale output -> the row scale replacing it
+    rescaled = {}  # Mul(s, w_scale)'s output -> the row scale its dequantization takes
+    for node in g.node:
+        if node.op_type == "DynamicQuantizeLinear":
+            row_scale_of[node.output[1]] = unique(node.output[1] + "_per_row", taken)
+    for node in g.node:
+        scales = [i for i in node.input if i in row_scale_of]
+        if not scales:
+            continue
+        other = [i for i in node.input if i not in row_scale_of]
+        if node.op_type != "Mul" or len(scales) != 1 or len(other) != 1 or other[0] not in inits:
+            raise ConversionError(f"int8 per-row activations: {node.op_type} node {node.name!r} reads the "
+                                  f"activation scale {scales[0]!r} in a way this rewrite does not know")
+        rescaled[node.output[0]] = row_scale_of[scales[0]]
+    nodes = []
+    for node in g.node:
+        if node.op_type == "DynamicQuantizeLinear":
+            x, (q, s, zp) = node.input[0], node.output
+            t = lambda suffix: unique(f"{s}_per_row_{suffix}", taken)  # noqa: E731
+            absolute, peak, scale0, divided = (t(k) for k in ("abs", "max", "raw", "div"))
+            row = row_scale_of[s]
+            nodes += [
+                helper.make_node("Abs", [x], [absolute]),
+                reduce_max_last(absolute, peak),
+                helper.make_node("Div", [peak, consts["q_max"]], [scale0]),
+                helper.make_node("Max", [scale0, consts["tiny"]], [row]),
+                helper.make_node("Div", [x, row], [divided]),
+                # Rounds half to even, adds 128 and saturates to uint8, in one op.
+                helper.make_node("QuantizeLinear", [divided, consts["one"], consts["zero_point"]], [q]),
+                helper.make_node("Identity", [consts["zero_point"]], [zp]),
+            ]
+        elif node.output and node.output[0] in rescaled:  # Mul(s, w_scale): w_scale alone
+            w_scale = next(i for i in node.input if i not in row_scale_of)
+            nodes.append(helper.make_node("Identity", [w_scale], [node.output[0]], name=node.name))
+        elif node.op_type == "Mul" and any(i in rescaled for i in node.input):
+            m = next(i for i in node.input if i in rescaled)
+            by_column = unique(node.output[0] + "_by_column", taken)
+            nodes.append(helper.make_node("Mul", list(node.input), [by_column], name=node.name))
+            nodes.append(helper.make_node("Mul", [by_column, rescaled[m]], [node.output[0]],
+                                          name=unique(node.name + "_by_row", taken)))
+        else:
+            if any(i in rescaled for i in node.input):
+                raise ConversionError(f"int8 per-row activations: {node.op_type} node {node.name!r} reads "
+                                      "a quantization scale where a Mul was expected")
+            nodes.append(node)
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    g.initializer.extend(numpy_helper.from_array(np.asarray(values[k]), name) for k, name in consts.items()
+                         if name in used)
+    return model
 
 
 def _quantize(model, rewritten, per_channel):
@@ -518,7 +605,7 @@ def compare(role, manifest, entry, base_path, variant, seed):
 
 
 def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed=0, log=print,
-            tolerance=DEFAULT_TOLERANCE):
+            tolerance=DEFAULT_TOLERANCE, per_row=False):
     """Converts every model graph of `bundle`; returns the report (a dict). With `check`, a
     graph whose outputs differ from float32's by more than `tolerance` times their largest
     magnitude (or are not finite) raises ConversionError before it replaces anything."""
@@ -547,7 +634,7 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
         started = time.perf_counter()
         model = onnx.load(src)
         if precision == "int8":
-            model, stats = to_int8(model, per_channel)
+            model, stats = to_int8(model, per_channel, per_row)
             changed = stats["quantized_matmuls"] > 0
         else:
             model, stats = to_half(model, precision, emulate=emulate)
@@ -626,6 +713,9 @@ def main():
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with fp32")
     ap.add_argument("--emulate", action="store_true", help="write a float32 emulation of fp16/bf16 rounding (see above)")
     ap.add_argument("--per-tensor", dest="per_channel", action="store_false", help="int8: one scale per weight tensor")
+    ap.add_argument("--per-row-activations", dest="per_row", action="store_true",
+                    help="int8: one activation scale per row, so that an image does not depend on the other "
+                         "images of its batch (slower: the quantization runs as separate ops)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the check's random inputs")
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                     help="the check refuses a graph whose max |variant - fp32| exceeds this share of the "
@@ -640,7 +730,7 @@ def main():
         return 2
     try:
         report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed,
-                         tolerance=args.tolerance)
+                         tolerance=args.tolerance, per_row=args.per_row)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ not [B, L, 3D], among others) is left as it is and reported; a graph without any
 Derived graphs are rebuilt: the `backbone` graph from the fused encoder and decoder
 (models/add_backbone.py) and every precision variant the manifest lists (models/convert_precision.py;
 for fp16 the fused node runs in half precision, as autocast runs scaled_dot_product_attention),
-with the options it was made with, read from its graphs (--emulate, --per-tensor).
+with the options it was made with, read from its graphs (--emulate, --per-tensor,
+--per-row-activations).
 
 Files are replaced by writing a temporary file and renaming it (models/onnx_save.py), so a bundle
 copied with hard links is not changed through its links; a graph over 2 GB keeps its weights in
@@ -395,11 +396,22 @@ def per_channel(model: onnx.ModelProto):
     return any(size > 1 for size in sizes) if sizes else None
 
 
+def per_row_activations(model: onnx.ModelProto):
+    """Whether an int8 variant quantizes its activations per row (--per-row-activations) rather than
+    per tensor (convert_precision.py's default: DynamicQuantizeLinear, or ONNX Runtime's fused
+    DynamicQuantizeMatMul); None when it has no quantized MatMul."""
+    ops = {n.op_type for n in model.graph.node}
+    if not ops & {"MatMulInteger", "DynamicQuantizeMatMul"}:
+        return None
+    return not ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+
+
 def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
     """{precision: convert_precision.convert's options} that rebuild each variant the manifest lists
     as it was made: emulate for an fp16/bf16 variant that only rounds through half (--emulate),
-    per_channel False for a per-tensor int8 one (--per-tensor). ValueError where a variant cannot
-    be read or is not one convert_precision.py makes."""
+    per_channel False for a per-tensor int8 one (--per-tensor), per_row True for one with
+    per-row activations (--per-row-activations). ValueError where a variant cannot be read or is
+    not one convert_precision.py makes."""
     from models.convert_precision import PRECISIONS
     from models.convert_precision import ROLES as CONVERTED
 
@@ -422,6 +434,8 @@ def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
         if precision == "int8":
             found = {per_channel(m) for m in models} - {None}
             options[precision] = {"per_channel": False} if found == {False} else {}
+            if {per_row_activations(m) for m in models} - {None} == {True}:
+                options[precision]["per_row"] = True
         else:
             options[precision] = {"emulate": True} if models and not any(map(half_compute, models)) else {}
     return options
@@ -510,7 +524,8 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
     for precision, kwargs in options.items():
         from models.convert_precision import convert
 
-        made = {"emulate": " (emulated, as before)", "per_channel": " (per tensor, as before)"}
+        made = {"emulate": " (emulated, as before)", "per_channel": " (per tensor, as before)",
+                "per_row": " (activations per row, as before)"}
         log(f"precision {precision}: rebuilt from the fused graphs{''.join(made[k] for k in kwargs)}")
         convert(bundle, precision, check=check, log=log, **kwargs)
     return fused_counts

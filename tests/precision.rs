@@ -1,8 +1,9 @@
 //! `--precision` and the manifest's `precision` / `precisions` fields: parsing,
 //! every error a user can meet, fp16 variant graphs of the tiny bundle
-//! generating images close to fp32 on the CPU provider, and int8 ones whose
-//! images depend on their batch (models/fixtures/tiny-fp16 and tiny-int8,
-//! written by models/fixtures/make_tiny_precision.py).
+//! generating images close to fp32 on the CPU provider, and int8 ones, with
+//! activations per row and per tensor, against batch size and `--resume`
+//! (models/fixtures/tiny-fp16 and tiny-int8, written by
+//! models/fixtures/make_tiny_precision.py).
 
 use std::path::{Path, PathBuf};
 
@@ -29,24 +30,18 @@ fn fails(args: &[&str]) -> String {
 
 const TINY: &str = "models/fixtures/tiny";
 
-/// The tiny bundle with its variant graphs of `precision`
-/// (models/fixtures/tiny-<precision>), the manifest passed through `edit`
-/// after the fixture's `precisions` section is appended.
-fn tiny_with(precision: &str, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    let fixture = format!("tiny-{precision}");
-    let precisions = std::fs::read_to_string(
-        root()
-            .join("models/fixtures")
-            .join(&fixture)
-            .join("precisions.yaml"),
-    )
-    .unwrap();
-    common::tiny_bundle_with(name, &fixture, &precisions, edit)
+/// The tiny bundle with the variant graphs of models/fixtures/`fixture`,
+/// the manifest passed through `edit` after the `precisions` section in
+/// the fixture's file `section` is appended.
+fn tiny_with(fixture: &str, section: &str, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let path = root().join("models/fixtures").join(fixture).join(section);
+    let precisions = std::fs::read_to_string(path).unwrap();
+    common::tiny_bundle_with(name, fixture, &precisions, edit)
 }
 
-/// [`tiny_with`] fp16.
+/// [`tiny_with`] its fp16 variants.
 fn tiny_with_fp16(name: &str, edit: impl Fn(String) -> String) -> PathBuf {
-    tiny_with("fp16", name, edit)
+    tiny_with("tiny-fp16", "precisions.yaml", name, edit)
 }
 
 fn open_err(dir: &Path) -> String {
@@ -500,54 +495,92 @@ fn fp16_runs_through_the_sampler_graph() {
     );
 }
 
-/// int8 quantizes each MatMul's activations with one scale per tensor
-/// (ONNX Runtime's dynamic quantization), so an image depends on the other
-/// images of its batch, as the README says. The same command gives the same
-/// bytes, and `--resume` remakes a missing image within the batch a whole
-/// run makes it in, so it comes back byte-identical.
+/// Generates `n` images of the tiny bundle `b` in int8 into `out`.
+fn generate_int8(b: &str, out: &Path, n: usize, batch: &str, resume: bool) {
+    let count = n.to_string();
+    let mut args = vec![
+        b,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        &count,
+        "--batch",
+        batch,
+        "--precision",
+        "int8",
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if resume {
+        args.push("--resume");
+    }
+    ok(&args);
+}
+
+/// The bytes of image `i` in `dir`.
+fn png(dir: &Path, i: usize) -> Vec<u8> {
+    std::fs::read(dir.join(format!("{i:05}.png"))).unwrap()
+}
+
+/// int8 variants with activations quantized per row
+/// (`convert_precision.py --per-row-activations`) make an image that does
+/// not depend on the images of its batch: the same bytes at any batch size,
+/// as in fp32.
 #[test]
-fn int8_images_depend_on_their_batch_and_resume_remakes_them_exactly() {
-    let bundle = tiny_with("int8", "int8-batch", |m| m);
+fn per_row_int8_images_do_not_depend_on_their_batch() {
+    let bundle = tiny_with(
+        "tiny-int8",
+        "precisions-per-row.yaml",
+        "int8-per-row",
+        |m| m,
+    );
     let b = bundle.to_str().unwrap();
     let n = 6;
-    let generate = |out: &Path, batch: &str, resume: bool| {
-        let count = n.to_string();
-        let mut args = vec![
-            b,
-            "schedules/gtr-fast.gtr",
-            "--num-images",
-            &count,
-            "--batch",
-            batch,
-            "--precision",
-            "int8",
-            "--threads",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        if resume {
-            args.push("--resume");
+    let outs: Vec<PathBuf> = ["3", "1", "6"]
+        .iter()
+        .map(|batch| {
+            let out = tmp(&format!("int8-per-row-{batch}"));
+            generate_int8(b, &out, n, batch, false);
+            out
+        })
+        .collect();
+    for out in &outs[1..] {
+        for i in 0..n {
+            assert!(png(out, i) == png(&outs[0], i), "image {i} in {out:?}");
         }
-        ok(&args);
-    };
-    let png = |dir: &Path, i: usize| std::fs::read(dir.join(format!("{i:05}.png"))).unwrap();
+    }
+    assert_eq!(
+        record(&outs[0])["runtime_settings"]["graph_files"]["diffusion"],
+        "diffusion.int8-per-row.onnx"
+    );
+}
 
-    let whole = tmp("int8-batch-3");
-    generate(&whole, "3", false);
-    let again = tmp("int8-batch-3-again");
-    generate(&again, "3", false);
-    let single = tmp("int8-batch-1");
-    generate(&single, "1", false);
+/// With one activation scale per tensor (convert_precision.py's default,
+/// ONNX Runtime's dynamic quantization as it is) an image depends on the
+/// other images of its batch. The same command still gives the same bytes,
+/// and `--resume` remakes a missing image within the batch a whole run
+/// makes it in, so it comes back byte-identical.
+#[test]
+fn int8_images_depend_on_their_batch_and_resume_remakes_them_exactly() {
+    let bundle = tiny_with("tiny-int8", "precisions.yaml", "int8-per-tensor", |m| m);
+    let b = bundle.to_str().unwrap();
+    let n = 6;
+    let whole = tmp("int8-per-tensor-3");
+    generate_int8(b, &whole, n, "3", false);
+    let again = tmp("int8-per-tensor-3-again");
+    generate_int8(b, &again, n, "3", false);
+    let single = tmp("int8-per-tensor-1");
+    generate_int8(b, &single, n, "1", false);
     assert!((0..n).all(|i| png(&whole, i) == png(&again, i)));
     assert!(
         (0..n).any(|i| pixels(&whole, n)[i] != pixels(&single, n)[i]),
-        "int8 images no longer depend on their batch: the README and --precision's help say they do"
+        "int8 images (activations per tensor) no longer depend on their batch: README and models/README say they do"
     );
 
     // Images 1 and 4 lost (one in each batch of 3): made again beside 0, 2
     // and 3, 5, not as a batch of their own.
-    let resumed = tmp("int8-resumed");
+    let resumed = tmp("int8-per-tensor-resumed");
     std::fs::create_dir_all(&resumed).unwrap();
     for entry in std::fs::read_dir(&whole).unwrap() {
         let p = entry.unwrap().path();
@@ -556,7 +589,7 @@ fn int8_images_depend_on_their_batch_and_resume_remakes_them_exactly() {
     for i in [1, 4] {
         std::fs::remove_file(resumed.join(format!("{i:05}.png"))).unwrap();
     }
-    generate(&resumed, "3", true);
+    generate_int8(b, &resumed, n, "3", true);
     for i in 0..n {
         assert!(
             png(&resumed, i) == png(&whole, i),

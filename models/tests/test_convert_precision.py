@@ -10,7 +10,8 @@ On temporary copies of models/fixtures/tiny:
    fp16), values only moved between half ops kept half, norms and Softmax fed float32, errors
    against fp32 small; the manifest keeps every byte before the appended `precisions` section;
    converting again replaces the entry instead of adding a second.
-2. int8: MatMulInteger nodes, the VAE (no weight MatMul) is not written nor listed.
+2. int8: MatMulInteger nodes, the VAE (no weight MatMul) is not written nor listed; activations
+   per tensor by default, per row when asked (then a row's result does not depend on the others).
 3. bf16: ONNX Runtime's CPU provider refuses the real graph; the emulation runs and errs more
    than fp16.
 4. The manifest rewrite keeps comments and keys after the section; Gemm → MatMul + Add is exact
@@ -136,6 +137,30 @@ def test_int8(tmp):
     for role, g in report["graphs"].items():
         if g["file"]:
             check(g["error_vs_fp32"]["max_abs"] < 0.2, f"{role}: int8 error {g['error_vs_fp32']['max_abs']:.2g}")
+    check(report["graphs"]["diffusion"]["stats"]["activations"] == "per tensor", "int8: activations per tensor by default")
+
+    # With per-row activations (--per-row-activations) a row's result does not depend on the other
+    # rows of the call (an image on its batch): the head gives each row alone what it gives it
+    # among others; with quantize_dynamic's one scale per tensor (the default) it does not.
+    per_row = copy_tiny(tmp, "int8-per-row")
+    cp.convert(per_row, "int8", per_row=True, log=lambda *_: None)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    x[5] *= 50  # one row of large values: with one scale per tensor, it coarsens the others' steps
+    width = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))["width"]
+    feeds = {"x": x, "t": rng.integers(0, 1000, 8).astype(np.int64),
+             "z": rng.standard_normal((8, width)).astype(np.float32)}
+    for folder, rows in ((per_row, True), (bundle, False)):
+        session = ort.InferenceSession(os.path.join(folder, "diffusion.int8.onnx"), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        together = session.run(None, {n: feeds[n] for n in names})[0]
+        alone = np.concatenate([session.run(None, {n: feeds[n][k:k + 1] for n in names})[0] for k in range(8)])
+        same = np.array_equal(together, alone)
+        check(same == rows, f"int8, activations per {'row' if rows else 'tensor'}: rows alone "
+              f"{'equal' if same else 'differ from'} rows together (max {np.abs(together - alone).max():.2g})")
+    ops = {n.op_type for n in onnx.load(os.path.join(per_row, "diffusion.int8.onnx")).graph.node}
+    check("DynamicQuantizeLinear" not in ops and "QuantizeLinear" in ops,
+          "--per-row-activations replaces quantize_dynamic's DynamicQuantizeLinear")
 
 
 def test_bf16(tmp):

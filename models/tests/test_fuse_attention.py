@@ -21,7 +21,7 @@ On temporary copies of models/fixtures/tiny:
 7. A decoder whose check fails (onnxruntime cannot run it with the manifest's inputs): exit 2
    with a FuseError, no traceback, and neither graph nor the manifest changed.
 8. A qkv projection of rank 2 (a Flatten before its Reshape): the chain is left, with the reason.
-9. Variants made with --emulate (fp16) and --per-tensor (int8) are rebuilt the same way.
+9. Variants made with --emulate (fp16) and --per-tensor --per-row-activations (int8) are rebuilt the same way.
 """
 
 import os
@@ -266,7 +266,7 @@ def test_rank2_projection_is_left():
 def test_variant_options_kept(tmp):
     bundle = copy_tiny(tmp, "options")
     cp.convert(bundle, "fp16", check=False, emulate=True, log=lambda *_: None)
-    cp.convert(bundle, "int8", check=False, per_channel=False, log=lambda *_: None)
+    cp.convert(bundle, "int8", check=False, per_channel=False, per_row=True, log=lambda *_: None)
     fa.fuse_bundle(bundle, check=False, log=lambda *_: None)
     for role in ("encoder", "decoder"):
         model = onnx.load(os.path.join(bundle, f"{role}.fp16.onnx"))
@@ -279,10 +279,17 @@ def test_variant_options_kept(tmp):
         inits = {i.name: i for i in model.graph.initializer}
         points = [inits[n.input[3]] for n in model.graph.node if n.op_type == "MatMulInteger"]
         check("MultiHeadAttention" in ops(os.path.join(bundle, f"{role}.int8.onnx"))
-              and points and all(not p.dims for p in points),
-              f"{role}: the per-tensor int8 variant is rebuilt fused and still per tensor")
-    check(fa.variant_options(bundle, read_manifest(bundle)[1]) == {"fp16": {"emulate": True}, "int8": {"per_channel": False}},
+              and points and all(not p.dims for p in points)
+              and "DynamicQuantizeLinear" not in ops(os.path.join(bundle, f"{role}.int8.onnx")),
+              f"{role}: the int8 variant is rebuilt fused, its weights still per tensor, its activations per row")
+    check(fa.variant_options(bundle, read_manifest(bundle)[1])
+          == {"fp16": {"emulate": True}, "int8": {"per_channel": False, "per_row": True}},
           "… and both are recognized as such from their graphs")
+    default = copy_tiny(tmp, "options-default")
+    cp.convert(default, "int8", check=False, log=lambda *_: None)
+    check(fa.variant_options(default, read_manifest(default)[1]) == {"int8": {}}
+          and "DynamicQuantizeLinear" in ops(os.path.join(default, "encoder.int8.onnx")),
+          "an int8 variant with per-tensor activations (the default) is recognized as such")
 
 
 def main():

@@ -146,9 +146,10 @@ class Model:
 
         ``classes``: None (balanced over all classes), one class, or a list to cycle through;
         ``cfg``/``temperature`` replace the schedule's and the model's; ``batch`` (default 8)
-        never changes an image, except in int8, whose images depend on their batch; ``params``
-        sets schedule parameters; ``progress``: a bar on stderr, False, or a function called
-        with (images done, total) after each batch.
+        never changes an image (except in int8, unless its variants quantize activations per
+        row: ``convert_precision.py --per-row-activations``); ``params`` sets schedule
+        parameters; ``progress``: a bar on stderr, False, or a function called with (images
+        done, total) after each batch.
 
         Returns the images as uint8 [N, H, W, C] and the run record (seed, schedule, model,
         labels, provider, ``images_sha256`` of the PNGs the command line would write, …).

@@ -47,8 +47,8 @@ pub struct RuntimeArgs {
     backbone: gtr_run::backend::BackboneRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
     /// need the bundle's variant graphs (models/convert_precision.py); int8
-    /// images depend on their batch (activations quantized per tensor).
-    /// Default: the manifest's `precision`, else fp32.
+    /// images depend on their batch unless the variants quantize activations
+    /// per row. Default: the manifest's `precision`, else fp32.
     #[arg(long, value_parser = parse_precision)]
     precision: Option<gtr_run::precision::Precision>,
     /// TensorRT's engine and timing cache folder (default: <cache>/tensorrt,
