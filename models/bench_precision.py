@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--eval-images", type=int, default=0, help="images per eval (0: no eval)")
     ap.add_argument("--eval-repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-row-activations", action="store_true",
+                    help="int8 variants with one activation scale per row (convert_precision.py's option)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     ap.add_argument("--json", help="write everything measured here")
     args = ap.parse_args()
@@ -117,7 +119,8 @@ def main():
     quiet = lambda *_: None  # noqa: E731
     for p in args.precisions:
         if p != "tf32":
-            conversions[p] = convert_precision.convert(bundle, p, seed=args.seed, log=quiet)
+            conversions[p] = convert_precision.convert(bundle, p, seed=args.seed, log=quiet,
+                                                       per_row=args.per_row_activations)
     if "bf16" in args.precisions and args.device == "cpu":
         emulated = os.path.join(work, "bundle-bf16-emulated")
         shutil.rmtree(emulated, ignore_errors=True)
