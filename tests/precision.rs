@@ -316,22 +316,13 @@ fn fp16_images_stay_close_to_fp32() {
     let mut runs = Vec::new();
     for precision in ["fp32", "fp16"] {
         let out = tmp(&format!("fp16-images-{precision}"));
-        let count = n.to_string();
-        let mut args = vec![
-            b,
-            "schedules/gtr-fast.gtr",
-            "--num-images",
-            &count,
-            "--threads",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ];
         // fp32 is the default.
-        if precision != "fp32" {
-            args.extend(["--precision", precision]);
-        }
-        ok(&args);
+        let extra: &[&str] = if precision == "fp32" {
+            &[]
+        } else {
+            &["--precision", precision]
+        };
+        generate(b, &out, n, extra);
         runs.push(out);
     }
     let (a, h) = (pixels(&runs[0], n), pixels(&runs[1], n));
@@ -495,27 +486,31 @@ fn fp16_runs_through_the_sampler_graph() {
     );
 }
 
-/// Generates `n` images of the tiny bundle `b` in int8 into `out`.
-fn generate_int8(b: &str, out: &Path, n: usize, batch: &str, resume: bool) {
+/// Generates `n` images of the tiny bundle `b` with `schedules/gtr-fast.gtr`
+/// into `out` on one thread, `extra` arguments added.
+fn generate(b: &str, out: &Path, n: usize, extra: &[&str]) {
     let count = n.to_string();
     let mut args = vec![
         b,
         "schedules/gtr-fast.gtr",
         "--num-images",
         &count,
-        "--batch",
-        batch,
-        "--precision",
-        "int8",
         "--threads",
         "1",
         "--out",
         out.to_str().unwrap(),
     ];
-    if resume {
-        args.push("--resume");
-    }
+    args.extend(extra);
     ok(&args);
+}
+
+/// [`generate`] in int8 at `batch`, resuming the folder's run if `resume`.
+fn generate_int8(b: &str, out: &Path, n: usize, batch: &str, resume: bool) {
+    let mut extra = vec!["--batch", batch, "--precision", "int8"];
+    if resume {
+        extra.push("--resume");
+    }
+    generate(b, out, n, &extra);
 }
 
 /// The bytes of image `i` in `dir`.
