@@ -395,9 +395,10 @@ def activations_per_row(model):
     quantize_dynamic writes, per activation x: DynamicQuantizeLinear(x) -> (q, s, zp), and per
     MatMul reading it: Mul(s, w_scale) -> m; MatMulInteger(q, w, zp, w_zp) -> Cast -> Mul(., m).
     Here x is quantized symmetrically per row (r = max |x| / 127 over the last axis, q = round(x /
-    r) + 128 as uint8 by QuantizeLinear with scale 1, zp = 128), m becomes w_scale alone and the row scale r multiplies the
-    dequantized output after it. (Folding r into m instead gives wrong results once ONNX Runtime
-    1.32 fuses Cast and Mul into MatMulIntegerToFloat, whose scale must be a scalar or per column.)
+    r) + 128 as uint8 by QuantizeLinear with scale 1, zp = 128), m becomes w_scale alone and the
+    row scale r multiplies the dequantized output after it. (Folding r into m instead gives wrong
+    results once ONNX Runtime 1.32 fuses Cast and Mul into MatMulIntegerToFloat, whose scale must
+    be a scalar or per column.)
     Raises ConversionError on a graph of another shape."""
     g = model.graph
     fused = [n.name for n in g.node if n.op_type == "DynamicQuantizeMatMul"]
@@ -406,9 +407,10 @@ def activations_per_row(model):
                               f"nodes ({', '.join(fused[:3])}), whose activation scale cannot be changed")
     inits = {i.name for i in g.initializer}
     taken = {n for node in g.node for n in list(node.input) + list(node.output)} | inits
-    consts = {key: unique(f"per_row_{key}", taken) for key in ("q_max", "one", "tiny", "zero_point", "axes")}
     values = {"q_max": np.float32(127), "one": np.float32(1), "tiny": np.float32(1e-30),
               "zero_point": np.uint8(128), "axes": np.array([-1], np.int64)}
+    consts = {key: unique(f"per_row_{key}", taken) for key in values}
+
     def reduce_max_last(x, out):
         # ReduceMax takes its axes as an input from opset 18, as an attribute before.
         if opset(model) >= 18:
