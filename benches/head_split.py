@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What splitting a bundle's diffusion head in two would gain on this machine (a measurement for
-a design not built in gtr-run).
+"""What splitting a bundle's diffusion head in two gains per tick on this machine, the parts
+timed alone (gtr-run runs them with models/split_head.py's graphs and `--head split`).
 
   python3 benches/head_split.py BUNDLE [--precision int8] [--rows 32] [--ticks 10 25 100]
 
@@ -32,6 +32,9 @@ import onnxruntime as ort
 import yaml
 from onnx.utils import Extractor
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.split_head import cut  # noqa: E402  (the repository's models/ package)
+
 
 def head_file(bundle: Path, precision: str) -> tuple[Path, dict, int]:
     """The diffusion head's graph file for `precision`, its manifest entry (I/O names) and the
@@ -46,23 +49,6 @@ def head_file(bundle: Path, precision: str) -> tuple[Path, dict, int]:
         sys.exit(f"{bundle}/manifest.yaml: precisions.{precision} has no diffusion graph "
                  f"(models/convert_precision.py {bundle} --precision {precision})")
     return bundle / variants["diffusion"], entry, steps
-
-
-def cut(model: onnx.ModelProto, x: str, conditioning: list[str]) -> list[str]:
-    """The tensors computed from the conditioning inputs and not from x that a node reading x
-    (directly or not) consumes, in graph order: the split's interface."""
-    from_x, from_cond = {x}, set(conditioning)
-    frontier: list[str] = []
-    for node in model.graph.node:
-        inputs = [i for i in node.input if i]
-        if any(i in from_x for i in inputs):
-            for i in inputs:
-                if i in from_cond and i not in from_x and i not in frontier:
-                    frontier.append(i)
-            from_x.update(node.output)
-        elif any(i in from_cond for i in inputs):
-            from_cond.update(node.output)
-    return frontier
 
 
 def weights_in(model: onnx.ModelProto) -> int:

@@ -5,8 +5,9 @@
 
 For each model graph of the bundle (encoder, decoder, diffusion, vae_decoder; an optional
 `sampler` graph is rebuilt around the variant head by models/add_sampler.py, an optional `backbone`
-from the variant encoder and decoder by models/add_backbone.py; the evaluator is
-left alone) this writes `<name>.<precision>.onnx` beside
+from the variant encoder and decoder by models/add_backbone.py, an optional split head
+(`diffusion_condition`, `diffusion_state`) cut from the variant head by models/split_head.py; the
+evaluator is left alone) this writes `<name>.<precision>.onnx` beside
 `<name>.onnx` and adds, or replaces, `precisions.<precision>` in `manifest.yaml` (role -> file;
 the rest of the manifest, comments included, is kept as written). `gtr-run --precision X` then
 opens those files. A graph the conversion would leave unchanged is not written and not listed:
@@ -59,6 +60,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from onnx import TensorProto, helper, numpy_helper
 
 ROLES = ["encoder", "decoder", "diffusion", "vae_decoder"]
+# Graphs made from the converted ones, not converted themselves.
+DERIVED_ROLES = ["sampler", "tick", "backbone", "diffusion_condition", "diffusion_state"]
 PRECISIONS = ["fp16", "bf16", "int8"]
 HALF_OPS = {"MatMul", "Gemm", "Conv"}
 # Fused attention (models/fuse_attention.py) runs in half precision too, as autocast runs
@@ -623,7 +626,7 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     files = {}
     for role, entry in manifest["graphs"].items():
         if role not in ROLES:
-            if role not in ("sampler", "backbone"):  # rebuilt below from the variants
+            if role not in DERIVED_ROLES:  # rebuilt below from the variants
                 log(f"{role}: not a graph this script converts (kept in float32)")
             continue
         src = os.path.join(bundle, entry["file"])
@@ -687,6 +690,13 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
 
         for role, name in write_sampler(bundle, manifest, files["diffusion"], precision, log=log,
                                         roles=chain_roles).items():
+            files[role] = name
+            report["graphs"][role] = {"file": name}
+    if "diffusion_condition" in manifest["graphs"] and "diffusion" in files:
+        # The two parts of this precision's head (models/split_head.py).
+        from models.split_head import write_split
+
+        for role, name in write_split(bundle, manifest, files["diffusion"], precision, log=log).items():
             files[role] = name
             report["graphs"][role] = {"file": name}
     if "backbone" in manifest["graphs"] and "encoder" in files and "decoder" in files:

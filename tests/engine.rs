@@ -104,6 +104,40 @@ fn one_diffusion_call_per_tick_of_the_longest_chain() {
 }
 
 #[test]
+fn a_split_head_gives_the_same_tokens_with_its_condition_part_once_per_group_of_ticks() {
+    let s = preset("mar-8.gtr");
+    let all = jobs(5, 0..2);
+    let mut engine = Engine::new(FakeModel::new().with_split_head());
+    let split = engine
+        .generate(&plans(&s, &all), &all, &SeededNoise, |_, _| {})
+        .unwrap();
+    assert_eq!(split.tokens, run(&s, &all), "split head against whole head");
+    let fake = &engine.model;
+    // One state call per tick, as the whole head; the condition part covers
+    // the same rows in calls of whole ticks, none over 1024 rows, and far
+    // fewer calls.
+    let state_rows: usize = fake.diffusion_rows.iter().sum();
+    assert_eq!(fake.condition_rows.iter().sum::<usize>(), state_rows);
+    assert!(
+        fake.condition_rows.iter().all(|&r| r <= 1024),
+        "{:?}",
+        fake.condition_rows
+    );
+    let steps = engine.stats.steps.len();
+    assert!(
+        fake.condition_rows.len() > steps && 4 * fake.condition_rows.len() < fake.diffusion_calls,
+        "{} condition calls for {} state calls in {steps} steps",
+        fake.condition_rows.len(),
+        fake.diffusion_calls
+    );
+    let calls: u64 = engine.stats.steps.iter().map(|s| s.diffusion_calls).sum();
+    assert_eq!(
+        calls as usize,
+        fake.diffusion_calls + fake.condition_rows.len()
+    );
+}
+
+#[test]
 fn unguided_steps_run_single_rows() {
     let s = schedule("grid 4x4\ncfg none\nstage a { tokens all  steps 2  diffusion 3 }");
     let plan = Planner::new(&s, Grid::new(4, 4)).unwrap().plan(0).unwrap();

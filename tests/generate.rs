@@ -1171,6 +1171,53 @@ fn backbone_choice_is_honoured_and_recorded() {
     assert!(!out.exists(), "nothing is written for a refused run");
 }
 
+/// `--head split` runs the tiny fixture's head in its two parts
+/// (models/split_head.py) and makes the bytes the whole head makes; `auto`
+/// splits where the bundle has the parts, `whole` never; run.json says
+/// which; a bundle without the parts refuses `split` and names the way to
+/// add them.
+#[test]
+fn head_choice_is_honoured_and_recorded() {
+    let bundle = "models/fixtures/tiny-split";
+    let args = ["schedules/gtr-fast.gtr", "--num-images", "3"];
+    let mut made = Vec::new();
+    for choice in ["split", "whole", "auto"] {
+        let out = tmp(&format!("head-{choice}"));
+        let o = out.to_str().unwrap();
+        ok(&[&[bundle][..], &args, &["--head", choice, "--out", o]].concat());
+        let run = record(&out);
+        let calls = |graph: &str| graph_calls(&run, graph);
+        if choice == "whole" {
+            assert_eq!(run["diffusion_chains"], "host");
+            assert_eq!(calls("diffusion_state"), None, "--head whole");
+            assert!(calls("diffusion").unwrap() > 0);
+        } else {
+            assert_eq!(
+                run["diffusion_chains"], "host (split head)",
+                "--head {choice}"
+            );
+            assert_eq!(calls("diffusion"), Some(0));
+            let (condition, state) = (calls("diffusion_condition"), calls("diffusion_state"));
+            assert!(
+                condition.unwrap() < state.unwrap(),
+                "{condition:?} condition calls, {state:?} state calls"
+            );
+        }
+        made.push(pngs(&out));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    assert!(made[0] == made[1], "the split head changed the images");
+    assert!(made[2] == made[1]);
+
+    let out = tmp("head-none");
+    let o = out.to_str().unwrap();
+    fails(
+        &[&[TINY][..], &args, &["--head", "split", "--out", o]].concat(),
+        "add it with `python3 models/split_head.py",
+    );
+    assert!(!out.exists(), "nothing is written for a refused run");
+}
+
 /// `order adaptive` end to end: the same bytes and choices twice, every
 /// image's reveal order in run.json (documented, inside the stage, not the
 /// plan's provisional order), kept by `--resume` (an image without a

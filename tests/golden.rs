@@ -307,6 +307,55 @@ fn tick_graph_one_step_chains_and_fts_all_unconditional() {
     check_tick_case("fts_all_t1.npz");
 }
 
+/// Golden case `name` through bundle `tiny-split`: `tiny`'s graphs with its
+/// diffusion head cut in two (models/split_head.py, fixture by
+/// models/fixtures/make_tiny_split.py), loaded as a plain load does (`--head
+/// auto`). The same draws as the whole head, within the plain tolerance, one
+/// state call per tick (as many as the whole head's calls) and the condition
+/// part in no more calls (one per group of ticks), none of the whole head.
+fn check_split_head_case(name: &str) {
+    let whole = check_case_in(&fixtures(), name);
+    let tol = Tolerance {
+        values: 1e-4,
+        off_by_one_per_mille: 1,
+    };
+    let split = check_case_on(&bundle("tiny-split"), &fixtures(), name, tol, None);
+    let calls = |stats: &[GraphStats], graph: &str| {
+        stats.iter().find(|g| g.graph == graph).map(|g| g.calls)
+    };
+    let ticks = calls(&whole, "diffusion").unwrap();
+    assert_eq!(
+        calls(&split, "diffusion_state"),
+        Some(ticks),
+        "{name}: state calls"
+    );
+    assert_eq!(
+        calls(&split, "diffusion"),
+        Some(0),
+        "{name}: whole head calls"
+    );
+    let condition = calls(&split, "diffusion_condition").unwrap();
+    assert!(
+        0 < condition && condition <= ticks,
+        "{name}: {condition} condition calls for {ticks} ticks"
+    );
+}
+
+#[test]
+fn split_head_gtr_schedule_with_cfg_and_high_freq_fts() {
+    check_split_head_case("gtr_cfg.npz");
+}
+
+#[test]
+fn split_head_mar_schedule_without_cfg_with_low_freq_fts() {
+    check_split_head_case("mar_nocfg.npz");
+}
+
+#[test]
+fn split_head_one_step_chains_and_fts_all_unconditional() {
+    check_split_head_case("fts_all_t1.npz");
+}
+
 /// Golden case `name` through bundle `tiny-mha`: `tiny`'s encoder and
 /// decoder with their attention fused into ONNX Runtime's MultiHeadAttention
 /// (models/fuse_attention.py, fixture by models/fixtures/make_tiny_mha.py),

@@ -593,3 +593,46 @@ fn int8_images_depend_on_their_batch_and_resume_remakes_them_exactly() {
     }
     assert_eq!(record(&resumed)["generated_now"], 2);
 }
+
+/// A precision whose variant lists the diffusion head but not its two parts
+/// (models/split_head.py) runs its whole head: the bundle's fp32 parts would
+/// mix precisions. `--head auto` then runs the int8 head whole, `--head
+/// split` is refused naming the variant, and fp32 still splits.
+#[test]
+fn a_variant_without_the_split_head_runs_its_whole_head() {
+    let bundle = tiny_with("tiny-int8", "precisions.yaml", "int8-no-split", |m| {
+        m.replace(
+            "  vae_decoder:",
+            "  diffusion_condition: { file: diffusion_condition.onnx, inputs: { t: t, z: z }, outputs: { cond: cond } }\n  diffusion_state: { file: diffusion_state.onnx, inputs: { x: x, cond: cond }, outputs: { out: out } }\n  vae_decoder:",
+        )
+    });
+    for part in ["diffusion_condition.onnx", "diffusion_state.onnx"] {
+        let from = root().join("models/fixtures/tiny-split").join(part);
+        std::fs::copy(from, bundle.join(part)).unwrap();
+    }
+    let b = bundle.to_str().unwrap();
+    let chains = |name: &str, extra: &[&str]| {
+        let out = tmp(name);
+        generate(b, &out, 2, extra);
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+        run["diffusion_chains"].as_str().unwrap().to_string()
+    };
+    assert_eq!(chains("no-split-int8", &["--precision", "int8"]), "host");
+    assert_eq!(chains("no-split-fp32", &[]), "host (split head)");
+    let out = tmp("no-split-int8-split");
+    let err = fails(&[
+        b,
+        "schedules/gtr-fast.gtr",
+        "--precision",
+        "int8",
+        "--head",
+        "split",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("--head split") && err.contains("precisions.int8"),
+        "{err}"
+    );
+}

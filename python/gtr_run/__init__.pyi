@@ -104,6 +104,7 @@ class Model:
         precision: Optional[str] = None,
         threads: Optional[int] = None,
         sampler: str = "auto",
+        head: str = "auto",
     ) -> None:
         """Opens the bundle (its folder, manifest.yaml or any .onnx in it) and loads its graphs.
 
@@ -112,7 +113,9 @@ class Model:
         threads per graph, and for gtr-run's own parallel work when it is the process's first
         model to set it (default: ONNX Runtime's, and one per core); ``sampler``: where diffusion
         chains run, as ``--sampler``: ``auto``, ``host``, ``graph`` (the bundle's sampler graph) or
-        ``ticks`` (its tick graph; CUDA graphs on ``cuda``). Raises GtrRunError with the command
+        ``ticks`` (its tick graph; CUDA graphs on ``cuda``); ``head``: how the host chains run the
+        diffusion head, as ``--head``: ``auto``, ``whole`` or ``split`` (the bundle's two parts of
+        models/split_head.py; the same images in fp32). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails."""
     @property
     def name(self) -> str: ...

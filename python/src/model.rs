@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use gtr_run::backend::{ChainRunner, Device, LoadOptions, OrtEvaluator, OrtModel};
+use gtr_run::backend::{ChainRunner, Device, HeadRunner, LoadOptions, OrtEvaluator, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, MarModel, RunStats};
 use gtr_run::eval::{CompareRequest, Scoring, compare};
@@ -74,9 +74,10 @@ impl Model {
     /// `threads` intra-op threads per graph, and for gtr-run's own parallel
     /// work if it is the process's first model to say (default: ONNX
     /// Runtime's, and one per core), with its diffusion chains where
-    /// `sampler` says (`--sampler`: auto, host, graph or ticks).
+    /// `sampler` says (`--sampler`: auto, host, graph or ticks) and its
+    /// diffusion head run as `head` says (`--head`: auto, whole or split).
     #[new]
-    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto"))]
+    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto", head="auto"))]
     fn new(
         py: Python<'_>,
         bundle: PathBuf,
@@ -84,10 +85,14 @@ impl Model {
         precision: Option<&str>,
         threads: Option<usize>,
         sampler: &str,
+        head: &str,
     ) -> PyResult<Self> {
         let sampler: ChainRunner = sampler
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("sampler: {e}")))?;
+        let head: HeadRunner = head
+            .parse()
+            .map_err(|e: String| PyValueError::new_err(format!("head: {e}")))?;
         let device_kind: Device = device
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("device: {e}")))?;
@@ -114,6 +119,7 @@ impl Model {
             };
             let (model, note) = OrtModel::load_with(&bundle, &options)
                 .and_then(|m| m.run_chains(sampler, &bundle))
+                .and_then(|(m, note)| Ok((m.run_head(head, &bundle)?, note)))
                 .map_err(run_failure)?;
             if let Some(note) = note {
                 eprintln!("gtr-run: {note}");

@@ -142,6 +142,10 @@ def test_bad_arguments_are_named():
         gtr_run.Model(TINY, sampler="loop")
     with pytest.raises(gtr_run.GtrRunError, match="has no tick graph"):
         gtr_run.Model(TINY, sampler="ticks")
+    with pytest.raises(ValueError, match="head"):
+        gtr_run.Model(TINY, head="halves")
+    with pytest.raises(gtr_run.GtrRunError, match="models/split_head.py"):
+        gtr_run.Model(TINY, head="split")
 
 
 def test_sampler_choice_runs_the_chains_there():
@@ -156,6 +160,17 @@ def test_sampler_choice_runs_the_chains_there():
     assert runs["ticks"][1]["diffusion_chains"] == "tick graph"
     gap = np.abs(runs["host"][0].astype(int) - runs["ticks"][0].astype(int)).max()
     assert gap <= 1, gap
+
+
+def test_head_choice_gives_the_same_images():
+    """`head` is `--head`: the tiny fixture's head in its two parts makes the whole head's bytes,
+    and the record says which ran."""
+    schedule = SCHEDULES / "gtr-fast.gtr"
+    runs = {head: gtr_run.Model(TINY.parent / "tiny-split", head=head).generate(schedule, 3, seed=2, progress=False)
+            for head in ["split", "whole"]}
+    assert runs["split"][1]["diffusion_chains"] == "host (split head)"
+    assert runs["whole"][1]["diffusion_chains"] == "host"
+    assert np.array_equal(runs["split"][0], runs["whole"][0])
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,14 @@ pub struct RuntimeArgs {
     /// the CPU provider, where it has not been shown faster).
     #[arg(long, value_enum, default_value_t = gtr_run::backend::BackboneRunner::Auto)]
     backbone: gtr_run::backend::BackboneRunner,
+    /// How the diffusion head runs on the host chains: `split` (the bundle's
+    /// two parts, models/split_head.py: the part that reads only t and z
+    /// once per group of ticks, the part that reads the chain's state per
+    /// tick), `whole` (the head graph per tick) or `auto` (split when the
+    /// bundle has the parts in the run's precision). Same images either way
+    /// in fp32 (README, "The split head").
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::HeadRunner::Auto)]
+    head: gtr_run::backend::HeadRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8
     /// need the bundle's variant graphs (models/convert_precision.py); int8
     /// images depend on their batch unless the variants quantize activations
@@ -72,7 +80,9 @@ pub fn load_model(
     if let Some(note) = note {
         eprintln!("gtr-run: {note}");
     }
-    let model = model.run_backbone(runtime.backbone, bundle)?;
+    let model = model
+        .run_backbone(runtime.backbone, bundle)?
+        .run_head(runtime.head, bundle)?;
     Ok(model)
 }
 

@@ -140,7 +140,7 @@ pub struct Measurements {
     /// The provider that ran the graphs; `None` where merged parts
     /// differed.
     pub execution_provider: Option<String>,
-    /// Where the diffusion chains ran: `host` or `sampler graph`.
+    /// Where the diffusion chains ran: [`crate::engine::Engine::chain_runner`].
     pub diffusion_chains: String,
     /// How the backbone ran: `encoder and decoder` or `backbone graph`
     /// (records older than the fused graph ran the former).

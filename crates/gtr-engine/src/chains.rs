@@ -17,6 +17,13 @@ use super::model::{COEFFICIENTS, ChainInputs, MarModel, ModelInfo};
 use super::rows::Row;
 use super::{EngineError, check_finite, shape_error};
 
+/// Head rows a split head's condition part gets per call at most: the
+/// ticks of a group share one call (at least one tick per call). On MAR-B's
+/// head the gain over one call per tick was flat from 10 ticks of 32 rows
+/// on (README, "The split head"); the call's output is rows × S floats
+/// (S = 20,480 on MAR-B: 80 MiB at this many rows).
+pub(super) const CONDITION_ROWS: usize = 1024;
+
 /// What a step's chains cost.
 pub(super) struct ChainWork {
     /// Seconds inside model calls.
@@ -102,6 +109,9 @@ impl StepChains<'_> {
 
     /// One head call per tick, the update applied here in f64. `x` [N·C]
     /// holds each row's initial noise and receives the sampled tokens.
+    /// A model that splits its head ([`MarModel::splits_head`]) gets its
+    /// condition part once per group of ticks ([`CONDITION_ROWS`]) and its
+    /// state part per tick.
     pub fn run_on_host<M: MarModel>(
         &self,
         model: &mut M,
@@ -124,42 +134,57 @@ impl StepChains<'_> {
                 zin.row_mut(per * r + h).assign(&self.condition(row, h));
             }
         }
+        let model_error = |source| EngineError::Model {
+            step: self.step,
+            source,
+        };
         let mut work = ChainWork {
             seconds: 0.0,
             calls: 0,
             rows: 0,
         };
+        let mut group = ConditionGroup::default();
+        let split = model.splits_head();
         let mut eps = vec![0f64; c];
         for tick in 0..longest {
-            let n = rows.partition_point(|r| r.steps > tick);
-            let m = per * n;
+            let m = self.running(rows, tick);
+            let n = m / per;
             {
                 let xs = xin.as_slice_mut().expect("contiguous");
-                let ts = tin.as_slice_mut().expect("contiguous");
-                for (r, row) in rows[..n].iter().enumerate() {
-                    let i = row.steps - 1 - tick;
+                for r in 0..n {
                     for h in 0..per {
                         let slot = per * r + h;
                         xs[slot * c..(slot + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
-                        ts[slot] = row.chain.timesteps[i];
                     }
                 }
             }
-            let started = Instant::now();
-            let out = model
-                .diffusion(
+            let (out, seconds) = if split {
+                if !group.ticks.contains(&tick) {
+                    group = self.condition_group(model, rows, &zin, tick, longest, &mut work)?;
+                }
+                let started = Instant::now();
+                let out = model.head_state(xin.slice(s![..m, ..]), group.rows(tick, m));
+                (out, started.elapsed().as_secs_f64())
+            } else {
+                self.timesteps(rows, tick, tin.slice_mut(s![..m]));
+                let started = Instant::now();
+                let out = model.diffusion(
                     xin.slice(s![..m, ..]),
                     tin.slice(s![..m]),
                     zin.slice(s![..m, ..]),
-                )
-                .map_err(|source| EngineError::Model {
-                    step: self.step,
-                    source,
-                })?;
-            work.seconds += started.elapsed().as_secs_f64();
+                );
+                (out, started.elapsed().as_secs_f64())
+            };
+            let out = out.map_err(model_error)?;
+            work.seconds += seconds;
             work.calls += 1;
             work.rows += m as u64;
-            let out = self.checked(out, "diffusion", "out", (m, head))?;
+            let graph = if split {
+                "diffusion_state"
+            } else {
+                "diffusion"
+            };
+            let out = self.checked(out, graph, "out", (m, head))?;
             let os = out.as_slice().expect("standard layout");
             for (r, row) in rows[..n].iter().enumerate() {
                 let i = row.steps - 1 - tick;
@@ -185,6 +210,81 @@ impl StepChains<'_> {
             }
         }
         Ok(work)
+    }
+
+    /// Head rows running at `tick` (both halves of a row with guidance).
+    fn running(&self, rows: &[Row], tick: usize) -> usize {
+        self.halves() * rows.partition_point(|r| r.steps > tick)
+    }
+
+    /// The split head's condition part for the ticks from `first` on, as
+    /// many as [`CONDITION_ROWS`] allows (at least one), in one call; `zin`
+    /// holds the step's head rows of z (a tick's rows are a prefix).
+    fn condition_group<M: MarModel>(
+        &self,
+        model: &mut M,
+        rows: &[Row],
+        zin: &Array2<f32>,
+        first: usize,
+        longest: usize,
+        work: &mut ChainWork,
+    ) -> Result<ConditionGroup, EngineError> {
+        let mut ticks = first..first + 1;
+        let mut total = self.running(rows, first);
+        while ticks.end < longest && total + self.running(rows, ticks.end) <= CONDITION_ROWS {
+            total += self.running(rows, ticks.end);
+            ticks.end += 1;
+        }
+        let mut t = Array1::<i64>::zeros(total);
+        let mut z = Array2::<f32>::zeros((total, zin.ncols()));
+        let mut offsets = Vec::with_capacity(ticks.len());
+        let mut at = 0;
+        for tick in ticks.clone() {
+            let m = self.running(rows, tick);
+            offsets.push(at);
+            self.timesteps(rows, tick, t.slice_mut(s![at..at + m]));
+            z.slice_mut(s![at..at + m, ..])
+                .assign(&zin.slice(s![..m, ..]));
+            at += m;
+        }
+        let started = Instant::now();
+        let cond =
+            model
+                .head_condition(t.view(), z.view())
+                .map_err(|source| EngineError::Model {
+                    step: self.step,
+                    source,
+                })?;
+        work.seconds += started.elapsed().as_secs_f64();
+        work.calls += 1;
+        if cond.nrows() != total {
+            return Err(shape_error(
+                self.step,
+                "diffusion_condition",
+                "cond",
+                cond.shape(),
+                &[total, cond.ncols()],
+            ));
+        }
+        check_finite("diffusion_condition", "cond", cond.iter(), self.step)?;
+        Ok(ConditionGroup {
+            ticks,
+            cond,
+            offsets,
+        })
+    }
+
+    /// The training-chain timestep of each head row running at `tick`
+    /// (both halves of a row with guidance) into `out`, which holds
+    /// exactly those rows.
+    fn timesteps(&self, rows: &[Row], tick: usize, mut out: ndarray::ArrayViewMut1<'_, i64>) {
+        let per = self.halves();
+        for (r, row) in rows[..out.len() / per].iter().enumerate() {
+            let t = row.chain.timesteps[row.steps - 1 - tick];
+            for h in 0..per {
+                out[per * r + h] = t;
+            }
+        }
     }
 
     /// Every tick in one call of the model's sampler graph; the update runs
@@ -245,6 +345,25 @@ impl StepChains<'_> {
             x.copy_from_slice(out.as_slice().expect("standard layout"));
         }
         Ok(work)
+    }
+}
+
+/// A split head's condition rows for a group of ticks (tick-major: each
+/// tick's rows are a prefix of the step's head rows).
+#[derive(Default)]
+struct ConditionGroup {
+    ticks: std::ops::Range<usize>,
+    /// [Σ rows of the ticks, S].
+    cond: Array2<f32>,
+    /// Where each tick's rows start in `cond`.
+    offsets: Vec<usize>,
+}
+
+impl ConditionGroup {
+    /// The `m` rows of `tick` (one of `ticks`).
+    fn rows(&self, tick: usize, m: usize) -> ndarray::ArrayView2<'_, f32> {
+        let at = self.offsets[tick - self.ticks.start];
+        self.cond.slice(s![at..at + m, ..])
     }
 }
 

@@ -16,6 +16,10 @@ pub struct FakeModel {
     pub diffusion_calls: usize,
     /// Rows of every diffusion call, in order.
     pub diffusion_rows: Vec<usize>,
+    /// Whether the head runs in two parts ([`FakeModel::with_split_head`]).
+    split_head: bool,
+    /// Rows of every [`MarModel::head_condition`] call, in order.
+    pub condition_rows: Vec<usize>,
 }
 
 impl FakeModel {
@@ -49,7 +53,38 @@ impl FakeModel {
             backbone_calls: 0,
             diffusion_calls: 0,
             diffusion_rows: Vec::new(),
+            split_head: false,
+            condition_rows: Vec::new(),
         }
+    }
+
+    /// The same model with its head in two parts: the condition part keeps
+    /// the timestep's fraction and z, the state part computes
+    /// [`MarModel::diffusion`]'s output from them, bit for bit. State calls
+    /// count as diffusion calls.
+    pub fn with_split_head(mut self) -> Self {
+        self.split_head = true;
+        self
+    }
+
+    /// The head's output for rows given `x`, each row's time fraction and
+    /// its z: the one formula both head forms share.
+    fn head(
+        &self,
+        x: ArrayView2<f32>,
+        time: impl Fn(usize) -> f32,
+        z: ArrayView2<f32>,
+    ) -> Array2<f32> {
+        let c = self.info.token_dim;
+        let mut out = Array2::<f32>::zeros((x.nrows(), self.info.head_channels()));
+        for r in 0..x.nrows() {
+            let time = time(r);
+            for ch in 0..c {
+                out[[r, ch]] = (0.6 * x[[r, ch]] + z[[r, ch]] * (1.0 - time)).tanh();
+                out[[r, c + ch]] = (z[[r, ch + c]] * 0.5 - time).tanh();
+            }
+        }
+        out
     }
 }
 
@@ -102,16 +137,37 @@ impl MarModel for FakeModel {
     ) -> Result<Array2<f32>, ModelError> {
         self.diffusion_calls += 1;
         self.diffusion_rows.push(x.nrows());
-        let c = self.info.token_dim;
-        let mut out = Array2::<f32>::zeros((x.nrows(), self.info.head_channels()));
-        for r in 0..x.nrows() {
-            let time = t[r] as f32 / 1000.0;
-            for ch in 0..c {
-                out[[r, ch]] = (0.6 * x[[r, ch]] + z[[r, ch]] * (1.0 - time)).tanh();
-                out[[r, c + ch]] = (z[[r, ch + c]] * 0.5 - time).tanh();
-            }
+        Ok(self.head(x, |r| t[r] as f32 / 1000.0, z))
+    }
+
+    fn splits_head(&self) -> bool {
+        self.split_head
+    }
+
+    /// `cond` [N, 1 + D]: the time fraction, then z.
+    fn head_condition(
+        &mut self,
+        t: ArrayView1<i64>,
+        z: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        self.condition_rows.push(t.len());
+        let d = self.info.width;
+        let mut cond = Array2::<f32>::zeros((t.len(), 1 + d));
+        for (r, mut row) in cond.rows_mut().into_iter().enumerate() {
+            row[0] = t[r] as f32 / 1000.0;
+            row.slice_mut(ndarray::s![1..]).assign(&z.row(r));
         }
-        Ok(out)
+        Ok(cond)
+    }
+
+    fn head_state(
+        &mut self,
+        x: ArrayView2<f32>,
+        cond: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        self.diffusion_calls += 1;
+        self.diffusion_rows.push(x.nrows());
+        Ok(self.head(x, |r| cond[[r, 0]], cond.slice(ndarray::s![.., 1..])))
     }
 
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {

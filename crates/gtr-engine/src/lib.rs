@@ -216,11 +216,15 @@ impl<M: MarModel> Engine<M> {
     }
 
     /// Where this engine runs diffusion chains: the model's
-    /// [`MarModel::chain_graph`] (`sampler graph`: one call per MAR step) or
-    /// `host` (one head call per tick).
+    /// [`MarModel::chain_graph`] (`sampler graph`: one call per MAR step),
+    /// `host` (one head call per tick) or `host (split head)` (the head's
+    /// state part per tick, its condition part per group of ticks:
+    /// [`MarModel::splits_head`]).
     pub fn chain_runner(&self) -> String {
         if self.model.runs_chains() {
             self.model.chain_graph()
+        } else if self.model.splits_head() {
+            "host (split head)".into()
         } else {
             "host".into()
         }

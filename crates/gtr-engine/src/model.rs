@@ -110,6 +110,45 @@ pub trait MarModel {
         z: ArrayView2<f32>,
     ) -> Result<Array2<f32>, ModelError>;
 
+    /// Whether the model runs its diffusion head in two parts
+    /// ([`MarModel::head_condition`], then [`MarModel::head_state`]); the
+    /// host chains then run the condition part once for the rows of many
+    /// ticks.
+    fn splits_head(&self) -> bool {
+        false
+    }
+
+    /// The head's part that reads only `t` `[N]` and `z` [N, D] → `cond`
+    /// [N, S] (S is the model's). A row's `cond` does not depend on the
+    /// other rows of the call. Only called when [`MarModel::splits_head`]
+    /// says so.
+    fn head_condition(
+        &mut self,
+        t: ArrayView1<i64>,
+        z: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        let _ = (t, z);
+        Err(ModelError::Graph {
+            graph: "diffusion_condition",
+            message: "this model does not split its diffusion head".into(),
+        })
+    }
+
+    /// The head's part that reads the chain's state: `x` [N, C] and rows of
+    /// [`MarModel::head_condition`]'s output → [N, head_channels], what
+    /// [`MarModel::diffusion`] gives for the same rows' `x`, `t` and `z`.
+    fn head_state(
+        &mut self,
+        x: ArrayView2<f32>,
+        cond: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        let _ = (x, cond);
+        Err(ModelError::Graph {
+            graph: "diffusion_state",
+            message: "this model does not split its diffusion head".into(),
+        })
+    }
+
     /// Whether [`MarModel::backbone_rows`] runs in one fused call that
     /// returns only the predicted rows (else: the backbone, then a gather).
     fn fuses_backbone(&self) -> bool {

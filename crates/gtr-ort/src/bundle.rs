@@ -24,7 +24,7 @@ const MAX_TRAIN_STEPS: usize = 100_000;
 pub const FORMAT: &str = "gtr-run/mar-bundle@1";
 
 /// The graphs of a bundle, by role: four required, the sampler, the tick
-/// graph and the fused backbone optional.
+/// graph, the fused backbone and the split head optional.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -40,6 +40,12 @@ pub enum Role {
     /// Encoder and decoder in one call, returning only the predicted
     /// tokens' z (models/add_backbone.py).
     Backbone,
+    /// The diffusion head's part that reads only t and z (models/split_head.py;
+    /// `--head split`).
+    DiffusionCondition,
+    /// The diffusion head's part that reads the chain's state x and the
+    /// condition part's rows (models/split_head.py).
+    DiffusionState,
 }
 
 impl Role {
@@ -51,7 +57,13 @@ impl Role {
         Role::VaeDecoder,
     ];
     /// The roles a bundle may have.
-    pub const OPTIONAL: [Role; 3] = [Role::Sampler, Role::Tick, Role::Backbone];
+    pub const OPTIONAL: [Role; 5] = [
+        Role::Sampler,
+        Role::Tick,
+        Role::Backbone,
+        Role::DiffusionCondition,
+        Role::DiffusionState,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
@@ -62,6 +74,8 @@ impl Role {
             Role::Sampler => "sampler",
             Role::Tick => "tick",
             Role::Backbone => "backbone",
+            Role::DiffusionCondition => "diffusion_condition",
+            Role::DiffusionState => "diffusion_state",
         }
     }
 
@@ -75,6 +89,8 @@ impl Role {
             Role::Sampler => &["x", "z", "t", "coef", "noise", "active", "guidance"],
             Role::Tick => &["x", "k", "z", "t", "coef", "noise", "running", "guidance"],
             Role::Backbone => &["tokens", "known", "label", "predict"],
+            Role::DiffusionCondition => &["t", "z"],
+            Role::DiffusionState => &["x", "cond"],
         }
     }
 
@@ -88,6 +104,8 @@ impl Role {
             Role::Sampler => &["x_out"],
             Role::Tick => &["x_next", "k_next"],
             Role::Backbone => &["z"],
+            Role::DiffusionCondition => &["cond"],
+            Role::DiffusionState => &["out"],
         }
     }
 }
@@ -346,6 +364,11 @@ impl Bundle {
             check_roles(&key, "inputs", role.inputs(), &entry.inputs)?;
             check_roles(&key, "outputs", role.outputs(), &entry.outputs)?;
             self.check_file(&format!("{key}.file"), &entry.file)?;
+        }
+        let split = [Role::DiffusionCondition, Role::DiffusionState]
+            .map(|r| m.graphs.contains_key(r.key()));
+        if split[0] != split[1] {
+            return Err("graphs.diffusion_condition and graphs.diffusion_state come together (the diffusion head's two parts; models/split_head.py writes both)".into());
         }
         if let Some(e) = &m.evaluator {
             check_roles("evaluator", "inputs", &EVALUATOR_INPUTS, &e.inputs)?;

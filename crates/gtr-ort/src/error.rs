@@ -26,7 +26,7 @@ pub enum OrtError {
     Precision(#[from] crate::precision_choice::PrecisionError),
     #[error(transparent)]
     TensorRt(#[from] crate::tensorrt::TensorRtOptionsError),
-    /// A [`crate::ChainRunner`] or [`crate::BackboneRunner`] the bundle cannot honour.
+    /// A [`crate::ChainRunner`], [`crate::BackboneRunner`] or [`crate::HeadRunner`] the bundle cannot honour.
     #[error("{0}")]
     Sampler(String),
 }

@@ -35,4 +35,6 @@ pub mod tensorrt;
 mod ticks;
 
 pub use device::Device;
-pub use model::{BackboneRunner, ChainRunner, LoadOptions, OrtError, OrtEvaluator, OrtModel};
+pub use model::{
+    BackboneRunner, ChainRunner, HeadRunner, LoadOptions, OrtError, OrtEvaluator, OrtModel,
+};

@@ -81,6 +81,43 @@ pub enum BackboneRunner {
     Split,
 }
 
+/// How the diffusion head runs on the host chains (`--head`): `Split`, the
+/// bundle's two parts (models/split_head.py), the (t, z) part once per group
+/// of ticks; `Whole`, the head graph once per tick; or `Auto`: split when
+/// the bundle has the parts in the run's precision, else whole. The sampler
+/// and tick graphs hold the whole head and are not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum HeadRunner {
+    #[default]
+    Auto,
+    Whole,
+    Split,
+}
+
+impl HeadRunner {
+    /// Every choice, in the order `--head` lists them.
+    pub const ALL: [HeadRunner; 3] = [HeadRunner::Auto, HeadRunner::Whole, HeadRunner::Split];
+
+    /// The name `--head` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadRunner::Auto => "auto",
+            HeadRunner::Whole => "whole",
+            HeadRunner::Split => "split",
+        }
+    }
+}
+
+impl std::str::FromStr for HeadRunner {
+    type Err = String;
+
+    /// A [`HeadRunner::name`] (`--head`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::device::by_name(s, HeadRunner::ALL, HeadRunner::name)
+    }
+}
+
 /// How to load a bundle: the device, threads, precision and TensorRT's
 /// settings.
 #[derive(Debug, Clone)]
@@ -139,9 +176,18 @@ pub struct OrtModel {
     /// Encoder and decoder in one call returning the predicted tokens' z,
     /// when the bundle has a backbone graph.
     backbone: Option<Graph>,
+    /// The diffusion head's (t, z) part and its x part, when the bundle has
+    /// them in the run's precision.
+    split_head: Option<SplitHead>,
     provider: String,
     precision: PrecisionChoice,
     tensorrt: BTreeMap<String, TensorRtOptions>,
+}
+
+/// The diffusion head in two graphs (models/split_head.py).
+struct SplitHead {
+    condition: Graph,
+    state: Graph,
 }
 
 /// One expected tensor: element type and dims (`None` = any; batch-like
@@ -222,6 +268,17 @@ fn expectations(role: Role, info: &ModelInfo) -> (Vec<Expect>, Vec<Expect>) {
                 e("predict", I, vec![Dynamic, Dynamic]),
             ],
             vec![e("z", F, vec![Any, Any, Fixed(d)])],
+        ),
+        Role::DiffusionCondition => (
+            vec![e("t", I, vec![Dynamic]), e("z", F, vec![Dynamic, Fixed(d)])],
+            vec![e("cond", F, vec![Any, Any])],
+        ),
+        Role::DiffusionState => (
+            vec![
+                e("x", F, vec![Dynamic, Fixed(c)]),
+                e("cond", F, vec![Dynamic, Any]),
+            ],
+            vec![e("out", F, vec![Any, Fixed(info.head_channels())])],
         ),
         Role::VaeDecoder => (
             vec![e("latent", F, vec![Dynamic, Fixed(c), Fixed(h), Fixed(w)])],
@@ -404,6 +461,22 @@ impl OrtModel {
             }
             _ => None,
         };
+        // The split head, where its parts are in the run's precision (not
+        // under TensorRT, which would get no profiles for them).
+        let split_head = match (
+            bundle.optional_graph(Role::DiffusionCondition),
+            bundle.optional_graph(Role::DiffusionState),
+        ) {
+            (Some(condition), Some(state))
+                if options.device != Device::TensorRt && choice.splits_head_alike(bundle) =>
+            {
+                Some(SplitHead {
+                    condition: open(Role::DiffusionCondition, condition)?.0,
+                    state: open(Role::DiffusionState, state)?.0,
+                })
+            }
+            _ => None,
+        };
         // The tick graph (asked for by `--sampler ticks`; not under TensorRT,
         // which would get no profiles for it) with CUDA graphs where CUDA
         // runs it, unless profiling (a replayed graph's kernels are not
@@ -451,6 +524,7 @@ impl OrtModel {
             ticks,
             capture_refused,
             backbone,
+            split_head,
             provider,
             precision: choice.clone(),
             tensorrt,
@@ -607,6 +681,40 @@ impl OrtModel {
             (BackboneRunner::Auto, true) if self.provider == "cpu" => self.without_backbone(),
             _ => self,
         })
+    }
+
+    /// Whether the bundle's split head was loaded (it has both parts in the
+    /// run's precision).
+    pub fn has_split_head(&self) -> bool {
+        self.split_head.is_some()
+    }
+
+    /// The model with its head run as `runner` asks; `Split` without the
+    /// parts in the run's precision is an error naming the bundle and the
+    /// fix.
+    pub fn run_head(mut self, runner: HeadRunner, bundle: &Bundle) -> Result<Self, OrtError> {
+        match (runner, self.has_split_head()) {
+            (HeadRunner::Split, false) => {
+                let problem = if bundle.optional_graph(Role::DiffusionCondition).is_none() {
+                    format!(
+                        "bundle `{}` has no split head (graphs.diffusion_condition and graphs.diffusion_state in its manifest); add it with `python3 models/split_head.py {}`",
+                        bundle.manifest.name,
+                        bundle.dir.display()
+                    )
+                } else if self.provider == "tensorrt" {
+                    "the split head is not used under TensorRT (it would get no optimisation profiles); use --device cuda".into()
+                } else {
+                    format!(
+                        "bundle `{}` has no split head in {}: its precisions.{} entry does not list diffusion_condition and diffusion_state beside diffusion (models/convert_precision.py writes them when the bundle has a split head)",
+                        bundle.manifest.name, self.precision.precision, self.precision.precision
+                    )
+                };
+                return Err(OrtError::Sampler(format!("--head split: {problem}")));
+            }
+            (HeadRunner::Whole, true) => self.split_head = None,
+            _ => {}
+        }
+        Ok(self)
     }
 
     /// The precision, graph files and provider settings this model was
@@ -776,6 +884,53 @@ impl MarModel for OrtModel {
         shaped::<Ix2>("diffusion", "out", out, || format!("[{n}, {channels}]"))
     }
 
+    fn splits_head(&self) -> bool {
+        self.split_head.is_some()
+    }
+
+    fn head_condition(
+        &mut self,
+        t: ArrayView1<i64>,
+        z: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        let graph = "diffusion_condition";
+        let Some(split) = self.split_head.as_mut() else {
+            return Err(ModelError::Graph {
+                graph,
+                message: "the bundle has no split head".into(),
+            });
+        };
+        let n = t.len();
+        let out = split.condition.run(
+            vec![("t", view(graph, t)?), ("z", view(graph, z)?)],
+            "cond",
+            false,
+        )?;
+        shaped::<Ix2>(graph, "cond", out, || format!("[{n}, S]"))
+    }
+
+    fn head_state(
+        &mut self,
+        x: ArrayView2<f32>,
+        cond: ArrayView2<f32>,
+    ) -> Result<Array2<f32>, ModelError> {
+        let graph = "diffusion_state";
+        let Some(split) = self.split_head.as_mut() else {
+            return Err(ModelError::Graph {
+                graph,
+                message: "the bundle has no split head".into(),
+            });
+        };
+        let n = x.nrows();
+        let out = split.state.run(
+            vec![("x", view(graph, x)?), ("cond", view(graph, cond)?)],
+            "out",
+            false,
+        )?;
+        let channels = self.info.head_channels();
+        shaped::<Ix2>(graph, "out", out, || format!("[{n}, {channels}]"))
+    }
+
     fn fuses_backbone(&self) -> bool {
         self.backbone.is_some()
     }
@@ -841,6 +996,11 @@ impl MarModel for OrtModel {
             .chain(self.sampler.as_ref())
             .chain(self.ticks.as_ref().map(|t| &t.graph))
             .chain(self.backbone.as_ref())
+            .chain(
+                self.split_head
+                    .iter()
+                    .flat_map(|s| [&s.condition, &s.state]),
+            )
             .map(|g| g.stats.clone())
             .collect()
     }
@@ -856,6 +1016,11 @@ impl MarModel for OrtModel {
         .chain(self.sampler.as_mut())
         .chain(self.ticks.as_mut().map(|t| &mut t.graph))
         .chain(self.backbone.as_mut())
+        .chain(
+            self.split_head
+                .iter_mut()
+                .flat_map(|s| [&mut s.condition, &mut s.state]),
+        )
         .for_each(Graph::end_profiling)
     }
 

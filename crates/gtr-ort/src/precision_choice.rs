@@ -58,6 +58,22 @@ impl PrecisionChoice {
             tensorrt_bf16: false,
         }
     }
+
+    /// Whether the bundle's split head (`diffusion_condition` and
+    /// `diffusion_state`, models/split_head.py) runs in this precision as
+    /// its whole head does: all three the bundle's own graphs, or all three
+    /// the precision's variants. A variant that converted the whole head but
+    /// not its parts would otherwise run fp32 parts.
+    pub fn splits_head_alike(&self, bundle: &Bundle) -> bool {
+        let roles = ["diffusion", "diffusion_condition", "diffusion_state"];
+        let variant =
+            |role: &str| match (self.graph_files.get(role), bundle.manifest.graphs.get(role)) {
+                (Some(file), Some(entry)) => Some(*file != entry.file),
+                _ => None,
+            };
+        let kinds: Vec<Option<bool>> = roles.iter().map(|r| variant(r)).collect();
+        kinds.iter().all(|k| k.is_some() && *k == kinds[0])
+    }
 }
 
 fn base_files(bundle: &Bundle) -> BTreeMap<String, String> {

@@ -190,7 +190,11 @@ fn input_dims(
         )],
         // The sampler's Loop is left to ONNX Runtime's CUDA provider (it
         // gets no TensorRT options), so it needs no profile.
-        Role::Sampler | Role::Tick | Role::Backbone => Vec::new(),
+        Role::Sampler
+        | Role::Tick
+        | Role::Backbone
+        | Role::DiffusionCondition
+        | Role::DiffusionState => Vec::new(),
     }
 }
 
