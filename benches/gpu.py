@@ -12,9 +12,11 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
 1b. bundle variants, where a configuration asks for them, made just before its first measurement
    (so that a run cut short spends nothing on configurations it never reaches; listed here in
    the order of the rest): `--fused-attention` in a --variant's
-   ARGS runs it on a copy of the bundle with models/fuse_attention.py applied (BUNDLE-fused,
-   reused while the encoder and decoder are unchanged); `--precision fp16|bf16|int8` writes the
-   variant graphs its bundle lacks (models/convert_precision.py --no-check).
+   ARGS runs it on a copy of the bundle with models/fuse_attention.py applied (BUNDLE-fused),
+   `--split-head` on a copy with the head's two parts of models/split_head.py (BUNDLE-split;
+   both: BUNDLE-fused-split), each reused while the graphs it was made from are unchanged;
+   `--precision fp16|bf16|int8` writes the variant graphs its bundle lacks
+   (models/convert_precision.py --no-check).
 1c. images (--image-check N, default 16; 0 skips): mar-tiny's GtR images made with each
    variant's --sampler arguments on --device, against the CPU host path (`--npz`, pixels
    compared): how many differ and by how much, so that a wrong result is seen before its timing.
@@ -101,6 +103,7 @@ class Variant(NamedTuple):
     bundle: str | None          # None: the benchmark's bundle
     args: list
     fused_attention: bool       # run on a copy of the bundle with models/fuse_attention.py applied
+    split_head: bool            # ... with the head's two parts of models/split_head.py added
 
 
 def _on_term(signum, frame):
@@ -148,7 +151,8 @@ class Bench:
         self.schedules = [self.schedule_path(s) for s in a.schedules]
         self.variants = self.parse_variants()
         self.profile_schedule = self.schedule_path(a.profile_schedule) if a.profile else None
-        self.fused_bundles: dict[str, str] = {}     # bundle -> its fused-attention copy
+        # (bundle, fused attention, split head) -> the copy made for them
+        self.derived_bundles: dict[tuple, str] = {}
         self.prepared: set[str] = set()              # configurations whose bundle variants are made
         self.torch_model = None
         self.torch_failed = None
@@ -239,7 +243,8 @@ class Bench:
 
     def parse_variants(self) -> list:
         """[Variant] from --variant NAME=ARGS (default: one). ARGS go to `gtr-run eval`, but for
-        `--binary PATH`, `--bundle DIR` and `--fused-attention`, which this script takes."""
+        `--binary PATH`, `--bundle DIR`, `--fused-attention` and `--split-head`, which this script
+        takes."""
         specs = self.a.variant or ["gtr-run="]
         out, seen = [], set()
         for spec in specs:
@@ -248,7 +253,7 @@ class Bench:
             if not sep or not name or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in seen:
                 raise SystemExit(f"error: --variant {spec!r}: expected a new NAME=ARGS (name of letters, digits, . _ + -)")
             seen.add(name)
-            args, binary, bundle, fused = shlex.split(rest), self.a.gtr_run, None, False
+            args, binary, bundle, fused, split = shlex.split(rest), self.a.gtr_run, None, False, False
             keep = []
             i = 0
             while i < len(args):
@@ -261,10 +266,12 @@ class Bench:
                     continue
                 if args[i] == "--fused-attention":
                     fused = True
+                elif args[i] == "--split-head":
+                    split = True
                 else:
                     keep.append(args[i])
                 i += 1
-            out.append(Variant(name, os.path.abspath(binary), bundle, keep, fused))
+            out.append(Variant(name, os.path.abspath(binary), bundle, keep, fused, split))
         return out
 
     # -- phase: environment -----------------------------------------------------------------
@@ -296,7 +303,7 @@ class Bench:
             f"{env.get('nvidia_smi', 'CPU')}; {env['cpus']} CPUs")
         for v in self.variants:
             log(f"variant {v.name}: {v.binary} {' '.join(v.args)}{' (bundle ' + v.bundle + ')' if v.bundle else ''}"
-                f"{' (fused attention)' if v.fused_attention else ''}")
+                f"{' (fused attention)' if v.fused_attention else ''}{' (split head)' if v.split_head else ''}")
 
     # -- phase: weights and bundle ----------------------------------------------------------
 
@@ -366,46 +373,67 @@ class Bench:
 
     # -- phase: bundle variants ---------------------------------------------------------------
 
-    def fused_copy(self, source: str) -> str:
-        """A copy of bundle `source` with fused attention (models/fuse_attention.py), beside it as
-        SOURCE-fused; reused while the source's encoder and decoder are unchanged."""
+    def derived_copy(self, source: str, fused: bool, split: bool) -> str:
+        """A copy of bundle `source` (its graphs hard-linked where the file system allows: the model
+        tools replace a graph, never write through it) with fused attention
+        (models/fuse_attention.py) and/or the head's two parts (models/split_head.py), beside it as
+        SOURCE-fused, SOURCE-split or SOURCE-fused-split; reused while the source's graphs those
+        are made from are unchanged."""
         from models.add_sampler import read_manifest
         from models.fuse_attention import fuse_bundle
+        from models.split_head import add_split
 
-        target = source.rstrip(os.sep) + "-fused"
+        target = source.rstrip(os.sep) + ("-fused" if fused else "") + ("-split" if split else "")
         _, manifest = read_manifest(source)
+        roles = (["encoder", "decoder"] if fused else []) + (["diffusion"] if split else [])
         stamp = {"source": source, "graphs": {
             role: [os.path.getsize(p), os.path.getmtime(p)]
-            for role in ("encoder", "decoder")
-            for p in [os.path.join(source, manifest["graphs"][role]["file"])]}}
-        stamp_path = os.path.join(target, ".fused-from.json")
+            for role in roles for p in [os.path.join(source, manifest["graphs"][role]["file"])]}}
+        stamp_path = os.path.join(target, ".derived-from.json")
         if os.path.isfile(stamp_path):
             with open(stamp_path) as f:
                 if json.load(f) == stamp:
-                    log(f"reusing {target} (fused attention; same encoder and decoder as {source})")
+                    log(f"reusing {target} (made from the same {', '.join(roles)} of {source})")
                     return target
         if os.path.exists(target):
             shutil.rmtree(target)
-        log(f"copying {source} to {target} and fusing its attention")
-        shutil.copytree(source, target)
-        counts = fuse_bundle(target, log=lambda line: log("  " + line))
-        if not any(counts.values()):
-            raise BenchError(f"{source}: no attention chain to fuse (see the lines above)")
+        log(f"copying {source} to {target}" + (" and fusing its attention" if fused else "")
+            + (" and splitting its head" if split else ""))
+
+        def link_or_copy(src, dst):
+            # the manifest is rewritten in place by the tools: a copy of its own
+            if src.endswith((".onnx", ".data")):
+                try:
+                    return os.link(src, dst)
+                except OSError:
+                    pass
+            shutil.copy2(src, dst)
+
+        shutil.copytree(source, target, copy_function=link_or_copy)
+        if fused:
+            counts = fuse_bundle(target, log=lambda line: log("  " + line))
+            if not any(counts.values()):
+                raise BenchError(f"{source}: no attention chain to fuse (see the lines above)")
+        if split:
+            add_split(target, log=lambda line: log("  " + line))
         with open(stamp_path, "w") as f:
             json.dump(stamp, f)
         return target
 
     def bundle_of(self, v: Variant) -> str | None:
-        """The bundle variant `v` runs: its own or the benchmark's, or their fused-attention copy
-        (None while that has not been made)."""
+        """The bundle variant `v` runs: its own or the benchmark's, or the copy its
+        `--fused-attention` / `--split-head` ask for (None while that has not been made)."""
         source = os.path.abspath(v.bundle or self.bundle)
-        return self.fused_bundles.get(source) if v.fused_attention else source
+        if not (v.fused_attention or v.split_head):
+            return source
+        return self.derived_bundles.get((source, v.fused_attention, v.split_head))
 
     def runnable_bundle(self, v: Variant) -> str:
-        """bundle_of(v), or BenchError where its fused-attention copy was not made."""
+        """bundle_of(v), or BenchError where its derived copy was not made."""
         bundle = self.bundle_of(v)
         if bundle is None:
-            raise BenchError(f"variant {v.name}: its fused-attention bundle was not made (see the bundle variants phase)")
+            raise BenchError(f"variant {v.name}: its derived bundle (fused attention, split head) was not made "
+                             "(see the bundle variants phase)")
         return bundle
 
     def asked_precisions(self, variants: list) -> list:
@@ -427,12 +455,12 @@ class Bench:
     def ensure_bundle_variants(self, v: Variant) -> None:
         """Makes the graphs configuration `v` asks for, once, as a phase of its own: when first
         needed, so that a run cut short spends no time on configurations it never reaches."""
-        if v.name not in self.prepared and (v.fused_attention or self.asked_precisions([v])):
+        if v.name not in self.prepared and (v.fused_attention or v.split_head or self.asked_precisions([v])):
             self.measure(f"bundle variants for {v.name}", self.prepare_bundle_variants, [v])
 
     def prepare_bundle_variants(self, variants: list) -> None:
-        """Makes what the configurations `variants` ask of their bundles: a fused-attention copy
-        for `--fused-attention`, then the variant graphs of `--precision fp16|bf16|int8` where a
+        """Makes what the configurations `variants` ask of their bundles: a derived copy for
+        `--fused-attention` and `--split-head`, then the variant graphs of `--precision fp16|bf16|int8` where a
         bundle lacks them (models/convert_precision.py, without its CPU check), so that one command
         compares them with PyTorch's autocast on a fresh export."""
         from models.add_sampler import read_manifest
@@ -440,8 +468,9 @@ class Bench:
         for v in variants:
             self.prepared.add(v.name)
             source = os.path.abspath(v.bundle or self.bundle)
-            if v.fused_attention and source not in self.fused_bundles:
-                self.fused_bundles[source] = self.fused_copy(source)
+            key = (source, v.fused_attention, v.split_head)
+            if (v.fused_attention or v.split_head) and key not in self.derived_bundles:
+                self.derived_bundles[key] = self.derived_copy(*key)
         for bundle, precision in self.asked_precisions(variants):
             _, manifest = read_manifest(bundle)
             if precision in (manifest.get("precisions") or {}):
@@ -477,7 +506,7 @@ class Bench:
         return -(-n // B) * B
 
     def gtr_eval(self, variant, B: int) -> None:
-        name, binary, _, extra, _ = variant
+        name, binary, extra = variant.name, variant.binary, variant.args
         bundle = self.runnable_bundle(variant)
         N = self.images_for(B)
         evaldir = os.path.join(self.out, "eval", f"{name}-b{B}")
@@ -523,7 +552,7 @@ class Bench:
         (`gtr-run --ort-profile`): which provider ran each graph's nodes, and the ops with the
         most kernel time (on CUDA these are launch times, not device times). Profiles and images
         go to --work; the summary to gpu-bench.json and the table's notes."""
-        name, binary, _, extra, _ = variant
+        name, binary, extra = variant.name, variant.binary, variant.args
         bundle = self.runnable_bundle(variant)
         work = os.path.join(os.path.abspath(self.a.work), "profile", name)
         shutil.rmtree(work, ignore_errors=True)
@@ -893,9 +922,9 @@ class Bench:
             "gtr-run outside ORT", f"speed-up over {first} measured (FLOPs)"]
         if multi:
             described = []
-            for n, b, bd, args, fused in self.variants:
+            for n, b, bd, args, fused, split in self.variants:
                 words = (([] if b == a.gtr_run else ["--binary", b]) + ([] if not bd else ["--bundle", bd])
-                         + (["--fused-attention"] if fused else []) + args)
+                         + (["--fused-attention"] if fused else []) + (["--split-head"] if split else []) + args)
                 described.append(f"{n} = `{' '.join(words)}`" if words else f"{n} = no extra arguments")
             head.insert(1, "gtr-run variants: " + "; ".join(described) + ".")
         lines = head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
