@@ -13,7 +13,7 @@ use std::time::Instant;
 use ndarray::{Array1, Array2, Array3, s};
 use rayon::prelude::*;
 
-use super::model::{COEFFICIENTS, ChainInputs, MarModel, ModelInfo};
+use super::model::{COEFFICIENTS, ChainInputs, MarModel, ModelError, ModelInfo};
 use super::rows::Row;
 use super::{EngineError, check_finite, shape_error};
 
@@ -136,10 +136,6 @@ impl StepChains<'_> {
                 zin.row_mut(per * r + h).assign(&self.condition(row, h));
             }
         }
-        let model_error = |source| EngineError::Model {
-            step: self.step,
-            source,
-        };
         let mut work = ChainWork {
             seconds: 0.0,
             calls: 0,
@@ -160,26 +156,23 @@ impl StepChains<'_> {
                     }
                 }
             }
-            let (out, seconds) = if split {
+            let out = if split {
                 if !group.ticks.contains(&tick) {
                     group = self.condition_group(model, rows, &zin, tick, longest, &mut work)?;
                 }
-                let started = Instant::now();
-                let out = model.head_state(xin.slice(s![..m, ..]), group.rows(tick, m));
-                (out, started.elapsed().as_secs_f64())
+                self.timed(&mut work, || {
+                    model.head_state(xin.slice(s![..m, ..]), group.rows(tick, m))
+                })?
             } else {
                 self.timesteps(rows, tick, tin.slice_mut(s![..m]));
-                let started = Instant::now();
-                let out = model.diffusion(
-                    xin.slice(s![..m, ..]),
-                    tin.slice(s![..m]),
-                    zin.slice(s![..m, ..]),
-                );
-                (out, started.elapsed().as_secs_f64())
+                self.timed(&mut work, || {
+                    model.diffusion(
+                        xin.slice(s![..m, ..]),
+                        tin.slice(s![..m]),
+                        zin.slice(s![..m, ..]),
+                    )
+                })?
             };
-            let out = out.map_err(model_error)?;
-            work.seconds += seconds;
-            work.calls += 1;
             work.rows += m as u64;
             let graph = if split {
                 "diffusion_state"
@@ -212,6 +205,23 @@ impl StepChains<'_> {
             }
         }
         Ok(work)
+    }
+
+    /// One model call, its seconds and itself counted in `work`, a failure
+    /// named with this step.
+    fn timed<T>(
+        &self,
+        work: &mut ChainWork,
+        call: impl FnOnce() -> Result<T, ModelError>,
+    ) -> Result<T, EngineError> {
+        let started = Instant::now();
+        let out = call().map_err(|source| EngineError::Model {
+            step: self.step,
+            source,
+        })?;
+        work.seconds += started.elapsed().as_secs_f64();
+        work.calls += 1;
+        Ok(out)
     }
 
     /// Head rows running at `tick` (both halves of a row with guidance).
@@ -249,16 +259,7 @@ impl StepChains<'_> {
                 .assign(&zin.slice(s![..m, ..]));
             at += m;
         }
-        let started = Instant::now();
-        let cond =
-            model
-                .head_condition(t.view(), z.view())
-                .map_err(|source| EngineError::Model {
-                    step: self.step,
-                    source,
-                })?;
-        work.seconds += started.elapsed().as_secs_f64();
-        work.calls += 1;
+        let cond = self.timed(work, || model.head_condition(t.view(), z.view()))?;
         if cond.nrows() != total {
             return Err(shape_error(
                 self.step,
@@ -325,9 +326,8 @@ impl StepChains<'_> {
         for first in (0..ticks).step_by(per_call) {
             let span = first..(first + per_call).min(ticks);
             let x0 = ndarray::ArrayView2::from_shape((n, c), &*x).expect("x holds N rows of C");
-            let started = Instant::now();
-            let out = model
-                .sample_chain(ChainInputs {
+            let out = self.timed(&mut work, || {
+                model.sample_chain(ChainInputs {
                     x: x0,
                     z: z.view(),
                     timesteps: timesteps.slice(s![span.clone(), ..]),
@@ -336,12 +336,7 @@ impl StepChains<'_> {
                     active: active.slice(s![span]),
                     guidance: self.scale as f32,
                 })
-                .map_err(|source| EngineError::Model {
-                    step: self.step,
-                    source,
-                })?;
-            work.seconds += started.elapsed().as_secs_f64();
-            work.calls += 1;
+            })?;
             let out = self.checked(out, "sampler", "x_out", (n, c))?;
             x.copy_from_slice(out.as_slice().expect("standard layout"));
         }
