@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use common::image_jobs as jobs;
 
 use gtr_run::engine::fake::FakeModel;
-use gtr_run::engine::{Engine, ImageJob, Replay, SeededNoise};
+use gtr_run::engine::{Engine, ImageJob, Replay, SPLIT_TICK_ROWS, SeededNoise};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{Plan, PlanOptions, Planner};
 use gtr_run::schedule::{Schedule, Source};
@@ -107,7 +107,7 @@ fn one_diffusion_call_per_tick_of_the_longest_chain() {
 fn a_split_head_gives_the_same_tokens_with_its_condition_part_once_per_group_of_ticks() {
     let s = preset("mar-8.gtr");
     let all = jobs(5, 0..2);
-    let mut engine = Engine::new(FakeModel::new().with_split_head());
+    let mut engine = Engine::new(FakeModel::new().with_split_head(usize::MAX));
     let split = engine
         .generate(&plans(&s, &all), &all, &SeededNoise, |_, _| {})
         .unwrap();
@@ -116,7 +116,8 @@ fn a_split_head_gives_the_same_tokens_with_its_condition_part_once_per_group_of_
     // One state call per tick, as the whole head; the condition part covers
     // the same rows in calls of whole ticks, none over 256 rows, and fewer
     // calls (steps of few tokens share one call among many ticks).
-    let state_rows: usize = fake.diffusion_rows.iter().sum();
+    assert_eq!(fake.state_rows, fake.diffusion_rows, "every tick split");
+    let state_rows: usize = fake.state_rows.iter().sum();
     assert_eq!(fake.condition_rows.iter().sum::<usize>(), state_rows);
     assert!(
         fake.condition_rows.iter().all(|&r| r <= 256),
@@ -135,6 +136,31 @@ fn a_split_head_gives_the_same_tokens_with_its_condition_part_once_per_group_of_
         calls as usize,
         fake.diffusion_calls + fake.condition_rows.len()
     );
+}
+
+#[test]
+fn a_split_head_runs_whole_in_steps_too_wide_to_share_a_call() {
+    // One step of all 16 tokens, guided: 32 rows a tick, so 8 ticks share
+    // a condition call of 256 rows; 2 images make 64 rows a tick: whole.
+    let s = schedule("grid 4x4\ncfg constant 3\nstage a { tokens all  steps 1  diffusion 6 }");
+    let planner = Planner::new(&s, Grid::new(4, 4)).unwrap();
+    for (images, split) in [(1, true), (2, false)] {
+        let jobs = jobs(3, 0..images);
+        let plans: Vec<Plan> = jobs.iter().map(|j| planner.plan(j.seed).unwrap()).collect();
+        let model = FakeModel::with_grid(Grid::new(4, 4)).with_split_head(SPLIT_TICK_ROWS);
+        let mut engine = Engine::new(model);
+        engine
+            .generate(&plans, &jobs, &SeededNoise, |_, _| {})
+            .unwrap();
+        let fake = &engine.model;
+        assert_eq!(fake.diffusion_calls, 6, "{images} images");
+        assert_eq!(!fake.condition_rows.is_empty(), split, "{images} images");
+        assert_eq!(
+            fake.state_rows.len(),
+            if split { 6 } else { 0 },
+            "{images} images"
+        );
+    }
 }
 
 #[test]

@@ -1172,16 +1172,24 @@ fn backbone_choice_is_honoured_and_recorded() {
 }
 
 /// `--head split` runs the tiny fixture's head in its two parts
-/// (models/split_head.py) and makes the bytes the whole head makes; `auto`
-/// splits where the bundle has the parts, `whole` never; run.json says
-/// which; a bundle without the parts refuses `split` and names the way to
-/// add them.
+/// (models/split_head.py) in every step and makes the bytes the whole head
+/// makes; `auto` splits only steps narrow enough, `whole` never; run.json
+/// says which; a bundle without the parts refuses `split` and names the way
+/// to add them.
 #[test]
 fn head_choice_is_honoured_and_recorded() {
     let bundle = "models/fixtures/tiny-split";
-    let args = ["schedules/gtr-fast.gtr", "--num-images", "3"];
+    // One image a batch, so that `auto` finds steps narrow enough to split.
+    let args = [
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "3",
+        "--batch",
+        "1",
+    ];
     let mut made = Vec::new();
-    for choice in ["split", "whole", "auto"] {
+    let mut ticks = 0;
+    for choice in ["whole", "split", "auto"] {
         let out = tmp(&format!("head-{choice}"));
         let o = out.to_str().unwrap();
         ok(&[&[bundle][..], &args, &["--head", choice, "--out", o]].concat());
@@ -1190,24 +1198,32 @@ fn head_choice_is_honoured_and_recorded() {
         if choice == "whole" {
             assert_eq!(run["diffusion_chains"], "host");
             assert_eq!(calls("diffusion_state"), None, "--head whole");
-            assert!(calls("diffusion").unwrap() > 0);
+            ticks = calls("diffusion").unwrap();
         } else {
             assert_eq!(
                 run["diffusion_chains"], "host (split head)",
                 "--head {choice}"
             );
-            assert_eq!(calls("diffusion"), Some(0));
+            // One head call per tick either way: with `split` the state
+            // part's; with `auto` the whole head's in steps wider than
+            // SPLIT_TICK_ROWS, where the parts were not measured to pay.
             let (condition, state) = (calls("diffusion_condition"), calls("diffusion_state"));
+            assert_eq!(state.unwrap() + calls("diffusion").unwrap(), ticks);
+            if choice == "split" {
+                assert_eq!(state, Some(ticks));
+            } else {
+                assert!(state < Some(ticks), "auto runs wide steps whole");
+            }
             assert!(
-                condition.unwrap() < state.unwrap(),
+                0 < condition.unwrap() && condition < state,
                 "{condition:?} condition calls, {state:?} state calls"
             );
         }
         made.push(pngs(&out));
         std::fs::remove_dir_all(&out).unwrap();
     }
-    assert!(made[0] == made[1], "the split head changed the images");
-    assert!(made[2] == made[1]);
+    assert!(made[1] == made[0], "the split head changed the images");
+    assert!(made[2] == made[0]);
 
     let out = tmp("head-none");
     let o = out.to_str().unwrap();

@@ -115,7 +115,8 @@ class Model:
         chains run, as ``--sampler``: ``auto``, ``host``, ``graph`` (the bundle's sampler graph) or
         ``ticks`` (its tick graph; CUDA graphs on ``cuda``); ``head``: how the host chains run the
         diffusion head, as ``--head``: ``auto``, ``whole`` or ``split`` (the bundle's two parts of
-        models/split_head.py; the same images in fp32). Raises GtrRunError with the command
+        models/split_head.py in every step; ``auto`` uses them in steps of at most 32 head rows a
+        tick; the same images in fp32). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails."""
     @property
     def name(self) -> str: ...

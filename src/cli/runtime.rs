@@ -46,11 +46,12 @@ pub struct RuntimeArgs {
     #[arg(long, value_enum, default_value_t = gtr_run::backend::BackboneRunner::Auto)]
     backbone: gtr_run::backend::BackboneRunner,
     /// How the diffusion head runs on the host chains: `split` (the bundle's
-    /// two parts, models/split_head.py: the part that reads only t and z
-    /// once per group of ticks, the part that reads the chain's state per
-    /// tick), `whole` (the head graph per tick) or `auto` (split when the
-    /// bundle has the parts in the run's precision). Same images either way
-    /// in fp32 (README, "The split head").
+    /// two parts, models/split_head.py, in every step: the part that reads
+    /// only t and z once per group of ticks, the part that reads the chain's
+    /// state per tick), `whole` (the head graph per tick) or `auto` (the
+    /// parts where the bundle has them in the run's precision, in steps of
+    /// at most 32 head rows a tick, where they were measured to pay). Same
+    /// images either way in fp32 (README, "The split head").
     #[arg(long, value_enum, default_value_t = gtr_run::backend::HeadRunner::Auto)]
     head: gtr_run::backend::HeadRunner,
     /// Numeric precision: fp32, tf32 (CUDA), fp16, bf16, int8 (CPU); fp16/bf16/int8

@@ -26,6 +26,14 @@ use super::{EngineError, check_finite, shape_error};
 /// instead of faulting in fresh pages every call.
 pub(super) const CONDITION_ROWS: usize = 256;
 
+/// The widest step (head rows at its first tick) where a split head was
+/// measured to pay, for [`crate::MarModel::split_head_rows`]: at most this
+/// many rows, at least 8 ticks share a condition call. On mar-tiny (mar-64,
+/// 2 threads) 8 rows a tick ran the head 1.4× faster split and 64 rows (4
+/// ticks a call) 0.8×; MAR-B at 32 rows about 1.1× (README, "The split
+/// head").
+pub const SPLIT_TICK_ROWS: usize = CONDITION_ROWS / 8;
+
 /// What a step's chains cost.
 pub(super) struct ChainWork {
     /// Seconds inside model calls.
@@ -111,9 +119,9 @@ impl StepChains<'_> {
 
     /// One head call per tick, the update applied here in f64. `x` [N·C]
     /// holds each row's initial noise and receives the sampled tokens.
-    /// A model that splits its head ([`MarModel::splits_head`]) gets its
-    /// condition part once per group of ticks ([`CONDITION_ROWS`]) and its
-    /// state part per tick.
+    /// In a step narrow enough for [`MarModel::split_head_rows`], the model
+    /// gets its head's condition part once per group of ticks
+    /// ([`CONDITION_ROWS`]) and its state part per tick.
     pub fn run_on_host<M: MarModel>(
         &self,
         model: &mut M,
@@ -142,7 +150,7 @@ impl StepChains<'_> {
             rows: 0,
         };
         let mut group = ConditionGroup::default();
-        let split = model.splits_head();
+        let split = self.running(rows, 0) <= model.split_head_rows();
         let mut eps = vec![0f64; c];
         for tick in 0..longest {
             let m = self.running(rows, tick);

@@ -16,10 +16,12 @@ pub struct FakeModel {
     pub diffusion_calls: usize,
     /// Rows of every diffusion call, in order.
     pub diffusion_rows: Vec<usize>,
-    /// Whether the head runs in two parts ([`FakeModel::with_split_head`]).
-    split_head: bool,
+    /// [`MarModel::split_head_rows`] ([`FakeModel::with_split_head`]).
+    split_head_rows: usize,
     /// Rows of every [`MarModel::head_condition`] call, in order.
     pub condition_rows: Vec<usize>,
+    /// Rows of every [`MarModel::head_state`] call, in order.
+    pub state_rows: Vec<usize>,
 }
 
 impl FakeModel {
@@ -53,17 +55,19 @@ impl FakeModel {
             backbone_calls: 0,
             diffusion_calls: 0,
             diffusion_rows: Vec::new(),
-            split_head: false,
+            split_head_rows: 0,
             condition_rows: Vec::new(),
+            state_rows: Vec::new(),
         }
     }
 
-    /// The same model with its head in two parts: the condition part keeps
-    /// the timestep's fraction and z, the state part computes
-    /// [`MarModel::diffusion`]'s output from them, bit for bit. State calls
-    /// count as diffusion calls.
-    pub fn with_split_head(mut self) -> Self {
-        self.split_head = true;
+    /// The same model with its head in two parts, run split in steps of up
+    /// to `rows` head rows a tick: the condition part keeps the timestep's
+    /// fraction and z, the state part computes [`MarModel::diffusion`]'s
+    /// output from them, bit for bit. State calls count as diffusion calls
+    /// and their rows are also in `state_rows`.
+    pub fn with_split_head(mut self, rows: usize) -> Self {
+        self.split_head_rows = rows;
         self
     }
 
@@ -140,8 +144,8 @@ impl MarModel for FakeModel {
         Ok(self.head(x, |r| t[r] as f32 / 1000.0, z))
     }
 
-    fn splits_head(&self) -> bool {
-        self.split_head
+    fn split_head_rows(&self) -> usize {
+        self.split_head_rows
     }
 
     /// `cond` [N, 1 + D]: the time fraction, then z.
@@ -167,6 +171,7 @@ impl MarModel for FakeModel {
     ) -> Result<Array2<f32>, ModelError> {
         self.diffusion_calls += 1;
         self.diffusion_rows.push(x.nrows());
+        self.state_rows.push(x.nrows());
         Ok(self.head(x, |r| cond[[r, 0]], cond.slice(ndarray::s![.., 1..])))
     }
 

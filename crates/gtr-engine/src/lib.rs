@@ -35,6 +35,7 @@ use std::time::Instant;
 
 use ndarray::{Array2, Array3, Array4};
 
+pub use chains::SPLIT_TICK_ROWS;
 use chains::StepChains;
 pub use model::{
     COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel,
@@ -217,13 +218,13 @@ impl<M: MarModel> Engine<M> {
 
     /// Where this engine runs diffusion chains: the model's
     /// [`MarModel::chain_graph`] (`sampler graph`: one call per MAR step),
-    /// `host` (one head call per tick) or `host (split head)` (the head's
-    /// state part per tick, its condition part per group of ticks:
-    /// [`MarModel::splits_head`]).
+    /// `host` (one head call per tick) or `host (split head)` (in steps
+    /// narrow enough, the head's state part per tick and its condition part
+    /// per group of ticks: [`MarModel::split_head_rows`]).
     pub fn chain_runner(&self) -> String {
         if self.model.runs_chains() {
             self.model.chain_graph()
-        } else if self.model.splits_head() {
+        } else if self.model.split_head_rows() > 0 {
             "host (split head)".into()
         } else {
             "host".into()

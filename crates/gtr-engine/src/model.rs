@@ -110,18 +110,19 @@ pub trait MarModel {
         z: ArrayView2<f32>,
     ) -> Result<Array2<f32>, ModelError>;
 
-    /// Whether the model runs its diffusion head in two parts
-    /// ([`MarModel::head_condition`], then [`MarModel::head_state`]); the
-    /// host chains then run the condition part once for the rows of many
-    /// ticks.
-    fn splits_head(&self) -> bool {
-        false
+    /// The widest MAR step, in head rows at its first tick, whose host
+    /// chains run the model's diffusion head in two parts
+    /// ([`MarModel::head_condition`] once for the rows of many ticks, then
+    /// [`MarModel::head_state`] per tick); 0: the head always runs whole.
+    /// [`crate::SPLIT_TICK_ROWS`] is where the split was measured to pay.
+    fn split_head_rows(&self) -> usize {
+        0
     }
 
     /// The head's part that reads only `t` `[N]` and `z` [N, D] → `cond`
     /// [N, S] (S is the model's). A row's `cond` does not depend on the
-    /// other rows of the call. Only called when [`MarModel::splits_head`]
-    /// says so.
+    /// other rows of the call. Only called where
+    /// [`MarModel::split_head_rows`] says so.
     fn head_condition(
         &mut self,
         t: ArrayView1<i64>,

@@ -82,10 +82,12 @@ pub enum BackboneRunner {
 }
 
 /// How the diffusion head runs on the host chains (`--head`): `Split`, the
-/// bundle's two parts (models/split_head.py), the (t, z) part once per group
-/// of ticks; `Whole`, the head graph once per tick; or `Auto`: split when
-/// the bundle has the parts in the run's precision, else whole. The sampler
-/// and tick graphs hold the whole head and are not affected.
+/// bundle's two parts (models/split_head.py) in every step, the (t, z) part
+/// once per group of ticks; `Whole`, the head graph once per tick; or
+/// `Auto`: the parts where the bundle has them in the run's precision, in
+/// steps of at most [`gtr_engine::SPLIT_TICK_ROWS`] head rows a tick (where
+/// they were measured to pay), else the whole head. The sampler and tick
+/// graphs hold the whole head and are not affected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum HeadRunner {
@@ -179,6 +181,8 @@ pub struct OrtModel {
     /// The diffusion head's (t, z) part and its x part, when the bundle has
     /// them in the run's precision.
     split_head: Option<SplitHead>,
+    /// [`MarModel::split_head_rows`] (`--head`; 0 without the parts).
+    split_head_rows: usize,
     provider: String,
     precision: PrecisionChoice,
     tensorrt: BTreeMap<String, TensorRtOptions>,
@@ -524,6 +528,11 @@ impl OrtModel {
             ticks,
             capture_refused,
             backbone,
+            split_head_rows: if split_head.is_some() {
+                gtr_engine::SPLIT_TICK_ROWS
+            } else {
+                0
+            },
             split_head,
             provider,
             precision: choice.clone(),
@@ -711,7 +720,11 @@ impl OrtModel {
                 };
                 return Err(OrtError::Sampler(format!("--head split: {problem}")));
             }
-            (HeadRunner::Whole, true) => self.split_head = None,
+            (HeadRunner::Whole, true) => {
+                self.split_head = None;
+                self.split_head_rows = 0;
+            }
+            (HeadRunner::Split, true) => self.split_head_rows = usize::MAX,
             _ => {}
         }
         Ok(self)
@@ -884,8 +897,8 @@ impl MarModel for OrtModel {
         shaped::<Ix2>("diffusion", "out", out, || format!("[{n}, {channels}]"))
     }
 
-    fn splits_head(&self) -> bool {
-        self.split_head.is_some()
+    fn split_head_rows(&self) -> usize {
+        self.split_head_rows
     }
 
     fn head_condition(
