@@ -19,7 +19,8 @@ use super::{EngineError, check_finite, shape_error};
 
 /// Head rows a split head's condition part gets per call at most: the
 /// ticks of a group share one call (at least one tick per call). On MAR-B's
-/// head (2 threads) a row cost the same from 256 rows a call on (5.6 ms per
+/// condition part (2 threads, timed alone through onnxruntime's Python API
+/// on 2026-12-06) a row cost the same from 256 rows a call on (5.6 ms per
 /// 32 rows, against 7.3 ms at 32); the call's output is rows × S floats (S
 /// = 20,480 on MAR-B: 20 MiB here), copied out of the runtime, so a group
 /// kept below the allocator's 32 MiB mmap threshold reuses its memory
@@ -164,29 +165,26 @@ impl StepChains<'_> {
                     }
                 }
             }
-            let out = if split {
+            let (out, graph) = if split {
                 if !group.ticks.contains(&tick) {
                     group = self.condition_group(model, rows, &zin, tick, longest, &mut work)?;
                 }
-                self.timed(&mut work, || {
+                let out = self.timed(&mut work, || {
                     model.head_state(xin.slice(s![..m, ..]), group.rows(tick, m))
-                })?
+                })?;
+                (out, "diffusion_state")
             } else {
                 self.timesteps(rows, tick, tin.slice_mut(s![..m]));
-                self.timed(&mut work, || {
+                let out = self.timed(&mut work, || {
                     model.diffusion(
                         xin.slice(s![..m, ..]),
                         tin.slice(s![..m]),
                         zin.slice(s![..m, ..]),
                     )
-                })?
+                })?;
+                (out, "diffusion")
             };
             work.rows += m as u64;
-            let graph = if split {
-                "diffusion_state"
-            } else {
-                "diffusion"
-            };
             let out = self.checked(out, graph, "out", (m, head))?;
             let os = out.as_slice().expect("standard layout");
             for (r, row) in rows[..n].iter().enumerate() {

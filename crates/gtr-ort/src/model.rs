@@ -181,8 +181,6 @@ pub struct OrtModel {
     /// The diffusion head's (t, z) part and its x part, when the bundle has
     /// them in the run's precision.
     split_head: Option<SplitHead>,
-    /// [`MarModel::split_head_rows`] (`--head`; 0 without the parts).
-    split_head_rows: usize,
     provider: String,
     precision: PrecisionChoice,
     tensorrt: BTreeMap<String, TensorRtOptions>,
@@ -192,6 +190,8 @@ pub struct OrtModel {
 struct SplitHead {
     condition: Graph,
     state: Graph,
+    /// [`MarModel::split_head_rows`] (`--head`).
+    rows: usize,
 }
 
 /// One expected tensor: element type and dims (`None` = any; batch-like
@@ -477,6 +477,7 @@ impl OrtModel {
                 Some(SplitHead {
                     condition: open(Role::DiffusionCondition, condition)?.0,
                     state: open(Role::DiffusionState, state)?.0,
+                    rows: gtr_engine::SPLIT_TICK_ROWS,
                 })
             }
             _ => None,
@@ -528,11 +529,6 @@ impl OrtModel {
             ticks,
             capture_refused,
             backbone,
-            split_head_rows: if split_head.is_some() {
-                gtr_engine::SPLIT_TICK_ROWS
-            } else {
-                0
-            },
             split_head,
             provider,
             precision: choice.clone(),
@@ -720,11 +716,12 @@ impl OrtModel {
                 };
                 return Err(OrtError::Sampler(format!("--head split: {problem}")));
             }
-            (HeadRunner::Whole, true) => {
-                self.split_head = None;
-                self.split_head_rows = 0;
+            (HeadRunner::Whole, true) => self.split_head = None,
+            (HeadRunner::Split, true) => {
+                if let Some(split) = self.split_head.as_mut() {
+                    split.rows = usize::MAX;
+                }
             }
-            (HeadRunner::Split, true) => self.split_head_rows = usize::MAX,
             _ => {}
         }
         Ok(self)
@@ -898,7 +895,7 @@ impl MarModel for OrtModel {
     }
 
     fn split_head_rows(&self) -> usize {
-        self.split_head_rows
+        self.split_head.as_ref().map_or(0, |s| s.rows)
     }
 
     fn head_condition(

@@ -65,14 +65,16 @@ impl PrecisionChoice {
     /// the precision's variants. A variant that converted the whole head but
     /// not its parts would otherwise run fp32 parts.
     pub fn splits_head_alike(&self, bundle: &Bundle) -> bool {
-        let roles = ["diffusion", "diffusion_condition", "diffusion_state"];
+        // Per role: whether it runs a variant file; None where it is missing.
         let variant =
             |role: &str| match (self.graph_files.get(role), bundle.manifest.graphs.get(role)) {
                 (Some(file), Some(entry)) => Some(*file != entry.file),
                 _ => None,
             };
-        let kinds: Vec<Option<bool>> = roles.iter().map(|r| variant(r)).collect();
-        kinds.iter().all(|k| k.is_some() && *k == kinds[0])
+        match ["diffusion", "diffusion_condition", "diffusion_state"].map(variant) {
+            [Some(head), Some(condition), Some(state)] => head == condition && head == state,
+            _ => false,
+        }
     }
 }
 
