@@ -23,18 +23,21 @@
 //! [`Device`] a `clap::ValueEnum`.
 
 pub mod bundle;
+mod contract;
 pub mod device;
 mod error;
+mod evaluator;
 pub mod library;
 mod model;
 pub mod precision;
 pub mod precision_choice;
 pub mod profile;
+mod runners;
 mod session;
 pub mod tensorrt;
 mod ticks;
 
 pub use device::Device;
-pub use model::{
-    BackboneRunner, ChainRunner, HeadRunner, LoadOptions, OrtError, OrtEvaluator, OrtModel,
-};
+pub use evaluator::OrtEvaluator;
+pub use model::{LoadOptions, OrtError, OrtModel};
+pub use runners::{BackboneRunner, ChainRunner, HeadRunner};

@@ -1,0 +1,78 @@
+//! A bundle's evaluator graph (the classifier `gtr-run eval` scores
+//! images with) behind [`Evaluator`].
+
+use ndarray::{Array2, ArrayView4};
+
+use crate::bundle::Bundle;
+use crate::contract;
+use crate::device::Device;
+use crate::error::OrtError;
+use crate::session::{Graph, SessionSettings, shaped, view};
+use gtr_engine::{Evaluator, ModelError, Scores};
+
+/// A bundle's evaluator graph (see [`crate::bundle::EvaluatorEntry`]).
+pub struct OrtEvaluator {
+    name: String,
+    graph: Graph,
+    classes: usize,
+}
+
+impl OrtEvaluator {
+    /// Loads the bundle's evaluator, or `None` when it ships none.
+    pub fn load(
+        bundle: &Bundle,
+        device: Device,
+        threads: Option<usize>,
+    ) -> Result<Option<Self>, OrtError> {
+        let Some(entry) = &bundle.manifest.evaluator else {
+            return Ok(None);
+        };
+        let info = bundle.model_info();
+        let (graph, _) = Graph::open(
+            "evaluator",
+            &bundle.dir.join(&entry.file),
+            &entry.inputs,
+            &entry.outputs,
+            device,
+            threads,
+            &SessionSettings::default(),
+        )?;
+        contract::check_contract(&graph, contract::evaluator_expectations(&info))?;
+        Ok(Some(OrtEvaluator {
+            name: entry.name.clone(),
+            graph,
+            classes: info.classes,
+        }))
+    }
+}
+
+impl Evaluator for OrtEvaluator {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn score(&mut self, pixels: ArrayView4<u8>) -> Result<Scores, ModelError> {
+        let b = pixels.dim().0;
+        let input = pixels.mapv(f32::from);
+        let mut out = self.graph.run_outputs(
+            vec![("pixels", view("evaluator", input.view())?)],
+            &["logits", "features"],
+            true,
+        )?;
+        let features: Array2<f32> = shaped("evaluator", "features", out.remove(1), || {
+            format!("[{b}, F]")
+        })?;
+        let logits: Array2<f32> = shaped("evaluator", "logits", out.remove(0), || {
+            format!("[{b}, {}]", self.classes)
+        })?;
+        if logits.nrows() != b || features.nrows() != b {
+            return Err(ModelError::Shape {
+                graph: "evaluator",
+                tensor: "logits/features".into(),
+                got: vec![logits.nrows(), features.nrows()],
+                expected: format!("{b} rows each"),
+            });
+        }
+        Ok(Scores { logits, features })
+    }
+}

@@ -1,0 +1,101 @@
+//! How the graphs of a loaded bundle are run: the choices behind
+//! `--sampler`, `--backbone` and `--head`.
+
+/// Where diffusion chains run (`--sampler`): the bundle's sampler graph
+/// (one call per MAR step, state on the device), the host (one head call
+/// per tick, the update on the CPU), the bundle's tick graph (one call per
+/// tick on bound tensors, CUDA graphs replayed on CUDA; models/README.md,
+/// "The optional tick graph"), or
+/// `Auto`: the sampler graph when the bundle has one and a GPU provider runs
+/// it, the host on the CPU provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum ChainRunner {
+    #[default]
+    Auto,
+    Host,
+    Graph,
+    Ticks,
+}
+
+impl ChainRunner {
+    /// Every choice, in the order `--sampler` lists them.
+    pub const ALL: [ChainRunner; 4] = [
+        ChainRunner::Auto,
+        ChainRunner::Host,
+        ChainRunner::Graph,
+        ChainRunner::Ticks,
+    ];
+
+    /// The name `--sampler` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChainRunner::Auto => "auto",
+            ChainRunner::Host => "host",
+            ChainRunner::Graph => "graph",
+            ChainRunner::Ticks => "ticks",
+        }
+    }
+}
+
+impl std::str::FromStr for ChainRunner {
+    type Err = String;
+
+    /// A [`ChainRunner::name`] (`--sampler`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::device::by_name(s, ChainRunner::ALL, ChainRunner::name)
+    }
+}
+
+/// How the backbone runs (`--backbone`): `Fused`, the bundle's backbone
+/// graph (encoder and decoder in one call, only the predicted tokens' z
+/// returned); `Split`, the two graphs with z gathered on the host; or
+/// `Auto`: fused when the bundle has the graph and a GPU provider runs it,
+/// split on the CPU provider (where it has not been shown faster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum BackboneRunner {
+    #[default]
+    Auto,
+    Fused,
+    Split,
+}
+
+/// How the diffusion head runs on the host chains (`--head`): `Split`, the
+/// bundle's two parts (models/split_head.py) in every step, the (t, z) part
+/// once per group of ticks; `Whole`, the head graph once per tick; or
+/// `Auto`: the parts where the bundle has them in the run's precision, in
+/// steps of at most [`gtr_engine::SPLIT_TICK_ROWS`] head rows a tick (where
+/// they were measured to pay), else the whole head. The sampler and tick
+/// graphs hold the whole head and are not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum HeadRunner {
+    #[default]
+    Auto,
+    Whole,
+    Split,
+}
+
+impl HeadRunner {
+    /// Every choice, in the order `--head` lists them.
+    pub const ALL: [HeadRunner; 3] = [HeadRunner::Auto, HeadRunner::Whole, HeadRunner::Split];
+
+    /// The name `--head` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadRunner::Auto => "auto",
+            HeadRunner::Whole => "whole",
+            HeadRunner::Split => "split",
+        }
+    }
+}
+
+impl std::str::FromStr for HeadRunner {
+    type Err = String;
+
+    /// A [`HeadRunner::name`] (`--head`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::device::by_name(s, HeadRunner::ALL, HeadRunner::name)
+    }
+}
