@@ -9,11 +9,14 @@ pub mod compile;
 pub mod diagnostic;
 pub mod expr;
 mod parser;
+mod text;
+mod validated;
 
 pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector, Ties, Vocabulary};
-pub use compile::{
-    Cfg, DiffusionRule, Fts, MAX_SCHEDULE_BYTES, Order, Param, Partition, Ramp, Schedule,
-    ScheduleError, SmallTextError, Stage, StepCount, read_small_text,
-};
 pub use diagnostic::{Diagnostic, Source, Span};
 pub use parser::{KEYWORDS, parse};
+pub use text::{MAX_SCHEDULE_BYTES, SmallTextError, read_small_text};
+pub use validated::{
+    Cfg, DiffusionRule, Fts, NamedSet, Order, Param, Partition, Ramp, Schedule, ScheduleError,
+    Stage, StepCount,
+};

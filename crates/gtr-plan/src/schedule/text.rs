@@ -1,0 +1,46 @@
+//! Small text files (schedules, order files) read with a size limit and
+//! a UTF-8 check that names the place of a bad byte.
+
+/// The largest schedule file read (the presets are under 3 KB), and the
+/// largest order file.
+pub const MAX_SCHEDULE_BYTES: u64 = 1 << 20;
+
+/// Why [`read_small_text`] gave no text.
+#[derive(Debug)]
+pub enum SmallTextError {
+    Io(std::io::Error),
+    /// Too large, or not UTF-8 (with the place).
+    Text(String),
+}
+
+/// Reads at most [`MAX_SCHEDULE_BYTES`] of UTF-8 text through a bounded
+/// reader (one byte past the limit tells it was exceeded). `what` names the
+/// kind of file in the size message ("a schedule").
+pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String, SmallTextError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_SCHEDULE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(SmallTextError::Io)?;
+    if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
+        return Err(SmallTextError::Text(format!(
+            "larger than {} KiB; {what} is a small text file",
+            MAX_SCHEDULE_BYTES / 1024
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..at];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = at
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        SmallTextError::Text(format!(
+            "not UTF-8 text (line {line}, byte {col} of the line)"
+        ))
+    })
+}
