@@ -1,4 +1,4 @@
-//! [`ScheduleAst`] → validated [`Schedule`]: names resolved, types checked,
+//! Text or file → [`ScheduleAst`] → validated [`Schedule`]: names resolved, types checked,
 //! clauses present once, parameter overrides applied.
 //!
 //! What depends on the grid (token counts, coverage) is checked by the
@@ -13,6 +13,51 @@ use super::expr::{self, Env, NameKind, Scope, Type};
 use super::text::{SmallTextError, read_small_text};
 use super::validated::*;
 use crate::grid::Grid;
+
+impl Schedule {
+    /// Parses and checks `text`; `name` is used in error messages.
+    /// `overrides` replace parameter values (as `--set name=value` does).
+    pub fn from_source(
+        source: Arc<Source>,
+        overrides: &BTreeMap<String, f64>,
+    ) -> Result<Schedule, ScheduleError> {
+        let ast = super::parser::parse(&source)?;
+        compile(source, &ast, overrides)
+    }
+
+    /// Reads, parses and checks the schedule file at `path`; `-` reads
+    /// standard input (named `<stdin>`, its relative paths read from the
+    /// current directory).
+    pub fn from_file(
+        path: &std::path::Path,
+        overrides: &BTreeMap<String, f64>,
+    ) -> Result<Schedule, ScheduleError> {
+        let stdin = path.as_os_str() == "-";
+        let name = if stdin {
+            "<stdin>".to_string()
+        } else {
+            path.display().to_string()
+        };
+        let text = if stdin {
+            read_small_text(std::io::stdin(), "a schedule")
+        } else {
+            std::fs::File::open(path)
+                .map_err(SmallTextError::Io)
+                .and_then(|f| read_small_text(f, "a schedule"))
+        };
+        let text = text.map_err(|e| match e {
+            SmallTextError::Io(source) => ScheduleError::Read {
+                path: name.clone(),
+                source,
+            },
+            SmallTextError::Text(problem) => ScheduleError::Text {
+                path: name.clone(),
+                problem,
+            },
+        })?;
+        Schedule::from_source(Source::new(name, text), overrides)
+    }
+}
 
 /// Names visible at some point in the file.
 struct Names<'a> {

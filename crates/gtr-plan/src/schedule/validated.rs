@@ -1,13 +1,11 @@
 //! The validated [`Schedule`] and its parts, as [`super::compile`] builds
-//! them from the syntax tree; reading one from a file or text.
+//! them from the syntax tree (`Schedule::from_file`, `Schedule::from_source`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::ast::*;
-use super::compile::compile;
 use super::diagnostic::{Diagnostic, Source, Span};
-use super::text::{SmallTextError, read_small_text};
 use crate::grid::Grid;
 
 /// A parameter after overrides.
@@ -188,49 +186,6 @@ impl Schedule {
             )),
             _ => Ok(()),
         }
-    }
-
-    /// Parses and checks `text`; `name` is used in error messages.
-    /// `overrides` replace parameter values (as `--set name=value` does).
-    pub fn from_source(
-        source: Arc<Source>,
-        overrides: &BTreeMap<String, f64>,
-    ) -> Result<Schedule, ScheduleError> {
-        let ast = super::parser::parse(&source)?;
-        compile(source, &ast, overrides)
-    }
-
-    /// Reads, parses and checks the schedule file at `path`; `-` reads
-    /// standard input (named `<stdin>`, its relative paths read from the
-    /// current directory).
-    pub fn from_file(
-        path: &std::path::Path,
-        overrides: &BTreeMap<String, f64>,
-    ) -> Result<Schedule, ScheduleError> {
-        let stdin = path.as_os_str() == "-";
-        let name = if stdin {
-            "<stdin>".to_string()
-        } else {
-            path.display().to_string()
-        };
-        let text = if stdin {
-            read_small_text(std::io::stdin(), "a schedule")
-        } else {
-            std::fs::File::open(path)
-                .map_err(SmallTextError::Io)
-                .and_then(|f| read_small_text(f, "a schedule"))
-        };
-        let text = text.map_err(|e| match e {
-            SmallTextError::Io(source) => ScheduleError::Read {
-                path: name.clone(),
-                source,
-            },
-            SmallTextError::Text(problem) => ScheduleError::Text {
-                path: name.clone(),
-                problem,
-            },
-        })?;
-        Schedule::from_source(Source::new(name, text), overrides)
     }
 
     /// The grid a plan without a model uses: `requested` if given, else the
