@@ -102,6 +102,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-row-activations", action="store_true",
                     help="int8 variants with one activation scale per row (convert_precision.py's option)")
+    ap.add_argument("--quantize-token-projections", action="store_true",
+                    help="int8 variants with the token projections quantized too (convert_precision.py's option)")
     ap.add_argument("--work", help="working folder (default: a temporary one)")
     ap.add_argument("--json", help="write everything measured here")
     args = ap.parse_args()
@@ -120,7 +122,8 @@ def main():
     for p in args.precisions:
         if p != "tf32":
             conversions[p] = convert_precision.convert(bundle, p, seed=args.seed, log=quiet,
-                                                       per_row=args.per_row_activations)
+                                                       per_row=args.per_row_activations,
+                                                       quantize_token_projections=args.quantize_token_projections)
     if "bf16" in args.precisions and args.device == "cpu":
         emulated = os.path.join(work, "bundle-bf16-emulated")
         shutil.rmtree(emulated, ignore_errors=True)

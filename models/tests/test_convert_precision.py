@@ -132,8 +132,25 @@ def test_int8(tmp):
     check(not os.path.exists(os.path.join(bundle, "vae_decoder.int8.onnx")), "int8: no VAE file")
     m = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))
     check(sorted(m["precisions"]["int8"]) == ["decoder", "diffusion", "encoder"], "int8: three roles listed")
-    enc = onnx.load(os.path.join(bundle, "encoder.int8.onnx"))
-    check(sum(n.op_type == "MatMulInteger" for n in enc.graph.node) == 5, "int8: the 5 weight MatMuls of the encoder are quantized")
+    # The token projections (a weight dimension of at most 2 * token_dim: the encoder's 4 -> 32,
+    # the head's 4 -> 64 and 64 -> 8) stay float32; every other weight MatMul is quantized, and
+    # --quantize-token-projections quantizes those too.
+    def weight_matmuls(path):
+        g = onnx.load(path).graph
+        inits = {i.name: list(i.dims) for i in g.initializer}
+        return (sum(n.op_type == "MatMulInteger" for n in g.node),
+                sorted(inits[n.input[1]] for n in g.node if n.op_type == "MatMul" and n.input[1] in inits))
+    check(weight_matmuls(os.path.join(bundle, "encoder.int8.onnx")) == (4, [[4, 32]]),
+          "int8: 4 of the encoder's 5 weight MatMuls are quantized, its token projection is not")
+    check(weight_matmuls(os.path.join(bundle, "diffusion.int8.onnx")) == (10, [[4, 64], [64, 8]]),
+          "int8: 10 of the head's 12 weight MatMuls are quantized, its two token projections are not")
+    check(report["graphs"]["diffusion"]["stats"]["kept_float32"] and report["graphs"]["decoder"]["stats"]["kept_float32"] == [],
+          "int8: the report names the MatMuls kept in float32")
+    every = copy_tiny(tmp, "int8-every")
+    cp.convert(every, "int8", quantize_token_projections=True, check=False, log=lambda *_: None)
+    check(weight_matmuls(os.path.join(every, "encoder.int8.onnx")) == (5, [])
+          and weight_matmuls(os.path.join(every, "diffusion.int8.onnx")) == (12, []),
+          "int8 with quantize_token_projections: every weight MatMul is quantized")
     for role, g in report["graphs"].items():
         if g["file"]:
             check(g["error_vs_fp32"]["max_abs"] < 0.2, f"{role}: int8 error {g['error_vs_fp32']['max_abs']:.2g}")
