@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{fails, ok, tmp};
+use common::{fails, gtr_run, ok, tmp};
 
 const TINY: &str = "models/fixtures/tiny";
 
@@ -56,19 +56,19 @@ fn speed_and_cost_columns_without_an_evaluator() {
         std::fs::read_to_string(out.join("eval.md")).unwrap(),
         table.as_ref()
     );
-    // A second evaluation into the same folder is refused without --force.
-    fails(
-        &[
-            "eval",
-            TINY,
-            "schedules/mar-8.gtr",
-            "--num-images",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "holds a previous evaluation",
-    );
+    // A second evaluation into the same folder is refused without --force,
+    // as a wrong input (exit 3, as for a run's folder).
+    let again = [
+        "eval",
+        TINY,
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    fails(&again, "holds a previous evaluation");
+    assert_eq!(gtr_run(&again).status.code(), Some(3));
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
-use common::{fails, ok, root, tmp};
+use common::{fails, gtr_run, ok, root, tmp};
 
 fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
@@ -426,18 +426,24 @@ fn replay_file_drives_order_and_noise() {
         ],
         "holds 2 images",
     );
-    fails(
-        &[
-            TINY,
-            "schedules/mar-8.gtr",
-            "--num-images",
-            "1",
-            "--replay",
-            file.to_str().unwrap(),
-            "--out",
-            dir.join("d").to_str().unwrap(),
-        ],
-        "the schedule needs 100",
+    // A replay that does not fit the run is a wrong input (exit 3), refused
+    // before the output folder is made.
+    let d = dir.join("d");
+    let short = [
+        TINY,
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "1",
+        "--replay",
+        file.to_str().unwrap(),
+        "--out",
+        d.to_str().unwrap(),
+    ];
+    fails(&short, "the schedule needs 100");
+    assert_eq!(gtr_run(&short).status.code(), Some(3));
+    assert!(
+        !dir.join("d").exists(),
+        "nothing is written for a refused replay"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

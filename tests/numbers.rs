@@ -25,6 +25,15 @@ fn command_line_numbers_out_of_range_are_refused() {
             &["--temperature=-1"],
             "--temperature <TEMPERATURE>': -1 is not a finite number >= 0",
         ),
+        // A negative number as its own argument is the flag's value, not a flag.
+        (
+            &["--temperature", "-0.5"],
+            "--temperature <TEMPERATURE>': -0.5 is not a finite number >= 0",
+        ),
+        (
+            &["--cfg", "-1"],
+            "'--cfg <CFG>': -1 is not a finite number >= 0",
+        ),
         (&["--temperature", "x"], "`x` is not a number"),
         (
             &["--num-images", "18446744073709551615"],

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
+use gtr_run::run::RunError;
 use gtr_run::schedule::Schedule;
 
 use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
@@ -167,10 +168,12 @@ fn run_comparison(
     });
     let json_path = out.join(format!("{what}.json"));
     if json_path.exists() && !args.force {
-        bail!(
+        // A folder that is not this evaluation's: a wrong input, as for a run.
+        return Err(RunError::Invalid(format!(
             "{} holds a previous evaluation; give --force to replace it or --out for another folder",
             out.display()
-        );
+        ))
+        .into());
     }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!(

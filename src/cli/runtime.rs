@@ -13,10 +13,11 @@ use gtr_run::schedule::{Schedule, ScheduleError};
 #[derive(Args)]
 pub struct RuntimeArgs {
     /// Guidance scale, replacing the schedule's and the model's (finite, >= 0).
-    #[arg(long, value_parser = parse_non_negative)]
+    // Negative numbers are read as values (not flags), so that the range check names them.
+    #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub cfg: Option<f64>,
     /// Temperature, replacing the schedule's and the model's (finite, >= 0).
-    #[arg(long, value_parser = parse_non_negative)]
+    #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).
     #[arg(long, value_enum, default_value_t = gtr_run::backend::Device::Cpu)]

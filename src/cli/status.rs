@@ -20,6 +20,15 @@ pub enum ExitStatus {
     Runtime = 4,
 }
 
+/// An engine error's status: a wrong input (a class, a plan the model
+/// cannot run, a replay that does not fit) or a failure while running.
+fn engine_status(e: &gtr_run::engine::EngineError) -> ExitStatus {
+    match e {
+        gtr_run::engine::EngineError::Input(_) => ExitStatus::Input,
+        _ => ExitStatus::Runtime,
+    }
+}
+
 /// The status of a failure: the first cause in `e`'s chain whose type says
 /// what went wrong; a message of the front end's own is a usage error.
 pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
@@ -47,13 +56,11 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
             match e {
                 RunError::Invalid(_) | RunError::Schedule(_) | RunError::Replay(_) => Some(Input),
                 RunError::Write { .. } => Some(Runtime),
-                RunError::Engine(_) => None,
+                // Transparent: the engine's error is not a cause of its own in the chain.
+                RunError::Engine(e) => Some(engine_status(e)),
             }
         } else if let Some(e) = cause.downcast_ref::<EngineError>() {
-            Some(match e {
-                EngineError::Input(_) => Input,
-                _ => Runtime,
-            })
+            Some(engine_status(e))
         } else if let Some(e) = cause.downcast_ref::<OrtError>() {
             match e {
                 OrtError::Runtime(_) | OrtError::Session { .. } | OrtError::Library(_) => {
@@ -65,7 +72,10 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
             match e {
                 CompareError::Schedule { .. } | CompareError::Unfit { .. } => Some(Input),
                 CompareError::Invalid(_) => Some(ExitStatus::Usage),
-                _ => None,
+                // Transparent, like RunError::Engine: not causes of their own.
+                CompareError::Engine(e) => Some(engine_status(e)),
+                CompareError::Stats(_) => Some(Runtime),
+                CompareError::Evaluator(_) => None,
             }
         } else if cause.is::<SnapshotsDiffer>() {
             Some(ExitStatus::ChecksDiffer)

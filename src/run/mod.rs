@@ -113,6 +113,11 @@ impl<'s> Prepared<'s> {
         let labels = jobs::labels(&req.classes, req.num_images, &info)?;
         let replay = load_replay(req)?;
         let plans = plan_run(req, &info)?;
+        if let Some(replay) = &replay {
+            replay
+                .fits(&info, plans.reference.longest_chain())
+                .map_err(RunError::Invalid)?;
+        }
         let record = describe_run(bundle, model, req, &labels, &range, &plans.reference);
         Ok(Prepared {
             info,

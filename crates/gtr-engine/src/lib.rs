@@ -533,14 +533,8 @@ fn check_batch(
             ));
         }
     }
-    let longest = first
-        .steps
-        .iter()
-        .map(|s| s.max_diffusion_steps() as usize)
-        .max()
-        .unwrap_or(0);
     noise
-        .check(info, jobs, longest)
+        .check(info, jobs, first.longest_chain())
         .map_err(EngineError::Input)?;
     Ok(())
 }

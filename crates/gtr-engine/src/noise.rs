@@ -64,9 +64,13 @@ impl TokenDraws for TokenNoise {
 /// Recorded orders and draws, indexed by [`ImageJob::index`]; the plan
 /// still sets how many tokens each step reveals. The recorded order is
 /// authoritative at adaptive steps too: a replay reveals its own order.
-impl NoiseSource for Replay {
-    fn check(&self, info: &ModelInfo, jobs: &[ImageJob], longest: usize) -> Result<(), String> {
-        let (n, l) = self.order.dim();
+impl Replay {
+    /// Refuses a replay recorded for another model (tokens, channels) or
+    /// with draws for fewer than `longest` iterations per token; the
+    /// message names what differs. A run checks this before it writes
+    /// anything; [`NoiseSource::check`] again per batch.
+    pub fn fits(&self, info: &ModelInfo, longest: usize) -> Result<(), String> {
+        let l = self.order.dim().1;
         let c = self.init_noise.dim().2;
         if l != info.grid.len() || c != info.token_dim {
             return Err(format!(
@@ -75,16 +79,24 @@ impl NoiseSource for Replay {
                 info.token_dim
             ));
         }
-        if let Some(job) = jobs.iter().find(|j| j.index as usize >= n) {
-            return Err(format!(
-                "replay holds {n} images; image {} was asked for",
-                job.index
-            ));
-        }
         if self.step_noise.dim().2 < longest {
             return Err(format!(
                 "replay step_noise holds {} iterations per token; the schedule needs {longest}",
                 self.step_noise.dim().2
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl NoiseSource for Replay {
+    fn check(&self, info: &ModelInfo, jobs: &[ImageJob], longest: usize) -> Result<(), String> {
+        self.fits(info, longest)?;
+        let n = self.order.dim().0;
+        if let Some(job) = jobs.iter().find(|j| j.index as usize >= n) {
+            return Err(format!(
+                "replay holds {n} images; image {} was asked for",
+                job.index
             ));
         }
         Ok(())

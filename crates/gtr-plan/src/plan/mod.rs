@@ -105,6 +105,16 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The most diffusion iterations any token of the plan runs (0 for a
+    /// plan without steps): what a replay's `step_noise` must cover.
+    pub fn longest_chain(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| s.max_diffusion_steps() as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether any step's tokens are chosen at run time.
     pub fn is_adaptive(&self) -> bool {
         self.steps.iter().any(|s| s.adaptive.is_some())
