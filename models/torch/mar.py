@@ -1,7 +1,8 @@
-"""PyTorch definitions of MAR and of the KL-16 VAE, written from ../../../shared/reference/mar.md.
+"""PyTorch definitions of MAR and of the KL-16 VAE, written from the MAR paper (Li et al., 2024,
+"Autoregressive Image Generation without Vector Quantization").
 
-Everything here follows mar.md §1 (MAR backbone and the SimpleMLPAdaLN diffusion head) and
-§4 (the KL VAE); module and parameter names reproduce the official state-dict keys exactly,
+Everything here follows its MAR backbone and SimpleMLPAdaLN diffusion head and its KL-16 VAE
+(the latent-diffusion autoencoder it uses); module and parameter names reproduce the official state-dict keys exactly,
 so an official checkpoint loads with `load_state_dict(strict=True)`:
 
 * MAR: `class_emb.weight`, `fake_latent`, `z_proj`, `z_proj_ln`, `encoder_pos_embed_learned`,

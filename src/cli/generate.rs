@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     /// Run seed; image i uses a seed derived from (seed, i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Generate every image of this class.
+    /// Generate every image of this class (the model's null class: unconditional images).
     #[arg(long, conflicts_with = "classes")]
     class: Option<i64>,
     /// Classes to cycle through, e.g. --classes 1,3,5 (default: balanced over all).

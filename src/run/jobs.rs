@@ -101,11 +101,20 @@ pub fn labels(
         .iter()
         .find(|&&c| c != info.null_class && !(0..info.classes as i64).contains(&c))
     {
+        let allowed = match info.classes {
+            0 => format!(
+                "is unconditional: its only class is the null class {}",
+                info.null_class
+            ),
+            n => format!(
+                "has {n} classes (0..{}; its null class {} makes unconditional images)",
+                n - 1,
+                info.null_class
+            ),
+        };
         return Err(RunError::Invalid(format!(
-            "class {bad} is out of range: model `{}` has {} classes (0..{})",
-            info.name,
-            info.classes,
-            info.classes.saturating_sub(1)
+            "class {bad} is out of range: model `{}` {allowed}",
+            info.name
         )));
     }
     Ok(labels)
