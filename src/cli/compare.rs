@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use gtr_run::run::RunError;
+use gtr_run::run::{RunError, precision_suffix};
 use gtr_run::schedule::Schedule;
 
 use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
@@ -59,7 +59,8 @@ struct CompareArgs {
     #[command(flatten)]
     runtime: RuntimeArgs,
     /// Folder for the table (NAME.md, NAME.csv, NAME.json; sweep also
-    /// pareto.svg), NAME being eval or sweep (default: runs/NAME-<model>-seed<seed>).
+    /// pareto.svg), NAME being eval or sweep (default:
+    /// runs/NAME-<model>-seed<seed>, with -<precision> for one other than fp32).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Replace the results of a previous evaluation in the folder.
@@ -161,9 +162,10 @@ fn run_comparison(
     let reference = reference_stats(bundle)?;
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
-            "{what}-{}-seed{}",
+            "{what}-{}-seed{}{}",
             bundle.manifest.name.replace(['/', '\\', ' '], "_"),
-            args.seed
+            args.seed,
+            precision_suffix(options.precision.precision)
         ))
     });
     let json_path = out.join(format!("{what}.json"));

@@ -42,7 +42,7 @@ pub struct GenerateArgs {
     overrides: Vec<(String, f64)>,
     #[command(flatten)]
     runtime: RuntimeArgs,
-    /// Output folder (default: runs/<model>-<schedule>-seed<seed>).
+    /// Output folder (default: runs/<model>-<schedule>-seed<seed>, with -<precision> for one other than fp32).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue a previous run in the output folder, skipping images already written.
@@ -118,7 +118,13 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let model = load_model(&bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
-        default_out_dir(&bundle.manifest.name, &schedule_path, args.seed, args.shard)
+        default_out_dir(
+            &bundle.manifest.name,
+            &schedule_path,
+            args.seed,
+            options.precision.precision,
+            args.shard,
+        )
     });
     let request = RunRequest {
         schedule,

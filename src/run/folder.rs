@@ -7,6 +7,7 @@ use super::RunError;
 use super::jobs::Shard;
 use super::record::{RECORD_FILE, RunRecord};
 use crate::fsutil::{FolderLock, LOCK_FILE, LockError, is_temporary};
+use crate::precision::Precision;
 
 /// What to do with an output folder that holds a previous run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,12 +20,15 @@ pub enum Existing {
 }
 
 /// The default output folder: `runs/<model>-<schedule>-seed<seed>`, with
-/// `-shard<k>of<n>` added for a shard so that shards sharing a disk do not
-/// collide.
+/// `-<precision>` added for a precision other than fp32 (whose images
+/// differ, so that its run does not land in the fp32 run's folder) and
+/// `-shard<k>of<n>` for a shard (so that shards sharing a disk do not
+/// collide).
 pub fn default_out_dir(
     model_name: &str,
     schedule: &Path,
     seed: u64,
+    precision: Precision,
     shard: Option<Shard>,
 ) -> PathBuf {
     let stem = schedule
@@ -43,10 +47,20 @@ pub fn default_out_dir(
     };
     let part = shard.map_or(String::new(), |s| format!("-shard{}of{}", s.k, s.n));
     PathBuf::from("runs").join(format!(
-        "{}-{}-seed{seed}{part}",
+        "{}-{}-seed{seed}{}{part}",
         clean(model_name),
-        clean(&stem)
+        clean(&stem),
+        precision_suffix(precision)
     ))
+}
+
+/// `-<precision>` for a precision other than fp32, else nothing: the part
+/// of a default folder name that keeps variant precisions' outputs apart.
+pub fn precision_suffix(precision: Precision) -> String {
+    match precision {
+        Precision::Fp32 => String::new(),
+        p => format!("-{p}"),
+    }
 }
 
 /// The file of image `index` in an output folder.
@@ -282,10 +296,19 @@ mod tests {
 
     #[test]
     fn default_output_folder_names_model_schedule_and_seed() {
-        let p = default_out_dir("tiny random", Path::new("schedules/gtr-3.7x.gtr"), 42, None);
+        let gtr = Path::new("schedules/gtr.gtr");
+        let p = default_out_dir(
+            "tiny random",
+            Path::new("schedules/gtr-3.7x.gtr"),
+            42,
+            Precision::Fp32,
+            None,
+        );
         assert_eq!(p, PathBuf::from("runs/tiny_random-gtr-3.7x-seed42"));
         let shard = Some(Shard { k: 1, n: 8 });
-        let p = default_out_dir("tiny", Path::new("schedules/gtr.gtr"), 0, shard);
+        let p = default_out_dir("tiny", gtr, 0, Precision::Fp32, shard);
         assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-shard1of8"));
+        let p = default_out_dir("tiny", gtr, 0, Precision::Int8, shard);
+        assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-int8-shard1of8"));
     }
 }
