@@ -1,0 +1,169 @@
+//! What a plan is: each MAR step's tokens, diffusion steps, FTS rule,
+//! guidance and temperature, as the planner ([`super::Planner`]) writes
+//! them; immutable once made, serialized into run records and `plan --json`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::grid::Grid;
+use crate::schedule::ast::Selector;
+
+/// The most diffusion steps a token may get (the training chain has 1000).
+pub const MAX_DIFFUSION_STEPS: u32 = 1000;
+
+/// A stage as planned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanStage {
+    pub name: String,
+    /// Number of tokens the stage reveals.
+    pub tokens: usize,
+    /// Number of MAR steps it takes.
+    pub steps: usize,
+}
+
+/// FTS for one step: the top `count` of the step's tokens by `selector`
+/// get `steps` diffusion steps instead of the step's base count.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DetailRule {
+    /// β as written.
+    pub fraction: f64,
+    pub steps: u32,
+    pub selector: Selector,
+    /// `clamp(round_half_even(β · tokens), 1, tokens)`.
+    pub count: usize,
+}
+
+/// One MAR step: one backbone pass, then diffusion for `tokens`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanStep {
+    /// Index into [`Plan::stages`].
+    pub stage: usize,
+    /// Tokens revealed, row-major indices, ascending. For an adaptive step
+    /// a provisional choice (the right count, from the stage's tokens, in
+    /// a seeded random order): the engine picks the real ones.
+    pub tokens: Vec<usize>,
+    /// `Some` for a step of an `order adaptive by SELECTOR` stage: the
+    /// engine reveals the `tokens.len()` still-masked tokens of the stage
+    /// ranked first by `SELECTOR` on their FTS scores at this step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<Selector>,
+    /// Tokens known before this step.
+    pub known_before: usize,
+    /// Diffusion steps for each token (before FTS).
+    pub diffusion_steps: u32,
+    pub detail: Option<DetailRule>,
+    /// Classifier-free guidance scale for this step; `None` runs no
+    /// unconditional pass at all.
+    pub cfg: Option<f64>,
+    /// Scale of the diffusion sampler's per-step noise.
+    pub temperature: f64,
+}
+
+impl PlanStep {
+    /// Diffusion-head evaluations this step needs per CFG branch:
+    /// Σ over tokens of their diffusion steps.
+    pub fn diffusion_rows(&self) -> u64 {
+        let n = self.tokens.len() as u64;
+        match self.detail {
+            Some(d) => {
+                (n - d.count as u64) * u64::from(self.diffusion_steps)
+                    + d.count as u64 * u64::from(d.steps)
+            }
+            None => n * u64::from(self.diffusion_steps),
+        }
+    }
+
+    /// The longest diffusion chain in the step (what bounds its latency).
+    pub fn max_diffusion_steps(&self) -> u32 {
+        self.detail
+            .map_or(self.diffusion_steps, |d| d.steps.max(self.diffusion_steps))
+    }
+}
+
+/// An executable schedule for one grid and one seed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    pub grid: Grid,
+    pub seed: u64,
+    pub stages: Vec<PlanStage>,
+    pub steps: Vec<PlanStep>,
+}
+
+impl Plan {
+    /// The most diffusion iterations any token of the plan runs (0 for a
+    /// plan without steps): what a replay's `step_noise` must cover.
+    pub fn longest_chain(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|s| s.max_diffusion_steps() as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether any step's tokens are chosen at run time.
+    pub fn is_adaptive(&self) -> bool {
+        self.steps.iter().any(|s| s.adaptive.is_some())
+    }
+
+    /// The tokens of stage `stage` in the order its steps' provisional
+    /// tokens list them (step by step, ascending within a step).
+    pub fn stage_sequence(&self, stage: usize) -> Vec<usize> {
+        self.steps
+            .iter()
+            .filter(|s| s.stage == stage)
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect()
+    }
+
+    /// For each token, the 0-based step that reveals it.
+    pub fn reveal_step(&self) -> Vec<usize> {
+        let mut out = vec![usize::MAX; self.grid.len()];
+        for (s, step) in self.steps.iter().enumerate() {
+            for &t in &step.tokens {
+                out[t] = s;
+            }
+        }
+        out
+    }
+
+    /// For each token, the stage that reveals it.
+    pub fn stage_of_token(&self) -> Vec<usize> {
+        let mut out = vec![usize::MAX; self.grid.len()];
+        for step in &self.steps {
+            for &t in &step.tokens {
+                out[t] = step.stage;
+            }
+        }
+        out
+    }
+
+    /// Checks the invariants every plan must satisfy: each token revealed
+    /// exactly once, at least one token per step, `known_before` consistent.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = vec![false; self.grid.len()];
+        let mut known = 0;
+        for (s, step) in self.steps.iter().enumerate() {
+            if step.tokens.is_empty() {
+                return Err(format!("step {s} reveals no token"));
+            }
+            if step.known_before != known {
+                return Err(format!(
+                    "step {s}: known_before {} != {known}",
+                    step.known_before
+                ));
+            }
+            for &t in &step.tokens {
+                if t >= seen.len() {
+                    return Err(format!("step {s} reveals token {t}, outside the grid"));
+                }
+                if std::mem::replace(&mut seen[t], true) {
+                    return Err(format!("token {t} is revealed twice (again at step {s})"));
+                }
+            }
+            known += step.tokens.len();
+        }
+        match seen.iter().position(|&x| !x) {
+            Some(t) => Err(format!("token {t} is never revealed")),
+            None => Ok(()),
+        }
+    }
+}
