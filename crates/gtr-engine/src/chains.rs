@@ -13,9 +13,10 @@ use std::time::Instant;
 use ndarray::{Array1, Array2, Array3, s};
 use rayon::prelude::*;
 
+use super::EngineError;
+use super::checks::{check_finite, shape_error};
 use super::model::{COEFFICIENTS, ChainInputs, MarModel, ModelError, ModelInfo};
 use super::rows::Row;
-use super::{EngineError, check_finite, shape_error};
 
 /// Head rows a split head's condition part gets per call at most: the
 /// ticks of a group share one call (at least one tick per call). On MAR-B's
