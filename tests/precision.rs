@@ -636,3 +636,69 @@ fn a_variant_without_the_split_head_runs_its_whole_head() {
         "{err}"
     );
 }
+
+/// Without `--out`, a run and an eval in a precision other than fp32 write
+/// to folders named with it (`…-seed0-int8`), beside the fp32 ones, not
+/// into them; the manifest's default precision counts like the flag.
+#[test]
+fn default_folders_carry_a_variant_precision() {
+    let bundle = tiny_with("tiny-int8", "precisions.yaml", "int8-default-out", |m| m);
+    let cwd = tmp("default-out");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let schedule = root().join("schedules/gtr-fast.gtr");
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+            .args([bundle.to_str().unwrap(), schedule.to_str().unwrap()])
+            .args(["--num-images", "1"])
+            .args(extra)
+            .current_dir(&cwd)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&[]);
+    run(&["--precision", "int8"]);
+    let eval = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args(["eval", bundle.to_str().unwrap(), schedule.to_str().unwrap()])
+        .args(["--num-images", "2", "--precision", "int8"])
+        .current_dir(&cwd)
+        .output()
+        .unwrap();
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let mut made: Vec<String> = std::fs::read_dir(cwd.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(
+        made,
+        [
+            "eval-tiny-random-seed0-int8",
+            "tiny-random-gtr-fast-seed0",
+            "tiny-random-gtr-fast-seed0-int8"
+        ]
+    );
+    // A bundle whose manifest defaults to int8, run without the flag.
+    let defaulting = tiny_with(
+        "tiny-int8",
+        "precisions.yaml",
+        "int8-default-manifest",
+        |m| m + "precision: int8\n",
+    );
+    let cwd2 = tmp("default-out-manifest");
+    std::fs::create_dir_all(&cwd2).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args([defaulting.to_str().unwrap(), schedule.to_str().unwrap()])
+        .args(["--num-images", "1"])
+        .current_dir(&cwd2)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(cwd2.join("runs/tiny-random-gtr-fast-seed0-int8").is_dir());
+    let _ = std::fs::remove_dir_all(&cwd);
+    let _ = std::fs::remove_dir_all(&cwd2);
+}
