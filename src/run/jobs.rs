@@ -97,25 +97,8 @@ pub fn labels(
     let labels: Vec<i64> = (0..num_images)
         .map(|i| label_for(classes, i, num_images, info.classes, info.null_class))
         .collect();
-    if let Some(bad) = labels
-        .iter()
-        .find(|&&c| c != info.null_class && !(0..info.classes as i64).contains(&c))
-    {
-        let allowed = match info.classes {
-            0 => format!(
-                "is unconditional: its only class is the null class {}",
-                info.null_class
-            ),
-            n => format!(
-                "has {n} classes (0..{}; its null class {} makes unconditional images)",
-                n - 1,
-                info.null_class
-            ),
-        };
-        return Err(RunError::Invalid(format!(
-            "class {bad} is out of range: model `{}` {allowed}",
-            info.name
-        )));
+    for &label in &labels {
+        crate::engine::check_label(info, label).map_err(RunError::Invalid)?;
     }
     Ok(labels)
 }

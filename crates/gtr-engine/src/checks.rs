@@ -31,6 +31,29 @@ pub fn check_plan(info: &ModelInfo, plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that model `info` has class `label`: one of its classes, or its
+/// null class (unconditional images); the message names what it has.
+pub fn check_label(info: &ModelInfo, label: i64) -> Result<(), String> {
+    if label == info.null_class || (0..info.classes as i64).contains(&label) {
+        return Ok(());
+    }
+    let allowed = match info.classes {
+        0 => format!(
+            "is unconditional: its only class is the null class {}",
+            info.null_class
+        ),
+        n => format!(
+            "has {n} classes (0..{}; its null class {} makes unconditional images)",
+            n - 1,
+            info.null_class
+        ),
+    };
+    Err(format!(
+        "class {label} is out of range: model `{}` {allowed}",
+        info.name
+    ))
+}
+
 pub(crate) fn check_batch(
     info: &ModelInfo,
     plans: &[Plan],
@@ -59,22 +82,7 @@ pub(crate) fn check_batch(
     }
     check_plan(info, first).map_err(EngineError::Input)?;
     for job in jobs {
-        let label_ok = job.label == info.null_class
-            || (info.classes > 0 && (0..info.classes as i64).contains(&job.label));
-        if !label_ok {
-            return bad(format!(
-                "class {} is out of range: model `{}` has {} classes (0..{}){}",
-                job.label,
-                info.name,
-                info.classes,
-                info.classes.saturating_sub(1),
-                if info.classes == 0 {
-                    "; it is unconditional"
-                } else {
-                    ""
-                }
-            ));
-        }
+        check_label(info, job.label).map_err(EngineError::Input)?;
     }
     noise
         .check(info, jobs, first.longest_chain())
@@ -121,4 +129,34 @@ pub(crate) fn check_finite<'a>(
         ),
         step,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MarModel;
+    use crate::fake::FakeModel;
+
+    #[test]
+    fn labels_are_the_classes_and_the_null_class() {
+        let model = FakeModel::new();
+        let mut info = model.info().clone();
+        for label in [0, 9, 10] {
+            assert_eq!(check_label(&info, label), Ok(()), "class {label}");
+        }
+        let err = check_label(&info, 11).unwrap_err();
+        assert!(
+            err.contains("has 10 classes (0..9; its null class 10"),
+            "{err}"
+        );
+        assert!(check_label(&info, -1).is_err());
+        info.classes = 0;
+        info.null_class = 0;
+        assert_eq!(check_label(&info, 0), Ok(()));
+        let err = check_label(&info, 1).unwrap_err();
+        assert!(
+            err.contains("is unconditional: its only class is the null class 0"),
+            "{err}"
+        );
+    }
 }

@@ -38,8 +38,8 @@ use ndarray::{Array2, Array3, Array4};
 
 pub use chains::SPLIT_TICK_ROWS;
 use chains::StepChains;
-pub use checks::check_plan;
 use checks::{check_batch, check_finite, shape_error};
+pub use checks::{check_label, check_plan};
 pub use model::{
     COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel,
     ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores, gather_rows,
