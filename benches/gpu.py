@@ -401,7 +401,8 @@ class Bench:
             + (" and splitting its head" if split else ""))
 
         def link_or_copy(src, dst):
-            # the manifest is rewritten in place by the tools: a copy of its own
+            # graphs are hard-linked (the tools replace files by renaming, never writing through
+            # a link); the small manifest gets a copy of its own all the same
             if src.endswith((".onnx", ".data")):
                 try:
                     return os.link(src, dst)

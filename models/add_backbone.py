@@ -145,8 +145,9 @@ def add_backbone(bundle: str, log=print) -> str:
     text, m = read_manifest(bundle)
     g = m["graphs"]
     name = write_backbone(bundle, m, g["encoder"]["file"], g["decoder"]["file"], log=log)
-    with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
-        f.write(manifest_with_backbone(text))
+    from models.onnx_save import write_manifest
+
+    write_manifest(bundle, manifest_with_backbone(text))
     return os.path.join(bundle, name)
 
 

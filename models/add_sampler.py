@@ -364,8 +364,9 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
 def add_sampler(bundle: str, log=print) -> str:
     text, m = read_manifest(bundle)
     names = write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
-    with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
-        f.write(manifest_with_sampler(text))
+    from models.onnx_save import write_manifest
+
+    write_manifest(bundle, manifest_with_sampler(text))
     return os.path.join(bundle, names["sampler"])
 
 

@@ -740,10 +740,9 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     parsed = yaml.safe_load(new_text)
     if (parsed.get("precisions") or {}).get(precision, {}) != files:
         raise ConversionError("internal error: the rewritten manifest does not read back")
-    tmp = manifest_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new_text)
-    os.replace(tmp, manifest_path)
+    from models.onnx_save import write_manifest
+
+    write_manifest(bundle, new_text)
     log(f"manifest.yaml: precisions.{precision} = {files if files else '(removed: nothing converted)'}")
     report["files"] = files
     return report

@@ -510,10 +510,9 @@ def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if moved:
-        manifest_path = os.path.join(bundle, "manifest.yaml")
-        with open(manifest_path + ".tmp", "w") as f:
-            f.write(new_text)
-        os.replace(manifest_path + ".tmp", manifest_path)
+        from models.onnx_save import write_manifest
+
+        write_manifest(bundle, new_text)
         for role, name in moved.items():
             graphs[role]["file"] = name
         log("manifest.yaml: " + ", ".join(f"graphs.{r}.file = {n}" for r, n in moved.items()))

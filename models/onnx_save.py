@@ -88,3 +88,19 @@ def save_model(model: onnx.ModelProto, path: str, limit: int | None = None, veri
         if own and os.path.isfile(stale):
             os.remove(stale)
     return written
+
+
+def write_manifest(bundle: str, text: str) -> str:
+    """Writes `text` as the bundle's manifest.yaml the same way: under a temporary name in the
+    folder, renamed into place (a reader sees the old manifest or the new one; a manifest
+    shared through a hard link is not written through). Returns its path."""
+    path = os.path.join(bundle, "manifest.yaml")
+    tmp = os.path.join(bundle, f".manifest.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -192,8 +192,9 @@ def add_split(bundle: str, log=print) -> str:
 
     text, m = read_manifest(bundle)
     names = write_split(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
-    with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
-        f.write(manifest_with_split(text))
+    from models.onnx_save import write_manifest
+
+    write_manifest(bundle, manifest_with_split(text))
     return os.path.join(bundle, names["diffusion_condition"])
 
 

@@ -109,9 +109,23 @@ def test_tools_on_external_data(tmp):
     check(z.shape == (2, 2, 32) and np.isfinite(z).all(), "ONNX Runtime runs the backbone from its data file")
 
 
+def test_write_manifest(tmp):
+    folder = os.path.join(tmp, "manifest")
+    os.makedirs(folder)
+    shared = os.path.join(tmp, "shared-manifest.yaml")
+    with open(shared, "w") as f:
+        f.write("name: before\n")
+    os.link(shared, os.path.join(folder, "manifest.yaml"))
+    path = onnx_save.write_manifest(folder, "name: after\n")
+    check(open(path).read() == "name: after\n", "write_manifest: the new text is in place")
+    check(open(shared).read() == "name: before\n", "write_manifest: a hard-linked manifest is not written through")
+    check(sorted(os.listdir(folder)) == ["manifest.yaml"], "write_manifest: no temporary file is left")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_save_model(tmp)
+        test_write_manifest(tmp)
         test_tools_on_external_data(tmp)
     print("all onnx_save tests passed")
 
