@@ -431,14 +431,15 @@ fn step_counts(
     grid: Grid,
 ) -> Result<Vec<usize>, Diagnostic> {
     let env = PlanEnv::numbers(params, grid);
-    let too_many = |m: usize, span: Span| {
+    let too_many = |m: f64, span: Span| {
         Diagnostic::new(
             src,
             span,
             format!(
-                "stage `{}` has {n} token{} but asks for {m} steps",
+                "stage `{}` has {n} token{} but asks for {} steps",
                 stage.name,
-                plural(n)
+                plural(n),
+                fmt_num(m)
             ),
         )
         .with_help(format!(
@@ -460,7 +461,7 @@ fn step_counts(
                 .with_help("to give tokens per step instead, write `rate R`"));
             }
             if m > n as f64 {
-                return Err(too_many(m as usize, e.span));
+                return Err(too_many(m, e.span));
             }
             Ok(allocation::allocate(n, m as usize, *dist))
         }
@@ -478,7 +479,7 @@ fn step_counts(
             }
             let m = round_half_even(n as f64 / r).max(1.0);
             if m > n as f64 {
-                return Err(too_many(m as usize, e.span).with_help(format!(
+                return Err(too_many(m, e.span).with_help(format!(
                     "the steps are {n} / rate, rounded; every step reveals at least one token, so use a rate of at least 1"
                 )));
             }
@@ -497,6 +498,19 @@ fn step_counts(
                             fmt_num(k)
                         ),
                     ));
+                }
+                // Each entry is at most n, so the sum below cannot overflow.
+                if k > n as f64 {
+                    return Err(Diagnostic::new(
+                        src,
+                        e.span,
+                        format!(
+                            "a step cannot reveal {} tokens: stage `{}` has {n}",
+                            fmt_num(k),
+                            stage.name
+                        ),
+                    )
+                    .with_help(format!("make the list sum to {n}")));
                 }
                 counts.push(k as usize);
             }
@@ -625,6 +639,9 @@ fn plural(n: usize) -> &'static str {
 pub fn fmt_num(v: f64) -> String {
     if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{}", v as i64)
+    } else if v.is_finite() && v != 0.0 && !(1e-6..1e15).contains(&v.abs()) {
+        // Far from 1, the exponent form: `1e300`, not 301 digits.
+        format!("{v:e}")
     } else {
         format!("{v}")
     }

@@ -297,6 +297,18 @@ impl<'a> Declarations<'a> {
         self.declare(src, name, "parameter")?;
         expr::check(src, value, Type::Number, &Names::params_only(&self.params))?;
         let default = expr::number(value, &ParamEnv(&self.params));
+        if !default.is_finite() {
+            // `5 % 0`, `1 // 0`: every later use would plan with NaN or inf.
+            return Err(Diagnostic::new(
+                src,
+                value.span,
+                format!(
+                    "parameter `{}` comes out as {default}; a parameter must be a finite number",
+                    name.name
+                ),
+            )
+            .with_help("check for a division or remainder by zero, or a value too large"));
+        }
         let (value, overridden) = match overrides.get(&name.name) {
             Some(v) => (*v, true),
             None => (default, false),
