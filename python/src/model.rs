@@ -264,7 +264,9 @@ impl Model {
                 })?;
             let mut evaluator = OrtEvaluator::load(&self.bundle, self.device_kind, self.threads)
                 .map_err(run_failure)?;
-            let reference = gtr_run::eval::reference_stats(&self.bundle).map_err(run_failure)?;
+            let features = evaluator.as_ref().and_then(gtr_run::backend::features_of);
+            let reference =
+                gtr_run::eval::reference_stats(&self.bundle, features).map_err(run_failure)?;
             let scoring = match (evaluator.as_mut(), reference.as_ref()) {
                 (Some(evaluator), Some(reference)) => Some(Scoring {
                     evaluator,

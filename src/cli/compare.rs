@@ -144,7 +144,7 @@ fn run_comparison(
     contenders: &[gtr_run::eval::Contender],
     args: CompareArgs,
 ) -> anyhow::Result<(gtr_run::eval::Comparison, PathBuf)> {
-    use gtr_run::backend::OrtEvaluator;
+    use gtr_run::backend::{OrtEvaluator, features_of};
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
     use gtr_run::fsutil::write_atomic;
@@ -159,7 +159,7 @@ fn run_comparison(
     let info = model.info().clone();
     // The evaluator measures quality: it always runs its fp32 graph.
     let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
-    let reference = reference_stats(bundle)?;
+    let reference = reference_stats(bundle, evaluator.as_ref().and_then(features_of))?;
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{what}-{}-seed{}{}",

@@ -44,7 +44,10 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
             || cause.is::<ContenderError>()
             || cause.is::<gtr_run::backend::precision_choice::PrecisionError>()
             || cause.is::<gtr_run::bundle::NamedSpecError>()
-        {
+            || matches!(
+                cause.downcast_ref::<gtr_run::eval::stats::StatsError>(),
+                Some(gtr_run::eval::stats::StatsError::Reference { .. })
+            ) {
             Some(Input)
         } else if cause.is::<LibraryError>()
             || cause.is::<std::io::Error>()

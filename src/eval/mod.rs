@@ -81,14 +81,29 @@ pub fn contenders(
 }
 
 /// The reference statistics of the bundle's evaluator (`None` when the
-/// bundle ships no evaluator).
-pub fn reference_stats(bundle: &Bundle) -> Result<Option<FeatureStats>, stats::StatsError> {
-    bundle
-        .manifest
-        .evaluator
-        .as_ref()
-        .map(|e| FeatureStats::load_npz(&bundle.dir.join(&e.reference)))
-        .transpose()
+/// bundle ships no evaluator). `features` is the evaluator graph's
+/// `features` output (its name, and its width where the graph fixes it):
+/// a reference of another width is refused here, before any image is made.
+pub fn reference_stats(
+    bundle: &Bundle,
+    features: Option<(&str, usize)>,
+) -> Result<Option<FeatureStats>, stats::StatsError> {
+    let Some(entry) = &bundle.manifest.evaluator else {
+        return Ok(None);
+    };
+    let path = bundle.dir.join(&entry.reference);
+    let stats = FeatureStats::load_npz(&path)?;
+    match features {
+        Some((tensor, width)) if width != stats.mu.len() => Err(stats::StatsError::Reference {
+            path: path.display().to_string(),
+            problem: format!(
+                "`mu` has {} values, but the evaluator graph {} gives {width} per image in its output `{tensor}` (manifest evaluator.reference and evaluator.outputs.features must belong together)",
+                stats.mu.len(),
+                entry.file
+            ),
+        }),
+        _ => Ok(Some(stats)),
+    }
 }
 
 /// What to run.

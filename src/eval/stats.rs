@@ -6,7 +6,6 @@ use std::path::Path;
 
 use nalgebra::{DMatrix, SymmetricEigen};
 use ndarray::{Array1, Array2, ArrayView2, Axis};
-use ndarray_npy::NpzReader;
 
 /// Mean and covariance of feature vectors (covariance with N − 1, as numpy's
 /// `np.cov` and the standard FID code compute it).
@@ -50,8 +49,8 @@ impl FeatureStats {
             path: path.display().to_string(),
             problem,
         };
-        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-        let mut npz = NpzReader::new(file).map_err(|e| err(e.to_string()))?;
+        let arrays = [("mu", 8), ("sigma", 8), ("count", 8)];
+        let mut npz = crate::engine::npz::open_checked(path, &arrays).map_err(err)?;
         let mu: Array1<f64> = npz
             .by_name("mu")
             .map_err(|e| err(format!("array `mu` (f64 [F]): {e}")))?;

@@ -28,6 +28,7 @@ mod checks;
 pub mod fake;
 pub mod model;
 pub mod noise;
+pub mod npz;
 pub mod replay;
 mod rows;
 pub mod sampler;

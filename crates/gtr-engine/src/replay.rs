@@ -14,7 +14,6 @@
 use std::path::Path;
 
 use ndarray::{Array2, Array3, Array4};
-use ndarray_npy::NpzReader;
 
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -36,9 +35,7 @@ impl Replay {
             path: path.display().to_string(),
             problem,
         };
-        check_sizes(path).map_err(err)?;
-        let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
-        let mut npz = NpzReader::new(file).map_err(|e| err(e.to_string()))?;
+        let mut npz = crate::npz::open_checked(path, &ARRAYS).map_err(err)?;
         let order: Array2<i64> = npz
             .by_name("order")
             .map_err(|e| err(format!("`order` (int64 [N, L]): {e}")))?;
@@ -99,81 +96,3 @@ impl Replay {
 
 /// The arrays a replay file must hold, with their element sizes in bytes.
 const ARRAYS: [(&str, u64); 3] = [("order", 8), ("init_noise", 4), ("step_noise", 4)];
-
-/// Checks, before anything is allocated, that each array's `.npy` header
-/// claims no more data than its entry holds, and that no entry claims more
-/// than deflate could have packed into the file.
-fn check_sizes(path: &Path) -> Result<(), String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("not a readable .npz: {e}"))?;
-    for (name, item) in ARRAYS {
-        let mut entry = match zip.by_name(&format!("{name}.npy")) {
-            Ok(e) => e,
-            // The reader below names what is missing.
-            Err(_) => continue,
-        };
-        let size = entry.size();
-        // Deflate packs at most ~1032:1.
-        if size > file_len.saturating_mul(1100) {
-            return Err(format!(
-                "`{name}` claims {size} bytes, more than a {file_len}-byte file can hold"
-            ));
-        }
-        let mut head = Vec::with_capacity(4096);
-        entry
-            .by_ref()
-            .take(4096)
-            .read_to_end(&mut head)
-            .map_err(|e| format!("`{name}`: {e}"))?;
-        let elements = npy_shape(&head)
-            .ok_or_else(|| format!("`{name}` has no readable .npy header"))?
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d));
-        match elements.and_then(|n| n.checked_mul(item)) {
-            Some(bytes) if bytes <= size => {}
-            _ => {
-                return Err(format!(
-                    "`{name}`'s header claims a shape larger than its {size} bytes of data"
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The shape in a `.npy` header (`'shape': (a, b, ...)`), if it parses.
-fn npy_shape(head: &[u8]) -> Option<Vec<u64>> {
-    let text = String::from_utf8_lossy(head.get(6..)?);
-    let start = text.find("'shape'")?;
-    let rest = &text[start..];
-    let open = rest.find('(')?;
-    let close = rest[open..].find(')')? + open;
-    rest[open + 1..close]
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .map(|d| d.parse::<u64>().ok())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::npy_shape;
-
-    #[test]
-    fn npy_shapes_parse() {
-        let head =
-            b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4, 2), }";
-        assert_eq!(npy_shape(head), Some(vec![3, 4, 2]));
-        let one =
-            b"\x93NUMPY\x01\x00v\x00{'descr': '<i8', 'fortran_order': False, 'shape': (7,), }";
-        assert_eq!(npy_shape(one), Some(vec![7]));
-        assert_eq!(
-            npy_shape(b"\x93NUMPY\x01\x00v\x00{'shape': (1e9, 2)}"),
-            None
-        );
-        assert_eq!(npy_shape(b"short"), None);
-    }
-}

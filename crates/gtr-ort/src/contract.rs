@@ -145,6 +145,18 @@ pub(crate) fn evaluator_expectations(info: &ModelInfo) -> (Vec<Expect>, Vec<Expe
     )
 }
 
+/// Dimension `axis` of the output of role `role`, where the graph fixes it.
+pub(crate) fn fixed_dim(graph: &Graph, role: &str, axis: usize) -> Option<usize> {
+    let tensor = graph.outputs.get(role)?;
+    let outlet = graph
+        .session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == tensor)?;
+    let dim = *outlet.dtype().tensor_shape()?.get(axis)?;
+    usize::try_from(dim).ok()
+}
+
 /// Checks the graph's tensors against the expected (inputs, outputs).
 pub(crate) fn check_contract(
     graph: &Graph,

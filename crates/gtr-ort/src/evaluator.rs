@@ -15,6 +15,7 @@ pub struct OrtEvaluator {
     name: String,
     graph: Graph,
     classes: usize,
+    feature_width: Option<usize>,
 }
 
 impl OrtEvaluator {
@@ -38,12 +39,23 @@ impl OrtEvaluator {
             &SessionSettings::default(),
         )?;
         contract::check_contract(&graph, contract::evaluator_expectations(&info))?;
+        let feature_width = contract::fixed_dim(&graph, "features", 1);
         Ok(Some(OrtEvaluator {
             name: entry.name.clone(),
             graph,
             classes: info.classes,
+            feature_width,
         }))
     }
+}
+
+/// The evaluator's `features` output: its tensor name and its values per
+/// image, where the graph fixes them (`None` where it leaves them
+/// dynamic), for checking the reference statistics before any image is
+/// made.
+pub fn features_of(evaluator: &OrtEvaluator) -> Option<(&str, usize)> {
+    let width = evaluator.feature_width?;
+    Some((evaluator.graph.outputs["features"].as_str(), width))
 }
 
 impl Evaluator for OrtEvaluator {

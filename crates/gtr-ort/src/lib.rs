@@ -38,6 +38,6 @@ pub mod tensorrt;
 mod ticks;
 
 pub use device::Device;
-pub use evaluator::OrtEvaluator;
+pub use evaluator::{OrtEvaluator, features_of};
 pub use model::{LoadOptions, OrtError, OrtModel};
 pub use runners::{BackboneRunner, ChainRunner, HeadRunner};
