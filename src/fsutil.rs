@@ -56,10 +56,14 @@ pub fn write_atomic_with(
     tmp_path.persist(path).map_err(|e| e.error)
 }
 
-/// Whether `name` is a temporary file of [`write_atomic_with`]
-/// (`.NAME.XXXXXX.tmp`), left behind only by a process that was killed.
-pub fn is_temporary(name: &str) -> bool {
-    name.len() > ".x.tmp".len() && name.starts_with('.') && name.ends_with(".tmp")
+/// If `name` is a temporary file of [`write_atomic_with`]
+/// (`.NAME.XXXXXX.tmp`, six letters or digits), left behind only by a
+/// process that was killed, the `NAME` it was to become.
+pub fn temporary_target(name: &str) -> Option<&str> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (target, random) = inner.rsplit_once('.')?;
+    let random_ok = random.len() == 6 && random.bytes().all(|b| b.is_ascii_alphanumeric());
+    (random_ok && !target.is_empty()).then_some(target)
 }
 
 /// SHA-256 of `bytes`, as 64 lowercase hex digits.
@@ -204,8 +208,16 @@ mod tests {
         });
         assert!(err.is_err());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
-        assert!(is_temporary(".x.npz.a1B2c3.tmp"));
-        assert!(!is_temporary("x.tmp") && !is_temporary(".tmp"));
+        assert_eq!(temporary_target(".x.npz.a1B2c3.tmp"), Some("x.npz"));
+        for not in [
+            "x.tmp",
+            ".tmp",
+            ".notes.tmp",
+            ".x.npz.a1B2.tmp",
+            "..a1B2c3.tmp",
+        ] {
+            assert_eq!(temporary_target(not), None, "{not}");
+        }
     }
 
     #[test]

@@ -852,6 +852,50 @@ fn merge_refuses_parts_that_do_not_make_one_run() {
         std::fs::read_to_string(out.join("notes.txt")).unwrap(),
         "mine"
     );
+    // Names gtr-run writes, used for what it does not write: a folder
+    // named like a temporary file, an .npz without a run, a run.json that
+    // is not a record. --force replaced them all.
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    std::fs::create_dir(out.join("keep.tmp")).unwrap();
+    merge(&[&p0, &p1], &["--force"], "holds `keep.tmp`");
+    std::fs::remove_dir(out.join("keep.tmp")).unwrap();
+    std::fs::write(out.join("data.npz"), "mine").unwrap();
+    merge(&[&p0, &p1], &["--force"], "holds `data.npz`");
+    std::fs::write(out.join("run.json"), "{\"mine\": 1}").unwrap();
+    merge(&[&p0, &p1], &["--force"], "not a gtr-run record");
+    std::fs::remove_file(out.join("run.json")).unwrap();
+    assert_eq!(std::fs::read(out.join("data.npz")).unwrap(), b"mine");
+    std::fs::remove_file(out.join("data.npz")).unwrap();
+    // An .npz into the merged folder through `..` or a link is written
+    // there (it was written into the old folder, then removed with it).
+    ok(&[
+        "merge",
+        out.to_str().unwrap(),
+        p0.to_str().unwrap(),
+        p1.to_str().unwrap(),
+    ]);
+    let dotted = out.join("../out/all.npz");
+    let via_link = dir.join("link");
+    std::os::unix::fs::symlink(&out, &via_link).unwrap();
+    for npz in [dotted, via_link.join("linked.npz")] {
+        let args = [
+            "merge",
+            out.to_str().unwrap(),
+            p0.to_str().unwrap(),
+            p1.to_str().unwrap(),
+            "--force",
+            "--npz",
+            npz.to_str().unwrap(),
+        ];
+        ok(&args);
+        assert!(npz.is_file(), "{}", npz.display());
+    }
+    merge(
+        &[&p0, &p1],
+        &["--force", "--npz", out.join("00000.png").to_str().unwrap()],
+        "an .npz must be named NAME.npz",
+    );
+    std::fs::remove_file(&via_link).unwrap();
     fails(
         &[
             "merge",

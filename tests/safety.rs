@@ -205,6 +205,12 @@ fn a_second_process_on_a_folder_in_use_is_refused() {
     for extra in [&[][..], &["--resume"], &["--force"]] {
         fails(&[&second[..], extra].concat(), &holder);
     }
+    // `merge --force` into it too (it replaced the folder under the
+    // running process, which went on writing into the merged one).
+    let part = tmp("safety-locked-part");
+    ok(&[TINY, FAST, "--num-images", "2", "--out", s(&part)]);
+    fails(&["merge", s(&out), s(&part), "--force"], &holder);
+    std::fs::remove_dir_all(&part).unwrap();
     // The first is still writing its own run.
     assert_eq!(record(&out)["num_images"], 5000);
     first.kill();
@@ -215,7 +221,8 @@ fn a_second_process_on_a_folder_in_use_is_refused() {
 }
 
 /// Case 3: symbolic links planted where gtr-run writes (its temporary
-/// names as they were before they became random, `.NAME.PID.tmp`; image,
+/// names as they were before they became random, `.NAME.PID.tmp` with the
+/// PID in six digits; image,
 /// grid, record and `.npz` names; `plan --png`) are replaced or removed,
 /// never written through: the files they point to are untouched.
 #[cfg(unix)]
@@ -265,7 +272,10 @@ fn symbolic_links_at_temporary_or_output_names_are_never_written_through() {
         "grid.png",
         "run.json",
     ] {
-        let tmp_name = format!(".{name}.{pid}.tmp");
+        // Six characters, as in gtr-run's own temporary names, so that a
+        // link planted before the run takes the folder is cleared as a
+        // leftover (another name would be refused as not gtr-run's).
+        let tmp_name = format!(".{name}.{:06}.tmp", pid % 1_000_000);
         let _ = symlink(victim(&tmp_name), out.join(&tmp_name));
     }
     let _ = symlink(victim("npz-tmp"), dir.join(format!(".all.npz.{pid}.tmp")));
@@ -335,7 +345,7 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
     for extra in [&[][..], &["--force"], &["--resume"]] {
         fails(
             &[&run[..], extra].concat(),
-            "holds `sub`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
+            "holds `sub`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not: remove it, or choose a new folder",
         );
     }
     std::fs::remove_dir(out.join("sub")).unwrap();
@@ -358,12 +368,33 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
     // Images without a record cannot be resumed (nothing says whose they
     // are); --force starts over.
     std::fs::remove_file(out.join("data.npz")).unwrap();
+    // A dot-file ending in .tmp is not one of gtr-run's temporary files
+    // (`.NAME.XXXXXX.tmp`, NAME a file it writes): refused, not removed.
+    std::fs::write(out.join(".notes.tmp"), "mine").unwrap();
+    fails(&run, "holds `.notes.tmp`");
+    assert_eq!(std::fs::read(out.join(".notes.tmp")).unwrap(), b"mine");
+    std::fs::remove_file(out.join(".notes.tmp")).unwrap();
     std::fs::write(out.join("00000.png"), "old").unwrap();
     fails(
         &[&run[..], &["--resume"]].concat(),
         "holds images but no run.json",
     );
     ok(&[&run[..], &["--force"]].concat());
+    assert_hashes_match(&out);
+    // --npz may not name one of the run's own files (it replaced image 0,
+    // or was overwritten by the record).
+    for name in ["00000.png", "run.json"] {
+        let npz = out.join(name);
+        fails(
+            &[&run[..], &["--force", "--npz", s(&npz)]].concat(),
+            "an .npz must be named NAME.npz",
+        );
+    }
+    // --force replaces the previous run's .npz with the rest of its files:
+    // none of seed 0's is left beside seed 7's run.
+    ok(&[&run[..], &["--force", "--npz", s(&out.join("all.npz"))]].concat());
+    ok(&[&run[..], &["--force", "--seed", "7"]].concat());
+    assert!(!out.join("all.npz").exists());
     assert_hashes_match(&out);
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::RunError;
 use super::jobs::Shard;
 use super::record::{RECORD_FILE, RunRecord};
-use crate::fsutil::{FolderLock, LOCK_FILE, LockError, is_temporary};
+use crate::fsutil::{FolderLock, LOCK_FILE, LockError, temporary_target};
 use crate::precision::Precision;
 
 /// What to do with an output folder that holds a previous run.
@@ -160,21 +160,16 @@ pub(super) fn check_file_target(path: &Path, what: &str) -> Result<(), RunError>
 /// keeps other gtr-run processes out of it (hold it until the run ends)
 /// with the record of the run already there, if any.
 ///
-/// In order: `out` is created if missing; locked (another process holding
-/// it is named and refused); refused, `--force` or not, if it holds
-/// anything gtr-run does not write (a folder, an unknown name, a `run.json`
-/// that is not gtr-run's, an `.npz` without a run); cleared of temporary
-/// files a killed run left; and then a previous run in it is refused
-/// ([`Existing::Refuse`]), kept ([`Existing::Resume`], checked by
-/// [`check_resumable`]) or its files removed ([`Existing::Overwrite`]).
+/// In order: `out` is created if missing; locked ([`lock`]); refused,
+/// `--force` or not, if it holds anything gtr-run does not write
+/// ([`inventory`]); cleared of temporary files a killed run left; and then
+/// a previous run in it is refused ([`Existing::Refuse`]), kept
+/// ([`Existing::Resume`], checked by [`check_resumable`]) or its files,
+/// `.npz` files included, removed ([`Existing::Overwrite`]).
 pub(super) fn claim(
     out: &Path,
     existing: Existing,
 ) -> Result<(FolderLock, Option<RunRecord>), RunError> {
-    let io = |path: &Path, source| RunError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
     if out.exists() && !out.is_dir() {
         return Err(RunError::Invalid(format!(
             "{} exists and is not a folder",
@@ -182,77 +177,15 @@ pub(super) fn claim(
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let lock = match FolderLock::try_new(out) {
-        Ok(lock) => lock,
-        Err(LockError::Busy) => {
-            let holder = RunRecord::read(out)
-                .ok()
-                .and_then(|r| r.writer)
-                .map(|w| match w.host.as_str() {
-                    "" => format!(" (pid {})", w.pid),
-                    host => format!(" (pid {} on {host})", w.pid),
-                })
-                .unwrap_or_default();
-            return Err(RunError::Invalid(format!(
-                "{} is being written by another gtr-run process{holder}; two runs in one folder would overwrite each other's images: wait for it to end, or give --out another folder",
-                out.display()
-            )));
-        }
-        Err(LockError::Io(e)) => {
-            return Err(RunError::Invalid(format!(
-                "cannot lock {} for this run: {e}",
-                out.display()
-            )));
-        }
-    };
-
-    let mut run_files = Vec::new();
-    let mut temporaries = Vec::new();
-    let mut npz = None;
-    let mut has_record = false;
-    for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
-        let entry = entry.map_err(|e| io(out, e))?;
-        let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let plain = kind.is_file() || kind.is_symlink();
-        if name == LOCK_FILE {
-            continue;
-        } else if plain && is_run_file(&name) {
-            has_record |= name == RECORD_FILE;
-            run_files.push(entry.path());
-        } else if plain && is_temporary(&name) {
-            temporaries.push(entry.path());
-        } else if plain && name.ends_with(".npz") {
-            npz = Some(name);
-        } else {
-            return Err(foreign(out, &name));
-        }
-    }
-    let record = if has_record {
-        let path = out.join(RECORD_FILE);
-        let ours = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
-        match RunRecord::read(out) {
-            Ok(r) if ours => Some(r),
-            _ => {
-                return Err(RunError::Invalid(format!(
-                    "{} holds a run.json that is not a gtr-run record; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
-                    out.display()
-                )));
-            }
-        }
-    } else {
-        None
-    };
-    if let (Some(name), None) = (npz, &record) {
-        return Err(foreign(out, &name));
-    }
+    let lock = lock(out)?;
+    let held = inventory(out)?;
     // No other gtr-run process can be writing these: the lock is ours.
-    for path in temporaries {
-        std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+    for path in &held.temporaries {
+        std::fs::remove_file(path).map_err(|e| io(path, e))?;
     }
     match existing {
-        Existing::Refuse if !run_files.is_empty() => {
-            let unfinished = record.as_ref().is_some_and(|r| !r.finished);
+        Existing::Refuse if !held.run_files.is_empty() => {
+            let unfinished = held.record.as_ref().is_some_and(|r| !r.finished);
             Err(RunError::Invalid(format!(
                 "{} holds a previous run{}; pass --resume to skip the images already written, --force to overwrite, or --out elsewhere",
                 out.display(),
@@ -264,19 +197,163 @@ pub(super) fn claim(
             )))
         }
         Existing::Overwrite => {
-            for path in run_files {
-                std::fs::remove_file(&path).map_err(|e| io(&path, e))?;
+            for path in held.run_files.iter().chain(&held.npz_files) {
+                std::fs::remove_file(path).map_err(|e| io(path, e))?;
             }
             Ok((lock, None))
         }
-        _ => Ok((lock, record)),
+        _ => Ok((lock, held.record)),
     }
+}
+
+fn io(path: &Path, source: std::io::Error) -> RunError {
+    RunError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Locks the existing folder `out` for this process; another gtr-run
+/// process holding it is named and refused.
+pub(super) fn lock(out: &Path) -> Result<FolderLock, RunError> {
+    match FolderLock::try_new(out) {
+        Ok(lock) => Ok(lock),
+        Err(LockError::Busy) => {
+            let holder = RunRecord::read(out)
+                .ok()
+                .and_then(|r| r.writer)
+                .map(|w| match w.host.as_str() {
+                    "" => format!(" (pid {})", w.pid),
+                    host => format!(" (pid {} on {host})", w.pid),
+                })
+                .unwrap_or_default();
+            Err(RunError::Invalid(format!(
+                "{} is being written by another gtr-run process{holder}; two runs in one folder would overwrite each other's images: wait for it to end, or give --out another folder",
+                out.display()
+            )))
+        }
+        Err(LockError::Io(e)) => Err(RunError::Invalid(format!(
+            "cannot lock {} for this run: {e}",
+            out.display()
+        ))),
+    }
+}
+
+/// What an output folder holds, every entry accounted for.
+#[derive(Debug, Default)]
+pub(super) struct Inventory {
+    /// The run's own files: images, `grid.png`, `run.json`.
+    pub run_files: Vec<PathBuf>,
+    /// `.npz` files beside a run (`--npz`).
+    pub npz_files: Vec<PathBuf>,
+    /// Temporary files of those names that a killed gtr-run left
+    /// ([`temporary_target`]).
+    pub temporaries: Vec<PathBuf>,
+    /// The folder's gtr-run record, if it has one.
+    pub record: Option<RunRecord>,
+}
+
+/// Lists the existing folder `out`, refusing it if it holds anything
+/// gtr-run does not write there: a folder, a link to a folder, an unknown
+/// name, a `run.json` that is not a gtr-run record, an `.npz` without a
+/// run, a temporary file of another name. Removes nothing.
+pub(super) fn inventory(out: &Path) -> Result<Inventory, RunError> {
+    let mut held = Inventory::default();
+    let mut has_record = false;
+    for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
+        let entry = entry.map_err(|e| io(out, e))?;
+        let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let plain = kind.is_file() || kind.is_symlink();
+        let ours = |name: &str| is_run_file(name) || name.ends_with(".npz");
+        if name == LOCK_FILE {
+            continue;
+        } else if plain && is_run_file(&name) {
+            has_record |= name == RECORD_FILE;
+            held.run_files.push(entry.path());
+        } else if plain && temporary_target(&name).is_some_and(ours) {
+            held.temporaries.push(entry.path());
+        } else if plain && name.ends_with(".npz") {
+            held.npz_files.push(entry.path());
+        } else {
+            return Err(foreign(out, &name));
+        }
+    }
+    if has_record {
+        let path = out.join(RECORD_FILE);
+        let plain = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+        match RunRecord::read(out) {
+            Ok(r) if plain => held.record = Some(r),
+            _ => {
+                return Err(RunError::Invalid(format!(
+                    "{} holds a run.json that is not a gtr-run record; gtr-run writes only into a new or empty folder or one holding its own run, --force or not: remove it, or choose a new folder",
+                    out.display()
+                )));
+            }
+        }
+    }
+    if let (Some(npz), None) = (held.npz_files.first(), &held.record) {
+        let name = npz.file_name().unwrap_or_default().to_string_lossy();
+        return Err(foreign(out, &name));
+    }
+    Ok(held)
+}
+
+/// Checks an `--npz` target before any work and says whether it lies
+/// directly in the output folder `out` (links and `..` resolved). There its
+/// name must end in `.npz`, since every other name in the folder is the
+/// run's own (an image, `run.json`); elsewhere it must be a file that can
+/// be written ([`check_file_target`]).
+pub(super) fn check_npz_target(npz: &Path, out: &Path) -> Result<bool, RunError> {
+    if !in_folder(npz, out) {
+        check_file_target(npz, "--npz")?;
+        return Ok(false);
+    }
+    let name = npz.file_name().map(|n| n.to_string_lossy());
+    match name {
+        Some(name) if name.ends_with(".npz") && !name.starts_with('.') => Ok(true),
+        _ => Err(RunError::Invalid(format!(
+            "--npz {}: in the output folder {} an .npz must be named NAME.npz; the folder's other names are the run's own files",
+            npz.display(),
+            out.display()
+        ))),
+    }
+}
+
+/// Whether `path` names an entry directly in `folder`, with links and `..`
+/// resolved where the paths exist (lexically where they do not yet).
+fn in_folder(path: &Path, folder: &Path) -> bool {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match (resolved(parent), resolved(folder)) {
+        (Some(a), Some(b)) => a == b,
+        _ => match (std::path::absolute(parent), std::path::absolute(folder)) {
+            (Ok(a), Ok(b)) => a.components().eq(b.components()),
+            _ => false,
+        },
+    }
+}
+
+/// `path` with links and `..` resolved: the path itself if it exists, else
+/// its parent's resolution joined with its name; `None` if neither exists.
+fn resolved(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let name = path.file_name()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(name))
 }
 
 /// The refusal of a folder holding `name`, which gtr-run did not write.
 fn foreign(out: &Path, name: &str) -> RunError {
     RunError::Invalid(format!(
-        "{} holds `{name}`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not, so give --out a new folder",
+        "{} holds `{name}`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not: remove it, or choose a new folder",
         out.display()
     ))
 }
@@ -310,5 +387,32 @@ mod tests {
         assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-shard1of8"));
         let p = default_out_dir("tiny", gtr, 0, Precision::Int8, shard);
         assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-int8-shard1of8"));
+    }
+
+    #[test]
+    fn npz_in_the_output_folder_is_recognised_through_links_and_dots() {
+        assert!(in_folder(Path::new("a/b/x.npz"), Path::new("a/b")));
+        assert!(in_folder(Path::new("a/b/x.npz"), Path::new("a/b/")));
+        assert!(!in_folder(Path::new("a/x.npz"), Path::new("a/b")));
+        assert!(in_folder(Path::new("x.npz"), Path::new(".")));
+        let scratch = tempfile::tempdir().unwrap();
+        let out = scratch.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        assert!(in_folder(&out.join("../out/x.npz"), &out));
+        #[cfg(unix)]
+        {
+            let link = scratch.path().join("link");
+            std::os::unix::fs::symlink(&out, &link).unwrap();
+            assert!(in_folder(&link.join("x.npz"), &out));
+        }
+        // A folder not made yet.
+        let later = scratch.path().join("later");
+        assert!(in_folder(&later.join("x.npz"), &later));
+        let refused = check_npz_target(&out.join("00000.png"), &out).unwrap_err();
+        assert!(
+            refused.to_string().contains("must be named NAME.npz"),
+            "{refused}"
+        );
+        assert!(check_npz_target(&out.join("all.npz"), &out).unwrap());
     }
 }

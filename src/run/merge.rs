@@ -4,11 +4,11 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::folder::{check_file_target, image_name, image_path, is_run_file};
+use super::folder::{check_npz_target, image_name, image_path, inventory, lock};
 use super::outputs::{write_grid, write_npz};
 use super::record::RunRecord;
 use super::{RunError, Shard};
-use crate::fsutil::sha256_file;
+use crate::fsutil::{FolderLock, sha256_file};
 
 #[derive(Debug, Clone)]
 pub struct MergeRequest {
@@ -188,14 +188,13 @@ pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
     for part in &parts {
         part.check_files()?;
     }
-    check_out(&req.out, &parts, req.force)?;
-    let npz_in_out = req
-        .npz
-        .as_deref()
-        .is_some_and(|npz| in_folder(npz, &req.out));
-    if let (Some(npz), false) = (&req.npz, npz_in_out) {
-        check_file_target(npz, "--npz")?;
-    }
+    // Held until the merged folder is in place: no gtr-run writes into the
+    // old one meanwhile.
+    let _lock = check_out(&req.out, &parts, req.force)?;
+    let npz_in_out = match &req.npz {
+        Some(npz) => check_npz_target(npz, &req.out)?,
+        None => false,
+    };
 
     let staging = Staging::new(&req.out)?;
     for part in &parts {
@@ -294,9 +293,11 @@ fn spans(indices: &[usize]) -> String {
     out.join(", ")
 }
 
-/// `out` may not be a file nor a part, and if it holds anything, `force`
-/// must be given and it may hold only gtr-run output.
-fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<(), RunError> {
+/// `out` may not be a file nor a part; if it is a folder, it is locked
+/// (the lock is returned: hold it until the merge is committed), and if it
+/// holds anything, `force` must be given and it may hold only gtr-run
+/// output ([`inventory`]), which the merge replaces.
+fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<Option<FolderLock>, RunError> {
     let invalid = |m: String| Err(RunError::Invalid(m));
     if out.exists() && !out.is_dir() {
         return invalid(format!("{} exists and is not a folder", out.display()));
@@ -316,47 +317,24 @@ fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<(), RunError> {
         ));
     }
     if !out.is_dir() {
-        return Ok(());
+        return Ok(None);
     }
-    let names: Vec<String> = std::fs::read_dir(out)
+    let held = lock(out)?;
+    let empty = std::fs::read_dir(out)
         .map_err(|source| RunError::Write {
             path: out.to_path_buf(),
             source,
         })?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    if names.is_empty() {
-        return Ok(());
-    }
-    if !force {
+        .next()
+        .is_none();
+    if !empty && !force {
         return invalid(format!(
             "{} is not empty; pass --force to replace the run in it, or give a new folder",
             out.display()
         ));
     }
-    match names
-        .iter()
-        .find(|n| !is_run_file(n) && !n.ends_with(".npz") && !n.ends_with(".tmp"))
-    {
-        Some(foreign) => invalid(format!(
-            "{} holds `{foreign}`, which gtr-run does not write; --force replaces only gtr-run output, so remove it or give a new folder",
-            out.display()
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Whether `path` names a file directly in `folder`.
-fn in_folder(path: &Path, folder: &Path) -> bool {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    match (std::path::absolute(parent), std::path::absolute(folder)) {
-        (Ok(a), Ok(b)) => a.components().eq(b.components()),
-        _ => false,
-    }
+    inventory(out)?;
+    Ok(Some(held))
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> Result<(), RunError> {
@@ -461,13 +439,5 @@ mod tests {
         assert_eq!(spans(&[0, 1, 2, 3, 7, 9, 10]), "0-3, 7, 9-10");
         assert_eq!(spans(&[5]), "5");
         assert_eq!(spans(&[]), "");
-    }
-
-    #[test]
-    fn npz_in_the_merged_folder_is_recognised() {
-        assert!(in_folder(Path::new("a/b/x.npz"), Path::new("a/b")));
-        assert!(in_folder(Path::new("a/b/x.npz"), Path::new("a/b/")));
-        assert!(!in_folder(Path::new("a/x.npz"), Path::new("a/b")));
-        assert!(in_folder(Path::new("x.npz"), Path::new(".")));
     }
 }

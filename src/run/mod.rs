@@ -353,7 +353,7 @@ fn check_request(req: &RunRequest) -> Result<Range<usize>, RunError> {
                 "--npz with --shard: a shard holds only part of the images; pass --npz to `gtr-run merge` instead".into(),
             ));
         }
-        folder::check_file_target(npz, "--npz")?;
+        folder::check_npz_target(npz, &req.out)?;
     }
     Ok(range)
 }
