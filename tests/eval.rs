@@ -69,7 +69,51 @@ fn speed_and_cost_columns_without_an_evaluator() {
     ];
     fails(&again, "holds a previous evaluation");
     assert_eq!(gtr_run(&again).status.code(), Some(3));
+    // Any of its files counts (eval.md alone was overwritten), and a file
+    // an evaluation does not write is refused, --force or not (a run's
+    // folder, somebody's notes), and left as it was.
+    std::fs::remove_file(out.join("eval.json")).unwrap();
+    std::fs::remove_file(out.join("eval.csv")).unwrap();
+    fails(&again, "holds a previous evaluation");
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let forced = [&again[..], &["--force"]].concat();
+    fails(
+        &forced,
+        "holds `notes.txt`, which an evaluation does not write",
+    );
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+    // --force replaces the previous evaluation's files.
+    ok(&forced);
+    assert!(
+        json(&out)["comparison"]["schedules"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    );
+    let run = tmp("eval-into-run");
+    ok(&[
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    fails(
+        &[
+            "eval",
+            TINY,
+            "schedules/mar-8.gtr",
+            "--force",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+        "holds `00000.png`, which an evaluation does not write",
+    );
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_dir_all(&run);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use gtr_run::run::{RunError, precision_suffix};
+use gtr_run::run::precision_suffix;
 use gtr_run::schedule::Schedule;
 
 use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
@@ -116,7 +116,7 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
             .check_model_grid(bundle.grid(), &bundle.manifest.name)
             .map_err(|m| anyhow::anyhow!(m))?;
     }
-    let (comparison, out) = run_comparison("sweep", &bundle, &contenders, args.compare)?;
+    let (comparison, out, _lock) = run_comparison("sweep", &bundle, &contenders, args.compare)?;
     match sweep::pareto_svg(&comparison) {
         Some(svg) => {
             let path = out.join("pareto.svg");
@@ -137,17 +137,24 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
 
 /// Runs `contenders` on `bundle` as `args` asks and writes the table as
 /// `WHAT.md`, `WHAT.csv` and `WHAT.json` in the output folder (printing the
-/// Markdown); returns the comparison and the folder.
+/// Markdown); returns the comparison, the folder and its lock (held until
+/// every file is written). The folder is taken before any image is made
+/// ([`claim_report`]).
 fn run_comparison(
     what: &str,
     bundle: &gtr_run::bundle::Bundle,
     contenders: &[gtr_run::eval::Contender],
     args: CompareArgs,
-) -> anyhow::Result<(gtr_run::eval::Comparison, PathBuf)> {
+) -> anyhow::Result<(
+    gtr_run::eval::Comparison,
+    PathBuf,
+    gtr_run::fsutil::FolderLock,
+)> {
     use gtr_run::backend::{OrtEvaluator, features_of};
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
     use gtr_run::fsutil::write_atomic;
+    use gtr_run::run::claim_report;
 
     let device = args.runtime.device;
     let schedules: Vec<&Schedule> = contenders.iter().map(|c| &c.schedule).collect();
@@ -168,16 +175,16 @@ fn run_comparison(
             precision_suffix(options.precision.precision)
         ))
     });
-    let json_path = out.join(format!("{what}.json"));
-    if json_path.exists() && !args.force {
-        // A folder that is not this evaluation's: a wrong input, as for a run.
-        return Err(RunError::Invalid(format!(
-            "{} holds a previous evaluation; give --force to replace it or --out for another folder",
-            out.display()
-        ))
-        .into());
+    // What the folder holds: the table (below) and a sweep's drawing.
+    let mut names: Vec<String> = ["md", "csv", "json"]
+        .map(|extension| format!("{what}.{extension}"))
+        .into();
+    if what == "sweep" {
+        names.push("pareto.svg".into());
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let kind = if what == "eval" { "evaluation" } else { what };
+    let lock = claim_report(&out, &names, kind, args.force)?;
     eprintln!(
         "gtr-run {what}: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
         info.name,
@@ -248,5 +255,5 @@ fn run_comparison(
         "gtr-run {what}: wrote {what}.md, {what}.csv and {what}.json to {}",
         out.display()
     );
-    Ok((comparison, out))
+    Ok((comparison, out, lock))
 }

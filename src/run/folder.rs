@@ -299,6 +299,64 @@ pub(super) fn inventory(out: &Path) -> Result<Inventory, RunError> {
     Ok(held)
 }
 
+/// Takes the folder `out` for a report made of files of fixed names
+/// (`names`: an evaluation's `eval.md`, `eval.csv`, `eval.json`, …) and
+/// returns its lock (hold it until the files are written). The folder is
+/// created if missing and locked ([`lock`]); refused if it holds anything
+/// else than those files and gtr-run's temporary files of them (a run's
+/// images, anybody's notes); refused if it holds one of them (a previous
+/// `what`) unless `force`, which removes them, so that no file of the
+/// previous report is left beside the new one.
+pub fn claim_report(
+    out: &Path,
+    names: &[&str],
+    what: &str,
+    force: bool,
+) -> Result<FolderLock, RunError> {
+    if out.exists() && !out.is_dir() {
+        return Err(RunError::Invalid(format!(
+            "{} exists and is not a folder",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let lock = lock(out)?;
+    let (mut previous, mut temporaries) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
+        let entry = entry.map_err(|e| io(out, e))?;
+        let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let plain = kind.is_file() || kind.is_symlink();
+        if name == LOCK_FILE {
+            continue;
+        } else if plain && names.contains(&name.as_str()) {
+            previous.push(entry.path());
+        } else if plain && temporary_target(&name).is_some_and(|t| names.contains(&t)) {
+            temporaries.push(entry.path());
+        } else {
+            let a = if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            return Err(RunError::Invalid(format!(
+                "{} holds `{name}`, which {a} {what} does not write; {a} {what} writes only into a new or empty folder or one holding a previous {what}, --force or not: remove it, or choose a new folder",
+                out.display()
+            )));
+        }
+    }
+    if !previous.is_empty() && !force {
+        return Err(RunError::Invalid(format!(
+            "{} holds a previous {what}; give --force to replace it or --out for another folder",
+            out.display()
+        )));
+    }
+    for path in previous.iter().chain(&temporaries) {
+        std::fs::remove_file(path).map_err(|e| io(path, e))?;
+    }
+    Ok(lock)
+}
+
 /// Checks an `--npz` target before any work and says whether it lies
 /// directly in the output folder `out` (links and `..` resolved). There its
 /// name must end in `.npz`, since every other name in the folder is the
