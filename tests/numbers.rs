@@ -450,3 +450,30 @@ mod generated_manifests {
         }
     }
 }
+
+/// A graph file that is not an ONNX model (cut short, empty, or another
+/// file) is a wrong input, exit 3, naming the graph and its file; it was a
+/// failure of ONNX Runtime, exit 4.
+#[test]
+fn broken_graph_files_are_wrong_inputs() {
+    let dir = tiny_bundle_with("numbers-broken-graph", "", "", |m| m);
+    let b = dir.to_str().unwrap();
+    let out = tmp("numbers-broken-graph-out");
+    let args = [b, "schedules/gtr-fast.gtr", "--out", out.to_str().unwrap()];
+    let original = std::fs::read(dir.join("diffusion.onnx")).unwrap();
+    for (bytes, want) in [
+        (&original[..5000], "Protobuf parsing failed"),
+        (&[][..], "the file is empty"),
+        (
+            &b"not a model\n"[..],
+            "not an ONNX model that ONNX Runtime can load",
+        ),
+    ] {
+        std::fs::write(dir.join("diffusion.onnx"), bytes).unwrap();
+        fails(&args, "graph `diffusion` (");
+        fails(&args, want);
+        assert_eq!(common::gtr_run(&args).status.code(), Some(3));
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -14,6 +14,17 @@ pub enum OrtError {
         path: String,
         message: String,
     },
+    /// The bundle's file for a graph is not a model ONNX Runtime can read
+    /// (truncated, not ONNX, an invalid graph): a wrong input, unlike a
+    /// [`OrtError::Session`] failure of the runtime itself.
+    #[error(
+        "graph `{graph}` ({path}): not an ONNX model that ONNX Runtime can load: {message}; the bundle's manifest names this file for the graph: export it again, or correct the manifest"
+    )]
+    Model {
+        graph: &'static str,
+        path: String,
+        message: String,
+    },
     #[error("graph `{graph}`, tensor `{tensor}`: {problem}")]
     Contract {
         graph: &'static str,

@@ -103,9 +103,25 @@ impl Graph {
                 .map_err(|e| session_err(format!("profiling into {}: {e}", prefix.display())))?;
         }
         let (mut builder, provider) = register_device(builder, device, settings)?;
-        let session = builder
-            .commit_from_file(path)
-            .map_err(|e| session_err(e.to_string()))?;
+        // ONNX Runtime calls an empty file a generic failure.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(OrtError::Model {
+                graph: name,
+                path: path.display().to_string(),
+                message: "the file is empty".into(),
+            });
+        }
+        let session = builder.commit_from_file(path).map_err(|e| {
+            use ort::ErrorCode::{InvalidGraph, InvalidProtobuf, NoModel, NoSuchFile};
+            match e.code() {
+                InvalidProtobuf | InvalidGraph | NoModel | NoSuchFile => OrtError::Model {
+                    graph: name,
+                    path: path.display().to_string(),
+                    message: e.message().to_string(),
+                },
+                _ => session_err(e.to_string()),
+            }
+        })?;
         let graph = Graph {
             name,
             session,
