@@ -180,6 +180,64 @@ fn a_killed_run_resumed_with_another_seed_is_refused() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// Case 1b: two bundles of one name, with other settings or other
+/// weights, are two models: a run of one is not resumed nor merged with
+/// the other (the record's `model.sha256`).
+#[test]
+fn a_run_is_not_resumed_or_merged_with_another_model_of_its_name() {
+    let scaled = common::tiny_bundle_with("safety-scaled", "", "", |m| {
+        let mut out = String::new();
+        for line in m.lines() {
+            match line.strip_prefix("latent_scale:") {
+                Some(_) => out += "latent_scale: 0.9\n",
+                None => out += &format!("{line}\n"),
+            }
+        }
+        out
+    });
+    // Other weights: one bit of the head's graph flipped in the middle of
+    // the file, inside its weights (they are nearly all of its bytes), so
+    // that it still loads.
+    let retrained = common::tiny_bundle_with("safety-retrained", "", "", |m| m);
+    let mut graph = std::fs::read(retrained.join("diffusion.onnx")).unwrap();
+    let middle = graph.len() / 2;
+    graph[middle] ^= 1;
+    std::fs::write(retrained.join("diffusion.onnx"), graph).unwrap();
+
+    let out = tmp("safety-two-models");
+    fn run<'a>(bundle: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![s(bundle), FAST, "--num-images", "4", "--out", s(out)];
+        args.extend(extra);
+        args
+    }
+    let tiny = root().join(TINY);
+    ok(&run(&tiny, &out, &["--shard", "0/2"]));
+    for other in [&scaled, &retrained] {
+        fails(
+            &run(other, &out, &["--shard", "0/2", "--resume"]),
+            "differ in the model's settings and graphs (SHA-256)",
+        );
+    }
+    let part = tmp("safety-two-models-part");
+    ok(&[
+        &[s(&scaled), FAST, "--num-images", "4", "--shard", "1/2"][..],
+        &["--out", s(&part)],
+    ]
+    .concat());
+    fails(
+        &[
+            "merge",
+            s(&tmp("safety-two-models-merged")),
+            s(&out),
+            s(&part),
+        ],
+        "differ in the model's settings and graphs (SHA-256)",
+    );
+    for d in [&scaled, &retrained, &out, &part] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
 /// Case 2: while one process writes a folder, a second one on the same
 /// `--out` is refused, whatever it asks, and told who holds it; once the
 /// holder is gone (even killed), the folder is free again.

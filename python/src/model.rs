@@ -365,6 +365,8 @@ impl Model {
             shard: None,
             npz: None,
             ticks_per_call: None,
+            // In memory: no folder to resume or merge.
+            model_sha256: None,
         };
         // A Python error from the progress report stops the run; it is kept
         // here to be raised as itself.

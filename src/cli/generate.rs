@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::Args;
 
-use gtr_run::run::Shard;
+use gtr_run::run::{Shard, model_digest};
 use gtr_run::schedule::Schedule;
 
 use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
@@ -115,7 +115,15 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.ort_profile {
         options.profile_dir = Some(profile_dir(dir)?);
     }
+    // The model's files are hashed for the record while the sessions load.
+    let files = options.precision.model_files(&bundle);
+    let info = bundle.model_info();
+    let digest = std::thread::spawn(move || model_digest(&info, &files));
     let model = load_model(&bundle, &args.runtime, &options)?;
+    let model_sha256 = digest
+        .join()
+        .map_err(|_| anyhow::anyhow!("hashing the model's graph files stopped"))?
+        .context("hashing the model's graph files for run.json")?;
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(
@@ -152,6 +160,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         shard: args.shard,
         npz: args.npz,
         ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
+        model_sha256: Some(model_sha256),
     };
     let part = match request.shard {
         Some(s) => {

@@ -26,7 +26,7 @@ use serde_json::Value;
 pub use folder::{Existing, claim_report, default_out_dir, precision_suffix};
 pub use jobs::{Classes, Shard, label_for};
 pub use outputs::{encode_batch, encode_png, write_npz};
-pub use record::RunRecord;
+pub use record::{RunRecord, model_digest};
 
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
@@ -65,6 +65,9 @@ pub struct RunRequest {
     pub npz: Option<PathBuf>,
     /// Ticks per sampler-graph call ([`Engine::ticks_per_call`]).
     pub ticks_per_call: Option<usize>,
+    /// [`record::model_digest`] of the model, recorded and compared by
+    /// `--resume` and `merge`; `None` only for runs that write no folder.
+    pub model_sha256: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -414,6 +417,7 @@ fn describe_run<M: MarModel>(
             name: info.name.clone(),
             path: Some(bundle.dir.display().to_string()),
             classes: info.classes,
+            sha256: req.model_sha256.clone(),
         },
         schedule: ScheduleRecord {
             path: Some(req.schedule.source.name.clone()),

@@ -8,15 +8,16 @@
 //! the default those versions implied.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::RunError;
 use crate::cost::PricedCost;
+use crate::engine::ModelInfo;
 use crate::engine::{GraphStats, StepStats};
-use crate::fsutil::write_atomic;
+use crate::fsutil::{sha256_file, sha256_hex, write_atomic};
 use crate::plan::DetailRule;
 
 /// The file name of the record in a run's folder.
@@ -104,6 +105,23 @@ pub struct ModelRecord {
     pub path: Option<String>,
     /// Classes of the model (0: unconditional).
     pub classes: usize,
+    /// [`model_digest`] of the run's model: two bundles of one name with
+    /// other weights or settings differ here. `None` for runs that wrote no
+    /// folder (in memory) and records older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// SHA-256 (hex) of a model as a run uses it: the manifest's settings that
+/// the engine reads (`info`, as its `Debug` text: compared only between
+/// records of one gtr-run version) and the SHA-256 of each graph file
+/// `files` ((role, path), in order). Reads every file once.
+pub fn model_digest(info: &ModelInfo, files: &[(String, PathBuf)]) -> std::io::Result<String> {
+    let mut text = format!("{info:?}\n");
+    for (role, path) in files {
+        text += &format!("{role} {}\n", sha256_file(path)?);
+    }
+    Ok(sha256_hex(text.as_bytes()))
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,11 +260,15 @@ impl RunRecord {
     /// What makes two records parts of one run: what each value is called
     /// in messages, and the value. Not compared: batch size, device and
     /// paths (none changes an image), nor the measurements.
-    fn identity(&self) -> [(&'static str, Value); 13] {
+    fn identity(&self) -> [(&'static str, Value); 14] {
         [
             ("gtr-run version", json!(self.gtr_run_version)),
             ("model", json!(self.model.name)),
             ("model's number of classes", json!(self.model.classes)),
+            (
+                "model's settings and graphs (SHA-256)",
+                json!(self.model.sha256),
+            ),
             ("schedule text", json!(self.schedule.source)),
             ("schedule parameters", json!(self.schedule.params)),
             ("MAR steps", json!(self.mar_steps)),

@@ -87,6 +87,27 @@ fn base_files(bundle: &Bundle) -> BTreeMap<String, String> {
         .collect()
 }
 
+impl PrecisionChoice {
+    /// The files of the four graphs every bundle has (by role key), as this
+    /// choice reads them: what, with the manifest's settings, makes the
+    /// model's images. The optional graphs are written from these by the
+    /// model tools and are left out.
+    pub fn model_files(&self, bundle: &Bundle) -> Vec<(String, std::path::PathBuf)> {
+        crate::bundle::Role::ALL
+            .iter()
+            .map(|role| {
+                let key = role.key();
+                let file = self
+                    .graph_files
+                    .get(key)
+                    .cloned()
+                    .unwrap_or_else(|| bundle.graph(*role).file.clone());
+                (key.to_string(), bundle.dir.join(file))
+            })
+            .collect()
+    }
+}
+
 /// A precision that cannot be used as asked; the message names the flag or
 /// the manifest field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
