@@ -78,6 +78,49 @@ fn cost_on_a_model_bundle() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["cost"]["model"], "tiny-random");
     assert_eq!(v["cost"]["decoder_passes"], 128); // 64 steps, both CFG halves
+
+    // A schedule that says nothing of guidance is planned with the
+    // bundle's default (manifest `sampling.cfg`), as a run on it is: the
+    // cost is the run's (it was priced without guidance, half of it).
+    let dir = tmp("cost-bundle-defaults");
+    std::fs::create_dir_all(&dir).unwrap();
+    let schedule = dir.join("plain.gtr");
+    std::fs::write(&schedule, "stage generate { tokens all steps 16 }\n").unwrap();
+    let s = schedule.to_str().unwrap();
+    let o = gtr_run(&["plan", s, "--json", "--cost", "models/fixtures/tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let planned: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let out = dir.join("run");
+    let o = gtr_run(&[
+        "models/fixtures/tiny",
+        s,
+        "--num-images",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    for field in [
+        "encoder_passes",
+        "decoder_passes",
+        "diffusion_evaluations",
+        "total_flops",
+    ] {
+        assert_eq!(
+            planned["cost"][field], record["cost_per_image"][field],
+            "{field}"
+        );
+    }
+    assert_eq!(planned["cost"]["encoder_passes"], 32, "16 steps, guided");
+    // A schedule of another grid is refused at its `grid` line (exit 3),
+    // as a run on the bundle refuses it.
+    std::fs::write(&schedule, "grid 4x4\nstage generate { tokens all steps 4 }\n").unwrap();
+    let o = gtr_run(&["plan", s, "--cost", "models/fixtures/tiny"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("plain.gtr:1:6"), "{}", stderr(&o));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -89,8 +89,7 @@ fn eval_contenders(
     })?;
     for c in &contenders {
         c.schedule
-            .check_model_grid(bundle.grid(), &bundle.manifest.name)
-            .map_err(|m| anyhow::anyhow!(m))?;
+            .check_model_grid(bundle.grid(), &bundle.manifest.name)?;
     }
     Ok(contenders)
 }
@@ -113,8 +112,7 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     let contenders = sweep::contenders(&args.schedule, &args.axes)?;
     for c in &contenders {
         c.schedule
-            .check_model_grid(bundle.grid(), &bundle.manifest.name)
-            .map_err(|m| anyhow::anyhow!(m))?;
+            .check_model_grid(bundle.grid(), &bundle.manifest.name)?;
     }
     let (comparison, out, _lock) = run_comparison("sweep", &bundle, &contenders, args.compare)?;
     match sweep::pareto_svg(&comparison) {

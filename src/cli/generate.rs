@@ -103,9 +103,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     let schedule = Schedule::from_file(&schedule_path, &overrides)?;
-    schedule
-        .check_model_grid(bundle.grid(), &bundle.manifest.name)
-        .map_err(|m| anyhow::anyhow!(m))?;
+    schedule.check_model_grid(bundle.grid(), &bundle.manifest.name)?;
     let mut options = args.runtime.load_options_for(
         &bundle,
         &[&schedule],

@@ -3,14 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
 
+use gtr_run::bundle::Bundle;
+use gtr_run::cost::ModelSpec;
 use gtr_run::cost::plan_cost;
 use gtr_run::grid::Grid;
-use gtr_run::plan::Planner;
+use gtr_run::plan::{PlanOptions, Planner};
 use gtr_run::report;
 use gtr_run::schedule::{Schedule, ScheduleError};
 
@@ -43,7 +45,7 @@ pub struct PlanArgs {
     /// Also write a picture of the order to this PNG file.
     #[arg(long, value_name = "PATH")]
     png: Option<PathBuf>,
-    /// Add the analytic cost on a model: mar-b, mar-l, mar-h, or a model bundle.
+    /// Add the analytic cost on a model: mar-b, mar-l, mar-h, or a model bundle (planned then on its grid with its cfg and temperature defaults, as a run on it).
     #[arg(long, value_name = "MODEL")]
     cost: Option<String>,
 }
@@ -70,13 +72,42 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     };
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     let schedule = Schedule::from_file(path, &overrides)?;
-    let grid = schedule.planning_grid(args.grid);
+    // `--cost BUNDLE` plans as a run on that bundle does: on its grid,
+    // with its guidance and temperature defaults (guidance doubles the
+    // backbone passes and head rows it costs).
+    let bundle = match &args.cost {
+        Some(name) if ModelSpec::builtin(name).is_none() && Path::new(name).exists() => {
+            Some(Bundle::open(Path::new(name))?)
+        }
+        _ => None,
+    };
+    let (grid, options) = match &bundle {
+        None => (schedule.planning_grid(args.grid), PlanOptions::default()),
+        Some(bundle) => {
+            if let Some(g) = args.grid.filter(|&g| g != bundle.grid()) {
+                bail!(
+                    "--grid {g}: the --cost bundle `{}` has a {} grid, which its plan uses; leave --grid out",
+                    bundle.manifest.name,
+                    bundle.grid()
+                );
+            }
+            schedule.check_model_grid(bundle.grid(), &bundle.manifest.name)?;
+            let sampling = bundle.manifest.sampling;
+            let options = PlanOptions {
+                default_cfg: Some(sampling.cfg),
+                default_temperature: Some(sampling.temperature),
+                ..PlanOptions::default()
+            };
+            (bundle.grid(), options)
+        }
+    };
     let plan = Planner::new(&schedule, grid)
-        .and_then(|p| p.plan(args.seed))
+        .and_then(|p| p.plan_with(args.seed, &options))
         .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
-    let cost = match &args.cost {
-        None => None,
-        Some(name) => {
+    let cost = match (&args.cost, &bundle) {
+        (None, _) => None,
+        (Some(_), Some(bundle)) => Some(plan_cost(&plan, &bundle.cost_spec())),
+        (Some(name), None) => {
             use gtr_run::bundle::{NamedSpecError, cost_spec_named};
             let spec = cost_spec_named(name).map_err(|e| match e {
                 NamedSpecError::Unknown(_) => anyhow::anyhow!("--cost {e}"),

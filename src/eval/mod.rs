@@ -270,15 +270,16 @@ impl<'c> Planners<'c> {
             move |problem| CompareError::Unfit { name, problem }
         };
         let mut planners = Vec::new();
-        for (k, c) in contenders.iter().enumerate() {
+        for c in contenders {
+            let schedule_error = |source| CompareError::Schedule {
+                name: c.name.clone(),
+                source,
+            };
             c.schedule
                 .check_model_grid(info.grid, &info.name)
-                .map_err(unfit(k))?;
-            let planner =
-                Planner::new(&c.schedule, info.grid).map_err(|d| CompareError::Schedule {
-                    name: c.name.clone(),
-                    source: ScheduleError::Invalid(Box::new(d)),
-                })?;
+                .map_err(schedule_error)?;
+            let planner = Planner::new(&c.schedule, info.grid)
+                .map_err(|d| schedule_error(ScheduleError::Invalid(Box::new(d))))?;
             planners.push(planner);
         }
         let planners = Planners {

@@ -381,9 +381,7 @@ fn load_replay(req: &RunRequest) -> Result<Option<Replay>, RunError> {
 /// chain lengths) before any work.
 fn plan_run<'s>(req: &'s RunRequest, info: &ModelInfo) -> Result<RunPlans<'s>, RunError> {
     let invalid = |d| RunError::from(ScheduleError::Invalid(Box::new(d)));
-    req.schedule
-        .check_model_grid(info.grid, &info.name)
-        .map_err(RunError::Invalid)?;
+    req.schedule.check_model_grid(info.grid, &info.name)?;
     let planner = Planner::new(&req.schedule, info.grid).map_err(invalid)?;
     let options = PlanOptions {
         default_cfg: Some(info.defaults.cfg),

@@ -194,6 +194,7 @@ pub(super) fn compile(
         source,
         params,
         grid: grid.map(|(g, _)| g),
+        grid_span: grid.map(|(_, span)| span),
         partition,
         sets,
         stages,

@@ -146,6 +146,8 @@ pub struct Schedule {
     pub params: Vec<Param>,
     /// The grid the file declares (`grid HxW`), if any.
     pub grid: Option<Grid>,
+    /// Where the file declares it.
+    pub grid_span: Option<Span>,
     pub partition: Option<Partition>,
     pub sets: Vec<NamedSet>,
     pub stages: Vec<Stage>,
@@ -178,12 +180,19 @@ impl Schedule {
     /// A schedule that states a grid runs only on a model of that grid;
     /// one that states none adapts to any (partitions and conditions are
     /// relative to the grid).
-    pub fn check_model_grid(&self, model: Grid, model_name: &str) -> Result<(), String> {
-        match self.grid {
-            Some(g) if g != model => Err(format!(
-                "schedule {} states `grid {g}`, but model `{model_name}` has a {model} grid; remove the `grid` line to let the schedule adapt, or use a model of that grid",
-                self.source.name
-            )),
+    pub fn check_model_grid(&self, model: Grid, model_name: &str) -> Result<(), ScheduleError> {
+        match (self.grid, self.grid_span) {
+            (Some(g), Some(span)) if g != model => Err(Diagnostic::new(
+                &self.source,
+                span,
+                format!(
+                    "the schedule states `grid {g}`, but model `{model_name}` has a {model} grid"
+                ),
+            )
+            .with_help(
+                "remove the `grid` line to let the schedule adapt, or use a model of that grid",
+            )
+            .into()),
             _ => Ok(()),
         }
     }
