@@ -117,16 +117,12 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(path) = &args.png {
+        // Before the work, and naming the flag (not the temporary file).
+        gtr_run::run::check_file_target(path, "--png")?;
         let img = report::png::render(&plan);
         let mut bytes = Vec::new();
         img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)
             .context("encoding the PNG")?;
-        if path.is_dir() {
-            bail!(
-                "--png {}: this is a folder; give a file name",
-                path.display()
-            );
-        }
         gtr_run::fsutil::write_atomic(path, &bytes)
             .with_context(|| format!("writing {}", path.display()))?;
     }

@@ -128,7 +128,7 @@ pub(super) fn check_resumable(
 
 /// Refuses, before any work, a path a file cannot be written to: a folder,
 /// or a file in a folder that does not exist. `what` names the option.
-pub(super) fn check_file_target(path: &Path, what: &str) -> Result<(), RunError> {
+pub fn check_file_target(path: &Path, what: &str) -> Result<(), RunError> {
     if path.is_dir() {
         return Err(RunError::Invalid(format!(
             "{what} {}: this is a folder; give a file name",
