@@ -116,7 +116,11 @@ fn cost_on_a_model_bundle() {
     assert_eq!(planned["cost"]["encoder_passes"], 32, "16 steps, guided");
     // A schedule of another grid is refused at its `grid` line (exit 3),
     // as a run on the bundle refuses it.
-    std::fs::write(&schedule, "grid 4x4\nstage generate { tokens all steps 4 }\n").unwrap();
+    std::fs::write(
+        &schedule,
+        "grid 4x4\nstage generate { tokens all steps 4 }\n",
+    )
+    .unwrap();
     let o = gtr_run(&["plan", s, "--cost", "models/fixtures/tiny"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(stderr(&o).contains("plain.gtr:1:6"), "{}", stderr(&o));
@@ -162,7 +166,7 @@ fn png_is_written() {
 
 #[test]
 fn bad_input_gives_clear_errors_and_exit_code_2() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (
             &["plan", "schedules/no-such.gtr"],
             "cannot read schedule schedules/no-such.gtr",
@@ -187,6 +191,10 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
             &["plan", "schedules/gtr.gtr", "--png", "."],
             "this is a folder",
         ),
+        (
+            &["plan", "schedules/gtr.gtr", "--png", "no-such-folder/x.png"],
+            "--png no-such-folder/x.png: the folder no-such-folder does not exist",
+        ),
     ];
     for (args, want) in cases {
         let o = gtr_run(args);
@@ -203,9 +211,10 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
         &["plan", "schedules/gtr.gtr", "--grid", "16"][..],
         &["plan", "schedules/gtr.gtr", "--set", "x"][..],
         &["plan", "schedules/gtr.gtr", "--set", "x=abc"][..],
+        &["plan", "schedules/gtr.gtr", "--set", "=3"][..],
     ] {
         let o = gtr_run(args);
-        assert!(!o.status.success());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(!stderr(&o).contains("panicked"), "{args:?}");
     }
     assert!(

@@ -193,6 +193,7 @@ fn parse_precision(s: &str) -> Result<gtr_run::precision::Precision, String> {
 pub fn parse_override(s: &str) -> Result<(String, f64), String> {
     let (name, value) = s
         .split_once('=')
+        .filter(|(name, _)| !name.trim().is_empty())
         .ok_or_else(|| format!("`{s}` is not NAME=VALUE (e.g. --set gen_steps=10)"))?;
     let v: f64 = value
         .trim()

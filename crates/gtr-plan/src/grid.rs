@@ -48,10 +48,10 @@ impl fmt::Display for Grid {
 impl FromStr for Grid {
     type Err = String;
 
-    /// Parses `HxW` (e.g. `16x16`).
+    /// Parses `HxW` (e.g. `16x16`; `X` and `×` as in schedule files).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("`{s}` is not a grid size; write it as HxW, e.g. 16x16");
-        let (h, w) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+        let (h, w) = s.split_once(['x', 'X', '×']).ok_or_else(bad)?;
         let h: usize = h.trim().parse().map_err(|_| bad())?;
         let w: usize = w.trim().parse().map_err(|_| bad())?;
         if h == 0 || w == 0 {
@@ -59,12 +59,32 @@ impl FromStr for Grid {
                 "grid {s} has no tokens; both sides must be at least 1"
             ));
         }
-        if h * w > MAX_TOKENS {
-            return Err(format!(
-                "grid {s} has {} tokens; at most {MAX_TOKENS} are supported",
-                h * w
-            ));
+        match h.checked_mul(w) {
+            Some(n) if n <= MAX_TOKENS => {}
+            n => {
+                return Err(format!(
+                    "grid {s} has {} tokens; at most {MAX_TOKENS} are supported",
+                    n.map_or("too many".into(), |n| n.to_string())
+                ));
+            }
         }
         Ok(Grid::new(h, w))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_sizes_parse_as_schedule_files_write_them() {
+        for s in ["16x16", "16X16", "16×16", " 16 x 16 "] {
+            assert_eq!(s.trim().parse::<Grid>(), Ok(Grid::new(16, 16)), "{s}");
+        }
+        assert!("16*16".parse::<Grid>().is_err());
+        assert!("0x4".parse::<Grid>().unwrap_err().contains("no tokens"));
+        // The product overflowed a usize and wrapped below the limit.
+        let huge = "4294967296x4294967296".parse::<Grid>().unwrap_err();
+        assert!(huge.contains("too many tokens"), "{huge}");
     }
 }

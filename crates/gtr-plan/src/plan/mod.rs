@@ -335,7 +335,8 @@ fn stage_temperature(
                 )
                 .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
             }
-            t
+            // `-0` is 0 (printed without its sign).
+            if t == 0.0 { 0.0 } else { t }
         }
         (None, None) => options.default_temperature.unwrap_or(1.0),
     })
@@ -376,11 +377,18 @@ fn stage_guidance(
         Cfg::Unset => options.default_cfg.map(|c| (c, true)),
         Cfg::Constant(e) | Cfg::Linear(e) => {
             let scale = eval(e);
-            if !scale.is_finite() {
+            if !(scale.is_finite() && scale >= 0.0) {
+                // As `--cfg` refuses them.
                 return Err(Diagnostic::new(
                     src,
                     e.span,
-                    "the guidance scale must be a finite number",
+                    format!(
+                        "the guidance scale must be a finite number >= 0, not {}",
+                        fmt_num(scale)
+                    ),
+                )
+                .with_help(
+                    "1 runs no unconditional pass; MAR-B's value is 2.9 (`cfg linear 2.9`)",
                 ));
             }
             Some((scale, matches!(stage.cfg, Cfg::Linear(_))))

@@ -354,7 +354,15 @@ impl<'a> Declarations<'a> {
                 name: part.set_name(n),
                 span: prefix.map_or(span, |p| p.span),
             };
-            self.declare(src, &ident, "partition")?;
+            self.declare(src, &ident, "partition").map_err(|d| {
+                d.with_help(format!(
+                    "the partition names its sets {}..{}: give them other names with `as`, e.g. `partition checker({}) as P` for P1..P{}, or rename the other",
+                    part.set_name(1),
+                    part.set_name(part.levels),
+                    part.levels,
+                    part.levels
+                ))
+            })?;
         }
         self.partition = Some(part);
         Ok(())

@@ -255,7 +255,43 @@ fn unknown_name(source: &Arc<Source>, expr: &Expr, name: &str, scope: &dyn Scope
         }
         _ => format!("unknown name `{name}`"),
     };
-    Diagnostic::new(source, expr.span, what).with_help(scope.describe())
+    // In a token set, a misspelt `all` or `rest` (`tokens al`).
+    let in_token_set = scope.lookup("i") == Some(NameKind::Cell);
+    let keyword = ["all", "rest"]
+        .into_iter()
+        .filter(|k| *k == "all" || scope.allows_rest())
+        .find(|k| in_token_set && at_most_one_edit(name, k));
+    let help = match keyword {
+        Some(k) => format!("did you mean `{k}`? Otherwise, {}", scope.describe()),
+        None => scope.describe(),
+    };
+    Diagnostic::new(source, expr.span, what).with_help(help)
+}
+
+/// Whether `a` becomes `b` by at most one insertion, deletion or change of
+/// a character.
+fn at_most_one_edit(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let (short, long) = if a.len() <= b.len() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    if long.len() - short.len() > 1 {
+        return false;
+    }
+    let prefix = short
+        .iter()
+        .zip(long.iter())
+        .take_while(|(x, y)| x == y)
+        .count();
+    if prefix == short.len() {
+        return true;
+    }
+    // Past the first difference: one character changed, or one more in
+    // the longer.
+    let skip = usize::from(short.len() == long.len());
+    short[prefix + skip..] == long[prefix + 1..]
 }
 
 /// Evaluates a number. The expression must have been checked.
@@ -304,5 +340,26 @@ pub fn condition(expr: &Expr, env: &dyn Env) -> bool {
             _ => false,
         },
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_most_one_edit;
+
+    #[test]
+    fn one_edit_apart() {
+        for (a, b) in [
+            ("al", "all"),
+            ("all", "all"),
+            ("alll", "all"),
+            ("aXl", "all"),
+            ("res", "rest"),
+        ] {
+            assert!(at_most_one_edit(a, b), "{a} {b}");
+        }
+        for (a, b) in [("a", "all"), ("lal", "all"), ("rets", "rest"), ("", "al")] {
+            assert!(!at_most_one_edit(a, b), "{a} {b}");
+        }
     }
 }

@@ -522,7 +522,13 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
         return (format!("`{word}`"), word.len());
     }
     let c = rest.chars().next().unwrap();
-    (format!("`{}`", c.escape_default()), c.len_utf8())
+    // Shown as written, unless it cannot be seen (a control character).
+    let shown = if c.is_control() || c.is_whitespace() {
+        c.escape_default().to_string()
+    } else {
+        c.to_string()
+    };
+    (format!("`{shown}`"), c.len_utf8())
 }
 
 /// The last `{` before `pos` that no `}` closes (comments skipped), and
@@ -571,6 +577,36 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
             "the `{{` of stage `{name}` on line {line} is not closed: is its `}}` missing?"
         ));
     }
+    if expected_name && KEYWORDS.contains(&word.as_str()) {
+        return Some(format!(
+            "`{word}` is a keyword and cannot be used as a name here; choose another name"
+        ));
+    }
+    if let Some(synopsis) = declaration_synopsis(text, pos, positives) {
+        return Some(synopsis.into());
+    }
+    if rest.starts_with(|c: char| !c.is_ascii() && c.is_alphanumeric()) {
+        return Some("names are written with ASCII letters, digits and `_`".into());
+    }
+    if rest.starts_with('\'') {
+        return Some("file names are written in double quotes: `\"order.txt\"`".into());
+    }
+    if rest.starts_with('"') && positives.contains(&Rule::string) {
+        return Some(
+            "this string is not closed on its line: a file name is written in double quotes, `\"order.txt\"`"
+                .into(),
+        );
+    }
+    // `top 10 % by`, `top b% by`: `%` read as the remainder operator.
+    if text[..pos].trim_end().ends_with('%') {
+        return Some(
+            "a percentage is a number followed directly by `%` (`top 10%`); otherwise write a fraction (`top 0.1`, `top p / 100`)"
+                .into(),
+        );
+    }
+    if rest.starts_with("=>") {
+        return Some("a ramp is written with `->`: `diffusion linear 50 -> 20`".into());
+    }
     if positives.contains(&Rule::open_brace) {
         return Some("a stage is written `stage NAME { clauses }`: a name, then `{`".into());
     }
@@ -586,11 +622,6 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
                 .into(),
         );
     }
-    if expected_name && KEYWORDS.contains(&word.as_str()) {
-        return Some(format!(
-            "`{word}` is a keyword and cannot be used as a name here; choose another name"
-        ));
-    }
     if rest.starts_with("&&")
         || rest.starts_with("||")
         || rest.starts_with('!') && !rest.starts_with("!=")
@@ -601,6 +632,33 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
         return Some("comparison for equality is written `==`".into());
     }
     None
+}
+
+/// How the declaration in which a syntax error at `pos` lies is written,
+/// when it is one of the top-level ones, told by the first word of its
+/// line: `pos`'s line, or the line before when `pos` starts its line while
+/// the parser (`positives`) still wanted the rest of a declaration.
+fn declaration_synopsis(text: &str, pos: usize, positives: &[Rule]) -> Option<&'static str> {
+    let line_of = |at: usize| text[..at].rfind('\n').map_or(0, |k| k + 1);
+    let mut line_start = line_of(pos);
+    let new_item = positives
+        .iter()
+        .any(|r| matches!(r, Rule::stage | Rule::kw_stage | Rule::EOI));
+    if text[line_start..pos].trim().is_empty() && !new_item && line_start > 0 {
+        line_start = line_of(text[..line_start].trim_end().len());
+    }
+    let head = text[line_start..]
+        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .find(|w| !w.is_empty())?;
+    Some(match head {
+        "param" => "a parameter is written `param NAME = VALUE`, e.g. `param steps = 16`",
+        "set" => "a set is written `set NAME = CONDITION`, e.g. `set edge = i == 0 or j == 0`",
+        "partition" => {
+            "a partition is written `partition checker(K)`, or `partition checker(K) as P` to name its sets P1 ... PK"
+        }
+        "grid" => "the grid is written `grid HxW`, e.g. `grid 16x16`",
+        _ => return None,
+    })
 }
 
 /// Prose for the rules an error may say were expected; `None` hides a rule.

@@ -29,7 +29,7 @@ pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String,
             MAX_SCHEDULE_BYTES / 1024
         )));
     }
-    String::from_utf8(bytes).map_err(|e| {
+    let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let before = &e.as_bytes()[..at];
         let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
@@ -42,5 +42,23 @@ pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String,
         SmallTextError::Text(format!(
             "not UTF-8 text (line {line}, byte {col} of the line)"
         ))
+    })?;
+    // A byte-order mark (some editors write one) is not part of the text.
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_order_mark_is_dropped() {
+        let text = read_small_text(&b"\xef\xbb\xbfgrid 4x4\n"[..], "a schedule").unwrap();
+        assert_eq!(text, "grid 4x4\n");
+        let bad = read_small_text(&b"ok\n\xff"[..], "a schedule");
+        assert!(matches!(bad, Err(SmallTextError::Text(m)) if m.contains("line 2")));
+    }
 }
