@@ -270,7 +270,7 @@ fn unknown_name(source: &Arc<Source>, expr: &Expr, name: &str, scope: &dyn Scope
 
 /// Whether `a` becomes `b` by at most one insertion, deletion or change of
 /// a character.
-fn at_most_one_edit(a: &str, b: &str) -> bool {
+pub(crate) fn at_most_one_edit(a: &str, b: &str) -> bool {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let (short, long) = if a.len() <= b.len() {
         (&a, &b)

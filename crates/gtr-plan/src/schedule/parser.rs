@@ -604,6 +604,25 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
                 .into(),
         );
     }
+    // A misspelt keyword: where the error is (`oder raster`), or just
+    // before it, read as a name (`cfg linar 3`).
+    let before = text[..pos].trim_end();
+    let previous = &before[before
+        .char_indices()
+        .rev()
+        .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_'))
+        .map_or(0, |(k, c)| k + c.len_utf8())..];
+    for (misspelt, read) in [(word.as_str(), ":"), (previous, " is read as a name here:")] {
+        if misspelt.is_empty() || KEYWORDS.contains(&misspelt) {
+            continue;
+        }
+        let mut near = KEYWORDS
+            .iter()
+            .filter(|k| k.len() >= 3 && super::expr::at_most_one_edit(misspelt, k));
+        if let (Some(k), None) = (near.next(), near.next()) {
+            return Some(format!("`{misspelt}`{read} did you mean `{k}`?"));
+        }
+    }
     if rest.starts_with("=>") {
         return Some("a ramp is written with `->`: `diffusion linear 50 -> 20`".into());
     }
