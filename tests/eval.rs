@@ -226,28 +226,14 @@ fn bad_evaluators_and_arguments_are_reported_clearly() {
     // A reference whose `.npy` header claims a terabyte is refused (it
     // aborted the process on the allocation).
     let huge = bundle_with_evaluator("huge-ref", |m| m);
-    write_npz_claiming(&huge.join("evaluator.npz"), "mu.npy", 1_000_000_000_000);
+    let claim = "{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000,), }";
+    common::write_npz_claiming(&huge.join("evaluator.npz"), "mu.npy", claim, 64);
     let args = ["eval", huge.to_str().unwrap(), "schedules/mar-8.gtr"];
     fails(&args, "`mu`'s header claims shape [1000000000000]");
     assert_eq!(gtr_run(&args).status.code(), Some(3));
     for d in [&missing, &wrong_role, &wrong_tensor, &wrong_width, &huge] {
         let _ = std::fs::remove_dir_all(d);
     }
-}
-
-/// Writes an `.npz` whose one entry `entry` has an f64 `.npy` header of
-/// shape `[n]` and 64 bytes of data.
-fn write_npz_claiming(path: &Path, entry: &str, n: u64) {
-    use std::io::Write;
-    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    zip.start_file(entry, zip::write::SimpleFileOptions::default())
-        .unwrap();
-    let dict = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({n},), }}");
-    let mut header = format!("{dict:<117}\n").into_bytes();
-    header.splice(0..0, *b"\x93NUMPY\x01\x00\x76\x00");
-    zip.write_all(&header).unwrap();
-    zip.write_all(&[0u8; 64]).unwrap();
-    zip.finish().unwrap();
 }
 
 /// `gtr-run sweep`: every setting of the grid is a row (named by its

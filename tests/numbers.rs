@@ -196,63 +196,36 @@ fn chains_longer_than_the_training_chain_are_refused_up_front() {
 /// non-finite noise is blamed on the replay file, not on a graph.
 #[test]
 fn replay_files_cannot_claim_more_than_they_hold() {
-    use std::io::Write;
     let dir = tmp("numbers-replay");
     std::fs::create_dir_all(&dir).unwrap();
     let huge = dir.join("huge.npz");
-    let mut zip = zip::ZipWriter::new(std::fs::File::create(&huge).unwrap());
-    zip.start_file("order.npy", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    let dict = "{'descr': '<i8', 'fortran_order': False, 'shape': (1000000000, 256), }";
-    let mut header = format!("{dict:<117}\n").into_bytes();
-    header.splice(0..0, *b"\x93NUMPY\x01\x00\x76\x00");
-    zip.write_all(&header).unwrap();
-    zip.write_all(&vec![0u8; 50_000]).unwrap();
-    zip.finish().unwrap();
+    let claim = "{'descr': '<i8', 'fortran_order': False, 'shape': (1000000000, 256), }";
+    common::write_npz_claiming(&huge, "order.npy", claim, 50_000);
     let out = dir.join("out");
+    let replay = [
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "--replay",
+        huge.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     fails(
-        &[
-            TINY,
-            "schedules/gtr-fast.gtr",
-            "--replay",
-            huge.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &replay,
         "`order`'s header claims shape [1000000000, 256], larger than its 50128 bytes of data",
     );
     // The same claim under the entry name `order` (no `.npy`, which the
     // reader also accepts), and as the second of two `shape` keys (the
     // reader takes the last): both were read unchecked and aborted.
     for (entry, dict) in [
-        (
-            "order",
-            "{'descr': '<i8', 'fortran_order': False, 'shape': (1000000000, 256), }",
-        ),
+        ("order", claim),
         (
             "order.npy",
             "{'descr': '<i8', 'fortran_order': False, 'shape': (2, 1), 'shape': (1000000000, 256), }",
         ),
     ] {
-        let mut zip = zip::ZipWriter::new(std::fs::File::create(&huge).unwrap());
-        zip.start_file(entry, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        let mut header = format!("{dict:<117}\n").into_bytes();
-        header.splice(0..0, *b"\x93NUMPY\x01\x00\x76\x00");
-        zip.write_all(&header).unwrap();
-        zip.write_all(&vec![0u8; 4096]).unwrap();
-        zip.finish().unwrap();
-        fails(
-            &[
-                TINY,
-                "schedules/gtr-fast.gtr",
-                "--replay",
-                huge.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            "`order`'s header claims shape [1000000000, 256]",
-        );
+        common::write_npz_claiming(&huge, entry, dict, 4096);
+        fails(&replay, "`order`'s header claims shape [1000000000, 256]");
     }
 
     use ndarray::{Array2, Array3, Array4};

@@ -160,7 +160,7 @@ pub fn check_file_target(path: &Path, what: &str) -> Result<(), RunError> {
 /// keeps other gtr-run processes out of it (hold it until the run ends)
 /// with the record of the run already there, if any.
 ///
-/// In order: `out` is created if missing; locked ([`lock`]); refused,
+/// In order: `out` is created if missing and locked ([`create_and_lock`]); refused,
 /// `--force` or not, if it holds anything gtr-run does not write
 /// ([`inventory`]); cleared of temporary files a killed run left; and then
 /// a previous run in it is refused ([`Existing::Refuse`]), kept
@@ -170,14 +170,7 @@ pub(super) fn claim(
     out: &Path,
     existing: Existing,
 ) -> Result<(FolderLock, Option<RunRecord>), RunError> {
-    if out.exists() && !out.is_dir() {
-        return Err(RunError::Invalid(format!(
-            "{} exists and is not a folder",
-            out.display()
-        )));
-    }
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let lock = lock(out)?;
+    let lock = create_and_lock(out)?;
     let held = inventory(out)?;
     // No other gtr-run process can be writing these: the lock is ours.
     for path in &held.temporaries {
@@ -211,6 +204,19 @@ fn io(path: &Path, source: std::io::Error) -> RunError {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Makes the folder `out` if it is missing (refusing a file of that name)
+/// and locks it ([`lock`]).
+fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
+    if out.exists() && !out.is_dir() {
+        return Err(RunError::Invalid(format!(
+            "{} exists and is not a folder",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    lock(out)
 }
 
 /// Locks the existing folder `out` for this process; another gtr-run
@@ -302,7 +308,7 @@ pub(super) fn inventory(out: &Path) -> Result<Inventory, RunError> {
 /// Takes the folder `out` for a report made of files of fixed names
 /// (`names`: an evaluation's `eval.md`, `eval.csv`, `eval.json`, …) and
 /// returns its lock (hold it until the files are written). The folder is
-/// created if missing and locked ([`lock`]); refused if it holds anything
+/// created if missing and locked, as a run's is; refused if it holds anything
 /// else than those files and gtr-run's temporary files of them (a run's
 /// images, anybody's notes); refused if it holds one of them (a previous
 /// `what`) unless `force`, which removes them, so that no file of the
@@ -313,14 +319,7 @@ pub fn claim_report(
     what: &str,
     force: bool,
 ) -> Result<FolderLock, RunError> {
-    if out.exists() && !out.is_dir() {
-        return Err(RunError::Invalid(format!(
-            "{} exists and is not a folder",
-            out.display()
-        )));
-    }
-    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
-    let lock = lock(out)?;
+    let lock = create_and_lock(out)?;
     let (mut previous, mut temporaries) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
         let entry = entry.map_err(|e| io(out, e))?;

@@ -134,3 +134,19 @@ pub fn image_jobs(seed: u64, indices: std::ops::Range<u64>) -> Vec<ImageJob> {
         })
         .collect()
 }
+
+/// Writes an `.npz` of one entry `entry`: a version 1 `.npy` header holding
+/// the dictionary `dict` (padded to 128 bytes), then `data_len` zero bytes,
+/// whatever shape the dictionary claims: a hand-made file for the size
+/// checks of `.npz` inputs.
+pub fn write_npz_claiming(path: &Path, entry: &str, dict: &str, data_len: usize) {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    zip.start_file(entry, zip::write::SimpleFileOptions::default())
+        .unwrap();
+    let mut header = format!("{dict:<117}\n").into_bytes();
+    header.splice(0..0, *b"\x93NUMPY\x01\x00\x76\x00");
+    zip.write_all(&header).unwrap();
+    zip.write_all(&vec![0u8; data_len]).unwrap();
+    zip.finish().unwrap();
+}
