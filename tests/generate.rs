@@ -1084,7 +1084,7 @@ fn causes_are_said_once() {
 fn a_stated_grid_is_checked_not_replaced() {
     let out = tmp("grid-stated");
     let o = out.to_str().unwrap();
-    let want = "schedule schedules/gtr-k4.gtr states `grid 32x32`, but model `tiny-random` has a 16x16 grid";
+    let want = "the schedule states `grid 32x32`, but model `tiny-random` has a 16x16 grid";
     fails(&[TINY, "schedules/gtr-k4.gtr", "--out", o], want);
     fails(
         &[
@@ -1279,7 +1279,7 @@ fn head_choice_is_honoured_and_recorded() {
     let o = out.to_str().unwrap();
     fails(
         &[&[TINY][..], &args, &["--head", "split", "--out", o]].concat(),
-        "add it with `python3 models/split_head.py",
+        "add one with `python3 models/split_head.py",
     );
     assert!(!out.exists(), "nothing is written for a refused run");
 }

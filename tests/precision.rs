@@ -702,3 +702,93 @@ fn default_folders_carry_a_variant_precision() {
     let _ = std::fs::remove_dir_all(&cwd);
     let _ = std::fs::remove_dir_all(&cwd2);
 }
+
+/// A sampler, tick or backbone graph the bundle got after its int8 variants
+/// were written (listed under `graphs`, not under `precisions.int8`) is
+/// not mixed into an int8 run: asked for, it is refused naming the fix;
+/// with the default choices the run takes the host chains and split
+/// backbone and says so. fp32 runs still use it.
+#[test]
+fn fp32_derived_graphs_are_not_mixed_into_an_int8_run() {
+    const DERIVED: &str = "graphs:\n  sampler: { file: sampler.onnx, inputs: { x: x, z: z, t: t, coef: coef, noise: noise, active: active, guidance: guidance }, outputs: { x_out: x_out } }\n  tick: { file: tick.onnx, inputs: { x: x, k: k, z: z, t: t, coef: coef, noise: noise, running: running, guidance: guidance }, outputs: { x_next: x_next, k_next: k_next } }\n  backbone: { file: backbone.onnx, inputs: { tokens: tokens, known: known, label: label, predict: predict }, outputs: { z: z } }\n";
+    let bundle = tiny_with("tiny-int8", "precisions.yaml", "int8-fp32-derived", |m| {
+        m.replace("graphs:\n", DERIVED)
+    });
+    for graph in ["sampler.onnx", "tick.onnx", "backbone.onnx"] {
+        std::fs::copy(
+            root().join("models/fixtures/tiny-sampler").join(graph),
+            bundle.join(graph),
+        )
+        .unwrap();
+    }
+    let b = bundle.to_str().unwrap();
+    let out = tmp("int8-fp32-derived-out");
+    let o = out.to_str().unwrap();
+    let base = [b, "schedules/mar-8.gtr", "--num-images", "1", "--out", o];
+    let run = |extra: &[&'static str]| -> Vec<&str> { [&base[..], extra].concat() };
+    for (flags, what) in [
+        (
+            &["--sampler", "graph"][..],
+            "--sampler graph: bundle `tiny-random` has a sampler graph, but not in int8",
+        ),
+        (
+            &["--sampler", "ticks"][..],
+            "--sampler ticks: bundle `tiny-random` has a tick graph, but not in int8",
+        ),
+        (
+            &["--backbone", "fused"][..],
+            "--backbone fused: bundle `tiny-random` has a backbone graph, but not in int8",
+        ),
+    ] {
+        let err = fails(&run(&[&["--precision", "int8"][..], flags].concat()));
+        assert!(err.contains(what), "{err}");
+        assert!(err.contains("models/convert_precision.py"), "{err}");
+        assert!(!out.exists());
+    }
+    // The defaults: host chains, the encoder and decoder, said once.
+    let done = ok(&run(&["--precision", "int8"]));
+    let note = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        note.contains("has a sampler graph, but not in int8"),
+        "{note}"
+    );
+    let made = record(&out);
+    assert_eq!(made["diffusion_chains"], "host");
+    assert_eq!(made["backbone"], "encoder and decoder");
+    std::fs::remove_dir_all(&out).unwrap();
+    // fp32 uses them.
+    ok(&run(&["--sampler", "graph", "--backbone", "fused"]));
+    assert_eq!(record(&out)["diffusion_chains"], "sampler graph");
+    // Once the variants list them (as convert_precision.py writes them
+    // for a bundle that has these graphs), int8 uses them.
+    std::fs::remove_dir_all(&out).unwrap();
+    let listed = tiny_with("tiny-int8", "precisions.yaml", "int8-derived-listed", |m| {
+        m.replace("graphs:\n", DERIVED).replace(
+            "diffusion: diffusion.int8.onnx }",
+            "diffusion: diffusion.int8.onnx, sampler: sampler.int8.onnx, tick: tick.int8.onnx }",
+        )
+    });
+    for graph in ["sampler.onnx", "tick.onnx", "backbone.onnx"] {
+        std::fs::copy(bundle.join(graph), listed.join(graph)).unwrap();
+    }
+    let l = listed.to_str().unwrap();
+    ok(&[
+        l,
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        o,
+        "--precision",
+        "int8",
+        "--sampler",
+        "graph",
+    ]);
+    assert_eq!(
+        record(&out)["runtime_settings"]["graph_files"]["sampler"],
+        "sampler.int8.onnx"
+    );
+    for d in [&bundle, &listed, &out] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

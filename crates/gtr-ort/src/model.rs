@@ -143,14 +143,21 @@ impl OrtModel {
                 problem: "--precision tf32 is a math mode of the CUDA provider, which does not run these graphs; use --device cuda".into(),
             });
         }
+        // A graph the model tools derive from others is opened only in the
+        // precision of those (`runs_alike`).
+        let derived = |role: Role| {
+            bundle
+                .optional_graph(role)
+                .filter(|_| choice.runs_alike(bundle, role))
+        };
         // The sampler gets no TensorRT options (`tensorrt_options` covers Role::ALL).
-        let sampler = match bundle.optional_graph(Role::Sampler) {
+        let sampler = match derived(Role::Sampler) {
             Some(entry) => Some(open(Role::Sampler, entry)?.0),
             None => None,
         };
         // Under TensorRT the encoder and decoder run as TensorRT engines with
         // profiles; the fused graph would get none, so it is not used there.
-        let backbone = match bundle.optional_graph(Role::Backbone) {
+        let backbone = match derived(Role::Backbone) {
             Some(entry) if options.device != Device::TensorRt => {
                 Some(open(Role::Backbone, entry)?.0)
             }
@@ -159,12 +166,10 @@ impl OrtModel {
         // The split head, where its parts are in the run's precision (not
         // under TensorRT, which would get no profiles for them).
         let split_head = match (
-            bundle.optional_graph(Role::DiffusionCondition),
-            bundle.optional_graph(Role::DiffusionState),
+            derived(Role::DiffusionCondition),
+            derived(Role::DiffusionState),
         ) {
-            (Some(condition), Some(state))
-                if options.device != Device::TensorRt && choice.splits_head_alike(bundle) =>
-            {
+            (Some(condition), Some(state)) if options.device != Device::TensorRt => {
                 Some(SplitHead {
                     condition: open(Role::DiffusionCondition, condition)?.0,
                     state: open(Role::DiffusionState, state)?.0,
@@ -180,7 +185,7 @@ impl OrtModel {
         // whose nodes are not all on the CUDA provider: the graph then runs
         // without, and the note says why.
         let mut capture_refused = None;
-        let ticks = match bundle.optional_graph(Role::Tick) {
+        let ticks = match derived(Role::Tick) {
             Some(entry) if options.tick_graph && provider != "tensorrt" => {
                 let mut capture = provider == "cuda" && options.profile_dir.is_none();
                 let (graph, ran) = match open_with(Role::Tick, entry, capture) {
@@ -323,13 +328,9 @@ impl OrtModel {
             if !self.has_tick_graph() {
                 return Err(OrtError::Sampler(
                     match bundle.optional_graph(Role::Tick) {
-                        None => format!(
-                            "--sampler ticks: bundle `{}` has no tick graph (graphs.tick in its manifest); add one with `python3 models/add_sampler.py {}`",
-                            bundle.manifest.name,
-                            bundle.dir.display()
-                        ),
                         Some(_) if self.provider == "tensorrt" => "--sampler ticks: the tick graph is not used under TensorRT (it would get no optimisation profiles); use --device cuda".into(),
-                        Some(_) => "--sampler ticks: the model was loaded without its tick graph (LoadOptions::tick_graph)".into(),
+                        Some(_) if self.precision.runs_alike(bundle, Role::Tick) => "--sampler ticks: the model was loaded without its tick graph (LoadOptions::tick_graph)".into(),
+                        _ => format!("--sampler ticks: {}", self.lacks(bundle, Role::Tick, "a tick graph", "add_sampler.py")),
                     },
                 ));
             }
@@ -341,15 +342,14 @@ impl OrtModel {
         Ok(match (runner, model.has_sampler()) {
             (ChainRunner::Graph, false) => {
                 return Err(OrtError::Sampler(format!(
-                    "--sampler graph: bundle `{}` has no sampler graph (graphs.sampler in its manifest); add one with `python3 models/add_sampler.py {}`",
-                    bundle.manifest.name,
-                    bundle.dir.display()
+                    "--sampler graph: {}",
+                    model.lacks(bundle, Role::Sampler, "a sampler graph", "add_sampler.py")
                 )));
             }
             (ChainRunner::Auto, false) => {
                 let note = format!(
-                    "bundle `{}` has no sampler graph: diffusion chains run on the host, one head call per tick (models/add_sampler.py adds one)",
-                    bundle.manifest.name
+                    "diffusion chains run on the host, one head call per tick: {}",
+                    model.lacks(bundle, Role::Sampler, "a sampler graph", "add_sampler.py")
                 );
                 (model, Some(note))
             }
@@ -364,11 +364,20 @@ impl OrtModel {
     /// backbone graph is an error naming the bundle and the fix.
     pub fn run_backbone(self, runner: BackboneRunner, bundle: &Bundle) -> Result<Self, OrtError> {
         Ok(match (runner, self.has_backbone()) {
+            (BackboneRunner::Fused, false) if self.provider == "tensorrt" => {
+                return Err(OrtError::Sampler(
+                    "--backbone fused: the backbone graph is not used under --device tensorrt (it would get no optimisation profiles); use --device cuda".into(),
+                ));
+            }
             (BackboneRunner::Fused, false) => {
                 return Err(OrtError::Sampler(format!(
-                    "--backbone fused: bundle `{}` has no backbone graph (graphs.backbone in its manifest; not used under --device tensorrt); add one with `python3 models/add_backbone.py {}`",
-                    bundle.manifest.name,
-                    bundle.dir.display()
+                    "--backbone fused: {}",
+                    self.lacks(
+                        bundle,
+                        Role::Backbone,
+                        "a backbone graph",
+                        "add_backbone.py"
+                    )
                 )));
             }
             (BackboneRunner::Split, true) => self.without_backbone(),
@@ -377,6 +386,25 @@ impl OrtModel {
             (BackboneRunner::Auto, true) if self.provider == "cpu" => self.without_backbone(),
             _ => self,
         })
+    }
+
+    /// Why the optional graph `role` (`what`, e.g. "a sampler graph", which
+    /// `models/<tool>` adds) was not loaded: the bundle has none, or has it
+    /// only in other precisions than the run's ([`PrecisionChoice::runs_alike`]).
+    fn lacks(&self, bundle: &Bundle, role: Role, what: &str, tool: &str) -> String {
+        let (name, dir) = (&bundle.manifest.name, bundle.dir.display());
+        let key = role.key();
+        if bundle.optional_graph(role).is_none() {
+            return format!(
+                "bundle `{name}` has no {} (graphs.{key} in its manifest); add one with `python3 models/{tool} {dir}`",
+                what.trim_start_matches("a ")
+            );
+        }
+        let p = self.precision.precision;
+        format!(
+            "bundle `{name}` has {what}, but not in {p}: its manifest's precisions.{p} entry does not list `{key}` beside the graphs it is made from, and an fp32 {} would be mixed into the {p} run; write the {p} variants again with `python3 models/convert_precision.py {dir} --precision {p}` (it rebuilds the graphs the bundle has), or run in fp32",
+            what.trim_start_matches("a ")
+        )
     }
 
     /// Whether the bundle's split head was loaded (it has both parts in the
@@ -391,18 +419,16 @@ impl OrtModel {
     pub fn run_head(mut self, runner: HeadRunner, bundle: &Bundle) -> Result<Self, OrtError> {
         match (runner, self.has_split_head()) {
             (HeadRunner::Split, false) => {
-                let problem = if bundle.optional_graph(Role::DiffusionCondition).is_none() {
-                    format!(
-                        "bundle `{}` has no split head (graphs.diffusion_condition and graphs.diffusion_state in its manifest); add it with `python3 models/split_head.py {}`",
-                        bundle.manifest.name,
-                        bundle.dir.display()
-                    )
-                } else if self.provider == "tensorrt" {
+                let problem = if self.provider == "tensorrt"
+                    && bundle.optional_graph(Role::DiffusionCondition).is_some()
+                {
                     "the split head is not used under TensorRT (it would get no optimisation profiles); use --device cuda".into()
                 } else {
-                    format!(
-                        "bundle `{}` has no split head in {}: its precisions.{} entry does not list diffusion_condition and diffusion_state beside diffusion (models/convert_precision.py writes them when the bundle has a split head)",
-                        bundle.manifest.name, self.precision.precision, self.precision.precision
+                    self.lacks(
+                        bundle,
+                        Role::DiffusionCondition,
+                        "a split head",
+                        "split_head.py",
                     )
                 };
                 return Err(OrtError::Sampler(format!("--head split: {problem}")));

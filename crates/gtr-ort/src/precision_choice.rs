@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::bundle::{Bundle, MANIFEST_FILE};
+use crate::bundle::{Bundle, MANIFEST_FILE, Role};
 use crate::device::Device;
 use crate::precision::Precision;
 
@@ -59,22 +59,29 @@ impl PrecisionChoice {
         }
     }
 
-    /// Whether the bundle's split head (`diffusion_condition` and
-    /// `diffusion_state`, models/split_head.py) runs in this precision as
-    /// its whole head does: all three the bundle's own graphs, or all three
-    /// the precision's variants. A variant that converted the whole head but
-    /// not its parts would otherwise run fp32 parts.
-    pub fn splits_head_alike(&self, bundle: &Bundle) -> bool {
+    /// Whether the graph of the optional role `derived` (one the model
+    /// tools write from others: the sampler and tick graphs and the split
+    /// head's parts from the head, the backbone graph from the encoder and
+    /// decoder) runs in this precision as the graphs it is made of: the
+    /// bundle's own files for all, or the precision's variants for all.
+    /// Else (the bundle got the graph after its variants were written, or
+    /// the variants lack it) the run would mix an fp32 graph into, say, an
+    /// int8 one, so it is not used. False where the bundle lacks a role.
+    pub fn runs_alike(&self, bundle: &Bundle, derived: Role) -> bool {
+        let sources: &[Role] = match derived {
+            Role::Backbone => &[Role::Encoder, Role::Decoder],
+            _ => &[Role::Diffusion],
+        };
         // Per role: whether it runs a variant file; None where it is missing.
-        let variant =
-            |role: &str| match (self.graph_files.get(role), bundle.manifest.graphs.get(role)) {
+        let variant = |role: &Role| {
+            let key = role.key();
+            match (self.graph_files.get(key), bundle.manifest.graphs.get(key)) {
                 (Some(file), Some(entry)) => Some(*file != entry.file),
                 _ => None,
-            };
-        match ["diffusion", "diffusion_condition", "diffusion_state"].map(variant) {
-            [Some(head), Some(condition), Some(state)] => head == condition && head == state,
-            _ => false,
-        }
+            }
+        };
+        let own = variant(&derived);
+        own.is_some() && sources.iter().all(|role| variant(role) == own)
     }
 }
 
@@ -93,7 +100,7 @@ impl PrecisionChoice {
     /// model's images. The optional graphs are written from these by the
     /// model tools and are left out.
     pub fn model_files(&self, bundle: &Bundle) -> Vec<(String, std::path::PathBuf)> {
-        crate::bundle::Role::ALL
+        Role::ALL
             .iter()
             .map(|role| {
                 let key = role.key();
