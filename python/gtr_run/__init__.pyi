@@ -92,10 +92,15 @@ def plan(
     ``seed``; keyword arguments set parameters as ``--set name=value`` does.
 
     Raises ScheduleError (with line and column) for a bad schedule, ValueError for a bad
-    argument."""
+    argument (a parameter the schedule does not declare included), TypeError for an argument
+    of the wrong type."""
 
 class Model:
-    """A model bundle loaded on a device, ready to generate."""
+    """A model bundle loaded on a device, ready to generate.
+
+    A Model runs one ``generate`` or ``eval`` call at a time: a second call while one runs (from
+    another thread, or from the first call's ``progress`` function) raises GtrRunError saying
+    the Model is busy; use one Model per thread. Its properties can be read at any time."""
 
     def __init__(
         self,
@@ -117,7 +122,9 @@ class Model:
         diffusion head, as ``--head``: ``auto``, ``whole`` or ``split`` (the bundle's two parts of
         models/split_head.py in every step; ``auto`` uses them in steps of at most 32 head rows a
         tick; the same images in fp32). Raises GtrRunError with the command
-        line's message when the bundle or the runtime fails."""
+        line's message when the bundle or the runtime fails. What the command line would print
+        once about the loaded model (e.g. that the chains run on the host because the bundle has
+        no sampler graph) is a ``UserWarning``."""
     @property
     def name(self) -> str: ...
     @property
@@ -153,10 +160,13 @@ class Model:
         never changes an image (except in int8, unless its variants quantize activations per
         row: ``convert_precision.py --per-row-activations``); ``params`` sets schedule
         parameters; ``progress``: a bar on stderr, False, or a function called with (images
-        done, total) after each batch.
+        done, total) after each batch. Numbers out of range (``num_images`` from 1 to 10**7,
+        ``seed`` from 0 to 2**64 - 1, ``batch`` from 1 to 4096), an unknown parameter, or more
+        images than memory holds raise ValueError before any work.
 
         Returns the images as uint8 [N, H, W, C] and the run record (seed, schedule, model,
-        labels, provider, ``images_sha256`` of the PNGs the command line would write, …).
+        labels, provider, ``images_sha256`` of the PNGs the command line would write, …); its
+        graph calls and seconds are this call's (the first call on a Model also counts loading).
         The GIL is released while generating; Ctrl-C (KeyboardInterrupt) stops the call at
         the end of the current batch."""
     def eval(
@@ -176,8 +186,9 @@ class Model:
         speed measured side by side (schedules take turns batch by batch), FLOPs, and quality
         on the bundle's evaluator (Fréchet distance, class accuracy, classifier score).
 
-        Returns the rows of ``eval.csv`` as a list of dicts, or with ``as_frame=True`` a pandas
-        DataFrame of them (ImportError naming pandas when it is not installed).
+        Returns the rows of ``eval.csv`` as a list of dicts (counts as int, measurements as
+        float, None where empty), or with ``as_frame=True`` a pandas DataFrame of them
+        (ImportError naming pandas when it is not installed).
         ``params`` applies to every schedule that declares the parameter; ``progress`` counts
         batches. A Ctrl-C or an exception of ``progress`` is raised when the comparison ends:
         it cannot be stopped halfway."""

@@ -10,7 +10,6 @@ use gtr_run::run::Classes;
 use gtr_run::schedule::{Schedule, Source};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use serde_json::Value;
 
 use crate::GtrRunError;
@@ -64,11 +63,21 @@ impl ScheduleArg {
     }
 }
 
-/// Parameter overrides (`--set name=value`), which must be finite.
-pub(crate) fn overrides(params: Option<&Bound<'_, PyDict>>) -> PyResult<BTreeMap<String, f64>> {
+/// Parameter overrides (`--set name=value`) from a mapping of names to
+/// numbers, which must be finite.
+pub(crate) fn overrides(params: Option<&Bound<'_, PyAny>>) -> PyResult<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
-    for (k, v) in params.into_iter().flat_map(|d| d.iter()) {
-        let name: String = k.extract()?;
+    let Some(params) = params else {
+        return Ok(out);
+    };
+    let mapping = params.cast::<pyo3::types::PyMapping>().map_err(|_| {
+        PyValueError::new_err("params: give a mapping (dict) of parameter names to numbers")
+    })?;
+    for item in mapping.items()?.iter() {
+        let (k, v): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+        let name: String = k.extract().map_err(|_| {
+            PyValueError::new_err(format!("params: the key {k} is not a parameter name (str)"))
+        })?;
         let value: f64 = v.extract().map_err(|_| {
             PyValueError::new_err(format!("parameter `{name}`: {v} is not a number"))
         })?;
@@ -92,15 +101,69 @@ pub(crate) fn non_negative(what: &str, v: Option<f64>) -> Result<Option<f64>, Fa
     }
 }
 
-/// A whole number in `min..=max`, named `what` in the error.
-pub(crate) fn in_range(what: &str, v: usize, min: usize, max: usize) -> Result<usize, Failure> {
-    if (min..=max).contains(&v) {
-        Ok(v)
-    } else {
-        Err(Failure::Value(format!(
-            "{what}: {v} is not a whole number from {min} to {max}"
-        )))
+/// A Python int of any size, as given; [`in_range`] and [`seed_arg`] check
+/// it, so that `-1` or `10**30` get the argument's range in a ValueError
+/// rather than an OverflowError from the conversion.
+#[derive(Debug, Clone)]
+pub(crate) struct Whole {
+    /// The value, where an i128 holds it.
+    value: Option<i128>,
+    /// As Python writes it.
+    text: String,
+}
+
+impl From<usize> for Whole {
+    fn from(v: usize) -> Self {
+        Whole {
+            value: Some(v as i128),
+            text: v.to_string(),
+        }
     }
+}
+
+impl<'py> FromPyObject<'_, 'py> for Whole {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
+        if !obj.is_instance_of::<pyo3::types::PyInt>() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "expected an int, not {}",
+                obj.get_type().name()?
+            )));
+        }
+        Ok(Whole {
+            value: obj.extract::<i128>().ok(),
+            text: obj.str()?.to_string(),
+        })
+    }
+}
+
+/// A whole number in `min..=max`, named `what` in the error.
+pub(crate) fn in_range(
+    what: &str,
+    v: impl Into<Whole>,
+    min: usize,
+    max: usize,
+) -> Result<usize, Failure> {
+    let v = v.into();
+    match v.value {
+        Some(x) if (min as i128..=max as i128).contains(&x) => Ok(x as usize),
+        _ => Err(Failure::Value(format!(
+            "{what}: {} is not a whole number from {min} to {max}",
+            v.text
+        ))),
+    }
+}
+
+/// A seed: a whole number from 0 to 2**64 - 1, as `--seed` takes it.
+pub(crate) fn seed_arg(v: &Whole) -> Result<u64, Failure> {
+    v.value.and_then(|x| u64::try_from(x).ok()).ok_or_else(|| {
+        Failure::Value(format!(
+            "seed: {} is not a whole number from 0 to {}",
+            v.text,
+            u64::MAX
+        ))
+    })
 }
 
 /// A grid given as `(height, width)` or `"HxW"`, checked as `--grid` is.

@@ -52,6 +52,11 @@ pub(crate) fn run_failure(e: impl std::error::Error + 'static) -> Failure {
 impl From<Failure> for PyErr {
     fn from(f: Failure) -> PyErr {
         match f {
+            // A parameter the schedule lacks is a bad `params` argument, as
+            // in `eval`, not a fault of the schedule.
+            Failure::Schedule(schedule::ScheduleError::Override { name, problem }) => {
+                PyValueError::new_err(format!("params: `{name}`: {problem}"))
+            }
             Failure::Schedule(e) => Python::attach(|py| schedule_error(py, &e)),
             Failure::Value(m) => PyValueError::new_err(m),
             Failure::Run(m) => GtrRunError::new_err(m),

@@ -16,13 +16,20 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::{Value, json};
 
-use crate::args::{ScheduleArg, classes_arg, in_range, non_negative, overrides, to_python};
+use crate::args::{
+    ScheduleArg, Whole, classes_arg, in_range, non_negative, overrides, seed_arg, to_python,
+};
 use crate::errors::{Failure, chain, run_failure};
 use crate::progress::{Progress, ProgressArg};
-use crate::{DEFAULT_BATCH, MAX_BATCH, MAX_IMAGES, MAX_THREADS};
+use crate::{DEFAULT_BATCH, GtrRunError, MAX_BATCH, MAX_IMAGES, MAX_THREADS};
+
+/// The columns of eval.csv that count things (ints); every other number is
+/// a measurement (a float, `1.0` included, so that a column has one type).
+const COUNT_COLUMNS: [&str; 3] = ["mar_steps", "backbone_passes", "diffusion_evaluations"];
 
 /// The rows of a CSV table (`eval.csv`) as dicts keyed by its header,
-/// numbers as int or float and empty cells as None.
+/// counts ([`COUNT_COLUMNS`]) as int, other numbers as float and empty
+/// cells as None.
 pub(crate) fn csv_rows<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
     let io = py.import("io")?.getattr("StringIO")?.call1((text,))?;
     let rows = py
@@ -42,7 +49,9 @@ pub(crate) fn csv_rows<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, 
                 dict.set_item(key, cell)?;
             } else if cell.is_empty() {
                 dict.set_item(key, py.None())?;
-            } else if let Ok(i) = cell.parse::<i64>() {
+            } else if let (true, Ok(i)) =
+                (COUNT_COLUMNS.contains(&key.as_str()), cell.parse::<i64>())
+            {
                 dict.set_item(key, i)?;
             } else if let Ok(x) = cell.parse::<f64>() {
                 dict.set_item(key, x)?;
@@ -55,11 +64,29 @@ pub(crate) fn csv_rows<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, 
     Ok(out.into_any())
 }
 
-/// A model bundle loaded on a device, ready to generate.
+/// A model bundle loaded on a device, ready to generate:
+/// `Model(bundle, device="cpu", precision=None, threads=None,
+/// sampler="auto", head="auto")` opens the bundle (its folder, its
+/// manifest.yaml or any .onnx in it) and loads its graphs on `device`
+/// (`cpu`, `cuda`, `tensorrt` or `auto`) at `precision` (default: the
+/// manifest's, else fp32) with `threads` intra-op threads per graph, with
+/// its diffusion chains where `sampler` says (`--sampler`: auto, host,
+/// graph or ticks) and its diffusion head run as `head` says (`--head`:
+/// auto, whole or split). What the command line would print once about the
+/// loaded model is a UserWarning.
+///
+/// It runs one `generate` or `eval` at a time: its engine is behind a lock
+/// that a second call, from another thread or from the first call's
+/// progress function, finds taken (GtrRunError: busy); what describes the
+/// model is kept beside it and can be read at any time.
 #[pyclass(module = "gtr_run")]
 pub(crate) struct Model {
     bundle: Bundle,
-    engine: Engine<OrtModel>,
+    engine: std::sync::Mutex<Engine<OrtModel>>,
+    info: gtr_run::engine::ModelInfo,
+    provider: String,
+    precision: String,
+    settings: Value,
     device: String,
     /// The device and threads the graphs were loaded with (the evaluator's too).
     device_kind: Device,
@@ -83,7 +110,7 @@ impl Model {
         bundle: PathBuf,
         device: &str,
         precision: Option<&str>,
-        threads: Option<usize>,
+        threads: Option<Whole>,
         sampler: &str,
         head: &str,
     ) -> PyResult<Self> {
@@ -102,7 +129,8 @@ impl Model {
             .map_err(|e: String| PyValueError::new_err(format!("precision: {e}")))?;
         let threads = threads
             .map(|t| in_range("threads", t, 1, MAX_THREADS))
-            .transpose()?;
+            .transpose()
+            .map_err(PyErr::from)?;
         let device = device.to_string();
         if let Some(threads) = threads {
             gtr_run::engine::set_host_threads(threads);
@@ -121,78 +149,94 @@ impl Model {
                 .and_then(|m| m.run_chains(sampler, &bundle))
                 .and_then(|(m, note)| Ok((m.run_head(head, &bundle)?, note)))
                 .map_err(run_failure)?;
-            if let Some(note) = note {
-                eprintln!("gtr-run: {note}");
-            }
-            Ok::<_, Failure>(Model {
+            let model = Model {
                 bundle,
-                engine: Engine::new(model),
+                info: model.info().clone(),
+                provider: model.execution_provider(),
+                precision: model.precision(),
+                settings: model.settings(),
+                engine: std::sync::Mutex::new(Engine::new(model)),
                 device,
                 device_kind,
                 threads,
-            })
+            };
+            Ok::<_, Failure>((model, note))
         })
         .map_err(PyErr::from)
+        .and_then(|(model, note)| {
+            // A warning, which notebooks show and `warnings` can filter.
+            if let Some(note) = note {
+                let message =
+                    std::ffi::CString::new(format!("gtr-run: {note}")).unwrap_or_default();
+                let category = py.get_type::<pyo3::exceptions::PyUserWarning>();
+                PyErr::warn(py, &category, &message, 1)?;
+            }
+            Ok(model)
+        })
     }
 
     /// The model's name (the manifest's `name`).
     #[getter]
     fn name(&self) -> String {
-        self.engine.model.info().name.clone()
+        self.info.name.clone()
     }
 
     /// Number of classes (0: unconditional).
     #[getter]
     fn classes(&self) -> usize {
-        self.engine.model.info().classes
+        self.info.classes
     }
 
     /// (height, width) of the token grid.
     #[getter]
     fn grid(&self) -> (usize, usize) {
-        let g = self.engine.model.info().grid;
+        let g = self.info.grid;
         (g.height, g.width)
     }
 
     /// (height, width, channels) of one image.
     #[getter]
     fn image_shape(&self) -> (usize, usize, usize) {
-        let i = self.engine.model.info().image;
+        let i = self.info.image;
         (i.height, i.width, i.channels)
     }
 
     /// The execution provider that runs the graphs (`cpu`, `cuda`, …).
     #[getter]
     fn execution_provider(&self) -> String {
-        self.engine.model.execution_provider()
+        self.provider.clone()
     }
 
     /// Precision, graph files and provider settings (`runtime_settings`
     /// in run.json).
     #[getter]
     fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        to_python(py, &self.engine.model.settings())
+        to_python(py, &self.settings)
     }
 
     /// Generates `num_images` images with `schedule` (a .gtr path or its
     /// text); image i has the seed, class and bytes it has in
     /// `gtr-run MODEL SCHEDULE --seed seed`. Returns (uint8 [N, H, W, C],
     /// run record dict).
-    #[pyo3(signature = (schedule, num_images, seed=0, classes=None, cfg=None, temperature=None, batch=None, params=None, progress=ProgressArg::Flag(true)))]
+    #[pyo3(
+        signature = (schedule, num_images, seed=Whole::from(0), classes=None, cfg=None, temperature=None, batch=None, params=None, progress=ProgressArg::Flag(true)),
+        text_signature = "(self, schedule, num_images, seed=0, classes=None, cfg=None, temperature=None, batch=None, params=None, progress=True)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn generate<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         schedule: &Bound<'py, PyAny>,
-        num_images: usize,
-        seed: u64,
+        num_images: Whole,
+        seed: Whole,
         classes: Option<&Bound<'py, PyAny>>,
         cfg: Option<f64>,
         temperature: Option<f64>,
-        batch: Option<usize>,
-        params: Option<&Bound<'py, PyDict>>,
+        batch: Option<Whole>,
+        params: Option<&Bound<'py, PyAny>>,
         progress: ProgressArg,
     ) -> PyResult<(Bound<'py, PyArray4<u8>>, Bound<'py, PyAny>)> {
+        let seed = seed_arg(&seed)?;
         let source = ScheduleArg::extract(schedule)?;
         let overrides = overrides(params)?;
         let classes = classes_arg(classes)?;
@@ -207,7 +251,9 @@ impl Model {
             temperature,
             batch,
         };
-        let (pixels, record) = py.detach(|| self.run(&request, &progress))?;
+        let mut guard = self.engine()?;
+        let engine: &mut Engine<OrtModel> = &mut guard;
+        let (pixels, record) = py.detach(|| self.run(engine, &request, &progress))?;
         progress.finish();
         Ok((pixels.into_pyarray(py), to_python(py, &record)?))
     }
@@ -215,24 +261,33 @@ impl Model {
     /// Compares `schedules` (.gtr paths; the first is the baseline) on this
     /// model as `gtr-run eval` does: speed measured side by side, FLOPs,
     /// and quality on the bundle's evaluator. Returns the rows of eval.csv
-    /// as dicts (numbers as int or float, None where empty), or with
+    /// as dicts (counts as int, measurements as float, None where empty), or with
     /// `as_frame` a pandas DataFrame of them (pandas must be installed).
-    #[pyo3(signature = (schedules, num_images=100, seed=0, batch=25, repeats=1, cfg=None, temperature=None, params=None, progress=ProgressArg::Flag(true), as_frame=false))]
+    #[pyo3(
+        signature = (schedules, num_images=Whole::from(100), seed=Whole::from(0), batch=Whole::from(25), repeats=Whole::from(1), cfg=None, temperature=None, params=None, progress=ProgressArg::Flag(true), as_frame=false),
+        text_signature = "(self, schedules, num_images=100, seed=0, batch=25, repeats=1, cfg=None, temperature=None, params=None, progress=True, as_frame=False)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn eval<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
-        schedules: Vec<PathBuf>,
-        num_images: usize,
-        seed: u64,
-        batch: usize,
-        repeats: usize,
+        schedules: &Bound<'py, PyAny>,
+        num_images: Whole,
+        seed: Whole,
+        batch: Whole,
+        repeats: Whole,
         cfg: Option<f64>,
         temperature: Option<f64>,
-        params: Option<&Bound<'py, PyDict>>,
+        params: Option<&Bound<'py, PyAny>>,
         progress: ProgressArg,
         as_frame: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let seed = seed_arg(&seed)?;
+        let schedules: Vec<PathBuf> = schedules.extract().map_err(|_| {
+            PyValueError::new_err(
+                "schedules: give a list of .gtr paths (str or os.PathLike), the first the baseline",
+            )
+        })?;
         // Found missing before the comparison, not after it.
         let pandas = match as_frame {
             true => Some(py.import("pandas").map_err(|e| {
@@ -244,6 +299,8 @@ impl Model {
         };
         let overrides = overrides(params)?;
         let progress = Progress::new(py, progress, "batches")?;
+        let mut guard = self.engine()?;
+        let engine: &mut Engine<OrtModel> = &mut guard;
         let table = py.detach(|| {
             let n = in_range("num_images", num_images, 1, MAX_IMAGES)?;
             let batch = in_range("batch", batch, 1, MAX_BATCH)?;
@@ -274,7 +331,7 @@ impl Model {
                 }),
                 _ => None,
             };
-            let defaults = self.engine.model.info().defaults;
+            let defaults = self.info.defaults;
             let request = CompareRequest {
                 num_images: n,
                 batch,
@@ -288,12 +345,12 @@ impl Model {
                 },
                 warm_up: true,
             };
-            self.engine.stats = RunStats::default();
+            engine.stats = RunStats::default();
             // `compare` cannot be stopped halfway: a signal or an error of the
             // progress function is kept and raised when it returns.
             let mut interrupted = None;
             let comparison = compare(
-                &mut self.engine,
+                engine,
                 scoring,
                 &contenders,
                 &self.bundle.cost_spec(),
@@ -319,14 +376,14 @@ impl Model {
     }
 
     fn __repr__(&self) -> String {
-        let info = self.engine.model.info();
+        let info = &self.info;
         format!(
             "Model(name={:?}, path={:?}, device={:?}, provider={:?}, precision={:?})",
             info.name,
             self.bundle.dir.display().to_string(),
             self.device,
-            self.engine.model.execution_provider(),
-            self.engine.model.precision()
+            self.provider,
+            self.precision
         )
     }
 }
@@ -335,24 +392,51 @@ impl Model {
 pub(crate) struct Request {
     source: ScheduleArg,
     overrides: BTreeMap<String, f64>,
-    num_images: usize,
+    num_images: Whole,
     seed: u64,
     classes: Classes,
     cfg: Option<f64>,
     temperature: Option<f64>,
-    batch: Option<usize>,
+    batch: Option<Whole>,
 }
 
 impl Model {
+    /// The engine, for one call at a time; a second call while one runs
+    /// (from another thread, or from the first's progress function) is
+    /// refused rather than waiting, which from a progress function would
+    /// never end.
+    fn engine(&self) -> PyResult<std::sync::MutexGuard<'_, Engine<OrtModel>>> {
+        use std::sync::TryLockError;
+        match self.engine.try_lock() {
+            Ok(engine) => Ok(engine),
+            // A call that panicked left the engine as it was between
+            // batches; its statistics are reset by the next call.
+            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(TryLockError::WouldBlock) => Err(GtrRunError::new_err(
+                "this Model is busy with another generate or eval call (from another thread, or from this call's progress function); a Model runs one call at a time: use one Model per thread",
+            )),
+        }
+    }
+
     /// Generates without the GIL through the library's in-memory run
     /// ([`gtr_run::run::generate_in_memory`]); between batches it takes the
     /// GIL to let Python handle signals (Ctrl-C stops here with
     /// KeyboardInterrupt) and to report progress.
-    fn run(&mut self, req: &Request, progress: &Progress) -> Result<(Array4<u8>, Value), Failure> {
+    fn run(
+        &self,
+        engine: &mut Engine<OrtModel>,
+        req: &Request,
+        progress: &Progress,
+    ) -> Result<(Array4<u8>, Value), Failure> {
         let request = RunRequest {
             schedule: req.source.load(&req.overrides)?,
-            num_images: in_range("num_images", req.num_images, 1, MAX_IMAGES)?,
-            batch: in_range("batch", req.batch.unwrap_or(DEFAULT_BATCH), 1, MAX_BATCH)?,
+            num_images: in_range("num_images", req.num_images.clone(), 1, MAX_IMAGES)?,
+            batch: in_range(
+                "batch",
+                req.batch.clone().unwrap_or(DEFAULT_BATCH.into()),
+                1,
+                MAX_BATCH,
+            )?,
             seed: req.seed,
             classes: req.classes.clone(),
             cfg: non_negative("cfg", req.cfg)?,
@@ -361,7 +445,7 @@ impl Model {
             existing: Existing::Refuse,
             replay: None,
             device_requested: self.device.clone(),
-            runtime_settings: self.engine.model.settings(),
+            runtime_settings: self.settings.clone(),
             shard: None,
             npz: None,
             ticks_per_call: None,
@@ -371,7 +455,7 @@ impl Model {
         // A Python error from the progress report stops the run; it is kept
         // here to be raised as itself.
         let mut stopped = None;
-        let result = generate_in_memory(&self.bundle, &mut self.engine, &request, |done, n| {
+        let result = generate_in_memory(&self.bundle, engine, &request, |done, n| {
             progress.report(done, n).map_err(|e| {
                 stopped = Some(e);
                 RunError::Invalid("stopped from Python".into())

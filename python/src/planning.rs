@@ -14,7 +14,7 @@ use pyo3::types::PyDict;
 use serde_json::Value;
 
 use crate::GtrRunError;
-use crate::args::{ScheduleArg, grid_arg, overrides, to_python};
+use crate::args::{ScheduleArg, Whole, grid_arg, overrides, seed_arg, to_python};
 use crate::errors::{Failure, chain};
 
 /// One MAR step of a plan.
@@ -202,16 +202,17 @@ impl Plan {
 /// the schedule's `grid`, else 16x16) with `seed`; keyword arguments set
 /// parameters, as `--set name=value` does.
 #[pyfunction]
-#[pyo3(signature = (schedule, grid=None, seed=0, **params))]
+#[pyo3(signature = (schedule, grid=None, seed=Whole::from(0), **params), text_signature = "(schedule, grid=None, seed=0, **params)")]
 pub(crate) fn plan(
     schedule: &Bound<'_, PyAny>,
     grid: Option<&Bound<'_, PyAny>>,
-    seed: u64,
+    seed: Whole,
     params: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Plan> {
+    let seed = seed_arg(&seed)?;
     let source = ScheduleArg::extract(schedule)?;
     let grid = grid.map(grid_arg).transpose()?;
-    let overrides = overrides(params)?;
+    let overrides = overrides(params.map(|d| d.as_any()))?;
     let schedule = source.load(&overrides)?;
     let grid = schedule.planning_grid(grid);
     let plan = Planner::new(&schedule, grid)

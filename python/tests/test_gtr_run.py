@@ -123,7 +123,8 @@ def test_schedule_errors_carry_the_cli_message_and_position(cli, tmp_path):
     assert caught.value.line == 3 and caught.value.file == "<string>"
     with pytest.raises(gtr_run.ScheduleError, match="no-such.gtr"):
         gtr_run.plan("no-such.gtr")
-    with pytest.raises(gtr_run.ScheduleError, match="does not declare|unknown parameter|no parameter"):
+    # A parameter the schedule lacks is a bad argument, as in eval.
+    with pytest.raises(ValueError, match="params: `no_such_param`: .* has no parameter"):
         gtr_run.plan(SCHEDULES / "gtr.gtr", no_such_param=1.0)
 
 
@@ -188,6 +189,60 @@ def test_generate_refuses_bad_requests(tiny):
         tiny.generate(fast, 1, cfg=-1.0)
     with pytest.raises(ValueError, match="progress"):
         tiny.generate(fast, 1, progress="yes")
+    # Out of range, negative or huge: a ValueError with the range, not an
+    # OverflowError from the conversion; another type: a TypeError naming it.
+    for kwargs, name in [({"num_images": -1}, "num_images"), ({"num_images": 10**30}, "num_images"),
+                         ({"seed": -1}, "seed"), ({"batch": -2}, "batch")]:
+        args = {"num_images": 1, **kwargs}
+        with pytest.raises(ValueError, match=f"{name}: .* is not a whole number from"):
+            tiny.generate(fast, progress=False, **args)
+    with pytest.raises(TypeError, match="num_images"):
+        tiny.generate(fast, "2")
+    with pytest.raises(ValueError, match="seed: -1 is not a whole number from 0 to"):
+        gtr_run.plan(fast, seed=-1)
+    with pytest.raises(ValueError, match="params: `nope`"):
+        tiny.generate(fast, 1, params={"nope": 1.0}, progress=False)
+    # More images than memory holds: refused before the work, not an abort.
+    with pytest.raises(ValueError, match="do not fit in memory"):
+        tiny.generate(SCHEDULES / "mar-8.gtr", 10**7, progress=False)
+
+
+def test_params_take_any_mapping(tiny):
+    from types import MappingProxyType
+    fast = SCHEDULES / "gtr-fast.gtr"
+    a = tiny.generate(fast, 1, params=MappingProxyType({"cfg_scale": 2.0}), progress=False)[0]
+    b = tiny.generate(fast, 1, params={"cfg_scale": 2.0}, progress=False)[0]
+    assert np.array_equal(a, b)
+
+
+def test_each_record_counts_its_own_calls(tiny):
+    """A Model used again: each call's record holds that call's graph calls and seconds."""
+    records = [tiny.generate(SCHEDULES / "mar-8.gtr", 2, seed=s, progress=False)[1] for s in range(3)]
+    calls = [{g["graph"]: g["calls"] for g in r["graphs"]} for r in records]
+    assert calls[1] == calls[2] and calls[1]["vae_decoder"] == 1, calls
+    for r in records[1:]:
+        assert r["seconds"]["outside_runtime_run_calls"] >= 0, r["seconds"]
+
+
+def test_a_busy_model_says_so(tiny):
+    """A call from a progress function (or another thread) while one runs is refused with a
+    message; the model's description can be read meanwhile."""
+    seen = []
+
+    def nested(done, total):
+        seen.append(tiny.image_shape)
+        tiny.generate(SCHEDULES / "mar-8.gtr", 1, progress=False)
+
+    with pytest.raises(gtr_run.GtrRunError, match="busy with another generate or eval call"):
+        tiny.generate(SCHEDULES / "mar-8.gtr", 2, batch=1, progress=nested)
+    assert seen == [tiny.image_shape]
+    # Free again afterwards.
+    tiny.generate(SCHEDULES / "mar-8.gtr", 1, progress=False)
+
+
+def test_the_loader_note_is_a_warning():
+    with pytest.warns(UserWarning, match="has no sampler graph"):
+        gtr_run.Model(TINY)
 
 
 def png_pixels(path):
@@ -307,6 +362,10 @@ def test_eval_gives_the_cli_table(cli, tmp_path):
             assert row[key] == pytest.approx(float(w[key]), rel=1e-12), key
         assert row["seconds_per_image"] > 0 and row["frechet_distance_std"] is not None
     assert isinstance(rows[0]["mar_steps"], int)
+    # Measurements are floats in every row, the baseline's 1.0 included.
+    for row in rows:
+        for key in ["speedup_measured", "speedup_flops", "class_accuracy", "seconds_per_image"]:
+            assert isinstance(row[key], float), (key, row[key])
 
 
 def test_eval_refuses_undeclared_parameters(tiny):

@@ -31,7 +31,8 @@ pub use record::{RunRecord, model_digest};
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
 use crate::engine::{
-    BatchOutput, Engine, ImageJob, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise,
+    BatchOutput, Engine, ImageJob, ImageSettings, MarModel, ModelInfo, NoiseSource, Replay,
+    SeededNoise,
 };
 use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
@@ -293,8 +294,9 @@ pub fn generate<M: MarModel>(
 /// the run (or of its shard) [N, H, W, channels] and the record a folder
 /// would hold, each image's SHA-256 being that of its PNG. `progress` sees
 /// (images done, images) after each batch; an error from it stops the run.
-/// The engine's statistics are reset first, so the record measures this
-/// run alone.
+/// The engine's statistics are reset first, and the model's per-graph ones
+/// where an earlier run used them, so the record measures this run alone
+/// (the first run on a model also counts its loading).
 pub fn generate_in_memory<M: MarModel>(
     bundle: &Bundle,
     engine: &mut Engine<M>,
@@ -303,10 +305,13 @@ pub fn generate_in_memory<M: MarModel>(
 ) -> Result<(Array4<u8>, RunRecord), RunError> {
     let run = Prepared::new(bundle, &engine.model, req)?;
     engine.stats = Default::default();
+    if engine.model.graph_stats().iter().any(|g| g.calls > 0) {
+        engine.model.reset_graph_stats();
+    }
     engine.ticks_per_call = req.ticks_per_call;
     let image = run.info.image;
     let (start, n) = (run.range.start, run.range.len());
-    let mut pixels = Array4::<u8>::zeros((n, image.height, image.width, image.channels));
+    let mut pixels = pixel_buffer(n, image)?;
     let mut hashes = BTreeMap::new();
     let todo: Vec<usize> = run.range.clone().collect();
     let adaptive = run.plans.reference.is_adaptive();
@@ -330,6 +335,29 @@ pub fn generate_in_memory<M: MarModel>(
     record.reveal_orders = orders;
     record.measured = Some(measure(engine, &run.plans.reference, n, wall, req));
     Ok((pixels, record))
+}
+
+/// Zeroed pixels for `n` images, allocated without aborting: a count whose
+/// pixels do not fit in memory is refused, naming the count.
+fn pixel_buffer(n: usize, image: ImageSettings) -> Result<Array4<u8>, RunError> {
+    let shape = (n, image.height, image.width, image.channels);
+    let bytes = [image.height, image.width, image.channels]
+        .into_iter()
+        .try_fold(n, usize::checked_mul);
+    let mut buffer = Vec::new();
+    match bytes.map(|b| buffer.try_reserve_exact(b).map(|()| b)) {
+        Some(Ok(b)) => buffer.resize(b, 0u8),
+        _ => {
+            return Err(RunError::Invalid(format!(
+                "{n} images of {}x{}x{} pixels ({:.1} GB) do not fit in memory; make fewer images per call",
+                image.height,
+                image.width,
+                image.channels,
+                n as f64 * (image.height * image.width * image.channels) as f64 / 1e9
+            )));
+        }
+    }
+    Ok(Array4::from_shape_vec(shape, buffer).expect("the length is the shape's"))
 }
 
 /// The image indices this process makes; refuses counts, shards and an

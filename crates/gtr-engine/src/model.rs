@@ -186,6 +186,11 @@ pub trait MarModel {
         Vec::new()
     }
 
+    /// Starts [`MarModel::graph_stats`] afresh (calls, seconds, first-call
+    /// and loading seconds at 0), for a model that makes several runs
+    /// whose records each measure their own.
+    fn reset_graph_stats(&mut self) {}
+
     /// The execution provider that really runs the graphs.
     fn execution_provider(&self) -> String {
         "none".into()

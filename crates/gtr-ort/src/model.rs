@@ -717,6 +717,30 @@ impl MarModel for OrtModel {
         })
     }
 
+    fn reset_graph_stats(&mut self) {
+        [
+            &mut self.encoder,
+            &mut self.decoder,
+            &mut self.diffusion,
+            &mut self.vae,
+        ]
+        .into_iter()
+        .chain(self.sampler.as_mut())
+        .chain(self.ticks.as_mut().map(|t| &mut t.graph))
+        .chain(self.backbone.as_mut())
+        .chain(
+            self.split_head
+                .iter_mut()
+                .flat_map(|s| [&mut s.condition, &mut s.state]),
+        )
+        .for_each(|g| {
+            g.stats = GraphStats {
+                graph: g.stats.graph.clone(),
+                ..GraphStats::default()
+            }
+        });
+    }
+
     fn graph_stats(&self) -> Vec<GraphStats> {
         [&self.encoder, &self.decoder, &self.diffusion, &self.vae]
             .into_iter()
