@@ -67,19 +67,19 @@ fn speed_and_cost_columns_without_an_evaluator() {
         "--out",
         out.to_str().unwrap(),
     ];
-    fails(&again, "holds a previous evaluation");
+    fails(&again, "holds the output of a previous `gtr-run eval`");
     assert_eq!(gtr_run(&again).status.code(), Some(3));
     // Any of its files counts (eval.md alone was overwritten), and a file
     // an evaluation does not write is refused, --force or not (a run's
     // folder, somebody's notes), and left as it was.
     std::fs::remove_file(out.join("eval.json")).unwrap();
     std::fs::remove_file(out.join("eval.csv")).unwrap();
-    fails(&again, "holds a previous evaluation");
+    fails(&again, "holds the output of a previous `gtr-run eval`");
     std::fs::write(out.join("notes.txt"), "mine").unwrap();
     let forced = [&again[..], &["--force"]].concat();
     fails(
         &forced,
-        "holds `notes.txt`, which an evaluation does not write",
+        "holds `notes.txt`, which `gtr-run eval` does not write",
     );
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
     std::fs::remove_file(out.join("notes.txt")).unwrap();
@@ -110,7 +110,7 @@ fn speed_and_cost_columns_without_an_evaluator() {
             "--out",
             run.to_str().unwrap(),
         ],
-        "holds `00000.png`, which an evaluation does not write",
+        "holds `00000.png`, which `gtr-run eval` does not write",
     );
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&run);

@@ -124,17 +124,25 @@ impl From<usize> for Whole {
 impl<'py> FromPyObject<'_, 'py> for Whole {
     type Error = PyErr;
 
+    /// Any object with `__index__` (numpy's ints included); too large for
+    /// an i128 is kept as out of range.
     fn extract(obj: Borrowed<'_, 'py, PyAny>) -> PyResult<Self> {
-        if !obj.is_instance_of::<pyo3::types::PyInt>() {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        match obj.extract::<i128>() {
+            Ok(v) => Ok(Whole {
+                value: Some(v),
+                text: v.to_string(),
+            }),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => {
+                Ok(Whole {
+                    value: None,
+                    text: obj.str()?.to_string(),
+                })
+            }
+            Err(_) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
                 "expected an int, not {}",
                 obj.get_type().name()?
-            )));
+            ))),
         }
-        Ok(Whole {
-            value: obj.extract::<i128>().ok(),
-            text: obj.str()?.to_string(),
-        })
     }
 }
 

@@ -198,6 +198,8 @@ def test_generate_refuses_bad_requests(tiny):
             tiny.generate(fast, progress=False, **args)
     with pytest.raises(TypeError, match="num_images"):
         tiny.generate(fast, "2")
+    # numpy's ints are ints.
+    assert tiny.generate(fast, np.int64(1), seed=np.uint64(3), progress=False)[0].shape[0] == 1
     with pytest.raises(ValueError, match="seed: -1 is not a whole number from 0 to"):
         gtr_run.plan(fast, seed=-1)
     with pytest.raises(ValueError, match="params: `nope`"):

@@ -181,8 +181,7 @@ fn run_comparison(
         names.push("pareto.svg".into());
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let kind = if what == "eval" { "evaluation" } else { what };
-    let lock = claim_report(&out, &names, kind, args.force)?;
+    let lock = claim_report(&out, &names, &format!("gtr-run {what}"), args.force)?;
     eprintln!(
         "gtr-run {what}: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
         info.name,

@@ -208,7 +208,7 @@ fn io(path: &Path, source: std::io::Error) -> RunError {
 
 /// Makes the folder `out` if it is missing (refusing a file of that name)
 /// and locks it ([`lock`]).
-fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
+pub(super) fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
     if out.exists() && !out.is_dir() {
         return Err(RunError::Invalid(format!(
             "{} exists and is not a folder",
@@ -234,7 +234,7 @@ pub(super) fn lock(out: &Path) -> Result<FolderLock, RunError> {
                 })
                 .unwrap_or_default();
             Err(RunError::Invalid(format!(
-                "{} is being written by another gtr-run process{holder}; two runs in one folder would overwrite each other's images: wait for it to end, or give --out another folder",
+                "{} is being written by another gtr-run process{holder}; two processes writing one folder would overwrite each other's files: wait for it to end, or choose another folder",
                 out.display()
             )))
         }
@@ -259,30 +259,55 @@ pub(super) struct Inventory {
     pub record: Option<RunRecord>,
 }
 
-/// Lists the existing folder `out`, refusing it if it holds anything
-/// gtr-run does not write there: a folder, a link to a folder, an unknown
-/// name, a `run.json` that is not a gtr-run record, an `.npz` without a
-/// run, a temporary file of another name. Removes nothing.
-pub(super) fn inventory(out: &Path) -> Result<Inventory, RunError> {
-    let mut held = Inventory::default();
-    let mut has_record = false;
+/// An entry of an output folder, told by the names its writer uses.
+enum Entry {
+    /// A file (or a link, which is replaced, never followed) of one of the
+    /// writer's names.
+    Ours(PathBuf, String),
+    /// A temporary file [`crate::fsutil::write_atomic`] left for one of them.
+    Temporary(PathBuf),
+    /// Anything else: a folder, another name.
+    Foreign(String),
+}
+
+/// The entries of the existing folder `out` (its lock file left out),
+/// each told by `ours`, the names its writer uses.
+fn entries(out: &Path, ours: impl Fn(&str) -> bool) -> Result<Vec<Entry>, RunError> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
         let entry = entry.map_err(|e| io(out, e))?;
         let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let plain = kind.is_file() || kind.is_symlink();
-        let ours = |name: &str| is_run_file(name) || name.ends_with(".npz");
-        if name == LOCK_FILE {
+        found.push(if name == LOCK_FILE {
             continue;
-        } else if plain && is_run_file(&name) {
-            has_record |= name == RECORD_FILE;
-            held.run_files.push(entry.path());
-        } else if plain && temporary_target(&name).is_some_and(ours) {
-            held.temporaries.push(entry.path());
-        } else if plain && name.ends_with(".npz") {
-            held.npz_files.push(entry.path());
+        } else if plain && ours(&name) {
+            Entry::Ours(entry.path(), name)
+        } else if plain && temporary_target(&name).is_some_and(&ours) {
+            Entry::Temporary(entry.path())
         } else {
-            return Err(foreign(out, &name));
+            Entry::Foreign(name)
+        });
+    }
+    Ok(found)
+}
+
+/// Lists the existing folder `out`, refusing it if it holds anything
+/// gtr-run does not write there: a folder, an unknown name, a `run.json`
+/// that is not a gtr-run record, an `.npz` without a run, a temporary file
+/// of another name. Removes nothing.
+pub(super) fn inventory(out: &Path) -> Result<Inventory, RunError> {
+    let mut held = Inventory::default();
+    let mut has_record = false;
+    for entry in entries(out, |name| is_run_file(name) || name.ends_with(".npz"))? {
+        match entry {
+            Entry::Ours(path, name) if is_run_file(&name) => {
+                has_record |= name == RECORD_FILE;
+                held.run_files.push(path);
+            }
+            Entry::Ours(path, _) => held.npz_files.push(path),
+            Entry::Temporary(path) => held.temporaries.push(path),
+            Entry::Foreign(name) => return Err(foreign(out, &name)),
         }
     }
     if has_record {
@@ -310,43 +335,34 @@ pub(super) fn inventory(out: &Path) -> Result<Inventory, RunError> {
 /// returns its lock (hold it until the files are written). The folder is
 /// created if missing and locked, as a run's is; refused if it holds anything
 /// else than those files and gtr-run's temporary files of them (a run's
-/// images, anybody's notes); refused if it holds one of them (a previous
-/// `what`) unless `force`, which removes them, so that no file of the
-/// previous report is left beside the new one.
+/// images, anybody's notes); refused if it holds one of them (the output
+/// of a previous `command`, e.g. `gtr-run eval`) unless `force`, which
+/// removes them, so that no file of the previous report is left beside the
+/// new one.
 pub fn claim_report(
     out: &Path,
     names: &[&str],
-    what: &str,
+    command: &str,
     force: bool,
 ) -> Result<FolderLock, RunError> {
     let lock = create_and_lock(out)?;
     let (mut previous, mut temporaries) = (Vec::new(), Vec::new());
-    for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
-        let entry = entry.map_err(|e| io(out, e))?;
-        let kind = entry.file_type().map_err(|e| io(&entry.path(), e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let plain = kind.is_file() || kind.is_symlink();
-        if name == LOCK_FILE {
-            continue;
-        } else if plain && names.contains(&name.as_str()) {
-            previous.push(entry.path());
-        } else if plain && temporary_target(&name).is_some_and(|t| names.contains(&t)) {
-            temporaries.push(entry.path());
-        } else {
-            let a = if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                "an"
-            } else {
-                "a"
-            };
-            return Err(RunError::Invalid(format!(
-                "{} holds `{name}`, which {a} {what} does not write; {a} {what} writes only into a new or empty folder or one holding a previous {what}, --force or not: remove it, or choose a new folder",
-                out.display()
-            )));
+    for entry in entries(out, |name| names.contains(&name))? {
+        match entry {
+            Entry::Ours(path, _) => previous.push(path),
+            Entry::Temporary(path) => temporaries.push(path),
+            Entry::Foreign(name) => {
+                return Err(RunError::Invalid(format!(
+                    "{} holds `{name}`, which `{command}` does not write (it writes {}); it writes only into a new or empty folder or one holding its own output, --force or not: remove it, or choose a new folder",
+                    out.display(),
+                    names.join(", ")
+                )));
+            }
         }
     }
     if !previous.is_empty() && !force {
         return Err(RunError::Invalid(format!(
-            "{} holds a previous {what}; give --force to replace it or --out for another folder",
+            "{} holds the output of a previous `{command}`; give --force to replace it or --out for another folder",
             out.display()
         )));
     }

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::folder::{check_npz_target, image_name, image_path, inventory, lock};
+use super::folder::{check_npz_target, create_and_lock, image_name, image_path, inventory, lock};
 use super::outputs::{write_grid, write_npz};
 use super::record::RunRecord;
 use super::{RunError, Shard};
@@ -190,7 +190,7 @@ pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
     }
     // Held until the merged folder is in place: no gtr-run writes into the
     // old one meanwhile.
-    let _lock = check_out(&req.out, &parts, req.force)?;
+    let mut held = check_out(&req.out, &parts, req.force)?;
     let npz_in_out = match &req.npz {
         Some(npz) => check_npz_target(npz, &req.out)?,
         None => false,
@@ -224,7 +224,24 @@ pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
         write_npz(&target, &staging.dir, 0..num)?;
     }
     staging.commit(&req.out)?;
+    held.made = None;
     Ok(record)
+}
+
+/// `OUT` as a merge holds it: locked until the merged folder replaces it;
+/// made (empty) by the merge where it did not exist, so that no run can
+/// take it meanwhile, and removed again if the merge fails.
+struct HeldOut {
+    _lock: FolderLock,
+    made: Option<PathBuf>,
+}
+
+impl Drop for HeldOut {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.made {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Every index in `0..num` must be held by exactly one part; the error
@@ -293,11 +310,11 @@ fn spans(indices: &[usize]) -> String {
     out.join(", ")
 }
 
-/// `out` may not be a file nor a part; if it is a folder, it is locked
-/// (the lock is returned: hold it until the merge is committed), and if it
+/// `out` may not be a file nor a part; it is made if missing and locked
+/// (hold the returned [`HeldOut`] until the merge is committed), and if it
 /// holds anything, `force` must be given and it may hold only gtr-run
 /// output ([`inventory`]), which the merge replaces.
-fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<Option<FolderLock>, RunError> {
+fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<HeldOut, RunError> {
     let invalid = |m: String| Err(RunError::Invalid(m));
     if out.exists() && !out.is_dir() {
         return invalid(format!("{} exists and is not a folder", out.display()));
@@ -317,7 +334,11 @@ fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<Option<FolderLoc
         ));
     }
     if !out.is_dir() {
-        return Ok(None);
+        let lock = create_and_lock(out)?;
+        return Ok(HeldOut {
+            _lock: lock,
+            made: Some(out.to_path_buf()),
+        });
     }
     let held = lock(out)?;
     let empty = std::fs::read_dir(out)
@@ -334,7 +355,10 @@ fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<Option<FolderLoc
         ));
     }
     inventory(out)?;
-    Ok(Some(held))
+    Ok(HeldOut {
+        _lock: held,
+        made: None,
+    })
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> Result<(), RunError> {

@@ -344,9 +344,10 @@ fn pixel_buffer(n: usize, image: ImageSettings) -> Result<Array4<u8>, RunError> 
     let bytes = [image.height, image.width, image.channels]
         .into_iter()
         .try_fold(n, usize::checked_mul);
-    let mut buffer = Vec::new();
-    match bytes.map(|b| buffer.try_reserve_exact(b).map(|()| b)) {
-        Some(Ok(b)) => buffer.resize(b, 0u8),
+    // A probe: the buffer itself is allocated zeroed (lazily, by pages).
+    let mut probe = Vec::<u8>::new();
+    match bytes.map(|b| probe.try_reserve_exact(b)) {
+        Some(Ok(())) => {}
         _ => {
             return Err(RunError::Invalid(format!(
                 "{n} images of {}x{}x{} pixels ({:.1} GB) do not fit in memory; make fewer images per call",
@@ -357,7 +358,8 @@ fn pixel_buffer(n: usize, image: ImageSettings) -> Result<Array4<u8>, RunError> 
             )));
         }
     }
-    Ok(Array4::from_shape_vec(shape, buffer).expect("the length is the shape's"))
+    drop(probe);
+    Ok(Array4::zeros(shape))
 }
 
 /// The image indices this process makes; refuses counts, shards and an

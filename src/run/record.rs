@@ -20,6 +20,9 @@ use crate::engine::{GraphStats, StepStats};
 use crate::fsutil::{sha256_file, sha256_hex, write_atomic};
 use crate::plan::DetailRule;
 
+/// How [`RunRecord::disagreements`] names `model.sha256`.
+const MODEL_DIGEST: &str = "model's settings and graphs (SHA-256)";
+
 /// The file name of the record in a run's folder.
 pub const RECORD_FILE: &str = "run.json";
 
@@ -265,10 +268,7 @@ impl RunRecord {
             ("gtr-run version", json!(self.gtr_run_version)),
             ("model", json!(self.model.name)),
             ("model's number of classes", json!(self.model.classes)),
-            (
-                "model's settings and graphs (SHA-256)",
-                json!(self.model.sha256),
-            ),
+            (MODEL_DIGEST, json!(self.model.sha256)),
             ("schedule text", json!(self.schedule.source)),
             ("schedule parameters", json!(self.schedule.params)),
             ("MAR steps", json!(self.mar_steps)),
@@ -294,7 +294,10 @@ impl RunRecord {
         self.identity()
             .into_iter()
             .zip(other.identity())
-            .filter(|((_, x), (_, y))| x != y)
+            // A record older than `model.sha256` has none to compare.
+            .filter(|((what, x), (_, y))| {
+                x != y && !(*what == MODEL_DIGEST && (x.is_null() || y.is_null()))
+            })
             .map(|((what, x), (_, y))| {
                 let (x, y) = (x.to_string(), y.to_string());
                 if x.len() + y.len() <= 60 {

@@ -16,8 +16,10 @@ use ndarray_npy::npy::header::Header;
 const MAX_HEADER: usize = 64 * 1024;
 
 /// Opens `path` as an `.npz` whose arrays `arrays` ((name, bytes per
-/// element)) are each checked, where present, as described in the module
-/// doc. An array is looked up as [`NpzReader::by_name`] looks it up (the
+/// element of the type the caller reads)) are each checked, where present,
+/// as described in the module doc: the size of an element is the header's
+/// own (`<f4`: 4), so that an array of another type is left to the reader
+/// to name, as is a header whose type has no plain size. An array is looked up as [`NpzReader::by_name`] looks it up (the
 /// name as given, then with `.npy`), so the entry checked is the entry
 /// read. Errors name the array and say what is wrong, without the path
 /// (the caller's error carries it).
@@ -44,6 +46,7 @@ pub fn open_checked(path: &Path, arrays: &[(&str, u64)]) -> Result<NpzReader<Fil
             ));
         }
         let (header, header_len) = read_header(&mut entry).map_err(|e| format!("`{name}`: {e}"))?;
+        let item = element_size(&header).unwrap_or(item);
         let elements = header
             .shape
             .iter()
@@ -60,6 +63,17 @@ pub fn open_checked(path: &Path, arrays: &[(&str, u64)]) -> Result<NpzReader<Fil
     }
     drop(zip);
     NpzReader::new(file).map_err(|e| e.to_string())
+}
+
+/// Bytes per element of a plain numeric `.npy` type (`<f8`, `|u1`, `<i4`).
+fn element_size(header: &Header) -> Option<u64> {
+    let descriptor = header.type_descriptor.to_string();
+    let digits: String = descriptor
+        .trim_matches(|c| c == '\'' || c == '"')
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .collect();
+    digits.parse().ok().filter(|&n: &u64| n > 0)
 }
 
 /// The `.npy` header at the start of `entry`, and its length in bytes
@@ -113,6 +127,7 @@ mod tests {
         .unwrap();
         assert_eq!(h.shape, vec![3, 4, 2]);
         assert_eq!(len, 10 + 63);
+        assert_eq!(element_size(&h), Some(4));
         // A repeated key is read as the reader reads it (the last one wins,
         // or the parser refuses it), never as a first match would.
         let twice = npy(
@@ -120,6 +135,7 @@ mod tests {
         );
         let (h, _) = read_header(&mut &twice[..]).unwrap();
         assert_eq!(h.shape, vec![2, 1_000_000_000_000]);
+        assert_eq!(element_size(&h), Some(8));
         assert!(read_header(&mut &b"short"[..]).is_err());
         let mut huge = b"\x93NUMPY\x02\x00".to_vec();
         huge.extend(u32::MAX.to_le_bytes());

@@ -394,7 +394,16 @@ impl OrtModel {
     fn lacks(&self, bundle: &Bundle, role: Role, what: &str, tool: &str) -> String {
         let (name, dir) = (&bundle.manifest.name, bundle.dir.display());
         let key = role.key();
-        if bundle.optional_graph(role).is_none() {
+        // The split head is two graphs; the bundle has it only with both.
+        let missing = match role {
+            Role::DiffusionCondition | Role::DiffusionState => {
+                [Role::DiffusionCondition, Role::DiffusionState]
+                    .iter()
+                    .any(|&part| bundle.optional_graph(part).is_none())
+            }
+            _ => bundle.optional_graph(role).is_none(),
+        };
+        if missing {
             return format!(
                 "bundle `{name}` has no {} (graphs.{key} in its manifest); add one with `python3 models/{tool} {dir}`",
                 what.trim_start_matches("a ")
@@ -402,8 +411,7 @@ impl OrtModel {
         }
         let p = self.precision.precision;
         format!(
-            "bundle `{name}` has {what}, but not in {p}: its manifest's precisions.{p} entry does not list `{key}` beside the graphs it is made from, and an fp32 {} would be mixed into the {p} run; write the {p} variants again with `python3 models/convert_precision.py {dir} --precision {p}` (it rebuilds the graphs the bundle has), or run in fp32",
-            what.trim_start_matches("a ")
+            "bundle `{name}` has {what}, but not in {p}: its manifest's precisions.{p} entry must list `{key}` together with the graphs it is made from, else an fp32 graph would be mixed into the {p} run; write the {p} variants again with `python3 models/convert_precision.py {dir} --precision {p}` (it rebuilds the graphs the bundle has), or run in fp32"
         )
     }
 

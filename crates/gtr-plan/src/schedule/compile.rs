@@ -308,7 +308,11 @@ impl<'a> Declarations<'a> {
                     name.name
                 ),
             )
-            .with_help("check for a division or remainder by zero, or a value too large"));
+            .with_help(if overrides.is_empty() {
+                "check for a division or remainder by zero, or a value too large"
+            } else {
+                "check for a division or remainder by zero (with the values --set gave), or a value too large"
+            }));
         }
         let (value, overridden) = match overrides.get(&name.name) {
             Some(v) => (*v, true),

@@ -522,8 +522,10 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
         return (format!("`{word}`"), word.len());
     }
     let c = rest.chars().next().unwrap();
-    // Shown as written, unless it cannot be seen (a control character).
-    let shown = if c.is_control() || c.is_whitespace() {
+    // Shown as written, unless it cannot be seen (a control, space or
+    // zero-width character).
+    let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}' | '\u{FEFF}');
+    let shown = if c.is_control() || c.is_whitespace() || invisible {
         c.escape_default().to_string()
     } else {
         c.to_string()
@@ -577,13 +579,25 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
             "the `{{` of stage `{name}` on line {line} is not closed: is its `}}` missing?"
         ));
     }
+    // `top 10 % by`, `top b% by`: `%` read as the remainder operator (on
+    // the line of `by`, not in a comment).
+    let line = &text[text[..pos].rfind('\n').map_or(0, |k| k + 1)..pos];
+    if word == "by" && line.trim_end().ends_with('%') && !line.contains('#') {
+        return Some(
+            "a percentage is a number followed directly by `%` (`top 10%`); otherwise write a fraction (`top 0.1`, `top p / 100`)"
+                .into(),
+        );
+    }
     if expected_name && KEYWORDS.contains(&word.as_str()) {
         return Some(format!(
             "`{word}` is a keyword and cannot be used as a name here; choose another name"
         ));
     }
-    if let Some(synopsis) = declaration_synopsis(text, pos, positives) {
-        return Some(synopsis.into());
+    if rest.starts_with("&&")
+        || rest.starts_with("||")
+        || rest.starts_with('!') && !rest.starts_with("!=")
+    {
+        return Some("conditions are combined with `and`, `or` and `not`".into());
     }
     if rest.starts_with(|c: char| !c.is_ascii() && c.is_alphanumeric()) {
         return Some("names are written with ASCII letters, digits and `_`".into());
@@ -594,13 +608,6 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
     if rest.starts_with('"') && positives.contains(&Rule::string) {
         return Some(
             "this string is not closed on its line: a file name is written in double quotes, `\"order.txt\"`"
-                .into(),
-        );
-    }
-    // `top 10 % by`, `top b% by`: `%` read as the remainder operator.
-    if text[..pos].trim_end().ends_with('%') {
-        return Some(
-            "a percentage is a number followed directly by `%` (`top 10%`); otherwise write a fraction (`top 0.1`, `top p / 100`)"
                 .into(),
         );
     }
@@ -626,6 +633,9 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
     if rest.starts_with("=>") {
         return Some("a ramp is written with `->`: `diffusion linear 50 -> 20`".into());
     }
+    if let Some(synopsis) = declaration_synopsis(text, pos, positives) {
+        return Some(synopsis.into());
+    }
     if positives.contains(&Rule::open_brace) {
         return Some("a stage is written `stage NAME { clauses }`: a name, then `{`".into());
     }
@@ -640,12 +650,6 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
             "a stage is written `stage NAME { clauses }`: check the name and the `{` after it"
                 .into(),
         );
-    }
-    if rest.starts_with("&&")
-        || rest.starts_with("||")
-        || rest.starts_with('!') && !rest.starts_with("!=")
-    {
-        return Some("conditions are combined with `and`, `or` and `not`".into());
     }
     if rest.starts_with('=') && !rest.starts_with("==") {
         return Some("comparison for equality is written `==`".into());
