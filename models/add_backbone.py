@@ -17,9 +17,15 @@ both in one call and gathers those rows on the device. The contract (models/READ
   output   z        f32 [B, N, D]   z[b, n] = decoder's z[b, predict[b, n]]
 
 The graph is built from the bundle's own encoder and decoder (any bundle), their weights copied;
-the manifest gets a `backbone` entry after the decoder's. gtr-run uses it when it is there and
-gathers on the host otherwise; the numbers are the same. `--check` compares it with the two
-graphs run one after the other through onnxruntime and the rows gathered in NumPy.
+the manifest gets a `backbone` entry after the decoder's. gtr-run's `--backbone auto` (default)
+uses it on a GPU provider and keeps the encoder and decoder apart on the CPU provider (where the
+fused graph has not been shown faster); `--backbone fused` requires it, `split` never uses it.
+The numbers are the same. `--check` compares it with the two graphs run one after the other
+through onnxruntime and the rows gathered in NumPy, before anything is written into the bundle
+(exit status 1 when they differ, 2 on an error naming the input; either way nothing changes).
+A bundle whose `precisions` variants list the encoder and decoder gets a note naming the
+convert_precision.py command that adds the backbone to them (gtr-run uses a backbone graph only
+in the run's precision).
 """
 from __future__ import annotations
 
@@ -127,41 +133,50 @@ def manifest_with_backbone(text: str) -> str:
 
 
 def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
-                   precision: str | None = None, log=print) -> str:
+                   precision: str | None = None, log=print, staging=None) -> str:
     """Writes the fused graph of `encoder_file` and `decoder_file` as backbone.onnx, or
-    backbone.PRECISION.onnx for a precision variant; returns its name."""
-    g = m["graphs"]
-    encoder = onnx.load(os.path.join(bundle, encoder_file))
-    decoder = onnx.load(os.path.join(bundle, decoder_file))
-    from models.add_sampler import save_graph
+    backbone.PRECISION.onnx for a precision variant, into `staging` (models.onnx_save.Staging;
+    without one, committed at once); returns its name."""
+    from models.add_sampler import save_graph, staged
+    from models.onnx_save import load_graph
 
-    name = save_graph(bundle, build_backbone(encoder, decoder, g["encoder"], g["decoder"]), BACKBONE_FILE,
-                      precision)
+    g = m["graphs"]
+    with staged(bundle, staging) as s:
+        encoder = load_graph(s.read_path(os.path.join(bundle, encoder_file)), "encoder")
+        decoder = load_graph(s.read_path(os.path.join(bundle, decoder_file)), "decoder")
+        name = save_graph(bundle, build_backbone(encoder, decoder, g["encoder"], g["decoder"]), BACKBONE_FILE,
+                          precision, s)
     log(f"{name}: {encoder_file} and {decoder_file} fused, z gathered at the predicted tokens")
     return name
 
 
-def add_backbone(bundle: str, log=print) -> str:
-    text, m = read_manifest(bundle)
-    g = m["graphs"]
-    name = write_backbone(bundle, m, g["encoder"]["file"], g["decoder"]["file"], log=log)
-    from models.onnx_save import write_manifest
+def add_backbone(bundle: str, log=print, checked: bool = False) -> str:
+    """Adds the backbone graph (with `checked`, compared by `check` before anything is replaced)."""
+    from models.add_sampler import add_graphs
 
-    write_manifest(bundle, manifest_with_backbone(text))
-    return os.path.join(bundle, name)
+    def write(m, staging):
+        g = m["graphs"]
+        return {"backbone": write_backbone(bundle, m, g["encoder"]["file"], g["decoder"]["file"], log=log,
+                                           staging=staging)}
+
+    add_graphs(bundle, manifest_with_backbone, write,
+               (check, 1e-5, "the encoder and decoder run apart") if checked else None,
+               ("backbone",), ("encoder", "decoder"), log)
+    return os.path.join(bundle, BACKBONE_FILE)
 
 
-def check(bundle: str, log=print) -> float:
+def check(bundle: str, log=print, staging=None) -> float:
     """Max |fused − separate graphs gathered in NumPy| on random inputs, with and without
-    known tokens."""
+    known tokens (the graphs staged in `staging`, if given)."""
     import onnxruntime as ort
 
-    _, m = read_manifest(bundle)
+    _, m = staging.manifest() if staging else read_manifest(bundle)
+    path = lambda f: staging.read_path(os.path.join(bundle, f)) if staging else os.path.join(bundle, f)  # noqa: E731
     g = m["graphs"]
     (H, W), C = m["grid"], int(m["token_dim"])
     L = H * W
     rng = np.random.default_rng(0)
-    session = lambda f: ort.InferenceSession(os.path.join(bundle, f), providers=["CPUExecutionProvider"])
+    session = lambda f: ort.InferenceSession(path(f), providers=["CPUExecutionProvider"])  # noqa: E731
     enc, dec, fused = session(g["encoder"]["file"]), session(g["decoder"]["file"]), session(BACKBONE_FILE)
     worst = 0.0
     for B, K, N in ((3, 0, 5), (4, L // 3, 7)):
@@ -184,10 +199,10 @@ def check(bundle: str, log=print) -> float:
 def main(argv=None) -> int:
     from models.add_sampler import graph_tool
 
-    return graph_tool(argv, __doc__, "the encoder and decoder graphs", add_backbone, check, 1e-5,
-                      "the encoder and decoder run apart")
+    return graph_tool(argv, __doc__, "the encoder and decoder graphs", add_backbone)
 
 
 if __name__ == "__main__":
+    # `models.*` from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

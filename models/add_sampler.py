@@ -57,6 +57,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# `models.onnx_save` from the repository root, also when run as a script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.onnx_save import CheckFailed  # noqa: E402
+
 SAMPLER_FILE = "sampler.onnx"
 INPUTS = ["x", "z", "t", "coef", "noise", "active", "guidance"]
 OUTPUT = "x_out"
@@ -67,12 +71,10 @@ COEFFICIENTS = 5
 
 
 def read_manifest(bundle: str) -> tuple[str, dict]:
-    import yaml
+    """The manifest's text and content (models/onnx_save.py: BundleError naming what is wrong)."""
+    from models.onnx_save import read_manifest as read
 
-    path = os.path.join(bundle, "manifest.yaml")
-    with open(path) as f:
-        text = f.read()
-    return text, yaml.safe_load(text)
+    return read(bundle)
 
 
 def head_nodes(hg: onnx.GraphProto, io: dict) -> tuple[list, str]:
@@ -313,7 +315,10 @@ def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outp
         if re.match(rf"^\s+{after}:\s*\{{\s*file:", ln):
             lines.insert(i + 1, entry)
             return "\n".join(lines) + "\n"
-    raise SystemExit(f"manifest.yaml: no `graphs.{after}` entry on one line to put the {role} after")
+    from models.onnx_save import BundleError
+
+    raise BundleError(f"manifest.yaml: no `graphs.{after}` entry written on one line (`{after}: {{ file: ..., ... }}`) "
+                      f"to put the {role} entry after; write it so and run again (nothing was changed)")
 
 
 def manifest_with_sampler(text: str) -> str:
@@ -323,14 +328,31 @@ def manifest_with_sampler(text: str) -> str:
                                "sampler")
 
 
-def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None) -> str:
-    """Checks `model` and saves it in `bundle` as `file`, or as FILE.PRECISION.onnx for a
-    precision variant; returns the name written."""
-    from models.onnx_save import save_model
-
+def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging) -> str:
+    """Checks `model` and stages it in `bundle` (models.onnx_save.Staging) as `file`, or as
+    FILE.PRECISION.onnx for a precision variant; returns the name."""
     name = file if precision is None else file.replace(".onnx", f".{precision}.onnx")
-    save_model(model, os.path.join(bundle, name))
+    staging.save(model, os.path.join(bundle, name))
     return name
+
+
+def staged(bundle: str, staging):
+    """`staging`, or a new Staging of `bundle` committed when the block ends without an error."""
+    from contextlib import contextmanager
+
+    from models.onnx_save import Staging
+
+    @contextmanager
+    def own():
+        with Staging(bundle) as s:
+            yield s
+            s.commit()
+
+    if staging is not None:
+        from contextlib import nullcontext
+
+        return nullcontext(staging)
+    return own()
 
 
 CHAIN_GRAPHS = {"sampler": (build_sampler, SAMPLER_FILE, "loop over the ticks"),
@@ -338,35 +360,82 @@ CHAIN_GRAPHS = {"sampler": (build_sampler, SAMPLER_FILE, "loop over the ticks"),
 
 
 def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print,
-                  roles=tuple(CHAIN_GRAPHS)) -> dict[str, str]:
+                  roles=tuple(CHAIN_GRAPHS), staging=None) -> dict[str, str]:
     """Writes the chain graphs `roles` (sampler, tick) around the head graph `head_file` (the
     manifest's diffusion tensor names) as ROLE.onnx, or ROLE.PRECISION.onnx for a precision
-    variant; returns the names written by role."""
+    variant, into `staging` (models.onnx_save.Staging; without one, committed at once); returns
+    the names by role."""
     from models.cuda_capture import capture_blockers
+    from models.onnx_save import load_graph
 
     io = m["graphs"]["diffusion"]
-    head = onnx.load(os.path.join(bundle, head_file))
     learned = m["diffusion"]["variance"] == "learned_range"
     names = {}
-    for role in roles:
-        build, file, what = CHAIN_GRAPHS[role]
-        model = build(head, io, int(m["token_dim"]), learned)
-        names[role] = save_graph(bundle, model, file, precision)
-        log(f"{names[role]}: {what} around {head_file} ({'learned' if learned else 'fixed'} variance)")
-        blockers = capture_blockers(model) if role == "tick" else []
-        if blockers:
-            log(f"note: ONNX Runtime's CUDA provider cannot capture {names[role]} in a CUDA graph "
-                f"({'; '.join(blockers)}), which is what gtr-run --sampler ticks is for; on CUDA use "
-                f"--sampler graph")
+    with staged(bundle, staging) as s:
+        head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion")
+        for role in roles:
+            build, file, what = CHAIN_GRAPHS[role]
+            model = build(head, io, int(m["token_dim"]), learned)
+            names[role] = save_graph(bundle, model, file, precision, s)
+            log(f"{names[role]}: {what} around {head_file} ({'learned' if learned else 'fixed'} variance)")
+            blockers = capture_blockers(model) if role == "tick" else []
+            if blockers:
+                log(f"note: ONNX Runtime's CUDA provider cannot capture {names[role]} in a CUDA graph "
+                    f"({'; '.join(blockers)}), which is what gtr-run --sampler ticks is for; on CUDA use "
+                    f"--sampler graph")
     return names
 
 
-def add_sampler(bundle: str, log=print) -> str:
-    text, m = read_manifest(bundle)
-    names = write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
-    from models.onnx_save import write_manifest
+def add_graphs(bundle: str, edit, write, verify, roles, sources, log=print) -> dict[str, str]:
+    """What add_sampler.py, add_backbone.py and split_head.py share: the manifest edited first
+    (`edit(text)`: a manifest this cannot edit is refused before anything is written), the graphs
+    written aside (`write(manifest, staging)` → {role: file}), with `verify` = (check, tolerance,
+    what) compared there (CheckFailed over the tolerance), and only then all committed, the
+    manifest last. Afterwards a note names every precision whose variant lists the `sources`
+    graphs but not `roles`: gtr-run does not use a derived graph in another precision than the
+    run's, and convert_precision.py rebuilds the derived graphs the bundle has."""
+    from models.onnx_save import Staging
 
-    write_manifest(bundle, manifest_with_sampler(text))
+    text, m = read_manifest(bundle)
+    new_text = edit(text)
+    with Staging(bundle, log=log) as s:
+        names = write(m, s)
+        if verify is not None:
+            check, tolerance, what = verify
+            worst = check(bundle, log=log, staging=s)
+            if not worst <= tolerance:
+                raise CheckFailed(f"{bundle}: check failed: the graph differs from {what} by {worst:.3g} "
+                                  f"(more than {tolerance:g}); nothing was changed")
+        s.write_manifest(new_text)
+        s.commit()
+    for precision, files in (m.get("precisions") or {}).items():
+        if isinstance(files, dict) and all(r in files for r in sources) and not all(r in files for r in roles):
+            log(f"note: precisions.{precision} lists no {' and '.join(roles)} graph{'s' if len(roles) > 1 else ''} "
+                f"yet (gtr-run --precision {precision} will not use {'them' if len(roles) > 1 else 'it'}); "
+                f"build {'them' if len(roles) > 1 else 'it'} with python3 models/convert_precision.py {bundle} "
+                f"--precision {precision}{variant_flags(bundle, m, precision)}")
+    return names
+
+
+def variant_flags(bundle: str, m: dict, precision: str) -> str:
+    """The convert_precision.py options the bundle's `precision` variant was made with, as flags."""
+    try:
+        from models.fuse_attention import variant_options
+
+        options = variant_options(bundle, {"precisions": {precision: m["precisions"][precision]}})[precision]
+    except (ValueError, KeyError):
+        return ""
+    flags = {"emulate": " --emulate", "per_channel": " --per-tensor", "per_row": " --per-row-activations",
+             "quantize_token_projections": " --quantize-token-projections"}
+    return "".join(flags[k] for k in options)
+
+
+def add_sampler(bundle: str, log=print, checked: bool = False) -> str:
+    """Adds the sampler and tick graphs (with `checked`, compared by `check` before anything is replaced)."""
+    names = add_graphs(bundle, manifest_with_sampler,
+                       lambda m, s: write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log, staging=s),
+                       (check, 1e-4, "a per-tick NumPy reference") if checked else None,
+                       ("sampler", "tick"), ("diffusion",), log)
     return os.path.join(bundle, names["sampler"])
 
 
@@ -392,10 +461,13 @@ def reference_chain(head_sess, io, x, z, t, coef, noise, active, guidance, C, le
     return x
 
 
-def check(bundle: str, log=print) -> float:
+def check(bundle: str, log=print, staging=None) -> float:
+    """Max |graph - per-tick NumPy reference| of the sampler and tick graphs (those staged in
+    `staging`, if given) on random chains, with and without guidance."""
     import onnxruntime as ort
 
-    _, m = read_manifest(bundle)
+    _, m = staging.manifest() if staging else read_manifest(bundle)
+    path = lambda f: staging.read_path(os.path.join(bundle, f)) if staging else os.path.join(bundle, f)  # noqa: E731
     io = m["graphs"]["diffusion"]
     C, learned = int(m["token_dim"]), m["diffusion"]["variance"] == "learned_range"
     D = int(m["width"])
@@ -410,9 +482,9 @@ def check(bundle: str, log=print) -> float:
     noise = rng.standard_normal((T, N, C)).astype(np.float32)
     active = np.array([7, 7, 5, 3, 3], np.int64)
     guidance = np.array([2.5], np.float32)
-    head = ort.InferenceSession(os.path.join(bundle, io["file"]), providers=["CPUExecutionProvider"])
-    sampler = ort.InferenceSession(os.path.join(bundle, SAMPLER_FILE), providers=["CPUExecutionProvider"])
-    tick = ort.InferenceSession(os.path.join(bundle, TICK_FILE), providers=["CPUExecutionProvider"])
+    head = ort.InferenceSession(path(io["file"]), providers=["CPUExecutionProvider"])
+    sampler = ort.InferenceSession(path(SAMPLER_FILE), providers=["CPUExecutionProvider"])
+    tick = ort.InferenceSession(path(TICK_FILE), providers=["CPUExecutionProvider"])
     running = np.arange(N)[None, :] < active[:, None]
     worst = 0.0
     for g in (2, 1):
@@ -427,33 +499,39 @@ def check(bundle: str, log=print) -> float:
             xk, k = tick.run(TICK_OUTPUTS, {"x": xk, "k": k, "z": zg, "t": t, "coef": coef, "noise": noise,
                                             "running": running, "guidance": guidance})
         if int(k) != T:
-            raise SystemExit(f"tick graph: k_next counted to {int(k)} after {T} ticks")
+            raise CheckFailed(f"tick graph: k_next counted to {int(k)} after {T} ticks; nothing was changed")
         tick_err = float(np.abs(xk - want).max())
         log(f"check (G = {g}): max |tick graph, {T} calls - per-tick reference| = {tick_err:.3g}")
         worst = max(worst, err, tick_err)
     return worst
 
 
-def graph_tool(argv, doc: str, needs: str, add, check, tolerance: float, what: str) -> int:
-    """The command line of a script that adds a derived graph to a bundle: `add(bundle)`, then
-    with --check `check(bundle)` (the largest difference) against `tolerance`."""
+def graph_tool(argv, doc: str, needs: str, add) -> int:
+    """The command line of a script that adds a derived graph to a bundle: `add(bundle, checked=...)`
+    (add_graphs). Exit status 0, 1 when --check fails, 2 on an error naming the input; in both
+    failures nothing of the bundle is changed."""
+    from models.onnx_save import run_tool
+
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", help=f"bundle folder (manifest.yaml and {needs})")
-    ap.add_argument("--check", action="store_true", help=f"compare with {what}")
+    ap.add_argument("--check", action="store_true",
+                    help="compare the new graphs with what they replace before anything is written")
     args = ap.parse_args(argv)
-    add(args.bundle)
-    if args.check and check(args.bundle) > tolerance:
-        print(f"check failed: the graph differs from {what}", file=sys.stderr)
-        return 1
-    return 0
+
+    def body():
+        try:
+            add(args.bundle, checked=args.check)
+        except CheckFailed as e:
+            print(str(e), file=sys.stderr)
+            return 1
+        return 0
+
+    return run_tool(body, args.bundle)
 
 
 def main(argv=None) -> int:
-    return graph_tool(argv, __doc__, "the diffusion graph", add_sampler, check, 1e-4,
-                      "a per-tick NumPy reference")
+    return graph_tool(argv, __doc__, "the diffusion graph", add_sampler)
 
 
 if __name__ == "__main__":
-    # `models.onnx_save` (imported when a graph is written) from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -22,7 +22,10 @@ copy of the bundle whose `precisions.bf16` graphs round the MatMul/Gemm operands
 to bfloat16 and compute in float32. Its quality numbers are those of bf16 arithmetic with fp32
 accumulation; its speed is not bf16's.
 
-Prints Markdown tables; everything measured goes to --json (default <work>/bench_precision.json).
+Everything goes into a new folder (`bench-precision-XXXX`, made in --work or the system's
+temporary folder): nothing already in --work is changed. Prints Markdown tables; everything
+measured goes to --json (default <that folder>/bench_precision.json). A bundle that is missing or
+malformed is reported in one line (exit status 2) before anything is made.
 """
 
 import argparse
@@ -38,18 +41,42 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import convert_precision  # noqa: E402
+import convert_precision  # noqa: E402  (puts the repository root on sys.path for models.*)
 from run_record import read_run_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def copy_bundle(src, dst):
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        p = os.path.join(src, name)
-        if os.path.isfile(p) and (name.endswith((".onnx", ".npz")) or name == "manifest.yaml"):
-            shutil.copyfile(p, os.path.join(dst, name))
+    """Copies what the manifest of bundle `src` references into the new folder `dst`: the
+    manifest, its graphs (with their external data files), precision variants and evaluator files
+    inside `src`, at the same relative paths. A graph kept outside `src` (`../tiny/encoder.onnx`)
+    is not copied: the copy's manifest names it by its absolute path (never replaced: its variants
+    go into the copy). BundleError (models/onnx_save.py) naming what is missing."""
+    from models.fuse_attention import manifest_with_files
+    from models.onnx_save import BundleError, external_files, inside, read_manifest
+
+    text, manifest = read_manifest(src)
+    files = [e["file"] for e in manifest["graphs"].values()]
+    for variant in (manifest.get("precisions") or {}).values():
+        files += list(variant.values()) if isinstance(variant, dict) else []
+    evaluator = manifest.get("evaluator") or {}
+    files += [evaluator[k] for k in ("file", "reference") if isinstance(evaluator.get(k), str)]
+    outside = {role: os.path.abspath(os.path.join(src, e["file"])) for role, e in manifest["graphs"].items()
+               if not inside(src, os.path.join(src, e["file"]))}
+    os.makedirs(dst)
+    for file in files:
+        path = os.path.join(src, file)
+        if not inside(src, path):
+            continue
+        if not os.path.isfile(path):
+            raise BundleError(f"{path}: no such file (named in {src}/manifest.yaml)")
+        for p in [path] + sorted(external_files(path)):
+            target = os.path.join(dst, os.path.relpath(p, src))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(p, target)
+    with open(os.path.join(dst, "manifest.yaml"), "w") as f:
+        f.write(manifest_with_files(text, outside) if outside else text)
 
 
 def run(cmd, check=True):
@@ -104,18 +131,31 @@ def main():
                     help="int8 variants with one activation scale per row (convert_precision.py's option)")
     ap.add_argument("--quantize-token-projections", action="store_true",
                     help="int8 variants with the token projections quantized too (convert_precision.py's option)")
-    ap.add_argument("--work", help="working folder (default: a temporary one)")
+    ap.add_argument("--work", help="folder in which a new folder of this run is made (default: the system's "
+                                   "temporary folder); nothing already there is changed")
     ap.add_argument("--json", help="write everything measured here")
     args = ap.parse_args()
-    work = args.work or tempfile.mkdtemp(prefix="bench-precision-")
-    os.makedirs(work, exist_ok=True)
+    from models.onnx_save import run_tool
+
+    return run_tool(lambda: bench(args), args.bundle)
+
+
+def bench(args):
+    from models.onnx_save import read_manifest
+
+    source = os.path.join(ROOT, args.bundle)
+    read_manifest(source)  # a missing or malformed bundle is reported before anything is made
+    if args.work:
+        os.makedirs(args.work, exist_ok=True)
+    # A new folder of its own: nothing of --work's is overwritten or removed.
+    work = tempfile.mkdtemp(prefix="bench-precision-", dir=args.work)
+    print(f"working in {work}")
     started = time.time()
     result = {"args": vars(args), "work": work, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
     # 1. Variants and their per-graph error.
     bundle = os.path.join(work, "bundle")
-    shutil.rmtree(bundle, ignore_errors=True)
-    copy_bundle(os.path.join(ROOT, args.bundle), bundle)
+    copy_bundle(source, bundle)
     emulated = None
     conversions = {}
     quiet = lambda *_: None  # noqa: E731
@@ -126,8 +166,7 @@ def main():
                                                        quantize_token_projections=args.quantize_token_projections)
     if "bf16" in args.precisions and args.device == "cpu":
         emulated = os.path.join(work, "bundle-bf16-emulated")
-        shutil.rmtree(emulated, ignore_errors=True)
-        copy_bundle(os.path.join(ROOT, args.bundle), emulated)
+        copy_bundle(source, emulated)
         conversions["bf16 (emulated)"] = convert_precision.convert(emulated, "bf16", emulate=True, seed=args.seed, log=quiet)
     result["conversions"] = conversions
 
@@ -236,7 +275,8 @@ def main():
         json.dump(result, f, indent=2)
         f.write("\n")
     print(f"\n({result['seconds']:.0f} s; everything in {path})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Write lower-precision variants of a bundle's graphs and record them in its manifest.
 
-    python models/convert_precision.py BUNDLE --precision fp16|bf16|int8 [--check] [--report FILE]
+    python models/convert_precision.py BUNDLE --precision fp16|bf16|int8 [--no-check] [--emulate]
+        [--per-tensor] [--per-row-activations] [--quantize-token-projections] [--tolerance T]
+        [--report FILE]
 
 For each model graph of the bundle (encoder, decoder, diffusion, vae_decoder; an optional
 `sampler` graph is rebuilt around the variant head by models/add_sampler.py, an optional `backbone`
 from the variant encoder and decoder by models/add_backbone.py, an optional split head
-(`diffusion_condition`, `diffusion_state`) cut from the variant head by models/split_head.py; the
-evaluator is left alone) this writes `<name>.<precision>.onnx` beside
+(`diffusion_condition`, `diffusion_state`): the float32 parts converted as the head is, checked together against the
+float32 head; the evaluator is left alone) this writes `<name>.<precision>.onnx` beside
 `<name>.onnx` and adds, or replaces, `precisions.<precision>` in `manifest.yaml` (role -> file;
 the rest of the manifest, comments included, is kept as written). `gtr-run --precision X` then
 opens those files. A graph the conversion would leave unchanged is not written and not listed:
@@ -39,7 +41,14 @@ its batch; --per-row-activations gives them one scale per row instead (activatio
 --check (on by default) runs every written graph and its fp32 original in onnxruntime (CPU)
 on the same random inputs, made from the manifest's shapes, and prints the max and mean
 absolute difference of each output; a graph off by more than --tolerance (default 0.1) times
-the largest fp32 output, or not finite, is refused before it replaces anything. ONNX Runtime's CPU provider has no bfloat16 MatMul/Gemm
+the largest fp32 output, or not finite, is refused before anything is replaced.
+
+All or nothing (models/onnx_save.py): every graph of the conversion, derived ones included, is
+written aside and checked first; only then are they renamed into place, the manifest last. A
+failed check or an error (exit status 2, one line naming the graph or input) or an interruption
+before that leaves the bundle as it was; a run killed during the renaming is finished by the next
+tool run on the bundle. A graph whose real path (symbolic links resolved) is outside the bundle
+is never written beside: its variant goes into the bundle under a name no other graph has. ONNX Runtime's CPU provider has no bfloat16 MatMul/Gemm
 kernels, so for bf16 the check runs an emulation instead: the same graph with every bf16 cast
 replaced by a round trip float32 -> bfloat16 -> float32 and the op itself in float32 (what a
 GPU's bf16 tensor cores do: bf16 operands, fp32 accumulation). --emulate writes that emulation
@@ -61,7 +70,9 @@ import onnx
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from models.onnx_save import BundleError  # noqa: E402
 
 ROLES = ["encoder", "decoder", "diffusion", "vae_decoder"]
 # Graphs made from the converted ones, not converted themselves.
@@ -95,8 +106,8 @@ FP16_MAX = 65504.0
 DEFAULT_TOLERANCE = 0.1
 
 
-class ConversionError(Exception):
-    pass
+class ConversionError(BundleError):
+    """A graph that cannot be converted or fails the check (nothing of the bundle was replaced)."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -605,23 +616,19 @@ CASES = {
 }
 
 
-def compare(role, manifest, entry, base_path, variant, seed):
-    """Max / mean |variant - fp32| per output over the check cases, and the output scale."""
+def _sessions(*graphs):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    base = ort.InferenceSession(base_path, opts, providers=["CPUExecutionProvider"])
-    other = ort.InferenceSession(variant if isinstance(variant, str) else variant.SerializeToString(), opts,
-                                 providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
+    return [ort.InferenceSession(g if isinstance(g, str) else g.SerializeToString(), opts,
+                                 providers=["CPUExecutionProvider"]) for g in graphs]
+
+
+def _errors(pairs):
+    """Max / mean |variant - fp32| over (fp32 outputs, variant outputs) pairs, and the scale."""
     worst, total, count, scale = 0.0, 0.0, 0, 0.0
-    for case in CASES[role]:
-        if role in ("encoder", "decoder") and case[1] > manifest["grid"][0] * manifest["grid"][1]:
-            continue
-        feeds = random_feeds(role, manifest, entry, base, rng, case)
-        a = base.run(None, feeds)
-        b = other.run(None, feeds)
+    for a, b in pairs:
         for x, y in zip(a, b):
             diff = np.abs(x.astype(np.float64) - y.astype(np.float64))
             if not np.all(np.isfinite(y)):
@@ -633,59 +640,140 @@ def compare(role, manifest, entry, base_path, variant, seed):
     return {"max_abs": worst, "mean_abs": total / max(count, 1), "output_max_abs": scale}
 
 
+def compare(role, manifest, entry, base_path, variant, seed):
+    """Max / mean |variant - fp32| per output over the check cases, and the output scale."""
+    base, other = _sessions(base_path, variant)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for case in CASES[role]:
+        if role in ("encoder", "decoder") and case[1] > manifest["grid"][0] * manifest["grid"][1]:
+            continue
+        feeds = random_feeds(role, manifest, entry, base, rng, case)
+        pairs.append((base.run(None, feeds), other.run(None, feeds)))
+    return _errors(pairs)
+
+
+def compare_split(manifest, head_path, condition, state, seed):
+    """compare()'s numbers for a split head (models/split_head.py): its state part run on its
+    condition part's output, against the float32 whole head at `head_path`, on the head's cases."""
+    g = manifest["graphs"]
+    hi, ho = g["diffusion"]["inputs"], g["diffusion"]["outputs"]["out"]
+    ci, co = g["diffusion_condition"]["inputs"], g["diffusion_condition"]["outputs"]["cond"]
+    si, so = g["diffusion_state"]["inputs"], g["diffusion_state"]["outputs"]["out"]
+    head, cond, st = _sessions(head_path, condition, state)
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for case in CASES["diffusion"]:
+        feeds = random_feeds("diffusion", manifest, g["diffusion"], head, rng, case)
+        c = cond.run([co], {ci["t"]: feeds[hi["t"]], ci["z"]: feeds[hi["z"]]})[0]
+        pairs.append((head.run([ho], feeds), st.run([so], {si["x"]: feeds[hi["x"]], si["cond"]: c})))
+    return _errors(pairs)
+
+
 # ----------------------------------------------------------------------------- main
 
 
+SPLIT_ROLES = ("diffusion_condition", "diffusion_state")
+# The graphs each derived graph is made from: rebuilt when one of them is converted.
+DERIVED_FROM = {"sampler": ("diffusion",), "tick": ("diffusion",), "backbone": ("encoder", "decoder"),
+                "diffusion_condition": ("diffusion",), "diffusion_state": ("diffusion",)}
+
+
+def variant_names(bundle, graphs, roles, precision):
+    """{role: file} of the variants of `roles`' graphs: `<name>.<precision>.onnx` beside a graph in
+    the bundle; for a graph outside it (`../`, a folder that is a link leading out) a name in the
+    bundle, distinct from every other graph's and variant's (`<name>.<precision>.onnx`, else
+    `<role>.<precision>.onnx`, else `<role>.<name>.<precision>.onnx`)."""
+    from models.onnx_save import placed_names
+
+    def stem(file):
+        file = os.path.normpath(file)
+        return file[: -len(".onnx")] if file.endswith(".onnx") else file
+
+    def outside(file, role):
+        base = os.path.basename(stem(file))
+        return [f"{base}.{precision}.onnx", f"{role}.{precision}.onnx", f"{role}.{base}.{precision}.onnx"]
+
+    derived = [f"{r}.{precision}.onnx" for r in ("sampler", "tick", "backbone")]
+    return placed_names(bundle, graphs, roles, lambda f, r: f"{stem(f)}.{precision}.onnx", outside,
+                        reserved=derived)
+
+
+def convert_graph(model, precision, emulate=False, per_channel=True, per_row=False, token_dim=None):
+    """One graph in `precision` (the module docstring): (model, stats, whether anything changed)."""
+    if precision == "int8":
+        model, stats = to_int8(model, per_channel, per_row, token_dim=token_dim)
+        changed = stats["quantized_matmuls"] > 0
+    else:
+        model, stats = to_half(model, precision, emulate=emulate)
+        changed = bool(stats["half_ops"])
+    model.producer_name = "gtr-run convert_precision.py"
+    return model, stats, changed
+
+
 def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed=0, log=print,
-            tolerance=DEFAULT_TOLERANCE, per_row=False, quantize_token_projections=False):
-    """Converts every model graph of `bundle`; returns the report (a dict). With `check`, a
+            tolerance=DEFAULT_TOLERANCE, per_row=False, quantize_token_projections=False,
+            roles=None, staging=None):
+    """Converts the model graphs of `bundle` (those of `roles`, default all; the variant's other
+    entries are then kept) and rebuilds the derived graphs made from them; returns the report (a
+    dict). Everything is written aside and checked before anything of the bundle is replaced,
+    then committed at once (models/onnx_save.py), so a failure changes nothing: with `check`, a
     graph whose outputs differ from float32's by more than `tolerance` times their largest
-    magnitude (or are not finite) raises ConversionError before it replaces anything."""
-    manifest_path = os.path.join(bundle, "manifest.yaml")
-    with open(manifest_path) as f:
-        text = f.read()
-    manifest = yaml.safe_load(text)
-    if not isinstance(manifest, dict) or "graphs" not in manifest:
-        raise ConversionError(f"{manifest_path}: not a gtr-run bundle manifest (no `graphs`)")
-    if emulate and precision != "bf16" and precision != "fp16":
+    magnitude (or are not finite) raises ConversionError. With `staging` the writes join that
+    models.onnx_save.Staging, which the caller commits (fuse_attention.py)."""
+    from models.onnx_save import Staging, read_manifest
+
+    if emulate and precision not in ("fp16", "bf16"):
         raise ConversionError("--emulate applies to fp16 and bf16")
+    if staging is None:
+        read_manifest(bundle)  # a missing or malformed manifest is reported before anything is made
+        with Staging(bundle, log=log) as own:
+            report = convert(bundle, precision, check, emulate, per_channel, seed, log, tolerance, per_row,
+                             quantize_token_projections, roles, own)
+            own.commit()
+        files = report["files"]
+        log(f"manifest.yaml: precisions.{precision} = {files if files else '(removed: nothing converted)'}")
+        return report
+
+    from models.onnx_save import load_graph
+
+    manifest_path = os.path.join(bundle, "manifest.yaml")
+    text, manifest = staging.manifest()
+    graphs = manifest["graphs"]
+    token_dim = None
+    if precision == "int8" and not quantize_token_projections:
+        token_dim = manifest.get("token_dim")
+        if not (isinstance(token_dim, int) and token_dim > 0):
+            raise ConversionError(f"{manifest_path}: `token_dim` is {token_dim!r}, not a positive integer; "
+                                  "int8 keeps the projections of that size in float32")
+    options = dict(emulate=emulate, per_channel=per_channel, per_row=per_row, token_dim=token_dim)
+    for role in graphs:
+        if role not in ROLES and role not in DERIVED_ROLES:
+            log(f"{role}: not a graph this script converts (kept in float32)")
+    todo = [r for r in ROLES if r in graphs and (roles is None or r in roles)]
+    split = all(r in graphs for r in SPLIT_ROLES)
+    names = variant_names(bundle, graphs, todo + (list(SPLIT_ROLES) if split and "diffusion" in todo else []),
+                          precision)
+    rebuilt = set(todo) | {r for r, sources in DERIVED_FROM.items() if set(sources) & set(todo)}
+    old = (manifest.get("precisions") or {}).get(precision) or {}
+    files = {} if roles is None else {r: f for r, f in old.items() if r not in rebuilt}
     report = {"bundle": bundle, "precision": precision, "emulated": emulate, "graphs": {}}
-    files = {}
-    for role, entry in manifest["graphs"].items():
-        if role not in ROLES:
-            if role not in DERIVED_ROLES:  # rebuilt below from the variants
-                log(f"{role}: not a graph this script converts (kept in float32)")
-            continue
-        src = os.path.join(bundle, entry["file"])
-        stem = entry["file"][: -len(".onnx")] if entry["file"].endswith(".onnx") else entry["file"]
-        stem = os.path.normpath(stem)
-        if os.path.isabs(stem) or stem.startswith(".."):
-            # A graph kept outside the bundle folder: its variant goes into the bundle.
-            stem = os.path.basename(stem)
-        out_name = f"{stem}.{precision}.onnx"
+    path = lambda file: staging.read_path(os.path.join(bundle, file))  # noqa: E731
+
+    for role in todo:
+        entry = graphs[role]
+        src = path(entry["file"])
+        out_name = names[role]
         started = time.perf_counter()
-        model = onnx.load(src)
-        if precision == "int8":
-            token_dim = None if quantize_token_projections else manifest.get("token_dim")
-            if not quantize_token_projections and not (isinstance(token_dim, int) and token_dim > 0):
-                raise ConversionError(f"{manifest_path}: `token_dim` is {token_dim!r}, not a positive integer; "
-                                      "int8 keeps the projections of that size in float32")
-            model, stats = to_int8(model, per_channel, per_row, token_dim=token_dim)
-            changed = stats["quantized_matmuls"] > 0
-        else:
-            model, stats = to_half(model, precision, emulate=emulate)
-            changed = bool(stats["half_ops"])
-        model.producer_name = "gtr-run convert_precision.py"
+        model, stats, changed = convert_graph(load_graph(src, role), precision, **options)
         info = {"file": None, "stats": stats, "seconds": round(time.perf_counter() - started, 3)}
         out_path = os.path.join(bundle, out_name)
         if not changed:
             log(f"{role}: nothing to convert ({entry['file']} has no op this precision changes); the fp32 graph is used")
-            if os.path.exists(out_path):
-                os.remove(out_path)
+            if os.path.isfile(out_path):
+                staging.remove(out_path)
         else:
-            from models.onnx_save import save_model
-
-            def verify(written_path, role=role, entry=entry, src=src, info=info):
+            def verify(written_path, role=role, entry=entry, src=src, info=info, out_name=out_name):
                 """The check, on the written graph before it replaces anything (see --tolerance)."""
                 probe = written_path
                 if precision == "bf16" and not emulate:
@@ -694,58 +782,74 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
                     err = compare(role, manifest, entry, src, probe, seed)
                 except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors are many
                     raise ConversionError(f"{role}: the {precision} graph does not run in ONNX Runtime: {e}") from e
-                err["emulated"] = precision == "bf16" or emulate
-                info["error_vs_fp32"] = err
-                log(
-                    f"{role}: |{precision}{' (emulated)' if err['emulated'] else ''} - fp32| max {err['max_abs']:.3g}, "
-                    f"mean {err['mean_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})"
-                )
-                if not err["max_abs"] <= tolerance * err["output_max_abs"]:
-                    raise ConversionError(
-                        f"{role}: the {precision} graph is off by up to {err['max_abs']:.3g} against the float32 "
-                        f"graph's outputs of up to {err['output_max_abs']:.3g}, over --tolerance {tolerance:g} of "
-                        f"them; it is not written (the bundle is left as it was for this graph; {out_name} "
-                        f"and precisions.{precision} in manifest.yaml are not changed)")
+                _judge(role, err, precision, emulate, tolerance, out_name, info, log)
 
-            written = save_model(model, out_path, verify=verify if check else None)
-            files[role] = out_name
-            info["file"] = out_name
-            info["bytes"] = sum(os.path.getsize(p) for p in written)
+            staging.save(model, out_path, verify=verify if check else None)
+            files[role] = info["file"] = out_name
+            info["bytes"] = staging.staged_bytes(out_path)
             log(f"{role}: wrote {out_name} ({info['bytes'] / 1e6:.2f} MB; {json.dumps(stats)})")
         report["graphs"][role] = info
-    chain_roles = [r for r in ("sampler", "tick") if r in manifest["graphs"]]
-    if chain_roles and "diffusion" in files:
+    chain_roles = [r for r in ("sampler", "tick") if r in graphs]
+    if chain_roles and "diffusion" in todo and "diffusion" in files:
         # The whole-chain sampler and the tick graph around this precision's head
         # (models/add_sampler.py).
         from models.add_sampler import write_sampler
 
         for role, name in write_sampler(bundle, manifest, files["diffusion"], precision, log=log,
-                                        roles=chain_roles).items():
+                                        roles=chain_roles, staging=staging).items():
             files[role] = name
             report["graphs"][role] = {"file": name}
-    if "diffusion_condition" in manifest["graphs"] and "diffusion" in files:
-        # The two parts of this precision's head (models/split_head.py).
-        from models.split_head import write_split
-
-        for role, name in write_split(bundle, manifest, files["diffusion"], precision, log=log).items():
-            files[role] = name
-            report["graphs"][role] = {"file": name}
-    if "backbone" in manifest["graphs"] and "encoder" in files and "decoder" in files:
+    if split and "diffusion" in todo and "diffusion" in files:
+        # The two parts of the head (models/split_head.py), each converted as the head is: the
+        # float32 parts' cut, so that a value crossing it crosses in float32.
+        parts = {}
+        for role in SPLIT_ROLES:
+            model, stats, _ = convert_graph(load_graph(path(graphs[role]["file"]), role), precision, **options)
+            staging.save(model, os.path.join(bundle, names[role]))
+            files[role] = parts[role] = names[role]
+            report["graphs"][role] = {"file": names[role], "stats": stats}
+        if check:
+            probes = [path(parts[r]) for r in SPLIT_ROLES]
+            if precision == "bf16" and not emulate:
+                probes = [to_half(load_graph(path(graphs[r]["file"]), r), precision, emulate=True)[0]
+                          for r in SPLIT_ROLES]
+            try:
+                err = compare_split(manifest, path(graphs["diffusion"]["file"]), *probes, seed)
+            except Exception as e:  # noqa: BLE001
+                raise ConversionError(f"diffusion_condition, diffusion_state: the {precision} parts do not run in "
+                                      f"ONNX Runtime: {e}") from e
+            _judge("diffusion_condition + diffusion_state", err, precision, emulate, tolerance,
+                   f"{parts['diffusion_condition']}, {parts['diffusion_state']}", report["graphs"]["diffusion_state"], log)
+        log(f"{parts['diffusion_condition']}, {parts['diffusion_state']}: the split head's parts in {precision}")
+    if "backbone" in graphs and rebuilt & {"encoder", "decoder"} and "encoder" in files and "decoder" in files:
         # The fused backbone of this precision's encoder and decoder (models/add_backbone.py).
         from models.add_backbone import write_backbone
 
-        files["backbone"] = write_backbone(bundle, manifest, files["encoder"], files["decoder"], precision, log=log)
+        files["backbone"] = write_backbone(bundle, manifest, files["encoder"], files["decoder"], precision, log=log,
+                                           staging=staging)
         report["graphs"]["backbone"] = {"file": files["backbone"]}
+    order = ROLES + ["sampler", "tick", *SPLIT_ROLES, "backbone"]
+    files = dict(sorted(files.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     new_text = manifest_with_precisions(text, precision, files)
     parsed = yaml.safe_load(new_text)
     if (parsed.get("precisions") or {}).get(precision, {}) != files:
         raise ConversionError("internal error: the rewritten manifest does not read back")
-    from models.onnx_save import write_manifest
-
-    write_manifest(bundle, new_text)
-    log(f"manifest.yaml: precisions.{precision} = {files if files else '(removed: nothing converted)'}")
+    staging.write_manifest(new_text)
     report["files"] = files
     return report
+
+
+def _judge(what, err, precision, emulate, tolerance, out_name, info, log):
+    """Records and prints a check's numbers; ConversionError over the tolerance."""
+    err["emulated"] = precision == "bf16" or emulate
+    info["error_vs_fp32"] = err
+    log(f"{what}: |{precision}{' (emulated)' if err['emulated'] else ''} - fp32| max {err['max_abs']:.3g}, "
+        f"mean {err['mean_abs']:.3g} (outputs up to {err['output_max_abs']:.3g})")
+    if not err["max_abs"] <= tolerance * err["output_max_abs"]:
+        raise ConversionError(
+            f"{what}: the {precision} graph is off by up to {err['max_abs']:.3g} against the float32 "
+            f"graph's outputs of up to {err['output_max_abs']:.3g}, over --tolerance {tolerance:g} of "
+            f"them; nothing is written ({out_name}, the other variants and manifest.yaml are left as they were)")
 
 
 def main():
@@ -766,24 +870,30 @@ def main():
                          "largest fp32 output (default %(default)s)")
     ap.add_argument("--report", help="also write the report as JSON here")
     args = ap.parse_args()
+    from models.onnx_save import run_tool
+
     bundle = args.bundle
     if os.path.isfile(bundle):
         bundle = os.path.dirname(bundle) or "."
-    if not os.path.isfile(os.path.join(bundle, "manifest.yaml")):
-        print(f"error: {args.bundle}: no manifest.yaml there; give a bundle folder", file=sys.stderr)
-        return 2
-    try:
+
+    def body():
+        if args.report:
+            # Checked first: the report is written after the bundle has changed.
+            folder = os.path.dirname(os.path.abspath(args.report))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.report):
+                print(f"error: --report {args.report}: cannot write there (no such folder, not writable, or a "
+                      "folder); nothing was changed", file=sys.stderr)
+                return 2
         report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed,
                          tolerance=args.tolerance, per_row=args.per_row,
                          quantize_token_projections=args.quantize_token_projections)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    return 0
+        if args.report:
+            with open(args.report, "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+        return 0
+
+    return run_tool(body, bundle)
 
 
 if __name__ == "__main__":

@@ -16,28 +16,32 @@ The graphs keep their tensors (the contract in models/README.md), so gtr-run nee
 the numbers change at float rounding. A chain that does not have this shape (a projection that is
 not [B, L, 3D], among others) is left as it is and reported; a graph without any is left alone.
 Derived graphs are rebuilt: the `backbone` graph from the fused encoder and decoder
-(models/add_backbone.py) and every precision variant the manifest lists (models/convert_precision.py;
-for fp16 the fused node runs in half precision, as autocast runs scaled_dot_product_attention),
-with the options it was made with, read from its graphs (--emulate, --per-tensor,
---per-row-activations).
+(models/add_backbone.py) and each precision variant's encoder and decoder, and its backbone
+(models/convert_precision.py; for fp16 the fused node runs in half precision, as autocast runs
+scaled_dot_product_attention), with the options the variant was made with, read from its graphs
+(--emulate, --per-tensor, --per-row-activations, --quantize-token-projections). Graphs fusing
+does not change (the head's variants, the sampler) are left as they are.
 
-Files are replaced by writing a temporary file and renaming it (models/onnx_save.py), so a bundle
-copied with hard links is not changed through its links; a graph over 2 GB keeps its weights in
-a data file beside it. A graph the manifest takes from outside the bundle folder (`../tiny/...`)
-is never replaced: its fused graph is written into the bundle under its own name and the
-manifest's `file` entry points there. Every fused graph is written and, unless --no-check,
-compared with the plain one in onnxruntime (CPU) on random inputs shaped by the manifest before
-any file is replaced; the run fails (exit status 2, nothing changed) when they differ by more than
-1e-4 or the comparison cannot run.
+Everything is written aside and, unless --no-check, each fused graph compared with the plain one
+in onnxruntime (CPU) on random inputs shaped by the manifest; only then is everything renamed into
+place together, the manifest last (models/onnx_save.py), so a bundle copied with hard links is not
+changed through its links, and a failure or an interruption before that changes nothing (a run
+killed while renaming is finished by the next tool run on the bundle). A graph over 2 GB keeps its
+weights in a data file beside it. A graph the manifest takes from outside the bundle folder
+(`../tiny/...`, or a subfolder that is a link leading out) is never replaced: its fused graph is
+written into the bundle under its own name and the manifest's `file` entry points there.
+
+Exit status: 0 when chains were fused, or when the bundle is fused already (then derived graphs
+still made from the plain graphs, if any, are rebuilt; nothing else changes); 1 when neither graph
+has an attention chain to fuse nor a fused node; 2 when the graphs differ by more than 1e-4, the
+comparison cannot run, or an input is missing or malformed (one line naming it; nothing changed).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import onnx
@@ -45,14 +49,14 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.onnx_save import save_model  # noqa: E402
+from models.onnx_save import BundleError, Staging, load_graph, placed_names, read_manifest, run_tool  # noqa: E402
 
 MSFT = "com.microsoft"
 ROLES = ("encoder", "decoder")
 TOLERANCE = 1e-4
 
 
-class FuseError(Exception):
+class FuseError(BundleError):
     """A fused graph that does not match the plain one, or that could not be compared with it
     (no file of the bundle was replaced)."""
 
@@ -314,31 +318,13 @@ def prune(nodes: list, outputs: set[str]) -> list:
         nodes = alive
 
 
-def inside(file: str) -> bool:
-    """Whether a manifest `file` entry names a file in the bundle folder (as convert_precision.py
-    decides where a variant goes: a graph outside gets its variant inside)."""
-    path = os.path.normpath(file)
-    return not (os.path.isabs(path) or path.startswith(".."))
-
-
 def fused_names(bundle: str, graphs: dict, roles: list[str]) -> dict[str, str]:
-    """{role: file} where each role's fused graph goes: its own file when that is in the bundle,
-    else a free name in the bundle (the file's name, else ROLE.onnx, else ROLE.fused.onnx)."""
-    taken = {os.path.normpath(e["file"]) for e in graphs.values() if isinstance(e, dict) and "file" in e}
-    names = {}
-    for role in roles:
-        file = graphs[role]["file"]
-        if inside(file):
-            names[role] = file
-            continue
-        free = [n for n in (os.path.basename(file), f"{role}.onnx", f"{role}.fused.onnx")
-                if n not in taken and not os.path.lexists(os.path.join(bundle, n))]
-        if not free:
-            raise ValueError(f"{file} ({role}) is outside the bundle and no free name is left in it for its "
-                             f"fused graph (tried {os.path.basename(file)}, {role}.onnx, {role}.fused.onnx)")
-        names[role] = free[0]
-        taken.add(free[0])
-    return names
+    """{role: file} where each role's fused graph goes: its own file when that is in the bundle
+    (symbolic links resolved), else a free name in the bundle (the file's name, else ROLE.onnx,
+    else ROLE.fused.onnx; models.onnx_save.placed_names)."""
+    return placed_names(bundle, graphs, roles, lambda file, role: file,
+                        lambda file, role: [os.path.basename(file), f"{role}.onnx", f"{role}.fused.onnx"],
+                        free_on_disk=True)
 
 
 def manifest_with_files(text: str, files: dict[str, str]) -> str:
@@ -406,12 +392,29 @@ def per_row_activations(model: onnx.ModelProto):
     return not ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
 
 
+def token_projections_quantized(model: onnx.ModelProto, token_dim) -> bool | None:
+    """Whether an int8 variant quantized its token projections (--quantize-token-projections: a
+    quantized weight with a dimension of at most 2 * token_dim) or kept them float32 (a float
+    MatMul weight of that size); None when it has none."""
+    if not isinstance(token_dim, int) or token_dim <= 0:
+        return None
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    small = lambda w: len(shapes.get(w, [])) == 2 and min(shapes[w]) <= 2 * token_dim  # noqa: E731
+    nodes = model.graph.node
+    if any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and small(n.input[1]) for n in nodes):
+        return True
+    if any(n.op_type == "MatMul" and small(n.input[1]) for n in nodes):
+        return False
+    return None
+
+
 def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
     """{precision: convert_precision.convert's options} that rebuild each variant the manifest lists
     as it was made: emulate for an fp16/bf16 variant that only rounds through half (--emulate),
     per_channel False for a per-tensor int8 one (--per-tensor), per_row True for one with
-    per-row activations (--per-row-activations). ValueError where a variant cannot be read or is
-    not one convert_precision.py makes."""
+    per-row activations (--per-row-activations), quantize_token_projections True for one with its
+    token projections quantized (--quantize-token-projections). ValueError where a variant cannot
+    be read or is not one convert_precision.py makes."""
     from models.convert_precision import PRECISIONS
     from models.convert_precision import ROLES as CONVERTED
 
@@ -436,6 +439,8 @@ def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
             options[precision] = {"per_channel": False} if found == {False} else {}
             if {per_row_activations(m) for m in models} - {None} == {True}:
                 options[precision]["per_row"] = True
+            if {token_projections_quantized(m, manifest.get("token_dim")) for m in models} - {None} == {True}:
+                options[precision]["quantize_token_projections"] = True
         else:
             options[precision] = {"emulate": True} if models and not any(map(half_compute, models)) else {}
     return options
@@ -459,75 +464,114 @@ def checked(role: str, manifest: dict, entry: dict, plain: str, log):
     return verify
 
 
+def attention_nodes(model: onnx.ModelProto) -> int:
+    """The fused attention nodes (MultiHeadAttention) of a graph."""
+    return sum(1 for n in model.graph.node if n.op_type == "MultiHeadAttention" and n.domain == MSFT)
+
+
+def stale_derived(bundle: str, manifest: dict, fused: dict[str, int]) -> tuple[bool, list[str]]:
+    """On a bundle whose encoder and decoder hold `fused` MultiHeadAttention nodes: whether its
+    backbone graph, and which precision variants, have fewer (made from the plain graphs before
+    they were fused, as a run interrupted by an earlier version of this script left them)."""
+    graphs = manifest["graphs"]
+
+    def count(file, role):
+        return attention_nodes(load_graph(os.path.join(bundle, file), role, load_external_data=False))
+
+    backbone = "backbone" in graphs and count(graphs["backbone"]["file"], "backbone") < sum(fused.values())
+    precisions = []
+    for precision, files in (manifest.get("precisions") or {}).items():
+        if not isinstance(files, dict):
+            continue
+        if any(role in files and count(files[role], f"precisions.{precision}.{role}") < fused[role] for role in ROLES) \
+                or ("backbone" in files and count(files["backbone"], f"precisions.{precision}.backbone")
+                    < sum(fused.values())):
+            precisions.append(precision)
+    return backbone, precisions
+
+
 def fuse_bundle(bundle: str, check: bool = True, log=print) -> dict:
     """Fuses the encoder's and decoder's attention and rebuilds derived graphs; returns
-    {role: chains fused}. Every graph is read, fused, written aside and checked before any file
-    of the bundle is replaced; a graph outside the bundle folder is left and its fused graph
-    written into the bundle, the manifest pointing to it."""
-    from models.add_sampler import read_manifest
+    {role: chains fused} (see _fuse)."""
+    return _fuse(bundle, check, log)[0]
 
+
+def _fuse(bundle: str, check: bool, log) -> tuple[dict, bool]:
+    """({role: chains fused}, whether the bundle was fused already). Every graph is read, fused,
+    written aside and checked, and the derived graphs are rebuilt aside, before any file of the
+    bundle is replaced; then all are committed together, the manifest last (models/onnx_save.py),
+    so an error or interruption changes nothing. A graph outside the bundle folder is left and its
+    fused graph written into the bundle, the manifest pointing to it. On a bundle fused already,
+    only derived graphs still made from the plain graphs are rebuilt."""
     text, manifest = read_manifest(bundle)
     graphs = manifest["graphs"]
-    # Every graph is read and fused before any is written, so an unreadable one changes nothing.
-    fused = {}
     for role in ROLES:
-        path = os.path.join(bundle, graphs[role]["file"])
-        try:
-            model = onnx.load(path)
-        except DecodeError as e:
-            raise ValueError(f"{path} ({role}) is not an ONNX graph: {e}") from e
+        if role not in graphs:
+            raise BundleError(f"{os.path.join(bundle, 'manifest.yaml')}: no graphs.{role}")
+    # Every graph is read and fused before any is written, so an unreadable one changes nothing.
+    fused, present = {}, {}
+    for role in ROLES:
+        model = load_graph(os.path.join(bundle, graphs[role]["file"]), role)
+        present[role] = attention_nodes(model)
         model, count, skipped = fuse(model)
         for line in skipped:
             log(f"{role}: left as it is: {line}")
         if not count:
-            log(f"{role}: no attention chain to fuse")
+            log(f"{role}: no attention chain to fuse" + (f" ({present[role]} fused already)" if present[role] else ""))
         fused[role] = (model, count)
     fused_counts = {role: count for role, (_, count) in fused.items()}
     roles = [role for role in ROLES if fused_counts[role]]
-    if not roles:
-        return fused_counts
     # What would stop the run later is found now, before anything is written.
-    names = fused_names(bundle, graphs, roles)
-    moved = {role: name for role, name in names.items() if name != graphs[role]["file"]}
-    new_text = manifest_with_files(text, moved) if moved else text
     options = variant_options(bundle, manifest)
-    staging = tempfile.mkdtemp(prefix=".fuse_attention.", dir=bundle)
-    try:
-        staged = {}
+    if roles:
+        names = fused_names(bundle, graphs, roles)
+        moved = {role: name for role, name in names.items() if name != graphs[role]["file"]}
+        new_text = manifest_with_files(text, moved) if moved else text
+        rebuild_backbone, rebuild = "backbone" in graphs, list(options)
+    elif any(present.values()):
+        rebuild_backbone, rebuild = stale_derived(bundle, manifest, present)
+        stale = (["backbone"] if rebuild_backbone else []) + [f"precisions.{p}" for p in rebuild]
+        log(f"the attention is fused already ({sum(present.values())} MultiHeadAttention nodes); "
+            + (f"rebuilding what was made from the plain graphs: {', '.join(stale)}" if stale
+               else "the derived graphs are made from the fused ones"))
+        if not stale:
+            return fused_counts, True
+        moved = {}
+    else:
+        return fused_counts, False
+    with Staging(bundle, log=log) as staging:
         for role in roles:
             model, entry = fused.pop(role)[0], graphs[role]
             model.producer_name = "gtr-run fuse_attention.py"
-            staged[role] = os.path.join(staging, f"{role}.onnx")
             plain = os.path.join(bundle, entry["file"])
-            save_model(model, staged[role], verify=checked(role, manifest, entry, plain, log) if check else None)
-            del model  # read back from its file below; one graph in memory at a time
-        # All fused and checked: now they replace the plain graphs (or go beside them, in the
-        # bundle, for graphs kept outside), and then the manifest points to them.
-        for role in roles:
-            save_model(onnx.load(staged[role]), os.path.join(bundle, names[role]))
-            where = f"{names[role]}, in place of {graphs[role]['file']}" if role in moved else names[role]
+            staging.save(model, os.path.join(bundle, names[role]),
+                         verify=checked(role, manifest, entry, plain, log) if check else None)
+            del model  # one fused graph in memory at a time
+            where = f"{names[role]}, in place of {entry['file']}" if role in moved else names[role]
             log(f"{role}: {fused_counts[role]} attention chains fused into MultiHeadAttention ({where})")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    if moved:
-        from models.onnx_save import write_manifest
+        if moved:
+            staging.write_manifest(new_text)
+            for role, name in moved.items():
+                graphs[role]["file"] = name
+            log("manifest.yaml: " + ", ".join(f"graphs.{r}.file = {n}" for r, n in moved.items()))
+        if rebuild_backbone:
+            from models.add_backbone import write_backbone
 
-        write_manifest(bundle, new_text)
-        for role, name in moved.items():
-            graphs[role]["file"] = name
-        log("manifest.yaml: " + ", ".join(f"graphs.{r}.file = {n}" for r, n in moved.items()))
-    if "backbone" in graphs:
-        from models.add_backbone import write_backbone
+            write_backbone(bundle, manifest, graphs["encoder"]["file"], graphs["decoder"]["file"], log=log,
+                           staging=staging)
+        for precision in rebuild:
+            from models.convert_precision import convert
 
-        write_backbone(bundle, manifest, graphs["encoder"]["file"], graphs["decoder"]["file"], log=log)
-    for precision, kwargs in options.items():
-        from models.convert_precision import convert
-
-        made = {"emulate": " (emulated, as before)", "per_channel": " (per tensor, as before)",
-                "per_row": " (activations per row, as before)"}
-        log(f"precision {precision}: rebuilt from the fused graphs{''.join(made[k] for k in kwargs)}")
-        convert(bundle, precision, check=check, log=log, **kwargs)
-    return fused_counts
+            kwargs = options[precision]
+            made = {"emulate": " (emulated, as before)", "per_channel": " (per tensor, as before)",
+                    "per_row": " (activations per row, as before)",
+                    "quantize_token_projections": " (token projections quantized, as before)"}
+            log(f"precision {precision}: encoder and decoder rebuilt from the fused graphs"
+                f"{''.join(made[k] for k in kwargs)}")
+            convert(bundle, precision, check=check, log=log, roles=ROLES, staging=staging, **kwargs)
+        # All written and checked: now everything replaces what it rebuilds, the manifest last.
+        staging.commit()
+    return fused_counts, not roles
 
 
 def main(argv=None) -> int:
@@ -536,25 +580,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the comparison with the plain graphs")
     args = ap.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.bundle, "manifest.yaml")):
-        print(f"error: {args.bundle}: no manifest.yaml there; give a bundle folder", file=sys.stderr)
-        return 2
-    from models.convert_precision import ConversionError
 
-    try:
-        counts = fuse_bundle(args.bundle, check=args.check)
-    except (FuseError, OSError, KeyError, ValueError, onnx.checker.ValidationError) as e:
-        # A graph file missing or unreadable, a manifest without a role: read before anything
-        # is written, so nothing was replaced.
-        print(f"error: {args.bundle}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except ConversionError as e:
-        # A precision variant could not be rebuilt: the fused graphs are in place, and the
-        # variant's old files stay listed (they still run, unfused).
-        print(f"error: {args.bundle}: the attention is fused, but a precision variant could not be rebuilt "
-              f"from it: {e}; rebuild it with models/convert_precision.py", file=sys.stderr)
-        return 2
-    return 0 if any(counts.values()) else 1
+    def body():
+        try:
+            counts, already = _fuse(args.bundle, args.check, print)
+        except (FuseError, ValueError, KeyError, onnx.checker.ValidationError) as e:
+            # Found before anything was committed: nothing was replaced.
+            print(f"error: {args.bundle}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        return 0 if any(counts.values()) or already else 1
+
+    return run_tool(body, args.bundle)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,151 @@
-"""Writing an ONNX graph into a bundle: the one way the model tools save a graph.
+"""Writing into a bundle: the one way the model tools save graphs and the manifest.
 
-A graph is written under a temporary name in its folder and renamed into place, so a reader
-sees the old file or the new one, and a file shared through a hard link is never written
-through. A graph whose weights exceed protobuf's 2 GB limit (with headroom) keeps them in a
-file beside it (ONNX external data, `<graph>.<tag>.data`, read by ONNX Runtime and `onnx.load`
-relative to the graph): the data file is written first under a name of its own, the graph
-renamed into place last, and the data file the old graph used is then removed if it was its own
-(named after it).
+Every tool stages what it writes and commits it at the end (`Staging`):
+
+- Each graph is written into a staging folder inside the bundle (`.gtr-tmp.<pid>.<random>/`),
+  checked there (`verify`), and nothing of the bundle is replaced until the tool has written and
+  checked everything it writes. A failed check, an error or an interruption before the commit
+  leaves every file of the bundle as it was (a rerun removes the staging folder).
+- The commit first writes its plan (`commit.json`: which staged file replaces which) into the
+  staging folder, then renames the files into place, graphs first and the manifest last, then
+  removes what the plan retires (the old graph's own external data, variants no longer listed).
+  Once the plan is written the commit is decided: a tool killed while renaming leaves the plan,
+  and the next tool run on the bundle (any of them) finishes it before it does anything else.
+- Files are replaced by renaming, so a reader sees the old file or the new one, and a file
+  shared through a hard link is never written through; a replaced file keeps its mode
+  (permissions), the manifest included.
+- A graph whose weights exceed protobuf's 2 GB limit (with headroom) keeps them in a file beside
+  it (ONNX external data, `<graph>.<tag>.data`, read by ONNX Runtime and `onnx.load` relative to
+  the graph); the data file the old graph used is removed at the commit if it was its own (named
+  after it).
+- Nothing is written outside the bundle: a path whose real path (symbolic links resolved) is not
+  inside the bundle's real path is refused (`inside`); tools give a graph kept outside the
+  bundle (`../tiny/encoder.onnx`, a folder that is a link leading out) a derived file inside it
+  (`placed_names`).
+
+Errors the tools report as one line naming the input (exit status 2, nothing changed) are
+`BundleError`s: a missing folder or manifest, malformed YAML, a graph entry without `file`, a
+graph file missing or not ONNX (`read_manifest`, `load_graph`); `run_tool` turns them, and an
+OSError such as a read-only bundle, into that line.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 
 import onnx
 
 EXTERNAL_DATA_BYTES = 2_000_000_000 - 64 * 2**20   # protobuf's 2 GB limit, with headroom
+TMP_PREFIX = ".gtr-tmp."
+PLAN = "commit.json"
+# What earlier versions left when killed: `.<graph>.onnx.XXXXXXXX/`, `.fuse_attention.XXXXXXXX/`
+# (tempfile.mkdtemp) and `.manifest.<hex>.tmp`.
+LEGACY_LEFTOVERS = re.compile(r"^\.(?:(?:fuse_attention|.+\.onnx)\.[a-z0-9_]{8}|manifest\.[0-9a-f]{8}\.tmp)$")
+_open_dirs: set[str] = set()   # staging folders of this process still in use
+
+
+class BundleError(Exception):
+    """A problem with the bundle or an input, named in the message; nothing was changed."""
+
+
+class CheckFailed(BundleError):
+    """A tool's --check found its new graphs off (exit status 1; nothing was changed)."""
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(bundle: str) -> tuple[str, dict]:
+    """The manifest's text and its parsed content; BundleError naming what is wrong (no such
+    folder, no manifest.yaml, malformed YAML, no `graphs` mapping, a graph entry without `file`)."""
+    import yaml
+
+    if not os.path.isdir(bundle):
+        raise BundleError(f"{bundle}: {'not a folder' if os.path.exists(bundle) else 'no such folder'}; "
+                          "give a bundle folder (holding manifest.yaml)")
+    path = os.path.join(bundle, "manifest.yaml")
+    if not os.path.isfile(path):
+        raise BundleError(f"{bundle}: no manifest.yaml there; give a bundle folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        manifest = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: cannot be read ({one_line(e)})") from e
+    except yaml.YAMLError as e:
+        raise BundleError(f"{path}: not valid YAML ({one_line(e)})") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("graphs"), dict):
+        raise BundleError(f"{path}: not a gtr-run bundle manifest (no `graphs` mapping)")
+    for role, entry in manifest["graphs"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+            raise BundleError(f"{path}: graphs.{role} has no `file`")
+    return text, manifest
+
+
+def load_graph(path: str, what: str, load_external_data: bool = True) -> onnx.ModelProto:
+    """The ONNX graph at `path` (`what`: its role, for messages); BundleError when the file is
+    missing, unreadable, or not an ONNX graph (truncated, another format)."""
+    if not os.path.isfile(path):
+        raise BundleError(f"{path} ({what}): no such file")
+    try:
+        model = onnx.load(path, load_external_data=load_external_data)
+    except OSError as e:
+        raise BundleError(f"{path} ({what}): cannot be read ({one_line(e)})") from e
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, onnx's own errors
+        raise BundleError(f"{path} ({what}) is not an ONNX graph ({type(e).__name__}: {one_line(e)})") from e
+    if not model.graph.output or not model.graph.node:
+        raise BundleError(f"{path} ({what}) is not an ONNX graph (no nodes or outputs: truncated or another format)")
+    return model
+
+
+def inside(bundle: str, path: str) -> bool:
+    """Whether `path` lies in the bundle folder once symbolic links are resolved (a `../` entry,
+    an absolute path, or a subfolder that is a link leading out do not)."""
+    root = os.path.realpath(bundle)
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def placed_names(bundle: str, graphs: dict, roles, inside_name, outside_names, reserved=(),
+                 free_on_disk: bool = False) -> dict[str, str]:
+    """{role: file in the bundle} for files made from `roles`' graphs (manifest `graphs`): a graph
+    inside the bundle gets `inside_name(file, role)`; one outside it is never written beside, and
+    gets the first of `outside_names(file, role)` that no graph of the manifest, no other role
+    here (those inside first), nothing in `reserved` and, with `free_on_disk`, no file in the
+    bundle has. BundleError when none is free."""
+    taken = {os.path.normpath(e["file"]) for e in graphs.values() if isinstance(e, dict) and "file" in e}
+    taken |= {os.path.normpath(r) for r in reserved}
+    is_in = {role: inside(bundle, os.path.join(bundle, graphs[role]["file"])) for role in roles}
+    names = {}
+    for role in sorted(roles, key=lambda r: not is_in[r]):
+        file = graphs[role]["file"]
+        if is_in[role]:
+            names[role] = inside_name(file, role)
+            taken.add(os.path.normpath(names[role]))
+            continue
+        tried = outside_names(file, role)
+        free = [n for n in tried if os.path.normpath(n) not in taken
+                and not (free_on_disk and os.path.lexists(os.path.join(bundle, n)))]
+        if not free:
+            raise BundleError(f"{file} ({role}) is outside the bundle and no free name is left in it for the "
+                              f"file made from it (tried {', '.join(tried)})")
+        names[role] = free[0]
+        taken.add(os.path.normpath(free[0]))
+    return {role: names[role] for role in roles}
+
+
+# ----------------------------------------------------------------------------- writing
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -34,11 +160,14 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def external_files(path: str) -> set[str]:
-    """The external data files (paths) the graph at `path` reads, if it exists."""
+    """The external data files (paths) the graph at `path` reads, if it exists and reads."""
     if not os.path.isfile(path):
         return set()
     folder = os.path.dirname(os.path.abspath(path))
-    m = onnx.load(path, load_external_data=False)
+    try:
+        m = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - an unreadable old graph has no data to retire
+        return set()
     out = set()
     for init in m.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
@@ -48,21 +177,131 @@ def external_files(path: str) -> set[str]:
     return out
 
 
-def save_model(model: onnx.ModelProto, path: str, limit: int | None = None, verify=None) -> list[str]:
-    """Checks `model` and saves it at `path` (see the module docstring); returns the files
-    written. Weights over `limit` bytes (default EXTERNAL_DATA_BYTES) go external.
-    `verify(tmp_path)`, if given, sees the written graph before it replaces anything;
-    if it raises, nothing is replaced. `model`'s weights are moved into the data file when they
-    go external, so the proto must not be used afterwards."""
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    mode = stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o644
-    old_data = external_files(path)
-    external = weight_bytes(model) > (EXTERNAL_DATA_BYTES if limit is None else limit)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
+def _mode(path: str, default: int = 0o644) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else default
+
+
+def _alive(pid: int) -> bool:
     try:
-        tmp = os.path.join(tmp_dir, name)
-        written = [path]
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _apply(folder: str, plan: dict) -> None:
+    """Carries out a commit plan (paths relative to `folder`); safe to run again."""
+    for src, dst in plan["moves"]:
+        src, dst = os.path.join(folder, src), os.path.join(folder, dst)
+        if os.path.lexists(src):
+            os.replace(src, dst)
+    for gone in plan["remove"]:
+        gone = os.path.join(folder, gone)
+        if os.path.isfile(gone) or os.path.islink(gone):
+            os.remove(gone)
+
+
+def recover(folder: str, log=None) -> None:
+    """Cleans up after tools killed in `folder`: a staging folder whose commit plan was written is
+    committed (the commit had been decided), any other staging folder or temporary file of a
+    process that is gone is removed (also those of earlier versions of these tools)."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for name in entries:
+        path = os.path.join(folder, name)
+        m = re.match(re.escape(TMP_PREFIX) + r"(\d+)\.", name)
+        if m:
+            pid = int(m.group(1))
+            if os.path.abspath(path) in _open_dirs or (pid != os.getpid() and _alive(pid)):
+                continue  # in use
+        elif not LEGACY_LEFTOVERS.match(name):
+            continue
+        plan = os.path.join(path, PLAN)
+        if os.path.isfile(plan):
+            with open(plan) as f:
+                _apply(folder, json.load(f))
+            if log:
+                log(f"{name}: finished the commit of an interrupted run")
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+class Staging:
+    """What one tool run writes into `bundle`, staged and committed together (module docstring).
+
+        with Staging(bundle) as s:
+            s.save(model, os.path.join(bundle, "x.onnx"), verify=...)   # written aside, checked
+            s.write_manifest(text)
+            s.commit()                                                  # renamed into place
+
+    Leaving the block without `commit()` discards everything staged."""
+
+    def __init__(self, bundle: str, log=None):
+        self.bundle = os.path.abspath(bundle)
+        recover(self.bundle, log)
+        self.dir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}.", dir=self.bundle)
+        _open_dirs.add(self.dir)
+        self.staged: dict[str, str] = {}     # final path -> staged path (graphs, manifest)
+        self.data: dict[str, tuple] = {}     # final path of a graph -> (staged data, final data)
+        self.remove_after: set[str] = set()
+        self.manifest_text: str | None = None
+        self.planned = self.committed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Discards what is staged; a commit that was decided (its plan written) but did not
+        finish is left for the next run to finish (recover)."""
+        _open_dirs.discard(self.dir)
+        if not (self.planned and not self.committed):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _final(self, path: str) -> str:
+        final = os.path.abspath(path)
+        if not inside(self.bundle, os.path.dirname(final)):
+            raise BundleError(f"{path}: outside the bundle folder {self.bundle} (symbolic links resolved); "
+                              "the tools write nothing there")
+        if os.stat(os.path.dirname(final)).st_dev != os.stat(self.dir).st_dev:
+            raise BundleError(f"{path}: on another file system than the bundle folder; it cannot be replaced "
+                              "by renaming")
+        return final
+
+    def read_path(self, path: str) -> str:
+        """Where the graph (or manifest) at `path` is read now: its staged file, if it is staged."""
+        return self.staged.get(os.path.abspath(path), path)
+
+    def manifest(self) -> tuple[str, dict]:
+        """The manifest as staged so far (text, parsed), else the bundle's."""
+        if self.manifest_text is None:
+            return read_manifest(self.bundle)
+        import yaml
+
+        return self.manifest_text, yaml.safe_load(self.manifest_text)
+
+    def save(self, model: onnx.ModelProto, path: str, limit: int | None = None, verify=None) -> list[str]:
+        """Checks `model` and stages it to replace `path`; returns the files it will be (the graph,
+        and its data file when weights over `limit` bytes, default EXTERNAL_DATA_BYTES, go
+        external). `verify(staged_path)`, if given, sees the written graph; if it raises,
+        nothing is staged. `model`'s weights are moved into the data file when they go external,
+        so the proto must not be used afterwards."""
+        final = self._final(path)
+        name = os.path.basename(final)
+        sub = tempfile.mkdtemp(dir=self.dir)
+        tmp = os.path.join(sub, name)
+        external = weight_bytes(model) > (EXTERNAL_DATA_BYTES if limit is None else limit)
         if external:
             location = f"{name}.{secrets.token_hex(4)}.data"
             onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -73,34 +312,98 @@ def save_model(model: onnx.ModelProto, path: str, limit: int | None = None, veri
             onnx.save(model, tmp)
         if verify is not None:
             verify(tmp)
+        mode = _mode(final)
         os.chmod(tmp, mode)
+        self.staged[final] = tmp
+        self.data.pop(final, None)
+        self.remove_after.discard(final)
+        written = [final]
         if external:
-            os.chmod(os.path.join(tmp_dir, location), mode)
-            os.replace(os.path.join(tmp_dir, location), os.path.join(folder, location))
-            written.append(os.path.join(folder, location))
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    # The old graph's own data (`<graph>.*data`, as export_mar.py and this module name it);
-    # a data file named otherwise may be another graph's too and is left.
-    for stale in old_data - {os.path.normpath(p) for p in written}:
-        own = os.path.dirname(stale) == folder and os.path.basename(stale).startswith(name + ".")
-        if own and os.path.isfile(stale):
-            os.remove(stale)
+            os.chmod(os.path.join(sub, location), mode)
+            self.data[final] = (os.path.join(sub, location), os.path.join(os.path.dirname(final), location))
+            written.append(self.data[final][1])
+        return written
+
+    def staged_bytes(self, path: str) -> int:
+        """Bytes of the graph staged for `path`, its data file included."""
+        final = os.path.abspath(path)
+        return os.path.getsize(self.staged[final]) + (os.path.getsize(self.data[final][0]) if final in self.data else 0)
+
+    def remove(self, path: str) -> None:
+        """Removes the file at `path` at the commit (after the manifest is replaced)."""
+        final = self._final(path)
+        if final in self.staged:
+            raise BundleError(f"{path}: staged and removed in the same run")
+        self.remove_after.add(final)
+
+    def write_manifest(self, text: str) -> None:
+        """Stages `text` as the bundle's manifest.yaml (renamed into place last, keeping the old
+        file's mode)."""
+        final = os.path.join(self.bundle, "manifest.yaml")
+        tmp = os.path.join(self.dir, "manifest.yaml")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _mode(final))
+        self.staged[final] = tmp
+        self.manifest_text = text
+
+    def commit(self) -> None:
+        """Renames everything staged into place (the manifest last), then removes what it
+        retires. The plan is written first, so that an interrupted commit is finished by the
+        next tool run on the bundle."""
+        manifest = os.path.join(self.bundle, "manifest.yaml")
+        rel = lambda p: os.path.relpath(p, self.bundle)  # noqa: E731
+        moves, retire = [], set(self.remove_after)
+        graphs = [p for p in self.staged if p != manifest]
+        for final in graphs:
+            new_data = {self.data[final][1]} if final in self.data else set()
+            folder, name = os.path.dirname(final), os.path.basename(final)
+            # The old graph's own data (`<graph>.*data`, as export_mar.py and this module name
+            # it); a data file named otherwise may be another graph's too and is left.
+            retire |= {p for p in external_files(final) - new_data
+                       if os.path.dirname(p) == folder and os.path.basename(p).startswith(name + ".")}
+            if final in self.data:
+                moves.append((rel(self.data[final][0]), rel(self.data[final][1])))
+        moves += [(rel(self.staged[p]), rel(p)) for p in graphs]
+        if manifest in self.staged:
+            moves.append((rel(self.staged[manifest]), rel(manifest)))
+        plan = {"moves": moves, "remove": sorted(rel(p) for p in retire)}
+        tmp = os.path.join(self.dir, PLAN + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(plan, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(self.dir, PLAN))
+        self.planned = True
+        _apply(self.bundle, plan)
+        self.committed = True
+
+
+def save_model(model: onnx.ModelProto, path: str, limit: int | None = None, verify=None) -> list[str]:
+    """Saves one graph at `path` through a Staging of its folder, committed at once; returns
+    the files written (see Staging.save)."""
+    with Staging(os.path.dirname(os.path.abspath(path))) as s:
+        written = s.save(model, path, limit, verify)
+        s.commit()
     return written
 
 
 def write_manifest(bundle: str, text: str) -> str:
-    """Writes `text` as the bundle's manifest.yaml the same way: under a temporary name in the
-    folder, renamed into place (a reader sees the old manifest or the new one; a manifest
-    shared through a hard link is not written through). Returns its path."""
-    path = os.path.join(bundle, "manifest.yaml")
-    tmp = os.path.join(bundle, f".manifest.{secrets.token_hex(4)}.tmp")
+    """Writes `text` as the bundle's manifest.yaml through a Staging, committed at once (a reader
+    sees the old manifest or the new one; the file's mode is kept). Returns its path."""
+    with Staging(bundle) as s:
+        s.write_manifest(text)
+        s.commit()
+    return os.path.join(bundle, "manifest.yaml")
+
+
+def run_tool(body, what: str) -> int:
+    """Runs a tool's `body()` (its exit status) and turns a BundleError or an OSError (a
+    read-only bundle, a full disk) into one line on stderr and exit status 2."""
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        return body()
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {what}: {type(e).__name__}: {one_line(e)}; nothing was changed", file=sys.stderr)
+    return 2

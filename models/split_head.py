@@ -20,8 +20,14 @@ matrix products) and then only f per tick. The contract (models/README.md, "The 
 
 The cut is found in the head's graph itself (any bundle whose head splits by rows): the tensors
 computed from t and z alone that a node reading x consumes. The manifest gets both entries after
-the diffusion graph's; models/convert_precision.py splits each precision's head the same way.
-`--check` compares the two parts run one after the other with the whole head.
+the diffusion graph's. models/convert_precision.py then gives each precision both parts: the
+float32 parts converted as the head is (so a value crossing the cut crosses in float32; a cut
+found in a converted head would run through its half or quantized tensors), checked together
+against the float32 head; on a bundle whose variants list the head but not the parts, this
+script notes the convert_precision.py command that adds them (gtr-run uses split-head graphs
+only in the run's precision). `--check` compares the two parts run one after the other with the
+whole head before anything is written into the bundle (exit status 1 when they differ, 2 on an
+error naming the input, such as a head that does not split; either way nothing changes).
 """
 from __future__ import annotations
 
@@ -32,6 +38,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+# `models.*` from the repository root, also when run as a script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.onnx_save import BundleError  # noqa: E402
+
 CONDITION_FILE = "diffusion_condition.onnx"
 STATE_FILE = "diffusion_state.onnx"
 CONDITION_INPUTS = ["t", "z"]
@@ -39,7 +49,7 @@ STATE_INPUTS = ["x", "cond"]
 ROLES = ("diffusion_condition", "diffusion_state")
 
 
-class SplitError(Exception):
+class SplitError(BundleError):
     """A head that cannot be cut by rows (the message names the graph and tensor)."""
 
 
@@ -168,46 +178,49 @@ def manifest_with_split(text: str) -> str:
                                "diffusion_condition")
 
 
-def write_split(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print) -> dict[str, str]:
+def write_split(bundle: str, m: dict, head_file: str, precision: str | None = None, log=print,
+                staging=None) -> dict[str, str]:
     """Writes the two parts of the head graph `head_file` (the manifest's diffusion tensor names)
-    as diffusion_condition.onnx and diffusion_state.onnx, or *.PRECISION.onnx for a precision
-    variant; returns the names written by role."""
-    from models.add_sampler import save_graph
+    as diffusion_condition.onnx and diffusion_state.onnx, or *.PRECISION.onnx, into `staging`
+    (models.onnx_save.Staging; without one, committed at once); returns the names by role.
+    (convert_precision.py converts the float32 parts instead of cutting a variant head.)"""
+    from models.add_sampler import save_graph, staged
+    from models.onnx_save import load_graph
 
-    head = onnx.load(os.path.join(bundle, head_file))
-    try:
+    with staged(bundle, staging) as s:
+        head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion")
         condition, state, total = split_head(head, m["graphs"]["diffusion"], int(m["width"]),
                                              int(m["diffusion"]["train_steps"]), head_file)
-    except SplitError as e:
-        raise SystemExit(str(e)) from e
-    names = {"diffusion_condition": save_graph(bundle, condition, CONDITION_FILE, precision),
-             "diffusion_state": save_graph(bundle, state, STATE_FILE, precision)}
+        names = {"diffusion_condition": save_graph(bundle, condition, CONDITION_FILE, precision, s),
+                 "diffusion_state": save_graph(bundle, state, STATE_FILE, precision, s)}
     log(f"{names['diffusion_condition']}, {names['diffusion_state']}: {head_file} cut in two, "
         f"{total} values per row between them")
     return names
 
 
-def add_split(bundle: str, log=print) -> str:
-    from models.add_sampler import read_manifest
+def add_split(bundle: str, log=print, checked: bool = False) -> str:
+    """Adds both parts (with `checked`, compared by `check` before anything is replaced)."""
+    from models.add_sampler import add_graphs
 
-    text, m = read_manifest(bundle)
-    names = write_split(bundle, m, m["graphs"]["diffusion"]["file"], log=log)
-    from models.onnx_save import write_manifest
-
-    write_manifest(bundle, manifest_with_split(text))
+    names = add_graphs(bundle, manifest_with_split,
+                       lambda m, s: write_split(bundle, m, m["graphs"]["diffusion"]["file"], log=log, staging=s),
+                       (check, 1e-5, "the whole head") if checked else None,
+                       ROLES, ("diffusion",), log)
     return os.path.join(bundle, names["diffusion_condition"])
 
 
-def check(bundle: str, log=print) -> float:
+def check(bundle: str, log=print, staging=None) -> float:
     """Max |state(x, condition(t, z)) − head(x, t, z)| on random rows, the condition part run on
-    the rows alone and on them stacked with others (as gtr-run groups the ticks' rows)."""
+    the rows alone and on them stacked with others (as gtr-run groups the ticks' rows); the parts
+    staged in `staging`, if given."""
     import onnxruntime as ort
 
     from models.add_sampler import read_manifest
 
-    _, m = read_manifest(bundle)
+    _, m = staging.manifest() if staging else read_manifest(bundle)
     io = m["graphs"]["diffusion"]
-    session = lambda f: ort.InferenceSession(os.path.join(bundle, f), providers=["CPUExecutionProvider"])
+    path = lambda f: staging.read_path(os.path.join(bundle, f)) if staging else os.path.join(bundle, f)  # noqa: E731
+    session = lambda f: ort.InferenceSession(path(f), providers=["CPUExecutionProvider"])  # noqa: E731
     head, condition, state = session(io["file"]), session(CONDITION_FILE), session(STATE_FILE)
     rng = np.random.default_rng(0)
     C, D, steps = int(m["token_dim"]), int(m["width"]), int(m["diffusion"]["train_steps"])
@@ -229,9 +242,8 @@ def check(bundle: str, log=print) -> float:
 def main(argv=None) -> int:
     from models.add_sampler import graph_tool
 
-    return graph_tool(argv, __doc__, "the diffusion graph", add_split, check, 1e-5, "the whole head")
+    return graph_tool(argv, __doc__, "the diffusion graph", add_split)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

@@ -10,6 +10,9 @@
 3. Nothing in the tick graph stops ONNX Runtime's CUDA provider from capturing it in a CUDA graph
    (models/cuda_capture.py's reading of the provider's rule, itself tested on small graphs).
 4. The command line with --check exits 0 (run from the repository root, as documented).
+5. A valid block-style manifest and a failing --check are refused before any graph is written
+   (add_sampler, add_backbone, split_head); a bundle with precision variants gets a note naming
+   the convert_precision.py command, which then lists the new graph in the variant.
 """
 
 import os
@@ -163,8 +166,51 @@ def test_command_line(tmp):
     check(r.returncode == 0 and "tick graph" in r.stdout, f"the command line with --check: {r.stderr[-300:]}")
 
 
+def test_nothing_written_before_the_manifest_and_check(tmp):
+    """A block-style manifest (valid, but not editable on one line) and a failing --check are
+    refused before any graph is written; a bundle with variants gets a note, and convert_precision
+    then adds the new graphs to the variant."""
+    from models import add_backbone, add_sampler, convert_precision, onnx_save, split_head
+
+    bundle = copy_tiny(tmp, "block")
+    path = os.path.join(bundle, "manifest.yaml")
+    m = yaml.safe_load(open(path))
+    text = open(path).read().split("graphs:")[0] + yaml.safe_dump({"graphs": m["graphs"]}, default_flow_style=False)
+    open(path, "w").write(text)
+    before = sorted(os.listdir(bundle))
+    for add in (add_sampler.add_sampler, add_backbone.add_backbone, split_head.add_split):
+        try:
+            add(bundle, log=lambda *_: None)
+            check(False, f"{add.__name__}: a block-style manifest is refused")
+        except onnx_save.BundleError as e:
+            check("on one line" in str(e) and sorted(os.listdir(bundle)) == before,
+                  f"{add.__name__}: refused before anything is written ({e})")
+    bundle = copy_tiny(tmp, "failed-check")
+    before = sorted(os.listdir(bundle))
+    real = add_sampler.check
+    add_sampler.check = lambda *a, **k: 1.0
+    try:
+        add_sampler.add_sampler(bundle, log=lambda *_: None, checked=True)
+        check(False, "a failing --check is reported")
+    except onnx_save.CheckFailed:
+        check(sorted(os.listdir(bundle)) == before, "a failing --check leaves the bundle as it was")
+    finally:
+        add_sampler.check = real
+    bundle = copy_tiny(tmp, "variants")
+    convert_precision.convert(bundle, "int8", check=False, log=lambda *_: None)
+    lines = []
+    add_backbone.add_backbone(bundle, log=lines.append)
+    note = [ln for ln in lines if ln.startswith("note:")]
+    check(len(note) == 1 and "precisions.int8" in note[0] and "convert_precision.py" in note[0]
+          and "--precision int8" in note[0], f"a note names the command that adds the backbone to int8 ({note})")
+    convert_precision.convert(bundle, "int8", check=False, log=lambda *_: None)
+    files = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))["precisions"]["int8"]
+    check(files.get("backbone") == "backbone.int8.onnx", f"… which lists backbone.int8.onnx ({files})")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
+        test_nothing_written_before_the_manifest_and_check(tmp)
         test_writes_both_graphs(tmp)
         test_tick_semantics(tmp)
         test_tick_graph_can_be_captured(tmp)

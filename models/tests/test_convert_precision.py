@@ -19,10 +19,22 @@ On temporary copies of models/fixtures/tiny:
 5. A bundle whose graphs lie outside its folder (fixtures/tiny-sampler) gets its variants inside
    it, and its sampler and tick graphs rebuilt around the variant head (nothing in the fp16 tick
    graph stops a CUDA graph capture).
-6. A variant far from float32 on the check's inputs is refused before it replaces anything.
+6. A variant far from float32 on the check's inputs is refused before it replaces anything; a
+   graph failing its check after another passed leaves every variant (the backbone's too) as it
+   was, and no temporary folder.
+7. Graphs through a subfolder that is a link leading out are outside the bundle: nothing is written
+   there (convert_precision, fuse_attention); graphs from different folders with one name get
+   distinct variants.
+8. fp16 and bf16 on a split head: both parts converted and listed.
+9. Errors (a missing folder, malformed YAML, a graph without `file`, a truncated, non-ONNX or
+   missing graph file, a --report path that cannot be written) exit 2 with one line naming the
+   input, in every tool, and change nothing.
+10. bench_precision.py copies what the manifest names (graphs outside by absolute path) and never
+    touches what --work held.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -287,8 +299,188 @@ def test_a_variant_off_by_too_much_is_refused(tmp):
     check(open(os.path.join(bundle, "manifest.yaml")).read() == before, "the manifest is unchanged")
 
 
+def snapshot(folder):
+    """Every file under `folder` (hidden ones included) with its bytes."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            path = os.path.join(root, n)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+def run_tool(*argv):
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+
+
+def test_failed_check_replaces_no_variant(tmp):
+    """A bundle with fp16 variants and a backbone: a conversion whose decoder fails the check
+    (the encoder, checked first, passes) leaves every file as it was, the encoder's variant and
+    the backbone's included, and no temporary folder."""
+    from models.add_backbone import add_backbone
+
+    bundle = copy_tiny(tmp, "failed-later")
+    add_backbone(bundle, log=lambda *_: None)
+    cp.convert(bundle, "fp16", check=False, log=lambda *_: None)
+    # The encoder changed a little since (its variant would change), the decoder far beyond fp16.
+    for role, scale in (("encoder", 1.01), ("decoder", 1e6)):
+        path = os.path.join(bundle, f"{role}.onnx")
+        m = onnx.load(path)
+        for init in m.graph.initializer:
+            a = numpy_helper.to_array(init)
+            if init.data_type == TensorProto.FLOAT and a.ndim == 2:
+                init.CopyFrom(numpy_helper.from_array((a * scale).astype(np.float32), init.name))
+        onnx.save(m, path)
+    before = snapshot(bundle)
+    p = run_tool(os.path.join(MODELS, "convert_precision.py"), bundle, "--precision", "fp16")
+    check(p.returncode == 2 and "decoder" in p.stderr and "Traceback" not in p.stderr,
+          f"the decoder's failed check: exit 2 naming it ({p.stderr.strip()[-160:]})")
+    check(snapshot(bundle) == before, "… and no file changed, encoder.fp16.onnx and backbone.fp16.onnx included, "
+          "no temporary folder left")
+
+
+def test_symlinked_folder_and_shared_names(tmp):
+    """Graphs reached through a subfolder that is a link leading out of the bundle are outside it:
+    nothing is written there (convert_precision, fuse_attention). Graphs from different folders
+    with one name get distinct variants."""
+    from models import fuse_attention
+
+    outside = copy_tiny(tmp, "outside")
+    bundle = os.path.join(tmp, "linked")
+    os.makedirs(bundle)
+    os.symlink(outside, os.path.join(bundle, "shared"))
+    text = open(os.path.join(TINY, "manifest.yaml")).read()
+    for role in ("encoder", "decoder", "diffusion", "vae_decoder"):
+        text = text.replace(f"file: {role}.onnx", f"file: shared/{role}.onnx")
+    open(os.path.join(bundle, "manifest.yaml"), "w").write(text)
+    before = snapshot(outside)
+    report = cp.convert(bundle, "int8", log=lambda *_: None)
+    check(snapshot(outside) == before, "int8: nothing is written into the folder the link leads to")
+    check(report["files"]["encoder"] == "encoder.int8.onnx" and os.path.isfile(os.path.join(bundle, "encoder.int8.onnx")),
+          f"… the variants go into the bundle folder ({report['files']})")
+    fuse_attention.fuse_bundle(bundle, log=lambda *_: None)
+    check(snapshot(outside) == before, "fuse_attention: the graphs the link leads to are not replaced")
+    m = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))
+    check(m["graphs"]["encoder"]["file"] == "encoder.onnx" and os.path.isfile(os.path.join(bundle, "encoder.onnx")),
+          "… the fused graphs go into the bundle, the manifest points to them")
+
+    # ../enc/model.onnx, ../dec/model.onnx, ../dif/model.onnx: three variants, not one file.
+    bundle = os.path.join(tmp, "same-names", "b")
+    os.makedirs(bundle)
+    text = open(os.path.join(TINY, "manifest.yaml")).read()
+    for role, folder in (("encoder", "enc"), ("decoder", "dec"), ("diffusion", "dif")):
+        os.makedirs(os.path.join(tmp, "same-names", folder))
+        shutil.copyfile(os.path.join(TINY, f"{role}.onnx"), os.path.join(tmp, "same-names", folder, "model.onnx"))
+        text = text.replace(f"file: {role}.onnx", f"file: ../{folder}/model.onnx")
+    text = text.replace("file: vae_decoder.onnx", f"file: {os.path.join(TINY, 'vae_decoder.onnx')}")
+    open(os.path.join(bundle, "manifest.yaml"), "w").write(text)
+    files = cp.convert(bundle, "int8", log=lambda *_: None)["files"]
+    check(len(set(files.values())) == 3 and all(os.path.isfile(os.path.join(bundle, f)) for f in files.values()),
+          f"three graphs named model.onnx get three distinct variants ({files})")
+    for role, file in files.items():
+        inputs = {i.name for i in onnx.load(os.path.join(bundle, file)).graph.input}
+        want = {i.name for i in onnx.load(os.path.join(TINY, f"{role}.onnx")).graph.input}
+        check(inputs == want, f"{role}: {file} is the {role}'s variant")
+
+
+def test_split_head_in_half(tmp):
+    """fp16 and bf16 on a bundle with a split head: both parts converted and listed, and the fp16
+    parts give the fp32 head's output closely."""
+    from models import split_head
+
+    bundle = copy_tiny(tmp, "split-half")
+    split_head.add_split(bundle, log=lambda *_: None)
+    for precision in ("fp16", "bf16"):
+        p = run_tool(os.path.join(MODELS, "convert_precision.py"), bundle, "--precision", precision)
+        check(p.returncode == 0, f"{precision} on a split head: exit 0 ({p.stderr.strip()[-200:]})")
+        files = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))["precisions"][precision]
+        check(files.get("diffusion_condition") == f"diffusion_condition.{precision}.onnx"
+              and files.get("diffusion_state") == f"diffusion_state.{precision}.onnx",
+              f"{precision}: both parts listed ({files})")
+    run = lambda f: ort.InferenceSession(os.path.join(bundle, f), providers=["CPUExecutionProvider"])  # noqa: E731
+    rng = np.random.default_rng(0)
+    x, t, z = (rng.standard_normal((9, 4)).astype(np.float32), rng.integers(0, 1000, 9).astype(np.int64),
+               rng.standard_normal((9, 32)).astype(np.float32))
+    want = run("diffusion.onnx").run(None, {"x": x, "t": t, "z": z})[0]
+    cond = run("diffusion_condition.fp16.onnx").run(None, {"t": t, "z": z})[0]
+    got = run("diffusion_state.fp16.onnx").run(None, {"x": x, "cond": cond})[0]
+    check(np.abs(got - want).max() < 5e-3, f"the fp16 parts give the head's output ({np.abs(got - want).max():.2g})")
+
+
+def test_errors_name_the_input(tmp):
+    """Exit 2 and one line naming the input, no traceback, nothing changed."""
+    script = os.path.join(MODELS, "convert_precision.py")
+    tools = [(script, "--precision", "int8")] + [(os.path.join(MODELS, f),) for f in
+                                                 ("fuse_attention.py", "add_sampler.py", "add_backbone.py",
+                                                  "split_head.py")]
+
+    def refused(bundle, want, what):
+        before = snapshot(bundle) if os.path.isdir(bundle) else None
+        for tool in tools:
+            p = run_tool(tool[0], bundle, *tool[1:])
+            lines = p.stderr.strip().splitlines()
+            check(p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and want in lines[0],
+                  f"{os.path.basename(tool[0])}, {what}: exit 2, one line ({p.returncode}: {p.stderr.strip()[-200:]})")
+            check(before is None or snapshot(bundle) == before, "… nothing changed")
+
+    refused(os.path.join(tmp, "no-such-bundle"), "no such folder", "a missing folder")
+    bundle = copy_tiny(tmp, "bad-yaml")
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("graphs: [unclosed\n")
+    refused(bundle, "not valid YAML", "malformed YAML")
+    bundle = copy_tiny(tmp, "no-file")
+    path = os.path.join(bundle, "manifest.yaml")
+    text = re.sub(r"file: encoder\.onnx,\s*", "", open(path).read())
+    open(path, "w").write(text)
+    refused(bundle, "graphs.encoder has no `file`", "a graph entry without `file`")
+    for name, content in (("truncated", open(os.path.join(TINY, "encoder.onnx"), "rb").read()[:200]),
+                          ("not-onnx", b"hello")):
+        bundle = copy_tiny(tmp, name)
+        for role in ("encoder", "diffusion"):
+            open(os.path.join(bundle, f"{role}.onnx"), "wb").write(content)
+        refused(bundle, "is not an ONNX graph", f"a {name} graph file")
+    bundle = copy_tiny(tmp, "missing-graph")
+    for role in ("encoder", "diffusion"):
+        os.remove(os.path.join(bundle, f"{role}.onnx"))
+    refused(bundle, "no such file", "a missing graph file")
+    bundle = copy_tiny(tmp, "report")
+    before = snapshot(bundle)
+    p = run_tool(script, bundle, "--precision", "int8", "--report", os.path.join(tmp, "nonexistent", "r.json"))
+    check(p.returncode == 2 and "--report" in p.stderr and "Traceback" not in p.stderr,
+          f"--report into a missing folder: exit 2 ({p.stderr.strip()[-160:]})")
+    check(snapshot(bundle) == before, "… checked before the bundle is changed")
+
+
+def test_bench_copies_what_the_manifest_names(tmp):
+    """bench_precision.py's copy of a bundle whose graphs lie outside its folder runs; its
+    --work folder keeps what was there."""
+    import bench_precision
+
+    copy = os.path.join(tmp, "bench-copy")
+    bench_precision.copy_bundle(os.path.join(MODELS, "fixtures", "tiny-sampler"), copy)
+    m = yaml.safe_load(open(os.path.join(copy, "manifest.yaml")))
+    check(os.path.isabs(m["graphs"]["encoder"]["file"]) and os.path.isfile(m["graphs"]["encoder"]["file"])
+          and os.path.isfile(os.path.join(copy, "sampler.onnx")) and os.path.isfile(os.path.join(copy, "tick.fp16.onnx")),
+          "the copy has the bundle's own files and names the outside graphs by absolute path")
+    files = cp.convert(copy, "int8", log=lambda *_: None)["files"]
+    check(files.get("sampler") == "sampler.int8.onnx" and os.path.isfile(os.path.join(copy, "encoder.int8.onnx")),
+          "… and converts")
+    work = os.path.join(tmp, "wk")
+    os.makedirs(os.path.join(work, "bundle"))
+    open(os.path.join(work, "bundle", "notes.txt"), "w").write("x")
+    p = run_tool(os.path.join(MODELS, "bench_precision.py"), "--bundle", os.path.join(tmp, "nonexist"), "--work", work)
+    check(p.returncode == 2 and "no such folder" in p.stderr and "Traceback" not in p.stderr,
+          f"bench_precision.py on a missing bundle: exit 2 ({p.stderr.strip()[-160:]})")
+    check(sorted(snapshot(work)) == ["bundle/notes.txt"], "… and --work keeps what was in it")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
+        test_failed_check_replaces_no_variant(tmp)
+        test_symlinked_folder_and_shared_names(tmp)
+        test_split_head_in_half(tmp)
+        test_errors_name_the_input(tmp)
+        test_bench_copies_what_the_manifest_names(tmp)
         test_manifest_rewrite()
         test_gemm_rewrite()
         test_fp16(tmp)

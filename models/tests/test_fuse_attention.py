@@ -6,7 +6,8 @@
 On temporary copies of models/fixtures/tiny:
 1. Through the command line: one MultiHeadAttention per graph (4 heads, MAR's scale), no
    Softmax left, the graphs' inputs and outputs unchanged, outputs within 1e-5 of the plain
-   graphs'; a second run finds nothing to fuse and exits 1, changing nothing.
+   graphs'; a second run finds the bundle fused already and exits 0, changing nothing; a graph
+   without any attention chain exits 1.
 2. An unreadable decoder: exit status 2 and a message naming it, the encoder untouched.
    A chain of another shape (Softmax over another axis) is left as it is, with the reason;
    the scaling written as c · x or x / c fuses with the same scale; mar-tiny's exported graphs
@@ -21,7 +22,10 @@ On temporary copies of models/fixtures/tiny:
 7. A decoder whose check fails (onnxruntime cannot run it with the manifest's inputs): exit 2
    with a FuseError, no traceback, and neither graph nor the manifest changed.
 8. A qkv projection of rank 2 (a Flatten before its Reshape): the chain is left, with the reason.
-9. Variants made with --emulate (fp16) and --per-tensor --per-row-activations (int8) are rebuilt the same way.
+9. Variants made with --emulate (fp16), --per-tensor --per-row-activations and
+   --quantize-token-projections (int8) are rebuilt the same way; the head's variant is not rebuilt.
+10. A fused bundle whose backbone and variants were made from the plain graphs: a rerun rebuilds
+    them (exit 0); a rerun on an up-to-date fused bundle changes nothing (exit 0).
 """
 
 import os
@@ -78,7 +82,7 @@ def test_command_line(tmp):
         check(err < 1e-5, f"{role}: fused within 1e-5 of plain ({err:.2g})")
     before = open(os.path.join(bundle, "encoder.onnx"), "rb").read()
     r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
-    check(r.returncode == 1 and "no attention chain to fuse" in r.stdout, "a second run finds nothing and exits 1")
+    check(r.returncode == 0 and "fused already" in r.stdout, "a second run finds the bundle fused already and exits 0")
     check(open(os.path.join(bundle, "encoder.onnx"), "rb").read() == before, "… and leaves the graph as it was")
 
 
@@ -292,8 +296,51 @@ def test_variant_options_kept(tmp):
           "an int8 variant with per-tensor activations (the default) is recognized as such")
 
 
+def test_token_projections_kept_and_head_untouched(tmp):
+    """An int8 variant made with --quantize-token-projections is rebuilt so; the graphs fusing does
+    not change (the head's variant) are not rebuilt."""
+    bundle = copy_tiny(tmp, "token-projections")
+    cp.convert(bundle, "int8", check=False, quantize_token_projections=True, log=lambda *_: None)
+    head = open(os.path.join(bundle, "diffusion.int8.onnx"), "rb").read()
+    check(fa.variant_options(bundle, read_manifest(bundle)[1]) == {"int8": {"quantize_token_projections": True}},
+          "--quantize-token-projections is recognized from the graphs")
+    fa.fuse_bundle(bundle, check=False, log=lambda *_: None)
+    model = onnx.load(os.path.join(bundle, "encoder.int8.onnx"))
+    inits = {i.name for i in model.graph.initializer}
+    plain = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    check("MultiHeadAttention" in ops(os.path.join(bundle, "encoder.int8.onnx")) and not plain,
+          "the rebuilt int8 encoder still has its token projection quantized")
+    check(open(os.path.join(bundle, "diffusion.int8.onnx"), "rb").read() == head,
+          "diffusion.int8.onnx (which fusing does not change) is not rebuilt")
+
+
+def test_stale_derived_rebuilt(tmp):
+    """A bundle whose encoder and decoder are fused but whose backbone and int8 variants were made
+    from the plain graphs (as a run killed by an earlier version left it): a rerun rebuilds them
+    and exits 0; once they are fused, a rerun changes nothing."""
+    bundle = copy_tiny(tmp, "stale")
+    add_backbone(bundle, log=lambda *_: None)
+    cp.convert(bundle, "int8", check=False, log=lambda *_: None)
+    for role in ("encoder", "decoder"):
+        path = os.path.join(bundle, f"{role}.onnx")
+        onnx.save(fa.fuse(onnx.load(path))[0], path)
+    script = os.path.join(MODELS, "fuse_attention.py")
+    r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
+    check(r.returncode == 0 and "fused already" in r.stdout, f"a rerun on a fused bundle exits 0 ({r.stderr[-200:]})")
+    check(ops(os.path.join(bundle, "backbone.onnx")).count("MultiHeadAttention") == 2
+          and ops(os.path.join(bundle, "encoder.int8.onnx")).count("MultiHeadAttention") == 1
+          and ops(os.path.join(bundle, "backbone.int8.onnx")).count("MultiHeadAttention") == 2,
+          "… and rebuilds the backbone and int8 variants made from the plain graphs")
+    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
+    r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
+    check(r.returncode == 0 and {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)} == before,
+          "a rerun with everything fused exits 0 and changes nothing")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
+        test_token_projections_kept_and_head_untouched(tmp)
+        test_stale_derived_rebuilt(tmp)
         test_command_line(tmp)
         test_unreadable_graph(tmp)
         test_other_shape_is_left()

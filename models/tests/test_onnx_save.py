@@ -11,6 +11,9 @@ run it, it exits non-zero on the first failure).
    fuse_attention.py, add_backbone.py and convert_precision.py (fp16) work on a bundle whose
    encoder and decoder keep their weights in data files, write their graphs the same way, and
    ONNX Runtime runs the results.
+3. A Staging left without commit changes nothing; a commit killed after its plan was written is
+   finished by the next run, which also removes the leftovers of killed runs (and of earlier
+   versions: `.fuse_attention.XXXX/`, `.<graph>.onnx.XXXX/`); the manifest keeps its mode.
 """
 
 import os
@@ -122,10 +125,56 @@ def test_write_manifest(tmp):
     check(sorted(os.listdir(folder)) == ["manifest.yaml"], "write_manifest: no temporary file is left")
 
 
+def test_interrupted_commit_and_leftovers(tmp):
+    """A commit interrupted after its plan was written is finished by the next run; staging
+    folders of runs killed earlier (and those of earlier versions) are removed; the manifest keeps
+    its mode."""
+    bundle = copy_tiny(tmp, "interrupted")
+    manifest = os.path.join(bundle, "manifest.yaml")
+    os.chmod(manifest, 0o600)
+    onnx_save.write_manifest(bundle, open(manifest).read() + "# edited\n")
+    check(oct(os.stat(manifest).st_mode & 0o777) == oct(0o600), "write_manifest keeps the manifest's mode (600)")
+    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
+    with onnx_save.Staging(bundle) as s:
+        s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "a.onnx"))
+        s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "b.onnx"))
+        s.write_manifest("name: new\n")
+    check({n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)} == before,
+          "a Staging left without commit changes nothing and leaves nothing")
+    real = onnx_save._apply
+
+    def killed(folder, plan):  # the first file renamed, then the process dies
+        src, dst = plan["moves"][0]
+        os.replace(os.path.join(folder, src), os.path.join(folder, dst))
+        raise KeyboardInterrupt
+
+    onnx_save._apply = killed
+    try:
+        with onnx_save.Staging(bundle) as s:
+            s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "a.onnx"))
+            s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "b.onnx"))
+            s.write_manifest("name: new\n")
+            s.commit()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        onnx_save._apply = real
+    check(os.path.exists(os.path.join(bundle, "a.onnx")) and not os.path.exists(os.path.join(bundle, "b.onnx"))
+          and len(leftovers(bundle)) == 1, "a commit killed halfway leaves its plan")
+    os.makedirs(os.path.join(bundle, ".gtr-tmp.999999999.abc"))       # a staging folder of a dead run
+    os.makedirs(os.path.join(bundle, ".fuse_attention.ab12cd_3"))      # earlier versions' leftovers
+    os.makedirs(os.path.join(bundle, ".decoder.int8.onnx.x1y2z3w4"))
+    onnx_save.write_manifest(bundle, "name: newer\n")
+    check(os.path.exists(os.path.join(bundle, "b.onnx")), "the next run finishes the interrupted commit")
+    check(open(manifest).read() == "name: newer\n" and leftovers(bundle) == [],
+          f"… and removes every leftover ({leftovers(bundle)})")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_save_model(tmp)
         test_write_manifest(tmp)
+        test_interrupted_commit_and_leftovers(tmp)
         test_tools_on_external_data(tmp)
     print("all onnx_save tests passed")
 

@@ -90,7 +90,7 @@ def refused(bundle, edit, want):
     before = sorted(os.listdir(bundle)), open(os.path.join(bundle, "manifest.yaml")).read()
     try:
         split_head.add_split(bundle, **QUIET)
-    except SystemExit as e:
+    except split_head.SplitError as e:
         check(want in str(e) and "diffusion.onnx" in str(e), f"refused, naming the graph: {e}")
     else:
         check(False, f"a head that does not split is refused ({want})")
