@@ -415,6 +415,25 @@ impl OrtModel {
         )
     }
 
+    /// Every loaded graph, in the order of [`MarModel::graph_stats`].
+    fn graphs_mut(&mut self) -> impl Iterator<Item = &mut Graph> {
+        [
+            &mut self.encoder,
+            &mut self.decoder,
+            &mut self.diffusion,
+            &mut self.vae,
+        ]
+        .into_iter()
+        .chain(self.sampler.as_mut())
+        .chain(self.ticks.as_mut().map(|t| &mut t.graph))
+        .chain(self.backbone.as_mut())
+        .chain(
+            self.split_head
+                .iter_mut()
+                .flat_map(|s| [&mut s.condition, &mut s.state]),
+        )
+    }
+
     /// Whether the bundle's split head was loaded (it has both parts in the
     /// run's precision).
     pub fn has_split_head(&self) -> bool {
@@ -726,22 +745,7 @@ impl MarModel for OrtModel {
     }
 
     fn reset_graph_stats(&mut self) {
-        [
-            &mut self.encoder,
-            &mut self.decoder,
-            &mut self.diffusion,
-            &mut self.vae,
-        ]
-        .into_iter()
-        .chain(self.sampler.as_mut())
-        .chain(self.ticks.as_mut().map(|t| &mut t.graph))
-        .chain(self.backbone.as_mut())
-        .chain(
-            self.split_head
-                .iter_mut()
-                .flat_map(|s| [&mut s.condition, &mut s.state]),
-        )
-        .for_each(|g| {
+        self.graphs_mut().for_each(|g| {
             g.stats = GraphStats {
                 graph: g.stats.graph.clone(),
                 ..GraphStats::default()
@@ -765,22 +769,7 @@ impl MarModel for OrtModel {
     }
 
     fn end_profiling(&mut self) {
-        [
-            &mut self.encoder,
-            &mut self.decoder,
-            &mut self.diffusion,
-            &mut self.vae,
-        ]
-        .into_iter()
-        .chain(self.sampler.as_mut())
-        .chain(self.ticks.as_mut().map(|t| &mut t.graph))
-        .chain(self.backbone.as_mut())
-        .chain(
-            self.split_head
-                .iter_mut()
-                .flat_map(|s| [&mut s.condition, &mut s.state]),
-        )
-        .for_each(Graph::end_profiling)
+        self.graphs_mut().for_each(Graph::end_profiling)
     }
 
     fn execution_provider(&self) -> String {
