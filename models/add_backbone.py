@@ -154,6 +154,8 @@ def add_backbone(bundle: str, log=print, checked: bool = False) -> str:
     """Adds the backbone graph (with `checked`, compared by `check` before anything is replaced)."""
     from models.add_sampler import add_graphs
 
+    bundle = os.path.realpath(bundle)  # the folder read is the folder written (symbolic links, `..`)
+
     def write(m, staging):
         g = m["graphs"]
         return {"backbone": write_backbone(bundle, m, g["encoder"]["file"], g["decoder"]["file"], log=log,

@@ -387,18 +387,20 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
 
 
 def add_graphs(bundle: str, edit, write, verify, roles, sources, log=print) -> dict[str, str]:
-    """What add_sampler.py, add_backbone.py and split_head.py share: the manifest edited first
-    (`edit(text)`: a manifest this cannot edit is refused before anything is written), the graphs
-    written aside (`write(manifest, staging)` → {role: file}), with `verify` = (check, tolerance,
-    what) compared there (CheckFailed over the tolerance), and only then all committed, the
+    """What add_sampler.py, add_backbone.py and split_head.py share (`bundle` a real path: the
+    callers resolve it): the bundle locked and its manifest read through the Staging
+    (models/onnx_save.py) and edited first (`edit(text)`: a manifest this cannot edit is refused
+    before anything is written), the graphs written aside (`write(manifest, staging)` →
+    {role: file}), with `verify` = (check, tolerance, what) compared there (CheckFailed over the tolerance), and only then all committed, the
     manifest last. Afterwards a note names every precision whose variant lists the `sources`
     graphs but not `roles`: gtr-run does not use a derived graph in another precision than the
     run's, and convert_precision.py rebuilds the derived graphs the bundle has."""
     from models.onnx_save import Staging
 
-    text, m = read_manifest(bundle)
-    new_text = edit(text)
     with Staging(bundle, log=log) as s:
+        # Read under the bundle's lock, after an interrupted commit is finished (onnx_save.py).
+        text, m = s.manifest()
+        new_text = edit(text)
         names = write(m, s)
         if verify is not None:
             check, tolerance, what = verify
@@ -432,6 +434,7 @@ def variant_flags(bundle: str, m: dict, precision: str) -> str:
 
 def add_sampler(bundle: str, log=print, checked: bool = False) -> str:
     """Adds the sampler and tick graphs (with `checked`, compared by `check` before anything is replaced)."""
+    bundle = os.path.realpath(bundle)  # the folder read is the folder written (symbolic links, `..`)
     names = add_graphs(bundle, manifest_with_sampler,
                        lambda m, s: write_sampler(bundle, m, m["graphs"]["diffusion"]["file"], log=log, staging=s),
                        (check, 1e-4, "a per-tick NumPy reference") if checked else None,

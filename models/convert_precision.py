@@ -721,12 +721,14 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     graph whose outputs differ from float32's by more than `tolerance` times their largest
     magnitude (or are not finite) raises ConversionError. With `staging` the writes join that
     models.onnx_save.Staging, which the caller commits (fuse_attention.py)."""
-    from models.onnx_save import Staging, read_manifest
+    from models.onnx_save import Staging
 
     if emulate and precision not in ("fp16", "bf16"):
         raise ConversionError("--emulate applies to fp16 and bf16")
     if staging is None:
-        read_manifest(bundle)  # a missing or malformed manifest is reported before anything is made
+        # The bundle locked, a killed run's commit finished, then the manifest read through the
+        # Staging; the folder read is the folder written (symbolic links, `..` resolved).
+        bundle = os.path.realpath(bundle)
         with Staging(bundle, log=log) as own:
             report = convert(bundle, precision, check, emulate, per_channel, seed, log, tolerance, per_row,
                              quantize_token_projections, roles, own)

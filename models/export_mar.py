@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.onnx_save import EXTERNAL_DATA_BYTES  # noqa: E402
+from models.onnx_save import EXTERNAL_DATA_BYTES, Staging, write_manifest  # noqa: E402
 from models.torch.mar import (  # noqa: E402
     MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
     vae_decoder_keys,
@@ -334,12 +334,11 @@ def export_graph(module: nn.Module, role: str, cfg: MARConfig, path: str, log=pr
     nbytes = sum(int(v.const_value.nbytes) for v in prog.model.graph.initializers.values()
                  if v.const_value is not None)
     external = nbytes > external_above
-    data = path + ".data"
-    for p in (path, data):
-        if os.path.exists(p):
-            os.remove(p)
-    prog.save(path, external_data=external)
-    files = [path] + ([data] if os.path.exists(data) else [])
+    # Written aside and renamed into place (models/onnx_save.py): an old graph and its data file
+    # are replaced only once the new ones exist (the old data file removed if the new graph has none).
+    with Staging(os.path.dirname(path) or os.curdir) as s:
+        files = s.save_with(lambda tmp: prog.save(tmp, external_data=external), path)
+        s.commit()
     size = sum(os.path.getsize(f) for f in files)
     log(f"  {role}: {os.path.basename(path)}{' + external data' if external else ''}, "
         f"{size / 1e6:.1f} MB, exported in {time.time() - t0:.1f} s")
@@ -523,8 +522,7 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
         path = os.path.join(out_dir, GRAPH_FILES[role])
         info[role] = export_graph(module, role, cfg, path, log, external_above)
         check_contract(path, role, cfg, vcfg)
-    with open(os.path.join(out_dir, "manifest.yaml"), "w") as f:
-        f.write(manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale))
+    write_manifest(out_dir, manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale))
     log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
     log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
     errors = check_parity(out_dir, roles, cfg, tolerance, quick_vae=quick_vae, log=log)

@@ -49,7 +49,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.onnx_save import BundleError, Staging, load_graph, placed_names, read_manifest, run_tool  # noqa: E402
+from models.onnx_save import BundleError, Staging, load_graph, placed_names, run_tool  # noqa: E402
 
 MSFT = "com.microsoft"
 ROLES = ("encoder", "decoder")
@@ -503,43 +503,46 @@ def _fuse(bundle: str, check: bool, log) -> tuple[dict, bool]:
     so an error or interruption changes nothing. A graph outside the bundle folder is left and its
     fused graph written into the bundle, the manifest pointing to it. On a bundle fused already,
     only derived graphs still made from the plain graphs are rebuilt."""
-    text, manifest = read_manifest(bundle)
-    graphs = manifest["graphs"]
-    for role in ROLES:
-        if role not in graphs:
-            raise BundleError(f"{os.path.join(bundle, 'manifest.yaml')}: no graphs.{role}")
-    # Every graph is read and fused before any is written, so an unreadable one changes nothing.
-    fused, present = {}, {}
-    for role in ROLES:
-        model = load_graph(os.path.join(bundle, graphs[role]["file"]), role)
-        present[role] = attention_nodes(model)
-        model, count, skipped = fuse(model)
-        for line in skipped:
-            log(f"{role}: left as it is: {line}")
-        if not count:
-            log(f"{role}: no attention chain to fuse" + (f" ({present[role]} fused already)" if present[role] else ""))
-        fused[role] = (model, count)
-    fused_counts = {role: count for role, (_, count) in fused.items()}
-    roles = [role for role in ROLES if fused_counts[role]]
-    # What would stop the run later is found now, before anything is written.
-    options = variant_options(bundle, manifest)
-    if roles:
-        names = fused_names(bundle, graphs, roles)
-        moved = {role: name for role, name in names.items() if name != graphs[role]["file"]}
-        new_text = manifest_with_files(text, moved) if moved else text
-        rebuild_backbone, rebuild = "backbone" in graphs, list(options)
-    elif any(present.values()):
-        rebuild_backbone, rebuild = stale_derived(bundle, manifest, present)
-        stale = (["backbone"] if rebuild_backbone else []) + [f"precisions.{p}" for p in rebuild]
-        log(f"the attention is fused already ({sum(present.values())} MultiHeadAttention nodes); "
-            + (f"rebuilding what was made from the plain graphs: {', '.join(stale)}" if stale
-               else "the derived graphs are made from the fused ones"))
-        if not stale:
-            return fused_counts, True
-        moved = {}
-    else:
-        return fused_counts, False
+    bundle = os.path.realpath(bundle)  # the folder read is the folder written (symbolic links, `..`)
     with Staging(bundle, log=log) as staging:
+        # Read under the bundle's lock, after an interrupted commit is finished (onnx_save.py).
+        text, manifest = staging.manifest()
+        graphs = manifest["graphs"]
+        for role in ROLES:
+            if role not in graphs:
+                raise BundleError(f"{os.path.join(bundle, 'manifest.yaml')}: no graphs.{role}")
+        # Every graph is read and fused before any is written, so an unreadable one changes nothing.
+        fused, present = {}, {}
+        for role in ROLES:
+            model = load_graph(os.path.join(bundle, graphs[role]["file"]), role)
+            present[role] = attention_nodes(model)
+            model, count, skipped = fuse(model)
+            for line in skipped:
+                log(f"{role}: left as it is: {line}")
+            if not count:
+                log(f"{role}: no attention chain to fuse"
+                    + (f" ({present[role]} fused already)" if present[role] else ""))
+            fused[role] = (model, count)
+        fused_counts = {role: count for role, (_, count) in fused.items()}
+        roles = [role for role in ROLES if fused_counts[role]]
+        # What would stop the run later is found now, before anything is written.
+        options = variant_options(bundle, manifest)
+        if roles:
+            names = fused_names(bundle, graphs, roles)
+            moved = {role: name for role, name in names.items() if name != graphs[role]["file"]}
+            new_text = manifest_with_files(text, moved) if moved else text
+            rebuild_backbone, rebuild = "backbone" in graphs, list(options)
+        elif any(present.values()):
+            rebuild_backbone, rebuild = stale_derived(bundle, manifest, present)
+            stale = (["backbone"] if rebuild_backbone else []) + [f"precisions.{p}" for p in rebuild]
+            log(f"the attention is fused already ({sum(present.values())} MultiHeadAttention nodes); "
+                + (f"rebuilding what was made from the plain graphs: {', '.join(stale)}" if stale
+                   else "the derived graphs are made from the fused ones"))
+            if not stale:
+                return fused_counts, True
+            moved = {}
+        else:
+            return fused_counts, False
         for role in roles:
             model, entry = fused.pop(role)[0], graphs[role]
             model.producer_name = "gtr-run fuse_attention.py"

@@ -2,15 +2,26 @@
 
 Every tool stages what it writes and commits it at the end (`Staging`):
 
+- A run holds an exclusive lock on the bundle folder for its whole life (`fcntl.flock` on the
+  folder itself, as gtr-run locks its run folders: no lock file is left behind); a second tool
+  started on the bundle meanwhile refuses at once (BundleError: another model tool is writing
+  it), so two runs never edit the same manifest.
 - Each graph is written into a staging folder inside the bundle (`.gtr-tmp.<pid>.<random>/`),
   checked there (`verify`), and nothing of the bundle is replaced until the tool has written and
   checked everything it writes. A failed check, an error or an interruption before the commit
-  leaves every file of the bundle as it was (a rerun removes the staging folder).
-- The commit first writes its plan (`commit.json`: which staged file replaces which) into the
-  staging folder, then renames the files into place, graphs first and the manifest last, then
-  removes what the plan retires (the old graph's own external data, variants no longer listed).
-  Once the plan is written the commit is decided: a tool killed while renaming leaves the plan,
-  and the next tool run on the bundle (any of them) finishes it before it does anything else.
+  leaves every file of the bundle as it was (the next run removes the staging folder).
+- The commit first checks that every destination can be replaced (not a folder, its folder
+  writable: else BundleError, nothing changed), writes its plan (`commit.json`: which staged
+  file replaces which) into the staging folder, then renames the files into place, graphs first
+  and the manifest last, then removes what the plan retires (the old graph's own external data,
+  variants no longer listed). Once the plan is written the commit is decided: a tool killed (or
+  stopped by an error) while renaming leaves the plan, and the next tool run on the bundle (any
+  of them) finishes it before it does anything else (`recover`; under the lock, every staging
+  folder it finds is a dead run's). A plan that cannot be finished is reported, naming it and
+  what blocks it, and every tool refuses the bundle until the cause is removed.
+- Folders that earlier versions of these tools left when killed (`.<graph>.onnx.XXXXXXXX/`,
+  `.fuse_attention.XXXXXXXX/`, `.manifest.<hex>.tmp`) are not touched: they are harmless and may
+  be removed by hand.
 - Files are replaced by renaming, so a reader sees the old file or the new one, and a file
   shared through a hard link is never written through; a replaced file keeps its mode
   (permissions), the manifest included.
@@ -18,6 +29,8 @@ Every tool stages what it writes and commits it at the end (`Staging`):
   it (ONNX external data, `<graph>.<tag>.data`, read by ONNX Runtime and `onnx.load` relative to
   the graph); the data file the old graph used is removed at the commit if it was its own (named
   after it).
+- The bundle is its real path (symbolic links and `..` resolved, `os.path.realpath`), so the
+  folder read is the folder written.
 - Nothing is written outside the bundle: a path whose real path (symbolic links resolved) is not
   inside the bundle's real path is refused (`inside`); tools give a graph kept outside the
   bundle (`../tiny/encoder.onnx`, a folder that is a link leading out) a derived file inside it
@@ -25,8 +38,10 @@ Every tool stages what it writes and commits it at the end (`Staging`):
 
 Errors the tools report as one line naming the input (exit status 2, nothing changed) are
 `BundleError`s: a missing folder or manifest, malformed YAML, a graph entry without `file`, a
-graph file missing or not ONNX (`read_manifest`, `load_graph`); `run_tool` turns them, and an
-OSError such as a read-only bundle, into that line.
+graph file missing or not ONNX (`read_manifest`, `load_graph`), a bundle another tool is
+writing; `run_tool` turns them, and an OSError such as a read-only bundle, into that line. The
+one error after which the bundle has changed says so: `CommitStopped`, a commit stopped partway
+(how far, what stopped it, and that the next tool run finishes it).
 """
 
 from __future__ import annotations
@@ -45,10 +60,6 @@ import onnx
 EXTERNAL_DATA_BYTES = 2_000_000_000 - 64 * 2**20   # protobuf's 2 GB limit, with headroom
 TMP_PREFIX = ".gtr-tmp."
 PLAN = "commit.json"
-# What earlier versions left when killed: `.<graph>.onnx.XXXXXXXX/`, `.fuse_attention.XXXXXXXX/`
-# (tempfile.mkdtemp) and `.manifest.<hex>.tmp`.
-LEGACY_LEFTOVERS = re.compile(r"^\.(?:(?:fuse_attention|.+\.onnx)\.[a-z0-9_]{8}|manifest\.[0-9a-f]{8}\.tmp)$")
-_open_dirs: set[str] = set()   # staging folders of this process still in use
 
 
 class BundleError(Exception):
@@ -181,77 +192,124 @@ def _mode(path: str, default: int = 0o644) -> int:
     return stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else default
 
 
-def _alive(pid: int) -> bool:
+def _key(path: str) -> str:
+    """`path` with its folder's real path (symbolic links and `..` resolved, as the kernel reads
+    it); the file itself is not followed (a link is replaced, never written through)."""
+    return os.path.join(os.path.realpath(os.path.dirname(path) or os.curdir), os.path.basename(path))
+
+
+def _holders(bundle: str) -> str:
+    """The pids named by the staging folders in `bundle` (a guess at who holds its lock)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        pids = sorted({int(m.group(1)) for m in (re.match(re.escape(TMP_PREFIX) + r"(\d+)\.", n)
+                                                  for n in os.listdir(bundle)) if m})
+    except OSError:
+        pids = []
+    return f" (pid {' or '.join(map(str, pids))}?)" if pids else ""
+
+
+def _lock(bundle: str) -> int | None:
+    """An open descriptor of the folder `bundle` holding an exclusive `flock` on it, released
+    when it is closed (so a killed tool never leaves the bundle locked); BundleError at once if
+    another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no locking there
+        return None
+    fd = os.open(bundle, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BundleError(f"another model tool{_holders(bundle)} is writing {bundle}; wait for it to end "
+                          "(nothing was changed)") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class CommitStopped(BundleError):
+    """A decided commit (its plan written) stopped partway: `done` of `total` steps made."""
+
+    def __init__(self, done: int, total: int, why: str):
+        super().__init__(why)
+        self.done, self.total, self.why = done, total, why
 
 
 def _apply(folder: str, plan: dict) -> None:
-    """Carries out a commit plan (paths relative to `folder`); safe to run again."""
-    for src, dst in plan["moves"]:
-        src, dst = os.path.join(folder, src), os.path.join(folder, dst)
-        if os.path.lexists(src):
-            os.replace(src, dst)
-    for gone in plan["remove"]:
-        gone = os.path.join(folder, gone)
-        if os.path.isfile(gone) or os.path.islink(gone):
-            os.remove(gone)
+    """Carries out a commit plan (paths relative to `folder`); safe to run again. CommitStopped
+    naming the file when a step fails."""
+    steps = [("move", src, dst) for src, dst in plan["moves"]] + [("remove", gone, None) for gone in plan["remove"]]
+    for done, (kind, a, b) in enumerate(steps):
+        path = os.path.join(folder, a)
+        try:
+            if kind == "move":
+                if os.path.lexists(path):
+                    os.replace(path, os.path.join(folder, b))
+            elif os.path.isfile(path) or os.path.islink(path):
+                os.remove(path)
+        except OSError as e:
+            what = f"{b} cannot be replaced" if kind == "move" else f"{a} cannot be removed"
+            raise CommitStopped(done, len(steps), f"{what} ({e.strerror or one_line(e)})") from e
 
 
 def recover(folder: str, log=None) -> None:
-    """Cleans up after tools killed in `folder`: a staging folder whose commit plan was written is
-    committed (the commit had been decided), any other staging folder or temporary file of a
-    process that is gone is removed (also those of earlier versions of these tools)."""
+    """Cleans up after tools killed in `folder`; only under the bundle's lock (Staging takes it),
+    when no other tool is active there, so every staging folder found is a dead run's: one whose
+    commit plan was written is committed (the commit had been decided), any other is removed.
+    BundleError naming the plan and what blocks it when a plan cannot be finished."""
     try:
-        entries = os.listdir(folder)
+        entries = sorted(os.listdir(folder))
     except OSError:
         return
     for name in entries:
         path = os.path.join(folder, name)
-        m = re.match(re.escape(TMP_PREFIX) + r"(\d+)\.", name)
-        if m:
-            pid = int(m.group(1))
-            if os.path.abspath(path) in _open_dirs or (pid != os.getpid() and _alive(pid)):
-                continue  # in use
-        elif not LEGACY_LEFTOVERS.match(name):
+        if not name.startswith(TMP_PREFIX) or os.path.islink(path) or not os.path.isdir(path):
             continue
         plan = os.path.join(path, PLAN)
         if os.path.isfile(plan):
-            with open(plan) as f:
-                _apply(folder, json.load(f))
+            try:
+                with open(plan) as f:
+                    _apply(folder, json.load(f))
+            except CommitStopped as e:
+                raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be finished: "
+                                  f"{e.why}; remove the cause and run any model tool on {folder} again") from e
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be read "
+                                  f"({one_line(e)})") from e
             if log:
                 log(f"{name}: finished the commit of an interrupted run")
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Staging:
     """What one tool run writes into `bundle`, staged and committed together (module docstring).
 
-        with Staging(bundle) as s:
+        with Staging(bundle) as s:                # locks the bundle, finishes killed commits
+            text, manifest = s.manifest()         # read only now, under the lock
             s.save(model, os.path.join(bundle, "x.onnx"), verify=...)   # written aside, checked
             s.write_manifest(text)
-            s.commit()                                                  # renamed into place
+            s.commit()                            # renamed into place
 
-    Leaving the block without `commit()` discards everything staged."""
+    Leaving the block without `commit()` discards everything staged; leaving it releases the
+    lock. A tool reads the manifest through `manifest()`, not before the Staging exists: a
+    manifest read earlier may predate the commit that `recover` finishes, or another tool's."""
 
     def __init__(self, bundle: str, log=None):
-        self.bundle = os.path.abspath(bundle)
-        recover(self.bundle, log)
-        self.dir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}.", dir=self.bundle)
-        _open_dirs.add(self.dir)
+        self.bundle = os.path.realpath(bundle)
+        if not os.path.isdir(self.bundle):
+            raise BundleError(f"{bundle}: {'not a folder' if os.path.exists(bundle) else 'no such folder'}; "
+                              "give a bundle folder (holding manifest.yaml)")
+        self._fd = _lock(self.bundle)
+        try:
+            recover(self.bundle, log)
+            self.dir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}.", dir=self.bundle)
+        except BaseException:
+            self._unlock()
+            raise
         self.staged: dict[str, str] = {}     # final path -> staged path (graphs, manifest)
-        self.data: dict[str, tuple] = {}     # final path of a graph -> (staged data, final data)
+        self.data: dict[str, list] = {}      # final path of a graph -> [(staged data, final data)]
         self.remove_after: set[str] = set()
         self.manifest_text: str | None = None
         self.planned = self.committed = False
@@ -262,15 +320,22 @@ class Staging:
     def __exit__(self, *exc):
         self.close()
 
+    def _unlock(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def close(self) -> None:
-        """Discards what is staged; a commit that was decided (its plan written) but did not
-        finish is left for the next run to finish (recover)."""
-        _open_dirs.discard(self.dir)
-        if not (self.planned and not self.committed):
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Discards what is staged (a commit that was decided, its plan written, but did not
+        finish is left for the next run to finish: recover) and releases the lock."""
+        try:
+            if not (self.planned and not self.committed):
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            self._unlock()
 
     def _final(self, path: str) -> str:
-        final = os.path.abspath(path)
+        final = _key(path)
         if not inside(self.bundle, os.path.dirname(final)):
             raise BundleError(f"{path}: outside the bundle folder {self.bundle} (symbolic links resolved); "
                               "the tools write nothing there")
@@ -281,10 +346,10 @@ class Staging:
 
     def read_path(self, path: str) -> str:
         """Where the graph (or manifest) at `path` is read now: its staged file, if it is staged."""
-        return self.staged.get(os.path.abspath(path), path)
+        return self.staged.get(_key(path), path)
 
     def manifest(self) -> tuple[str, dict]:
-        """The manifest as staged so far (text, parsed), else the bundle's."""
+        """The manifest as staged so far (text, parsed), else the bundle's (read_manifest)."""
         if self.manifest_text is None:
             return read_manifest(self.bundle)
         import yaml
@@ -297,37 +362,46 @@ class Staging:
         external). `verify(staged_path)`, if given, sees the written graph; if it raises,
         nothing is staged. `model`'s weights are moved into the data file when they go external,
         so the proto must not be used afterwards."""
-        final = self._final(path)
-        name = os.path.basename(final)
-        sub = tempfile.mkdtemp(dir=self.dir)
-        tmp = os.path.join(sub, name)
+        name = os.path.basename(path)
         external = weight_bytes(model) > (EXTERNAL_DATA_BYTES if limit is None else limit)
-        if external:
-            location = f"{name}.{secrets.token_hex(4)}.data"
-            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=location, size_threshold=1024)
-            onnx.checker.check_model(tmp)
-        else:
-            onnx.checker.check_model(model)
-            onnx.save(model, tmp)
+
+        def write(tmp):
+            if external:
+                onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                          location=f"{name}.{secrets.token_hex(4)}.data", size_threshold=1024)
+                onnx.checker.check_model(tmp)
+            else:
+                onnx.checker.check_model(model)
+                onnx.save(model, tmp)
+
+        return self.save_with(write, path, verify)
+
+    def save_with(self, write, path: str, verify=None) -> list[str]:
+        """Stages the graph that `write(staged_path)` writes (an exporter's own save; its external
+        data files beside it, named as it names them) to replace `path`; returns the files it
+        will be. `verify` as in `save`."""
+        final = self._final(path)
+        sub = tempfile.mkdtemp(dir=self.dir)
+        tmp = os.path.join(sub, os.path.basename(final))
+        write(tmp)
         if verify is not None:
             verify(tmp)
+        data = sorted(p for p in external_files(tmp) if os.path.isfile(p))
+        for p in data:
+            if os.path.dirname(p) != sub:
+                raise BundleError(f"{path}: the written graph reads external data outside its folder ({p})")
         mode = _mode(final)
-        os.chmod(tmp, mode)
+        for p in [tmp] + data:
+            os.chmod(p, mode)
         self.staged[final] = tmp
-        self.data.pop(final, None)
+        self.data[final] = [(p, os.path.join(os.path.dirname(final), os.path.basename(p))) for p in data]
         self.remove_after.discard(final)
-        written = [final]
-        if external:
-            os.chmod(os.path.join(sub, location), mode)
-            self.data[final] = (os.path.join(sub, location), os.path.join(os.path.dirname(final), location))
-            written.append(self.data[final][1])
-        return written
+        return [final] + [d for _, d in self.data[final]]
 
     def staged_bytes(self, path: str) -> int:
-        """Bytes of the graph staged for `path`, its data file included."""
-        final = os.path.abspath(path)
-        return os.path.getsize(self.staged[final]) + (os.path.getsize(self.data[final][0]) if final in self.data else 0)
+        """Bytes of the graph staged for `path`, its data files included."""
+        final = _key(path)
+        return os.path.getsize(self.staged[final]) + sum(os.path.getsize(s) for s, _ in self.data.get(final, []))
 
     def remove(self, path: str) -> None:
         """Removes the file at `path` at the commit (after the manifest is replaced)."""
@@ -349,25 +423,33 @@ class Staging:
 
     def commit(self) -> None:
         """Renames everything staged into place (the manifest last), then removes what it
-        retires. The plan is written first, so that an interrupted commit is finished by the
-        next tool run on the bundle."""
+        retires. Every destination is checked first (BundleError, nothing changed); the plan is
+        written next, so that a commit interrupted, or stopped by an error (CommitStopped, saying
+        so), is finished by the next tool run on the bundle."""
         manifest = os.path.join(self.bundle, "manifest.yaml")
         rel = lambda p: os.path.relpath(p, self.bundle)  # noqa: E731
         moves, retire = [], set(self.remove_after)
         graphs = [p for p in self.staged if p != manifest]
         for final in graphs:
-            new_data = {self.data[final][1]} if final in self.data else set()
+            new_data = {d for _, d in self.data.get(final, [])}
             folder, name = os.path.dirname(final), os.path.basename(final)
             # The old graph's own data (`<graph>.*data`, as export_mar.py and this module name
             # it); a data file named otherwise may be another graph's too and is left.
             retire |= {p for p in external_files(final) - new_data
                        if os.path.dirname(p) == folder and os.path.basename(p).startswith(name + ".")}
-            if final in self.data:
-                moves.append((rel(self.data[final][0]), rel(self.data[final][1])))
-        moves += [(rel(self.staged[p]), rel(p)) for p in graphs]
+            moves += [(s, d) for s, d in self.data.get(final, [])]
+        moves += [(self.staged[p], p) for p in graphs]
         if manifest in self.staged:
-            moves.append((rel(self.staged[manifest]), rel(manifest)))
-        plan = {"moves": moves, "remove": sorted(rel(p) for p in retire)}
+            moves.append((self.staged[manifest], manifest))
+        for _, dst in moves:
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                raise BundleError(f"{dst}: a folder is in the way of the file to be written there; nothing was "
+                                  "changed")
+        for path in [d for _, d in moves] + sorted(retire):
+            if not os.access(os.path.dirname(path), os.W_OK):
+                raise BundleError(f"{os.path.dirname(path)}: not writable, so {rel(path)} cannot be replaced; "
+                                  "nothing was changed")
+        plan = {"moves": [(rel(s), rel(d)) for s, d in moves], "remove": sorted(rel(p) for p in retire)}
         tmp = os.path.join(self.dir, PLAN + ".tmp")
         with open(tmp, "w") as f:
             json.dump(plan, f)
@@ -375,14 +457,19 @@ class Staging:
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(self.dir, PLAN))
         self.planned = True
-        _apply(self.bundle, plan)
+        try:
+            _apply(self.bundle, plan)
+        except CommitStopped as e:
+            raise CommitStopped(e.done, e.total,
+                                f"{self.bundle}: the commit stopped after {e.done} of {e.total} files: {e.why}; "
+                                f"remove the cause and run any model tool on {self.bundle} to finish it") from e
         self.committed = True
 
 
 def save_model(model: onnx.ModelProto, path: str, limit: int | None = None, verify=None) -> list[str]:
     """Saves one graph at `path` through a Staging of its folder, committed at once; returns
     the files written (see Staging.save)."""
-    with Staging(os.path.dirname(os.path.abspath(path))) as s:
+    with Staging(os.path.dirname(_key(path))) as s:
         written = s.save(model, path, limit, verify)
         s.commit()
     return written

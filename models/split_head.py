@@ -202,6 +202,8 @@ def add_split(bundle: str, log=print, checked: bool = False) -> str:
     """Adds both parts (with `checked`, compared by `check` before anything is replaced)."""
     from models.add_sampler import add_graphs
 
+    bundle = os.path.realpath(bundle)  # the folder read is the folder written (symbolic links, `..`)
+
     names = add_graphs(bundle, manifest_with_split,
                        lambda m, s: write_split(bundle, m, m["graphs"]["diffusion"]["file"], log=log, staging=s),
                        (check, 1e-5, "the whole head") if checked else None,

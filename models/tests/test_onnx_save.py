@@ -12,13 +12,22 @@ run it, it exits non-zero on the first failure).
    encoder and decoder keep their weights in data files, write their graphs the same way, and
    ONNX Runtime runs the results.
 3. A Staging left without commit changes nothing; a commit killed after its plan was written is
-   finished by the next run, which also removes the leftovers of killed runs (and of earlier
-   versions: `.fuse_attention.XXXX/`, `.<graph>.onnx.XXXX/`); the manifest keeps its mode.
+   finished by the next run, which also removes the staging folders of killed runs (whatever pid
+   they name: under the lock they are dead runs'), and leaves every other hidden file alone (a
+   user's `.encoder.onnx.original`, earlier versions' leftovers); the manifest keeps its mode.
+4. The lock: a second tool on a bundle being written refuses at once (exit 2, one line); tools
+   read the manifest after the killed commit they finish (add_sampler.py, fuse_attention.py); a
+   destination that is a folder is refused with nothing changed, a commit stopped partway says
+   so and is finished once the cause is gone; `other/lnk/..` is read and written as its real
+   path; small tensors over the limit; an exporter's own save staged (export_mar.py).
 """
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -162,12 +171,233 @@ def test_interrupted_commit_and_leftovers(tmp):
     check(os.path.exists(os.path.join(bundle, "a.onnx")) and not os.path.exists(os.path.join(bundle, "b.onnx"))
           and len(leftovers(bundle)) == 1, "a commit killed halfway leaves its plan")
     os.makedirs(os.path.join(bundle, ".gtr-tmp.999999999.abc"))       # a staging folder of a dead run
-    os.makedirs(os.path.join(bundle, ".fuse_attention.ab12cd_3"))      # earlier versions' leftovers
-    os.makedirs(os.path.join(bundle, ".decoder.int8.onnx.x1y2z3w4"))
+    # A dead run's staging folder named after a pid that is alive now (pid 1; reused pids, other
+    # namespaces): under the lock it is a dead run's all the same.
+    os.makedirs(os.path.join(bundle, ".gtr-tmp.1.def"))
+    kept = [".fuse_attention.ab12cd_3", ".decoder.int8.onnx.x1y2z3w4",   # earlier versions' leftovers
+            ".decoder.onnx.backup_1", ".encoder.onnx.original", ".encoder.onnx.20261207",   # a user's
+            ".manifest.0123abcd.tmp"]
+    for name in kept:
+        if "backup" in name or "x1y2" in name or "ab12" in name:
+            os.makedirs(os.path.join(bundle, name))
+        else:
+            with open(os.path.join(bundle, name), "w") as f:
+                f.write("mine\n")
     onnx_save.write_manifest(bundle, "name: newer\n")
     check(os.path.exists(os.path.join(bundle, "b.onnx")), "the next run finishes the interrupted commit")
-    check(open(manifest).read() == "name: newer\n" and leftovers(bundle) == [],
-          f"… and removes every leftover ({leftovers(bundle)})")
+    check(open(manifest).read() == "name: newer\n" and sorted(leftovers(bundle)) == sorted(kept),
+          f"… removes every staging folder of a dead run, whatever its pid ({leftovers(bundle)})")
+    check(all(os.path.exists(os.path.join(bundle, n)) for n in kept),
+          "… and leaves every other hidden file and folder alone (a user's `.encoder.onnx.original`, "
+          "`.decoder.onnx.backup_1/`; earlier versions' leftovers)")
+
+
+def test_plan_of_a_live_pid(tmp):
+    """A staging folder with a plan, named after a live pid (1), is a dead run's
+    under the lock: its plan is finished, not skipped (and not applied later over newer commits)."""
+    bundle = copy_tiny(tmp, "livepid")
+    stale = os.path.join(bundle, f"{onnx_save.TMP_PREFIX}1.zzz")
+    os.makedirs(stale)
+    with open(os.path.join(stale, "manifest.yaml"), "w") as f:
+        f.write("name: planned\n")
+    with open(os.path.join(stale, onnx_save.PLAN), "w") as f:
+        json.dump({"moves": [[os.path.relpath(os.path.join(stale, "manifest.yaml"), bundle), "manifest.yaml"]],
+                   "remove": []}, f)
+    onnx_save.write_manifest(bundle, "name: newer\n")
+    check(open(os.path.join(bundle, "manifest.yaml")).read() == "name: newer\n" and leftovers(bundle) == [],
+          "a plan left under a live pid is finished before the run, not after it")
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from models import onnx_save
+with onnx_save.Staging(sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_lock(tmp):
+    """A second tool on a bundle another one is writing refuses at once, with one line; the lock
+    goes with the holder, and leaves no file behind."""
+    bundle = copy_tiny(tmp, "locked")
+    before = sorted(os.listdir(bundle))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, os.path.dirname(MODELS), bundle],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        check(holder.stdout.readline() == "held\n", "another process holds a Staging of the bundle")
+        try:
+            onnx_save.write_manifest(bundle, "name: lost\n")
+            check(False, "a second Staging is refused")
+        except onnx_save.BundleError as e:
+            check(f"another model tool (pid {holder.pid}?) is writing {os.path.realpath(bundle)}; wait for it to end"
+                  in str(e), f"a second Staging is refused at once, naming the holder ({e})")
+        started = time.time()
+        r = subprocess.run([sys.executable, os.path.join(MODELS, "convert_precision.py"), bundle,
+                            "--precision", "fp16"], capture_output=True, text=True)
+        check(r.returncode == 2 and r.stderr.count("\n") == 1 and "another model tool" in r.stderr
+              and time.time() - started < 30, f"convert_precision.py meanwhile: exit 2, one line ({r.stderr.strip()})")
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    check(sorted(os.listdir(bundle)) == before, "the holder gone, nothing is left (no lock file)")
+    onnx_save.write_manifest(bundle, open(os.path.join(bundle, "manifest.yaml")).read())
+    check(True, "the lock goes with the holder")
+
+
+def test_manifest_read_after_recover(tmp):
+    """A tool reads the manifest after the killed commit it finishes, not before (the edit of a
+    stale manifest would overwrite the finished commit's): add_sampler.py and fuse_attention.py."""
+    from models.add_sampler import add_sampler
+    from models.fuse_attention import fuse_bundle
+
+    shared = copy_tiny(tmp, "stale-shared")
+    for tool, run in (("add_sampler", add_sampler), ("fuse_attention", fuse_bundle)):
+        bundle = copy_tiny(tmp, f"stale-{tool}")
+        manifest = os.path.join(bundle, "manifest.yaml")
+        if tool == "fuse_attention":  # an encoder outside the bundle: fusing it edits the manifest
+            text = open(manifest).read().replace("file: encoder.onnx,", f"file: ../{os.path.basename(shared)}/encoder.onnx,")
+            with open(manifest, "w") as f:
+                f.write(text)
+        real = onnx_save._apply
+
+        def killed(folder, plan):
+            raise KeyboardInterrupt
+
+        onnx_save._apply = killed
+        try:
+            with onnx_save.Staging(bundle) as s:
+                s.write_manifest(open(manifest).read() + "# committed by a killed run\n")
+                s.commit()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            onnx_save._apply = real
+        run(bundle, log=lambda *_: None)
+        check("# committed by a killed run" in open(manifest).read() and leftovers(bundle) == [],
+              f"{tool}: the killed run's commit is finished and kept")
+
+
+def test_blocked_commit(tmp):
+    """A destination that cannot be replaced is refused before anything changes; a commit that
+    stops partway says so, and the next runs name the plan and what blocks it until it is gone."""
+    bundle = copy_tiny(tmp, "blocked")
+    manifest = os.path.join(bundle, "manifest.yaml")
+    text = open(manifest).read()
+    os.makedirs(os.path.join(bundle, "diffusion.fp16.onnx"))
+    with open(os.path.join(bundle, "diffusion.fp16.onnx", "x"), "w") as f:
+        f.write("mine\n")
+    r = subprocess.run([sys.executable, os.path.join(MODELS, "convert_precision.py"), bundle, "--precision", "fp16"],
+                       capture_output=True, text=True)
+    check(r.returncode == 2 and "a folder is in the way" in r.stderr and "nothing was changed" in r.stderr
+          and open(manifest).read() == text and leftovers(bundle) == []
+          and not os.path.exists(os.path.join(bundle, "encoder.fp16.onnx")),
+          f"a folder where a graph goes: refused before anything is replaced ({r.stderr.strip()})")
+    onnx_save.write_manifest(bundle, text)
+    check(open(manifest).read() == text, "… and nothing is left that stops the next run")
+
+    decoder = onnx.load(os.path.join(TINY, "decoder.onnx"))
+    real = os.replace
+    blocker = os.path.join(bundle, "b.onnx")
+
+    def replace(src, dst):  # the obstacle appears once the commit has begun
+        real(src, dst)
+        os.makedirs(blocker, exist_ok=True)
+
+    try:
+        with onnx_save.Staging(bundle) as s:
+            s.save(decoder, os.path.join(bundle, "a.onnx"))
+            s.save(decoder, blocker)
+            s.write_manifest("name: new\n")
+            os.replace = replace
+            s.commit()
+        check(False, "a stopped commit is reported")
+    except onnx_save.BundleError as e:
+        check("the commit stopped after 1 of 3 files: b.onnx cannot be replaced" in str(e)
+              and "run any model tool on" in str(e), f"a commit stopped partway says so ({e})")
+    finally:
+        os.replace = real
+    try:
+        onnx_save.write_manifest(bundle, "name: newer\n")
+        check(False, "the next run refuses while the cause is there")
+    except onnx_save.BundleError as e:
+        check(onnx_save.PLAN in str(e) and "b.onnx cannot be replaced" in str(e),
+              f"the next run names the stuck plan and what blocks it ({e})")
+    os.rmdir(blocker)
+    onnx_save.write_manifest(bundle, "name: newer\n")
+    check(os.path.isfile(blocker) and open(manifest).read() == "name: newer\n" and leftovers(bundle) == [],
+          "the cause removed, the next run finishes the commit, then does its own")
+
+
+def test_links(tmp):
+    """`other/lnk/..` with other/lnk -> real/sub is real/: the tools read and write there."""
+    from models.add_sampler import add_sampler
+
+    real = copy_tiny(tmp, "linked")
+    os.makedirs(os.path.join(real, "sub"))
+    other = os.path.join(tmp, "other")
+    os.makedirs(other)
+    os.symlink(os.path.join(real, "sub"), os.path.join(other, "lnk"))
+    given = os.path.join(other, "lnk", "..")
+    add_sampler(given, log=lambda *_: None)
+    check(os.path.isfile(os.path.join(real, "sampler.onnx")) and "sampler:" in open(os.path.join(real, "manifest.yaml")).read()
+          and os.listdir(other) == ["lnk"], "add_sampler.py on other/lnk/.. reads and writes real/")
+    onnx_save.save_model(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(given, "c.onnx"))
+    check(os.path.isfile(os.path.join(real, "c.onnx")) and os.listdir(other) == ["lnk"],
+          "save_model on other/lnk/../c.onnx writes real/c.onnx")
+
+
+def small_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_small_tensors_over_the_limit(tmp):
+    """Weights over the limit but every tensor under onnx's size threshold: no data file is
+    written, and none is expected."""
+    folder = os.path.join(tmp, "small")
+    os.makedirs(folder)
+    written = onnx_save.save_model(small_model(), os.path.join(folder, "g.onnx"), limit=0)
+    check(written == [os.path.join(os.path.realpath(folder), "g.onnx")] and data_files(folder) == [],
+          "small tensors over the limit: one file, no data file expected")
+
+
+def test_save_with(tmp):
+    """An exporter's own save (export_mar.py: `<graph>.onnx.data` beside the graph) goes through
+    the staging: a failed export leaves the old graph and its data file; a new one replaces both."""
+    folder = os.path.join(tmp, "exported")
+    os.makedirs(folder)
+    path = os.path.join(folder, "encoder.onnx")
+    want = run_encoder(os.path.join(TINY, "encoder.onnx"))
+
+    def export(tmp_path):
+        onnx.save(onnx.load(os.path.join(TINY, "encoder.onnx")), tmp_path, save_as_external_data=True,
+                  all_tensors_to_one_file=True, location=os.path.basename(tmp_path) + ".data")
+
+    for _ in range(2):
+        with onnx_save.Staging(folder) as s:
+            files = s.save_with(export, path)
+            s.commit()
+        check(data_files(folder) == ["encoder.onnx.data"] and len(files) == 2 and np.array_equal(run_encoder(path), want)
+              and leftovers(folder) == [], "an exported graph and its data file are renamed into place")
+
+    def failed(tmp_path):
+        raise RuntimeError("export failed")
+
+    before = {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)}
+    try:
+        with onnx_save.Staging(folder) as s:
+            s.save_with(failed, path)
+    except RuntimeError:
+        pass
+    check({n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)} == before,
+          "a failed export leaves the old graph and its data file")
 
 
 def main():
@@ -175,6 +405,13 @@ def main():
         test_save_model(tmp)
         test_write_manifest(tmp)
         test_interrupted_commit_and_leftovers(tmp)
+        test_plan_of_a_live_pid(tmp)
+        test_lock(tmp)
+        test_manifest_read_after_recover(tmp)
+        test_blocked_commit(tmp)
+        test_links(tmp)
+        test_small_tensors_over_the_limit(tmp)
+        test_save_with(tmp)
         test_tools_on_external_data(tmp)
     print("all onnx_save tests passed")
 
