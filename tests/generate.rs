@@ -373,6 +373,11 @@ fn the_model_may_be_given_as_folder_manifest_or_graph() {
 
 /// A replay file for `images` images of the 16x16 fixture: token `order(k)`
 /// revealed `k`-th, initial noise 0.1, step noise 0 for 50 iterations.
+/// `args` as the `&str`s `ok` and `fails` take.
+fn as_refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 fn write_replay(file: &Path, images: usize, order: impl Fn(usize) -> usize) {
     use ndarray::{Array2, Array3, Array4};
     let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(file).unwrap());
@@ -444,6 +449,45 @@ fn replay_file_drives_order_and_noise() {
     assert!(
         !dir.join("d").exists(),
         "nothing is written for a refused replay"
+    );
+    // Another replay file of the same shape is another run: --resume and
+    // merge refuse to join them (they mixed two replays' images before).
+    let other = dir.join("other.npz");
+    write_replay(&other, 2, |t| t);
+    let with = |replay: &Path, out: &Path, extra: &[&str]| -> Vec<String> {
+        let (replay, out) = (replay.to_str().unwrap(), out.to_str().unwrap());
+        [
+            TINY,
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "2",
+            "--replay",
+            replay,
+            "--out",
+            out,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect()
+    };
+    std::fs::remove_file(a.join("00001.png")).unwrap();
+    let resumed = with(&other, &a, &["--resume", "--seed", "1"]);
+    fails(
+        &as_refs(&resumed),
+        "they differ in the replay file's contents (SHA-256);",
+    );
+    let (p0, p1) = (dir.join("p0"), dir.join("p1"));
+    ok(&as_refs(&with(&file, &p0, &["--shard", "0/2"])));
+    ok(&as_refs(&with(&other, &p1, &["--shard", "1/2"])));
+    fails(
+        &[
+            "merge",
+            dir.join("m").to_str().unwrap(),
+            p0.to_str().unwrap(),
+            p1.to_str().unwrap(),
+        ],
+        "differ in the replay file's contents (SHA-256)",
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -10,7 +10,9 @@ use clap::Args;
 use gtr_run::run::precision_suffix;
 use gtr_run::schedule::Schedule;
 
-use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
+use super::runtime::{
+    RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override, parse_repeats,
+};
 use super::write_stdout;
 
 #[derive(Args)]
@@ -53,8 +55,8 @@ struct CompareArgs {
     /// Run seed; repeat r uses seed + r, the same for every schedule.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Repeat the whole comparison with seeds seed, seed+1, … and report the spread.
-    #[arg(long, default_value_t = 1)]
+    /// Repeat the whole comparison with seeds seed, seed+1, … and report the spread (1 to 10,000).
+    #[arg(long, default_value_t = 1, value_parser = parse_repeats)]
     repeats: usize,
     #[command(flatten)]
     runtime: RuntimeArgs,
@@ -165,6 +167,20 @@ fn run_comparison(
     // The evaluator measures quality: it always runs its fp32 graph.
     let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
     let reference = reference_stats(bundle, evaluator.as_ref().and_then(features_of))?;
+    // Checked before the folder is taken: a usage error changes nothing.
+    if args.seed.checked_add(args.repeats as u64 - 1).is_none() {
+        bail!(
+            "--seed {} with --repeats {}: the repeats' seeds (seed, seed + 1, …) pass 2^64 - 1; give a smaller seed",
+            args.seed,
+            args.repeats
+        );
+    }
+    if reference.is_some() && args.num_images < 2 {
+        bail!(
+            "--num-images {}: the bundle's evaluator measures quality over the images, and a Fréchet distance needs at least 2",
+            args.num_images
+        );
+    }
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{what}-{}-seed{}{}",

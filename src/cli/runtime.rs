@@ -173,6 +173,11 @@ pub fn parse_batch(s: &str) -> Result<usize, String> {
     parse_in_range(s, 1, 4096)
 }
 
+/// Repeats of a comparison (`--repeats`): 1 to 10,000.
+pub fn parse_repeats(s: &str) -> Result<usize, String> {
+    parse_in_range(s, 1, 10_000)
+}
+
 fn parse_threads(s: &str) -> Result<usize, String> {
     parse_in_range(s, 1, 1024)
 }

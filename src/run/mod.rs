@@ -122,7 +122,15 @@ impl<'s> Prepared<'s> {
                 .fits(&info, plans.reference.longest_chain())
                 .map_err(RunError::Invalid)?;
         }
-        let record = describe_run(bundle, model, req, &labels, &range, &plans.reference);
+        let mut record = describe_run(bundle, model, req, &labels, &range, &plans.reference);
+        // The replay's contents, so that --resume and merge never join two.
+        record.replay_sha256 = match &req.replay {
+            Some(path) => Some(sha256_file(path).map_err(|source| RunError::Write {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
         Ok(Prepared {
             info,
             range,
@@ -470,6 +478,7 @@ fn describe_run<M: MarModel>(
         cfg_override: req.cfg,
         temperature_override: req.temperature,
         replay: req.replay.as_ref().map(|p| p.display().to_string()),
+        replay_sha256: None,
         device_requested: Some(req.device_requested.clone()),
         precision: model.precision(),
         runtime_settings: req.runtime_settings.clone(),

@@ -22,6 +22,8 @@ use crate::plan::DetailRule;
 
 /// How [`RunRecord::disagreements`] names `model.sha256`.
 const MODEL_DIGEST: &str = "model's settings and graphs (SHA-256)";
+/// How [`RunRecord::disagreements`] names `replay_sha256`.
+const REPLAY_DIGEST: &str = "replay file's contents (SHA-256)";
 
 /// The file name of the record in a run's folder.
 pub const RECORD_FILE: &str = "run.json";
@@ -49,8 +51,13 @@ pub struct RunRecord {
     pub cfg_override: Option<f64>,
     /// `--temperature`, replacing the schedule's.
     pub temperature_override: Option<f64>,
-    /// The `--replay` file the noise came from.
+    /// The `--replay` file the noise came from (in a merged record, the
+    /// first part's path: the parts' files have one SHA-256).
     pub replay: Option<String>,
+    /// SHA-256 (hex) of the `--replay` file; absent without one and in
+    /// records older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_sha256: Option<String>,
     /// `--device` as given; `None` where merged parts differed.
     pub device_requested: Option<String>,
     /// The precision the graphs ran in (records older than precisions ran
@@ -263,7 +270,7 @@ impl RunRecord {
     /// What makes two records parts of one run: what each value is called
     /// in messages, and the value. Not compared: batch size, device and
     /// paths (none changes an image), nor the measurements.
-    fn identity(&self) -> [(&'static str, Value); 14] {
+    fn identity(&self) -> [(&'static str, Value); 15] {
         [
             ("gtr-run version", json!(self.gtr_run_version)),
             ("model", json!(self.model.name)),
@@ -283,6 +290,7 @@ impl RunRecord {
             // Replay paths differ between machines; whether one was used
             // may not.
             ("use of a replay file", json!(self.replay.is_some())),
+            (REPLAY_DIGEST, json!(self.replay_sha256)),
             ("precision (--precision)", json!(self.precision)),
         ]
     }
@@ -294,9 +302,10 @@ impl RunRecord {
         self.identity()
             .into_iter()
             .zip(other.identity())
-            // A record older than `model.sha256` has none to compare.
+            // A record older than a digest has none to compare.
             .filter(|((what, x), (_, y))| {
-                x != y && !(*what == MODEL_DIGEST && (x.is_null() || y.is_null()))
+                let digest = *what == MODEL_DIGEST || *what == REPLAY_DIGEST;
+                x != y && !(digest && (x.is_null() || y.is_null()))
             })
             .map(|((what, x), (_, y))| {
                 let (x, y) = (x.to_string(), y.to_string());
@@ -346,9 +355,6 @@ impl RunRecord {
         }
         if !agree(&|r| json!(r.schedule.path)) {
             all.schedule.path = None;
-        }
-        if !agree(&|r| json!(r.replay)) {
-            all.replay = None;
         }
         let provider = |r: &RunRecord| json!(r.measured.as_ref().map(|m| &m.execution_provider));
         if let (false, Some(m)) = (agree(&provider), all.measured.as_mut()) {
