@@ -112,6 +112,18 @@ fn speed_and_cost_columns_without_an_evaluator() {
         ],
         "holds `00000.png`, which `gtr-run eval` does not write",
     );
+    // A usage mistake with --force is refused before the folder is
+    // touched: the previous evaluation stays (it was emptied first).
+    let before = std::fs::read(out.join("eval.json")).unwrap();
+    for mistake in [
+        &["--repeats", "0"][..],
+        &["--seed", "18446744073709551615", "--repeats", "2"],
+    ] {
+        let args = [&forced[..], mistake].concat();
+        let o = gtr_run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        assert_eq!(std::fs::read(out.join("eval.json")).unwrap(), before);
+    }
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&run);
 }
