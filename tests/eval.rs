@@ -342,5 +342,29 @@ fn sweeps_write_the_table_and_the_trade_off() {
         ],
         "lists 0.1 twice",
     );
+    // The axes are the command line's: exit 2, before any work.
+    let sweep = |axes: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["sweep", TINY, "schedules/gtr-fast.gtr", "--out", r];
+        for axis in axes {
+            args.extend(["--set", axis]);
+        }
+        args
+    };
+    for (axes, want) in [
+        (
+            &["beta=0.1", "beta=0.5"][..],
+            "--set beta=...: the parameter is given twice",
+        ),
+        (
+            &[
+                "scaffold_steps=1,2,3,4,5,6,7,8,9",
+                "detail_steps=1,2,3,4,5,6,7,8",
+            ],
+            "the sweep's grid has 72 settings (9 x 8 values); at most 64",
+        ),
+    ] {
+        fails(&sweep(axes), want);
+        assert_eq!(gtr_run(&sweep(axes)).status.code(), Some(2));
+    }
     assert!(!refused.exists());
 }

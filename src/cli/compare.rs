@@ -111,7 +111,11 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
             "SCHEDULE `-`: standard input is read by `gtr-run plan -`; sweep takes a schedule file"
         );
     }
-    let contenders = sweep::contenders(&args.schedule, &args.axes)?;
+    let contenders = sweep::contenders(&args.schedule, &args.axes).map_err(|e| match e {
+        // Kept as a ScheduleError (exit 3); the axes are the command line's (exit 2).
+        sweep::SweepError::Schedule(e) => anyhow::Error::from(e),
+        sweep::SweepError::Axes(m) => anyhow::anyhow!(m),
+    })?;
     for c in &contenders {
         c.schedule
             .check_model_grid(bundle.grid(), &bundle.manifest.name)?;

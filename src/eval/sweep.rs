@@ -70,19 +70,40 @@ pub fn settings(axes: &[SweepAxis]) -> Vec<BTreeMap<String, f64>> {
 /// The most settings one sweep runs.
 pub const MAX_SETTINGS: usize = 64;
 
+/// Why a sweep cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    /// The axes themselves (a command line's mistake): a parameter given
+    /// twice, or more than [`MAX_SETTINGS`] settings.
+    #[error("{0}")]
+    Axes(String),
+    /// The schedule, or a parameter it does not declare.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+}
+
 /// The schedule at `path` once per setting of `axes`, each named by its
 /// values (`beta=0.1 t_max=50`, in the axes' order); the first is the
-/// baseline. A parameter the schedule does not declare is an error naming it.
-pub fn contenders(path: &Path, axes: &[SweepAxis]) -> Result<Vec<Contender>, ScheduleError> {
+/// baseline. A parameter given twice, a grid of more than [`MAX_SETTINGS`]
+/// settings, or a parameter the schedule does not declare is an error
+/// naming it.
+pub fn contenders(path: &Path, axes: &[SweepAxis]) -> Result<Vec<Contender>, SweepError> {
+    for (k, axis) in axes.iter().enumerate() {
+        if axes[..k].iter().any(|a| a.name == axis.name) {
+            return Err(SweepError::Axes(format!(
+                "--set {}=...: the parameter is given twice; list all its values in one --set (e.g. --set {}=1,2,3)",
+                axis.name, axis.name
+            )));
+        }
+    }
     let all = settings(axes);
     if all.len() > MAX_SETTINGS {
-        return Err(ScheduleError::Override {
-            name: axes.first().map_or_else(String::new, |a| a.name.clone()),
-            problem: format!(
-                "the sweep has {} settings; at most {MAX_SETTINGS} are run at once",
-                all.len()
-            ),
-        });
+        let sizes: Vec<String> = axes.iter().map(|a| a.values.len().to_string()).collect();
+        return Err(SweepError::Axes(format!(
+            "the sweep's grid has {} settings ({} values); at most {MAX_SETTINGS} are run at once: give fewer values",
+            all.len(),
+            sizes.join(" x ")
+        )));
     }
     all.into_iter()
         .map(|setting| {
