@@ -55,7 +55,11 @@ pub enum Outcome {
     Written,
     /// Checking: no snapshot file yet.
     Missing,
-    /// Checking: the bodies first differ at this 1-based line.
+    /// A snapshot whose schedule is gone (`NAME.gtr` no longer in the
+    /// folder); a failure when checking, only reported when writing.
+    Orphan,
+    /// Checking: the bodies first differ at this 1-based line of the
+    /// snapshot file.
     Differs {
         line: usize,
         stored: String,
@@ -105,7 +109,14 @@ pub fn snapshot_dir(dir: &Path, check: bool) -> anyhow::Result<BTreeMap<String, 
         let outcome = match (stored_body, check) {
             (Some(b), _) if b == now.trim_end() => Outcome::Unchanged,
             (None, true) => Outcome::Missing,
-            (Some(b), true) => first_difference(b, now.trim_end()),
+            (Some(b), true) => {
+                // `b` is a slice of the file's text: the lines before it
+                // are insta's header.
+                let text = stored.as_deref().unwrap_or_default();
+                let start = b.as_ptr() as usize - text.as_ptr() as usize;
+                let header = text[..start].matches('\n').count();
+                first_difference(b, now.trim_end(), header)
+            }
             (_, false) => {
                 let name = path.file_name().unwrap_or_default().to_string_lossy();
                 std::fs::create_dir_all(snap.parent().unwrap_or(dir))
@@ -123,17 +134,31 @@ pub fn snapshot_dir(dir: &Path, check: bool) -> anyhow::Result<BTreeMap<String, 
             .into_owned();
         outcomes.insert(name, outcome);
     }
+    // Snapshots of schedules no longer in the folder.
+    if let Ok(entries) = std::fs::read_dir(dir.join("snapshots")) {
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".snap")
+                && name.ends_with(".gtr")
+                && !outcomes.contains_key(name)
+            {
+                outcomes.insert(name.to_string(), Outcome::Orphan);
+            }
+        }
+    }
     Ok(outcomes)
 }
 
-fn first_difference(stored: &str, now: &str) -> Outcome {
+/// Where the bodies `stored` (which starts after `header` lines of its
+/// file) and `now` first differ, as a line of the file.
+fn first_difference(stored: &str, now: &str, header: usize) -> Outcome {
     let (a, b): (Vec<&str>, Vec<&str>) = (stored.lines().collect(), now.lines().collect());
     let k = (0..a.len().max(b.len()))
         .find(|&k| a.get(k) != b.get(k))
         .unwrap_or(0);
     let at = |v: &[&str]| v.get(k).map_or("(end)".to_string(), |l| l.to_string());
     Outcome::Differs {
-        line: k + 1,
+        line: header + k + 1,
         stored: at(&a),
         now: at(&b),
     }
@@ -141,7 +166,11 @@ fn first_difference(stored: &str, now: &str) -> Outcome {
 
 /// A report of `outcomes` for people; `Err` with the report when checking
 /// found a missing or different snapshot.
-pub fn summary(dir: &Path, outcomes: &BTreeMap<String, Outcome>) -> Result<String, String> {
+pub fn summary(
+    dir: &Path,
+    outcomes: &BTreeMap<String, Outcome>,
+    checking: bool,
+) -> Result<String, String> {
     let mut lines = Vec::new();
     let mut failed = false;
     for (name, outcome) in outcomes {
@@ -152,6 +181,12 @@ pub fn summary(dir: &Path, outcomes: &BTreeMap<String, Outcome>) -> Result<Strin
             Outcome::Missing => {
                 failed = true;
                 format!("{name}: no snapshot ({snap}); run without --check to write it")
+            }
+            Outcome::Orphan => {
+                failed |= checking;
+                format!(
+                    "{name}: the schedule is gone, but {snap} is still there; remove the snapshot, or restore the schedule"
+                )
             }
             Outcome::Differs { line, stored, now } => {
                 failed = true;

@@ -283,9 +283,17 @@ fn snapshot_a_folder_of_schedules() {
     );
     let err = stderr(&o);
     assert!(err.contains("raster.gtr: differs from"), "{err}");
-    assert!(err.contains("at line 6"), "{err}");
+    // A line of the snapshot file (its 5-line header counted), where the
+    // reveal grid's first row differs.
+    assert!(err.contains("raster.gtr.snap at line 11"), "{err}");
+    let snap = std::fs::read_to_string(dir.join("snapshots/raster.gtr.snap")).unwrap();
+    assert!(snap.lines().nth(10).unwrap().starts_with(" 0 |"), "{snap}");
     assert!(err.contains("new.gtr: no snapshot"), "{err}");
     assert!(err.contains("wavefront.gtr: unchanged"), "{err}");
+    // A snapshot whose schedule is gone fails the check too.
+    std::fs::remove_file(dir.join("wavefront.gtr")).unwrap();
+    let err = stderr(&gtr_run(&["plan", "--snapshot", d, "--check"]));
+    assert!(err.contains("wavefront.gtr: the schedule is gone"), "{err}");
 
     let o = gtr_run(&["plan", "--check", "schedules/gtr.gtr"]);
     assert_eq!(o.status.code(), Some(2));

@@ -65,7 +65,7 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
             .as_deref()
             .unwrap_or(std::path::Path::new("."));
         let outcomes = gtr_run::snapshot::snapshot_dir(dir, args.check)?;
-        return match gtr_run::snapshot::summary(dir, &outcomes) {
+        return match gtr_run::snapshot::summary(dir, &outcomes, args.check) {
             Ok(text) => write_stdout(&text),
             Err(text) => Err(SnapshotsDiffer(text.trim_end().to_string()).into()),
         };
