@@ -368,3 +368,39 @@ fn sweeps_write_the_table_and_the_trade_off() {
     }
     assert!(!refused.exists());
 }
+
+/// Every row can be traced to what it ran: one schedule given twice gets
+/// two names, and eval.json records each row's file, its parameters (the
+/// `--set` ones named) and the guidance and temperature given.
+#[test]
+fn rows_are_named_apart_and_record_their_settings() {
+    let out = tmp("eval-settings");
+    ok(&[
+        "eval",
+        TINY,
+        "schedules/gtr-fast.gtr",
+        "schedules/gtr-fast.gtr",
+        "--set",
+        "scaffold_steps=4",
+        "--cfg",
+        "2",
+        "--num-images",
+        "1",
+        "--batch",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let v = json(&out);
+    let rows = &v["schedules"];
+    assert_eq!(rows[0]["name"], "gtr-fast");
+    assert_eq!(rows[1]["name"], "gtr-fast#2");
+    assert_eq!(rows[0]["path"], "schedules/gtr-fast.gtr");
+    assert_eq!(rows[0]["params"]["scaffold_steps"], 4.0);
+    assert_eq!(rows[0]["set"], serde_json::json!(["scaffold_steps"]));
+    assert_eq!(v["cfg_override"], 2.0);
+    assert!(v["temperature_override"].is_null());
+    let table = std::fs::read_to_string(out.join("eval.md")).unwrap();
+    assert!(table.contains("| gtr-fast#2 |"), "{table}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

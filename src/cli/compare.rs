@@ -259,6 +259,34 @@ fn run_comparison(
             serde_json::to_string_pretty(&{
                 let mut v = report::json(&comparison);
                 v["runtime_settings"] = settings.clone();
+                // What each row ran: its file and parameters (`--set`
+                // applied, marked), and the guidance and temperature given.
+                v["schedules"] = contenders
+                    .iter()
+                    .map(|c| {
+                        let params: serde_json::Map<String, serde_json::Value> = c
+                            .schedule
+                            .params
+                            .iter()
+                            .map(|p| (p.name.clone(), p.value.into()))
+                            .collect();
+                        let set: Vec<&str> = c
+                            .schedule
+                            .params
+                            .iter()
+                            .filter(|p| p.overridden)
+                            .map(|p| p.name.as_str())
+                            .collect();
+                        serde_json::json!({
+                            "name": c.name,
+                            "path": c.schedule.source.name,
+                            "params": params,
+                            "set": set,
+                        })
+                    })
+                    .collect();
+                v["cfg_override"] = args.runtime.cfg.into();
+                v["temperature_override"] = args.runtime.temperature.into();
                 v
             })? + "\n",
         ),

@@ -68,10 +68,17 @@ pub fn contenders(
         };
         used.extend(declared.keys().cloned());
         let schedule = Schedule::from_file(path, &declared)?;
-        let name = path.file_stem().map_or_else(
+        let stem = path.file_stem().map_or_else(
             || path.display().to_string(),
             |s| s.to_string_lossy().into(),
         );
+        // Rows are told apart by name: a second `gtr-fast` is `gtr-fast#2`.
+        let mut name = stem.clone();
+        let mut k = 1;
+        while out.iter().any(|c: &Contender| c.name == name) {
+            k += 1;
+            name = format!("{stem}#{k}");
+        }
         out.push(Contender { name, schedule });
     }
     match overrides.keys().find(|k| !used.contains(*k)) {
