@@ -33,14 +33,9 @@ impl Source {
     /// A source named `name` holding `text`, less a byte-order mark at its
     /// start (some editors write one; it is not part of the schedule).
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Arc<Source> {
-        let text: String = text.into();
-        let text = match text.strip_prefix('\u{feff}') {
-            Some(rest) => rest.to_string(),
-            None => text,
-        };
         Arc::new(Source {
             name: name.into(),
-            text,
+            text: super::text::without_bom(text.into()),
         })
     }
 

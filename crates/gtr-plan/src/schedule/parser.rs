@@ -581,7 +581,7 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
     }
     // `top 10 % by`, `top b% by`: `%` read as the remainder operator (on
     // the line of `by`, not in a comment).
-    let line = &text[text[..pos].rfind('\n').map_or(0, |k| k + 1)..pos];
+    let line = &text[line_start(text, pos)..pos];
     if word == "by" && line.trim_end().ends_with('%') && !line.contains('#') {
         return Some(
             "a percentage is a number followed directly by `%` (`top 10%`); otherwise write a fraction (`top 0.1`, `top p / 100`)"
@@ -657,20 +657,24 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
     None
 }
 
+/// The byte offset where the line holding offset `at` of `text` starts.
+fn line_start(text: &str, at: usize) -> usize {
+    text[..at].rfind('\n').map_or(0, |k| k + 1)
+}
+
 /// How the declaration in which a syntax error at `pos` lies is written,
 /// when it is one of the top-level ones, told by the first word of its
 /// line: `pos`'s line, or the line before when `pos` starts its line while
 /// the parser (`positives`) still wanted the rest of a declaration.
 fn declaration_synopsis(text: &str, pos: usize, positives: &[Rule]) -> Option<&'static str> {
-    let line_of = |at: usize| text[..at].rfind('\n').map_or(0, |k| k + 1);
-    let mut line_start = line_of(pos);
+    let mut start = line_start(text, pos);
     let new_item = positives
         .iter()
         .any(|r| matches!(r, Rule::stage | Rule::kw_stage | Rule::EOI));
-    if text[line_start..pos].trim().is_empty() && !new_item && line_start > 0 {
-        line_start = line_of(text[..line_start].trim_end().len());
+    if text[start..pos].trim().is_empty() && !new_item && start > 0 {
+        start = line_start(text, text[..start].trim_end().len());
     }
-    let head = text[line_start..]
+    let head = text[start..]
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
         .find(|w| !w.is_empty())?;
     Some(match head {

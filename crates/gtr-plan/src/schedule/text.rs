@@ -43,11 +43,16 @@ pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String,
             "not UTF-8 text (line {line}, byte {col} of the line)"
         ))
     })?;
-    // A byte-order mark (some editors write one) is not part of the text.
-    Ok(match text.strip_prefix('\u{feff}') {
+    Ok(without_bom(text))
+}
+
+/// `text` less a byte-order mark at its start (some editors write one; it
+/// is not part of the text).
+pub(crate) fn without_bom(text: String) -> String {
+    match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),
         None => text,
-    })
+    }
 }
 
 #[cfg(test)]
