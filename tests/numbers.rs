@@ -15,24 +15,29 @@ fn command_line_numbers_out_of_range_are_refused() {
     for (args, want) in [
         (
             &["--cfg", "nan"][..],
-            "'--cfg <CFG>': NaN is not a finite number >= 0",
+            "'--cfg <CFG>': NaN is not a number >= 0 and at most 3.4e38 (float32's largest)",
         ),
         (
             &["--cfg", "inf"],
-            "'--cfg <CFG>': inf is not a finite number >= 0",
+            "'--cfg <CFG>': inf is not a number >= 0 and at most 3.4e38 (float32's largest)",
         ),
         (
             &["--temperature=-1"],
-            "--temperature <TEMPERATURE>': -1 is not a finite number >= 0",
+            "--temperature <TEMPERATURE>': -1 is not a number >= 0 and at most 3.4e38 (float32's largest)",
         ),
         // A negative number as its own argument is the flag's value, not a flag.
         (
             &["--temperature", "-0.5"],
-            "--temperature <TEMPERATURE>': -0.5 is not a finite number >= 0",
+            "--temperature <TEMPERATURE>': -0.5 is not a number >= 0 and at most 3.4e38 (float32's largest)",
         ),
         (
             &["--cfg", "-1"],
-            "'--cfg <CFG>': -1 is not a finite number >= 0",
+            "'--cfg <CFG>': -1 is not a number >= 0 and at most 3.4e38 (float32's largest)",
+        ),
+        // Past float32's range: the sampler could not hold it.
+        (
+            &["--temperature", "1e39"],
+            "--temperature <TEMPERATURE>': 1e39 is not a number >= 0",
         ),
         (&["--temperature", "x"], "`x` is not a number"),
         (
@@ -80,7 +85,7 @@ fn refused_manifest(name: &str, more: &str, want: &str, edit: impl Fn(String) ->
 
 #[test]
 fn manifest_numbers_out_of_range_are_refused() {
-    let cases: [(&str, &str, &str); 9] = [
+    let cases: [(&str, &str, &str); 10] = [
         (
             "train_steps: 1000 ",
             "train_steps: 18446744073709551615 ",
@@ -109,12 +114,17 @@ fn manifest_numbers_out_of_range_are_refused() {
         (
             "cfg: 3.0",
             "cfg: -1.0",
-            "`sampling.cfg` is -1; it must be a finite number >= 0",
+            "`sampling.cfg` is -1; it must be a number >= 0 and at most 3.4e38 (float32's largest)",
         ),
         (
             "temperature: 1.0",
             "temperature: .nan",
-            "`sampling.temperature` is NaN; it must be a finite number >= 0",
+            "`sampling.temperature` is NaN; it must be a number >= 0 and at most 3.4e38 (float32's largest)",
+        ),
+        (
+            "temperature: 1.0",
+            "temperature: 1.0e300",
+            "`sampling.temperature` is 1e300; it must be a number >= 0 and at most 3.4e38",
         ),
         (
             "width: 32 ",

@@ -91,11 +91,14 @@ pub(crate) fn overrides(params: Option<&Bound<'_, PyAny>>) -> PyResult<BTreeMap<
     Ok(out)
 }
 
-/// A guidance scale or temperature: finite and >= 0, as `--cfg` takes it.
+/// A guidance scale or temperature, as `--cfg` takes it
+/// ([`gtr_run::plan::is_sampler_scale`]).
 pub(crate) fn non_negative(what: &str, v: Option<f64>) -> Result<Option<f64>, Failure> {
     match v {
-        Some(x) if !(x.is_finite() && x >= 0.0) => Err(Failure::Value(format!(
-            "{what}: {x} is not a finite number >= 0"
+        Some(x) if !gtr_run::plan::is_sampler_scale(x) => Err(Failure::Value(format!(
+            "{what}: {} is not {}",
+            gtr_run::plan::fmt_num(x),
+            gtr_run::plan::SAMPLER_SCALE_RULE
         ))),
         _ => Ok(v),
     }

@@ -182,11 +182,12 @@ fn parse_threads(s: &str) -> Result<usize, String> {
     parse_in_range(s, 1, 1024)
 }
 
-/// A finite number >= 0 (guidance scales and temperatures).
+/// A guidance scale or temperature ([`gtr_plan::plan::is_sampler_scale`]).
 fn parse_non_negative(s: &str) -> Result<f64, String> {
+    use gtr_plan::plan::{SAMPLER_SCALE_RULE, fmt_num, is_sampler_scale};
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        Ok(v) => Err(format!("{v} is not a finite number >= 0")),
+        Ok(v) if is_sampler_scale(v) => Ok(v),
+        Ok(v) => Err(format!("{} is not {SAMPLER_SCALE_RULE}", fmt_num(v))),
         Err(_) => Err(format!("`{s}` is not a number")),
     }
 }

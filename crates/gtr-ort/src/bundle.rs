@@ -343,8 +343,12 @@ impl Bundle {
             ("sampling.cfg", m.sampling.cfg),
             ("sampling.temperature", m.sampling.temperature),
         ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(format!("`{key}` is {v}; it must be a finite number >= 0"));
+            if !gtr_plan::plan::is_sampler_scale(v) {
+                return Err(format!(
+                    "`{key}` is {}; it must be {}",
+                    gtr_plan::plan::fmt_num(v),
+                    gtr_plan::plan::SAMPLER_SCALE_RULE
+                ));
             }
         }
         if ![1, 3].contains(&m.image.channels) {

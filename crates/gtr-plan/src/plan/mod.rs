@@ -38,6 +38,17 @@ pub struct PlanOptions {
     pub temperature: Option<f64>,
 }
 
+/// Whether `v` can be a guidance scale or a temperature: a number >= 0
+/// that the sampler's float32 arithmetic can hold (at most `f32::MAX`,
+/// about 3.4e38). Every place that takes one (schedules, flags, manifests,
+/// the Python API) checks it with this.
+pub fn is_sampler_scale(v: f64) -> bool {
+    (0.0..=f64::from(f32::MAX)).contains(&v)
+}
+
+/// Why a value failed [`is_sampler_scale`], for messages.
+pub const SAMPLER_SCALE_RULE: &str = "a number >= 0 and at most 3.4e38 (float32's largest)";
+
 /// Values of names while planning: parameters, grid size, and (for token
 /// sets) the current cell, set memberships and what earlier stages took.
 struct PlanEnv<'a> {
@@ -327,11 +338,11 @@ fn stage_temperature(
         (Some(t), _) => t,
         (None, Some(e)) => {
             let t = eval(e);
-            if !(t.is_finite() && t >= 0.0) {
+            if !is_sampler_scale(t) {
                 return Err(Diagnostic::new(
                     src,
                     e.span,
-                    format!("temperature {t} must be a number >= 0"),
+                    format!("temperature {} must be {SAMPLER_SCALE_RULE}", fmt_num(t)),
                 )
                 .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
             }
@@ -377,13 +388,13 @@ fn stage_guidance(
         Cfg::Unset => options.default_cfg.map(|c| (c, true)),
         Cfg::Constant(e) | Cfg::Linear(e) => {
             let scale = eval(e);
-            if !(scale.is_finite() && scale >= 0.0) {
+            if !is_sampler_scale(scale) {
                 // As `--cfg` refuses them.
                 return Err(Diagnostic::new(
                     src,
                     e.span,
                     format!(
-                        "the guidance scale must be a finite number >= 0, not {}",
+                        "the guidance scale must be {SAMPLER_SCALE_RULE}, not {}",
                         fmt_num(scale)
                     ),
                 )
