@@ -501,6 +501,14 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
         ErrorVariant::ParsingError { positives, .. } => positives.as_slice(),
         ErrorVariant::CustomError { .. } => &[],
     };
+    if let Some(name) = non_ascii_name(&source.text, pos, positives) {
+        return Diagnostic::new(
+            source,
+            name,
+            format!("`{}` is not a name", &source.text[name.start..name.end]),
+        )
+        .with_help("names are written with ASCII letters, digits and `_`");
+    }
     let diag = Diagnostic::new(source, Span::new(pos, end.max(pos)), message);
     match hint_for(&source.text, pos, positives) {
         Some(h) => diag.with_help(h),
@@ -653,6 +661,36 @@ fn hint_for(text: &str, pos: usize, positives: &[Rule]) -> Option<String> {
     }
     if rest.starts_with('=') && !rest.starts_with("==") {
         return Some("comparison for equality is written `==`".into());
+    }
+    None
+}
+
+/// Where a declaration refused as a whole (`param größe = 3`, the error
+/// at `param`) has a name that is not ASCII: the first word from `pos` to
+/// the end of its line (comments and strings skipped) with a non-ASCII
+/// letter or digit, as its span. That name is the fault, not the layout.
+fn non_ascii_name(text: &str, pos: usize, positives: &[Rule]) -> Option<Span> {
+    declaration_synopsis(text, pos, positives)?;
+    let line = text[pos..].lines().next().unwrap_or("");
+    let code = line.split('#').next().unwrap_or("");
+    let mut at = pos;
+    for (k, part) in code.split('"').enumerate() {
+        if k % 2 == 0 {
+            let mut word_start = None;
+            for (j, c) in part.char_indices().chain([(part.len(), ' ')]) {
+                match (c.is_alphanumeric() || c == '_', word_start) {
+                    (true, None) => word_start = Some(j),
+                    (false, Some(w)) => {
+                        if !part[w..j].is_ascii() {
+                            return Some(Span::new(at + w, at + j));
+                        }
+                        word_start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        at += part.len() + 1;
     }
     None
 }
