@@ -320,8 +320,41 @@ fn exit_statuses_say_what_failed() {
     let tiny = "models/fixtures/tiny";
     let out = tmp("status");
     let o = out.to_str().unwrap();
-    let cases: [(&[&str], i32); 6] = [
+    let cases: [(&[&str], i32); 11] = [
         (&["plan", "--no-such-flag"], 2),
+        // A `--set` the schedule does not declare is the command line's
+        // mistake, as a bad value for it is, in every command.
+        (&["plan", "schedules/gtr.gtr", "--set", "nope=1"], 2),
+        (
+            &[tiny, "schedules/gtr.gtr", "--set", "nope=1", "--out", o],
+            2,
+        ),
+        (
+            &[
+                "eval",
+                tiny,
+                "schedules/gtr.gtr",
+                "--set",
+                "nope=1",
+                "--out",
+                o,
+            ],
+            2,
+        ),
+        (
+            &[
+                "sweep",
+                tiny,
+                "schedules/gtr.gtr",
+                "--set",
+                "nope=1,2",
+                "--out",
+                o,
+            ],
+            2,
+        ),
+        // A value that makes the schedule wrong is the schedule's (its line).
+        (&["plan", "schedules/gtr.gtr", "--set", "beta=0"], 3),
         (&["plan", "--check", "schedules/gtr.gtr"], 2),
         (
             &[tiny, "schedules/gtr.gtr", "--trt-cache", "/tmp", "--out", o],

@@ -12,11 +12,11 @@ use gtr_run::schedule::{Schedule, ScheduleError};
 /// Sampling and runtime options of generation and eval.
 #[derive(Args)]
 pub struct RuntimeArgs {
-    /// Guidance scale, replacing the schedule's and the model's (finite, >= 0).
+    /// Guidance scale, replacing the schedule's and the model's (0 to 3.4e38).
     // Negative numbers are read as values (not flags), so that the range check names them.
     #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub cfg: Option<f64>,
-    /// Temperature, replacing the schedule's and the model's (finite, >= 0).
+    /// Temperature, replacing the schedule's and the model's (0 to 3.4e38).
     #[arg(long, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub temperature: Option<f64>,
     /// Execution provider: cpu, cuda, tensorrt (strict) or auto (falls back to cpu).

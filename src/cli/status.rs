@@ -20,6 +20,15 @@ pub enum ExitStatus {
     Runtime = 4,
 }
 
+/// A schedule error's status: a `--set` naming no parameter of the file is
+/// the command line's mistake; anything else is the schedule's.
+fn schedule_status(e: &ScheduleError) -> ExitStatus {
+    match e {
+        ScheduleError::Override { .. } => ExitStatus::Usage,
+        _ => ExitStatus::Input,
+    }
+}
+
 /// An engine error's status: a wrong input (a class, a plan the model
 /// cannot run, a replay that does not fit) or a failure while running.
 fn engine_status(e: &gtr_run::engine::EngineError) -> ExitStatus {
@@ -38,17 +47,23 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
     use gtr_run::eval::{CompareError, ContenderError};
     use gtr_run::run::RunError;
     for cause in e.chain() {
-        let status = if cause.is::<ScheduleError>()
-            || cause.is::<gtr_run::bundle::BundleError>()
+        let status = if let Some(e) = cause.downcast_ref::<ScheduleError>() {
+            Some(schedule_status(e))
+        } else if cause.is::<gtr_run::bundle::BundleError>()
             || cause.is::<ReplayError>()
-            || cause.is::<ContenderError>()
             || cause.is::<gtr_run::backend::precision_choice::PrecisionError>()
             || cause.is::<gtr_run::bundle::NamedSpecError>()
             || matches!(
                 cause.downcast_ref::<gtr_run::eval::stats::StatsError>(),
                 Some(gtr_run::eval::stats::StatsError::Reference { .. })
-            ) {
+            )
+        {
             Some(Input)
+        } else if let Some(e) = cause.downcast_ref::<ContenderError>() {
+            match e {
+                ContenderError::Schedule(e) => Some(schedule_status(e)),
+                ContenderError::Undeclared(_) => Some(ExitStatus::Usage),
+            }
         } else if cause.is::<LibraryError>()
             || cause.is::<std::io::Error>()
             || cause.is::<gtr_run::engine::ModelError>()
@@ -57,7 +72,8 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
             Some(Runtime)
         } else if let Some(e) = cause.downcast_ref::<RunError>() {
             match e {
-                RunError::Invalid(_) | RunError::Schedule(_) | RunError::Replay(_) => Some(Input),
+                RunError::Invalid(_) | RunError::Replay(_) => Some(Input),
+                RunError::Schedule(e) => Some(schedule_status(e)),
                 RunError::Write { .. } => Some(Runtime),
                 // Transparent: the engine's error is not a cause of its own in the chain.
                 RunError::Engine(e) => Some(engine_status(e)),
@@ -73,7 +89,8 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
             }
         } else if let Some(e) = cause.downcast_ref::<CompareError>() {
             match e {
-                CompareError::Schedule { .. } | CompareError::Unfit { .. } => Some(Input),
+                CompareError::Schedule { source, .. } => Some(schedule_status(source)),
+                CompareError::Unfit { .. } => Some(Input),
                 CompareError::Invalid(_) => Some(ExitStatus::Usage),
                 // Transparent, like RunError::Engine: not causes of their own.
                 CompareError::Engine(e) => Some(engine_status(e)),
