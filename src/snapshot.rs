@@ -164,38 +164,50 @@ fn first_difference(stored: &str, now: &str, header: usize) -> Outcome {
     }
 }
 
-/// A report of `outcomes` for people; `Err` with the report when checking
-/// found a missing or different snapshot.
-pub fn summary(
-    dir: &Path,
-    outcomes: &BTreeMap<String, Outcome>,
-    checking: bool,
-) -> Result<String, String> {
+/// What [`summary`] found: a line per schedule, and how many of them fail
+/// the check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The report for people, one line (or three, for a difference) per
+    /// schedule, ending with a newline.
+    pub text: String,
+    /// Schedules whose snapshot is missing or differs, and, when checking,
+    /// snapshots whose schedule is gone.
+    pub failures: usize,
+    /// Schedules and orphan snapshots reported.
+    pub total: usize,
+}
+
+/// A report of `outcomes` for people, with the number that fail the check.
+pub fn summary(dir: &Path, outcomes: &BTreeMap<String, Outcome>, checking: bool) -> Summary {
     let mut lines = Vec::new();
-    let mut failed = false;
+    let mut failures = 0;
     for (name, outcome) in outcomes {
         let snap = format!("{}/snapshots/{name}.snap", dir.display());
         lines.push(match outcome {
             Outcome::Unchanged => format!("{name}: unchanged"),
             Outcome::Written => format!("{name}: written to {snap}"),
             Outcome::Missing => {
-                failed = true;
+                failures += 1;
                 format!("{name}: no snapshot ({snap}); run without --check to write it")
             }
             Outcome::Orphan => {
-                failed |= checking;
+                failures += usize::from(checking);
                 format!(
                     "{name}: the schedule is gone, but {snap} is still there; remove the snapshot, or restore the schedule"
                 )
             }
             Outcome::Differs { line, stored, now } => {
-                failed = true;
+                failures += 1;
                 format!(
                     "{name}: differs from {snap} at line {line}\n  snapshot: {stored}\n  now:      {now}"
                 )
             }
         });
     }
-    let text = lines.join("\n") + "\n";
-    if failed { Err(text) } else { Ok(text) }
+    Summary {
+        text: lines.join("\n") + "\n",
+        failures,
+        total: outcomes.len(),
+    }
 }

@@ -281,7 +281,13 @@ fn snapshot_a_folder_of_schedules() {
         Some(1),
         "a check that differs exits with 1"
     );
-    let err = stderr(&o);
+    // The report is on standard output, as when the check passes; standard
+    // error says how many failed.
+    assert_eq!(
+        stderr(&o),
+        "error: 2 of 3 snapshots fail the check (listed above)\n"
+    );
+    let err = stdout(&o);
     assert!(err.contains("raster.gtr: differs from"), "{err}");
     // A line of the snapshot file (its 5-line header counted), where the
     // reveal grid's first row differs.
@@ -292,7 +298,7 @@ fn snapshot_a_folder_of_schedules() {
     assert!(err.contains("wavefront.gtr: unchanged"), "{err}");
     // A snapshot whose schedule is gone fails the check too.
     std::fs::remove_file(dir.join("wavefront.gtr")).unwrap();
-    let err = stderr(&gtr_run(&["plan", "--snapshot", d, "--check"]));
+    let err = stdout(&gtr_run(&["plan", "--snapshot", d, "--check"]));
     assert!(err.contains("wavefront.gtr: the schedule is gone"), "{err}");
 
     let o = gtr_run(&["plan", "--check", "schedules/gtr.gtr"]);

@@ -50,10 +50,14 @@ pub struct PlanArgs {
     cost: Option<String>,
 }
 
-/// `plan --snapshot --check` found differences (the report is the message).
+/// `plan --snapshot --check` found differences (the report, on standard
+/// output, says which).
 #[derive(Debug, thiserror::Error)]
-#[error("snapshots differ\n{0}")]
-pub struct SnapshotsDiffer(String);
+#[error("{failures} of {total} snapshots fail the check (listed above)")]
+pub struct SnapshotsDiffer {
+    failures: usize,
+    total: usize,
+}
 
 pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     if args.check && args.snapshot.is_none() {
@@ -65,9 +69,17 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
             .as_deref()
             .unwrap_or(std::path::Path::new("."));
         let outcomes = gtr_run::snapshot::snapshot_dir(dir, args.check)?;
-        return match gtr_run::snapshot::summary(dir, &outcomes, args.check) {
-            Ok(text) => write_stdout(&text),
-            Err(text) => Err(SnapshotsDiffer(text.trim_end().to_string()).into()),
+        // The report goes to standard output whether or not the check
+        // passes; a failing check adds one line on standard error.
+        let summary = gtr_run::snapshot::summary(dir, &outcomes, args.check);
+        write_stdout(&summary.text)?;
+        return match summary.failures {
+            0 => Ok(()),
+            failures => Err(SnapshotsDiffer {
+                failures,
+                total: summary.total,
+            }
+            .into()),
         };
     };
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
