@@ -173,7 +173,31 @@ fn quality_columns_are_deterministic_and_identical_for_identical_schedules() {
     let table = std::fs::read_to_string(out.join("eval.md")).unwrap();
     assert!(table.contains("FD (tiny-random)"), "{table}");
     assert!(table.contains(" ± "), "repeats show their spread: {table}");
-    for d in [&out, &again, &bundle] {
+    // eval.csv: a std column per quality column, measured over the
+    // repeats; with one repeat there is no spread, and its cells are empty.
+    let quality_cells = |dir: &Path| -> Vec<String> {
+        let csv = std::fs::read_to_string(dir.join("eval.csv")).unwrap();
+        let row = csv.lines().last().unwrap().to_string();
+        row.split(',').skip(11).map(str::to_string).collect()
+    };
+    let cells = quality_cells(&out);
+    assert_eq!(cells.len(), 6, "{cells:?}");
+    assert!(cells.iter().all(|c| c.parse::<f64>().is_ok()), "{cells:?}");
+    let single = tmp("quality-single");
+    ok(&[
+        "eval",
+        bundle.to_str().unwrap(),
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "3",
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    let cells = quality_cells(&single);
+    for (k, cell) in cells.iter().enumerate() {
+        assert_eq!(cell.is_empty(), k % 2 == 1, "{cells:?}");
+    }
+    for d in [&out, &again, &single, &bundle] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

@@ -94,7 +94,9 @@ pub fn markdown(c: &Comparison) -> String {
     out
 }
 
-/// One CSV line per schedule (quality as mean and std over repeats).
+/// One CSV line per schedule (quality as mean and std over repeats; the
+/// std cells are empty with one repeat, where no spread was measured, as
+/// every cell without a value is).
 pub fn csv(c: &Comparison) -> String {
     let mut out = String::from(
         "schedule,mar_steps,backbone_passes,diffusion_evaluations,flops_per_image,seconds_per_image,speedup_measured,speedup_min,speedup_max,speedup_flops,outside_runtime_share,frechet_distance,frechet_distance_std,class_accuracy,class_accuracy_std,classifier_score,classifier_score_std\n",
@@ -103,7 +105,8 @@ pub fn csv(c: &Comparison) -> String {
         let (lo, hi) = c.speedup_range(k);
         let q = quality(c, k)
             .map(|[f, a, sc]| {
-                [f.0, f.1, a.0, a.1, sc.0, sc.1]
+                let spread = |std: f64| if c.repeats > 1 { std } else { f64::NAN };
+                [f.0, spread(f.1), a.0, spread(a.1), sc.0, spread(sc.1)]
                     .iter()
                     .map(|v| {
                         if v.is_nan() {
