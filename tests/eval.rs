@@ -319,6 +319,24 @@ fn sweeps_write_the_table_and_the_trade_off() {
     for name in names {
         assert!(svg.contains(name), "{name} is labelled");
     }
+    // The fastest setting's label is written to the right of its point, the
+    // slowest's to its left, so that the picture's edge does not cut it.
+    let anchors: Vec<&str> = names
+        .iter()
+        .map(|name| {
+            let at = svg.find(&format!(">\n{name}\n</text>")).unwrap();
+            let tag = &svg[svg[..at].rfind("<text").unwrap()..at];
+            if tag.contains("text-anchor=\"end\"") {
+                "end"
+            } else {
+                "start"
+            }
+        })
+        .collect();
+    assert!(
+        anchors.contains(&"end") && anchors.contains(&"start"),
+        "{anchors:?}"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 
     let plain = tmp("sweep-plain");

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{Comparison, Contender, mean_std};
 use crate::schedule::{Schedule, ScheduleError};
@@ -192,6 +193,9 @@ pub fn pareto_svg(c: &Comparison) -> Option<String> {
         fold(&|p| p.fd - p.fd_std, f64::min, f64::INFINITY),
         fold(&|p| p.fd + p.fd_std, f64::max, 0.0),
     );
+    // Labels of points right of the middle are written to their left, so
+    // that the picture's edge does not cut them.
+    let middle = (xs.start + xs.end) / 2.0;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 560)).into_drawing_area();
@@ -238,9 +242,14 @@ pub fn pareto_svg(c: &Comparison) -> Option<String> {
                         } else {
                             Circle::new((0, 0), 4, BLUE.filled()).into_dyn()
                         };
-                        EmptyElement::at((p.seconds, p.fd))
-                            + marker
-                            + Text::new(s.name.clone(), (7, -14), ("sans-serif", 11))
+                        let style = TextStyle::from(("sans-serif", 11).into_font());
+                        let label = if p.seconds > middle {
+                            let style = style.pos(Pos::new(HPos::Right, VPos::Top));
+                            Text::new(s.name.clone(), (-7, -14), style)
+                        } else {
+                            Text::new(s.name.clone(), (7, -14), style)
+                        };
+                        EmptyElement::at((p.seconds, p.fd)) + marker + label
                     }),
             )?;
             chart
