@@ -5,7 +5,10 @@ Every tool stages what it writes and commits it at the end (`Staging`):
 - A run holds an exclusive lock on the bundle folder for its whole life (`fcntl.flock` on the
   folder itself, as gtr-run locks its run folders: no lock file is left behind); a second tool
   started on the bundle meanwhile refuses at once (BundleError: another model tool is writing
-  it), so two runs never edit the same manifest.
+  it), so two runs never edit the same manifest. gtr-run holds a shared lock on the folder while it
+  reads the manifest and loads the graphs, so a tool started then refuses too, and gtr-run
+  refuses a bundle a tool holds, or whose commit was interrupted (until `recover` finishes it:
+  `python3 models/onnx_save.py BUNDLE`).
 - Each graph is written into a staging folder inside the bundle (`.gtr-tmp.<pid>.<random>/`),
   checked there (`verify`), and nothing of the bundle is replaced until the tool has written and
   checked everything it writes. A failed check, an error or an interruption before the commit
@@ -221,8 +224,11 @@ def _lock(bundle: str) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise BundleError(f"another model tool{_holders(bundle)} is writing {bundle}; wait for it to end "
-                          "(nothing was changed)") from None
+        holders = _holders(bundle)
+        who = (f"another model tool{holders} is writing {bundle}" if holders else
+               f"{bundle} is in use: gtr-run is loading its graphs (it holds a shared lock while reading), "
+               "or another model tool is")
+        raise BundleError(f"{who}; wait for it to end (nothing was changed)") from None
     except BaseException:
         os.close(fd)
         raise
@@ -484,6 +490,25 @@ def write_manifest(bundle: str, text: str) -> str:
     return os.path.join(bundle, "manifest.yaml")
 
 
+def main(argv=None) -> int:
+    """`python3 models/onnx_save.py BUNDLE`: finishes a commit that a killed tool left in the
+    bundle (gtr-run refuses such a bundle, naming this command) and removes dead runs' staging
+    folders; changes nothing else."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split(":", 1)[1].strip())
+    ap.add_argument("bundle", help="the bundle folder")
+    args = ap.parse_args(argv)
+
+    def body() -> int:
+        with Staging(args.bundle, log=lambda line: print(f"{args.bundle}: {line}")):
+            pass
+        print(f"{args.bundle}: no interrupted commit is left")
+        return 0
+
+    return run_tool(body, args.bundle)
+
+
 def run_tool(body, what: str) -> int:
     """Runs a tool's `body()` (its exit status) and turns a BundleError or an OSError (a
     read-only bundle, a full disk) into one line on stderr and exit status 2."""
@@ -494,3 +519,7 @@ def run_tool(body, what: str) -> int:
     except OSError as e:
         print(f"error: {what}: {type(e).__name__}: {one_line(e)}; nothing was changed", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -278,6 +278,63 @@ fn a_second_process_on_a_folder_in_use_is_refused() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// A bundle is read under a shared lock on its folder, as the model tools
+/// (models/onnx_save.py) write it under an exclusive one: while a tool
+/// holds it, or where a tool's commit was interrupted (a staging folder
+/// holding its `commit.json`), gtr-run refuses the bundle, naming it and
+/// what to do, before any output folder is made; readers share the lock.
+#[cfg(unix)]
+#[test]
+fn a_bundle_that_a_model_tool_is_changing_is_not_read() {
+    let bundle = common::tiny_bundle_with("safety-bundle-locked", "tiny", "", |m| m);
+    let out = tmp("safety-bundle-locked-out");
+    let run = [s(&bundle), FAST, "--num-images", "1", "--out", s(&out)];
+    let eval = [
+        "eval",
+        s(&bundle),
+        FAST,
+        "--num-images",
+        "1",
+        "--out",
+        s(&out),
+    ];
+
+    // A model tool holds the folder.
+    let tool = std::fs::File::open(&bundle).unwrap();
+    tool.lock().unwrap();
+    for args in [&run[..], &eval] {
+        fails(args, "a model tool (models/*.py) is changing this bundle");
+        assert_eq!(common::gtr_run(args).status.code(), Some(3));
+    }
+    assert!(!out.exists(), "nothing is written");
+    // Another reader's shared lock does not keep gtr-run out.
+    tool.unlock().unwrap();
+    tool.lock_shared().unwrap();
+    ok(&run);
+    drop(tool);
+
+    // A commit that was decided and stopped partway.
+    let staging = bundle.join(".gtr-tmp.4242.abcd1234");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(
+        staging.join("commit.json"),
+        r#"{"moves": [], "remove": []}"#,
+    )
+    .unwrap();
+    let again = [&run[..], &["--force"]].concat();
+    fails(&again, "a model tool's commit was interrupted");
+    fails(
+        &again,
+        &format!("`python3 models/onnx_save.py {}`", bundle.display()),
+    );
+    // A staging folder without a plan is a tool's work in progress or a
+    // dead one's leftover: its files are not the bundle's yet.
+    std::fs::remove_file(staging.join("commit.json")).unwrap();
+    ok(&again);
+    std::fs::remove_dir_all(&bundle).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// Case 3: symbolic links planted where gtr-run writes (its temporary
 /// names as they were before they became random, `.NAME.PID.tmp` with the
 /// PID in six digits; image,

@@ -22,6 +22,7 @@ run it, it exits non-zero on the first failure).
    path; small tensors over the limit; an exporter's own save staged (export_mar.py).
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -134,22 +135,9 @@ def test_write_manifest(tmp):
     check(sorted(os.listdir(folder)) == ["manifest.yaml"], "write_manifest: no temporary file is left")
 
 
-def test_interrupted_commit_and_leftovers(tmp):
-    """A commit interrupted after its plan was written is finished by the next run; staging
-    folders of runs killed earlier (and those of earlier versions) are removed; the manifest keeps
-    its mode."""
-    bundle = copy_tiny(tmp, "interrupted")
-    manifest = os.path.join(bundle, "manifest.yaml")
-    os.chmod(manifest, 0o600)
-    onnx_save.write_manifest(bundle, open(manifest).read() + "# edited\n")
-    check(oct(os.stat(manifest).st_mode & 0o777) == oct(0o600), "write_manifest keeps the manifest's mode (600)")
-    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
-    with onnx_save.Staging(bundle) as s:
-        s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "a.onnx"))
-        s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "b.onnx"))
-        s.write_manifest("name: new\n")
-    check({n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)} == before,
-          "a Staging left without commit changes nothing and leaves nothing")
+def kill_a_commit(bundle):
+    """Commits a.onnx, b.onnx and a manifest `name: new` into `bundle`, killed after the first
+    rename: its plan is left in the staging folder."""
     real = onnx_save._apply
 
     def killed(folder, plan):  # the first file renamed, then the process dies
@@ -168,6 +156,48 @@ def test_interrupted_commit_and_leftovers(tmp):
         pass
     finally:
         onnx_save._apply = real
+
+
+def test_finish_command(tmp):
+    """`python3 models/onnx_save.py BUNDLE` (the command gtr-run names when it refuses a bundle
+    whose commit was interrupted) finishes the commit and changes nothing else."""
+    bundle = copy_tiny(tmp, "finish")
+    kill_a_commit(bundle)
+    check(not os.path.exists(os.path.join(bundle, "b.onnx")) and len(leftovers(bundle)) == 1,
+          "a killed commit leaves its plan")
+    command = [sys.executable, os.path.join(MODELS, "onnx_save.py"), bundle]
+    r = subprocess.run(command, capture_output=True, text=True)
+    check(r.returncode == 0 and "finished the commit of an interrupted run" in r.stdout
+          and os.path.exists(os.path.join(bundle, "b.onnx")) and leftovers(bundle) == []
+          and open(os.path.join(bundle, "manifest.yaml")).read() == "name: new\n",
+          f"onnx_save.py BUNDLE finishes it ({r.stdout.strip()} {r.stderr.strip()})")
+    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
+    r = subprocess.run(command, capture_output=True, text=True)
+    check(r.returncode == 0 and "no interrupted commit is left" in r.stdout
+          and {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)} == before,
+          "run again, it changes nothing")
+    r = subprocess.run(command[:2] + [os.path.join(tmp, "nowhere")], capture_output=True, text=True)
+    check(r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr,
+          f"a missing bundle: exit 2, one line ({r.stderr.strip()})")
+
+
+def test_interrupted_commit_and_leftovers(tmp):
+    """A commit interrupted after its plan was written is finished by the next run; staging
+    folders of runs killed earlier (and those of earlier versions) are removed; the manifest keeps
+    its mode."""
+    bundle = copy_tiny(tmp, "interrupted")
+    manifest = os.path.join(bundle, "manifest.yaml")
+    os.chmod(manifest, 0o600)
+    onnx_save.write_manifest(bundle, open(manifest).read() + "# edited\n")
+    check(oct(os.stat(manifest).st_mode & 0o777) == oct(0o600), "write_manifest keeps the manifest's mode (600)")
+    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)}
+    with onnx_save.Staging(bundle) as s:
+        s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "a.onnx"))
+        s.save(onnx.load(os.path.join(TINY, "decoder.onnx")), os.path.join(bundle, "b.onnx"))
+        s.write_manifest("name: new\n")
+    check({n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)} == before,
+          "a Staging left without commit changes nothing and leaves nothing")
+    kill_a_commit(bundle)
     check(os.path.exists(os.path.join(bundle, "a.onnx")) and not os.path.exists(os.path.join(bundle, "b.onnx"))
           and len(leftovers(bundle)) == 1, "a commit killed halfway leaves its plan")
     os.makedirs(os.path.join(bundle, ".gtr-tmp.999999999.abc"))       # a staging folder of a dead run
@@ -244,6 +274,18 @@ def test_lock(tmp):
     check(sorted(os.listdir(bundle)) == before, "the holder gone, nothing is left (no lock file)")
     onnx_save.write_manifest(bundle, open(os.path.join(bundle, "manifest.yaml")).read())
     check(True, "the lock goes with the holder")
+    # gtr-run holds a shared lock on the folder while it loads the bundle.
+    reader = os.open(bundle, os.O_RDONLY)
+    try:
+        fcntl.flock(reader, fcntl.LOCK_SH)
+        try:
+            onnx_save.write_manifest(bundle, "name: lost\n")
+            check(False, "a Staging is refused while gtr-run reads the bundle")
+        except onnx_save.BundleError as e:
+            check("is in use: gtr-run is loading its graphs" in str(e),
+                  f"a Staging is refused while gtr-run reads the bundle, saying so ({e})")
+    finally:
+        os.close(reader)
 
 
 def test_manifest_read_after_recover(tmp):
@@ -405,6 +447,7 @@ def main():
         test_save_model(tmp)
         test_write_manifest(tmp)
         test_interrupted_commit_and_leftovers(tmp)
+        test_finish_command(tmp)
         test_plan_of_a_live_pid(tmp)
         test_lock(tmp)
         test_manifest_read_after_recover(tmp)

@@ -136,7 +136,9 @@ impl Model {
             gtr_run::engine::set_host_threads(threads);
         }
         py.detach(move || {
-            let bundle = Bundle::open(&bundle).map_err(run_failure)?;
+            // Held until the graphs are loaded: no model tool changes the
+            // bundle meanwhile.
+            let (bundle, bundle_lock) = Bundle::open_locked(&bundle).map_err(run_failure)?;
             let choice =
                 gtr_run::backend::precision_choice::choose(&bundle, precision, device_kind)
                     .map_err(run_failure)?;
@@ -149,6 +151,7 @@ impl Model {
                 .and_then(|m| m.run_chains(sampler, &bundle))
                 .and_then(|(m, note)| Ok((m.run_head(head, &bundle)?, note)))
                 .map_err(run_failure)?;
+            drop(bundle_lock);
             let model = Model {
                 bundle,
                 info: model.info().clone(),
@@ -319,11 +322,15 @@ impl Model {
                     gtr_run::eval::ContenderError::Schedule(e) => Failure::Schedule(e),
                     other => Failure::Value(chain(&other)),
                 })?;
+            // The evaluator and its reference, read under the bundle's lock.
+            let bundle_lock =
+                gtr_run::bundle::BundleReadLock::acquire(&self.bundle.dir).map_err(run_failure)?;
             let mut evaluator = OrtEvaluator::load(&self.bundle, self.device_kind, self.threads)
                 .map_err(run_failure)?;
             let features = evaluator.as_ref().and_then(gtr_run::backend::features_of);
             let reference =
                 gtr_run::eval::reference_stats(&self.bundle, features).map_err(run_failure)?;
+            drop(bundle_lock);
             let scoring = match (evaluator.as_mut(), reference.as_ref()) {
                 (Some(evaluator), Some(reference)) => Some(Scoring {
                     evaluator,

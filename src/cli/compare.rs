@@ -97,15 +97,15 @@ fn eval_contenders(
 }
 
 pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
-    let bundle = gtr_run::bundle::Bundle::open(&args.model)?;
+    let (bundle, bundle_lock) = gtr_run::bundle::Bundle::open_locked(&args.model)?;
     let contenders = eval_contenders(&args.schedules, args.overrides, &bundle)?;
-    run_comparison("eval", &bundle, &contenders, args.compare)?;
+    run_comparison("eval", (&bundle, bundle_lock), &contenders, args.compare)?;
     Ok(())
 }
 
 pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     use gtr_run::eval::sweep;
-    let bundle = gtr_run::bundle::Bundle::open(&args.model)?;
+    let (bundle, bundle_lock) = gtr_run::bundle::Bundle::open_locked(&args.model)?;
     if args.schedule.as_os_str() == "-" {
         bail!(
             "SCHEDULE `-`: standard input is read by `gtr-run plan -`; sweep takes a schedule file"
@@ -120,7 +120,8 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         c.schedule
             .check_model_grid(bundle.grid(), &bundle.manifest.name)?;
     }
-    let (comparison, out, _lock) = run_comparison("sweep", &bundle, &contenders, args.compare)?;
+    let (comparison, out, _lock) =
+        run_comparison("sweep", (&bundle, bundle_lock), &contenders, args.compare)?;
     match sweep::pareto_svg(&comparison) {
         Some(svg) => {
             let path = out.join("pareto.svg");
@@ -143,10 +144,11 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
 /// `WHAT.md`, `WHAT.csv` and `WHAT.json` in the output folder (printing the
 /// Markdown); returns the comparison, the folder and its lock (held until
 /// every file is written). The folder is taken before any image is made
-/// ([`claim_report`]).
+/// ([`claim_report`]). The bundle's read lock is released once the model,
+/// the evaluator and its reference are read.
 fn run_comparison(
     what: &str,
-    bundle: &gtr_run::bundle::Bundle,
+    (bundle, bundle_lock): (&gtr_run::bundle::Bundle, gtr_run::bundle::BundleReadLock),
     contenders: &[gtr_run::eval::Contender],
     args: CompareArgs,
 ) -> anyhow::Result<(
@@ -171,6 +173,7 @@ fn run_comparison(
     // The evaluator measures quality: it always runs its fp32 graph.
     let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
     let reference = reference_stats(bundle, evaluator.as_ref().and_then(features_of))?;
+    drop(bundle_lock);
     // Checked before the folder is taken: a usage error changes nothing.
     if args.seed.checked_add(args.repeats as u64 - 1).is_none() {
         bail!(

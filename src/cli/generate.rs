@@ -94,7 +94,9 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (Some(model_path), Some(schedule_path)) = (args.model, args.schedule) else {
         bail!("give a MODEL and a SCHEDULE (see --help)");
     };
-    let bundle = Bundle::open(&model_path)?;
+    // Held until the graphs are loaded and hashed: no model tool changes
+    // the bundle meanwhile.
+    let (bundle, bundle_lock) = Bundle::open_locked(&model_path)?;
     // Check the schedule before loading any graph.
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     if schedule_path.as_os_str() == "-" {
@@ -122,6 +124,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("hashing the model's graph files stopped"))?
         .context("hashing the model's graph files for run.json")?;
+    drop(bundle_lock);
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(

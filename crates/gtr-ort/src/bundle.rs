@@ -187,6 +187,18 @@ pub struct EvaluatorEntry {
     pub reference: String,
 }
 
+/// The folder of the bundle named by `path`: the folder itself, or the
+/// folder of its manifest or of one of its graphs.
+fn bundle_dir(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    }
+}
+
 /// Why a bundle could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -197,6 +209,79 @@ pub enum BundleError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A model tool holds the folder's lock: it is changing the bundle.
+    #[error(
+        "{dir}: a model tool (models/*.py) is changing this bundle; run again once it has finished"
+    )]
+    Busy { dir: PathBuf },
+    /// A model tool was killed while replacing the bundle's files: some may
+    /// be new and others old.
+    #[error(
+        "{plan}: a model tool's commit was interrupted, so some of the bundle's files may be replaced and others not; finish it with `python3 models/onnx_save.py {dir}` (or any model tool run on the bundle)"
+    )]
+    InterruptedCommit { dir: PathBuf, plan: PathBuf },
+}
+
+/// Where the model tools stage a commit inside a bundle (models/onnx_save.py):
+/// `.gtr-tmp.<pid>.<random>/`, holding `commit.json` once the commit is decided.
+const TOOL_STAGING_PREFIX: &str = ".gtr-tmp.";
+const TOOL_COMMIT_PLAN: &str = "commit.json";
+
+/// A shared lock on a bundle's folder, held while its manifest and graphs
+/// are read ([`Bundle::open_locked`]); released when dropped, or by the
+/// kernel when the process ends.
+///
+/// The model tools (models/onnx_save.py) hold the folder's exclusive lock
+/// for their whole run, so a bundle is not read halfway through a tool's
+/// commit, and a tool started while a gtr-run reads it refuses at once.
+/// Like every lock here it is advisory (`flock` on the folder itself, on
+/// Unix; elsewhere, where the tools do not lock either, it is nothing).
+#[derive(Debug)]
+pub struct BundleReadLock {
+    _file: Option<std::fs::File>,
+}
+
+impl BundleReadLock {
+    /// The shared lock on the bundle folder `dir`, without waiting: refused
+    /// while a model tool holds the folder ([`BundleError::Busy`]) and where
+    /// a tool's commit was interrupted ([`BundleError::InterruptedCommit`]).
+    pub fn acquire(dir: &Path) -> Result<BundleReadLock, BundleError> {
+        let read = |source| BundleError::Read {
+            path: dir.to_path_buf(),
+            source,
+        };
+        #[cfg(unix)]
+        let file = {
+            let file = std::fs::File::open(dir).map_err(read)?;
+            match file.try_lock_shared() {
+                Ok(()) => Some(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(BundleError::Busy {
+                        dir: dir.to_path_buf(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(read(e)),
+            }
+        };
+        #[cfg(not(unix))]
+        let file = None;
+        for entry in std::fs::read_dir(dir).map_err(read)? {
+            let entry = entry.map_err(read)?;
+            let plan = entry.path().join(TOOL_COMMIT_PLAN);
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(TOOL_STAGING_PREFIX)
+                && plan.is_file()
+            {
+                return Err(BundleError::InterruptedCommit {
+                    dir: dir.to_path_buf(),
+                    plan,
+                });
+            }
+        }
+        Ok(BundleReadLock { _file: file })
+    }
 }
 
 /// A checked manifest and where its graphs are.
@@ -225,14 +310,23 @@ impl Bundle {
         }
     }
 
+    /// [`Bundle::open`] under the folder's [`BundleReadLock`]; hold the lock
+    /// until every file the run needs from the bundle (graphs, evaluator,
+    /// its reference) has been read.
+    pub fn open_locked(path: &Path) -> Result<(Bundle, BundleReadLock), BundleError> {
+        let dir = bundle_dir(path);
+        // A missing folder is `open`'s error to name.
+        let lock = if dir.is_dir() {
+            BundleReadLock::acquire(&dir)?
+        } else {
+            BundleReadLock { _file: None }
+        };
+        Ok((Bundle::open(path)?, lock))
+    }
+
     /// Opens a bundle from its folder, its manifest, or any `.onnx` in it.
     pub fn open(path: &Path) -> Result<Bundle, BundleError> {
-        let dir = if path.is_dir() {
-            path.to_path_buf()
-        } else {
-            path.parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        };
+        let dir = bundle_dir(path);
         let manifest_path =
             if path.is_file() && path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
                 path.to_path_buf()
