@@ -80,14 +80,20 @@ def one_line(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
+def check_folder(bundle: str) -> str:
+    """`bundle`, if it is a folder; else BundleError saying what it is."""
+    if not os.path.isdir(bundle):
+        raise BundleError(f"{bundle}: {'not a folder' if os.path.exists(bundle) else 'no such folder'}; "
+                          "give a bundle folder (holding manifest.yaml)")
+    return bundle
+
+
 def read_manifest(bundle: str) -> tuple[str, dict]:
     """The manifest's text and its parsed content; BundleError naming what is wrong (no such
     folder, no manifest.yaml, malformed YAML, no `graphs` mapping, a graph entry without `file`)."""
     import yaml
 
-    if not os.path.isdir(bundle):
-        raise BundleError(f"{bundle}: {'not a folder' if os.path.exists(bundle) else 'no such folder'}; "
-                          "give a bundle folder (holding manifest.yaml)")
+    check_folder(bundle)
     path = os.path.join(bundle, "manifest.yaml")
     if not os.path.isfile(path):
         raise BundleError(f"{bundle}: no manifest.yaml there; give a bundle folder")
@@ -303,14 +309,15 @@ class Staging:
     manifest read earlier may predate the commit that `recover` finishes, or another tool's."""
 
     def __init__(self, bundle: str, log=None):
-        self.bundle = os.path.realpath(bundle)
-        if not os.path.isdir(self.bundle):
-            raise BundleError(f"{bundle}: {'not a folder' if os.path.exists(bundle) else 'no such folder'}; "
-                              "give a bundle folder (holding manifest.yaml)")
+        self.bundle = os.path.realpath(check_folder(bundle))
         self._fd = _lock(self.bundle)
         try:
             recover(self.bundle, log)
-            self.dir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}.", dir=self.bundle)
+            try:
+                self.dir = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}.", dir=self.bundle)
+            except PermissionError as e:
+                raise BundleError(f"{self.bundle}: the bundle folder cannot be written ({e.strerror}); the tools "
+                                  "write their graphs into it (nothing was changed)") from None
         except BaseException:
             self._unlock()
             raise
@@ -501,8 +508,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def body() -> int:
-        with Staging(args.bundle, log=lambda line: print(f"{args.bundle}: {line}")):
-            pass
+        bundle = os.path.realpath(check_folder(args.bundle))
+        fd = _lock(bundle)
+        try:   # recovery alone: a read-only bundle with nothing to finish is fine
+            recover(bundle, lambda line: print(f"{args.bundle}: {line}"))
+        finally:
+            if fd is not None:
+                os.close(fd)
         print(f"{args.bundle}: no interrupted commit is left")
         return 0
 

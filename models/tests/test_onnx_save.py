@@ -25,6 +25,7 @@ run it, it exits non-zero on the first failure).
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -179,6 +180,42 @@ def test_finish_command(tmp):
     r = subprocess.run(command[:2] + [os.path.join(tmp, "nowhere")], capture_output=True, text=True)
     check(r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr,
           f"a missing bundle: exit 2, one line ({r.stderr.strip()})")
+
+
+def test_read_only_bundle(tmp):
+    """A bundle folder the user cannot write: every tool says so in one line, exit 2, and changes
+    nothing; `onnx_save.py BUNDLE` with nothing to finish succeeds. Run as another user when
+    this is root (root writes anyway), through `setpriv`; skipped where neither works."""
+    bundle = copy_tiny(tmp, "read-only")
+    as_user = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            print("skipped: a read-only bundle (root, and no setpriv to run as another user)")
+            return
+        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for folder, _, files in os.walk(tmp):   # the other user reads the copy
+            os.chmod(folder, 0o755)
+            for name in files:
+                os.chmod(os.path.join(folder, name), 0o644)
+    else:
+        os.chmod(bundle, 0o555)
+    before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)
+              if os.path.isfile(os.path.join(bundle, n))}
+    try:
+        for tool in [["convert_precision.py", "--precision", "fp16"], ["add_sampler.py"], ["add_backbone.py"],
+                     ["split_head.py"], ["fuse_attention.py"]]:
+            r = subprocess.run(as_user + [sys.executable, os.path.join(MODELS, tool[0]), bundle] + tool[1:],
+                               capture_output=True, text=True)
+            check(r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot be written" in r.stderr,
+                  f"{tool[0]} on a read-only bundle: exit 2, one line ({r.stderr.strip()})")
+        r = subprocess.run(as_user + [sys.executable, os.path.join(MODELS, "onnx_save.py"), bundle],
+                           capture_output=True, text=True)
+        check(r.returncode == 0 and "no interrupted commit is left" in r.stdout,
+              f"onnx_save.py on it, nothing to finish: exit 0 ({r.stderr.strip()})")
+    finally:
+        os.chmod(bundle, 0o755)
+    check({n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)} == before,
+          "the read-only bundle is as it was")
 
 
 def test_interrupted_commit_and_leftovers(tmp):
@@ -448,6 +485,7 @@ def main():
         test_write_manifest(tmp)
         test_interrupted_commit_and_leftovers(tmp)
         test_finish_command(tmp)
+        test_read_only_bundle(tmp)
         test_plan_of_a_live_pid(tmp)
         test_lock(tmp)
         test_manifest_read_after_recover(tmp)
