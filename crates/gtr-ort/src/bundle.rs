@@ -245,35 +245,38 @@ impl BundleReadLock {
     /// The shared lock on the bundle folder `dir`, without waiting: refused
     /// while a model tool holds the folder ([`BundleError::Busy`]) and where
     /// a tool's commit was interrupted ([`BundleError::InterruptedCommit`]).
+    /// A folder that cannot be opened or listed, or a file system that
+    /// refuses locks (ENOLCK on some network mounts; the tools cannot lock
+    /// it either), is read unlocked: reading the manifest names the problem.
     pub fn acquire(dir: &Path) -> Result<BundleReadLock, BundleError> {
-        let read = |source| BundleError::Read {
-            path: dir.to_path_buf(),
-            source,
-        };
         #[cfg(unix)]
-        let file = {
-            let file = std::fs::File::open(dir).map_err(read)?;
-            match file.try_lock_shared() {
+        let file = match std::fs::File::open(dir) {
+            Ok(file) => match file.try_lock_shared() {
                 Ok(()) => Some(file),
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(BundleError::Busy {
                         dir: dir.to_path_buf(),
                     });
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(read(e)),
-            }
+                Err(std::fs::TryLockError::Error(_)) => None,
+            },
+            Err(_) => None,
         };
         #[cfg(not(unix))]
         let file = None;
-        for entry in std::fs::read_dir(dir).map_err(read)? {
-            let entry = entry.map_err(read)?;
-            let plan = entry.path().join(TOOL_COMMIT_PLAN);
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(TOOL_STAGING_PREFIX)
-                && plan.is_file()
-            {
+        let staging_plans = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TOOL_STAGING_PREFIX)
+            })
+            .map(|entry| entry.path().join(TOOL_COMMIT_PLAN));
+        for plan in staging_plans {
+            if plan.is_file() {
                 return Err(BundleError::InterruptedCommit {
                     dir: dir.to_path_buf(),
                     plan,
