@@ -242,6 +242,31 @@ def test_a_busy_model_says_so(tiny):
     tiny.generate(SCHEDULES / "mar-8.gtr", 1, progress=False)
 
 
+def test_a_bundle_a_model_tool_is_changing_is_refused(tmp_path):
+    """Model() reads the bundle under a shared lock on its folder, as the command line does: while
+    a model tool holds the folder (exclusively), or where a tool's commit was interrupted, it
+    refuses with GtrRunError; another reader's shared lock does not keep it out."""
+    import fcntl
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(TINY, bundle, ignore=shutil.ignore_patterns("golden"))
+    fd = os.open(bundle, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(gtr_run.GtrRunError, match="a model tool .* is changing this bundle"):
+            gtr_run.Model(bundle)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with pytest.warns(UserWarning):
+            gtr_run.Model(bundle)
+    finally:
+        os.close(fd)
+    (bundle / ".gtr-tmp.4242.abcd1234").mkdir()
+    (bundle / ".gtr-tmp.4242.abcd1234" / "commit.json").write_text('{"moves": [], "remove": []}')
+    with pytest.raises(gtr_run.GtrRunError, match="commit was interrupted"):
+        gtr_run.Model(bundle)
+
+
 def test_the_loader_note_is_a_warning():
     with pytest.warns(UserWarning, match="has no sampler graph"):
         gtr_run.Model(TINY)
