@@ -50,9 +50,12 @@ def read_manifest(bundle: str) -> tuple[str, dict]:
 def _copy_renamed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]):
     """`graph`'s nodes, initializers and value infos with every name under `prefix`, except
     those in `keep` (old → new)."""
+    from models.onnx_save import BundleError
+
     for n in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-            raise SystemExit(f"node `{n.name}` ({n.op_type}) holds a subgraph; fusing such graphs is not supported")
+            raise BundleError(f"the {prefix.rstrip('/')} graph's node `{n.name}` ({n.op_type}) holds a "
+                              "subgraph; fusing such graphs is not supported")
 
     def name(v: str) -> str:
         if v == "":
@@ -138,14 +141,17 @@ def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
     backbone.PRECISION.onnx for a precision variant, into `staging` (models.onnx_save.Staging;
     without one, committed at once); returns its name."""
     from models.add_sampler import save_graph, staged
-    from models.onnx_save import load_graph
+    from models.onnx_save import BundleError, load_graph
 
     g = m["graphs"]
     with staged(bundle, staging) as s:
         encoder = load_graph(s.read_path(os.path.join(bundle, encoder_file)), "encoder")
         decoder = load_graph(s.read_path(os.path.join(bundle, decoder_file)), "decoder")
-        name = save_graph(bundle, build_backbone(encoder, decoder, g["encoder"], g["decoder"]), BACKBONE_FILE,
-                          precision, s)
+        try:
+            backbone = build_backbone(encoder, decoder, g["encoder"], g["decoder"])
+        except BundleError as e:
+            raise BundleError(f"{encoder_file}, {decoder_file}: {e}") from None
+        name = save_graph(bundle, backbone, BACKBONE_FILE, precision, s)
     log(f"{name}: {encoder_file} and {decoder_file} fused, z gathered at the predicted tokens")
     return name
 

@@ -59,7 +59,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 # `models.onnx_save` from the repository root, also when run as a script
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.onnx_save import CheckFailed  # noqa: E402
+from models.onnx_save import BundleError, CheckFailed  # noqa: E402
 
 SAMPLER_FILE = "sampler.onnx"
 INPUTS = ["x", "z", "t", "coef", "noise", "active", "guidance"]
@@ -201,7 +201,7 @@ def model_like(head: onnx.ModelProto, graph: onnx.GraphProto, what: str) -> onnx
     """`graph` as a model with the head's own opset (so that its nodes mean what they meant)."""
     opset = max(o.version for o in head.opset_import if o.domain in ("", "ai.onnx"))
     if opset < 13:
-        raise SystemExit(f"the diffusion graph uses opset {opset}; the {what} needs 13 or newer")
+        raise BundleError(f"the diffusion graph uses opset {opset}; the {what} needs 13 or newer")
     model = helper.make_model(graph, opset_imports=list(head.opset_import),
                               producer_name="gtr-run add_sampler.py")
     model.ir_version = head.ir_version
@@ -315,8 +315,6 @@ def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outp
         if re.match(rf"^\s+{after}:\s*\{{\s*file:", ln):
             lines.insert(i + 1, entry)
             return "\n".join(lines) + "\n"
-    from models.onnx_save import BundleError
-
     raise BundleError(f"manifest.yaml: no `graphs.{after}` entry written on one line (`{after}: {{ file: ..., ... }}`) "
                       f"to put the {role} entry after; write it so and run again (nothing was changed)")
 
@@ -375,7 +373,10 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
         head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion")
         for role in roles:
             build, file, what = CHAIN_GRAPHS[role]
-            model = build(head, io, int(m["token_dim"]), learned)
+            try:
+                model = build(head, io, int(m["token_dim"]), learned)
+            except BundleError as e:
+                raise BundleError(f"{head_file}: {e}") from None
             names[role] = save_graph(bundle, model, file, precision, s)
             log(f"{names[role]}: {what} around {head_file} ({'learned' if learned else 'fixed'} variance)")
             blockers = capture_blockers(model) if role == "tick" else []
@@ -518,7 +519,9 @@ def graph_tool(argv, doc: str, needs: str, add) -> int:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", help=f"bundle folder (manifest.yaml and {needs})")
     ap.add_argument("--check", action="store_true",
-                    help="compare the new graphs with what they replace before anything is written")
+                    help="compare the new graphs with their references (the chain ticked in NumPy, the "
+                         "encoder and decoder run one after the other, the whole head) before anything is "
+                         "replaced; exit status 1 over the tolerance")
     args = ap.parse_args(argv)
 
     def body():

@@ -113,9 +113,10 @@ def pixel_stats(a, b):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", default="models/mar-tiny")
-    ap.add_argument("--schedule", default="schedules/mar-64.gtr")
-    ap.add_argument("--gtr-run", default="target/release/gtr-run")
+    ap.add_argument("--bundle", help="the fp32 bundle to measure, copied into the work folder first "
+                    "(default: the repository's models/mar-tiny)")
+    ap.add_argument("--schedule", help="the schedule of every run (default: the repository's schedules/mar-64.gtr)")
+    ap.add_argument("--gtr-run", help="the gtr-run binary (default: the repository's target/release/gtr-run)")
     ap.add_argument("--precisions", nargs="+", default=["fp16", "int8", "bf16"],
                     choices=convert_precision.PRECISIONS + ["tf32"], help="compared with fp32 (tf32: CUDA only)")
     ap.add_argument("--device", default="cpu", help="gtr-run --device (cuda: e.g. --precisions tf32 fp16 bf16)")
@@ -135,6 +136,12 @@ def main():
                                    "temporary folder); nothing already there is changed")
     ap.add_argument("--json", help="write everything measured here")
     args = ap.parse_args()
+    # Paths given are the caller's (relative to the current folder); the defaults are the
+    # repository's.
+    for key, default in (("bundle", "models/mar-tiny"), ("schedule", "schedules/mar-64.gtr"),
+                         ("gtr_run", "target/release/gtr-run")):
+        given = getattr(args, key)
+        setattr(args, key, os.path.abspath(given) if given else os.path.join(ROOT, default))
     from models.onnx_save import run_tool
 
     return run_tool(lambda: bench(args), args.bundle)
@@ -143,7 +150,7 @@ def main():
 def bench(args):
     from models.onnx_save import read_manifest
 
-    source = os.path.join(ROOT, args.bundle)
+    source = args.bundle
     read_manifest(source)  # a missing or malformed bundle is reported before anything is made
     if args.work:
         os.makedirs(args.work, exist_ok=True)

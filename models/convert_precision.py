@@ -767,7 +767,10 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
         src = path(entry["file"])
         out_name = names[role]
         started = time.perf_counter()
-        model, stats, changed = convert_graph(load_graph(src, role), precision, **options)
+        try:
+            model, stats, changed = convert_graph(load_graph(src, role), precision, **options)
+        except ConversionError as e:
+            raise ConversionError(f"{role} ({entry['file']}): {e}") from None
         info = {"file": None, "stats": stats, "seconds": round(time.perf_counter() - started, 3)}
         out_path = os.path.join(bundle, out_name)
         if not changed:
@@ -859,7 +862,10 @@ def main():
     ap.add_argument("bundle", help="bundle folder (holding manifest.yaml)")
     ap.add_argument("--precision", required=True, choices=PRECISIONS)
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the comparison with fp32")
-    ap.add_argument("--emulate", action="store_true", help="write a float32 emulation of fp16/bf16 rounding (see above)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="write, as the fp16/bf16 variant, a float32 graph that rounds through the half "
+                         "type where the variant would compute in it: to measure half precision's quality "
+                         "on a CPU that cannot run it (slow; never a real variant)")
     ap.add_argument("--per-tensor", dest="per_channel", action="store_false", help="int8: one scale per weight tensor")
     ap.add_argument("--per-row-activations", dest="per_row", action="store_true",
                     help="int8: one activation scale per row, so that an image does not depend on the other "

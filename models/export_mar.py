@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.onnx_save import EXTERNAL_DATA_BYTES, Staging, write_manifest  # noqa: E402
+from models.onnx_save import EXTERNAL_DATA_BYTES, BundleError, Staging, write_manifest  # noqa: E402
 from models.torch.mar import (  # noqa: E402
     MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
     vae_decoder_keys,
@@ -70,6 +70,11 @@ GRAPH_IO = {
 
 class CheckpointError(Exception):
     """A checkpoint does not match the model definition (message lists what differs)."""
+
+
+class ExportCheckFailed(Exception):
+    """An exported graph failed its check (contract, parity with PyTorch, a derived graph against
+    its reference); the message names the graph and by how much."""
 
 
 # -- loading -----------------------------------------------------------------------------
@@ -352,7 +357,7 @@ def check_contract(path: str, role: str, cfg: MARConfig, vcfg: VAEConfig) -> Non
     m = onnx.load(path, load_external_data=False)
     opset = max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     if opset < 17:
-        raise RuntimeError(f"{role}: opset {opset} < 17")
+        raise ExportCheckFailed(f"{role}: opset {opset} < 17")
     L, C = cfg.seq_len, cfg.token_dim
     D = cfg.decoder_width
     H, W = vcfg.image_size(cfg.grid)
@@ -373,7 +378,7 @@ def check_contract(path: str, role: str, cfg: MARConfig, vcfg: VAEConfig) -> Non
     for kind, vals, want in (("input", m.graph.input, want_in), ("output", m.graph.output, want_out)):
         have = {v.name: v for v in vals}
         if set(have) != set(want):
-            raise RuntimeError(f"{role}: {kind}s {sorted(have)}, expected {sorted(want)}")
+            raise ExportCheckFailed(f"{role}: {kind}s {sorted(have)}, expected {sorted(want)}")
         for name, (ty, dims) in want.items():
             tt = have[name].type.tensor_type
             got = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
@@ -385,7 +390,7 @@ def check_contract(path: str, role: str, cfg: MARConfig, vcfg: VAEConfig) -> Non
                 else:
                     ok &= g == w
             if not ok:
-                raise RuntimeError(f"{role}: {kind} {name} has type {tt.elem_type} dims {got}, "
+                raise ExportCheckFailed(f"{role}: {kind} {name} has type {tt.elem_type} dims {got}, "
                                    f"expected type {ty} dims {['dynamic' if d is None else d for d in dims]}")
 
 
@@ -450,9 +455,10 @@ def check_parity(out_dir: str, roles: dict, cfg: MARConfig, tolerance: float = 1
             feeds = {n: inputs[order.index(n)].numpy() for n in names}
             got = sess.run(None, feeds)[0]
             if got.shape != want.shape:
-                raise RuntimeError(f"{role}: onnxruntime shape {got.shape}, PyTorch {want.shape}")
+                raise ExportCheckFailed(f"{role}: onnxruntime shape {got.shape}, PyTorch {want.shape}")
             if not np.isfinite(got).all():
-                raise RuntimeError(f"{role}: non-finite onnxruntime output for inputs {[tuple(i.shape) for i in inputs]}")
+                raise ExportCheckFailed(f"{role}: non-finite onnxruntime output for inputs "
+                                        f"{[tuple(i.shape) for i in inputs]}")
             err = float(np.abs(got - want).max()) if got.size else 0.0
             worst = max(worst, err)
             scale = max(scale, float(np.abs(want).max()) if want.size else 0.0)
@@ -464,7 +470,7 @@ def check_parity(out_dir: str, roles: dict, cfg: MARConfig, tolerance: float = 1
         log(f"  {role}: max |ort - torch| = {worst:.2e} (outputs up to {scale:.2f}; by {label}: {detail}) "
             f"[{time.time() - t0:.1f} s]")
         if not (worst <= tolerance):
-            raise RuntimeError(f"{role}: onnxruntime and PyTorch differ by {worst:.3e} > {tolerance}")
+            raise ExportCheckFailed(f"{role}: onnxruntime and PyTorch differ by {worst:.3e} > {tolerance}")
     return results
 
 
@@ -506,9 +512,16 @@ def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, 
 def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_scale: float,
                   temperature: float = 1.0, head: nn.Module | None = None, tolerance: float = 1e-3,
                   quick_vae: bool = False, log=print, external_above: int = EXTERNAL_DATA_BYTES,
-                  latent_scale: float = LATENT_SCALE, fused_attention: bool = False) -> dict:
-    """Export the four graphs + manifest to `out_dir`, check the contract and the parity; with
-    `fused_attention`, fuse the encoder's and decoder's attention (models/fuse_attention.py)."""
+                  latent_scale: float = LATENT_SCALE, fused_attention: bool = False,
+                  derived: bool = True) -> dict:
+    """Exports the four graphs + manifest into `out_dir` and checks their contract and their
+    parity with PyTorch; with `derived` (default) adds the sampler, tick and backbone graphs
+    (add_sampler.py, add_backbone.py) and checks them against their references; with
+    `fused_attention`, fuses the encoder's and decoder's attention (fuse_attention.py).
+
+    All or nothing: the bundle is built and checked in a staging folder inside `out_dir`
+    (models/onnx_save.py), and its files replace those of `out_dir` only once every check has
+    passed; a failed check (ExportCheckFailed) or an error leaves `out_dir` as it was."""
     cfg, vcfg = mar.cfg, vae.cfg
     if vcfg.embed_dim != cfg.token_dim:
         raise CheckpointError(f"VAE latent channels {vcfg.embed_dim} != MAR token_dim {cfg.token_dim}")
@@ -516,36 +529,45 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
     mar.eval()
     vae.eval()
     roles = role_modules(mar, vae, head)
-    log(f"exporting to {out_dir} (opset {OPSET})")
-    info = {}
-    for role, module in roles.items():
-        path = os.path.join(out_dir, GRAPH_FILES[role])
-        info[role] = export_graph(module, role, cfg, path, log, external_above)
-        check_contract(path, role, cfg, vcfg)
-    write_manifest(out_dir, manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale))
-    log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
-    log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
-    errors = check_parity(out_dir, roles, cfg, tolerance, quick_vae=quick_vae, log=log)
-    if fused_attention:
-        # ONNX Runtime's MultiHeadAttention in place of each block's attention chain, compared
-        # there with the plain graphs that were just checked against PyTorch.
-        from models.fuse_attention import fuse_bundle
-        fuse_bundle(out_dir, log=log)
-    # The whole-chain sampler around the diffusion graph just written (models/add_sampler.py).
-    from models.add_sampler import add_sampler
-    from models.add_sampler import check as check_sampler
-    add_sampler(out_dir, log=log)
-    errors["sampler"] = check_sampler(out_dir, log=log)
-    if errors["sampler"] > tolerance:
-        raise CheckpointError(f"sampler graph differs from its per-tick reference by {errors['sampler']}")
-    # The fused encoder and decoder (models/add_backbone.py).
-    from models.add_backbone import add_backbone
-    from models.add_backbone import check as check_backbone
-    add_backbone(out_dir, log=log)
-    errors["backbone"] = check_backbone(out_dir, log=log)
-    if errors["backbone"] > tolerance:
-        raise CheckpointError(f"backbone graph differs from the encoder and decoder by {errors['backbone']}")
-    return {"graphs": info, "errors": errors}
+    with Staging(out_dir) as staging:
+        work = os.path.join(staging.dir, "bundle")
+        os.makedirs(work)
+        log(f"exporting to {out_dir} (opset {OPSET}; built in {os.path.relpath(work, out_dir)} until checked)")
+        info = {}
+        for role, module in roles.items():
+            path = os.path.join(work, GRAPH_FILES[role])
+            info[role] = export_graph(module, role, cfg, path, log, external_above)
+            check_contract(path, role, cfg, vcfg)
+        write_manifest(work, manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale))
+        log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
+        log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
+        errors = check_parity(work, roles, cfg, tolerance, quick_vae=quick_vae, log=log)
+        if fused_attention:
+            # ONNX Runtime's MultiHeadAttention in place of each block's attention chain, compared
+            # there with the plain graphs that were just checked against PyTorch.
+            from models.fuse_attention import fuse_bundle
+            fuse_bundle(work, log=log)
+        if derived:
+            # The whole-chain sampler and the tick graph around the diffusion graph just written
+            # (models/add_sampler.py), then the fused encoder and decoder (models/add_backbone.py).
+            from models.add_backbone import add_backbone
+            from models.add_backbone import check as check_backbone
+            from models.add_sampler import add_sampler
+            from models.add_sampler import check as check_sampler
+            add_sampler(work, log=log)
+            errors["sampler"] = check_sampler(work, log=log)
+            if not errors["sampler"] <= tolerance:
+                raise ExportCheckFailed(f"the sampler graph differs from its per-tick reference by "
+                                        f"{errors['sampler']:.3e} > {tolerance}")
+            add_backbone(work, log=log)
+            errors["backbone"] = check_backbone(work, log=log)
+            if not errors["backbone"] <= tolerance:
+                raise ExportCheckFailed(f"the backbone graph differs from the encoder and decoder by "
+                                        f"{errors['backbone']:.3e} > {tolerance}")
+        files = staging.adopt(work)
+        staging.commit()
+    log(f"checked, then placed in {out_dir}: {', '.join(sorted(os.path.basename(f) for f in files))}")
+    return {"graphs": info, "errors": errors, "files": files}
 
 
 def main(argv=None):
@@ -615,11 +637,23 @@ def main(argv=None):
     del sd, vsd
     cfg_scale = a.cfg if a.cfg is not None else DEFAULT_CFG.get(a.size, 3.0)
     name = a.name or {"mar_base": "mar-base", "mar_large": "mar-large", "mar_huge": "mar-huge"}.get(a.size, "mar-custom")
-    res = export_bundle(mar, vae, a.out, name, cfg_scale, a.temperature, tolerance=a.tolerance,
-                        quick_vae=a.quick_vae_check, external_above=int(a.external_data_mb * 2**20),
-                        fused_attention=a.fused_attention)
-    total = sum(g["bytes"] for g in res["graphs"].values())
-    print(f"wrote {a.out}: manifest.yaml + 4 graphs, {total / 1e6:.1f} MB, in {time.time() - t_start:.1f} s")
+    created = not os.path.exists(a.out)
+    try:
+        res = export_bundle(mar, vae, a.out, name, cfg_scale, a.temperature, tolerance=a.tolerance,
+                            quick_vae=a.quick_vae_check, external_above=int(a.external_data_mb * 2**20),
+                            fused_attention=a.fused_attention)
+    except (ExportCheckFailed, CheckpointError, BundleError) as e:
+        if created and os.path.isdir(a.out) and not os.listdir(a.out):
+            os.rmdir(a.out)   # the folder this run made, left empty
+        if isinstance(e, ExportCheckFailed):
+            print(f"error: {a.out}: a check failed: {e}; nothing was changed", file=sys.stderr)
+            return 1
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    graphs = [f for f in res["files"] if f.endswith(".onnx")]
+    total = sum(os.path.getsize(f) for f in res["files"] if not f.endswith(".yaml"))
+    print(f"wrote {a.out}: manifest.yaml + {len(graphs)} graphs ({', '.join(sorted(map(os.path.basename, graphs)))}), "
+          f"{total / 1e6:.1f} MB, in {time.time() - t_start:.1f} s")
     return 0
 
 

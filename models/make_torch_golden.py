@@ -316,7 +316,7 @@ def main(argv=None):
     else:
         if os.path.isdir(a.out):
             shutil.rmtree(a.out)
-        export_mar.export_bundle(mar, vae, a.out, NAME, cfg_scale=3.0, head=head, tolerance=1e-4)
+        export_mar.export_bundle(mar, vae, a.out, NAME, cfg_scale=3.0, head=head, tolerance=1e-4, derived=False)
         os.makedirs(os.path.join(a.out, "golden"))
     check_chains()
     bundle = np_ref.Bundle(a.out)

@@ -411,6 +411,43 @@ class Staging:
         self.remove_after.discard(final)
         return [final] + [d for _, d in self.data[final]]
 
+    def adopt(self, folder: str) -> list[str]:
+        """Stages the whole bundle built in `folder`, a folder inside this staging folder (its
+        graphs with their external data files, and its manifest), each file to replace the file of
+        its name in the bundle; returns the files the bundle will then have from it. How a tool
+        that writes a whole bundle (export_mar.py) builds and checks it aside, with the other tools
+        run on `folder`, before anything of the bundle is replaced. Any other file there, hidden
+        ones aside, is a BundleError (nothing is staged)."""
+        if not inside(self.dir, folder):
+            raise BundleError(f"{folder}: not inside the staging folder {self.dir}")
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+        graphs = [n for n in names if n.endswith(".onnx") and os.path.isfile(os.path.join(folder, n))]
+        data = {n: sorted(p for p in external_files(os.path.join(folder, n)) if os.path.isfile(p)) for n in graphs}
+        for n, files in data.items():
+            for p in files:
+                if os.path.dirname(os.path.abspath(p)) != os.path.abspath(folder):
+                    raise BundleError(f"{n}: reads external data outside its folder ({p})")
+        known = set(graphs) | {os.path.basename(p) for files in data.values() for p in files} | {"manifest.yaml"}
+        stray = [n for n in names if n not in known]
+        if stray:
+            raise BundleError(f"{folder}: {', '.join(stray)}: neither a graph, its data nor the manifest")
+        out = []
+        for n in graphs:
+            final = self._final(os.path.join(self.bundle, n))
+            mode = _mode(final)
+            for p in [os.path.join(folder, n)] + data[n]:
+                os.chmod(p, mode)
+            self.staged[final] = os.path.join(folder, n)
+            self.data[final] = [(p, os.path.join(self.bundle, os.path.basename(p))) for p in data[n]]
+            self.remove_after.discard(final)
+            out += [final] + [d for _, d in self.data[final]]
+        manifest = os.path.join(folder, "manifest.yaml")
+        if os.path.isfile(manifest):
+            with open(manifest, encoding="utf-8") as f:
+                self.write_manifest(f.read())
+            out.append(os.path.join(self.bundle, "manifest.yaml"))
+        return out
+
     def staged_bytes(self, path: str) -> int:
         """Bytes of the graph staged for `path`, its data files included."""
         final = _key(path)

@@ -166,6 +166,38 @@ def test_command_line(tmp):
     check(r.returncode == 0 and "tick graph" in r.stdout, f"the command line with --check: {r.stderr[-300:]}")
 
 
+def test_graphs_the_tools_cannot_build_on(tmp):
+    """A head below opset 13 (add_sampler.py) and an encoder holding a subgraph (add_backbone.py,
+    convert_precision.py): one line naming the graph's file, exit status 2, nothing changed."""
+    root = os.path.dirname(MODELS)
+    old = copy_tiny(tmp, "old-opset")
+    head = onnx.load(os.path.join(old, "diffusion.onnx"))
+    for o in head.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 12
+    onnx.save(head, os.path.join(old, "diffusion.onnx"))
+    nested = copy_tiny(tmp, "subgraph")
+    enc = onnx.load(os.path.join(nested, "encoder.onnx"))
+    branch = lambda name, v: helper.make_graph(  # noqa: E731
+        [helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "v", TensorProto.FLOAT, [1], [v]))],
+        name, [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])])
+    enc.graph.node.extend([
+        helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("cv", TensorProto.BOOL, [], [True])),
+        helper.make_node("If", ["cond"], ["if_out"], then_branch=branch("a", 1.0), else_branch=branch("b", 2.0),
+                         name="my_if")])
+    onnx.save(enc, os.path.join(nested, "encoder.onnx"))
+    for bundle, tool, want in [
+        (old, ["add_sampler.py"], "diffusion.onnx: the diffusion graph uses opset 12; the sampler needs 13"),
+        (nested, ["add_backbone.py"], "encoder.onnx, decoder.onnx: the encoder graph's node `my_if` (If) holds"),
+        (nested, ["convert_precision.py", "--precision", "fp16"], "encoder (encoder.onnx): graphs with subgraphs"),
+    ]:
+        before = sorted(os.listdir(bundle))
+        r = subprocess.run([sys.executable, os.path.join("models", tool[0]), bundle] + tool[1:], cwd=root,
+                           capture_output=True, text=True)
+        check(r.returncode == 2 and r.stderr.count("\n") == 1 and want in r.stderr
+              and sorted(os.listdir(bundle)) == before, f"{tool[0]}: exit 2, one line ({r.stderr.strip()})")
+
+
 def test_nothing_written_before_the_manifest_and_check(tmp):
     """A block-style manifest (valid, but not editable on one line) and a failing --check are
     refused before any graph is written; a bundle with variants gets a note, and convert_precision
@@ -217,6 +249,7 @@ def main():
         test_capture_rule()
         test_note_on_a_head_that_blocks_capture(tmp)
         test_command_line(tmp)
+        test_graphs_the_tools_cannot_build_on(tmp)
     print("all add_sampler tests passed")
 
 

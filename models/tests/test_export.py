@@ -127,6 +127,21 @@ def main():
             assert "MultiHeadAttention" in [n.op_type for n in onnx.load(os.path.join(fused, f"{role}.onnx")).graph.node]
         print(f"ok   export --fused-attention ({dt:.1f} s)")
 
+        # 2c. all or nothing: a failed parity check changes nothing, in an existing bundle or a new
+        # folder (which is not left behind); one line, exit status 1
+        def contents(folder):
+            return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+        before = contents(out)
+        for target in (out, os.path.join(tmp, "never-made")):
+            p, dt = run([PY, EXPORT, "--checkpoint", ckpt, "--vae", vae, "--size", "custom", "--out", target,
+                         "--quick-vae-check", "--tolerance", "1e-12"])
+            assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+            assert "a check failed: encoder: onnxruntime and PyTorch differ by" in p.stderr, p.stderr
+        assert contents(out) == before, "a failed export changed the bundle"
+        assert not os.path.exists(os.path.join(tmp, "never-made")), "a failed export left its folder"
+        print(f"ok   a failed parity check: exit 1, one line, nothing changed ({p.stderr.strip()})")
+
         # 3. semantics of the exported graphs
         import onnxruntime as ort
 
