@@ -18,7 +18,7 @@ use cli::status::exit_status;
     name = "gtr-run",
     version,
     about = "Run Masked Autoregressive image generators with .gtr schedules",
-    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]\n       gtr-run merge OUT PART_DIR... [OPTIONS]\n       gtr-run eval MODEL SCHEDULE... [OPTIONS]",
+    override_usage = "gtr-run MODEL SCHEDULE [OPTIONS]\n       gtr-run plan SCHEDULE [OPTIONS]\n       gtr-run merge OUT PART_DIR... [OPTIONS]\n       gtr-run eval MODEL SCHEDULE... [OPTIONS]\n       gtr-run sweep MODEL SCHEDULE --set NAME=V1,V2,... [OPTIONS]",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]

@@ -326,7 +326,7 @@ fn exit_statuses_say_what_failed() {
     let tiny = "models/fixtures/tiny";
     let out = tmp("status");
     let o = out.to_str().unwrap();
-    let cases: [(&[&str], i32); 11] = [
+    let cases: [(&[&str], i32); 12] = [
         (&["plan", "--no-such-flag"], 2),
         // A `--set` the schedule does not declare is the command line's
         // mistake, as a bad value for it is, in every command.
@@ -358,6 +358,18 @@ fn exit_statuses_say_what_failed() {
                 o,
             ],
             2,
+        ),
+        // An output path checked before the run, as --npz and --png are.
+        (
+            &[
+                tiny,
+                "schedules/gtr.gtr",
+                "--ort-profile",
+                "Cargo.toml/prof",
+                "--out",
+                o,
+            ],
+            3,
         ),
         // A value that makes the schedule wrong is the schedule's (its line).
         (&["plan", "schedules/gtr.gtr", "--set", "beta=0"], 3),

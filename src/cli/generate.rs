@@ -233,8 +233,9 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 /// that run.json's file names hold from anywhere); refused unless a file can
 /// be written in it, since ONNX Runtime would fail to write there silently.
 fn profile_dir(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    // As `--npz` and `--png` paths are checked before the run: a wrong input (exit 3).
     let refuse = |what: &str, e: std::io::Error| {
-        anyhow::anyhow!("--ort-profile {}: {what}: {e}", dir.display())
+        gtr_run::run::RunError::Invalid(format!("--ort-profile {}: {what}: {e}", dir.display()))
     };
     std::fs::create_dir_all(dir).map_err(|e| refuse("cannot create the folder", e))?;
     let dir = dir
