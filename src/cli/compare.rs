@@ -159,7 +159,6 @@ fn run_comparison(
     use gtr_run::backend::{OrtEvaluator, features_of};
     use gtr_run::engine::{Engine, MarModel};
     use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
-    use gtr_run::fsutil::write_atomic;
     use gtr_run::run::claim_report;
 
     let device = args.runtime.device;
@@ -174,21 +173,8 @@ fn run_comparison(
     let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
     let reference = reference_stats(bundle, evaluator.as_ref().and_then(features_of))?;
     drop(bundle_lock);
-    // Checked before the folder is taken: a usage error changes nothing.
-    if args.seed.checked_add(args.repeats as u64 - 1).is_none() {
-        bail!(
-            "--seed {} with --repeats {}: the repeats' seeds (seed, seed + 1, …) pass 2^64 - 1; give a smaller seed",
-            args.seed,
-            args.repeats
-        );
-    }
-    if reference.is_some() && args.num_images < 2 {
-        bail!(
-            "--num-images {}: the bundle's evaluator measures quality over the images, and a Fréchet distance needs at least 2",
-            args.num_images
-        );
-    }
-    let out = args.out.unwrap_or_else(|| {
+    check_comparison(&args, reference.is_some())?;
+    let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{what}-{}-seed{}{}",
             bundle.manifest.name.replace(['/', '\\', ' '], "_"),
@@ -253,49 +239,52 @@ fn run_comparison(
         },
     )?;
     bar.finish_and_clear();
-    let table = report::markdown(&comparison);
+    let mut json = report::json(&comparison);
+    json["runtime_settings"] = settings;
+    json["schedules"] = report::contenders_json(contenders);
+    json["cfg_override"] = args.runtime.cfg.into();
+    json["temperature_override"] = args.runtime.temperature.into();
+    write_report(&out, what, &comparison, &json)?;
+    Ok((comparison, out, lock))
+}
+
+/// What the comparison's arguments cannot do, refused before its folder
+/// is taken (a usage error changes nothing): repeats whose seeds pass
+/// 2^64 - 1, and a single image where a Fréchet distance is measured.
+fn check_comparison(args: &CompareArgs, measures_quality: bool) -> anyhow::Result<()> {
+    if args.seed.checked_add(args.repeats as u64 - 1).is_none() {
+        bail!(
+            "--seed {} with --repeats {}: the repeats' seeds (seed, seed + 1, …) pass 2^64 - 1; give a smaller seed",
+            args.seed,
+            args.repeats
+        );
+    }
+    if measures_quality && args.num_images < 2 {
+        bail!(
+            "--num-images {}: the bundle's evaluator measures quality over the images, and a Fréchet distance needs at least 2",
+            args.num_images
+        );
+    }
+    Ok(())
+}
+
+/// Writes `comparison` as `WHAT.md`, `WHAT.csv` and `json` as `WHAT.json`
+/// into `out`, and prints the Markdown table.
+fn write_report(
+    out: &std::path::Path,
+    what: &str,
+    comparison: &gtr_run::eval::Comparison,
+    json: &serde_json::Value,
+) -> anyhow::Result<()> {
+    use gtr_run::eval::report;
+    let table = report::markdown(comparison);
     for (extension, text) in [
         ("md", table.clone()),
-        ("csv", report::csv(&comparison)),
-        (
-            "json",
-            serde_json::to_string_pretty(&{
-                let mut v = report::json(&comparison);
-                v["runtime_settings"] = settings.clone();
-                // What each row ran: its file and parameters (`--set`
-                // applied, marked), and the guidance and temperature given.
-                v["schedules"] = contenders
-                    .iter()
-                    .map(|c| {
-                        let params: serde_json::Map<String, serde_json::Value> = c
-                            .schedule
-                            .params
-                            .iter()
-                            .map(|p| (p.name.clone(), p.value.into()))
-                            .collect();
-                        let set: Vec<&str> = c
-                            .schedule
-                            .params
-                            .iter()
-                            .filter(|p| p.overridden)
-                            .map(|p| p.name.as_str())
-                            .collect();
-                        serde_json::json!({
-                            "name": c.name,
-                            "path": c.schedule.source.name,
-                            "params": params,
-                            "set": set,
-                        })
-                    })
-                    .collect();
-                v["cfg_override"] = args.runtime.cfg.into();
-                v["temperature_override"] = args.runtime.temperature.into();
-                v
-            })? + "\n",
-        ),
+        ("csv", report::csv(comparison)),
+        ("json", serde_json::to_string_pretty(json)? + "\n"),
     ] {
         let path = out.join(format!("{what}.{extension}"));
-        write_atomic(&path, text.as_bytes())
+        gtr_run::fsutil::write_atomic(&path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     write_stdout(&table)?;
@@ -303,5 +292,5 @@ fn run_comparison(
         "gtr-run {what}: wrote {what}.md, {what}.csv and {what}.json to {}",
         out.display()
     );
-    Ok((comparison, out, lock))
+    Ok(())
 }

@@ -115,15 +115,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.ort_profile {
         options.profile_dir = Some(profile_dir(dir)?);
     }
-    // The model's files are hashed for the record while the sessions load.
-    let files = options.precision.model_files(&bundle);
-    let info = bundle.model_info();
-    let digest = std::thread::spawn(move || model_digest(&info, &files));
-    let model = load_model(&bundle, &args.runtime, &options)?;
-    let model_sha256 = digest
-        .join()
-        .map_err(|_| anyhow::anyhow!("hashing the model's graph files stopped"))?
-        .context("hashing the model's graph files for run.json")?;
+    let (model, model_sha256) = load_hashed(&bundle, &args.runtime, &options)?;
     drop(bundle_lock);
     let settings = model.settings();
     let out = args.out.unwrap_or_else(|| {
@@ -163,22 +155,13 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
         model_sha256: Some(model_sha256),
     };
-    let part = match request.shard {
-        Some(s) => {
-            let r = s.range(request.num_images);
-            format!(
-                ", shard {s}: images {}..{} of {}",
-                r.start, r.end, request.num_images
-            )
-        }
-        None => format!(", {} images", request.num_images),
-    };
     eprintln!(
-        "gtr-run: model {} ({}), schedule {}, seed {}{part} -> {}",
+        "gtr-run: model {} ({}), schedule {}, seed {}{} -> {}",
         bundle.manifest.name,
         options.precision.precision,
         request.schedule.source.name,
         request.seed,
+        images_part(&request),
         out.display()
     );
     let bar = indicatif::ProgressBar::new(0);
@@ -198,7 +181,64 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let measured = record
         .measured
         .context("the run finished without measurements")?;
-    for graph in &measured.graphs {
+    print_kernel_profiles(&measured.graphs);
+    write_stdout(&format!(
+        "wrote {made} images, {} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
+        files_written(&request),
+        out.display(),
+        request.seed,
+        record.mar_steps,
+        measured.execution_provider.as_deref().unwrap_or("?"),
+        measured.seconds.wall
+    ))
+}
+
+/// Which images a run makes, for its first line: all, or a shard's.
+fn images_part(request: &gtr_run::run::RunRequest) -> String {
+    match request.shard {
+        Some(s) => {
+            let r = s.range(request.num_images);
+            format!(
+                ", shard {s}: images {}..{} of {}",
+                r.start, r.end, request.num_images
+            )
+        }
+        None => format!(", {} images", request.num_images),
+    }
+}
+
+/// The files a run writes beside its images, for its last line.
+fn files_written(request: &gtr_run::run::RunRequest) -> String {
+    match (&request.shard, &request.npz) {
+        (Some(_), _) => "run.json".to_string(),
+        (None, Some(npz)) => format!("grid.png, run.json and {}", npz.display()),
+        (None, None) => "grid.png and run.json".to_string(),
+    }
+}
+
+/// The model of `bundle` loaded as `options` say, and the SHA-256 of its
+/// settings and graph files for run.json ([`model_digest`]), hashed in a
+/// thread while the sessions load.
+fn load_hashed(
+    bundle: &gtr_run::bundle::Bundle,
+    runtime: &super::runtime::RuntimeArgs,
+    options: &gtr_run::backend::LoadOptions,
+) -> anyhow::Result<(gtr_run::backend::OrtModel, String)> {
+    let files = options.precision.model_files(bundle);
+    let info = bundle.model_info();
+    let digest = std::thread::spawn(move || model_digest(&info, &files));
+    let model = load_model(bundle, runtime, options)?;
+    let model_sha256 = digest
+        .join()
+        .map_err(|_| anyhow::anyhow!("hashing the model's graph files stopped"))?
+        .context("hashing the model's graph files for run.json")?;
+    Ok((model, model_sha256))
+}
+
+/// One line per graph that `--ort-profile` profiled: its kernels, or why
+/// there is no profile.
+fn print_kernel_profiles(graphs: &[gtr_run::engine::GraphStats]) {
+    for graph in graphs {
         match &graph.kernels {
             Some(gtr_run::engine::KernelProfile {
                 problem: Some(problem),
@@ -214,19 +254,6 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let files = match (&request.shard, &request.npz) {
-        (Some(_), _) => "run.json".to_string(),
-        (None, Some(npz)) => format!("grid.png, run.json and {}", npz.display()),
-        (None, None) => "grid.png and run.json".to_string(),
-    };
-    write_stdout(&format!(
-        "wrote {made} images, {files} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
-        out.display(),
-        request.seed,
-        record.mar_steps,
-        measured.execution_provider.as_deref().unwrap_or("?"),
-        measured.seconds.wall
-    ))
 }
 
 /// The `--ort-profile` folder, created if missing, as an absolute path (so

@@ -140,6 +140,35 @@ pub fn csv(c: &Comparison) -> String {
     out
 }
 
+/// What each row of a comparison ran, as JSON: its name, its file, every
+/// parameter's value and the names of those `--set` changed.
+pub fn contenders_json(contenders: &[super::Contender]) -> Value {
+    contenders
+        .iter()
+        .map(|c| {
+            let params: serde_json::Map<String, Value> = c
+                .schedule
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.value.into()))
+                .collect();
+            let set: Vec<&str> = c
+                .schedule
+                .params
+                .iter()
+                .filter(|p| p.overridden)
+                .map(|p| p.name.as_str())
+                .collect();
+            json!({
+                "name": c.name,
+                "path": c.schedule.source.name,
+                "params": params,
+                "set": set,
+            })
+        })
+        .collect()
+}
+
 /// The whole comparison with the derived columns, as JSON.
 pub fn json(c: &Comparison) -> Value {
     let derived: Vec<Value> = (0..c.schedules.len())

@@ -316,26 +316,8 @@ impl<M: MarModel> Engine<M> {
         let (b, d) = (jobs.len(), info.width);
         let rows_b = if guided { 2 * b } else { b };
 
-        // The tokens each image predicts; at an adaptive step (a source
-        // without orders of its own) the stage's still-masked tokens, of
-        // which the step's count is chosen after the backbone.
-        let fixed: Option<Vec<Vec<usize>>> = plans
-            .iter()
-            .zip(jobs)
-            .map(|(plan, &job)| noise.predicted_tokens(plan, s, job))
-            .collect();
-        let asked: Vec<Vec<usize>> = match &fixed {
-            Some(tokens) => tokens.clone(),
-            None => (0..b)
-                .map(|img| adaptive::candidates(&plans[img], s, canvas, img))
-                .collect(),
-        };
+        let (fixed, asked) = asked_tokens(plans, jobs, noise, s, canvas)?;
         let n = asked[0].len();
-        if asked.iter().any(|a| a.len() != n) {
-            return Err(EngineError::Input(format!(
-                "MAR step {s}: the images of a batch predict different numbers of tokens"
-            )));
-        }
         let inputs = canvas.backbone_inputs(jobs, guided, info.null_class, template.known_before);
         let predict = Array2::from_shape_fn((rows_b, n), |(r, k)| asked[r % b][k] as i64);
         // Each image's tokens draw their noise (the step's base ticks; FTS
@@ -363,15 +345,7 @@ impl<M: MarModel> Engine<M> {
             (z, seconds, drawn)
         });
         let z = z.map_err(|source| EngineError::Model { step: s, source })?;
-        if z.dim() != (rows_b, n, d) {
-            return Err(shape_error(s, "backbone", "z", z.shape(), &[rows_b, n, d]));
-        }
-        let z = if z.is_standard_layout() {
-            z
-        } else {
-            z.as_standard_layout().into_owned()
-        };
-        check_finite("backbone", "z", z.as_slice().expect("standard z").iter(), s)?;
+        let z = checked_z(z, s, (rows_b, n, d))?;
         let (predicted, z) = match (fixed, template.adaptive) {
             (Some(tokens), _) => (tokens, z),
             (None, Some(selector)) => {
@@ -488,4 +462,64 @@ pub fn to_pixels(images: &Array4<f32>) -> Array4<u8> {
             }
         });
     Array4::from_shape_vec((b, h, w, ch), out).expect("B·H·W·channels pixels")
+}
+
+/// Token indices per image of a batch.
+type TokensPerImage = Vec<Vec<usize>>;
+
+/// The tokens each image of the batch predicts at MAR step `s`: those the
+/// noise source names (`Some`, also returned as the asked ones), or at an
+/// adaptive step (a source without orders of its own) the stage's
+/// still-masked tokens, of which the step's count is chosen after the
+/// backbone. Every image asks for the same number.
+fn asked_tokens(
+    plans: &[Plan],
+    jobs: &[ImageJob],
+    noise: &dyn NoiseSource,
+    s: usize,
+    canvas: &Canvas,
+) -> Result<(Option<TokensPerImage>, TokensPerImage), EngineError> {
+    let fixed: Option<TokensPerImage> = plans
+        .iter()
+        .zip(jobs)
+        .map(|(plan, &job)| noise.predicted_tokens(plan, s, job))
+        .collect();
+    let asked: TokensPerImage = match &fixed {
+        Some(tokens) => tokens.clone(),
+        None => (0..jobs.len())
+            .map(|img| adaptive::candidates(&plans[img], s, canvas, img))
+            .collect(),
+    };
+    let n = asked[0].len();
+    if asked.iter().any(|a| a.len() != n) {
+        return Err(EngineError::Input(format!(
+            "MAR step {s}: the images of a batch predict different numbers of tokens"
+        )));
+    }
+    Ok((fixed, asked))
+}
+
+/// The backbone's `z` of MAR step `s`, checked to be `want` [rows, N, D]
+/// and finite, in standard layout.
+fn checked_z(
+    z: Array3<f32>,
+    s: usize,
+    want: (usize, usize, usize),
+) -> Result<Array3<f32>, EngineError> {
+    if z.dim() != want {
+        return Err(shape_error(
+            s,
+            "backbone",
+            "z",
+            z.shape(),
+            &[want.0, want.1, want.2],
+        ));
+    }
+    let z = if z.is_standard_layout() {
+        z
+    } else {
+        z.as_standard_layout().into_owned()
+    };
+    check_finite("backbone", "z", z.as_slice().expect("standard z").iter(), s)?;
+    Ok(z)
 }

@@ -24,7 +24,7 @@ pub struct SamplingDefaults {
 }
 
 /// What the engine needs to know about a model; a bundle's is
-/// gtr-run's `Bundle::model_info`.
+/// gtr-ort's `Bundle::model_info`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInfo {
     pub name: String,

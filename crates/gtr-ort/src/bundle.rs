@@ -374,7 +374,16 @@ impl Bundle {
         Ok(bundle)
     }
 
+    /// The manifest's numbers ([`Self::check_numbers`]), then its graphs,
+    /// evaluator and precisions.
     fn validate(&self) -> Result<(), String> {
+        self.check_numbers()?;
+        self.check_graphs()?;
+        check_precisions(self)
+    }
+
+    /// The format, every size and number of the manifest in range.
+    fn check_numbers(&self) -> Result<(), String> {
         let m = &self.manifest;
         if m.format != FORMAT {
             return Err(format!(
@@ -454,6 +463,14 @@ impl Bundle {
                 m.image.channels
             ));
         }
+        Ok(())
+    }
+
+    /// Every required graph listed, with the roles of its tensors and a
+    /// file inside the bundle; optional graphs likewise where listed, the
+    /// split head's parts together, the evaluator's entries, no unknown role.
+    fn check_graphs(&self) -> Result<(), String> {
+        let m = &self.manifest;
         for role in Role::ALL.into_iter().chain(Role::OPTIONAL) {
             let Some(entry) = m.graphs.get(role.key()) else {
                 if Role::OPTIONAL.contains(&role) {
@@ -488,7 +505,7 @@ impl Bundle {
                 known.join(", ")
             ));
         }
-        check_precisions(self)
+        Ok(())
     }
 
     /// The manifest's default precision, if it sets one (checked at open).

@@ -106,7 +106,7 @@ impl OrtModel {
         let info = bundle.model_info();
         let choice = &options.precision;
         let tensorrt = tensorrt_options(bundle, &info, options)?;
-        let mut provider = String::from("cpu");
+        let mut provider = String::new();
         // Opens `role`'s graph (the precision's file) and checks its
         // contract; `cuda_graph` asks the CUDA provider to capture it.
         let open_with = |role: Role, entry: &crate::bundle::GraphEntry, cuda_graph: bool| {
@@ -131,12 +131,17 @@ impl OrtModel {
             Ok::<_, OrtError>((graph, ran))
         };
         let open = |role: Role, entry: &crate::bundle::GraphEntry| open_with(role, entry, false);
-        let mut graphs = Vec::new();
-        for role in Role::ALL {
+        // The four graphs every bundle has; the provider is the one that
+        // runs them (the last to open says).
+        let mut required = |role: Role| {
             let (graph, ran) = open(role, bundle.graph(role))?;
             provider = ran;
-            graphs.push(graph);
-        }
+            Ok::<_, OrtError>(graph)
+        };
+        let encoder = required(Role::Encoder)?;
+        let decoder = required(Role::Decoder)?;
+        let diffusion = required(Role::Diffusion)?;
+        let vae = required(Role::VaeDecoder)?;
         if choice.precision == Precision::Tf32 && !provider.starts_with("cuda") {
             return Err(OrtError::Device {
                 device: provider,
@@ -150,71 +155,20 @@ impl OrtModel {
                 .optional_graph(role)
                 .filter(|_| choice.runs_alike(bundle, role))
         };
-        // The sampler gets no TensorRT options (`tensorrt_options` covers Role::ALL).
-        let sampler = match derived(Role::Sampler) {
-            Some(entry) => Some(open(Role::Sampler, entry)?.0),
-            None => None,
-        };
-        // Under TensorRT the encoder and decoder run as TensorRT engines with
-        // profiles; the fused graph would get none, so it is not used there.
-        let backbone = match derived(Role::Backbone) {
-            Some(entry) if options.device != Device::TensorRt => {
-                Some(open(Role::Backbone, entry)?.0)
-            }
-            _ => None,
-        };
-        // The split head, where its parts are in the run's precision (not
-        // under TensorRT, which would get no profiles for them).
-        let split_head = match (
-            derived(Role::DiffusionCondition),
-            derived(Role::DiffusionState),
-        ) {
-            (Some(condition), Some(state)) if options.device != Device::TensorRt => {
-                Some(SplitHead {
-                    condition: open(Role::DiffusionCondition, condition)?.0,
-                    state: open(Role::DiffusionState, state)?.0,
-                    rows: gtr_engine::SPLIT_TICK_ROWS,
-                })
-            }
-            _ => None,
-        };
-        // The tick graph (asked for by `--sampler ticks`; not under TensorRT,
-        // which would get no profiles for it) with CUDA graphs where CUDA
-        // runs it, unless profiling (a replayed graph's kernels are not
-        // profiled one by one). ONNX Runtime refuses to capture a graph
-        // whose nodes are not all on the CUDA provider: the graph then runs
-        // without, and the note says why.
+        let (sampler, backbone, split_head) =
+            open_derived(&open_with, &derived, options.device == Device::TensorRt)?;
+        // The tick graph, asked for by `--sampler ticks` (not under TensorRT,
+        // which would get no profiles for it).
         let mut capture_refused = None;
         let ticks = match derived(Role::Tick) {
             Some(entry) if options.tick_graph && provider != "tensorrt" => {
-                let mut capture = provider == "cuda" && options.profile_dir.is_none();
-                let (graph, ran) = match open_with(Role::Tick, entry, capture) {
-                    Err(e) if capture => {
-                        capture = false;
-                        capture_refused = Some(format!(
-                            "the tick graph runs without CUDA graphs: ONNX Runtime would not capture it ({e})"
-                        ));
-                        open_with(Role::Tick, entry, false)?
-                    }
-                    opened => opened?,
-                };
-                let runner = TickRunner::new(graph, &ran, capture, info.token_dim, info.width)
-                    .map_err(|message| OrtError::Session {
-                        graph: "tick",
-                        path: bundle.entry_path(entry).display().to_string(),
-                        message: format!("device memory for the bound tensors: {message}"),
-                    })?;
+                let capture = provider == "cuda" && options.profile_dir.is_none();
+                let (runner, refused) = open_ticks(&open_with, entry, capture, &info, bundle)?;
+                capture_refused = refused;
                 Some(runner)
             }
             _ => None,
         };
-        let mut it = graphs.into_iter();
-        let (encoder, decoder, diffusion, vae) = (
-            it.next().unwrap(),
-            it.next().unwrap(),
-            it.next().unwrap(),
-            it.next().unwrap(),
-        );
         let mut model = OrtModel {
             info,
             encoder,
@@ -779,4 +733,79 @@ impl MarModel for OrtModel {
     fn precision(&self) -> String {
         self.precision.precision.to_string()
     }
+}
+
+/// The sampler graph, the backbone graph and the split head, where opened.
+type DerivedGraphs = (Option<Graph>, Option<Graph>, Option<SplitHead>);
+
+/// The derived graphs a bundle has in the run's precision (`derived`):
+/// the sampler graph; under anything but TensorRT (whose engines get
+/// profiles for the four graphs only) the backbone graph, and the split
+/// head's two parts.
+fn open_derived<'a>(
+    open_with: &OpenGraph<'_>,
+    derived: &dyn Fn(Role) -> Option<&'a crate::bundle::GraphEntry>,
+    tensorrt: bool,
+) -> Result<DerivedGraphs, OrtError> {
+    let open = |role, entry| open_with(role, entry, false);
+    let sampler = match derived(Role::Sampler) {
+        Some(entry) => Some(open(Role::Sampler, entry)?.0),
+        None => None,
+    };
+    let backbone = match derived(Role::Backbone) {
+        Some(entry) if !tensorrt => Some(open(Role::Backbone, entry)?.0),
+        _ => None,
+    };
+    let split_head = match (
+        derived(Role::DiffusionCondition),
+        derived(Role::DiffusionState),
+    ) {
+        (Some(condition), Some(state)) if !tensorrt => Some(SplitHead {
+            condition: open(Role::DiffusionCondition, condition)?.0,
+            state: open(Role::DiffusionState, state)?.0,
+            rows: gtr_engine::SPLIT_TICK_ROWS,
+        }),
+        _ => None,
+    };
+    Ok((sampler, backbone, split_head))
+}
+
+/// How [`OrtModel::load_with`] opens a graph: its role, its manifest entry,
+/// whether CUDA graphs capture it; the graph and the provider that runs it.
+type OpenGraph<'a> =
+    dyn Fn(Role, &crate::bundle::GraphEntry, bool) -> Result<(Graph, String), OrtError> + 'a;
+
+/// The tick graph at `entry` behind its runner, with CUDA graphs where
+/// `capture` asks for them (CUDA runs it, and no profiling: a replayed
+/// graph's kernels are not profiled one by one). ONNX Runtime refuses to
+/// capture a graph whose nodes are not all on the CUDA provider: the graph
+/// then runs without, and the returned note says why.
+fn open_ticks(
+    open_with: &OpenGraph<'_>,
+    entry: &crate::bundle::GraphEntry,
+    capture: bool,
+    info: &ModelInfo,
+    bundle: &Bundle,
+) -> Result<(TickRunner, Option<String>), OrtError> {
+    let mut capture = capture;
+    let mut refused = None;
+    let (graph, ran) = match open_with(Role::Tick, entry, capture) {
+        Err(e) if capture => {
+            capture = false;
+            refused = Some(format!(
+                "the tick graph runs without CUDA graphs: ONNX Runtime would not capture it ({e})"
+            ));
+            open_with(Role::Tick, entry, false)?
+        }
+        opened => opened?,
+    };
+    let runner =
+        TickRunner::new(graph, &ran, capture, info.token_dim, info.width).map_err(|message| {
+            OrtError::Session {
+                graph: "tick",
+                path: bundle.entry_path(entry).display().to_string(),
+                message: format!("device memory for the bound tensors: {message}"),
+            }
+        })?;
+    Ok((runner, refused))
 }
