@@ -24,12 +24,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// name, a symbolic link included, instead of following it), so a link
 /// planted beside `path` cannot redirect the write. The rename replaces
 /// whatever is at `path`: a symbolic link there is replaced by the file,
-/// never written through. The file gets the usual permissions (0666 less
-/// the umask), as `File::create` would give it.
+/// never written through. Anything else there that is not a regular file
+/// (a device such as `/dev/full`, a pipe, a socket, a folder) is refused
+/// ([`std::io::ErrorKind::InvalidInput`]), never replaced. The file gets the
+/// usual permissions (0666 less the umask), as `File::create` would give it.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    if let Some(kind) = not_a_file(path) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is {kind}, not a file; it is not replaced",
+                path.display()
+            ),
+        ));
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -54,6 +65,30 @@ pub fn write_atomic_with(
     file.sync_all()?;
     drop(file);
     tmp_path.persist(path).map_err(|e| e.error)
+}
+
+/// What is at `path` if it is neither missing, a regular file nor a
+/// symbolic link (which a write replaces): "a folder", "a device", "a pipe",
+/// "a socket".
+pub fn not_a_file(path: &Path) -> Option<&'static str> {
+    let kind = std::fs::symlink_metadata(path).ok()?.file_type();
+    if kind.is_file() || kind.is_symlink() {
+        return None;
+    }
+    if kind.is_dir() {
+        return Some("a folder");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return Some("a pipe");
+        }
+        if kind.is_socket() {
+            return Some("a socket");
+        }
+    }
+    Some("a device")
 }
 
 /// If `name` is a temporary file of [`write_atomic_with`]
@@ -158,6 +193,39 @@ mod tests {
     /// A fresh folder, removed when the returned guard drops.
     fn scratch() -> tempfile::TempDir {
         tempfile::tempdir().unwrap()
+    }
+
+    /// A pipe (as a device would be) or a folder at the output's name is
+    /// refused and left as it was, never replaced by the file.
+    #[cfg(unix)]
+    #[test]
+    fn what_is_not_a_file_is_never_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = scratch();
+        let pipe = dir.path().join("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+        if made.is_ok_and(|s| s.success()) {
+            let e = write_atomic(&pipe, b"x").unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("is a pipe, not a file"), "{e}");
+            assert!(
+                std::fs::symlink_metadata(&pipe)
+                    .unwrap()
+                    .file_type()
+                    .is_fifo()
+            );
+        }
+        let folder = dir.path().join("folder");
+        std::fs::create_dir(&folder).unwrap();
+        let e = write_atomic(&folder, b"x").unwrap_err();
+        assert!(e.to_string().contains("is a folder, not a file"), "{e}");
+        assert!(folder.is_dir());
+        assert_eq!(not_a_file(&dir.path().join("missing")), None);
+        // Nothing was left beside them.
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1 + usize::from(pipe.exists())
+        );
     }
 
     #[test]

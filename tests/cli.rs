@@ -388,3 +388,34 @@ fn exit_statuses_say_what_failed() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// An output name that holds a device or a pipe (`--png /dev/full`) is
+/// refused before any work (exit 3) and left as it was: the atomic write
+/// would otherwise rename the file over it.
+#[cfg(unix)]
+#[test]
+fn outputs_never_replace_devices_or_pipes() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tmp("not-a-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pipe = dir.join("grid.png");
+    let made = std::process::Command::new("mkfifo").arg(&pipe).status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: no mkfifo here");
+        return;
+    }
+    let o = gtr_run(&["plan", "schedules/gtr.gtr", "--png", pipe.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("this is a pipe, not a file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        std::fs::symlink_metadata(&pipe)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

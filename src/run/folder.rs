@@ -127,11 +127,18 @@ pub(super) fn check_resumable(
 }
 
 /// Refuses, before any work, a path a file cannot be written to: a folder,
+/// a device, pipe or socket (never replaced: [`crate::fsutil::not_a_file`]),
 /// or a file in a folder that does not exist. `what` names the option.
 pub fn check_file_target(path: &Path, what: &str) -> Result<(), RunError> {
     if path.is_dir() {
         return Err(RunError::Invalid(format!(
             "{what} {}: this is a folder; give a file name",
+            path.display()
+        )));
+    }
+    if let Some(kind) = crate::fsutil::not_a_file(path) {
+        return Err(RunError::Invalid(format!(
+            "{what} {}: this is {kind}, not a file; give a file name (it is not replaced)",
             path.display()
         )));
     }
