@@ -183,7 +183,8 @@ pub fn summary(dir: &Path, outcomes: &BTreeMap<String, Outcome>, checking: bool)
     let mut lines = Vec::new();
     let mut failures = 0;
     for (name, outcome) in outcomes {
-        let snap = format!("{}/snapshots/{name}.snap", dir.display());
+        let snap = dir.join("snapshots").join(format!("{name}.snap"));
+        let snap = snap.display();
         lines.push(match outcome {
             Outcome::Unchanged => format!("{name}: unchanged"),
             Outcome::Written => format!("{name}: written to {snap}"),

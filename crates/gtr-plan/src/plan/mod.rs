@@ -491,7 +491,7 @@ fn step_counts(
                     src,
                     e.span,
                     format!(
-                        "a rate is tokens per step and must be > 0, not {}",
+                        "a rate is tokens per step and must be a finite number > 0, not {}",
                         fmt_num(r)
                     ),
                 ));

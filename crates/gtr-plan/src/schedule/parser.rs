@@ -712,9 +712,30 @@ fn declaration_synopsis(text: &str, pos: usize, positives: &[Rule]) -> Option<&'
     if text[start..pos].trim().is_empty() && !new_item && start > 0 {
         start = line_start(text, text[..start].trim_end().len());
     }
-    let head = text[start..]
+    let mut words = text[start..pos.max(start)]
         .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .find(|w| !w.is_empty())?;
+        .filter(|w| !w.is_empty());
+    let head = match words.next() {
+        Some(head) => head,
+        None => text[start..]
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .find(|w| !w.is_empty())?,
+    };
+    // Another item begun on the line before `pos` (`grid 4x4 stage a { … }`):
+    // the error is in that one, not in the declaration the line starts with.
+    const ITEMS: [&str; 8] = [
+        "stage",
+        "param",
+        "set",
+        "partition",
+        "grid",
+        "cfg",
+        "diffusion",
+        "temperature",
+    ];
+    if words.any(|w| ITEMS.contains(&w)) {
+        return None;
+    }
     Some(match head {
         "param" => "a parameter is written `param NAME = VALUE`, e.g. `param steps = 16`",
         "set" => "a set is written `set NAME = CONDITION`, e.g. `set edge = i == 0 or j == 0`",
