@@ -50,5 +50,6 @@ pub use gtr_plan::{cost, grid, plan, report, rng, schedule};
 
 pub mod eval;
 pub mod fsutil;
+pub mod limits;
 pub mod run;
 pub mod snapshot;

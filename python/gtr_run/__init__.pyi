@@ -24,9 +24,10 @@ class ScheduleError(GtrRunError):
     line: Optional[int]
     """1-based line of the problem (None when the file could not be read)."""
     column: Optional[int]
-    """1-based column of the problem."""
+    """1-based column of the problem (None when the file could not be read)."""
     file: Optional[str]
-    """The schedule's name: its path, or ``<string>`` for text."""
+    """The schedule's name: its path, or ``<string>`` for text (None when the file could not be
+    read: the message names it)."""
     help: Optional[str]
     """What would be right, when gtr-run can tell."""
 
@@ -75,7 +76,10 @@ class Plan:
         """[height, width]: the 0-based stage that reveals each cell."""
     def cost(self, model_spec: Union[str, "os.PathLike[str]"]) -> dict[str, Any]:
         """Analytic cost per image on ``"mar-b"``, ``"mar-l"``, ``"mar-h"`` or a bundle's path
-        (``gtr-run plan --cost``): passes, diffusion evaluations and FLOPs."""
+        (``gtr-run plan --cost``): passes, diffusion evaluations and FLOPs. On a bundle the
+        schedule is planned again as a run on it plans it (the bundle's grid, its guidance and
+        temperature defaults, this plan's seed); a plan made with another ``grid=`` is a
+        ValueError."""
     def to_json(self) -> dict[str, Any]:
         """The object ``gtr-run plan --json`` prints."""
     def picture(self) -> npt.NDArray[np.uint8]:
@@ -91,9 +95,9 @@ def plan(
     """Plans ``schedule`` on ``grid`` (default: the schedule's ``grid``, else 16x16) with
     ``seed``; keyword arguments set parameters as ``--set name=value`` does.
 
-    Raises ScheduleError (with line and column) for a bad schedule, ValueError for a bad
-    argument (a parameter the schedule does not declare included), TypeError for an argument
-    of the wrong type."""
+    Raises ScheduleError (with line and column) for a bad schedule, ValueError for a bad or
+    wrong-typed argument (a parameter the schedule does not declare included), TypeError for
+    a ``seed`` that is not an int."""
 
 class Model:
     """A model bundle loaded on a device, ready to generate.
@@ -110,18 +114,22 @@ class Model:
         threads: Optional[int] = None,
         sampler: str = "auto",
         head: str = "auto",
+        backbone: str = "auto",
     ) -> None:
         """Opens the bundle (its folder, manifest.yaml or any .onnx in it) and loads its graphs.
 
         ``device``: ``cpu``, ``cuda``, ``tensorrt`` (strict) or ``auto``; ``precision``: fp32,
         tf32, fp16, bf16 or int8 (default: the manifest's, else fp32); ``threads``: intra-op
-        threads per graph, and for gtr-run's own parallel work when it is the process's first
-        model to set it (default: ONNX Runtime's, and one per core); ``sampler``: where diffusion
+        threads per graph, and for gtr-run's own parallel work when no ``generate`` or ``eval``
+        has run in the process yet (that pool keeps its first size; default: ONNX Runtime's,
+        and one per core); ``sampler``: where diffusion
         chains run, as ``--sampler``: ``auto``, ``host``, ``graph`` (the bundle's sampler graph) or
         ``ticks`` (its tick graph; CUDA graphs on ``cuda``); ``head``: how the host chains run the
         diffusion head, as ``--head``: ``auto``, ``whole`` or ``split`` (the bundle's two parts of
         models/split_head.py in every step; ``auto`` uses them in steps of at most 32 head rows a
-        tick; the same images in fp32). Raises GtrRunError with the command
+        tick; the same images in fp32); ``backbone``: as ``--backbone``: ``auto`` (the bundle's
+        backbone graph on a GPU provider, the encoder and decoder on the CPU), ``fused`` or
+        ``split``. Raises GtrRunError with the command
         line's message when the bundle or the runtime fails. What the command line would print
         once about the loaded model (e.g. that the chains run on the host because the bundle has
         no sampler graph) is a ``UserWarning``."""
@@ -159,8 +167,9 @@ class Model:
         ``cfg``/``temperature`` replace the schedule's and the model's; ``batch`` (default 8)
         never changes an image (except in int8, unless its variants quantize activations per
         row: ``convert_precision.py --per-row-activations``); ``params`` sets schedule
-        parameters; ``progress``: a bar on stderr, False, or a function called with (images
-        done, total) after each batch. Numbers out of range (``num_images`` from 1 to 10**7,
+        parameters; ``progress``: a bar on stderr (drawn only when stderr is a terminal: pass a
+        function in a notebook), False, or a function called with (images done, total) after
+        each batch. Numbers out of range (``num_images`` from 1 to 10**7,
         ``seed`` from 0 to 2**64 - 1, ``batch`` from 1 to 4096), an unknown parameter, or more
         images than memory holds raise ValueError before any work.
 

@@ -30,11 +30,9 @@ create_exception!(
     "A schedule that cannot be read, parsed or planned; `line` and `column` (1-based) say where, when known."
 );
 
-/// The most images one call makes, and the batch and thread ranges: the
-/// command line's limits.
-const MAX_IMAGES: usize = 10_000_000;
-const MAX_BATCH: usize = 4096;
-const MAX_THREADS: usize = 1024;
+/// The command line's limits (the most images one call makes, the batch,
+/// thread and repeat ranges).
+use gtr_run::limits::{MAX_BATCH, MAX_IMAGES, MAX_REPEATS, MAX_THREADS};
 /// The command line's default `--batch`.
 const DEFAULT_BATCH: usize = 8;
 

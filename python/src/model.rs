@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use gtr_run::backend::{ChainRunner, Device, HeadRunner, LoadOptions, OrtEvaluator, OrtModel};
+use gtr_run::backend::{
+    BackboneRunner, ChainRunner, Device, HeadRunner, LoadOptions, OrtEvaluator, OrtModel,
+};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, MarModel, RunStats};
 use gtr_run::eval::{CompareRequest, Scoring, compare};
-use gtr_run::plan::PlanOptions;
 use gtr_run::run::{Classes, Existing, RunError, RunRequest, generate_in_memory};
 use ndarray::Array4;
 use numpy::{IntoPyArray, PyArray4};
@@ -19,9 +20,9 @@ use serde_json::{Value, json};
 use crate::args::{
     ScheduleArg, Whole, classes_arg, in_range, non_negative, overrides, seed_arg, to_python,
 };
-use crate::errors::{Failure, chain, run_failure};
+use crate::errors::{Failure, run_failure};
 use crate::progress::{Progress, ProgressArg};
-use crate::{DEFAULT_BATCH, GtrRunError, MAX_BATCH, MAX_IMAGES, MAX_THREADS};
+use crate::{DEFAULT_BATCH, GtrRunError, MAX_BATCH, MAX_IMAGES, MAX_REPEATS, MAX_THREADS};
 
 /// The columns of eval.csv that count things (ints); every other number is
 /// a measurement (a float, `1.0` included, so that a column has one type).
@@ -66,14 +67,15 @@ pub(crate) fn csv_rows<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, 
 
 /// A model bundle loaded on a device, ready to generate:
 /// `Model(bundle, device="cpu", precision=None, threads=None,
-/// sampler="auto", head="auto")` opens the bundle (its folder, its
+/// sampler="auto", head="auto", backbone="auto")` opens the bundle (its folder, its
 /// manifest.yaml or any .onnx in it) and loads its graphs on `device`
 /// (`cpu`, `cuda`, `tensorrt` or `auto`) at `precision` (default: the
 /// manifest's, else fp32) with `threads` intra-op threads per graph, with
 /// its diffusion chains where `sampler` says (`--sampler`: auto, host,
-/// graph or ticks) and its diffusion head run as `head` says (`--head`:
-/// auto, whole or split). What the command line would print once about the
-/// loaded model is a UserWarning.
+/// graph or ticks), its diffusion head run as `head` says (`--head`:
+/// auto, whole or split) and its backbone as `backbone` says
+/// (`--backbone`: auto, fused or split). What the command line would print
+/// once about the loaded model is a UserWarning.
 ///
 /// It runs one `generate` or `eval` at a time: its engine is behind a lock
 /// that a second call, from another thread or from the first call's
@@ -101,10 +103,13 @@ impl Model {
     /// `threads` intra-op threads per graph, and for gtr-run's own parallel
     /// work if it is the process's first model to say (default: ONNX
     /// Runtime's, and one per core), with its diffusion chains where
-    /// `sampler` says (`--sampler`: auto, host, graph or ticks) and its
-    /// diffusion head run as `head` says (`--head`: auto, whole or split).
+    /// `sampler` says (`--sampler`: auto, host, graph or ticks), its
+    /// diffusion head run as `head` says (`--head`: auto, whole or split)
+    /// and its backbone as `backbone` says (`--backbone`: auto, fused or
+    /// split).
     #[new]
-    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto", head="auto"))]
+    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto", head="auto", backbone="auto"))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn new(
         py: Python<'_>,
         bundle: PathBuf,
@@ -113,10 +118,14 @@ impl Model {
         threads: Option<Whole>,
         sampler: &str,
         head: &str,
+        backbone: &str,
     ) -> PyResult<Self> {
         let sampler: ChainRunner = sampler
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("sampler: {e}")))?;
+        let backbone: BackboneRunner = backbone
+            .parse()
+            .map_err(|e: String| PyValueError::new_err(format!("backbone: {e}")))?;
         let head: HeadRunner = head
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("head: {e}")))?;
@@ -147,10 +156,9 @@ impl Model {
                 tick_graph: sampler == ChainRunner::Ticks,
                 ..LoadOptions::new(&bundle, device_kind, threads)
             };
-            let (model, note) = OrtModel::load_with(&bundle, &options)
-                .and_then(|m| m.run_chains(sampler, &bundle))
-                .and_then(|(m, note)| Ok((m.run_head(head, &bundle)?, note)))
-                .map_err(run_failure)?;
+            let (model, note) =
+                OrtModel::load_running(&bundle, &options, (sampler, backbone, head))
+                    .map_err(run_failure)?;
             drop(bundle_lock);
             let model = Model {
                 bundle,
@@ -307,7 +315,7 @@ impl Model {
         let table = py.detach(|| {
             let n = in_range("num_images", num_images, 1, MAX_IMAGES)?;
             let batch = in_range("batch", batch, 1, MAX_BATCH)?;
-            let repeats = in_range("repeats", repeats, 1, MAX_IMAGES)?;
+            let repeats = in_range("repeats", repeats, 1, MAX_REPEATS)?;
             let (cfg, temperature) = (
                 non_negative("cfg", cfg)?,
                 non_negative("temperature", temperature)?,
@@ -320,7 +328,9 @@ impl Model {
             let contenders =
                 gtr_run::eval::contenders(&schedules, &overrides).map_err(|e| match e {
                     gtr_run::eval::ContenderError::Schedule(e) => Failure::Schedule(e),
-                    other => Failure::Value(chain(&other)),
+                    gtr_run::eval::ContenderError::Undeclared(name) => Failure::Value(format!(
+                        "params: `{name}`: no schedule given declares a parameter `{name}`"
+                    )),
                 })?;
             // The evaluator and its reference, read under the bundle's lock.
             let bundle_lock =
@@ -344,12 +354,7 @@ impl Model {
                 batch,
                 seed,
                 repeats,
-                options: PlanOptions {
-                    default_cfg: Some(defaults.cfg),
-                    default_temperature: Some(defaults.temperature),
-                    cfg,
-                    temperature,
-                },
+                options: defaults.plan_options(cfg, temperature),
                 warm_up: true,
             };
             engine.stats = RunStats::default();

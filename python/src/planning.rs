@@ -1,6 +1,6 @@
 //! `gtr_run.plan()` and the `Plan` and `Step` it returns.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use gtr_run::cost::plan_cost;
 use gtr_run::plan::Planner;
@@ -144,7 +144,10 @@ impl Plan {
     }
 
     /// The analytic cost per image on `model_spec` (`"mar-b"`, `"mar-l"`,
-    /// `"mar-h"` or a model bundle's path), as `plan --json --cost` gives it.
+    /// `"mar-h"` or a model bundle's path), as `plan --json --cost` gives
+    /// it: on a bundle, of the schedule planned as a run on it plans it
+    /// (the bundle's grid, its guidance and temperature defaults, this
+    /// plan's seed).
     fn cost<'py>(
         &self,
         py: Python<'py>,
@@ -153,13 +156,30 @@ impl Plan {
         let name = model_spec
             .extract::<PathBuf>()
             .map_err(|_| PyValueError::new_err("model_spec: give a spec name or a bundle path"))?;
-        let spec =
-            gtr_run::bundle::cost_spec_named(&name.to_string_lossy()).map_err(|e| match e {
-                gtr_run::bundle::NamedSpecError::Unknown(_) => {
-                    PyValueError::new_err(format!("model_spec {e}"))
-                }
-                e => GtrRunError::new_err(chain(&e)),
-            })?;
+        let name = name.to_string_lossy();
+        if gtr_run::cost::ModelSpec::builtin(&name).is_none() && Path::new(&*name).exists() {
+            let bundle = gtr_run::bundle::Bundle::open(Path::new(&*name))
+                .map_err(|e| GtrRunError::new_err(chain(&e)))?;
+            if self.schedule.grid.is_none() && self.plan.grid != bundle.grid() {
+                return Err(PyValueError::new_err(format!(
+                    "model_spec: the bundle `{}` has a {} grid, which a run on it plans on; this plan is on {} (plan it without grid=)",
+                    bundle.manifest.name,
+                    bundle.grid(),
+                    self.plan.grid
+                )));
+            }
+            let plan = bundle
+                .plan(&self.schedule, self.plan.seed)
+                .map_err(|e| PyErr::from(Failure::Schedule(e)))?;
+            let cost = plan_cost(&plan, &bundle.cost_spec());
+            return to_python(py, &self.json(Some(&cost))["cost"]);
+        }
+        let spec = gtr_run::bundle::cost_spec_named(&name).map_err(|e| match e {
+            gtr_run::bundle::NamedSpecError::Unknown(_) => {
+                PyValueError::new_err(format!("model_spec {e}"))
+            }
+            e => GtrRunError::new_err(chain(&e)),
+        })?;
         let cost = plan_cost(&self.plan, &spec);
         to_python(py, &self.json(Some(&cost))["cost"])
     }

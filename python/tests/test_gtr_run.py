@@ -101,11 +101,20 @@ def test_schedule_from_text_plans_like_the_file():
     assert from_text == from_file
 
 
-def test_cost_takes_a_bundle_and_refuses_unknown_specs():
+def test_cost_takes_a_bundle_and_refuses_unknown_specs(cli, tmp_path):
     p = gtr_run.plan(SCHEDULES / "mar-8.gtr")
     assert p.cost(TINY)["total_flops"] > 0
     with pytest.raises(ValueError, match="no such model spec or bundle"):
         p.cost("mar-xl")
+    # On a bundle, as `plan --cost BUNDLE`: planned with the bundle's guidance default, so a
+    # schedule without `cfg` costs both branches.
+    unguided = tmp_path / "unguided.gtr"
+    unguided.write_text("stage a { tokens all  order random  steps 8 }\n")
+    want = json.loads(run_cli(cli, "plan", unguided, "--json", "--cost", MAR_TINY).stdout)["cost"]
+    assert gtr_run.plan(unguided).cost(MAR_TINY) == want
+    assert want["encoder_passes"] == 16
+    with pytest.raises(ValueError, match="has a 16x16 grid"):
+        gtr_run.plan(unguided, grid="8x8").cost(MAR_TINY)
 
 
 def test_schedule_errors_carry_the_cli_message_and_position(cli, tmp_path):
@@ -172,6 +181,20 @@ def test_head_choice_gives_the_same_images():
     assert runs["split"][1]["diffusion_chains"] == "host (split head)"
     assert runs["whole"][1]["diffusion_chains"] == "host"
     assert np.array_equal(runs["split"][0], runs["whole"][0])
+
+
+def test_backbone_choice_is_the_command_lines():
+    """`backbone` is `--backbone`: on the CPU `auto` runs the two graphs, as the command line does,
+    `fused` the bundle's backbone graph; the images are the same."""
+    schedule = SCHEDULES / "gtr-fast.gtr"
+    bundle = TINY.parent / "tiny-sampler"
+    runs = {b: gtr_run.Model(bundle, backbone=b).generate(schedule, 3, seed=2, progress=False)
+            for b in ["auto", "fused"]}
+    assert runs["auto"][1]["backbone"] == "encoder and decoder"
+    assert runs["fused"][1]["backbone"] == "backbone graph"
+    assert np.array_equal(runs["auto"][0], runs["fused"][0])
+    with pytest.raises(ValueError, match="backbone: "):
+        gtr_run.Model(bundle, backbone="both")
 
 
 @pytest.fixture(scope="module")
@@ -397,8 +420,13 @@ def test_eval_gives_the_cli_table(cli, tmp_path):
             assert isinstance(row[key], float), (key, row[key])
 
 
+def test_eval_repeats_take_the_command_lines_range(tiny):
+    with pytest.raises(ValueError, match="repeats.*10000"):
+        tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, repeats=10_001, progress=False)
+
+
 def test_eval_refuses_undeclared_parameters(tiny):
-    with pytest.raises(ValueError, match="no schedule given declares a parameter `nope`"):
+    with pytest.raises(ValueError, match="params: `nope`: no schedule given declares a parameter `nope`"):
         tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, params={"nope": 1.0}, progress=False)
 
 

@@ -93,8 +93,10 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let (grid, options) = match &bundle {
-        None => (schedule.planning_grid(args.grid), PlanOptions::default()),
+    let plan = match &bundle {
+        None => Planner::new(&schedule, schedule.planning_grid(args.grid))
+            .and_then(|p| p.plan_with(args.seed, &PlanOptions::default()))
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?,
         Some(bundle) => {
             if let Some(g) = args.grid.filter(|&g| g != bundle.grid()) {
                 bail!(
@@ -103,19 +105,9 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
                     bundle.grid()
                 );
             }
-            schedule.check_model_grid(bundle.grid(), &bundle.manifest.name)?;
-            let sampling = bundle.manifest.sampling;
-            let options = PlanOptions {
-                default_cfg: Some(sampling.cfg),
-                default_temperature: Some(sampling.temperature),
-                ..PlanOptions::default()
-            };
-            (bundle.grid(), options)
+            bundle.plan(&schedule, args.seed)?
         }
     };
-    let plan = Planner::new(&schedule, grid)
-        .and_then(|p| p.plan_with(args.seed, &options))
-        .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
     let cost = match (&args.cost, &bundle) {
         (None, _) => None,
         (Some(_), Some(bundle)) => Some(plan_cost(&plan, &bundle.cost_spec())),

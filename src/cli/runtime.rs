@@ -77,14 +77,11 @@ pub fn load_model(
     if let Some(threads) = runtime.threads {
         gtr_run::engine::set_host_threads(threads);
     }
-    let (model, note) = gtr_run::backend::OrtModel::load_with(bundle, options)?
-        .run_chains(runtime.sampler, bundle)?;
+    let runners = (runtime.sampler, runtime.backbone, runtime.head);
+    let (model, note) = gtr_run::backend::OrtModel::load_running(bundle, options, runners)?;
     if let Some(note) = note {
         eprintln!("gtr-run: {note}");
     }
-    let model = model
-        .run_backbone(runtime.backbone, bundle)?
-        .run_head(runtime.head, bundle)?;
     Ok(model)
 }
 
@@ -123,12 +120,10 @@ impl RuntimeArgs {
     /// Plan options from the bundle's sampling defaults and `--cfg` /
     /// `--temperature`.
     pub fn plan_options(&self, bundle: &gtr_run::bundle::Bundle) -> gtr_run::plan::PlanOptions {
-        gtr_run::plan::PlanOptions {
-            default_cfg: Some(bundle.manifest.sampling.cfg),
-            default_temperature: Some(bundle.manifest.sampling.temperature),
-            cfg: self.cfg,
-            temperature: self.temperature,
-        }
+        bundle
+            .manifest
+            .sampling
+            .plan_options(self.cfg, self.temperature)
     }
 
     /// How to load `bundle` for `schedules` planned with `seed`, at `batch`.
@@ -153,9 +148,7 @@ impl RuntimeArgs {
     }
 }
 
-/// The most images one command makes (the labels and file names of a run
-/// are planned up front).
-const MAX_IMAGES: usize = 10_000_000;
+use gtr_run::limits::{MAX_BATCH, MAX_IMAGES, MAX_REPEATS, MAX_THREADS};
 
 /// A whole number in `min..=max`, or an error saying the range.
 fn parse_in_range(s: &str, min: usize, max: usize) -> Result<usize, String> {
@@ -170,16 +163,16 @@ pub fn parse_image_count(s: &str) -> Result<usize, String> {
 }
 
 pub fn parse_batch(s: &str) -> Result<usize, String> {
-    parse_in_range(s, 1, 4096)
+    parse_in_range(s, 1, MAX_BATCH)
 }
 
-/// Repeats of a comparison (`--repeats`): 1 to 10,000.
+/// Repeats of a comparison (`--repeats`).
 pub fn parse_repeats(s: &str) -> Result<usize, String> {
-    parse_in_range(s, 1, 10_000)
+    parse_in_range(s, 1, MAX_REPEATS)
 }
 
 fn parse_threads(s: &str) -> Result<usize, String> {
-    parse_in_range(s, 1, 1024)
+    parse_in_range(s, 1, MAX_THREADS)
 }
 
 /// A guidance scale or temperature ([`gtr_plan::plan::is_sampler_scale`]).

@@ -421,12 +421,7 @@ fn plan_run<'s>(req: &'s RunRequest, info: &ModelInfo) -> Result<RunPlans<'s>, R
     let invalid = |d| RunError::from(ScheduleError::Invalid(Box::new(d)));
     req.schedule.check_model_grid(info.grid, &info.name)?;
     let planner = Planner::new(&req.schedule, info.grid).map_err(invalid)?;
-    let options = PlanOptions {
-        default_cfg: Some(info.defaults.cfg),
-        default_temperature: Some(info.defaults.temperature),
-        cfg: req.cfg,
-        temperature: req.temperature,
-    };
+    let options = info.defaults.plan_options(req.cfg, req.temperature);
     let reference = planner.plan_with(req.seed, &options).map_err(invalid)?;
     crate::engine::check_plan(info, &reference).map_err(RunError::Invalid)?;
     Ok(RunPlans {

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::grid::Grid;
 use crate::sampler::Variance;
+use gtr_plan::plan::PlanOptions;
 
 /// The images a model's VAE decodes to.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -21,6 +22,21 @@ pub struct ImageSettings {
 pub struct SamplingDefaults {
     pub cfg: f64,
     pub temperature: f64,
+}
+
+impl SamplingDefaults {
+    /// How a run on a model with these defaults plans: stages without
+    /// `cfg` get `cfg` with MAR's linear schedule, stages without a
+    /// temperature get `temperature`; `cfg` and `temperature` given (the
+    /// flags) replace every stage's.
+    pub fn plan_options(self, cfg: Option<f64>, temperature: Option<f64>) -> PlanOptions {
+        PlanOptions {
+            default_cfg: Some(self.cfg),
+            default_temperature: Some(self.temperature),
+            cfg,
+            temperature,
+        }
+    }
 }
 
 /// What the engine needs to know about a model; a bundle's is

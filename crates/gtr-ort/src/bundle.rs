@@ -508,6 +508,24 @@ impl Bundle {
         Ok(())
     }
 
+    /// `schedule` planned with `seed` as a run on this bundle plans it: on
+    /// the bundle's grid (a schedule stating another is refused at its
+    /// `grid` line), with the bundle's guidance and temperature defaults,
+    /// so that guided steps cost both branches (`gtr-run plan --cost
+    /// BUNDLE`, `Plan.cost(bundle)` in Python).
+    pub fn plan(
+        &self,
+        schedule: &gtr_plan::schedule::Schedule,
+        seed: u64,
+    ) -> Result<gtr_plan::plan::Plan, gtr_plan::schedule::ScheduleError> {
+        use gtr_plan::schedule::ScheduleError;
+        schedule.check_model_grid(self.grid(), &self.manifest.name)?;
+        let options = self.manifest.sampling.plan_options(None, None);
+        gtr_plan::plan::Planner::new(schedule, self.grid())
+            .and_then(|p| p.plan_with(seed, &options))
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)))
+    }
+
     /// The manifest's default precision, if it sets one (checked at open).
     pub fn default_precision(&self) -> Option<crate::precision::Precision> {
         self.manifest

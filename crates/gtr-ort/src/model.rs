@@ -267,6 +267,23 @@ impl OrtModel {
         self.ticks.is_some()
     }
 
+    /// [`Self::load_with`], then the choices of where the chains, the
+    /// backbone and the head run ([`Self::run_chains`],
+    /// [`Self::run_backbone`], [`Self::run_head`]): how the command line and
+    /// Python load a model alike. Returns the model and the note
+    /// `run_chains` may give, to show the user once.
+    pub fn load_running(
+        bundle: &Bundle,
+        options: &LoadOptions,
+        (chains, backbone, head): (ChainRunner, BackboneRunner, HeadRunner),
+    ) -> Result<(Self, Option<String>), OrtError> {
+        let (model, note) = Self::load_with(bundle, options)?.run_chains(chains, bundle)?;
+        let model = model
+            .run_backbone(backbone, bundle)?
+            .run_head(head, bundle)?;
+        Ok((model, note))
+    }
+
     /// Applies the `--sampler` choice: where the diffusion chains will run.
     /// Returns the model and, when the bundle has no sampler graph and
     /// `Auto` was asked, or the tick graph runs without the CUDA graphs it

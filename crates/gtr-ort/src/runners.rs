@@ -61,6 +61,33 @@ pub enum BackboneRunner {
     Split,
 }
 
+impl BackboneRunner {
+    /// Every choice, in the order `--backbone` lists them.
+    pub const ALL: [BackboneRunner; 3] = [
+        BackboneRunner::Auto,
+        BackboneRunner::Fused,
+        BackboneRunner::Split,
+    ];
+
+    /// The name `--backbone` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackboneRunner::Auto => "auto",
+            BackboneRunner::Fused => "fused",
+            BackboneRunner::Split => "split",
+        }
+    }
+}
+
+impl std::str::FromStr for BackboneRunner {
+    type Err = String;
+
+    /// A [`BackboneRunner::name`] (`--backbone`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::device::by_name(s, BackboneRunner::ALL, BackboneRunner::name)
+    }
+}
+
 /// How the diffusion head runs on the host chains (`--head`): `Split`, the
 /// bundle's two parts (models/split_head.py) in every step, the (t, z) part
 /// once per group of ticks; `Whole`, the head graph once per tick; or
@@ -97,5 +124,41 @@ impl std::str::FromStr for HeadRunner {
     /// A [`HeadRunner::name`] (`--head`).
     fn from_str(s: &str) -> Result<Self, String> {
         crate::device::by_name(s, HeadRunner::ALL, HeadRunner::name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every choice's name reads back as it, and is the name the command
+    /// line lists (where clap derives it), so Python's strings and the
+    /// flags agree.
+    #[test]
+    fn names_read_back_and_match_the_flags() {
+        fn check<T: std::str::FromStr + PartialEq + std::fmt::Debug + Copy>(
+            all: &[T],
+            name: fn(T) -> &'static str,
+            flag: fn(T) -> Option<String>,
+        ) {
+            for &choice in all {
+                assert_eq!(name(choice).parse::<T>().ok(), Some(choice));
+                if let Some(listed) = flag(choice) {
+                    assert_eq!(listed, name(choice));
+                }
+            }
+            assert!("nope".parse::<T>().is_err());
+        }
+        #[cfg(feature = "clap")]
+        fn listed<T: clap::ValueEnum>(choice: T) -> Option<String> {
+            choice.to_possible_value().map(|v| v.get_name().to_string())
+        }
+        #[cfg(not(feature = "clap"))]
+        fn listed<T>(_: T) -> Option<String> {
+            None
+        }
+        check(&ChainRunner::ALL, ChainRunner::name, listed);
+        check(&BackboneRunner::ALL, BackboneRunner::name, listed);
+        check(&HeadRunner::ALL, HeadRunner::name, listed);
     }
 }
