@@ -3,9 +3,11 @@
     from models.run_record import read_run_record
     record = read_run_record("runs/mar-tiny-gtr-seed0")   # a dict, checked
 
-A record missing a field the table says it has (for its state: finished or not, merged or not),
-or holding a value of another type, raises RunRecordError naming the folder and the field. Fields
-the table does not know are kept (newer gtr-run versions may add some).
+A record missing a field the table says it has (for its state: finished or not, merged or not,
+adaptive, profiled), or holding a value of another type, raises RunRecordError naming the folder
+and the field. A row whose `when` adds a condition to its state ("adaptive, once an image is
+written", "with `--replay` (absent in older records)") is checked where the field is present.
+Fields the table does not know are kept (newer gtr-run versions may add some).
 """
 from __future__ import annotations
 
@@ -31,17 +33,20 @@ class RunRecordError(ValueError):
     pass
 
 
-def schema(path: str = SCHEMA_DOC) -> list[tuple[str, str, bool, str]]:
-    """The table's rows: (field, type, nullable, when)."""
+def schema(path: str = SCHEMA_DOC) -> list[tuple[str, str, bool, str, bool]]:
+    """The table's rows: (field, type, nullable, state, required): `state` is the first word of
+    the `when` cell; `required` when that word is the whole cell (else the field is checked only
+    where present)."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|\s*(\w+)\s*\|", line)
+            m = re.match(r"\|\s*`([^`]+)`\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|", line)
             if not m:
                 continue
             field, kind, when = m.groups()
             nullable = kind.endswith(" or null")
-            rows.append((field, kind.removesuffix(" or null"), nullable, when))
+            state = when.split()[0].rstrip(",")
+            rows.append((field, kind.removesuffix(" or null"), nullable, state, when == state))
     if not rows:
         raise RunRecordError(f"{path}: no field table found")
     return rows
@@ -81,21 +86,29 @@ def check(record: dict, where: str = "run.json") -> dict:
     states.add("finished" if record.get("finished", True) else "unfinished")
     if record.get("parts"):
         states.add("merged")
-    if "reveal_orders" in record:
+    if "adaptive_candidates" in (record.get("cost_per_image") or {}):
         states.add("adaptive")
-    for field, kind, nullable, when in schema():
-        if when not in states:
+    if any(isinstance(g, dict) and "kernels" in g for g in record.get("graphs") or []):
+        states.add("profiled")
+    for field, kind, nullable, state, required in schema():
+        if required and state not in states:
             continue
         for value in _values(record, field.split(".")):
             if value is _MISSING:
-                raise RunRecordError(f"{where}: `{field}` is missing")
+                if required:
+                    raise RunRecordError(f"{where}: `{field}` is missing")
+                continue
             if value is None:
                 if not nullable:
                     raise RunRecordError(f"{where}: `{field}` is null")
                 continue
             want = _TYPES.get(kind)
-            if want and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            numeric = kind in ("integer", "number")
+            if want and (not isinstance(value, want) or (numeric and isinstance(value, bool))):
                 raise RunRecordError(f"{where}: `{field}` should be {kind}, found {type(value).__name__}")
+            if kind == "list of integers" and not all(isinstance(v, int) and not isinstance(v, bool)
+                                                      for v in value):
+                raise RunRecordError(f"{where}: `{field}` should be {kind}")
     return record
 
 

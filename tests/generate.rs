@@ -198,7 +198,7 @@ fn an_output_folder_with_a_run_is_refused_resumed_or_overwritten() {
     // kept, and the .npz holds both.
     std::fs::remove_file(out.join("00001.png")).unwrap();
     let npz = out.join("images.npz");
-    ok(&[
+    let resumed = ok(&[
         TINY,
         "schedules/gtr-fast.gtr",
         "--num-images",
@@ -210,6 +210,11 @@ fn an_output_folder_with_a_run_is_refused_resumed_or_overwritten() {
         npz.to_str().unwrap(),
     ]);
     assert!(pngs(&out) == before, "resumed run differs");
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout).contains("wrote 1 image (1 kept from before)"),
+        "{}",
+        String::from_utf8_lossy(&resumed.stdout)
+    );
     assert_npz_holds_pngs(&npz, &out, 2);
     // Resuming with other settings would mix two runs.
     fails(
@@ -1475,6 +1480,7 @@ fn ort_profile_summarises_each_graph_in_the_run_record() {
         "{stderr}"
     );
     let run = record(&profiled);
+    run_records_are_documented(&[&run]);
     let graphs = run["graphs"].as_array().unwrap();
     let files: Vec<String> = std::fs::read_dir(&profiles)
         .unwrap()

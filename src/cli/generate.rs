@@ -182,8 +182,17 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .measured
         .context("the run finished without measurements")?;
     print_kernel_profiles(&measured.graphs);
+    // With `--resume`, what this process wrote and what it kept.
+    let count = |n: usize| format!("{n} image{}", if n == 1 { "" } else { "s" });
+    let images = match made - measured.generated_now.min(made) {
+        0 => count(made),
+        kept => format!(
+            "{} ({kept} kept from before)",
+            count(measured.generated_now)
+        ),
+    };
     write_stdout(&format!(
-        "wrote {made} images, {} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
+        "wrote {images}, {} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
         files_written(&request),
         out.display(),
         request.seed,

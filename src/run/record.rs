@@ -381,8 +381,10 @@ impl RunRecord {
 
 impl Measurements {
     /// Adds another part's counters and seconds: images made, seconds,
-    /// each graph's calls and seconds (matched by name; kernel profiles are
-    /// dropped) and each step's counters (matched by index).
+    /// each graph's calls, seconds, loading and first call (matched by
+    /// name: machine time, as `seconds.session_creation` and
+    /// `seconds.first_calls` sum; kernel profiles are dropped) and each
+    /// step's counters (matched by index).
     fn add(&mut self, more: &Measurements) {
         self.generated_now += more.generated_now;
         self.seconds.add(&more.seconds);
@@ -390,6 +392,8 @@ impl Measurements {
             if let Some(same) = more.graphs.iter().find(|g| g.graph == graph.graph) {
                 graph.calls += same.calls;
                 graph.seconds += same.seconds;
+                graph.load_seconds += same.load_seconds;
+                graph.first_call_seconds += same.first_call_seconds;
             }
             // A kernel profile is of one process's calls, not of the sum
             // (each part's file stays where that part wrote it).

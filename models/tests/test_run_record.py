@@ -1,0 +1,70 @@
+"""models/run_record.py against records gtr-run writes: a plain run, a shard merged, an adaptive
+run, a profiled one are accepted; wrong types and missing fields are named. Needs the gtr-run
+binary ($GTR_RUN_BIN, else target/debug/gtr-run, built by `cargo build`).
+
+    python3 models/tests/test_run_record.py
+"""
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+
+MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(MODELS)
+sys.path.insert(0, os.path.join(MODELS, "tests"))
+sys.path.insert(0, ROOT)
+
+from fixture_copies import check  # noqa: E402
+
+from models.run_record import RunRecordError, read_run_record  # noqa: E402
+from models.run_record import check as check_record  # noqa: E402
+
+BIN = os.environ.get("GTR_RUN_BIN", os.path.join(ROOT, "target", "debug", "gtr-run"))
+TINY = os.path.join(ROOT, "models", "fixtures", "tiny")
+
+
+def gtr_run(*args):
+    r = subprocess.run([BIN, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = lambda name: os.path.join(tmp, name)  # noqa: E731
+        gtr_run(TINY, "schedules/gtr-fast.gtr", "--num-images", "2", "--out", out("plain"))
+        gtr_run(TINY, "schedules/gtr-adaptive.gtr", "--num-images", "1", "--out", out("adaptive"))
+        gtr_run(TINY, "schedules/gtr-fast.gtr", "--num-images", "1", "--out", out("profiled"),
+                "--ort-profile", out("profiles"))
+        for k in ("0", "1"):
+            gtr_run(TINY, "schedules/gtr-fast.gtr", "--num-images", "2", "--shard", f"{k}/2",
+                    "--out", out(f"shard{k}"))
+        gtr_run("merge", out("merged"), out("shard0"), out("shard1"))
+        records = {}
+        for name in ("plain", "adaptive", "profiled", "merged", "shard0"):
+            records[name] = read_run_record(out(name))
+            check(True, f"{name}: accepted")
+        check("reveal_orders" in records["adaptive"] and records["merged"]["parts"],
+              "the adaptive and merged records have their own fields")
+        for why, name, edit in [
+            ("a missing field", "plain", lambda r: r.pop("steps")),
+            ("a wrong type", "plain", lambda r: r.__setitem__("mar_steps", "8")),
+            ("a boolean for a number", "plain", lambda r: r.__setitem__("mar_steps", True)),
+            ("a list of strings for integers", "plain", lambda r: r.__setitem__("labels", ["x"])),
+            ("a wrong type in an optional field", "plain", lambda r: r["model"].__setitem__("sha256", 5)),
+            ("a wrong type in a profile", "profiled",
+             lambda r: r["graphs"][0]["kernels"].__setitem__("events", "many")),
+        ]:
+            record = copy.deepcopy(records[name])
+            edit(record)
+            try:
+                check_record(record)
+                check(False, f"{why} is refused")
+            except RunRecordError as e:
+                check(True, f"{why} is refused ({e})")
+    print("all run_record tests passed")
+
+
+if __name__ == "__main__":
+    main()
