@@ -90,10 +90,19 @@ SIZES = {
               "--vae-res-blocks", "1"], ["--size", "custom"]),
 }
 DEFAULT_SCHEDULES = ["mar-64", "mar-16", "gtr", "gtr-3.7x"]
+# A measurement starts only with at least START_FLOOR seconds before the deadline, and a
+# subprocess it started is stopped GRACE seconds after it (what `measure` lets a predicted
+# measurement overrun); predictions are scaled by SAFETY (a smaller batch is less efficient, and
+# start-up costs do not shrink with the images).
+START_FLOOR, GRACE, SAFETY = 20.0, 15.0, 1.25
+# Exit statuses: 0 every measurement made, 1 some phase failed, 3 cut short (interrupted, or
+# measurements skipped at the deadline).
+CUT_SHORT = 3
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """SIGTERM: ends the run with the table (a BaseException, so that no `except Exception` of a
+    phase swallows it)."""
 
 
 class Variant(NamedTuple):
@@ -162,11 +171,24 @@ class Bench:
     def remaining(self) -> float:
         return self.a.deadline - (time.time() - T0)
 
+    def subprocess_timeout(self) -> float:
+        """How long a subprocess started now may run: to GRACE seconds past the deadline."""
+        return max(1.0, self.remaining() + GRACE)
+
     def save(self) -> None:
-        path = os.path.join(self.out, "gpu-bench.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(self.res, f, indent=1, default=str)
-        os.replace(path + ".tmp", path)
+        """gpu-bench.json and the table so far (gpu-bench.md), in --out and in --summary: a run
+        cut short at any point leaves what it measured."""
+        try:
+            self.res["table"] = self.table()
+        except Exception as e:  # noqa: BLE001 - the raw numbers are written all the same
+            self.res["table"] = f"(no table: {short(e)})"
+        for folder in [self.out] + ([self.a.summary] if self.a.summary else []):
+            for name, text in (("gpu-bench.json", json.dumps(self.res, indent=1, default=str)),
+                               ("gpu-bench.md", self.res["table"] + "\n")):
+                path = os.path.join(folder, name)
+                with open(path + ".tmp", "w") as f:
+                    f.write(text)
+                os.replace(path + ".tmp", path)
 
     def error(self, where: str, e: BaseException) -> None:
         msg = f"{where}: {short(e)}"
@@ -281,6 +303,9 @@ class Bench:
         env["python"] = sys.version.split()[0]
         env["platform"] = platform.platform()
         env["cpus"] = os.cpu_count()
+        if os.environ.get("ORT_DYLIB_PATH"):
+            # the subprocesses run in the repository: a relative path would name another file
+            os.environ["ORT_DYLIB_PATH"] = os.path.abspath(os.environ["ORT_DYLIB_PATH"])
         env["ORT_DYLIB_PATH"] = os.environ.get("ORT_DYLIB_PATH")
         try:
             env["gtr_run_version"] = subprocess.run([self.a.gtr_run, "--version"], capture_output=True,
@@ -304,6 +329,22 @@ class Bench:
         for v in self.variants:
             log(f"variant {v.name}: {v.binary} {' '.join(v.args)}{' (bundle ' + v.bundle + ')' if v.bundle else ''}"
                 f"{' (fused attention)' if v.fused_attention else ''}{' (split head)' if v.split_head else ''}")
+
+    def device_check(self) -> None:
+        """Before the minutes of the export: one mar-tiny image with gtr-run on --device (strict),
+        so that a missing or CPU-only ONNX Runtime stops the run at once (BenchError)."""
+        if self.a.device != "cuda":
+            return
+        dylib = os.environ.get("ORT_DYLIB_PATH")
+        if not dylib or not os.path.isfile(dylib):
+            raise BenchError(f"ORT_DYLIB_PATH is {dylib!r}: give onnxruntime-gpu's libonnxruntime.so "
+                             "(gtr-run would otherwise fetch the CPU library from PyPI)")
+        out = os.path.join(os.path.abspath(self.a.work), "device-check")
+        shutil.rmtree(out, ignore_errors=True)
+        self.run_logged([self.a.gtr_run, os.path.join(REPO, "models", "mar-tiny"),
+                         os.path.join(REPO, "schedules", "gtr-fast.gtr"), "--num-images", 1, "--batch", 1,
+                         "--device", "cuda", "--out", out], "device-check.log",
+                        timeout=max(START_FLOOR, self.remaining()))
 
     # -- phase: weights and bundle ----------------------------------------------------------
 
@@ -339,13 +380,14 @@ class Bench:
                 py = sys.executable
                 self.run_logged([py, os.path.join(REPO, "models", "make_fake_checkpoint.py"), *fake_args,
                                  "--seed", a.seed, "--no-model", "--out", ckpt, "--vae-out", vae],
-                                "make_fake_checkpoint.log", show=lambda line: "parameters" in line)
+                                "make_fake_checkpoint.log", show=lambda line: "parameters" in line,
+                                timeout=self.subprocess_timeout())
                 self.run_logged([py, os.path.join(REPO, "models", "export_mar.py"), "--checkpoint", ckpt,
                                  "--vae", vae, *export_args, "--out", bundle, "--quick-vae-check",
                                  "--name", f"mar-{a.size}-random"],
                                 "export_mar.log",
                                 show=lambda line: any(k in line for k in ("max |ort", "exported in", "max |sampler", "max |tick"))
-                                or line.startswith("wrote"))
+                                or line.startswith("wrote"), timeout=self.subprocess_timeout())
                 with open(stamp_path, "w") as f:
                     json.dump(stamp, f)
             self.bundle, self.checkpoint, self.vae_ckpt = bundle, ckpt, vae
@@ -479,7 +521,7 @@ class Bench:
                 continue
             self.run_logged([sys.executable, os.path.join(REPO, "models", "convert_precision.py"), bundle,
                              "--precision", precision, "--no-check"], f"convert_{precision}.log",
-                            timeout=max(1.0, self.remaining()),
+                            timeout=self.subprocess_timeout(),
                             show=lambda line: "wrote" in line or "error" in line.lower())
 
     # -- phase: plans -------------------------------------------------------------------------
@@ -490,7 +532,8 @@ class Bench:
             name = self.schedule_name(path)
             try:
                 p = subprocess.run([self.a.gtr_run, "plan", path, "--json", "--seed", str(self.a.seed),
-                                    "--grid", f"{g[0]}x{g[1]}"], capture_output=True, text=True, timeout=60)
+                                    "--grid", f"{g[0]}x{g[1]}"], capture_output=True, text=True, timeout=60,
+                                   cwd=REPO)
                 if p.returncode != 0:
                     raise BenchError(f"gtr-run plan {name} failed: {p.stderr.strip()[-500:]}")
                 plan = json.loads(p.stdout)
@@ -520,7 +563,7 @@ class Bench:
             import torch
             torch.cuda.empty_cache()              # leave the GPU's memory to ONNX Runtime
         t = time.time()
-        self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=max(self.remaining(), 5.0))
+        self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=self.subprocess_timeout())
         with open(os.path.join(evaldir, "eval.json")) as f:
             ej = json.load(f)
         comp = ej["comparison"]
@@ -564,7 +607,7 @@ class Bench:
         if self.a.threads:
             cmd += ["--threads", self.a.threads]
         cmd += self.a.gtr_arg + extra
-        self.run_logged(cmd, f"profile-{name}.log", timeout=max(self.remaining(), 5.0),
+        self.run_logged(cmd, f"profile-{name}.log", timeout=self.subprocess_timeout(),
                         show=lambda line: "kernel profile" in line)
         with open(os.path.join(rundir, "run.json")) as f:
             run = json.load(f)
@@ -614,7 +657,7 @@ class Bench:
                    "--out", out, "--npz", out + ".npz", *args]
             if self.a.threads:
                 cmd += ["--threads", self.a.threads]
-            self.run_logged(cmd, f"images-{name}.log", timeout=max(self.remaining(), 5.0))
+            self.run_logged(cmd, f"images-{name}.log", timeout=self.subprocess_timeout())
             with open(os.path.join(out, "run.json")) as f:
                 chains = json.load(f).get("diffusion_chains")
             return np.load(out + ".npz")["arr_0"].astype(np.int16), chains, [str(c) for c in cmd]
@@ -622,8 +665,10 @@ class Bench:
         reference, _, ref_cmd = generate("cpu-host", self.a.gtr_run, "cpu", ["--sampler", "host"])
         checks = {}
         for v in self.variants:
-            args = [w for i, w in enumerate(v.args)
-                    if w in self.CHAIN_ARGS or (i > 0 and v.args[i - 1] in self.CHAIN_ARGS)]
+            given = self.a.gtr_arg + v.args
+            args = [w for i, w in enumerate(given)
+                    if w in self.CHAIN_ARGS or w.split("=", 1)[0] in self.CHAIN_ARGS
+                    or (i > 0 and given[i - 1] in self.CHAIN_ARGS)]
             try:
                 got, chains, cmd = generate(v.name, v.binary, self.a.device, args)
             except Exception as e:  # noqa: BLE001 - reported, the other variants still run
@@ -747,6 +792,9 @@ class Bench:
                 return contextlib.nullcontext()
             return torch.autocast(dev.type, dtype=self.half_dtype())
 
+        if self.remaining() < START_FLOOR:      # loading the model may have taken the time
+            raise BenchError(f"PyTorch {precision} {sched} b{B}: {self.remaining():.0f} s left after loading; "
+                             "not started")
         latent_scale, grid = self.manifest["latent_scale"], mar.cfg.grid
         # warm-up at this batch size and precision: the first and the last steps of the schedule
         # (shortest and longest encoder sequences, so the allocator has seen the largest shapes) and a
@@ -825,21 +873,23 @@ class Bench:
         if kind == "gtr":
             done = self.res["gtr_run"].get(key[0], {})
             for b, rec in done.items():
-                return rec["seconds"] * (self.images_for(B) + B) / (rec["images"] + int(b))
+                return SAFETY * rec["seconds"] * (self.images_for(B) + B) / (rec["images"] + int(b))
         else:
             prec, sched = key
             for b, cells in self.res["torch"].get(prec, {}).items():
                 if sched in cells:
                     c = cells[sched]
-                    return c["seconds_per_image"] * self.images_for(B) + c["warmup_seconds"] * B / int(b)
+                    return SAFETY * (c["seconds_per_image"] * self.images_for(B)
+                                     + c["warmup_seconds"] * B / int(b))
         return None
 
     def measure(self, label: str, fn, *args, predict=None) -> None:
         """Run one measurement as a phase, unless past the deadline or predicted to end after it."""
         left = self.remaining()
         guess = predict() if predict else None
-        if left < 0 or (guess is not None and guess > left + 15):
-            why = "past the deadline" if left < 0 else f"predicted {guess:.0f} s, {left:.0f} s left"
+        if left < START_FLOOR or (guess is not None and guess > left + GRACE):
+            why = (f"{left:.0f} s left, under {START_FLOOR:.0f}" if left < START_FLOOR
+                   else f"predicted {guess:.0f} s, {left:.0f} s left")
             self.res.setdefault("skipped_at_deadline", []).append(f"{label} ({why})")
             log(f"skip {label}: {why}")
             return
@@ -851,6 +901,10 @@ class Bench:
         try:
             with self.phase("environment"):
                 self.environment()
+            with self.phase("device check"):
+                self.device_check()
+            if not self.res["phases"][-1]["ok"]:
+                raise BenchError("the device check failed: nothing would run on the device")
             with self.phase("weights and bundle"):
                 self.prepare_bundle()
             if self.bundle is None or not self.manifest:
@@ -876,6 +930,7 @@ class Bench:
                                          f"MAR's sampler")
         except Interrupted as e:
             self.res["notes"].append(f"interrupted ({e}): the table holds what was measured before")
+            self.res["interrupted"] = str(e)
             log(f"interrupted ({e})")
         except BenchError as e:
             self.error("run", e)
@@ -906,11 +961,13 @@ class Bench:
         first = self.schedule_name(self.schedules[0])
         ts = r.get("torch_setup", {})
         env = r["environment"]
+        smi = env.get("nvidia_smi") or ""
+        device = (smi if smi and not smi.startswith("unavailable") else None) or ts.get("device_name") or a.device
         providers = sorted({str(b.get("execution_provider")) for v in r["gtr_run"].values() for b in v.values()})
         chains = sorted({f"{n}: {b['diffusion_chains']}" if multi else str(b["diffusion_chains"])
                          for n, v in r["gtr_run"].items() for b in v.values() if b.get("diffusion_chains")})
         head = [f"gtr-run vs MAR's PyTorch sampler, {r['date'][:10]}: MAR-{a.size} random weights "
-                f"({self.manifest.get('name', '?')}), {env.get('nvidia_smi') or ts.get('device_name') or a.device}; "
+                f"({self.manifest.get('name', '?')}), {device}; "
                 f"gtr-run `eval --device {a.device}` (provider {', '.join(providers) or 'not run'}"
                 + (f"; diffusion chains: {', '.join(chains)}" if chains else "")
                 + (f", args {' '.join(a.gtr_arg)}" if a.gtr_arg else "") + f"); PyTorch {ts.get('torch', '?')} "
@@ -1029,6 +1086,9 @@ def main(argv=None) -> int:
                     help="first, N mar-tiny GtR images per variant (its --sampler) on --device against the CPU "
                          "host path, pixels compared (0: skip; default %(default)s)")
     ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
+    ap.add_argument("--summary", metavar="DIR",
+                    help="also write gpu-bench.json and gpu-bench.md here, after every phase (e.g. the device "
+                         "machine's $OUT, with --out elsewhere: its logs and eval folders are many files)")
     ap.add_argument("--deadline", type=float, default=450.0,
                     help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")
     a = ap.parse_args(argv)
@@ -1037,6 +1097,9 @@ def main(argv=None) -> int:
     if not os.path.isfile(a.gtr_run):
         ap.error(f"--gtr-run {a.gtr_run}: not found")
     a.gtr_run = os.path.abspath(a.gtr_run)
+    if a.summary:
+        a.summary = os.path.abspath(a.summary)
+        os.makedirs(a.summary, exist_ok=True)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     signal.signal(signal.SIGTERM, _on_term)
@@ -1047,15 +1110,15 @@ def main(argv=None) -> int:
         b.run()
     except KeyboardInterrupt:
         b.res["notes"].append("interrupted (Ctrl-C)")
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    text = b.table()
-    b.res["table"] = text
+        b.res["interrupted"] = "Ctrl-C"
+    # A late SIGTERM must not cut the table's writing short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     b.save()
-    with open(os.path.join(b.out, "gpu-bench.md"), "w") as f:
-        f.write(text + "\n")
     print("", flush=True)
-    print(text, flush=True)
+    print(b.res["table"], flush=True)
     print(f"\nraw numbers: {os.path.join(b.out, 'gpu-bench.json')}", flush=True)
+    if b.res.get("interrupted") or b.res.get("skipped_at_deadline"):
+        return CUT_SHORT
     return 1 if b.res["errors"] else 0
 
 
