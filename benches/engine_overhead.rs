@@ -130,12 +130,13 @@ impl MarModel for InstantModel {
 
 /// Seconds per image at the issue's GPU targets, for the share column:
 /// mar-64 and gtr-3.7x as the issue states them; mar-16 and gtr scaled from
-/// mar-64 by their FLOPs ratios (4× and 2.8×).
+/// mar-64 by their FLOPs ratios on MAR-B (2.30× and 2.45×: `gtr-run plan
+/// SCHEDULE --cost mar-b`, 14.653 TFLOPs against 6.369 and 5.970).
 fn target_seconds(schedule: &str) -> f64 {
     match schedule {
         "mar-64" => 0.24,
-        "mar-16" => 0.24 / 4.0,
-        "gtr" => 0.24 / 2.8,
+        "mar-16" => 0.24 / 2.30,
+        "gtr" => 0.24 / 2.45,
         "gtr-3.7x" => 0.065,
         _ => f64::NAN,
     }

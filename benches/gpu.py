@@ -4,6 +4,8 @@
   python3 benches/gpu.py --gtr-run target/release/gtr-run [--out runs/gpu-bench] [options]
 
 Phases (each timed and printed; a phase that fails is reported and the rest still runs):
+0. device check (--device cuda): ORT_DYLIB_PATH names a file and gtr-run makes one mar-tiny image
+   on CUDA, else the run stops here, before the minutes of the export.
 1. weights + export: random official-layout MAR weights and KL-16 VAE
    (models/make_fake_checkpoint.py --size mar_base --no-model --denoising-head: the diffusion
    head predicts ε ≈ x_t, so that sampling keeps the tokens finite in float16), exported to a bundle by
@@ -35,17 +37,19 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
    under ONNX Runtime's profiler (`gtr-run --ort-profile`), summarised under the table: which
    execution provider ran each graph's nodes (any node off CUDA is a note) and its top ops.
 4. One Markdown table (printed last, and written to OUT/gpu-bench.md) plus every raw number in
-   OUT/gpu-bench.json (rewritten after every measurement, so a run cut short still leaves data).
+   OUT/gpu-bench.json and the table so far in OUT/gpu-bench.md, rewritten after every phase (also
+   into --summary DIR), so a run cut short still leaves its data. Exit status 0: everything
+   measured; 1: a phase failed; 3: cut short (SIGTERM, or measurements skipped at the deadline).
 
 Order of work: batch sizes in the order given (default 64 first), and inside each: the first
 gtr-run variant, PyTorch half precision, the other variants, PyTorch float32, so that a run cut
-short still holds the comparison the table is for. Past --deadline seconds nothing new starts
-(and a gtr-run eval in flight is stopped); a measurement that the same kind at another batch size
-predicts to end more than 15 s after the deadline is skipped; the table is printed with what was
-measured. SIGTERM does the same.
+short still holds the comparison the table is for. Nothing new starts with less than 20 s before
+--deadline; every subprocess in flight is stopped 15 s after it; a measurement that the same kind
+at another batch size predicts (x1.25) to end more than 15 s after the deadline is skipped; the
+table is printed with what was measured. SIGTERM, in any phase, does the same.
 
 Full size (defaults) is planned for about 6-7 minutes on one H200 (an estimate from issue 9's
-per-image times; set --deadline about 40 s under the machine's limit). Smaller: --batches 64, --schedules mar-64 gtr-3.7x, --skip-torch-fp32,
+per-image times; set --deadline about 60 s under the machine's limit). Smaller: --batches 64, --schedules mar-64 gtr-3.7x, --skip-torch-fp32,
 --bundle DIR (reuse an export), --num-images (default: one batch per batch size).
 CPU test at a tiny size: --size tiny --device cpu --batches 2 4 --threads 2.
 """
