@@ -39,7 +39,8 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
 4. One Markdown table (printed last, and written to OUT/gpu-bench.md) plus every raw number in
    OUT/gpu-bench.json and the table so far in OUT/gpu-bench.md, rewritten after every phase (also
    into --summary DIR), so a run cut short still leaves its data. Exit status 0: everything
-   measured; 1: a phase failed; 3: cut short (SIGTERM, or measurements skipped at the deadline).
+   measured; 1: a phase failed; 3: nothing failed but the run was cut short (SIGTERM, or
+   measurements skipped or stopped at the deadline).
 
 Order of work: batch sizes in the order given (default 64 first), and inside each: the first
 gtr-run variant, PyTorch half precision, the other variants, PyTorch float32, so that a run cut
@@ -99,8 +100,8 @@ DEFAULT_SCHEDULES = ["mar-64", "mar-16", "gtr", "gtr-3.7x"]
 # measurement overrun); predictions are scaled by SAFETY (a smaller batch is less efficient, and
 # start-up costs do not shrink with the images).
 START_FLOOR, GRACE, SAFETY = 20.0, 15.0, 1.25
-# Exit statuses: 0 every measurement made, 1 some phase failed, 3 cut short (interrupted, or
-# measurements skipped at the deadline).
+# Exit statuses: 0 every measurement made, 1 some phase failed (whether or not the run was also
+# cut short), 3 cut short only (interrupted, or measurements skipped or stopped at the deadline).
 CUT_SHORT = 3
 
 
@@ -134,6 +135,11 @@ def short(e: BaseException, limit: int = 600) -> str:
 
 class BenchError(Exception):
     pass
+
+
+class DeadlineStop(BenchError):
+    """A measurement stopped, or not started, for the deadline: the run is cut short, nothing
+    failed."""
 
 
 class Bench:
@@ -218,6 +224,12 @@ class Bench:
             rec["ok"] = False
             rec["error"] = "interrupted"
             raise
+        except DeadlineStop as e:
+            rec["seconds"] = round(time.time() - t, 2)
+            rec["ok"] = False
+            rec["error"] = short(e)
+            self.res.setdefault("skipped_at_deadline", []).append(f"{name} ({short(e, 200)})")
+            log(f"stopped {name}: {short(e, 200)}")
         except Exception as e:  # noqa: BLE001 - every phase is allowed to fail
             rec["seconds"] = round(time.time() - t, 2)
             rec["ok"] = False
@@ -245,6 +257,9 @@ class Bench:
             for line in text.splitlines():
                 if show(line):
                     log("  " + line.strip())
+        if rc == "timeout":
+            raise DeadlineStop(f"`{os.path.basename(str(cmd[0]))} {' '.join(map(str, cmd[1:3]))} …` stopped "
+                               f"{GRACE:.0f} s after the deadline (log: {path})")
         if rc != 0:
             lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
             said = next((x for x in reversed(lines) if x.lower().startswith("error")), lines[-1] if lines else "")
@@ -337,7 +352,7 @@ class Bench:
     def device_check(self) -> None:
         """Before the minutes of the export: one mar-tiny image with gtr-run on --device (strict),
         so that a missing or CPU-only ONNX Runtime stops the run at once (BenchError)."""
-        if self.a.device != "cuda":
+        if self.a.device != "cuda" or self.a.skip_gtr_run:
             return
         dylib = os.environ.get("ORT_DYLIB_PATH")
         if not dylib or not os.path.isfile(dylib):
@@ -797,7 +812,7 @@ class Bench:
             return torch.autocast(dev.type, dtype=self.half_dtype())
 
         if self.remaining() < START_FLOOR:      # loading the model may have taken the time
-            raise BenchError(f"PyTorch {precision} {sched} b{B}: {self.remaining():.0f} s left after loading; "
+            raise DeadlineStop(f"PyTorch {precision} {sched} b{B}: {self.remaining():.0f} s left after loading; "
                              "not started")
         latent_scale, grid = self.manifest["latent_scale"], mar.cfg.grid
         # warm-up at this batch size and precision: the first and the last steps of the schedule
@@ -1121,9 +1136,9 @@ def main(argv=None) -> int:
     print("", flush=True)
     print(b.res["table"], flush=True)
     print(f"\nraw numbers: {os.path.join(b.out, 'gpu-bench.json')}", flush=True)
-    if b.res.get("interrupted") or b.res.get("skipped_at_deadline"):
-        return CUT_SHORT
-    return 1 if b.res["errors"] else 0
+    if b.res["errors"]:
+        return 1
+    return CUT_SHORT if b.res.get("interrupted") or b.res.get("skipped_at_deadline") else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ use gtr_run::backend::{Device, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, MarModel};
 use gtr_run::eval::{CompareRequest, Contender, compare};
-use gtr_run::plan::PlanOptions;
 use gtr_run::schedule::Schedule;
 
 fn main() {
@@ -49,11 +48,7 @@ fn main() {
         batch: images,
         seed: 0,
         repeats: reps,
-        options: PlanOptions {
-            default_cfg: Some(info.defaults.cfg),
-            default_temperature: Some(info.defaults.temperature),
-            ..PlanOptions::default()
-        },
+        options: info.defaults.plan_options(None, None),
         warm_up: true,
     };
     let mut engine = Engine::new(model);

@@ -17,7 +17,7 @@ use anyhow::Context;
 use gtr_run::backend::{ChainRunner, Device, OrtModel};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, ImageJob, SeededNoise};
-use gtr_run::plan::{PlanOptions, Planner};
+use gtr_run::plan::Planner;
 use gtr_run::report::text::step_table;
 use gtr_run::run::encode_png;
 use gtr_run::run::folder::image_name;
@@ -45,11 +45,7 @@ fn main() -> anyhow::Result<()> {
     let bundle = Bundle::open(&bundle_path)?;
     let schedule = Schedule::from_file(&schedule_path, &BTreeMap::new())?;
     let planner = Planner::new(&schedule, bundle.grid())?;
-    let options = PlanOptions {
-        default_cfg: Some(bundle.manifest.sampling.cfg),
-        default_temperature: Some(bundle.manifest.sampling.temperature),
-        ..PlanOptions::default()
-    };
+    let options = bundle.manifest.sampling.plan_options(None, None);
     let plan = planner.plan_with(SEED, &options)?;
     println!(
         "{} on {} ({} MAR steps):\n{}",

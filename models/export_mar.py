@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.onnx_save import EXTERNAL_DATA_BYTES, BundleError, Staging, write_manifest  # noqa: E402
+from models.onnx_save import EXTERNAL_DATA_BYTES, BundleError, CheckFailed, Staging, write_manifest  # noqa: E402
 from models.torch.mar import (  # noqa: E402
     MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
     vae_decoder_keys,
@@ -545,8 +545,11 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
         if fused_attention:
             # ONNX Runtime's MultiHeadAttention in place of each block's attention chain, compared
             # there with the plain graphs that were just checked against PyTorch.
-            from models.fuse_attention import fuse_bundle
-            fuse_bundle(work, log=log)
+            from models.fuse_attention import FuseError, fuse_bundle
+            try:
+                fuse_bundle(work, log=log)
+            except FuseError as e:  # the fused graphs' comparison: a check of this export
+                raise ExportCheckFailed(str(e)) from e
         if derived:
             # The whole-chain sampler and the tick graph around the diffusion graph just written
             # (models/add_sampler.py), then the fused encoder and decoder (models/add_backbone.py).
@@ -555,12 +558,18 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
             from models.add_sampler import add_sampler
             from models.add_sampler import check as check_sampler
             add_sampler(work, log=log)
-            errors["sampler"] = check_sampler(work, log=log)
+            try:
+                errors["sampler"] = check_sampler(work, log=log)
+            except CheckFailed as e:
+                raise ExportCheckFailed(str(e)) from e
             if not errors["sampler"] <= tolerance:
                 raise ExportCheckFailed(f"the sampler graph differs from its per-tick reference by "
                                         f"{errors['sampler']:.3e} > {tolerance}")
             add_backbone(work, log=log)
-            errors["backbone"] = check_backbone(work, log=log)
+            try:
+                errors["backbone"] = check_backbone(work, log=log)
+            except CheckFailed as e:
+                raise ExportCheckFailed(str(e)) from e
             if not errors["backbone"] <= tolerance:
                 raise ExportCheckFailed(f"the backbone graph differs from the encoder and decoder by "
                                         f"{errors['backbone']:.3e} > {tolerance}")

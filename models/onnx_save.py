@@ -229,11 +229,15 @@ def _lock(bundle: str) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
-        holders = _holders(bundle)
-        who = (f"another model tool{holders} is writing {bundle}" if holders else
-               f"{bundle} is in use: gtr-run is loading its graphs (it holds a shared lock while reading), "
-               "or another model tool is")
+        # Readers (gtr-run loading the bundle) hold it shared: a shared lock is then granted.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            who = (f"{bundle} is in use: gtr-run is loading its graphs (it holds a shared lock while "
+                   "reading)")
+        except BlockingIOError:
+            who = f"another model tool{_holders(bundle)} is writing {bundle}"
+        finally:
+            os.close(fd)
         raise BundleError(f"{who}; wait for it to end (nothing was changed)") from None
     except BaseException:
         os.close(fd)
@@ -549,9 +553,15 @@ def main(argv=None) -> int:
         fd = _lock(bundle)
         try:   # recovery alone: a read-only bundle with nothing to finish is fine
             recover(bundle, lambda line: print(f"{args.bundle}: {line}"))
+            left = sorted(os.path.join(n, PLAN) for n in os.listdir(bundle)
+                          if n.startswith(TMP_PREFIX) and not os.path.islink(os.path.join(bundle, n))
+                          and os.path.isfile(os.path.join(bundle, n, PLAN)))
         finally:
             if fd is not None:
                 os.close(fd)
+        if left:
+            raise BundleError(f"{args.bundle}: {', '.join(left)} could not be removed after its commit was "
+                              "finished; remove it by hand")
         print(f"{args.bundle}: no interrupted commit is left")
         return 0
 

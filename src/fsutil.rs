@@ -25,7 +25,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// planted beside `path` cannot redirect the write. The rename replaces
 /// whatever is at `path`: a symbolic link there is replaced by the file,
 /// never written through. Anything else there that is not a regular file
-/// (a device such as `/dev/full`, a pipe, a socket, a folder) is refused
+/// (a device such as `/dev/full`, a pipe, a socket, a folder, or a link to
+/// one of them, such as `/dev/stdout`) is refused
 /// ([`std::io::ErrorKind::InvalidInput`]), never replaced. The file gets the
 /// usual permissions (0666 less the umask), as `File::create` would give it.
 pub fn write_atomic_with(
@@ -67,13 +68,26 @@ pub fn write_atomic_with(
     tmp_path.persist(path).map_err(|e| e.error)
 }
 
-/// What is at `path` if it is neither missing, a regular file nor a
-/// symbolic link (which a write replaces): "a folder", "a device", "a pipe",
-/// "a socket".
+/// What is at `path` if it is neither missing nor a regular file: "a
+/// folder", "a device", "a pipe", "a socket", or "a link to" one of them (a
+/// link to a file, or a dangling one, is fine: a write replaces the link,
+/// never the file it names; `--png /dev/stdout` names a stream, not a file).
 pub fn not_a_file(path: &Path) -> Option<&'static str> {
-    let kind = std::fs::symlink_metadata(path).ok()?.file_type();
-    if kind.is_file() || kind.is_symlink() {
+    let own = std::fs::symlink_metadata(path).ok()?.file_type();
+    let (kind, link) = if own.is_symlink() {
+        (std::fs::metadata(path).ok()?.file_type(), true)
+    } else {
+        (own, false)
+    };
+    if kind.is_file() {
         return None;
+    }
+    if link {
+        return Some(if kind.is_dir() {
+            "a link to a folder"
+        } else {
+            "a link to a device, pipe or socket"
+        });
     }
     if kind.is_dir() {
         return Some("a folder");
@@ -221,6 +235,15 @@ mod tests {
         assert!(e.to_string().contains("is a folder, not a file"), "{e}");
         assert!(folder.is_dir());
         assert_eq!(not_a_file(&dir.path().join("missing")), None);
+        // A link to a folder is refused; to a file, or dangling, it is replaced.
+        let to_folder = dir.path().join("to-folder");
+        std::os::unix::fs::symlink(&folder, &to_folder).unwrap();
+        assert_eq!(not_a_file(&to_folder), Some("a link to a folder"));
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+        assert_eq!(not_a_file(&dangling), None);
+        std::fs::remove_file(&to_folder).unwrap();
+        std::fs::remove_file(&dangling).unwrap();
         // Nothing was left beside them.
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),

@@ -323,6 +323,12 @@ fn a_bundle_that_a_model_tool_is_changing_is_not_read() {
     .unwrap();
     let again = [&run[..], &["--force"]].concat();
     fails(&again, "a model tool's commit was interrupted");
+    // A path that does not exist is named as such, not as its parent folder.
+    let typo = bundle.join("typo.yaml");
+    fails(
+        &[s(&typo), FAST, "--num-images", "1", "--out", s(&out)],
+        "no such file or folder",
+    );
     fails(
         &again,
         &format!("`python3 models/onnx_save.py {}`", bundle.display()),
@@ -331,6 +337,14 @@ fn a_bundle_that_a_model_tool_is_changing_is_not_read() {
     // dead one's leftover: its files are not the bundle's yet.
     std::fs::remove_file(staging.join("commit.json")).unwrap();
     ok(&again);
+    // A link named like a staging folder is not one (the tools' recovery
+    // does not follow it either).
+    let elsewhere = tmp("safety-bundle-elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("commit.json"), "{}").unwrap();
+    std::os::unix::fs::symlink(&elsewhere, bundle.join(".gtr-tmp.5.linked")).unwrap();
+    ok(&again);
+    std::fs::remove_dir_all(&elsewhere).unwrap();
     std::fs::remove_dir_all(&bundle).unwrap();
     std::fs::remove_dir_all(&out).unwrap();
 }

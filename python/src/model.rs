@@ -357,6 +357,13 @@ impl Model {
                 options: defaults.plan_options(cfg, temperature),
                 warm_up: true,
             };
+            // What the arguments cannot do is a ValueError, before any image.
+            gtr_run::eval::check_request(&request, contenders.len(), scoring.is_some()).map_err(
+                |e| match e {
+                    gtr_run::eval::CompareError::Invalid(m) => Failure::Value(m),
+                    other => run_failure(other),
+                },
+            )?;
             engine.stats = RunStats::default();
             // `compare` cannot be stopped halfway: a signal or an error of the
             // progress function is kept and raised when it returns.

@@ -56,6 +56,9 @@ impl Step {
 pub(crate) struct Plan {
     schedule: Schedule,
     plan: gtr_run::plan::Plan,
+    /// The `grid=` argument, if given (`cost` on a bundle of another grid
+    /// refuses it, as `plan --grid` with `--cost BUNDLE` does).
+    grid_asked: Option<gtr_run::grid::Grid>,
 }
 
 impl Plan {
@@ -160,12 +163,11 @@ impl Plan {
         if gtr_run::cost::ModelSpec::builtin(&name).is_none() && Path::new(&*name).exists() {
             let bundle = gtr_run::bundle::Bundle::open(Path::new(&*name))
                 .map_err(|e| GtrRunError::new_err(chain(&e)))?;
-            if self.schedule.grid.is_none() && self.plan.grid != bundle.grid() {
+            if let Some(g) = self.grid_asked.filter(|&g| g != bundle.grid()) {
                 return Err(PyValueError::new_err(format!(
-                    "model_spec: the bundle `{}` has a {} grid, which a run on it plans on; this plan is on {} (plan it without grid=)",
+                    "model_spec: the bundle `{}` has a {} grid, which a run on it plans on; this plan was made with grid={g} (plan it without grid=)",
                     bundle.manifest.name,
                     bundle.grid(),
-                    self.plan.grid
                 )));
             }
             let plan = bundle
@@ -231,12 +233,16 @@ pub(crate) fn plan(
 ) -> PyResult<Plan> {
     let seed = seed_arg(&seed)?;
     let source = ScheduleArg::extract(schedule)?;
-    let grid = grid.map(grid_arg).transpose()?;
+    let grid_asked = grid.map(grid_arg).transpose()?;
     let overrides = overrides(params.map(|d| d.as_any()))?;
     let schedule = source.load(&overrides)?;
-    let grid = schedule.planning_grid(grid);
+    let grid = schedule.planning_grid(grid_asked);
     let plan = Planner::new(&schedule, grid)
         .and_then(|p| p.plan(seed))
         .map_err(Failure::from)?;
-    Ok(Plan { schedule, plan })
+    Ok(Plan {
+        schedule,
+        plan,
+        grid_asked,
+    })
 }

@@ -423,6 +423,8 @@ def test_eval_gives_the_cli_table(cli, tmp_path):
 def test_eval_repeats_take_the_command_lines_range(tiny):
     with pytest.raises(ValueError, match="repeats.*10000"):
         tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, repeats=10_001, progress=False)
+    with pytest.raises(ValueError, match="pass 2\\^64 - 1"):
+        tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, seed=2**64 - 1, repeats=2, progress=False)
 
 
 def test_eval_refuses_undeclared_parameters(tiny):

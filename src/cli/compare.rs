@@ -173,7 +173,16 @@ fn run_comparison(
     let mut evaluator = OrtEvaluator::load(bundle, device, args.runtime.threads)?;
     let reference = reference_stats(bundle, evaluator.as_ref().and_then(features_of))?;
     drop(bundle_lock);
-    check_comparison(&args, reference.is_some())?;
+    let request = CompareRequest {
+        num_images: args.num_images,
+        batch: args.batch,
+        seed: args.seed,
+        repeats: args.repeats,
+        options: args.runtime.plan_options(bundle),
+        warm_up: true,
+    };
+    // Before the folder is taken: a usage error changes nothing.
+    gtr_run::eval::check_request(&request, contenders.len(), reference.is_some())?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{what}-{}-seed{}{}",
@@ -205,14 +214,6 @@ fn run_comparison(
         },
         out.display()
     );
-    let request = CompareRequest {
-        num_images: args.num_images,
-        batch: args.batch,
-        seed: args.seed,
-        repeats: args.repeats,
-        options: args.runtime.plan_options(bundle),
-        warm_up: true,
-    };
     let scoring = match (evaluator.as_mut(), reference.as_ref()) {
         (Some(evaluator), Some(reference)) => Some(Scoring {
             evaluator,
@@ -246,26 +247,6 @@ fn run_comparison(
     json["temperature_override"] = args.runtime.temperature.into();
     write_report(&out, what, &comparison, &json)?;
     Ok((comparison, out, lock))
-}
-
-/// What the comparison's arguments cannot do, refused before its folder
-/// is taken (a usage error changes nothing): repeats whose seeds pass
-/// 2^64 - 1, and a single image where a Fréchet distance is measured.
-fn check_comparison(args: &CompareArgs, measures_quality: bool) -> anyhow::Result<()> {
-    if args.seed.checked_add(args.repeats as u64 - 1).is_none() {
-        bail!(
-            "--seed {} with --repeats {}: the repeats' seeds (seed, seed + 1, …) pass 2^64 - 1; give a smaller seed",
-            args.seed,
-            args.repeats
-        );
-    }
-    if measures_quality && args.num_images < 2 {
-        bail!(
-            "--num-images {}: the bundle's evaluator measures quality over the images, and a Fréchet distance needs at least 2",
-            args.num_images
-        );
-    }
-    Ok(())
 }
 
 /// Writes `comparison` as `WHAT.md`, `WHAT.csv` and `json` as `WHAT.json`

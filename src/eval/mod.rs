@@ -343,7 +343,11 @@ impl<'c> Planners<'c> {
 }
 
 /// Refuses comparisons that cannot give a table.
-fn check_request(
+/// What `req` cannot do for `contenders` schedules (`scored`: with an
+/// evaluator), [`CompareError::Invalid`]: check it before anything is
+/// written, as [`compare`] does again. Counts under 1, repeats whose seeds
+/// pass 2^64 - 1, a single image where a Fréchet distance is measured.
+pub fn check_request(
     req: &CompareRequest,
     contenders: usize,
     scored: bool,
@@ -354,10 +358,17 @@ fn check_request(
                 .into(),
         ));
     }
+    if req.seed.checked_add(req.repeats as u64 - 1).is_none() {
+        return Err(CompareError::Invalid(format!(
+            "seed {} with {} repeats: the repeats' seeds (seed, seed + 1, …) pass 2^64 - 1; give a smaller seed",
+            req.seed, req.repeats
+        )));
+    }
     if scored && req.num_images < 2 {
-        return Err(CompareError::Invalid(
-            "a Fréchet distance needs at least 2 images per schedule".into(),
-        ));
+        return Err(CompareError::Invalid(format!(
+            "{} image(s) per schedule: the bundle's evaluator measures quality over the images, and a Fréchet distance needs at least 2",
+            req.num_images
+        )));
     }
     Ok(())
 }

@@ -268,11 +268,14 @@ impl BundleReadLock {
             .into_iter()
             .flatten()
             .flatten()
+            // The tools' own staging folders, never a link (which their
+            // recovery does not follow either).
             .filter(|entry| {
-                entry
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(TOOL_STAGING_PREFIX)
+                entry.file_type().is_ok_and(|t| t.is_dir())
+                    && entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(TOOL_STAGING_PREFIX)
             })
             .map(|entry| entry.path().join(TOOL_COMMIT_PLAN));
         for plan in staging_plans {
@@ -318,8 +321,9 @@ impl Bundle {
     /// its reference) has been read.
     pub fn open_locked(path: &Path) -> Result<(Bundle, BundleReadLock), BundleError> {
         let dir = bundle_dir(path);
-        // A missing folder is `open`'s error to name.
-        let lock = if dir.is_dir() {
+        // A missing path is `open`'s error to name (its parent folder is
+        // not this bundle's).
+        let lock = if path.exists() && dir.is_dir() {
             BundleReadLock::acquire(&dir)?
         } else {
             BundleReadLock { _file: None }
