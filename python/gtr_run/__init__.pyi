@@ -201,3 +201,24 @@ class Model:
         ``params`` applies to every schedule that declares the parameter; ``progress`` counts
         batches. A Ctrl-C or an exception of ``progress`` is raised when the comparison ends:
         it cannot be stopped halfway."""
+    def sweep(
+        self,
+        schedule: Union[str, "os.PathLike[str]"],
+        axes: Mapping[str, Sequence[float]],
+        num_images: int = 100,
+        seed: int = 0,
+        batch: int = 25,
+        repeats: int = 1,
+        cfg: Optional[float] = None,
+        temperature: Optional[float] = None,
+        progress: Union[bool, Callable[[int, int], Any]] = True,
+        as_frame: bool = False,
+    ) -> Any:
+        """Runs one schedule over a grid of parameter values as ``gtr-run sweep`` does: ``axes``
+        maps each parameter to its values (``{"beta": [0.05, 0.1], "t_max": [20, 50]}``; the
+        first axis varies slowest, the first setting is the baseline; at most 64 settings). Each
+        setting is a row named by its values (``beta=0.05 t_max=20``), compared as ``eval``
+        compares schedules, and the rows are returned as ``eval`` returns them (no picture:
+        draw ``seconds_per_image`` against ``frechet_distance`` yourself). A parameter the
+        schedule does not declare, one given twice or a value that is not finite is a
+        ValueError naming ``axes``."""

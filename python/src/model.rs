@@ -293,12 +293,91 @@ impl Model {
         progress: ProgressArg,
         as_frame: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let seed = seed_arg(&seed)?;
+        let settings = Comparing::new(num_images, seed, batch, repeats, cfg, temperature)?;
         let schedules: Vec<PathBuf> = schedules.extract().map_err(|_| {
             PyValueError::new_err(
                 "schedules: give a list of .gtr paths (str or os.PathLike), the first the baseline",
             )
         })?;
+        if schedules.is_empty() {
+            return Err(PyValueError::new_err(
+                "schedules: give at least one .gtr path",
+            ));
+        }
+        let overrides = overrides(params)?;
+        let contenders =
+            gtr_run::eval::contenders(&schedules, &overrides).map_err(|e| match e {
+                gtr_run::eval::ContenderError::Schedule(e) => PyErr::from(Failure::Schedule(e)),
+                gtr_run::eval::ContenderError::Undeclared(name) => PyValueError::new_err(format!(
+                    "params: `{name}`: no schedule given declares a parameter `{name}`"
+                )),
+            })?;
+        self.compare_rows(py, &contenders, settings, progress, as_frame)
+    }
+
+    /// Runs one schedule over a grid of parameter values as `gtr-run sweep`
+    /// does: `axes` maps each parameter to its values (the first axis
+    /// varies slowest; the first setting is the baseline), and each setting
+    /// is a row named by its values (`beta=0.1 t_max=50`), compared as
+    /// `eval` compares schedules. Returns the rows as `eval` does.
+    #[pyo3(
+        signature = (schedule, axes, num_images=Whole::from(100), seed=Whole::from(0), batch=Whole::from(25), repeats=Whole::from(1), cfg=None, temperature=None, progress=ProgressArg::Flag(true), as_frame=false),
+        text_signature = "(self, schedule, axes, num_images=100, seed=0, batch=25, repeats=1, cfg=None, temperature=None, progress=True, as_frame=False)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn sweep<'py>(
+        &self,
+        py: Python<'py>,
+        schedule: PathBuf,
+        axes: &Bound<'py, PyAny>,
+        num_images: Whole,
+        seed: Whole,
+        batch: Whole,
+        repeats: Whole,
+        cfg: Option<f64>,
+        temperature: Option<f64>,
+        progress: ProgressArg,
+        as_frame: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let settings = Comparing::new(num_images, seed, batch, repeats, cfg, temperature)?;
+        let axes = sweep_axes(axes)?;
+        let contenders =
+            gtr_run::eval::sweep::contenders(&schedule, &axes).map_err(|e| match e {
+                gtr_run::eval::sweep::SweepError::Schedule(
+                    gtr_run::schedule::ScheduleError::Override { name, problem },
+                ) => PyValueError::new_err(format!("axes: `{name}`: {problem}")),
+                gtr_run::eval::sweep::SweepError::Schedule(e) => PyErr::from(Failure::Schedule(e)),
+                gtr_run::eval::sweep::SweepError::Axes(m) => {
+                    PyValueError::new_err(format!("axes: {m}"))
+                }
+            })?;
+        self.compare_rows(py, &contenders, settings, progress, as_frame)
+    }
+
+    fn __repr__(&self) -> String {
+        let info = &self.info;
+        format!(
+            "Model(name={:?}, path={:?}, device={:?}, provider={:?}, precision={:?})",
+            info.name,
+            self.bundle.dir.display().to_string(),
+            self.device,
+            self.provider,
+            self.precision
+        )
+    }
+}
+
+impl Model {
+    /// `contenders` compared on this model (`eval`, `sweep`): the rows of
+    /// the table as dicts, or a pandas DataFrame with `as_frame`.
+    fn compare_rows<'py>(
+        &self,
+        py: Python<'py>,
+        contenders: &[gtr_run::eval::Contender],
+        settings: Comparing,
+        progress: ProgressArg,
+        as_frame: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         // Found missing before the comparison, not after it.
         let pandas = match as_frame {
             true => Some(py.import("pandas").map_err(|e| {
@@ -308,30 +387,10 @@ impl Model {
             })?),
             false => None,
         };
-        let overrides = overrides(params)?;
         let progress = Progress::new(py, progress, "batches")?;
         let mut guard = self.engine()?;
         let engine: &mut Engine<OrtModel> = &mut guard;
         let table = py.detach(|| {
-            let n = in_range("num_images", num_images, 1, MAX_IMAGES)?;
-            let batch = in_range("batch", batch, 1, MAX_BATCH)?;
-            let repeats = in_range("repeats", repeats, 1, MAX_REPEATS)?;
-            let (cfg, temperature) = (
-                non_negative("cfg", cfg)?,
-                non_negative("temperature", temperature)?,
-            );
-            if schedules.is_empty() {
-                return Err(Failure::Value(
-                    "schedules: give at least one .gtr path".into(),
-                ));
-            }
-            let contenders =
-                gtr_run::eval::contenders(&schedules, &overrides).map_err(|e| match e {
-                    gtr_run::eval::ContenderError::Schedule(e) => Failure::Schedule(e),
-                    gtr_run::eval::ContenderError::Undeclared(name) => Failure::Value(format!(
-                        "params: `{name}`: no schedule given declares a parameter `{name}`"
-                    )),
-                })?;
             // The evaluator and its reference, read under the bundle's lock.
             let bundle_lock =
                 gtr_run::bundle::BundleReadLock::acquire(&self.bundle.dir).map_err(run_failure)?;
@@ -348,15 +407,7 @@ impl Model {
                 }),
                 _ => None,
             };
-            let defaults = self.info.defaults;
-            let request = CompareRequest {
-                num_images: n,
-                batch,
-                seed,
-                repeats,
-                options: defaults.plan_options(cfg, temperature),
-                warm_up: true,
-            };
+            let request = settings.request(self.info.defaults);
             // What the arguments cannot do is a ValueError, before any image.
             gtr_run::eval::check_request(&request, contenders.len(), scoring.is_some()).map_err(
                 |e| match e {
@@ -371,7 +422,7 @@ impl Model {
             let comparison = compare(
                 engine,
                 scoring,
-                &contenders,
+                contenders,
                 &self.bundle.cost_spec(),
                 &request,
                 |done, total| {
@@ -393,18 +444,78 @@ impl Model {
             None => Ok(rows),
         }
     }
+}
 
-    fn __repr__(&self) -> String {
-        let info = &self.info;
-        format!(
-            "Model(name={:?}, path={:?}, device={:?}, provider={:?}, precision={:?})",
-            info.name,
-            self.bundle.dir.display().to_string(),
-            self.device,
-            self.provider,
-            self.precision
-        )
+/// The numbers of a comparison (`eval`, `sweep`), range-checked as the
+/// command line's flags are.
+struct Comparing {
+    num_images: usize,
+    seed: u64,
+    batch: usize,
+    repeats: usize,
+    cfg: Option<f64>,
+    temperature: Option<f64>,
+}
+
+impl Comparing {
+    fn new(
+        num_images: Whole,
+        seed: Whole,
+        batch: Whole,
+        repeats: Whole,
+        cfg: Option<f64>,
+        temperature: Option<f64>,
+    ) -> Result<Self, Failure> {
+        Ok(Comparing {
+            num_images: in_range("num_images", num_images, 1, MAX_IMAGES)?,
+            seed: seed_arg(&seed)?,
+            batch: in_range("batch", batch, 1, MAX_BATCH)?,
+            repeats: in_range("repeats", repeats, 1, MAX_REPEATS)?,
+            cfg: non_negative("cfg", cfg)?,
+            temperature: non_negative("temperature", temperature)?,
+        })
     }
+
+    /// The request, planned with the model's guidance and temperature
+    /// defaults where the schedules set none.
+    fn request(&self, defaults: gtr_run::engine::SamplingDefaults) -> CompareRequest {
+        CompareRequest {
+            num_images: self.num_images,
+            batch: self.batch,
+            seed: self.seed,
+            repeats: self.repeats,
+            options: defaults.plan_options(self.cfg, self.temperature),
+            warm_up: true,
+        }
+    }
+}
+
+/// `sweep`'s axes: a mapping of parameter names to sequences of numbers,
+/// each as `--set name=v1,v2,...` takes them (finite, none twice).
+fn sweep_axes(axes: &Bound<'_, PyAny>) -> PyResult<Vec<gtr_run::eval::sweep::SweepAxis>> {
+    let bad = || {
+        PyValueError::new_err(
+            "axes: give a mapping of parameter names to lists of numbers, e.g. {\"beta\": [0.05, 0.1]}",
+        )
+    };
+    let mapping = axes.cast::<pyo3::types::PyMapping>().map_err(|_| bad())?;
+    let mut out = Vec::new();
+    for item in mapping.items()?.iter() {
+        let (name, values): (String, Vec<f64>) = item.extract().map_err(|_| bad())?;
+        let text = values
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let axis = format!("{name}={text}")
+            .parse()
+            .map_err(|e: String| PyValueError::new_err(format!("axes: {e}")))?;
+        out.push(axis);
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
 }
 
 /// The arguments of one `generate` call.

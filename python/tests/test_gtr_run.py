@@ -420,6 +420,33 @@ def test_eval_gives_the_cli_table(cli, tmp_path):
             assert isinstance(row[key], float), (key, row[key])
 
 
+def test_sweep_gives_the_cli_table(cli, tmp_path):
+    """`sweep` is `gtr-run sweep`: one row per setting, named by its values (the first axis
+    slowest), with the command line's counts, FLOPs and quality."""
+    schedule = SCHEDULES / "gtr-fast.gtr"
+    out = tmp_path / "sweep"
+    run_cli(cli, "sweep", MAR_TINY, schedule, "--set", "beta=0.1,0.3", "--set", "t_max=10,20",
+            "--num-images", 4, "--batch", 4, "--seed", 2, "--out", out)
+    with open(out / "sweep.csv", newline="") as f:
+        want = list(csv.DictReader(f))
+    rows = gtr_run.Model(MAR_TINY).sweep(schedule, {"beta": [0.1, 0.3], "t_max": [10, 20]}, num_images=4,
+                                         batch=4, seed=2, progress=False)
+    assert [r["schedule"] for r in rows] == [w["schedule"] for w in want]
+    assert rows[1]["schedule"] == "beta=0.1 t_max=20"
+    for row, w in zip(rows, want):
+        for key in ["diffusion_evaluations", "flops_per_image", "frechet_distance", "class_accuracy"]:
+            assert row[key] == pytest.approx(float(w[key]), rel=1e-12), key
+
+
+def test_sweep_refuses_bad_axes(tiny):
+    schedule = SCHEDULES / "gtr-fast.gtr"
+    for axes, message in [({"nope": [1, 2]}, "axes: `nope`"), ({"beta": [0.1, 0.1]}, "axes: .*twice"),
+                          ({"beta": [float("nan")]}, "axes: .*finite"), ([1, 2], "axes: give a mapping"),
+                          ({}, "axes: give a mapping")]:
+        with pytest.raises(ValueError, match=message):
+            tiny.sweep(schedule, axes, num_images=2, progress=False)
+
+
 def test_eval_repeats_take_the_command_lines_range(tiny):
     with pytest.raises(ValueError, match="repeats.*10000"):
         tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, repeats=10_001, progress=False)

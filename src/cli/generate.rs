@@ -182,17 +182,9 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         .measured
         .context("the run finished without measurements")?;
     print_kernel_profiles(&measured.graphs);
-    // With `--resume`, what this process wrote and what it kept.
-    let count = |n: usize| format!("{n} image{}", if n == 1 { "" } else { "s" });
-    let images = match made - measured.generated_now.min(made) {
-        0 => count(made),
-        kept => format!(
-            "{} ({kept} kept from before)",
-            count(measured.generated_now)
-        ),
-    };
     write_stdout(&format!(
-        "wrote {images}, {} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
+        "wrote {}, {} to {} (seed {}, {} MAR steps on {}, {:.2} s)\n",
+        images_written(made, measured.generated_now),
         files_written(&request),
         out.display(),
         request.seed,
@@ -213,6 +205,16 @@ fn images_part(request: &gtr_run::run::RunRequest) -> String {
             )
         }
         None => format!(", {} images", request.num_images),
+    }
+}
+
+/// The `made` images of a run, for its last line: with `--resume`, how
+/// many this process wrote (`generated_now`) and how many it kept.
+fn images_written(made: usize, generated_now: usize) -> String {
+    let count = |n: usize| format!("{n} image{}", if n == 1 { "" } else { "s" });
+    match made - generated_now.min(made) {
+        0 => count(made),
+        kept => format!("{} ({kept} kept from before)", count(generated_now)),
     }
 }
 
