@@ -168,8 +168,8 @@ class VPredictionHead(torch.nn.Module):
 
     The I/O contract (x, t, z -> ε then v) and the sampler's math are MAR's; only what the net's
     raw outputs mean differs. Why: the first step of every respaced chain (T >= 2) is t = 999,
-    where ᾱ = 2.4e-9 and the sampler's x0 = 20284·(x − ε) enters the next mean with weight
-    ≈ 0.033 (T = 50), so an ε error e moves the token by ≈ 660·e. Trained with plain ε output for
+    where ᾱ = 2.4e-9 and the sampler's x0 = 20291·(x − ε) enters the next mean with weight
+    ≈ 0.031 (T = 50), so an ε error e moves the token by ≈ 630·e. Trained with plain ε output for
     2750 steps, the head's ε MSE at t = 999 was 0.0095 and sampled tokens blew up to std ~2500
     (class accuracy 20%); substituting the exact ε = x_t at t = 999 alone gave 85%. Up-weighting
     t = 999 got its MSE only to ~1e-4 in 200 steps, far from the ~1e-6 needed. With this form an
