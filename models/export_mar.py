@@ -557,22 +557,17 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
             from models.add_backbone import check as check_backbone
             from models.add_sampler import add_sampler
             from models.add_sampler import check as check_sampler
-            add_sampler(work, log=log)
-            try:
-                errors["sampler"] = check_sampler(work, log=log)
-            except CheckFailed as e:
-                raise ExportCheckFailed(str(e)) from e
-            if not errors["sampler"] <= tolerance:
-                raise ExportCheckFailed(f"the sampler graph differs from its per-tick reference by "
-                                        f"{errors['sampler']:.3e} > {tolerance}")
-            add_backbone(work, log=log)
-            try:
-                errors["backbone"] = check_backbone(work, log=log)
-            except CheckFailed as e:
-                raise ExportCheckFailed(str(e)) from e
-            if not errors["backbone"] <= tolerance:
-                raise ExportCheckFailed(f"the backbone graph differs from the encoder and decoder by "
-                                        f"{errors['backbone']:.3e} > {tolerance}")
+            for what, add, check, reference in (
+                    ("sampler", add_sampler, check_sampler, "its per-tick reference"),
+                    ("backbone", add_backbone, check_backbone, "the encoder and decoder")):
+                add(work, log=log)
+                try:
+                    errors[what] = check(work, log=log)
+                except CheckFailed as e:
+                    raise ExportCheckFailed(str(e)) from e
+                if not errors[what] <= tolerance:
+                    raise ExportCheckFailed(f"the {what} graph differs from {reference} by "
+                                            f"{errors[what]:.3e} > {tolerance}")
         files = staging.adopt(work)
         staging.commit()
     log(f"checked, then placed in {out_dir}: {', '.join(sorted(os.path.basename(f) for f in files))}")
