@@ -491,7 +491,7 @@ impl Comparing {
 }
 
 /// `sweep`'s axes: a mapping of parameter names to sequences of numbers,
-/// each as `--set name=v1,v2,...` takes them (finite, none twice).
+/// each checked as `--set name=v1,v2,...` is (`SweepAxis::new`).
 fn sweep_axes(axes: &Bound<'_, PyAny>) -> PyResult<Vec<gtr_run::eval::sweep::SweepAxis>> {
     let bad = || {
         PyValueError::new_err(
@@ -502,14 +502,8 @@ fn sweep_axes(axes: &Bound<'_, PyAny>) -> PyResult<Vec<gtr_run::eval::sweep::Swe
     let mut out = Vec::new();
     for item in mapping.items()?.iter() {
         let (name, values): (String, Vec<f64>) = item.extract().map_err(|_| bad())?;
-        let text = values
-            .iter()
-            .map(|v| format!("{v:?}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let axis = format!("{name}={text}")
-            .parse()
-            .map_err(|e: String| PyValueError::new_err(format!("axes: {e}")))?;
+        let axis = gtr_run::eval::sweep::SweepAxis::new(&name, values)
+            .map_err(|e| PyValueError::new_err(format!("axes: {e}")))?;
         out.push(axis);
     }
     if out.is_empty() {

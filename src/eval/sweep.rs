@@ -11,6 +11,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{Comparison, Contender, mean_std};
+use crate::plan::fmt_num;
 use crate::schedule::{Schedule, ScheduleError};
 
 /// One parameter of a sweep and its values (`--set name=v1,v2,...`).
@@ -20,36 +21,50 @@ pub struct SweepAxis {
     pub values: Vec<f64>,
 }
 
-impl std::str::FromStr for SweepAxis {
-    type Err = String;
-
-    /// `name=v1,v2,...`: finite numbers, at least one, no repeats.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, list) = s
-            .split_once('=')
-            .ok_or_else(|| format!("`{s}` is not NAME=V1,V2,...: e.g. beta=0.05,0.1,0.2"))?;
+impl SweepAxis {
+    /// The axis of parameter `name` over `values`: at least one, each
+    /// finite, none twice (as `--set name=v1,v2,...` and Python's `axes`
+    /// give them).
+    pub fn new(name: &str, values: Vec<f64>) -> Result<Self, String> {
         let name = name.trim();
         if name.is_empty() {
-            return Err(format!("`{s}`: the parameter's name is missing"));
+            return Err("the parameter's name is missing".into());
         }
-        let mut values = Vec::new();
-        for v in list.split(',') {
-            let x: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{v}` in `{s}` is not a number"))?;
+        if values.is_empty() {
+            return Err(format!("{name} has no values"));
+        }
+        for (k, &x) in values.iter().enumerate() {
             if !x.is_finite() {
-                return Err(format!("`{v}` in `{s}` is not a finite number"));
+                return Err(format!("{name}: {x} is not a finite number"));
             }
-            if values.contains(&x) {
-                return Err(format!("`{s}` lists {v} twice"));
+            if values[..k].contains(&x) {
+                return Err(format!("{name} lists {} twice", fmt_num(x)));
             }
-            values.push(x);
         }
         Ok(SweepAxis {
             name: name.to_string(),
             values,
         })
+    }
+}
+
+impl std::str::FromStr for SweepAxis {
+    type Err = String;
+
+    /// `name=v1,v2,...`, checked as [`SweepAxis::new`] checks it.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, list) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}` is not NAME=V1,V2,...: e.g. beta=0.05,0.1,0.2"))?;
+        let values = list
+            .split(',')
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .map_err(|_| format!("`{v}` in `{s}` is not a number"))
+            })
+            .collect::<Result<Vec<f64>, String>>()?;
+        SweepAxis::new(name, values).map_err(|e| format!("`{s}`: {e}"))
     }
 }
 
