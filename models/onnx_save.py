@@ -270,19 +270,23 @@ def _apply(folder: str, plan: dict) -> None:
             raise CommitStopped(done, len(steps), f"{what} ({e.strerror or one_line(e)})") from e
 
 
+def _staging_folders(folder: str) -> list[str]:
+    """The names of the tools' staging folders in `folder` (never a link: none is followed)."""
+    return [name for name in sorted(os.listdir(folder)) if name.startswith(TMP_PREFIX)
+            and not os.path.islink(os.path.join(folder, name)) and os.path.isdir(os.path.join(folder, name))]
+
+
 def recover(folder: str, log=None) -> None:
     """Cleans up after tools killed in `folder`; only under the bundle's lock (Staging takes it),
     when no other tool is active there, so every staging folder found is a dead run's: one whose
     commit plan was written is committed (the commit had been decided), any other is removed.
     BundleError naming the plan and what blocks it when a plan cannot be finished."""
     try:
-        entries = sorted(os.listdir(folder))
+        entries = _staging_folders(folder)
     except OSError:
         return
     for name in entries:
         path = os.path.join(folder, name)
-        if not name.startswith(TMP_PREFIX) or os.path.islink(path) or not os.path.isdir(path):
-            continue
         plan = os.path.join(path, PLAN)
         if os.path.isfile(plan):
             try:
@@ -553,9 +557,8 @@ def main(argv=None) -> int:
         fd = _lock(bundle)
         try:   # recovery alone: a read-only bundle with nothing to finish is fine
             recover(bundle, lambda line: print(f"{args.bundle}: {line}"))
-            left = sorted(os.path.join(n, PLAN) for n in os.listdir(bundle)
-                          if n.startswith(TMP_PREFIX) and not os.path.islink(os.path.join(bundle, n))
-                          and os.path.isfile(os.path.join(bundle, n, PLAN)))
+            left = [os.path.join(n, PLAN) for n in _staging_folders(bundle)
+                    if os.path.isfile(os.path.join(bundle, n, PLAN))]
         finally:
             if fd is not None:
                 os.close(fd)
