@@ -420,7 +420,7 @@ class Bench:
         path = os.path.join(self.bundle, "manifest.yaml")
         if not os.path.isfile(path):
             raise BenchError(f"{path} not found")
-        from models.add_sampler import read_manifest
+        from models.onnx_save import read_manifest
 
         _, manifest = read_manifest(self.bundle)
         try:
@@ -440,7 +440,7 @@ class Bench:
         (models/fuse_attention.py) and/or the head's two parts (models/split_head.py), beside it as
         SOURCE-fused, SOURCE-split or SOURCE-fused-split; reused while the source's graphs those
         are made from are unchanged."""
-        from models.add_sampler import read_manifest
+        from models.onnx_save import read_manifest
         from models.fuse_attention import fuse_bundle
         from models.split_head import add_split
 
@@ -501,7 +501,7 @@ class Bench:
     def asked_precisions(self, variants: list) -> list:
         """[(bundle, precision)] of every variant graph the gtr-run configurations `variants` ask
         for with `--precision fp16|bf16|int8` (variant args or --gtr-arg), in order, each pair once."""
-        from models.convert_precision import PRECISIONS
+        from models.variants import PRECISIONS
 
         out = []
         for v in variants:
@@ -525,7 +525,7 @@ class Bench:
         `--fused-attention` and `--split-head`, then the variant graphs of `--precision fp16|bf16|int8` where a
         bundle lacks them (models/convert_precision.py, without its CPU check), so that one command
         compares them with PyTorch's autocast on a fresh export."""
-        from models.add_sampler import read_manifest
+        from models.onnx_save import read_manifest
 
         for v in variants:
             self.prepared.add(v.name)

@@ -36,22 +36,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+# `models.*` from the repository root, also when run as a script
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.derived import add_graphs, bundle_view, graph_tool, manifest_with_graph, save_graph, staged  # noqa: E402
+from models.onnx_save import BundleError, load_graph  # noqa: E402
+
 BACKBONE_FILE = "backbone.onnx"
 INPUTS = ["tokens", "known", "label", "predict"]
 OUTPUT = "z"
 
 
-def read_manifest(bundle: str) -> tuple[str, dict]:
-    from models.add_sampler import read_manifest as read
-
-    return read(bundle)
-
-
 def _copy_renamed(graph: onnx.GraphProto, prefix: str, keep: dict[str, str]):
     """`graph`'s nodes, initializers and value infos with every name under `prefix`, except
     those in `keep` (old → new)."""
-    from models.onnx_save import BundleError
-
     for n in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             raise BundleError(f"the {prefix.rstrip('/')} graph's node `{n.name}` ({n.op_type}) holds a "
@@ -130,8 +127,6 @@ def build_backbone(encoder: onnx.ModelProto, decoder: onnx.ModelProto, enc_io: d
 
 def manifest_with_backbone(text: str) -> str:
     """The manifest text with a `backbone` graph entry after the decoder's."""
-    from models.add_sampler import manifest_with_graph
-
     return manifest_with_graph(text, "backbone", BACKBONE_FILE, INPUTS, {"z": OUTPUT}, "decoder")
 
 
@@ -140,9 +135,6 @@ def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
     """Writes the fused graph of `encoder_file` and `decoder_file` as backbone.onnx, or
     backbone.PRECISION.onnx for a precision variant, into `staging` (models.onnx_save.Staging;
     without one, committed at once); returns its name."""
-    from models.add_sampler import save_graph, staged
-    from models.onnx_save import BundleError, load_graph
-
     g = m["graphs"]
     with staged(bundle, staging) as s:
         encoder = load_graph(s.read_path(os.path.join(bundle, encoder_file)), "encoder")
@@ -158,8 +150,6 @@ def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
 
 def add_backbone(bundle: str, log=print, checked: bool = False) -> str:
     """Adds the backbone graph (with `checked`, compared by `check` before anything is replaced)."""
-    from models.add_sampler import add_graphs
-
     bundle = os.path.realpath(bundle)  # the folder read is the folder written (symbolic links, `..`)
 
     def write(m, staging):
@@ -178,8 +168,7 @@ def check(bundle: str, log=print, staging=None) -> float:
     known tokens (the graphs staged in `staging`, if given)."""
     import onnxruntime as ort
 
-    _, m = staging.manifest() if staging else read_manifest(bundle)
-    path = lambda f: staging.read_path(os.path.join(bundle, f)) if staging else os.path.join(bundle, f)  # noqa: E731
+    m, path = bundle_view(bundle, staging)
     g = m["graphs"]
     (H, W), C = m["grid"], int(m["token_dim"])
     L = H * W
@@ -205,12 +194,8 @@ def check(bundle: str, log=print, staging=None) -> float:
 
 
 def main(argv=None) -> int:
-    from models.add_sampler import graph_tool
-
     return graph_tool(argv, __doc__, "the encoder and decoder graphs", add_backbone)
 
 
 if __name__ == "__main__":
-    # `models.*` from the repository root
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

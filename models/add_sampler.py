@@ -48,9 +48,7 @@ both graphs with a NumPy run of the same chain through the bundle's diffusion gr
 """
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
 
 import numpy as np
@@ -59,7 +57,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 # `models.onnx_save` from the repository root, also when run as a script
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.onnx_save import BundleError, CheckFailed  # noqa: E402
+from models.cuda_capture import capture_blockers  # noqa: E402
+from models.derived import add_graphs, bundle_view, graph_tool, manifest_with_graph, save_graph, staged  # noqa: E402
+from models.onnx_save import BundleError, CheckFailed, load_graph  # noqa: E402
 
 SAMPLER_FILE = "sampler.onnx"
 INPUTS = ["x", "z", "t", "coef", "noise", "active", "guidance"]
@@ -68,13 +68,6 @@ TICK_FILE = "tick.onnx"
 TICK_INPUTS = ["x", "k", "z", "t", "coef", "noise", "running", "guidance"]
 TICK_OUTPUTS = ["x_next", "k_next"]
 COEFFICIENTS = 5
-
-
-def read_manifest(bundle: str) -> tuple[str, dict]:
-    """The manifest's text and content (models/onnx_save.py: BundleError naming what is wrong)."""
-    from models.onnx_save import read_manifest as read
-
-    return read(bundle)
 
 
 def head_nodes(hg: onnx.GraphProto, io: dict) -> tuple[list, str]:
@@ -302,55 +295,11 @@ def build_tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -
     return model_like(head, graph, "tick graph")
 
 
-def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outputs: dict[str, str],
-                        after: str) -> str:
-    """The manifest text with a `role` graph entry (`file`, each input role named as itself, the
-    `outputs` roles → tensor names) on one line after the `after` graph's entry, replacing an
-    earlier `role` entry; the rest of the text, comments included, as written."""
-    entry = (f"  {role}: {{ file: {file}, inputs: {{ "
-             + ", ".join(f"{r}: {r}" for r in inputs)
-             + " }, outputs: { " + ", ".join(f"{r}: {t}" for r, t in outputs.items()) + " } }")
-    lines = [ln for ln in text.splitlines() if not re.match(rf"^\s+{role}:\s*\{{", ln)]
-    for i, ln in enumerate(lines):
-        if re.match(rf"^\s+{after}:\s*\{{\s*file:", ln):
-            lines.insert(i + 1, entry)
-            return "\n".join(lines) + "\n"
-    raise BundleError(f"manifest.yaml: no `graphs.{after}` entry written on one line (`{after}: {{ file: ..., ... }}`) "
-                      f"to put the {role} entry after; write it so and run again (nothing was changed)")
-
-
 def manifest_with_sampler(text: str) -> str:
     """The manifest text with `sampler` and `tick` graph entries after the diffusion graph's."""
     text = manifest_with_graph(text, "sampler", SAMPLER_FILE, INPUTS, {"x_out": OUTPUT}, "diffusion")
     return manifest_with_graph(text, "tick", TICK_FILE, TICK_INPUTS, {r: r for r in TICK_OUTPUTS},
                                "sampler")
-
-
-def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging) -> str:
-    """Checks `model` and stages it in `bundle` (models.onnx_save.Staging) as `file`, or as
-    FILE.PRECISION.onnx for a precision variant; returns the name."""
-    name = file if precision is None else file.replace(".onnx", f".{precision}.onnx")
-    staging.save(model, os.path.join(bundle, name))
-    return name
-
-
-def staged(bundle: str, staging):
-    """`staging`, or a new Staging of `bundle` committed when the block ends without an error."""
-    from contextlib import contextmanager
-
-    from models.onnx_save import Staging
-
-    @contextmanager
-    def own():
-        with Staging(bundle) as s:
-            yield s
-            s.commit()
-
-    if staging is not None:
-        from contextlib import nullcontext
-
-        return nullcontext(staging)
-    return own()
 
 
 CHAIN_GRAPHS = {"sampler": (build_sampler, SAMPLER_FILE, "loop over the ticks"),
@@ -363,9 +312,6 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
     manifest's diffusion tensor names) as ROLE.onnx, or ROLE.PRECISION.onnx for a precision
     variant, into `staging` (models.onnx_save.Staging; without one, committed at once); returns
     the names by role."""
-    from models.cuda_capture import capture_blockers
-    from models.onnx_save import load_graph
-
     io = m["graphs"]["diffusion"]
     learned = m["diffusion"]["variance"] == "learned_range"
     names = {}
@@ -385,52 +331,6 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
                     f"({'; '.join(blockers)}), which is what gtr-run --sampler ticks is for; on CUDA use "
                     f"--sampler graph")
     return names
-
-
-def add_graphs(bundle: str, edit, write, verify, roles, sources, log=print) -> dict[str, str]:
-    """What add_sampler.py, add_backbone.py and split_head.py share (`bundle` a real path: the
-    callers resolve it): the bundle locked and its manifest read through the Staging
-    (models/onnx_save.py) and edited first (`edit(text)`: a manifest this cannot edit is refused
-    before anything is written), the graphs written aside (`write(manifest, staging)` →
-    {role: file}), with `verify` = (check, tolerance, what) compared there (CheckFailed over the tolerance), and only then all committed, the
-    manifest last. Afterwards a note names every precision whose variant lists the `sources`
-    graphs but not `roles`: gtr-run does not use a derived graph in another precision than the
-    run's, and convert_precision.py rebuilds the derived graphs the bundle has."""
-    from models.onnx_save import Staging
-
-    with Staging(bundle, log=log) as s:
-        # Read under the bundle's lock, after an interrupted commit is finished (onnx_save.py).
-        text, m = s.manifest()
-        new_text = edit(text)
-        names = write(m, s)
-        if verify is not None:
-            check, tolerance, what = verify
-            worst = check(bundle, log=log, staging=s)
-            if not worst <= tolerance:
-                raise CheckFailed(f"{bundle}: check failed: the graph differs from {what} by {worst:.3g} "
-                                  f"(more than {tolerance:g}); nothing was changed")
-        s.write_manifest(new_text)
-        s.commit()
-    for precision, files in (m.get("precisions") or {}).items():
-        if isinstance(files, dict) and all(r in files for r in sources) and not all(r in files for r in roles):
-            log(f"note: precisions.{precision} lists no {' and '.join(roles)} graph{'s' if len(roles) > 1 else ''} "
-                f"yet (gtr-run --precision {precision} will not use {'them' if len(roles) > 1 else 'it'}); "
-                f"build {'them' if len(roles) > 1 else 'it'} with python3 models/convert_precision.py {bundle} "
-                f"--precision {precision}{variant_flags(bundle, m, precision)}")
-    return names
-
-
-def variant_flags(bundle: str, m: dict, precision: str) -> str:
-    """The convert_precision.py options the bundle's `precision` variant was made with, as flags."""
-    try:
-        from models.fuse_attention import variant_options
-
-        options = variant_options(bundle, {"precisions": {precision: m["precisions"][precision]}})[precision]
-    except (ValueError, KeyError):
-        return ""
-    flags = {"emulate": " --emulate", "per_channel": " --per-tensor", "per_row": " --per-row-activations",
-             "quantize_token_projections": " --quantize-token-projections"}
-    return "".join(flags[k] for k in options)
 
 
 def add_sampler(bundle: str, log=print, checked: bool = False) -> str:
@@ -470,8 +370,7 @@ def check(bundle: str, log=print, staging=None) -> float:
     `staging`, if given) on random chains, with and without guidance."""
     import onnxruntime as ort
 
-    _, m = staging.manifest() if staging else read_manifest(bundle)
-    path = lambda f: staging.read_path(os.path.join(bundle, f)) if staging else os.path.join(bundle, f)  # noqa: E731
+    m, path = bundle_view(bundle, staging)
     io = m["graphs"]["diffusion"]
     C, learned = int(m["token_dim"]), m["diffusion"]["variance"] == "learned_range"
     D = int(m["width"])
@@ -508,31 +407,6 @@ def check(bundle: str, log=print, staging=None) -> float:
         log(f"check (G = {g}): max |tick graph, {T} calls - per-tick reference| = {tick_err:.3g}")
         worst = max(worst, err, tick_err)
     return worst
-
-
-def graph_tool(argv, doc: str, needs: str, add) -> int:
-    """The command line of a script that adds a derived graph to a bundle: `add(bundle, checked=...)`
-    (add_graphs). Exit status 0, 1 when --check fails, 2 on an error naming the input; in both
-    failures nothing of the bundle is changed."""
-    from models.onnx_save import run_tool
-
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", help=f"bundle folder (manifest.yaml and {needs})")
-    ap.add_argument("--check", action="store_true",
-                    help="compare the new graphs with their references (the chain ticked in NumPy, the "
-                         "encoder and decoder run one after the other, the whole head) before anything is "
-                         "replaced; exit status 1 over the tolerance")
-    args = ap.parse_args(argv)
-
-    def body():
-        try:
-            add(args.bundle, checked=args.check)
-        except CheckFailed as e:
-            print(str(e), file=sys.stderr)
-            return 1
-        return 0
-
-    return run_tool(body, args.bundle)
 
 
 def main(argv=None) -> int:

@@ -72,12 +72,13 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from models.onnx_save import BundleError  # noqa: E402
+from models.add_backbone import write_backbone  # noqa: E402
+from models.add_sampler import write_sampler  # noqa: E402
+from models.onnx_save import BundleError, Staging, load_graph, placed_names, run_tool  # noqa: E402
+from models.variants import (  # noqa: E402
+    DERIVED_FROM, DERIVED_ROLES, HALF_TYPE, PRECISIONS, ROLES, SPLIT_ROLES,
+)
 
-ROLES = ["encoder", "decoder", "diffusion", "vae_decoder"]
-# Graphs made from the converted ones, not converted themselves.
-DERIVED_ROLES = ["sampler", "tick", "backbone", "diffusion_condition", "diffusion_state"]
-PRECISIONS = ["fp16", "bf16", "int8"]
 HALF_OPS = {"MatMul", "Gemm", "Conv"}
 # Fused attention (models/fuse_attention.py) runs in half precision too, as autocast runs
 # scaled_dot_product_attention; ONNX Runtime's CUDA MultiHeadAttention takes fp16, not bf16.
@@ -98,7 +99,6 @@ FOLLOW_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu"}
 MOVE_OPS = {"Reshape": (0,), "Transpose": (0,), "Split": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
             "Flatten": (0,), "Identity": (0,), "Slice": (0,), "Gather": (0,), "Expand": (0,),
             "Concat": None}  # None: every input is data
-HALF_TYPE = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FP16_MAX = 65504.0
 # The check refuses a variant whose largest error exceeds this share of the largest float32
 # output on the check's inputs (measured on mar-tiny and a MAR-B-size export: fp16 and bf16
@@ -673,10 +673,6 @@ def compare_split(manifest, head_path, condition, state, seed):
 # ----------------------------------------------------------------------------- main
 
 
-SPLIT_ROLES = ("diffusion_condition", "diffusion_state")
-# The graphs each derived graph is made from: rebuilt when one of them is converted.
-DERIVED_FROM = {"sampler": ("diffusion",), "tick": ("diffusion",), "backbone": ("encoder", "decoder"),
-                "diffusion_condition": ("diffusion",), "diffusion_state": ("diffusion",)}
 
 
 def variant_names(bundle, graphs, roles, precision):
@@ -684,8 +680,6 @@ def variant_names(bundle, graphs, roles, precision):
     the bundle; for a graph outside it (`../`, a folder that is a link leading out) a name in the
     bundle, distinct from every other graph's and variant's (`<name>.<precision>.onnx`, else
     `<role>.<precision>.onnx`, else `<role>.<name>.<precision>.onnx`)."""
-    from models.onnx_save import placed_names
-
     def stem(file):
         file = os.path.normpath(file)
         return file[: -len(".onnx")] if file.endswith(".onnx") else file
@@ -721,8 +715,6 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     graph whose outputs differ from float32's by more than `tolerance` times their largest
     magnitude (or are not finite) raises ConversionError. With `staging` the writes join that
     models.onnx_save.Staging, which the caller commits (fuse_attention.py)."""
-    from models.onnx_save import Staging
-
     if emulate and precision not in ("fp16", "bf16"):
         raise ConversionError("--emulate applies to fp16 and bf16")
     if staging is None:
@@ -736,8 +728,6 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
         files = report["files"]
         log(f"manifest.yaml: precisions.{precision} = {files if files else '(removed: nothing converted)'}")
         return report
-
-    from models.onnx_save import load_graph
 
     manifest_path = os.path.join(bundle, "manifest.yaml")
     text, manifest = staging.manifest()
@@ -798,8 +788,6 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     if chain_roles and "diffusion" in todo and "diffusion" in files:
         # The whole-chain sampler and the tick graph around this precision's head
         # (models/add_sampler.py).
-        from models.add_sampler import write_sampler
-
         for role, name in write_sampler(bundle, manifest, files["diffusion"], precision, log=log,
                                         roles=chain_roles, staging=staging).items():
             files[role] = name
@@ -828,8 +816,6 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
         log(f"{parts['diffusion_condition']}, {parts['diffusion_state']}: the split head's parts in {precision}")
     if "backbone" in graphs and rebuilt & {"encoder", "decoder"} and "encoder" in files and "decoder" in files:
         # The fused backbone of this precision's encoder and decoder (models/add_backbone.py).
-        from models.add_backbone import write_backbone
-
         files["backbone"] = write_backbone(bundle, manifest, files["encoder"], files["decoder"], precision, log=log,
                                            staging=staging)
         report["graphs"]["backbone"] = {"file": files["backbone"]}
@@ -878,8 +864,6 @@ def main():
                          "largest fp32 output (default %(default)s)")
     ap.add_argument("--report", help="also write the report as JSON here")
     args = ap.parse_args()
-    from models.onnx_save import run_tool
-
     bundle = args.bundle
     if os.path.isfile(bundle):
         bundle = os.path.dirname(bundle) or "."

@@ -45,11 +45,13 @@ import sys
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models.add_backbone import write_backbone  # noqa: E402
+from models.convert_precision import compare, convert  # noqa: E402
 from models.onnx_save import BundleError, Staging, load_graph, placed_names, run_tool  # noqa: E402
+from models.variants import variant_options  # noqa: E402
 
 MSFT = "com.microsoft"
 ROLES = ("encoder", "decoder")
@@ -360,97 +362,9 @@ def manifest_with_files(text: str, files: dict[str, str]) -> str:
     return new_text
 
 
-def half_compute(model: onnx.ModelProto) -> bool:
-    """Whether an op other than a Cast reads a half tensor (a half weight or a Cast to half): a real
-    fp16/bf16 variant; convert_precision.py's --emulate only rounds through half casts."""
-    from models.convert_precision import HALF_TYPE
-
-    half_types = set(HALF_TYPE.values())
-    half = {i.name for i in model.graph.initializer if i.data_type in half_types}
-    half |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and attr(n, "to") in half_types}
-    return any(n.op_type != "Cast" and set(n.input) & half for n in model.graph.node)
-
-
-def per_channel(model: onnx.ModelProto):
-    """Whether an int8 variant's weights have a scale per output channel (convert_precision.py's
-    default) rather than one each (--per-tensor); None when it has no quantized MatMul."""
-    inits = {i.name: i for i in model.graph.initializer}
-    # The weight's zero point (MatMulInteger) or scale (DynamicQuantizeMatMul): one value per tensor.
-    weight_params = [n.input[3] if n.op_type == "MatMulInteger" else n.input[2] for n in model.graph.node
-                     if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
-    sizes = [int(np.prod(inits[p].dims)) for p in weight_params if p in inits]
-    return any(size > 1 for size in sizes) if sizes else None
-
-
-def per_row_activations(model: onnx.ModelProto):
-    """Whether an int8 variant quantizes its activations per row (--per-row-activations) rather than
-    per tensor (convert_precision.py's default: DynamicQuantizeLinear, or ONNX Runtime's fused
-    DynamicQuantizeMatMul); None when it has no quantized MatMul."""
-    ops = {n.op_type for n in model.graph.node}
-    if not ops & {"MatMulInteger", "DynamicQuantizeMatMul"}:
-        return None
-    return not ops & {"DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
-
-
-def token_projections_quantized(model: onnx.ModelProto, token_dim) -> bool | None:
-    """Whether an int8 variant quantized its token projections (--quantize-token-projections: a
-    quantized weight with a dimension of at most 2 * token_dim) or kept them float32 (a float
-    MatMul weight of that size); None when it has none."""
-    if not isinstance(token_dim, int) or token_dim <= 0:
-        return None
-    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
-    small = lambda w: len(shapes.get(w, [])) == 2 and min(shapes[w]) <= 2 * token_dim  # noqa: E731
-    nodes = model.graph.node
-    if any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and small(n.input[1]) for n in nodes):
-        return True
-    if any(n.op_type == "MatMul" and small(n.input[1]) for n in nodes):
-        return False
-    return None
-
-
-def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
-    """{precision: convert_precision.convert's options} that rebuild each variant the manifest lists
-    as it was made: emulate for an fp16/bf16 variant that only rounds through half (--emulate),
-    per_channel False for a per-tensor int8 one (--per-tensor), per_row True for one with
-    per-row activations (--per-row-activations), quantize_token_projections True for one with its
-    token projections quantized (--quantize-token-projections). ValueError where a variant cannot
-    be read or is not one convert_precision.py makes."""
-    from models.convert_precision import PRECISIONS
-    from models.convert_precision import ROLES as CONVERTED
-
-    options = {}
-    for precision, files in (manifest.get("precisions") or {}).items():
-        rebuild = f"remove precisions.{precision} from manifest.yaml and rebuild it after fusing " \
-                  f"(python3 models/convert_precision.py BUNDLE --precision {precision} ...)"
-        if precision not in PRECISIONS or not isinstance(files, dict):
-            raise ValueError(f"precisions.{precision}: not a variant convert_precision.py makes; {rebuild}")
-        models = []
-        for role, file in files.items():
-            if role not in CONVERTED:  # sampler, backbone: rebuilt from the others
-                continue
-            path = os.path.join(bundle, file)
-            try:
-                models.append(onnx.load(path, load_external_data=False))
-            except (OSError, DecodeError) as e:
-                raise ValueError(f"precisions.{precision}: {path} cannot be read ({e}), so how it was made "
-                                 f"cannot be told; {rebuild}") from e
-        if precision == "int8":
-            found = {per_channel(m) for m in models} - {None}
-            options[precision] = {"per_channel": False} if found == {False} else {}
-            if {per_row_activations(m) for m in models} - {None} == {True}:
-                options[precision]["per_row"] = True
-            if {token_projections_quantized(m, manifest.get("token_dim")) for m in models} - {None} == {True}:
-                options[precision]["quantize_token_projections"] = True
-        else:
-            options[precision] = {"emulate": True} if models and not any(map(half_compute, models)) else {}
-    return options
-
-
 def checked(role: str, manifest: dict, entry: dict, plain: str, log):
     """A save_model verify hook: FuseError unless the graph it sees is within TOLERANCE of the
     plain graph at `plain` in onnxruntime; any error running either is a FuseError too."""
-    from models.convert_precision import compare
-
     def verify(fused_path):
         try:
             err = compare(role, manifest, entry, plain, fused_path, seed=0)
@@ -558,13 +472,9 @@ def _fuse(bundle: str, check: bool, log) -> tuple[dict, bool]:
                 graphs[role]["file"] = name
             log("manifest.yaml: " + ", ".join(f"graphs.{r}.file = {n}" for r, n in moved.items()))
         if rebuild_backbone:
-            from models.add_backbone import write_backbone
-
             write_backbone(bundle, manifest, graphs["encoder"]["file"], graphs["decoder"]["file"], log=log,
                            staging=staging)
         for precision in rebuild:
-            from models.convert_precision import convert
-
             kwargs = options[precision]
             made = {"emulate": " (emulated, as before)", "per_channel": " (per tensor, as before)",
                     "per_row": " (activations per row, as before)",

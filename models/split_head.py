@@ -40,7 +40,8 @@ from onnx import TensorProto, helper
 
 # `models.*` from the repository root, also when run as a script
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.onnx_save import BundleError  # noqa: E402
+from models.derived import add_graphs, bundle_view, graph_tool, manifest_with_graph, save_graph, staged  # noqa: E402
+from models.onnx_save import BundleError, load_graph  # noqa: E402
 
 CONDITION_FILE = "diffusion_condition.onnx"
 STATE_FILE = "diffusion_state.onnx"
@@ -170,8 +171,6 @@ def split_head(head: onnx.ModelProto, io: dict, width: int, train_steps: int,
 def manifest_with_split(text: str) -> str:
     """The manifest text with `diffusion_condition` and `diffusion_state` entries after the
     diffusion graph's."""
-    from models.add_sampler import manifest_with_graph
-
     text = manifest_with_graph(text, "diffusion_condition", CONDITION_FILE, CONDITION_INPUTS, {"cond": "cond"},
                                "diffusion")
     return manifest_with_graph(text, "diffusion_state", STATE_FILE, STATE_INPUTS, {"out": "out"},
@@ -184,9 +183,6 @@ def write_split(bundle: str, m: dict, head_file: str, precision: str | None = No
     as diffusion_condition.onnx and diffusion_state.onnx, or *.PRECISION.onnx, into `staging`
     (models.onnx_save.Staging; without one, committed at once); returns the names by role.
     (convert_precision.py converts the float32 parts instead of cutting a variant head.)"""
-    from models.add_sampler import save_graph, staged
-    from models.onnx_save import load_graph
-
     with staged(bundle, staging) as s:
         head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion")
         condition, state, total = split_head(head, m["graphs"]["diffusion"], int(m["width"]),
@@ -200,8 +196,6 @@ def write_split(bundle: str, m: dict, head_file: str, precision: str | None = No
 
 def add_split(bundle: str, log=print, checked: bool = False) -> str:
     """Adds both parts (with `checked`, compared by `check` before anything is replaced)."""
-    from models.add_sampler import add_graphs
-
     bundle = os.path.realpath(bundle)  # the folder read is the folder written (symbolic links, `..`)
 
     names = add_graphs(bundle, manifest_with_split,
@@ -217,11 +211,8 @@ def check(bundle: str, log=print, staging=None) -> float:
     staged in `staging`, if given."""
     import onnxruntime as ort
 
-    from models.add_sampler import read_manifest
-
-    _, m = staging.manifest() if staging else read_manifest(bundle)
+    m, path = bundle_view(bundle, staging)
     io = m["graphs"]["diffusion"]
-    path = lambda f: staging.read_path(os.path.join(bundle, f)) if staging else os.path.join(bundle, f)  # noqa: E731
     session = lambda f: ort.InferenceSession(path(f), providers=["CPUExecutionProvider"])  # noqa: E731
     head, condition, state = session(io["file"]), session(CONDITION_FILE), session(STATE_FILE)
     rng = np.random.default_rng(0)
@@ -242,8 +233,6 @@ def check(bundle: str, log=print, staging=None) -> float:
 
 
 def main(argv=None) -> int:
-    from models.add_sampler import graph_tool
-
     return graph_tool(argv, __doc__, "the diffusion graph", add_split)
 
 

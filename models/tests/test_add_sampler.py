@@ -200,8 +200,8 @@ def test_graphs_the_tools_cannot_build_on(tmp):
 
 def test_nothing_written_before_the_manifest_and_check(tmp):
     """A block-style manifest (valid, but not editable on one line) and a failing --check are
-    refused before any graph is written; a bundle with variants gets a note, and convert_precision
-    then adds the new graphs to the variant."""
+    refused before any graph is written; a bundle with variants gets a note naming the command
+    that remakes the variant as it was made, and convert_precision then adds the new graphs to it."""
     from models import add_backbone, add_sampler, convert_precision, onnx_save, split_head
 
     bundle = copy_tiny(tmp, "block")
@@ -238,6 +238,16 @@ def test_nothing_written_before_the_manifest_and_check(tmp):
     convert_precision.convert(bundle, "int8", check=False, log=lambda *_: None)
     files = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))["precisions"]["int8"]
     check(files.get("backbone") == "backbone.int8.onnx", f"… which lists backbone.int8.onnx ({files})")
+    # The note's command makes the variant as it was made (read back from its graphs).
+    bundle = copy_tiny(tmp, "variant-flags")
+    convert_precision.convert(bundle, "int8", check=False, per_channel=False, per_row=True,
+                              quantize_token_projections=True, log=lambda *_: None)
+    lines = []
+    split_head.add_split(bundle, log=lines.append)
+    note = [ln for ln in lines if ln.startswith("note:")]
+    check(len(note) == 1 and note[0].endswith("--precision int8 --per-tensor --per-row-activations "
+                                              "--quantize-token-projections"),
+          f"the note names the variant's flags ({note})")
 
 
 def main():

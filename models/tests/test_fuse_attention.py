@@ -41,8 +41,9 @@ MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(MODELS))
 from models import convert_precision as cp  # noqa: E402
 from models import fuse_attention as fa  # noqa: E402
+from models import variants  # noqa: E402
 from models.add_backbone import add_backbone  # noqa: E402
-from models.add_sampler import read_manifest  # noqa: E402
+from models.onnx_save import read_manifest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fixture_copies import TINY, check, copy_tiny, run_tiny_backbone  # noqa: E402
@@ -286,12 +287,12 @@ def test_variant_options_kept(tmp):
               and points and all(not p.dims for p in points)
               and "DynamicQuantizeLinear" not in ops(os.path.join(bundle, f"{role}.int8.onnx")),
               f"{role}: the int8 variant is rebuilt fused, its weights still per tensor, its activations per row")
-    check(fa.variant_options(bundle, read_manifest(bundle)[1])
+    check(variants.variant_options(bundle, read_manifest(bundle)[1])
           == {"fp16": {"emulate": True}, "int8": {"per_channel": False, "per_row": True}},
           "… and both are recognized as such from their graphs")
     default = copy_tiny(tmp, "options-default")
     cp.convert(default, "int8", check=False, log=lambda *_: None)
-    check(fa.variant_options(default, read_manifest(default)[1]) == {"int8": {}}
+    check(variants.variant_options(default, read_manifest(default)[1]) == {"int8": {}}
           and "DynamicQuantizeLinear" in ops(os.path.join(default, "encoder.int8.onnx")),
           "an int8 variant with per-tensor activations (the default) is recognized as such")
 
@@ -302,7 +303,7 @@ def test_token_projections_kept_and_head_untouched(tmp):
     bundle = copy_tiny(tmp, "token-projections")
     cp.convert(bundle, "int8", check=False, quantize_token_projections=True, log=lambda *_: None)
     head = open(os.path.join(bundle, "diffusion.int8.onnx"), "rb").read()
-    check(fa.variant_options(bundle, read_manifest(bundle)[1]) == {"int8": {"quantize_token_projections": True}},
+    check(variants.variant_options(bundle, read_manifest(bundle)[1]) == {"int8": {"quantize_token_projections": True}},
           "--quantize-token-projections is recognized from the graphs")
     fa.fuse_bundle(bundle, check=False, log=lambda *_: None)
     model = onnx.load(os.path.join(bundle, "encoder.int8.onnx"))
