@@ -582,16 +582,45 @@ class Bench:
             import torch
             torch.cuda.empty_cache()              # leave the GPU's memory to ONNX Runtime
         t = time.time()
-        self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=self.subprocess_timeout())
-        with open(os.path.join(evaldir, "eval.json")) as f:
-            ej = json.load(f)
+        try:
+            self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=self.subprocess_timeout())
+        except (BenchError, Interrupted):
+            # gtr-run rewrites eval.json after every timed batch: a stopped eval leaves its rows.
+            ej = self.eval_json(evaldir, since=t)
+            if ej is not None and not ej["comparison"].get("finished", True):
+                self.record_eval(name, B, cmd, t, N, evaldir, ej)
+            raise
+        ej = self.eval_json(evaldir, since=t)
+        if ej is None:
+            raise BenchError(f"gtr-run eval wrote no {os.path.join(evaldir, 'eval.json')}")
+        self.record_eval(name, B, cmd, t, N, evaldir, ej)
+
+    @staticmethod
+    def eval_json(evaldir: str, since: float) -> dict | None:
+        """The eval.json gtr-run wrote in `evaldir` after `since` (a Unix time), if any."""
+        path = os.path.join(evaldir, "eval.json")
+        try:
+            if os.path.getmtime(path) < since:
+                return None
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def record_eval(self, name: str, B: int, cmd: list, t: float, N: int, evaldir: str, ej: dict) -> None:
+        """Records variant `name`'s eval at batch B from its eval.json `ej`: of an eval stopped
+        partway (`finished` false), the rows it had timed, marked partial."""
         comp = ej["comparison"]
+        partial = not comp.get("finished", True)
         rec = {"command": [str(c) for c in cmd], "seconds": round(time.time() - t, 2), "images": N,
                "execution_provider": comp.get("execution_provider"),
                "diffusion_chains": comp.get("diffusion_chains"),       # gtr-run with a sampler graph says where
                "eval_json": os.path.join(evaldir, "eval.json"),
+               "partial": partial,
                "schedules": {}}
         for s, d in zip(comp["schedules"], ej["derived"]):
+            if partial and not (s.get("images_timed") and isinstance(d.get("seconds_per_image"), float)):
+                continue
             rec["schedules"][s["name"]] = {
                 "seconds_per_image": d["seconds_per_image"],
                 "outside_runtime_share": d["outside_runtime_share"],
@@ -602,6 +631,10 @@ class Bench:
                                      "round_seconds") if k in s},
             }
         self.res["gtr_run"].setdefault(name, {})[str(B)] = rec
+        if partial:
+            timed = ", ".join(f"{s} {r['images_timed']}" for s, r in rec["schedules"].items()) or "none"
+            self.res["notes"].append(f"{name}, batch {B}: the eval was stopped; its rows are those it had timed "
+                                     f"(images: {timed}; of {N} each)")
         if self.a.device == "cuda" and "cuda" not in str(rec["execution_provider"]).lower():
             self.res["notes"].append(f"{name}, batch {B}: eval.json says the provider was "
                                      f"{rec['execution_provider']!r}, not CUDA")
@@ -892,6 +925,8 @@ class Bench:
         if kind == "gtr":
             done = self.res["gtr_run"].get(key[0], {})
             for b, rec in done.items():
+                if rec.get("partial"):
+                    continue
                 return SAFETY * rec["seconds"] * (self.images_for(B) + B) / (rec["images"] + int(b))
         else:
             prec, sched = key

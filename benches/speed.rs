@@ -58,7 +58,7 @@ fn main() {
         &contenders,
         &bundle.cost_spec(),
         &request,
-        |_, _| {},
+        |_, _, _| std::ops::ControlFlow::Continue(()),
     )
     .expect("compare");
     println!(

@@ -41,6 +41,7 @@ fn speed_and_cost_columns_without_an_evaluator() {
         "no quality columns without an evaluator"
     );
     let v = json(&out);
+    assert_eq!(v["comparison"]["finished"], true);
     let rows = v["comparison"]["schedules"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["images_timed"], 2);
@@ -126,6 +127,67 @@ fn speed_and_cost_columns_without_an_evaluator() {
     }
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(&run);
+}
+
+#[test]
+fn an_evaluation_stopped_partway_leaves_what_it_measured() {
+    // eval.json is rewritten after every batch; the process is killed once
+    // it shows a timed batch (a thousand rounds: it cannot finish first).
+    let out = tmp("stopped");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args([
+            "eval",
+            TINY,
+            "schedules/mar-8.gtr",
+            "schedules/gtr-fast.gtr",
+        ])
+        .args(["--num-images", "500", "--batch", "1", "--out"])
+        .arg(&out)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let partial = loop {
+        let read = std::fs::read_to_string(out.join("eval.json")).ok();
+        if let Some(v) = read.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()) {
+            break v;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the evaluation ended before eval.json appeared"
+        );
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no eval.json after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(partial["comparison"]["finished"], false, "{partial}");
+    let rows = partial["comparison"]["schedules"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let timed: Vec<u64> = rows
+        .iter()
+        .map(|r| r["images_timed"].as_u64().unwrap())
+        .collect();
+    assert!(timed[0] >= 1 && timed[0] < 500, "{timed:?}");
+    // A row not timed yet has no seconds per image (null), not 0.
+    for (k, &n) in timed.iter().enumerate() {
+        let per_image = &partial["derived"][k]["seconds_per_image"];
+        assert_eq!(
+            per_image.is_null(),
+            n == 0,
+            "row {k}: {per_image} after {n} images"
+        );
+    }
+    // The other files are written once everything is measured.
+    let written = json(&out);
+    assert_eq!(written["comparison"]["finished"], false);
+    assert!(!out.join("eval.md").exists() && !out.join("eval.csv").exists());
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

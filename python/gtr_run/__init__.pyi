@@ -199,8 +199,8 @@ class Model:
         float, None where empty), or with ``as_frame=True`` a pandas DataFrame of them
         (ImportError naming pandas when it is not installed).
         ``params`` applies to every schedule that declares the parameter; ``progress`` counts
-        batches. A Ctrl-C or an exception of ``progress`` is raised when the comparison ends:
-        it cannot be stopped halfway."""
+        batches (called with 0 before the first). A Ctrl-C or an exception of ``progress`` stops
+        the comparison after the batch it came in, and is raised."""
     def sweep(
         self,
         schedule: Union[str, "os.PathLike[str]"],

@@ -1,6 +1,7 @@
 //! `gtr_run.Model`: a bundle loaded on a device; `generate` and `eval`.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use gtr_run::backend::{
@@ -416,8 +417,8 @@ impl Model {
                 },
             )?;
             engine.stats = RunStats::default();
-            // `compare` cannot be stopped halfway: a signal or an error of the
-            // progress function is kept and raised when it returns.
+            // A signal or an error of the progress function stops the
+            // comparison after the batch it came in, and is raised.
             let mut interrupted = None;
             let comparison = compare(
                 engine,
@@ -425,16 +426,19 @@ impl Model {
                 contenders,
                 &self.bundle.cost_spec(),
                 &request,
-                |done, total| {
-                    if interrupted.is_none() {
-                        interrupted = progress.report(done, total).err();
+                |_, done, total| match progress.report(done, total) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        interrupted = Some(e);
+                        ControlFlow::Break(())
                     }
                 },
-            )
-            .map_err(run_failure)?;
-            match interrupted {
-                Some(e) => Err(Failure::Python(e)),
-                None => Ok(gtr_run::eval::report::csv(&comparison)),
+            );
+            match (comparison, interrupted) {
+                (_, Some(e)) => Err(Failure::Python(e)),
+                (comparison, None) => Ok(gtr_run::eval::report::csv(
+                    &comparison.map_err(run_failure)?,
+                )),
             }
         })?;
         progress.finish();

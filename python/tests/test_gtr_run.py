@@ -459,6 +459,19 @@ def test_eval_refuses_undeclared_parameters(tiny):
         tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, params={"nope": 1.0}, progress=False)
 
 
+def test_an_exception_in_progress_stops_eval_after_the_batch(tiny):
+    calls = []
+
+    def stop(done, total):
+        calls.append((done, total))
+        if done == 1:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny.eval([SCHEDULES / "mar-8.gtr", SCHEDULES / "gtr-fast.gtr"], num_images=4, batch=1, progress=stop)
+    assert calls == [(0, 8), (1, 8)]
+
+
 def test_eval_as_frame_is_a_pandas_table_or_names_pandas(tiny):
     schedules = [SCHEDULES / "mar-8.gtr"]
     try:

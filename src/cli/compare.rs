@@ -2,6 +2,7 @@
 //! the table written.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -228,25 +229,53 @@ fn run_comparison(
     );
     let mut engine = Engine::new(model);
     engine.ticks_per_call = args.runtime.sampler_ticks.map(|n| n as usize);
+    let json = |comparison: &gtr_run::eval::Comparison| {
+        let mut json = report::json(comparison);
+        json["runtime_settings"] = settings.clone();
+        json["schedules"] = report::contenders_json(contenders);
+        json["cfg_override"] = args.runtime.cfg.into();
+        json["temperature_override"] = args.runtime.temperature.into();
+        json
+    };
+    // WHAT.json is rewritten as the batches come (`finished: false`), so a
+    // run stopped partway leaves what it measured.
+    let json_path = out.join(format!("{what}.json"));
+    let mut write_error = None;
     let comparison = compare(
         &mut engine,
         scoring,
         contenders,
         &bundle.cost_spec(),
         &request,
-        |done, total| {
+        |so_far, done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
+            if done == 0 {
+                return ControlFlow::Continue(());
+            }
+            match write_json(&json_path, &json(so_far)) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
         },
-    )?;
+    );
     bar.finish_and_clear();
-    let mut json = report::json(&comparison);
-    json["runtime_settings"] = settings;
-    json["schedules"] = report::contenders_json(contenders);
-    json["cfg_override"] = args.runtime.cfg.into();
-    json["temperature_override"] = args.runtime.temperature.into();
-    write_report(&out, what, &comparison, &json)?;
+    let comparison = match (comparison, write_error) {
+        (_, Some(e)) => return Err(e),
+        (comparison, None) => comparison?,
+    };
+    write_report(&out, what, &comparison, &json(&comparison))?;
     Ok((comparison, out, lock))
+}
+
+/// Writes `json` to `path` (atomically, pretty-printed).
+fn write_json(path: &std::path::Path, json: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(json)? + "\n";
+    gtr_run::fsutil::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes `comparison` as `WHAT.md`, `WHAT.csv` and `json` as `WHAT.json`
@@ -259,15 +288,12 @@ fn write_report(
 ) -> anyhow::Result<()> {
     use gtr_run::eval::report;
     let table = report::markdown(comparison);
-    for (extension, text) in [
-        ("md", table.clone()),
-        ("csv", report::csv(comparison)),
-        ("json", serde_json::to_string_pretty(json)? + "\n"),
-    ] {
+    for (extension, text) in [("md", table.clone()), ("csv", report::csv(comparison))] {
         let path = out.join(format!("{what}.{extension}"));
         gtr_run::fsutil::write_atomic(&path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    write_json(&out.join(format!("{what}.json")), json)?;
     write_stdout(&table)?;
     eprintln!(
         "gtr-run {what}: wrote {what}.md, {what}.csv and {what}.json to {}",

@@ -95,6 +95,8 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
                 // Transparent, like RunError::Engine: not causes of their own.
                 CompareError::Engine(e) => Some(engine_status(e)),
                 CompareError::Stats(_) => Some(Runtime),
+                // The command stops it only for an error of its own, reported instead.
+                CompareError::Stopped => Some(Runtime),
                 CompareError::Evaluator(_) => None,
             }
         } else if cause.is::<SnapshotsDiffer>() {

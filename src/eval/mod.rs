@@ -11,6 +11,7 @@ pub mod stats;
 pub mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -161,12 +162,20 @@ pub struct ScheduleResult {
 }
 
 impl ScheduleResult {
+    /// Timed wall seconds per image; NaN before any image was timed.
     pub fn seconds_per_image(&self) -> f64 {
-        self.wall_seconds / self.images_timed.max(1) as f64
+        if self.images_timed == 0 {
+            return f64::NAN;
+        }
+        self.wall_seconds / self.images_timed as f64
     }
 
-    /// Share of timed wall time spent outside the runtime's run calls.
+    /// Share of timed wall time spent outside the runtime's run calls; NaN
+    /// before any image was timed.
     pub fn outside_runtime_share(&self) -> f64 {
+        if self.images_timed == 0 {
+            return f64::NAN;
+        }
         (self.wall_seconds - self.runtime_seconds) / self.wall_seconds.max(f64::MIN_POSITIVE)
     }
 }
@@ -197,13 +206,20 @@ pub struct Comparison {
     pub diffusion_chains: String,
     /// The numeric precision the model ran in (`--precision`).
     pub precision: String,
+    /// Whether every batch of every repeat ran and was scored: false in
+    /// what [`compare`] hands its progress function while it runs (rows
+    /// not measured yet have `images_timed` 0, a repeat's quality comes
+    /// once all its batches are scored).
+    pub finished: bool,
     pub schedules: Vec<ScheduleResult>,
 }
 
 impl Comparison {
-    /// Measured speed-up of row `k` over row 0: total timed wall seconds.
+    /// Measured speed-up of row `k` over row 0: timed wall seconds per
+    /// image (the same images in a finished comparison; one stopped
+    /// partway may have timed a batch more of row 0).
     pub fn speedup(&self, k: usize) -> f64 {
-        self.schedules[0].wall_seconds / self.schedules[k].wall_seconds
+        self.schedules[0].seconds_per_image() / self.schedules[k].seconds_per_image()
     }
 
     /// The (min, max) of the per-round speed-ups of row `k` over row 0.
@@ -243,6 +259,9 @@ pub enum CompareError {
     Stats(#[from] stats::StatsError),
     #[error("{0}")]
     Invalid(String),
+    /// The progress function asked to stop ([`compare`]).
+    #[error("stopped before the comparison was finished")]
+    Stopped,
 }
 
 /// The evaluator and the reference statistics its distances are taken to.
@@ -375,14 +394,18 @@ pub fn check_request(
 
 /// Runs every contender on the same images (same seeds and labels),
 /// interleaving schedules batch by batch so that drift of a shared machine
-/// hits all alike. `progress` sees (batches done, total).
+/// hits all alike. `progress` sees the comparison so far
+/// ([`Comparison::finished`] false), the timed batches done and their
+/// total: once before the first, after each batch and after each repeat's
+/// scoring. When it returns [`ControlFlow::Break`] the comparison stops
+/// there with [`CompareError::Stopped`].
 pub fn compare<M: MarModel>(
     engine: &mut Engine<M>,
     mut scoring: Option<Scoring<'_>>,
     contenders: &[Contender],
     cost_spec: &ModelSpec,
     req: &CompareRequest,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(&Comparison, usize, usize) -> ControlFlow<()>,
 ) -> Result<Comparison, CompareError> {
     check_request(req, contenders.len(), scoring.is_some())?;
     let info = engine.model.info().clone();
@@ -392,9 +415,27 @@ pub fn compare<M: MarModel>(
     let jobs_for = |seed: u64, indices: std::ops::Range<usize>| -> Vec<ImageJob> {
         ImageJob::for_images(seed, &indices.collect::<Vec<_>>(), &labels)
     };
-    let mut results: Vec<ScheduleResult> = (0..contenders.len())
-        .map(|k| planners.empty_result(k, req.seed, cost_spec))
-        .collect::<Result<_, _>>()?;
+    let mut comparison = Comparison {
+        model: info.name.clone(),
+        evaluator: scoring.as_ref().map(|s| s.evaluator.name().to_string()),
+        num_images: req.num_images,
+        batch: req.batch,
+        seed: req.seed,
+        repeats: req.repeats,
+        execution_provider: engine.model.execution_provider(),
+        diffusion_chains: engine.chain_runner(),
+        precision: engine.model.precision(),
+        finished: false,
+        schedules: (0..contenders.len())
+            .map(|k| planners.empty_result(k, req.seed, cost_spec))
+            .collect::<Result<_, _>>()?,
+    };
+    let mut tell = |comparison: &Comparison, done: usize, total: usize| match progress(
+        comparison, done, total,
+    ) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(CompareError::Stopped),
+    };
 
     if req.warm_up {
         // A different seed than any timed repeat, so nothing is reused.
@@ -410,20 +451,21 @@ pub fn compare<M: MarModel>(
     let rounds_per_repeat = req.num_images.div_ceil(req.batch);
     let total = rounds_per_repeat * req.repeats * contenders.len();
     let mut done = 0;
-    progress(done, total);
+    tell(&comparison, done, total)?;
     for r in 0..req.repeats {
         let seed = req.seed.wrapping_add(r as u64);
         let mut collected: Vec<Collected> =
             contenders.iter().map(|_| Collected::default()).collect();
         for start in (0..req.num_images).step_by(req.batch) {
             let jobs = jobs_for(seed, start..(start + req.batch).min(req.num_images));
-            for (k, result) in results.iter_mut().enumerate() {
+            for (k, scores_of_k) in collected.iter_mut().enumerate() {
                 let (runtime_before, model_before) =
                     (engine.runtime_seconds(), engine.stats.model_seconds());
                 let began = Instant::now();
                 let plans = planners.plans(k, &jobs)?;
                 let out = engine.generate(&plans, &jobs, &SeededNoise, |_, _| {})?;
                 let wall = began.elapsed().as_secs_f64();
+                let result = &mut comparison.schedules[k];
                 result.images_timed += jobs.len();
                 result.wall_seconds += wall;
                 result.model_seconds += engine.stats.model_seconds() - model_before;
@@ -431,33 +473,27 @@ pub fn compare<M: MarModel>(
                 result.round_seconds.push(wall);
                 if let Some(s) = scoring.as_mut() {
                     let scores = s.evaluator.score(out.pixels.view())?;
-                    collected[k].logits.push(scores.logits);
-                    collected[k].features.push(scores.features);
+                    scores_of_k.logits.push(scores.logits);
+                    scores_of_k.features.push(scores.features);
                 }
                 done += 1;
-                progress(done, total);
+                tell(&comparison, done, total)?;
             }
         }
         if let Some(s) = scoring.as_ref() {
             for (k, c) in collected.iter().enumerate() {
-                results[k]
-                    .quality
-                    .push(c.quality(seed, s.reference, &labels, info.classes)?);
+                comparison.schedules[k].quality.push(c.quality(
+                    seed,
+                    s.reference,
+                    &labels,
+                    info.classes,
+                )?);
             }
+            tell(&comparison, done, total)?;
         }
     }
-    Ok(Comparison {
-        model: info.name.clone(),
-        evaluator: scoring.as_ref().map(|s| s.evaluator.name().to_string()),
-        num_images: req.num_images,
-        batch: req.batch,
-        seed: req.seed,
-        repeats: req.repeats,
-        execution_provider: engine.model.execution_provider(),
-        diffusion_chains: engine.chain_runner(),
-        precision: engine.model.precision(),
-        schedules: results,
-    })
+    comparison.finished = true;
+    Ok(comparison)
 }
 
 impl Collected {
@@ -490,4 +526,88 @@ fn stack(parts: &[Array2<f32>]) -> Result<Array2<f32>, CompareError> {
             message: "outputs of different widths across batches".into(),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::fake::FakeModel;
+
+    /// Two images of two schedules, one a batch, on the fake model.
+    fn setup() -> (Vec<Contender>, Engine<FakeModel>, CompareRequest) {
+        let paths = ["schedules/mar-8.gtr", "schedules/gtr-fast.gtr"].map(PathBuf::from);
+        let contenders = contenders(&paths, &BTreeMap::new()).unwrap();
+        let engine = Engine::new(FakeModel::new());
+        let request = CompareRequest {
+            num_images: 2,
+            batch: 1,
+            seed: 0,
+            repeats: 1,
+            options: engine.model.info().defaults.plan_options(None, None),
+            warm_up: false,
+        };
+        (contenders, engine, request)
+    }
+
+    #[test]
+    fn progress_sees_the_rows_grow_batch_by_batch() {
+        let (contenders, mut engine, request) = setup();
+        let spec = ModelSpec::builtin("mar-b").unwrap();
+        let mut seen = Vec::new();
+        let done = compare(
+            &mut engine,
+            None,
+            &contenders,
+            &spec,
+            &request,
+            |so_far, done, total| {
+                let timed: Vec<usize> = so_far.schedules.iter().map(|s| s.images_timed).collect();
+                let per_image = so_far.schedules[1].seconds_per_image();
+                seen.push((done, total, so_far.finished, timed, per_image.is_nan()));
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+        assert!(done.finished);
+        // Rows not timed yet have no seconds per image (NaN, null in JSON).
+        assert_eq!(
+            seen,
+            [
+                (0, 4, false, vec![0, 0], true),
+                (1, 4, false, vec![1, 0], true),
+                (2, 4, false, vec![1, 1], false),
+                (3, 4, false, vec![2, 1], false),
+                (4, 4, false, vec![2, 2], false),
+            ]
+        );
+    }
+
+    #[test]
+    fn progress_can_stop_the_comparison_after_a_batch() {
+        let (contenders, mut engine, request) = setup();
+        let spec = ModelSpec::builtin("mar-b").unwrap();
+        let mut calls = 0;
+        let stopped = compare(
+            &mut engine,
+            None,
+            &contenders,
+            &spec,
+            &request,
+            |_, done, _| {
+                calls += 1;
+                if done == 1 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        assert!(matches!(stopped, Err(CompareError::Stopped)), "{stopped:?}");
+        // Asked before the first batch and after it; nothing ran after.
+        assert_eq!(calls, 2);
+        assert_eq!(
+            engine.model.backbone_calls, 8,
+            "one batch of mar-8's 8 steps"
+        );
+    }
 }
