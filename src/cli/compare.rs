@@ -159,7 +159,7 @@ fn run_comparison(
 )> {
     use gtr_run::backend::{OrtEvaluator, features_of};
     use gtr_run::engine::{Engine, MarModel};
-    use gtr_run::eval::{CompareRequest, Scoring, compare, reference_stats, report};
+    use gtr_run::eval::{CompareRequest, Scoring, reference_stats, report};
     use gtr_run::run::claim_report;
 
     let device = args.runtime.device;
@@ -222,11 +222,6 @@ fn run_comparison(
         }),
         _ => None,
     };
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} batches ({eta} left)")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
     let mut engine = Engine::new(model);
     engine.ticks_per_call = args.runtime.sampler_ticks.map(|n| n as usize);
     let json = |comparison: &gtr_run::eval::Comparison| {
@@ -237,23 +232,49 @@ fn run_comparison(
         json["temperature_override"] = args.runtime.temperature.into();
         json
     };
-    // WHAT.json is rewritten as the batches come (`finished: false`), so a
-    // run stopped partway leaves what it measured.
-    let json_path = out.join(format!("{what}.json"));
-    let mut write_error = None;
-    let comparison = compare(
+    let comparison = compare_writing_json(
         &mut engine,
         scoring,
         contenders,
-        &bundle.cost_spec(),
-        &request,
+        (&bundle.cost_spec(), &request),
+        &out.join(format!("{what}.json")),
+        json,
+    )?;
+    write_report(&out, what, &comparison, &json(&comparison))?;
+    Ok((comparison, out, lock))
+}
+
+/// [`gtr_run::eval::compare`] with a progress bar of the batches,
+/// rewriting `json_path` with `json` of the comparison so far after every
+/// batch (`finished: false`), so that a run stopped partway leaves what it
+/// measured; a failed write stops the comparison and is the error.
+fn compare_writing_json<M: gtr_run::engine::MarModel>(
+    engine: &mut gtr_run::engine::Engine<M>,
+    scoring: Option<gtr_run::eval::Scoring<'_>>,
+    contenders: &[gtr_run::eval::Contender],
+    (cost_spec, request): (&gtr_run::cost::ModelSpec, &gtr_run::eval::CompareRequest),
+    json_path: &std::path::Path,
+    json: impl Fn(&gtr_run::eval::Comparison) -> serde_json::Value,
+) -> anyhow::Result<gtr_run::eval::Comparison> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} batches ({eta} left)")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut write_error = None;
+    let comparison = gtr_run::eval::compare(
+        engine,
+        scoring,
+        contenders,
+        cost_spec,
+        request,
         |so_far, done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             if done == 0 {
                 return ControlFlow::Continue(());
             }
-            match write_json(&json_path, &json(so_far)) {
+            match write_json(json_path, &json(so_far)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(e) => {
                     write_error = Some(e);
@@ -263,12 +284,10 @@ fn run_comparison(
         },
     );
     bar.finish_and_clear();
-    let comparison = match (comparison, write_error) {
-        (_, Some(e)) => return Err(e),
-        (comparison, None) => comparison?,
-    };
-    write_report(&out, what, &comparison, &json(&comparison))?;
-    Ok((comparison, out, lock))
+    match (comparison, write_error) {
+        (_, Some(e)) => Err(e),
+        (comparison, None) => Ok(comparison?),
+    }
 }
 
 /// Writes `json` to `path` (atomically, pretty-printed).
