@@ -70,18 +70,26 @@ TICK_OUTPUTS = ["x_next", "k_next"]
 COEFFICIENTS = 5
 
 
-def head_nodes(hg: onnx.GraphProto, io: dict) -> tuple[list, str]:
+def head_nodes(hg: onnx.GraphProto, io: dict, apart=frozenset()) -> tuple[list, str, list]:
     """The head's nodes, their values renamed under `head/` except its initializers and its
-    inputs x, t and z, which become `xt`, `tt` and `zf`; and the name of its output."""
+    inputs x, t and z, which become `xt`, `tt` and `zf`; the name of its output; and its
+    initializers, those named in `apart` renamed under `head/` too."""
     ins, out_name = io["inputs"], io["outputs"]["out"]
     prefix = "head/"
     inits = {i.name for i in hg.initializer}
     rename = {ins["x"]: "xt", ins["t"]: "tt", ins["z"]: "zf"}
 
     def name(v: str) -> str:
-        if v == "" or v in inits:
+        if v == "" or (v in inits and v not in apart):
             return v
         return rename.get(v) or prefix + v
+
+    initializers = []
+    for init in hg.initializer:
+        if init.name in apart:
+            init = onnx.TensorProto.FromString(init.SerializeToString())
+            init.name = prefix + init.name
+        initializers.append(init)
 
     nodes = []
     for n in hg.node:
@@ -94,7 +102,34 @@ def head_nodes(hg: onnx.GraphProto, io: dict) -> tuple[list, str]:
         if m.name:
             m.name = prefix + m.name
         nodes.append(m)
-    return nodes, name(out_name)
+    return nodes, name(out_name), initializers
+
+
+def defined_twice(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """Those of `names` that `graph` (its Loop bodies included) defines more than once, as an
+    input, an initializer or a node's output."""
+    seen: dict[str, int] = {}
+
+    def count(g: onnx.GraphProto) -> None:
+        for v in [*(i.name for i in g.input), *(i.name for i in g.initializer),
+                  *(o for node in g.node for o in node.output)]:
+            seen[v] = seen.get(v, 0) + 1
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    count(a.g)
+
+    count(graph)
+    return {v for v in names if seen.get(v, 0) > 1}
+
+
+def apart_from_the_chain(build, head: onnx.ModelProto) -> onnx.ModelProto:
+    """`build(apart)`, a chain graph around `head`, with the head's initializers that share a
+    name with one of the chain's own values (a third party's head may call a weight `sigma` or
+    `x`) renamed apart: built once, and again with those names in `apart`."""
+    model = build(frozenset())
+    clash = defined_twice(model.graph, {i.name for i in head.graph.initializer})
+    return build(frozenset(clash)) if clash else model
 
 
 def chain_constants(C: int) -> list:
@@ -203,9 +238,14 @@ def model_like(head: onnx.ModelProto, graph: onnx.GraphProto, what: str) -> onnx
 
 def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
     """The Loop graph around `head` (its tensor names for x, t, z and out in `io`)."""
+    return apart_from_the_chain(lambda apart: _sampler(head, io, token_dim, learned, apart), head)
+
+
+def _sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool, apart) -> onnx.ModelProto:
+    """build_sampler, the head's initializers named in `apart` renamed (head_nodes)."""
     hg = head.graph
     C = token_dim
-    body_nodes, head_out = head_nodes(hg, io)
+    body_nodes, head_out, head_weights = head_nodes(hg, io, apart)
     n = helper.make_node
     body = [
         # rows running at this tick: x_in[:n]
@@ -247,7 +287,7 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
         # The head's weights are the body's own, placed on the device with it, not outer-scope
         # values passed into every call of the body (on an H200, MAR-B mar-16 at batch 64 went
         # from 0.275 to 0.265 s/image, two runs; the cause was not isolated further).
-        initializer=list(hg.initializer),
+        initializer=head_weights,
     )
     outer = [
         n("Shape", ["active"], ["ticks"]),
@@ -263,7 +303,12 @@ def build_sampler(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool
 
 def build_tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -> onnx.ModelProto:
     """One tick of the chains around `head`, without control flow (see TICK_INPUTS)."""
-    body_nodes, head_out = head_nodes(head.graph, io)
+    return apart_from_the_chain(lambda apart: _tick(head, io, token_dim, learned, apart), head)
+
+
+def _tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool, apart) -> onnx.ModelProto:
+    """build_tick, the head's initializers named in `apart` renamed (head_nodes)."""
+    body_nodes, head_out, head_weights = head_nodes(head.graph, io, apart)
     n = helper.make_node
     nodes = [
         *shape_nodes(),
@@ -290,7 +335,7 @@ def build_tick(head: onnx.ModelProto, io: dict, token_dim: int, learned: bool) -
         nodes, "tick", value_infos(TICK_INPUTS, C, D), value_infos(TICK_OUTPUTS, C, None),
         initializer=chain_constants(C)
         + [numpy_helper.from_array(np.array(1, np.int64), "k_one_scalar")]
-        + list(head.graph.initializer),
+        + head_weights,
     )
     return model_like(head, graph, "tick graph")
 

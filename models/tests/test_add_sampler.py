@@ -49,6 +49,27 @@ def test_writes_both_graphs(tmp):
     check(worst < 1e-4, f"both graphs match the per-tick reference (max |diff| {worst:.2g})")
 
 
+def test_head_weights_named_like_the_chains_values(tmp):
+    """A third party's head may name a weight as the chain names one of its own values (`sigma`,
+    `xt`) or inputs (`guidance`): those weights are renamed apart, and both graphs still match."""
+    bundle = copy_tiny(tmp, "clash")
+    path = os.path.join(bundle, "diffusion.onnx")
+    head = onnx.load(path)
+    taken = {i for node in head.graph.node for i in list(node.input) + list(node.output)}
+    weights = [i for i in head.graph.initializer if i.dims][:4]
+    for init, new in zip(weights, ["sigma", "xt", "guidance", "k_one"]):
+        check(new not in taken, f"`{new}` is free in the head")
+        for node in head.graph.node:
+            node.input[:] = [new if v == init.name else v for v in node.input]
+        init.name = new
+    onnx.save(head, path)
+    add_sampler.add_sampler(bundle, log=lambda *_: None)
+    worst = add_sampler.check(bundle, log=lambda *_: None)
+    check(worst < 1e-4, f"with weights named sigma, xt, guidance, k_one both graphs match the reference ({worst:.2g})")
+    names = {i.name for i in onnx.load(os.path.join(bundle, "tick.onnx")).graph.initializer}
+    check({"head/sigma", "head/xt", "head/guidance", "head/k_one"} <= names, f"… renamed apart ({sorted(names)[:8]})")
+
+
 def tick_inputs(rng, n, ticks, c, d):
     return {
         "x": rng.standard_normal((n, c)).astype(np.float32),
@@ -254,6 +275,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_nothing_written_before_the_manifest_and_check(tmp)
         test_writes_both_graphs(tmp)
+        test_head_weights_named_like_the_chains_values(tmp)
         test_tick_semantics(tmp)
         test_tick_graph_can_be_captured(tmp)
         test_capture_rule()
