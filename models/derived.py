@@ -12,6 +12,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 
 import onnx
+import yaml
 
 from models.onnx_save import BundleError, CheckFailed, Staging, read_manifest, run_tool
 from models.variants import variant_flags
@@ -20,18 +21,38 @@ from models.variants import variant_flags
 def manifest_with_graph(text: str, role: str, file: str, inputs: list[str], outputs: dict[str, str],
                         after: str) -> str:
     """The manifest text with a `role` graph entry (`file`, each input role named as itself, the
-    `outputs` roles → tensor names) on one line after the `after` graph's entry, replacing an
-    earlier `role` entry; the rest of the text, comments included, as written."""
-    entry = (f"  {role}: {{ file: {file}, inputs: {{ "
+    `outputs` roles → tensor names) on one line after the `after` graph's entry, indented as that
+    one, replacing an earlier one-line `role` entry; the rest of the text, comments included, as
+    written. BundleError where the result would not read back as exactly that change (an entry
+    written over several lines), before anything is written."""
+    want = {"file": file, "inputs": {r: r for r in inputs}, "outputs": dict(outputs)}
+    entry = (f"{role}: {{ file: {file}, inputs: {{ "
              + ", ".join(f"{r}: {r}" for r in inputs)
              + " }, outputs: { " + ", ".join(f"{r}: {t}" for r, t in outputs.items()) + " } }")
     lines = [ln for ln in text.splitlines() if not re.match(rf"^\s+{role}:\s*\{{", ln)]
     for i, ln in enumerate(lines):
         if re.match(rf"^\s+{after}:\s*\{{\s*file:", ln):
-            lines.insert(i + 1, entry)
-            return "\n".join(lines) + "\n"
+            lines.insert(i + 1, ln[: len(ln) - len(ln.lstrip())] + entry)
+            new_text = "\n".join(lines) + "\n"
+            _check_edit(text, new_text, role, want)
+            return new_text
     raise BundleError(f"manifest.yaml: no `graphs.{after}` entry written on one line (`{after}: {{ file: ..., ... }}`) "
                       f"to put the {role} entry after; write it so and run again (nothing was changed)")
+
+
+def _check_edit(old_text: str, new_text: str, role: str, want: dict) -> None:
+    """BundleError unless `new_text` reads as `old_text` with `graphs.<role>` set to `want`."""
+    old, new = yaml.safe_load(old_text), None
+    try:
+        new = yaml.safe_load(new_text)
+    except yaml.YAMLError:
+        pass
+    expected = dict(old, graphs={**old["graphs"], role: want})
+    if new != expected:
+        raise BundleError(f"manifest.yaml: the `graphs.{role}` entry could not be written on one line beside "
+                          f"the others (an entry written over several lines, or indented otherwise); write "
+                          f"each graph entry as `ROLE: {{ file: ..., ... }}` on one line and run again "
+                          f"(nothing was changed)")
 
 
 def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging) -> str:

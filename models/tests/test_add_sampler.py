@@ -16,6 +16,7 @@
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -238,6 +239,35 @@ def test_nothing_written_before_the_manifest_and_check(tmp):
         except onnx_save.BundleError as e:
             check("on one line" in str(e) and sorted(os.listdir(bundle)) == before,
                   f"{add.__name__}: refused before anything is written ({e})")
+    # Entries indented otherwise get the new entry indented as theirs; an earlier entry of the
+    # role written over several lines (which would stay, and win) is refused.
+    bundle = copy_tiny(tmp, "indented")
+    text = open(path := os.path.join(bundle, "manifest.yaml")).read()
+    open(path, "w").write(re.sub(r"(?m)^  (encoder|decoder|diffusion|vae_decoder):", r"    \1:", text))
+    add_sampler.add_sampler(bundle, log=lambda *_: None)
+    graphs = yaml.safe_load(open(path))["graphs"]
+    check(graphs["sampler"]["file"] == "sampler.onnx" and graphs["tick"]["file"] == "tick.onnx",
+          "entries indented by four spaces: the new ones are too, and the manifest reads back")
+    m = yaml.safe_load(open(path))
+    old_entry = dict(m["graphs"]["sampler"], file="old_sampler.onnx")
+    blocky = copy_tiny(tmp, "block-sampler")
+    # the old entry written as a block among the graph entries, the manifest otherwise as before
+    lines = open(path).read().splitlines()
+    at = max(i for i, ln in enumerate(lines) if re.match(r"^ +(encoder|decoder|diffusion|vae_decoder|tick):", ln))
+    lines = [ln for ln in lines if not re.match(r"^ +sampler:", ln)]
+    block = ["    sampler:"] + [f"      {line}" for line in yaml.safe_dump(old_entry).splitlines()]
+    lines[at:at] = block
+    open(os.path.join(blocky, "manifest.yaml"), "w").write("\n".join(lines) + "\n")
+    check(yaml.safe_load(open(os.path.join(blocky, "manifest.yaml")))["graphs"]["sampler"]["file"]
+          == "old_sampler.onnx", "(the manifest reads with the block entry)")
+    before = {f: open(os.path.join(blocky, f), "rb").read() for f in sorted(os.listdir(blocky))}
+    try:
+        add_sampler.add_sampler(blocky, log=lambda *_: None)
+        check(False, "an earlier sampler entry over several lines is refused")
+    except onnx_save.BundleError as e:
+        after = {f: open(os.path.join(blocky, f), "rb").read() for f in sorted(os.listdir(blocky))}
+        check("could not be written on one line" in str(e) and after == before,
+              f"an earlier sampler entry over several lines: refused, nothing changed ({e})")
     bundle = copy_tiny(tmp, "failed-check")
     before = sorted(os.listdir(bundle))
     real = add_sampler.check
