@@ -137,8 +137,8 @@ def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
     without one, committed at once); returns its name."""
     g = m["graphs"]
     with staged(bundle, staging) as s:
-        encoder = load_graph(s.read_path(os.path.join(bundle, encoder_file)), "encoder")
-        decoder = load_graph(s.read_path(os.path.join(bundle, decoder_file)), "decoder")
+        encoder = load_graph(s.read_path(os.path.join(bundle, encoder_file)), "encoder", entry=g["encoder"])
+        decoder = load_graph(s.read_path(os.path.join(bundle, decoder_file)), "decoder", entry=g["decoder"])
         try:
             backbone = build_backbone(encoder, decoder, g["encoder"], g["decoder"])
         except BundleError as e:

@@ -361,7 +361,7 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
     learned = m["diffusion"]["variance"] == "learned_range"
     names = {}
     with staged(bundle, staging) as s:
-        head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion")
+        head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion", entry=io)
         for role in roles:
             build, file, what = CHAIN_GRAPHS[role]
             try:

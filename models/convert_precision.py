@@ -673,8 +673,6 @@ def compare_split(manifest, head_path, condition, state, seed):
 # ----------------------------------------------------------------------------- main
 
 
-
-
 def variant_names(bundle, graphs, roles, precision):
     """{role: file} of the variants of `roles`' graphs: `<name>.<precision>.onnx` beside a graph in
     the bundle; for a graph outside it (`../`, a folder that is a link leading out) a name in the
@@ -717,6 +715,8 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
     models.onnx_save.Staging, which the caller commits (fuse_attention.py)."""
     if emulate and precision not in ("fp16", "bf16"):
         raise ConversionError("--emulate applies to fp16 and bf16")
+    if precision != "int8" and (not per_channel or per_row or quantize_token_projections):
+        raise ConversionError("--per-tensor, --per-row-activations and --quantize-token-projections apply to int8")
     if staging is None:
         # The bundle locked, a killed run's commit finished, then the manifest read through the
         # Staging; the folder read is the folder written (symbolic links, `..` resolved).
@@ -758,7 +758,7 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
         out_name = names[role]
         started = time.perf_counter()
         try:
-            model, stats, changed = convert_graph(load_graph(src, role), precision, **options)
+            model, stats, changed = convert_graph(load_graph(src, role, entry=entry), precision, **options)
         except ConversionError as e:
             raise ConversionError(f"{role} ({entry['file']}): {e}") from None
         info = {"file": None, "stats": stats, "seconds": round(time.perf_counter() - started, 3)}
@@ -843,6 +843,24 @@ def _judge(what, err, precision, emulate, tolerance, out_name, info, log):
             f"them; nothing is written ({out_name}, the other variants and manifest.yaml are left as they were)")
 
 
+def seed(text: str) -> int:
+    """--seed: an integer of at least 0 (NumPy's generators take no negative seed)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def writable_file(path: str) -> bool:
+    """Whether `path` (links followed) can be written as a file: an existing regular file this
+    process may write, or a new name in a folder it may write."""
+    real = os.path.realpath(path)
+    if os.path.lexists(real):
+        return os.path.isfile(real) and os.access(real, os.W_OK)
+    folder = os.path.dirname(real)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", help="bundle folder (holding manifest.yaml)")
@@ -858,7 +876,7 @@ def main():
                          "images of its batch (slower: the quantization runs as separate ops)")
     ap.add_argument("--quantize-token-projections", action="store_true",
                     help="int8: quantize the projections from and to the token space too (kept float32 by default)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the check's random inputs")
+    ap.add_argument("--seed", type=seed, default=0, help="seed of the check's random inputs (0 or more)")
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                     help="the check refuses a graph whose max |variant - fp32| exceeds this share of the "
                          "largest fp32 output (default %(default)s)")
@@ -869,20 +887,23 @@ def main():
         bundle = os.path.dirname(bundle) or "."
 
     def body():
-        if args.report:
-            # Checked first: the report is written after the bundle has changed.
-            folder = os.path.dirname(os.path.abspath(args.report))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(args.report):
-                print(f"error: --report {args.report}: cannot write there (no such folder, not writable, or a "
-                      "folder); nothing was changed", file=sys.stderr)
-                return 2
+        # Checked first: the report is written after the bundle has changed.
+        if args.report and not writable_file(args.report):
+            print(f"error: --report {args.report}: cannot write there (no such folder, not writable, or not a "
+                  "file); nothing was changed", file=sys.stderr)
+            return 2
         report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed,
                          tolerance=args.tolerance, per_row=args.per_row,
                          quantize_token_projections=args.quantize_token_projections)
         if args.report:
-            with open(args.report, "w") as f:
-                json.dump(report, f, indent=2)
-                f.write("\n")
+            try:
+                with open(args.report, "w") as f:
+                    json.dump(report, f, indent=2)
+                    f.write("\n")
+            except OSError as e:
+                print(f"error: --report {args.report}: cannot be written ({type(e).__name__}: {e}); the "
+                      f"{args.precision} variants were written and manifest.yaml lists them", file=sys.stderr)
+                return 2
         return 0
 
     return run_tool(body, bundle)

@@ -428,7 +428,7 @@ def _fuse(bundle: str, check: bool, log) -> tuple[dict, bool]:
         # Every graph is read and fused before any is written, so an unreadable one changes nothing.
         fused, present = {}, {}
         for role in ROLES:
-            model = load_graph(os.path.join(bundle, graphs[role]["file"]), role)
+            model = load_graph(os.path.join(bundle, graphs[role]["file"]), role, entry=graphs[role])
             present[role] = attention_nodes(model)
             model, count, skipped = fuse(model)
             for line in skipped:

@@ -110,12 +110,98 @@ def read_manifest(bundle: str) -> tuple[str, dict]:
     for role, entry in manifest["graphs"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
             raise BundleError(f"{path}: graphs.{role} has no `file`")
+    check_contract(manifest, path)
     return text, manifest
 
 
-def load_graph(path: str, what: str, load_external_data: bool = True) -> onnx.ModelProto:
+# The tensor roles of the model graphs (models/README.md, "Graph contracts").
+GRAPH_ROLES = {
+    "encoder": (("tokens", "known", "label"), ("encoded",)),
+    "decoder": (("encoded", "known"), ("z",)),
+    "diffusion": (("x", "t", "z"), ("out",)),
+    "vae_decoder": (("latent",), ("image",)),
+}
+VARIANCES = ("learned_range", "fixed_small", "fixed_large")
+
+
+def check_contract(m: dict, path: str) -> None:
+    """BundleError naming the first field of manifest `m` (read from `path`) that the model tools
+    read and gtr-run would refuse: the shape fields, the diffusion settings, the four model
+    graphs with their tensor roles, each graph entry's `inputs`/`outputs` as names, and the
+    `precisions` section as precision → role → file."""
+    def wrong(field: str, want: str) -> BundleError:
+        return BundleError(f"{path}: `{field}` is {_shown(m, field)}, not {want}")
+
+    def count(v, least: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    for field, least in (("token_dim", 1), ("width", 1), ("classes", 0), ("buffer", 0)):
+        if not count(m.get(field), least):
+            raise wrong(field, "a positive integer" if least else "an integer of at least 0")
+    if not count(m.get("null_class"), -2**63):
+        raise wrong("null_class", "an integer")
+    scale = m.get("latent_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise wrong("latent_scale", "a positive number")
+    grid = m.get("grid")
+    if not (isinstance(grid, list) and len(grid) == 2 and all(count(v, 1) for v in grid)):
+        raise wrong("grid", "[H, W] (two positive integers)")
+    diffusion = m.get("diffusion")
+    if not isinstance(diffusion, dict):
+        raise wrong("diffusion", "a mapping (schedule, train_steps, variance)")
+    if not count(diffusion.get("train_steps"), 1):
+        raise wrong("diffusion.train_steps", "a positive integer")
+    if diffusion.get("variance") not in VARIANCES:
+        raise wrong("diffusion.variance", " or ".join(VARIANCES))
+    graphs = m["graphs"]
+    for role, (inputs, outputs) in GRAPH_ROLES.items():
+        if role not in graphs:
+            raise BundleError(f"{path}: no `graphs.{role}` entry (every bundle has the encoder, decoder, "
+                              f"diffusion and vae_decoder graphs)")
+        for side, roles in (("inputs", inputs), ("outputs", outputs)):
+            names = graphs[role].get(side)
+            if not isinstance(names, dict) or any(r not in names for r in roles):
+                raise wrong(f"graphs.{role}.{side}", "a mapping of " + ", ".join(roles) + " to tensor names")
+    for role, entry in graphs.items():
+        for side in ("inputs", "outputs"):
+            names = entry.get(side, {})
+            if not isinstance(names, dict) or not all(isinstance(v, str) and v for v in names.values()):
+                raise wrong(f"graphs.{role}.{side}", "a mapping of roles to tensor names")
+    precisions = m.get("precisions")
+    if precisions is not None:
+        if not isinstance(precisions, dict):
+            raise wrong("precisions", "a mapping of precision to { role: file }")
+        for precision, files in precisions.items():
+            if not isinstance(files, dict) or not all(isinstance(f, str) and f for f in files.values()):
+                raise wrong(f"precisions.{precision}", "a mapping of roles to graph files")
+
+
+def _shown(m: dict, field: str) -> str:
+    """The value of a dotted `field` of `m` as the message shows it (`missing` where absent)."""
+    value = m
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return "missing"
+        value = value[key]
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_tensor_names(model: onnx.ModelProto, entry: dict, role: str, path: str) -> None:
+    """BundleError unless every tensor the manifest's `entry` for graph `role` names is one of the
+    graph's inputs or outputs (as its side says)."""
+    for side, have in (("inputs", {v.name for v in model.graph.input}),
+                       ("outputs", {v.name for v in model.graph.output})):
+        for tensor_role, name in (entry.get(side) or {}).items():
+            if name not in have:
+                raise BundleError(f"{path} ({role}): manifest graphs.{role}.{side}.{tensor_role} names `{name}`, "
+                                  f"which is not one of the graph's {side} ({', '.join(sorted(have))})")
+
+
+def load_graph(path: str, what: str, load_external_data: bool = True, entry: dict | None = None) -> onnx.ModelProto:
     """The ONNX graph at `path` (`what`: its role, for messages); BundleError when the file is
-    missing, unreadable, or not an ONNX graph (truncated, another format)."""
+    missing, unreadable, or not an ONNX graph (truncated, another format), or, given its manifest
+    `entry`, when a tensor the entry names is not among the graph's inputs or outputs."""
     if not os.path.isfile(path):
         raise BundleError(f"{path} ({what}): no such file")
     try:
@@ -126,6 +212,8 @@ def load_graph(path: str, what: str, load_external_data: bool = True) -> onnx.Mo
         raise BundleError(f"{path} ({what}) is not an ONNX graph ({type(e).__name__}: {one_line(e)})") from e
     if not model.graph.output or not model.graph.node:
         raise BundleError(f"{path} ({what}) is not an ONNX graph (no nodes or outputs: truncated or another format)")
+    if entry is not None:
+        check_tensor_names(model, entry, what, path)
     return model
 
 

@@ -184,7 +184,7 @@ def write_split(bundle: str, m: dict, head_file: str, precision: str | None = No
     (models.onnx_save.Staging; without one, committed at once); returns the names by role.
     (convert_precision.py converts the float32 parts instead of cutting a variant head.)"""
     with staged(bundle, staging) as s:
-        head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion")
+        head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion", entry=m["graphs"]["diffusion"])
         condition, state, total = split_head(head, m["graphs"]["diffusion"], int(m["width"]),
                                              int(m["diffusion"]["train_steps"]), head_file)
         names = {"diffusion_condition": save_graph(bundle, condition, CONDITION_FILE, precision, s),

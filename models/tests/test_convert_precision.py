@@ -433,6 +433,42 @@ def test_errors_name_the_input(tmp):
     text = re.sub(r"file: encoder\.onnx,\s*", "", open(path).read())
     open(path, "w").write(text)
     refused(bundle, "graphs.encoder has no `file`", "a graph entry without `file`")
+    # Content the tools read, valid YAML but not a bundle's (every tool used to fail with a
+    # traceback, add_sampler.py with `precisions: [1, 2]` after its commit).
+    for name, edit, want in (
+            ("precisions-list", lambda m: m.update(precisions=[1, 2]), "`precisions` is [1, 2]"),
+            ("precision-files", lambda m: m.update(precisions={"int8": {"encoder": 5}}), "`precisions.int8`"),
+            ("no-token-dim", lambda m: m.pop("token_dim"), "`token_dim` is missing"),
+            ("no-variance", lambda m: m["diffusion"].pop("variance"), "`diffusion.variance` is missing"),
+            ("no-grid", lambda m: m.pop("grid"), "`grid` is missing"),
+            ("classes", lambda m: m.update(classes="ten"), "`classes` is 'ten'"),
+            ("no-buffer", lambda m: m.pop("buffer"), "`buffer` is missing"),
+            ("latent-scale", lambda m: m.update(latent_scale=0), "`latent_scale` is 0"),
+            ("no-encoder", lambda m: m["graphs"].pop("encoder"), "no `graphs.encoder` entry"),
+            ("no-x", lambda m: m["graphs"]["diffusion"]["inputs"].pop("x"), "`graphs.diffusion.inputs`")):
+        bundle = copy_tiny(tmp, name)
+        path = os.path.join(bundle, "manifest.yaml")
+        m = yaml.safe_load(open(path))
+        edit(m)
+        open(path, "w").write(yaml.safe_dump(m))
+        refused(bundle, want, name)
+    # A tensor the manifest names that the graph does not have.
+    for role, side, tensor_role, written, renamed in (
+            ("decoder", "outputs", "z", "outputs: { z: z }", "outputs: { z: renamed }"),
+            ("encoder", "outputs", "encoded", "outputs: { encoded: encoded }", "outputs: { encoded: renamed }"),
+            ("diffusion", "inputs", "x", "inputs: { x: x,", "inputs: { x: renamed,")):
+        bundle = copy_tiny(tmp, f"renamed-{role}")
+        path = os.path.join(bundle, "manifest.yaml")
+        lines = open(path).read().splitlines(keepends=True)
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {role}:"))
+        check(written in lines[at], f"(the tiny manifest's {role} entry has `{written}`)")
+        lines[at] = lines[at].replace(written, renamed)
+        open(path, "w").write("".join(lines))
+        want = f"graphs.{role}.{side}.{tensor_role} names `renamed`"
+        p = run_tool(*(tools[0] if role != "diffusion" else tools[2][:1]), bundle)
+        lines = p.stderr.strip().splitlines()
+        check(p.returncode == 2 and len(lines) == 1 and want in lines[0],
+              f"{role} {side}: exit 2, one line naming the tensor ({p.returncode}: {p.stderr.strip()[-200:]})")
     for name, content in (("truncated", open(os.path.join(TINY, "encoder.onnx"), "rb").read()[:200]),
                           ("not-onnx", b"hello")):
         bundle = copy_tiny(tmp, name)
@@ -449,6 +485,22 @@ def test_errors_name_the_input(tmp):
     check(p.returncode == 2 and "--report" in p.stderr and "Traceback" not in p.stderr,
           f"--report into a missing folder: exit 2 ({p.stderr.strip()[-160:]})")
     check(snapshot(bundle) == before, "… checked before the bundle is changed")
+    for what, target in (("a link into a missing folder", os.path.join(tmp, "nonexistent", "r.json")),
+                         ("a link to a folder", tmp)):
+        link = os.path.join(tmp, "report-link.json")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(target, link)
+        p = run_tool(script, bundle, "--precision", "int8", "--report", link)
+        check(p.returncode == 2 and "--report" in p.stderr and snapshot(bundle) == before,
+              f"--report through {what}: exit 2, nothing changed ({p.stderr.strip()[-160:]})")
+    for flags in (["--per-tensor"], ["--per-row-activations"], ["--quantize-token-projections"]):
+        p = run_tool(script, bundle, "--precision", "fp16", *flags)
+        check(p.returncode == 2 and "apply to int8" in p.stderr and snapshot(bundle) == before,
+              f"fp16 with {flags[0]}: refused, nothing changed ({p.stderr.strip()[-160:]})")
+    p = run_tool(script, bundle, "--precision", "int8", "--seed", "-5")
+    check(p.returncode == 2 and "--seed" in p.stderr and snapshot(bundle) == before,
+          f"a negative --seed: refused ({p.stderr.strip()[-120:]})")
 
 
 def test_bench_copies_what_the_manifest_names(tmp):
