@@ -590,17 +590,18 @@ class Bench:
             if ej is not None and not ej["comparison"].get("finished", True):
                 self.record_eval(name, B, cmd, t, N, evaldir, ej)
             raise
-        ej = self.eval_json(evaldir, since=t)
+        ej = self.eval_json(evaldir)
         if ej is None:
             raise BenchError(f"gtr-run eval wrote no {os.path.join(evaldir, 'eval.json')}")
         self.record_eval(name, B, cmd, t, N, evaldir, ej)
 
     @staticmethod
-    def eval_json(evaldir: str, since: float) -> dict | None:
-        """The eval.json gtr-run wrote in `evaldir` after `since` (a Unix time), if any."""
+    def eval_json(evaldir: str, since: float | None = None) -> dict | None:
+        """The eval.json in `evaldir` (written after `since`, a Unix time, where given: an eval
+        that failed before taking its folder leaves an older one), if any."""
         path = os.path.join(evaldir, "eval.json")
         try:
-            if os.path.getmtime(path) < since:
+            if since is not None and os.path.getmtime(path) < since:
                 return None
             with open(path) as f:
                 return json.load(f)
@@ -633,8 +634,8 @@ class Bench:
         self.res["gtr_run"].setdefault(name, {})[str(B)] = rec
         if partial:
             timed = ", ".join(f"{s} {r['images_timed']}" for s, r in rec["schedules"].items()) or "none"
-            self.res["notes"].append(f"{name}, batch {B}: the eval was stopped; its rows are those it had timed "
-                                     f"(images: {timed}; of {N} each)")
+            self.res["notes"].append(f"{name}, batch {B}: the eval ended early (stopped, or failed: see the errors); "
+                                     f"its rows are those it had timed (images: {timed}; of {N} each)")
         if self.a.device == "cuda" and "cuda" not in str(rec["execution_provider"]).lower():
             self.res["notes"].append(f"{name}, batch {B}: eval.json says the provider was "
                                      f"{rec['execution_provider']!r}, not CUDA")

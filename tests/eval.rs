@@ -129,25 +129,38 @@ fn speed_and_cost_columns_without_an_evaluator() {
     let _ = std::fs::remove_dir_all(&run);
 }
 
+/// A child process killed (and reaped) when dropped, so that a failing
+/// test leaves none running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn an_evaluation_stopped_partway_leaves_what_it_measured() {
-    // eval.json is rewritten after every batch; the process is killed once
-    // it shows a timed batch (a thousand rounds: it cannot finish first).
+    // eval.json is first written after the first timed batch; the process
+    // is killed once it is there (a thousand rounds: it cannot finish first).
     let out = tmp("stopped");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
-        .args([
-            "eval",
-            TINY,
-            "schedules/mar-8.gtr",
-            "schedules/gtr-fast.gtr",
-        ])
-        .args(["--num-images", "500", "--batch", "1", "--out"])
-        .arg(&out)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+            .args([
+                "eval",
+                TINY,
+                "schedules/mar-8.gtr",
+                "schedules/gtr-fast.gtr",
+            ])
+            .args(["--num-images", "500", "--batch", "1", "--out"])
+            .arg(&out)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let started = std::time::Instant::now();
     let partial = loop {
         let read = std::fs::read_to_string(out.join("eval.json")).ok();
@@ -155,7 +168,7 @@ fn an_evaluation_stopped_partway_leaves_what_it_measured() {
             break v;
         }
         assert!(
-            child.try_wait().unwrap().is_none(),
+            child.0.try_wait().unwrap().is_none(),
             "the evaluation ended before eval.json appeared"
         );
         assert!(
@@ -164,8 +177,7 @@ fn an_evaluation_stopped_partway_leaves_what_it_measured() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     assert_eq!(partial["comparison"]["finished"], false, "{partial}");
     let rows = partial["comparison"]["schedules"].as_array().unwrap();
     assert_eq!(rows.len(), 2);

@@ -418,19 +418,27 @@ impl Model {
             )?;
             engine.stats = RunStats::default();
             // A signal or an error of the progress function stops the
-            // comparison after the batch it came in, and is raised.
+            // comparison after the batch it came in, and is raised. The
+            // function sees each count once (`compare` reports a repeat's
+            // scoring again at the same count).
             let mut interrupted = None;
+            let mut reported = None;
             let comparison = compare(
                 engine,
                 scoring,
                 contenders,
                 &self.bundle.cost_spec(),
                 &request,
-                |_, done, total| match progress.report(done, total) {
-                    Ok(()) => ControlFlow::Continue(()),
-                    Err(e) => {
-                        interrupted = Some(e);
-                        ControlFlow::Break(())
+                |_, done, total| {
+                    if reported.replace(done) == Some(done) {
+                        return ControlFlow::Continue(());
+                    }
+                    match progress.report(done, total) {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(e) => {
+                            interrupted = Some(e);
+                            ControlFlow::Break(())
+                        }
                     }
                 },
             );

@@ -459,6 +459,14 @@ def test_eval_refuses_undeclared_parameters(tiny):
         tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, params={"nope": 1.0}, progress=False)
 
 
+def test_eval_progress_counts_each_batch_once():
+    """With an evaluator and two repeats (each repeat's scoring is reported at its last count)."""
+    seen = []
+    gtr_run.Model(MAR_TINY).eval([SCHEDULES / "mar-8.gtr"], num_images=2, batch=1, repeats=2,
+                                 progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 4) for k in range(5)]
+
+
 def test_an_exception_in_progress_stops_eval_after_the_batch(tiny):
     calls = []
 

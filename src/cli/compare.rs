@@ -245,8 +245,9 @@ fn run_comparison(
 }
 
 /// [`gtr_run::eval::compare`] with a progress bar of the batches,
-/// rewriting `json_path` with `json` of the comparison so far after every
-/// batch (`finished: false`), so that a run stopped partway leaves what it
+/// rewriting `json_path` with `json` of the comparison so far
+/// (`finished: false`) after the first batch and then at most every
+/// [`PARTIAL_JSON_SECONDS`], so that a run stopped partway leaves what it
 /// measured; a failed write stops the comparison and is the error.
 fn compare_writing_json<M: gtr_run::engine::MarModel>(
     engine: &mut gtr_run::engine::Engine<M>,
@@ -262,6 +263,7 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut write_error = None;
+    let mut written: Option<std::time::Instant> = None;
     let comparison = gtr_run::eval::compare(
         engine,
         scoring,
@@ -271,11 +273,15 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
         |so_far, done, total| {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
-            if done == 0 {
+            let due = written.is_none_or(|at| at.elapsed().as_secs_f64() >= PARTIAL_JSON_SECONDS);
+            if done == 0 || !due {
                 return ControlFlow::Continue(());
             }
             match write_json(json_path, &json(so_far)) {
-                Ok(()) => ControlFlow::Continue(()),
+                Ok(()) => {
+                    written = Some(std::time::Instant::now());
+                    ControlFlow::Continue(())
+                }
                 Err(e) => {
                     write_error = Some(e);
                     ControlFlow::Break(())
@@ -289,6 +295,11 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
         (comparison, None) => Ok(comparison?),
     }
 }
+
+/// Seconds at least between two rewrites of a comparison's partial JSON
+/// (each holds every batch's time so far: written after every batch, a
+/// long run of small batches would spend its time writing).
+const PARTIAL_JSON_SECONDS: f64 = 5.0;
 
 /// Writes `json` to `path` (atomically, pretty-printed).
 fn write_json(path: &std::path::Path, json: &serde_json::Value) -> anyhow::Result<()> {
