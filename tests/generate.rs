@@ -290,6 +290,53 @@ fn bad_input_is_reported_clearly() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Graphs that load but break their contract when they run
+/// (models/fixtures/contract-breaches): refused as a wrong input, naming the
+/// graph and the tensor, before any image; the decoder's used to panic.
+#[test]
+fn outputs_that_break_a_graphs_contract_are_refused() {
+    let out = tmp("contract-breaches");
+    let o = out.to_str().unwrap();
+    for (bundle, extra, want) in [
+        (
+            "decoder-batch",
+            None,
+            "graph `decoder`, output `z`: shape [1, 256, 32], expected [4, 256, 32]",
+        ),
+        (
+            "diffusion-rows",
+            None,
+            "graph `diffusion`, output `out`: shape [96, 8], expected [48, 8]",
+        ),
+        (
+            "tick-count",
+            Some("--sampler=ticks"),
+            "graph `tick`, output `k_next`: counted to [0] over 50 ticks from 0",
+        ),
+    ] {
+        let path = format!("models/fixtures/contract-breaches/{bundle}");
+        let mut args = vec![
+            path.as_str(),
+            "schedules/gtr-fast.gtr",
+            "--num-images",
+            "2",
+            "--out",
+            o,
+            "--force",
+        ];
+        args.extend(extra);
+        let run = gtr_run(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(3), "{bundle}: {stderr}");
+        assert!(
+            stderr.contains(want) && !stderr.contains("panicked"),
+            "{bundle}: {stderr}"
+        );
+        assert!(pngs(&out).is_empty(), "{bundle}: no image");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 /// A copy of the tiny bundle with a changed manifest.
 fn broken_bundle(name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
     let dir = tmp(name);

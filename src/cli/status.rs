@@ -32,9 +32,21 @@ fn schedule_status(e: &ScheduleError) -> ExitStatus {
 /// An engine error's status: a wrong input (a class, a plan the model
 /// cannot run, a replay that does not fit) or a failure while running.
 fn engine_status(e: &gtr_run::engine::EngineError) -> ExitStatus {
+    use gtr_run::engine::EngineError;
     match e {
-        gtr_run::engine::EngineError::Input(_) => ExitStatus::Input,
-        _ => ExitStatus::Runtime,
+        EngineError::Input(_) => ExitStatus::Input,
+        EngineError::Model { source, .. } | EngineError::Vae(source) => model_status(source),
+        EngineError::NonFinite { .. } => ExitStatus::Runtime,
+    }
+}
+
+/// A graph's output that breaks its contract is a wrong input (the
+/// bundle's); a graph that fails to run is a failure while running.
+fn model_status(e: &gtr_run::engine::ModelError) -> ExitStatus {
+    if e.is_contract() {
+        ExitStatus::Input
+    } else {
+        ExitStatus::Runtime
     }
 }
 
@@ -64,9 +76,10 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
                 ContenderError::Schedule(e) => Some(schedule_status(e)),
                 ContenderError::Undeclared(_) => Some(ExitStatus::Usage),
             }
+        } else if let Some(e) = cause.downcast_ref::<gtr_run::engine::ModelError>() {
+            Some(model_status(e))
         } else if cause.is::<LibraryError>()
             || cause.is::<std::io::Error>()
-            || cause.is::<gtr_run::engine::ModelError>()
             || cause.is::<gtr_run::eval::stats::StatsError>()
         {
             Some(Runtime)
@@ -97,7 +110,7 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
                 CompareError::Stats(_) => Some(Runtime),
                 // The command stops it only for an error of its own, reported instead.
                 CompareError::Stopped => Some(Runtime),
-                CompareError::Evaluator(_) => None,
+                CompareError::Evaluator(e) => Some(model_status(e)),
             }
         } else if cause.is::<SnapshotsDiffer>() {
             Some(ExitStatus::ChecksDiffer)

@@ -85,6 +85,22 @@ pub enum ModelError {
         got: Vec<usize>,
         expected: String,
     },
+    /// An output that breaks the graph's contract otherwise than by its
+    /// shape (models/README.md).
+    #[error("graph `{graph}`, output `{tensor}`: {problem}")]
+    Contract {
+        graph: &'static str,
+        tensor: String,
+        problem: String,
+    },
+}
+
+impl ModelError {
+    /// Whether the model's graph broke its contract (a wrong input, the
+    /// bundle's), rather than failing to run.
+    pub fn is_contract(&self) -> bool {
+        matches!(self, ModelError::Shape { .. } | ModelError::Contract { .. })
+    }
 }
 
 /// A MAR model as three calls. Batch layouts are the caller's: the engine

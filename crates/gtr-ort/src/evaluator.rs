@@ -71,20 +71,21 @@ impl Evaluator for OrtEvaluator {
             &["logits", "features"],
             true,
         )?;
-        let features: Array2<f32> = shaped("evaluator", "features", out.remove(1), || {
-            format!("[{b}, F]")
-        })?;
-        let logits: Array2<f32> = shaped("evaluator", "logits", out.remove(0), || {
-            format!("[{b}, {}]", self.classes)
-        })?;
-        if logits.nrows() != b || features.nrows() != b {
-            return Err(ModelError::Shape {
-                graph: "evaluator",
-                tensor: "logits/features".into(),
-                got: vec![logits.nrows(), features.nrows()],
-                expected: format!("{b} rows each"),
-            });
-        }
+        let features: Array2<f32> = shaped(
+            "evaluator",
+            "features",
+            out.remove(1),
+            &[Some(b), None],
+            || format!("[{b}, F]"),
+        )?;
+        let classes = self.classes;
+        let logits: Array2<f32> = shaped(
+            "evaluator",
+            "logits",
+            out.remove(0),
+            &[Some(b), Some(classes)],
+            || format!("[{b}, {classes}]"),
+        )?;
         Ok(Scores { logits, features })
     }
 }

@@ -63,6 +63,9 @@ impl LoadOptions {
 /// A bundle's graphs loaded into ONNX Runtime.
 pub struct OrtModel {
     info: ModelInfo,
+    /// The class-embedding slots the encoder prepends (the manifest's
+    /// `buffer`): its output has buffer + K rows.
+    buffer: usize,
     encoder: Graph,
     decoder: Graph,
     diffusion: Graph,
@@ -171,6 +174,7 @@ impl OrtModel {
         };
         let mut model = OrtModel {
             info,
+            buffer: bundle.manifest.buffer,
             encoder,
             decoder,
             diffusion,
@@ -549,9 +553,14 @@ impl MarModel for OrtModel {
             true,
         )?;
         let d = self.info.width;
-        let enc: Array3<f32> = shaped("encoder", "encoded", enc, || {
-            format!("[{b}, buffer + {}, {d}]", known.ncols())
-        })?;
+        let rows = self.buffer + known.ncols();
+        let enc: Array3<f32> = shaped(
+            "encoder",
+            "encoded",
+            enc,
+            &[Some(b), Some(rows), Some(d)],
+            || format!("[{b}, buffer + {} = {rows}, {d}]", known.ncols()),
+        )?;
         let z = self.decoder.run(
             vec![
                 ("encoded", view("decoder", enc.view())?),
@@ -560,7 +569,9 @@ impl MarModel for OrtModel {
             "z",
             false,
         )?;
-        shaped::<Ix3>("decoder", "z", z, || format!("[{b}, {l}, {d}]"))
+        shaped::<Ix3>("decoder", "z", z, &[Some(b), Some(l), Some(d)], || {
+            format!("[{b}, {l}, {d}]")
+        })
     }
 
     fn backbone_rows(
@@ -586,7 +597,9 @@ impl MarModel for OrtModel {
             false,
         )?;
         let (b, n, d) = (predict.nrows(), predict.ncols(), self.info.width);
-        shaped::<Ix3>(graph, "z", z, || format!("[{b}, {n}, {d}]"))
+        shaped::<Ix3>(graph, "z", z, &[Some(b), Some(n), Some(d)], || {
+            format!("[{b}, {n}, {d}]")
+        })
     }
 
     fn diffusion(
@@ -606,7 +619,9 @@ impl MarModel for OrtModel {
             false,
         )?;
         let channels = self.info.head_channels();
-        shaped::<Ix2>("diffusion", "out", out, || format!("[{n}, {channels}]"))
+        shaped::<Ix2>("diffusion", "out", out, &[Some(n), Some(channels)], || {
+            format!("[{n}, {channels}]")
+        })
     }
 
     fn split_head_rows(&self) -> usize {
@@ -631,7 +646,7 @@ impl MarModel for OrtModel {
             "cond",
             false,
         )?;
-        shaped::<Ix2>(graph, "cond", out, || format!("[{n}, S]"))
+        shaped::<Ix2>(graph, "cond", out, &[Some(n), None], || format!("[{n}, S]"))
     }
 
     fn head_state(
@@ -653,7 +668,9 @@ impl MarModel for OrtModel {
             false,
         )?;
         let channels = self.info.head_channels();
-        shaped::<Ix2>(graph, "out", out, || format!("[{n}, {channels}]"))
+        shaped::<Ix2>(graph, "out", out, &[Some(n), Some(channels)], || {
+            format!("[{n}, {channels}]")
+        })
     }
 
     fn fuses_backbone(&self) -> bool {
@@ -699,7 +716,9 @@ impl MarModel for OrtModel {
             false,
         )?;
         let c = self.info.token_dim;
-        shaped::<Ix2>(graph, "x_out", out, || format!("[{n}, {c}]"))
+        shaped::<Ix2>(graph, "x_out", out, &[Some(n), Some(c)], || {
+            format!("[{n}, {c}]")
+        })
     }
 
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
@@ -710,7 +729,13 @@ impl MarModel for OrtModel {
             "image",
             false,
         )?;
-        shaped::<Ix4>("vae_decoder", "image", out, || {
+        let dims = [
+            Some(b),
+            Some(img.channels),
+            Some(img.height),
+            Some(img.width),
+        ];
+        shaped::<Ix4>("vae_decoder", "image", out, &dims, || {
             format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width)
         })
     }

@@ -239,13 +239,24 @@ pub(crate) fn view<
     Ok(SessionInputValue::from(t))
 }
 
+/// `a`, an output of `graph`, as an array of rank D whose sizes are `dims`
+/// (`None`: any size); else a shape error naming the graph and `tensor`,
+/// `expected` saying what was due. An output of another size would be read
+/// as other rows than it holds, or past them.
 pub(crate) fn shaped<D: Dimension>(
     graph: &'static str,
     tensor: &str,
     a: ndarray::ArrayD<f32>,
+    dims: &[Option<usize>],
     expected: impl FnOnce() -> String,
 ) -> Result<ndarray::Array<f32, D>, ModelError> {
-    if a.ndim() == D::NDIM.unwrap_or(a.ndim()) {
+    let fits = a.ndim() == dims.len()
+        && D::NDIM.is_none_or(|rank| rank == dims.len())
+        && a.shape()
+            .iter()
+            .zip(dims)
+            .all(|(&got, want)| want.is_none_or(|want| want == got));
+    if fits {
         return Ok(a.into_dimensionality::<D>().expect("rank checked"));
     }
     Err(ModelError::Shape {

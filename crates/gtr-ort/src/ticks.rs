@@ -397,6 +397,20 @@ impl TickRunner {
             .read()
             .map_err(|e| err(format!("reading the state back: {e}")))?;
         let out = Array2::from_shape_vec((n, c), state[..n * c].to_vec()).expect("N·C values");
+        // Each tick reads its row of the step's tensors at k: a graph that
+        // does not count k_next = k + 1 runs other ticks' inputs.
+        let counted = set.k[ticks % 2]
+            .read()
+            .map_err(|e| err(format!("reading k back: {e}")))?;
+        if counted.first() != Some(&(ticks as i64)) {
+            return Err(ModelError::Contract {
+                graph: GRAPH,
+                tensor: "k_next".into(),
+                problem: format!(
+                    "counted to {counted:?} over {ticks} ticks from 0; the tick graph must return k_next = k + 1 (models/README.md, \"The optional tick graph\")"
+                ),
+            });
+        }
         stats.seconds += started.elapsed().as_secs_f64();
         Ok(out)
     }
