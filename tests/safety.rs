@@ -598,3 +598,51 @@ fn merge_checks_images_against_their_record_and_refuses_links() {
     assert_hashes_match(&out);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Weights kept beside a graph (ONNX external data,
+/// models/fixtures/external-data): part of the model's digest, so
+/// `--resume` refuses a run whose weights changed (it kept the old images
+/// beside new ones before); a data file cut short or missing is a wrong
+/// input, named.
+#[test]
+fn weights_kept_beside_a_graph_are_part_of_the_model() {
+    let bundle = common::tiny_bundle_with("external-data", "external-data", "", |m| m);
+    let out = tmp("external-data-run");
+    let (b, o) = (bundle.to_str().unwrap(), out.to_str().unwrap());
+    let run = [b, "schedules/gtr-fast.gtr", "--num-images", "2", "--out", o];
+    ok(&run);
+    std::fs::remove_file(out.join("00001.png")).unwrap();
+    let data = bundle.join("vae_decoder.onnx.data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&data, &bytes).unwrap();
+    let resume = [&run[..], &["--resume"]].concat();
+    fails(&resume, "differ in the model's settings and graphs");
+    assert_eq!(common::gtr_run(&resume).status.code(), Some(3));
+    assert!(
+        !out.join("00001.png").exists(),
+        "nothing made beside the old image"
+    );
+    let elsewhere = [
+        b,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        o,
+        "--force",
+    ];
+    std::fs::write(&data, &bytes[..bytes.len() - 8]).unwrap();
+    fails(
+        &elsewhere,
+        "holds 1720 bytes, but a tensor's data runs from byte",
+    );
+    std::fs::remove_file(&data).unwrap();
+    fails(
+        &elsewhere,
+        "its weights file `vae_decoder.onnx.data` is not there",
+    );
+    assert_eq!(common::gtr_run(&elsewhere).status.code(), Some(3));
+    let _ = std::fs::remove_dir_all(&bundle);
+    let _ = std::fs::remove_dir_all(&out);
+}

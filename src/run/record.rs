@@ -125,11 +125,23 @@ pub struct ModelRecord {
 /// SHA-256 (hex) of a model as a run uses it: the manifest's settings that
 /// the engine reads (`info`, as its `Debug` text: compared only between
 /// records of one gtr-run version) and the SHA-256 of each graph file
-/// `files` ((role, path), in order). Reads every file once.
+/// `files` ((role, path), in order) and of the external data files it
+/// names (its weights kept beside it). Reads every file once.
 pub fn model_digest(info: &ModelInfo, files: &[(String, PathBuf)]) -> std::io::Result<String> {
     let mut text = format!("{info:?}\n");
     for (role, path) in files {
         text += &format!("{role} {}\n", sha256_file(path)?);
+        let folder = path.parent().unwrap_or(std::path::Path::new(""));
+        for data in crate::backend::external_data::external_data_files(path)? {
+            let name = data.strip_prefix(folder).unwrap_or(&data).display();
+            let sha = sha256_file(&data).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("{} (weights of {}): {e}", data.display(), path.display()),
+                )
+            })?;
+            text += &format!("{role} data {name} {sha}\n");
+        }
     }
     Ok(sha256_hex(text.as_bytes()))
 }

@@ -27,6 +27,7 @@ mod contract;
 pub mod device;
 mod error;
 mod evaluator;
+pub mod external_data;
 pub mod library;
 mod model;
 pub mod precision;

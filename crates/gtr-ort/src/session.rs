@@ -111,6 +111,11 @@ impl Graph {
                 message: "the file is empty".into(),
             });
         }
+        check_external_data(path).map_err(|message| OrtError::Model {
+            graph: name,
+            path: path.display().to_string(),
+            message,
+        })?;
         let session = builder.commit_from_file(path).map_err(|e| {
             use ort::ErrorCode::{InvalidGraph, InvalidProtobuf, NoModel, NoSuchFile};
             match e.code() {
@@ -222,6 +227,50 @@ impl Graph {
         }
         Ok(arrays)
     }
+}
+
+/// Refuses a graph whose weights kept beside it
+/// ([`crate::external_data`]) are named outside its folder, are not there
+/// or end before a tensor's bytes do; a graph protobuf cannot read is left
+/// to ONNX Runtime to name.
+fn check_external_data(path: &std::path::Path) -> Result<(), String> {
+    let Ok(tensors) = crate::external_data::external_tensors(path) else {
+        return Ok(());
+    };
+    let folder = path.parent().unwrap_or(std::path::Path::new(""));
+    for tensor in tensors {
+        let location = std::path::Path::new(&tensor.location);
+        let inside = location
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(format!(
+                "its weights are named in `{}`, outside the graph's folder",
+                tensor.location
+            ));
+        }
+        let Some(meta) = std::fs::metadata(folder.join(location))
+            .ok()
+            .filter(|m| m.is_file())
+        else {
+            return Err(format!(
+                "its weights file `{}` is not there ({} names it beside the graph)",
+                tensor.location,
+                path.display()
+            ));
+        };
+        let end = tensor.offset.checked_add(tensor.length.unwrap_or(0));
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(format!(
+                "its weights file `{}` holds {} bytes, but a tensor's data runs from byte {} for {} (cut short?)",
+                tensor.location,
+                meta.len(),
+                tensor.offset,
+                tensor.length.unwrap_or(0)
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn view<
