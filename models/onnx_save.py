@@ -88,9 +88,30 @@ def check_folder(bundle: str) -> str:
     return bundle
 
 
+def _unique_key_loader():
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML, like the YAML
+    library gtr-run reads manifests with, would let the second win: a second `diffusion:` under
+    `graphs` would name another graph than the first)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"`{key}` is given twice in one mapping", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def read_manifest(bundle: str) -> tuple[str, dict]:
     """The manifest's text and its parsed content; BundleError naming what is wrong (no such
-    folder, no manifest.yaml, malformed YAML, no `graphs` mapping, a graph entry without `file`)."""
+    folder, no manifest.yaml, malformed YAML or a key given twice in a mapping, no `graphs`
+    mapping, a graph entry without `file`)."""
     import yaml
 
     check_folder(bundle)
@@ -100,7 +121,7 @@ def read_manifest(bundle: str) -> tuple[str, dict]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        manifest = yaml.safe_load(text)
+        manifest = yaml.load(text, Loader=_unique_key_loader())
     except (OSError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: cannot be read ({one_line(e)})") from e
     except yaml.YAMLError as e:

@@ -355,7 +355,7 @@ fn broken_bundle(name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
 #[test]
 fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
     type Edit = fn(&str) -> String;
-    let cases: [(&str, Edit, &str); 6] = [
+    let cases: [(&str, Edit, &str); 9] = [
         (
             "bad-yaml",
             |m| m.replace("grid: [16, 16]", "grid: [16, 16"),
@@ -385,6 +385,35 @@ fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
             "bad-format",
             |m| m.replace("mar-bundle@1", "mar-bundle@9"),
             "this gtr-run reads",
+        ),
+        // A key given twice in a mapping: YAML would let the second win.
+        (
+            "graph-twice",
+            |m| {
+                m.replace(
+                    "  vae_decoder:",
+                    "  diffusion: { file: decoder.onnx, inputs: {}, outputs: {} }\n  vae_decoder:",
+                )
+            },
+            "graphs: `diffusion` is given twice",
+        ),
+        (
+            "tensor-twice",
+            |m| {
+                m.replace(
+                    "inputs: { x: x, t: t, z: z }",
+                    "inputs: { x: x, t: t, z: z, x: t }",
+                )
+            },
+            "graphs.diffusion.inputs: `x` is given twice",
+        ),
+        (
+            "precision-twice",
+            |m| {
+                m.to_string()
+                    + "precisions:\n  fp16: { encoder: encoder.onnx }\n  fp16: { decoder: decoder.onnx }\n"
+            },
+            "precisions: `fp16` is given twice",
         ),
     ];
     for (name, edit, want) in cases {

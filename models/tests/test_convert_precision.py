@@ -452,6 +452,11 @@ def test_errors_name_the_input(tmp):
         edit(m)
         open(path, "w").write(yaml.safe_dump(m))
         refused(bundle, want, name)
+    bundle = copy_tiny(tmp, "key-twice")
+    path = os.path.join(bundle, "manifest.yaml")
+    text = open(path).read()
+    open(path, "w").write(text.replace("  vae_decoder:", "  diffusion: { file: decoder.onnx }\n  vae_decoder:", 1))
+    refused(bundle, "`diffusion` is given twice in one mapping", "a graph given twice")
     # A tensor the manifest names that the graph does not have.
     for role, side, tensor_role, written, renamed in (
             ("decoder", "outputs", "z", "outputs: { z: z }", "outputs: { z: renamed }"),

@@ -115,7 +115,9 @@ impl Role {
 pub struct GraphEntry {
     pub file: String,
     /// Role → tensor name in the graph.
+    #[serde(deserialize_with = "unique_keys")]
     pub inputs: BTreeMap<String, String>,
+    #[serde(deserialize_with = "unique_keys")]
     pub outputs: BTreeMap<String, String>,
 }
 
@@ -153,6 +155,7 @@ pub struct Manifest {
     pub image: ImageSettings,
     pub sampling: SamplingDefaults,
     pub cost: CostShape,
+    #[serde(deserialize_with = "unique_keys")]
     pub graphs: BTreeMap<String, GraphEntry>,
     /// Optional image classifier that `gtr-run eval` scores images with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,8 +166,58 @@ pub struct Manifest {
     pub precision: Option<String>,
     /// Optional variant graphs: precision (fp16, bf16, int8) → role → file.
     /// A role a variant does not list runs its fp32 graph.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_nested_keys"
+    )]
     pub precisions: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// A mapping whose keys all differ: YAML lets a second `diffusion:` under
+/// `graphs` win silently, which would run another graph than the first
+/// names; here it is an error naming the key.
+struct UniqueKeys<V>(BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueKeys<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Keys<V> {
+            type Value = BTreeMap<String, V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        return Err(serde::de::Error::custom(format!("`{key}` is given twice")));
+                    }
+                    let value = map.next_value()?;
+                    out.insert(key, value);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Keys(std::marker::PhantomData))
+            .map(UniqueKeys)
+    }
+}
+
+fn unique_keys<'de, D: serde::Deserializer<'de>, V: Deserialize<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, V>, D::Error> {
+    UniqueKeys::deserialize(d).map(|m| m.0)
+}
+
+fn unique_nested_keys<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, D::Error> {
+    let outer: UniqueKeys<UniqueKeys<String>> = UniqueKeys::deserialize(d)?;
+    Ok(outer.0.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
 /// The input and output roles of an evaluator graph.
@@ -182,7 +235,9 @@ pub struct EvaluatorEntry {
     /// comparable with others on the same features).
     pub name: String,
     pub file: String,
+    #[serde(deserialize_with = "unique_keys")]
     pub inputs: BTreeMap<String, String>,
+    #[serde(deserialize_with = "unique_keys")]
     pub outputs: BTreeMap<String, String>,
     pub reference: String,
 }
