@@ -432,6 +432,45 @@ fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
     }
 }
 
+/// A manifest saved with a byte-order mark (some Windows editors) reads as
+/// without one; a manifest that is a pipe is refused, not waited on.
+#[test]
+fn a_manifest_with_a_byte_order_mark_reads_and_a_pipe_is_refused() {
+    let bom = broken_bundle("bom", |m| format!("\u{feff}{m}"));
+    let out = tmp("bom-out");
+    let o = out.to_str().unwrap();
+    ok(&[
+        bom.to_str().unwrap(),
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "1",
+        "--out",
+        o,
+    ]);
+    let piped = broken_bundle("piped", |m| m.to_string());
+    let manifest = piped.join("manifest.yaml");
+    std::fs::remove_file(&manifest).unwrap();
+    if std::process::Command::new("mkfifo")
+        .arg(&manifest)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let args = [
+            piped.to_str().unwrap(),
+            "schedules/gtr-fast.gtr",
+            "--out",
+            o,
+            "--force",
+        ];
+        fails(&args, "not a regular file");
+    } else {
+        eprintln!("skipped the pipe: no mkfifo here");
+    }
+    for dir in [bom, piped, out] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 #[test]
 fn the_model_may_be_given_as_folder_manifest_or_graph() {
     for model in [

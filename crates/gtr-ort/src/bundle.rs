@@ -652,15 +652,27 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 const MAX_NESTING: usize = 32;
 
 /// The manifest's text, read through a bounded reader (one byte past the
-/// limit tells it was exceeded; [`text_problem`] says so).
+/// limit tells it was exceeded; [`text_problem`] says so), without a
+/// leading byte-order mark. Only a regular file is opened: a pipe would
+/// block the read until something wrote to it.
 fn read_manifest_text(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a folder, pipe or device)",
+        ));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?
         .take(MAX_MANIFEST_BYTES + 1)
         .read_to_end(&mut bytes)?;
-    String::from_utf8(bytes)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+    let text = String::from_utf8(bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 /// Why a manifest's text is refused before parsing: too large, or nested
