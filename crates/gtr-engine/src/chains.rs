@@ -344,7 +344,7 @@ impl StepChains<'_> {
                     guidance: self.scale as f32,
                 })
             })?;
-            let out = self.checked(out, "sampler", "x_out", (n, c))?;
+            let out = self.checked(out, model.chain_graph_role(), "x_out", (n, c))?;
             x.copy_from_slice(out.as_slice().expect("standard layout"));
         }
         Ok(work)

@@ -345,7 +345,12 @@ impl<M: MarModel> Engine<M> {
             (z, seconds, drawn)
         });
         let z = z.map_err(|source| EngineError::Model { step: s, source })?;
-        let z = checked_z(z, s, (rows_b, n, d))?;
+        let z_graph = if self.model.fuses_backbone() {
+            "backbone"
+        } else {
+            "decoder"
+        };
+        let z = checked_z(z, z_graph, s, (rows_b, n, d))?;
         let (predicted, z) = match (fixed, template.adaptive) {
             (Some(tokens), _) => (tokens, z),
             (None, Some(selector)) => {
@@ -499,17 +504,18 @@ fn asked_tokens(
     Ok((fixed, asked))
 }
 
-/// The backbone's `z` of MAR step `s`, checked to be `want` [rows, N, D]
-/// and finite, in standard layout.
+/// The backbone's `z` of MAR step `s` (from `graph`, which errors name), checked to
+/// be `want` [rows, N, D] and finite, in standard layout.
 fn checked_z(
     z: Array3<f32>,
+    graph: &'static str,
     s: usize,
     want: (usize, usize, usize),
 ) -> Result<Array3<f32>, EngineError> {
     if z.dim() != want {
         return Err(shape_error(
             s,
-            "backbone",
+            graph,
             "z",
             z.shape(),
             &[want.0, want.1, want.2],
@@ -520,6 +526,6 @@ fn checked_z(
     } else {
         z.as_standard_layout().into_owned()
     };
-    check_finite("backbone", "z", z.as_slice().expect("standard z").iter(), s)?;
+    check_finite(graph, "z", z.as_slice().expect("standard z").iter(), s)?;
     Ok(z)
 }

@@ -199,6 +199,12 @@ pub trait MarModel {
         "sampler graph".into()
     }
 
+    /// The bundle role of the graph [`MarModel::sample_chain`] runs, which
+    /// errors name: `sampler` unless the model says otherwise (`tick`).
+    fn chain_graph_role(&self) -> &'static str {
+        "sampler"
+    }
+
     /// Every tick of one MAR step's diffusion chains in one call (the
     /// contract of models/README.md, "sampler graph") → the sampled tokens
     /// [N, C]. Only called when [`MarModel::runs_chains`] says so.

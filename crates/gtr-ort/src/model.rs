@@ -689,6 +689,14 @@ impl MarModel for OrtModel {
         }
     }
 
+    fn chain_graph_role(&self) -> &'static str {
+        if self.ticks.is_some() {
+            "tick"
+        } else {
+            "sampler"
+        }
+    }
+
     fn sample_chain(&mut self, inputs: ChainInputs<'_>) -> Result<Array2<f32>, ModelError> {
         if let Some(ticks) = self.ticks.as_mut() {
             return ticks.run(inputs);
