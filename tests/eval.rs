@@ -341,7 +341,42 @@ fn bad_evaluators_and_arguments_are_reported_clearly() {
     let args = ["eval", huge.to_str().unwrap(), "schedules/mar-8.gtr"];
     fails(&args, "`mu`'s header claims shape [1000000000000]");
     assert_eq!(gtr_run(&args).status.code(), Some(3));
-    for d in [&missing, &wrong_role, &wrong_tensor, &wrong_width, &huge] {
+    // A reference whose `sigma` is no covariance (negative definite: FD
+    // came out 0; not symmetric) or whose `count` is negative is refused.
+    let bad_sigma = bundle_with_evaluator("bad-sigma", |m| m);
+    let reference = bad_sigma.join("evaluator.npz");
+    let f = 8;
+    for (sigma, count, want) in [
+        (
+            -ndarray::Array2::<f64>::eye(f),
+            10i64,
+            "`sigma` is not a covariance matrix: it has a negative eigenvalue",
+        ),
+        (
+            ndarray::Array2::<f64>::from_shape_fn((f, f), |(i, j)| if i < j { 1.0 } else { 0.0 }),
+            10,
+            "`sigma` is not a covariance matrix: [1, 0] is 0 but [0, 1] is 1 (not symmetric)",
+        ),
+        (ndarray::Array2::<f64>::eye(f), -5, "`count` is negative"),
+    ] {
+        let mut npz = ndarray_npy::NpzWriter::new(std::fs::File::create(&reference).unwrap());
+        npz.add_array("mu", &ndarray::Array1::<f64>::zeros(f))
+            .unwrap();
+        npz.add_array("sigma", &sigma).unwrap();
+        npz.add_array("count", &ndarray::arr0(count)).unwrap();
+        npz.finish().unwrap();
+        let args = ["eval", bad_sigma.to_str().unwrap(), "schedules/mar-8.gtr"];
+        fails(&args, want);
+        assert_eq!(gtr_run(&args).status.code(), Some(3), "{want}");
+    }
+    for d in [
+        &missing,
+        &wrong_role,
+        &wrong_tensor,
+        &wrong_width,
+        &huge,
+        &bad_sigma,
+    ] {
         let _ = std::fs::remove_dir_all(d);
     }
 }

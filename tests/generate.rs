@@ -355,7 +355,7 @@ fn broken_bundle(name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
 #[test]
 fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
     type Edit = fn(&str) -> String;
-    let cases: [(&str, Edit, &str); 9] = [
+    let cases: [(&str, Edit, &str); 10] = [
         (
             "bad-yaml",
             |m| m.replace("grid: [16, 16]", "grid: [16, 16"),
@@ -369,7 +369,7 @@ fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
         (
             "bad-tensor",
             |m| m.replace("known: known_index, label", "known: known_idx, label"),
-            "graph `encoder`, tensor `known_idx`: the graph has no input of this name",
+            "graph `encoder`, tensor `known_idx`: the graph has no input of this name (manifest role `known`); its inputs are tokens, known_index, class_label (in ",
         ),
         (
             "bad-dim",
@@ -385,6 +385,11 @@ fn manifest_and_graph_mismatches_name_graph_tensor_and_shape() {
             "bad-format",
             |m| m.replace("mar-bundle@1", "mar-bundle@9"),
             "this gtr-run reads",
+        ),
+        (
+            "cost-huge",
+            |m| m.replace("encoder_depth: 1", "encoder_depth: 18446744073709551615"),
+            "`cost.encoder_depth` is 18446744073709551615; it must be from 1 to 1024",
         ),
         // A key given twice in a mapping: YAML would let the second win.
         (

@@ -57,10 +57,12 @@ impl FeatureStats {
         let sigma: Array2<f64> = npz
             .by_name("sigma")
             .map_err(|e| err(format!("array `sigma` (f64 [F, F]): {e}")))?;
-        let count = npz
-            .by_name::<ndarray::OwnedRepr<i64>, ndarray::Ix0>("count")
-            .map(|c| c.into_scalar().max(0) as usize)
-            .unwrap_or(0);
+        let count = match npz.by_name::<ndarray::OwnedRepr<i64>, ndarray::Ix0>("count") {
+            Ok(c) => usize::try_from(c.into_scalar()).map_err(|_| {
+                err("`count` is negative; it is the number of images measured".into())
+            })?,
+            Err(_) => 0,
+        };
         let f = mu.len();
         if sigma.dim() != (f, f) {
             return Err(err(format!(
@@ -71,8 +73,38 @@ impl FeatureStats {
         if mu.iter().chain(sigma.iter()).any(|v| !v.is_finite()) {
             return Err(err("holds a non-finite value".into()));
         }
+        if let Some(problem) = not_a_covariance(&sigma) {
+            return Err(err(format!(
+                "`sigma` is not a covariance matrix: {problem}"
+            )));
+        }
         Ok(FeatureStats { mu, sigma, count })
     }
+}
+
+/// Why `sigma` cannot be a covariance matrix (a distance to it would mean
+/// nothing: a negative definite one gave FD 0), allowing for rounding: it
+/// must be symmetric and have no eigenvalue below −1e-9 of its largest.
+fn not_a_covariance(sigma: &Array2<f64>) -> Option<String> {
+    let f = sigma.nrows();
+    let scale = sigma.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let tolerance = 1e-9 * scale.max(f64::MIN_POSITIVE);
+    for i in 0..f {
+        for j in 0..i {
+            if (sigma[[i, j]] - sigma[[j, i]]).abs() > 1e-6 * scale {
+                return Some(format!(
+                    "[{i}, {j}] is {} but [{j}, {i}] is {} (not symmetric)",
+                    sigma[[i, j]],
+                    sigma[[j, i]]
+                ));
+            }
+        }
+    }
+    let eig = SymmetricEigen::new(DMatrix::from_fn(f, f, |i, j| sigma[[i, j]]));
+    let least = eig.eigenvalues.iter().fold(f64::INFINITY, |m, &v| m.min(v));
+    let most = eig.eigenvalues.iter().fold(0.0f64, |m, &v| m.max(v));
+    (least < -tolerance.max(1e-9 * most))
+        .then(|| format!("it has a negative eigenvalue ({least:.3e})"))
 }
 
 /// The Fréchet distance between two Gaussians:

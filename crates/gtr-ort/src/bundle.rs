@@ -21,6 +21,9 @@ const MAX_SIDE: usize = 1024;
 const MAX_WIDTH: usize = 65_536;
 const MAX_IMAGE_SIDE: usize = 16_384;
 const MAX_TRAIN_STEPS: usize = 100_000;
+/// The most blocks a cost shape may give a network (MAR-H's encoder and
+/// decoder have 20 each).
+const MAX_DEPTH: u64 = 1024;
 pub const FORMAT: &str = "gtr-run/mar-bundle@1";
 
 /// The graphs of a bundle, by role: four required, the sampler, the tick
@@ -467,7 +470,18 @@ impl Bundle {
                 MAX_TRAIN_STEPS,
             ),
         ];
-        for (key, v, max) in sizes {
+        let cost = [
+            ("cost.encoder_depth", m.cost.encoder_depth, MAX_DEPTH),
+            ("cost.decoder_depth", m.cost.decoder_depth, MAX_DEPTH),
+            (
+                "cost.diffusion_width",
+                m.cost.diffusion_width,
+                MAX_WIDTH as u64,
+            ),
+            ("cost.diffusion_depth", m.cost.diffusion_depth, MAX_DEPTH),
+        ];
+        let sizes = sizes.map(|(key, v, max)| (key, v as u64, max as u64));
+        for (key, v, max) in sizes.into_iter().chain(cost) {
             if v == 0 || v > max {
                 return Err(format!("`{key}` is {v}; it must be from 1 to {max}"));
             }

@@ -172,7 +172,7 @@ pub(crate) fn check_contract(
             let contract = |problem: String| OrtError::Contract {
                 graph: name,
                 tensor: tensor.clone(),
-                problem,
+                problem: format!("{problem} (in {})", graph.path.display()),
             };
             let outlet = outlets.iter().find(|o| o.name() == tensor).ok_or_else(|| {
                 let have: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
@@ -184,8 +184,9 @@ pub(crate) fn check_contract(
             })?;
             let ty = outlet.dtype().tensor_type();
             if ty != Some(exp.ty) {
+                let got = ty.map_or("not a tensor".to_string(), |ty| format!("{ty:?}"));
                 return Err(contract(format!(
-                    "element type {ty:?}, expected {:?}",
+                    "element type {got}, expected {:?}",
                     exp.ty
                 )));
             }
@@ -226,7 +227,10 @@ pub(crate) fn check_contract(
             return Err(OrtError::Contract {
                 graph: name,
                 tensor: extra.name().to_string(),
-                problem: "the graph needs this input, but the manifest gives it no role".into(),
+                problem: format!(
+                    "the graph needs this input, but the manifest gives it no role (in {})",
+                    graph.path.display()
+                ),
             });
         }
     }

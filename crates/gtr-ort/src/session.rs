@@ -57,6 +57,8 @@ pub(crate) fn environment() -> Result<&'static Environment, OrtError> {
 /// One graph's session, its tensor names by role and what its calls cost.
 pub(crate) struct Graph {
     pub(crate) name: &'static str,
+    /// The file it was opened from, as given (a precision's variant, say).
+    pub(crate) path: std::path::PathBuf,
     pub(crate) session: Session,
     pub(crate) inputs: BTreeMap<String, String>,
     pub(crate) outputs: BTreeMap<String, String>,
@@ -129,6 +131,7 @@ impl Graph {
         })?;
         let graph = Graph {
             name,
+            path: path.to_path_buf(),
             session,
             inputs: inputs.clone(),
             outputs: outputs.clone(),
