@@ -253,7 +253,7 @@ pub enum CompareError {
     Unfit { name: String, problem: String },
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
-    #[error("evaluator: {0}")]
+    #[error("evaluator")]
     Evaluator(#[from] ModelError),
     #[error(transparent)]
     Stats(#[from] stats::StatsError),
