@@ -428,6 +428,7 @@ fn symbolic_links_at_temporary_or_output_names_are_never_written_through() {
 
     // Links at the record's, grid's, an image's and the .npz's names,
     // replaced by --force.
+    let saved_record = std::fs::read(out.join("run.json")).unwrap();
     for name in ["run.json", "grid.png", "00002.png"] {
         std::fs::remove_file(out.join(name)).unwrap();
         symlink(victim(name), out.join(name)).unwrap();
@@ -437,7 +438,9 @@ fn symbolic_links_at_temporary_or_output_names_are_never_written_through() {
         &[&run[..], &["--force"]].concat(),
         "holds a run.json that is not a gtr-run record",
     );
+    // The record back as a file: images without one are refused (below).
     std::fs::remove_file(out.join("run.json")).unwrap();
+    std::fs::write(out.join("run.json"), &saved_record).unwrap();
     std::fs::remove_file(&npz).unwrap();
     symlink(victim("npz"), &npz).unwrap();
     ok(&[&run[..], &["--force", "--npz", s(&npz)]].concat());
@@ -494,8 +497,8 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
         1,
         "nothing was written"
     );
-    // Images without a record cannot be resumed (nothing says whose they
-    // are); --force starts over.
+    // Images without a record are nobody's gtr-run can name: neither
+    // resumed nor replaced, --force or not (they may be the user's own).
     std::fs::remove_file(out.join("data.npz")).unwrap();
     // A dot-file ending in .tmp is not one of gtr-run's temporary files
     // (`.NAME.XXXXXX.tmp`, NAME a file it writes): refused, not removed.
@@ -504,10 +507,14 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
     assert_eq!(std::fs::read(out.join(".notes.tmp")).unwrap(), b"mine");
     std::fs::remove_file(out.join(".notes.tmp")).unwrap();
     std::fs::write(out.join("00000.png"), "old").unwrap();
-    fails(
-        &[&run[..], &["--resume"]].concat(),
-        "holds images but no run.json",
-    );
+    for mode in ["--resume", "--force"] {
+        fails(
+            &[&run[..], &[mode]].concat(),
+            "holds `00000.png` and other files named as a run's, but no run.json",
+        );
+        assert_eq!(std::fs::read(out.join("00000.png")).unwrap(), b"old");
+    }
+    std::fs::remove_file(out.join("00000.png")).unwrap();
     ok(&[&run[..], &["--force"]].concat());
     assert_hashes_match(&out);
     // --npz may not name one of the run's own files (it replaced image 0,
@@ -519,6 +526,43 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
             "an .npz must be named NAME.npz",
         );
     }
+    // Outside the run's folder too: another run's record, an image or a
+    // graph is never replaced (it turned another run's run.json into a zip
+    // archive), nor a file named .npz that is not one; and a name too long
+    // for the temporary file is refused before the run, not after it.
+    let other = out.with_file_name("other-run");
+    ok(&[TINY, FAST, "--num-images", "1", "--out", s(&other)]);
+    let record_before = std::fs::read(other.join("run.json")).unwrap();
+    for (npz, want) in [
+        (other.join("run.json"), "give a name ending in .npz"),
+        (
+            root().join("models/fixtures/tiny/encoder.onnx"),
+            "give a name ending in .npz",
+        ),
+        (
+            other.with_file_name("not-a-zip.npz"),
+            "is not an .npz (a zip archive)",
+        ),
+        (
+            other.with_file_name(format!("{}.npz", "n".repeat(240))),
+            "the name is too long",
+        ),
+    ] {
+        if want.contains("zip") {
+            std::fs::write(&npz, "mine").unwrap();
+        }
+        fails(&[&run[..], &["--force", "--npz", s(&npz)]].concat(), want);
+    }
+    assert_eq!(
+        std::fs::read(other.join("run.json")).unwrap(),
+        record_before
+    );
+    assert_eq!(
+        std::fs::read(other.with_file_name("not-a-zip.npz")).unwrap(),
+        b"mine"
+    );
+    std::fs::remove_file(other.with_file_name("not-a-zip.npz")).unwrap();
+    std::fs::remove_dir_all(&other).unwrap();
     // --force replaces the previous run's .npz with the rest of its files:
     // none of seed 0's is left beside seed 7's run.
     ok(&[&run[..], &["--force", "--npz", s(&out.join("all.npz"))]].concat());

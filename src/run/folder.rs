@@ -81,27 +81,14 @@ pub(super) fn is_written(path: &Path) -> bool {
 
 /// On `--resume`, the record already in `out` (written before the first
 /// image, so present even when that run was killed) must be of this run and
-/// this shard; otherwise images of two runs would be mixed. A folder with
-/// images but no record cannot be checked and is refused.
+/// this shard; otherwise images of two runs would be mixed. (A folder with
+/// images but no record is refused by [`claim`].)
 pub(super) fn check_resumable(
     out: &Path,
     previous: Option<&RunRecord>,
     record: &RunRecord,
 ) -> Result<(), RunError> {
     let Some(previous) = previous else {
-        let any_image = std::fs::read_dir(out)
-            .map_err(|source| RunError::Write {
-                path: out.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok())
-            .any(|e| is_run_file(&e.file_name().to_string_lossy()));
-        if any_image {
-            return Err(RunError::Invalid(format!(
-                "{} holds images but no run.json, so nothing says which run they belong to and resuming could mix two runs; pass --force to start over, or --out elsewhere",
-                out.display()
-            )));
-        }
         return Ok(());
     };
     let mut differ = previous.disagreements("the folder", record, "this run");
@@ -182,6 +169,17 @@ pub(super) fn claim(
     // No other gtr-run process can be writing these: the lock is ours.
     for path in &held.temporaries {
         std::fs::remove_file(path).map_err(|e| io(path, e))?;
+    }
+    // The record is written before the first image: images (or a grid)
+    // without one are not a run's that gtr-run can vouch for, and neither
+    // --force nor --resume may take them.
+    if held.record.is_none() && !held.run_files.is_empty() {
+        let first = held.run_files.iter().filter_map(|p| p.file_name()).min();
+        return Err(RunError::Invalid(format!(
+            "{} holds `{}` and other files named as a run's, but no run.json, so nothing says which run made them: they are not replaced or resumed; remove them yourself, or choose another folder",
+            out.display(),
+            first.map(|n| n.to_string_lossy()).unwrap_or_default()
+        )));
     }
     match existing {
         Existing::Refuse if !held.run_files.is_empty() => {
@@ -385,19 +383,52 @@ pub fn claim_report(
 /// run's own (an image, `run.json`); elsewhere it must be a file that can
 /// be written ([`check_file_target`]).
 pub(super) fn check_npz_target(npz: &Path, out: &Path) -> Result<bool, RunError> {
-    if !in_folder(npz, out) {
-        check_file_target(npz, "--npz")?;
-        return Ok(false);
-    }
     let name = npz.file_name().map(|n| n.to_string_lossy());
-    match name {
-        Some(name) if name.ends_with(".npz") && !name.starts_with('.') => Ok(true),
-        _ => Err(RunError::Invalid(format!(
+    let well_named = name
+        .as_ref()
+        .is_some_and(|name| name.ends_with(".npz") && name.len() > 4 && !name.starts_with('.'));
+    let inside = in_folder(npz, out);
+    if inside && !well_named {
+        return Err(RunError::Invalid(format!(
             "--npz {}: in the output folder {} an .npz must be named NAME.npz; the folder's other names are the run's own files",
             npz.display(),
             out.display()
-        ))),
+        )));
     }
+    if !well_named {
+        return Err(RunError::Invalid(format!(
+            "--npz {}: give a name ending in .npz (it replaces a file of that name; another run's record, an image or a graph is never replaced)",
+            npz.display()
+        )));
+    }
+    // The file is written under a temporary name 13 bytes longer, then renamed.
+    if name.is_some_and(|name| name.len() + 13 > 255) {
+        return Err(RunError::Invalid(format!(
+            "--npz {}: the name is too long (at most 242 bytes)",
+            npz.display()
+        )));
+    }
+    if !inside {
+        check_file_target(npz, "--npz")?;
+        // A link there is replaced, never written through, whatever it names.
+        let file = std::fs::symlink_metadata(npz).is_ok_and(|m| m.is_file());
+        if file && !is_npz(npz) {
+            return Err(RunError::Invalid(format!(
+                "--npz {}: a file of that name is there and is not an .npz (a zip archive); it is not replaced",
+                npz.display()
+            )));
+        }
+    }
+    Ok(inside)
+}
+
+/// Whether the file at `path` begins as a zip archive (an .npz) does.
+fn is_npz(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06")
 }
 
 /// Whether `path` names an entry directly in `folder`, with links and `..`
