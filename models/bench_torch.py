@@ -57,6 +57,13 @@ Checks before timing:
 
 Writes a Markdown table to stdout and every raw timing to --json (default
 runs/bench-torch/bench_torch.json). Run it on an otherwise idle machine for numbers to quote.
+
+Exit status 0 when every measurement was made; 2 when it stops, saying why on stderr: a missing
+binary, bundle or weights file, not the same model (one line: the parity check above fails, the
+bundle's graphs are of another shape than the PyTorch model's, or the latent scales differ), a
+plan or run.json that does not match, a gtr-run command that fails (with its stderr). The defaults
+(--bundle, --weights, --schedules, --binary, --work) are paths in this repository, wherever it
+is run from.
 """
 
 from __future__ import annotations
@@ -68,7 +75,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -100,7 +106,16 @@ SELECTORS = {"high_freq": ref.SELECTOR_HIGH, "low_freq": ref.SELECTOR_LOW, "all"
 
 
 class BenchError(Exception):
-    pass
+    """What stops the benchmark before it times anything, said in one line (exit status 2)."""
+
+
+def ort_errors() -> tuple:
+    """onnxruntime's own exception types (InvalidArgument, Fail, ...: not RuntimeErrors)."""
+    import inspect
+
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(c for c in vars(state).values() if inspect.isclass(c) and issubclass(c, Exception))
 
 
 def log(msg: str) -> None:
@@ -180,15 +195,22 @@ def check_bundle(bundle: str) -> dict:
                     "temporary folder:\n    .venv-torch/bin/python models/mar-tiny/train.py export --out /tmp/mt\n"
                     "  and pass --bundle /tmp/mt")
         raise BenchError(f"bundle {bundle}: missing {', '.join(missing)}{hint}")
-    text = open(manifest).read()
+    import yaml
+
+    try:
+        with open(manifest, encoding="utf-8") as f:
+            m = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise BenchError(f"{manifest}: cannot be read as YAML ({' '.join(str(e).split())})") from e
     info = {}
-    for key in ("name", "latent_scale", "classes", "null_class"):
-        m = re.search(rf"^{key}:\s*(\S+)", text, re.M)
-        if not m:
+    for key, kind in (("name", str), ("latent_scale", float), ("classes", int), ("null_class", int)):
+        value = m.get(key) if isinstance(m, dict) else None
+        if value is None:
             raise BenchError(f"{manifest}: no `{key}`")
-        info[key] = m.group(1)
-    info["latent_scale"] = float(info["latent_scale"])
-    info["classes"], info["null_class"] = int(info["classes"]), int(info["null_class"])
+        try:
+            info[key] = kind(value)
+        except (TypeError, ValueError):
+            raise BenchError(f"{manifest}: `{key}` is {value!r}, not {kind.__name__}") from None
     return info
 
 
@@ -349,9 +371,13 @@ def bench(a) -> dict:
         parity = export_mar.check_parity(a.bundle, export_mar.role_modules(model.mar, model.vae, model.head),
                                          model.mar.cfg, tolerance=1e-4, quick_vae=True, log=log,
                                          threads=a.threads)
-    except RuntimeError as e:
-        raise BenchError(f"the bundle's graphs are not these PyTorch weights ({e}); re-export the bundle "
-                         f"from {a.weights}") from e
+    except (export_mar.ExportCheckFailed, RuntimeError, *ort_errors()) as e:
+        # graphs that differ (ExportCheckFailed), or of another shape: onnxruntime refuses the
+        # PyTorch model's inputs (InvalidArgument) or the graph (its own exception types)
+        why = " ".join(str(e).split())
+        raise BenchError(f"the bundle's graphs are not these PyTorch weights ({type(e).__name__}: "
+                         f"{why[:300]}{'...' if len(why) > 300 else ''}): not the same model; re-export the "
+                         f"bundle from {a.weights}") from e
 
     work = a.work
     os.makedirs(work, exist_ok=True)
@@ -448,7 +474,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", default=MAR_TINY, help="bundle folder for gtr-run (default: models/mar-tiny)")
     ap.add_argument("--weights", default=os.path.join(MAR_TINY, "train"),
                     help="folder with mar.pt, vae.pt, latent_scale.json (default: models/mar-tiny/train)")
-    ap.add_argument("--schedules", nargs="+", default=["schedules/mar-64.gtr", "schedules/gtr.gtr"])
+    ap.add_argument("--schedules", nargs="+",
+                    default=[os.path.join(REPO, "schedules", "mar-64.gtr"), os.path.join(REPO, "schedules", "gtr.gtr")],
+                    help="schedule files (default: the repository's schedules/mar-64.gtr and schedules/gtr.gtr)")
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per side (after one warm-up)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,

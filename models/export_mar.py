@@ -18,7 +18,17 @@
    onnxruntime and in PyTorch on random inputs (several batch sizes, K = 0, K > 0 and K = L,
    null and real labels, t including 0 and 999) and prints the max abs error per graph;
    fails above 1e-3 (`--tolerance`).
-4. Writes manifest.yaml (format gtr-run/mar-bundle@1).
+4. Writes manifest.yaml (format gtr-run/mar-bundle@1; the name as a double-quoted YAML string).
+   The whole bundle is built and checked aside and committed at once (models/onnx_save.py); the
+   commit removes the graphs the old manifest of --out listed and the new one does not (another
+   tool's variants made from the old weights).
+
+Exit status 0; 1 when a check fails (one line, --out as it was, the folders the run made for it
+removed); 2, one line, nothing written, for a bad argument (checked before anything is loaded:
+input files, --out, custom shapes, --name, --cfg and --temperature from 0 to 3.4e38), a checkpoint
+that does not match, or a bundle another tool holds; 130 / 143 when interrupted by SIGINT /
+SIGTERM (one line; the staging folder and the folders the run made are removed, an existing
+bundle is left as it was).
 
 `--size custom` reads the shape from the checkpoint's `args` (fields written by
 make_fake_checkpoint.py: encoder_embed_dim, encoder_depth, encoder_num_heads, …, vae_ch,
@@ -31,10 +41,14 @@ clipping, float32 throughout.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
+import signal
 import sys
 import time
+import unicodedata
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # models/torch would shadow PyTorch if this script's folder stayed on sys.path
@@ -45,7 +59,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from models.onnx_save import EXTERNAL_DATA_BYTES, BundleError, CheckFailed, Staging, write_manifest  # noqa: E402
+from models.make_fake_checkpoint import (  # noqa: E402
+    OneLineParser, channel_mult, integer, number, shape_problem,
+)
+from models.onnx_save import (  # noqa: E402
+    EXTERNAL_DATA_BYTES, PLAN, TMP_PREFIX, BundleError, CheckFailed, Staging, one_line, write_manifest,
+)
 from models.torch.mar import (  # noqa: E402
     MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
     vae_decoder_keys,
@@ -125,9 +144,38 @@ def strict_load(module: nn.Module, sd: dict, what: str) -> None:
     module.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
 
 
-def load_mar_checkpoint(path: str, weights: str = "model_ema"):
+def input_file_problem(path: str) -> str | None:
+    """Why `path` cannot be a checkpoint file to read (missing, a folder, empty, unreadable), or None."""
+    if not path:
+        return "is empty; give a checkpoint file"
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isfile(path):
+        return "is not a file"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    if os.path.getsize(path) == 0:
+        return "is empty (0 bytes)"
+    return None
+
+
+def load_file(path: str, flag: str):
+    """torch.load of `path` (weights_only=False: the official checkpoints hold an argparse
+    Namespace); CheckpointError naming `flag` and the file when it is not a file torch can read
+    (missing, a folder, empty, truncated, text, another format)."""
+    why = input_file_problem(path)
+    if why:
+        raise CheckpointError(f"{flag} {path!r} {why}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, EOFError, zip RuntimeError, OSError, ...
+        raise CheckpointError(f"{flag} {path}: not a checkpoint torch.load can read "
+                              f"({type(e).__name__}: {one_line(e)[:200]})") from e
+
+
+def load_mar_checkpoint(path: str, weights: str = "model_ema", flag: str = "--checkpoint"):
     """(state dict, args Namespace or None) from an official MAR checkpoint file."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_file(path, flag)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict with `{weights}`, found {type(obj).__name__}")
     if weights not in obj:
@@ -138,9 +186,9 @@ def load_mar_checkpoint(path: str, weights: str = "model_ema"):
     return sd, obj.get("args")
 
 
-def load_vae_checkpoint(path: str):
+def load_vae_checkpoint(path: str, flag: str = "--vae"):
     """(decoder-side state dict, {ignored top-level prefix: count}) from a KL VAE checkpoint."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_file(path, flag)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         sd = obj["model"]
     else:
@@ -160,20 +208,42 @@ def _get(args, name, default=None):
     return getattr(args, name, default) if args is not None else default
 
 
+def _integer(v, least: int, label: str) -> int:
+    """`v` (a flag's or the checkpoint's args' value) as an integer of at least `least`, else
+    CheckpointError naming `label` (where it came from)."""
+    try:
+        n = None if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()) else int(v)
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or n < least:
+        raise CheckpointError(f"{label} is {v!r}, not an integer of at least {least}")
+    return n
+
+
 def resolve_configs(size: str, args, flags) -> tuple:
     """(MARConfig, VAEConfig, notes). Official sizes take the transformer shape from mar.md §1.1
     and the shared constants from the checkpoint's args where present (else MAR's defaults);
-    `custom` takes everything from flags, then args."""
+    `custom` takes everything from flags, then args. A value that cannot make a model (a count
+    below its least, heads that do not divide the width, VAE channels GroupNorm cannot split) is
+    a CheckpointError naming the flag or the checkpoint's args field it came from."""
     notes = []
+    where = {}   # key -> the flag or args field its value came from (for messages)
 
-    def pick(flag, arg, default):
+    def pick(flag, arg, default, key=None):
+        key = key or flag
         v = getattr(flags, flag, None) if flags is not None else None
         if v is not None:
+            where[key] = "--" + flag.replace("_", "-")
             return v
         v = _get(args, arg) if arg is not None else None
         if v is not None:
+            where[key] = f"the checkpoint's args.{arg}"
             return v
+        where[key] = f"the default {key}"
         return default
+
+    def count(key, v, least):
+        return _integer(v, least, where[key])
 
     ckpt_model = _get(args, "model")
     if size in MAR_SIZES and ckpt_model is not None and ckpt_model != size:
@@ -181,19 +251,22 @@ def resolve_configs(size: str, args, flags) -> tuple:
     patch = _get(args, "patch_size", 1)
     if patch != 1:
         raise CheckpointError(f"patch_size {patch}: gtr-run bundles need one token per latent position (patch_size 1)")
-    token_dim = int(pick("token_dim", "vae_embed_dim", 16))
-    classes = int(pick("classes", "class_num", 1000))
-    buffer = int(pick("buffer", "buffer_size", 64))
+    token_dim = count("token_dim", pick("token_dim", "vae_embed_dim", 16), 1)
+    classes = count("classes", pick("classes", "class_num", 1000), 0)
+    buffer = count("buffer", pick("buffer", "buffer_size", 64), 0)
     if size in MAR_SIZES:
         base = MAR_SIZES[size]
-        diff_w = int(pick("diffloss_w", "diffloss_w", base["diffloss_width"]))
-        diff_d = int(pick("diffloss_d", "diffloss_d", base["diffloss_depth"]))
+        diff_w = count("diffloss_w", pick("diffloss_w", "diffloss_w", base["diffloss_width"]), 1)
+        diff_d = count("diffloss_d", pick("diffloss_d", "diffloss_d", base["diffloss_depth"]), 0)
         vcfg = kl16_config(embed_dim=token_dim, z_channels=token_dim)
-        img = int(_get(args, "img_size", 256))
-        stride = int(_get(args, "vae_stride", 16))
+        where["img"], where["stride"] = "the checkpoint's args.img_size", "the checkpoint's args.vae_stride"
+        img = count("img", _get(args, "img_size", 256), 1)
+        stride = count("stride", _get(args, "vae_stride", 16), 1)
         if stride != vcfg.downsample:
             raise CheckpointError(f"vae_stride {stride} in the checkpoint's args, but the KL-16 VAE downsamples "
                                   f"by {vcfg.downsample}")
+        if img < stride:
+            raise CheckpointError(f"img_size {img} in the checkpoint's args is below vae_stride {stride}")
         cfg = mar_config(size, grid=(img // stride, img // stride), token_dim=token_dim, classes=classes,
                          buffer=buffer, diffloss_width=diff_w, diffloss_depth=diff_d)
     elif size == "custom":
@@ -207,26 +280,43 @@ def resolve_configs(size: str, args, flags) -> tuple:
         if any(v is None for v in need.values()):
             raise CheckpointError("--size custom: the checkpoint's args do not give "
                                   + ", ".join(k for k, v in need.items() if v is None) + "; pass them as flags")
-        mult = pick("vae_ch_mult", "vae_ch_mult", [1, 1, 2, 2, 4])
-        if isinstance(mult, str):
-            mult = [int(x) for x in mult.split(",")]
-        vcfg = VAEConfig(embed_dim=token_dim, z_channels=token_dim, ch=int(pick("vae_ch", "vae_ch", 128)),
-                         ch_mult=tuple(int(m) for m in mult),
-                         num_res_blocks=int(pick("vae_res_blocks", "vae_num_res_blocks", 2)))
+        width, heads = count("width", width, 1), count("heads", heads, 1)
+        depth, diff_w, diff_d = count("depth", depth, 0), count("diffloss_w", diff_w, 1), count("diffloss_d", diff_d, 0)
+        dec_width = count("dec_width", pick("width", "decoder_embed_dim", width, key="dec_width"), 1)
+        dec_depth = count("dec_depth", pick("depth", "decoder_depth", depth, key="dec_depth"), 0)
+        dec_heads = count("dec_heads", pick("heads", "decoder_num_heads", heads, key="dec_heads"), 1)
+        mlp_ratio = pick("mlp_ratio", "mlp_ratio", 4.0)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not 0 < mlp_ratio < math.inf:
+            raise CheckpointError(f"{where['mlp_ratio']} is {mlp_ratio!r}, not a positive number")
+        mult = pick("vae_ch_mult", "vae_ch_mult", (1, 1, 2, 2, 4))
+        try:
+            mult = channel_mult(mult) if isinstance(mult, str) else channel_mult(",".join(str(int(m)) for m in mult))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise CheckpointError(f"{where['vae_ch_mult']} is {mult!r}, not a list of positive integers") from None
+        vae_ch = count("vae_ch", pick("vae_ch", "vae_ch", 128), 1)
+        res_blocks = count("vae_res_blocks", pick("vae_res_blocks", "vae_num_res_blocks", 2), 0)
+        for w, h, ww, wh in ((width, heads, "width", "heads"), (dec_width, dec_heads, "dec_width", "dec_heads")):
+            why = shape_problem(w, h, vae_ch, mult, names=(where[ww], where[wh], where["vae_ch"], where["vae_ch_mult"]))
+            if why:
+                raise CheckpointError(why)
+        vcfg = VAEConfig(embed_dim=token_dim, z_channels=token_dim, ch=vae_ch, ch_mult=mult,
+                         num_res_blocks=res_blocks)
         grid = pick("grid", None, None)
         if grid is None:
             img = _get(args, "img_size")
             stride = _get(args, "vae_stride")
-            grid = img // stride if img and stride else 16
+            where["grid"] = "the checkpoint's args.img_size / vae_stride"
+            grid = img // stride if isinstance(img, int) and isinstance(stride, int) and img and stride else 16
             if stride and stride != vcfg.downsample:
                 raise CheckpointError(f"vae_stride {stride} in the checkpoint's args, but a VAE with ch_mult "
                                       f"{list(vcfg.ch_mult)} upsamples by {vcfg.downsample}")
-        cfg = MARConfig(grid=(int(grid), int(grid)), token_dim=token_dim,
-                        encoder_width=int(width), decoder_width=int(pick("width", "decoder_embed_dim", width)),
-                        encoder_depth=int(depth), decoder_depth=int(pick("depth", "decoder_depth", depth)),
-                        encoder_heads=int(heads), decoder_heads=int(pick("heads", "decoder_num_heads", heads)),
-                        mlp_ratio=float(pick("mlp_ratio", "mlp_ratio", 4.0)), buffer=buffer, classes=classes,
-                        diffloss_width=int(diff_w), diffloss_depth=int(diff_d))
+        grid = count("grid", grid, 1)
+        cfg = MARConfig(grid=(grid, grid), token_dim=token_dim,
+                        encoder_width=width, decoder_width=dec_width,
+                        encoder_depth=depth, decoder_depth=dec_depth,
+                        encoder_heads=heads, decoder_heads=dec_heads,
+                        mlp_ratio=float(mlp_ratio), buffer=buffer, classes=classes,
+                        diffloss_width=diff_w, diffloss_depth=diff_d)
     else:
         raise CheckpointError(f"unknown size {size!r}")
     return cfg, vcfg, notes
@@ -476,12 +566,45 @@ def check_parity(out_dir: str, roles: dict, cfg: MARConfig, tolerance: float = 1
 
 # -- manifest -------------------------------------------------------------------------------
 
+F32_MAX = 3.4028234663852886e38   # float32's largest: gtr-run's limit on a guidance scale or temperature
+
+
+def name_problem(name) -> str | None:
+    """Why `name` cannot be a bundle's name (not a string, empty, or holding a line break or
+    another control or format character, which no one-line YAML string holds), or None."""
+    if not isinstance(name, str) or not name:
+        return "is empty; give a name" if isinstance(name, str) else f"is {type(name).__name__}, not a string"
+    bad = [c for c in name if unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")]
+    if bad:
+        return (f"holds {'a line break' if any(c in chr(10) + chr(13) for c in bad) else 'a control character'} "
+                f"({', '.join(sorted({f'U+{ord(c):04X}' for c in bad}))}); give one line of printable text")
+    return None
+
+
+def sampler_scale_problem(value) -> str | None:
+    """Why `value` cannot be a guidance scale or temperature of a manifest (gtr-run's rule: a
+    number from 0 to float32's largest), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= F32_MAX:
+        return f"{value!r} is not a number >= 0 and at most 3.4e38 (float32's largest), as gtr-run requires"
+    return None
+
+
+def yaml_string(text: str) -> str:
+    """`text` as a double-quoted YAML string: JSON's string syntax is YAML's (name_problem has
+    refused the characters where the two differ)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, temperature: float,
                   latent_scale: float = LATENT_SCALE) -> str:
+    for what, why in (("name", name_problem(name)), ("cfg", sampler_scale_problem(cfg_scale)),
+                      ("temperature", sampler_scale_problem(temperature))):
+        if why:
+            raise ValueError(f"manifest {what}: {why}")
     H, W = vcfg.image_size(cfg.grid)
     lines = [
         f"format: {FORMAT}",
-        f"name: {name}",
+        f"name: {yaml_string(name)}",
         f"grid: [{cfg.grid[0]}, {cfg.grid[1]}]",
         f"token_dim: {cfg.token_dim}",
         f"width: {cfg.decoder_width}",
@@ -521,10 +644,14 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
 
     All or nothing: the bundle is built and checked in a staging folder inside `out_dir`
     (models/onnx_save.py), and its files replace those of `out_dir` only once every check has
-    passed; a failed check (ExportCheckFailed) or an error leaves `out_dir` as it was."""
+    passed; a failed check (ExportCheckFailed), an error or an interruption leaves `out_dir` as
+    it was. The commit also removes the graphs (and their own external data) that the old
+    manifest of `out_dir` listed and the new one does not, such as the precision variants and
+    split-head graphs other tools made from the old weights (Staging.adopt)."""
     cfg, vcfg = mar.cfg, vae.cfg
     if vcfg.embed_dim != cfg.token_dim:
         raise CheckpointError(f"VAE latent channels {vcfg.embed_dim} != MAR token_dim {cfg.token_dim}")
+    manifest = manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale)  # ValueError before anything
     os.makedirs(out_dir, exist_ok=True)
     mar.eval()
     vae.eval()
@@ -538,7 +665,7 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
             path = os.path.join(work, GRAPH_FILES[role])
             info[role] = export_graph(module, role, cfg, path, log, external_above)
             check_contract(path, role, cfg, vcfg)
-        write_manifest(work, manifest_text(name, cfg, vcfg, cfg_scale, temperature, latent_scale))
+        write_manifest(work, manifest)
         log("contract: every graph has the tensor names, element types and fixed/dynamic dims of models/README.md")
         log(f"parity, onnxruntime vs PyTorch (tolerance {tolerance}):")
         errors = check_parity(work, roles, cfg, tolerance, quick_vae=quick_vae, log=log)
@@ -569,52 +696,155 @@ def export_bundle(mar: MAR, vae: AutoencoderKL, out_dir: str, name: str, cfg_sca
                     raise ExportCheckFailed(f"the {what} graph differs from {reference} by "
                                             f"{errors[what]:.3e} > {tolerance}")
         files = staging.adopt(work)
+        retired = sorted(staging.remove_after)
         staging.commit()
     log(f"checked, then placed in {out_dir}: {', '.join(sorted(os.path.basename(f) for f in files))}")
-    return {"graphs": info, "errors": errors, "files": files}
+    if retired:
+        log(f"removed what the old manifest listed and the new one does not (made from the old weights): "
+            f"{', '.join(os.path.relpath(f, staging.bundle) for f in retired)}")
+    return {"graphs": info, "errors": errors, "files": files, "retired": retired}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, as Ctrl-C raises KeyboardInterrupt: the staging folders'
+    context managers then remove what the run wrote (a BaseException, so that no `except
+    Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def out_problem(out: str) -> tuple[str | None, list]:
+    """(why `out` cannot be the bundle folder to write, or None; the folders the run will create
+    for it, outermost first)."""
+    if not out:
+        return "is empty; give a bundle folder", []
+    if os.path.exists(out) and not os.path.isdir(out):
+        return "is not a folder (a file is there); give a bundle folder", []
+    missing, folder = [], os.path.abspath(out)
+    while not os.path.exists(folder):
+        missing.insert(0, folder)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"cannot be made: {folder} is not a folder", []
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return (f"cannot be written: {folder} is not writable" if missing
+                else "is not writable; the bundle is written into it"), []
+    return None, missing
+
+
+def remove_created(folders: list) -> None:
+    """Removes the folders of `folders` (outermost first) that this run created, innermost first,
+    where they are empty (an interrupted commit's plan, kept for the next run, keeps its folder)."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def interrupted_commit(out: str) -> bool:
+    """Whether this process left a decided commit (its plan) in `out`: the next tool run finishes it."""
+    try:
+        return any(n.startswith(f"{TMP_PREFIX}{os.getpid()}.") and os.path.isfile(os.path.join(out, n, PLAN))
+                   for n in os.listdir(out))
+    except OSError:
+        return False
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="MAR checkpoint (checkpoint-last.pth)")
     ap.add_argument("--vae", required=True, help="KL-16 VAE checkpoint (kl16.ckpt)")
     ap.add_argument("--size", required=True, choices=list(MAR_SIZES) + ["custom"])
-    ap.add_argument("--out", required=True, help="bundle folder to write")
-    ap.add_argument("--cfg", type=float, help="default guidance scale in the manifest "
+    ap.add_argument("--out", required=True, help="bundle folder to write (made if missing)")
+    ap.add_argument("--cfg", type=float, help="default guidance scale in the manifest, from 0 to 3.4e38 "
                     "(MAR's linear schedule; default 2.9 / 3.0 / 3.2 for B / L / H, 3.0 for custom)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--name", help="bundle name (default mar-base / mar-large / mar-huge / mar-custom)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="default temperature in the manifest, "
+                    "from 0 to 3.4e38 (default 1.0)")
+    ap.add_argument("--name", help="bundle name, one line of text (default mar-base / mar-large / mar-huge / "
+                    "mar-custom)")
     ap.add_argument("--weights", default="model_ema", choices=["model_ema", "model"],
                     help="which weights of the checkpoint to export (default: the EMA weights, as MAR evaluates)")
-    ap.add_argument("--tolerance", type=float, default=1e-3, help="max |onnxruntime - PyTorch| allowed per graph")
+    ap.add_argument("--tolerance", type=number(0, allow_inf=True), default=1e-3,
+                    help="max |onnxruntime - PyTorch| allowed per graph")
     ap.add_argument("--quick-vae-check", action="store_true", help="parity-check the VAE at batch 1 only")
     ap.add_argument("--fused-attention", action="store_true",
                     help="fuse each block's attention into ONNX Runtime's MultiHeadAttention (models/fuse_attention.py)")
-    ap.add_argument("--external-data-mb", type=float, default=EXTERNAL_DATA_BYTES / 2**20,
+    ap.add_argument("--external-data-mb", type=number(0), default=EXTERNAL_DATA_BYTES / 2**20,
                     help="write a graph's weights to <graph>.onnx.data when they exceed this many MiB "
                          "(default: just under protobuf's 2 GB limit; the graphs written after the export, "
                          "sampler, backbone and fused attention, go external above that default: models/onnx_save.py)")
     g = ap.add_argument_group("shape of --size custom (default: from the checkpoint's args)")
-    g.add_argument("--width", type=int)
-    g.add_argument("--depth", type=int)
-    g.add_argument("--heads", type=int)
-    g.add_argument("--mlp-ratio", dest="mlp_ratio", type=float)
-    g.add_argument("--diffloss-w", dest="diffloss_w", type=int)
-    g.add_argument("--diffloss-d", dest="diffloss_d", type=int)
-    g.add_argument("--classes", type=int)
-    g.add_argument("--buffer", type=int)
-    g.add_argument("--grid", type=int, help="token grid side")
-    g.add_argument("--token-dim", dest="token_dim", type=int)
-    g.add_argument("--vae-ch", dest="vae_ch", type=int)
-    g.add_argument("--vae-ch-mult", dest="vae_ch_mult", help="e.g. 1,1,2,2,4")
-    g.add_argument("--vae-res-blocks", dest="vae_res_blocks", type=int)
+    g.add_argument("--width", type=integer(1))
+    g.add_argument("--depth", type=integer(0))
+    g.add_argument("--heads", type=integer(1), help="attention heads, dividing --width")
+    g.add_argument("--mlp-ratio", dest="mlp_ratio", type=number(0, positive=True))
+    g.add_argument("--diffloss-w", dest="diffloss_w", type=integer(1))
+    g.add_argument("--diffloss-d", dest="diffloss_d", type=integer(0))
+    g.add_argument("--classes", type=integer(0))
+    g.add_argument("--buffer", type=integer(0))
+    g.add_argument("--grid", type=integer(1), help="token grid side")
+    g.add_argument("--token-dim", dest="token_dim", type=integer(1))
+    g.add_argument("--vae-ch", dest="vae_ch", type=integer(1), help="times each multiplier a multiple of 32 (GroupNorm)")
+    g.add_argument("--vae-ch-mult", dest="vae_ch_mult", type=channel_mult, help="e.g. 1,1,2,2,4")
+    g.add_argument("--vae-res-blocks", dest="vae_res_blocks", type=integer(0))
     a = ap.parse_args(argv)
     if a.size in MAR_SIZES:
         given = [f for f in ("width", "depth", "heads", "mlp_ratio", "vae_ch", "vae_ch_mult", "vae_res_blocks", "grid")
                  if getattr(a, f) is not None]
         if given:
             ap.error(f"--{given[0].replace('_', '-')} is only for --size custom")
+    why = shape_problem(a.width, a.heads, a.vae_ch, a.vae_ch_mult)
+    if why:
+        ap.error(why)
+    for flag, value in (("--cfg", a.cfg), ("--temperature", a.temperature)):
+        why = sampler_scale_problem(value) if value is not None else None
+        if why:
+            ap.error(f"{flag}: {why}")
+    if a.name is not None and name_problem(a.name):
+        ap.error(f"--name {a.name!r} {name_problem(a.name)}")
+    for flag, path in (("--checkpoint", a.checkpoint), ("--vae", a.vae)):
+        why = input_file_problem(path)
+        if why:
+            ap.error(f"{flag} {path!r} {why}")
+    why, created = out_problem(a.out)
+    if why:
+        ap.error(f"--out {a.out!r} {why}")
 
+    # SIGTERM (a job scheduler, `kill`, benches/gpu.py) ends the run as Ctrl-C does: the staging
+    # folder is removed on the way out, --out is left as it was, exit status 128 + the signal.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _export(a, created)
+    except KeyboardInterrupt as e:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)   # the cleanup below is not interrupted in turn
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        commit = interrupted_commit(a.out)
+        remove_created(created)
+        if commit:
+            print(f"error: interrupted ({signal.Signals(signum).name}) during the commit: {a.out} holds its plan, "
+                  f"which the next model tool run on it finishes (python3 models/onnx_save.py {a.out})",
+                  file=sys.stderr)
+        else:
+            print(f"error: interrupted ({signal.Signals(signum).name}); {a.out} was left as it was"
+                  + (" (the folders this run made were removed)" if created else ""), file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _export(a, created: list) -> int:
+    """The export of main's parsed arguments `a` into a.out, removing the folders of `created`
+    (those the run makes for a.out) unless it succeeds."""
     t_start = time.time()
     torch.manual_seed(0)
     try:
@@ -640,26 +870,31 @@ def main(argv=None):
         return 2
     del sd, vsd
     cfg_scale = a.cfg if a.cfg is not None else DEFAULT_CFG.get(a.size, 3.0)
-    name = a.name or {"mar_base": "mar-base", "mar_large": "mar-large", "mar_huge": "mar-huge"}.get(a.size, "mar-custom")
-    created = not os.path.exists(a.out)
+    name = a.name if a.name is not None else {"mar_base": "mar-base", "mar_large": "mar-large",
+                                              "mar_huge": "mar-huge"}.get(a.size, "mar-custom")
+    done = False
     try:
         res = export_bundle(mar, vae, a.out, name, cfg_scale, a.temperature, tolerance=a.tolerance,
                             quick_vae=a.quick_vae_check, external_above=int(a.external_data_mb * 2**20),
                             fused_attention=a.fused_attention)
-    except (ExportCheckFailed, CheckpointError, BundleError) as e:
-        if created and os.path.isdir(a.out) and not os.listdir(a.out):
-            os.rmdir(a.out)   # the folder this run made, left empty
-        if isinstance(e, ExportCheckFailed):
-            print(f"error: {a.out}: a check failed: {e}; nothing was changed", file=sys.stderr)
-            return 1
+        done = True
+    except ExportCheckFailed as e:
+        print(f"error: {a.out}: a check failed: {one_line(e)}; nothing was changed", file=sys.stderr)
+        return 1
+    except (CheckpointError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # a full disk, a folder made read-only meanwhile
+        print(f"error: {a.out}: {type(e).__name__}: {one_line(e)}; nothing was changed", file=sys.stderr)
+        return 2
+    finally:
+        if not done:
+            remove_created(created)
     graphs = [f for f in res["files"] if f.endswith(".onnx")]
     total = sum(os.path.getsize(f) for f in res["files"] if not f.endswith(".yaml"))
     print(f"wrote {a.out}: manifest.yaml + {len(graphs)} graphs ({', '.join(sorted(map(os.path.basename, graphs)))}), "
           f"{total / 1e6:.1f} MB, in {time.time() - t_start:.1f} s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -166,7 +166,8 @@ def build_configs(a) -> tuple:
         cfg = mar_config(a.size)
         vcfg = kl16_config()
     else:
-        mult = tuple(int(x) for x in a.vae_ch_mult.split(","))
+        mult = a.vae_ch_mult
+        mult = tuple(int(x) for x in mult.split(",")) if isinstance(mult, str) else tuple(mult)
         vcfg = VAEConfig(embed_dim=a.token_dim, z_channels=a.token_dim, ch=a.vae_ch, ch_mult=mult,
                          num_res_blocks=a.vae_res_blocks, resolution=a.grid * 2 ** (len(mult) - 1))
         cfg = MARConfig(grid=(a.grid, a.grid), token_dim=a.token_dim, encoder_width=a.width,
@@ -194,8 +195,102 @@ def make(size: str, cfg: MARConfig, vcfg: VAEConfig, seed: int = 0, with_model: 
     return ckpt, vae_ckpt, count_parameters(mar), count_parameters(vae)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`error: ...`, exit status 2), as the model
+    tools' other refusals are, instead of the usage text and the error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def integer(least: int):
+    """An argparse type: an integer of at least `least`."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer of at least {least}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(least: float, positive: bool = False, allow_inf: bool = False):
+    """An argparse type: a number of at least `least` (above it with `positive`), never NaN, and
+    finite unless `allow_inf`."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        finite = allow_inf or math.isfinite(v)
+        if not (finite and (v > least if positive else v >= least)):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'finite ' if not allow_inf else ''}number "
+                f"{'above' if positive else 'of at least'} {least:g}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+def channel_mult(text: str) -> tuple:
+    """An argparse type: channel multipliers, positive integers separated by commas (`1,1,2,2,4`)."""
+    try:
+        mult = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        mult = ()
+    if not mult or any(m < 1 for m in mult):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive integers separated by commas "
+                                         "(e.g. 1,1,2,2,4)")
+    return mult
+
+
+def shape_problem(width: int | None, heads: int | None, vae_ch: int | None, ch_mult, encoder: bool = False,
+                  names=("--width", "--heads", "--vae-ch", "--vae-ch-mult")) -> str | None:
+    """Why these shape values cannot make a model (`names`: how the message calls them), or None:
+    the attention heads must divide the width, and every GroupNorm of the VAE (32 groups) needs
+    a channel count divisible by 32: `vae_ch` times each multiplier (and `vae_ch` itself, the
+    encoder's first level, with `encoder`). A pair with a value None is not checked."""
+    from models.torch.mar import GN_GROUPS
+
+    if width is not None and heads is not None and width % heads:
+        return f"{names[1]} {heads} does not divide {names[0]} {width} (each head takes width / heads channels)"
+    if vae_ch is None or ch_mult is None:
+        return None
+    for m in ((1,) if encoder else ()) + tuple(ch_mult):
+        if (vae_ch * m) % GN_GROUPS:
+            return (f"{names[2]} {vae_ch} with {names[3]} {','.join(map(str, ch_mult))}: a VAE level of "
+                    f"{vae_ch * m} channels, which GroupNorm({GN_GROUPS}) cannot split (every level's channels, "
+                    f"{names[2]} times each multiplier{f' and {names[2]} itself' if encoder else ''}, must be a "
+                    f"multiple of {GN_GROUPS})")
+    return None
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why a file cannot be written at `path` (empty, a folder, a parent that is not a folder or
+    cannot be written), or None. Missing parent folders are made."""
+    if not path:
+        return "is empty; give a file path"
+    if os.path.isdir(path):
+        return "is a folder; give a file path"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} cannot be written"
+    return None
+
+
+CUSTOM_DEFAULTS = dict(width=64, depth=2, heads=4, mlp_ratio=4.0, diffloss_w=128, diffloss_d=2, classes=1000,
+                       buffer=64, grid=16, token_dim=16, vae_ch=128, vae_ch_mult=(1, 1, 2, 2, 4), vae_res_blocks=2)
+
+
+def main(argv=None) -> int:
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", required=True, choices=list(MAR_SIZES) + ["custom"])
     ap.add_argument("--out", required=True, help="MAR checkpoint path (e.g. checkpoint-last.pth)")
     ap.add_argument("--vae-out", help="VAE checkpoint path (e.g. kl16.ckpt); omitted = no VAE file")
@@ -205,37 +300,81 @@ def main(argv=None):
                     help="a diffusion head that predicts eps = x_t, so that sampling keeps tokens near a trained "
                          "model's scale (random heads drive them to ~1e5, past float16); for speed benchmarks "
                          "in half precision")
-    g = ap.add_argument_group("custom size")
-    g.add_argument("--width", type=int, default=64)
-    g.add_argument("--depth", type=int, default=2)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--mlp-ratio", type=float, default=4.0)
-    g.add_argument("--diffloss-w", type=int, default=128)
-    g.add_argument("--diffloss-d", type=int, default=2)
-    g.add_argument("--classes", type=int, default=1000)
-    g.add_argument("--buffer", type=int, default=64)
-    g.add_argument("--grid", type=int, default=16, help="token grid side")
-    g.add_argument("--token-dim", type=int, default=16)
-    g.add_argument("--vae-ch", type=int, default=128)
-    g.add_argument("--vae-ch-mult", default="1,1,2,2,4")
-    g.add_argument("--vae-res-blocks", type=int, default=2)
+    d = CUSTOM_DEFAULTS
+    g = ap.add_argument_group("custom size (only with --size custom; the official sizes have their own shapes)")
+    g.add_argument("--width", type=integer(1), help=f"default {d['width']}")
+    g.add_argument("--depth", type=integer(0), help=f"default {d['depth']}")
+    g.add_argument("--heads", type=integer(1), help=f"attention heads, dividing --width (default {d['heads']})")
+    g.add_argument("--mlp-ratio", type=number(0, positive=True), help=f"default {d['mlp_ratio']}")
+    g.add_argument("--diffloss-w", type=integer(1), help=f"default {d['diffloss_w']}")
+    g.add_argument("--diffloss-d", type=integer(0), help=f"default {d['diffloss_d']}")
+    g.add_argument("--classes", type=integer(0), help=f"default {d['classes']}")
+    g.add_argument("--buffer", type=integer(0), help=f"default {d['buffer']}")
+    g.add_argument("--grid", type=integer(1), help=f"token grid side (default {d['grid']})")
+    g.add_argument("--token-dim", type=integer(1), help=f"default {d['token_dim']}")
+    g.add_argument("--vae-ch", type=integer(1),
+                   help=f"times each multiplier a multiple of 32 (GroupNorm), itself too (default {d['vae_ch']})")
+    g.add_argument("--vae-ch-mult", type=channel_mult, help="default 1,1,2,2,4")
+    g.add_argument("--vae-res-blocks", type=integer(0), help=f"default {d['vae_res_blocks']}")
     a = ap.parse_args(argv)
+
+    given = [k for k in CUSTOM_DEFAULTS if getattr(a, k) is not None]
+    if a.size != "custom":
+        if given:
+            ap.error(f"--{given[0].replace('_', '-')} is only for --size custom ({a.size} has its own shape)")
+    else:
+        for k, v in CUSTOM_DEFAULTS.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
+        why = shape_problem(a.width, a.heads, a.vae_ch, a.vae_ch_mult, encoder=True)
+        if why:
+            ap.error(why)
+    if a.denoising_head:
+        width = a.diffloss_w if a.size == "custom" else MAR_SIZES[a.size]["diffloss_width"]
+        token_dim = a.token_dim if a.size == "custom" else 16
+        if width < 2 * token_dim + 2:
+            ap.error(f"--denoising-head needs a diffusion head width (--diffloss-w) of at least "
+                     f"{2 * token_dim + 2}, not {width}")
+    for flag, path in (("--out", a.out), ("--vae-out", a.vae_out)):
+        why = output_file_problem(path) if path is not None else None
+        if why:
+            ap.error(f"{flag} {path!r} {why}" if why.startswith("is ") else f"{flag} {path}: {why}")
+    if a.vae_out is not None and os.path.abspath(a.vae_out) == os.path.abspath(a.out):
+        ap.error(f"--vae-out {a.vae_out} is the same file as --out")
 
     cfg, vcfg = build_configs(a)
     ckpt, vae_ckpt, n_mar, n_vae = make(a.size, cfg, vcfg, a.seed, with_model=not a.no_model,
                                         denoising_head=a.denoising_head)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    torch.save(ckpt, a.out)
-    print(f"{a.out}: MAR {a.size}, {n_mar / 1e6:.2f} M parameters, keys {sorted(ckpt)}, "
-          f"{os.path.getsize(a.out) / 1e6:.1f} MB")
-    if a.vae_out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.vae_out)), exist_ok=True)
-        torch.save(vae_ckpt, a.vae_out)
-        n_enc = sum(1 for k in vae_ckpt["model"] if not k.startswith(("decoder.", "post_quant_conv.")))
-        print(f"{a.vae_out}: KL VAE ch {vcfg.ch} ch_mult {list(vcfg.ch_mult)} res blocks {vcfg.num_res_blocks}, "
-              f"{n_vae / 1e6:.2f} M parameters ({n_enc} encoder-side keys), "
-              f"{os.path.getsize(a.vae_out) / 1e6:.1f} MB")
+    try:
+        save(ckpt, a.out)
+        print(f"{a.out}: MAR {a.size}, {n_mar / 1e6:.2f} M parameters, keys {sorted(ckpt)}, "
+              f"{os.path.getsize(a.out) / 1e6:.1f} MB")
+        if a.vae_out:
+            save(vae_ckpt, a.vae_out)
+            n_enc = sum(1 for k in vae_ckpt["model"] if not k.startswith(("decoder.", "post_quant_conv.")))
+            print(f"{a.vae_out}: KL VAE ch {vcfg.ch} ch_mult {list(vcfg.ch_mult)} res blocks {vcfg.num_res_blocks}, "
+                  f"{n_vae / 1e6:.2f} M parameters ({n_enc} encoder-side keys), "
+                  f"{os.path.getsize(a.vae_out) / 1e6:.1f} MB")
+    except OSError as e:
+        print(f"error: {e.filename or a.out}: cannot be written ({type(e).__name__}: {e.strerror or e})",
+              file=sys.stderr)
+        return 2
+    return 0
 
+
+def save(obj, path: str) -> None:
+    """torch.save to `path` through a temporary file beside it, renamed into place (an
+    interrupted or failed write leaves no partial checkpoint); makes missing folders."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -306,6 +306,24 @@ def external_files(path: str) -> set[str]:
     return out
 
 
+def listed_files(manifest) -> set[str]:
+    """The graph files (as written, relative to the bundle) a parsed manifest lists: each
+    `graphs.<role>.file` and each file of `precisions.<precision>`; entries of another shape
+    are skipped."""
+    out = set()
+    if not isinstance(manifest, dict):
+        return out
+    graphs = manifest.get("graphs")
+    for entry in graphs.values() if isinstance(graphs, dict) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry["file"]:
+            out.add(entry["file"])
+    precisions = manifest.get("precisions")
+    for files in precisions.values() if isinstance(precisions, dict) else ():
+        if isinstance(files, dict):
+            out |= {f for f in files.values() if isinstance(f, str) and f}
+    return out
+
+
 def _mode(path: str, default: int = 0o644) -> int:
     return stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else default
 
@@ -534,7 +552,10 @@ class Staging:
         its name in the bundle; returns the files the bundle will then have from it. How a tool
         that writes a whole bundle (export_mar.py) builds and checks it aside, with the other tools
         run on `folder`, before anything of the bundle is replaced. Any other file there, hidden
-        ones aside, is a BundleError (nothing is staged)."""
+        ones aside, is a BundleError (nothing is staged). With a manifest in `folder`, the graphs
+        the bundle's manifest lists (`graphs`, `precisions`) and the new one does not are removed
+        at the commit, each with its own data file (`_retire_unlisted`): a re-export leaves no
+        graph made from the old weights; files the old manifest did not name are left."""
         if not inside(self.dir, folder):
             raise BundleError(f"{folder}: not inside the staging folder {self.dir}")
         names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
@@ -560,10 +581,54 @@ class Staging:
             out += [final] + [d for _, d in self.data[final]]
         manifest = os.path.join(folder, "manifest.yaml")
         if os.path.isfile(manifest):
+            old = self._listed_in_bundle()
             with open(manifest, encoding="utf-8") as f:
                 self.write_manifest(f.read())
             out.append(os.path.join(self.bundle, "manifest.yaml"))
+            self._retire_unlisted(old, out)
         return out
+
+    def _listed_in_bundle(self) -> set[str] | None:
+        """The graph files the bundle's manifest lists now (`listed_files`), None when it has no
+        manifest or one that cannot be parsed (then nothing is retired)."""
+        import yaml
+
+        path = os.path.join(self.bundle, "manifest.yaml")
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return listed_files(yaml.load(f.read(), Loader=_unique_key_loader()))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return None
+
+    def _retire_unlisted(self, old: set[str] | None, kept: list[str]) -> None:
+        """Marks for removal at the commit the graphs the old manifest listed (`old`) that the
+        staged manifest does not, each with its own external data (`<graph>.*data` beside it, as
+        the commit retires a replaced graph's): they were made from the bundle's old weights (an
+        earlier export's precision variants, split head). Only files inside the bundle, never a
+        file the old manifest did not name (a data file aside), one that `kept` (the files the
+        bundle will have) or the new manifest's graphs or their data files hold, nor a folder."""
+        import yaml
+
+        if not old:
+            return
+        new = listed_files(yaml.safe_load(self.manifest_text))
+        keep = {_key(p) for p in kept}
+        for file in new:
+            path = _key(os.path.join(self.bundle, file))
+            keep.add(path)
+            if path not in self.staged:   # a graph kept as it is, with its data files
+                keep |= {_key(p) for p in external_files(path)}
+        for file in sorted(old - new):
+            path = _key(os.path.join(self.bundle, file))
+            if (path in keep or path in self.staged or not inside(self.bundle, os.path.dirname(path))
+                    or not (os.path.isfile(path) or os.path.islink(path))):
+                continue
+            folder, name = os.path.dirname(path), os.path.basename(path)
+            own = {p for p in external_files(path) if os.path.dirname(p) == folder
+                   and os.path.basename(p).startswith(name + ".") and os.path.isfile(p)}
+            self.remove_after |= {path} | {p for p in own if _key(p) not in keep}
 
     def staged_bytes(self, path: str) -> int:
         """Bytes of the graph staged for `path`, its data files included."""

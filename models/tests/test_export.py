@@ -13,6 +13,18 @@
    a graph written with external data (forced) loads and matches.
 4. Broken checkpoints are refused with a message naming the key: a renamed key, a wrong
    shape, a missing VAE decoder key, a wrong --size, a missing `model_ema`.
+5. Bad arguments are refused up front, one line naming the flag, exit 2, nothing written
+   (export_mar.py and make_fake_checkpoint.py): input files that are missing, folders, empty or
+   not checkpoints; --out a file, empty, under a file or a read-only folder; custom shapes that
+   cannot be built; names that are empty or hold a line break; --cfg / --temperature outside
+   0 … 3.4e38. A name with YAML syntax in it reads back as written; a failed export removes every
+   folder it made for --out.
+6. SIGINT and SIGTERM during an export: one line, exit 130 / 143, an existing bundle unchanged,
+   a new --out removed, no staging folder left.
+7. A re-export over a bundle that split_head.py and convert_precision.py extended removes the
+   graphs the new manifest does not list (and only those).
+8. bench_torch.py: graphs that are not the PyTorch weights, or of another shape, stop it with
+   one line, exit 2; its default schedules are the repository's wherever it runs from.
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import contextlib
 import io
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,9 +48,10 @@ sys.path.insert(0, _ROOT)
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
 import yaml  # noqa: E402
 
-from models import export_mar  # noqa: E402
+from models import export_mar, make_fake_checkpoint  # noqa: E402
 from models.torch.mar import MAR  # noqa: E402
 
 PY = sys.executable
@@ -44,6 +59,9 @@ FAKE = os.path.join(_MODELS, "make_fake_checkpoint.py")
 EXPORT = os.path.join(_MODELS, "export_mar.py")
 SMALL = ["--size", "custom", "--width", "64", "--depth", "2", "--heads", "4", "--diffloss-w", "128",
          "--diffloss-d", "2", "--vae-ch", "32", "--vae-ch-mult", "1,1,2,2,4", "--classes", "1000"]
+# smaller still (16x16 images), for the exports that sections 6 and 7 interrupt or repeat
+TINY = ["--size", "custom", "--width", "32", "--depth", "1", "--heads", "2", "--diffloss-w", "64", "--diffloss-d", "1",
+        "--vae-ch", "32", "--vae-ch-mult", "1,2", "--vae-res-blocks", "1", "--classes", "10", "--grid", "8"]
 
 
 def run(cmd):
@@ -52,12 +70,55 @@ def run(cmd):
     return p, time.time() - t0
 
 
-def export_in_process(argv):
-    """(return code, stdout, stderr) of export_mar.main(argv) (fails before exporting)."""
+def export_in_process(argv, tool=export_mar):
+    """(return code, stdout, stderr) of export_mar.main(argv) (fails before exporting), or of
+    another tool's main; an argument error's SystemExit gives its code."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = export_mar.main(argv)
+        try:
+            rc = tool.main(argv)
+        except SystemExit as e:
+            rc = e.code
     return rc, out.getvalue(), err.getvalue()
+
+
+def other_user(tmp):
+    """The command prefix that runs a command as a user who cannot write a folder of mode 555
+    (nothing when this is not root; setpriv to nobody when it is), or None where that user
+    cannot run this Python and read the tools (then the read-only cases are skipped)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        return None
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run(prefix + [PY, "-c", f"import torch; open({EXPORT!r}); open({FAKE!r}); import os; "
+                                     f"os.listdir({tmp!r})"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+def refused(name, rc, err, flag, made=(), code=2):
+    """An up-front refusal: exit `code`, one line naming `flag`, none of `made` written."""
+    assert rc == code and err.count("\n") == 1 and flag in err, f"{name}: exit {rc}, expected {code}, one line " \
+        f"naming {flag}:\n{err}"
+    for path in made:
+        assert not os.path.exists(path), f"{name}: wrote {path}"
+    print(f"ok   {name}: exit {rc}; {err.strip()}")
+
+
+def signal_export(argv, sig, after):
+    """Runs export_mar.py with `argv`, sends `sig` once a stdout line holds `after`; (exit
+    status, stderr)."""
+    p = subprocess.Popen([PY, EXPORT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=_ROOT,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if after in line:
+            break
+    p.send_signal(sig)
+    rest, err = p.communicate()
+    assert after in "".join(seen), f"the export ended before `{after}`:\n{''.join(seen)}{rest}{err}"
+    return p.returncode, err
 
 
 def expect_refusal(tmp, name, ckpt, vae, size, must_contain):
@@ -117,15 +178,18 @@ def main():
 
         # 2b. export with fused attention: the same parity, both blocks of both graphs fused
         fused = os.path.join(tmp, "bundle-fused")
+        yaml_name = '#not a comment: [x, "y" \\ é'
         p, dt = run([PY, EXPORT, "--checkpoint", ckpt, "--vae", vae, "--size", "custom", "--out", fused,
-                     "--quick-vae-check", "--fused-attention"])
+                     "--quick-vae-check", "--fused-attention", "--name", yaml_name])
         assert p.returncode == 0, p.stdout + p.stderr
+        with open(os.path.join(fused, "manifest.yaml"), encoding="utf-8") as f:
+            assert yaml.safe_load(f)["name"] == yaml_name, "the name does not read back as written"
         for role in ("encoder", "decoder"):
             assert f"{role}: 2 attention chains fused into MultiHeadAttention" in p.stdout, p.stdout
             err = float(re.search(rf"^{role}: \|fused - plain\| max ([0-9.e+-]+)", p.stdout, re.M).group(1))
             assert err < 1e-4, (role, err)
             assert "MultiHeadAttention" in [n.op_type for n in onnx.load(os.path.join(fused, f"{role}.onnx")).graph.node]
-        print(f"ok   export --fused-attention ({dt:.1f} s)")
+        print(f"ok   export --fused-attention ({dt:.1f} s); --name {yaml_name!r} reads back as written")
 
         # 2c. all or nothing: a failed parity check changes nothing, in an existing bundle or a new
         # folder (which is not left behind); one line, exit status 1
@@ -133,14 +197,14 @@ def main():
             return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
 
         before = contents(out)
-        for target in (out, os.path.join(tmp, "never-made")):
+        for target in (out, os.path.join(tmp, "never-made", "a", "b")):
             p, dt = run([PY, EXPORT, "--checkpoint", ckpt, "--vae", vae, "--size", "custom", "--out", target,
                          "--quick-vae-check", "--tolerance", "1e-12"])
             assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
             assert "a check failed: encoder: onnxruntime and PyTorch differ by" in p.stderr, p.stderr
         assert contents(out) == before, "a failed export changed the bundle"
-        assert not os.path.exists(os.path.join(tmp, "never-made")), "a failed export left its folder"
-        print(f"ok   a failed parity check: exit 1, one line, nothing changed ({p.stderr.strip()})")
+        assert not os.path.exists(os.path.join(tmp, "never-made")), "a failed export left a folder it made"
+        print(f"ok   a failed parity check: exit 1, one line, nothing changed, no folder left ({p.stderr.strip()})")
 
         # 3. semantics of the exported graphs
         import onnxruntime as ort
@@ -236,6 +300,125 @@ def main():
                        ["240 missing", "65 mis-shaped", "decoder_blocks.2.attn.proj.bias [768]",
                         "… and 200 more", "class_emb.weight: checkpoint [1000, 64], model [1000, 768]",
                         "… and 25 more"])
+        # 5. bad arguments: one line naming the flag, exit 2, nothing written
+        never = os.path.join(tmp, "never")
+        base = ["--checkpoint", ckpt, "--vae", vae, "--size", "custom", "--out", never]
+        folder, empty, text = os.path.join(tmp, "a-folder"), os.path.join(tmp, "empty.pth"), os.path.join(tmp, "text.pth")
+        os.makedirs(folder)
+        open(empty, "w").close()
+        with open(text, "w") as f:
+            f.write("not a checkpoint\n")
+        for flag, path in (("--checkpoint", os.path.join(tmp, "missing.pth")), ("--checkpoint", folder),
+                           ("--checkpoint", empty), ("--checkpoint", text), ("--vae", text), ("--vae", "")):
+            argv = list(base)
+            argv[argv.index(flag) + 1] = path
+            refused(f"{flag} {os.path.basename(path) or repr(path)}", *export_in_process(argv)[::2], flag, [never])
+        cases = [(["--out", ckpt], "--out"), (["--out", ""], "--out"), (["--out", os.path.join(ckpt, "sub")], "--out"),
+                 (["--heads", "3"], "--heads"), (["--heads", "0"], "--heads"), (["--vae-ch-mult", "a,b"], "--vae-ch-mult"),
+                 (["--vae-ch", "33"], "--vae-ch"), (["--grid", "0"], "--grid"), (["--mlp-ratio", "nan"], "--mlp-ratio"),
+                 (["--external-data-mb", "nan"], "--external-data-mb"), (["--tolerance", "nan"], "--tolerance"),
+                 (["--name", ""], "--name"), (["--name", "two\nlines"], "--name"), (["--name", "bell\a"], "--name"),
+                 (["--cfg", "nan"], "--cfg"), (["--cfg", "-1"], "--cfg"), (["--cfg", "1e39"], "--cfg"),
+                 (["--temperature", "inf"], "--temperature"), (["--temperature", "-0.5"], "--temperature")]
+        for extra, flag in cases:
+            refused(f"export_mar {' '.join(map(repr, extra))}", *export_in_process(base + extra)[::2], flag, [never])
+        refused("--size mar_base --width 64", *export_in_process(base[:5] + ["mar_base", "--out", never, "--width", "64"])[::2],
+                "--width", [never])
+        fake_out = os.path.join(tmp, "fake", "x.pth")
+        fbase = ["--size", "custom", "--out", fake_out]
+        for extra, flag in [(["--heads", "3", "--width", "32"], "--heads"), (["--vae-ch", "16"], "--vae-ch"),
+                            (["--vae-ch-mult", "1,x"], "--vae-ch-mult"), (["--grid", "0"], "--grid"),
+                            (["--out", folder], "--out"), (["--out", ""], "--out"), (["--out", os.path.join(ckpt, "x")], "--out"),
+                            (["--vae-out", fake_out], "--vae-out")]:
+            refused(f"make_fake_checkpoint {' '.join(map(repr, extra))}",
+                    *export_in_process(fbase + extra, make_fake_checkpoint)[::2], flag, [os.path.dirname(fake_out)])
+        refused("make_fake_checkpoint --size mar_base --width 64",
+                *export_in_process(["--size", "mar_base", "--out", fake_out, "--width", "64"], make_fake_checkpoint)[::2],
+                "--width", [os.path.dirname(fake_out)])
+        for path in (tmp, ckpt, vae):   # readable by the user the read-only cases run as
+            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+        as_user = other_user(tmp)
+        if as_user is None:
+            print("skipped: a read-only parent folder (root, and no user to run as who can read this checkout)")
+        else:
+            locked = os.path.join(tmp, "read-only")
+            os.makedirs(locked)
+            os.chmod(locked, 0o555)
+            for cmd, flag in (([PY, EXPORT, *base[:-1], os.path.join(locked, "sub")], "--out"),
+                              ([PY, EXPORT, *base[:-1], locked], "--out"),
+                              ([PY, FAKE, "--size", "custom", "--out", os.path.join(locked, "sub", "x.pth")], "--out")):
+                p, _ = run(as_user + cmd)
+                refused(f"{os.path.basename(cmd[1])} {flag} under a read-only folder", p.returncode, p.stderr, flag,
+                        [os.path.join(locked, "sub")])
+            os.chmod(locked, 0o755)
+
+        # 6. interrupted: one line, 128 + the signal, nothing changed, nothing left
+        small, small_vae = os.path.join(tmp, "small.pth"), os.path.join(tmp, "small_vae.ckpt")
+        rc, _, err = export_in_process(TINY + ["--out", small, "--vae-out", small_vae, "--seed", "3"], make_fake_checkpoint)
+        assert rc == 0, err
+        sargs = ["--checkpoint", small, "--vae", small_vae, "--size", "custom"]
+        fresh = os.path.join(tmp, "interrupted", "a", "b")
+        rc, err = signal_export(sargs + ["--out", fresh], signal.SIGINT, "encoder: encoder.onnx")
+        assert rc == 130 and err.count("\n") == 1 and "interrupted (SIGINT)" in err, (rc, err)
+        assert not os.path.exists(os.path.join(tmp, "interrupted")), "an interrupted export left the folders it made"
+        print(f"ok   SIGINT: exit 130, one line, the folders it made removed ({err.strip()})")
+        before = contents(out)
+        rc, err = signal_export(sargs + ["--out", out], signal.SIGTERM, "decoder: decoder.onnx")
+        assert rc == 143 and err.count("\n") == 1 and "interrupted (SIGTERM)" in err, (rc, err)
+        assert contents(out) == before, "an export stopped by SIGTERM changed the bundle (or left its staging folder)"
+        print(f"ok   SIGTERM: exit 143, one line, the bundle unchanged, no staging folder left ({err.strip()})")
+
+        # 7. re-export over a bundle that other tools extended: what they made from the old
+        # weights goes, files no manifest named stay
+        for tool in (["split_head.py", out], ["convert_precision.py", out, "--precision", "fp16"]):
+            p, _ = run([PY, os.path.join(_MODELS, tool[0]), *tool[1:]])
+            assert p.returncode == 0, p.stdout + p.stderr
+        with open(os.path.join(out, "notes.fp16.onnx"), "w") as f:
+            f.write("mine\n")
+        extended = set(os.listdir(out))
+        assert {"diffusion_condition.onnx", "encoder.fp16.onnx", "diffusion_state.fp16.onnx"} <= extended, extended
+        p, dt = run([PY, EXPORT, *sargs, "--out", out, "--quick-vae-check"])
+        assert p.returncode == 0, p.stdout + p.stderr
+        with open(os.path.join(out, "manifest.yaml")) as f:
+            listed = {e["file"] for e in yaml.safe_load(f)["graphs"].values()}
+        left = set(os.listdir(out))
+        assert left == listed | {"manifest.yaml", "notes.fp16.onnx"}, sorted(left)
+        print(f"ok   re-export over an extended bundle ({dt:.1f} s): removed {', '.join(sorted(extended - left))}; "
+              "kept notes.fp16.onnx (not in the old manifest)")
+
+        # 8. bench_torch.py: not the same model -> one line, exit 2 (before gtr-run is run)
+        bench = os.path.join(_MODELS, "bench_torch.py")
+        tiny_bundle = os.path.join(_MODELS, "mar-tiny")
+        with open(os.path.join(tiny_bundle, "manifest.yaml")) as f:
+            tiny_scale = yaml.safe_load(f)["latent_scale"]
+        tampered, other = os.path.join(tmp, "bench-tampered"), os.path.join(tmp, "bench-other")
+        os.makedirs(tampered)
+        for n in ("manifest.yaml", "encoder.onnx", "decoder.onnx", "diffusion.onnx", "vae_decoder.onnx"):
+            shutil.copy(os.path.join(tiny_bundle, n), tampered)
+        m = onnx.load(os.path.join(tampered, "decoder.onnx"))
+        w = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+        onnx.save(m, os.path.join(tampered, "decoder.onnx"))
+        shutil.copytree(out, other)
+        with open(os.path.join(other, "manifest.yaml")) as f:
+            text = re.sub(r"^latent_scale: .*$", f"latent_scale: {tiny_scale!r}", f.read(), flags=re.M)
+        with open(os.path.join(other, "manifest.yaml"), "w") as f:
+            f.write(text)
+        for bundle, what in ((tampered, "ExportCheckFailed: decoder"), (other, "InvalidArgument")):
+            p, _ = run([PY, bench, "--bundle", bundle, "--binary", sys.executable, "--batches", "1", "--reps", "1"])
+            err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+            assert p.returncode == 2 and len(err) == 1 and what in err[0] and "not the same model" in err[0] \
+                and "Traceback" not in p.stderr, p.stderr
+            print(f"ok   bench_torch.py on {os.path.basename(bundle)}: exit 2, one line ({err[0][:150]}...)")
+        fake_gtr = os.path.join(tmp, "fake-gtr-run")
+        with open(fake_gtr, "w") as f:
+            f.write("#!/bin/sh\necho \"fake gtr-run: $*\" >&2\nexit 1\n")
+        os.chmod(fake_gtr, 0o755)
+        p = subprocess.run([PY, bench, "--binary", fake_gtr, "--batches", "1", "--reps", "1", "--work",
+                            os.path.join(tmp, "bench-work")], capture_output=True, text=True, cwd=tmp)
+        want = f"fake gtr-run: plan {os.path.join(_ROOT, 'schedules', 'mar-64.gtr')} --json"
+        assert p.returncode == 2 and want in p.stderr, p.stderr
+        print("ok   bench_torch.py's default schedules are the repository's, run from elsewhere")
     print("all export tests passed")
 
 

@@ -20,6 +20,10 @@ run it, it exits non-zero on the first failure).
    destination that is a folder is refused with nothing changed, a commit stopped partway says
    so and is finished once the cause is gone; `other/lnk/..` is read and written as its real
    path; small tensors over the limit; an exporter's own save staged (export_mar.py).
+5. A whole bundle adopted over one that other tools extended (a re-export): the graphs the old
+   manifest listed and the new one does not are removed with their own data files at the commit,
+   nothing else (files no manifest names, a listed graph outside the bundle); a commit killed
+   before its removals is finished by the next run.
 """
 
 import fcntl
@@ -486,6 +490,100 @@ def test_save_with(tmp):
           "a failed export leaves the old graph and its data file")
 
 
+def adopt_tiny(bundle, apply=None):
+    """Stages a fresh copy of the tiny bundle built inside a Staging of `bundle` (as export_mar.py
+    builds its bundle) and commits it, with `_apply` replaced by `apply` if given."""
+    real = onnx_save._apply
+    if apply is not None:
+        onnx_save._apply = apply
+    try:
+        with onnx_save.Staging(bundle) as s:
+            work = os.path.join(s.dir, "bundle")
+            os.makedirs(work)
+            for name in os.listdir(TINY):
+                if name != "golden":
+                    shutil.copy(os.path.join(TINY, name), work)
+            s.adopt(work)
+            retired = sorted(os.path.relpath(p, s.bundle) for p in s.remove_after)
+            s.commit()
+        return retired
+    finally:
+        onnx_save._apply = real
+
+
+def extend_bundle(tmp, name):
+    """A copy of the tiny bundle that other tools extended: a listed fp16 variant with its weights
+    in a data file, a listed split-head graph, a listed graph outside the bundle; and files no
+    manifest names (a user's graph and data file). Returns (bundle, {file: bytes} of the files
+    that must stay)."""
+    bundle = copy_tiny(tmp, name)
+    outside = os.path.join(tmp, f"{name}-outside")
+    os.makedirs(outside)
+    shutil.copy(os.path.join(TINY, "decoder.onnx"), os.path.join(outside, "decoder.onnx"))
+    decoder = onnx.load(os.path.join(TINY, "decoder.onnx"))
+    onnx_save.save_model(decoder, os.path.join(bundle, "decoder.fp16.onnx"), limit=1000)
+    shutil.copy(os.path.join(TINY, "diffusion.onnx"), os.path.join(bundle, "diffusion_condition.onnx"))
+    mine = ["notes.onnx", "decoder.fp16.onnx.mine.data"]   # a data file named after it, but not its own
+    for name in mine:
+        with open(os.path.join(bundle, name), "w") as f:
+            f.write("mine\n")
+    manifest = os.path.join(bundle, "manifest.yaml")
+    text = open(manifest).read().replace("graphs:\n", "graphs:\n"
+        "  diffusion_condition: { file: diffusion_condition.onnx, inputs: { t: t, z: z }, outputs: { cond: z } }\n"
+        f"  extra: {{ file: ../{name}-outside/decoder.onnx, inputs: {{}}, outputs: {{}} }}\n")
+    with open(manifest, "w") as f:
+        f.write(text + "precisions:\n  fp16: { decoder: decoder.fp16.onnx }\n")
+    kept = {p: open(p, "rb").read() for p in [os.path.join(bundle, n) for n in mine]
+            + [os.path.join(outside, "decoder.onnx")]}
+    check(len([n for n in data_files(bundle) if n.startswith("decoder.fp16.onnx.") and "mine" not in n]) == 1,
+          "the extended bundle's fp16 variant keeps its weights in a data file")
+    return bundle, kept
+
+
+def test_adopt_retires_unlisted(tmp):
+    """A whole bundle adopted over one that other tools extended (export_mar.py re-exporting):
+    the commit removes the graphs the old manifest listed and the new one does not, with their
+    own data files, and nothing else; a commit killed before it did is finished by the next run."""
+    tiny_files = sorted(n for n in os.listdir(TINY) if n != "golden") + ["notes.onnx", "decoder.fp16.onnx.mine.data"]
+    bundle, kept = extend_bundle(tmp, "adopt")
+    retired = adopt_tiny(bundle)
+    check(len(retired) == 3 and "decoder.fp16.onnx" in retired and "diffusion_condition.onnx" in retired
+          and any(n.startswith("decoder.fp16.onnx.") for n in retired), f"the commit retires {retired}")
+    check(sorted(os.listdir(bundle)) == sorted(tiny_files),
+          f"… the listed fp16 variant, its data file and the split-head graph are gone ({sorted(os.listdir(bundle))})")
+    check(all(open(p, "rb").read() == b for p, b in kept.items()),
+          "… files the old manifest did not name, and a listed graph outside the bundle, are left as they were")
+    check(open(os.path.join(bundle, "manifest.yaml")).read() == open(os.path.join(TINY, "manifest.yaml")).read(),
+          "… and the manifest is the adopted one")
+    check(adopt_tiny(bundle) == [], "adopted again: nothing more to retire")
+
+    bundle, kept = extend_bundle(tmp, "adopt-killed")
+
+    def killed(folder, plan):  # the first file renamed, then the process dies
+        src, dst = plan["moves"][0]
+        os.replace(os.path.join(folder, src), os.path.join(folder, dst))
+        raise KeyboardInterrupt
+
+    try:
+        adopt_tiny(bundle, killed)
+        check(False, "the killed commit is interrupted")
+    except KeyboardInterrupt:
+        pass
+    check(os.path.exists(os.path.join(bundle, "decoder.fp16.onnx")) and len(leftovers(bundle)) == 1,
+          "a commit killed before its removals leaves the stale graphs and its plan")
+    r = subprocess.run([sys.executable, os.path.join(MODELS, "onnx_save.py"), bundle], capture_output=True, text=True)
+    check(r.returncode == 0 and sorted(os.listdir(bundle)) == sorted(tiny_files)
+          and all(open(p, "rb").read() == b for p, b in kept.items()),
+          f"… the next run finishes it: the stale graphs removed, the others kept ({r.stdout.strip()})")
+
+    bundle = copy_tiny(tmp, "adopt-bad-manifest")
+    shutil.copy(os.path.join(TINY, "decoder.onnx"), os.path.join(bundle, "decoder.fp16.onnx"))
+    with open(os.path.join(bundle, "manifest.yaml"), "w") as f:
+        f.write("graphs: [decoder.fp16.onnx\n")
+    check(adopt_tiny(bundle) == [] and os.path.exists(os.path.join(bundle, "decoder.fp16.onnx")),
+          "an old manifest that cannot be parsed: nothing is retired")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_save_model(tmp)
@@ -500,6 +598,7 @@ def main():
         test_links(tmp)
         test_small_tensors_over_the_limit(tmp)
         test_save_with(tmp)
+        test_adopt_retires_unlisted(tmp)
         test_tools_on_external_data(tmp)
     print("all onnx_save tests passed")
 
