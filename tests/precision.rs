@@ -592,6 +592,23 @@ fn int8_images_depend_on_their_batch_and_resume_remakes_them_exactly() {
         );
     }
     assert_eq!(record(&resumed)["generated_now"], 2);
+    // Resumed at another batch, the remade images would be another run's:
+    // refused, naming the batch.
+    std::fs::remove_file(resumed.join("00001.png")).unwrap();
+    let out = resumed.to_str().unwrap();
+    let args = [
+        b,
+        "schedules/gtr-fast.gtr",
+        "--num-images",
+        "6",
+        "--precision",
+        "int8",
+    ];
+    let at_2 = [&args[..], &["--batch", "2", "--out", out, "--resume"]].concat();
+    common::fails(
+        &at_2,
+        "the batch (--batch; int8 images depend on it) (3 in the folder, 2 in this run)",
+    );
 }
 
 /// A precision whose variant lists the diffusion head but not its two parts

@@ -690,3 +690,43 @@ fn weights_kept_beside_a_graph_are_part_of_the_model() {
     let _ = std::fs::remove_dir_all(&bundle);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The host path and a chain graph may differ by a pixel level: a run is
+/// not resumed, nor its shards merged, with the chains run another way.
+#[test]
+fn chains_run_another_way_are_another_run() {
+    let bundle = "models/fixtures/tiny-sampler";
+    let out = tmp("chains-resume");
+    let o = out.to_str().unwrap();
+    let run = [
+        bundle,
+        FAST,
+        "--num-images",
+        "2",
+        "--batch",
+        "1",
+        "--out",
+        o,
+    ];
+    ok(&[&run[..], &["--sampler", "host"]].concat());
+    std::fs::remove_file(out.join("00001.png")).unwrap();
+    fails(
+        &[&run[..], &["--sampler", "graph", "--resume"]].concat(),
+        "the diffusion chains (--sampler, --head) (\"host\" in the folder, \"sampler graph\" in this run)",
+    );
+    ok(&[&run[..], &["--sampler", "host", "--resume"]].concat());
+    let parts: Vec<PathBuf> = (0..2).map(|k| tmp(&format!("chains-part{k}"))).collect();
+    for (k, (part, sampler)) in parts.iter().zip(["host", "graph"]).enumerate() {
+        let shard = format!("{k}/2");
+        let args = [bundle, FAST, "--num-images", "2", "--shard", &shard];
+        ok(&[&args[..], &["--sampler", sampler, "--out", s(part)]].concat());
+    }
+    let merged = tmp("chains-merged");
+    fails(
+        &["merge", s(&merged), s(&parts[0]), s(&parts[1])],
+        "diffusion chains (--sampler, --head)",
+    );
+    for dir in parts.iter().chain([&out, &merged]) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

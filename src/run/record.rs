@@ -24,6 +24,9 @@ use crate::plan::DetailRule;
 const MODEL_DIGEST: &str = "model's settings and graphs (SHA-256)";
 /// How [`RunRecord::disagreements`] names `replay_sha256`.
 const REPLAY_DIGEST: &str = "replay file's contents (SHA-256)";
+/// The identity entry of where the chains ran (`--sampler`, `--head`): absent
+/// from records older than it.
+const CHAINS: &str = "diffusion chains (--sampler, --head)";
 
 /// The file name of the record in a run's folder.
 pub const RECORD_FILE: &str = "run.json";
@@ -282,7 +285,7 @@ impl RunRecord {
     /// What makes two records parts of one run: what each value is called
     /// in messages, and the value. Not compared: batch size, device and
     /// paths (none changes an image), nor the measurements.
-    fn identity(&self) -> [(&'static str, Value); 15] {
+    fn identity(&self) -> [(&'static str, Value); 17] {
         [
             ("gtr-run version", json!(self.gtr_run_version)),
             ("model", json!(self.model.name)),
@@ -304,6 +307,17 @@ impl RunRecord {
             ("use of a replay file", json!(self.replay.is_some())),
             (REPLAY_DIGEST, json!(self.replay_sha256)),
             ("precision (--precision)", json!(self.precision)),
+            // Chain graphs and the host path may differ by a pixel level.
+            (CHAINS, self.runtime_settings["diffusion_chains"].clone()),
+            // int8 (activations per tensor) images change with their batch.
+            (
+                "batch (--batch; int8 images depend on it)",
+                if self.precision == "int8" {
+                    json!(self.batch)
+                } else {
+                    Value::Null
+                },
+            ),
         ]
     }
 
@@ -314,9 +328,9 @@ impl RunRecord {
         self.identity()
             .into_iter()
             .zip(other.identity())
-            // A record older than a digest has none to compare.
+            // A record older than a digest (or the chains entry) has none to compare.
             .filter(|((what, x), (_, y))| {
-                let digest = *what == MODEL_DIGEST || *what == REPLAY_DIGEST;
+                let digest = *what == MODEL_DIGEST || *what == REPLAY_DIGEST || *what == CHAINS;
                 x != y && !(digest && (x.is_null() || y.is_null()))
             })
             .map(|((what, x), (_, y))| {

@@ -226,13 +226,7 @@ impl<M: MarModel> Engine<M> {
     /// narrow enough, the head's state part per tick and its condition part
     /// per group of ticks: [`MarModel::split_head_rows`]).
     pub fn chain_runner(&self) -> String {
-        if self.model.runs_chains() {
-            self.model.chain_graph()
-        } else if self.model.split_head_rows() > 0 {
-            "host (split head)".into()
-        } else {
-            "host".into()
-        }
+        chain_runner(&self.model)
     }
 
     /// How this engine runs the backbone: `backbone graph` (the model's
@@ -430,6 +424,18 @@ impl<M: MarModel> Engine<M> {
         check_finite("vae_decoder", "image", images.iter(), steps)?;
         let pixels = to_pixels(&images);
         Ok((images, pixels))
+    }
+}
+
+/// Where an engine on `model` runs diffusion chains
+/// ([`Engine::chain_runner`]), known before any image is made.
+pub fn chain_runner<M: MarModel + ?Sized>(model: &M) -> String {
+    if model.runs_chains() {
+        model.chain_graph()
+    } else if model.split_head_rows() > 0 {
+        "host (split head)".into()
+    } else {
+        "host".into()
     }
 }
 
