@@ -43,6 +43,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: the first thing the process does: no other thread exists.
+    unsafe { gtr_run::backend::library::disable_telemetry() };
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Plan(args)) => run_plan(args),

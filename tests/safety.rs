@@ -730,3 +730,63 @@ fn chains_run_another_way_are_another_run() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// A part whose record claims an impossible number of images is refused
+/// (2^64 - 1 overflowed an allocation: a panic, or an abort at 1e11).
+#[test]
+fn merge_refuses_a_record_claiming_impossible_counts() {
+    let part = tmp("merge-count-part");
+    ok(&[
+        TINY,
+        FAST,
+        "--num-images",
+        "2",
+        "--shard",
+        "0/2",
+        "--out",
+        s(&part),
+    ]);
+    let path = part.join("run.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for count in ["100000000000", "18446744073709551615"] {
+        let edited = text.replace("\"num_images\": 2", &format!("\"num_images\": {count}"));
+        assert_ne!(edited, text);
+        std::fs::write(&path, edited).unwrap();
+        let merged = tmp("merge-count-out");
+        fails(
+            &["merge", s(&merged), s(&part)],
+            &format!("{count} images, outside 1 to 10000000"),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&part);
+}
+
+/// ONNX Runtime's Linux builds keep a telemetry store and a device id
+/// under `~/.cache/Microsoft` unless told not to: a run writes nothing
+/// outside its output folder (and gtr-run's own cache).
+#[test]
+fn onnx_runtime_writes_no_telemetry_store() {
+    let home = tmp("telemetry-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let out = home.join("run");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+        .args([TINY, FAST, "--num-images", "1", "--out"])
+        .arg(&out)
+        .current_dir(root())
+        .env("HOME", &home)
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("ORT_DISABLE_TELEMETRY")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.join("00000.png").is_file());
+    assert!(
+        !home.join(".cache/Microsoft").exists(),
+        "ONNX Runtime wrote its telemetry store under HOME"
+    );
+    let _ = std::fs::remove_dir_all(&home);
+}

@@ -8,7 +8,14 @@ command line (same seeds, same bytes).
 >>> images, record = model.generate("schedules/gtr.gtr", 10, seed=0)
 """
 
-from ._native import (
+import os
+
+# ONNX Runtime's Linux builds keep a telemetry store and a device id under
+# ~/.cache/Microsoft unless this is set; gtr-run writes nothing but what it
+# is asked to (a value already set is kept).
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from ._native import (  # noqa: E402
     GtrRunError,
     Model,
     Plan,

@@ -48,6 +48,13 @@ impl Part {
             )));
         }
         let num = record.num_images;
+        if num == 0 || num > crate::limits::MAX_IMAGES {
+            return Err(RunError::Invalid(format!(
+                "{}/run.json: {num} images, outside 1 to {}; is it a gtr-run record?",
+                dir.display(),
+                crate::limits::MAX_IMAGES
+            )));
+        }
         let shard = record.shard.map(|s| Shard { k: s.k, n: s.n });
         if let Some(shard) = shard
             && (shard.k >= shard.n || shard.n > num)

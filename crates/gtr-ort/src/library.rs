@@ -46,6 +46,23 @@ fn library_file_name() -> String {
 }
 
 /// Where the library is, fetching it if needed.
+/// Asks ONNX Runtime, through its environment variable
+/// `ORT_DISABLE_TELEMETRY`, not to start its telemetry: its Linux builds
+/// otherwise keep an event store and a device id under `~/.cache/Microsoft`
+/// as soon as the first session is made (turning the events off through
+/// the API comes too late for that), and a run writes nothing outside its
+/// output folder. A value the user set is kept.
+///
+/// # Safety
+/// Sets a process environment variable: call it before any other thread
+/// that may read or write the environment exists (first thing in `main`).
+pub unsafe fn disable_telemetry() {
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        // SAFETY: the caller guarantees that no other thread exists.
+        unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+    }
+}
+
 pub fn locate() -> Result<PathBuf, LibraryError> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);

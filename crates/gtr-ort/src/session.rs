@@ -46,8 +46,12 @@ pub(crate) fn environment() -> Result<&'static Environment, OrtError> {
             }
             .to_string()
         })?;
+        // No telemetry: the Microsoft builds of ONNX Runtime record events
+        // (in a store under ~/.cache on Linux) unless told not to, and a
+        // run writes nothing outside its output folder.
         builder
             .with_name("gtr-run")
+            .with_telemetry(false)
             .build()
             .map_err(|e| e.to_string())
     });
