@@ -790,3 +790,31 @@ fn onnx_runtime_writes_no_telemetry_store() {
     );
     let _ = std::fs::remove_dir_all(&home);
 }
+
+/// An interrupted run's record has no hashes for the images it made, so
+/// `--resume` checks each one it keeps is a whole PNG of the model's size:
+/// a cut-short one is named (it was kept and failed at the grid, on every
+/// retry).
+#[test]
+fn resume_names_a_kept_image_that_is_not_whole() {
+    let out = tmp("resume-cut-image");
+    let run = [TINY, FAST, "--num-images", "3", "--out", s(&out)];
+    ok(&run);
+    // The record as an interrupted run leaves it.
+    let path = out.join("run.json");
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    record["finished"] = false.into();
+    record["images_sha256"] = serde_json::json!({});
+    std::fs::write(&path, record.to_string()).unwrap();
+    let image = out.join("00001.png");
+    let bytes = std::fs::read(&image).unwrap();
+    std::fs::write(&image, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::remove_file(out.join("00002.png")).unwrap();
+    let resume = [&run[..], &["--resume"]].concat();
+    fails(&resume, "00001.png cannot be read as a PNG");
+    std::fs::remove_file(&image).unwrap();
+    ok(&resume);
+    assert_hashes_match(&out);
+    let _ = std::fs::remove_dir_all(&out);
+}

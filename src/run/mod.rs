@@ -224,7 +224,9 @@ pub fn generate<M: MarModel>(
             && folder::is_written(&image_path(&req.out, i))
             && (!adaptive || recorded_orders.contains_key(&image_name(i)))
     });
-    let mut hashes = check_kept(&req.out, &kept, previous.as_ref())?;
+    let image = model.info().image;
+    let size = (image.width as u32, image.height as u32);
+    let mut hashes = check_kept(&req.out, &kept, previous.as_ref(), size)?;
     let mut orders: BTreeMap<String, Vec<usize>> = recorded_orders
         .into_iter()
         .filter(|(name, _)| hashes.contains_key(name))
@@ -489,24 +491,42 @@ fn describe_run<M: MarModel>(
 }
 
 /// The hashes of the images `--resume` keeps. Where the folder's record has
-/// their hashes (a finished run), each must still be the image it recorded.
+/// their hashes (a finished run), each must still be the image it recorded;
+/// where it has none (an interrupted run), each must at least be a whole
+/// PNG of the model's `size` (width, height), or it would be kept and fail
+/// only when the grid reads it, on every retry.
 fn check_kept(
     out: &Path,
     kept: &[usize],
     previous: Option<&RunRecord>,
+    size: (u32, u32),
 ) -> Result<BTreeMap<String, String>, RunError> {
     let mut hashes = BTreeMap::new();
     for &i in kept {
         let (path, name) = (image_path(out, i), image_name(i));
         let hash = sha256_file(&path)
             .map_err(|e| RunError::Invalid(format!("reading back {}: {e}", path.display())))?;
-        if let Some(want) = previous.and_then(|r| r.images_sha256.get(&name))
-            && *want != hash
-        {
-            return Err(RunError::Invalid(format!(
-                "{} is not the image the folder's run.json recorded (SHA-256 {hash}, recorded {want}): it was changed or replaced after the run; remove it and --resume makes it again",
-                path.display(),
-            )));
+        match previous.and_then(|r| r.images_sha256.get(&name)) {
+            Some(want) if *want != hash => {
+                return Err(RunError::Invalid(format!(
+                    "{} is not the image the folder's run.json recorded (SHA-256 {hash}, recorded {want}): it was changed or replaced after the run; remove it and --resume makes it again",
+                    path.display(),
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let whole = image::open(&path).map(|img| (img.width(), img.height()));
+                if whole.as_ref().ok() != Some(&size) {
+                    let what = match whole {
+                        Ok((w, h)) => format!("is {w}x{h}, not this model's {}x{}", size.0, size.1),
+                        Err(e) => format!("cannot be read as a PNG ({e})"),
+                    };
+                    return Err(RunError::Invalid(format!(
+                        "{} {what}: it is not an image this run made; remove it and --resume makes it again",
+                        path.display(),
+                    )));
+                }
+            }
         }
         hashes.insert(name, hash);
     }
