@@ -818,3 +818,32 @@ fn resume_names_a_kept_image_that_is_not_whole() {
     assert_hashes_match(&out);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A merge killed while it builds leaves its staging folder beside `OUT`
+/// (`.OUT.merge-XXXXXX.tmp`); the next merge into `OUT` removes it, and
+/// nothing else of `OUT`'s folder.
+#[test]
+fn a_killed_merges_staging_folder_is_removed_by_the_next() {
+    let dir = tmp("merge-leftover");
+    std::fs::create_dir_all(&dir).unwrap();
+    let part = dir.join("part");
+    ok(&[TINY, FAST, "--num-images", "2", "--out", s(&part)]);
+    let leftover = dir.join(".merged.merge-Ab3dE9.tmp");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("00000.png"), "a killed merge's").unwrap();
+    let kept = [
+        dir.join(".merged.merge-notours.tmp"),
+        dir.join(".other.merge-Ab3dE9.tmp"),
+    ];
+    for k in &kept {
+        std::fs::create_dir_all(k).unwrap();
+    }
+    ok(&["merge", s(&dir.join("merged")), s(&part)]);
+    assert!(
+        !leftover.exists(),
+        "the killed merge's staging folder is removed"
+    );
+    assert!(kept.iter().all(|k| k.is_dir()), "other names are left");
+    assert!(dir.join("merged/00001.png").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}

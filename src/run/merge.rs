@@ -388,7 +388,18 @@ struct Staging {
 }
 
 impl Staging {
+    /// A new staging folder for `out`, which the caller holds locked: the
+    /// staging folders of merges into `out` that were killed (`.<name>.merge-
+    /// XXXXXX.tmp`, none of them live, since none holds the lock) are
+    /// removed first. (A killed commit's `.old-` folder is left: it may be
+    /// the only copy of what `out` held.)
     fn new(out: &Path) -> Result<Staging, RunError> {
+        for leftover in siblings(out, "merge")? {
+            std::fs::remove_dir_all(&leftover).map_err(|source| RunError::Write {
+                path: leftover.clone(),
+                source,
+            })?;
+        }
         let dir = hidden_sibling(out, "merge")?;
         Ok(Staging {
             dir,
@@ -433,10 +444,31 @@ impl Drop for Staging {
     }
 }
 
-/// A new empty folder `.<name>.<what>-XXXXXX.tmp` beside `out`, its name
-/// random and created exclusively (an existing name, a planted symbolic
-/// link included, is never reused), with the usual permissions.
-fn hidden_sibling(out: &Path, what: &str) -> Result<PathBuf, RunError> {
+/// The folders (not links) beside `out` named as [`hidden_sibling`] names
+/// them for `what`.
+fn siblings(out: &Path, what: &str) -> Result<Vec<PathBuf>, RunError> {
+    let (prefix, parent) = sibling_prefix(out, what);
+    let entries = std::fs::read_dir(parent).map_err(|source| RunError::Write {
+        path: parent.to_path_buf(),
+        source,
+    })?;
+    Ok(entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let random = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.strip_suffix(".tmp"));
+            random.is_some_and(|r| r.len() == 6 && r.chars().all(|c| c.is_ascii_alphanumeric()))
+                && e.file_type().is_ok_and(|t| t.is_dir())
+        })
+        .map(|e| e.path())
+        .collect())
+}
+
+/// The name prefix `.<name>.<what>-` of `out`'s hidden siblings, and the
+/// folder they lie in.
+fn sibling_prefix<'a>(out: &'a Path, what: &str) -> (String, &'a Path) {
     let name = out
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy().into_owned());
@@ -444,7 +476,14 @@ fn hidden_sibling(out: &Path, what: &str) -> Result<PathBuf, RunError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let prefix = format!(".{name}.{what}-");
+    (format!(".{name}.{what}-"), parent)
+}
+
+/// A new empty folder `.<name>.<what>-XXXXXX.tmp` beside `out`, its name
+/// random and created exclusively (an existing name, a planted symbolic
+/// link included, is never reused), with the usual permissions.
+fn hidden_sibling(out: &Path, what: &str) -> Result<PathBuf, RunError> {
+    let (prefix, parent) = sibling_prefix(out, what);
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp").rand_bytes(6);
     #[cfg(unix)]
