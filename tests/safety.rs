@@ -847,3 +847,37 @@ fn a_killed_merges_staging_folder_is_removed_by_the_next() {
     assert!(dir.join("merged/00001.png").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Output paths that cannot be made are wrong inputs, said as such (exit
+/// 3; they were exit 4 with the system's "File exists" / "Not a
+/// directory"), and a merge is refused into a folder inside one of its
+/// parts (which `--resume` then refused for the folder no run writes).
+#[cfg(unix)]
+#[test]
+fn output_paths_that_cannot_be_made_are_named() {
+    let dir = tmp("out-paths");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dangling = dir.join("dangling");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, "mine").unwrap();
+    for (out, want) in [
+        (dangling.clone(), "is a symbolic link to nothing"),
+        (
+            file.join("sub"),
+            "a-file is a file, not a folder to make it in",
+        ),
+    ] {
+        let args = [TINY, FAST, "--num-images", "1", "--out", s(&out)];
+        fails(&args, want);
+        assert_eq!(common::gtr_run(&args).status.code(), Some(3), "{want}");
+    }
+    let part = dir.join("part");
+    ok(&[TINY, FAST, "--num-images", "1", "--out", s(&part)]);
+    fails(
+        &["merge", s(&part.join("merged")), s(&part)],
+        "lies inside, or holds, one of the parts",
+    );
+    assert!(!part.join("merged").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

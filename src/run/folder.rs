@@ -220,6 +220,26 @@ pub(super) fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
             out.display()
         )));
     }
+    if !out.exists() && std::fs::symlink_metadata(out).is_ok() {
+        return Err(RunError::Invalid(format!(
+            "{} is a symbolic link to nothing (a folder that does not exist); make that folder, or give another",
+            out.display()
+        )));
+    }
+    // The nearest part of the path that exists must be a folder to make
+    // the rest in.
+    if let Some(file) = out
+        .ancestors()
+        .skip(1)
+        .find(|a| a.exists())
+        .filter(|a| !a.is_dir())
+    {
+        return Err(RunError::Invalid(format!(
+            "{}: {} is a file, not a folder to make it in",
+            out.display(),
+            file.display()
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     lock(out)
 }

@@ -340,6 +340,19 @@ fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<HeldOut, RunErro
             part.describe()
         ));
     }
+    // Nor inside one (the part would then hold a folder no run writes, and
+    // be refused by --resume), nor around one.
+    let out_path = real_path(out);
+    if let Some(part) = parts.iter().find(|p| {
+        let part = real_path(&p.dir);
+        out_path.starts_with(&part) || part.starts_with(&out_path)
+    }) {
+        return invalid(format!(
+            "{} lies inside, or holds, one of the parts ({}); merge into a folder beside them",
+            out.display(),
+            part.describe()
+        ));
+    }
     if !out.is_dir() {
         let lock = create_and_lock(out)?;
         return Ok(HeldOut {
@@ -378,6 +391,19 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), RunError> {
             path: to.to_path_buf(),
             source,
         })
+}
+
+/// `path` with links and `..` resolved as far as it exists (its nearest
+/// existing folder made canonical, the rest appended), absolute.
+fn real_path(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for base in path.ancestors() {
+        if let Ok(real) = base.canonicalize() {
+            let rest = path.strip_prefix(base).unwrap_or(Path::new(""));
+            return real.join(rest);
+        }
+    }
+    path
 }
 
 /// A hidden folder beside the destination where the merge is built; removed
