@@ -458,27 +458,22 @@ fn in_folder(path: &Path, folder: &Path) -> bool {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    match (resolved(parent), resolved(folder)) {
-        (Some(a), Some(b)) => a == b,
-        _ => match (std::path::absolute(parent), std::path::absolute(folder)) {
-            (Ok(a), Ok(b)) => a.components().eq(b.components()),
-            _ => false,
-        },
-    }
+    real_path(parent)
+        .components()
+        .eq(real_path(folder).components())
 }
 
-/// `path` with links and `..` resolved: the path itself if it exists, else
-/// its parent's resolution joined with its name; `None` if neither exists.
-fn resolved(path: &Path) -> Option<PathBuf> {
-    if let Ok(p) = path.canonicalize() {
-        return Some(p);
+/// `path` with links and `..` resolved as far as it exists (its nearest
+/// existing ancestor made canonical, the rest appended), absolute.
+pub(super) fn real_path(path: &Path) -> PathBuf {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for base in path.ancestors() {
+        if let Ok(real) = base.canonicalize() {
+            let rest = path.strip_prefix(base).unwrap_or(Path::new(""));
+            return real.join(rest);
+        }
     }
-    let name = path.file_name()?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    Some(parent.canonicalize().ok()?.join(name))
+    path
 }
 
 /// The refusal of a folder holding `name`, which gtr-run did not write.

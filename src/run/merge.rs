@@ -4,7 +4,9 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::folder::{check_npz_target, create_and_lock, image_name, image_path, inventory, lock};
+use super::folder::{
+    check_npz_target, create_and_lock, image_name, image_path, inventory, lock, real_path,
+};
 use super::outputs::{write_grid, write_npz};
 use super::record::RunRecord;
 use super::{RunError, Shard};
@@ -391,19 +393,6 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), RunError> {
             path: to.to_path_buf(),
             source,
         })
-}
-
-/// `path` with links and `..` resolved as far as it exists (its nearest
-/// existing folder made canonical, the rest appended), absolute.
-fn real_path(path: &Path) -> PathBuf {
-    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    for base in path.ancestors() {
-        if let Ok(real) = base.canonicalize() {
-            let rest = path.strip_prefix(base).unwrap_or(Path::new(""));
-            return real.join(rest);
-        }
-    }
-    path
 }
 
 /// A hidden folder beside the destination where the merge is built; removed
