@@ -615,7 +615,9 @@ def manifest_text(name: str, cfg: MARConfig, vcfg: VAEConfig, cfg_scale: float, 
         "diffusion:",
         "  schedule: cosine",
         "  train_steps: 1000",
-        f"  variance: {'learned_range' if cfg.learn_sigma else 'fixed_small'}",
+        # MAR's create_diffusion: learned range with learn_sigma, else the
+        # fixed-large variance (sigma_small=False), never fixed-small.
+        f"  variance: {'learned_range' if cfg.learn_sigma else 'fixed_large'}",
         f"image: {{ height: {H}, width: {W}, channels: {vcfg.out_ch} }}",
         f"sampling: {{ cfg: {float(cfg_scale)}, temperature: {float(temperature)} }}",
         "cost:",

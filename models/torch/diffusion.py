@@ -79,7 +79,7 @@ class Chain:
         """One reverse step at respaced index i, all in float64 (x, eps, v, noise are converted):
         x0 = √(1/ᾱ')x − √(1/ᾱ'−1)ε (no clipping); mean = coef1·x0 + coef2·x; for i ≠ 0 add
         exp(½·log σ²)·noise·temperature with log σ² = frac·log β' + (1−frac)·plvc, frac = (v+1)/2
-        (learned range; v None = fixed-small variance, log σ² = plvc)."""
+        (learned range; v None = MAR's fixed-large variance, log σ² = log β')."""
         x = x.to(F64)
         eps = eps.to(F64)
         x0 = self.sqrt_recip_alphas_cumprod[i] * x - self.sqrt_recipm1_alphas_cumprod[i] * eps
@@ -87,7 +87,7 @@ class Chain:
         if i == 0:
             return mean
         if v is None:
-            log_var = self.posterior_log_variance_clipped[i].expand_as(mean)
+            log_var = self.log_betas[i].expand_as(mean)
         else:
             frac = (v.to(F64) + 1.0) / 2.0
             log_var = frac * self.log_betas[i] + (1.0 - frac) * self.posterior_log_variance_clipped[i]

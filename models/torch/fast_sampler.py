@@ -137,7 +137,8 @@ def _chain(head, zc, zu, step: Step, coeffs: _Coefficients, C: int, learned: boo
                 log_var = frac * coeffs.log_beta[i] + (1.0 - frac) * coeffs.log_post[i]
                 sigma = torch.exp(0.5 * log_var)
             else:
-                sigma = math.exp(0.5 * coeffs.log_post[i])
+                # MAR without learn_sigma: fixed-large, log σ² = log β'.
+                sigma = math.exp(0.5 * coeffs.log_beta[i])
             x = mean + sigma * noise_at(T - 1 - i) * step.temperature
     return x
 
