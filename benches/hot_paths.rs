@@ -75,7 +75,7 @@ fn fts_scoring(c: &mut Criterion) {
 
 fn sampler_update(c: &mut Criterion) {
     // One diffusion tick of a 256-token step at MAR's token size.
-    let chain = NoiseSchedule::cosine(1000).respace(100);
+    let chain = NoiseSchedule::cosine(1000).respace(100, None);
     let channels = 16;
     let rows = 256;
     let mut x: Vec<f32> = (0..rows * channels)

@@ -103,6 +103,31 @@ fn one_diffusion_call_per_tick_of_the_longest_chain() {
     assert_eq!(stats[0].diffusion_rows, 2 * (8 * 5 + 2 * 7));
 }
 
+/// `clip_timesteps`: each token runs its clipped chain's iterations (50
+/// steps clipped at 950 are 48), as many as the cost model counts.
+#[test]
+fn clipped_chains_run_their_own_length() {
+    let s = schedule("grid 4x4\nclip_timesteps 950\nstage a { tokens all  steps 2  diffusion 50 }");
+    let planner = Planner::new(&s, Grid::new(4, 4)).unwrap();
+    let job = ImageJob {
+        index: 0,
+        seed: 1,
+        label: 2,
+    };
+    let plan = planner.plan(job.seed).unwrap();
+    let mut engine = Engine::new(FakeModel::with_grid(Grid::new(4, 4)));
+    engine
+        .generate(std::slice::from_ref(&plan), &[job], &SeededNoise, |_, _| {})
+        .unwrap();
+    assert_eq!(engine.model.diffusion_calls, 2 * 48);
+    let spec = gtr_run::cost::ModelSpec::builtin("mar-b").unwrap();
+    let rows: u64 = engine.stats.steps.iter().map(|s| s.diffusion_rows).sum();
+    assert_eq!(
+        rows,
+        gtr_run::cost::plan_cost(&plan, &spec).diffusion_evaluations
+    );
+}
+
 #[test]
 fn a_split_head_gives_the_same_tokens_with_its_condition_part_once_per_group_of_ticks() {
     let s = preset("mar-8.gtr");

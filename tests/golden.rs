@@ -99,6 +99,7 @@ fn plans(g: &mut Golden) -> (Vec<Plan>, Array2<i64>, Array1<i64>) {
                         detail,
                         cfg: (!cfg[s].is_nan()).then_some(cfg[s]),
                         temperature: temp[s],
+                        clip_timesteps: None,
                     };
                     known += n;
                     step
@@ -439,7 +440,7 @@ fn respaced_chains_match_the_reference() {
         assert!((a - b).abs() <= 1e-15 + 1e-12 * b.abs());
     }
     for t in [1usize, 2, 3, 4, 5, 6, 7, 8, 20, 50, 100] {
-        let chain = schedule.respace(t);
+        let chain = schedule.respace(t, None);
         let map: ArrayD<i64> = g.get(&format!("T{t}_timestep_map"));
         assert_eq!(
             chain.timesteps,

@@ -67,3 +67,23 @@ fn grid_sizes_are_usable_in_numbers() {
     assert_eq!(plan(&s, Grid::new(16, 16), 0).unwrap().steps.len(), 8);
     assert_eq!(plan(&s, Grid::new(32, 32), 0).unwrap().steps.len(), 32);
 }
+
+/// A parameter --set replaces keeps the command line's value even where
+/// its file expression has none with the other values (`16 / a` at a = 0).
+#[test]
+fn an_overridden_parameter_ignores_its_file_expression() {
+    let text = "param a = 4\nparam b = 16 / a\ngrid 4x4\nstage s { tokens all steps b }";
+    let set = |pairs: &[(&str, f64)]| -> BTreeMap<String, f64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    };
+    let s =
+        Schedule::from_source(Source::new("p.gtr", text), &set(&[("a", 0.0), ("b", 4.0)])).unwrap();
+    assert_eq!(s.param("b"), Some(4.0));
+    assert_eq!(plan(&s, Grid::new(4, 4), 0).unwrap().steps.len(), 4);
+    // Without its own --set, b is still refused.
+    let err = Schedule::from_source(Source::new("p.gtr", text), &set(&[("a", 0.0)])).unwrap_err();
+    assert!(
+        err.to_string().contains("parameter `b` comes out as inf"),
+        "{err}"
+    );
+}

@@ -96,6 +96,18 @@ fn disa_anneals_from_50_to_5() {
     let plan = common::plan_default(&common::preset("disa.gtr"), 0);
     assert_eq!(plan.steps[0].diffusion_steps, 50);
     assert_eq!(plan.steps[63].diffusion_steps, 5);
+    // DiSA's chains keep no timestep above 950 (mar.md §6.3): the longer
+    // ones lose a step or two (50 -> 48), and so does their cost.
+    assert!(plan.steps.iter().all(|s| s.clip_timesteps == Some(950)));
+    assert_eq!(plan.steps[0].chain_len(50, 1000), 48);
+    let spec = ModelSpec::builtin("mar-b").unwrap();
+    let unclipped: u64 = plan
+        .steps
+        .iter()
+        .map(|s| s.tokens.len() as u64 * u64::from(s.diffusion_steps))
+        .sum();
+    let clipped = plan_cost(&plan, &spec).diffusion_evaluations / 2;
+    assert_eq!((unclipped, clipped), (5372, 5246));
 }
 
 #[test]

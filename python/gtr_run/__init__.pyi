@@ -42,6 +42,9 @@ class Step:
     """Tokens known before this step."""
     diffusion_steps: int
     """Diffusion steps of each token (FTS detail tokens get ``detail["steps"]``)."""
+    clip_timesteps: Optional[int]
+    """The schedule's ``clip_timesteps``: no chain of the step keeps a timestep above it; None
+    when the chains keep every timestep."""
     cfg: Optional[float]
     """Guidance scale; None when the step runs no unconditional pass."""
     temperature: float

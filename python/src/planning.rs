@@ -28,6 +28,9 @@ pub(crate) struct Step {
     known_before: usize,
     /// Diffusion steps of each token (FTS detail tokens: see `detail`).
     diffusion_steps: u32,
+    /// The schedule's `clip_timesteps` (the largest timestep the step's
+    /// chains keep), or None.
+    clip_timesteps: Option<u32>,
     /// Guidance scale, None when the step runs no unconditional pass.
     cfg: Option<f64>,
     temperature: f64,
@@ -96,6 +99,7 @@ impl Plan {
                     tokens: tokens.into_pyarray(py).unbind(),
                     known_before: s["known_before"].as_u64().unwrap_or(0) as usize,
                     diffusion_steps: s["diffusion_steps"].as_u64().unwrap_or(0) as u32,
+                    clip_timesteps: s["clip_timesteps"].as_u64().map(|c| c as u32),
                     cfg: s["cfg"].as_f64(),
                     temperature: s["temperature"].as_f64().unwrap_or(1.0),
                     detail: to_python(py, &s["detail"])?.unbind(),

@@ -34,7 +34,7 @@ pub struct PlanArgs {
     #[arg(long)]
     grid: Option<Grid>,
     /// Seed for random orders.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Override a parameter: --set name=value (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]
@@ -82,6 +82,10 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
             .into()),
         };
     };
+    if let Some(png) = &args.png {
+        // Before the work, and naming the flag (not the temporary file).
+        gtr_run::run::check_file_target(png, "--png")?;
+    }
     let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
     let schedule = Schedule::from_file(path, &overrides)?;
     // `--cost BUNDLE` plans as a run on that bundle does: on its grid,
@@ -121,8 +125,13 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         }
     };
     if let Some(path) = &args.png {
-        // Before the work, and naming the flag (not the temporary file).
-        gtr_run::run::check_file_target(path, "--png")?;
+        if plan.stages.len() > 1 && !report::png::has_stage_panels(&plan) {
+            eprintln!(
+                "gtr-run plan: --png {}: {} stages are too many panels; the picture shows the order only",
+                path.display(),
+                plan.stages.len()
+            );
+        }
         let img = report::png::render(&plan);
         let mut bytes = Vec::new();
         img.write_to(&mut Cursor::new(&mut bytes), image::ImageFormat::Png)

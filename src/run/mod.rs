@@ -556,6 +556,7 @@ fn measure<M: MarModel>(
             tokens: p.tokens.len(),
             known_before: p.known_before,
             diffusion_steps: p.diffusion_steps,
+            clip_timesteps: p.clip_timesteps,
             detail: p.detail,
             cfg: p.cfg,
             temperature: p.temperature,

@@ -206,6 +206,9 @@ pub struct StepRecord {
     pub tokens: usize,
     pub known_before: usize,
     pub diffusion_steps: u32,
+    /// The step's `clip_timesteps` (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_timesteps: Option<u32>,
     pub detail: Option<DetailRule>,
     pub cfg: Option<f64>,
     pub temperature: f64,

@@ -75,6 +75,7 @@ pub(crate) fn check_batch(
                     && a.detail == b.detail
                     && a.cfg == b.cfg
                     && a.temperature == b.temperature
+                    && a.clip_timesteps == b.clip_timesteps
             });
         if !same {
             return bad("plans in one batch must share their step structure".into());

@@ -319,7 +319,7 @@ impl<M: MarModel> Engine<M> {
         // backbone runs, where the tokens are known before it.
         let ticks: Vec<usize> = plans
             .iter()
-            .map(|p| p.steps[s].diffusion_steps as usize)
+            .map(|p| p.steps[s].chain_len(p.steps[s].diffusion_steps, info.train_steps))
             .collect();
         let c = info.token_dim;
         let model = &mut self.model;

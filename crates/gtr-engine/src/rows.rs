@@ -245,12 +245,13 @@ impl RowSources<'_> {
                     _ => step.diffusion_steps,
                 } as usize;
                 detail[[img, t]] = is_detail;
+                let chain = self.chains.get(n, step.clip_timesteps);
                 rows.push(Row {
                     image: img,
                     token: t,
                     slot,
-                    steps: n,
-                    chain: self.chains.get(n),
+                    steps: chain.len(),
+                    chain,
                     draws,
                 });
             }

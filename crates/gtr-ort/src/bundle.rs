@@ -656,6 +656,7 @@ impl Bundle {
             diffusion_depth: m.cost.diffusion_depth,
             token_dim: m.token_dim as u64,
             buffer: m.buffer as u64,
+            train_steps: m.diffusion.train_steps,
         }
     }
 }

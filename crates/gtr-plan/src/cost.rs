@@ -30,6 +30,9 @@ pub struct ModelSpec {
     pub token_dim: u64,
     /// Class-embedding buffer slots prepended to the sequence: 64 in MAR.
     pub buffer: u64,
+    /// Steps of the training diffusion chain (1000 in MAR): what a
+    /// `clip_timesteps` chain's length depends on.
+    pub train_steps: usize,
 }
 
 impl ModelSpec {
@@ -43,6 +46,7 @@ impl ModelSpec {
             diffusion_depth: dd,
             token_dim: 16,
             buffer: 64,
+            train_steps: 1000,
         }
     }
 
@@ -183,7 +187,7 @@ pub fn plan_cost(plan: &Plan, spec: &ModelSpec) -> Cost {
         let branches = if step.cfg.is_some() { 2 } else { 1 };
         cost.encoder_passes += branches;
         cost.decoder_passes += branches;
-        let evals = branches * step.diffusion_rows();
+        let evals = branches * step.diffusion_rows(spec.train_steps);
         cost.diffusion_evaluations += evals;
         let b = branches as f64;
         cost.encoder_flops += 2.0 * b * spec.encoder_macs(step.known_before as u64, seq) as f64;

@@ -56,30 +56,16 @@ impl NoiseSchedule {
         &self.alphas_cumprod
     }
 
-    /// The training-chain timesteps kept when respacing to `steps`
-    /// (guided-diffusion's `space_timesteps` with one section): start at 0.0,
-    /// add (T−1)/(steps−1) repeatedly, round half to even.
-    pub fn respaced_timesteps(&self, steps: usize) -> Vec<usize> {
-        let t = self.train_steps();
-        let stride = if steps > 1 {
-            (t - 1) as f64 / (steps - 1) as f64
-        } else {
-            1.0
-        };
-        let mut cur = 0.0f64;
-        let mut out = Vec::with_capacity(steps);
-        for _ in 0..steps {
-            out.push(crate::plan::round_half_even(cur) as usize);
-            cur += stride;
-        }
-        out.sort_unstable();
-        out.dedup();
-        out
+    /// The training-chain timesteps kept when respacing to `steps`,
+    /// clipped to at most `clip` ([`crate::plan::respaced_timesteps`]).
+    pub fn respaced_timesteps(&self, steps: usize, clip: Option<u32>) -> Vec<usize> {
+        crate::plan::respaced_timesteps(self.train_steps(), steps, clip)
     }
 
-    /// The respaced chain with `steps` steps.
-    pub fn respace(&self, steps: usize) -> Chain {
-        Chain::new(self, &self.respaced_timesteps(steps))
+    /// The respaced chain with `steps` steps, clipped to at most `clip`
+    /// (then it may have fewer).
+    pub fn respace(&self, steps: usize, clip: Option<u32>) -> Chain {
+        Chain::new(self, &self.respaced_timesteps(steps, clip))
     }
 }
 
@@ -225,11 +211,11 @@ impl Chain {
     }
 }
 
-/// Respaced chains by step count, built once and shared.
+/// Respaced chains by step count and clip, built once and shared.
 #[derive(Debug)]
 pub struct ChainCache {
     schedule: NoiseSchedule,
-    chains: HashMap<usize, Arc<Chain>>,
+    chains: HashMap<(usize, Option<u32>), Arc<Chain>>,
 }
 
 impl ChainCache {
@@ -240,12 +226,13 @@ impl ChainCache {
         }
     }
 
-    pub fn get(&mut self, steps: usize) -> Arc<Chain> {
+    /// The chain of `steps` steps clipped to `clip` ([`NoiseSchedule::respace`]).
+    pub fn get(&mut self, steps: usize, clip: Option<u32>) -> Arc<Chain> {
         let schedule = &self.schedule;
         Arc::clone(
             self.chains
-                .entry(steps)
-                .or_insert_with(|| Arc::new(schedule.respace(steps))),
+                .entry((steps, clip))
+                .or_insert_with(|| Arc::new(schedule.respace(steps, clip))),
         )
     }
 }
@@ -270,19 +257,19 @@ mod tests {
     #[test]
     fn respacing_matches_guided_diffusion() {
         let s = NoiseSchedule::cosine(1000);
-        let t100 = s.respaced_timesteps(100);
+        let t100 = s.respaced_timesteps(100, None);
         assert_eq!(&t100[..3], &[0, 10, 20]);
         assert_eq!(&t100[97..], &[979, 989, 999]);
-        let t50 = s.respaced_timesteps(50);
+        let t50 = s.respaced_timesteps(50, None);
         assert_eq!(&t50[..5], &[0, 20, 41, 61, 82]);
         assert_eq!(&t50[47..], &[958, 979, 999]);
-        assert_eq!(s.respaced_timesteps(1), vec![0]);
-        assert_eq!(s.respaced_timesteps(1000).len(), 1000);
+        assert_eq!(s.respaced_timesteps(1, None), vec![0]);
+        assert_eq!(s.respaced_timesteps(1000, None).len(), 1000);
     }
 
     #[test]
     fn chain_100_matches_mar_reference_values() {
-        let c = NoiseSchedule::cosine(1000).respace(100);
+        let c = NoiseSchedule::cosine(1000).respace(100, None);
         assert!(close(c.betas[0], 4.1284e-5, 1e-4));
         assert!(close(c.betas[1], 6.7984e-4, 1e-4));
         assert!(close(c.betas[99], 0.99998999, 1e-7));
@@ -294,7 +281,7 @@ mod tests {
     /// The folded coefficients give [`Chain::step`]'s update.
     #[test]
     fn tick_coefficients_reproduce_the_step() {
-        let chain = NoiseSchedule::cosine(1000).respace(50);
+        let chain = NoiseSchedule::cosine(1000).respace(50, None);
         for variance in [
             Variance::LearnedRange,
             Variance::FixedSmall,
@@ -328,7 +315,7 @@ mod tests {
 
     #[test]
     fn last_step_adds_no_noise_and_one_step_chains_are_finite() {
-        let c = NoiseSchedule::cosine(1000).respace(1);
+        let c = NoiseSchedule::cosine(1000).respace(1, None);
         let mut x = [0.5f32, -1.0];
         c.step(
             0,

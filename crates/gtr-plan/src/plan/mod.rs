@@ -8,12 +8,14 @@
 pub mod allocation;
 pub mod order;
 pub mod partition;
+mod respace;
 mod stage_order;
 mod steps;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+pub use respace::respaced_timesteps;
 pub use steps::{DetailRule, MAX_DIFFUSION_STEPS, Plan, PlanStage, PlanStep};
 
 use crate::grid::{Grid, MAX_TOKENS};
@@ -271,6 +273,7 @@ impl<'a> Planner<'a> {
                 &eval,
             )?;
             let temperature = stage_temperature(src, stage, options, &eval)?;
+            let clip_timesteps = stage_clip_timesteps(src, stage, &eval)?;
             let fts = stage_fts(src, stage, &eval)?;
             let guidance = stage_guidance(src, stage, options, &eval)?;
             let mut cursor = 0;
@@ -306,6 +309,7 @@ impl<'a> Planner<'a> {
                     detail,
                     cfg,
                     temperature,
+                    clip_timesteps,
                 });
                 known += count;
             }
@@ -351,6 +355,33 @@ fn stage_temperature(
         }
         (None, None) => options.default_temperature.unwrap_or(1.0),
     })
+}
+
+/// A stage's `clip_timesteps`, a whole number from 1 to
+/// `MAX_DIFFUSION_STEPS − 1` (a timestep of the training chain).
+fn stage_clip_timesteps(
+    src: &Arc<Source>,
+    stage: &Stage,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<Option<u32>, Diagnostic> {
+    let Some(e) = &stage.clip_timesteps else {
+        return Ok(None);
+    };
+    let t = eval(e);
+    let last = MAX_DIFFUSION_STEPS - 1;
+    if t.is_finite() && t.fract() == 0.0 && (1.0..=f64::from(last)).contains(&t) {
+        Ok(Some(t as u32))
+    } else {
+        Err(Diagnostic::new(
+            src,
+            e.span,
+            format!(
+                "clip_timesteps must be a whole number from 1 to {last} (a timestep of the training chain), not {}",
+                fmt_num(t)
+            ),
+        )
+        .with_help("DiSA clips at 950: `clip_timesteps 950`"))
+    }
 }
 
 /// A stage's FTS rule as (β in (0, 1], detail steps, selector), if it has one.

@@ -56,23 +56,43 @@ pub struct PlanStep {
     pub cfg: Option<f64>,
     /// Scale of the diffusion sampler's per-step noise.
     pub temperature: f64,
+    /// `clip_timesteps`: the largest training-chain timestep this step's
+    /// chains keep ([`super::respaced_timesteps`]); `None` keeps them all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_timesteps: Option<u32>,
 }
 
 impl PlanStep {
-    /// Diffusion-head evaluations this step needs per CFG branch:
-    /// Σ over tokens of their diffusion steps.
-    pub fn diffusion_rows(&self) -> u64 {
-        let n = self.tokens.len() as u64;
-        match self.detail {
-            Some(d) => {
-                (n - d.count as u64) * u64::from(self.diffusion_steps)
-                    + d.count as u64 * u64::from(d.steps)
+    /// Iterations of this step's chain of `steps` diffusion steps on a
+    /// model trained with `train_steps`: `steps`, or fewer where
+    /// `clip_timesteps` merges timesteps.
+    pub fn chain_len(&self, steps: u32, train_steps: usize) -> usize {
+        match self.clip_timesteps {
+            None => steps as usize,
+            Some(_) => {
+                super::respaced_timesteps(train_steps, steps as usize, self.clip_timesteps).len()
             }
-            None => n * u64::from(self.diffusion_steps),
         }
     }
 
-    /// The longest diffusion chain in the step (what bounds its latency).
+    /// Diffusion-head evaluations this step needs per CFG branch on a
+    /// model trained with `train_steps`: Σ over tokens of their chains'
+    /// iterations.
+    pub fn diffusion_rows(&self, train_steps: usize) -> u64 {
+        let n = self.tokens.len() as u64;
+        let base = self.chain_len(self.diffusion_steps, train_steps) as u64;
+        match self.detail {
+            Some(d) => {
+                (n - d.count as u64) * base
+                    + d.count as u64 * self.chain_len(d.steps, train_steps) as u64
+            }
+            None => n * base,
+        }
+    }
+
+    /// The most diffusion steps a token of the step is given (what bounds
+    /// its latency; its chain may have fewer iterations, see
+    /// [`PlanStep::chain_len`]).
     pub fn max_diffusion_steps(&self) -> u32 {
         self.detail
             .map_or(self.diffusion_steps, |d| d.steps.max(self.diffusion_steps))

@@ -20,6 +20,9 @@ struct StepJson<'a> {
     adaptive: Option<Selector>,
     known_before: usize,
     diffusion_steps: u32,
+    /// `clip_timesteps` (absent when the chains keep every timestep).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clip_timesteps: Option<u32>,
     /// `null` when the step runs no unconditional pass.
     cfg: Option<f64>,
     temperature: f64,
@@ -40,6 +43,7 @@ pub fn plan_json(schedule: &Schedule, plan: &Plan, cost: Option<&Cost>) -> Value
             adaptive: s.adaptive,
             known_before: s.known_before,
             diffusion_steps: s.diffusion_steps,
+            clip_timesteps: s.clip_timesteps,
             cfg: s.cfg,
             temperature: s.temperature,
             detail: s.detail,

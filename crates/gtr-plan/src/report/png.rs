@@ -16,6 +16,25 @@ const KNOWN: Rgb<u8> = Rgb([150, 150, 150]);
 const LATER: Rgb<u8> = Rgb([255, 255, 255]);
 const BACKGROUND: Rgb<u8> = Rgb([235, 235, 235]);
 
+fn cell_size(plan: &Plan) -> u32 {
+    let (h, w) = (plan.grid.height as u32, plan.grid.width as u32);
+    (256 / h.max(w)).clamp(2, 32)
+}
+
+/// Whether [`render`] draws a panel per stage: with two or more stages (one
+/// would repeat the left panel) when the picture stays within
+/// [`MAX_PIXELS`].
+pub fn has_stage_panels(plan: &Plan) -> bool {
+    let cell = u64::from(cell_size(plan));
+    let (pw, ph) = (
+        plan.grid.width as u64 * cell,
+        plan.grid.height as u64 * cell,
+    );
+    let panels = 1 + plan.stages.len() as u64;
+    let pixels = (panels * pw + (panels + 1) * u64::from(GAP)) * (ph + 2 * u64::from(GAP));
+    plan.stages.len() > 1 && pixels <= MAX_PIXELS
+}
+
 /// Viridis-like colour for `x` in [0, 1].
 fn colour(x: f64) -> Rgb<u8> {
     const STOPS: [[f64; 3]; 5] = [
@@ -32,13 +51,18 @@ fn colour(x: f64) -> Rgb<u8> {
     Rgb([c(0), c(1), c(2)])
 }
 
+/// The most pixels a picture with stage panels may have (about 100 MB in
+/// memory); past it only the left panel is drawn.
+pub const MAX_PIXELS: u64 = 1 << 25;
+
 /// Renders the plan; cells are square, sized so a 16×16 grid is 256 px.
+/// The stage panels are left out where they would make the picture larger
+/// than [`MAX_PIXELS`] (thousands of stages; see [`has_stage_panels`]).
 pub fn render(plan: &Plan) -> RgbImage {
     let (h, w) = (plan.grid.height as u32, plan.grid.width as u32);
-    let cell = (256 / h.max(w)).clamp(2, 32);
+    let cell = cell_size(plan);
     let (pw, ph) = (w * cell, h * cell);
-    // A single stage would repeat the left panel; stage panels need two or more.
-    let stage_panels = if plan.stages.len() > 1 {
+    let stage_panels = if has_stage_panels(plan) {
         plan.stages.len()
     } else {
         0
@@ -85,4 +109,36 @@ pub fn render(plan: &Plan) -> RgbImage {
         }
     }
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grid::Grid;
+    use crate::schedule::{Schedule, Source};
+
+    fn plan_of(text: &str, grid: Grid) -> Plan {
+        let schedule =
+            Schedule::from_source(Source::new("t.gtr", text), &Default::default()).unwrap();
+        crate::plan::plan(&schedule, grid, 0).unwrap()
+    }
+
+    /// Thousands of stages would ask for gigabytes; the picture keeps
+    /// within MAX_PIXELS by leaving their panels out.
+    #[test]
+    fn pictures_stay_within_their_pixel_budget() {
+        let two = plan_of(
+            "stage a { tokens i == 0  steps 1 }\nstage b { tokens rest  steps 1 }",
+            Grid::MAR,
+        );
+        assert!(has_stage_panels(&two));
+        assert_eq!(render(&two).width(), 3 * 256 + 4 * GAP);
+        let text: String = (0..4096)
+            .map(|k| format!("stage q{k} {{ tokens j == {k}  steps 1 }}\n"))
+            .collect();
+        let many = plan_of(&text, Grid::new(16, 4096));
+        assert!(!has_stage_panels(&many));
+        let img = render(&many);
+        assert!(u64::from(img.width()) * u64::from(img.height()) <= MAX_PIXELS);
+    }
 }

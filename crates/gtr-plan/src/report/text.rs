@@ -116,6 +116,11 @@ pub fn step_table(plan: &Plan) -> String {
             Some(d) => format!("{} by {} -> {}", d.count, d.selector.name(), d.steps),
         };
         let cfg = step.cfg.map_or("-".to_string(), |c| format!("{c:.4}"));
+        // `50 ≤950`: 50 steps, timesteps clipped to at most 950.
+        let diffusion = match step.clip_timesteps {
+            None => step.diffusion_steps.to_string(),
+            Some(clip) => format!("{} ≤{clip}", step.diffusion_steps),
+        };
         let _ = writeln!(
             out,
             "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<22}  {:>6}  {:>5.2}",
@@ -123,7 +128,7 @@ pub fn step_table(plan: &Plan) -> String {
             plan.stages[step.stage].name,
             tokens,
             step.known_before,
-            step.diffusion_steps,
+            diffusion,
             fts,
             cfg,
             step.temperature

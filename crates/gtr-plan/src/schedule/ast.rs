@@ -109,6 +109,9 @@ pub enum Setting {
     Diffusion(DiffusionAst),
     Cfg(CfgAst),
     Temperature(Expr),
+    /// `clip_timesteps T`: the largest training-chain timestep a respaced
+    /// chain keeps.
+    ClipTimesteps(Expr),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -141,6 +144,7 @@ impl StageClause {
             StageClause::Setting(Setting::Diffusion(_)) => "diffusion",
             StageClause::Setting(Setting::Cfg(_)) => "cfg",
             StageClause::Setting(Setting::Temperature(_)) => "temperature",
+            StageClause::Setting(Setting::ClipTimesteps(_)) => "clip_timesteps",
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::ast::*;
 use super::diagnostic::{Diagnostic, Source, Span};
 use super::expr::{self, Env, NameKind, Scope, Type};
-use super::text::{SmallTextError, read_small_text};
+use super::text::{SmallTextError, read_small_text, read_small_text_file};
 use super::validated::*;
 use crate::grid::Grid;
 
@@ -41,9 +41,7 @@ impl Schedule {
         let text = if stdin {
             read_small_text(std::io::stdin(), "a schedule")
         } else {
-            std::fs::File::open(path)
-                .map_err(SmallTextError::Io)
-                .and_then(|f| read_small_text(f, "a schedule"))
+            read_small_text_file(path, "a schedule")
         };
         let text = text.map_err(|e| match e {
             SmallTextError::Io(source) => ScheduleError::Read {
@@ -157,6 +155,7 @@ struct Settings<'a> {
     diffusion: Option<&'a DiffusionAst>,
     cfg: Option<&'a CfgAst>,
     temperature: Option<&'a Expr>,
+    clip_timesteps: Option<&'a Expr>,
 }
 
 /// Builds the schedule the syntax tree `ast` of `source` describes: checks
@@ -170,6 +169,7 @@ pub(super) fn compile(
     let src = &source;
     let decls = Declarations::read(src, ast, overrides)?;
     check_overrides(src, &decls.params, overrides)?;
+    decls.check_defaults(src)?;
     if decls.stages.is_empty() {
         let end = src.text.len();
         return Err(Diagnostic::new(src, Span::new(end, end), "this schedule has no stages")
@@ -298,7 +298,9 @@ impl<'a> Declarations<'a> {
         self.declare(src, name, "parameter")?;
         expr::check(src, value, Type::Number, &Names::params_only(&self.params))?;
         let default = expr::number(value, &ParamEnv(&self.params));
-        if !default.is_finite() {
+        // A parameter --set replaces keeps its value whatever the file's
+        // expression gives with the other values (§4).
+        if !default.is_finite() && !overrides.contains_key(&name.name) {
             // `5 % 0`, `1 // 0`: every later use would plan with NaN or inf.
             return Err(Diagnostic::new(
                 src,
@@ -410,6 +412,12 @@ impl<'a> Declarations<'a> {
                 }
                 self.defaults.temperature = Some(t);
             }
+            Setting::ClipTimesteps(t) => {
+                if let Some(prev) = self.defaults.clip_timesteps {
+                    return Err(twice(src, t.span, prev.span, "clip_timesteps"));
+                }
+                self.defaults.clip_timesteps = Some(t);
+            }
         }
         Ok(())
     }
@@ -425,6 +433,28 @@ impl<'a> Declarations<'a> {
             grid: true,
             rest: false,
         }
+    }
+
+    /// The top-level settings' names and types, checked once the whole
+    /// file's parameters are known, whether or not a stage inherits them
+    /// (every stage may override them all).
+    fn check_defaults(&self, src: &Arc<Source>) -> Result<(), Diagnostic> {
+        let numbers = self.numbers();
+        if let Some(d) = self.defaults.diffusion {
+            fixed_diffusion(src, d, &numbers)?;
+        }
+        if let Some(c) = self.defaults.cfg
+            && let CfgKind::Constant(e) | CfgKind::Linear(e) = &c.kind
+        {
+            expr::check(src, e, Type::Number, &numbers)?;
+        }
+        for e in [self.defaults.temperature, self.defaults.clip_timesteps]
+            .into_iter()
+            .flatten()
+        {
+            expr::check(src, e, Type::Number, &numbers)?;
+        }
+        Ok(())
     }
 
     /// What an `order by` key may use: parameters, the grid size and the
@@ -668,6 +698,7 @@ impl<'a> StageClauses<'a> {
                 StageClause::Setting(Setting::Diffusion(d)) => c.own.diffusion = Some(d),
                 StageClause::Setting(Setting::Cfg(g)) => c.own.cfg = Some(g),
                 StageClause::Setting(Setting::Temperature(t)) => c.own.temperature = Some(t),
+                StageClause::Setting(Setting::ClipTimesteps(t)) => c.own.clip_timesteps = Some(t),
             }
         }
         Ok(c)
@@ -717,6 +748,10 @@ fn compile_stage(
     if let Some(t) = temperature {
         expr::check(src, t, Type::Number, &numbers)?;
     }
+    let clip_timesteps = clauses.own.clip_timesteps.or(decls.defaults.clip_timesteps);
+    if let Some(t) = clip_timesteps {
+        expr::check(src, t, Type::Number, &numbers)?;
+    }
     Ok(Stage {
         name: ast.name.name.clone(),
         span: ast.span,
@@ -731,6 +766,7 @@ fn compile_stage(
         fts: clauses.fts,
         cfg,
         temperature: temperature.cloned(),
+        clip_timesteps: clip_timesteps.cloned(),
     })
 }
 
@@ -860,16 +896,13 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
     let shown = full.display().to_string();
     let help =
         "a relative path is read from the schedule's folder (the current directory for `plan -`)";
-    let text = std::fs::File::open(&full)
-        .map_err(SmallTextError::Io)
-        .and_then(|f| read_small_text(f, "an order file"))
-        .map_err(|e| {
-            let problem = match e {
-                SmallTextError::Io(err) => format!("cannot read order file `{shown}`: {err}"),
-                SmallTextError::Text(p) => format!("order file `{shown}`: {p}"),
-            };
-            Diagnostic::new(src, span, problem).with_help(help)
-        })?;
+    let text = read_small_text_file(&full, "an order file").map_err(|e| {
+        let problem = match e {
+            SmallTextError::Io(err) => format!("cannot read order file `{shown}`: {err}"),
+            SmallTextError::Text(p) => format!("order file `{shown}`: {p}"),
+        };
+        Diagnostic::new(src, span, problem).with_help(help)
+    })?;
     let mut tokens = Vec::new();
     for (k, line) in text.lines().enumerate() {
         let code = line.split('#').next().unwrap_or("");
@@ -950,5 +983,6 @@ fn clause_span(clause: &StageClause) -> Span {
         StageClause::Setting(Setting::Diffusion(d)) => d.span,
         StageClause::Setting(Setting::Cfg(c)) => c.span,
         StageClause::Setting(Setting::Temperature(t)) => t.span,
+        StageClause::Setting(Setting::ClipTimesteps(t)) => t.span,
     }
 }

@@ -15,7 +15,7 @@ mod validated;
 pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector, Ties, Vocabulary};
 pub use diagnostic::{Diagnostic, Source, Span};
 pub use parser::{KEYWORDS, parse};
-pub use text::{MAX_SCHEDULE_BYTES, SmallTextError, read_small_text};
+pub use text::{MAX_SCHEDULE_BYTES, SmallTextError, read_small_text, read_small_text_file};
 pub use validated::{
     Cfg, DiffusionRule, Fts, NamedSet, Order, Param, Partition, Ramp, Schedule, ScheduleError,
     Stage, StepCount,

@@ -51,7 +51,7 @@ pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
 
 /// Every keyword of the grammar (the `keyword` rule of grammar/gtr.pest);
 /// none may be used as a name.
-pub const KEYWORDS: [&str; 40] = [
+pub const KEYWORDS: [&str; 41] = [
     "param",
     "grid",
     "partition",
@@ -87,6 +87,7 @@ pub const KEYWORDS: [&str; 40] = [
     "none",
     "constant",
     "temperature",
+    "clip_timesteps",
     "and",
     "or",
     "not",
@@ -345,6 +346,7 @@ impl Builder<'_> {
                 Setting::Cfg(CfgAst { kind, span })
             }
             Rule::temperature_clause => Setting::Temperature(self.expr(inner.next().unwrap())),
+            Rule::clip_timesteps_clause => Setting::ClipTimesteps(self.expr(inner.next().unwrap())),
             r => unreachable!("setting {r:?}"),
         }
     }
@@ -723,7 +725,7 @@ fn declaration_synopsis(text: &str, pos: usize, positives: &[Rule]) -> Option<&'
     };
     // Another item begun on the line before `pos` (`grid 4x4 stage a { … }`):
     // the error is in that one, not in the declaration the line starts with.
-    const ITEMS: [&str; 8] = [
+    const ITEMS: [&str; 9] = [
         "stage",
         "param",
         "set",
@@ -732,6 +734,7 @@ fn declaration_synopsis(text: &str, pos: usize, positives: &[Rule]) -> Option<&'
         "cfg",
         "diffusion",
         "temperature",
+        "clip_timesteps",
     ];
     if words.any(|w| ITEMS.contains(&w)) {
         return None;
@@ -772,6 +775,7 @@ fn rule_prose(rule: Rule) -> Option<String> {
         Rule::diffusion_clause | Rule::kw_diffusion => "`diffusion`",
         Rule::cfg_clause | Rule::kw_cfg => "`cfg`",
         Rule::temperature_clause | Rule::kw_temperature => "`temperature`",
+        Rule::clip_timesteps_clause | Rule::kw_clip_timesteps => "`clip_timesteps`",
         Rule::order_named => return Some(OrderKind::prose()),
         Rule::order_by => "`by`",
         Rule::order_adaptive | Rule::kw_adaptive => "`adaptive`",

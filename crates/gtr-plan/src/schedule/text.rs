@@ -13,6 +13,26 @@ pub enum SmallTextError {
     Text(String),
 }
 
+/// Reads the small text file at `path` ([`read_small_text`]), refusing a
+/// pipe or socket before it is opened (opening a pipe waits for a writer,
+/// forever).
+pub fn read_small_text_file(path: &std::path::Path, what: &str) -> Result<String, SmallTextError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if std::fs::metadata(path)
+            .is_ok_and(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+        {
+            return Err(SmallTextError::Text(format!(
+                "a pipe or socket, not a file; {what} is read from a regular file"
+            )));
+        }
+    }
+    std::fs::File::open(path)
+        .map_err(SmallTextError::Io)
+        .and_then(|f| read_small_text(f, what))
+}
+
 /// Reads at most [`MAX_SCHEDULE_BYTES`] of UTF-8 text through a bounded
 /// reader (one byte past the limit tells it was exceeded). `what` names the
 /// kind of file in the size message ("a schedule").

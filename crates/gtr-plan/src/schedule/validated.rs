@@ -13,7 +13,9 @@ use crate::grid::Grid;
 pub struct Param {
     pub name: String,
     pub value: f64,
-    /// The value the file gives, before any `--set`.
+    /// The value the file gives, before any `--set` (not finite where
+    /// `--set` replaced an expression that, with the other values, has no
+    /// finite value).
     pub default: f64,
     pub overridden: bool,
     pub span: Span,
@@ -137,6 +139,8 @@ pub struct Stage {
     pub cfg: Cfg,
     /// `None`: the schedule does not say (the model's default, else 1).
     pub temperature: Option<Expr>,
+    /// `None`: chains keep every respaced timestep.
+    pub clip_timesteps: Option<Expr>,
 }
 
 /// A checked schedule, ready to plan on any grid.
