@@ -42,7 +42,7 @@ pub fn markdown(c: &Comparison) -> String {
         c.num_images,
         c.repeats,
         c.seed,
-        c.seed + c.repeats as u64 - 1,
+        c.seed + (c.repeats as u64 - 1),
         c.batch,
         format_args!("{}, {}", c.execution_provider, c.precision),
         c.diffusion_chains
@@ -50,7 +50,7 @@ pub fn markdown(c: &Comparison) -> String {
     let fd = c
         .evaluator
         .as_ref()
-        .map(|e| format!("FD ({e})"))
+        .map(|e| markdown_cell(&format!("FD ({e})")))
         .unwrap_or_default();
     let _ = writeln!(out);
     let mut header = vec![
@@ -71,7 +71,7 @@ pub fn markdown(c: &Comparison) -> String {
     for (k, s) in c.schedules.iter().enumerate() {
         let (lo, hi) = c.speedup_range(k);
         let mut cells = vec![
-            s.name.clone(),
+            markdown_cell(&s.name),
             s.mar_steps.to_string(),
             s.backbone_passes.to_string(),
             s.diffusion_evaluations.to_string(),
@@ -92,6 +92,12 @@ pub fn markdown(c: &Comparison) -> String {
         let _ = writeln!(out, "| {} |", cells.join(" | "));
     }
     out
+}
+
+/// `text` as one cell of a Markdown table: `|` escaped, line breaks made
+/// spaces (a schedule's file name may hold either).
+fn markdown_cell(text: &str) -> String {
+    text.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
 
 /// One CSV line per schedule (quality as mean and std over repeats; the
@@ -189,4 +195,15 @@ pub fn json(c: &Comparison) -> Value {
         "comparison": c,
         "derived": derived,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::markdown_cell;
+
+    #[test]
+    fn a_schedule_name_stays_one_markdown_cell() {
+        assert_eq!(markdown_cell("a|b\nc.gtr"), "a\\|b c.gtr");
+        assert_eq!(markdown_cell("gtr-3.7x"), "gtr-3.7x");
+    }
 }

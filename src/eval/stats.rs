@@ -135,6 +135,12 @@ pub fn frechet_distance(a: &FeatureStats, b: &FeatureStats) -> Result<f64, Stats
         .sum();
     let diff = &a.mu - &b.mu;
     let distance = diff.dot(&diff) + s1.trace() + s2.trace() - 2.0 * trace_sqrt;
+    if !distance.is_finite() {
+        // Features or a reference so large that their sums overflow f64.
+        return Err(StatsError::Invalid(format!(
+            "the Fréchet distance overflows ({distance}): features or reference values near f64's largest"
+        )));
+    }
     Ok(distance.max(0.0))
 }
 
@@ -217,6 +223,13 @@ mod tests {
         let got = frechet_distance(&a, &b).unwrap();
         assert!((got - want).abs() < 1e-9, "{got} vs {want}");
         assert!(frechet_distance(&a, &a).unwrap().abs() < 1e-9);
+        // Values whose sums overflow are an error, not an infinite distance.
+        let huge = FeatureStats {
+            mu: a.mu.mapv(|_| 1e300),
+            sigma: a.sigma.mapv(|v| v * 1e307),
+            count: a.count,
+        };
+        assert!(frechet_distance(&huge, &a).is_err());
     }
 
     #[test]

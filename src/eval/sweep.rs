@@ -112,16 +112,21 @@ pub fn contenders(path: &Path, axes: &[SweepAxis]) -> Result<Vec<Contender>, Swe
             )));
         }
     }
-    let all = settings(axes);
-    if all.len() > MAX_SETTINGS {
+    // Counted before any setting is made: the grid of many axes is far
+    // larger than memory.
+    let count = axes
+        .iter()
+        .try_fold(1usize, |n, a| n.checked_mul(a.values.len()));
+    if count.is_none_or(|n| n > MAX_SETTINGS) {
         let sizes: Vec<String> = axes.iter().map(|a| a.values.len().to_string()).collect();
+        let count = count.map_or("more than 2^64".to_string(), |n| n.to_string());
         return Err(SweepError::Axes(format!(
-            "the sweep's grid has {} settings ({} values); at most {MAX_SETTINGS} are run at once: give fewer values",
-            all.len(),
+            "the sweep's grid has {count} settings ({} values); at most {MAX_SETTINGS} are run at once: give fewer values",
             sizes.join(" x ")
         )));
     }
-    all.into_iter()
+    settings(axes)
+        .into_iter()
         .map(|setting| {
             let name = axes
                 .iter()
@@ -283,6 +288,24 @@ pub fn pareto_svg(c: &Comparison) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A grid too large for memory (100^12 settings, past 2^64) is refused
+    /// before any setting is made.
+    #[test]
+    fn a_huge_grid_is_refused_before_it_is_built() {
+        let values: Vec<String> = (1..=100).map(|v| v.to_string()).collect();
+        let axes: Vec<SweepAxis> = (0..12)
+            .map(|k| format!("p{k}={}", values.join(",")).parse().unwrap())
+            .collect();
+        let err = contenders(Path::new("never-read.gtr"), &axes).unwrap_err();
+        assert!(err.to_string().contains("more than 2^64 settings"), "{err}");
+        let err = contenders(Path::new("never-read.gtr"), &axes[..2]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("has 10000 settings (100 x 100 values)"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn axes_parse_and_combine_first_axis_slowest() {
