@@ -164,6 +164,55 @@ fn png_is_written() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A negative whole number is refused naming its flag (clap took `-1` for
+/// a flag of its own, and its tip `-- -1` did not work).
+#[test]
+fn negative_whole_numbers_name_their_flag() {
+    let out = common::tmp("negative-flags");
+    let out = out.to_str().unwrap();
+    for (flag, value) in [
+        ("--num-images", "-1"),
+        ("--batch", "-3"),
+        ("--seed", "-1"),
+        ("--threads", "-1"),
+        ("--sampler-ticks", "-2"),
+    ] {
+        let args = [
+            "models/fixtures/tiny",
+            "schedules/mar-8.gtr",
+            flag,
+            value,
+            "--out",
+            out,
+        ];
+        let o = gtr_run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("'{value}' for '{flag}")),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    for (flag, value) in [("--class", "-1"), ("--classes", "-1,2")] {
+        let args = [
+            "models/fixtures/tiny",
+            "schedules/mar-8.gtr",
+            flag,
+            value,
+            "--out",
+            out,
+        ];
+        let o = gtr_run(&args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("class -1 is out of range"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+    assert!(!std::path::Path::new(out).exists());
+}
+
 #[test]
 fn bad_input_gives_clear_errors_and_exit_code_2() {
     let cases: [(&[&str], &str); 7] = [
@@ -416,6 +465,26 @@ fn outputs_never_replace_devices_or_pipes() {
             .unwrap()
             .file_type()
             .is_fifo()
+    );
+    // A pipe as the schedule, or as an order file, is refused at once
+    // (opening it waited for a writer forever).
+    let pipe = pipe.to_str().unwrap();
+    let o = gtr_run(&["plan", pipe]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("a pipe or socket, not a file"),
+        "{}",
+        stderr(&o)
+    );
+    let schedule = dir.join("by-file.gtr");
+    let order = format!("grid 2x2\nstage a {{ tokens all  steps 1  order file \"{pipe}\" }}\n");
+    std::fs::write(&schedule, order).unwrap();
+    let o = gtr_run(&["plan", schedule.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("a pipe or socket, not a file"),
+        "{}",
+        stderr(&o)
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -48,16 +48,16 @@ pub struct SweepArgs {
 #[derive(Args)]
 struct CompareArgs {
     /// Images per schedule (and per repeat), balanced over the classes (1 to 10,000,000).
-    #[arg(long, default_value_t = 100, value_parser = parse_image_count)]
+    #[arg(long, default_value_t = 100, value_parser = parse_image_count, allow_negative_numbers = true)]
     num_images: usize,
     /// Images per batch; schedules take turns batch by batch (1 to 4096).
-    #[arg(long, default_value_t = 25, value_parser = parse_batch)]
+    #[arg(long, default_value_t = 25, value_parser = parse_batch, allow_negative_numbers = true)]
     batch: usize,
     /// Run seed; repeat r uses seed + r, the same for every schedule.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Repeat the whole comparison with seeds seed, seed+1, … and report the spread (1 to 10,000).
-    #[arg(long, default_value_t = 1, value_parser = parse_repeats)]
+    #[arg(long, default_value_t = 1, value_parser = parse_repeats, allow_negative_numbers = true)]
     repeats: usize,
     #[command(flatten)]
     runtime: RuntimeArgs,

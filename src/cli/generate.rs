@@ -23,19 +23,19 @@ pub struct GenerateArgs {
     #[arg(required = true)]
     schedule: Option<PathBuf>,
     /// Number of images (1 to 10,000,000).
-    #[arg(long, default_value_t = 10, value_parser = parse_image_count)]
+    #[arg(long, default_value_t = 10, value_parser = parse_image_count, allow_negative_numbers = true)]
     num_images: usize,
     /// Images per batch (does not change any image; 1 to 4096).
-    #[arg(long, default_value_t = 8, value_parser = parse_batch)]
+    #[arg(long, default_value_t = 8, value_parser = parse_batch, allow_negative_numbers = true)]
     batch: usize,
     /// Run seed; image i uses a seed derived from (seed, i).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     seed: u64,
     /// Generate every image of this class (the model's null class: unconditional images).
-    #[arg(long, conflicts_with = "classes")]
+    #[arg(long, conflicts_with = "classes", allow_negative_numbers = true)]
     class: Option<i64>,
     /// Classes to cycle through, e.g. --classes 1,3,5 (default: balanced over all).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     classes: Option<Vec<i64>>,
     /// Override a schedule parameter: --set name=value (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_override)]

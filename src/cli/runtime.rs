@@ -24,7 +24,7 @@ pub struct RuntimeArgs {
     pub device: gtr_run::backend::Device,
     /// Intra-op threads per graph, and threads of gtr-run's own parallel
     /// work (default: ONNX Runtime's choice, and one per core; 1 to 1024).
-    #[arg(long, value_parser = parse_threads)]
+    #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// Where diffusion chains run: `graph` (the bundle's sampler graph, one
     /// call per MAR step, state on the device), `host` (one head call per
@@ -37,7 +37,7 @@ pub struct RuntimeArgs {
     /// Ticks per chain call (default: a whole chain per call; with the
     /// sampler graph, 1 is a per-tick call with the update still in the
     /// graph; with `--sampler ticks`, the ticks that share one upload).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), allow_negative_numbers = true)]
     pub sampler_ticks: Option<u32>,
     /// How the backbone runs: `fused` (the bundle's backbone graph: encoder
     /// and decoder in one call, only the predicted tokens' z returned),

@@ -77,10 +77,11 @@ impl FromStr for Shard {
 }
 
 /// The label of image `index` of `n` under `classes` for a model with
-/// `count` classes (`null` for unconditional models).
+/// `count` classes (balanced on an unconditional model: `null`; classes
+/// asked for are kept, for [`labels`] to refuse).
 pub fn label_for(classes: &Classes, index: usize, n: usize, count: usize, null: i64) -> i64 {
     match classes {
-        _ if count == 0 => null,
+        Classes::Balanced if count == 0 => null,
         Classes::Balanced => (index * count / n.max(1)) as i64,
         Classes::One(c) => *c,
         Classes::List(list) => list[index % list.len()],
@@ -123,7 +124,20 @@ mod tests {
         assert_eq!(label_for(&Classes::List(vec![3, 5]), 3, 8, 10, 10), 5);
         assert_eq!(label_for(&Classes::One(4), 7, 8, 10, 10), 4);
         assert_eq!(label_for(&Classes::Balanced, 3, 8, 0, 0), 0);
-        assert_eq!(label_for(&Classes::One(4), 3, 8, 0, 7), 7);
+        // A class asked of an unconditional model is kept, and refused.
+        assert_eq!(label_for(&Classes::One(4), 3, 8, 0, 7), 4);
+        let mut info =
+            crate::engine::MarModel::info(&crate::engine::fake::FakeModel::new()).clone();
+        (info.classes, info.null_class) = (0, 7);
+        let err = super::labels(&Classes::One(4), 2, &info)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("class 4 is out of range") && err.contains("unconditional"),
+            "{err}"
+        );
+        assert_eq!(super::labels(&Classes::Balanced, 2, &info).unwrap(), [7, 7]);
+        assert_eq!(super::labels(&Classes::One(7), 2, &info).unwrap(), [7, 7]);
     }
 
     #[test]
