@@ -498,6 +498,7 @@ fn tensorrt_options(
             bf16: choice.tensorrt_bf16,
             ranges: options.shape_ranges.as_ref(),
             cache: &cache,
+            graph_stamp: tensorrt::graph_stamp(&bundle.entry_path(bundle.graph(role))),
         };
         let o = tensorrt::graph_options(role, bundle.graph(role), &settings)?;
         all.insert(role.key().to_string(), o);

@@ -135,9 +135,10 @@ pub struct TensorRtOptions {
     pub layer_norm_fp32_fallback: bool,
     /// `trt_engine_cache_enable` + `trt_engine_cache_path`.
     pub engine_cache: String,
-    /// `trt_engine_cache_prefix`: bundle, role, precision and a hash of the
-    /// profile shapes, so that one folder holds the engines of many graphs
-    /// and an engine is reused only for the profile it was built for.
+    /// `trt_engine_cache_prefix`: bundle, role, precision, a hash of the
+    /// profile shapes and the graph's [`graph_stamp`], so that one folder
+    /// holds the engines of many graphs and an engine is reused only for
+    /// the profile and the graph file it was built for.
     pub engine_cache_prefix: String,
     /// `trt_timing_cache_enable` + `trt_timing_cache_path`.
     pub timing_cache: String,
@@ -234,6 +235,8 @@ pub struct BundleSettings<'a> {
     pub ranges: Option<&'a ShapeRanges>,
     /// Engine and timing cache folder.
     pub cache: &'a Path,
+    /// [`graph_stamp`] of the graph these options are for.
+    pub graph_stamp: u64,
 }
 
 /// The options of graph `role` (tensor names from `entry`) of a bundle.
@@ -251,6 +254,7 @@ pub fn graph_options(
         bf16,
         ranges,
         cache,
+        graph_stamp,
     } = *bundle;
     let cache_text = cache.to_str().ok_or_else(|| {
         TensorRtOptionsError(format!(
@@ -292,15 +296,42 @@ pub fn graph_options(
         layer_norm_fp32_fallback: fp16,
         engine_cache: cache_text.to_string(),
         engine_cache_prefix: file_safe(&format!(
-            "{model_name}-{}-{precision}-{:08x}",
+            "{model_name}-{}-{precision}-{:08x}-{:08x}",
             role.key(),
-            profile as u32
+            profile as u32,
+            graph_stamp as u32
         )),
         timing_cache: cache_text.to_string(),
         profile_min_shapes: min,
         profile_opt_shapes: opt,
         profile_max_shapes: max,
     })
+}
+
+/// A stamp of the graph file at `path` and of its external data files:
+/// their sizes and modification times, hashed. Part of engine names, so
+/// that a graph exported again under the same name and shapes gets new
+/// engines: ONNX Runtime's own engine key does not read the weights. A
+/// file whose metadata cannot be read counts as absent (loading it fails
+/// later, naming it).
+pub fn graph_stamp(path: &Path) -> u64 {
+    let mut files = vec![path.to_path_buf()];
+    files.extend(crate::external_data::external_data_files(path).unwrap_or_default());
+    let text: String = files
+        .iter()
+        .map(|f| match std::fs::metadata(f) {
+            Ok(m) => {
+                let modified = m
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos());
+                format!("{}:{modified};", m.len())
+            }
+            Err(_) => "-;".to_string(),
+        })
+        .collect();
+    fnv1a(text.as_bytes())
 }
 
 /// 64-bit FNV-1a: a stable hash (the same on every machine and build).
@@ -432,6 +463,7 @@ mod tests {
                 bf16: false,
                 ranges: Some(&r),
                 cache,
+                graph_stamp: 0,
             },
         )
         .unwrap();
@@ -448,7 +480,7 @@ mod tests {
         );
         assert_eq!(
             o.engine_cache_prefix.len(),
-            "mar_tiny_v1-diffusion-fp16-".len() + 8
+            "mar_tiny_v1-diffusion-fp16-".len() + 8 + 1 + 8
         );
         assert!(o.fp16 && o.layer_norm_fp32_fallback && !o.bf16);
 
@@ -485,6 +517,7 @@ mod tests {
                 bf16: true,
                 ranges: Some(&r),
                 cache,
+                graph_stamp: 0,
             },
         )
         .unwrap();
@@ -503,7 +536,7 @@ mod tests {
         assert_eq!(o.profile_min_shapes, "");
         assert_eq!(
             o.engine_cache_prefix,
-            format!("m-vae_decoder-fp32-{:08x}", fnv1a(b";;") as u32)
+            format!("m-vae_decoder-fp32-{:08x}-00000000", fnv1a(b";;") as u32)
         );
         // Engines for another profile get another name; the same profile
         // the same name.
@@ -524,6 +557,22 @@ mod tests {
     }
 
     /// fp32 settings of the test model `m` (buffer 16).
+    /// A graph file written again (a re-export under the same name) gets
+    /// another stamp, so TensorRT builds new engines for it.
+    #[test]
+    fn a_rewritten_graph_gets_another_stamp() {
+        let dir = std::env::temp_dir().join(format!("gtr-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let graph = dir.join("g.onnx");
+        std::fs::write(&graph, b"first weights").unwrap();
+        let first = graph_stamp(&graph);
+        assert_eq!(first, graph_stamp(&graph));
+        std::fs::write(&graph, b"other weights, longer").unwrap();
+        assert_ne!(first, graph_stamp(&graph));
+        assert_ne!(graph_stamp(&dir.join("missing.onnx")), first);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn fp32<'a>(
         info: &'a ModelInfo,
         ranges: Option<&'a ShapeRanges>,
@@ -538,6 +587,7 @@ mod tests {
             bf16: false,
             ranges,
             cache,
+            graph_stamp: 0,
         }
     }
 
