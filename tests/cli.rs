@@ -213,6 +213,38 @@ fn negative_whole_numbers_name_their_flag() {
     assert!(!std::path::Path::new(out).exists());
 }
 
+/// `--head` with a chain graph, and `--sampler-ticks` with the host path,
+/// do not go together (they were ignored, and run.json recorded them).
+#[test]
+fn runner_flags_that_do_not_go_together_are_refused() {
+    let out = common::tmp("runner-conflicts");
+    let out = out.to_str().unwrap();
+    for (flags, want) in [
+        (
+            &["--head", "split", "--sampler", "graph"][..],
+            "--head split chooses",
+        ),
+        (
+            &["--head", "whole", "--sampler", "ticks"][..],
+            "--sampler ticks runs the chains in a graph",
+        ),
+        (
+            &["--sampler-ticks", "2", "--sampler", "host"][..],
+            "--sampler host makes one head call per tick",
+        ),
+    ] {
+        let args = [
+            &["models/fixtures/tiny", "schedules/mar-8.gtr", "--out", out][..],
+            flags,
+        ]
+        .concat();
+        let o = gtr_run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+    assert!(!std::path::Path::new(out).exists());
+}
+
 #[test]
 fn bad_input_gives_clear_errors_and_exit_code_2() {
     let cases: [(&[&str], &str); 7] = [

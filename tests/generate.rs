@@ -913,6 +913,11 @@ fn bad_shard_arguments_are_reported_clearly() {
             want,
         );
     }
+    // Too many shards is a wrong command line (2), said before the model
+    // is loaded (the run's first line, naming the shard, never comes).
+    let too_many = gtr_run(&[&SHARD_RUN[..], &["--shard", "0/9", "--out", o]].concat());
+    assert_eq!(too_many.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&too_many.stderr).contains("images 0..0"));
     fails(
         &[
             &SHARD_RUN[..],

@@ -130,6 +130,10 @@ impl Model {
         let head: HeadRunner = head
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("head: {e}")))?;
+        // Named as the command line's flags, which these arguments are.
+        if let Some(problem) = gtr_run::backend::runners_conflict(sampler, head, None) {
+            return Err(PyValueError::new_err(format!("head: {problem}")));
+        }
         let device_kind: Device = device
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("device: {e}")))?;

@@ -156,6 +156,8 @@ def test_bad_arguments_are_named():
         gtr_run.Model(TINY, head="halves")
     with pytest.raises(gtr_run.GtrRunError, match="models/split_head.py"):
         gtr_run.Model(TINY, head="split")
+    with pytest.raises(ValueError, match="head: --head split chooses"):
+        gtr_run.Model(TINY, head="split", sampler="graph")
 
 
 def test_sampler_choice_runs_the_chains_there():

@@ -94,6 +94,10 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (Some(model_path), Some(schedule_path)) = (args.model, args.schedule) else {
         bail!("give a MODEL and a SCHEDULE (see --help)");
     };
+    // Options that do not go together, before the model is opened.
+    if let Some(problem) = args.shard.and_then(|s| s.unfit(args.num_images)) {
+        bail!(problem);
+    }
     // Held until the graphs are loaded and hashed: no model tool changes
     // the bundle meanwhile.
     let (bundle, bundle_lock) = Bundle::open_locked(&model_path)?;

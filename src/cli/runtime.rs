@@ -96,6 +96,11 @@ impl RuntimeArgs {
     ) -> anyhow::Result<gtr_run::backend::LoadOptions> {
         use gtr_run::backend::{Device, LoadOptions, tensorrt::ShapeRanges};
         let device = self.device;
+        if let Some(problem) =
+            gtr_run::backend::runners_conflict(self.sampler, self.head, self.sampler_ticks)
+        {
+            bail!(problem);
+        }
         if self.trt_cache.is_some() && !matches!(device, Device::TensorRt | Device::Auto) {
             bail!(
                 "--trt-cache is TensorRT's engine cache; it applies with --device tensorrt (or auto), not --device {}",

@@ -38,6 +38,17 @@ impl Shard {
         let at = |k: usize| (k as u128 * num_images as u128 / self.n as u128) as usize;
         at(self.k)..at(self.k + 1)
     }
+
+    /// Why a run of `num_images` cannot be split into these shards (more
+    /// shards than images would leave some empty), if it cannot.
+    pub fn unfit(self, num_images: usize) -> Option<String> {
+        (self.n > num_images).then(|| {
+            format!(
+                "--shard {self}: {} shards of {num_images} images would leave shards empty; use at most {num_images} shards",
+                self.n
+            )
+        })
+    }
 }
 
 impl fmt::Display for Shard {

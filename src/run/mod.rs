@@ -381,13 +381,12 @@ fn check_request(req: &RunRequest) -> Result<Range<usize>, RunError> {
         ));
     }
     let range = match req.shard {
-        Some(shard) if shard.n > req.num_images => {
-            return Err(RunError::Invalid(format!(
-                "--shard {shard}: {} shards of {} images would leave shards empty; use at most {} shards",
-                shard.n, req.num_images, req.num_images
-            )));
+        Some(shard) => {
+            if let Some(problem) = shard.unfit(req.num_images) {
+                return Err(RunError::Invalid(problem));
+            }
+            shard.range(req.num_images)
         }
-        Some(shard) => shard.range(req.num_images),
         None => 0..req.num_images,
     };
     if let Some(npz) = &req.npz {

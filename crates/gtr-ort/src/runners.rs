@@ -127,9 +127,50 @@ impl std::str::FromStr for HeadRunner {
     }
 }
 
+/// Why `--head` (`head`) or `--sampler-ticks` (`ticks_per_call`) cannot
+/// go with `--sampler` (`chains`), if they cannot: the head choice is how
+/// the *host* chains run the head (the sampler and tick graphs hold the
+/// whole head), and ticks per call are the chain graphs' (the host path
+/// makes one head call per tick).
+pub fn runners_conflict(
+    chains: ChainRunner,
+    head: HeadRunner,
+    ticks_per_call: Option<u32>,
+) -> Option<String> {
+    if head != HeadRunner::Auto && matches!(chains, ChainRunner::Graph | ChainRunner::Ticks) {
+        return Some(format!(
+            "--head {} chooses how the host chains run the diffusion head; --sampler {} runs the chains in a graph holding the whole head: leave --head out, or use --sampler host",
+            head.name(),
+            chains.name()
+        ));
+    }
+    if ticks_per_call.is_some() && chains == ChainRunner::Host {
+        return Some(
+            "--sampler-ticks sets the ticks per call of the sampler or tick graph; --sampler host makes one head call per tick: leave one out".into(),
+        );
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runner_choices_that_cannot_go_together_are_named() {
+        let no = |c, h, t| runners_conflict(c, h, t).is_none();
+        assert!(no(ChainRunner::Host, HeadRunner::Split, None));
+        assert!(no(ChainRunner::Graph, HeadRunner::Auto, Some(2)));
+        assert!(no(ChainRunner::Auto, HeadRunner::Whole, Some(2)));
+        let e = runners_conflict(ChainRunner::Graph, HeadRunner::Split, None).unwrap();
+        assert!(
+            e.contains("--head split") && e.contains("--sampler graph"),
+            "{e}"
+        );
+        assert!(runners_conflict(ChainRunner::Ticks, HeadRunner::Whole, None).is_some());
+        let e = runners_conflict(ChainRunner::Host, HeadRunner::Auto, Some(3)).unwrap();
+        assert!(e.contains("--sampler-ticks"), "{e}");
+    }
 
     /// Every choice's name reads back as it, and is the name the command
     /// line lists (where clap derives it), so Python's strings and the
