@@ -555,3 +555,30 @@ fn rows_are_named_apart_and_record_their_settings() {
     assert!(table.contains("| gtr-fast#2 |"), "{table}");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// A graph that fails while a batch is made is exit 4, naming the schedule
+/// and the images of the batch (here the untimed warm-up's).
+#[test]
+fn a_failing_batch_names_its_schedule_and_images() {
+    let out = tmp("failing-batch");
+    let o = gtr_run(&[
+        "eval",
+        "models/fixtures/nan-diffusion",
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "2",
+        "--batch",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains(
+            "schedule `mar-8`, images 0..1 (the untimed warm-up) of seed 1: graph `diffusion`"
+        ),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -246,9 +246,10 @@ fn run_comparison(
 
 /// [`gtr_run::eval::compare`] with a progress bar of the batches,
 /// rewriting `json_path` with `json` of the comparison so far
-/// (`finished: false`) after the first batch and then at most every
-/// [`PARTIAL_JSON_SECONDS`], so that a run stopped partway leaves what it
-/// measured; a failed write stops the comparison and is the error.
+/// (`finished: false`) after the first batch, then at most every
+/// [`PARTIAL_JSON_SECONDS`], and after each repeat's quality and a failure
+/// (the count reported again), so that a run stopped partway leaves what
+/// it measured; a failed write stops the comparison and is the error.
 fn compare_writing_json<M: gtr_run::engine::MarModel>(
     engine: &mut gtr_run::engine::Engine<M>,
     scoring: Option<gtr_run::eval::Scoring<'_>>,
@@ -264,6 +265,7 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
     );
     let mut write_error = None;
     let mut written: Option<std::time::Instant> = None;
+    let mut last_done = None;
     let comparison = gtr_run::eval::compare(
         engine,
         scoring,
@@ -274,7 +276,10 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
             bar.set_length(total as u64);
             bar.set_position(done as u64);
             let due = written.is_none_or(|at| at.elapsed().as_secs_f64() >= PARTIAL_JSON_SECONDS);
-            if done == 0 || !due {
+            // The same count again: a repeat's quality, or the last state
+            // before a failure; written whatever the time.
+            let again = last_done.replace(done) == Some(done);
+            if done == 0 || !(due || again) {
                 return ControlFlow::Continue(());
             }
             match write_json(json_path, &json(so_far)) {

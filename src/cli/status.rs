@@ -101,17 +101,7 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
                 _ => Some(Input),
             }
         } else if let Some(e) = cause.downcast_ref::<CompareError>() {
-            match e {
-                CompareError::Schedule { source, .. } => Some(schedule_status(source)),
-                CompareError::Unfit { .. } => Some(Input),
-                CompareError::Invalid(_) => Some(ExitStatus::Usage),
-                // Transparent, like RunError::Engine: not causes of their own.
-                CompareError::Engine(e) => Some(engine_status(e)),
-                CompareError::Stats(_) => Some(Runtime),
-                // The command stops it only for an error of its own, reported instead.
-                CompareError::Stopped => Some(Runtime),
-                CompareError::Evaluator(e) => Some(model_status(e)),
-            }
+            Some(compare_status(e))
         } else if cause.is::<SnapshotsDiffer>() {
             Some(ExitStatus::ChecksDiffer)
         } else {
@@ -122,4 +112,22 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
         }
     }
     ExitStatus::Usage
+}
+
+/// The status of a comparison's failure.
+fn compare_status(e: &gtr_run::eval::CompareError) -> ExitStatus {
+    use gtr_run::eval::CompareError;
+    match e {
+        CompareError::Schedule { source, .. } => schedule_status(source),
+        CompareError::Unfit { .. } => ExitStatus::Input,
+        CompareError::Invalid(_) => ExitStatus::Usage,
+        // Transparent, like RunError::Engine: not causes of their own.
+        CompareError::Engine(e) => engine_status(e),
+        CompareError::Stats(_) => ExitStatus::Runtime,
+        // The command stops it only for an error of its own, reported instead.
+        CompareError::Stopped => ExitStatus::Runtime,
+        CompareError::Evaluator(e) => model_status(e),
+        // The batch's own failure says.
+        CompareError::Batch { source, .. } => compare_status(source),
+    }
 }

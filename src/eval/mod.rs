@@ -262,6 +262,15 @@ pub enum CompareError {
     /// The progress function asked to stop ([`compare`]).
     #[error("stopped before the comparison was finished")]
     Stopped,
+    /// What failed while making or scoring one batch, and which batch.
+    #[error("schedule `{schedule}`, images {images} of seed {seed}")]
+    Batch {
+        schedule: String,
+        images: String,
+        seed: u64,
+        #[source]
+        source: Box<CompareError>,
+    },
 }
 
 /// The evaluator and the reference statistics its distances are taken to.
@@ -397,8 +406,11 @@ pub fn check_request(
 /// hits all alike. `progress` sees the comparison so far
 /// ([`Comparison::finished`] false), the timed batches done and their
 /// total: once before the first, after each batch and after each repeat's
-/// scoring. When it returns [`ControlFlow::Break`] the comparison stops
-/// there with [`CompareError::Stopped`].
+/// scoring (the same count again), and once more when a batch fails, with
+/// what was measured before it (its answer then is not read). When it
+/// returns [`ControlFlow::Break`] the comparison stops there with
+/// [`CompareError::Stopped`]. A batch that fails is
+/// [`CompareError::Batch`], naming the schedule and images.
 pub fn compare<M: MarModel>(
     engine: &mut Engine<M>,
     mut scoring: Option<Scoring<'_>>,
@@ -439,12 +451,15 @@ pub fn compare<M: MarModel>(
 
     if req.warm_up {
         // A different seed than any timed repeat, so nothing is reused.
-        let jobs = jobs_for(
-            req.seed.wrapping_add(req.repeats as u64),
-            0..req.batch.min(req.num_images),
-        );
+        let seed = req.seed.wrapping_add(req.repeats as u64);
+        let jobs = jobs_for(seed, 0..req.batch.min(req.num_images));
         for k in 0..contenders.len() {
-            engine.generate(&planners.plans(k, &jobs)?, &jobs, &SeededNoise, |_, _| {})?;
+            time_batch(engine, &planners, k, &jobs, None).map_err(|e| CompareError::Batch {
+                schedule: comparison.schedules[k].name.clone(),
+                images: format!("0..{} (the untimed warm-up)", jobs.len()),
+                seed,
+                source: Box::new(e),
+            })?;
         }
     }
 
@@ -459,20 +474,33 @@ pub fn compare<M: MarModel>(
         for start in (0..req.num_images).step_by(req.batch) {
             let jobs = jobs_for(seed, start..(start + req.batch).min(req.num_images));
             for (k, scores_of_k) in collected.iter_mut().enumerate() {
-                let (runtime_before, model_before) =
-                    (engine.runtime_seconds(), engine.stats.model_seconds());
-                let began = Instant::now();
-                let plans = planners.plans(k, &jobs)?;
-                let out = engine.generate(&plans, &jobs, &SeededNoise, |_, _| {})?;
-                let wall = began.elapsed().as_secs_f64();
+                let timed = time_batch(engine, &planners, k, &jobs, scoring.as_mut());
+                let (seconds, scores) = match timed {
+                    Ok(t) => t,
+                    Err(e) => {
+                        // What was measured before the failure, to the
+                        // progress function (which may keep it), and the
+                        // batch named.
+                        let _ = progress(&comparison, done, total);
+                        return Err(CompareError::Batch {
+                            schedule: comparison.schedules[k].name.clone(),
+                            images: format!(
+                                "{}..{}",
+                                jobs[0].index,
+                                jobs[0].index as usize + jobs.len()
+                            ),
+                            seed,
+                            source: Box::new(e),
+                        });
+                    }
+                };
                 let result = &mut comparison.schedules[k];
                 result.images_timed += jobs.len();
-                result.wall_seconds += wall;
-                result.model_seconds += engine.stats.model_seconds() - model_before;
-                result.runtime_seconds += engine.runtime_seconds() - runtime_before;
-                result.round_seconds.push(wall);
-                if let Some(s) = scoring.as_mut() {
-                    let scores = s.evaluator.score(out.pixels.view())?;
+                result.wall_seconds += seconds.wall;
+                result.model_seconds += seconds.model;
+                result.runtime_seconds += seconds.runtime;
+                result.round_seconds.push(seconds.wall);
+                if let Some(scores) = scores {
                     scores_of_k.logits.push(scores.logits);
                     scores_of_k.features.push(scores.features);
                 }
@@ -494,6 +522,39 @@ pub fn compare<M: MarModel>(
     }
     comparison.finished = true;
     Ok(comparison)
+}
+
+/// Seconds one batch took: in all, in the model's calls, in the
+/// runtime's run calls.
+struct BatchSeconds {
+    wall: f64,
+    model: f64,
+    runtime: f64,
+}
+
+/// Makes the batch `jobs` with contender `k`'s plans, timed, and scores
+/// its images when there is an evaluator.
+fn time_batch<M: MarModel>(
+    engine: &mut Engine<M>,
+    planners: &Planners,
+    k: usize,
+    jobs: &[ImageJob],
+    scoring: Option<&mut Scoring<'_>>,
+) -> Result<(BatchSeconds, Option<Scores>), CompareError> {
+    let (runtime_before, model_before) = (engine.runtime_seconds(), engine.stats.model_seconds());
+    let began = Instant::now();
+    let plans = planners.plans(k, jobs)?;
+    let out = engine.generate(&plans, jobs, &SeededNoise, |_, _| {})?;
+    let seconds = BatchSeconds {
+        wall: began.elapsed().as_secs_f64(),
+        model: engine.stats.model_seconds() - model_before,
+        runtime: engine.runtime_seconds() - runtime_before,
+    };
+    let scores = match scoring {
+        Some(s) => Some(s.evaluator.score(out.pixels.view())?),
+        None => None,
+    };
+    Ok((seconds, scores))
 }
 
 impl Collected {
@@ -547,6 +608,77 @@ mod tests {
             warm_up: false,
         };
         (contenders, engine, request)
+    }
+
+    /// An evaluator that fails at its `fail_at`-th call (from 1).
+    struct FailingEvaluator {
+        calls: usize,
+        fail_at: usize,
+    }
+
+    impl Evaluator for FailingEvaluator {
+        fn name(&self) -> &str {
+            "failing"
+        }
+
+        fn score(&mut self, pixels: ndarray::ArrayView4<u8>) -> Result<Scores, ModelError> {
+            self.calls += 1;
+            if self.calls == self.fail_at {
+                return Err(ModelError::Graph {
+                    graph: "evaluator",
+                    message: "broke".into(),
+                });
+            }
+            let b = pixels.dim().0;
+            Ok(Scores {
+                logits: Array2::zeros((b, 10)),
+                features: Array2::from_shape_fn((b, 2), |(i, j)| (i + j) as f32),
+            })
+        }
+    }
+
+    /// A batch that fails names its schedule and images, and the progress
+    /// function sees what was measured before it (to keep it).
+    #[test]
+    fn a_failed_batch_is_named_and_what_came_before_is_reported() {
+        let (contenders, mut engine, request) = setup();
+        let spec = ModelSpec::builtin("mar-b").unwrap();
+        let mut evaluator = FailingEvaluator {
+            calls: 0,
+            fail_at: 3,
+        };
+        let reference = FeatureStats {
+            mu: ndarray::array![0.0, 1.0],
+            sigma: Array2::eye(2),
+            count: 2,
+        };
+        let scoring = Scoring {
+            evaluator: &mut evaluator,
+            reference: &reference,
+        };
+        let mut last = None;
+        let err = compare(
+            &mut engine,
+            Some(scoring),
+            &contenders,
+            &spec,
+            &request,
+            |so_far, done, _| {
+                last = Some((
+                    done,
+                    so_far
+                        .schedules
+                        .iter()
+                        .map(|s| s.images_timed)
+                        .collect::<Vec<_>>(),
+                ));
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, CompareError::Batch { ref images, seed: 0, .. } if images == "1..2"));
+        assert_eq!(err.to_string(), "schedule `mar-8`, images 1..2 of seed 0");
+        assert_eq!(last, Some((2, vec![1, 1])));
     }
 
     #[test]
