@@ -1704,3 +1704,43 @@ fn ort_profile_into_a_file_or_an_unwritable_folder_is_refused() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `--ort-profile` inside the run folder is refused before anything is
+/// written (the run refused its own folder for the profiles, ever after),
+/// and a class the model lacks is refused before the profile folder is
+/// made.
+#[test]
+fn the_profile_folder_stays_outside_the_run_and_is_made_only_for_a_run() {
+    let out = tmp("profile-inside");
+    let o = out.to_str().unwrap();
+    let inside = out.join("prof");
+    let args = [
+        &SHARD_RUN[..],
+        &["--out", o, "--ort-profile", inside.to_str().unwrap()],
+    ]
+    .concat();
+    let r = gtr_run(&args);
+    assert_eq!(
+        r.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--ort-profile"));
+    assert!(!out.exists());
+    let elsewhere = tmp("profile-not-made");
+    let args = [
+        &SHARD_RUN[..],
+        &[
+            "--out",
+            o,
+            "--class",
+            "11",
+            "--ort-profile",
+            elsewhere.to_str().unwrap(),
+        ],
+    ]
+    .concat();
+    assert_eq!(gtr_run(&args).status.code(), Some(3));
+    assert!(!elsewhere.exists() && !out.exists());
+}

@@ -116,12 +116,13 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         args.seed,
         args.batch.min(args.num_images).max(1),
     )?;
-    if let Some(dir) = &args.ort_profile {
-        options.profile_dir = Some(profile_dir(dir)?);
-    }
-    let (model, model_sha256) = load_hashed(&bundle, &args.runtime, &options)?;
-    drop(bundle_lock);
-    let settings = model.settings();
+    let classes = match (args.class, args.classes) {
+        (Some(c), _) => Classes::One(c),
+        (None, Some(list)) if !list.is_empty() => Classes::List(list),
+        _ => Classes::Balanced,
+    };
+    // A class the model lacks, before the model is loaded.
+    gtr_run::run::jobs::labels(&classes, args.num_images, &bundle.model_info())?;
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(
             &bundle.manifest.name,
@@ -131,16 +132,19 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
             args.shard,
         )
     });
+    if let Some(dir) = &args.ort_profile {
+        gtr_run::run::check_outside_run(dir, "--ort-profile", &out)?;
+        options.profile_dir = Some(profile_dir(dir)?);
+    }
+    let (model, model_sha256) = load_hashed(&bundle, &args.runtime, &options)?;
+    drop(bundle_lock);
+    let settings = model.settings();
     let request = RunRequest {
         schedule,
         num_images: args.num_images,
         batch: args.batch,
         seed: args.seed,
-        classes: match (args.class, args.classes) {
-            (Some(c), _) => Classes::One(c),
-            (None, Some(list)) if !list.is_empty() => Classes::List(list),
-            _ => Classes::Balanced,
-        },
+        classes,
         cfg: args.runtime.cfg,
         temperature: args.runtime.temperature,
         out: out.clone(),

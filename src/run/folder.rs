@@ -463,6 +463,20 @@ fn in_folder(path: &Path, folder: &Path) -> bool {
         .eq(real_path(folder).components())
 }
 
+/// Refuses a folder of other output (`flag`, e.g. `--ort-profile`) that is
+/// the run folder `out` or inside it: the run would refuse its own folder
+/// for files it does not write, now and on every later run.
+pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunError> {
+    if real_path(path).starts_with(real_path(out)) {
+        return Err(RunError::Invalid(format!(
+            "{flag} {}: inside the run's folder {}, which holds only the run's own files: choose a folder outside it",
+            path.display(),
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 /// `path` with links and `..` resolved as far as it exists (its nearest
 /// existing ancestor made canonical, the rest appended), absolute.
 pub(super) fn real_path(path: &Path) -> PathBuf {

@@ -23,7 +23,9 @@ use std::time::Instant;
 use ndarray::{Array4, Axis};
 use serde_json::Value;
 
-pub use folder::{Existing, check_file_target, claim_report, default_out_dir, precision_suffix};
+pub use folder::{
+    Existing, check_file_target, check_outside_run, claim_report, default_out_dir, precision_suffix,
+};
 pub use jobs::{Classes, Shard, label_for};
 pub use outputs::{encode_batch, encode_png, write_npz};
 pub use record::{RunRecord, model_digest};
