@@ -247,7 +247,23 @@ fn runner_flags_that_do_not_go_together_are_refused() {
 
 #[test]
 fn bad_input_gives_clear_errors_and_exit_code_2() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &[
+                "plan",
+                "schedules/mar-8.gtr",
+                "--set",
+                "mar_steps=4",
+                "--set",
+                "mar_steps=5",
+            ],
+            "--set mar_steps: given twice (4 and 5)",
+        ),
+        // The file's text does not show where a --set value comes from.
+        (
+            &["plan", "schedules/mar-8.gtr", "--set", "mar_steps=0"],
+            "= note: parameters given from outside the file (--set): mar_steps = 0",
+        ),
         (
             &["plan", "schedules/no-such.gtr"],
             "cannot read schedule schedules/no-such.gtr",

@@ -1,7 +1,6 @@
 //! `gtr-run eval` and `gtr-run sweep`: schedules compared on one model, and
 //! the table written.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
@@ -84,7 +83,7 @@ fn eval_contenders(
             "SCHEDULE `-`: standard input is read by `gtr-run plan -`; eval takes schedule files"
         );
     }
-    let overrides: BTreeMap<String, f64> = overrides.into_iter().collect();
+    let overrides = super::runtime::overrides_map(overrides)?;
     let contenders = contenders(paths, &overrides).map_err(|e| match e {
         // Kept as a ScheduleError so that a diagnostic prints as one.
         ContenderError::Schedule(e) => anyhow::Error::from(e),

@@ -1,7 +1,6 @@
 //! `gtr-run MODEL SCHEDULE` (images into a run folder) and `gtr-run merge`
 //! (a run's shards joined).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -102,7 +101,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     // the bundle meanwhile.
     let (bundle, bundle_lock) = Bundle::open_locked(&model_path)?;
     // Check the schedule before loading any graph.
-    let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    let overrides = super::runtime::overrides_map(args.overrides)?;
     if schedule_path.as_os_str() == "-" {
         bail!(
             "SCHEDULE `-`: standard input is read by `gtr-run plan -`; generation takes a schedule file"

@@ -1,7 +1,6 @@
 //! `gtr-run plan`: a schedule's order and step table without a model, and
 //! the snapshots of a folder of schedules.
 
-use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
@@ -86,7 +85,7 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         // Before the work, and naming the flag (not the temporary file).
         gtr_run::run::check_file_target(png, "--png")?;
     }
-    let overrides: BTreeMap<String, f64> = args.overrides.into_iter().collect();
+    let overrides = super::runtime::overrides_map(args.overrides)?;
     let schedule = Schedule::from_file(path, &overrides)?;
     // `--cost BUNDLE` plans as a run on that bundle does: on its grid,
     // with its guidance and temperature defaults (guidance doubles the

@@ -194,6 +194,24 @@ fn parse_precision(s: &str) -> Result<gtr_run::precision::Precision, String> {
     s.parse()
 }
 
+/// The `--set` pairs as a map; a parameter given twice is refused (which
+/// value was meant cannot be told).
+pub fn overrides_map(
+    pairs: Vec<(String, f64)>,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let mut map = std::collections::BTreeMap::new();
+    for (name, value) in pairs {
+        if let Some(first) = map.insert(name.clone(), value) {
+            bail!(
+                "--set {name}: given twice ({} and {}); keep one",
+                gtr_run::plan::fmt_num(first),
+                gtr_run::plan::fmt_num(value)
+            );
+        }
+    }
+    Ok(map)
+}
+
 pub fn parse_override(s: &str) -> Result<(String, f64), String> {
     let (name, value) = s
         .split_once('=')

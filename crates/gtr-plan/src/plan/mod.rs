@@ -121,6 +121,10 @@ pub struct Planner<'a> {
 
 impl<'a> Planner<'a> {
     pub fn new(schedule: &'a Schedule, grid: Grid) -> Result<Self, Diagnostic> {
+        Self::build(schedule, grid).map_err(|d| schedule.note_set_params(d))
+    }
+
+    fn build(schedule: &'a Schedule, grid: Grid) -> Result<Self, Diagnostic> {
         let src = &schedule.source;
         let first = &schedule.stages[0];
         if grid.is_empty() || grid.len() > MAX_TOKENS {
@@ -235,6 +239,11 @@ impl<'a> Planner<'a> {
 
     /// The plan for one seed, with model defaults and command-line overrides.
     pub fn plan_with(&self, seed: u64, options: &PlanOptions) -> Result<Plan, Diagnostic> {
+        self.plan_unnoted(seed, options)
+            .map_err(|d| self.schedule.note_set_params(d))
+    }
+
+    fn plan_unnoted(&self, seed: u64, options: &PlanOptions) -> Result<Plan, Diagnostic> {
         let schedule = self.schedule;
         let src = &schedule.source;
         let grid = self.grid;

@@ -161,7 +161,21 @@ struct Settings<'a> {
 /// Builds the schedule the syntax tree `ast` of `source` describes: checks
 /// it and applies `overrides` (`--set`), one pass after another
 /// (declarations, overrides, ramps, then each stage).
+/// [`compile_with`], its errors noting the `overrides` given.
 pub(super) fn compile(
+    source: Arc<Source>,
+    ast: &ScheduleAst,
+    overrides: &BTreeMap<String, f64>,
+) -> Result<Schedule, ScheduleError> {
+    compile_with(source, ast, overrides).map_err(|e| match e {
+        ScheduleError::Invalid(d) => ScheduleError::Invalid(Box::new(
+            d.with_set_params(overrides.iter().map(|(k, &v)| (k.as_str(), v))),
+        )),
+        e => e,
+    })
+}
+
+fn compile_with(
     source: Arc<Source>,
     ast: &ScheduleAst,
     overrides: &BTreeMap<String, f64>,

@@ -83,6 +83,8 @@ pub struct Diagnostic {
     pub span: Span,
     pub message: String,
     pub help: Option<String>,
+    /// Context from outside the file (the parameter values `--set` gave).
+    pub note: Option<String>,
 }
 
 impl Diagnostic {
@@ -92,7 +94,30 @@ impl Diagnostic {
             span,
             message: message.into(),
             help: None,
+            note: None,
         }
+    }
+
+    pub fn with_note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
+        self
+    }
+
+    /// With a note listing `set` (name, value), the parameters given from
+    /// outside the file, when there are any: an error the file's text does
+    /// not show may come from them.
+    pub fn with_set_params<'a>(self, set: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
+        let set: Vec<String> = set
+            .into_iter()
+            .map(|(name, v)| format!("{name} = {}", crate::plan::fmt_num(v)))
+            .collect();
+        if set.is_empty() {
+            return self;
+        }
+        self.with_note(format!(
+            "parameters given from outside the file (--set): {}",
+            set.join(", ")
+        ))
     }
 
     pub fn with_help(mut self, help: impl Into<String>) -> Self {
@@ -141,6 +166,9 @@ impl fmt::Display for Diagnostic {
         write!(f, "{pad} | {lead}{}", "^".repeat(width.max(1)))?;
         if let Some(help) = &self.help {
             write!(f, "\n{pad} = help: {help}")?;
+        }
+        if let Some(note) = &self.note {
+            write!(f, "\n{pad} = note: {note}")?;
         }
         Ok(())
     }

@@ -213,6 +213,16 @@ impl Schedule {
     }
 
     /// Values of all parameters, for evaluating expressions.
+    /// `d` with a note of the parameters `--set` gave, if any.
+    pub fn note_set_params(&self, d: Diagnostic) -> Diagnostic {
+        d.with_set_params(
+            self.params
+                .iter()
+                .filter(|p| p.overridden)
+                .map(|p| (p.name.as_str(), p.value)),
+        )
+    }
+
     pub fn param_values(&self) -> HashMap<String, f64> {
         self.params
             .iter()
