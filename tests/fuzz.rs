@@ -284,4 +284,22 @@ fn deep_and_long_expressions_are_refused_not_crashed() {
     plan(&s, Grid::new(4, 4), 0).unwrap();
     let ok = format!("stage a {{ tokens all steps 1{} }}", "+0".repeat(200));
     Schedule::from_source(Source::new("long.gtr", ok), &BTreeMap::new()).unwrap();
+    // A `#` or brackets inside an order file's name are not code: the
+    // limit still holds after it, and the name's brackets do not count.
+    let deep = format!(
+        "grid 2x2 stage a {{ tokens all order file \"a#b.txt\" steps {}1{} }}",
+        "(".repeat(100),
+        ")".repeat(100)
+    );
+    let err = Schedule::from_source(Source::new("deep.gtr", deep), &BTreeMap::new()).unwrap_err();
+    assert!(
+        err.to_string().contains("nested more than 64 deep"),
+        "{err}"
+    );
+    let named = format!(
+        "grid 2x2 stage a {{ tokens all order file \"{}.txt\" steps 1 }}",
+        "(".repeat(70)
+    );
+    let err = Schedule::from_source(Source::new("named.gtr", named), &BTreeMap::new()).unwrap_err();
+    assert!(!err.to_string().contains("nested"), "{err}");
 }

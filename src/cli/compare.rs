@@ -163,9 +163,12 @@ fn run_comparison(
 
     let device = args.runtime.device;
     let schedules: Vec<&Schedule> = contenders.iter().map(|c| &c.schedule).collect();
+    // TensorRT's profiles for the batches eval makes: none larger than the
+    // images (as generation caps them).
+    let batch = args.batch.min(args.num_images).max(1);
     let options = args
         .runtime
-        .load_options_for(bundle, &schedules, args.seed, args.batch)?;
+        .load_options_for(bundle, &schedules, args.seed, batch)?;
     let model = load_model(bundle, &args.runtime, &options)?;
     let settings = model.settings();
     let info = model.info().clone();

@@ -445,7 +445,11 @@ fn stage_guidance(
             Some((scale, matches!(stage.cfg, Cfg::Linear(_))))
         }
     };
-    Ok(rule.map(|(scale, linear)| (options.cfg.unwrap_or(scale), linear)))
+    // `-0` is 0 (printed without its sign), as for the temperature.
+    Ok(rule.map(|(scale, linear)| {
+        let scale = options.cfg.unwrap_or(scale);
+        (if scale == 0.0 { 0.0 } else { scale }, linear)
+    }))
 }
 
 fn members(
@@ -717,6 +721,18 @@ mod tests {
         assert_eq!(round_half_even(-2.5), -2.0);
         assert_eq!(round_half_even(2.4), 2.0);
         assert_eq!(round_half_even(23.97), 24.0);
+    }
+
+    /// `cfg -0` and `temperature -0` plan as 0, printed without a sign.
+    #[test]
+    fn negative_zero_scales_are_zero() {
+        let text = "grid 2x2\ncfg constant -0\ntemperature -0\nstage a { tokens all steps 1 }";
+        let schedule =
+            Schedule::from_source(Source::new("z.gtr", text), &Default::default()).unwrap();
+        let step = &plan(&schedule, Grid::new(2, 2), 0).unwrap().steps[0];
+        let (cfg, temperature) = (step.cfg.unwrap(), step.temperature);
+        assert!(cfg == 0.0 && cfg.is_sign_positive(), "{cfg}");
+        assert!(temperature == 0.0 && temperature.is_sign_positive());
     }
 
     #[test]

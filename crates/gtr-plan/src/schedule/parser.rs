@@ -100,15 +100,19 @@ const MAX_NESTING: usize = 64;
 /// Most operators plus operands in one expression, nested ones included.
 const MAX_EXPR_PARTS: usize = 500;
 
-/// Refuses absurdly deep bracket nesting before the recursive parser sees it.
+/// Refuses absurdly deep bracket nesting before the recursive parser sees
+/// it. Comments and strings (`order file "…"`, which end at their line's
+/// end as the grammar's do) hold no brackets.
 fn check_nesting(source: &Arc<Source>) -> Result<(), Diagnostic> {
     let mut depth = 0usize;
-    let mut in_comment = false;
+    let (mut in_comment, mut in_string) = (false, false);
     for (pos, c) in source.text.char_indices() {
+        let in_code = !in_comment && !in_string;
         match c {
-            '\n' => in_comment = false,
-            '#' => in_comment = true,
-            '(' | '[' if !in_comment => {
+            '\n' => (in_comment, in_string) = (false, false),
+            '#' if !in_string => in_comment = true,
+            '"' if !in_comment => in_string = !in_string,
+            '(' | '[' if in_code => {
                 depth += 1;
                 if depth > MAX_NESTING {
                     return Err(Diagnostic::new(
@@ -119,7 +123,7 @@ fn check_nesting(source: &Arc<Source>) -> Result<(), Diagnostic> {
                     .with_help("simplify the expression, or split it with `param` or `set`"));
                 }
             }
-            ')' | ']' if !in_comment => depth = depth.saturating_sub(1),
+            ')' | ']' if in_code => depth = depth.saturating_sub(1),
             _ => {}
         }
     }
@@ -469,6 +473,20 @@ fn pratt() -> &'static PrattParser<Rule> {
     })
 }
 
+/// What a file may start with: the grammar's `item`s, or its end.
+const TOP_LEVEL_ITEMS: [Rule; 10] = [
+    Rule::param_decl,
+    Rule::grid_decl,
+    Rule::partition_decl,
+    Rule::set_decl,
+    Rule::stage,
+    Rule::diffusion_clause,
+    Rule::cfg_clause,
+    Rule::temperature_clause,
+    Rule::clip_timesteps_clause,
+    Rule::EOI,
+];
+
 /// Turns a pest error into a diagnostic that names what was expected in prose.
 fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnostic {
     use pest::error::{ErrorVariant, InputLocation};
@@ -480,7 +498,15 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
     let end = pos + found.1;
     let message = match &err.variant {
         ErrorVariant::ParsingError { positives, .. } => {
-            let mut names: Vec<String> = positives.iter().filter_map(|r| rule_prose(*r)).collect();
+            let prose = |rules: &[Rule]| -> Vec<String> {
+                rules.iter().filter_map(|r| rule_prose(*r)).collect()
+            };
+            let mut names = prose(positives);
+            // At the first item pest names only the whole schedule, which
+            // has no prose: the items are what was expected.
+            if names.is_empty() && source.text[..pos].trim().is_empty() {
+                names = prose(&TOP_LEVEL_ITEMS);
+            }
             names.sort_unstable();
             names.dedup();
             match names.len() {
