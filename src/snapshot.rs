@@ -80,8 +80,11 @@ pub fn snap_path(path: &Path) -> PathBuf {
 /// naming it.
 pub fn snapshot_dir(dir: &Path, check: bool) -> anyhow::Result<BTreeMap<String, Outcome>> {
     use anyhow::Context;
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
+    // A folder that cannot be read is a wrong input (exit 3), as a
+    // schedule file that cannot be read is.
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        crate::run::RunError::Invalid(format!("cannot read folder {}: {e}", dir.display()))
+    })?;
     let mut paths = Vec::new();
     for entry in entries {
         let path = entry

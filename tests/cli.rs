@@ -327,6 +327,10 @@ fn bad_input_gives_clear_errors_and_exit_code_2() {
 #[test]
 fn snapshot_a_folder_of_schedules() {
     let dir = tmp("snapshot");
+    // A folder that is not there is a wrong input.
+    let o = gtr_run(&["plan", "--snapshot", dir.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot read folder"), "{}", stderr(&o));
     std::fs::create_dir_all(&dir).unwrap();
     for name in ["raster.gtr", "wavefront.gtr"] {
         let preset = Path::new(env!("CARGO_MANIFEST_DIR"))
