@@ -170,13 +170,17 @@ fn png_is_written() {
 fn negative_whole_numbers_name_their_flag() {
     let out = common::tmp("negative-flags");
     let out = out.to_str().unwrap();
-    for (flag, value) in [
-        ("--num-images", "-1"),
-        ("--batch", "-3"),
-        ("--seed", "-1"),
-        ("--threads", "-1"),
-        ("--sampler-ticks", "-2"),
-    ] {
+    // (flag, value, exit status, what the message says)
+    let cases = [
+        ("--num-images", "-1", 2, "'-1' for '--num-images"),
+        ("--batch", "-3", 2, "'-3' for '--batch"),
+        ("--seed", "-1", 2, "'-1' for '--seed"),
+        ("--threads", "-1", 2, "'-1' for '--threads"),
+        ("--sampler-ticks", "-2", 2, "'-2' for '--sampler-ticks"),
+        ("--class", "-1", 3, "class -1 is out of range"),
+        ("--classes", "-1,2", 3, "class -1 is out of range"),
+    ];
+    for (flag, value, status, want) in cases {
         let args = [
             "models/fixtures/tiny",
             "schedules/mar-8.gtr",
@@ -186,29 +190,8 @@ fn negative_whole_numbers_name_their_flag() {
             out,
         ];
         let o = gtr_run(&args);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains(&format!("'{value}' for '{flag}")),
-            "{args:?}: {}",
-            stderr(&o)
-        );
-    }
-    for (flag, value) in [("--class", "-1"), ("--classes", "-1,2")] {
-        let args = [
-            "models/fixtures/tiny",
-            "schedules/mar-8.gtr",
-            flag,
-            value,
-            "--out",
-            out,
-        ];
-        let o = gtr_run(&args);
-        assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains("class -1 is out of range"),
-            "{args:?}: {}",
-            stderr(&o)
-        );
+        assert_eq!(o.status.code(), Some(status), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
     assert!(!std::path::Path::new(out).exists());
 }

@@ -72,24 +72,33 @@ fn same_seed_same_tokens_other_seed_other_tokens() {
     assert_ne!(run(&s, &jobs(3, 0..2)), run(&s, &jobs(4, 0..2)));
 }
 
-#[test]
-fn one_diffusion_call_per_tick_of_the_longest_chain() {
-    // 2 steps of 8 tokens; FTS gives 2 tokens 12 steps, the rest 5: 12 calls
-    // per step, not 17; guided, so every call carries both halves.
-    let s = schedule(
-        "grid 4x4\ncfg constant 3\nstage a { tokens all  steps 2  diffusion 5  fts top 25% by high_freq -> 12 }",
-    );
-    let planner = Planner::new(&s, Grid::new(4, 4)).unwrap();
+/// One image (seed 1, class 2) of the schedule `text` on the fake model's
+/// 4x4 grid: its plan, the engine after it, and its output.
+fn one_image_on_4x4(text: &str) -> (Plan, Engine<FakeModel>, gtr_run::engine::BatchOutput) {
+    let s = schedule(text);
     let job = ImageJob {
         index: 0,
         seed: 1,
         label: 2,
     };
-    let plan = planner.plan(job.seed).unwrap();
+    let plan = Planner::new(&s, Grid::new(4, 4))
+        .unwrap()
+        .plan(job.seed)
+        .unwrap();
     let mut engine = Engine::new(FakeModel::with_grid(Grid::new(4, 4)));
     let out = engine
-        .generate(&[plan], &[job], &SeededNoise, |_, _| {})
+        .generate(std::slice::from_ref(&plan), &[job], &SeededNoise, |_, _| {})
         .unwrap();
+    (plan, engine, out)
+}
+
+#[test]
+fn one_diffusion_call_per_tick_of_the_longest_chain() {
+    // 2 steps of 8 tokens; FTS gives 2 tokens 12 steps, the rest 5: 12 calls
+    // per step, not 17; guided, so every call carries both halves.
+    let (_, engine, out) = one_image_on_4x4(
+        "grid 4x4\ncfg constant 3\nstage a { tokens all  steps 2  diffusion 5  fts top 25% by high_freq -> 12 }",
+    );
     let fake = &engine.model;
     assert_eq!(fake.backbone_calls, 2);
     assert_eq!(fake.diffusion_calls, 24);
@@ -107,18 +116,9 @@ fn one_diffusion_call_per_tick_of_the_longest_chain() {
 /// steps clipped at 950 are 48), as many as the cost model counts.
 #[test]
 fn clipped_chains_run_their_own_length() {
-    let s = schedule("grid 4x4\nclip_timesteps 950\nstage a { tokens all  steps 2  diffusion 50 }");
-    let planner = Planner::new(&s, Grid::new(4, 4)).unwrap();
-    let job = ImageJob {
-        index: 0,
-        seed: 1,
-        label: 2,
-    };
-    let plan = planner.plan(job.seed).unwrap();
-    let mut engine = Engine::new(FakeModel::with_grid(Grid::new(4, 4)));
-    engine
-        .generate(std::slice::from_ref(&plan), &[job], &SeededNoise, |_, _| {})
-        .unwrap();
+    let (plan, engine, _) = one_image_on_4x4(
+        "grid 4x4\nclip_timesteps 950\nstage a { tokens all  steps 2  diffusion 50 }",
+    );
     assert_eq!(engine.model.diffusion_calls, 2 * 48);
     let spec = gtr_run::cost::ModelSpec::builtin("mar-b").unwrap();
     let rows: u64 = engine.stats.steps.iter().map(|s| s.diffusion_rows).sum();
