@@ -256,6 +256,9 @@ def case_from_plan(plan: dict, B: int, labels: list, L: int, C: int, rng: np.ran
     S = len(steps)
     frac, dsteps, sel = np.zeros(S), np.zeros(S, dtype=np.int64), np.zeros(S, dtype=np.int64)
     for k, s in enumerate(steps):
+        if s.get("clip_timesteps") is not None:
+            raise BenchError(f"step {k}: clip_timesteps {s['clip_timesteps']} has no place in the "
+                             f"reference sampler's case layout (its chains keep every timestep)")
         d = s["detail"]
         if d is None:
             continue

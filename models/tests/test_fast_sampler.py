@@ -14,7 +14,8 @@ make_fake_checkpoint.randomize), the same orders and the same injected noise:
 5. a run with on-device noise under CPU bf16 autocast is finite and close to float32 in the mean;
 6. `known_before` runs the last steps alone and leaves the tokens taken as known untouched;
 7. make_fake_checkpoint's --denoising-head: the plain head predicts ε = x_t and v = 0, and 100-step
-   sampling keeps tokens below 10 where the random head's pass 1000 (fp16 autocast stays finite).
+   sampling keeps tokens below 10 where the random head's pass 1000 (fp16 autocast stays finite);
+8. a plan's clip_timesteps (DiSA): 50 steps clipped at 950 are 48, and run as 48.
 The diffusion role is the torch-small fixture's wrapper (make_torch_golden.FixtureEpsHead), so a
 random head does not blow samples up and float32-vs-float64 differences stay small.
 """
@@ -174,6 +175,19 @@ def main():
     check("denoising head: tokens stay small", peaks["denoising"] < 10 < 1000 < peaks["random"] and fin,
           f"max |token| {peaks['denoising']:.2f} against the random head's {peaks['random']:.3g}; "
           f"fp16 autocast images finite: {fin}")
+
+    # 8. clip_timesteps (DiSA): the chains gtr-run builds (its respace tests: 50 steps become 48,
+    # sampling from 950), read from a plan, and run for their own length
+    from models.torch.diffusion import chain, respaced_timesteps
+    clipped = chain(50, 1000, 950)
+    check("clip_timesteps chains", respaced_timesteps(5, 1000, 950) == [0, 250, 500, 749, 950]
+          and clipped.T == 48 and int(clipped.timesteps[-1]) == 950, f"{clipped.T} steps")
+    plan_steps, _ = fast.steps_from_plan({"steps": [{"tokens": list(range(L)), "diffusion_steps": 50, "cfg": None,
+                                                     "temperature": 1.0, "detail": None, "clip_timesteps": 950}]})
+    counts = {}
+    g = torch.Generator().manual_seed(0)
+    fast.sample(mar, vae, plan_steps, labels, order, 0.2325, generator=g, head=head, counts=counts, decode=False)
+    check("clip_timesteps rows", counts["diffusion_rows"] == L * 48, str(counts))
 
     print(f"{'FAILED: ' + ', '.join(FAILED) if FAILED else 'all passed'} in {time.time() - t0:.1f} s")
     return 1 if FAILED else 0

@@ -31,9 +31,11 @@ def train_alphas_cumprod(train_steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1.0 - cosine_betas(train_steps), dim=0)
 
 
-def respaced_timesteps(T: int, train_steps: int = 1000) -> list:
+def respaced_timesteps(T: int, train_steps: int = 1000, clip: int | None = None) -> list:
     """MAR's `space_timesteps(train_steps, str(T))` for one section: stride (train_steps−1)/(T−1)
-    added repeatedly to a float starting at 0.0, each value rounded half to even; T = 1 gives [0]."""
+    added repeatedly to a float starting at 0.0, each value rounded half to even; T = 1 gives [0].
+    With `clip` (DiSA's `clip_timesteps`, a schedule's `clip_timesteps`), every timestep above it
+    becomes `clip` and the duplicates merge: the chain may have fewer than T steps."""
     if not 1 <= T <= train_steps:
         raise ValueError(f"{T} diffusion steps: must be within 1..{train_steps}")
     stride = (train_steps - 1) / (T - 1) if T > 1 else 1.0
@@ -43,16 +45,19 @@ def respaced_timesteps(T: int, train_steps: int = 1000) -> list:
         cur += stride
     if len(steps) != T:
         raise ValueError(f"cannot respace {train_steps} steps into {T}")
+    if clip is not None:
+        steps = {min(t, clip) for t in steps}
     return sorted(steps)
 
 
 class Chain:
-    """The respaced chain of T steps: float64 tensors indexed by i = 0 … T−1 (i = T−1 runs first)."""
+    """The respaced chain of T steps (fewer when `clip` merges timesteps): float64 tensors indexed
+    by i = 0 … self.T−1 (i = self.T−1 runs first)."""
 
-    def __init__(self, T: int, train_steps: int = 1000):
+    def __init__(self, T: int, train_steps: int = 1000, clip: int | None = None):
         acp_full = train_alphas_cumprod(train_steps)
-        self.T = T
-        self.timesteps = torch.tensor(respaced_timesteps(T, train_steps), dtype=torch.int64)
+        self.timesteps = torch.tensor(respaced_timesteps(T, train_steps, clip), dtype=torch.int64)
+        self.T = len(self.timesteps)
         acp_tau = acp_full[self.timesteps]
         prev = torch.cat([torch.ones(1, dtype=F64), acp_tau[:-1]])
         self.betas = 1.0 - acp_tau / prev                                   # β'_i
@@ -63,7 +68,7 @@ class Chain:
         self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / acp)
         self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / acp - 1.0)
         self.posterior_variance = self.betas * (1.0 - acpp) / (1.0 - acp)
-        if T > 1:
+        if self.T > 1:
             pv = self.posterior_variance
             self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]]))
         else:
@@ -95,8 +100,8 @@ class Chain:
 
 
 @lru_cache(maxsize=None)
-def chain(T: int, train_steps: int = 1000) -> Chain:
-    return Chain(T, train_steps)
+def chain(T: int, train_steps: int = 1000, clip: int | None = None) -> Chain:
+    return Chain(T, train_steps, clip)
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, train_steps: int = 1000) -> torch.Tensor:

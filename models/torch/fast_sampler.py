@@ -44,6 +44,7 @@ class Step:
     diffusion_steps: int
     cfg: float | None
     temperature: float
+    clip_timesteps: int | None = None
 
     @property
     def guided(self) -> bool:
@@ -56,7 +57,8 @@ def steps_from_plan(plan: dict) -> tuple:
     for k, s in enumerate(plan["steps"]):
         if s.get("detail") is not None:
             raise ValueError(f"step {k} uses FTS ({s['detail'].get('selector')}); MAR's sampler has no FTS")
-        steps.append(Step(len(s["tokens"]), int(s["diffusion_steps"]), s["cfg"], float(s["temperature"])))
+        steps.append(Step(len(s["tokens"]), int(s["diffusion_steps"]), s["cfg"], float(s["temperature"]),
+                          s.get("clip_timesteps")))
         order.extend(int(t) for t in s["tokens"])
     return steps, order
 
@@ -64,8 +66,8 @@ def steps_from_plan(plan: dict) -> tuple:
 class _Coefficients:
     """A respaced chain's per-iteration constants as Python floats (index i = 0 … T−1)."""
 
-    def __init__(self, T: int, train_steps: int):
-        ch = get_chain(T, train_steps)
+    def __init__(self, T: int, train_steps: int, clip: int | None):
+        ch = get_chain(T, train_steps, clip)
         self.timesteps = [int(t) for t in ch.timesteps]
         self.sqrt_recip = ch.sqrt_recip_alphas_cumprod.tolist()
         self.sqrt_recipm1 = ch.sqrt_recipm1_alphas_cumprod.tolist()
@@ -78,10 +80,10 @@ class _Coefficients:
 _COEFFS: dict = {}
 
 
-def _coefficients(T: int, train_steps: int) -> _Coefficients:
-    key = (T, train_steps)
+def _coefficients(T: int, train_steps: int, clip: int | None = None) -> _Coefficients:
+    key = (T, train_steps, clip)
     if key not in _COEFFS:
-        _COEFFS[key] = _Coefficients(T, train_steps)
+        _COEFFS[key] = _Coefficients(T, train_steps, clip)
     return _COEFFS[key]
 
 
@@ -119,7 +121,7 @@ def _chain(head, zc, zu, step: Step, coeffs: _Coefficients, C: int, learned: boo
     N = zc.shape[0]
     guided = zu is not None
     zz = torch.cat([zc, zu]) if guided else zc
-    T = step.diffusion_steps
+    T = len(coeffs.timesteps)  # the step's diffusion steps, fewer where clip_timesteps merges some
     for i in range(T - 1, -1, -1):
         t = torch.full((zz.shape[0],), coeffs.timesteps[i], dtype=torch.int64, device=x.device)
         out = head(torch.cat([x, x]) if guided else x, t, zz).float()
@@ -193,11 +195,11 @@ def sample(mar: MAR, vae: AutoencoderKL, steps: list, labels: torch.Tensor, orde
 
             def noise_at(k, _bi=bi, _ti=ti):
                 return noise["step"][_bi, _ti, k].float()
-        coeffs = _coefficients(step.diffusion_steps, train_steps)
+        coeffs = _coefficients(step.diffusion_steps, train_steps, step.clip_timesteps)
         x = _chain(head, zc, zu, step, coeffs, C, cfg.learn_sigma, x, noise_at)
         tokens = torch.scatter(tokens, 1, pred[:, :, None].expand(-1, -1, C), x.reshape(B, n, C).to(tokens.dtype))
         passes += 2 if step.guided else 1
-        rows += n * step.diffusion_steps * (2 if step.guided else 1)
+        rows += n * len(coeffs.timesteps) * (2 if step.guided else 1)
         c += n
     if counts is not None:
         counts["backbone_passes"] = passes
