@@ -65,11 +65,16 @@ struct Names<'a> {
     cells: bool,
     grid: bool,
     rest: bool,
+    /// Whether token sets may be used (a token condition), rather than
+    /// numbers only.
+    sets_usable: bool,
+    /// Every name the file declares, to say why one cannot be used here.
+    file: &'a FileNames,
 }
 
 impl<'a> Names<'a> {
     /// Only parameters: what `param` values and `checker(K)` may use.
-    fn params_only(params: &'a [Param]) -> Self {
+    fn params_only(params: &'a [Param], file: &'a FileNames) -> Self {
         Names {
             params,
             partition: None,
@@ -77,7 +82,41 @@ impl<'a> Names<'a> {
             cells: false,
             grid: false,
             rest: false,
+            sets_usable: false,
+            file,
         }
+    }
+}
+
+/// Every name a file declares, read before anything is checked: what it
+/// is and where, and the partition's set prefix.
+#[derive(Default)]
+struct FileNames {
+    declared: HashMap<String, (&'static str, Span)>,
+    partition_prefix: Option<String>,
+}
+
+impl FileNames {
+    fn read(ast: &ScheduleAst) -> Self {
+        let mut file = FileNames::default();
+        for item in &ast.items {
+            let (ident, what) = match item {
+                Item::Param { name, .. } => (name, "a parameter"),
+                Item::Set { name, .. } => (name, "a token set"),
+                Item::Stage(stage) => (&stage.name, "a stage's name"),
+                Item::Partition { prefix, .. } => {
+                    file.partition_prefix =
+                        Some(prefix.as_ref().map_or("S".into(), |p| p.name.clone()));
+                    continue;
+                }
+                _ => continue,
+            };
+            // The first declaration (a second is refused on its own).
+            file.declared
+                .entry(ident.name.clone())
+                .or_insert((what, ident.span));
+        }
+        file
     }
 }
 
@@ -104,6 +143,32 @@ impl Scope for Names<'_> {
 
     fn allows_rest(&self) -> bool {
         self.rest
+    }
+
+    fn misuse(&self, source: &Source, name: &str) -> Option<String> {
+        let is_partition_set = self.file.partition_prefix.as_deref().is_some_and(|p| {
+            name.strip_prefix(p)
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if is_partition_set && !self.sets_usable {
+            return Some(format!(
+                "`{name}` is a set of the partition: a token set is used in a token condition (`tokens`, `set`), not as a number"
+            ));
+        }
+        let &(what, span) = self.file.declared.get(name)?;
+        let (line, _) = source.line_col(span.start);
+        Some(match what {
+            "a stage's name" => {
+                format!("`{name}` is a stage's name (line {line}), which is not a value")
+            }
+            "a token set" if !self.sets_usable => format!(
+                "`{name}` is a token set (line {line}): it is used in a token condition (`tokens`, `set`), not as a number"
+            ),
+            // Declared, of a kind usable here, yet not visible: below.
+            _ => format!(
+                "`{name}` is {what} declared on line {line}, below its use here: a `param` or `set` may use only the names declared above it"
+            ),
+        })
     }
 
     fn describe(&self) -> String {
@@ -229,6 +294,8 @@ struct Declarations<'a> {
     stages: Vec<&'a StageAst>,
     /// Every name declared so far and where, to refuse duplicates.
     declared: HashMap<String, Span>,
+    /// Every name the file declares, above or below.
+    file: FileNames,
 }
 
 impl<'a> Declarations<'a> {
@@ -246,6 +313,7 @@ impl<'a> Declarations<'a> {
             top_ramps: Vec::new(),
             stages: Vec::new(),
             declared: HashMap::new(),
+            file: FileNames::read(ast),
         };
         for item in &ast.items {
             match item {
@@ -310,7 +378,12 @@ impl<'a> Declarations<'a> {
         overrides: &BTreeMap<String, f64>,
     ) -> Result<(), Diagnostic> {
         self.declare(src, name, "parameter")?;
-        expr::check(src, value, Type::Number, &Names::params_only(&self.params))?;
+        expr::check(
+            src,
+            value,
+            Type::Number,
+            &Names::params_only(&self.params, &self.file),
+        )?;
         let default = expr::number(value, &ParamEnv(&self.params));
         // A parameter --set replaces keeps its value whatever the file's
         // expression gives with the other values (§4).
@@ -354,7 +427,12 @@ impl<'a> Declarations<'a> {
         if let Some(p) = &self.partition {
             return Err(twice(src, span, p.span, "partition"));
         }
-        expr::check(src, levels, Type::Number, &Names::params_only(&self.params))?;
+        expr::check(
+            src,
+            levels,
+            Type::Number,
+            &Names::params_only(&self.params, &self.file),
+        )?;
         let k = expr::number(levels, &ParamEnv(&self.params));
         if k.fract() != 0.0 || !(1.0..=16.0).contains(&k) {
             return Err(Diagnostic::new(
@@ -446,6 +524,8 @@ impl<'a> Declarations<'a> {
             cells: false,
             grid: true,
             rest: false,
+            sets_usable: false,
+            file: &self.file,
         }
     }
 
@@ -489,6 +569,8 @@ impl<'a> Declarations<'a> {
             cells: true,
             grid: true,
             rest: true,
+            sets_usable: true,
+            file: &self.file,
         }
     }
 

@@ -94,6 +94,11 @@ pub trait Scope {
     fn allows_rest(&self) -> bool;
     /// A sentence naming what may be used here, for "unknown name" errors.
     fn describe(&self) -> String;
+    /// Why `name`, which [`Scope::lookup`] does not find, cannot be used
+    /// here when the file declares it elsewhere or as something else.
+    fn misuse(&self, _source: &Source, _name: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Values for the names of a [`Scope`].
@@ -253,7 +258,9 @@ fn unknown_name(source: &Arc<Source>, expr: &Expr, name: &str, scope: &dyn Scope
         "i" | "j" => {
             format!("`{name}` (the cell's row or column) only has a meaning in a token set")
         }
-        _ => format!("unknown name `{name}`"),
+        _ => scope
+            .misuse(source, name)
+            .unwrap_or_else(|| format!("unknown name `{name}`")),
     };
     // In a token set, a misspelt `all` or `rest` (`tokens al`).
     let in_token_set = scope.lookup("i") == Some(NameKind::Cell);
