@@ -92,8 +92,16 @@ impl<'a> Names<'a> {
 /// is and where, and the partition's set prefix.
 #[derive(Default)]
 struct FileNames {
-    declared: HashMap<String, (&'static str, Span)>,
+    declared: HashMap<String, (Declared, Span)>,
     partition_prefix: Option<String>,
+}
+
+/// What a name the file declares is.
+#[derive(Clone, Copy)]
+enum Declared {
+    Parameter,
+    TokenSet,
+    Stage,
 }
 
 impl FileNames {
@@ -101,9 +109,9 @@ impl FileNames {
         let mut file = FileNames::default();
         for item in &ast.items {
             let (ident, what) = match item {
-                Item::Param { name, .. } => (name, "a parameter"),
-                Item::Set { name, .. } => (name, "a token set"),
-                Item::Stage(stage) => (&stage.name, "a stage's name"),
+                Item::Param { name, .. } => (name, Declared::Parameter),
+                Item::Set { name, .. } => (name, Declared::TokenSet),
+                Item::Stage(stage) => (&stage.name, Declared::Stage),
                 Item::Partition { prefix, .. } => {
                     file.partition_prefix =
                         Some(prefix.as_ref().map_or("S".into(), |p| p.name.clone()));
@@ -157,17 +165,21 @@ impl Scope for Names<'_> {
         }
         let &(what, span) = self.file.declared.get(name)?;
         let (line, _) = source.line_col(span.start);
+        // Declared, of a kind usable here, yet not visible: below.
+        let below = |what: &str| {
+            format!(
+                "`{name}` is {what} declared on line {line}, below its use here: a `param` or `set` may use only the names declared above it"
+            )
+        };
         Some(match what {
-            "a stage's name" => {
+            Declared::Stage => {
                 format!("`{name}` is a stage's name (line {line}), which is not a value")
             }
-            "a token set" if !self.sets_usable => format!(
+            Declared::TokenSet if !self.sets_usable => format!(
                 "`{name}` is a token set (line {line}): it is used in a token condition (`tokens`, `set`), not as a number"
             ),
-            // Declared, of a kind usable here, yet not visible: below.
-            _ => format!(
-                "`{name}` is {what} declared on line {line}, below its use here: a `param` or `set` may use only the names declared above it"
-            ),
+            Declared::TokenSet => below("a token set"),
+            Declared::Parameter => below("a parameter"),
         })
     }
 
