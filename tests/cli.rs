@@ -226,6 +226,30 @@ fn runner_flags_that_do_not_go_together_are_refused() {
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
     assert!(!std::path::Path::new(out).exists());
+    // `--sampler auto` on the CPU runs the host path: the flag is said to
+    // do nothing, and not recorded as if it had.
+    let o = gtr_run(&[
+        "models/fixtures/tiny",
+        "schedules/mar-8.gtr",
+        "--num-images",
+        "1",
+        "--sampler-ticks",
+        "2",
+        "--out",
+        out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--sampler-ticks 2 has no effect"),
+        "{}",
+        stderr(&o)
+    );
+    let record = std::fs::read_to_string(Path::new(out).join("run.json")).unwrap();
+    assert!(
+        record.contains("\"sampler_ticks_per_call\": null"),
+        "{record}"
+    );
+    std::fs::remove_dir_all(out).unwrap();
 }
 
 #[test]

@@ -224,8 +224,9 @@ fn run_comparison(
         }),
         _ => None,
     };
+    let ticks_per_call = args.runtime.ticks_per_call(&model);
     let mut engine = Engine::new(model);
-    engine.ticks_per_call = args.runtime.sampler_ticks.map(|n| n as usize);
+    engine.ticks_per_call = ticks_per_call;
     let json = |comparison: &gtr_run::eval::Comparison| {
         let mut json = report::json(comparison);
         json["runtime_settings"] = settings.clone();

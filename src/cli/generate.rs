@@ -159,7 +159,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         runtime_settings: settings,
         shard: args.shard,
         npz: args.npz,
-        ticks_per_call: args.runtime.sampler_ticks.map(|n| n as usize),
+        ticks_per_call: args.runtime.ticks_per_call(&model),
         model_sha256: Some(model_sha256),
     };
     eprintln!(

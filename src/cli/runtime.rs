@@ -86,6 +86,20 @@ pub fn load_model(
 }
 
 impl RuntimeArgs {
+    /// `--sampler-ticks` for the loaded `model`: none, said once, where its
+    /// chains run on the host (`--sampler auto` on the CPU), which makes
+    /// one head call per tick whatever the flag says.
+    pub fn ticks_per_call(&self, model: &impl gtr_run::engine::MarModel) -> Option<usize> {
+        let n = self.sampler_ticks?;
+        if !model.runs_chains() {
+            eprintln!(
+                "gtr-run: --sampler-ticks {n} has no effect: the diffusion chains run on the host, one head call per tick"
+            );
+            return None;
+        }
+        Some(n as usize)
+    }
+
     /// How to load `bundle`: device, threads, precision and TensorRT's
     /// settings, with TensorRT's profiles taken from `plans` at `batch`.
     fn load_options(
