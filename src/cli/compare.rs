@@ -299,7 +299,14 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
     );
     bar.finish_and_clear();
     match (comparison, write_error) {
-        (_, Some(e)) => Err(e),
+        // The failed write stopped the comparison: it is the error.
+        (Ok(_) | Err(gtr_run::eval::CompareError::Stopped), Some(e)) => Err(e),
+        // A batch failed, and writing what came before it failed too: the
+        // batch's error is the run's (its exit status), the write's said.
+        (Err(e), Some(write)) => {
+            eprintln!("gtr-run: the results before the failure were not kept: {write:#}");
+            Err(e.into())
+        }
         (comparison, None) => Ok(comparison?),
     }
 }

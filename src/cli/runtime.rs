@@ -127,8 +127,9 @@ impl RuntimeArgs {
             threads: self.threads,
             precision,
             tensorrt_cache: self.trt_cache.clone(),
-            shape_ranges: matches!(device, Device::TensorRt | Device::Auto)
-                .then(|| ShapeRanges::from_plans(plans, batch)),
+            shape_ranges: matches!(device, Device::TensorRt | Device::Auto).then(|| {
+                ShapeRanges::from_plans(plans, batch, bundle.manifest.diffusion.train_steps)
+            }),
             profile_dir: None,
             tick_graph: self.sampler == gtr_run::backend::ChainRunner::Ticks,
         })

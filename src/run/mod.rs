@@ -121,7 +121,7 @@ impl<'s> Prepared<'s> {
         let plans = plan_run(req, &info)?;
         if let Some(replay) = &replay {
             replay
-                .fits(&info, plans.reference.longest_chain())
+                .fits(&info, plans.reference.longest_chain(info.train_steps))
                 .map_err(RunError::Invalid)?;
         }
         let mut record = describe_run(bundle, model, req, &labels, &range, &plans.reference);

@@ -86,7 +86,7 @@ pub(crate) fn check_batch(
         check_label(info, job.label).map_err(EngineError::Input)?;
     }
     noise
-        .check(info, jobs, first.longest_chain())
+        .check(info, jobs, first.longest_chain(info.train_steps))
         .map_err(EngineError::Input)?;
     Ok(())
 }

@@ -489,6 +489,9 @@ fn tensorrt_options(
     };
     let choice = &options.precision;
     for role in Role::ALL {
+        // The file the session opens: the precision's variant, if it has one.
+        let entry = bundle.graph(role);
+        let file = choice.graph_files.get(role.key()).unwrap_or(&entry.file);
         let settings = tensorrt::BundleSettings {
             info,
             buffer: bundle.manifest.buffer,
@@ -498,9 +501,9 @@ fn tensorrt_options(
             bf16: choice.tensorrt_bf16,
             ranges: options.shape_ranges.as_ref(),
             cache: &cache,
-            graph_stamp: tensorrt::graph_stamp(&bundle.entry_path(bundle.graph(role))),
+            graph_stamp: tensorrt::graph_stamp(&bundle.dir.join(file)),
         };
-        let o = tensorrt::graph_options(role, bundle.graph(role), &settings)?;
+        let o = tensorrt::graph_options(role, entry, &settings)?;
         all.insert(role.key().to_string(), o);
     }
     std::fs::create_dir_all(&cache).map_err(|e| OrtError::Device {

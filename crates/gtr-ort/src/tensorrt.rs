@@ -66,8 +66,9 @@ impl ShapeRanges {
     /// depend on the image) in batches of `batch` images produces. Minimums
     /// cover a last, smaller batch of one image; the opt point is, at a full
     /// batch, the size that carries the most rows over the run (K: the
-    /// middle step's).
-    pub fn from_plans(plans: &[&Plan], batch: usize) -> ShapeRanges {
+    /// middle step's). Chains are counted as they run on a model trained
+    /// with `train_steps` (a clipped chain's own length).
+    pub fn from_plans(plans: &[&Plan], batch: usize, train_steps: usize) -> ShapeRanges {
         let batch = batch.max(1);
         let mut backbone = BTreeMap::new();
         let mut known = Vec::new();
@@ -82,10 +83,10 @@ impl ShapeRanges {
                 if n == 0 {
                     continue;
                 }
-                let base = step.diffusion_steps as usize;
-                let (detail_count, detail_steps) = step
-                    .detail
-                    .map_or((0, base), |d| (d.count.min(n), d.steps as usize));
+                let base = step.chain_len(step.diffusion_steps, train_steps);
+                let (detail_count, detail_steps) = step.detail.map_or((0, base), |d| {
+                    (d.count.min(n), step.chain_len(d.steps, train_steps))
+                });
                 let longest = base.max(detail_steps);
                 for tick in 0..longest {
                     let per_image = (n - detail_count) * usize::from(base > tick)
@@ -429,7 +430,7 @@ mod tests {
     #[test]
     fn ranges_follow_the_plan_and_the_batch() {
         let p = plan();
-        let r = ShapeRanges::from_plans(&[&p], 3);
+        let r = ShapeRanges::from_plans(&[&p], 3, 1000);
         // One unguided step of 3 rows, two guided steps of 6.
         assert_eq!(r.backbone_batch, range(1, 6, 6));
         // K before the three steps: 0, 8, 12; opt is the middle one.
@@ -440,15 +441,31 @@ mod tests {
         assert_eq!(r.diffusion_rows, range(1, 24, 24));
         assert_eq!(r.images, range(1, 3, 3));
         // A second schedule widens the ranges.
-        let r1 = ShapeRanges::from_plans(&[&p], 1);
+        let r1 = ShapeRanges::from_plans(&[&p], 1, 1000);
         assert_eq!(r1.backbone_batch, range(1, 2, 2));
         assert_eq!(r1.diffusion_rows, range(1, 8, 8));
+    }
+
+    /// A clipped chain is counted as it runs: 50 steps at clip 950 are 48
+    /// ticks (a replay needs 48 draws; no profile is tuned for two ticks
+    /// that never come), fewer over a longer training chain.
+    #[test]
+    fn clipped_chains_are_counted_as_they_run() {
+        let text = "clip_timesteps 950\nstage a { tokens all  steps 1  diffusion 50 }";
+        let s = Schedule::from_source(Source::new("<clip>", text), &BTreeMap::new()).unwrap();
+        let p = gtr_plan::plan::plan(&s, Grid::new(4, 4), 0).unwrap();
+        let r = ShapeRanges::from_plans(&[&p], 1, 1000);
+        assert_eq!(r.diffusion_rows, range(16, 16, 16));
+        assert_eq!(p.longest_chain(1000), 48);
+        // Over a 4000-step chain the stride is 81.6: 12 timesteps under
+        // 950, and 950.
+        assert_eq!(p.longest_chain(4000), 13);
     }
 
     #[test]
     fn options_carry_shapes_caches_and_precision() {
         let p = plan();
-        let r = ShapeRanges::from_plans(&[&p], 3);
+        let r = ShapeRanges::from_plans(&[&p], 3, 1000);
         let cache = Path::new("/var/cache/gtr trt");
         let diffusion = entry(&[("x", "x_in"), ("t", "t"), ("z", "cond")]);
         let o = graph_options(
@@ -545,9 +562,9 @@ mod tests {
                 .unwrap()
                 .engine_cache_prefix
         };
-        let r8 = ShapeRanges::from_plans(&[&p], 8);
+        let r8 = ShapeRanges::from_plans(&[&p], 8, 1000);
         assert_ne!(named(&r), named(&r8));
-        assert_eq!(named(&r), named(&ShapeRanges::from_plans(&[&p], 3)));
+        assert_eq!(named(&r), named(&ShapeRanges::from_plans(&[&p], 3, 1000)));
     }
 
     #[test]
@@ -556,9 +573,8 @@ mod tests {
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
-    /// fp32 settings of the test model `m` (buffer 16).
-    /// A graph file written again (a re-export under the same name) gets
-    /// another stamp, so TensorRT builds new engines for it.
+    /// A graph file written again (a re-export under the same name, of the
+    /// same size) gets another stamp, so TensorRT builds new engines for it.
     #[test]
     fn a_rewritten_graph_gets_another_stamp() {
         let dir = std::env::temp_dir().join(format!("gtr-stamp-{}", std::process::id()));
@@ -567,12 +583,21 @@ mod tests {
         std::fs::write(&graph, b"first weights").unwrap();
         let first = graph_stamp(&graph);
         assert_eq!(first, graph_stamp(&graph));
-        std::fs::write(&graph, b"other weights, longer").unwrap();
+        // The same size, written a minute later.
+        std::fs::write(&graph, b"other weights").unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&graph)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
         assert_ne!(first, graph_stamp(&graph));
         assert_ne!(graph_stamp(&dir.join("missing.onnx")), first);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// fp32 settings of the test model `m` (buffer 16).
     fn fp32<'a>(
         info: &'a ModelInfo,
         ranges: Option<&'a ShapeRanges>,
@@ -593,7 +618,7 @@ mod tests {
 
     #[test]
     fn paths_and_names_ort_cannot_take_are_refused() {
-        let r = ShapeRanges::from_plans(&[&plan()], 1);
+        let r = ShapeRanges::from_plans(&[&plan()], 1, 1000);
         let info = info();
         let vae = entry(&[("latent", "latent")]);
         let e = graph_options(

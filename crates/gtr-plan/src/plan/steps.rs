@@ -109,12 +109,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The most diffusion iterations any token of the plan runs (0 for a
-    /// plan without steps): what a replay's `step_noise` must cover.
-    pub fn longest_chain(&self) -> usize {
+    /// The most diffusion iterations any token of the plan runs on a model
+    /// trained with `train_steps` (0 for a plan without steps), clipped
+    /// chains counted as they run: what a replay's `step_noise` must cover.
+    pub fn longest_chain(&self, train_steps: usize) -> usize {
+        // A chain's length never falls as its steps grow: the longest is
+        // the one of the most steps.
         self.steps
             .iter()
-            .map(|s| s.max_diffusion_steps() as usize)
+            .map(|s| s.chain_len(s.max_diffusion_steps(), train_steps))
             .max()
             .unwrap_or(0)
     }

@@ -93,7 +93,8 @@ impl<'a> Names<'a> {
 #[derive(Default)]
 struct FileNames {
     declared: HashMap<String, (Declared, Span)>,
-    partition_prefix: Option<String>,
+    /// The partition's set prefix (`S`, or its `as` name) and where it is.
+    partition: Option<(String, Span)>,
 }
 
 /// What a name the file declares is.
@@ -101,7 +102,21 @@ struct FileNames {
 enum Declared {
     Parameter,
     TokenSet,
+    /// `S1`…`SK` of `partition checker(K)` (or its `as` prefix).
+    PartitionSet,
     Stage,
+}
+
+impl Declared {
+    /// The kind with its article, for messages.
+    fn a(self) -> &'static str {
+        match self {
+            Declared::Parameter => "a parameter",
+            Declared::TokenSet => "a token set",
+            Declared::PartitionSet => "a set of the partition",
+            Declared::Stage => "a stage's name",
+        }
+    }
 }
 
 impl FileNames {
@@ -112,9 +127,9 @@ impl FileNames {
                 Item::Param { name, .. } => (name, Declared::Parameter),
                 Item::Set { name, .. } => (name, Declared::TokenSet),
                 Item::Stage(stage) => (&stage.name, Declared::Stage),
-                Item::Partition { prefix, .. } => {
-                    file.partition_prefix =
-                        Some(prefix.as_ref().map_or("S".into(), |p| p.name.clone()));
+                Item::Partition { prefix, span, .. } => {
+                    let prefix = prefix.as_ref().map_or("S".into(), |p| p.name.clone());
+                    file.partition = Some((prefix, *span));
                     continue;
                 }
                 _ => continue,
@@ -153,33 +168,35 @@ impl Scope for Names<'_> {
         self.rest
     }
 
-    fn misuse(&self, source: &Source, name: &str) -> Option<String> {
-        let is_partition_set = self.file.partition_prefix.as_deref().is_some_and(|p| {
-            name.strip_prefix(p)
+    fn misuse(&self, source: &Source, name: &str, at: Span) -> Option<String> {
+        let partition_set = self.file.partition.as_ref().filter(|(prefix, _)| {
+            name.strip_prefix(prefix.as_str())
                 .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
         });
-        if is_partition_set && !self.sets_usable {
-            return Some(format!(
-                "`{name}` is a set of the partition: a token set is used in a token condition (`tokens`, `set`), not as a number"
-            ));
-        }
-        let &(what, span) = self.file.declared.get(name)?;
-        let (line, _) = source.line_col(span.start);
-        // Declared, of a kind usable here, yet not visible: below.
-        let below = |what: &str| {
-            format!(
-                "`{name}` is {what} declared on line {line}, below its use here: a `param` or `set` may use only the names declared above it"
-            )
+        let (what, span) = match (partition_set, self.file.declared.get(name)) {
+            (Some(&(_, span)), _) => (Declared::PartitionSet, span),
+            (None, Some(&declared)) => declared,
+            (None, None) => return None,
         };
+        let (line, _) = source.line_col(span.start);
+        let not_a_number = "it is used in a token condition (`tokens`, `set`), not as a number";
         Some(match what {
             Declared::Stage => {
                 format!("`{name}` is a stage's name (line {line}), which is not a value")
             }
-            Declared::TokenSet if !self.sets_usable => format!(
-                "`{name}` is a token set (line {line}): it is used in a token condition (`tokens`, `set`), not as a number"
+            Declared::TokenSet if !self.sets_usable => {
+                format!("`{name}` is a token set (line {line}): {not_a_number}")
+            }
+            Declared::PartitionSet if !self.sets_usable => {
+                format!("`{name}` is a set of the partition (line {line}): {not_a_number}")
+            }
+            // Of a kind usable here, yet not found: declared below (a
+            // partition set above that is not found is out of its range).
+            _ if span.start > at.start => format!(
+                "`{name}` is {} declared on line {line}, below its use here: a declaration may use only the names declared above it",
+                what.a()
             ),
-            Declared::TokenSet => below("a token set"),
-            Declared::Parameter => below("a parameter"),
+            _ => return None,
         })
     }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::ast::{BinaryOp, Expr, ExprKind, Ident, UnaryOp, Vocabulary};
-use super::diagnostic::{Diagnostic, Source};
+use super::diagnostic::{Diagnostic, Source, Span};
 
 /// The type of an expression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,9 +94,10 @@ pub trait Scope {
     fn allows_rest(&self) -> bool;
     /// A sentence naming what may be used here, for "unknown name" errors.
     fn describe(&self) -> String;
-    /// Why `name`, which [`Scope::lookup`] does not find, cannot be used
-    /// here when the file declares it elsewhere or as something else.
-    fn misuse(&self, _source: &Source, _name: &str) -> Option<String> {
+    /// Why `name`, used at `at`, which [`Scope::lookup`] does not find,
+    /// cannot be used there when the file declares it below or as
+    /// something else.
+    fn misuse(&self, _source: &Source, _name: &str, _at: Span) -> Option<String> {
         None
     }
 }
@@ -259,7 +260,7 @@ fn unknown_name(source: &Arc<Source>, expr: &Expr, name: &str, scope: &dyn Scope
             format!("`{name}` (the cell's row or column) only has a meaning in a token set")
         }
         _ => scope
-            .misuse(source, name)
+            .misuse(source, name, expr.span)
             .unwrap_or_else(|| format!("unknown name `{name}`")),
     };
     // In a token set, a misspelt `all` or `rest` (`tokens al`).
