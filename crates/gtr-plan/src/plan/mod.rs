@@ -645,8 +645,9 @@ fn diffusion_steps(
 ///
 /// The weight on `from` is `(u − g)/u` (linear) or `(cos(π g/u) + 1)/2`
 /// (cosine) with `u = len − 1`, computed in DiSA's order of operations, so
-/// `floor` reproduces DiSA's chain choice exactly (mar.md §6.3). A ramp of
-/// one step gives `from`.
+/// `floor` reproduces DiSA's chain choice exactly (mar.md §6.3); `round`
+/// rounds the count half to even (mar.md §5.3's formula). A ramp of one
+/// step gives `from`.
 pub fn ramp_value(
     shape: RampShape,
     rounding: Rounding,
@@ -666,11 +667,12 @@ pub fn ramp_value(
     };
     let span = f64::from(from) - f64::from(to);
     let offset = weight * span;
-    let offset = match rounding {
-        Rounding::Round => round_half_even(offset),
-        Rounding::Floor => offset.floor(),
-    };
-    (f64::from(to) + offset) as u32
+    // `round` rounds the count (mar.md §5.3: round(T_max − (T_max − T_min)·g/(G−1)),
+    // ties to even); `floor` drops the offset's fraction, as DiSA's int().
+    match rounding {
+        Rounding::Round => round_half_even(f64::from(to) + offset) as u32,
+        Rounding::Floor => (f64::from(to) + offset.floor()) as u32,
+    }
 }
 
 fn diffusion_count(src: &Arc<Source>, v: f64, span: Span, what: &str) -> Result<u32, Diagnostic> {
@@ -763,5 +765,21 @@ mod tests {
             let want = (50.0 - 30.0 * g as f64 / 29.0).round() as u32;
             assert_eq!(t, want, "g = {g}");
         }
+    }
+
+    /// On a tie `round` rounds the count to even, as mar.md §5.3's
+    /// round(T_max − (T_max − T_min)·g/(G−1)) does: 50 → 5 over 5 steps
+    /// is 50, 39, 28 (27.5), 16, 5; increasing ramps too.
+    #[test]
+    fn ramps_round_the_count_half_to_even() {
+        let ramp = |rounding, from, to| -> Vec<u32> {
+            (0..5)
+                .map(|g| ramp_value(RampShape::Linear, rounding, from, to, g, 5))
+                .collect()
+        };
+        assert_eq!(ramp(Rounding::Round, 50, 5), [50, 39, 28, 16, 5]);
+        assert_eq!(ramp(Rounding::Floor, 50, 5), [50, 38, 27, 16, 5]);
+        assert_eq!(ramp(Rounding::Round, 5, 50), [5, 16, 28, 39, 50]);
+        assert_eq!(ramp(Rounding::Floor, 5, 50), [5, 16, 27, 38, 50]);
     }
 }
