@@ -134,6 +134,7 @@ impl<'a> Planner<'a> {
                 format!("grid {grid} is not supported: it must have 1 to {MAX_TOKENS} tokens"),
             ));
         }
+        check_condition_work(schedule, grid)?;
         let params = schedule.param_values();
         let mut sets: HashMap<String, Vec<bool>> = HashMap::new();
         if let Some(p) = &schedule.partition {
@@ -452,6 +453,36 @@ fn stage_guidance(
     }))
 }
 
+/// The most expression parts planning may evaluate over a grid's cells
+/// (about seconds of work): the sets' and stages' token conditions.
+pub const MAX_CONDITION_WORK: u64 = 1 << 30;
+
+/// Refuses a schedule whose token conditions, evaluated at every cell of
+/// `grid` (sets once, each stage's `tokens` once), are too much work:
+/// thousands of stages with long conditions on a large grid took minutes.
+fn check_condition_work(schedule: &Schedule, grid: Grid) -> Result<(), Diagnostic> {
+    let parts: u64 = schedule
+        .sets
+        .iter()
+        .map(|s| &s.cells)
+        .chain(schedule.stages.iter().map(|s| &s.tokens))
+        .map(|e| e.parts() as u64)
+        .sum();
+    let work = parts.saturating_mul(grid.len() as u64);
+    if work <= MAX_CONDITION_WORK {
+        return Ok(());
+    }
+    Err(Diagnostic::new(
+        &schedule.source,
+        schedule.stages[0].name_span,
+        format!(
+            "planning this schedule on a {grid} grid evaluates {parts} parts of token conditions at each of {} cells ({work}); at most {MAX_CONDITION_WORK} are allowed",
+            grid.len()
+        ),
+    )
+    .with_help("use fewer stages or shorter `tokens` conditions (a `set` is evaluated once), or a smaller grid"))
+}
+
 fn members(
     cond: &Expr,
     grid: Grid,
@@ -765,6 +796,28 @@ mod tests {
             let want = (50.0 - 30.0 * g as f64 / 29.0).round() as u32;
             assert_eq!(t, want, "g = {g}");
         }
+    }
+
+    /// Hundreds of stages with long conditions on a large grid are refused
+    /// before they are evaluated (this one took half a minute).
+    #[test]
+    fn too_much_condition_work_is_refused_at_once() {
+        let long = vec!["0"; 240].join("+");
+        let text: String = (0..200)
+            .map(|k| format!("stage q{k} {{ tokens rest and (i + {long}) * 0 + i * 256 + j == {k}  steps 1 }}\n"))
+            .collect();
+        let schedule =
+            Schedule::from_source(Source::new("big.gtr", text), &Default::default()).unwrap();
+        let err = Planner::new(&schedule, Grid::new(256, 256)).err().unwrap();
+        assert!(
+            err.message.contains("at most 1073741824 are allowed"),
+            "{}",
+            err.message
+        );
+        // The same schedule on a small grid is only planned (and fails on
+        // its own terms: most tokens are left over).
+        let err = Planner::new(&schedule, Grid::new(16, 16)).err().unwrap();
+        assert!(!err.message.contains("at most"), "{}", err.message);
     }
 
     /// On a tie `round` rounds the count to even, as mar.md §5.3's

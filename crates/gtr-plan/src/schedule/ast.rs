@@ -63,6 +63,19 @@ pub struct Expr {
     pub span: Span,
 }
 
+impl Expr {
+    /// Its operators and operands, nested ones included: what evaluating
+    /// it once costs.
+    pub fn parts(&self) -> usize {
+        1 + match &self.kind {
+            ExprKind::Unary(_, e) => e.parts(),
+            ExprKind::Binary(_, a, b) => a.parts() + b.parts(),
+            ExprKind::Call(_, args) => args.iter().map(Expr::parts).sum(),
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExprKind {
     Number(f64),
