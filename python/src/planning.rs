@@ -41,8 +41,11 @@ pub(crate) struct Step {
 #[pymethods]
 impl Step {
     fn __repr__(&self, py: Python<'_>) -> String {
+        let clip = self
+            .clip_timesteps
+            .map_or(String::new(), |c| format!(", clip_timesteps={c}"));
         format!(
-            "Step(stage={:?}, tokens={}, known_before={}, diffusion_steps={}, cfg={}, temperature={})",
+            "Step(stage={:?}, tokens={}, known_before={}, diffusion_steps={}{clip}, cfg={}, temperature={})",
             self.stage,
             numpy::PyUntypedArrayMethods::len(self.tokens.bind(py)),
             self.known_before,

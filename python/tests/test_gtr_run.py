@@ -76,6 +76,9 @@ def test_plan_matches_plan_json(cli, name, seed, grid, params):
         assert step.tokens.tolist() == w["tokens"]
         assert (step.known_before, step.diffusion_steps) == (w["known_before"], w["diffusion_steps"])
         assert (step.cfg, step.temperature, step.detail) == (w["cfg"], w["temperature"], w["detail"])
+        assert step.clip_timesteps == w.get("clip_timesteps")
+        if step.clip_timesteps is not None:
+            assert f"clip_timesteps={step.clip_timesteps}" in repr(step)
     assert p.grid == tuple(want["grid"]) and p.seed == seed
     assert p.stages == want["stages"] and p.params == want["params"]
 
