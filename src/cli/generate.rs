@@ -121,7 +121,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         _ => Classes::Balanced,
     };
     // A class the model lacks, before the model is loaded.
-    gtr_run::run::jobs::labels(&classes, args.num_images, &bundle.model_info())?;
+    classes.check(&bundle.model_info())?;
     let out = args.out.unwrap_or_else(|| {
         default_out_dir(
             &bundle.manifest.name,

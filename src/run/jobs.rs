@@ -19,6 +19,22 @@ pub enum Classes {
     List(Vec<i64>),
 }
 
+impl Classes {
+    /// Refuses a class asked for that the model `info` lacks (balanced
+    /// classes are the model's own), without making every image's label.
+    pub fn check(&self, info: &ModelInfo) -> Result<(), RunError> {
+        let asked: &[i64] = match self {
+            Classes::Balanced => &[],
+            Classes::One(c) => std::slice::from_ref(c),
+            Classes::List(list) => list,
+        };
+        for &label in asked {
+            crate::engine::check_label(info, label).map_err(RunError::Invalid)?;
+        }
+        Ok(())
+    }
+}
+
 /// One of `n` contiguous parts of a run's image indices (`--shard K/N`).
 ///
 /// Shards count from 0, as Kubernetes indexed Jobs (`JOB_COMPLETION_INDEX`)
@@ -106,13 +122,11 @@ pub fn labels(
     num_images: usize,
     info: &ModelInfo,
 ) -> Result<Vec<i64>, RunError> {
-    let labels: Vec<i64> = (0..num_images)
+    // Balanced labels are the model's own classes (or its null class).
+    classes.check(info)?;
+    Ok((0..num_images)
         .map(|i| label_for(classes, i, num_images, info.classes, info.null_class))
-        .collect();
-    for &label in &labels {
-        crate::engine::check_label(info, label).map_err(RunError::Invalid)?;
-    }
-    Ok(labels)
+        .collect())
 }
 
 #[cfg(test)]
