@@ -97,7 +97,7 @@ pub(crate) fn non_negative(what: &str, v: Option<f64>) -> Result<Option<f64>, Fa
     match v {
         Some(x) if !gtr_run::plan::is_sampler_scale(x) => Err(Failure::Value(format!(
             "{what}: {} is not {}",
-            gtr_run::plan::fmt_num(x),
+            gtr_run::schedule::fmt_num(x),
             gtr_run::plan::SAMPLER_SCALE_RULE
         ))),
         _ => Ok(v),

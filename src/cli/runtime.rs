@@ -197,7 +197,8 @@ fn parse_threads(s: &str) -> Result<usize, String> {
 
 /// A guidance scale or temperature ([`gtr_plan::plan::is_sampler_scale`]).
 fn parse_non_negative(s: &str) -> Result<f64, String> {
-    use gtr_plan::plan::{SAMPLER_SCALE_RULE, fmt_num, is_sampler_scale};
+    use gtr_plan::plan::{SAMPLER_SCALE_RULE, is_sampler_scale};
+    use gtr_plan::schedule::fmt_num;
     match s.parse::<f64>() {
         Ok(v) if is_sampler_scale(v) => Ok(v),
         Ok(v) => Err(format!("{} is not {SAMPLER_SCALE_RULE}", fmt_num(v))),
@@ -219,8 +220,8 @@ pub fn overrides_map(
         if let Some(first) = map.insert(name.clone(), value) {
             bail!(
                 "--set {name}: given twice ({} and {}); keep one",
-                gtr_run::plan::fmt_num(first),
-                gtr_run::plan::fmt_num(value)
+                gtr_run::schedule::fmt_num(first),
+                gtr_run::schedule::fmt_num(value)
             );
         }
     }

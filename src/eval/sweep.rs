@@ -11,8 +11,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{Comparison, Contender, mean_std};
-use crate::plan::fmt_num;
-use crate::schedule::{Schedule, ScheduleError};
+use crate::schedule::{Schedule, ScheduleError, fmt_num};
 
 /// One parameter of a sweep and its values (`--set name=v1,v2,...`).
 #[derive(Debug, Clone, PartialEq)]

@@ -525,7 +525,7 @@ impl Bundle {
             if !gtr_plan::plan::is_sampler_scale(v) {
                 return Err(format!(
                     "`{key}` is {}; it must be {}",
-                    gtr_plan::plan::fmt_num(v),
+                    gtr_plan::schedule::fmt_num(v),
                     gtr_plan::plan::SAMPLER_SCALE_RULE
                 ));
             }

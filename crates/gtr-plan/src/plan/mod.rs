@@ -23,7 +23,7 @@ use crate::rng::{Purpose, Stream};
 use crate::schedule::ast::{Expr, RampShape, Rounding, Selector};
 use crate::schedule::expr::{self, Env};
 use crate::schedule::{
-    Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, Stage, StepCount,
+    Cfg, Diagnostic, DiffusionRule, Order, Schedule, Source, Span, Stage, StepCount, fmt_num,
 };
 
 /// Model defaults and command-line overrides applied while planning.
@@ -729,18 +729,6 @@ pub fn round_half_even(x: f64) -> f64 {
 
 fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
-}
-
-/// A number as a person would write it (`24`, `2.5`).
-pub fn fmt_num(v: f64) -> String {
-    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
-        format!("{}", v as i64)
-    } else if v.is_finite() && v != 0.0 && !(1e-6..1e15).contains(&v.abs()) {
-        // Far from 1, the exponent form: `1e300`, not 301 digits.
-        format!("{v:e}")
-    } else {
-        format!("{v}")
-    }
 }
 
 #[cfg(test)]

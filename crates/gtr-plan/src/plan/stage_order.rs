@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::order::{self, KeyOrder, ListedOrder, NotAPermutation, TokenOrder};
-use super::{PlanEnv, fmt_num, per_cell};
+use super::{PlanEnv, per_cell};
 use crate::grid::Grid;
 use crate::schedule::ast::Expr;
 use crate::schedule::expr;
+use crate::schedule::fmt_num;
 use crate::schedule::{Diagnostic, Order, OrderKind, Source, Span, Stage};
 
 /// The rule ordering `stage`'s `tokens` (ascending) on `grid`.

@@ -5,8 +5,8 @@ use std::fmt::Write;
 
 use super::stage_label;
 use crate::cost::Cost;
-use crate::plan::{Plan, fmt_num};
-use crate::schedule::Schedule;
+use crate::plan::Plan;
+use crate::schedule::{Schedule, fmt_num};
 
 /// The grid of the 1-based step that reveals each token, fixed-width;
 /// `?` for a token of an adaptive stage (its step is chosen at run time),

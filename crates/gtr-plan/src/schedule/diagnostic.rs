@@ -4,6 +4,19 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// A number as a person would write it in a message (`24`, `2.5`,
+/// `1e300`).
+pub fn fmt_num(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else if v.is_finite() && v != 0.0 && !(1e-6..1e15).contains(&v.abs()) {
+        // Far from 1, the exponent form: `1e300`, not 301 digits.
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
 /// A byte range `[start, end)` in a schedule's source text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Span {
@@ -109,7 +122,7 @@ impl Diagnostic {
     pub fn with_set_params<'a>(self, set: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
         let set: Vec<String> = set
             .into_iter()
-            .map(|(name, v)| format!("{name} = {}", crate::plan::fmt_num(v)))
+            .map(|(name, v)| format!("{name} = {}", fmt_num(v)))
             .collect();
         if set.is_empty() {
             return self;
