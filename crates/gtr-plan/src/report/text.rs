@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use super::stage_label;
 use crate::cost::Cost;
-use crate::plan::Plan;
+use crate::plan::{Plan, PlanStep};
 use crate::schedule::{Schedule, fmt_num};
 
 /// The grid of the 1-based step that reveals each token, fixed-width;
@@ -99,36 +99,52 @@ pub fn step_table(plan: &Plan) -> String {
         .max()
         .unwrap_or(5)
         .max(5);
+    // `50 ≤950`: 50 steps, timesteps clipped to at most 950 (a step's
+    // detail chains are clipped alike).
+    let chain = |step: &PlanStep, steps: u32| match step.clip_timesteps {
+        None => steps.to_string(),
+        Some(clip) => format!("{steps} ≤{clip}"),
+    };
+    let fts: Vec<String> = plan
+        .steps
+        .iter()
+        .map(|step| match step.detail {
+            None => "-".to_string(),
+            Some(d) => format!(
+                "{} by {} -> {}",
+                d.count,
+                d.selector.name(),
+                chain(step, d.steps)
+            ),
+        })
+        .collect();
+    let fts_width = fts
+        .iter()
+        .map(|f| f.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(22);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<22}  {:>6}  {:>5}",
+        "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<fts_width$}  {:>6}  {:>5}",
         "step", "stage", "tokens", "known", "diffusion", "fts", "cfg", "temp"
     );
-    for (k, step) in plan.steps.iter().enumerate() {
+    for (k, (step, fts)) in plan.steps.iter().zip(&fts).enumerate() {
         // `*`: the count is planned, the tokens are chosen at run time.
         let tokens = match step.adaptive {
             Some(_) => format!("{}*", step.tokens.len()),
             None => step.tokens.len().to_string(),
         };
-        let fts = match step.detail {
-            None => "-".to_string(),
-            Some(d) => format!("{} by {} -> {}", d.count, d.selector.name(), d.steps),
-        };
         let cfg = step.cfg.map_or("-".to_string(), |c| format!("{c:.4}"));
-        // `50 ≤950`: 50 steps, timesteps clipped to at most 950.
-        let diffusion = match step.clip_timesteps {
-            None => step.diffusion_steps.to_string(),
-            Some(clip) => format!("{} ≤{clip}", step.diffusion_steps),
-        };
         let _ = writeln!(
             out,
-            "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<22}  {:>6}  {:>5.2}",
+            "{:>4}  {:<name_width$}  {:>6}  {:>5}  {:>9}  {:<fts_width$}  {:>6}  {:>5.2}",
             k + 1,
             plan.stages[step.stage].name,
             tokens,
             step.known_before,
-            diffusion,
+            chain(step, step.diffusion_steps),
             fts,
             cfg,
             step.temperature
@@ -215,4 +231,29 @@ pub fn cost_table(c: &Cost) -> String {
     }
     let _ = writeln!(out, "  total     {:>8.3} TFLOPs", c.total_flops() / 1e12);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grid::Grid;
+    use crate::plan::plan;
+    use crate::schedule::Source;
+
+    /// A clipped stage shows its clip beside its chains' steps, FTS detail
+    /// chains included; an unclipped one shows none.
+    #[test]
+    fn the_step_table_marks_clipped_chains() {
+        let text = "grid 2x2
+            stage a { tokens i < 1 steps 1 diffusion 50 clip_timesteps 950 fts top 50% by high_freq -> 40 }
+            stage b { tokens rest steps 1 diffusion 30 fts top 50% by high_freq -> 20 }";
+        let schedule =
+            Schedule::from_source(Source::new("c.gtr", text), &Default::default()).unwrap();
+        let table = step_table(&plan(&schedule, Grid::new(2, 2), 0).unwrap());
+        let rows: Vec<&str> = table.lines().skip(1).collect();
+        assert!(rows[0].contains("50 ≤950"), "{table}");
+        assert!(rows[0].contains("by high_freq -> 40 ≤950"), "{table}");
+        assert!(!rows[1].contains('≤'), "{table}");
+        assert!(rows[1].contains("by high_freq -> 20 "), "{table}");
+    }
 }
