@@ -199,6 +199,16 @@ fn chains_longer_than_the_training_chain_are_refused_up_front() {
         ],
         "schedule `mar-8` does not fit the model: MAR step 0 (stage `generate`) asks for 100 diffusion steps",
     );
+    // `plan --cost BUNDLE` plans as a run on the bundle does: it does not
+    // price a plan the run refuses.
+    let o = common::gtr_run(&["plan", "schedules/gtr.gtr", "--cost", b]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!("schedule schedules/gtr.gtr: {want}")),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
 }
 
 /// A small replay file whose `.npy` header claims a huge shape is refused

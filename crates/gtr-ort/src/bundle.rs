@@ -585,7 +585,9 @@ impl Bundle {
     /// the bundle's grid (a schedule stating another is refused at its
     /// `grid` line), with the bundle's guidance and temperature defaults,
     /// so that guided steps cost both branches (`gtr-run plan --cost
-    /// BUNDLE`, `Plan.cost(bundle)` in Python).
+    /// BUNDLE`, `Plan.cost(bundle)` in Python). A plan the bundle cannot
+    /// run (a chain longer than its training chain) is refused, as a run
+    /// refuses it.
     pub fn plan(
         &self,
         schedule: &gtr_plan::schedule::Schedule,
@@ -594,9 +596,16 @@ impl Bundle {
         use gtr_plan::schedule::ScheduleError;
         schedule.check_model_grid(self.grid(), &self.manifest.name)?;
         let options = self.manifest.sampling.plan_options(None, None);
-        gtr_plan::plan::Planner::new(schedule, self.grid())
+        let plan = gtr_plan::plan::Planner::new(schedule, self.grid())
             .and_then(|p| p.plan_with(seed, &options))
-            .map_err(|d| ScheduleError::Invalid(Box::new(d)))
+            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
+        gtr_engine::check_plan(&self.model_info(), &plan).map_err(|problem| {
+            ScheduleError::Text {
+                path: schedule.source.name.clone(),
+                problem,
+            }
+        })?;
+        Ok(plan)
     }
 
     /// The manifest's default precision, if it sets one (checked at open).
