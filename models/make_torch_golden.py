@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import reference_sampler as np_ref  # noqa: E402  (models/fixtures/reference_sampler.py)
+from make_golden import finish, linear_ramp, uniform_sizes  # noqa: E402  (the numpy goldens' cases)
 from models import export_mar, make_fake_checkpoint  # noqa: E402
 from models.torch import reference_sampler as torch_ref  # noqa: E402
 from models.torch.diffusion import train_alphas_cumprod  # noqa: E402
@@ -117,32 +118,6 @@ def build_model(log=print):
 
 # -- cases ----------------------------------------------------------------------------------
 
-def uniform_sizes(n, m):
-    return [(k + 1) * n // m - k * n // m for k in range(m)]
-
-
-def linear_ramp(a, b, steps):
-    """b + round_half_even((u − g)/u · (a − b)), g = 0 … u, u = steps − 1."""
-    u = steps - 1
-    return [b + round((u - g) / u * (a - b)) for g in range(steps)]
-
-
-def _finish(case, rng, B, L, C):
-    S = len(case["step_sizes"])
-    for k, dt in (("step_sizes", np.int64), ("diffusion_steps", np.int64), ("detail_steps", np.int64),
-                  ("detail_selector", np.int64), ("detail_fraction", np.float64), ("cfg", np.float64),
-                  ("temperature", np.float64)):
-        case[k] = np.asarray(case[k], dtype=dt)
-        assert case[k].shape == (S,), k
-    case["labels"] = np.asarray(case["labels"], dtype=np.int64)
-    case["order"] = np.asarray(case["order"], dtype=np.int64)
-    on = case["detail_selector"] != 0
-    tmax = int(max(case["diffusion_steps"].max(), case["detail_steps"][on].max(initial=0)))
-    case["init_noise"] = rng.standard_normal([B, L, C]).astype(np.float32)
-    case["step_noise"] = rng.standard_normal([B, L, tmax, C]).astype(np.float32)
-    return case
-
-
 def case_gtr_cfg(cfg):
     """B = 2, labels [3, 7]; GtR K = 3 checkerboard: (i+j)%4==0 in 3 steps, (i+j)%4==2 in 2, odd
     in 1; linear cfg 3.0; diffusion 6 -> 3 over generation, 3 in reconstruction; FTS top 10% by
@@ -165,7 +140,7 @@ def case_gtr_cfg(cfg):
         "detail_fraction": [0.0] * gen + [0.1], "detail_steps": [0] * gen + [6],
         "detail_selector": [torch_ref.SELECTOR_NONE] * gen + [torch_ref.SELECTOR_HIGH],
     }
-    return _finish(case, rng, B, L, C)
+    return finish(case, rng, B, L, C)
 
 
 def case_mar_nocfg(cfg):
@@ -181,7 +156,7 @@ def case_mar_nocfg(cfg):
         "detail_fraction": [0.25] * S, "detail_steps": [5] * S,
         "detail_selector": [torch_ref.SELECTOR_LOW] * S,
     }
-    return _finish(case, rng, 1, L, C)
+    return finish(case, rng, 1, L, C)
 
 
 def case_null_t1(cfg):
@@ -196,7 +171,7 @@ def case_null_t1(cfg):
         "diffusion_steps": [1, 2, 3, 2], "detail_fraction": [0.0, 0.0, 0.0, 1.0],
         "detail_steps": [0, 0, 0, 4], "detail_selector": [0, 0, 0, torch_ref.SELECTOR_ALL],
     }
-    return _finish(case, rng, 2, L, C)
+    return finish(case, rng, 2, L, C)
 
 
 CASES = {"gtr_cfg": case_gtr_cfg, "mar_nocfg": case_mar_nocfg, "null_t1": case_null_t1}
