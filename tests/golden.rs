@@ -120,8 +120,24 @@ fn plans(g: &mut Golden) -> (Vec<Plan>, Array2<i64>, Array1<i64>) {
     (plans, order, labels)
 }
 
-fn max_abs_diff(a: impl Iterator<Item = f32>, b: impl Iterator<Item = f32>) -> f32 {
-    a.zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+/// The largest |a − b| of two arrays of one shape; NaN where either holds
+/// a NaN (so no tolerance passes it).
+fn max_abs_diff<D: ndarray::Dimension>(
+    what: &str,
+    a: &ndarray::Array<f32, D>,
+    b: &ndarray::Array<f32, D>,
+) -> f32 {
+    assert_eq!(a.shape(), b.shape(), "{what}: shapes differ");
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
 }
 
 fn check_case(name: &str) {
@@ -198,10 +214,11 @@ fn check_case_with(
     let want_pixels: Array4<u8> = g.get("pixels");
     let want_detail: Array2<bool> = g.get("detail_mask");
     assert_eq!(out.detail, want_detail, "{name}: FTS chose other tokens");
-    let dt = max_abs_diff(out.tokens.iter().copied(), want_tokens.iter().copied());
-    let di = max_abs_diff(out.images.iter().copied(), want_images.iter().copied());
+    let dt = max_abs_diff(&format!("{name} tokens"), &out.tokens, &want_tokens);
+    let di = max_abs_diff(&format!("{name} images"), &out.images, &want_images);
     assert!(dt <= tol.values, "{name}: tokens differ by {dt}");
     assert!(di <= tol.values, "{name}: images differ by {di}");
+    assert_eq!(out.pixels.shape(), want_pixels.shape(), "{name}: pixels");
     let off: Vec<i32> = out
         .pixels
         .iter()
