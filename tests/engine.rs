@@ -72,6 +72,39 @@ fn same_seed_same_tokens_other_seed_other_tokens() {
     assert_ne!(run(&s, &jobs(3, 0..2)), run(&s, &jobs(4, 0..2)));
 }
 
+/// FTS `random` draws its detail tokens from each image's selection
+/// stream: the planned count per step, the same tokens for the same seed,
+/// other tokens for another seed, and not the tokens `high_freq` picks.
+#[test]
+fn random_fts_draws_its_tokens_from_the_image_seed() {
+    let text = |selector: &str| {
+        format!(
+            "partition checker(2)
+             cfg constant 2
+             diffusion 4
+             stage a {{ tokens S1 order random steps 2 }}
+             stage b {{ tokens rest order random steps 2 fts top 25% by {selector} -> 8 }}"
+        )
+    };
+    let detail = |selector: &str, seed: u64| {
+        let s = schedule(&text(selector));
+        let jobs = jobs(seed, 0..2);
+        let mut engine = Engine::new(FakeModel::new());
+        engine
+            .generate(&plans(&s, &jobs), &jobs, &SeededNoise, |_, _| {})
+            .unwrap()
+            .detail
+    };
+    let random = detail("random", 5);
+    // Stage b's 128 tokens in 2 steps of 64, a quarter of each: 2 x 16.
+    for (img, row) in random.outer_iter().enumerate() {
+        assert_eq!(row.iter().filter(|&&d| d).count(), 32, "image {img}");
+    }
+    assert_eq!(random, detail("random", 5), "same seed");
+    assert_ne!(random, detail("random", 6), "other seed");
+    assert_ne!(random, detail("high_freq", 5), "not the high_freq tokens");
+}
+
 /// One image (seed 1, class 2) of the schedule `text` on the fake model's
 /// 4x4 grid: its plan, the engine after it, and its output.
 fn one_image_on_4x4(text: &str) -> (Plan, Engine<FakeModel>, gtr_run::engine::BatchOutput) {

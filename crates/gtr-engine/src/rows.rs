@@ -270,8 +270,9 @@ impl RowSources<'_> {
 
 /// Which of image `img`'s `count` predicted tokens at step `s` get the
 /// step's FTS detail steps: the rule's top `count` by their conditioning
-/// vectors' scores (`z[img, slot]`), ties and `random` broken by the
-/// image's selection stream (from `job`'s seed).
+/// vectors' scores (`z[img, slot]`, ties to the lower token), or for
+/// `random` the lowest draws of the image's selection stream (from `job`'s
+/// seed, one block per step).
 fn detail_tokens(
     fts: &mut FtsScorer,
     job: ImageJob,

@@ -122,7 +122,8 @@ mod tests {
     #[test]
     fn selection_rules() {
         let scores = [0.5, 3.0, 1.0, 3.0, 0.1];
-        let draws = [5, 1, 4, 2, 3];
+        // The lowest draws are neither the highest nor the lowest scores.
+        let draws = [1, 5, 2, 4, 3];
         assert_eq!(
             select(&scores, 2, Selector::HighFreq, &draws),
             [false, true, false, true, false]
@@ -137,7 +138,11 @@ mod tests {
         );
         assert_eq!(
             select(&scores, 2, Selector::Random, &draws),
-            [false, true, false, true, false]
+            [true, false, true, false, false]
+        );
+        assert_eq!(
+            select(&scores, 1, Selector::Random, &[4, 3, 9, 0, 7]),
+            [false, false, false, true, false]
         );
         assert_eq!(select(&scores, 1, Selector::All, &draws), [true; 5]);
     }
