@@ -771,7 +771,13 @@ mod tests {
             .map(|g| ramp_value(RampShape::Cosine, Rounding::Floor, 50, 5, g, 64))
             .collect();
         assert_eq!((cos[0], cos[63]), (50, 5));
-        assert!(cos.windows(2).all(|w| w[0] >= w[1]));
+        // mar.md §6.3: lower + int((cos(π·s/u) + 1)/2 · (upper − lower)).
+        for (g, &t) in cos.iter().enumerate() {
+            let w = ((std::f64::consts::PI * g as f64 / 63.0).cos() + 1.0) / 2.0;
+            assert_eq!(t, 5 + (w * 45.0) as u32, "step {g}");
+        }
+        // Above the linear ramp in the first half, below it in the second.
+        assert!(cos[16] > lin[16] && cos[47] < lin[47], "{cos:?}");
     }
 
     #[test]
