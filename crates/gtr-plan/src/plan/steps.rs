@@ -190,3 +190,53 @@ impl Plan {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::grid::Grid;
+    use crate::plan::plan;
+    use crate::schedule::{Schedule, Source};
+
+    /// A plan of the 2x2 grid in two steps of two tokens.
+    fn two_steps() -> super::Plan {
+        let text = "grid 2x2\nstage a { tokens all order raster steps 2 }";
+        let schedule =
+            Schedule::from_source(Source::new("p.gtr", text), &Default::default()).unwrap();
+        plan(&schedule, Grid::new(2, 2), 0).unwrap()
+    }
+
+    /// Each way a plan can break its invariants is named.
+    #[test]
+    fn broken_plans_are_named() {
+        let good = two_steps();
+        assert_eq!(good.check_invariants(), Ok(()));
+        assert_eq!(good.steps[0].tokens, [0, 1]);
+        let broken = |edit: &dyn Fn(&mut super::Plan)| {
+            let mut p = good.clone();
+            edit(&mut p);
+            p.check_invariants().unwrap_err()
+        };
+        assert_eq!(
+            broken(&|p| p.steps[1].tokens.clear()),
+            "step 1 reveals no token"
+        );
+        assert_eq!(
+            broken(&|p| p.steps[1].known_before = 1),
+            "step 1: known_before 1 != 2"
+        );
+        assert_eq!(
+            broken(&|p| p.steps[1].tokens[0] = 4),
+            "step 1 reveals token 4, outside the grid"
+        );
+        assert_eq!(
+            broken(&|p| p.steps[1].tokens[0] = 1),
+            "token 1 is revealed twice (again at step 1)"
+        );
+        assert_eq!(
+            broken(&|p| {
+                p.steps[1].tokens.pop();
+            }),
+            "token 3 is never revealed"
+        );
+    }
+}
