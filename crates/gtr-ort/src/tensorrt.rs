@@ -440,10 +440,23 @@ mod tests {
         // rows) and 40 of 6 (240), so opt is 24; one image's last rows: 1.
         assert_eq!(r.diffusion_rows, range(1, 24, 24));
         assert_eq!(r.images, range(1, 3, 3));
-        // A second schedule widens the ranges.
+        // One image a batch narrows them.
         let r1 = ShapeRanges::from_plans(&[&p], 1, 1000);
         assert_eq!(r1.backbone_batch, range(1, 2, 2));
         assert_eq!(r1.diffusion_rows, range(1, 8, 8));
+        // A second schedule widens them: all 16 tokens in one guided step
+        // of 40 ticks, 16 × 2 × 3 = 96 rows a call, the most rows in all.
+        let text = "grid 4x4\ndiffusion 40\nstage a { tokens all order raster steps 1 cfg 2.0 }";
+        let s = Schedule::from_source(Source::new("<wide>", text), &BTreeMap::new()).unwrap();
+        let q = gtr_plan::plan::plan(&s, Grid::new(4, 4), 0).unwrap();
+        let both = ShapeRanges::from_plans(&[&p, &q], 3, 1000);
+        assert_eq!(both.diffusion_rows, range(1, 96, 96));
+        // K: 0, 8, 12 and the second plan's 0.
+        assert_eq!(both.known, range(0, 8, 12));
+        assert_eq!(both.backbone_batch, range(1, 6, 6));
+        let q_only = ShapeRanges::from_plans(&[&q], 3, 1000);
+        assert_eq!(q_only.diffusion_rows, range(16, 96, 96));
+        assert_eq!(q_only.known, range(0, 0, 0));
     }
 
     /// A clipped chain is counted as it runs: 50 steps at clip 950 are 48
