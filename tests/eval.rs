@@ -47,6 +47,25 @@ fn speed_and_cost_columns_without_an_evaluator() {
     assert_eq!(rows[0]["images_timed"], 2);
     assert!(rows[1]["wall_seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(v["derived"][0]["speedup_measured"], 1.0);
+    // Row 1's measured speed-up is row 0's seconds per image over its own,
+    // inside its per-round range.
+    let per_image = |k: usize| {
+        rows[k]["wall_seconds"].as_f64().unwrap() / rows[k]["images_timed"].as_f64().unwrap()
+    };
+    let derived = &v["derived"][1];
+    assert_eq!(derived["seconds_per_image"].as_f64().unwrap(), per_image(1));
+    let measured = derived["speedup_measured"].as_f64().unwrap();
+    let want = per_image(0) / per_image(1);
+    assert!(
+        (measured - want).abs() <= 1e-12 * want,
+        "{measured} vs {want}"
+    );
+    let range = &derived["speedup_range"];
+    let (lo, hi) = (range[0].as_f64().unwrap(), range[1].as_f64().unwrap());
+    assert!(
+        lo <= measured * (1.0 + 1e-9) && measured <= hi * (1.0 + 1e-9),
+        "{lo} {measured} {hi}"
+    );
     // The analytic ratio of the two presets on this model.
     let flops = v["derived"][1]["speedup_flops"].as_f64().unwrap();
     assert!((flops - 3.24).abs() < 0.01, "{flops}");
