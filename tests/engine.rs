@@ -258,6 +258,31 @@ fn replay_sets_order_and_noise() {
     let mut engine = Engine::new(FakeModel::new());
     let b = engine.generate(&plan, &job, &replay, |_, _| {}).unwrap();
     assert_eq!(a.tokens, b.tokens);
+    // Each step reveals the replay's next tokens (listed ascending), not
+    // the plan's own.
+    let mut want = Vec::new();
+    let mut reversed = (0..l).rev();
+    for step in &plan[0].steps {
+        let mut tokens: Vec<usize> = reversed.by_ref().take(step.tokens.len()).collect();
+        tokens.sort_unstable();
+        want.extend(tokens);
+    }
+    assert_eq!(a.reveal_orders[0], want);
+    assert_ne!(
+        plan[0].steps[0].tokens,
+        want[..plan[0].steps[0].tokens.len()]
+    );
+    // The initial noise is the replay's.
+    let other_init = Replay {
+        init_noise: Array3::from_elem((1, l, c), -0.5),
+        ..replay.clone()
+    };
+    let mut engine = Engine::new(FakeModel::new());
+    let moved = engine
+        .generate(&plan, &job, &other_init, |_, _| {})
+        .unwrap();
+    assert_ne!(a.tokens, moved.tokens);
+    assert_eq!(moved.reveal_orders, a.reveal_orders);
     // Zero step noise and equal initial noise: tokens differ only through
     // their position and context, never through a random draw.
     let seeded = engine
