@@ -123,6 +123,42 @@ mod tests {
         crate::plan::plan(&schedule, grid, 0).unwrap()
     }
 
+    /// Each token's cell has its reveal step's colour on the left, and in
+    /// the stage panels its own stage's colour, grey where an earlier stage
+    /// revealed it and white where a later one will.
+    #[test]
+    fn cells_show_their_step_and_stage() {
+        let plan = plan_of(
+            "stage a { tokens i == 0  order raster  steps 2 }\nstage b { tokens rest  order raster  steps 1 }",
+            Grid::new(2, 2),
+        );
+        let img = render(&plan);
+        let cell = cell_size(&plan);
+        assert_eq!(cell, 32);
+        let at = |panel: u32, t: usize| {
+            let (i, j) = plan.grid.cell(t);
+            let x = GAP + panel * (2 * cell + GAP) + j as u32 * cell + cell / 2;
+            *img.get_pixel(x, GAP + i as u32 * cell + cell / 2)
+        };
+        // Steps 0, 1, 2 of 3: the first, middle and last colours.
+        let (first, middle, last) = (colour(0.0), colour(0.5), colour(1.0));
+        assert_eq!(first, Rgb([68, 1, 84]));
+        assert_eq!(
+            [at(0, 0), at(0, 1), at(0, 2), at(0, 3)],
+            [first, middle, last, last]
+        );
+        assert_eq!(
+            [at(1, 0), at(1, 1), at(1, 2), at(1, 3)],
+            [first, middle, LATER, LATER]
+        );
+        assert_eq!(
+            [at(2, 0), at(2, 1), at(2, 2), at(2, 3)],
+            [KNOWN, KNOWN, last, last]
+        );
+        // Each cell's top-left border is the background.
+        assert_eq!(*img.get_pixel(GAP, GAP), BACKGROUND);
+    }
+
     /// Thousands of stages would ask for gigabytes; the picture keeps
     /// within MAX_PIXELS by leaving their panels out.
     #[test]
