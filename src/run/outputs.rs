@@ -60,16 +60,7 @@ pub(super) fn write_grid(
         return Ok(());
     };
     let (w, h) = first.dimensions();
-    let per_class_rows = classes > 0
-        && n.is_multiple_of(classes)
-        && n >= classes
-        && labels.windows(2).all(|p| p[0] <= p[1]);
-    let cols = match (per_class_rows, n / classes.max(1)) {
-        // One image per class: a single row, in class order.
-        (true, 1) => n,
-        (true, per_class) => per_class,
-        (false, _) => (n as f64).sqrt().ceil() as usize,
-    };
+    let cols = grid_columns(n, labels, classes);
     let rows = n.div_ceil(cols);
     let gap = 2u32;
     let mut grid = RgbImage::from_pixel(
@@ -95,6 +86,25 @@ pub(super) fn write_grid(
         .expect("PNG encoding to memory");
     let path = out.join("grid.png");
     write_atomic(&path, &bytes).map_err(|source| RunError::Write { path, source })
+}
+
+/// The columns of `grid.png` for `n` images of `labels` on a model of
+/// `classes` classes: a row per class when every class has as many images
+/// and the labels come in class order, else a near-square grid.
+fn grid_columns(n: usize, labels: &[i64], classes: usize) -> usize {
+    let per_class_rows = classes > 0
+        && n.is_multiple_of(classes)
+        && n >= classes
+        && labels.windows(2).all(|p| p[0] <= p[1]);
+    if per_class_rows {
+        // One image per class: a single row, in class order.
+        match n / classes {
+            1 => n,
+            per_class => per_class,
+        }
+    } else {
+        (n as f64).sqrt().ceil() as usize
+    }
 }
 
 /// An image file as 8-bit RGB; grey images have their channel repeated.
@@ -197,6 +207,45 @@ impl WriteNpyExt for PngStack<'_> {
 mod tests {
     use super::*;
     use ndarray::Axis;
+
+    /// A row per class for balanced runs in class order (one row when
+    /// each class has one image), else a near-square grid.
+    #[test]
+    fn the_grid_has_a_row_per_class_when_the_classes_are_balanced() {
+        let balanced = |n: usize, classes: usize| -> Vec<i64> {
+            (0..n).map(|i| (i * classes / n) as i64).collect()
+        };
+        assert_eq!(grid_columns(20, &balanced(20, 10), 10), 2);
+        assert_eq!(grid_columns(10, &balanced(10, 10), 10), 10);
+        // Not a multiple of the classes, labels out of order, fewer images
+        // than classes, an unconditional model: near-square.
+        assert_eq!(grid_columns(21, &balanced(21, 10), 10), 5);
+        let cycled: Vec<i64> = (0..20).map(|i| i % 10).collect();
+        assert_eq!(grid_columns(20, &cycled, 10), 5);
+        assert_eq!(grid_columns(3, &[0, 3, 6], 10), 2);
+        assert_eq!(grid_columns(9, &[10; 9], 0), 3);
+    }
+
+    /// Image k sits at row k / columns, column k % columns, 2 pixels apart.
+    #[test]
+    fn the_grid_tiles_the_images_in_order() {
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path();
+        for k in 0..4u8 {
+            let img = ndarray::Array3::from_elem((3, 5, 3), 40 * (k + 1));
+            std::fs::write(image_path(dir, k as usize), encode_png(&img)).unwrap();
+        }
+        write_grid(dir, 4, &[0, 0, 1, 1], 2).unwrap();
+        let grid = image::open(dir.join("grid.png")).unwrap().to_rgb8();
+        assert_eq!(grid.dimensions(), (2 * (5 + 2) + 2, 2 * (3 + 2) + 2));
+        for k in 0..4u32 {
+            let (x, y) = (2 + (k % 2) * 7, 2 + (k / 2) * 5);
+            let want = 40 * (k as u8 + 1);
+            assert_eq!(grid.get_pixel(x, y).0, [want; 3], "image {k}");
+            assert_eq!(grid.get_pixel(x + 4, y + 2).0, [want; 3], "image {k}");
+        }
+        assert_eq!(grid.get_pixel(0, 0).0, [255; 3]);
+    }
 
     #[test]
     fn npz_repeats_grey_images_to_three_channels_and_refuses_mixed_sizes() {
