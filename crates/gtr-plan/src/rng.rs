@@ -162,6 +162,18 @@ mod tests {
         assert_eq!(a, (0..4).map(|_| again.next_u64()).collect::<Vec<_>>());
         let mut other = Stream::new(8, Purpose::Order);
         assert_ne!(a[0], other.next_u64());
+        // One seed, four purposes: four different streams.
+        let purposes = [
+            Purpose::Order,
+            Purpose::ImageSeed,
+            Purpose::TokenNoise,
+            Purpose::Selection,
+        ];
+        let firsts: std::collections::BTreeSet<u64> = purposes
+            .iter()
+            .map(|&p| Stream::new(7, p).next_u64())
+            .collect();
+        assert_eq!(firsts.len(), purposes.len());
     }
 
     #[test]
