@@ -26,15 +26,23 @@ fn fail(problem: impl Into<String>) -> LibraryError {
     }
 }
 
-/// The cache folder for fetched libraries.
+/// The cache folder for fetched libraries (and TensorRT's engines):
+/// `$GTR_RUN_CACHE`, else `$XDG_CACHE_HOME/gtr-run`, else
+/// `$HOME/.cache/gtr-run`; an empty variable counts as unset.
 pub fn cache_dir() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GTR_RUN_CACHE").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
+    cache_dir_in(|name| std::env::var_os(name))
+}
+
+/// [`cache_dir`] with the environment read through `var`.
+fn cache_dir_in(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let set = |name: &str| var(name).filter(|p| !p.is_empty()).map(PathBuf::from);
+    if let Some(p) = set("GTR_RUN_CACHE") {
+        return Some(p);
     }
-    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p).join("gtr-run"));
+    if let Some(p) = set("XDG_CACHE_HOME") {
+        return Some(p.join("gtr-run"));
     }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("gtr-run"))
+    set("HOME").map(|h| h.join(".cache").join("gtr-run"))
 }
 
 fn library_file_name() -> String {
@@ -176,4 +184,41 @@ fn extract(wheel: &Path, lib: &Path) -> Result<(), LibraryError> {
     tmp.as_file().sync_all().map_err(writing)?;
     tmp.persist(lib).map_err(|e| writing(e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `GTR_RUN_CACHE` before `XDG_CACHE_HOME` before `HOME`; an empty one
+    /// is skipped (an empty `HOME` made a folder relative to the working
+    /// directory).
+    #[test]
+    fn the_cache_folder_follows_the_environment_in_order() {
+        let env = |vars: &[(&str, &str)]| {
+            cache_dir_in(|name| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            })
+        };
+        let all = [
+            ("GTR_RUN_CACHE", "/c"),
+            ("XDG_CACHE_HOME", "/x"),
+            ("HOME", "/h"),
+        ];
+        assert_eq!(env(&all), Some(PathBuf::from("/c")));
+        assert_eq!(env(&all[1..]), Some(PathBuf::from("/x/gtr-run")));
+        assert_eq!(env(&all[2..]), Some(PathBuf::from("/h/.cache/gtr-run")));
+        assert_eq!(
+            env(&[
+                ("GTR_RUN_CACHE", ""),
+                ("XDG_CACHE_HOME", ""),
+                ("HOME", "/h")
+            ]),
+            Some(PathBuf::from("/h/.cache/gtr-run"))
+        );
+        assert_eq!(env(&[("HOME", "")]), None);
+        assert_eq!(env(&[]), None);
+    }
 }

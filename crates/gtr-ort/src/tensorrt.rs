@@ -656,11 +656,4 @@ mod tests {
             "{e}"
         );
     }
-
-    #[test]
-    fn the_default_cache_is_under_the_gtr_run_cache() {
-        if let (Some(dir), Some(base)) = (default_cache_dir(), super::super::library::cache_dir()) {
-            assert_eq!(dir, base.join("tensorrt"));
-        }
-    }
 }
