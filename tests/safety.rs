@@ -769,15 +769,19 @@ fn onnx_runtime_writes_no_telemetry_store() {
     let home = tmp("telemetry-home");
     std::fs::create_dir_all(&home).unwrap();
     let out = home.join("run");
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_gtr-run"));
+    command
         .args([TINY, FAST, "--num-images", "1", "--out"])
         .arg(&out)
         .current_dir(root())
         .env("HOME", &home)
         .env_remove("XDG_CACHE_HOME")
-        .env_remove("ORT_DISABLE_TELEMETRY")
-        .output()
-        .unwrap();
+        .env_remove("ORT_DISABLE_TELEMETRY");
+    // The library the other tests use, not one fetched again into HOME.
+    if let Some(cache) = gtr_run::backend::library::cache_dir() {
+        command.env("GTR_RUN_CACHE", cache);
+    }
+    let run = command.output().unwrap();
     assert!(
         run.status.success(),
         "{}",
