@@ -9,7 +9,9 @@
    padded with zeros that never run leave the real rows' results as they were.
 3. Nothing in the tick graph stops ONNX Runtime's CUDA provider from capturing it in a CUDA graph
    (models/cuda_capture.py's reading of the provider's rule, itself tested on small graphs).
-4. The command line with --check exits 0 (run from the repository root, as documented).
+4. The command line with --check exits 0 (run from the repository root, as documented), for
+   add_sampler.py and add_backbone.py (whose check compares the backbone graph with the encoder
+   and decoder run apart).
 5. A valid block-style manifest and a failing --check are refused before any graph is written
    (add_sampler, add_backbone, split_head); a bundle with precision variants gets a note naming
    the convert_precision.py command, which then lists the new graph in the variant.
@@ -186,6 +188,13 @@ def test_command_line(tmp):
     r = subprocess.run([sys.executable, "models/add_sampler.py", bundle, "--check"], cwd=root,
                        capture_output=True, text=True)
     check(r.returncode == 0 and "tick graph" in r.stdout, f"the command line with --check: {r.stderr[-300:]}")
+    r = subprocess.run([sys.executable, "models/add_backbone.py", bundle, "--check"], cwd=root,
+                       capture_output=True, text=True)
+    compared = re.findall(r"max \|backbone - encoder, decoder, gather\| = (\S+)", r.stdout)
+    check(r.returncode == 0 and len(compared) == 2 and all(float(e) < 1e-5 for e in compared),
+          f"add_backbone.py --check compares the backbone with the two graphs: {r.stdout[-300:]}{r.stderr[-300:]}")
+    with open(os.path.join(bundle, "manifest.yaml")) as f:
+        check("backbone" in yaml.safe_load(f)["graphs"], "… and lists it in the manifest")
 
 
 def test_graphs_the_tools_cannot_build_on(tmp):

@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(MODELS))
 from models import convert_precision as cp  # noqa: E402
 from models import fuse_attention as fa  # noqa: E402
 from models import variants  # noqa: E402
-from models.add_backbone import add_backbone  # noqa: E402
+from models.add_backbone import add_backbone, check as backbone_check  # noqa: E402
 from models.onnx_save import read_manifest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +193,8 @@ def test_derived_graphs_rebuilt(tmp):
           "… and its backbone too")
     z = run_tiny_backbone(os.path.join(bundle, "backbone.onnx"))
     check(z.shape == (2, 2, 32) and np.isfinite(z).all(), "the fused backbone runs")
+    err = backbone_check(bundle, log=lambda *_: None)
+    check(err < 1e-5, f"… and gives the fused encoder and decoder's rows ({err:.2g})")
 
 
 def test_replaced_by_rename(tmp):

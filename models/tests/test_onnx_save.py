@@ -100,7 +100,7 @@ def test_save_model(tmp):
 
 
 def test_tools_on_external_data(tmp):
-    from models.add_backbone import add_backbone
+    from models.add_backbone import add_backbone, check as backbone_check
     from models.convert_precision import convert
     from models.fuse_attention import fuse_bundle
 
@@ -125,6 +125,8 @@ def test_tools_on_external_data(tmp):
     check(report["graphs"]["encoder"]["error_vs_fp32"]["max_abs"] < 0.05, "the fp16 variant was checked")
     z = run_tiny_backbone(os.path.join(bundle, "backbone.onnx"))
     check(z.shape == (2, 2, 32) and np.isfinite(z).all(), "ONNX Runtime runs the backbone from its data file")
+    err = backbone_check(bundle, log=lambda *_: None)
+    check(err < 1e-5, f"… and it gives the encoder and decoder's rows ({err:.2g})")
 
 
 def test_write_manifest(tmp):

@@ -387,17 +387,24 @@ def test_the_gil_is_released_while_generating():
     assert len(middle) > 1000, f"the other thread ran {len(middle)} times during {end - start:.2f} s"
 
 
-def test_ctrl_c_stops_a_generation(tiny):
+@pytest.mark.parametrize("progress", ["function", False, True])
+def test_ctrl_c_stops_a_generation(tiny, progress):
+    """Whatever reports progress (a Python function, which would see the
+    signal itself, nothing, or the bar), the generation checks for signals
+    between batches."""
     def interrupt():
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt).start()
     done = []
+    if progress == "function":
+        progress = lambda d, n: done.append(d)  # noqa: E731
+    threading.Thread(target=interrupt).start()
     start = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        tiny.generate(SCHEDULES / "gtr.gtr", 10_000, batch=1, progress=lambda d, n: done.append(d))
-    # Stopped at the end of the batch running when the signal came.
+        tiny.generate(SCHEDULES / "gtr.gtr", 10_000, batch=1, progress=progress)
+    # Stopped at the end of the batch running when the signal came (the
+    # whole run takes minutes).
     assert time.perf_counter() - start < 20 and len(done) < 100
 
 
