@@ -48,6 +48,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, MODELS)
+import add_sampler  # noqa: E402
 import convert_precision as cp  # noqa: E402
 import cuda_capture  # noqa: E402
 
@@ -276,6 +277,24 @@ def test_sampler_and_outside_files(tmp):
     check(cuda_capture.capture_blockers(onnx.load(os.path.join(bundle, "tick.fp16.onnx"))) == []
           and not any(line.startswith("note:") for line in lines),
           "nothing in the fp16 tick graph stops a CUDA graph capture")
+    # Around the fp16 head, not the fp32 one: they hold its fp16 weights, and they tick as the
+    # fp16 head ticked in NumPy does (add_sampler.check on a view of the bundle whose head,
+    # sampler and tick graphs are the fp16 ones).
+    for name in ("sampler.fp16.onnx", "tick.fp16.onnx"):
+        g = onnx.load(os.path.join(bundle, name))
+        halves = [i for i in g.graph.initializer if i.data_type == TensorProto.FLOAT16]
+        halves += [i for n in g.graph.node if n.op_type == "Loop" for a in n.attribute
+                   for i in a.g.initializer if i.data_type == TensorProto.FLOAT16]
+        check(len(halves) > 0, f"{name} holds the fp16 head's weights")
+    view = os.path.join(tmp, "with-sampler-fp16-view")
+    os.makedirs(view)
+    manifest = yaml.safe_load(open(path))
+    manifest["graphs"]["diffusion"]["file"] = os.path.join(bundle, "diffusion.fp16.onnx")
+    yaml.safe_dump(manifest, open(os.path.join(view, "manifest.yaml"), "w"))
+    for name in ("sampler", "tick"):
+        shutil.copyfile(os.path.join(bundle, f"{name}.fp16.onnx"), os.path.join(view, f"{name}.onnx"))
+    err = add_sampler.check(view, log=lambda *_: None)
+    check(err < 1e-3, f"the fp16 sampler and tick graphs tick as the fp16 head does ({err:.2g})")
 
 
 def test_a_variant_off_by_too_much_is_refused(tmp):
