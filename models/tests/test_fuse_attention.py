@@ -86,6 +86,22 @@ def test_command_line(tmp):
     r = subprocess.run([sys.executable, script, bundle], capture_output=True, text=True)
     check(r.returncode == 0 and "fused already" in r.stdout, "a second run finds the bundle fused already and exits 0")
     check(open(os.path.join(bundle, "encoder.onnx"), "rb").read() == before, "… and leaves the graph as it was")
+    # No attention chain anywhere (each Softmax made a Sigmoid): nothing to fuse is a failure.
+    plain = copy_tiny(tmp, "no-attention")
+    for role in ("encoder", "decoder"):
+        path = os.path.join(plain, f"{role}.onnx")
+        m = onnx.load(path)
+        for node in m.graph.node:
+            if node.op_type == "Softmax":
+                node.op_type = "Sigmoid"
+                del node.attribute[:]
+        onnx.save(m, path)
+    files = {n: open(os.path.join(plain, n), "rb").read() for n in os.listdir(plain)}
+    r = subprocess.run([sys.executable, script, plain], capture_output=True, text=True)
+    check(r.returncode == 1, f"a bundle without an attention chain exits 1 ({r.returncode}: "
+                             f"{(r.stdout + r.stderr).strip()[-200:]})")
+    check({n: open(os.path.join(plain, n), "rb").read() for n in os.listdir(plain)} == files,
+          "… and changes nothing")
 
 
 def test_unreadable_graph(tmp):
