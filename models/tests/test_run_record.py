@@ -1,5 +1,6 @@
 """models/run_record.py against records gtr-run writes: a plain run, a shard merged, an adaptive
-run, a profiled one are accepted; wrong types and missing fields are named. Needs the gtr-run
+run, a profiled one and an unfinished one are accepted; wrong types and missing fields, each
+state's own included, are named. Needs the gtr-run
 binary ($GTR_RUN_BIN, else target/debug/gtr-run, built by `cargo build`).
 
     python3 models/tests/test_run_record.py
@@ -41,12 +42,14 @@ def main():
             gtr_run(TINY, "schedules/gtr-fast.gtr", "--num-images", "2", "--shard", f"{k}/2",
                     "--out", out(f"shard{k}"))
         gtr_run("merge", out("merged"), out("shard0"), out("shard1"))
-        records = {}
-        for name in ("plain", "adaptive", "profiled", "merged", "shard0"):
-            records[name] = read_run_record(out(name))
-            check(True, f"{name}: accepted")
+        records = {name: read_run_record(out(name))
+                   for name in ("plain", "adaptive", "profiled", "merged", "shard0")}
         check("reveal_orders" in records["adaptive"] and records["merged"]["parts"],
               "the adaptive and merged records have their own fields")
+        # A record as a run leaves it while it writes images: unfinished, with its writer.
+        unfinished = copy.deepcopy(records["plain"])
+        unfinished.update(finished=False, writer={"pid": 7, "host": "h"})
+        check(check_record(unfinished) is unfinished, "an unfinished record with its writer is accepted")
         for why, name, edit in [
             ("a missing field", "plain", lambda r: r.pop("steps")),
             ("a wrong type", "plain", lambda r: r.__setitem__("mar_steps", "8")),
@@ -55,6 +58,12 @@ def main():
             ("a wrong type in an optional field", "plain", lambda r: r["model"].__setitem__("sha256", 5)),
             ("a wrong type in a profile", "profiled",
              lambda r: r["graphs"][0]["kernels"].__setitem__("events", "many")),
+            # Each state's own required fields.
+            ("a merged record's part without its folder", "merged", lambda r: r["parts"][1].pop("dir")),
+            ("an adaptive record without its scoring FLOPs", "adaptive",
+             lambda r: r["cost_per_image"].pop("scoring_flops")),
+            ("an unfinished record without its writer", "plain", lambda r: r.__setitem__("finished", False)),
+            ("a profile without its events", "profiled", lambda r: r["graphs"][0]["kernels"].pop("events")),
         ]:
             record = copy.deepcopy(records[name])
             edit(record)
