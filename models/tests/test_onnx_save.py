@@ -486,8 +486,9 @@ def test_save_with(tmp):
     try:
         with onnx_save.Staging(folder) as s:
             s.save_with(failed, path)
-    except RuntimeError:
-        pass
+        check(False, "a failed export is raised")
+    except RuntimeError as e:
+        check(str(e) == "export failed", f"a failed export is raised ({e})")
     check({n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder)} == before,
           "a failed export leaves the old graph and its data file")
 
