@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -415,7 +416,7 @@ def test_eval_gives_the_cli_table(cli, tmp_path):
     with open(out / "eval.csv", newline="") as f:
         want = list(csv.DictReader(f))
     rows = gtr_run.Model(MAR_TINY).eval(schedules, num_images=4, batch=4, seed=3, progress=False)
-    assert [r["schedule"] for r in rows] == ["mar-8", "gtr-fast"]
+    assert [r["schedule"] for r in rows] == [w["schedule"] for w in want] == ["mar-8", "gtr-fast"]
     # Everything but the measured times is the same as the command line's.
     same = ["mar_steps", "backbone_passes", "diffusion_evaluations", "flops_per_image", "speedup_flops"]
     same += ["frechet_distance", "class_accuracy", "classifier_score"]
@@ -492,16 +493,22 @@ def test_an_exception_in_progress_stops_eval_after_the_batch(tiny):
     assert calls == [(0, 8), (1, 8)]
 
 
-def test_eval_as_frame_is_a_pandas_table_or_names_pandas(tiny):
-    schedules = [SCHEDULES / "mar-8.gtr"]
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        # Refused before any image is made.
-        with pytest.raises(ImportError, match="as_frame=True needs pandas"):
-            tiny.eval(schedules, num_images=2, as_frame=True, progress=False)
-        return
+def test_eval_as_frame_is_a_pandas_table(tiny):
+    pytest.importorskip("pandas")  # CI installs it
+    schedules = [SCHEDULES / "mar-8.gtr", SCHEDULES / "gtr-fast.gtr"]
     frame = tiny.eval(schedules, num_images=2, batch=2, as_frame=True, progress=False)
     rows = tiny.eval(schedules, num_images=2, batch=2, progress=False)
-    assert list(frame["schedule"]) == [r["schedule"] for r in rows]
-    assert list(frame["mar_steps"]) == [r["mar_steps"] for r in rows]
+    assert type(frame).__name__ == "DataFrame"
+    assert list(frame.columns) == list(rows[0])
+    assert list(frame["schedule"]) == ["mar-8", "gtr-fast"]
+    for key in ("mar_steps", "backbone_passes", "diffusion_evaluations", "flops_per_image"):
+        assert list(frame[key]) == [r[key] for r in rows], key
+
+
+def test_eval_as_frame_without_pandas_names_it_before_any_image(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` raises ImportError
+    calls = []
+    with pytest.raises(ImportError, match="as_frame=True needs pandas"):
+        tiny.eval([SCHEDULES / "mar-8.gtr"], num_images=2, as_frame=True,
+                  progress=lambda done, total: calls.append(done))
+    assert calls == []
