@@ -4,7 +4,8 @@
   .venv/bin/python models/tests/test_add_sampler.py        # ~5 s, needs models/fixtures/requirements.txt
 
 1. On a copy of the tiny bundle it writes sampler.onnx and tick.onnx with their manifest entries
-   (once each, also when run twice), and both graphs match the per-tick NumPy reference.
+   (once each, also when run twice), both graphs match the per-tick NumPy reference, and they are
+   byte for byte the tiny-sampler fixture's (which cargo's golden tests check independently).
 2. The tick graph: rows that do not run keep their value exactly, k comes back as k + 1, and rows
    padded with zeros that never run leave the real rows' results as they were.
 3. Nothing in the tick graph stops ONNX Runtime's CUDA provider from capturing it in a CUDA graph
@@ -50,6 +51,13 @@ def test_writes_both_graphs(tmp):
           and sorted(graphs["tick"]["outputs"]) == sorted(add_sampler.TICK_OUTPUTS), "the tick graph's roles")
     worst = add_sampler.check(bundle, log=lambda *_: None)
     check(worst < 1e-4, f"both graphs match the per-tick reference (max |diff| {worst:.2g})")
+    # That reference is this module's own; the committed tiny-sampler fixture's graphs are also
+    # checked against the independent NumPy sampler (cargo's golden tests): the tool must still
+    # write them, byte for byte (with the pinned onnx of models/fixtures/requirements.txt).
+    for name in ("sampler.onnx", "tick.onnx"):
+        fixture = os.path.join(MODELS, "fixtures", "tiny-sampler", name)
+        check(open(os.path.join(bundle, name), "rb").read() == open(fixture, "rb").read(),
+              f"{name} is the tiny-sampler fixture's, which the golden tests check")
 
 
 def test_head_weights_named_like_the_chains_values(tmp):
