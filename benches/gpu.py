@@ -39,8 +39,9 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
 4. One Markdown table (printed last, and written to OUT/gpu-bench.md) plus every raw number in
    OUT/gpu-bench.json and the table so far in OUT/gpu-bench.md, rewritten after every phase (also
    into --summary DIR), so a run cut short still leaves its data. Exit status 0: everything
-   measured; 1: a phase failed; 3: nothing failed but the run was cut short (SIGTERM, or
-   measurements skipped or stopped at the deadline).
+   measured; 1: a phase failed, or a check found a wrong result (images off the CPU's by more
+   than --image-tolerance, PyTorch doing other work than gtr-run); 3: nothing failed but the run
+   was cut short (SIGTERM, or measurements skipped or stopped at the deadline).
 
 Order of work: batch sizes in the order given (default 64 first), and inside each: the first
 gtr-run variant, PyTorch half precision, the other variants, PyTorch float32, so that a run cut
@@ -199,6 +200,13 @@ class Bench:
                 with open(path + ".tmp", "w") as f:
                     f.write(text)
                 os.replace(path + ".tmp", path)
+
+    def failed(self, where: str, msg: str) -> None:
+        """A check that found a wrong result (not an exception): an error, so the exit status is 1;
+        the other phases still run."""
+        self.res["errors"].append({"where": where, "error": msg})
+        log(f"ERROR {where}: {msg}")
+        self.save()
 
     def error(self, where: str, e: BaseException) -> None:
         msg = f"{where}: {short(e)}"
@@ -734,6 +742,11 @@ class Bench:
                               "mean_levels": round(float(d.mean()), 4)}
             log(f"  {v.name} ({chains}): {checks[v.name]['differ']} of {d.size} pixels differ from the CPU "
                 f"host path, by up to {checks[v.name]['max_levels']} levels")
+            if checks[v.name]["max_levels"] > self.a.image_tolerance:
+                self.failed("images against the CPU",
+                            f"{v.name}: pixels up to {checks[v.name]['max_levels']} levels from the CPU host path's "
+                            f"(more than --image-tolerance {self.a.image_tolerance}): its timing measures a wrong "
+                            f"result")
         self.res["images_vs_cpu"] = {"images": n, "seed": seed, "reference": ref_cmd, "variants": checks}
 
     # -- phase: PyTorch --------------------------------------------------------------------------
@@ -911,10 +924,11 @@ class Bench:
                     and g.get("diffusion_evaluations") == rec["diffusion_rows_per_image"])
             rec["same_work_as_gtr_run"] = same
             if not same:
-                self.res["notes"].append(
-                    f"{sched} b{B}: not the same work: gtr-run ({name}) {g.get('backbone_passes')} backbone passes, "
-                    f"{g.get('diffusion_evaluations')} head rows per image; PyTorch {precision} "
-                    f"{rec['backbone_passes_per_image']}, {rec['diffusion_rows_per_image']}")
+                self.failed(f"PyTorch {precision} b{B} {sched}",
+                            f"not the same work: gtr-run ({name}) {g.get('backbone_passes')} backbone passes, "
+                            f"{g.get('diffusion_evaluations')} head rows per image; PyTorch "
+                            f"{rec['backbone_passes_per_image']}, {rec['diffusion_rows_per_image']}: "
+                            f"the ratio compares different samplers")
             return
 
     # -- the run ------------------------------------------------------------------------------------
@@ -1140,6 +1154,10 @@ def main(argv=None) -> int:
     ap.add_argument("--image-check", type=int, default=16, metavar="N",
                     help="first, N mar-tiny GtR images per variant (its --sampler) on --device against the CPU "
                          "host path, pixels compared (0: skip; default %(default)s)")
+    ap.add_argument("--image-tolerance", type=int, default=2, metavar="LEVELS",
+                    help="the most grey levels a variant's image-check pixel may be from the CPU host path's; "
+                         "more is an error, exit status 1 (default %(default)s: float tolerance; measured on "
+                         "an H200 2026-12-04: 1)")
     ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
     ap.add_argument("--summary", metavar="DIR",
                     help="also write gpu-bench.json and gpu-bench.md here, after every phase (e.g. the device "

@@ -1,12 +1,27 @@
-"""What the plain-script tests of models/ share: a named check, a copy of the tiny bundle, and a
-run of its backbone graph."""
+"""What the plain-script tests of models/ share: a named check, a copy of the tiny bundle, a
+run of its backbone graph, and the prefix that makes a read-only folder read-only even to root."""
 
 import os
 import shutil
+import subprocess
 
 import numpy as np
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "tiny")
+
+
+def without_write_override():
+    """The command prefix under which a folder of mode 555 cannot be written: nothing when this
+    is not root; when it is, `setpriv` dropping the capabilities by which root writes anyway
+    (the process stays root, so it still reads this checkout and its Python wherever they are).
+    None where that cannot be done (no setpriv, or it is refused): the caller skips and says so."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        return None
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    probe = subprocess.run(prefix + ["true"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
 
 
 def check(cond, what):

@@ -52,6 +52,7 @@ from onnx import numpy_helper  # noqa: E402
 import yaml  # noqa: E402
 
 from models import export_mar, make_fake_checkpoint  # noqa: E402
+from models.tests.fixture_copies import without_write_override  # noqa: E402
 from models.torch.mar import MAR  # noqa: E402
 
 PY = sys.executable
@@ -80,20 +81,6 @@ def export_in_process(argv, tool=export_mar):
         except SystemExit as e:
             rc = e.code
     return rc, out.getvalue(), err.getvalue()
-
-
-def other_user(tmp):
-    """The command prefix that runs a command as a user who cannot write a folder of mode 555
-    (nothing when this is not root; setpriv to nobody when it is), or None where that user
-    cannot run this Python and read the tools (then the read-only cases are skipped)."""
-    if os.geteuid() != 0:
-        return []
-    if not shutil.which("setpriv"):
-        return None
-    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    probe = subprocess.run(prefix + [PY, "-c", f"import torch; open({EXPORT!r}); open({FAKE!r}); import os; "
-                                     f"os.listdir({tmp!r})"], capture_output=True)
-    return prefix if probe.returncode == 0 else None
 
 
 def refused(name, rc, err, flag, made=(), code=2):
@@ -335,11 +322,9 @@ def main():
         refused("make_fake_checkpoint --size mar_base --width 64",
                 *export_in_process(["--size", "mar_base", "--out", fake_out, "--width", "64"], make_fake_checkpoint)[::2],
                 "--width", [os.path.dirname(fake_out)])
-        for path in (tmp, ckpt, vae):   # readable by the user the read-only cases run as
-            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
-        as_user = other_user(tmp)
+        as_user = without_write_override()
         if as_user is None:
-            print("skipped: a read-only parent folder (root, and no user to run as who can read this checkout)")
+            print("skipped: a read-only parent folder (root, and setpriv cannot drop its override of file modes)")
         else:
             locked = os.path.join(tmp, "read-only")
             os.makedirs(locked)

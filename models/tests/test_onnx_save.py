@@ -42,7 +42,7 @@ import onnxruntime as ort
 MODELS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(MODELS))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fixture_copies import TINY, check, copy_tiny, run_tiny_backbone  # noqa: E402
+from fixture_copies import TINY, check, copy_tiny, run_tiny_backbone, without_write_override  # noqa: E402
 
 from models import onnx_save  # noqa: E402
 
@@ -190,28 +190,14 @@ def test_finish_command(tmp):
 
 def test_read_only_bundle(tmp):
     """A bundle folder the user cannot write: every tool says so in one line, exit 2, and changes
-    nothing; `onnx_save.py BUNDLE` with nothing to finish succeeds. Run as another user when
-    this is root (root writes anyway), through `setpriv`; skipped where neither works."""
+    nothing; `onnx_save.py BUNDLE` with nothing to finish succeeds. As root (which writes
+    anyway), the tools run without the capabilities that override file modes (`setpriv`)."""
     bundle = copy_tiny(tmp, "read-only")
-    as_user = []
-    if os.geteuid() == 0:
-        if not shutil.which("setpriv"):
-            print("skipped: a read-only bundle (root, and no setpriv to run as another user)")
-            return
-        as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        for folder, _, files in os.walk(tmp):   # the other user reads the copy
-            os.chmod(folder, 0o755)
-            for name in files:
-                os.chmod(os.path.join(folder, name), 0o644)
-        # ... and must be able to run this Python and read the tools (a clone in a private
-        # folder, as CI's, is out of its reach)
-        probe = subprocess.run(as_user + [sys.executable, "-c", f"open({os.path.join(MODELS, 'onnx_save.py')!r})"],
-                               capture_output=True)
-        if probe.returncode != 0:
-            print("skipped: a read-only bundle (the other user cannot run this Python or read the tools here)")
-            return
-    else:
-        os.chmod(bundle, 0o555)
+    as_user = without_write_override()
+    if as_user is None:
+        print("skipped: a read-only bundle (root, and setpriv cannot drop its override of file modes)")
+        return
+    os.chmod(bundle, 0o555)
     before = {n: open(os.path.join(bundle, n), "rb").read() for n in os.listdir(bundle)
               if os.path.isfile(os.path.join(bundle, n))}
     try:
