@@ -75,6 +75,7 @@ fn same_seed_same_tokens_other_seed_other_tokens() {
 /// FTS `random` draws its detail tokens from each image's selection
 /// stream: the planned count per step, the same tokens for the same seed,
 /// other tokens for another seed, and not the tokens `high_freq` picks.
+/// The orders are raster, so that only the selection depends on the seed.
 #[test]
 fn random_fts_draws_its_tokens_from_the_image_seed() {
     let text = |selector: &str| {
@@ -82,8 +83,8 @@ fn random_fts_draws_its_tokens_from_the_image_seed() {
             "partition checker(2)
              cfg constant 2
              diffusion 4
-             stage a {{ tokens S1 order random steps 2 }}
-             stage b {{ tokens rest order random steps 2 fts top 25% by {selector} -> 8 }}"
+             stage a {{ tokens S1 order raster steps 2 }}
+             stage b {{ tokens rest order raster steps 2 fts top 25% by {selector} -> 8 }}"
         )
     };
     let detail = |selector: &str, seed: u64| {
@@ -100,6 +101,7 @@ fn random_fts_draws_its_tokens_from_the_image_seed() {
     for (img, row) in random.outer_iter().enumerate() {
         assert_eq!(row.iter().filter(|&&d| d).count(), 32, "image {img}");
     }
+    assert_ne!(random.row(0), random.row(1), "each image its own draws");
     assert_eq!(random, detail("random", 5), "same seed");
     assert_ne!(random, detail("random", 6), "other seed");
     assert_ne!(random, detail("high_freq", 5), "not the high_freq tokens");
