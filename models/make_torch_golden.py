@@ -279,7 +279,8 @@ def main(argv=None):
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--verify", action="store_true",
                     help="write nothing: rebuild the weights, re-check the stored graphs against them, "
-                         "recompute every stored golden with both references and compare")
+                         "build every case's inputs again and recompute its golden with both references, "
+                         "and compare with what is stored")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
 
@@ -304,6 +305,11 @@ def main(argv=None):
             with np.load(path) as f:
                 stored = {k: f[k] for k in f.files}
             case = {k: stored[k] for k in torch_ref.CASE_INPUTS}
+            made = make(CONFIG)
+            differ = [k for k in torch_ref.CASE_INPUTS
+                      if not np.array_equal(made[k], case[k], equal_nan=True)]
+            print(f"  the case built again vs stored: {'equal' if not differ else 'differ in ' + ', '.join(differ)}")
+            ok &= not differ
         else:
             case = make(CONFIG)
         out, ref, d, trace = run_case(model, bundle, name, case)

@@ -12,16 +12,28 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 def without_write_override():
     """The command prefix under which a folder of mode 555 cannot be written: nothing when this
-    is not root; when it is, `setpriv` dropping the capabilities by which root writes anyway
-    (the process stays root, so it still reads this checkout and its Python wherever they are).
-    None where that cannot be done (no setpriv, or it is refused): the caller skips and says so."""
+    is not root; when it is, `setpriv` dropping the capabilities by which root writes anyway, from
+    the bounding and the inheritable sets (the process stays root and reads what root owns). None
+    where that does not make such a folder unwritable (no setpriv, or a drop refused or without
+    effect): the caller skips and says so."""
+    import tempfile
+
     if os.geteuid() != 0:
         return []
     if not shutil.which("setpriv"):
         return None
-    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
-    probe = subprocess.run(prefix + ["true"], capture_output=True)
-    return prefix if probe.returncode == 0 else None
+    caps = "-dac_override,-dac_read_search,-fowner"
+    prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]
+    with tempfile.TemporaryDirectory() as probe:
+        locked = os.path.join(probe, "locked")
+        os.makedirs(locked)
+        os.chmod(locked, 0o555)
+        try:
+            r = subprocess.run(prefix + ["touch", os.path.join(locked, "x")], capture_output=True)
+            written = os.path.exists(os.path.join(locked, "x"))
+        finally:
+            os.chmod(locked, 0o755)
+    return prefix if r.returncode != 0 and not written and b"Permission denied" in r.stderr else None
 
 
 def check(cond, what):

@@ -294,7 +294,8 @@ def test_sampler_and_outside_files(tmp):
     for name in ("sampler", "tick"):
         shutil.copyfile(os.path.join(bundle, f"{name}.fp16.onnx"), os.path.join(view, f"{name}.onnx"))
     err = add_sampler.check(view, log=lambda *_: None)
-    check(err < 1e-3, f"the fp16 sampler and tick graphs tick as the fp16 head does ({err:.2g})")
+    # (The fp32 graphs against the fp16 head are 8e-4 off; these are float rounding off.)
+    check(err < 1e-5, f"the fp16 sampler and tick graphs tick as the fp16 head does ({err:.2g})")
 
 
 def test_a_variant_off_by_too_much_is_refused(tmp):

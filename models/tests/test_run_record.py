@@ -50,20 +50,24 @@ def main():
         unfinished = copy.deepcopy(records["plain"])
         unfinished.update(finished=False, writer={"pid": 7, "host": "h"})
         check(check_record(unfinished) is unfinished, "an unfinished record with its writer is accepted")
-        for why, name, edit in [
-            ("a missing field", "plain", lambda r: r.pop("steps")),
-            ("a wrong type", "plain", lambda r: r.__setitem__("mar_steps", "8")),
-            ("a boolean for a number", "plain", lambda r: r.__setitem__("mar_steps", True)),
-            ("a list of strings for integers", "plain", lambda r: r.__setitem__("labels", ["x"])),
-            ("a wrong type in an optional field", "plain", lambda r: r["model"].__setitem__("sha256", 5)),
-            ("a wrong type in a profile", "profiled",
+        for why, name, field, edit in [
+            ("a missing field", "plain", "steps", lambda r: r.pop("steps")),
+            ("a wrong type", "plain", "mar_steps", lambda r: r.__setitem__("mar_steps", "8")),
+            ("a boolean for a number", "plain", "mar_steps", lambda r: r.__setitem__("mar_steps", True)),
+            ("a list of strings for integers", "plain", "labels", lambda r: r.__setitem__("labels", ["x"])),
+            ("a wrong type in an optional field", "plain", "model.sha256",
+             lambda r: r["model"].__setitem__("sha256", 5)),
+            ("a wrong type in a profile", "profiled", "graphs[].kernels.events",
              lambda r: r["graphs"][0]["kernels"].__setitem__("events", "many")),
             # Each state's own required fields.
-            ("a merged record's part without its folder", "merged", lambda r: r["parts"][1].pop("dir")),
-            ("an adaptive record without its scoring FLOPs", "adaptive",
+            ("a merged record's part without its folder", "merged", "parts[].dir",
+             lambda r: r["parts"][1].pop("dir")),
+            ("an adaptive record without its scoring FLOPs", "adaptive", "cost_per_image.scoring_flops",
              lambda r: r["cost_per_image"].pop("scoring_flops")),
-            ("an unfinished record without its writer", "plain", lambda r: r.__setitem__("finished", False)),
-            ("a profile without its events", "profiled", lambda r: r["graphs"][0]["kernels"].pop("events")),
+            ("an unfinished record without its writer", "plain", "writer",
+             lambda r: r.__setitem__("finished", False)),
+            ("a profile without its events", "profiled", "graphs[].kernels.events",
+             lambda r: r["graphs"][0]["kernels"].pop("events")),
         ]:
             record = copy.deepcopy(records[name])
             edit(record)
@@ -71,7 +75,7 @@ def main():
                 check_record(record)
                 check(False, f"{why} is refused")
             except RunRecordError as e:
-                check(True, f"{why} is refused ({e})")
+                check(f"`{field}`" in str(e), f"{why} is refused, naming `{field}` ({e})")
     print("all run_record tests passed")
 
 

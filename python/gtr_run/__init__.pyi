@@ -82,7 +82,8 @@ class Plan:
         (``gtr-run plan --cost``): passes, diffusion evaluations and FLOPs. On a bundle the
         schedule is planned again as a run on it plans it (the bundle's grid, its guidance and
         temperature defaults, this plan's seed); a plan made with another ``grid=`` is a
-        ValueError."""
+        ValueError, and one the bundle cannot run (a chain longer than its training chain) a
+        ScheduleError, as a run on it would be."""
     def to_json(self) -> dict[str, Any]:
         """The object ``gtr-run plan --json`` prints."""
     def picture(self) -> npt.NDArray[np.uint8]:

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,14 @@ def test_cost_takes_a_bundle_and_refuses_unknown_specs(cli, tmp_path):
     assert want["encoder_passes"] == 16
     with pytest.raises(ValueError, match="has a 16x16 grid"):
         gtr_run.plan(unguided, grid="8x8").cost(MAR_TINY)
+    # A plan the bundle cannot run (50 diffusion steps on a 10-step training chain) is refused,
+    # as a run on it would be.
+    short = tmp_path / "short-chain"
+    shutil.copytree(TINY, short, ignore=shutil.ignore_patterns("golden"))
+    manifest = (short / "manifest.yaml").read_text()
+    (short / "manifest.yaml").write_text(manifest.replace("train_steps: 1000 ", "train_steps: 10 ", 1))
+    with pytest.raises(gtr_run.ScheduleError, match="was trained with 10"):
+        gtr_run.plan(SCHEDULES / "gtr.gtr").cost(short)
 
 
 def test_schedule_errors_carry_the_cli_message_and_position(cli, tmp_path):
@@ -276,7 +285,6 @@ def test_a_bundle_a_model_tool_is_changing_is_refused(tmp_path):
     a model tool holds the folder (exclusively), or where a tool's commit was interrupted, it
     refuses with GtrRunError; another reader's shared lock does not keep it out."""
     import fcntl
-    import shutil
 
     bundle = tmp_path / "bundle"
     shutil.copytree(TINY, bundle, ignore=shutil.ignore_patterns("golden"))
