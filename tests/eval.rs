@@ -55,7 +55,10 @@ fn speed_and_cost_columns_without_an_evaluator() {
     let derived = &v["derived"][1];
     // Within a rounding: each number went through JSON's decimal form.
     let seconds = derived["seconds_per_image"].as_f64().unwrap();
-    assert!((seconds - per_image(1)).abs() <= 1e-12 * seconds, "{seconds}");
+    assert!(
+        (seconds - per_image(1)).abs() <= 1e-12 * seconds,
+        "{seconds}"
+    );
     let measured = derived["speedup_measured"].as_f64().unwrap();
     let want = per_image(0) / per_image(1);
     assert!(
