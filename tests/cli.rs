@@ -425,6 +425,104 @@ fn snapshot_a_folder_of_schedules() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `plan --snapshot`: what a folder holds that no snapshot can stand for
+/// is refused (exit 3), naming it; a file at a snapshot's name that is no
+/// snapshot fails the check and is replaced by a write; snapshots whose
+/// schedules are all gone still fail the check; a schedule that does not
+/// plan leaves every snapshot as it was.
+#[cfg(unix)]
+#[test]
+fn snapshot_folders_say_what_they_cannot_use() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tmp("snapshot-odd");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let preset = |name: &str| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schedules")
+            .join(name)
+    };
+    let refused = |want: &str| {
+        for check in [false, true] {
+            let mut args = vec!["plan", "--snapshot", d];
+            args.extend(check.then_some("--check"));
+            let o = gtr_run(&args);
+            assert_eq!(o.status.code(), Some(3), "{args:?}: {}", stderr(&o));
+            assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+        }
+    };
+    refused("holds no .gtr schedules");
+    // Two names that a lossy conversion makes one would share a snapshot.
+    let odd = dir.join(std::ffi::OsStr::from_bytes(b"a\xff.gtr"));
+    std::fs::copy(preset("mar-8.gtr"), &odd).unwrap();
+    refused("this name is not UTF-8 text without control characters");
+    std::fs::remove_file(&odd).unwrap();
+    std::os::unix::fs::symlink("nowhere", dir.join("dangling.gtr")).unwrap();
+    refused("dangling.gtr is a link to no file, not a schedule");
+    std::fs::remove_file(dir.join("dangling.gtr")).unwrap();
+
+    std::fs::copy(preset("mar-8.gtr"), dir.join("a.gtr")).unwrap();
+    std::fs::copy(preset("raster.gtr"), dir.join("b.gtr")).unwrap();
+    assert!(gtr_run(&["plan", "--snapshot", d]).status.success());
+    let snaps = dir.join("snapshots");
+    // Line endings made CRLF (git's autocrlf) are the same snapshot.
+    let a = std::fs::read_to_string(snaps.join("a.gtr.snap")).unwrap();
+    std::fs::write(snaps.join("a.gtr.snap"), a.replace('\n', "\r\n")).unwrap();
+    // A file that is no snapshot fails the check, and a write replaces it.
+    std::fs::write(snaps.join("b.gtr.snap"), "garbage").unwrap();
+    let o = gtr_run(&["plan", "--snapshot", d, "--check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "a.gtr: unchanged\nb.gtr: {} is not a gtr-run snapshot (no `---` header); run without --check to replace it\n",
+            snaps.join("b.gtr.snap").display()
+        )
+    );
+    assert!(gtr_run(&["plan", "--snapshot", d]).status.success());
+    assert!(
+        gtr_run(&["plan", "--snapshot", d, "--check"])
+            .status
+            .success()
+    );
+    // A pipe at a snapshot's name is refused, not read (that waits forever).
+    let b = std::fs::read(snaps.join("b.gtr.snap")).unwrap();
+    std::fs::remove_file(snaps.join("b.gtr.snap")).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(snaps.join("b.gtr.snap"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    refused("b.gtr.snap is a pipe, socket or device, not a snapshot file");
+    std::fs::remove_file(snaps.join("b.gtr.snap")).unwrap();
+    std::fs::write(snaps.join("b.gtr.snap"), &b).unwrap();
+    // Every schedule is planned before a snapshot is written.
+    std::fs::write(dir.join("a.gtr"), "stage a { tokens all  steps 2 }\n").unwrap();
+    std::fs::write(dir.join("b.gtr"), "stage {\n").unwrap();
+    assert_eq!(gtr_run(&["plan", "--snapshot", d]).status.code(), Some(3));
+    assert_eq!(
+        std::fs::read_to_string(snaps.join("a.gtr.snap")).unwrap(),
+        a.replace('\n', "\r\n")
+    );
+    // Snapshots whose schedules are all gone fail the check.
+    std::fs::remove_file(dir.join("a.gtr")).unwrap();
+    std::fs::remove_file(dir.join("b.gtr")).unwrap();
+    let o = gtr_run(&["plan", "--snapshot", d, "--check"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("a.gtr: the schedule is gone"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).contains("b.gtr: the schedule is gone"),
+        "{}",
+        stdout(&o)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The exit status says what failed (README, "Exit status"): 2 a usage
 /// error, 3 a wrong input (schedule, bundle, class), 4 a failure while
 /// running (tests/generate.rs: a missing ONNX Runtime library), 1 a
