@@ -108,6 +108,13 @@ fn speed_and_cost_columns_without_an_evaluator() {
     );
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
     std::fs::remove_file(out.join("notes.txt")).unwrap();
+    // A folder at one of its files' names is named as such.
+    std::fs::create_dir(out.join("eval.csv")).unwrap();
+    fails(
+        &forced,
+        "holds `eval.csv`, which is not a file (a folder, a pipe, a link to one), where `gtr-run eval` writes its file of that name",
+    );
+    std::fs::remove_dir(out.join("eval.csv")).unwrap();
     // --force replaces the previous evaluation's files.
     ok(&forced);
     assert!(

@@ -129,7 +129,7 @@ pub fn contenders(path: &Path, axes: &[SweepAxis]) -> Result<Vec<Contender>, Swe
         .map(|setting| {
             let name = axes
                 .iter()
-                .map(|a| format!("{}={}", a.name, setting[&a.name]))
+                .map(|a| format!("{}={}", a.name, fmt_num(setting[&a.name])))
                 .collect::<Vec<_>>()
                 .join(" ");
             Ok(Contender {
@@ -335,6 +335,26 @@ mod tests {
                 .contains("finite")
         );
         assert!("=1".parse::<SweepAxis>().unwrap_err().contains("name"));
+    }
+
+    /// A setting is named as messages write numbers: `beta=1e-300`, not
+    /// 300 zeros.
+    #[test]
+    fn settings_are_named_with_short_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.gtr");
+        std::fs::write(
+            &path,
+            "param beta = 0.1\nstage a { tokens all  steps 2  fts top beta by high_freq -> 4 }\n",
+        )
+        .unwrap();
+        let axis: SweepAxis = "beta=0.1,1e-300,1".parse().unwrap();
+        let names: Vec<String> = contenders(&path, &[axis])
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(names, ["beta=0.1", "beta=1e-300", "beta=1"]);
     }
 
     #[test]

@@ -376,6 +376,12 @@ pub fn claim_report(
         match entry {
             Entry::Ours(path, _) => previous.push(path),
             Entry::Temporary(path) => temporaries.push(path),
+            Entry::Foreign(name) if names.contains(&name.as_str()) => {
+                return Err(RunError::Invalid(format!(
+                    "{} holds `{name}`, which is not a file (a folder, a pipe, a link to one), where `{command}` writes its file of that name; remove it, or choose a new folder",
+                    out.display()
+                )));
+            }
             Entry::Foreign(name) => {
                 return Err(RunError::Invalid(format!(
                     "{} holds `{name}`, which `{command}` does not write (it writes {}); it writes only into a new or empty folder or one holding its own output, --force or not: remove it, or choose a new folder",
