@@ -78,20 +78,37 @@ fn sampler_update(c: &mut Criterion) {
     let chain = NoiseSchedule::cosine(1000).respace(100, None);
     let channels = 16;
     let rows = 256;
-    let mut x: Vec<f32> = (0..rows * channels)
+    let start: Vec<f32> = (0..rows * channels)
         .map(|i| (i % 13) as f32 / 13.0)
         .collect();
     let eps: Vec<f64> = (0..channels).map(|i| i as f64 / 16.0 - 0.5).collect();
     let v: Vec<f32> = (0..channels).map(|i| i as f32 / 16.0 - 0.5).collect();
     let noise: Vec<f32> = (0..channels).map(|i| (i as f32 - 8.0) / 8.0).collect();
+    // Each iteration updates the same starting state (updated in place
+    // again and again, it grew past f32's range within a few thousand
+    // iterations, and the bench timed infinities).
+    let mut x = start.clone();
     c.bench_function("sampler update 256 tokens x 16 channels", |b| {
         b.iter(|| {
+            x.copy_from_slice(&start);
             for xr in x.chunks_mut(channels) {
-                chain.step(50, Variance::LearnedRange, xr, &eps, &v, &noise, 1.0);
+                chain.step(
+                    50,
+                    Variance::LearnedRange,
+                    xr,
+                    black_box(&eps),
+                    black_box(&v),
+                    black_box(&noise),
+                    1.0,
+                );
             }
             black_box(&x);
         })
     });
+    assert!(
+        x.iter().all(|v| v.is_finite()),
+        "the timed update stays finite"
+    );
 }
 
 fn engine_batch(c: &mut Criterion) {
