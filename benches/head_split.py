@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """What splitting a bundle's diffusion head in two gains per tick on this machine, the parts
-timed alone (gtr-run runs them with models/split_head.py's graphs and `--head split`).
+timed alone (gtr-run runs them with models/split_head.py's graphs and `--head split`; this script
+cuts the head itself, at the same place, without split_head's packing of the cut tensors, and for
+--precision fp16/int8 cuts the converted head, where split_head cuts in fp32 and converts each
+part).
 
   python3 benches/head_split.py BUNDLE [--precision int8] [--rows 32] [--ticks 10 25 100]
 
@@ -10,7 +13,8 @@ chain's state x. Within a MAR step every row's z is fixed and every tick's t is 
 first tick, so g could run once for many ticks at a time, on rows x ticks rows, and the per-tick
 call would run only the part that reads x. This script cuts the head's graph there (the tensors
 computed from t and z alone that a node reading x consumes), checks that the two parts together
-give the whole graph's output, and times:
+give the whole graph's output (exit 1 past 1e-5 in fp32, 1e-3 otherwise, of the output's scale),
+and times:
 
 - the whole head on --rows rows (what a tick costs today);
 - the x part on --rows rows, plus the (t, z) part on rows x T rows divided by T (a tick's cost
@@ -118,11 +122,16 @@ def main() -> None:
     whole_out = whole.run(None, tick)[0]
     print(f"{path}: {len(frontier)} tensors cross the cut; weights in the (t, z) part "
           f"{weights_in(cond_part) / weights_in(model):.0%} of the head's")
-    print(f"check: max |split - whole| = {np.abs(split_out - whole_out).max():.3g} "
-          f"(whole output up to {np.abs(whole_out).max():.3g})")
+    diff, scale = float(np.abs(split_out - whole_out).max()), float(np.abs(whole_out).max())
+    print(f"check: max |split - whole| = {diff:.3g} (whole output up to {scale:.3g})")
+    tolerance = (1e-5 if a.precision == "fp32" else 1e-3) * max(1.0, scale)
+    if not diff <= tolerance:
+        sys.exit(f"{path}: the two parts are {diff:.3g} from the whole head (over {tolerance:.3g}); "
+                 "nothing is timed")
 
-    print(f"\nper tick on {n} rows, {a.threads} threads, {a.precision} (median of {a.reps}; the whole head and"
-          " the x part timed again before each row):")
+    print(f"\nper tick on {n} rows, {a.threads} threads, {a.precision} (medians: the whole head and the x part "
+          f"of {a.reps} runs, timed again before each row; the (t, z) part of max(3, {a.reps} // T) runs "
+          "on rows x T rows):")
     print("| (t, z) part runs once per | whole head | x part | (t, z) part per tick | split | whole / split "
           "| max diff, rows batched vs alone |")
     print("|---|---|---|---|---|---|---|")
