@@ -9,9 +9,11 @@
 //! Prints, per schedule, batch and chain runner, the engine's seconds per
 //! image, the share that would be of a GPU run taking the target
 //! (mar-64 0.24 s/image, gtr-3.7x 0.065 s/image, others in proportion to
-//! their FLOPs), and where the engine's time went (backbone-side, chains,
-//! decode). `--quick` runs batch 32 only; naming schedules (`mar-16 gtr`)
-//! runs only those.
+//! their FLOPs), and where the engine's time outside the model's calls went
+//! in seconds per batch: inside the MAR steps (backbone inputs, rows,
+//! chains, write-back) and after them (the VAE's latent and pixels, the
+//! batch's set-up). `--quick` runs batch 32 only; naming schedules
+//! (`mar-16 gtr`) runs only those; any other argument is refused.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -159,24 +161,36 @@ fn plans(schedule: &str, jobs: &[ImageJob]) -> Vec<Plan> {
         .collect()
 }
 
+/// The schedules this bench runs.
+const SCHEDULES: [&str; 4] = ["mar-64", "mar-16", "gtr", "gtr-3.7x"];
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    // A schedule's name among the arguments runs that schedule alone.
-    let only: Vec<&str> = ["mar-64", "mar-16", "gtr", "gtr-3.7x"]
-        .into_iter()
-        .filter(|s| args.iter().any(|a| a == s))
-        .collect();
+    // `--bench` is what cargo passes; anything else must be ours.
+    let mut quick = false;
+    let mut only = Vec::new();
+    for a in std::env::args().skip(1).filter(|a| a != "--bench") {
+        if a == "--quick" {
+            quick = true;
+        } else if let Some(&schedule) = SCHEDULES.iter().find(|s| **s == a) {
+            only.push(schedule);
+        } else {
+            eprintln!(
+                "engine_overhead: unknown argument `{a}`; it takes --quick and schedule names ({})",
+                SCHEDULES.join(", ")
+            );
+            std::process::exit(2);
+        }
+    }
     let batches: &[usize] = if quick { &[32] } else { &[32, 64] };
     println!(
         "gtr-run's own time around a model whose calls cost nothing but a backbone wait; MAR-B shapes (16x16 tokens, C 16, D 768, CFG on); {} threads",
         rayon::current_num_threads()
     );
     println!(
-        "| schedule | batch | chains | backbone wait | engine s/image outside model calls | share of a GPU run at the target | steps s | decode s |"
+        "| schedule | batch | chains | backbone wait | engine s/image outside model calls | share of a GPU run at the target | in MAR steps, s per batch | after the steps (VAE's pixels, batch), s per batch |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for schedule in ["mar-64", "mar-16", "gtr", "gtr-3.7x"] {
+    for schedule in SCHEDULES {
         if !only.is_empty() && !only.contains(&schedule) {
             continue;
         }

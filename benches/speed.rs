@@ -18,18 +18,39 @@ use gtr_run::engine::{Engine, MarModel};
 use gtr_run::eval::{CompareRequest, Contender, compare};
 use gtr_run::schedule::Schedule;
 
+/// Says what is wrong with the command line and exits with status 2.
+fn usage(problem: &str) -> ! {
+    eprintln!(
+        "speed: {problem}; usage: cargo bench --bench speed -- [BUNDLE] [--images N] [--reps R]"
+    );
+    std::process::exit(2);
+}
+
 fn main() {
+    // `--bench` is what cargo passes; anything else must be ours.
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
-    let mut bundle_path = PathBuf::from("models/fixtures/tiny");
+    let mut bundle_path = None;
     let (mut images, mut reps) = (8usize, 5usize);
+    let count = |flag: &str, value: Option<String>| -> usize {
+        match value.as_deref().map(str::parse::<usize>) {
+            Some(Ok(n)) if n > 0 => n,
+            _ => usage(&format!("{flag} takes a whole number above 0")),
+        }
+    };
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--images" => images = args.next().and_then(|v| v.parse().ok()).unwrap_or(images),
-            "--reps" => reps = args.next().and_then(|v| v.parse().ok()).unwrap_or(reps),
-            other => bundle_path = PathBuf::from(other),
+            "--images" => images = count("--images", args.next()),
+            "--reps" => reps = count("--reps", args.next()),
+            flag if flag.starts_with('-') => usage(&format!("unknown flag `{flag}`")),
+            path if bundle_path.is_none() => bundle_path = Some(PathBuf::from(path)),
+            extra => usage(&format!("one bundle only (`{extra}` is a second)")),
         }
     }
-    let bundle = Bundle::open(&bundle_path).expect("bundle");
+    let bundle_path = bundle_path.unwrap_or_else(|| PathBuf::from("models/fixtures/tiny"));
+    let bundle = Bundle::open(&bundle_path).unwrap_or_else(|e| {
+        eprintln!("speed: {e}");
+        std::process::exit(3)
+    });
     let model = OrtModel::load(&bundle, Device::Cpu, None).expect("model");
     let info = model.info().clone();
     let contenders: Vec<Contender> = ["mar-64", "gtr", "gtr-3.7x", "gtr-fast"]
