@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """What splitting a bundle's diffusion head in two gains per tick on this machine, the parts
-timed alone (gtr-run runs them with models/split_head.py's graphs and `--head split`; this script
-cuts the head itself, at the same place, without split_head's packing of the cut tensors, and for
---precision fp16/int8 cuts the converted head, where split_head cuts in fp32 and converts each
-part).
+timed alone: the bundle's own split head where it has one for the precision (models/split_head.py's
+graphs, what gtr-run's `--head split` runs), else this script's own cut at the same place (without
+split_head's packing of the cut tensors; for --precision fp16/int8 a cut of the converted head,
+where split_head cuts in fp32 and converts each part). It says which it timed.
 
   python3 benches/head_split.py BUNDLE [--precision int8] [--rows 32] [--ticks 10 25 100]
 
@@ -55,6 +55,24 @@ def head_file(bundle: Path, precision: str) -> tuple[Path, dict, int]:
     return bundle / variants["diffusion"], entry, steps
 
 
+def split_files(bundle: Path, precision: str) -> tuple[Path, dict, Path, dict] | None:
+    """The bundle's own split head for `precision` (models/split_head.py's diffusion_condition and
+    diffusion_state graphs, what gtr-run's `--head split` runs): (condition file, its entry, state
+    file, its entry), or None where the bundle has none."""
+    manifest = yaml.safe_load((bundle / "manifest.yaml").read_text())
+    graphs = manifest["graphs"]
+    if "diffusion_condition" not in graphs or "diffusion_state" not in graphs:
+        return None
+    files = {role: graphs[role]["file"] for role in ("diffusion_condition", "diffusion_state")}
+    if precision != "fp32":
+        variants = manifest.get("precisions", {}).get(precision, {})
+        if not all(role in variants for role in files):
+            return None
+        files = {role: variants[role] for role in files}
+    return (bundle / files["diffusion_condition"], graphs["diffusion_condition"],
+            bundle / files["diffusion_state"], graphs["diffusion_state"])
+
+
 def weights_in(model: onnx.ModelProto) -> int:
     """Number of initializer values of a graph."""
     return sum(int(np.prod(i.dims)) for i in model.graph.initializer)
@@ -85,14 +103,33 @@ def main() -> None:
     names = entry["inputs"]
     x, t, z, out = names["x"], names["t"], names["z"], entry["outputs"]["out"]
     model = onnx.load(str(path))
-    frontier = cut(model, x, [t, z])
-    if not frontier:
-        sys.exit(f"{path}: nothing is computed from {t} and {z} alone before {x} is read")
-    extractor = Extractor(onnx.shape_inference.infer_shapes(model))
-    for name in frontier:  # where shape inference gave no type: the tensors of heads' cuts are float
-        extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    cond_part = extractor.extract_model([t, z], frontier)
-    x_part = extractor.extract_model([x] + frontier, [out])
+    own = split_files(a.bundle, a.precision)
+    if own:
+        # The parts gtr-run runs; their inputs renamed to the whole head's where they differ.
+        cond_path, cond_entry, state_path, state_entry = own
+        cond_part, x_part = onnx.load(str(cond_path)), onnx.load(str(state_path))
+        rename = {cond_entry["inputs"]["t"]: t, cond_entry["inputs"]["z"]: z, state_entry["inputs"]["x"]: x}
+        for part in (cond_part, x_part):
+            for node in part.graph.node:
+                node.input[:] = [rename.get(i, i) for i in node.input]
+            for value in part.graph.input:
+                value.name = rename.get(value.name, value.name)
+        frontier = [cond_entry["outputs"]["cond"]]
+        if state_entry["inputs"]["cond"] != frontier[0]:
+            sys.exit(f"{a.bundle}: diffusion_condition's output and diffusion_state's input are named apart")
+        source = f"the bundle's split head ({cond_path.name}, {state_path.name}: what gtr-run --head split runs)"
+    else:
+        frontier = cut(model, x, [t, z])
+        if not frontier:
+            sys.exit(f"{path}: nothing is computed from {t} and {z} alone before {x} is read")
+        extractor = Extractor(onnx.shape_inference.infer_shapes(model))
+        for name in frontier:  # where shape inference gave no type: the tensors of heads' cuts are float
+            extractor.value_infos.setdefault(name, onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                                                     None))
+        cond_part = extractor.extract_model([t, z], frontier)
+        x_part = extractor.extract_model([x] + frontier, [out])
+        source = ("this script's own cut of the head (the bundle has no split head for this precision: "
+                  "models/split_head.py makes one, as gtr-run runs it)")
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = a.threads
@@ -120,7 +157,7 @@ def main() -> None:
                      "this head does not split by rows")
     split_out = xs.run(None, {x: tick[x], **parts})[0]
     whole_out = whole.run(None, tick)[0]
-    print(f"{path}: {len(frontier)} tensors cross the cut; weights in the (t, z) part "
+    print(f"{path}: timing {source}; {len(frontier)} tensors cross the cut; weights in the (t, z) part "
           f"{weights_in(cond_part) / weights_in(model):.0%} of the head's")
     diff, scale = float(np.abs(split_out - whole_out).max()), float(np.abs(whole_out).max())
     print(f"check: max |split - whole| = {diff:.3g} (whole output up to {scale:.3g})")
