@@ -18,24 +18,24 @@ use gtr_run::engine::{Engine, MarModel};
 use gtr_run::eval::{CompareRequest, Contender, compare};
 use gtr_run::schedule::Schedule;
 
+mod common;
+
 /// Says what is wrong with the command line and exits with status 2.
 fn usage(problem: &str) -> ! {
-    eprintln!(
-        "speed: {problem}; usage: cargo bench --bench speed -- [BUNDLE] [--images N] [--reps R]"
-    );
-    std::process::exit(2);
+    common::refuse(
+        "speed",
+        problem,
+        "cargo bench --bench speed -- [BUNDLE] [--images N] [--reps R]",
+    )
 }
 
 fn main() {
-    // `--bench` is what cargo passes; anything else must be ours.
-    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
+    let mut args = common::bench_args();
     let mut bundle_path = None;
     let (mut images, mut reps) = (8usize, 5usize);
     let count = |flag: &str, value: Option<String>| -> usize {
-        match value.as_deref().map(str::parse::<usize>) {
-            Some(Ok(n)) if n > 0 => n,
-            _ => usage(&format!("{flag} takes a whole number above 0")),
-        }
+        common::count(value)
+            .unwrap_or_else(|| usage(&format!("{flag} takes a whole number above 0")))
     };
     while let Some(a) = args.next() {
         match a.as_str() {

@@ -765,7 +765,9 @@ fn shards_merged_give_the_bytes_of_the_single_machine_run() {
     // Three uneven shards (1, 2 and 2 images), each with its own batch size.
     let parts: Vec<PathBuf> = (0..3).map(|k| dir.join(format!("part{k}"))).collect();
     for (k, part) in parts.iter().enumerate() {
-        shard(k, 3, part, &["--batch", &(k + 1).to_string()]);
+        // Part 1 decodes beside sampling: the same images, said in its record.
+        let vae = if k == 1 { "overlap" } else { "auto" };
+        shard(k, 3, part, &["--batch", &(k + 1).to_string(), "--vae", vae]);
     }
     let held: Vec<Vec<String>> = parts
         .iter()
@@ -786,6 +788,8 @@ fn shards_merged_give_the_bytes_of_the_single_machine_run() {
     );
     assert_eq!(r["num_images"], 5);
     assert_eq!(r["generated_now"], 2);
+    assert_eq!(r["vae_decode"], "overlap");
+    assert_eq!(record(&parts[0])["vae_decode"], "inline", "auto on the CPU");
     assert_eq!(r["labels"], record(&whole)["labels"]);
     assert!(
         !parts[1].join("grid.png").exists(),
@@ -834,6 +838,11 @@ fn shards_merged_give_the_bytes_of_the_single_machine_run() {
     assert_eq!(m["generated_now"], 5);
     assert_eq!(m["batch"], serde_json::Value::Null, "batch sizes differed");
     assert_eq!(m["execution_provider"], "cpu");
+    assert_eq!(m["vae_decode"], "mixed", "the parts decoded differently");
+    assert_eq!(
+        m["diffusion_chains"], "host",
+        "the parts ran their chains alike"
+    );
     let ps = m["parts"].as_array().unwrap();
     assert_eq!(ps.len(), 3);
     assert_eq!(ps[0]["shard"]["k"], 0);

@@ -119,6 +119,7 @@ class Model:
         sampler: str = "auto",
         head: str = "auto",
         backbone: str = "auto",
+        vae: str = "auto",
     ) -> None:
         """Opens the bundle (its folder, manifest.yaml or any .onnx in it) and loads its graphs.
 
@@ -133,7 +134,9 @@ class Model:
         models/split_head.py in every step; ``auto`` uses them in steps of at most 32 head rows a
         tick; the same images in fp32); ``backbone``: as ``--backbone``: ``auto`` (the bundle's
         backbone graph on a GPU provider, the encoder and decoder on the CPU), ``fused`` or
-        ``split``. Raises GtrRunError with the command
+        ``split``; ``vae``: when each batch's VAE decode runs, as ``--vae``: ``auto`` (beside the
+        next batch's sampling on a GPU provider, after it on the CPU), ``overlap`` or ``inline``
+        (the same images either way; with ``overlap`` a stop is seen one batch later). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails. What the command line would print
         once about the loaded model (e.g. that the chains run on the host because the bundle has
         no sampler graph) is a ``UserWarning``."""

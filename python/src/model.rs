@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use gtr_run::backend::{
-    BackboneRunner, ChainRunner, Device, HeadRunner, LoadOptions, OrtEvaluator, OrtModel,
+    BackboneRunner, ChainRunner, Device, HeadRunner, LoadOptions, OrtEvaluator, OrtModel, VaeRunner,
 };
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, MarModel, RunStats};
@@ -68,15 +68,16 @@ pub(crate) fn csv_rows<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, 
 
 /// A model bundle loaded on a device, ready to generate:
 /// `Model(bundle, device="cpu", precision=None, threads=None,
-/// sampler="auto", head="auto", backbone="auto")` opens the bundle (its folder, its
+/// sampler="auto", head="auto", backbone="auto", vae="auto")` opens the bundle (its folder, its
 /// manifest.yaml or any .onnx in it) and loads its graphs on `device`
 /// (`cpu`, `cuda`, `tensorrt` or `auto`) at `precision` (default: the
 /// manifest's, else fp32) with `threads` intra-op threads per graph, with
 /// its diffusion chains where `sampler` says (`--sampler`: auto, host,
 /// graph or ticks), its diffusion head run as `head` says (`--head`:
 /// auto, whole or split) and its backbone as `backbone` says
-/// (`--backbone`: auto, fused or split). What the command line would print
-/// once about the loaded model is a UserWarning.
+/// (`--backbone`: auto, fused or split), its batches' VAE decodes as `vae`
+/// says (`--vae`: auto, overlap or inline). What the command line would
+/// print once about the loaded model is a UserWarning.
 ///
 /// It runs one `generate` or `eval` at a time: its engine is behind a lock
 /// that a second call, from another thread or from the first call's
@@ -94,6 +95,8 @@ pub(crate) struct Model {
     /// The device and threads the graphs were loaded with (the evaluator's too).
     device_kind: Device,
     threads: Option<usize>,
+    /// When each batch's VAE decode runs (`--vae`).
+    vae: VaeRunner,
 }
 
 #[pymethods]
@@ -106,10 +109,11 @@ impl Model {
     /// Runtime's, and one per core), with its diffusion chains where
     /// `sampler` says (`--sampler`: auto, host, graph or ticks), its
     /// diffusion head run as `head` says (`--head`: auto, whole or split)
-    /// and its backbone as `backbone` says (`--backbone`: auto, fused or
-    /// split).
+    /// its backbone as `backbone` says (`--backbone`: auto, fused or split)
+    /// and its batches' VAE decodes as `vae` says (`--vae`: auto, overlap
+    /// or inline).
     #[new]
-    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto", head="auto", backbone="auto"))]
+    #[pyo3(signature = (bundle, device="cpu", precision=None, threads=None, sampler="auto", head="auto", backbone="auto", vae="auto"))]
     #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn new(
         py: Python<'_>,
@@ -120,7 +124,11 @@ impl Model {
         sampler: &str,
         head: &str,
         backbone: &str,
+        vae: &str,
     ) -> PyResult<Self> {
+        let vae: VaeRunner = vae
+            .parse()
+            .map_err(|e: String| PyValueError::new_err(format!("vae: {e}")))?;
         let sampler: ChainRunner = sampler
             .parse()
             .map_err(|e: String| PyValueError::new_err(format!("sampler: {e}")))?;
@@ -175,6 +183,7 @@ impl Model {
                 device,
                 device_kind,
                 threads,
+                vae,
             };
             Ok::<_, Failure>((model, note))
         })
@@ -589,6 +598,7 @@ impl Model {
             shard: None,
             npz: None,
             ticks_per_call: None,
+            vae: self.vae,
             // In memory: no folder to resume or merge.
             model_sha256: None,
         };

@@ -212,6 +212,24 @@ def test_backbone_choice_is_the_command_lines():
         gtr_run.Model(bundle, backbone="both")
 
 
+def test_vae_choice_is_the_command_lines():
+    """`vae` is `--vae`: on the CPU `auto` decodes inline, as the command line does; `overlap`
+    decodes beside the next batch's sampling, to the same images, each batch seen in order."""
+    schedule = SCHEDULES / "mar-8.gtr"
+    runs = {}
+    for vae in ["auto", "overlap"]:
+        seen = []
+        runs[vae] = gtr_run.Model(TINY, vae=vae).generate(
+            schedule, 5, seed=2, batch=2, progress=lambda done, total: seen.append(done))
+        assert seen == [2, 4, 5], vae
+    assert runs["auto"][1]["vae_decode"] == "inline"
+    assert runs["overlap"][1]["vae_decode"] == "overlap"
+    assert np.array_equal(runs["auto"][0], runs["overlap"][0])
+    assert runs["auto"][1]["images_sha256"] == runs["overlap"][1]["images_sha256"]
+    with pytest.raises(ValueError, match="vae: "):
+        gtr_run.Model(TINY, vae="later")
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return gtr_run.Model(TINY)

@@ -69,6 +69,13 @@ pub struct GenerateArgs {
     /// time by op type). Profiling slows the run; profile a few images.
     #[arg(long, value_name = "DIR")]
     ort_profile: Option<PathBuf>,
+    /// When each batch's VAE decode (and its PNGs) runs: `overlap` (on a
+    /// thread of its own while the next batch's MAR steps run), `inline`
+    /// (after the batch's MAR steps) or `auto` (overlap on GPU providers,
+    /// inline on the CPU provider, where both would share its cores). Same
+    /// images either way.
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::VaeRunner::Auto)]
+    vae: gtr_run::backend::VaeRunner,
 }
 
 #[derive(Args)]
@@ -160,6 +167,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         shard: args.shard,
         npz: args.npz,
         ticks_per_call: args.runtime.ticks_per_call(&model),
+        vae: args.vae,
         model_sha256: Some(model_sha256),
     };
     eprintln!(

@@ -6,13 +6,16 @@
 //!
 //! Rooms: [`folder`] (the output folder: ownership, overwrite rules, file
 //! names), [`outputs`] (PNG, grid, npz), [`jobs`] (labels, seeds, shards),
-//! [`record`] (run.json), [`merge`] (shards joined). This module only
+//! [`record`] (run.json), [`merge`] (shards joined), `pipeline` (batches
+//! one after the other, each one's VAE decode inline or overlapping the
+//! next one's sampling). This module only
 //! orchestrates them around the engine.
 
 pub mod folder;
 pub mod jobs;
 pub mod merge;
 pub mod outputs;
+mod pipeline;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,16 +33,17 @@ pub use jobs::{Classes, Shard, label_for};
 pub use outputs::{encode_batch, encode_png, write_npz};
 pub use record::{RunRecord, model_digest};
 
+use crate::backend::VaeRunner;
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
 use crate::engine::{
-    BatchOutput, Engine, ImageJob, ImageSettings, MarModel, ModelInfo, NoiseSource, Replay,
-    SeededNoise,
+    Engine, ImageJob, ImageSettings, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise,
 };
 use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
 use folder::{image_name, image_path};
+use pipeline::{Batch, Made, make_batches};
 use record::{Measurements, ModelRecord, ScheduleRecord, Seconds, ShardRecord, StepRecord, Writer};
 
 /// A generation run as asked for.
@@ -68,6 +72,9 @@ pub struct RunRequest {
     pub npz: Option<PathBuf>,
     /// Ticks per sampler-graph call ([`Engine::ticks_per_call`]).
     pub ticks_per_call: Option<usize>,
+    /// Whether a batch's VAE decode overlaps the next batch's sampling
+    /// (`--vae`; run.json's `vae_decode`).
+    pub vae: VaeRunner,
     /// [`record::model_digest`] of the model, recorded and compared by
     /// `--resume` and `merge`; `None` only for runs that write no folder.
     pub model_sha256: Option<String>,
@@ -149,14 +156,15 @@ impl<'s> Prepared<'s> {
     /// resumed run makes an image beside the same images as an
     /// uninterrupted one, which keeps it byte-identical where a result
     /// depends on its batch (int8's per-tensor activation scale). Each
-    /// batch's `todo` jobs and their output go to `on_batch` (which may
-    /// stop the run with an error). Returns the seconds it took.
+    /// batch's `todo` images go to `on_batch` in order (which may stop the
+    /// run with an error), their decode overlapping the next batch's
+    /// sampling where `req.vae` says so. Returns the seconds it took.
     fn make_images<M: MarModel>(
         &self,
         engine: &mut Engine<M>,
         req: &RunRequest,
         todo: &[usize],
-        mut on_batch: impl FnMut(&[ImageJob], &BatchOutput) -> Result<(), RunError>,
+        on_batch: impl FnMut(Made) -> Result<(), RunError>,
     ) -> Result<f64, RunError> {
         let started = Instant::now();
         let noise: &dyn NoiseSource = match &self.replay {
@@ -165,31 +173,42 @@ impl<'s> Prepared<'s> {
         };
         let wanted: BTreeSet<usize> = todo.iter().copied().collect();
         let range: Vec<usize> = self.range.clone().collect();
-        for chunk in range.chunks(req.batch) {
+        let batches = range.chunks(req.batch).filter_map(|chunk| {
             // Positions in the batch of the images to make.
-            let to_make: Vec<usize> = (0..chunk.len())
+            let keep: Vec<usize> = (0..chunk.len())
                 .filter(|&k| wanted.contains(&chunk[k]))
                 .collect();
-            if to_make.is_empty() {
-                continue;
+            if keep.is_empty() {
+                return None;
             }
-            let (jobs, plans) = ImageJob::batch(
-                &self.plans.planner,
-                &self.plans.options,
-                req.seed,
-                chunk,
-                &self.labels,
+            Some(
+                ImageJob::batch(
+                    &self.plans.planner,
+                    &self.plans.options,
+                    req.seed,
+                    chunk,
+                    &self.labels,
+                )
+                .map(|(jobs, plans)| Batch { jobs, plans, keep })
+                .map_err(|d| ScheduleError::Invalid(Box::new(d)).into()),
             )
-            .map_err(|d| ScheduleError::Invalid(Box::new(d)))?;
-            let out = engine.generate(&plans, &jobs, noise, |_, _| {})?;
-            if to_make.len() == chunk.len() {
-                on_batch(&jobs, &out)?;
-            } else {
-                let made: Vec<ImageJob> = to_make.iter().map(|&k| jobs[k]).collect();
-                on_batch(&made, &out.select(&to_make))?;
-            }
-        }
+        });
+        let decoder = overlapping_decoder(&engine.model, req.vae);
+        make_batches(engine, batches, noise, decoder, on_batch)?;
         Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+/// The model's [`crate::engine::ImageDecoder`] where `vae` overlaps decodes
+/// on its provider and the model has one; `None`: decodes run inline.
+fn overlapping_decoder<M: MarModel>(
+    model: &M,
+    vae: VaeRunner,
+) -> Option<Box<dyn crate::engine::ImageDecoder>> {
+    if vae.overlaps(&model.execution_provider()) {
+        model.image_decoder()
+    } else {
+        None
     }
 }
 
@@ -255,8 +274,8 @@ pub fn generate<M: MarModel>(
     engine.ticks_per_call = req.ticks_per_call;
     progress(kept.len(), range.len());
     let mut done = kept.len();
-    let wall = run.make_images(&mut engine, req, &todo, |jobs, out| {
-        let pngs = encode_batch(out.pixels.view());
+    let wall = run.make_images(&mut engine, req, &todo, |made| {
+        let Made { jobs, output, pngs } = made;
         for ((k, job), png) in jobs.iter().enumerate().zip(pngs) {
             let (path, name) = (
                 image_path(&req.out, job.index as usize),
@@ -264,7 +283,7 @@ pub fn generate<M: MarModel>(
             );
             hashes.insert(name.clone(), sha256_hex(&png));
             if adaptive {
-                orders.insert(name, out.reveal_orders[k].clone());
+                orders.insert(name, output.reveal_orders[k].clone());
             }
             write_atomic(&path, &png).map_err(|source| RunError::Write { path, source })?;
         }
@@ -329,13 +348,13 @@ pub fn generate_in_memory<M: MarModel>(
     let adaptive = run.plans.reference.is_adaptive();
     let mut orders = BTreeMap::new();
     let mut done = 0;
-    let wall = run.make_images(engine, req, &todo, |jobs, out| {
-        let pngs = encode_batch(out.pixels.view());
+    let wall = run.make_images(engine, req, &todo, |made| {
+        let Made { jobs, output, pngs } = made;
         for ((k, job), png) in jobs.iter().enumerate().zip(pngs) {
-            let (i, one) = (job.index as usize, out.pixels.index_axis(Axis(0), k));
+            let (i, one) = (job.index as usize, output.pixels.index_axis(Axis(0), k));
             hashes.insert(image_name(i), sha256_hex(&png));
             if adaptive {
-                orders.insert(image_name(i), out.reveal_orders[k].clone());
+                orders.insert(image_name(i), output.reveal_orders[k].clone());
             }
             pixels.index_axis_mut(Axis(0), i - start).assign(&one);
         }
@@ -570,6 +589,12 @@ fn measure<M: MarModel>(
         diffusion_chains: engine.chain_runner(),
         backbone: engine.backbone_runner().into(),
         sampler_ticks_per_call: req.ticks_per_call,
+        vae_decode: if overlapping_decoder(&engine.model, req.vae).is_some() {
+            "overlap"
+        } else {
+            "inline"
+        }
+        .into(),
         steps,
         seconds: Seconds {
             wall,

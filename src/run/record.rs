@@ -106,6 +106,14 @@ fn yes() -> bool {
     true
 }
 
+/// A merged record's `diffusion_chains`, `backbone` or `vae_decode` where
+/// its parts ran differently (each part's own record says how).
+pub const MIXED: &str = "mixed";
+
+fn inline_decode() -> String {
+    "inline".into()
+}
+
 fn split_backbone() -> String {
     "encoder and decoder".into()
 }
@@ -191,6 +199,11 @@ pub struct Measurements {
     pub backbone: String,
     /// `--sampler-ticks`.
     pub sampler_ticks_per_call: Option<usize>,
+    /// When each batch's VAE decode ran (`--vae`): `inline` (after its MAR
+    /// steps) or `overlap` (beside the next batch's); records older than
+    /// the choice ran inline.
+    #[serde(default = "inline_decode")]
+    pub vae_decode: String,
     /// The plan of image 0, step by step, with each step's measurements.
     pub steps: Vec<StepRecord>,
     /// Each graph's calls and seconds.
@@ -222,7 +235,8 @@ pub struct StepRecord {
 pub struct Seconds {
     /// The whole generation loop, writing included.
     pub wall: f64,
-    /// Inside the engine, VAE included.
+    /// Inside the engine, VAE included (decodes that overlapped sampling
+    /// too, so it may exceed `wall`).
     pub generation: f64,
     pub in_model_calls: f64,
     pub in_runtime_run_calls: f64,
@@ -354,7 +368,9 @@ impl RunRecord {
     /// `seconds` entry and each graph's and step's counters summed over the
     /// parts (machine time, not elapsed time); batch, device, execution
     /// provider, runtime settings and paths kept where all parts agree,
-    /// else `None`; and [`RunRecord::parts`]. `None` without parts.
+    /// else `None`; where the chains, the backbone and the VAE decode ran
+    /// kept where all parts agree, else [`MIXED`]; and
+    /// [`RunRecord::parts`]. `None` without parts.
     pub fn combine(parts: &[(String, RunRecord)]) -> Option<RunRecord> {
         let ((_, first), rest) = parts.split_first()?;
         let mut all = first.clone();
@@ -388,6 +404,20 @@ impl RunRecord {
         let provider = |r: &RunRecord| json!(r.measured.as_ref().map(|m| &m.execution_provider));
         if let (false, Some(m)) = (agree(&provider), all.measured.as_mut()) {
             m.execution_provider = None;
+        }
+        // How the parts ran, where they ran differently.
+        if let Some(m) = all.measured.as_mut() {
+            let ran =
+                |how: fn(&Measurements) -> &String| agree(&|r| json!(r.measured.as_ref().map(how)));
+            if !ran(|m| &m.diffusion_chains) {
+                m.diffusion_chains = MIXED.into();
+            }
+            if !ran(|m| &m.backbone) {
+                m.backbone = MIXED.into();
+            }
+            if !ran(|m| &m.vae_decode) {
+                m.vae_decode = MIXED.into();
+            }
         }
         all.parts = parts
             .iter()

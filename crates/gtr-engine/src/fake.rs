@@ -4,8 +4,8 @@
 
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
 
+use super::model::{ImageDecoder, MarModel, ModelError, ModelInfo};
 use super::model::{ImageSettings, SamplingDefaults};
-use super::model::{MarModel, ModelError, ModelInfo};
 use crate::grid::Grid;
 use crate::sampler::Variance;
 
@@ -176,8 +176,22 @@ impl MarModel for FakeModel {
     }
 
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
+        FakeVae(self.info.image).decode_image(latent)
+    }
+
+    fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
+        Some(Box::new(FakeVae(self.info.image)))
+    }
+}
+
+/// [`FakeModel`]'s VAE: each image channel is the latent's channel
+/// `ch % C`, upsampled by repetition, through tanh(v / 2).
+struct FakeVae(ImageSettings);
+
+impl ImageDecoder for FakeVae {
+    fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
         let (b, c, h, w) = latent.dim();
-        let img = &self.info.image;
+        let img = &self.0;
         let (sy, sx) = (img.height / h, img.width / w);
         let mut out = Array4::<f32>::zeros((b, img.channels, img.height, img.width));
         for r in 0..b {

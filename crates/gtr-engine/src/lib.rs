@@ -35,15 +35,16 @@ pub mod sampler;
 
 use std::time::Instant;
 
-use ndarray::{Array2, Array3, Array4};
+use ndarray::{Array2, Array3, Array4, ArrayView4};
 
 pub use chains::SPLIT_TICK_ROWS;
 use chains::StepChains;
 use checks::{check_batch, check_finite, shape_error};
 pub use checks::{check_label, check_plan};
 pub use model::{
-    COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageSettings, KernelProfile, MarModel,
-    ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores, gather_rows,
+    COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageDecoder, ImageSettings, KernelProfile,
+    MarModel, ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores,
+    gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 use rayon::prelude::*;
@@ -197,6 +198,78 @@ impl BatchOutput {
     }
 }
 
+/// A batch whose MAR steps are done, before its VAE decode
+/// ([`Engine::sample`]).
+#[derive(Debug, Clone)]
+pub struct SampledBatch {
+    /// The VAE's input [B, C, h, w] (tokens on the latent grid, scaled).
+    pub latent: Array4<f32>,
+    /// Final tokens [B, L, C] (before the latent scale).
+    pub tokens: Array3<f32>,
+    /// Which tokens got FTS detail steps [B, L].
+    pub detail: Array2<bool>,
+    /// As [`BatchOutput::reveal_orders`].
+    pub reveal_orders: Vec<Vec<usize>>,
+    /// The images the VAE must return.
+    image: ImageSettings,
+    /// MAR steps run (errors of the VAE name the step after the last).
+    steps: usize,
+}
+
+impl SampledBatch {
+    /// Decodes the batch with `vae` (the model's VAE decoder, called once
+    /// on [`SampledBatch::latent`], on this thread or another): the images
+    /// [B, channels, H, W] checked against the manifest's size and to be
+    /// finite, and their 8-bit pixels. Returns the batch and its seconds,
+    /// for [`Engine::count_decode`].
+    pub fn decode_with(
+        self,
+        vae: impl FnOnce(ArrayView4<f32>) -> Result<Array4<f32>, ModelError>,
+    ) -> Result<(BatchOutput, DecodeSeconds), EngineError> {
+        let started = Instant::now();
+        let images = vae(self.latent.view()).map_err(EngineError::Vae)?;
+        let vae_seconds = started.elapsed().as_secs_f64();
+        let image = self.image;
+        let want = (
+            self.tokens.dim().0,
+            image.channels,
+            image.height,
+            image.width,
+        );
+        if images.dim() != want {
+            return Err(EngineError::Vae(ModelError::Shape {
+                graph: "vae_decoder",
+                tensor: "image".into(),
+                got: images.shape().to_vec(),
+                expected: format!("{:?}", [want.0, want.1, want.2, want.3]),
+            }));
+        }
+        check_finite("vae_decoder", "image", images.iter(), self.steps)?;
+        let pixels = to_pixels(&images);
+        let output = BatchOutput {
+            tokens: self.tokens,
+            images,
+            pixels,
+            detail: self.detail,
+            reveal_orders: self.reveal_orders,
+        };
+        let seconds = DecodeSeconds {
+            vae: vae_seconds,
+            total: started.elapsed().as_secs_f64(),
+        };
+        Ok((output, seconds))
+    }
+}
+
+/// The time of one [`SampledBatch::decode_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecodeSeconds {
+    /// Inside the VAE call.
+    pub vae: f64,
+    /// All of it: the call, its checks and the pixels.
+    pub total: f64,
+}
+
 pub struct Engine<M: MarModel> {
     pub model: M,
     chains: ChainCache,
@@ -251,7 +324,8 @@ impl<M: MarModel> Engine<M> {
         }
     }
 
-    /// Generates one image per (plan, job), drawing from `noise`. All plans
+    /// Generates one image per (plan, job), drawing from `noise`: the MAR
+    /// steps ([`Engine::sample`]), then the VAE on this thread. All plans
     /// must come from one schedule (same step sizes and settings; orders
     /// may differ). `on_step` sees (step done, steps).
     pub fn generate(
@@ -259,8 +333,25 @@ impl<M: MarModel> Engine<M> {
         plans: &[Plan],
         jobs: &[ImageJob],
         noise: &dyn NoiseSource,
-        mut on_step: impl FnMut(usize, usize),
+        on_step: impl FnMut(usize, usize),
     ) -> Result<BatchOutput, EngineError> {
+        let sampled = self.sample(plans, jobs, noise, on_step)?;
+        let model = &mut self.model;
+        let (output, seconds) = sampled.decode_with(|latent| model.decode_image(latent))?;
+        self.count_decode(seconds);
+        Ok(output)
+    }
+
+    /// The MAR steps of [`Engine::generate`], without the VAE: the batch's
+    /// tokens, for [`SampledBatch::decode_with`] on this thread or another
+    /// ([`MarModel::image_decoder`]).
+    pub fn sample(
+        &mut self,
+        plans: &[Plan],
+        jobs: &[ImageJob],
+        noise: &dyn NoiseSource,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<SampledBatch, EngineError> {
         let start = Instant::now();
         let info = self.model.info().clone();
         check_batch(&info, plans, jobs, noise)?;
@@ -278,15 +369,24 @@ impl<M: MarModel> Engine<M> {
             self.stats.steps[s].add(&stats);
             on_step(s, steps);
         }
-        let (images, pixels) = self.decode(&canvas, &info, steps)?;
         self.stats.total_seconds += start.elapsed().as_secs_f64();
-        Ok(BatchOutput {
+        Ok(SampledBatch {
+            latent: canvas.latent(info.grid, info.latent_scale),
             tokens: canvas.tokens,
-            images,
-            pixels,
             detail: canvas.detail,
             reveal_orders,
+            image: info.image,
+            steps,
         })
+    }
+
+    /// Counts a decode (made on this thread or another) in
+    /// [`Engine::stats`]: its VAE call in `vae_seconds`, all of it in
+    /// `total_seconds` (so with decodes overlapping the next batch's
+    /// sampling, the total is the work's time, and may exceed the wall).
+    pub fn count_decode(&mut self, seconds: DecodeSeconds) {
+        self.stats.vae_seconds += seconds.vae;
+        self.stats.total_seconds += seconds.total;
     }
 
     /// MAR step `s` of the batch: the backbone on the canvas (at an
@@ -390,40 +490,6 @@ impl<M: MarModel> Engine<M> {
             other_seconds: step_start.elapsed().as_secs_f64() - backbone_seconds - work.seconds,
         };
         Ok((stats, predicted))
-    }
-
-    /// The VAE on the finished canvas: images [B, channels, H, W] checked
-    /// against the manifest, and their 8-bit pixels.
-    fn decode(
-        &mut self,
-        canvas: &Canvas,
-        info: &ModelInfo,
-        steps: usize,
-    ) -> Result<(Array4<f32>, Array4<u8>), EngineError> {
-        let latent = canvas.latent(info.grid, info.latent_scale);
-        let started = Instant::now();
-        let images = self
-            .model
-            .decode_image(latent.view())
-            .map_err(EngineError::Vae)?;
-        self.stats.vae_seconds += started.elapsed().as_secs_f64();
-        let want = (
-            canvas.tokens.dim().0,
-            info.image.channels,
-            info.image.height,
-            info.image.width,
-        );
-        if images.dim() != want {
-            return Err(EngineError::Vae(ModelError::Shape {
-                graph: "vae_decoder",
-                tensor: "image".into(),
-                got: images.shape().to_vec(),
-                expected: format!("{:?}", [want.0, want.1, want.2, want.3]),
-            }));
-        }
-        check_finite("vae_decoder", "image", images.iter(), steps)?;
-        let pixels = to_pixels(&images);
-        Ok((images, pixels))
     }
 }
 

@@ -219,6 +219,14 @@ pub trait MarModel {
     /// VAE decoder: `latent` [B, C, h, w] → image [B, channels, H, W].
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError>;
 
+    /// A handle on this model's VAE decoder that another thread can call
+    /// while the model samples (for a batch's decode to overlap the next
+    /// batch's MAR steps), giving what [`MarModel::decode_image`] gives;
+    /// `None` (the default) where the model cannot decode beside sampling.
+    fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
+        None
+    }
+
     /// Per-graph call counts and seconds, if the model measures them.
     fn graph_stats(&self) -> Vec<GraphStats> {
         Vec::new()
@@ -244,6 +252,13 @@ pub trait MarModel {
     /// cannot be read says why in [`KernelProfile::problem`]). Calls made
     /// after this are not profiled.
     fn end_profiling(&mut self) {}
+}
+
+/// A model's VAE decoder, callable on another thread
+/// ([`MarModel::image_decoder`]).
+pub trait ImageDecoder: Send {
+    /// As [`MarModel::decode_image`].
+    fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError>;
 }
 
 /// Rows of `z` [B, L, D] at `predict` [B, N] → [B, N, D]. An index

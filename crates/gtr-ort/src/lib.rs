@@ -41,4 +41,4 @@ mod ticks;
 pub use device::Device;
 pub use evaluator::{OrtEvaluator, features_of};
 pub use model::{LoadOptions, OrtError, OrtModel};
-pub use runners::{BackboneRunner, ChainRunner, HeadRunner, runners_conflict};
+pub use runners::{BackboneRunner, ChainRunner, HeadRunner, VaeRunner, runners_conflict};

@@ -2,6 +2,7 @@
 //! manifest at load ([`crate::contract`]), behind [`MarModel`].
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use ndarray::{
     Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, Ix2, Ix3, Ix4,
@@ -17,7 +18,10 @@ use crate::runners::{BackboneRunner, ChainRunner, HeadRunner};
 use crate::session::{Graph, SessionSettings, shaped, view};
 use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
 use crate::ticks::TickRunner;
-use gtr_engine::{ChainInputs, GraphStats, MarModel, ModelError, ModelInfo, gather_rows};
+use gtr_engine::{
+    ChainInputs, GraphStats, ImageDecoder, ImageSettings, MarModel, ModelError, ModelInfo,
+    gather_rows,
+};
 
 /// How to load a bundle: the device, threads, precision and TensorRT's
 /// settings.
@@ -69,7 +73,7 @@ pub struct OrtModel {
     encoder: Graph,
     decoder: Graph,
     diffusion: Graph,
-    vae: Graph,
+    vae: VaeDecoder,
     /// Whole chains per call, when the bundle has a sampler graph.
     sampler: Option<Graph>,
     /// One call per tick on bound tensors, when asked for
@@ -86,6 +90,49 @@ pub struct OrtModel {
     provider: String,
     precision: PrecisionChoice,
     tensorrt: BTreeMap<String, TensorRtOptions>,
+}
+
+/// The VAE decoder's graph, shared with the [`ImageDecoder`] handles that
+/// decode on other threads ([`MarModel::image_decoder`]); one call at a
+/// time.
+#[derive(Clone)]
+struct VaeDecoder {
+    graph: Arc<Mutex<Graph>>,
+    image: ImageSettings,
+}
+
+impl VaeDecoder {
+    /// The graph, held until the guard is dropped. A thread that panicked
+    /// holding it left nothing half-written that a call reads.
+    fn graph(&self) -> MutexGuard<'_, Graph> {
+        self.graph.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// [`MarModel::decode_image`].
+    fn decode(&self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
+        let b = latent.dim().0;
+        let img = self.image;
+        let out = self.graph().run(
+            vec![("latent", view("vae_decoder", latent)?)],
+            "image",
+            false,
+        )?;
+        let dims = [
+            Some(b),
+            Some(img.channels),
+            Some(img.height),
+            Some(img.width),
+        ];
+        shaped::<Ix4>("vae_decoder", "image", out, &dims, || {
+            format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width)
+        })
+    }
+}
+
+impl ImageDecoder for VaeDecoder {
+    fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
+        self.decode(latent)
+    }
 }
 
 /// The diffusion head in two graphs (models/split_head.py).
@@ -144,7 +191,10 @@ impl OrtModel {
         let encoder = required(Role::Encoder)?;
         let decoder = required(Role::Decoder)?;
         let diffusion = required(Role::Diffusion)?;
-        let vae = required(Role::VaeDecoder)?;
+        let vae = VaeDecoder {
+            graph: Arc::new(Mutex::new(required(Role::VaeDecoder)?)),
+            image: info.image,
+        };
         if choice.precision == Precision::Tf32 && !provider.starts_with("cuda") {
             return Err(OrtError::Device {
                 device: provider,
@@ -390,23 +440,24 @@ impl OrtModel {
         )
     }
 
-    /// Every loaded graph, in the order of [`MarModel::graph_stats`].
-    fn graphs_mut(&mut self) -> impl Iterator<Item = &mut Graph> {
-        [
-            &mut self.encoder,
-            &mut self.decoder,
-            &mut self.diffusion,
-            &mut self.vae,
-        ]
-        .into_iter()
-        .chain(self.sampler.as_mut())
-        .chain(self.ticks.as_mut().map(|t| &mut t.graph))
-        .chain(self.backbone.as_mut())
-        .chain(
-            self.split_head
-                .iter_mut()
-                .flat_map(|s| [&mut s.condition, &mut s.state]),
-        )
+    /// Calls `f` on every loaded graph, in the order of
+    /// [`MarModel::graph_stats`].
+    fn for_each_graph(&mut self, mut f: impl FnMut(&mut Graph)) {
+        [&mut self.encoder, &mut self.decoder, &mut self.diffusion]
+            .into_iter()
+            .for_each(&mut f);
+        f(&mut self.vae.graph());
+        self.sampler
+            .as_mut()
+            .into_iter()
+            .chain(self.ticks.as_mut().map(|t| &mut t.graph))
+            .chain(self.backbone.as_mut())
+            .chain(
+                self.split_head
+                    .iter_mut()
+                    .flat_map(|s| [&mut s.condition, &mut s.state]),
+            )
+            .for_each(f);
     }
 
     /// Whether the bundle's split head was loaded (it has both parts in the
@@ -737,26 +788,15 @@ impl MarModel for OrtModel {
     }
 
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
-        let b = latent.dim().0;
-        let img = self.info.image;
-        let out = self.vae.run(
-            vec![("latent", view("vae_decoder", latent)?)],
-            "image",
-            false,
-        )?;
-        let dims = [
-            Some(b),
-            Some(img.channels),
-            Some(img.height),
-            Some(img.width),
-        ];
-        shaped::<Ix4>("vae_decoder", "image", out, &dims, || {
-            format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width)
-        })
+        self.vae.decode(latent)
+    }
+
+    fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
+        Some(Box::new(self.vae.clone()))
     }
 
     fn reset_graph_stats(&mut self) {
-        self.graphs_mut().for_each(|g| {
+        self.for_each_graph(|g| {
             g.stats = GraphStats {
                 graph: g.stats.graph.clone(),
                 ..GraphStats::default()
@@ -765,7 +805,8 @@ impl MarModel for OrtModel {
     }
 
     fn graph_stats(&self) -> Vec<GraphStats> {
-        [&self.encoder, &self.decoder, &self.diffusion, &self.vae]
+        let vae = self.vae.graph();
+        [&self.encoder, &self.decoder, &self.diffusion, &*vae]
             .into_iter()
             .chain(self.sampler.as_ref())
             .chain(self.ticks.as_ref().map(|t| &t.graph))
@@ -780,7 +821,7 @@ impl MarModel for OrtModel {
     }
 
     fn end_profiling(&mut self) {
-        self.graphs_mut().for_each(Graph::end_profiling)
+        self.for_each_graph(Graph::end_profiling)
     }
 
     fn execution_provider(&self) -> String {

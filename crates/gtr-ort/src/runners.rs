@@ -1,5 +1,5 @@
 //! How the graphs of a loaded bundle are run: the choices behind
-//! `--sampler`, `--backbone` and `--head`.
+//! `--sampler`, `--backbone`, `--head` and `--vae`.
 
 /// Where diffusion chains run (`--sampler`): the bundle's sampler graph
 /// (one call per MAR step, state on the device), the host (one head call
@@ -127,6 +127,55 @@ impl std::str::FromStr for HeadRunner {
     }
 }
 
+/// When a batch's VAE decode runs (`--vae`): `Overlap`, on a thread of
+/// its own while the next batch's MAR steps run (the model's
+/// [`gtr_engine::MarModel::image_decoder`]; with the PNGs encoded there
+/// too); `Inline`, after the batch's MAR steps, before the next batch
+/// begins; or `Auto`: overlapped on GPU providers, inline on the CPU
+/// provider (where both compete for the same cores). The images are the
+/// same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum VaeRunner {
+    #[default]
+    Auto,
+    Overlap,
+    Inline,
+}
+
+impl VaeRunner {
+    /// Every choice, in the order `--vae` lists them.
+    pub const ALL: [VaeRunner; 3] = [VaeRunner::Auto, VaeRunner::Overlap, VaeRunner::Inline];
+
+    /// The name `--vae` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            VaeRunner::Auto => "auto",
+            VaeRunner::Overlap => "overlap",
+            VaeRunner::Inline => "inline",
+        }
+    }
+
+    /// Whether decodes overlap sampling on a model run by `provider`
+    /// ([`gtr_engine::MarModel::execution_provider`]).
+    pub fn overlaps(self, provider: &str) -> bool {
+        match self {
+            VaeRunner::Auto => provider != "cpu",
+            VaeRunner::Overlap => true,
+            VaeRunner::Inline => false,
+        }
+    }
+}
+
+impl std::str::FromStr for VaeRunner {
+    type Err = String;
+
+    /// A [`VaeRunner::name`] (`--vae`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        crate::device::by_name(s, VaeRunner::ALL, VaeRunner::name)
+    }
+}
+
 /// Why `--head` (`head`) or `--sampler-ticks` (`ticks_per_call`) cannot
 /// go with `--sampler` (`chains`), if they cannot: the head choice is how
 /// the *host* chains run the head (the sampler and tick graphs hold the
@@ -155,6 +204,16 @@ pub fn runners_conflict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vae_overlaps_on_gpu_providers_unless_told() {
+        for provider in ["cuda", "tensorrt"] {
+            assert!(VaeRunner::Auto.overlaps(provider));
+            assert!(!VaeRunner::Inline.overlaps(provider));
+        }
+        assert!(!VaeRunner::Auto.overlaps("cpu"));
+        assert!(VaeRunner::Overlap.overlaps("cpu"));
+    }
 
     #[test]
     fn runner_choices_that_cannot_go_together_are_named() {
@@ -187,6 +246,7 @@ mod tests {
         check(&ChainRunner::ALL, ChainRunner::name);
         check(&BackboneRunner::ALL, BackboneRunner::name);
         check(&HeadRunner::ALL, HeadRunner::name);
+        check(&VaeRunner::ALL, VaeRunner::name);
     }
 
     /// Every choice's name is the one the command line lists, so Python's
@@ -205,5 +265,6 @@ mod tests {
         check(&ChainRunner::ALL, ChainRunner::name);
         check(&BackboneRunner::ALL, BackboneRunner::name);
         check(&HeadRunner::ALL, HeadRunner::name);
+        check(&VaeRunner::ALL, VaeRunner::name);
     }
 }
