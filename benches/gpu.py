@@ -33,6 +33,11 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
    plans (`gtr-run plan --json`), the same balanced class labels, the same batch; a truncated
    untimed warm-up, then torch.cuda.synchronize() around each timed batch, pixels copied to the
    host inside the timing. Schedules with FTS (GtR) have no MAR counterpart: "n/a".
+3a. With --vae-check N, after the measurements: gtr-run's plain command (`gtr-run BUNDLE
+   --vae-check-schedule --num-images N --batch B`, B the first batch size, the first variant)
+   with `--vae inline` and `--vae overlap` alternating, twice each: each batch's VAE decode after
+   its MAR steps, or beside the next batch's. Seconds per image of the generation loop (run.json
+   `seconds.wall`), the ratio, and a check that both ways wrote the same images (else an error).
 3b. With --profile, after the measurements: one generation of --profile-schedule per variant
    under ONNX Runtime's profiler (`gtr-run --ort-profile`), summarised under the table: which
    execution provider ran each graph's nodes (any node off CUDA is a note) and its top ops.
@@ -68,6 +73,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -694,6 +700,47 @@ class Bench:
                 f"{g}: " + ", ".join(f"{op} ×{n} on {p}" for op, p, n in graphs[g]["ops_off_gpu"])
                 for g in off))
 
+    # -- phase: --vae overlap against inline -------------------------------------------------------
+
+    def vae_check(self, variant, B: int) -> None:
+        """`gtr-run BUNDLE SCHEDULE --num-images N --batch B` with `--vae inline` and `--vae
+        overlap`, alternating, twice each (--vae-check N, --vae-check-schedule): seconds per image
+        of the generation loop (run.json `seconds.wall`, sessions loaded before it) per way, their
+        ratio, and whether both ways wrote the same images (an error if not)."""
+        name, binary, extra = variant.name, variant.binary, variant.args
+        bundle = self.runnable_bundle(variant)
+        N, sched = self.a.vae_check, self.schedule_path(self.a.vae_check_schedule)
+        work = os.path.join(os.path.abspath(self.a.work), "vae-check")
+        walls, hashes = {"inline": [], "overlap": []}, {}
+        for rep in range(2):
+            for way in walls:
+                rundir = os.path.join(work, f"{way}-{rep}")
+                shutil.rmtree(rundir, ignore_errors=True)
+                cmd = [binary, bundle, sched, "--device", self.a.device, "--batch", B, "--num-images", N,
+                       "--seed", self.a.seed, "--out", rundir, "--vae", way]
+                if self.a.threads:
+                    cmd += ["--threads", self.a.threads]
+                cmd += self.a.gtr_arg + extra
+                self.run_logged(cmd, f"vae-{way}-{rep}.log", timeout=self.subprocess_timeout())
+                with open(os.path.join(rundir, "run.json")) as f:
+                    run = json.load(f)
+                if run.get("vae_decode") != way:
+                    raise BenchError(f"--vae {way}: run.json says vae_decode {run.get('vae_decode')!r}")
+                walls[way].append(run["seconds"]["wall"] / N)
+                hashes.setdefault(way, run["images_sha256"])
+        median = {way: statistics.median(w) for way, w in walls.items()}
+        self.res["vae_check"] = {
+            "variant": name, "schedule": self.schedule_name(sched), "batch": B, "images": N,
+            "seconds_per_image": walls, "median": median,
+            "inline_over_overlap": median["inline"] / median["overlap"],
+            "same_images": hashes["inline"] == hashes["overlap"]}
+        if hashes["inline"] != hashes["overlap"]:
+            raise BenchError("--vae overlap wrote other images than --vae inline")
+        self.res["notes"].append(
+            f"--vae ({name}, {self.schedule_name(sched)}, {N} images at batch {B}, 2 runs each way, alternating; "
+            f"generation loop): inline {median['inline']:.4f} s/image, overlap {median['overlap']:.4f}, "
+            f"inline/overlap {median['inline'] / median['overlap']:.3f}×; same images")
+
     # -- phase: images against the CPU -------------------------------------------------------------
 
     # The arguments of a variant that say where chains run; mar-tiny takes them (it has sampler and
@@ -989,6 +1036,10 @@ class Bench:
                 self.measure_torch(precisions[:1], B)
                 self.measure_gtr_run(variants[1:], B)
                 self.measure_torch(precisions[1:], B)
+            if a.vae_check and not a.skip_gtr_run:
+                self.ensure_bundle_variants(self.variants[0])
+                self.measure(f"gtr-run --vae overlap against inline, batch {a.batches[0]}", self.vae_check,
+                             self.variants[0], a.batches[0])
             if a.profile and not a.skip_gtr_run:
                 for v in self.variants:
                     self.ensure_bundle_variants(v)
@@ -1151,6 +1202,12 @@ def main(argv=None) -> int:
                          "(gtr-run --ort-profile): which provider ran each graph's nodes, and the top ops")
     ap.add_argument("--profile-schedule", default="gtr-3.7x",
                     help="the schedule of the --profile runs, one batch of the first batch size (default: %(default)s)")
+    ap.add_argument("--vae-check", type=int, default=0, metavar="N",
+                    help="after the measurements, gtr-run's plain command making N images at the first batch "
+                         "size with --vae inline and --vae overlap, alternating, twice each (0: skip, the "
+                         "default; N should be several batches)")
+    ap.add_argument("--vae-check-schedule", default="gtr-3.7x",
+                    help="the schedule of --vae-check (default: %(default)s)")
     ap.add_argument("--image-check", type=int, default=16, metavar="N",
                     help="first, N mar-tiny GtR images per variant (its --sampler) on --device against the CPU "
                          "host path, pixels compared (0: skip; default %(default)s)")
@@ -1165,8 +1222,10 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=450.0,
                     help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")
     a = ap.parse_args(argv)
-    if any(b < 1 for b in a.batches) or a.num_images < 0 or a.torch_warmup_steps < 0 or a.image_check < 0:
-        ap.error("--batches must be at least 1, --num-images, --torch-warmup-steps and --image-check at least 0")
+    if (any(b < 1 for b in a.batches) or a.num_images < 0 or a.torch_warmup_steps < 0 or a.image_check < 0
+            or a.vae_check < 0):
+        ap.error("--batches must be at least 1, --num-images, --torch-warmup-steps, --image-check and "
+                 "--vae-check at least 0")
     if not os.path.isfile(a.gtr_run):
         ap.error(f"--gtr-run {a.gtr_run}: not found")
     a.gtr_run = os.path.abspath(a.gtr_run)
