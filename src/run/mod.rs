@@ -43,7 +43,7 @@ use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
 use folder::{image_name, image_path};
-use pipeline::{Batch, Made, make_batches};
+use pipeline::{Batch, Made, check_vae, make_batches, overlapping_decoder};
 use record::{Measurements, ModelRecord, ScheduleRecord, Seconds, ShardRecord, StepRecord, Writer};
 
 /// A generation run as asked for.
@@ -123,6 +123,7 @@ impl<'s> Prepared<'s> {
     fn new<M: MarModel>(bundle: &Bundle, model: &M, req: &'s RunRequest) -> Result<Self, RunError> {
         let info = model.info().clone();
         let range = check_request(req)?;
+        check_vae(model, req.vae)?;
         let labels = jobs::labels(&req.classes, req.num_images, &info)?;
         let replay = load_replay(req)?;
         let plans = plan_run(req, &info)?;
@@ -196,19 +197,6 @@ impl<'s> Prepared<'s> {
         let decoder = overlapping_decoder(&engine.model, req.vae);
         make_batches(engine, batches, noise, decoder, on_batch)?;
         Ok(started.elapsed().as_secs_f64())
-    }
-}
-
-/// The model's [`crate::engine::ImageDecoder`] where `vae` overlaps decodes
-/// on its provider and the model has one; `None`: decodes run inline.
-fn overlapping_decoder<M: MarModel>(
-    model: &M,
-    vae: VaeRunner,
-) -> Option<Box<dyn crate::engine::ImageDecoder>> {
-    if vae.overlaps(&model.execution_provider()) {
-        model.image_decoder()
-    } else {
-        None
     }
 }
 

@@ -8,6 +8,7 @@ use ndarray::{Array4, ArrayView4};
 
 use super::RunError;
 use super::outputs::encode_batch;
+use crate::backend::VaeRunner;
 use crate::engine::{
     BatchOutput, DecodeSeconds, Engine, EngineError, ImageDecoder, ImageJob, MarModel, ModelError,
     NoiseSource, SampledBatch,
@@ -86,6 +87,32 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
+/// The model's [`ImageDecoder`] where `vae` overlaps decodes
+/// on its provider and the model can decode beside sampling; `None`:
+/// decodes run inline (`--vae overlap` where the model cannot is refused
+/// before, by [`check_vae`]).
+pub(super) fn overlapping_decoder<M: MarModel>(
+    model: &M,
+    vae: VaeRunner,
+) -> Option<Box<dyn ImageDecoder>> {
+    if vae.overlaps(&model.execution_provider()) {
+        model.image_decoder().ok()
+    } else {
+        None
+    }
+}
+
+/// `--vae overlap` on a model that cannot decode beside sampling is
+/// refused, saying why (`auto` then decodes inline).
+pub(super) fn check_vae<M: MarModel>(model: &M, vae: VaeRunner) -> Result<(), RunError> {
+    match (vae, model.image_decoder()) {
+        (VaeRunner::Overlap, Err(why)) => Err(RunError::Invalid(format!(
+            "--vae overlap: {why}; use --vae inline (or auto)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A batch's decode with `vae`, its wanted images kept and their PNGs
 /// encoded.
 fn finish(
@@ -151,6 +178,10 @@ mod tests {
         seen: Arc<Seen>,
         fail_at: Option<usize>,
         wait: usize,
+        /// [`MarModel::execution_provider`].
+        provider: &'static str,
+        /// Why it cannot decode beside sampling, if it says so.
+        refuse: Option<&'static str>,
     }
 
     struct WatchedVae {
@@ -217,8 +248,15 @@ mod tests {
             self.image_decoder().unwrap().decode_image(latent)
         }
 
-        fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
-            Some(Box::new(WatchedVae {
+        fn execution_provider(&self) -> String {
+            self.provider.into()
+        }
+
+        fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
+            if let Some(why) = self.refuse {
+                return Err(why.into());
+            }
+            Ok(Box::new(WatchedVae {
                 inner: self.inner.image_decoder()?,
                 seen: self.seen.clone(),
                 fail_at: self.fail_at,
@@ -233,6 +271,8 @@ mod tests {
             seen: Arc::default(),
             fail_at,
             wait,
+            provider: "cpu",
+            refuse: None,
         })
     }
 
@@ -262,11 +302,7 @@ mod tests {
         batches: Vec<Result<Batch, RunError>>,
         overlap: bool,
     ) -> (Vec<Handed>, Result<(), RunError>) {
-        let decoder = if overlap {
-            engine.model.image_decoder()
-        } else {
-            None
-        };
+        let decoder = overlap.then(|| engine.model.image_decoder().unwrap());
         let mut made = Vec::new();
         let result = make_batches(engine, batches.into_iter(), &SeededNoise, decoder, |m| {
             assert_eq!(m.pngs.len(), m.output.pixels.dim().0);
@@ -351,5 +387,33 @@ mod tests {
             assert_eq!(handed, 1);
             assert!(result.unwrap_err().to_string().contains("stop"));
         }
+    }
+
+    /// `auto` overlaps on a GPU provider where the model can decode beside
+    /// sampling; `overlap` where it cannot is refused, naming why.
+    #[test]
+    fn the_choice_follows_the_provider_and_what_the_model_allows() {
+        let overlaps = |provider, refuse, vae| {
+            let mut e = engine(None, 0);
+            e.model.provider = provider;
+            e.model.refuse = refuse;
+            (
+                overlapping_decoder(&e.model, vae).is_some(),
+                check_vae(&e.model, vae).map_err(|e| e.to_string()),
+            )
+        };
+        assert_eq!(overlaps("cpu", None, VaeRunner::Auto), (false, Ok(())));
+        assert_eq!(overlaps("cuda", None, VaeRunner::Auto), (true, Ok(())));
+        assert_eq!(overlaps("cuda", None, VaeRunner::Inline), (false, Ok(())));
+        assert_eq!(overlaps("cpu", None, VaeRunner::Overlap), (true, Ok(())));
+        let graphs = Some("it captures CUDA graphs");
+        assert_eq!(overlaps("cuda", graphs, VaeRunner::Auto), (false, Ok(())));
+        let (overlapped, refused) = overlaps("cuda", graphs, VaeRunner::Overlap);
+        assert!(!overlapped);
+        let refused = refused.unwrap_err();
+        assert!(
+            refused.contains("--vae overlap: it captures CUDA graphs"),
+            "{refused}"
+        );
     }
 }

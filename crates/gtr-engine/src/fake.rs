@@ -179,8 +179,8 @@ impl MarModel for FakeModel {
         FakeVae(self.info.image).decode_image(latent)
     }
 
-    fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
-        Some(Box::new(FakeVae(self.info.image)))
+    fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
+        Ok(Box::new(FakeVae(self.info.image)))
     }
 }
 

@@ -222,9 +222,10 @@ pub trait MarModel {
     /// A handle on this model's VAE decoder that another thread can call
     /// while the model samples (for a batch's decode to overlap the next
     /// batch's MAR steps), giving what [`MarModel::decode_image`] gives;
-    /// `None` (the default) where the model cannot decode beside sampling.
-    fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
-        None
+    /// else why the model cannot decode beside sampling (the default: it
+    /// has no such handle).
+    fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
+        Err("the model decodes only on the thread that samples".into())
     }
 
     /// Per-graph call counts and seconds, if the model measures them.

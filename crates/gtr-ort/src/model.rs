@@ -791,8 +791,14 @@ impl MarModel for OrtModel {
         self.vae.decode(latent)
     }
 
-    fn image_decoder(&self) -> Option<Box<dyn ImageDecoder>> {
-        Some(Box::new(self.vae.clone()))
+    /// Refused while the tick graph captures CUDA graphs: ONNX Runtime
+    /// captures in CUDA's global mode, in which a CUDA call of another
+    /// thread (the decode's allocations and copies) breaks the capture.
+    fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
+        match &self.ticks {
+            Some(t) if t.captures() => Err("the tick graph captures CUDA graphs (`--sampler ticks` on `--device cuda`), which another thread's CUDA calls would break: ONNX Runtime captures in CUDA's global mode".into()),
+            _ => Ok(Box::new(self.vae.clone())),
+        }
     }
 
     fn reset_graph_stats(&mut self) {
