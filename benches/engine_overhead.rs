@@ -183,8 +183,8 @@ fn main() {
     }
     let batches: &[usize] = if quick { &[32] } else { &[32, 64] };
     println!(
-        "gtr-run's own time around a model whose calls cost nothing but a backbone wait; MAR-B shapes (16x16 tokens, C 16, D 768, CFG on); {} threads",
-        rayon::current_num_threads()
+        "gtr-run's own time around a model whose calls cost nothing but a backbone wait; MAR-B shapes (16x16 tokens, C 16, D 768, CFG on); {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
         "| schedule | batch | chains | backbone wait | engine s/image outside model calls | share of a GPU run at the target | in MAR steps, s per batch | after the steps (VAE's pixels, batch), s per batch |"
