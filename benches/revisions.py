@@ -16,7 +16,7 @@ revision is timed by the same bench code (the revisions' own library code is wha
 must compile against each of them. Exit status: 0, 1 when a build or a run failed or a key is
 missing from a revision's output, 2 for bad arguments.
 
-Example (README, "Speed"): python3 benches/revisions.py 247cece 6976338 HEAD --bench-from 6976338
+Example (README, "Speed"): python3 benches/revisions.py 247cece 6976338 HEAD --bench-from HEAD
 """
 
 from __future__ import annotations
