@@ -12,9 +12,10 @@ by its beginning), its value that column's number. Prints one table: per key, ea
 median over the rounds (and range), and each revision's median over the first's.
 
 --bench-from REV puts that revision's bench file into every worktree before building, so that each
-revision is timed by the same bench code (the revisions' own library code is what differs); it
-must compile against each of them. Exit status: 0, 1 when a build or a run failed or a key is
-missing from a revision's output, 2 for bad arguments.
+revision is timed by the same bench code (the revisions' own library code is what differs), and
+declares it (`[[bench]]`, `harness = false`) in a revision whose Cargo.toml does not; it must
+compile against each of them. Exit status: 0, 1 when a build or a run failed, a run printed no
+table, or a key is missing from a revision's output, 2 for bad arguments.
 
 Example (README, "Speed"): python3 benches/revisions.py 247cece 6976338 HEAD --bench-from HEAD
 """
@@ -105,6 +106,12 @@ def main(argv=None) -> int:
         if source is not None:
             with open(os.path.join(tree, bench_file), "w") as f:
                 f.write(source)
+            manifest = os.path.join(tree, "Cargo.toml")
+            with open(manifest) as f:
+                declared = re.search(rf'(?m)^name\s*=\s*"{re.escape(a.bench)}"', f.read())
+            if not declared:
+                with open(manifest, "a") as f:
+                    f.write(f'\n[[bench]]\nname = "{a.bench}"\nharness = false\n')
         print(f"building {a.bench} of {name} ({sha}) in {tree}", flush=True)
         try:
             exe = build(tree, a.bench, target)
@@ -123,7 +130,12 @@ def main(argv=None) -> int:
             if out.returncode != 0:
                 print(f"{name}: the bench failed:\n{out.stderr[-3000:]}", file=sys.stderr)
                 return 1
-            runs[sha].append(table_values(out.stdout, a.column))
+            values = table_values(out.stdout, a.column)
+            if not values:
+                print(f"{name}: the bench printed no table with a column \"{a.column}\":\n{out.stdout[-2000:]}",
+                      file=sys.stderr)
+                return 1
+            runs[sha].append(values)
     keys = list(runs[revs[0][1]][0])
     status = 0
     header = [f"{name} ({sha})" for name, sha in revs]
