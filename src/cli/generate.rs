@@ -72,7 +72,7 @@ pub struct GenerateArgs {
     /// When each batch's VAE decode (and its PNGs) runs: `overlap` (on a
     /// thread of its own while the next batch's MAR steps run), `inline`
     /// (after the batch's MAR steps) or `auto` (overlap on GPU providers,
-    /// inline on the CPU provider, where both would share its cores, and
+    /// inline on the CPU provider, where both share its cores, and
     /// beside CUDA graphs' capture, `--sampler ticks` on cuda, which
     /// refuses `overlap`). Same images either way.
     #[arg(long, value_enum, default_value_t = gtr_run::backend::VaeRunner::Auto)]
