@@ -11,10 +11,12 @@ Markdown table each prints: a row's key is its cells before --column (matched ag
 by its beginning), its value that column's number. Prints one table: per key, each revision's
 median over the rounds (and range), and each revision's median over the first's.
 
---bench-from REV puts that revision's bench file into every worktree before building, so that each
-revision is timed by the same bench code (the revisions' own library code is what differs), and
-declares it (`[[bench]]`, `harness = false`) in a revision whose Cargo.toml does not; it must
-compile against each of them. Exit status: 0, 1 when a build or a run failed, a run printed no
+--bench-from REV puts that revision's bench file (and `benches/common/`, the benches' shared
+module, where it has one) into every worktree before building, so that each revision is timed by
+the same bench code (the revisions' own library code is what differs), and declares it
+(`[[bench]]`, `harness = false`) in a revision whose Cargo.toml does not; it must compile against
+each of them. The worktrees stay in --work for the next run (`git worktree remove` them, or
+delete --work: a later run prunes what is gone). Exit status: 0, 1 when a build or a run failed, a run printed no
 table, or a key is missing from a revision's output, 2 for bad arguments.
 
 Example (README, "Speed"): python3 benches/revisions.py 247cece 6976338 HEAD --bench-from HEAD
@@ -92,20 +94,48 @@ def main(argv=None) -> int:
         ap.error("--rounds must be at least 1")
     try:
         revs = [(r, git("rev-parse", "--short", f"{r}^{{commit}}")) for r in a.revisions]
+        if a.bench_from:
+            git("rev-parse", "--verify", f"{a.bench_from}^{{commit}}")
     except subprocess.CalledProcessError as e:
         ap.error(f"not a revision: {e.stderr.strip()}")
+    shas = [sha for _, sha in revs]
+    if len(set(shas)) < len(shas):
+        ap.error("two of the revisions are one commit: " + ", ".join(f"{n} = {sha}" for n, sha in revs))
     bench_file = f"benches/{a.bench}.rs"
-    source = git("show", f"{a.bench_from}:{bench_file}") + "\n" if a.bench_from else None
+    # path in the repository -> text, put into every worktree
+    sources = {}
+    if a.bench_from:
+        sources[bench_file] = git("show", f"{a.bench_from}:{bench_file}") + "\n"
+        listed = git("ls-tree", "-r", "--name-only", a.bench_from, "benches/common/")
+        for path in listed.splitlines():
+            sources[path] = git("show", f"{a.bench_from}:{path}") + "\n"
+    try:
+        binaries = prepare(a, revs, sources, bench_file)
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) else ""
+        print(f"revisions: {e}{': ' + detail if detail else ''}", file=sys.stderr)
+        return 1
+    return compare(a, revs, binaries, bench_args)
+
+
+def prepare(a, revs: list, sources: dict, bench_file: str) -> dict:
+    """Each revision's worktree under --work, with `sources` put in, and its bench built:
+    sha -> (name, worktree, executable kept beside it)."""
+    git("worktree", "prune")
     target = os.path.join(os.path.abspath(a.work), "target")
     binaries = {}
     for name, sha in revs:
         tree = os.path.join(os.path.abspath(a.work), sha)
         if not os.path.isdir(tree):
             git("worktree", "add", "--detach", tree, sha)
-        git("checkout", "--", ".", cwd=tree)      # a bench file put there by an earlier run goes
-        if source is not None:
-            with open(os.path.join(tree, bench_file), "w") as f:
-                f.write(source)
+        # What an earlier run put there goes: edits, and files the revision does not track.
+        git("checkout", "--", ".", cwd=tree)
+        git("clean", "-fdq", "--", "benches", cwd=tree)
+        for path, text in sources.items():
+            os.makedirs(os.path.dirname(os.path.join(tree, path)), exist_ok=True)
+            with open(os.path.join(tree, path), "w") as f:
+                f.write(text)
+        if sources:
             manifest = os.path.join(tree, "Cargo.toml")
             with open(manifest) as f:
                 declared = re.search(rf'(?m)^name\s*=\s*"{re.escape(a.bench)}"', f.read())
@@ -113,14 +143,15 @@ def main(argv=None) -> int:
                 with open(manifest, "a") as f:
                     f.write(f'\n[[bench]]\nname = "{a.bench}"\nharness = false\n')
         print(f"building {a.bench} of {name} ({sha}) in {tree}", flush=True)
-        try:
-            exe = build(tree, a.bench, target)
-        except RuntimeError as e:
-            print(e, file=sys.stderr)
-            return 1
+        exe = build(tree, a.bench, target)
         kept = os.path.join(os.path.abspath(a.work), f"{a.bench}-{sha}")
         shutil.copy2(exe, kept)
         binaries[sha] = (name, tree, kept)
+    return binaries
+
+
+def compare(a, revs: list, binaries: dict, bench_args: list) -> int:
+    """Runs the benches alternately, --rounds times, and prints the table; the exit status."""
     runs: dict[str, list] = {sha: [] for _, sha in revs}
     for r in range(a.rounds):
         for _, sha in revs:

@@ -762,12 +762,17 @@ fn shards_merged_give_the_bytes_of_the_single_machine_run() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("wrote 5 images"));
     assert_npz_holds_pngs(&whole_npz, &whole, 5);
 
-    // Three uneven shards (1, 2 and 2 images), each with its own batch size.
+    // Three uneven shards (1, 2 and 2 images), batches of 1, 1 and 3.
     let parts: Vec<PathBuf> = (0..3).map(|k| dir.join(format!("part{k}"))).collect();
     for (k, part) in parts.iter().enumerate() {
-        // Part 1 decodes beside sampling: the same images, said in its record.
-        let vae = if k == 1 { "overlap" } else { "auto" };
-        shard(k, 3, part, &["--batch", &(k + 1).to_string(), "--vae", vae]);
+        // Part 1 decodes each of its two batches beside the next one's
+        // sampling: the same images, said in its record.
+        let (batch, vae) = if k == 1 {
+            (1, "overlap")
+        } else {
+            (k + 1, "auto")
+        };
+        shard(k, 3, part, &["--batch", &batch.to_string(), "--vae", vae]);
     }
     let held: Vec<Vec<String>> = parts
         .iter()

@@ -136,7 +136,8 @@ class Model:
         backbone graph on a GPU provider, the encoder and decoder on the CPU), ``fused`` or
         ``split``; ``vae``: when each batch's VAE decode runs, as ``--vae``: ``auto`` (beside the
         next batch's sampling on a GPU provider, after it on the CPU), ``overlap`` or ``inline``
-        (the same images either way; with ``overlap`` a stop is seen one batch later). Raises GtrRunError with the command
+        (the same images either way; with ``overlap`` a batch's progress is reported once the next
+        batch has sampled, and a stop there drops that batch). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails. What the command line would print
         once about the loaded model (e.g. that the chains run on the host because the bundle has
         no sampler graph) is a ``UserWarning``."""

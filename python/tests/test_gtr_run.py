@@ -230,6 +230,23 @@ def test_vae_choice_is_the_command_lines():
         gtr_run.Model(TINY, vae="later")
 
 
+def test_an_exception_in_progress_stops_an_overlapped_generation():
+    """With `vae="overlap"` a progress function's exception stops the run at the first batch
+    too (the next batch, sampled meanwhile, is dropped), and the Model runs again after it."""
+    model = gtr_run.Model(TINY, vae="overlap")
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        model.generate(SCHEDULES / "mar-8.gtr", 6, batch=2, progress=stop)
+    assert calls == [2]
+    pixels, record = model.generate(SCHEDULES / "mar-8.gtr", 2, batch=1, progress=False)
+    assert pixels.shape[0] == 2 and record["vae_decode"] == "overlap"
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return gtr_run.Model(TINY)

@@ -86,6 +86,7 @@ pub fn exit_status(e: &anyhow::Error) -> ExitStatus {
         } else if let Some(e) = cause.downcast_ref::<RunError>() {
             match e {
                 RunError::Invalid(_) | RunError::Replay(_) => Some(Input),
+                RunError::Conflict(_) => Some(ExitStatus::Usage),
                 RunError::Schedule(e) => Some(schedule_status(e)),
                 RunError::Write { .. } => Some(Runtime),
                 // Transparent: the engine's error is not a cause of its own in the chain.
@@ -129,5 +130,24 @@ fn compare_status(e: &gtr_run::eval::CompareError) -> ExitStatus {
         CompareError::Evaluator(e) => model_status(e),
         // The batch's own failure says.
         CompareError::Batch { source, .. } => compare_status(source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gtr_run::run::RunError;
+
+    /// A request the input cannot serve is exit 3; choices that cannot go
+    /// together for the model (`--vae overlap` beside CUDA graphs, only
+    /// reachable on a GPU) are usage, exit 2, as other flag conflicts.
+    #[test]
+    fn run_errors_say_input_or_usage() {
+        let status = |e: RunError| exit_status(&anyhow::Error::from(e).context("generating"));
+        assert_eq!(status(RunError::Invalid("no".into())), ExitStatus::Input);
+        assert_eq!(
+            status(RunError::Conflict("--vae overlap: no".into())),
+            ExitStatus::Usage
+        );
     }
 }

@@ -31,7 +31,7 @@ pub use folder::{
 };
 pub use jobs::{Classes, Shard, label_for};
 pub use outputs::{encode_batch, encode_png, write_npz};
-pub use record::{RunRecord, model_digest};
+pub use record::{RunRecord, VaeDecode, model_digest};
 
 use crate::backend::VaeRunner;
 use crate::bundle::Bundle;
@@ -43,7 +43,7 @@ use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
 use folder::{image_name, image_path};
-use pipeline::{Batch, Made, check_vae, make_batches, overlapping_decoder};
+use pipeline::{Batch, Made, make_batches};
 use record::{Measurements, ModelRecord, ScheduleRecord, Seconds, ShardRecord, StepRecord, Writer};
 
 /// A generation run as asked for.
@@ -86,6 +86,9 @@ pub enum RunError {
     Schedule(#[from] ScheduleError),
     #[error("{0}")]
     Invalid(String),
+    /// Choices of the request that cannot go together for this model.
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
@@ -112,6 +115,8 @@ struct RunPlans<'s> {
 struct Prepared<'s> {
     info: ModelInfo,
     range: Range<usize>,
+    /// When each batch decodes (`req.vae`, decided for this model).
+    vae_decode: VaeDecode,
     labels: Vec<i64>,
     replay: Option<Replay>,
     plans: RunPlans<'s>,
@@ -123,7 +128,7 @@ impl<'s> Prepared<'s> {
     fn new<M: MarModel>(bundle: &Bundle, model: &M, req: &'s RunRequest) -> Result<Self, RunError> {
         let info = model.info().clone();
         let range = check_request(req)?;
-        check_vae(model, req.vae)?;
+        let vae_decode = pipeline::decide(model, req.vae)?;
         let labels = jobs::labels(&req.classes, req.num_images, &info)?;
         let replay = load_replay(req)?;
         let plans = plan_run(req, &info)?;
@@ -144,6 +149,7 @@ impl<'s> Prepared<'s> {
         Ok(Prepared {
             info,
             range,
+            vae_decode,
             labels,
             replay,
             plans,
@@ -159,7 +165,7 @@ impl<'s> Prepared<'s> {
     /// depends on its batch (int8's per-tensor activation scale). Each
     /// batch's `todo` images go to `on_batch` in order (which may stop the
     /// run with an error), their decode overlapping the next batch's
-    /// sampling where `req.vae` says so. Returns the seconds it took.
+    /// sampling where `self.vae_decode` says so. Returns the seconds it took.
     fn make_images<M: MarModel>(
         &self,
         engine: &mut Engine<M>,
@@ -194,7 +200,11 @@ impl<'s> Prepared<'s> {
                 .map_err(|d| ScheduleError::Invalid(Box::new(d)).into()),
             )
         });
-        let decoder = overlapping_decoder(&engine.model, req.vae);
+        // Decided in `Prepared::new`, where a model that cannot was refused.
+        let decoder = match self.vae_decode {
+            VaeDecode::Overlap => engine.model.image_decoder().ok(),
+            _ => None,
+        };
         make_batches(engine, batches, noise, decoder, on_batch)?;
         Ok(started.elapsed().as_secs_f64())
     }
@@ -303,6 +313,7 @@ pub fn generate<M: MarModel>(
         todo.len(),
         wall,
         req,
+        run.vae_decode,
     ));
     record.write(&req.out)?;
     Ok(record)
@@ -352,7 +363,14 @@ pub fn generate_in_memory<M: MarModel>(
     let mut record = run.record.clone();
     record.images_sha256 = hashes;
     record.reveal_orders = orders;
-    record.measured = Some(measure(engine, &run.plans.reference, n, wall, req));
+    record.measured = Some(measure(
+        engine,
+        &run.plans.reference,
+        n,
+        wall,
+        req,
+        run.vae_decode,
+    ));
     Ok((pixels, record))
 }
 
@@ -549,6 +567,7 @@ fn measure<M: MarModel>(
     generated_now: usize,
     wall: f64,
     req: &RunRequest,
+    vae_decode: VaeDecode,
 ) -> Measurements {
     let stats = &engine.stats;
     let graphs = engine.model.graph_stats();
@@ -577,12 +596,7 @@ fn measure<M: MarModel>(
         diffusion_chains: engine.chain_runner(),
         backbone: engine.backbone_runner().into(),
         sampler_ticks_per_call: req.ticks_per_call,
-        vae_decode: if overlapping_decoder(&engine.model, req.vae).is_some() {
-            "overlap"
-        } else {
-            "inline"
-        }
-        .into(),
+        vae_decode,
         steps,
         seconds: Seconds {
             wall,

@@ -8,6 +8,7 @@ use ndarray::{Array4, ArrayView4};
 
 use super::RunError;
 use super::outputs::encode_batch;
+use super::record::VaeDecode;
 use crate::backend::VaeRunner;
 use crate::engine::{
     BatchOutput, DecodeSeconds, Engine, EngineError, ImageDecoder, ImageJob, MarModel, ModelError,
@@ -34,10 +35,10 @@ pub(super) struct Made {
 
 /// Makes `batches` on `engine` with `noise`, handing each one's wanted
 /// images to `on_batch` in order. With a `decoder`, a batch's decode and
-/// PNGs run on another thread while the next batch samples; else after it,
-/// on this thread. An error (a batch's planning, sampling or decode, or
-/// `on_batch`'s) stops the run once the batches before it are handed on,
-/// as they would be without overlap.
+/// PNGs run on another thread while the next batch samples and the batch
+/// before is handed on; else after it, on this thread. An error (a batch's
+/// planning, sampling or decode, or `on_batch`'s) stops the run once the
+/// batches before it are handed on, as they would be without overlap.
 pub(super) fn make_batches<M: MarModel>(
     engine: &mut Engine<M>,
     batches: impl Iterator<Item = Result<Batch, RunError>>,
@@ -53,18 +54,35 @@ pub(super) fn make_batches<M: MarModel>(
                 let sampled = engine.sample(&b.plans, &b.jobs, noise, |_, _| {})?;
                 Ok((b, sampled))
             });
-            if let Some(handle) = pending.take() {
-                let (returned, finished) = join(handle);
-                decoder = Some(returned);
-                hand_on(engine, finished?, &mut on_batch)?;
-            }
-            let (batch, sampled) = sampled?;
+            // The batch before, decoded meanwhile (its failure comes first,
+            // as it would inline).
+            let before = match pending.take() {
+                Some(handle) => {
+                    let (returned, finished) = join(handle);
+                    decoder = Some(returned);
+                    Some(finished?)
+                }
+                None => None,
+            };
+            let (batch, sampled) = match sampled {
+                Ok(sampled) => sampled,
+                Err(e) => {
+                    if let Some(before) = before {
+                        hand_on(engine, before, &mut on_batch)?;
+                    }
+                    return Err(e);
+                }
+            };
             match decoder.take() {
+                // This batch decodes while the one before is written.
                 Some(mut vae) => {
                     pending = Some(scope.spawn(move || {
                         let finished = finish(batch, sampled, |l| vae.decode_image(l));
                         (vae, finished)
                     }));
+                    if let Some(before) = before {
+                        hand_on(engine, before, &mut on_batch)?;
+                    }
                 }
                 None => {
                     let model = &mut engine.model;
@@ -87,29 +105,17 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
-/// The model's [`ImageDecoder`] where `vae` overlaps decodes
-/// on its provider and the model can decode beside sampling; `None`:
-/// decodes run inline (`--vae overlap` where the model cannot is refused
-/// before, by [`check_vae`]).
-pub(super) fn overlapping_decoder<M: MarModel>(
-    model: &M,
-    vae: VaeRunner,
-) -> Option<Box<dyn ImageDecoder>> {
-    if vae.overlaps(&model.execution_provider()) {
-        model.image_decoder().ok()
-    } else {
-        None
-    }
-}
-
-/// `--vae overlap` on a model that cannot decode beside sampling is
-/// refused, saying why (`auto` then decodes inline).
-pub(super) fn check_vae<M: MarModel>(model: &M, vae: VaeRunner) -> Result<(), RunError> {
+/// How a run with `vae` on `model` decodes: [`VaeDecode::Overlap`] where
+/// `vae` overlaps on the model's provider and the model can decode beside
+/// sampling ([`MarModel::image_decoder`]), else [`VaeDecode::Inline`];
+/// `--vae overlap` where the model cannot is refused, saying why.
+pub(super) fn decide<M: MarModel>(model: &M, vae: VaeRunner) -> Result<VaeDecode, RunError> {
     match (vae, model.image_decoder()) {
-        (VaeRunner::Overlap, Err(why)) => Err(RunError::Invalid(format!(
+        (VaeRunner::Overlap, Err(why)) => Err(RunError::Conflict(format!(
             "--vae overlap: {why}; use --vae inline (or auto)"
         ))),
-        _ => Ok(()),
+        (_, Ok(_)) if vae.overlaps(&model.execution_provider()) => Ok(VaeDecode::Overlap),
+        _ => Ok(VaeDecode::Inline),
     }
 }
 
@@ -178,6 +184,8 @@ mod tests {
         seen: Arc<Seen>,
         fail_at: Option<usize>,
         wait: usize,
+        /// How long each decode takes at least.
+        delay: Duration,
         /// [`MarModel::execution_provider`].
         provider: &'static str,
         /// Why it cannot decode beside sampling, if it says so.
@@ -189,6 +197,7 @@ mod tests {
         seen: Arc<Seen>,
         fail_at: Option<usize>,
         wait: usize,
+        delay: Duration,
     }
 
     impl ImageDecoder for WatchedVae {
@@ -210,6 +219,7 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
+            std::thread::sleep(self.delay);
             if self.fail_at == Some(k) {
                 return Err(ModelError::Graph {
                     graph: "vae_decoder",
@@ -261,6 +271,7 @@ mod tests {
                 seen: self.seen.clone(),
                 fail_at: self.fail_at,
                 wait: self.wait,
+                delay: self.delay,
             }))
         }
     }
@@ -271,6 +282,7 @@ mod tests {
             seen: Arc::default(),
             fail_at,
             wait,
+            delay: Duration::ZERO,
             provider: "cpu",
             refuse: None,
         })
@@ -312,18 +324,27 @@ mod tests {
         (made, result)
     }
 
+    /// Three batches, the second making only its second image (as for
+    /// `--resume`): the same images and PNGs in the same order either way,
+    /// overlapped decodes on another thread, each decode counted once.
     #[test]
     fn overlapped_decodes_hand_on_the_inline_images_in_order_from_another_thread() {
-        let mut inline = engine(None, 0);
-        let work = batches(inline.model.info(), 3);
-        let (inline_made, result) = run(&mut inline, work, false);
-        result.unwrap();
-        let mut overlapped = engine(None, 0);
-        let work = batches(overlapped.model.info(), 3);
-        let (overlapped_made, result) = run(&mut overlapped, work, true);
-        result.unwrap();
+        let delay = Duration::from_millis(40);
+        let made = |overlap: bool| {
+            let mut e = engine(None, 0);
+            e.model.delay = delay;
+            let mut work = batches(e.model.info(), 3);
+            if let Ok(b) = &mut work[1] {
+                b.keep = vec![1];
+            }
+            let (made, result) = run(&mut e, work, overlap);
+            result.unwrap();
+            (made, e)
+        };
+        let (inline_made, inline) = made(false);
+        let (overlapped_made, overlapped) = made(true);
         let order: Vec<Vec<u64>> = inline_made.iter().map(|m| m.0.clone()).collect();
-        assert_eq!(order, [vec![0, 1], vec![2, 3], vec![4, 5]]);
+        assert_eq!(order, [vec![0, 1], vec![3], vec![4, 5]]);
         assert_eq!(inline_made, overlapped_made);
         let here = std::thread::current().id();
         let threads = |e: &Engine<Watched>| e.model.seen.threads.lock().unwrap().clone();
@@ -331,9 +352,11 @@ mod tests {
         let elsewhere = threads(&overlapped);
         assert_eq!(elsewhere.len(), 3);
         assert!(elsewhere.iter().all(|&t| t != here), "{elsewhere:?}");
-        // Every decode is counted once in the statistics.
-        assert!(overlapped.stats.vae_seconds > 0.0);
-        assert_eq!(inline.stats.steps.len(), overlapped.stats.steps.len());
+        // Three decodes of at least 40 ms each, counted once: under 6.
+        for e in [&inline, &overlapped] {
+            let vae = e.stats.vae_seconds;
+            assert!((0.12..0.24).contains(&vae), "{vae}");
+        }
     }
 
     /// The first two decodes wait for the next batch's backbone: they can
@@ -346,6 +369,32 @@ mod tests {
         result.unwrap();
         assert_eq!(made.len(), 3);
         assert_eq!(e.model.seen.overlapped.load(Ordering::SeqCst), 2);
+    }
+
+    /// A batch is handed on (written) while the next one decodes: the
+    /// receiver of batch k waits, at most 20 s, for decode k + 2 to begin.
+    #[test]
+    fn a_batch_is_handed_on_while_the_next_one_decodes() {
+        let mut e = engine(None, 0);
+        let seen = e.model.seen.clone();
+        let work = batches(e.model.info(), 3);
+        let decoder = e.model.image_decoder().ok();
+        let mut beside = Vec::new();
+        let result = make_batches(&mut e, work.into_iter(), &SeededNoise, decoder, |m| {
+            let next = m.jobs[0].index as usize / 2 + 2;
+            let began = Instant::now();
+            // The last batch (decode 4 does not exist) has no next one.
+            while next <= 3
+                && seen.decodes.load(Ordering::SeqCst) < next
+                && began.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            beside.push(seen.decodes.load(Ordering::SeqCst) >= next);
+            Ok(())
+        });
+        result.unwrap();
+        assert_eq!(beside, [true, true, false]);
     }
 
     /// A failure stops the run after the batches before it are handed on,
@@ -393,24 +442,31 @@ mod tests {
     /// sampling; `overlap` where it cannot is refused, naming why.
     #[test]
     fn the_choice_follows_the_provider_and_what_the_model_allows() {
-        let overlaps = |provider, refuse, vae| {
+        let decided = |provider, refuse, vae| {
             let mut e = engine(None, 0);
             e.model.provider = provider;
             e.model.refuse = refuse;
-            (
-                overlapping_decoder(&e.model, vae).is_some(),
-                check_vae(&e.model, vae).map_err(|e| e.to_string()),
-            )
+            decide(&e.model, vae).map_err(|e| e.to_string())
         };
-        assert_eq!(overlaps("cpu", None, VaeRunner::Auto), (false, Ok(())));
-        assert_eq!(overlaps("cuda", None, VaeRunner::Auto), (true, Ok(())));
-        assert_eq!(overlaps("cuda", None, VaeRunner::Inline), (false, Ok(())));
-        assert_eq!(overlaps("cpu", None, VaeRunner::Overlap), (true, Ok(())));
+        assert_eq!(decided("cpu", None, VaeRunner::Auto), Ok(VaeDecode::Inline));
+        assert_eq!(
+            decided("cuda", None, VaeRunner::Auto),
+            Ok(VaeDecode::Overlap)
+        );
+        assert_eq!(
+            decided("cuda", None, VaeRunner::Inline),
+            Ok(VaeDecode::Inline)
+        );
+        assert_eq!(
+            decided("cpu", None, VaeRunner::Overlap),
+            Ok(VaeDecode::Overlap)
+        );
         let graphs = Some("it captures CUDA graphs");
-        assert_eq!(overlaps("cuda", graphs, VaeRunner::Auto), (false, Ok(())));
-        let (overlapped, refused) = overlaps("cuda", graphs, VaeRunner::Overlap);
-        assert!(!overlapped);
-        let refused = refused.unwrap_err();
+        assert_eq!(
+            decided("cuda", graphs, VaeRunner::Auto),
+            Ok(VaeDecode::Inline)
+        );
+        let refused = decided("cuda", graphs, VaeRunner::Overlap).unwrap_err();
         assert!(
             refused.contains("--vae overlap: it captures CUDA graphs"),
             "{refused}"

@@ -106,12 +106,22 @@ fn yes() -> bool {
     true
 }
 
-/// A merged record's `diffusion_chains`, `backbone` or `vae_decode` where
-/// its parts ran differently (each part's own record says how).
+/// A merged record's `diffusion_chains` or `backbone` where its parts ran
+/// differently (each part's own record says how; `vae_decode` has
+/// [`VaeDecode::Mixed`]).
 pub const MIXED: &str = "mixed";
 
-fn inline_decode() -> String {
-    "inline".into()
+/// When a run's batches were decoded (run.json's `vae_decode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VaeDecode {
+    /// After the batch's MAR steps, before the next batch.
+    #[default]
+    Inline,
+    /// On a thread of its own, beside the next batch's MAR steps.
+    Overlap,
+    /// A merged record whose parts decoded differently.
+    Mixed,
 }
 
 fn split_backbone() -> String {
@@ -199,11 +209,10 @@ pub struct Measurements {
     pub backbone: String,
     /// `--sampler-ticks`.
     pub sampler_ticks_per_call: Option<usize>,
-    /// When each batch's VAE decode ran (`--vae`): `inline` (after its MAR
-    /// steps) or `overlap` (beside the next batch's); records older than
-    /// the choice ran inline.
-    #[serde(default = "inline_decode")]
-    pub vae_decode: String,
+    /// When each batch's VAE decode ran (`--vae`); records older than the
+    /// choice ran inline.
+    #[serde(default)]
+    pub vae_decode: VaeDecode,
     /// The plan of image 0, step by step, with each step's measurements.
     pub steps: Vec<StepRecord>,
     /// Each graph's calls and seconds.
@@ -369,7 +378,7 @@ impl RunRecord {
     /// parts (machine time, not elapsed time); batch, device, execution
     /// provider, runtime settings and paths kept where all parts agree,
     /// else `None`; where the chains, the backbone and the VAE decode ran
-    /// kept where all parts agree, else [`MIXED`]; and
+    /// kept where all parts agree, else [`MIXED`] ([`VaeDecode::Mixed`]); and
     /// [`RunRecord::parts`]. `None` without parts.
     pub fn combine(parts: &[(String, RunRecord)]) -> Option<RunRecord> {
         let ((_, first), rest) = parts.split_first()?;
@@ -415,8 +424,8 @@ impl RunRecord {
             if !ran(|m| &m.backbone) {
                 m.backbone = MIXED.into();
             }
-            if !ran(|m| &m.vae_decode) {
-                m.vae_decode = MIXED.into();
+            if !agree(&|r| json!(r.measured.as_ref().map(|m| m.vae_decode))) {
+                m.vae_decode = VaeDecode::Mixed;
             }
         }
         all.parts = parts

@@ -369,9 +369,10 @@ impl<M: MarModel> Engine<M> {
             self.stats.steps[s].add(&stats);
             on_step(s, steps);
         }
+        let latent = canvas.latent(info.grid, info.latent_scale);
         self.stats.total_seconds += start.elapsed().as_secs_f64();
         Ok(SampledBatch {
-            latent: canvas.latent(info.grid, info.latent_scale),
+            latent,
             tokens: canvas.tokens,
             detail: canvas.detail,
             reveal_orders,

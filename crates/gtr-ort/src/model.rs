@@ -796,7 +796,7 @@ impl MarModel for OrtModel {
     /// thread (the decode's allocations and copies) breaks the capture.
     fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
         match &self.ticks {
-            Some(t) if t.captures() => Err("the tick graph captures CUDA graphs (`--sampler ticks` on `--device cuda`), which another thread's CUDA calls would break: ONNX Runtime captures in CUDA's global mode".into()),
+            Some(t) if t.captures() => Err("the tick graph captures CUDA graphs (`--sampler ticks` on the CUDA provider), which another thread's CUDA calls would break: ONNX Runtime captures in CUDA's global mode".into()),
             _ => Ok(Box::new(self.vae.clone())),
         }
     }
