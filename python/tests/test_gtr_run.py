@@ -230,23 +230,6 @@ def test_vae_choice_is_the_command_lines():
         gtr_run.Model(TINY, vae="later")
 
 
-def test_an_exception_in_progress_stops_an_overlapped_generation():
-    """With `vae="overlap"` a progress function's exception stops the run at the first batch
-    too (the next batch, sampled meanwhile, is dropped), and the Model runs again after it."""
-    model = gtr_run.Model(TINY, vae="overlap")
-    calls = []
-
-    def stop(done, total):
-        calls.append(done)
-        raise RuntimeError("stop here")
-
-    with pytest.raises(RuntimeError, match="stop here"):
-        model.generate(SCHEDULES / "mar-8.gtr", 6, batch=2, progress=stop)
-    assert calls == [2]
-    pixels, record = model.generate(SCHEDULES / "mar-8.gtr", 2, batch=1, progress=False)
-    assert pixels.shape[0] == 2 and record["vae_decode"] == "overlap"
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return gtr_run.Model(TINY)
@@ -394,7 +377,11 @@ def test_progress_callback_sees_each_batch(tiny):
     assert seen == [(2, 5), (4, 5), (5, 5)]
 
 
-def test_an_exception_in_progress_stops_generation(tiny):
+@pytest.mark.parametrize("vae", ["inline", "overlap"])
+def test_an_exception_in_progress_stops_generation(vae):
+    """A progress function's exception stops the run at the first batch (with `vae="overlap"`
+    the next batch, sampled meanwhile, is dropped), and the Model runs again after it."""
+    model = gtr_run.Model(TINY, vae=vae)
     calls = []
 
     def stop(done, total):
@@ -402,8 +389,10 @@ def test_an_exception_in_progress_stops_generation(tiny):
         raise RuntimeError("stop here")
 
     with pytest.raises(RuntimeError, match="stop here"):
-        tiny.generate(SCHEDULES / "mar-8.gtr", 6, batch=2, progress=stop)
+        model.generate(SCHEDULES / "mar-8.gtr", 6, batch=2, progress=stop)
     assert calls == [2]
+    pixels, record = model.generate(SCHEDULES / "mar-8.gtr", 2, batch=1, progress=False)
+    assert pixels.shape[0] == 2 and record["vae_decode"] == vae
 
 
 def test_the_gil_is_released_while_generating():
