@@ -417,14 +417,14 @@ impl RunRecord {
         // How the parts ran, where they ran differently.
         if let Some(m) = all.measured.as_mut() {
             let ran =
-                |how: fn(&Measurements) -> &String| agree(&|r| json!(r.measured.as_ref().map(how)));
-            if !ran(|m| &m.diffusion_chains) {
+                |how: fn(&Measurements) -> Value| agree(&|r| json!(r.measured.as_ref().map(how)));
+            if !ran(|m| json!(m.diffusion_chains)) {
                 m.diffusion_chains = MIXED.into();
             }
-            if !ran(|m| &m.backbone) {
+            if !ran(|m| json!(m.backbone)) {
                 m.backbone = MIXED.into();
             }
-            if !agree(&|r| json!(r.measured.as_ref().map(|m| m.vae_decode))) {
+            if !ran(|m| json!(m.vae_decode)) {
                 m.vae_decode = VaeDecode::Mixed;
             }
         }
