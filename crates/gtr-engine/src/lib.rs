@@ -44,7 +44,7 @@ pub use checks::{check_label, check_plan};
 pub use model::{
     COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageDecoder, ImageSettings, KernelProfile,
     MarModel, ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores,
-    gather_rows,
+    VAE_GRAPH, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 use rayon::prelude::*;
@@ -156,12 +156,15 @@ pub struct RunStats {
 impl RunStats {
     /// Seconds spent inside model calls.
     pub fn model_seconds(&self) -> f64 {
-        self.vae_seconds
-            + self
-                .steps
-                .iter()
-                .map(|s| s.backbone_seconds + s.diffusion_seconds)
-                .sum::<f64>()
+        self.vae_seconds + self.sampling_model_seconds()
+    }
+
+    /// Seconds spent inside the model calls of MAR steps (all but the VAE).
+    pub fn sampling_model_seconds(&self) -> f64 {
+        self.steps
+            .iter()
+            .map(|s| s.backbone_seconds + s.diffusion_seconds)
+            .sum()
     }
 }
 
@@ -238,13 +241,13 @@ impl SampledBatch {
         );
         if images.dim() != want {
             return Err(EngineError::Vae(ModelError::Shape {
-                graph: "vae_decoder",
+                graph: VAE_GRAPH,
                 tensor: "image".into(),
                 got: images.shape().to_vec(),
                 expected: format!("{:?}", [want.0, want.1, want.2, want.3]),
             }));
         }
-        check_finite("vae_decoder", "image", images.iter(), self.steps)?;
+        check_finite(VAE_GRAPH, "image", images.iter(), self.steps)?;
         let pixels = to_pixels(&images);
         let output = BatchOutput {
             tokens: self.tokens,
@@ -321,6 +324,22 @@ impl<M: MarModel> Engine<M> {
             self.stats.model_seconds()
         } else {
             graphs.iter().map(|g| g.seconds).sum()
+        }
+    }
+
+    /// [`Engine::runtime_seconds`] of every graph but the VAE decoder
+    /// ([`VAE_GRAPH`]): the MAR steps' share, which a decode running on
+    /// another thread meanwhile does not change.
+    pub fn sampling_runtime_seconds(&self) -> f64 {
+        let graphs = self.model.graph_stats();
+        if graphs.is_empty() {
+            self.stats.sampling_model_seconds()
+        } else {
+            graphs
+                .iter()
+                .filter(|g| g.graph != VAE_GRAPH)
+                .map(|g| g.seconds)
+                .sum()
         }
     }
 

@@ -300,6 +300,11 @@ pub struct ChainInputs<'a> {
     pub guidance: f32,
 }
 
+/// The name of the VAE decoder in errors and in [`GraphStats::graph`]: a
+/// model's [`MarModel::graph_stats`] must name its VAE's entry so, since
+/// that graph may run on another thread ([`MarModel::image_decoder`]).
+pub const VAE_GRAPH: &str = "vae_decoder";
+
 /// Calls of one graph and the seconds spent inside the runtime's run call.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GraphStats {

@@ -73,7 +73,7 @@ impl Role {
             Role::Encoder => "encoder",
             Role::Decoder => "decoder",
             Role::Diffusion => "diffusion",
-            Role::VaeDecoder => "vae_decoder",
+            Role::VaeDecoder => gtr_engine::VAE_GRAPH,
             Role::Sampler => "sampler",
             Role::Tick => "tick",
             Role::Backbone => "backbone",

@@ -20,7 +20,7 @@ use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
 use crate::ticks::TickRunner;
 use gtr_engine::{
     ChainInputs, GraphStats, ImageDecoder, ImageSettings, MarModel, ModelError, ModelInfo,
-    gather_rows,
+    VAE_GRAPH, gather_rows,
 };
 
 /// How to load a bundle: the device, threads, precision and TensorRT's
@@ -112,18 +112,16 @@ impl VaeDecoder {
     fn decode(&self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
         let b = latent.dim().0;
         let img = self.image;
-        let out = self.graph().run(
-            vec![("latent", view("vae_decoder", latent)?)],
-            "image",
-            false,
-        )?;
+        let out = self
+            .graph()
+            .run(vec![("latent", view(VAE_GRAPH, latent)?)], "image", false)?;
         let dims = [
             Some(b),
             Some(img.channels),
             Some(img.height),
             Some(img.width),
         ];
-        shaped::<Ix4>("vae_decoder", "image", out, &dims, || {
+        shaped::<Ix4>(VAE_GRAPH, "image", out, &dims, || {
             format!("[{b}, {}, {}, {}]", img.channels, img.height, img.width)
         })
     }
