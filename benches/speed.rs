@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use gtr_run::backend::{Device, OrtModel};
+use gtr_run::backend::{Device, OrtModel, VaeRunner};
 use gtr_run::bundle::Bundle;
 use gtr_run::engine::{Engine, MarModel};
 use gtr_run::eval::{CompareRequest, Contender, compare};
@@ -71,6 +71,8 @@ fn main() {
         repeats: reps,
         options: info.defaults.plan_options(None, None),
         warm_up: true,
+        // As `gtr-run eval` by default: inline on the CPU.
+        vae: VaeRunner::Auto,
     };
     let mut engine = Engine::new(model);
     let c = compare(

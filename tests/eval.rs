@@ -237,7 +237,7 @@ fn an_evaluation_stopped_partway_leaves_what_it_measured() {
 fn quality_columns_are_deterministic_and_identical_for_identical_schedules() {
     let bundle = bundle_with_evaluator("bundle", |m| m);
     let out = tmp("quality");
-    let run = |out: &Path| {
+    let run = |out: &Path, vae: &str| {
         ok(&[
             "eval",
             bundle.to_str().unwrap(),
@@ -253,10 +253,12 @@ fn quality_columns_are_deterministic_and_identical_for_identical_schedules() {
             "--out",
             out.to_str().unwrap(),
             "--force",
+            "--vae",
+            vae,
         ]);
         json(out)
     };
-    let v = run(&out);
+    let v = run(&out, "auto");
     let q = |k: usize| v["comparison"]["schedules"][k]["quality"].clone();
     assert_eq!(q(0).as_array().unwrap().len(), 2, "one entry per repeat");
     assert_eq!(q(0)[1]["seed"], 1);
@@ -268,13 +270,19 @@ fn quality_columns_are_deterministic_and_identical_for_identical_schedules() {
     assert!((0.0..=1.0).contains(&acc));
     let score = q(2)[0]["classifier_score"].as_f64().unwrap();
     assert!((1.0..=10.0).contains(&score), "{score}");
-    // Seeds fix the images, so a rerun gives the same quality numbers.
+    // Seeds fix the images, so a rerun gives the same quality numbers,
+    // its decodes beside the next batch's sampling or not (`auto` is
+    // inline on the CPU).
     let again = tmp("quality-again");
-    let w = run(&again);
+    let w = run(&again, "overlap");
     assert_eq!(
         v["comparison"]["schedules"][2]["quality"],
         w["comparison"]["schedules"][2]["quality"]
     );
+    assert_eq!(v["comparison"]["vae_decode"], "inline");
+    assert_eq!(w["comparison"]["vae_decode"], "overlap");
+    let header = std::fs::read_to_string(again.join("eval.md")).unwrap();
+    assert!(header.contains("VAE decode: overlap"), "{header}");
     let table = std::fs::read_to_string(out.join("eval.md")).unwrap();
     assert!(table.contains("FD (tiny-random)"), "{table}");
     assert!(table.contains(" ± "), "repeats show their spread: {table}");

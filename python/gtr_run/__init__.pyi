@@ -137,7 +137,8 @@ class Model:
         ``split``; ``vae``: when each batch's VAE decode runs, as ``--vae``: ``auto`` (beside the
         next batch's sampling on a GPU provider, after it on the CPU), ``overlap`` or ``inline``
         (the same images either way; with ``overlap`` a batch's progress is reported once the next
-        batch has sampled, and a stop there drops that batch). Raises GtrRunError with the command
+        batch has sampled, and a stop there drops that batch; ``eval`` and ``sweep`` decode so too, and
+        time a batch by its sampling and the part of its decode they waited for). Raises GtrRunError with the command
         line's message when the bundle or the runtime fails. What the command line would print
         once about the loaded model (e.g. that the chains run on the host because the bundle has
         no sampler graph) is a ``UserWarning``."""

@@ -421,7 +421,7 @@ impl Model {
                 }),
                 _ => None,
             };
-            let request = settings.request(self.info.defaults);
+            let request = settings.request(self.info.defaults, self.vae);
             // What the arguments cannot do is a ValueError, before any image.
             gtr_run::eval::check_request(&request, contenders.len(), scoring.is_some()).map_err(
                 |e| match e {
@@ -502,8 +502,13 @@ impl Comparing {
     }
 
     /// The request, planned with the model's guidance and temperature
-    /// defaults where the schedules set none.
-    fn request(&self, defaults: gtr_run::engine::SamplingDefaults) -> CompareRequest {
+    /// defaults where the schedules set none, its batches decoding as
+    /// `vae` says.
+    fn request(
+        &self,
+        defaults: gtr_run::engine::SamplingDefaults,
+        vae: VaeRunner,
+    ) -> CompareRequest {
         CompareRequest {
             num_images: self.num_images,
             batch: self.batch,
@@ -511,6 +516,7 @@ impl Comparing {
             repeats: self.repeats,
             options: defaults.plan_options(self.cfg, self.temperature),
             warm_up: true,
+            vae,
         }
     }
 }

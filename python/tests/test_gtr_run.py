@@ -441,13 +441,16 @@ def test_ctrl_c_stops_a_generation(tiny, progress):
     assert time.perf_counter() - start < 20 and len(done) < 100
 
 
-def test_eval_gives_the_cli_table(cli, tmp_path):
+@pytest.mark.parametrize("vae", ["auto", "overlap"])
+def test_eval_gives_the_cli_table(cli, tmp_path, vae):
+    """`eval` is `gtr-run eval`; with `vae="overlap"` too, against the command line's inline
+    decodes (the same images, so the same quality)."""
     schedules = [SCHEDULES / "mar-8.gtr", SCHEDULES / "gtr-fast.gtr"]
     out = tmp_path / "eval"
     run_cli(cli, "eval", MAR_TINY, *schedules, "--num-images", 4, "--batch", 4, "--seed", 3, "--out", out)
     with open(out / "eval.csv", newline="") as f:
         want = list(csv.DictReader(f))
-    rows = gtr_run.Model(MAR_TINY).eval(schedules, num_images=4, batch=4, seed=3, progress=False)
+    rows = gtr_run.Model(MAR_TINY, vae=vae).eval(schedules, num_images=4, batch=4, seed=3, progress=False)
     assert [r["schedule"] for r in rows] == [w["schedule"] for w in want] == ["mar-8", "gtr-fast"]
     # Everything but the measured times is the same as the command line's.
     same = ["mar_steps", "backbone_passes", "diffusion_evaluations", "flops_per_image", "speedup_flops"]

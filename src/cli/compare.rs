@@ -68,6 +68,13 @@ struct CompareArgs {
     /// Replace the results of a previous evaluation in the folder.
     #[arg(long)]
     force: bool,
+    /// When each batch's VAE decode runs, as for generation: `overlap`
+    /// (while the next batch, the next schedule's turn, samples; a batch
+    /// is then timed by its sampling and the part of its decode that was
+    /// waited for), `inline` or `auto` (overlap on GPU providers). Same
+    /// images either way.
+    #[arg(long, value_enum, default_value_t = gtr_run::backend::VaeRunner::Auto)]
+    vae: gtr_run::backend::VaeRunner,
 }
 
 /// The schedules `eval` compares (see [`gtr_run::eval::contenders`]),
@@ -183,6 +190,7 @@ fn run_comparison(
         repeats: args.repeats,
         options: args.runtime.plan_options(bundle),
         warm_up: true,
+        vae: args.vae,
     };
     // Before the folder is taken: a usage error changes nothing.
     gtr_run::eval::check_request(&request, contenders.len(), reference.is_some())?;

@@ -12,18 +12,20 @@ pub mod sweep;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
+use std::ops::Range;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use ndarray::{Array2, Axis, concatenate};
 use serde::Serialize;
 
+use crate::backend::VaeRunner;
 use crate::bundle::Bundle;
 use crate::cost::{ModelSpec, plan_cost};
 use crate::engine::{Engine, ImageJob, MarModel, ModelError, ModelInfo, SeededNoise};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
-use crate::run::Classes;
+use crate::run::pipeline::{self, Batch, Making, Receiver, make_batches};
+use crate::run::{Classes, VaeDecode};
 use crate::schedule::{Schedule, ScheduleError};
 
 pub use stats::{FeatureStats, class_accuracy, classifier_score, frechet_distance, probabilities};
@@ -126,6 +128,11 @@ pub struct CompareRequest {
     pub options: PlanOptions,
     /// Run one untimed batch of every schedule first.
     pub warm_up: bool,
+    /// When each batch's VAE decode runs (`--vae`): with overlap, while
+    /// the next batch (the next schedule's turn) samples, and a batch is
+    /// timed by its sampling and the part of its decode that was waited
+    /// for ([`Comparison::vae_decode`]).
+    pub vae: VaeRunner,
 }
 
 /// Quality of one schedule's images in one repeat.
@@ -206,6 +213,12 @@ pub struct Comparison {
     pub diffusion_chains: String,
     /// The numeric precision the model ran in (`--precision`).
     pub precision: String,
+    /// How the batches decoded (`--vae`, decided for this model). With
+    /// `overlap`, a row's time is its batches' sampling (planning
+    /// included) and the part of their decodes that the next batch's
+    /// sampling did not hide; the VAE call's seconds count in the model
+    /// and runtime seconds by the same share.
+    pub vae_decode: VaeDecode,
     /// Whether every batch of every repeat ran and was scored: false in
     /// what [`compare`] hands its progress function while it runs (rows
     /// not measured yet have `images_timed` 0, a repeat's quality comes
@@ -422,6 +435,7 @@ pub fn compare<M: MarModel>(
     check_request(req, contenders.len(), scoring.is_some())?;
     let info = engine.model.info().clone();
     let planners = Planners::new(contenders, &info, req)?;
+    let vae_decode = pipeline::decide(&engine.model, req.vae).map_err(CompareError::Invalid)?;
     let labels = crate::run::jobs::labels(&Classes::Balanced, req.num_images, &info)
         .map_err(|e| CompareError::Invalid(e.to_string()))?;
     let jobs_for = |seed: u64, indices: std::ops::Range<usize>| -> Vec<ImageJob> {
@@ -437,6 +451,7 @@ pub fn compare<M: MarModel>(
         execution_provider: engine.model.execution_provider(),
         diffusion_chains: engine.chain_runner(),
         precision: engine.model.precision(),
+        vae_decode,
         finished: false,
         schedules: (0..contenders.len())
             .map(|k| planners.empty_result(k, req.seed, cost_spec))
@@ -449,112 +464,134 @@ pub fn compare<M: MarModel>(
         ControlFlow::Break(()) => Err(CompareError::Stopped),
     };
 
+    // Each batch's failure names its schedule, images and seed.
+    let blame = |round: &Round, source: CompareError| CompareError::Batch {
+        schedule: contenders[round.k].name.clone(),
+        images: if round.warm_up {
+            format!("0..{} (the untimed warm-up)", round.images.len())
+        } else {
+            format!("{}..{}", round.images.start, round.images.end)
+        },
+        seed: round.seed,
+        source: Box::new(source),
+    };
+    let batch = |round: Round| {
+        let jobs = jobs_for(round.seed, round.images.clone());
+        match planners.plans(round.k, &jobs) {
+            Ok(plans) => Ok(Batch {
+                keep: (0..jobs.len()).collect(),
+                jobs,
+                plans,
+                tag: round,
+            }),
+            Err(e) => Err(blame(&round, e)),
+        }
+    };
+    let making = |model: &M| Making {
+        noise: &SeededNoise,
+        decoder: pipeline::decoder_for(model, vae_decode),
+        receiver: Receiver::BeforeNextDecode,
+    };
+
     if req.warm_up {
         // A different seed than any timed repeat, so nothing is reused.
         let seed = req.seed.wrapping_add(req.repeats as u64);
-        let jobs = jobs_for(seed, 0..req.batch.min(req.num_images));
-        for k in 0..contenders.len() {
-            time_batch(engine, &planners, k, &jobs, None).map_err(|e| CompareError::Batch {
-                schedule: comparison.schedules[k].name.clone(),
-                images: format!("0..{} (the untimed warm-up)", jobs.len()),
-                seed,
-                source: Box::new(e),
-            })?;
-        }
+        let rounds = (0..contenders.len()).map(|k| Round {
+            k,
+            seed,
+            images: 0..req.batch.min(req.num_images),
+            warm_up: true,
+            closes_repeat: false,
+        });
+        let making = making(&engine.model);
+        make_batches(
+            engine,
+            rounds.map(batch),
+            making,
+            |_| (),
+            |r, e| blame(r, e.into()),
+            |_| Ok(()),
+        )?;
     }
 
     let rounds_per_repeat = req.num_images.div_ceil(req.batch);
     let total = rounds_per_repeat * req.repeats * contenders.len();
     let mut done = 0;
     tell(&comparison, done, total)?;
-    for r in 0..req.repeats {
+    // Every repeat's batches, schedules taking turns batch by batch.
+    let rounds = (0..req.repeats).flat_map(|r| {
         let seed = req.seed.wrapping_add(r as u64);
-        let mut collected: Vec<Collected> =
-            contenders.iter().map(|_| Collected::default()).collect();
-        for start in (0..req.num_images).step_by(req.batch) {
-            let jobs = jobs_for(seed, start..(start + req.batch).min(req.num_images));
-            for (k, scores_of_k) in collected.iter_mut().enumerate() {
-                let timed = time_batch(engine, &planners, k, &jobs, scoring.as_mut());
-                let (seconds, scores) = match timed {
-                    Ok(t) => t,
-                    Err(e) => {
-                        // What was measured before the failure, to the
-                        // progress function (which may keep it), and the
-                        // batch named.
-                        let _ = progress(&comparison, done, total);
-                        return Err(CompareError::Batch {
-                            schedule: comparison.schedules[k].name.clone(),
-                            images: format!(
-                                "{}..{}",
-                                jobs[0].index,
-                                jobs[0].index as usize + jobs.len()
-                            ),
-                            seed,
-                            source: Box::new(e),
-                        });
-                    }
-                };
-                let result = &mut comparison.schedules[k];
-                result.images_timed += jobs.len();
-                result.wall_seconds += seconds.wall;
-                result.model_seconds += seconds.model;
-                result.runtime_seconds += seconds.runtime;
-                result.round_seconds.push(seconds.wall);
-                if let Some(scores) = scores {
-                    scores_of_k.logits.push(scores.logits);
-                    scores_of_k.features.push(scores.features);
+        (0..req.num_images)
+            .step_by(req.batch)
+            .flat_map(move |start| {
+                let end = (start + req.batch).min(req.num_images);
+                (0..contenders.len()).map(move |k| Round {
+                    k,
+                    seed,
+                    images: start..end,
+                    warm_up: false,
+                    closes_repeat: end == req.num_images && k + 1 == contenders.len(),
+                })
+            })
+    });
+    let mut collected: Vec<Collected> = contenders.iter().map(|_| Collected::default()).collect();
+    let making = making(&engine.model);
+    let made = make_batches(
+        engine,
+        rounds.map(batch),
+        making,
+        |_| (),
+        |r, e| blame(r, e.into()),
+        |made| {
+            let round = &made.tag;
+            if let Some(s) = scoring.as_mut() {
+                let scores = s
+                    .evaluator
+                    .score(made.output.pixels.view())
+                    .map_err(|e| blame(round, e.into()))?;
+                collected[round.k].logits.push(scores.logits);
+                collected[round.k].features.push(scores.features);
+            }
+            let seconds = &made.seconds;
+            let result = &mut comparison.schedules[round.k];
+            result.images_timed += made.jobs.len();
+            result.wall_seconds += seconds.wall();
+            result.model_seconds += seconds.model();
+            result.runtime_seconds += seconds.runtime();
+            result.round_seconds.push(seconds.wall());
+            done += 1;
+            tell(&comparison, done, total)?;
+            if let (true, Some(s)) = (round.closes_repeat, scoring.as_ref()) {
+                for (k, c) in collected.iter_mut().enumerate() {
+                    let quality = c.quality(round.seed, s.reference, &labels, info.classes)?;
+                    comparison.schedules[k].quality.push(quality);
+                    *c = Collected::default();
                 }
-                done += 1;
                 tell(&comparison, done, total)?;
             }
+            Ok(())
+        },
+    );
+    if let Err(e) = made {
+        if matches!(e, CompareError::Batch { .. }) {
+            // What was measured before the failure, to the progress
+            // function (which may keep it).
+            let _ = progress(&comparison, done, total);
         }
-        if let Some(s) = scoring.as_ref() {
-            for (k, c) in collected.iter().enumerate() {
-                comparison.schedules[k].quality.push(c.quality(
-                    seed,
-                    s.reference,
-                    &labels,
-                    info.classes,
-                )?);
-            }
-            tell(&comparison, done, total)?;
-        }
+        return Err(e);
     }
     comparison.finished = true;
     Ok(comparison)
 }
 
-/// Seconds one batch took: in all, in the model's calls, in the
-/// runtime's run calls.
-struct BatchSeconds {
-    wall: f64,
-    model: f64,
-    runtime: f64,
-}
-
-/// Makes the batch `jobs` with contender `k`'s plans, timed, and scores
-/// its images when there is an evaluator.
-fn time_batch<M: MarModel>(
-    engine: &mut Engine<M>,
-    planners: &Planners,
+/// One batch of the comparison: contender `k`'s `images` of `seed`,
+/// untimed in the warm-up; `closes_repeat` for the last of its repeat.
+struct Round {
     k: usize,
-    jobs: &[ImageJob],
-    scoring: Option<&mut Scoring<'_>>,
-) -> Result<(BatchSeconds, Option<Scores>), CompareError> {
-    let (runtime_before, model_before) = (engine.runtime_seconds(), engine.stats.model_seconds());
-    let began = Instant::now();
-    let plans = planners.plans(k, jobs)?;
-    let out = engine.generate(&plans, jobs, &SeededNoise, |_, _| {})?;
-    let seconds = BatchSeconds {
-        wall: began.elapsed().as_secs_f64(),
-        model: engine.stats.model_seconds() - model_before,
-        runtime: engine.runtime_seconds() - runtime_before,
-    };
-    let scores = match scoring {
-        Some(s) => Some(s.evaluator.score(out.pixels.view())?),
-        None => None,
-    };
-    Ok((seconds, scores))
+    seed: u64,
+    images: Range<usize>,
+    warm_up: bool,
+    closes_repeat: bool,
 }
 
 impl Collected {
@@ -594,8 +631,9 @@ mod tests {
     use super::*;
     use crate::engine::fake::FakeModel;
 
-    /// Two images of two schedules, one a batch, on the fake model.
-    fn setup() -> (Vec<Contender>, Engine<FakeModel>, CompareRequest) {
+    /// Two images of two schedules, one a batch, on the fake model, their
+    /// decodes as `vae` says.
+    fn setup(vae: VaeRunner) -> (Vec<Contender>, Engine<FakeModel>, CompareRequest) {
         let paths = ["schedules/mar-8.gtr", "schedules/gtr-fast.gtr"].map(PathBuf::from);
         let contenders = contenders(&paths, &BTreeMap::new()).unwrap();
         let engine = Engine::new(FakeModel::new());
@@ -606,8 +644,18 @@ mod tests {
             repeats: 1,
             options: engine.model.info().defaults.plan_options(None, None),
             warm_up: false,
+            vae,
         };
         (contenders, engine, request)
+    }
+
+    /// Reference statistics of two features: mean (a, b), unit covariance.
+    fn reference_at(a: f64, b: f64) -> FeatureStats {
+        FeatureStats {
+            mu: ndarray::array![a, b],
+            sigma: Array2::eye(2),
+            count: 2,
+        }
     }
 
     /// An evaluator that fails at its `fail_at`-th call (from 1).
@@ -641,17 +689,19 @@ mod tests {
     /// function sees what was measured before it (to keep it).
     #[test]
     fn a_failed_batch_is_named_and_what_came_before_is_reported() {
-        let (contenders, mut engine, request) = setup();
+        for vae in [VaeRunner::Inline, VaeRunner::Overlap] {
+            failed_batch_with(vae);
+        }
+    }
+
+    fn failed_batch_with(vae: VaeRunner) {
+        let (contenders, mut engine, request) = setup(vae);
         let spec = ModelSpec::builtin("mar-b").unwrap();
         let mut evaluator = FailingEvaluator {
             calls: 0,
             fail_at: 3,
         };
-        let reference = FeatureStats {
-            mu: ndarray::array![0.0, 1.0],
-            sigma: Array2::eye(2),
-            count: 2,
-        };
+        let reference = reference_at(0.0, 1.0);
         let scoring = Scoring {
             evaluator: &mut evaluator,
             reference: &reference,
@@ -678,12 +728,12 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, CompareError::Batch { ref images, seed: 0, .. } if images == "1..2"));
         assert_eq!(err.to_string(), "schedule `mar-8`, images 1..2 of seed 0");
-        assert_eq!(last, Some((2, vec![1, 1])));
+        assert_eq!(last, Some((2, vec![1, 1])), "{vae:?}");
     }
 
     #[test]
     fn progress_sees_the_rows_grow_batch_by_batch() {
-        let (contenders, mut engine, request) = setup();
+        let (contenders, mut engine, request) = setup(VaeRunner::Auto);
         let spec = ModelSpec::builtin("mar-b").unwrap();
         let mut seen = Vec::new();
         let done = compare(
@@ -714,9 +764,17 @@ mod tests {
         );
     }
 
+    /// Asked before the first batch and after it, and nothing handed on
+    /// after; with overlap the next batch has sampled by then.
     #[test]
     fn progress_can_stop_the_comparison_after_a_batch() {
-        let (contenders, mut engine, request) = setup();
+        for (vae, steps) in [(VaeRunner::Inline, 8), (VaeRunner::Overlap, 16)] {
+            stop_after_a_batch_with(vae, steps);
+        }
+    }
+
+    fn stop_after_a_batch_with(vae: VaeRunner, backbone_calls: usize) {
+        let (contenders, mut engine, request) = setup(vae);
         let spec = ModelSpec::builtin("mar-b").unwrap();
         let mut calls = 0;
         let stopped = compare(
@@ -735,11 +793,72 @@ mod tests {
             },
         );
         assert!(matches!(stopped, Err(CompareError::Stopped)), "{stopped:?}");
-        // Asked before the first batch and after it; nothing ran after.
         assert_eq!(calls, 2);
-        assert_eq!(
-            engine.model.backbone_calls, 8,
-            "one batch of mar-8's 8 steps"
-        );
+        // mar-8's 8 steps, and with overlap gtr-fast's 8.
+        assert_eq!(engine.model.backbone_calls, backbone_calls, "{vae:?}");
+    }
+
+    /// An evaluator whose features are each image's mean pixel and first
+    /// pixel, so its quality depends on the images.
+    struct PixelEvaluator;
+
+    impl Evaluator for PixelEvaluator {
+        fn name(&self) -> &str {
+            "pixels"
+        }
+
+        fn score(&mut self, pixels: ndarray::ArrayView4<u8>) -> Result<Scores, ModelError> {
+            let b = pixels.dim().0;
+            let image = |i: usize| pixels.index_axis(Axis(0), i);
+            Ok(Scores {
+                logits: Array2::from_shape_fn((b, 10), |(i, c)| {
+                    f32::from(image(i).iter().nth(c).copied().unwrap_or(0))
+                }),
+                features: Array2::from_shape_fn((b, 2), |(i, j)| match j {
+                    0 => image(i).iter().map(|&p| f32::from(p)).sum::<f32>() / 255.0,
+                    _ => f32::from(image(i).iter().next().copied().unwrap_or(0)),
+                }),
+            })
+        }
+    }
+
+    /// Overlapped decodes give the inline images (the same quality, every
+    /// image timed once) and say how they ran.
+    #[test]
+    fn overlapped_decodes_score_the_inline_images() {
+        let compared = |vae| {
+            let (contenders, mut engine, mut request) = setup(vae);
+            request.num_images = 4;
+            request.repeats = 2;
+            request.warm_up = true;
+            let reference = reference_at(100.0, 50.0);
+            let scoring = Scoring {
+                evaluator: &mut PixelEvaluator,
+                reference: &reference,
+            };
+            let spec = ModelSpec::builtin("mar-b").unwrap();
+            compare(
+                &mut engine,
+                Some(scoring),
+                &contenders,
+                &spec,
+                &request,
+                |_, _, _| ControlFlow::Continue(()),
+            )
+            .unwrap()
+        };
+        let inline = compared(VaeRunner::Inline);
+        let overlapped = compared(VaeRunner::Overlap);
+        assert_eq!(inline.vae_decode, VaeDecode::Inline);
+        assert_eq!(overlapped.vae_decode, VaeDecode::Overlap);
+        for (a, b) in inline.schedules.iter().zip(&overlapped.schedules) {
+            assert_eq!(a.quality.len(), 2);
+            assert_eq!(a.quality, b.quality, "{}", a.name);
+            assert_eq!((a.images_timed, b.images_timed), (8, 8));
+            assert_eq!(b.round_seconds.len(), 8);
+            assert!(b.wall_seconds > 0.0 && b.runtime_seconds <= b.wall_seconds);
+        }
+        // The two schedules' images differ, so the test can tell them apart.
+        assert_ne!(inline.schedules[0].quality, inline.schedules[1].quality);
     }
 }

@@ -37,7 +37,7 @@ pub fn markdown(c: &Comparison) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "model {}, {} images per schedule × {} repeat(s) (seeds {}..{}), batch {}, {}, diffusion chains: {}; schedules interleaved batch by batch, one warm-up batch each excluded",
+        "model {}, {} images per schedule × {} repeat(s) (seeds {}..{}), batch {}, {}, diffusion chains: {}, VAE decode: {}; schedules interleaved batch by batch, one warm-up batch each excluded",
         c.model,
         c.num_images,
         c.repeats,
@@ -45,7 +45,8 @@ pub fn markdown(c: &Comparison) -> String {
         c.seed + (c.repeats as u64 - 1),
         c.batch,
         format_args!("{}, {}", c.execution_provider, c.precision),
-        c.diffusion_chains
+        c.diffusion_chains,
+        c.vae_decode
     );
     let fd = c
         .evaluator

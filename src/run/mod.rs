@@ -15,7 +15,7 @@ pub mod folder;
 pub mod jobs;
 pub mod merge;
 pub mod outputs;
-mod pipeline;
+pub(crate) mod pipeline;
 pub mod record;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,13 +37,14 @@ use crate::backend::VaeRunner;
 use crate::bundle::Bundle;
 use crate::cost::plan_cost;
 use crate::engine::{
-    Engine, ImageJob, ImageSettings, MarModel, ModelInfo, NoiseSource, Replay, SeededNoise,
+    BatchOutput, Engine, ImageJob, ImageSettings, MarModel, ModelInfo, NoiseSource, Replay,
+    SeededNoise,
 };
 use crate::fsutil::{host_name, sha256_file, sha256_hex, write_atomic};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::schedule::{Schedule, ScheduleError};
 use folder::{image_name, image_path};
-use pipeline::{Batch, Made, make_batches};
+use pipeline::{Batch, Made, Making, Receiver, make_batches};
 use record::{Measurements, ModelRecord, ScheduleRecord, Seconds, ShardRecord, StepRecord, Writer};
 
 /// A generation run as asked for.
@@ -128,7 +129,7 @@ impl<'s> Prepared<'s> {
     fn new<M: MarModel>(bundle: &Bundle, model: &M, req: &'s RunRequest) -> Result<Self, RunError> {
         let info = model.info().clone();
         let range = check_request(req)?;
-        let vae_decode = pipeline::decide(model, req.vae)?;
+        let vae_decode = pipeline::decide(model, req.vae).map_err(RunError::Conflict)?;
         let labels = jobs::labels(&req.classes, req.num_images, &info)?;
         let replay = load_replay(req)?;
         let plans = plan_run(req, &info)?;
@@ -171,7 +172,7 @@ impl<'s> Prepared<'s> {
         engine: &mut Engine<M>,
         req: &RunRequest,
         todo: &[usize],
-        on_batch: impl FnMut(Made) -> Result<(), RunError>,
+        on_batch: impl FnMut(Made<(), Vec<Vec<u8>>>) -> Result<(), RunError>,
     ) -> Result<f64, RunError> {
         let started = Instant::now();
         let noise: &dyn NoiseSource = match &self.replay {
@@ -196,16 +197,23 @@ impl<'s> Prepared<'s> {
                     chunk,
                     &self.labels,
                 )
-                .map(|(jobs, plans)| Batch { jobs, plans, keep })
+                .map(|(jobs, plans)| Batch {
+                    jobs,
+                    plans,
+                    keep,
+                    tag: (),
+                })
                 .map_err(|d| ScheduleError::Invalid(Box::new(d)).into()),
             )
         });
         // Decided in `Prepared::new`, where a model that cannot was refused.
-        let decoder = match self.vae_decode {
-            VaeDecode::Overlap => engine.model.image_decoder().ok(),
-            _ => None,
+        let making = Making {
+            noise,
+            decoder: pipeline::decoder_for(&engine.model, self.vae_decode),
+            receiver: Receiver::BesideNextDecode,
         };
-        make_batches(engine, batches, noise, decoder, on_batch)?;
+        let pngs = |output: &BatchOutput| encode_batch(output.pixels.view());
+        make_batches(engine, batches, making, pngs, |_, e| e.into(), on_batch)?;
         Ok(started.elapsed().as_secs_f64())
     }
 }
@@ -273,7 +281,12 @@ pub fn generate<M: MarModel>(
     progress(kept.len(), range.len());
     let mut done = kept.len();
     let wall = run.make_images(&mut engine, req, &todo, |made| {
-        let Made { jobs, output, pngs } = made;
+        let Made {
+            jobs,
+            output,
+            finished: pngs,
+            ..
+        } = made;
         for ((k, job), png) in jobs.iter().enumerate().zip(pngs) {
             let (path, name) = (
                 image_path(&req.out, job.index as usize),
@@ -348,7 +361,12 @@ pub fn generate_in_memory<M: MarModel>(
     let mut orders = BTreeMap::new();
     let mut done = 0;
     let wall = run.make_images(engine, req, &todo, |made| {
-        let Made { jobs, output, pngs } = made;
+        let Made {
+            jobs,
+            output,
+            finished: pngs,
+            ..
+        } = made;
         for ((k, job), png) in jobs.iter().enumerate().zip(pngs) {
             let (i, one) = (job.index as usize, output.pixels.index_axis(Axis(0), k));
             hashes.insert(image_name(i), sha256_hex(&png));

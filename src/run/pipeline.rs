@@ -4,10 +4,10 @@
 //! through the model's [`ImageDecoder`]). Batches are handed on in order,
 //! and the images are the same either way.
 
+use std::time::Instant;
+
 use ndarray::{Array4, ArrayView4};
 
-use super::RunError;
-use super::outputs::encode_batch;
 use super::record::VaeDecode;
 use crate::backend::VaeRunner;
 use crate::engine::{
@@ -16,87 +16,209 @@ use crate::engine::{
 };
 use crate::plan::Plan;
 
-/// A batch to make: its jobs, their plans, and the positions in it of the
+/// A batch to make: its jobs, their plans, the positions in it of the
 /// images wanted (the others are made for their neighbours' sake, as in
-/// the run's batches, and dropped).
-pub(super) struct Batch {
+/// the run's batches, and dropped), and what the caller knows it by.
+pub(crate) struct Batch<T> {
     pub jobs: Vec<ImageJob>,
     pub plans: Vec<Plan>,
     pub keep: Vec<usize>,
+    pub tag: T,
 }
 
-/// The wanted images of a batch, made: their jobs, output and PNGs (in
-/// that order).
-pub(super) struct Made {
+/// The wanted images of a batch, made: their jobs and output (in that
+/// order), what `finish` made of them, the batch's tag and its seconds.
+pub(crate) struct Made<T, X> {
     pub jobs: Vec<ImageJob>,
     pub output: BatchOutput,
-    pub pngs: Vec<Vec<u8>>,
+    pub finished: X,
+    pub tag: T,
+    pub seconds: BatchSeconds,
 }
 
-/// Makes `batches` on `engine` with `noise`, handing each one's wanted
-/// images to `on_batch` in order. With a `decoder`, a batch's decode and
-/// PNGs run on another thread while the next batch samples and the batch
-/// before is handed on; else after it, on this thread. An error (a batch's
-/// planning, sampling or decode, or `on_batch`'s) stops the run once the
-/// batches before it are handed on, as they would be without overlap.
-pub(super) fn make_batches<M: MarModel>(
+/// Where a batch's time went, as the thread that samples sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct BatchSeconds {
+    /// Taking the batch from its iterator (its planning) and its MAR
+    /// steps.
+    pub sampling: f64,
+    /// Of the MAR steps, inside model calls and inside the runtime's run
+    /// calls ([`Engine::sampling_runtime_seconds`]).
+    pub sampling_model: f64,
+    pub sampling_runtime: f64,
+    /// Its VAE call, and all of its decode (the call, pixels and
+    /// `finish`), on whichever thread.
+    pub vae: f64,
+    pub decoding: f64,
+    /// How long the sampling thread waited for the decode: all of it
+    /// inline; with overlap, what the next batch's sampling did not hide.
+    pub waited: f64,
+}
+
+impl BatchSeconds {
+    /// The wall time the batch cost: its sampling and the wait for its
+    /// decode (the time a run of batches grows by with it).
+    pub fn wall(&self) -> f64 {
+        self.sampling + self.waited
+    }
+
+    /// The share of the decode that was waited for (1 inline, less where
+    /// sampling hid it).
+    fn unhidden(&self) -> f64 {
+        if self.decoding > 0.0 {
+            (self.waited / self.decoding).min(1.0)
+        } else {
+            1.0
+        }
+    }
+
+    /// Of [`BatchSeconds::wall`], the seconds inside model calls: the MAR
+    /// steps' and the VAE call's unhidden share.
+    pub fn model(&self) -> f64 {
+        self.sampling_model + self.vae * self.unhidden()
+    }
+
+    /// Of [`BatchSeconds::wall`], the seconds inside the runtime's run
+    /// calls: the MAR steps' and the VAE call's unhidden share (the VAE
+    /// counted by its call, which holds its run call).
+    pub fn runtime(&self) -> f64 {
+        self.sampling_runtime + self.vae * self.unhidden()
+    }
+}
+
+/// What the receiver of batches runs beside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Receiver {
+    /// A batch is handed on while the next one decodes (its files are
+    /// written meanwhile).
+    BesideNextDecode,
+    /// A batch is handed on before the next one's decode starts, so no
+    /// decode hides behind the receiver's work (which eval does not time).
+    BeforeNextDecode,
+}
+
+/// How [`make_batches`] makes its batches: the noise, the decoder to
+/// decode with beside sampling (`None`: inline, on the sampling thread),
+/// and what the receiver runs beside.
+pub(crate) struct Making<'a> {
+    pub noise: &'a dyn NoiseSource,
+    pub decoder: Option<Box<dyn ImageDecoder>>,
+    pub receiver: Receiver,
+}
+
+/// Makes `batches` on `engine`, handing each one's wanted images to
+/// `on_batch` in order, with what `finish` made of them on the decode's
+/// thread. With a decoder, a batch's decode runs on another thread while
+/// the next batch samples; else after it, on this thread. An error (a
+/// batch's planning, its sampling or decode, which `blame` turns into an
+/// `E` naming the batch, or `on_batch`'s) stops the run once the batches
+/// before it are handed on, as they would be without overlap.
+pub(crate) fn make_batches<M, T, X, E>(
     engine: &mut Engine<M>,
-    batches: impl Iterator<Item = Result<Batch, RunError>>,
-    noise: &dyn NoiseSource,
-    decoder: Option<Box<dyn ImageDecoder>>,
-    mut on_batch: impl FnMut(Made) -> Result<(), RunError>,
-) -> Result<(), RunError> {
+    batches: impl Iterator<Item = Result<Batch<T>, E>>,
+    making: Making<'_>,
+    finish: impl Fn(&BatchOutput) -> X + Sync,
+    blame: impl Fn(&T, EngineError) -> E,
+    mut on_batch: impl FnMut(Made<T, X>) -> Result<(), E>,
+) -> Result<(), E>
+where
+    M: MarModel,
+    T: Send,
+    X: Send,
+{
+    let Making {
+        noise,
+        mut decoder,
+        receiver,
+    } = making;
+    let finish = &finish;
+    let mut hand_on = |engine: &mut Engine<M>, (made, decode): Decoded<T, X>| {
+        engine.count_decode(decode);
+        on_batch(made)
+    };
+    let mut batches = batches;
     std::thread::scope(|scope| {
-        let mut decoder = decoder;
         let mut pending = None;
-        for batch in batches {
+        loop {
+            let began = Instant::now();
+            let Some(batch) = batches.next() else { break };
             let sampled = batch.and_then(|b| {
-                let sampled = engine.sample(&b.plans, &b.jobs, noise, |_, _| {})?;
-                Ok((b, sampled))
+                let model_before = engine.stats.sampling_model_seconds();
+                let runtime_before = engine.sampling_runtime_seconds();
+                let sampled = engine
+                    .sample(&b.plans, &b.jobs, noise, |_, _| {})
+                    .map_err(|e| blame(&b.tag, e))?;
+                let seconds = BatchSeconds {
+                    sampling: began.elapsed().as_secs_f64(),
+                    sampling_model: engine.stats.sampling_model_seconds() - model_before,
+                    sampling_runtime: engine.sampling_runtime_seconds() - runtime_before,
+                    ..BatchSeconds::default()
+                };
+                Ok((b, sampled, seconds))
             });
             // The batch before, decoded meanwhile (its failure comes first,
             // as it would inline).
             let before = match pending.take() {
                 Some(handle) => {
+                    let waiting = Instant::now();
                     let (returned, finished) = join(handle);
                     decoder = Some(returned);
-                    Some(finished?)
+                    Some(waited(finished, waiting).map_err(|(tag, e)| blame(&tag, e))?)
                 }
                 None => None,
             };
-            let (batch, sampled) = match sampled {
+            let (batch, sampled, seconds) = match sampled {
                 Ok(sampled) => sampled,
                 Err(e) => {
                     if let Some(before) = before {
-                        hand_on(engine, before, &mut on_batch)?;
+                        hand_on(engine, before)?;
                     }
                     return Err(e);
                 }
             };
+            let before = match (receiver, before) {
+                (Receiver::BeforeNextDecode, Some(before)) => {
+                    hand_on(engine, before)?;
+                    None
+                }
+                (_, before) => before,
+            };
             match decoder.take() {
-                // This batch decodes while the one before is written.
+                // This batch decodes while the one before is handed on.
                 Some(mut vae) => {
-                    pending = Some(scope.spawn(move || {
-                        let finished = finish(batch, sampled, |l| vae.decode_image(l));
+                    let handle = scope.spawn(move || {
+                        let finished =
+                            decode(batch, sampled, seconds, finish, |l| vae.decode_image(l));
                         (vae, finished)
-                    }));
+                    });
+                    pending = Some(handle);
                     if let Some(before) = before {
-                        hand_on(engine, before, &mut on_batch)?;
+                        hand_on(engine, before)?;
                     }
                 }
                 None => {
+                    let waiting = Instant::now();
                     let model = &mut engine.model;
-                    let finished = finish(batch, sampled, |l| model.decode_image(l));
-                    hand_on(engine, finished?, &mut on_batch)?;
+                    let finished =
+                        decode(batch, sampled, seconds, finish, |l| model.decode_image(l));
+                    let decoded = waited(finished, waiting).map_err(|(tag, e)| blame(&tag, e))?;
+                    hand_on(engine, decoded)?;
                 }
             }
         }
         if let Some(handle) = pending {
-            hand_on(engine, join(handle).1?, &mut on_batch)?;
+            let waiting = Instant::now();
+            let decoded = waited(join(handle).1, waiting).map_err(|(tag, e)| blame(&tag, e))?;
+            hand_on(engine, decoded)?;
         }
         Ok(())
     })
 }
+
+/// A decoded batch and its decode's seconds (for [`Engine::count_decode`]),
+/// or its tag and why it failed.
+type Decoded<T, X> = (Made<T, X>, DecodeSeconds);
+type DecodeResult<T, X> = Result<Decoded<T, X>, (T, EngineError)>;
 
 /// A decode thread's decoder and result; its panic goes on in this thread.
 fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
@@ -105,47 +227,74 @@ fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
+/// `finished`, with the time waited for it since `waiting` in its seconds.
+fn waited<T, X>(finished: DecodeResult<T, X>, waiting: Instant) -> DecodeResult<T, X> {
+    finished.map(|(mut made, decode)| {
+        made.seconds.waited = waiting.elapsed().as_secs_f64();
+        (made, decode)
+    })
+}
+
 /// How a run with `vae` on `model` decodes: [`VaeDecode::Overlap`] where
 /// `vae` overlaps on the model's provider and the model can decode beside
 /// sampling ([`MarModel::image_decoder`]), else [`VaeDecode::Inline`];
 /// `--vae overlap` where the model cannot is refused, saying why.
-pub(super) fn decide<M: MarModel>(model: &M, vae: VaeRunner) -> Result<VaeDecode, RunError> {
+pub(crate) fn decide<M: MarModel>(model: &M, vae: VaeRunner) -> Result<VaeDecode, String> {
     match (vae, model.image_decoder()) {
-        (VaeRunner::Overlap, Err(why)) => Err(RunError::Conflict(format!(
-            "--vae overlap: {why}; use --vae inline (or auto)"
-        ))),
+        (VaeRunner::Overlap, Err(why)) => {
+            Err(format!("--vae overlap: {why}; use --vae inline (or auto)"))
+        }
         (_, Ok(_)) if vae.overlaps(&model.execution_provider()) => Ok(VaeDecode::Overlap),
         _ => Ok(VaeDecode::Inline),
     }
 }
 
-/// A batch's decode with `vae`, its wanted images kept and their PNGs
-/// encoded.
-fn finish(
-    batch: Batch,
+/// The decoder [`make_batches`] needs for `decode`, as [`decide`]d on
+/// `model` (where one that cannot was refused).
+pub(crate) fn decoder_for<M: MarModel>(
+    model: &M,
+    decode: VaeDecode,
+) -> Option<Box<dyn ImageDecoder>> {
+    match decode {
+        VaeDecode::Overlap => model.image_decoder().ok(),
+        _ => None,
+    }
+}
+
+/// A batch's decode with `vae`, its wanted images kept and `finish` run on
+/// them; `seconds` has the batch's sampling, and gets its decode.
+fn decode<T, X>(
+    batch: Batch<T>,
     sampled: SampledBatch,
+    seconds: BatchSeconds,
+    finish: impl Fn(&BatchOutput) -> X,
     vae: impl FnOnce(ArrayView4<f32>) -> Result<Array4<f32>, ModelError>,
-) -> Result<(Made, DecodeSeconds), EngineError> {
-    let (output, seconds) = sampled.decode_with(vae)?;
+) -> DecodeResult<T, X> {
+    let began = Instant::now();
+    let (output, decode) = match sampled.decode_with(vae) {
+        Ok(decoded) => decoded,
+        Err(e) => return Err((batch.tag, e)),
+    };
     let (jobs, output) = if batch.keep.len() == batch.jobs.len() {
         (batch.jobs, output)
     } else {
         let jobs = batch.keep.iter().map(|&k| batch.jobs[k]).collect();
         (jobs, output.select(&batch.keep))
     };
-    let pngs = encode_batch(output.pixels.view());
-    Ok((Made { jobs, output, pngs }, seconds))
-}
-
-/// Counts a finished batch's decode in the engine's statistics and hands
-/// its images on.
-fn hand_on<M: MarModel>(
-    engine: &mut Engine<M>,
-    (made, seconds): (Made, DecodeSeconds),
-    on_batch: &mut impl FnMut(Made) -> Result<(), RunError>,
-) -> Result<(), RunError> {
-    engine.count_decode(seconds);
-    on_batch(made)
+    let finished = finish(&output);
+    let seconds = BatchSeconds {
+        vae: decode.vae,
+        decoding: began.elapsed().as_secs_f64(),
+        ..seconds
+    };
+    let made = Made {
+        jobs,
+        output,
+        finished,
+        tag: batch.tag,
+        seconds,
+    };
+    Ok((made, decode))
 }
 
 #[cfg(test)]
@@ -163,6 +312,8 @@ mod tests {
     use crate::engine::fake::FakeModel;
     use crate::engine::{ModelInfo, SeededNoise};
     use crate::plan::Planner;
+    use crate::run::RunError;
+    use crate::run::outputs::encode_batch;
     use crate::schedule::Schedule;
 
     /// What a [`Watched`] model's decoders saw.
@@ -186,6 +337,8 @@ mod tests {
         wait: usize,
         /// How long each decode takes at least.
         delay: Duration,
+        /// How long each backbone call takes at least.
+        backbone_delay: Duration,
         /// [`MarModel::execution_provider`].
         provider: &'static str,
         /// Why it cannot decode beside sampling, if it says so.
@@ -242,6 +395,7 @@ mod tests {
             labels: ArrayView1<i64>,
         ) -> Result<Array3<f32>, ModelError> {
             self.seen.backbone_calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.backbone_delay);
             self.inner.backbone(canvas, known, labels)
         }
 
@@ -283,13 +437,14 @@ mod tests {
             fail_at,
             wait,
             delay: Duration::ZERO,
+            backbone_delay: Duration::ZERO,
             provider: "cpu",
             refuse: None,
         })
     }
 
     /// `count` batches of 2 images of mar-8, image i labelled i % 10.
-    fn batches(info: &ModelInfo, count: usize) -> Vec<Result<Batch, RunError>> {
+    fn batches(info: &ModelInfo, count: usize) -> Work {
         let schedule =
             Schedule::from_file(Path::new("schedules/mar-8.gtr"), &BTreeMap::new()).unwrap();
         let planner = Planner::new(&schedule, info.grid).unwrap();
@@ -300,25 +455,67 @@ mod tests {
                 let (jobs, plans) =
                     ImageJob::batch(&planner, &options, 7, &[2 * b, 2 * b + 1], &labels).unwrap();
                 let keep = vec![0, 1];
-                Ok(Batch { jobs, plans, keep })
+                Ok(Batch {
+                    jobs,
+                    plans,
+                    keep,
+                    tag: (),
+                })
             })
             .collect()
     }
 
+    /// Batches to make, as a run hands them over.
+    type Work = Vec<Result<Batch<()>, RunError>>;
+
     /// A handed-on batch's image indices and PNGs.
     type Handed = (Vec<u64>, Vec<Vec<u8>>);
+
+    /// [`make_batches`] as a run calls it (PNGs made on the decode's
+    /// thread), overlapped or not, the receiver beside the next decode.
+    fn make(
+        engine: &mut Engine<Watched>,
+        work: Work,
+        overlap: bool,
+        on_batch: impl FnMut(Made<(), Vec<Vec<u8>>>) -> Result<(), RunError>,
+    ) -> Result<(), RunError> {
+        make_with(engine, work, overlap, Receiver::BesideNextDecode, on_batch)
+    }
+
+    /// [`make`] with the receiver as given.
+    fn make_with(
+        engine: &mut Engine<Watched>,
+        work: Work,
+        overlap: bool,
+        receiver: Receiver,
+        on_batch: impl FnMut(Made<(), Vec<Vec<u8>>>) -> Result<(), RunError>,
+    ) -> Result<(), RunError> {
+        let making = Making {
+            noise: &SeededNoise,
+            decoder: overlap.then(|| engine.model.image_decoder().unwrap()),
+            receiver,
+        };
+        let pngs = |output: &BatchOutput| encode_batch(output.pixels.view());
+        make_batches(
+            engine,
+            work.into_iter(),
+            making,
+            pngs,
+            |_, e| e.into(),
+            on_batch,
+        )
+    }
 
     /// Each handed-on batch, and the result.
     fn run(
         engine: &mut Engine<Watched>,
-        batches: Vec<Result<Batch, RunError>>,
+        work: Work,
         overlap: bool,
     ) -> (Vec<Handed>, Result<(), RunError>) {
-        let decoder = overlap.then(|| engine.model.image_decoder().unwrap());
         let mut made = Vec::new();
-        let result = make_batches(engine, batches.into_iter(), &SeededNoise, decoder, |m| {
-            assert_eq!(m.pngs.len(), m.output.pixels.dim().0);
-            made.push((m.jobs.iter().map(|j| j.index).collect(), m.pngs));
+        let result = make(engine, work, overlap, |m| {
+            assert_eq!(m.finished.len(), m.output.pixels.dim().0);
+            made.push((m.jobs.iter().map(|j| j.index).collect(), m.finished));
             Ok(())
         });
         (made, result)
@@ -378,9 +575,8 @@ mod tests {
         let mut e = engine(None, 0);
         let seen = e.model.seen.clone();
         let work = batches(e.model.info(), 3);
-        let decoder = e.model.image_decoder().ok();
         let mut beside = Vec::new();
-        let result = make_batches(&mut e, work.into_iter(), &SeededNoise, decoder, |m| {
+        let result = make(&mut e, work, true, |m| {
             let next = m.jobs[0].index as usize / 2 + 2;
             let began = Instant::now();
             // The last batch (decode 4 does not exist) has no next one.
@@ -395,6 +591,64 @@ mod tests {
         });
         result.unwrap();
         assert_eq!(beside, [true, true, false]);
+    }
+
+    /// With the receiver before the next decode (eval, which does not time
+    /// it), batch k is handed on before decode k + 1 starts, and decodes
+    /// still overlap the next batch's sampling.
+    #[test]
+    fn a_receiver_before_the_next_decode_runs_beside_no_decode() {
+        let mut e = engine(None, 2);
+        let seen = e.model.seen.clone();
+        let work = batches(e.model.info(), 3);
+        let mut decodes_at_hand_on = Vec::new();
+        let result = make_with(&mut e, work, true, Receiver::BeforeNextDecode, |_| {
+            decodes_at_hand_on.push(seen.decodes.load(Ordering::SeqCst));
+            Ok(())
+        });
+        result.unwrap();
+        assert_eq!(decodes_at_hand_on, [1, 2, 3]);
+        assert_eq!(seen.overlapped.load(Ordering::SeqCst), 2);
+    }
+
+    /// A batch's seconds: inline, its whole decode is waited for; with
+    /// overlap, the next batch's sampling (mar-8: 8 steps, each a backbone
+    /// call of at least 10 ms) hides a decode of 30 ms, except the last one's, and the VAE call
+    /// counts in the runtime's seconds by the share waited for.
+    #[test]
+    fn a_batch_is_timed_by_its_sampling_and_the_decode_it_waited_for() {
+        let seconds = |overlap: bool| {
+            let mut e = engine(None, 0);
+            e.model.delay = Duration::from_millis(30);
+            e.model.backbone_delay = Duration::from_millis(10);
+            let work = batches(e.model.info(), 3);
+            let mut seconds = Vec::new();
+            make(&mut e, work, overlap, |m| {
+                seconds.push(m.seconds);
+                Ok(())
+            })
+            .unwrap();
+            seconds
+        };
+        for (overlap, s) in [(false, seconds(false)), (true, seconds(true))] {
+            assert_eq!(s.len(), 3);
+            for (k, b) in s.iter().enumerate() {
+                let context = format!("overlap {overlap}, batch {k}: {b:?}");
+                assert!(b.sampling >= 0.08 && b.sampling_model >= 0.08, "{context}");
+                assert!(b.sampling_runtime == b.sampling_model, "{context}");
+                assert!(b.vae >= 0.03 && b.decoding >= b.vae, "{context}");
+                assert_eq!(b.wall(), b.sampling + b.waited, "{context}");
+                let hidden = overlap && k < 2;
+                if hidden {
+                    assert!(b.waited < b.decoding / 2.0, "{context}");
+                    assert!(b.runtime() < b.sampling_runtime + b.vae / 2.0, "{context}");
+                } else {
+                    assert!(b.waited >= b.decoding, "{context}");
+                    assert_eq!(b.runtime(), b.sampling_runtime + b.vae, "{context}");
+                    assert_eq!(b.model(), b.sampling_model + b.vae, "{context}");
+                }
+            }
+        }
     }
 
     /// A failure stops the run after the batches before it are handed on,
@@ -427,9 +681,8 @@ mod tests {
             // The receiver stops the run at the first batch.
             let mut e = engine(None, 0);
             let work = batches(e.model.info(), 3);
-            let decoder = overlap.then(|| e.model.image_decoder().unwrap());
             let mut handed = 0;
-            let result = make_batches(&mut e, work.into_iter(), &SeededNoise, decoder, |_| {
+            let result = make(&mut e, work, overlap, |_| {
                 handed += 1;
                 Err(RunError::Invalid("stop".into()))
             });
@@ -446,7 +699,7 @@ mod tests {
             let mut e = engine(None, 0);
             e.model.provider = provider;
             e.model.refuse = refuse;
-            decide(&e.model, vae).map_err(|e| e.to_string())
+            decide(&e.model, vae)
         };
         assert_eq!(decided("cpu", None, VaeRunner::Auto), Ok(VaeDecode::Inline));
         assert_eq!(

@@ -124,6 +124,17 @@ pub enum VaeDecode {
     Mixed,
 }
 
+impl std::fmt::Display for VaeDecode {
+    /// As run.json writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VaeDecode::Inline => "inline",
+            VaeDecode::Overlap => "overlap",
+            VaeDecode::Mixed => MIXED,
+        })
+    }
+}
+
 fn split_backbone() -> String {
     "encoder and decoder".into()
 }
