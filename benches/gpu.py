@@ -630,6 +630,7 @@ class Bench:
         rec = {"command": [str(c) for c in cmd], "seconds": round(time.time() - t, 2), "images": N,
                "execution_provider": comp.get("execution_provider"),
                "diffusion_chains": comp.get("diffusion_chains"),       # gtr-run with a sampler graph says where
+               "vae_decode": comp.get("vae_decode"),                   # inline, or overlapping the next batch
                "eval_json": os.path.join(evaldir, "eval.json"),
                "partial": partial,
                "schedules": {}}
@@ -656,7 +657,8 @@ class Bench:
         for sname, s in rec["schedules"].items():
             log(f"  {name} b{B} {sname}: {s['seconds_per_image']:.4f} s/image, outside ORT "
                 f"{s['outside_runtime_share']:.1%} ({rec['execution_provider']}"
-                + (f", chains: {rec['diffusion_chains']}" if rec["diffusion_chains"] else "") + ")")
+                + (f", chains: {rec['diffusion_chains']}" if rec["diffusion_chains"] else "")
+                + (f", VAE decode: {rec['vae_decode']}" if rec["vae_decode"] else "") + ")")
 
     def gtr_profile(self, variant, B: int) -> None:
         """One generation of --profile-schedule at batch B under ONNX Runtime's profiler
@@ -1089,10 +1091,13 @@ class Bench:
         providers = sorted({str(b.get("execution_provider")) for v in r["gtr_run"].values() for b in v.values()})
         chains = sorted({f"{n}: {b['diffusion_chains']}" if multi else str(b["diffusion_chains"])
                          for n, v in r["gtr_run"].items() for b in v.values() if b.get("diffusion_chains")})
+        decodes = sorted({f"{n}: {b['vae_decode']}" if multi else str(b["vae_decode"])
+                          for n, v in r["gtr_run"].items() for b in v.values() if b.get("vae_decode")})
         head = [f"gtr-run vs MAR's PyTorch sampler, {r['date'][:10]}: MAR-{a.size} random weights "
                 f"({self.manifest.get('name', '?')}), {device}; "
                 f"gtr-run `eval --device {a.device}` (provider {', '.join(providers) or 'not run'}"
                 + (f"; diffusion chains: {', '.join(chains)}" if chains else "")
+                + (f"; VAE decode: {', '.join(decodes)}" if decodes else "")
                 + (f", args {' '.join(a.gtr_arg)}" if a.gtr_arg else "") + f"); PyTorch {ts.get('torch', '?')} "
                 f"(attention {a.torch_attention}); images per cell: "
                 + ", ".join(f"{self.images_for(B)} at batch {B}" for B in a.batches)
