@@ -852,6 +852,16 @@ fn shards_merged_give_the_bytes_of_the_single_machine_run() {
     assert_eq!(ps.len(), 3);
     assert_eq!(ps[0]["shard"]["k"], 0);
     assert_eq!(ps[2]["dir"], parts[2].to_str().unwrap());
+    // Each part says how it ran, where the merged record says `mixed`.
+    let decodes: Vec<&str> = ps
+        .iter()
+        .map(|p| p["vae_decode"].as_str().unwrap())
+        .collect();
+    assert_eq!(decodes, ["inline", "overlap", "inline"]);
+    for p in ps {
+        assert_eq!(p["diffusion_chains"], "host");
+        assert_eq!(p["backbone"], m["backbone"]);
+    }
     // Counts and seconds are summed over the parts; the diffusion rows of a
     // step, one per image, add up to the whole run's.
     let parts_records: Vec<serde_json::Value> = parts.iter().map(|p| record(p)).collect();

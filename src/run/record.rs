@@ -107,7 +107,7 @@ fn yes() -> bool {
 }
 
 /// A merged record's `diffusion_chains` or `backbone` where its parts ran
-/// differently (each part's own record says how; `vae_decode` has
+/// differently (its [`PartRecord`]s say how each ran; `vae_decode` has
 /// [`VaeDecode::Mixed`]).
 pub const MIXED: &str = "mixed";
 
@@ -290,6 +290,14 @@ pub struct PartRecord {
     pub batch: Option<usize>,
     pub device_requested: Option<String>,
     pub execution_provider: Option<String>,
+    /// How it ran, as its record's measurements say (`None` for a part
+    /// that was not finished; absent from records older than these).
+    #[serde(default)]
+    pub diffusion_chains: Option<String>,
+    #[serde(default)]
+    pub backbone: Option<String>,
+    #[serde(default)]
+    pub vae_decode: Option<VaeDecode>,
     pub generated_now: Option<usize>,
     pub seconds: Option<Seconds>,
 }
@@ -441,17 +449,20 @@ impl RunRecord {
         }
         all.parts = parts
             .iter()
-            .map(|(dir, r)| PartRecord {
-                dir: dir.clone(),
-                shard: r.shard,
-                batch: r.batch,
-                device_requested: r.device_requested.clone(),
-                execution_provider: r
-                    .measured
-                    .as_ref()
-                    .and_then(|m| m.execution_provider.clone()),
-                generated_now: r.measured.as_ref().map(|m| m.generated_now),
-                seconds: r.measured.as_ref().map(|m| m.seconds.clone()),
+            .map(|(dir, r)| {
+                let m = r.measured.as_ref();
+                PartRecord {
+                    dir: dir.clone(),
+                    shard: r.shard,
+                    batch: r.batch,
+                    device_requested: r.device_requested.clone(),
+                    execution_provider: m.and_then(|m| m.execution_provider.clone()),
+                    diffusion_chains: m.map(|m| m.diffusion_chains.clone()),
+                    backbone: m.map(|m| m.backbone.clone()),
+                    vae_decode: m.map(|m| m.vae_decode),
+                    generated_now: m.map(|m| m.generated_now),
+                    seconds: m.map(|m| m.seconds.clone()),
+                }
             })
             .collect();
         Some(all)
