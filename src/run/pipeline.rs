@@ -310,7 +310,7 @@ mod tests {
 
     use super::*;
     use crate::engine::fake::FakeModel;
-    use crate::engine::{ModelInfo, SeededNoise};
+    use crate::engine::{GraphStats, ModelInfo, SeededNoise};
     use crate::plan::Planner;
     use crate::run::RunError;
     use crate::run::outputs::encode_batch;
@@ -323,6 +323,9 @@ mod tests {
         decodes: AtomicUsize,
         /// Decodes that found the next batch sampling while they waited.
         overlapped: AtomicUsize,
+        /// Calls of [`MarModel::graph_stats`], which in the ONNX Runtime
+        /// model wait for a running decode (the VAE's session lock).
+        graph_stats_calls: AtomicUsize,
         threads: std::sync::Mutex<Vec<ThreadId>>,
     }
 
@@ -414,6 +417,17 @@ mod tests {
 
         fn execution_provider(&self) -> String {
             self.provider.into()
+        }
+
+        /// Counted.
+        fn graph_stats(&self) -> Vec<GraphStats> {
+            self.seen.graph_stats_calls.fetch_add(1, Ordering::SeqCst);
+            Vec::new()
+        }
+
+        /// Does not wait.
+        fn sampling_graph_stats(&self) -> Vec<GraphStats> {
+            Vec::new()
         }
 
         fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
@@ -557,7 +571,8 @@ mod tests {
     }
 
     /// The first two decodes wait for the next batch's backbone: they can
-    /// only see it if that batch samples while they decode.
+    /// only see it if that batch samples while they decode. Sampling reads
+    /// no statistics that may wait for a running decode.
     #[test]
     fn a_batch_decodes_while_the_next_one_samples() {
         let mut e = engine(None, 2);
@@ -565,7 +580,9 @@ mod tests {
         let (made, result) = run(&mut e, work, true);
         result.unwrap();
         assert_eq!(made.len(), 3);
-        assert_eq!(e.model.seen.overlapped.load(Ordering::SeqCst), 2);
+        let seen = &e.model.seen;
+        assert_eq!(seen.overlapped.load(Ordering::SeqCst), 2);
+        assert_eq!(seen.graph_stats_calls.load(Ordering::SeqCst), 0);
     }
 
     /// A batch is handed on (written) while the next one decodes: the

@@ -328,18 +328,15 @@ impl<M: MarModel> Engine<M> {
     }
 
     /// [`Engine::runtime_seconds`] of every graph but the VAE decoder
-    /// ([`VAE_GRAPH`]): the MAR steps' share, which a decode running on
-    /// another thread meanwhile does not change.
+    /// ([`MarModel::sampling_graph_stats`]): the MAR steps' share, which a
+    /// decode running on another thread meanwhile neither changes nor
+    /// waits for.
     pub fn sampling_runtime_seconds(&self) -> f64 {
-        let graphs = self.model.graph_stats();
+        let graphs = self.model.sampling_graph_stats();
         if graphs.is_empty() {
             self.stats.sampling_model_seconds()
         } else {
-            graphs
-                .iter()
-                .filter(|g| g.graph != VAE_GRAPH)
-                .map(|g| g.seconds)
-                .sum()
+            graphs.iter().map(|g| g.seconds).sum()
         }
     }
 

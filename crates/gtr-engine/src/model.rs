@@ -233,6 +233,16 @@ pub trait MarModel {
         Vec::new()
     }
 
+    /// [`MarModel::graph_stats`] of every graph but the VAE decoder
+    /// ([`VAE_GRAPH`]), read while a decode may run on another thread
+    /// ([`MarModel::image_decoder`]): a model whose VAE statistics wait
+    /// for a running decode must not wait here.
+    fn sampling_graph_stats(&self) -> Vec<GraphStats> {
+        let mut stats = self.graph_stats();
+        stats.retain(|g| g.graph != VAE_GRAPH);
+        stats
+    }
+
     /// Starts [`MarModel::graph_stats`] afresh (calls, seconds, first-call
     /// and loading seconds at 0), for a model that makes several runs
     /// whose records each measure their own.

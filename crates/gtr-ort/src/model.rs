@@ -809,8 +809,16 @@ impl MarModel for OrtModel {
     }
 
     fn graph_stats(&self) -> Vec<GraphStats> {
-        let vae = self.vae.graph();
-        [&self.encoder, &self.decoder, &self.diffusion, &*vae]
+        let mut stats = self.sampling_graph_stats();
+        // After the encoder, decoder and head, as records have listed it.
+        stats.insert(3, self.vae.graph().stats.clone());
+        stats
+    }
+
+    /// Without taking the VAE's lock, which a decode on another thread
+    /// holds for its whole call.
+    fn sampling_graph_stats(&self) -> Vec<GraphStats> {
+        [&self.encoder, &self.decoder, &self.diffusion]
             .into_iter()
             .chain(self.sampler.as_ref())
             .chain(self.ticks.as_ref().map(|t| &t.graph))
