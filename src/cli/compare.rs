@@ -194,6 +194,7 @@ fn run_comparison(
     };
     // Before the folder is taken: a usage error changes nothing.
     gtr_run::eval::check_request(&request, contenders.len(), reference.is_some())?;
+    gtr_run::eval::vae_decode(&model, args.vae)?;
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from("runs").join(format!(
             "{what}-{}-seed{}{}",
