@@ -156,7 +156,9 @@ pub struct ScheduleResult {
     pub diffusion_evaluations: u64,
     pub flops_per_image: f64,
     pub images_timed: usize,
-    /// Timed wall seconds (planning + generation, scoring excluded).
+    /// Timed wall seconds (planning + generation, scoring excluded; with
+    /// [`Comparison::vae_decode`] `overlap`, of each decode only the part
+    /// waited for).
     pub wall_seconds: f64,
     /// Of which inside the runtime's run calls (where the model reports it).
     pub runtime_seconds: f64,
@@ -383,6 +385,13 @@ impl<'c> Planners<'c> {
     }
 }
 
+/// How [`compare`] with `vae` on `model` decodes its batches, or why it
+/// cannot ([`CompareError::Invalid`]): check it before anything is written,
+/// as [`compare`] does again.
+pub fn vae_decode<M: MarModel>(model: &M, vae: VaeRunner) -> Result<VaeDecode, CompareError> {
+    pipeline::decide(model, vae).map_err(CompareError::Invalid)
+}
+
 /// Refuses comparisons that cannot give a table.
 /// What `req` cannot do for `contenders` schedules (`scored`: with an
 /// evaluator), [`CompareError::Invalid`]: check it before anything is
@@ -435,7 +444,7 @@ pub fn compare<M: MarModel>(
     check_request(req, contenders.len(), scoring.is_some())?;
     let info = engine.model.info().clone();
     let planners = Planners::new(contenders, &info, req)?;
-    let vae_decode = pipeline::decide(&engine.model, req.vae).map_err(CompareError::Invalid)?;
+    let vae_decode = vae_decode(&engine.model, req.vae)?;
     let labels = crate::run::jobs::labels(&Classes::Balanced, req.num_images, &info)
         .map_err(|e| CompareError::Invalid(e.to_string()))?;
     let jobs_for = |seed: u64, indices: std::ops::Range<usize>| -> Vec<ImageJob> {
@@ -467,10 +476,13 @@ pub fn compare<M: MarModel>(
     // Each batch's failure names its schedule, images and seed.
     let blame = |round: &Round, source: CompareError| CompareError::Batch {
         schedule: contenders[round.k].name.clone(),
-        images: if round.warm_up {
-            format!("0..{} (the untimed warm-up)", round.images.len())
-        } else {
-            format!("{}..{}", round.images.start, round.images.end)
+        images: match round.turn {
+            Turn::WarmUp => format!("0..{} (the untimed warm-up)", round.images.len()),
+            Turn::Timed { .. } => format!("{}..{}", round.images.start, round.images.end),
+            Turn::Trailing => format!(
+                "0..{} (untimed, after the last timed batch)",
+                round.images.len()
+            ),
         },
         seed: round.seed,
         source: Box::new(source),
@@ -493,16 +505,16 @@ pub fn compare<M: MarModel>(
         receiver: Receiver::BeforeNextDecode,
     };
 
+    // Untimed batches take a different seed than any timed repeat, so
+    // nothing is reused.
+    let untimed = |k: usize, turn: Turn| Round {
+        k,
+        seed: req.seed.wrapping_add(req.repeats as u64),
+        images: 0..req.batch.min(req.num_images),
+        turn,
+    };
     if req.warm_up {
-        // A different seed than any timed repeat, so nothing is reused.
-        let seed = req.seed.wrapping_add(req.repeats as u64);
-        let rounds = (0..contenders.len()).map(|k| Round {
-            k,
-            seed,
-            images: 0..req.batch.min(req.num_images),
-            warm_up: true,
-            closes_repeat: false,
-        });
+        let rounds = (0..contenders.len()).map(|k| untimed(k, Turn::WarmUp));
         let making = making(&engine.model);
         make_batches(
             engine,
@@ -529,11 +541,17 @@ pub fn compare<M: MarModel>(
                     k,
                     seed,
                     images: start..end,
-                    warm_up: false,
-                    closes_repeat: end == req.num_images && k + 1 == contenders.len(),
+                    turn: Turn::Timed {
+                        closes_repeat: end == req.num_images && k + 1 == contenders.len(),
+                    },
                 })
             })
     });
+    // With overlap, the last timed batch's decode hides behind a batch of
+    // its schedule, as every other's hides behind the next batch.
+    let trailing =
+        (vae_decode == VaeDecode::Overlap).then(|| untimed(contenders.len() - 1, Turn::Trailing));
+    let rounds = rounds.chain(trailing);
     let mut collected: Vec<Collected> = contenders.iter().map(|_| Collected::default()).collect();
     let making = making(&engine.model);
     let made = make_batches(
@@ -544,6 +562,9 @@ pub fn compare<M: MarModel>(
         |r, e| blame(r, e.into()),
         |made| {
             let round = &made.tag;
+            let Turn::Timed { closes_repeat } = round.turn else {
+                return Ok(());
+            };
             if let Some(s) = scoring.as_mut() {
                 let scores = s
                     .evaluator
@@ -561,7 +582,7 @@ pub fn compare<M: MarModel>(
             result.round_seconds.push(seconds.wall());
             done += 1;
             tell(&comparison, done, total)?;
-            if let (true, Some(s)) = (round.closes_repeat, scoring.as_ref()) {
+            if let (true, Some(s)) = (closes_repeat, scoring.as_ref()) {
                 for (k, c) in collected.iter_mut().enumerate() {
                     let quality = c.quality(round.seed, s.reference, &labels, info.classes)?;
                     comparison.schedules[k].quality.push(quality);
@@ -584,14 +605,24 @@ pub fn compare<M: MarModel>(
     Ok(comparison)
 }
 
-/// One batch of the comparison: contender `k`'s `images` of `seed`,
-/// untimed in the warm-up; `closes_repeat` for the last of its repeat.
+/// One batch of the comparison: contender `k`'s `images` of `seed`.
 struct Round {
     k: usize,
     seed: u64,
     images: Range<usize>,
-    warm_up: bool,
-    closes_repeat: bool,
+    turn: Turn,
+}
+
+/// What a batch of the comparison is made for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// Untimed, before the timed batches.
+    WarmUp,
+    /// Timed and scored; `closes_repeat` for the last of its repeat.
+    Timed { closes_repeat: bool },
+    /// Untimed, after the last timed batch, for that batch's decode to
+    /// overlap.
+    Trailing,
 }
 
 impl Collected {
@@ -823,7 +854,8 @@ mod tests {
     }
 
     /// Overlapped decodes give the inline images (the same quality, every
-    /// image timed once) and say how they ran.
+    /// image timed once), say how they ran, and have the last timed
+    /// decode overlap an untimed batch.
     #[test]
     fn overlapped_decodes_score_the_inline_images() {
         let compared = |vae| {
@@ -837,7 +869,7 @@ mod tests {
                 reference: &reference,
             };
             let spec = ModelSpec::builtin("mar-b").unwrap();
-            compare(
+            let compared = compare(
                 &mut engine,
                 Some(scoring),
                 &contenders,
@@ -845,10 +877,14 @@ mod tests {
                 &request,
                 |_, _, _| ControlFlow::Continue(()),
             )
-            .unwrap()
+            .unwrap();
+            (compared, engine.model.backbone_calls)
         };
-        let inline = compared(VaeRunner::Inline);
-        let overlapped = compared(VaeRunner::Overlap);
+        let (inline, inline_calls) = compared(VaeRunner::Inline);
+        let (overlapped, overlapped_calls) = compared(VaeRunner::Overlap);
+        // One untimed batch more, of gtr-fast's 8 steps, for the last
+        // timed decode to overlap.
+        assert_eq!(overlapped_calls, inline_calls + 8);
         assert_eq!(inline.vae_decode, VaeDecode::Inline);
         assert_eq!(overlapped.vae_decode, VaeDecode::Overlap);
         for (a, b) in inline.schedules.iter().zip(&overlapped.schedules) {
