@@ -853,6 +853,83 @@ mod tests {
         }
     }
 
+    /// [`compare`] on the fake model, scored by `evaluator` against
+    /// `reference`, priced as MAR-B.
+    fn scored(
+        engine: &mut Engine<FakeModel>,
+        contenders: &[Contender],
+        request: &CompareRequest,
+        evaluator: &mut dyn Evaluator,
+        reference: &FeatureStats,
+    ) -> Result<Comparison, CompareError> {
+        let scoring = Scoring {
+            evaluator,
+            reference,
+        };
+        let spec = ModelSpec::builtin("mar-b").unwrap();
+        compare(
+            engine,
+            Some(scoring),
+            contenders,
+            &spec,
+            request,
+            |_, _, _| ControlFlow::Continue(()),
+        )
+    }
+
+    /// An evaluator that, given time for a decode begun before it to show,
+    /// notes how many decodes the model has made.
+    struct DecodeCounter {
+        decodes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        seen: Vec<usize>,
+    }
+
+    impl Evaluator for DecodeCounter {
+        fn name(&self) -> &str {
+            "decode counter"
+        }
+
+        fn score(&mut self, pixels: ndarray::ArrayView4<u8>) -> Result<Scores, ModelError> {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let decodes = self.decodes.load(std::sync::atomic::Ordering::SeqCst);
+            self.seen.push(decodes);
+            let b = pixels.dim().0;
+            Ok(Scores {
+                logits: Array2::zeros((b, 10)),
+                features: Array2::from_shape_fn((b, 2), |(i, j)| (i + j) as f32),
+            })
+        }
+    }
+
+    /// With overlap, a batch is scored before the next batch's decode
+    /// starts: no decode runs beside the untimed scoring.
+    #[test]
+    fn no_decode_runs_while_a_batch_is_scored() {
+        let (contenders, mut engine, request) = setup(VaeRunner::Overlap);
+        let mut evaluator = DecodeCounter {
+            decodes: engine.model.decodes.clone(),
+            seen: Vec::new(),
+        };
+        let reference = reference_at(0.0, 1.0);
+        scored(
+            &mut engine,
+            &contenders,
+            &request,
+            &mut evaluator,
+            &reference,
+        )
+        .unwrap();
+        // Four timed batches, then the untimed one's decode.
+        assert_eq!(evaluator.seen, [1, 2, 3, 4]);
+        assert_eq!(
+            engine
+                .model
+                .decodes
+                .load(std::sync::atomic::Ordering::SeqCst),
+            5
+        );
+    }
+
     /// Overlapped decodes give the inline images (the same quality, every
     /// image timed once), say how they ran, and have the last timed
     /// decode overlap an untimed batch.
@@ -864,21 +941,14 @@ mod tests {
             request.repeats = 2;
             request.warm_up = true;
             let reference = reference_at(100.0, 50.0);
-            let scoring = Scoring {
-                evaluator: &mut PixelEvaluator,
-                reference: &reference,
-            };
-            let spec = ModelSpec::builtin("mar-b").unwrap();
-            let compared = compare(
+            let compared = scored(
                 &mut engine,
-                Some(scoring),
                 &contenders,
-                &spec,
                 &request,
-                |_, _, _| ControlFlow::Continue(()),
-            )
-            .unwrap();
-            (compared, engine.model.backbone_calls)
+                &mut PixelEvaluator,
+                &reference,
+            );
+            (compared.unwrap(), engine.model.backbone_calls)
         };
         let (inline, inline_calls) = compared(VaeRunner::Inline);
         let (overlapped, overlapped_calls) = compared(VaeRunner::Overlap);

@@ -2,6 +2,9 @@
 //! ONNX Runtime. Its outputs are smooth functions of its inputs, so the
 //! engine's plumbing (gathers, CFG halves, batching) shows in the results.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
 
 use super::model::{ImageDecoder, MarModel, ModelError, ModelInfo};
@@ -22,9 +25,19 @@ pub struct FakeModel {
     pub condition_rows: Vec<usize>,
     /// Rows of every [`MarModel::head_state`] call, in order.
     pub state_rows: Vec<usize>,
+    /// VAE decodes made, on any thread: by the model and its decoders.
+    pub decodes: Arc<AtomicUsize>,
 }
 
 impl FakeModel {
+    /// Its VAE, counting into [`FakeModel::decodes`].
+    fn vae(&self) -> FakeVae {
+        FakeVae {
+            image: self.info.image,
+            decodes: self.decodes.clone(),
+        }
+    }
+
     /// A 16×16, C = 4, D = 8 model with 10 classes, 32×32 RGB images.
     pub fn new() -> Self {
         Self::with_grid(Grid::MAR)
@@ -58,6 +71,7 @@ impl FakeModel {
             split_head_rows: 0,
             condition_rows: Vec::new(),
             state_rows: Vec::new(),
+            decodes: Arc::default(),
         }
     }
 
@@ -176,22 +190,27 @@ impl MarModel for FakeModel {
     }
 
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
-        FakeVae(self.info.image).decode_image(latent)
+        self.vae().decode_image(latent)
     }
 
     fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
-        Ok(Box::new(FakeVae(self.info.image)))
+        Ok(Box::new(self.vae()))
     }
 }
 
 /// [`FakeModel`]'s VAE: each image channel is the latent's channel
-/// `ch % C`, upsampled by repetition, through tanh(v / 2).
-struct FakeVae(ImageSettings);
+/// `ch % C`, upsampled by repetition, through tanh(v / 2); each decode
+/// counted in `decodes`.
+struct FakeVae {
+    image: ImageSettings,
+    decodes: Arc<AtomicUsize>,
+}
 
 impl ImageDecoder for FakeVae {
     fn decode_image(&mut self, latent: ArrayView4<f32>) -> Result<Array4<f32>, ModelError> {
+        self.decodes.fetch_add(1, Ordering::SeqCst);
         let (b, c, h, w) = latent.dim();
-        let img = &self.0;
+        let img = &self.image;
         let (sy, sx) = (img.height / h, img.width / w);
         let mut out = Array4::<f32>::zeros((b, img.channels, img.height, img.width));
         for r in 0..b {
