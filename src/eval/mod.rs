@@ -24,7 +24,7 @@ use crate::cost::{ModelSpec, plan_cost};
 use crate::engine::{Engine, ImageJob, MarModel, ModelError, ModelInfo, SeededNoise};
 use crate::plan::{Plan, PlanOptions, Planner};
 use crate::rng::image_seed;
-use crate::run::pipeline::{self, Batch, Making, Receiver, make_batches};
+use crate::run::pipeline::{self, Batch, BatchSeconds, Making, Receiver, make_batches};
 use crate::run::{Classes, VaeDecode};
 use crate::schedule::{Schedule, ScheduleError};
 
@@ -171,6 +171,15 @@ pub struct ScheduleResult {
 }
 
 impl ScheduleResult {
+    /// Counts a timed batch of `images` that took `seconds`.
+    fn add_batch(&mut self, images: usize, seconds: &BatchSeconds) {
+        self.images_timed += images;
+        self.wall_seconds += seconds.wall();
+        self.model_seconds += seconds.model();
+        self.runtime_seconds += seconds.runtime();
+        self.round_seconds.push(seconds.wall());
+    }
+
     /// Timed wall seconds per image; NaN before any image was timed.
     pub fn seconds_per_image(&self) -> f64 {
         if self.images_timed == 0 {
@@ -473,20 +482,7 @@ pub fn compare<M: MarModel>(
         ControlFlow::Break(()) => Err(CompareError::Stopped),
     };
 
-    // Each batch's failure names its schedule, images and seed.
-    let blame = |round: &Round, source: CompareError| CompareError::Batch {
-        schedule: contenders[round.k].name.clone(),
-        images: match round.turn {
-            Turn::WarmUp => format!("0..{} (the untimed warm-up)", round.images.len()),
-            Turn::Timed { .. } => format!("{}..{}", round.images.start, round.images.end),
-            Turn::Trailing => format!(
-                "0..{} (untimed, after the last timed batch)",
-                round.images.len()
-            ),
-        },
-        seed: round.seed,
-        source: Box::new(source),
-    };
+    let blame = |round: &Round, source| round.failed(contenders, source);
     let batch = |round: Round| {
         let jobs = jobs_for(round.seed, round.images.clone());
         match planners.plans(round.k, &jobs) {
@@ -505,16 +501,8 @@ pub fn compare<M: MarModel>(
         receiver: Receiver::BeforeNextDecode,
     };
 
-    // Untimed batches take a different seed than any timed repeat, so
-    // nothing is reused.
-    let untimed = |k: usize, turn: Turn| Round {
-        k,
-        seed: req.seed.wrapping_add(req.repeats as u64),
-        images: 0..req.batch.min(req.num_images),
-        turn,
-    };
     if req.warm_up {
-        let rounds = (0..contenders.len()).map(|k| untimed(k, Turn::WarmUp));
+        let rounds = (0..contenders.len()).map(|k| Round::untimed(req, k, Turn::WarmUp));
         let making = making(&engine.model);
         make_batches(
             engine,
@@ -530,28 +518,12 @@ pub fn compare<M: MarModel>(
     let total = rounds_per_repeat * req.repeats * contenders.len();
     let mut done = 0;
     tell(&comparison, done, total)?;
-    // Every repeat's batches, schedules taking turns batch by batch.
-    let rounds = (0..req.repeats).flat_map(|r| {
-        let seed = req.seed.wrapping_add(r as u64);
-        (0..req.num_images)
-            .step_by(req.batch)
-            .flat_map(move |start| {
-                let end = (start + req.batch).min(req.num_images);
-                (0..contenders.len()).map(move |k| Round {
-                    k,
-                    seed,
-                    images: start..end,
-                    turn: Turn::Timed {
-                        closes_repeat: end == req.num_images && k + 1 == contenders.len(),
-                    },
-                })
-            })
-    });
     // With overlap, the last timed batch's decode hides behind a batch of
     // its schedule, as every other's hides behind the next batch.
+    let last = contenders.len() - 1;
     let trailing =
-        (vae_decode == VaeDecode::Overlap).then(|| untimed(contenders.len() - 1, Turn::Trailing));
-    let rounds = rounds.chain(trailing);
+        (vae_decode == VaeDecode::Overlap).then(|| Round::untimed(req, last, Turn::Trailing));
+    let rounds = Round::timed(req, contenders.len()).chain(trailing);
     let mut collected: Vec<Collected> = contenders.iter().map(|_| Collected::default()).collect();
     let making = making(&engine.model);
     let made = make_batches(
@@ -573,13 +545,7 @@ pub fn compare<M: MarModel>(
                 collected[round.k].logits.push(scores.logits);
                 collected[round.k].features.push(scores.features);
             }
-            let seconds = &made.seconds;
-            let result = &mut comparison.schedules[round.k];
-            result.images_timed += made.jobs.len();
-            result.wall_seconds += seconds.wall();
-            result.model_seconds += seconds.model();
-            result.runtime_seconds += seconds.runtime();
-            result.round_seconds.push(seconds.wall());
+            comparison.schedules[round.k].add_batch(made.jobs.len(), &made.seconds);
             done += 1;
             tell(&comparison, done, total)?;
             if let (true, Some(s)) = (closes_repeat, scoring.as_ref()) {
@@ -611,6 +577,56 @@ struct Round {
     seed: u64,
     images: Range<usize>,
     turn: Turn,
+}
+
+impl Round {
+    /// Every repeat's timed batches of `contenders` schedules, the
+    /// schedules taking turns batch by batch.
+    fn timed(req: &CompareRequest, contenders: usize) -> impl Iterator<Item = Round> + '_ {
+        (0..req.repeats).flat_map(move |r| {
+            let seed = req.seed.wrapping_add(r as u64);
+            (0..req.num_images)
+                .step_by(req.batch)
+                .flat_map(move |start| {
+                    let end = (start + req.batch).min(req.num_images);
+                    (0..contenders).map(move |k| Round {
+                        k,
+                        seed,
+                        images: start..end,
+                        turn: Turn::Timed {
+                            closes_repeat: end == req.num_images && k + 1 == contenders,
+                        },
+                    })
+                })
+        })
+    }
+
+    /// An untimed batch of contender `k`: the first batch's images, of a
+    /// seed no timed repeat has, so nothing is reused.
+    fn untimed(req: &CompareRequest, k: usize, turn: Turn) -> Round {
+        Round {
+            k,
+            seed: req.seed.wrapping_add(req.repeats as u64),
+            images: 0..req.batch.min(req.num_images),
+            turn,
+        }
+    }
+
+    /// `source`, as the failure of this batch: its schedule, images and
+    /// seed named.
+    fn failed(&self, contenders: &[Contender], source: CompareError) -> CompareError {
+        let n = self.images.len();
+        CompareError::Batch {
+            schedule: contenders[self.k].name.clone(),
+            images: match self.turn {
+                Turn::WarmUp => format!("0..{n} (the untimed warm-up)"),
+                Turn::Timed { .. } => format!("{}..{}", self.images.start, self.images.end),
+                Turn::Trailing => format!("0..{n} (untimed, after the last timed batch)"),
+            },
+            seed: self.seed,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// What a batch of the comparison is made for.
