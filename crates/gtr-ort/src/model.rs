@@ -919,3 +919,33 @@ fn open_ticks(
         })?;
     Ok((runner, refused))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The MAR steps' statistics are read without the VAE's lock, which a
+    /// decode on another thread holds for its whole call: held here, the
+    /// read must still come back.
+    #[test]
+    fn sampling_statistics_do_not_wait_for_a_running_decode() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/tiny");
+        let bundle = Bundle::open(&dir).unwrap();
+        let model = OrtModel::load(&bundle, Device::Cpu, Some(1)).unwrap();
+        let (sent, read) = std::sync::mpsc::channel();
+        let stats = std::thread::scope(|scope| {
+            let decoding = model.vae.graph();
+            scope.spawn(|| sent.send(model.sampling_graph_stats()));
+            let stats = read.recv_timeout(Duration::from_secs(20));
+            drop(decoding);
+            stats
+        });
+        let stats = stats.expect("the MAR steps' statistics waited for the VAE's lock");
+        let names: Vec<&str> = stats.iter().map(|g| g.graph.as_str()).collect();
+        assert_eq!(names, ["encoder", "decoder", "diffusion"]);
+        assert_eq!(model.graph_stats()[3].graph, VAE_GRAPH);
+    }
+}
