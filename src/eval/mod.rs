@@ -441,7 +441,9 @@ pub fn check_request(
 /// what was measured before it (its answer then is not read). When it
 /// returns [`ControlFlow::Break`] the comparison stops there with
 /// [`CompareError::Stopped`]. A batch that fails is
-/// [`CompareError::Batch`], naming the schedule and images.
+/// [`CompareError::Batch`], naming the schedule and images; so is an
+/// untimed one (the warm-up, or with overlapped decodes the batch after
+/// the last timed one), which fails the comparison too.
 pub fn compare<M: MarModel>(
     engine: &mut Engine<M>,
     mut scoring: Option<Scoring<'_>>,
@@ -518,11 +520,11 @@ pub fn compare<M: MarModel>(
     let total = rounds_per_repeat * req.repeats * contenders.len();
     let mut done = 0;
     tell(&comparison, done, total)?;
-    // With overlap, the last timed batch's decode hides behind a batch of
-    // its schedule, as every other's hides behind the next batch.
-    let last = contenders.len() - 1;
+    // With overlap, the last timed batch's decode hides behind the batch
+    // that would come next in turn (the first schedule's), as every
+    // other's does.
     let trailing =
-        (vae_decode == VaeDecode::Overlap).then(|| Round::untimed(req, last, Turn::Trailing));
+        (vae_decode == VaeDecode::Overlap).then(|| Round::untimed(req, 0, Turn::Trailing));
     let rounds = Round::timed(req, contenders.len()).chain(trailing);
     let mut collected: Vec<Collected> = contenders.iter().map(|_| Collected::default()).collect();
     let making = making(&engine.model);
@@ -968,8 +970,8 @@ mod tests {
         };
         let (inline, inline_calls) = compared(VaeRunner::Inline);
         let (overlapped, overlapped_calls) = compared(VaeRunner::Overlap);
-        // One untimed batch more, of gtr-fast's 8 steps, for the last
-        // timed decode to overlap.
+        // One untimed batch more, of mar-8's 8 steps (the first schedule,
+        // next in turn), for the last timed decode to overlap.
         assert_eq!(overlapped_calls, inline_calls + 8);
         assert_eq!(inline.vae_decode, VaeDecode::Inline);
         assert_eq!(overlapped.vae_decode, VaeDecode::Overlap);
