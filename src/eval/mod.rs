@@ -707,6 +707,15 @@ mod tests {
         }
     }
 
+    /// Scores of `b` images that do not depend on them: zero logits, two
+    /// features.
+    fn plain_scores(b: usize) -> Scores {
+        Scores {
+            logits: Array2::zeros((b, 10)),
+            features: Array2::from_shape_fn((b, 2), |(i, j)| (i + j) as f32),
+        }
+    }
+
     /// An evaluator that fails at its `fail_at`-th call (from 1).
     struct FailingEvaluator {
         calls: usize,
@@ -726,11 +735,7 @@ mod tests {
                     message: "broke".into(),
                 });
             }
-            let b = pixels.dim().0;
-            Ok(Scores {
-                logits: Array2::zeros((b, 10)),
-                features: Array2::from_shape_fn((b, 2), |(i, j)| (i + j) as f32),
-            })
+            Ok(plain_scores(pixels.dim().0))
         }
     }
 
@@ -911,11 +916,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(100));
             let decodes = self.decodes.load(std::sync::atomic::Ordering::SeqCst);
             self.seen.push(decodes);
-            let b = pixels.dim().0;
-            Ok(Scores {
-                logits: Array2::zeros((b, 10)),
-                features: Array2::from_shape_fn((b, 2), |(i, j)| (i + j) as f32),
-            })
+            Ok(plain_scores(pixels.dim().0))
         }
     }
 

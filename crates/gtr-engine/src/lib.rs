@@ -264,6 +264,16 @@ impl SampledBatch {
     }
 }
 
+/// Seconds inside the runtime's run calls of `graphs`, or `model_seconds`
+/// where the model reports no graphs.
+fn runtime_or(graphs: &[GraphStats], model_seconds: f64) -> f64 {
+    if graphs.is_empty() {
+        model_seconds
+    } else {
+        graphs.iter().map(|g| g.seconds).sum()
+    }
+}
+
 /// The time of one [`SampledBatch::decode_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DecodeSeconds {
@@ -319,12 +329,7 @@ impl<M: MarModel> Engine<M> {
     /// Seconds spent inside the runtime's own run calls so far, where the
     /// model reports them ([`MarModel::graph_stats`]); else inside model calls.
     pub fn runtime_seconds(&self) -> f64 {
-        let graphs = self.model.graph_stats();
-        if graphs.is_empty() {
-            self.stats.model_seconds()
-        } else {
-            graphs.iter().map(|g| g.seconds).sum()
-        }
+        runtime_or(&self.model.graph_stats(), self.stats.model_seconds())
     }
 
     /// [`Engine::runtime_seconds`] of every graph but the VAE decoder
@@ -332,12 +337,10 @@ impl<M: MarModel> Engine<M> {
     /// decode running on another thread meanwhile neither changes nor
     /// waits for.
     pub fn sampling_runtime_seconds(&self) -> f64 {
-        let graphs = self.model.sampling_graph_stats();
-        if graphs.is_empty() {
-            self.stats.sampling_model_seconds()
-        } else {
-            graphs.iter().map(|g| g.seconds).sum()
-        }
+        runtime_or(
+            &self.model.sampling_graph_stats(),
+            self.stats.sampling_model_seconds(),
+        )
     }
 
     /// Generates one image per (plan, job), drawing from `noise`: the MAR
