@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::EngineError;
 use super::checks::{check_finite, shape_error};
-use super::model::{COEFFICIENTS, ChainInputs, MarModel, ModelError, ModelInfo};
+use super::model::{COEFFICIENTS, ChainInputs, ConditionRows, MarModel, ModelError, ModelInfo};
 use super::rows::Row;
 
 /// Head rows a split head's condition part gets per call at most: the
@@ -23,17 +23,16 @@ use super::rows::Row;
 /// condition part (2 threads, timed alone through onnxruntime's Python API
 /// on 2026-12-06) a row cost the same from 256 rows a call on (5.6 ms per
 /// 32 rows, against 7.3 ms at 32); the call's output is rows × S floats (S
-/// = 20,480 on MAR-B: 20 MiB here), copied out of the runtime, so a group
-/// kept below the allocator's 32 MiB mmap threshold reuses its memory
-/// instead of faulting in fresh pages every call.
+/// = 20,480 on MAR-B: 20 MiB here), read where the runtime made it
+/// ([`ConditionRows`]), not copied.
 pub(super) const CONDITION_ROWS: usize = 256;
 
 /// The widest step (head rows at its first tick) where a split head was
 /// measured to pay, for [`crate::MarModel::split_head_rows`]: at most this
 /// many rows, at least 8 ticks share a condition call. On mar-tiny (mar-64,
 /// 2 threads) 8 rows a tick ran the head 1.4× faster split and 64 rows (4
-/// ticks a call) 0.8×; MAR-B at 32 rows about 1.1× (README, "The split
-/// head").
+/// ticks a call) 0.8×; MAR-B at 32 rows about 1.1× on a CPU without AMX,
+/// 1.15× (whole image, fp32) on one with it (README, "The split head").
 pub const SPLIT_TICK_ROWS: usize = CONDITION_ROWS / 8;
 
 /// What a step's chains cost.
@@ -151,7 +150,7 @@ impl StepChains<'_> {
             calls: 0,
             rows: 0,
         };
-        let mut group = ConditionGroup::default();
+        let mut group: Option<ConditionGroup> = None;
         let split = self.running(rows, 0) <= model.split_head_rows();
         let mut eps = vec![0f64; c];
         for tick in 0..longest {
@@ -167,12 +166,15 @@ impl StepChains<'_> {
                 }
             }
             let (out, graph) = if split {
-                if !group.ticks.contains(&tick) {
-                    group = self.condition_group(model, rows, &zin, tick, longest, &mut work)?;
-                }
+                // A group past its ticks is dropped before the next is made.
+                let current = match group.take().filter(|g| g.ticks.contains(&tick)) {
+                    Some(g) => g,
+                    None => self.condition_group(model, rows, &zin, tick, longest, &mut work)?,
+                };
                 let out = self.timed(&mut work, || {
-                    model.head_state(xin.slice(s![..m, ..]), group.rows(tick, m))
+                    model.head_state(xin.slice(s![..m, ..]), current.rows(tick, m))
                 })?;
+                group = Some(current);
                 (out, "diffusion_state")
             } else {
                 self.timesteps(rows, tick, tin.slice_mut(s![..m]));
@@ -267,13 +269,13 @@ impl StepChains<'_> {
             at += m;
         }
         let cond = self.timed(work, || model.head_condition(t.view(), z.view()))?;
-        if cond.nrows() != total {
+        if cond.rows() != total {
             return Err(shape_error(
                 self.step,
                 "diffusion_condition",
                 "cond",
-                cond.shape(),
-                &[total, cond.ncols()],
+                &[cond.rows(), cond.width()],
+                &[total, cond.width()],
             ));
         }
         Ok(ConditionGroup {
@@ -353,20 +355,22 @@ impl StepChains<'_> {
 
 /// A split head's condition rows for a group of ticks (tick-major: each
 /// tick's rows are a prefix of the step's head rows).
-#[derive(Default)]
 struct ConditionGroup {
     ticks: std::ops::Range<usize>,
     /// [Σ rows of the ticks, S].
-    cond: Array2<f32>,
+    cond: ConditionRows,
     /// Where each tick's rows start in `cond`.
     offsets: Vec<usize>,
 }
 
 impl ConditionGroup {
-    /// The `m` rows of `tick` (one of `ticks`).
+    /// The `m` rows of `tick` (one of `ticks`, whose rows the group was
+    /// made with, so they are there).
     fn rows(&self, tick: usize, m: usize) -> ndarray::ArrayView2<'_, f32> {
         let at = self.offsets[tick - self.ticks.start];
-        self.cond.slice(s![at..at + m, ..])
+        self.cond
+            .slice(at, m)
+            .expect("a group holds the rows of its ticks")
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
 
-use super::model::{ImageDecoder, MarModel, ModelError, ModelInfo};
+use super::model::{ConditionRows, ImageDecoder, MarModel, ModelError, ModelInfo};
 use super::model::{ImageSettings, SamplingDefaults};
 use crate::grid::Grid;
 use crate::sampler::Variance;
@@ -167,7 +167,7 @@ impl MarModel for FakeModel {
         &mut self,
         t: ArrayView1<i64>,
         z: ArrayView2<f32>,
-    ) -> Result<Array2<f32>, ModelError> {
+    ) -> Result<ConditionRows, ModelError> {
         self.condition_rows.push(t.len());
         let d = self.info.width;
         let mut cond = Array2::<f32>::zeros((t.len(), 1 + d));
@@ -175,7 +175,8 @@ impl MarModel for FakeModel {
             row[0] = t[r] as f32 / 1000.0;
             row.slice_mut(ndarray::s![1..]).assign(&z.row(r));
         }
-        Ok(cond)
+        let (values, _) = cond.into_raw_vec_and_offset();
+        Ok(ConditionRows::new(values, t.len(), 1 + d).expect("rows × (1 + D) values"))
     }
 
     fn head_state(

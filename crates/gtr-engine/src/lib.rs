@@ -42,9 +42,9 @@ use chains::StepChains;
 use checks::{check_batch, check_finite, shape_error};
 pub use checks::{check_label, check_plan};
 pub use model::{
-    COEFFICIENTS, ChainInputs, Evaluator, GraphStats, ImageDecoder, ImageSettings, KernelProfile,
-    MarModel, ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults, Scores,
-    VAE_GRAPH, gather_rows,
+    COEFFICIENTS, ChainInputs, ConditionRows, Evaluator, GraphStats, ImageDecoder, ImageSettings,
+    KernelProfile, MarModel, ModelError, ModelInfo, OpKernels, ProviderKernels, SamplingDefaults,
+    Scores, VAE_GRAPH, gather_rows,
 };
 pub use noise::{NoiseSource, SeededNoise, TokenDraws};
 use rayon::prelude::*;

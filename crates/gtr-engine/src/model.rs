@@ -159,7 +159,7 @@ pub trait MarModel {
         &mut self,
         t: ArrayView1<i64>,
         z: ArrayView2<f32>,
-    ) -> Result<Array2<f32>, ModelError> {
+    ) -> Result<ConditionRows, ModelError> {
         let _ = (t, z);
         Err(ModelError::Graph {
             graph: "diffusion_condition",
@@ -310,6 +310,47 @@ pub struct ChainInputs<'a> {
     pub guidance: f32,
 }
 
+/// A split head's condition rows `[N, S]`, what
+/// [`MarModel::head_condition`] made, kept in the memory the model made
+/// them in (on MAR-B a call's rows are 20 MiB: copying them out of the
+/// runtime cost more than a second an image).
+pub struct ConditionRows {
+    rows: usize,
+    width: usize,
+    values: Box<dyn AsRef<[f32]>>,
+}
+
+impl ConditionRows {
+    /// `values`: `rows` rows of `width` floats, row after row; else `None`.
+    /// `values.as_ref()` must give the same slice every time it is called.
+    pub fn new(values: impl AsRef<[f32]> + 'static, rows: usize, width: usize) -> Option<Self> {
+        let whole = rows.checked_mul(width)?;
+        (values.as_ref().len() == whole).then(|| ConditionRows {
+            rows,
+            width,
+            values: Box::new(values),
+        })
+    }
+
+    /// N.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// S.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Rows `at..at + m` as `[m, S]`; `None` past the end.
+    pub fn slice(&self, at: usize, m: usize) -> Option<ArrayView2<'_, f32>> {
+        let end = at.checked_add(m).filter(|&end| end <= self.rows)?;
+        let values: &[f32] = (*self.values).as_ref();
+        let part = values.get(at * self.width..end * self.width)?;
+        ArrayView2::from_shape((m, self.width), part).ok()
+    }
+}
+
 /// The name of the VAE decoder in errors and in [`GraphStats::graph`]: a
 /// model's [`MarModel::graph_stats`] must name its VAE's entry so, since
 /// that graph may run on another thread ([`MarModel::image_decoder`]).
@@ -399,4 +440,25 @@ pub trait Evaluator {
 
     /// Scores 8-bit pixels [B, H, W, channels], as written to PNG.
     fn score(&mut self, pixels: ArrayView4<u8>) -> Result<Scores, ModelError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConditionRows;
+
+    #[test]
+    fn condition_rows_hold_exactly_their_values() {
+        assert!(ConditionRows::new(vec![0f32; 6], 2, 4).is_none());
+        assert!(ConditionRows::new(vec![0f32; 6], usize::MAX, 2).is_none());
+        let rows = ConditionRows::new((0..12).map(|v| v as f32).collect::<Vec<_>>(), 4, 3)
+            .expect("4 rows of 3");
+        assert_eq!((rows.rows(), rows.width()), (4, 3));
+        let middle = rows.slice(1, 2).expect("rows 1 and 2");
+        assert_eq!(middle.shape(), &[2, 3]);
+        assert_eq!(middle.row(0).to_vec(), vec![3.0, 4.0, 5.0]);
+        assert_eq!(middle.row(1).to_vec(), vec![6.0, 7.0, 8.0]);
+        assert_eq!(rows.slice(4, 0).map(|v| v.nrows()), Some(0));
+        assert!(rows.slice(3, 2).is_none());
+        assert!(rows.slice(usize::MAX, 2).is_none());
+    }
 }

@@ -19,8 +19,8 @@ use crate::session::{Graph, SessionSettings, shaped, view};
 use crate::tensorrt::{self, ShapeRanges, TensorRtOptions};
 use crate::ticks::TickRunner;
 use gtr_engine::{
-    ChainInputs, GraphStats, ImageDecoder, ImageSettings, MarModel, ModelError, ModelInfo,
-    VAE_GRAPH, gather_rows,
+    ChainInputs, ConditionRows, GraphStats, ImageDecoder, ImageSettings, MarModel, ModelError,
+    ModelInfo, VAE_GRAPH, gather_rows,
 };
 
 /// How to load a bundle: the device, threads, precision and TensorRT's
@@ -139,6 +139,19 @@ struct SplitHead {
     state: Graph,
     /// [`MarModel::split_head_rows`] (`--head`).
     rows: usize,
+}
+
+/// An f32 output left in the runtime's host memory ([`Graph::run_kept`]),
+/// read as its values.
+struct HostTensor(ort::value::Tensor<f32>);
+
+impl AsRef<[f32]> for HostTensor {
+    fn as_ref(&self) -> &[f32] {
+        // `run_kept` checked that the values can be read.
+        self.0
+            .try_extract_tensor()
+            .map_or(&[], |(_, values)| values)
+    }
 }
 
 impl OrtModel {
@@ -688,7 +701,7 @@ impl MarModel for OrtModel {
         &mut self,
         t: ArrayView1<i64>,
         z: ArrayView2<f32>,
-    ) -> Result<Array2<f32>, ModelError> {
+    ) -> Result<ConditionRows, ModelError> {
         let graph = "diffusion_condition";
         let Some(split) = self.split_head.as_mut() else {
             return Err(ModelError::Graph {
@@ -697,12 +710,20 @@ impl MarModel for OrtModel {
             });
         };
         let n = t.len();
-        let out = split.condition.run(
-            vec![("t", view(graph, t)?), ("z", view(graph, z)?)],
-            "cond",
-            false,
-        )?;
-        shaped::<Ix2>(graph, "cond", out, &[Some(n), None], || format!("[{n}, S]"))
+        let out = split
+            .condition
+            .run_kept(vec![("t", view(graph, t)?), ("z", view(graph, z)?)], "cond")?;
+        let got: Vec<usize> = out.shape().iter().map(|&d| d.max(0) as usize).collect();
+        let rows = match got[..] {
+            [rows, width] if rows == n => ConditionRows::new(HostTensor(out), n, width),
+            _ => None,
+        };
+        rows.ok_or_else(|| ModelError::Shape {
+            graph,
+            tensor: "cond".into(),
+            got,
+            expected: format!("[{n}, S]"),
+        })
     }
 
     fn head_state(

@@ -11,7 +11,7 @@ use std::time::Instant;
 use ndarray::Dimension;
 use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef, TensorValueType};
 
 use crate::device::Device;
 use crate::error::OrtError;
@@ -193,31 +193,12 @@ impl Graph {
         outputs: &[&str],
         check_finite: bool,
     ) -> Result<Vec<ndarray::ArrayD<f32>>, ModelError> {
-        let Graph {
-            name: graph,
-            session,
-            inputs: input_names,
-            outputs: output_names,
-            stats,
-            ..
-        } = self;
-        let graph = *graph;
+        let graph = self.name;
         let err = |message: String| ModelError::Graph { graph, message };
-        let named: Vec<(Cow<'_, str>, SessionInputValue<'a>)> = inputs
-            .into_iter()
-            .map(|(r, v)| (Cow::Borrowed(input_names[r].as_str()), v))
-            .collect();
-        let start = Instant::now();
-        let values = session.run(named).map_err(|e| err(e.to_string()))?;
-        let seconds = start.elapsed().as_secs_f64();
-        if stats.calls == 0 {
-            stats.first_call_seconds = seconds;
-        }
-        stats.calls += 1;
-        stats.seconds += seconds;
+        let names: Vec<String> = outputs.iter().map(|o| self.outputs[*o].clone()).collect();
+        let values = self.timed_run(inputs)?;
         let mut arrays = Vec::with_capacity(outputs.len());
-        for output in outputs {
-            let out_name = output_names[*output].as_str();
+        for out_name in &names {
             let value = values
                 .get(out_name)
                 .ok_or_else(|| err(format!("no output `{out_name}`")))?;
@@ -233,6 +214,62 @@ impl Graph {
             arrays.push(array);
         }
         Ok(arrays)
+    }
+
+    /// [`Graph::run`] without copying the output out of the runtime: the
+    /// f32 tensor `output` as ONNX Runtime made it, in host memory.
+    pub(crate) fn run_kept<'a>(
+        &mut self,
+        inputs: Vec<(&str, SessionInputValue<'a>)>,
+        output: &str,
+    ) -> Result<Tensor<f32>, ModelError> {
+        let graph = self.name;
+        let err = |message: String| ModelError::Graph { graph, message };
+        let out_name = self.outputs[output].clone();
+        let mut values = self.timed_run(inputs)?;
+        let value = values
+            .remove(&out_name)
+            .ok_or_else(|| err(format!("no output `{out_name}`")))?;
+        let tensor = value
+            .downcast::<TensorValueType<f32>>()
+            .map_err(|e| err(format!("output `{out_name}`: {e}")))?;
+        // A tensor outside host memory cannot be read here.
+        tensor
+            .try_extract_tensor::<f32>()
+            .map_err(|e| err(format!("output `{out_name}`: {e}")))?;
+        Ok(tensor)
+    }
+
+    /// One run call on (role, tensor) inputs, its seconds counted in the
+    /// graph's stats.
+    fn timed_run<'a>(
+        &mut self,
+        inputs: Vec<(&str, SessionInputValue<'a>)>,
+    ) -> Result<ort::session::SessionOutputs<'_>, ModelError> {
+        let Graph {
+            name: graph,
+            session,
+            inputs: input_names,
+            stats,
+            ..
+        } = self;
+        let graph = *graph;
+        let named: Vec<(Cow<'_, str>, SessionInputValue<'a>)> = inputs
+            .into_iter()
+            .map(|(r, v)| (Cow::Borrowed(input_names[r].as_str()), v))
+            .collect();
+        let start = Instant::now();
+        let values = session.run(named).map_err(|e| ModelError::Graph {
+            graph,
+            message: e.to_string(),
+        })?;
+        let seconds = start.elapsed().as_secs_f64();
+        if stats.calls == 0 {
+            stats.first_call_seconds = seconds;
+        }
+        stats.calls += 1;
+        stats.seconds += seconds;
+        Ok(values)
     }
 }
 
