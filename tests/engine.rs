@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use common::image_jobs as jobs;
 
 use gtr_run::engine::fake::FakeModel;
-use gtr_run::engine::{Engine, ImageJob, Replay, SPLIT_TICK_ROWS, SeededNoise};
+use gtr_run::engine::{
+    Engine, EngineError, ImageJob, ModelError, Replay, SPLIT_TICK_ROWS, SeededNoise,
+};
 use gtr_run::grid::Grid;
 use gtr_run::plan::{Plan, PlanOptions, Planner};
 use gtr_run::schedule::{Schedule, Source};
@@ -196,6 +198,29 @@ fn a_split_head_gives_the_same_tokens_with_its_condition_part_once_per_group_of_
         calls as usize,
         fake.diffusion_calls + fake.condition_rows.len()
     );
+    // A group's rows are let go before the next group is made.
+    assert_eq!(fake.condition_outputs.most(), 1);
+}
+
+#[test]
+fn a_split_head_whose_condition_part_gives_too_few_rows_is_an_error_naming_it() {
+    let s = preset("mar-8.gtr");
+    let all = jobs(5, 0..1);
+    let mut model = FakeModel::new().with_split_head(usize::MAX);
+    model.short_condition = true;
+    let mut engine = Engine::new(model);
+    let err = engine
+        .generate(&plans(&s, &all), &all, &SeededNoise, |_, _| {})
+        .unwrap_err();
+    let EngineError::Model {
+        step: 0,
+        source: ModelError::Shape { graph, tensor, .. },
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!((*graph, tensor.as_str()), ("diffusion_condition", "cond"));
+    assert!(engine.model.state_rows.is_empty(), "no state call after it");
 }
 
 #[test]

@@ -23,8 +23,8 @@ use super::rows::Row;
 /// condition part (2 threads, timed alone through onnxruntime's Python API
 /// on 2026-12-06) a row cost the same from 256 rows a call on (5.6 ms per
 /// 32 rows, against 7.3 ms at 32); the call's output is rows × S floats (S
-/// = 20,480 on MAR-B: 20 MiB here), read where the runtime made it
-/// ([`ConditionRows`]), not copied.
+/// = 20,480 on MAR-B: up to 20 MiB here), read where the runtime made it
+/// ([`ConditionRows`]), not copied; one group's rows are alive at a time.
 pub(super) const CONDITION_ROWS: usize = 256;
 
 /// The widest step (head rows at its first tick) where a split head was
@@ -171,9 +171,17 @@ impl StepChains<'_> {
                     Some(g) => g,
                     None => self.condition_group(model, rows, &zin, tick, longest, &mut work)?,
                 };
-                let out = self.timed(&mut work, || {
-                    model.head_state(xin.slice(s![..m, ..]), current.rows(tick, m))
+                let cond = current.rows(tick, m).ok_or_else(|| {
+                    shape_error(
+                        self.step,
+                        "diffusion_condition",
+                        "cond",
+                        &[current.cond.rows(), current.cond.width()],
+                        &[m, current.cond.width()],
+                    )
                 })?;
+                let out =
+                    self.timed(&mut work, || model.head_state(xin.slice(s![..m, ..]), cond))?;
                 group = Some(current);
                 (out, "diffusion_state")
             } else {
@@ -364,13 +372,11 @@ struct ConditionGroup {
 }
 
 impl ConditionGroup {
-    /// The `m` rows of `tick` (one of `ticks`, whose rows the group was
-    /// made with, so they are there).
-    fn rows(&self, tick: usize, m: usize) -> ndarray::ArrayView2<'_, f32> {
-        let at = self.offsets[tick - self.ticks.start];
-        self.cond
-            .slice(at, m)
-            .expect("a group holds the rows of its ticks")
+    /// The `m` rows of `tick` (one of `ticks`); `None` where the condition
+    /// part's output does not hold them.
+    fn rows(&self, tick: usize, m: usize) -> Option<ndarray::ArrayView2<'_, f32>> {
+        let at = *self.offsets.get(tick.checked_sub(self.ticks.start)?)?;
+        self.cond.slice(at, m)
     }
 }
 

@@ -23,6 +23,11 @@ pub struct FakeModel {
     split_head_rows: usize,
     /// Rows of every [`MarModel::head_condition`] call, in order.
     pub condition_rows: Vec<usize>,
+    /// [`MarModel::head_condition`] gives one row fewer than asked (a model
+    /// that breaks its contract).
+    pub short_condition: bool,
+    /// Outputs of [`MarModel::head_condition`] alive now and at most.
+    pub condition_outputs: Arc<Alive>,
     /// Rows of every [`MarModel::head_state`] call, in order.
     pub state_rows: Vec<usize>,
     /// VAE decodes made, on any thread: by the model and its decoders.
@@ -70,6 +75,8 @@ impl FakeModel {
             diffusion_rows: Vec::new(),
             split_head_rows: 0,
             condition_rows: Vec::new(),
+            short_condition: false,
+            condition_outputs: Arc::default(),
             state_rows: Vec::new(),
             decodes: Arc::default(),
         }
@@ -170,13 +177,15 @@ impl MarModel for FakeModel {
     ) -> Result<ConditionRows, ModelError> {
         self.condition_rows.push(t.len());
         let d = self.info.width;
-        let mut cond = Array2::<f32>::zeros((t.len(), 1 + d));
+        let n = t.len() - usize::from(self.short_condition && !t.is_empty());
+        let mut cond = Array2::<f32>::zeros((n, 1 + d));
         for (r, mut row) in cond.rows_mut().into_iter().enumerate() {
             row[0] = t[r] as f32 / 1000.0;
             row.slice_mut(ndarray::s![1..]).assign(&z.row(r));
         }
         let (values, _) = cond.into_raw_vec_and_offset();
-        Ok(ConditionRows::new(values, t.len(), 1 + d).expect("rows × (1 + D) values"))
+        let values = Counted::new(values, &self.condition_outputs);
+        Ok(ConditionRows::new(values, n, 1 + d).expect("rows × (1 + D) values"))
     }
 
     fn head_state(
@@ -196,6 +205,49 @@ impl MarModel for FakeModel {
 
     fn image_decoder(&self) -> Result<Box<dyn ImageDecoder>, String> {
         Ok(Box::new(self.vae()))
+    }
+}
+
+/// How many values of a kind are alive now, and the most at once.
+#[derive(Debug, Default)]
+pub struct Alive {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl Alive {
+    /// The most alive at once so far.
+    pub fn most(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+}
+
+/// Values counted in an [`Alive`] while they live.
+struct Counted {
+    values: Vec<f32>,
+    alive: Arc<Alive>,
+}
+
+impl Counted {
+    fn new(values: Vec<f32>, alive: &Arc<Alive>) -> Self {
+        let now = alive.now.fetch_add(1, Ordering::SeqCst) + 1;
+        alive.most.fetch_max(now, Ordering::SeqCst);
+        Counted {
+            values,
+            alive: alive.clone(),
+        }
+    }
+}
+
+impl AsRef<[f32]> for Counted {
+    fn as_ref(&self) -> &[f32] {
+        &self.values
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.alive.now.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

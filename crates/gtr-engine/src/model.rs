@@ -317,13 +317,17 @@ pub struct ChainInputs<'a> {
 pub struct ConditionRows {
     rows: usize,
     width: usize,
-    values: Box<dyn AsRef<[f32]>>,
+    values: Box<dyn AsRef<[f32]> + Send + Sync>,
 }
 
 impl ConditionRows {
     /// `values`: `rows` rows of `width` floats, row after row; else `None`.
     /// `values.as_ref()` must give the same slice every time it is called.
-    pub fn new(values: impl AsRef<[f32]> + 'static, rows: usize, width: usize) -> Option<Self> {
+    pub fn new(
+        values: impl AsRef<[f32]> + Send + Sync + 'static,
+        rows: usize,
+        width: usize,
+    ) -> Option<Self> {
         let whole = rows.checked_mul(width)?;
         (values.as_ref().len() == whole).then(|| ConditionRows {
             rows,

@@ -226,6 +226,13 @@ impl Graph {
         let graph = self.name;
         let err = |message: String| ModelError::Graph { graph, message };
         let out_name = self.outputs[output].clone();
+        // ONNX Runtime may hand back an input's own memory as an output of
+        // the same name, which the caller frees after the call.
+        if self.inputs.values().any(|input| *input == out_name) {
+            return Err(err(format!(
+                "output `{out_name}` is also an input of the graph; it must be a tensor the graph computes"
+            )));
+        }
         let mut values = self.timed_run(inputs)?;
         let value = values
             .remove(&out_name)
