@@ -482,3 +482,64 @@ fn tensorrt_provider(settings: &SessionSettings) -> ort::ep::TensorRT {
         .as_ref()
         .map_or_else(ort::ep::TensorRT::default, crate::tensorrt::provider)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use super::*;
+
+    /// An output named as one of the graph's inputs is refused before the
+    /// run: ONNX Runtime may return that input's memory, which the caller
+    /// frees once the call is over.
+    #[test]
+    fn a_kept_output_that_is_also_an_input_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/fixtures/tiny-split/diffusion_condition.onnx");
+        let names = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(role, name)| (role.to_string(), name.to_string()))
+                .collect()
+        };
+        let inputs = names(&[("t", "t"), ("z", "z")]);
+        let open = |outputs: &BTreeMap<String, String>| {
+            Graph::open(
+                "diffusion_condition",
+                &path,
+                &inputs,
+                outputs,
+                Device::Cpu,
+                Some(1),
+                &SessionSettings::default(),
+            )
+            .unwrap()
+            .0
+        };
+        let t = ndarray::Array1::<i64>::zeros(2);
+        let z = ndarray::Array2::<f32>::zeros((2, 32));
+        let run = |graph: &mut Graph| {
+            graph
+                .run_kept(
+                    vec![
+                        ("t", view("diffusion_condition", t.view()).unwrap()),
+                        ("z", view("diffusion_condition", z.view()).unwrap()),
+                    ],
+                    "cond",
+                )
+                .map(|kept| kept.shape().to_vec())
+        };
+        let mut aliased = open(&names(&[("cond", "z")]));
+        let err = run(&mut aliased).unwrap_err().to_string();
+        assert!(
+            err.contains("diffusion_condition") && err.contains("`z` is also an input"),
+            "{err}"
+        );
+        assert_eq!(aliased.stats.calls, 0, "refused before the run");
+        let mut graph = open(&names(&[("cond", "cond")]));
+        let shape = run(&mut graph).unwrap();
+        assert_eq!(shape[0], 2, "{shape:?}");
+        assert_eq!(graph.stats.calls, 1);
+    }
+}
