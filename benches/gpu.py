@@ -34,7 +34,8 @@ Phases (each timed and printed; a phase that fails is reported and the rest stil
    untimed warm-up, then torch.cuda.synchronize() around each timed batch, pixels copied to the
    host inside the timing. Schedules with FTS (GtR) have no MAR counterpart: "n/a".
 3a. With --vae-check N, after the measurements: gtr-run's plain command (`gtr-run BUNDLE
-   --vae-check-schedule --num-images N --batch B`, B the first batch size, the first variant)
+   --vae-check-schedule --num-images N --batch B`, B the first batch size, the first variant
+   that does not run `--sampler ticks` on CUDA: gtr-run refuses to decode beside CUDA graphs)
    with `--vae inline` and `--vae overlap` alternating, twice each: each batch's VAE decode after
    its MAR steps, or beside the next batch's. Seconds per image of the generation loop (run.json
    `seconds.wall`), the ratio, and a check that both ways wrote the same images (else an error).
@@ -107,6 +108,13 @@ DEFAULT_SCHEDULES = ["mar-64", "mar-16", "gtr", "gtr-3.7x"]
 # measurement overrun); predictions are scaled by SAFETY (a smaller batch is less efficient, and
 # start-up costs do not shrink with the images).
 START_FLOOR, GRACE, SAFETY = 20.0, 15.0, 1.25
+# The most seconds one mar-tiny generation of the image check may take (a few seconds on any
+# device): a path that hangs is stopped there instead of at the deadline.
+IMAGE_CHECK_LIMIT = 120.0
+# The share of a graph's kernel time from which an op run off CUDA is a note of its own.
+OFF_GPU_SHARE = 0.01
+# The most bytes of each subprocess log copied into --summary (its end).
+LOG_TAIL = 64 * 1024
 # Exit statuses: 0 every measurement made, 1 some phase failed (whether or not the run was also
 # cut short), 3 cut short only (interrupted, or measurements skipped or stopped at the deadline).
 CUT_SHORT = 3
@@ -138,6 +146,29 @@ def log(msg: str = "") -> None:
 def short(e: BaseException, limit: int = 600) -> str:
     s = f"{type(e).__name__}: {e}" if not isinstance(e, BenchError) else str(e)
     return s if len(s) <= limit else s[:limit] + " …"
+
+
+def profile_notes(name: str, graphs: dict, captured: bool) -> list[str]:
+    """The table's notes on variant `name`'s kernel profile: `graphs` maps a graph to its summary,
+    whose `ops_off_gpu` lists [op, provider, nodes, share of the graph's kernel time] for the ops
+    run off CUDA; `captured`: the variant's timed runs captured CUDA graphs. ONNX Runtime puts
+    shape computations (Shape, a Gather of a shape, ...) on the CPU by design, so an op off CUDA
+    is a note of its own only from OFF_GPU_SHARE of its graph's kernel time; the rest are counted."""
+    notes = []
+    big = {g: [o for o in v["ops_off_gpu"] if o[3] >= OFF_GPU_SHARE] for g, v in graphs.items()}
+    small = sum(n for v in graphs.values() for _, _, n, share in v["ops_off_gpu"] if share < OFF_GPU_SHARE)
+    if any(big.values()):
+        notes.append(f"profile {name}: ops off CUDA with {OFF_GPU_SHARE:.0%} or more of a graph's kernel time: "
+                     + "; ".join(f"{g}: " + ", ".join(f"{op} ×{n} on {p} ({share:.1%})" for op, p, n, share in ops)
+                                 for g, ops in big.items() if ops))
+    if small:
+        notes.append(f"profile {name}: {small} nodes off CUDA in ops under {OFF_GPU_SHARE:.0%} of their graph's "
+                     f"kernel time each (shape computations, which ONNX Runtime places on the CPU; listed in "
+                     f"gpu-bench.json)")
+    if captured:
+        notes.append(f"profile {name}: run without CUDA graphs (gtr-run does not capture under --ort-profile), "
+                     f"unlike its timed rows")
+    return notes
 
 
 class BenchError(Exception):
@@ -188,9 +219,11 @@ class Bench:
     def remaining(self) -> float:
         return self.a.deadline - (time.time() - T0)
 
-    def subprocess_timeout(self) -> float:
-        """How long a subprocess started now may run: to GRACE seconds past the deadline."""
-        return max(1.0, self.remaining() + GRACE)
+    def subprocess_timeout(self, limit: float | None = None) -> float:
+        """How long a subprocess started now may run: to GRACE seconds past the deadline, or
+        `limit` seconds where that is sooner."""
+        left = max(1.0, self.remaining() + GRACE)
+        return left if not limit else min(left, limit)
 
     def save(self) -> None:
         """gpu-bench.json and the table so far (gpu-bench.md), in --out and in --summary: a run
@@ -206,6 +239,25 @@ class Bench:
                 with open(path + ".tmp", "w") as f:
                     f.write(text)
                 os.replace(path + ".tmp", path)
+        if self.a.summary:
+            self.copy_logs(os.path.join(self.a.summary, "logs"))
+
+    def copy_logs(self, into: str) -> None:
+        """The subprocess logs of OUT/logs, each cut to its last LOG_TAIL bytes, into `into`
+        (--summary's logs/), so that a machine that returns only --summary returns them too."""
+        logdir = os.path.join(self.out, "logs")
+        if not os.path.isdir(logdir) or os.path.abspath(logdir) == os.path.abspath(into):
+            return
+        os.makedirs(into, exist_ok=True)
+        for name in sorted(os.listdir(logdir)):
+            source = os.path.join(logdir, name)
+            if not os.path.isfile(source):
+                continue
+            with open(source, "rb") as f:
+                f.seek(max(0, os.path.getsize(source) - LOG_TAIL))
+                tail = f.read()
+            with open(os.path.join(into, name), "wb") as f:
+                f.write(tail)
 
     def failed(self, where: str, msg: str) -> None:
         """A check that found a wrong result (not an exception): an error, so the exit status is 1;
@@ -252,8 +304,11 @@ class Bench:
         finally:
             self.save()
 
-    def run_logged(self, cmd: list, logname: str, timeout: float | None = None, show=None) -> str:
-        """Run cmd with its output in OUT/logs/logname; raise BenchError with its tail on failure."""
+    def run_logged(self, cmd: list, logname: str, timeout: float | None = None, show=None,
+                   limit: float | None = None) -> str:
+        """Run cmd with its output in OUT/logs/logname; raise BenchError with its tail on failure.
+        A run stopped at `timeout` is a DeadlineStop, unless `limit` (the cap that timeout came
+        from, when it was sooner than the deadline) stopped it: that is a failure."""
         logdir = os.path.join(self.out, "logs")
         os.makedirs(logdir, exist_ok=True)
         path = os.path.join(logdir, logname)
@@ -271,6 +326,9 @@ class Bench:
             for line in text.splitlines():
                 if show(line):
                     log("  " + line.strip())
+        if rc == "timeout" and limit and timeout is not None and timeout >= limit:
+            raise BenchError(f"`{os.path.basename(str(cmd[0]))} {' '.join(map(str, cmd[1:3]))} …` stopped "
+                             f"after its limit of {limit:.0f} s (log: {path})")
         if rc == "timeout":
             raise DeadlineStop(f"`{os.path.basename(str(cmd[0]))} {' '.join(map(str, cmd[1:3]))} …` stopped "
                                f"{GRACE:.0f} s after the deadline (log: {path})")
@@ -597,7 +655,8 @@ class Bench:
             torch.cuda.empty_cache()              # leave the GPU's memory to ONNX Runtime
         t = time.time()
         try:
-            self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=self.subprocess_timeout())
+            self.run_logged(cmd, f"eval-{name}-b{B}.log", timeout=self.subprocess_timeout(self.a.eval_limit),
+                            limit=self.a.eval_limit)
         except (BenchError, Interrupted):
             # gtr-run rewrites eval.json after every timed batch: a stopped eval leaves its rows.
             ej = self.eval_json(evaldir, since=t)
@@ -690,19 +749,27 @@ class Bench:
                 "providers": {p["provider"]: {"nodes": p["nodes"], "seconds": round(p["seconds"], 4)}
                               for p in k["providers"]},
                 "top_ops": [[o["op"], o["provider"], round(o["share"], 3)] for o in k["ops"] if o["share"]][:5],
-                "ops_off_gpu": [[o["op"], o["provider"], o["nodes"]] for o in k["ops"]
+                "ops_off_gpu": [[o["op"], o["provider"], o["nodes"], round(o["share"], 4)] for o in k["ops"]
                                 if o["provider"] != "CUDAExecutionProvider"] if self.a.device == "cuda" else [],
             }
         self.res.setdefault("profiles", {})[name] = {
             "schedule": self.schedule_name(sched), "batch": B, "command": [str(c) for c in cmd],
             "execution_provider": run.get("execution_provider"), "graphs": graphs}
-        off = [g for g, v in graphs.items() if v["ops_off_gpu"]]
-        if off:
-            self.res["notes"].append(f"profile {name}: nodes off CUDA: " + "; ".join(
-                f"{g}: " + ", ".join(f"{op} ×{n} on {p}" for op, p, n in graphs[g]["ops_off_gpu"])
-                for g in off))
+        self.res["notes"] += profile_notes(name, graphs, self.captures_cuda_graphs(variant))
 
     # -- phase: --vae overlap against inline -------------------------------------------------------
+
+    def captures_cuda_graphs(self, v: Variant) -> bool:
+        """Whether configuration `v` runs the tick graph on CUDA (`--sampler ticks`), which
+        captures CUDA graphs: gtr-run refuses `--vae overlap` beside them."""
+        args = self.a.gtr_arg + v.args
+        ticks = any(w == "--sampler=ticks" or (w == "--sampler" and i + 1 < len(args) and args[i + 1] == "ticks")
+                    for i, w in enumerate(args))
+        return ticks and self.a.device == "cuda"
+
+    def vae_check_variant(self) -> Variant | None:
+        """The configuration --vae-check runs: the first that can decode beside sampling."""
+        return next((v for v in self.variants if not self.captures_cuda_graphs(v)), None)
 
     def vae_check(self, variant, B: int) -> None:
         """`gtr-run BUNDLE SCHEDULE --num-images N --batch B` with `--vae inline` and `--vae
@@ -770,7 +837,8 @@ class Bench:
                    "--out", out, "--npz", out + ".npz", *args]
             if self.a.threads:
                 cmd += ["--threads", self.a.threads]
-            self.run_logged(cmd, f"images-{name}.log", timeout=self.subprocess_timeout())
+            self.run_logged(cmd, f"images-{name}.log", timeout=self.subprocess_timeout(IMAGE_CHECK_LIMIT),
+                            limit=IMAGE_CHECK_LIMIT)
             with open(os.path.join(out, "run.json")) as f:
                 chains = json.load(f).get("diffusion_chains")
             return np.load(out + ".npz")["arr_0"].astype(np.int16), chains, [str(c) for c in cmd]
@@ -1042,9 +1110,14 @@ class Bench:
                 self.measure_gtr_run(variants[1:], B)
                 self.measure_torch(precisions[1:], B)
             if a.vae_check and not a.skip_gtr_run:
-                self.ensure_bundle_variants(self.variants[0])
-                self.measure(f"gtr-run --vae overlap against inline, batch {a.batches[0]}", self.vae_check,
-                             self.variants[0], a.batches[0])
+                v = self.vae_check_variant()
+                if v is None:
+                    self.res["notes"].append("--vae-check: not run, every variant runs `--sampler ticks` on CUDA, "
+                                             "whose CUDA graphs gtr-run does not decode beside")
+                else:
+                    self.ensure_bundle_variants(v)
+                    self.measure(f"gtr-run --vae overlap against inline, batch {a.batches[0]}", self.vae_check,
+                                 v, a.batches[0])
             if a.profile and not a.skip_gtr_run:
                 for v in self.variants:
                     self.ensure_bundle_variants(v)
@@ -1170,7 +1243,8 @@ class Bench:
         return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked; --gtr-run made absolute and --summary made."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gtr-run", required=True, help="the gtr-run binary (built with --features cuda for the GPU)")
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "gpu-bench"),
@@ -1225,21 +1299,31 @@ def main(argv=None) -> int:
                          "an H200 2026-12-04: 1)")
     ap.add_argument("--threads", type=int, help="gtr-run --threads and torch.set_num_threads (for CPU runs)")
     ap.add_argument("--summary", metavar="DIR",
-                    help="also write gpu-bench.json and gpu-bench.md here, after every phase (e.g. the device "
-                         "machine's $OUT, with --out elsewhere: its logs and eval folders are many files)")
+                    help="also write gpu-bench.json, gpu-bench.md and the last 64 KiB of every subprocess log "
+                         "(logs/) here, after every phase (e.g. the device machine's $OUT, with --out elsewhere: "
+                         "its eval folders are many files)")
+    ap.add_argument("--eval-limit", type=float, default=0.0, metavar="SECONDS",
+                    help="the most seconds one gtr-run eval may take before it is stopped as failed (its timed "
+                         "rows kept), so that a configuration that hangs leaves time for the rest (0: up to the "
+                         "deadline, the default)")
     ap.add_argument("--deadline", type=float, default=450.0,
                     help="seconds after start past which nothing new starts and gtr-run is stopped (default 450)")
     a = ap.parse_args(argv)
     if (any(b < 1 for b in a.batches) or a.num_images < 0 or a.torch_warmup_steps < 0 or a.image_check < 0
-            or a.vae_check < 0):
-        ap.error("--batches must be at least 1, --num-images, --torch-warmup-steps, --image-check and "
-                 "--vae-check at least 0")
+            or a.vae_check < 0 or a.eval_limit < 0):
+        ap.error("--batches must be at least 1, --num-images, --torch-warmup-steps, --image-check, "
+                 "--vae-check and --eval-limit at least 0")
     if not os.path.isfile(a.gtr_run):
         ap.error(f"--gtr-run {a.gtr_run}: not found")
     a.gtr_run = os.path.abspath(a.gtr_run)
     if a.summary:
         a.summary = os.path.abspath(a.summary)
         os.makedirs(a.summary, exist_ok=True)
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     signal.signal(signal.SIGTERM, _on_term)
