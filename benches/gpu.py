@@ -56,6 +56,10 @@ short still holds the comparison the table is for. Nothing new starts with less 
 at another batch size predicts (x1.25) to end more than 15 s after the deadline is skipped; the
 table is printed with what was measured. SIGTERM, in any phase, does the same.
 
+--prepare-only makes steps 1 and 1b (the export and every variant's graphs) in --work and stops,
+needing no GPU library: on a machine whose calls are short, start it in the background while
+the CUDA libraries are still arriving, and the measuring run that follows reuses it all.
+
 Full size (defaults) is planned for about 6-7 minutes on one H200 (an estimate from issue 9's
 per-image times; set --deadline about 60 s under the machine's limit). Smaller: --batches 64, --schedules mar-64 gtr-3.7x, --skip-torch-fp32,
 --bundle DIR (reuse an export), --num-images (default: one batch per batch size).
@@ -1090,14 +1094,19 @@ class Bench:
         try:
             with self.phase("environment"):
                 self.environment()
-            with self.phase("device check"):
-                self.device_check()
-            if not self.res["phases"][-1]["ok"]:
-                raise BenchError("the device check failed: nothing would run on the device")
+            if not a.prepare_only:
+                with self.phase("device check"):
+                    self.device_check()
+                if not self.res["phases"][-1]["ok"]:
+                    raise BenchError("the device check failed: nothing would run on the device")
             with self.phase("weights and bundle"):
                 self.prepare_bundle()
             if self.bundle is None or not self.manifest:
                 raise BenchError("no bundle: nothing to measure")
+            if a.prepare_only:
+                for v in [] if a.skip_gtr_run else self.variants:
+                    self.ensure_bundle_variants(v)
+                return
             with self.phase("plans"):
                 self.make_plans()
             if a.image_check and not a.skip_gtr_run:
@@ -1302,6 +1311,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also write gpu-bench.json, gpu-bench.md and the last 64 KiB of every subprocess log "
                          "(logs/) here, after every phase (e.g. the device machine's $OUT, with --out elsewhere: "
                          "its eval folders are many files)")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="make the weights, the bundle and every variant's bundle graphs (fp16, fused attention, "
+                         "...) in --work, then stop, measuring nothing and needing no GPU library: a later run "
+                         "with the same --work, size, seed and variants reuses them and starts measuring at once")
     ap.add_argument("--eval-limit", type=float, default=0.0, metavar="SECONDS",
                     help="the most seconds one gtr-run eval may take before it is stopped as failed (its timed "
                          "rows kept), so that a configuration that hangs leaves time for the rest (0: up to the "
@@ -1339,7 +1352,11 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     b.save()
     print("", flush=True)
-    print(b.res["table"], flush=True)
+    if a.prepare_only:
+        print(f"prepared in {os.path.abspath(a.work)}: " + "; ".join(
+            f"{p['phase']} {'ok' if p.get('ok') else 'FAILED'}" for p in b.res["phases"]), flush=True)
+    else:
+        print(b.res["table"], flush=True)
     print(f"\nraw numbers: {os.path.join(b.out, 'gpu-bench.json')}", flush=True)
     if b.res["errors"]:
         return 1

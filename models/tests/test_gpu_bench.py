@@ -15,9 +15,14 @@ with real durations.
    shape computations under it are counted, and a capturing variant's profile says it ran
    without CUDA graphs.
 4. --summary gets the end of every subprocess log.
+5. --prepare-only (on a copy of the tiny bundle, --bundle: no PyTorch needed) makes every
+   variant's graphs (fp16 variants, the fused-attention copy) without a device check or any
+   measurement, and a second run reuses them.
 """
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benches"))
-from fixture_copies import check  # noqa: E402
+from fixture_copies import check, copy_tiny  # noqa: E402
 
 import gpu  # noqa: E402
 
@@ -106,12 +111,38 @@ def test_summary_logs(tmp):
     check(os.path.isfile(os.path.join(summary, "gpu-bench.md")), "the table beside them")
 
 
+def test_prepare_only(tmp):
+    bundle = copy_tiny(tmp, "prepare")
+
+    def prepare():
+        return subprocess.run([sys.executable, "benches/gpu.py", "--gtr-run", sys.executable, "--bundle", bundle,
+                               "--work", os.path.join(tmp, "work"), "--out", os.path.join(tmp, "prepared"),
+                               "--prepare-only", "--variant", "f=--precision fp16", "--variant",
+                               "m=--fused-attention --precision fp16"],
+                              cwd=ROOT, capture_output=True, text=True)
+
+    r = prepare()
+    check(r.returncode == 0, f"--prepare-only exits 0 ({r.stdout[-300:]} {r.stderr[-300:]})")
+    with open(os.path.join(tmp, "prepared", "gpu-bench.json")) as f:
+        phases = [p["phase"] for p in json.load(f)["phases"]]
+    check(phases == ["environment", "weights and bundle", "bundle variants for f", "bundle variants for m"],
+          f"no device check, nothing measured: {phases}")
+    fused = bundle + "-fused"
+    for folder in (bundle, fused):
+        check(os.path.isfile(os.path.join(folder, "diffusion.fp16.onnx")), f"{os.path.basename(folder)}: fp16 graphs made")
+    check(os.path.isfile(os.path.join(fused, ".derived-from.json")), "the fused-attention copy made")
+    again = prepare()
+    check(again.returncode == 0 and f"{bundle} has fp16 graphs" in again.stdout and f"reusing {fused}" in again.stdout,
+          "a second run reuses what the first made")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         test_vae_check_variant(tmp)
         test_limits(tmp)
         test_profile_notes()
         test_summary_logs(tmp)
+        test_prepare_only(tmp)
     print("all passed")
 
 
