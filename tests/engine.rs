@@ -223,6 +223,30 @@ fn a_split_head_whose_condition_part_gives_too_few_rows_is_an_error_naming_it() 
     assert!(engine.model.state_rows.is_empty(), "no state call after it");
 }
 
+/// Non-finite state output made from non-finite condition rows names the
+/// condition part, not the state part that only passed them on.
+#[test]
+fn non_finite_condition_rows_are_blamed_on_the_condition_part() {
+    let s = preset("mar-8.gtr");
+    let all = jobs(5, 0..1);
+    let mut model = FakeModel::new().with_split_head(usize::MAX);
+    model.nan_condition = true;
+    let mut engine = Engine::new(model);
+    let err = engine
+        .generate(&plans(&s, &all), &all, &SeededNoise, |_, _| {})
+        .unwrap_err();
+    let EngineError::NonFinite {
+        graph,
+        what,
+        step: 0,
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*graph, "diffusion_condition", "{err}");
+    assert!(what.contains("in `cond`"), "{err}");
+}
+
 #[test]
 fn a_split_head_runs_whole_in_steps_too_wide_to_share_a_call() {
     // One step of all 16 tokens, guided: 32 rows a tick, so 8 ticks share

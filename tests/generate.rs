@@ -290,9 +290,10 @@ fn bad_input_is_reported_clearly() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
-/// Graphs that load but break their contract when they run
-/// (models/fixtures/contract-breaches): refused as a wrong input, naming the
-/// graph and the tensor, before any image; the decoder's used to panic.
+/// Graphs that load but break their contract when they run, or disagree
+/// with another (models/fixtures/contract-breaches): refused as a wrong
+/// input, naming the graph and the tensor, before any image; the decoder's
+/// used to panic.
 #[test]
 fn outputs_that_break_a_graphs_contract_are_refused() {
     let out = tmp("contract-breaches");
@@ -312,6 +313,13 @@ fn outputs_that_break_a_graphs_contract_are_refused() {
             "tick-count",
             Some("--sampler=ticks"),
             "graph `tick`, output `k_next`: counted to [0] over 50 ticks from 0",
+        ),
+        // Refused at load: the split head's parts disagree (it was exit 4,
+        // ONNX Runtime's message at the first tick).
+        (
+            "split-width",
+            Some("--head=split"),
+            "graph `diffusion_state`, tensor `cond`: takes condition rows 600 wide, but diffusion_condition (",
         ),
     ] {
         let path = format!("models/fixtures/contract-breaches/{bundle}");

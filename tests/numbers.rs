@@ -145,6 +145,67 @@ fn manifest_numbers_out_of_range_are_refused() {
     }
 }
 
+/// A model `name` that is empty, too long for folder names, or carries
+/// control characters (it is printed: terminal escapes) is refused,
+/// naming the field.
+#[test]
+fn manifest_names_are_printable_and_short() {
+    let long = format!("name: \"{}\"", "a".repeat(5000));
+    let cases = [
+        (
+            "name: \"evil\\e[31mRED\\u0007\"",
+            "`name` \"evil\\u{1b}[31mRED\\u{7}\" must be 1 to 256 bytes of printable text",
+        ),
+        ("name: \"\"", "`name` \"\" must be 1 to 256 bytes"),
+        (long.as_str(), "must be 1 to 256 bytes of printable text"),
+    ];
+    for (k, (to, want)) in cases.into_iter().enumerate() {
+        refused_manifest(&format!("numbers-name-{k}"), "", want, |m| {
+            let line = m
+                .lines()
+                .find(|l| l.starts_with("name:"))
+                .expect("a name line")
+                .to_string();
+            m.replacen(&line, to, 1)
+        });
+    }
+}
+
+/// Sizes each in range whose product is not are refused (a 256x256 grid
+/// of 65,536 channels once asked 34 GB of the load's probe, and aborted).
+#[test]
+fn manifest_sizes_whose_products_are_too_large_are_refused() {
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("grid: [16, 16]", "grid: [256, 256]"),
+                ("token_dim: 4 ", "token_dim: 65536 "),
+            ],
+            "grid × token_dim (an image's tokens) is 4294967296 values; at most 67108864 are supported (grid 256x256, token_dim 65536",
+        ),
+        (
+            &[
+                ("grid: [16, 16]", "grid: [256, 256]"),
+                ("width: 32 ", "width: 2048 "),
+            ],
+            "grid × width (an image's z) is 134217728 values",
+        ),
+        (
+            &[("height: 64, width: 64", "height: 16384, width: 16384")],
+            "image.height × image.width × image.channels (an image's pixels) is 805306368 values",
+        ),
+    ];
+    for (k, (edits, want)) in cases.into_iter().enumerate() {
+        refused_manifest(&format!("numbers-products-{k}"), "", want, |mut m| {
+            for (from, to) in edits {
+                assert!(m.contains(from), "fixture manifest lacks `{from}`");
+                m = m.replacen(from, to, 1);
+            }
+            m
+        });
+    }
+}
+
 /// A schedule whose chains are longer than the model's training chain is
 /// refused before any folder is made (it used to index out of bounds).
 /// `classes` and `null_class` beyond the encoder's class embedding (the
@@ -171,6 +232,31 @@ fn classes_beyond_the_class_embedding_are_refused_at_load() {
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(
         err.contains("(the last of the manifest's `classes: 20`, and its `null_class: 20`) do not run through the encoder's class embedding"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "said once: {err}");
+    assert!(!out.exists());
+}
+
+/// `diffusion.train_steps` beyond the head's timestep tables (the tiny
+/// head has 1,000 rows) is refused when the graphs load, naming the field,
+/// not by ONNX Runtime at the first tick (it was exit 4, a Gather index).
+#[test]
+fn train_steps_beyond_the_heads_tables_are_refused_at_load() {
+    let dir = tiny_bundle_with("numbers-train-steps-beyond", "", "", |m| {
+        m.replacen("train_steps: 1000 ", "train_steps: 1001 ", 1)
+    });
+    let out = tmp("numbers-train-steps-beyond-out");
+    let o = common::gtr_run(&[
+        dir.to_str().unwrap(),
+        "schedules/mar-8.gtr",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("timestep 1000 (the last of the manifest's `diffusion.train_steps: 1001`) does not run through the head's timestep embedding"),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "said once: {err}");
@@ -454,8 +540,13 @@ fn broken_graph_files_are_wrong_inputs() {
     let out = tmp("numbers-broken-graph-out");
     let args = [b, "schedules/gtr-fast.gtr", "--out", out.to_str().unwrap()];
     let original = std::fs::read(dir.join("diffusion.onnx")).unwrap();
+    // The graph with `ir_version: 99` appended (protobuf: the last value of
+    // field 1 wins): it parses, and ONNX Runtime's loading refuses it with
+    // a generic failure (once exit status 4).
+    let ir_99 = [&original[..], &[0x08, 99]].concat();
     for (bytes, want) in [
         (&original[..5000], "Protobuf parsing failed"),
+        (&ir_99[..], "Unsupported model IR version: 99"),
         (&[][..], "the file is empty"),
         (
             &b"not a model\n"[..],

@@ -19,6 +19,10 @@ pub enum Existing {
     Overwrite,
 }
 
+/// The most bytes of the model's and the schedule's names in a default
+/// folder name (the rest is cut).
+const NAME_PART_BYTES: usize = 96;
+
 /// The default output folder: `runs/<model>-<schedule>-seed<seed>`, with
 /// `-<precision>` added for a precision other than fp32 (whose images
 /// differ, so that its run does not land in the fp32 run's folder) and
@@ -34,16 +38,22 @@ pub fn default_out_dir(
     let stem = schedule
         .file_stem()
         .map_or("schedule".into(), |s| s.to_string_lossy().into_owned());
+    // Each part at most NAME_PART_BYTES, so that the folder's name stays
+    // under file systems' 255 bytes whatever the model and file are called.
     let clean = |s: &str| {
-        s.chars()
-            .map(|c| {
-                if c.is_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect::<String>()
+        let mut part = String::new();
+        for c in s.chars() {
+            let c = if c.is_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            };
+            if part.len() + c.len_utf8() > NAME_PART_BYTES {
+                break;
+            }
+            part.push(c);
+        }
+        part
     };
     let part = shard.map_or(String::new(), |s| format!("-shard{}of{}", s.k, s.n));
     PathBuf::from("runs").join(format!(
@@ -533,6 +543,27 @@ mod tests {
         assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-shard1of8"));
         let p = default_out_dir("tiny", gtr, 0, Precision::Int8, shard);
         assert_eq!(p, PathBuf::from("runs/tiny-gtr-seed0-int8-shard1of8"));
+    }
+
+    #[test]
+    fn default_output_folder_names_stay_under_255_bytes() {
+        let model = "m".repeat(256);
+        let schedule = format!("schedules/{}.gtr", "é".repeat(120));
+        let shard = Some(Shard { k: 1000, n: 1000 });
+        let p = default_out_dir(
+            &model,
+            Path::new(&schedule),
+            u64::MAX,
+            Precision::Int8,
+            shard,
+        );
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(name.len() <= 255, "{} bytes", name.len());
+        assert!(name.starts_with(&"m".repeat(NAME_PART_BYTES)), "{name}");
+        assert!(
+            name.ends_with(&format!("-seed{}-int8-shard1000of1000", u64::MAX)),
+            "{name}"
+        );
     }
 
     #[test]

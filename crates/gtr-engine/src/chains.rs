@@ -182,6 +182,12 @@ impl StepChains<'_> {
                 })?;
                 let out =
                     self.timed(&mut work, || model.head_state(xin.slice(s![..m, ..]), cond))?;
+                // Non-finite state output from non-finite condition rows is
+                // the condition part's (the rows are not checked as made: a
+                // pass over up to 20 MiB a call).
+                if !out.iter().all(|v| v.is_finite()) {
+                    check_finite("diffusion_condition", "cond", cond.iter(), self.step)?;
+                }
                 group = Some(current);
                 (out, "diffusion_state")
             } else {
@@ -354,7 +360,8 @@ impl StepChains<'_> {
                     guidance: self.scale as f32,
                 })
             })?;
-            let out = self.checked(out, model.chain_graph_role(), "x_out", (n, c))?;
+            let (graph, tensor) = model.chain_graph_output();
+            let out = self.checked(out, graph, tensor, (n, c))?;
             x.copy_from_slice(out.as_slice().expect("standard layout"));
         }
         Ok(work)

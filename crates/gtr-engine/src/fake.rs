@@ -26,6 +26,9 @@ pub struct FakeModel {
     /// [`MarModel::head_condition`] gives one row fewer than asked (a model
     /// that breaks its contract).
     pub short_condition: bool,
+    /// [`MarModel::head_condition`] gives NaN rows (a model whose condition
+    /// part fails numerically).
+    pub nan_condition: bool,
     /// Outputs of [`MarModel::head_condition`] alive now and at most.
     pub condition_outputs: Arc<Alive>,
     /// Rows of every [`MarModel::head_state`] call, in order.
@@ -76,6 +79,7 @@ impl FakeModel {
             split_head_rows: 0,
             condition_rows: Vec::new(),
             short_condition: false,
+            nan_condition: false,
             condition_outputs: Arc::default(),
             state_rows: Vec::new(),
             decodes: Arc::default(),
@@ -182,6 +186,9 @@ impl MarModel for FakeModel {
         for (r, mut row) in cond.rows_mut().into_iter().enumerate() {
             row[0] = t[r] as f32 / 1000.0;
             row.slice_mut(ndarray::s![1..]).assign(&z.row(r));
+        }
+        if self.nan_condition {
+            cond.fill(f32::NAN);
         }
         let (values, _) = cond.into_raw_vec_and_offset();
         let values = Counted::new(values, &self.condition_outputs);

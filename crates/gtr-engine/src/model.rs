@@ -199,10 +199,11 @@ pub trait MarModel {
         "sampler graph".into()
     }
 
-    /// The bundle role of the graph [`MarModel::sample_chain`] runs, which
-    /// errors name: `sampler` unless the model says otherwise (`tick`).
-    fn chain_graph_role(&self) -> &'static str {
-        "sampler"
+    /// The bundle role of the graph [`MarModel::sample_chain`] runs and of
+    /// its output of the sampled tokens, which errors name: (`sampler`,
+    /// `x_out`) unless the model says otherwise (`tick`, `x_next`).
+    fn chain_graph_output(&self) -> (&'static str, &'static str) {
+        ("sampler", "x_out")
     }
 
     /// Every tick of one MAR step's diffusion chains in one call (the

@@ -21,6 +21,14 @@ const MAX_SIDE: usize = 1024;
 const MAX_WIDTH: usize = 65_536;
 const MAX_IMAGE_SIDE: usize = 16_384;
 const MAX_TRAIN_STEPS: usize = 100_000;
+/// The most values one image's tensor may hold (its tokens, its z rows,
+/// the encoder's rows, its pixels): 2^26 f32, 256 MiB. Each size above is
+/// in range alone; their products are held to this, so that a manifest
+/// cannot ask for memory no machine has.
+const MAX_IMAGE_VALUES: u64 = 1 << 26;
+/// The longest model `name`, in bytes: it is printed, recorded and made
+/// part of default folder names.
+const MAX_NAME_BYTES: usize = 256;
 /// The most blocks a cost shape may give a network (MAR-H's encoder and
 /// decoder have 20 each).
 const MAX_DEPTH: u64 = 1024;
@@ -453,6 +461,15 @@ impl Bundle {
                 m.format
             ));
         }
+        if m.name.is_empty()
+            || m.name.len() > MAX_NAME_BYTES
+            || m.name.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "`name` {:?} must be 1 to {MAX_NAME_BYTES} bytes of printable text (no control characters: it is printed and part of folder names)",
+                m.name.chars().take(60).collect::<String>()
+            ));
+        }
         // Sizes: at least 1, and small enough that no product of them
         // overflows or asks for absurd memory.
         let sizes = [
@@ -493,6 +510,37 @@ impl Bundle {
                 m.grid[1],
                 gtr_plan::grid::MAX_TOKENS
             ));
+        }
+        let tokens = (m.grid[0] * m.grid[1]) as u64;
+        let products = [
+            (
+                "grid × token_dim (an image's tokens)",
+                tokens * m.token_dim as u64,
+            ),
+            ("grid × width (an image's z)", tokens * m.width as u64),
+            (
+                "(buffer + grid) × width (the encoder's rows)",
+                (m.buffer as u64 + tokens) * m.width as u64,
+            ),
+            (
+                "image.height × image.width × image.channels (an image's pixels)",
+                (m.image.height * m.image.width * m.image.channels) as u64,
+            ),
+        ];
+        for (what, values) in products {
+            if values > MAX_IMAGE_VALUES {
+                return Err(format!(
+                    "{what} is {values} values; at most {MAX_IMAGE_VALUES} are supported (grid {}x{}, token_dim {}, width {}, buffer {}, image {}x{}x{})",
+                    m.grid[0],
+                    m.grid[1],
+                    m.token_dim,
+                    m.width,
+                    m.buffer,
+                    m.image.height,
+                    m.image.width,
+                    m.image.channels
+                ));
+            }
         }
         if m.diffusion.schedule != "cosine" {
             return Err(format!(

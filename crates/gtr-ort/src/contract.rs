@@ -147,12 +147,24 @@ pub(crate) fn evaluator_expectations(info: &ModelInfo) -> (Vec<Expect>, Vec<Expe
 
 /// Dimension `axis` of the output of role `role`, where the graph fixes it.
 pub(crate) fn fixed_dim(graph: &Graph, role: &str, axis: usize) -> Option<usize> {
-    let tensor = graph.outputs.get(role)?;
-    let outlet = graph
-        .session
-        .outputs()
-        .iter()
-        .find(|o| o.name() == tensor)?;
+    declared_dim(&graph.outputs, graph.session.outputs(), role, axis)
+}
+
+/// Dimension `axis` of the input of role `role`, where the graph fixes it.
+pub(crate) fn fixed_input_dim(graph: &Graph, role: &str, axis: usize) -> Option<usize> {
+    declared_dim(&graph.inputs, graph.session.inputs(), role, axis)
+}
+
+/// Dimension `axis` of the tensor that `names` gives role `role`, among
+/// `outlets`, where it is fixed.
+fn declared_dim(
+    names: &std::collections::BTreeMap<String, String>,
+    outlets: &[ort::value::Outlet],
+    role: &str,
+    axis: usize,
+) -> Option<usize> {
+    let tensor = names.get(role)?;
+    let outlet = outlets.iter().find(|o| o.name() == tensor)?;
     let dim = *outlet.dtype().tensor_shape()?.get(axis)?;
     usize::try_from(dim).ok()
 }

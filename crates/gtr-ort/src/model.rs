@@ -252,8 +252,51 @@ impl OrtModel {
         // TensorRT engines are built for the run's shapes, not a probe's.
         if options.device != Device::TensorRt {
             model.probe_labels()?;
+            model.probe_timesteps()?;
         }
         Ok(model)
+    }
+
+    /// Runs the diffusion head once on one row at the last training
+    /// timestep (`diffusion.train_steps` − 1), so that a manifest whose
+    /// `train_steps` lies beyond the head's timestep embedding is refused at
+    /// load, naming that field, rather than failing inside ONNX Runtime at
+    /// the first tick. Counted as the head's loading time, like
+    /// [`Self::probe_labels`].
+    fn probe_timesteps(&mut self) -> Result<(), OrtError> {
+        let last = self.info.train_steps as i64 - 1;
+        let x = Array2::<f32>::zeros((1, self.info.token_dim));
+        let z = Array2::<f32>::zeros((1, self.info.width));
+        let t = ndarray::Array1::from_elem(1, last);
+        let to_contract = |problem: String| OrtError::Contract {
+            graph: "diffusion",
+            tensor: "t".into(),
+            problem,
+        };
+        let inputs = vec![
+            (
+                "x",
+                view("diffusion", x.view()).map_err(|e| to_contract(e.to_string()))?,
+            ),
+            (
+                "t",
+                view("diffusion", t.view()).map_err(|e| to_contract(e.to_string()))?,
+            ),
+            (
+                "z",
+                view("diffusion", z.view()).map_err(|e| to_contract(e.to_string()))?,
+            ),
+        ];
+        let result = self.diffusion.run(inputs, "out", false);
+        let stats = &mut self.diffusion.stats;
+        stats.load_seconds += stats.seconds;
+        (stats.calls, stats.seconds, stats.first_call_seconds) = (0, 0.0, 0.0);
+        result.map(drop).map_err(|e| {
+            to_contract(format!(
+                "timestep {last} (the last of the manifest's `diffusion.train_steps: {}`) does not run through the head's timestep embedding: {e}; the manifest's train_steps does not match the graph",
+                self.info.train_steps
+            ))
+        })
     }
 
     /// Runs the encoder once on the largest real class and the null class,
@@ -766,11 +809,11 @@ impl MarModel for OrtModel {
         }
     }
 
-    fn chain_graph_role(&self) -> &'static str {
+    fn chain_graph_output(&self) -> (&'static str, &'static str) {
         if self.ticks.is_some() {
-            "tick"
+            ("tick", "x_next")
         } else {
-            "sampler"
+            ("sampler", "x_out")
         }
     }
 
@@ -891,14 +934,40 @@ fn open_derived<'a>(
         derived(Role::DiffusionCondition),
         derived(Role::DiffusionState),
     ) {
-        (Some(condition), Some(state)) if !tensorrt => Some(SplitHead {
-            condition: open(Role::DiffusionCondition, condition)?.0,
-            state: open(Role::DiffusionState, state)?.0,
-            rows: gtr_engine::SPLIT_TICK_ROWS,
-        }),
+        (Some(condition), Some(state)) if !tensorrt => {
+            let condition = open(Role::DiffusionCondition, condition)?.0;
+            let state = open(Role::DiffusionState, state)?.0;
+            check_condition_width(&condition, &state)?;
+            Some(SplitHead {
+                condition,
+                state,
+                rows: gtr_engine::SPLIT_TICK_ROWS,
+            })
+        }
         _ => None,
     };
     Ok((sampler, backbone, split_head))
+}
+
+/// The split head's two parts agree on the width of the condition rows
+/// where both graphs fix it: the condition part's `cond` output and the
+/// state part's `cond` input. Refused at load, naming both, rather than by
+/// ONNX Runtime at the first tick.
+fn check_condition_width(condition: &Graph, state: &Graph) -> Result<(), OrtError> {
+    let made = crate::contract::fixed_dim(condition, "cond", 1);
+    let taken = crate::contract::fixed_input_dim(state, "cond", 1);
+    match (made, taken) {
+        (Some(made), Some(taken)) if made != taken => Err(OrtError::Contract {
+            graph: "diffusion_state",
+            tensor: state.inputs["cond"].clone(),
+            problem: format!(
+                "takes condition rows {taken} wide, but diffusion_condition ({}) makes them {made} wide (in {})",
+                condition.path.display(),
+                state.path.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// How [`OrtModel::load_with`] opens a graph: its role, its manifest entry,

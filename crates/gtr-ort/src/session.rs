@@ -124,13 +124,23 @@ impl Graph {
         })?;
         let session = builder.commit_from_file(path).map_err(|e| {
             use ort::ErrorCode::{InvalidGraph, InvalidProtobuf, NoModel, NoSuchFile};
-            match e.code() {
-                InvalidProtobuf | InvalidGraph | NoModel | NoSuchFile => OrtError::Model {
+            // ONNX Runtime reports a graph it cannot read or resolve (an
+            // opset or IR version it lacks, an op of an unknown domain, a
+            // dangling input, shapes that cannot agree) as a generic failure
+            // of "Load model from …": the file's content, a wrong input,
+            // like the codes it gives such graphs elsewhere.
+            let content = matches!(
+                e.code(),
+                InvalidProtobuf | InvalidGraph | NoModel | NoSuchFile
+            ) || e.message().starts_with("Load model from");
+            if content {
+                OrtError::Model {
                     graph: name,
                     path: path.display().to_string(),
                     message: e.message().to_string(),
-                },
-                _ => session_err(e.to_string()),
+                }
+            } else {
+                session_err(e.to_string())
             }
         })?;
         let graph = Graph {
