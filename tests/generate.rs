@@ -309,10 +309,23 @@ fn outputs_that_break_a_graphs_contract_are_refused() {
             None,
             "graph `diffusion`, output `out`: shape [96, 8], expected [48, 8]",
         ),
+        // Refused by the check run when the tick graph loads; the count
+        // after the ticks catches one right at tick 0 only.
         (
             "tick-count",
             Some("--sampler=ticks"),
-            "graph `tick`, output `k_next`: counted to [0] over 50 ticks from 0",
+            "graph `tick`, tensor `k_next`: [0] after tick 0; it must be k + 1 = [1]",
+        ),
+        (
+            "tick-stuck",
+            Some("--sampler=ticks"),
+            "graph `tick`, output `k_next`: counted to [1] over 50 ticks from 0",
+        ),
+        // Was exit 4: ONNX Runtime refused the rows against the bound output.
+        (
+            "tick-rows",
+            Some("--sampler=ticks"),
+            "graph `tick`, tensor `x_next`: shape [4, 4] for 2 rows of 4 channels, expected [2, 4]",
         ),
         // Refused at load: the split head's parts disagree (it was exit 4,
         // ONNX Runtime's message at the first tick).

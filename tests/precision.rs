@@ -65,7 +65,7 @@ fn the_fixture_lists_fp16_variants_of_every_graph() {
 fn manifest_fields_are_checked_with_their_names() {
     /// (name, manifest edit, what the message must hold)
     type Case = (&'static str, fn(String) -> String, &'static [&'static str]);
-    let cases: [Case; 8] = [
+    let cases: [Case; 9] = [
         (
             "fp8",
             |m| m.replace("  fp16:", "  fp8:"),
@@ -92,6 +92,14 @@ fn manifest_fields_are_checked_with_their_names() {
             &[
                 "precisions.fp16.diffusion",
                 "missing.fp16.onnx does not exist",
+            ],
+        ),
+        (
+            "folder",
+            |m| m.replace("diffusion.fp16.onnx", "."),
+            &[
+                "precisions.fp16.diffusion",
+                "is not a regular file (a folder, device or pipe)",
             ],
         ),
         (

@@ -43,7 +43,8 @@ impl FeatureStats {
         })
     }
 
-    /// Reads `mu` `[F]`, `sigma` [F, F] (f64) and optional `count` from an npz.
+    /// Reads `mu` `[F]`, `sigma` [F, F] (f64) and optional `count` (i64 [])
+    /// from an npz.
     pub fn load_npz(path: &Path) -> Result<Self, StatsError> {
         let err = |problem: String| StatsError::Reference {
             path: path.display().to_string(),
@@ -57,11 +58,23 @@ impl FeatureStats {
         let sigma: Array2<f64> = npz
             .by_name("sigma")
             .map_err(|e| err(format!("array `sigma` (f64 [F, F]): {e}")))?;
-        let count = match npz.by_name::<ndarray::OwnedRepr<i64>, ndarray::Ix0>("count") {
-            Ok(c) => usize::try_from(c.into_scalar()).map_err(|_| {
+        // `count` may be absent (0: not known), but one that is there must
+        // be an i64 scalar of at least 0.
+        let names = npz.names().map_err(|e| err(e.to_string()))?;
+        let has_count = names.iter().any(|n| n == "count" || n == "count.npy");
+        let count = if has_count {
+            let c = npz
+                .by_name::<ndarray::OwnedRepr<i64>, ndarray::Ix0>("count")
+                .map_err(|e| {
+                    err(format!(
+                        "array `count` (i64 [], the number of images measured): {e}"
+                    ))
+                })?;
+            usize::try_from(c.into_scalar()).map_err(|_| {
                 err("`count` is negative; it is the number of images measured".into())
-            })?,
-            Err(_) => 0,
+            })?
+        } else {
+            0
         };
         let f = mu.len();
         if sigma.dim() != (f, f) {
@@ -199,6 +212,39 @@ pub fn classifier_score(probabilities: &Array2<f64>) -> f64 {
 mod tests {
     use super::*;
     use ndarray::{Array, array};
+
+    /// A reference npz of `mu` [2], an identity `sigma` and `count` as
+    /// `write` puts it (or not).
+    fn reference(
+        write: impl FnOnce(&mut ndarray_npy::NpzWriter<std::fs::File>),
+    ) -> Result<FeatureStats, StatsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("reference.npz");
+        let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&path).unwrap());
+        w.add_array("mu", &array![0.0f64, 1.0]).unwrap();
+        w.add_array("sigma", &Array2::<f64>::eye(2)).unwrap();
+        write(&mut w);
+        w.finish().unwrap();
+        FeatureStats::load_npz(&path)
+    }
+
+    #[test]
+    fn a_references_count_is_an_i64_scalar_of_at_least_zero_or_absent() {
+        assert_eq!(reference(|_| ()).unwrap().count, 0, "absent: not known");
+        let five = reference(|w| w.add_array("count", &ndarray::arr0(5i64)).unwrap());
+        assert_eq!(five.unwrap().count, 5);
+        let negative = reference(|w| w.add_array("count", &ndarray::arr0(-1i64)).unwrap());
+        assert!(
+            negative
+                .unwrap_err()
+                .to_string()
+                .contains("`count` is negative")
+        );
+        // A count of another type was read as absent.
+        let float = reference(|w| w.add_array("count", &ndarray::arr0(1.5f64)).unwrap());
+        let e = float.unwrap_err().to_string();
+        assert!(e.contains("array `count` (i64 []"), "{e}");
+    }
 
     fn stats(mu: Array1<f64>, sigma: Array2<f64>) -> FeatureStats {
         FeatureStats {

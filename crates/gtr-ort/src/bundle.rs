@@ -833,14 +833,14 @@ fn check_precisions(bundle: &Bundle) -> Result<(), String> {
                     known.join(", ")
                 ));
             }
-            let path = bundle.dir.join(file);
-            if !path.is_file() {
+            if !bundle.dir.join(file).exists() {
                 return Err(format!(
                     "{key}.{role}: {} does not exist (make it with `python3 models/convert_precision.py {} --precision {name}`)",
-                    path.display(),
+                    bundle.dir.join(file).display(),
                     bundle.dir.display()
                 ));
             }
+            bundle.check_file(&format!("{key}.{role}"), file)?;
         }
     }
     if let Some(text) = &m.precision {

@@ -287,11 +287,7 @@ impl OrtModel {
                 view("diffusion", z.view()).map_err(|e| to_contract(e.to_string()))?,
             ),
         ];
-        let result = self.diffusion.run(inputs, "out", false);
-        let stats = &mut self.diffusion.stats;
-        stats.load_seconds += stats.seconds;
-        (stats.calls, stats.seconds, stats.first_call_seconds) = (0, 0.0, 0.0);
-        result.map(drop).map_err(|e| {
+        self.diffusion.probe(inputs, |_, _| ()).map_err(|e| {
             to_contract(format!(
                 "timestep {last} (the last of the manifest's `diffusion.train_steps: {}`) does not run through the head's timestep embedding: {e}; the manifest's train_steps does not match the graph",
                 self.info.train_steps
@@ -335,11 +331,7 @@ impl OrtModel {
                 view("encoder", labels.view()).map_err(|e| to_contract(e.to_string()))?,
             ),
         ];
-        let result = self.encoder.run(inputs, "encoded", false);
-        let stats = &mut self.encoder.stats;
-        stats.load_seconds += stats.seconds;
-        (stats.calls, stats.seconds, stats.first_call_seconds) = (0, 0.0, 0.0);
-        result.map(drop).map_err(|e| {
+        self.encoder.probe(inputs, |_, _| ()).map_err(|e| {
             to_contract(format!(
                 "labels {labels} (the last of the manifest's `classes: {}`, and its `null_class: {}`) do not run through the encoder's class embedding: {e}; the manifest's classes or null_class do not match the graph",
                 self.info.classes, self.info.null_class
@@ -999,6 +991,12 @@ fn open_ticks(
         }
         opened => opened?,
     };
+    let mut graph = graph;
+    // A captured graph's first calls are its capture: it is checked by its
+    // runner's count instead.
+    if !capture {
+        probe_tick(&mut graph, info)?;
+    }
     let runner =
         TickRunner::new(graph, &ran, capture, info.token_dim, info.width).map_err(|message| {
             OrtError::Session {
@@ -1008,6 +1006,68 @@ fn open_ticks(
             }
         })?;
     Ok((runner, refused))
+}
+
+/// Runs the tick graph once at load on two rows, two ticks and both
+/// halves from tick 0, so that a graph whose `x_next` holds other rows than
+/// it was given, or whose `k_next` does not count to 1, is refused naming
+/// its output, rather than by ONNX Runtime inside a later call (whose
+/// outputs are bound to the rows asked for).
+fn probe_tick(graph: &mut Graph, info: &ModelInfo) -> Result<(), OrtError> {
+    let (n, ticks, c, d) = (2, 2, info.token_dim, info.width);
+    let x = Array2::<f32>::zeros((n, c));
+    let k = ndarray::arr0(0i64);
+    let z = Array3::<f32>::zeros((2, n, d));
+    let t = Array2::<i64>::zeros((ticks, n));
+    let coef = Array3::<f32>::zeros((ticks, n, gtr_engine::COEFFICIENTS));
+    let noise = Array3::<f32>::zeros((ticks, n, c));
+    let running = Array2::from_elem((ticks, n), true);
+    let guidance = ndarray::arr1(&[1f32]);
+    let path = graph.path.display().to_string();
+    let contract = |tensor: &str, problem: String| OrtError::Contract {
+        graph: "tick",
+        tensor: tensor.to_string(),
+        problem: format!("{problem} (in {path})"),
+    };
+    let input = |e: ModelError| contract("x", e.to_string());
+    let inputs = vec![
+        ("x", view("tick", x.view()).map_err(input)?),
+        ("k", view("tick", k.view()).map_err(input)?),
+        ("z", view("tick", z.view()).map_err(input)?),
+        ("t", view("tick", t.view()).map_err(input)?),
+        ("coef", view("tick", coef.view()).map_err(input)?),
+        ("noise", view("tick", noise.view()).map_err(input)?),
+        ("running", view("tick", running.view()).map_err(input)?),
+        ("guidance", view("tick", guidance.view()).map_err(input)?),
+    ];
+    let read = graph
+        .probe(inputs, |values, names| {
+            let rows = values[names["x_next"].as_str()]
+                .try_extract_array::<f32>()
+                .map(|a| a.shape().to_vec());
+            let next = values[names["k_next"].as_str()]
+                .try_extract_array::<i64>()
+                .map(|a| a.iter().copied().collect::<Vec<_>>());
+            (rows, next)
+        })
+        .map_err(|e| {
+            contract(
+                "x",
+                format!("the graph does not run on {n} rows of {ticks} ticks: {e}"),
+            )
+        })?;
+    match read {
+        (Ok(shape), _) if shape != [n, c] => Err(contract(
+            "x_next",
+            format!("shape {shape:?} for {n} rows of {c} channels, expected [{n}, {c}]"),
+        )),
+        (_, Ok(next)) if next != [1] => Err(contract(
+            "k_next",
+            format!("{next:?} after tick 0; it must be k + 1 = [1]"),
+        )),
+        (Err(e), _) | (_, Err(e)) => Err(contract("x_next", e.to_string())),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -259,6 +259,22 @@ impl Graph {
 
     /// One run call on (role, tensor) inputs, its seconds counted in the
     /// graph's stats.
+    /// Runs the graph once as a check made while loading: `read` gets its
+    /// outputs and the graph's output names by role. The call's time is
+    /// counted as the graph's loading time, not as one of its calls.
+    pub(crate) fn probe<'a, T>(
+        &mut self,
+        inputs: Vec<(&str, SessionInputValue<'a>)>,
+        read: impl FnOnce(&ort::session::SessionOutputs<'_>, &BTreeMap<String, String>) -> T,
+    ) -> Result<T, ModelError> {
+        let outputs = self.outputs.clone();
+        let result = self.timed_run(inputs).map(|values| read(&values, &outputs));
+        let stats = &mut self.stats;
+        stats.load_seconds += stats.seconds;
+        (stats.calls, stats.seconds, stats.first_call_seconds) = (0, 0.0, 0.0);
+        result
+    }
+
     fn timed_run<'a>(
         &mut self,
         inputs: Vec<(&str, SessionInputValue<'a>)>,
