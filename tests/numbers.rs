@@ -221,7 +221,16 @@ fn classes_beyond_the_class_embedding_are_refused_at_load() {
     let dir = tiny_bundle_with("numbers-classes", "", "", edit);
     let manifest = std::fs::read_to_string(dir.join("manifest.yaml")).unwrap();
     assert!(manifest.contains("classes: 20 ") && manifest.contains("null_class: 20 "));
-    let out = tmp("numbers-classes-out");
+    refused_at_load(
+        &dir,
+        "(the last of the manifest's `classes: 20`, and its `null_class: 20`) do not run through the encoder's class embedding",
+    );
+}
+
+/// The run of bundle `dir` is a wrong input (exit status 3) said once with
+/// `want`, and makes no output folder.
+fn refused_at_load(dir: &std::path::Path, want: &str) {
+    let out = dir.with_extension("out");
     let o = common::gtr_run(&[
         dir.to_str().unwrap(),
         "schedules/mar-8.gtr",
@@ -230,10 +239,7 @@ fn classes_beyond_the_class_embedding_are_refused_at_load() {
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(
-        err.contains("(the last of the manifest's `classes: 20`, and its `null_class: 20`) do not run through the encoder's class embedding"),
-        "{err}"
-    );
+    assert!(err.contains(want), "{err}");
     assert_eq!(err.lines().count(), 1, "said once: {err}");
     assert!(!out.exists());
 }
@@ -246,21 +252,10 @@ fn train_steps_beyond_the_heads_tables_are_refused_at_load() {
     let dir = tiny_bundle_with("numbers-train-steps-beyond", "", "", |m| {
         m.replacen("train_steps: 1000 ", "train_steps: 1001 ", 1)
     });
-    let out = tmp("numbers-train-steps-beyond-out");
-    let o = common::gtr_run(&[
-        dir.to_str().unwrap(),
-        "schedules/mar-8.gtr",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(3), "{err}");
-    assert!(
-        err.contains("timestep 1000 (the last of the manifest's `diffusion.train_steps: 1001`) does not run through the head's timestep embedding"),
-        "{err}"
+    refused_at_load(
+        &dir,
+        "timestep 1000 (the last of the manifest's `diffusion.train_steps: 1001`) does not run through the head's timestep embedding",
     );
-    assert_eq!(err.lines().count(), 1, "said once: {err}");
-    assert!(!out.exists());
 }
 
 #[test]
