@@ -73,16 +73,17 @@ fn every_order_rule_is_a_permutation_of_its_tokens() {
         ];
         // The named orders, and key and listed orders (a listed order may
         // list tokens outside the subset and miss some of it).
-        let keys: Vec<f64> = (0..grid.len()).map(|t| (t % 5) as f64).collect();
+        let keys: Vec<(usize, f64)> = (0..grid.len()).map(|t| (t, (t % 5) as f64)).collect();
+        let named = order::NamedRules::new(grid);
         let mut rules: Vec<(String, Box<dyn order::TokenOrder>)> = OrderKind::ALL
             .iter()
-            .map(|&k| (format!("{k:?}"), order::rule(k)))
+            .map(|&k| (format!("{k:?}"), named.rule(k)))
             .collect();
         for ties in [Ties::Random, Ties::Raster] {
             let keys = keys.clone();
             rules.push((
                 format!("key, {ties:?} ties"),
-                Box::new(order::KeyOrder { keys, ties }),
+                Box::new(order::KeyOrder::new(keys, ties)),
             ));
         }
         let listed = (0..grid.len()).rev().step_by(2).collect();

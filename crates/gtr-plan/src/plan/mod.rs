@@ -169,6 +169,7 @@ impl<'a> Planner<'a> {
         let mut stage_tokens = Vec::new();
         let mut stage_counts = Vec::new();
         let mut stage_orders = Vec::new();
+        let named_orders = order::NamedRules::new(grid);
         for (s, stage) in schedule.stages.iter().enumerate() {
             let member = members(&stage.tokens, grid, &params, &sets, &taken_mask);
             let tokens: Vec<usize> = (0..grid.len()).filter(|&t| member[t]).collect();
@@ -202,7 +203,14 @@ impl<'a> Planner<'a> {
             }
             let n = tokens.len();
             let counts = step_counts(src, stage, n, &params, grid)?;
-            stage_orders.push(stage_order::resolve(src, stage, &tokens, grid, &params)?);
+            stage_orders.push(stage_order::resolve(
+                src,
+                stage,
+                &tokens,
+                grid,
+                &params,
+                &named_orders,
+            )?);
             stage_tokens.push(tokens);
             stage_counts.push(counts);
         }
@@ -490,11 +498,14 @@ fn members(
     sets: &HashMap<String, Vec<bool>>,
     taken: &[bool],
 ) -> Vec<bool> {
-    per_cell(grid, params, sets, taken, |env| expr::condition(cond, env))
+    per_token(0..grid.len(), grid, params, sets, taken, |env| {
+        expr::condition(cond, env)
+    })
 }
 
-/// `f` evaluated at every cell of `grid`, in token order.
-fn per_cell<T>(
+/// `f` evaluated at each of `tokens` (cells of `grid`), in their order.
+fn per_token<T>(
+    tokens: impl Iterator<Item = usize>,
     grid: Grid,
     params: &HashMap<String, f64>,
     sets: &HashMap<String, Vec<bool>>,
@@ -508,7 +519,7 @@ fn per_cell<T>(
         sets,
         taken,
     };
-    (0..grid.len())
+    tokens
         .map(|t| {
             env.cell = grid.cell(t);
             f(&env)
@@ -812,6 +823,29 @@ mod tests {
         // its own terms: most tokens are left over).
         let err = Planner::new(&schedule, Grid::new(16, 16)).err().unwrap();
         assert!(!err.message.contains("at most"), "{}", err.message);
+    }
+
+    /// An `order by` key is evaluated at its stage's tokens only, so all
+    /// stages together evaluate it once per cell: 256 stages with a key of
+    /// 499 parts on a 256x256 grid took about a minute (and a grid-sized
+    /// array of keys per stage), each stage's key evaluated at every cell.
+    #[test]
+    fn order_keys_are_evaluated_at_the_stages_tokens_only() {
+        let key = vec!["j"; 250].join("+");
+        let text: String = (0..256)
+            .map(|k| format!("stage q{k} {{ tokens i == {k}  order by {key}  steps 1 }}\n"))
+            .collect();
+        let schedule =
+            Schedule::from_source(Source::new("keys.gtr", text), &Default::default()).unwrap();
+        let started = std::time::Instant::now();
+        let plan = plan(&schedule, Grid::new(256, 256), 0).unwrap();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(plan.steps.len(), 256);
+        assert_eq!(plan.steps[3].tokens, (3 * 256..4 * 256).collect::<Vec<_>>());
     }
 
     /// On a tie `round` rounds the count to even, as mar.md §5.3's

@@ -1,6 +1,8 @@
 //! Intra-stage token orders: every rule turns a stage's set of tokens into
 //! the sequence in which they are revealed (first revealed first).
 
+use std::sync::{Arc, OnceLock};
+
 use crate::grid::Grid;
 use crate::rng::Stream;
 use crate::schedule::{OrderKind, Ties};
@@ -20,6 +22,29 @@ pub struct RasterOrder;
 /// optionally rolled cyclically by a random offset.
 pub struct HaltonOrder {
     pub roll: bool,
+    /// The grid's Halton order, shared by every stage that uses it.
+    pub ranks: HaltonRanks,
+}
+
+/// Each cell's place in a grid's Halton order ([`halton_permutation`]):
+/// built once per grid and shared, so that a stage's Halton order costs
+/// O(n log n) in its own tokens, not a walk of the whole grid.
+#[derive(Debug, Clone)]
+pub struct HaltonRanks(Arc<[u32]>);
+
+impl HaltonRanks {
+    pub fn new(grid: Grid) -> Self {
+        let mut ranks = vec![u32::MAX; grid.len()];
+        for (rank, t) in halton_permutation(grid).into_iter().enumerate() {
+            ranks[t] = u32::try_from(rank).unwrap_or(u32::MAX);
+        }
+        HaltonRanks(ranks.into())
+    }
+
+    /// The place of token `t` (`u32::MAX` outside the grid it was built for).
+    fn rank(&self, t: usize) -> u32 {
+        self.0.get(t).copied().unwrap_or(u32::MAX)
+    }
 }
 
 /// Quadrant-interleaved raster: the grid is cut into four quadrants
@@ -45,15 +70,12 @@ impl TokenOrder for RasterOrder {
 }
 
 impl TokenOrder for HaltonOrder {
-    fn order(&self, tokens: &[usize], grid: Grid, rng: &mut Stream) -> Vec<usize> {
-        let mut member = vec![false; grid.len()];
-        for &t in tokens {
-            member[t] = true;
-        }
-        let mut v: Vec<usize> = halton_permutation(grid)
-            .into_iter()
-            .filter(|&t| member[t])
-            .collect();
+    /// `tokens` in the order of the grid's Halton sequence (the ranks must
+    /// be those of `grid`), rolled when asked.
+    fn order(&self, tokens: &[usize], _: Grid, rng: &mut Stream) -> Vec<usize> {
+        let mut v = tokens.to_vec();
+        // Stable, so tokens outside the ranks' grid (a misuse) keep their order.
+        v.sort_by_key(|&t| self.ranks.rank(t));
         if self.roll && !v.is_empty() {
             let offset = rng.below(v.len() as u64) as usize;
             v.rotate_left(offset);
@@ -82,19 +104,39 @@ impl TokenOrder for SubsampleOrder {
 /// `order by KEY`: ascending key; equal keys keep the order of `ties`
 /// (the seeded random order, or raster).
 pub struct KeyOrder {
-    /// The key of every token of the grid (finite: the planner checks).
-    pub keys: Vec<f64>,
-    pub ties: Ties,
+    /// (token, key) for the stage's tokens only, ascending by token (the
+    /// keys finite: the planner checks).
+    keyed: Vec<(usize, f64)>,
+    ties: Ties,
+}
+
+impl KeyOrder {
+    /// The order of `keyed`'s (token, key) pairs, given in any order; a
+    /// token listed twice keeps its first key.
+    pub fn new(mut keyed: Vec<(usize, f64)>, ties: Ties) -> Self {
+        keyed.sort_by_key(|&(t, _)| t);
+        keyed.dedup_by_key(|&mut (t, _)| t);
+        KeyOrder { keyed, ties }
+    }
+
+    /// The key of token `t`; tokens without one go last.
+    fn key(&self, t: usize) -> f64 {
+        self.keyed
+            .binary_search_by_key(&t, |&(t, _)| t)
+            .map_or(f64::INFINITY, |k| self.keyed[k].1)
+    }
 }
 
 impl TokenOrder for KeyOrder {
     fn order(&self, tokens: &[usize], grid: Grid, rng: &mut Stream) -> Vec<usize> {
-        let mut v = match self.ties {
+        let tied = match self.ties {
             Ties::Random => RandomOrder.order(tokens, grid, rng),
             Ties::Raster => RasterOrder.order(tokens, grid, rng),
         };
-        v.sort_by(|&a, &b| self.keys[a].total_cmp(&self.keys[b]));
-        v
+        let mut v: Vec<(f64, usize)> = tied.into_iter().map(|t| (self.key(t), t)).collect();
+        // Stable: equal keys keep the ties' order.
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v.into_iter().map(|(_, t)| t).collect()
     }
 }
 
@@ -105,18 +147,20 @@ impl TokenOrder for KeyOrder {
 pub struct ListedOrder(pub Vec<usize>);
 
 impl TokenOrder for ListedOrder {
-    fn order(&self, tokens: &[usize], grid: Grid, _: &mut Stream) -> Vec<usize> {
-        let mut member = vec![false; grid.len()];
-        for &t in tokens {
-            member[t] = true;
-        }
-        let mut v: Vec<usize> = self
-            .0
-            .iter()
-            .copied()
-            .filter(|&t| t < member.len() && std::mem::take(&mut member[t]))
-            .collect();
-        v.extend(tokens.iter().copied().filter(|&t| member[t]));
+    /// O(n log n) in the list and the stage's tokens (no grid-sized table:
+    /// a plan may have thousands of small stages).
+    fn order(&self, tokens: &[usize], _: Grid, _: &mut Stream) -> Vec<usize> {
+        let mut sorted = tokens.to_vec();
+        sorted.sort_unstable();
+        let mut unlisted = vec![true; sorted.len()];
+        // Whether `t` is a token of the stage not yet placed (and marks it).
+        let mut take = |t: &usize| {
+            sorted
+                .binary_search(t)
+                .is_ok_and(|k| std::mem::take(&mut unlisted[k]))
+        };
+        let mut v: Vec<usize> = self.0.iter().copied().filter(&mut take).collect();
+        v.extend(tokens.iter().copied().filter(take));
         v
     }
 }
@@ -163,13 +207,35 @@ pub fn permutation(
     }
 }
 
-/// The rule object for an order named in a schedule.
-pub fn rule(kind: OrderKind) -> Box<dyn TokenOrder> {
-    match kind {
-        OrderKind::Random => Box::new(RandomOrder),
-        OrderKind::Raster => Box::new(RasterOrder),
-        OrderKind::Halton { roll } => Box::new(HaltonOrder { roll }),
-        OrderKind::Subsample => Box::new(SubsampleOrder),
+/// The rule objects for the orders named in a schedule, on one grid: the
+/// Halton order is computed at most once and shared by every stage.
+pub struct NamedRules {
+    grid: Grid,
+    halton: OnceLock<HaltonRanks>,
+}
+
+impl NamedRules {
+    pub fn new(grid: Grid) -> Self {
+        NamedRules {
+            grid,
+            halton: OnceLock::new(),
+        }
+    }
+
+    /// The rule for `kind` (its `order` takes tokens of this grid).
+    pub fn rule(&self, kind: OrderKind) -> Box<dyn TokenOrder> {
+        match kind {
+            OrderKind::Random => Box::new(RandomOrder),
+            OrderKind::Raster => Box::new(RasterOrder),
+            OrderKind::Halton { roll } => Box::new(HaltonOrder {
+                roll,
+                ranks: self
+                    .halton
+                    .get_or_init(|| HaltonRanks::new(self.grid))
+                    .clone(),
+            }),
+            OrderKind::Subsample => Box::new(SubsampleOrder),
+        }
     }
 }
 
@@ -272,6 +338,59 @@ mod tests {
             permutation(&[3], &stage, g),
             Err(NotAPermutation::Missing { count: 2, token: 0 })
         );
+    }
+
+    /// The shared Halton ranks and per-stage keys give the orders the
+    /// whole-grid definitions give: the grid's Halton order filtered to the
+    /// stage, and a stable sort of the ties' order by a key of every cell.
+    #[test]
+    fn shared_halton_ranks_and_stage_keys_give_the_whole_grid_orders() {
+        for grid in [
+            Grid::new(16, 16),
+            Grid::new(7, 13),
+            Grid::new(1, 5),
+            Grid::new(64, 3),
+        ] {
+            let named = NamedRules::new(grid);
+            let key = |t: usize| ((t * 7919) % 11) as f64;
+            let subsets: Vec<Vec<usize>> = vec![
+                (0..grid.len()).collect(),
+                (0..grid.len()).filter(|t| t % 3 == 1).collect(),
+                (0..grid.len()).filter(|t| t % 5 < 2).collect(),
+            ];
+            for tokens in &subsets {
+                for roll in [false, true] {
+                    let mut member = vec![false; grid.len()];
+                    tokens.iter().for_each(|&t| member[t] = true);
+                    let mut want: Vec<usize> = halton_permutation(grid)
+                        .into_iter()
+                        .filter(|&t| member[t])
+                        .collect();
+                    let mut rng = Stream::new(5, Purpose::Order);
+                    if roll {
+                        let offset = rng.below(want.len() as u64) as usize;
+                        want.rotate_left(offset);
+                    }
+                    let mut rng = Stream::new(5, Purpose::Order);
+                    let got = named
+                        .rule(OrderKind::Halton { roll })
+                        .order(tokens, grid, &mut rng);
+                    assert_eq!(got, want, "{grid} roll {roll}");
+                }
+                for ties in [Ties::Random, Ties::Raster] {
+                    let mut rng = Stream::new(9, Purpose::Order);
+                    let mut want = match ties {
+                        Ties::Random => RandomOrder.order(tokens, grid, &mut rng),
+                        Ties::Raster => RasterOrder.order(tokens, grid, &mut rng),
+                    };
+                    want.sort_by(|&a, &b| key(a).total_cmp(&key(b)));
+                    let keyed = tokens.iter().rev().map(|&t| (t, key(t))).collect();
+                    let mut rng = Stream::new(9, Purpose::Order);
+                    let got = KeyOrder::new(keyed, ties).order(tokens, grid, &mut rng);
+                    assert_eq!(got, want, "{grid} {ties:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,43 +4,51 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::order::{self, KeyOrder, ListedOrder, NotAPermutation, TokenOrder};
-use super::{PlanEnv, per_cell};
+use super::order::{self, KeyOrder, ListedOrder, NamedRules, NotAPermutation, TokenOrder};
+use super::{PlanEnv, per_token};
 use crate::grid::Grid;
 use crate::schedule::ast::Expr;
 use crate::schedule::expr;
 use crate::schedule::fmt_num;
 use crate::schedule::{Diagnostic, Order, OrderKind, Source, Span, Stage};
 
-/// The rule ordering `stage`'s `tokens` (ascending) on `grid`.
+/// The rule ordering `stage`'s `tokens` (ascending) on `grid` (the grid
+/// of `named`). An `order by` key is evaluated at the stage's tokens only,
+/// so that all stages together evaluate it at most once per cell.
 pub(super) fn resolve(
     src: &Arc<Source>,
     stage: &Stage,
     tokens: &[usize],
     grid: Grid,
     params: &HashMap<String, f64>,
+    named: &NamedRules,
 ) -> Result<Box<dyn TokenOrder>, Diagnostic> {
     match &stage.order {
-        Order::Named(kind) => Ok(order::rule(*kind)),
+        Order::Named(kind) => Ok(named.rule(*kind)),
         // The provisional order of an adaptive stage: the engine replaces it.
-        Order::Adaptive(_) => Ok(order::rule(OrderKind::Random)),
+        Order::Adaptive(_) => Ok(named.rule(OrderKind::Random)),
         Order::By { key, ties } => {
-            let keys = per_cell(grid, params, &HashMap::new(), &[], |env| {
-                expr::number(key, env)
-            });
-            if let Some(&t) = tokens.iter().find(|&&t| !keys[t].is_finite()) {
+            let keyed = per_token(
+                tokens.iter().copied(),
+                grid,
+                params,
+                &HashMap::new(),
+                &[],
+                |env| (env.token(), expr::number(key, env)),
+            );
+            if let Some(&(t, k)) = keyed.iter().find(|(_, k)| !k.is_finite()) {
                 let (i, j) = grid.cell(t);
                 return Err(Diagnostic::new(
                     src,
                     key.span,
                     format!(
                         "the order key is {} at row {i}, column {j}; it must be a finite number",
-                        fmt_num(keys[t])
+                        fmt_num(k)
                     ),
                 )
                 .with_help("check for a division by zero or the `sqrt` of a negative number"));
             }
-            Ok(Box::new(KeyOrder { keys, ties: *ties }))
+            Ok(Box::new(KeyOrder::new(keyed, *ties)))
         }
         Order::List(list) => {
             let env = PlanEnv::numbers(params, grid);
