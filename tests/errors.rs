@@ -7,8 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use gtr_run::grid::Grid;
-use gtr_run::plan::plan;
-use gtr_run::schedule::ScheduleError;
+use gtr_run::plan::{PlanOptions, Planner, plan};
+use gtr_run::schedule::{Schedule, ScheduleError, Source};
 
 fn error_text(path: &std::path::Path) -> String {
     match common::load(path, &BTreeMap::new()) {
@@ -55,4 +55,91 @@ fn unknown_override_is_refused_with_the_known_names() {
     let text = err.to_string();
     assert!(text.contains("no parameter `gen_steps`"), "{text}");
     assert!(text.contains("scaffold_steps"), "{text}");
+}
+
+/// The error planning `text` (named `t.gtr`) on its own grid gives.
+fn plan_error(text: &str) -> String {
+    let schedule = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new())
+        .unwrap_or_else(|e| panic!("{text}: {e}"));
+    plan(&schedule, schedule.grid.unwrap_or(Grid::MAR), 0)
+        .err()
+        .unwrap_or_else(|| panic!("{text}: should be refused"))
+        .to_string()
+}
+
+/// Top-level defaults out of range are refused where they stand, as a
+/// stage's own value is, even where every stage gives its own.
+#[test]
+fn out_of_range_defaults_are_refused_where_every_stage_overrides_them() {
+    let stage =
+        "stage a { tokens all steps 2 diffusion 10 cfg 1 temperature 1 clip_timesteps 900 }";
+    for (default, at, message) in [
+        (
+            "diffusion 0",
+            "2:11",
+            "diffusion steps must be a whole number from 1 to 1000, not 0",
+        ),
+        (
+            "diffusion [5, 0]",
+            "2:15",
+            "diffusion steps must be a whole number from 1 to 1000, not 0",
+        ),
+        ("diffusion 1001", "2:11", "not 1001"),
+        ("cfg -1", "2:5", "the guidance scale must be a number >= 0"),
+        (
+            "cfg linear -1",
+            "2:12",
+            "the guidance scale must be a number >= 0",
+        ),
+        (
+            "temperature -1",
+            "2:13",
+            "temperature -1 must be a number >= 0",
+        ),
+        (
+            "temperature w - 3",
+            "2:13",
+            "temperature -1 must be a number >= 0",
+        ),
+        (
+            "clip_timesteps 0",
+            "2:16",
+            "clip_timesteps must be a whole number from 1 to 999",
+        ),
+    ] {
+        let err = plan_error(&format!("grid 2x2\n{default}\n{stage}\n"));
+        assert!(err.contains(&format!("t.gtr:{at}\n")), "{default}: {err}");
+        assert!(err.contains(message), "{default}: {err}");
+    }
+    // In range, or in range on the grid planned (`w - 3` on 4x4), they plan.
+    for default in [
+        "diffusion [5, 1]",
+        "cfg 0",
+        "temperature w - 3",
+        "clip_timesteps 999",
+    ] {
+        let text = format!("grid 4x4\n{default}\n{stage}\n");
+        let s = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new()).unwrap();
+        plan(&s, Grid::new(4, 4), 0).unwrap_or_else(|e| panic!("{default}: {e}"));
+    }
+}
+
+/// A stage's temperature is checked even where `--temperature` replaces
+/// it, as its `cfg` is where `--cfg` does.
+#[test]
+fn a_stage_value_is_checked_under_a_command_line_override() {
+    let text = "grid 2x2\nstage a { tokens all steps 2 temperature -1 cfg -2 }\n";
+    let s = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new()).unwrap();
+    let options = PlanOptions {
+        temperature: Some(0.5),
+        cfg: Some(3.0),
+        ..Default::default()
+    };
+    let err = Planner::new(&s, Grid::new(2, 2))
+        .unwrap()
+        .plan_with(0, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("t.gtr:2:42\n"), "{err}");
+    assert!(err.contains("temperature -1 must be"), "{err}");
 }

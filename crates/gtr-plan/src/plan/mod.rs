@@ -231,6 +231,7 @@ impl<'a> Planner<'a> {
                 "every token must be revealed once; end with a stage that takes `tokens rest`",
             ));
         }
+        check_defaults(schedule, &PlanEnv::numbers(&params, grid))?;
         Ok(Planner {
             schedule,
             grid,
@@ -348,47 +349,70 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// A stage's sampler temperature: `--temperature`, else the stage's
-/// (finite, ≥ 0), else the model's default, else 1.
+/// A stage's sampler temperature: `--temperature`, else the stage's,
+/// else the model's default, else 1. The stage's own value is checked
+/// ([`temperature_value`]) even where `--temperature` replaces it.
 fn stage_temperature(
     src: &Arc<Source>,
     stage: &Stage,
     options: &PlanOptions,
     eval: &impl Fn(&Expr) -> f64,
 ) -> Result<f64, Diagnostic> {
-    Ok(match (options.temperature, &stage.temperature) {
-        (Some(t), _) => t,
-        (None, Some(e)) => {
-            let t = eval(e);
-            if !is_sampler_scale(t) {
-                return Err(Diagnostic::new(
-                    src,
-                    e.span,
-                    format!("temperature {} must be {SAMPLER_SCALE_RULE}", fmt_num(t)),
-                )
-                .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
-            }
-            // `-0` is 0 (printed without its sign).
-            if t == 0.0 { 0.0 } else { t }
-        }
-        (None, None) => options.default_temperature.unwrap_or(1.0),
-    })
+    let own = stage
+        .temperature
+        .as_ref()
+        .map(|e| temperature_value(src, e, eval))
+        .transpose()?;
+    Ok(options
+        .temperature
+        .or(own)
+        .or(options.default_temperature)
+        .unwrap_or(1.0))
 }
 
-/// A stage's `clip_timesteps`, a whole number from 1 to
-/// `MAX_DIFFUSION_STEPS − 1` (a timestep of the training chain).
+/// The value of a `temperature` clause: [`is_sampler_scale`], `-0` as 0
+/// (printed without its sign); else an error at the clause's number.
+fn temperature_value(
+    src: &Arc<Source>,
+    e: &Expr,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<f64, Diagnostic> {
+    let t = eval(e);
+    if !is_sampler_scale(t) {
+        return Err(Diagnostic::new(
+            src,
+            e.span,
+            format!("temperature {} must be {SAMPLER_SCALE_RULE}", fmt_num(t)),
+        )
+        .with_help("1.0 is MAR's default; 0 removes the sampler's noise"));
+    }
+    Ok(if t == 0.0 { 0.0 } else { t })
+}
+
+/// A stage's `clip_timesteps` ([`clip_timesteps_value`]), if it has one.
 fn stage_clip_timesteps(
     src: &Arc<Source>,
     stage: &Stage,
     eval: &impl Fn(&Expr) -> f64,
 ) -> Result<Option<u32>, Diagnostic> {
-    let Some(e) = &stage.clip_timesteps else {
-        return Ok(None);
-    };
+    stage
+        .clip_timesteps
+        .as_ref()
+        .map(|e| clip_timesteps_value(src, e, eval))
+        .transpose()
+}
+
+/// The value of a `clip_timesteps` clause: a whole number from 1 to
+/// `MAX_DIFFUSION_STEPS − 1` (a timestep of the training chain).
+fn clip_timesteps_value(
+    src: &Arc<Source>,
+    e: &Expr,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<u32, Diagnostic> {
     let t = eval(e);
     let last = MAX_DIFFUSION_STEPS - 1;
     if t.is_finite() && t.fract() == 0.0 && (1.0..=f64::from(last)).contains(&t) {
-        Ok(Some(t as u32))
+        Ok(t as u32)
     } else {
         Err(Diagnostic::new(
             src,
@@ -435,30 +459,65 @@ fn stage_guidance(
     let rule = match &stage.cfg {
         Cfg::None => None,
         Cfg::Unset => options.default_cfg.map(|c| (c, true)),
-        Cfg::Constant(e) | Cfg::Linear(e) => {
-            let scale = eval(e);
-            if !is_sampler_scale(scale) {
-                // As `--cfg` refuses them.
-                return Err(Diagnostic::new(
-                    src,
-                    e.span,
-                    format!(
-                        "the guidance scale must be {SAMPLER_SCALE_RULE}, not {}",
-                        fmt_num(scale)
-                    ),
-                )
-                .with_help(
-                    "1 runs no unconditional pass; MAR-B's value is 2.9 (`cfg linear 2.9`)",
-                ));
-            }
-            Some((scale, matches!(stage.cfg, Cfg::Linear(_))))
-        }
+        Cfg::Constant(e) | Cfg::Linear(e) => Some((
+            guidance_scale(src, e, eval)?,
+            matches!(stage.cfg, Cfg::Linear(_)),
+        )),
     };
     // `-0` is 0 (printed without its sign), as for the temperature.
     Ok(rule.map(|(scale, linear)| {
         let scale = options.cfg.unwrap_or(scale);
         (if scale == 0.0 { 0.0 } else { scale }, linear)
     }))
+}
+
+/// The scale of a `cfg` clause: [`is_sampler_scale`] (as `--cfg` checks),
+/// else an error at the clause's number.
+fn guidance_scale(
+    src: &Arc<Source>,
+    e: &Expr,
+    eval: &impl Fn(&Expr) -> f64,
+) -> Result<f64, Diagnostic> {
+    let scale = eval(e);
+    if is_sampler_scale(scale) {
+        return Ok(scale);
+    }
+    Err(Diagnostic::new(
+        src,
+        e.span,
+        format!(
+            "the guidance scale must be {SAMPLER_SCALE_RULE}, not {}",
+            fmt_num(scale)
+        ),
+    )
+    .with_help("1 runs no unconditional pass; MAR-B's value is 2.9 (`cfg linear 2.9`)"))
+}
+
+/// Checks the values of the file's top-level settings on `grid`, as a
+/// stage's own are checked, whether or not a stage inherits them: a
+/// default that no stage uses is still a wrong schedule.
+fn check_defaults(schedule: &Schedule, env: &PlanEnv) -> Result<(), Diagnostic> {
+    let src = &schedule.source;
+    let eval = |e: &Expr| expr::number(e, env);
+    let defaults = &schedule.defaults;
+    let diffusion: &[Expr] = match &defaults.diffusion {
+        Some(DiffusionRule::Constant(e)) => std::slice::from_ref(e),
+        Some(DiffusionRule::List(list)) => list,
+        Some(DiffusionRule::Ramp(_)) | None => &[],
+    };
+    for e in diffusion {
+        diffusion_count(src, eval(e), e.span, "diffusion steps")?;
+    }
+    if let Cfg::Constant(e) | Cfg::Linear(e) = &defaults.cfg {
+        guidance_scale(src, e, &eval)?;
+    }
+    if let Some(e) = &defaults.temperature {
+        temperature_value(src, e, &eval)?;
+    }
+    if let Some(e) = &defaults.clip_timesteps {
+        clip_timesteps_value(src, e, &eval)?;
+    }
+    Ok(())
 }
 
 /// The most expression parts planning may evaluate over a grid's cells

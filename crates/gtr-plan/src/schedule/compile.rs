@@ -277,7 +277,7 @@ fn compile_with(
     let src = &source;
     let decls = Declarations::read(src, ast, overrides)?;
     check_overrides(src, &decls.params, overrides)?;
-    decls.check_defaults(src)?;
+    let defaults = decls.compile_defaults(src)?;
     if decls.stages.is_empty() {
         let end = src.text.len();
         return Err(Diagnostic::new(src, Span::new(end, end), "this schedule has no stages")
@@ -307,6 +307,7 @@ fn compile_with(
         sets,
         stages,
         ramps: ramps.ramps,
+        defaults,
     })
 }
 
@@ -558,26 +559,26 @@ impl<'a> Declarations<'a> {
         }
     }
 
-    /// The top-level settings' names and types, checked once the whole
-    /// file's parameters are known, whether or not a stage inherits them
-    /// (every stage may override them all).
-    fn check_defaults(&self, src: &Arc<Source>) -> Result<(), Diagnostic> {
+    /// The top-level settings, their names and types checked once the
+    /// whole file's parameters are known, whether or not a stage inherits
+    /// them (every stage may override them all); the planner checks their
+    /// values.
+    fn compile_defaults(&self, src: &Arc<Source>) -> Result<Defaults, Diagnostic> {
         let numbers = self.numbers();
-        if let Some(d) = self.defaults.diffusion {
-            fixed_diffusion(src, d, &numbers)?;
-        }
-        if let Some(c) = self.defaults.cfg
-            && let CfgKind::Constant(e) | CfgKind::Linear(e) = &c.kind
-        {
-            expr::check(src, e, Type::Number, &numbers)?;
-        }
-        for e in [self.defaults.temperature, self.defaults.clip_timesteps]
-            .into_iter()
-            .flatten()
-        {
-            expr::check(src, e, Type::Number, &numbers)?;
-        }
-        Ok(())
+        let number = |e: Option<&Expr>| -> Result<Option<Expr>, Diagnostic> {
+            e.map(|e| expr::check(src, e, Type::Number, &numbers).map(|()| e.clone()))
+                .transpose()
+        };
+        Ok(Defaults {
+            diffusion: self
+                .defaults
+                .diffusion
+                .map(|d| fixed_diffusion(src, d, &numbers))
+                .transpose()?,
+            cfg: compile_cfg(src, self.defaults.cfg, &numbers)?,
+            temperature: number(self.defaults.temperature)?,
+            clip_timesteps: number(self.defaults.clip_timesteps)?,
+        })
     }
 
     /// What an `order by` key may use: parameters, the grid size and the
@@ -855,20 +856,7 @@ fn compile_stage(
     };
     let (diffusion, diffusion_span) =
         stage_diffusion(src, decls, ramps, index, ast, clauses.own.diffusion)?;
-    let cfg = match clauses.own.cfg.or(decls.defaults.cfg) {
-        None => Cfg::Unset,
-        Some(c) => match &c.kind {
-            CfgKind::None => Cfg::None,
-            CfgKind::Constant(e) => {
-                expr::check(src, e, Type::Number, &numbers)?;
-                Cfg::Constant(e.clone())
-            }
-            CfgKind::Linear(e) => {
-                expr::check(src, e, Type::Number, &numbers)?;
-                Cfg::Linear(e.clone())
-            }
-        },
-    };
+    let cfg = compile_cfg(src, clauses.own.cfg.or(decls.defaults.cfg), &numbers)?;
     let temperature = clauses.own.temperature.or(decls.defaults.temperature);
     if let Some(t) = temperature {
         expr::check(src, t, Type::Number, &numbers)?;
@@ -892,6 +880,26 @@ fn compile_stage(
         cfg,
         temperature: temperature.cloned(),
         clip_timesteps: clip_timesteps.cloned(),
+    })
+}
+
+/// A `cfg` clause, checked; [`Cfg::Unset`] for none.
+fn compile_cfg(
+    src: &Arc<Source>,
+    cfg: Option<&CfgAst>,
+    numbers: &dyn Scope,
+) -> Result<Cfg, Diagnostic> {
+    Ok(match cfg.map(|c| &c.kind) {
+        None => Cfg::Unset,
+        Some(CfgKind::None) => Cfg::None,
+        Some(CfgKind::Constant(e)) => {
+            expr::check(src, e, Type::Number, numbers)?;
+            Cfg::Constant(e.clone())
+        }
+        Some(CfgKind::Linear(e)) => {
+            expr::check(src, e, Type::Number, numbers)?;
+            Cfg::Linear(e.clone())
+        }
     })
 }
 

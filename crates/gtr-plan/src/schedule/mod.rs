@@ -17,6 +17,6 @@ pub use diagnostic::{Diagnostic, Source, Span, fmt_num};
 pub use parser::{KEYWORDS, parse};
 pub use text::{MAX_SCHEDULE_BYTES, SmallTextError, read_small_text, read_small_text_file};
 pub use validated::{
-    Cfg, DiffusionRule, Fts, NamedSet, Order, Param, Partition, Ramp, Schedule, ScheduleError,
-    Stage, StepCount,
+    Cfg, Defaults, DiffusionRule, Fts, NamedSet, Order, Param, Partition, Ramp, Schedule,
+    ScheduleError, Stage, StepCount,
 };

@@ -143,6 +143,19 @@ pub struct Stage {
     pub clip_timesteps: Option<Expr>,
 }
 
+/// The file's top-level settings: the defaults of the stages that give
+/// none (each such stage holds a copy), kept so that the planner checks
+/// their values even where every stage gives its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    /// A constant or a list (a top-level ramp is a [`Ramp`], not a default).
+    pub diffusion: Option<DiffusionRule>,
+    /// [`Cfg::Unset`] when the file gives none.
+    pub cfg: Cfg,
+    pub temperature: Option<Expr>,
+    pub clip_timesteps: Option<Expr>,
+}
+
 /// A checked schedule, ready to plan on any grid.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
@@ -156,6 +169,7 @@ pub struct Schedule {
     pub sets: Vec<NamedSet>,
     pub stages: Vec<Stage>,
     pub ramps: Vec<Ramp>,
+    pub defaults: Defaults,
 }
 
 /// Why a schedule could not be built.
