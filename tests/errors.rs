@@ -143,3 +143,26 @@ fn a_stage_value_is_checked_under_a_command_line_override() {
     assert!(err.contains("t.gtr:2:42\n"), "{err}");
     assert!(err.contains("temperature -1 must be"), "{err}");
 }
+
+/// An error's excerpt shows control characters escaped and a long line
+/// cut around the error: a 1 MiB line was printed whole.
+#[test]
+fn excerpts_are_escaped_and_cut() {
+    let text = format!(
+        "stage a {{ tokens all steps 1 }}{}oops # \u{1b}[2J",
+        " ".repeat(1 << 19)
+    );
+    let err = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.len() < 1000, "{} bytes", err.len());
+    assert!(!err.contains('\u{1b}'), "{err}");
+    assert!(err.contains("oops # \\u{1b}[2J"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let (shown, caret) = (lines[3], lines[4]);
+    assert_eq!(
+        caret.chars().position(|c| c == '^'),
+        shown.find("oops").map(|k| shown[..k].chars().count()),
+        "{err}"
+    );
+}

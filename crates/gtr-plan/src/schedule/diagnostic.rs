@@ -154,6 +154,7 @@ impl fmt::Display for Diagnostic {
     ///   |                  ^^
     ///   = help: <help>
     /// ```
+    /// with the line shown as [`Excerpt`] shows it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (line, col) = self.line_col();
         let text = self.source.line_text(line);
@@ -162,21 +163,16 @@ impl fmt::Display for Diagnostic {
         writeln!(f, "error: {}", self.message)?;
         writeln!(f, "{pad}--> {}:{line}:{col}", self.source.name)?;
         writeln!(f, "{pad} |")?;
-        writeln!(f, "{line} | {text}")?;
         // Caret under the span, clipped to the first line it covers.
         let (end_line, end_col) = self.source.line_col(self.span.end);
-        let line_chars = text.chars().count();
-        let width = if end_line == line && end_col > col {
-            end_col - col
+        let to = if end_line == line && end_col > col {
+            end_col - 1
         } else {
-            line_chars.saturating_sub(col - 1).max(1)
+            usize::MAX
         };
-        let lead: String = text
-            .chars()
-            .take(col - 1)
-            .map(|c| if c == '\t' { '\t' } else { ' ' })
-            .collect();
-        write!(f, "{pad} | {lead}{}", "^".repeat(width.max(1)))?;
+        let excerpt = Excerpt::new(text, col - 1, to);
+        writeln!(f, "{line} | {}", excerpt.text)?;
+        write!(f, "{pad} | {}{}", excerpt.lead, "^".repeat(excerpt.width))?;
         if let Some(help) = &self.help {
             write!(f, "\n{pad} = help: {help}")?;
         }
@@ -187,4 +183,181 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// The most characters of a source line an error shows: a longer line is
+/// cut to a window around the error, each cut marked `…`.
+const MAX_EXCERPT_CHARS: usize = 120;
+/// How many of those may come before the error's first character.
+const EXCERPT_BEFORE: usize = 40;
+
+/// A source line as an error shows it, and the caret's place under it.
+///
+/// Contract: control characters other than tab, and invisible formatting
+/// characters ([`is_invisible`]), are shown escaped (ESC as `\u{1b}`, CR as
+/// `\r`), so that no byte of the file can move or restyle a terminal; the
+/// shown line is at most [`MAX_EXCERPT_CHARS`] characters (plus `…` marks);
+/// `lead` (spaces, and tabs where the line has them) puts the caret under
+/// the error's first character, and `width` carets (at least 1) cover the
+/// error's characters as shown, up to the window's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Excerpt {
+    text: String,
+    lead: String,
+    width: usize,
+}
+
+impl Excerpt {
+    /// The excerpt of `line` for an error over its characters `[from, to)`
+    /// (0-based character indices, clamped to the line).
+    fn new(line: &str, from: usize, to: usize) -> Excerpt {
+        let chars: Vec<char> = line.chars().collect();
+        let from = from.min(chars.len());
+        let to = to.clamp(from, chars.len());
+        let shown_width = |c: char| shown(c).chars().count();
+        // The window [lo, hi): up to EXCERPT_BEFORE characters before the
+        // error, then as many after it as fit, then more before if the
+        // line ended first.
+        let (mut lo, mut hi, mut used) = (from, from, 0);
+        while lo > 0 && used + shown_width(chars[lo - 1]) <= EXCERPT_BEFORE {
+            lo -= 1;
+            used += shown_width(chars[lo]);
+        }
+        while hi < chars.len() && (hi == from || used + shown_width(chars[hi]) <= MAX_EXCERPT_CHARS)
+        {
+            used += shown_width(chars[hi]);
+            hi += 1;
+        }
+        while lo > 0 && used + shown_width(chars[lo - 1]) <= MAX_EXCERPT_CHARS {
+            lo -= 1;
+            used += shown_width(chars[lo]);
+        }
+        let (cut_before, cut_after) = (lo > 0, hi < chars.len());
+        let mut text: String = if cut_before {
+            "…".into()
+        } else {
+            String::new()
+        };
+        text.extend(chars[lo..hi].iter().map(|&c| shown(c)));
+        if cut_after {
+            text.push('…');
+        }
+        let mut lead: String = if cut_before {
+            " ".into()
+        } else {
+            String::new()
+        };
+        for &c in &chars[lo..from] {
+            match c {
+                '\t' => lead.push('\t'),
+                c => lead.extend(std::iter::repeat_n(' ', shown_width(c))),
+            }
+        }
+        let width = chars[from..to.min(hi)]
+            .iter()
+            .map(|&c| shown_width(c))
+            .sum();
+        Excerpt {
+            text,
+            lead,
+            width: usize::max(width, 1),
+        }
+    }
+}
+
+/// Whether `c` is an invisible formatting character: zero-width ones, the
+/// byte-order mark, and the bidirectional controls that can make a line
+/// read differently from what it holds.
+pub(crate) fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
+}
+
+/// `c` as an excerpt shows it: escaped when it is a control character
+/// other than tab, or [`is_invisible`]; else as written.
+fn shown(c: char) -> String {
+    if c != '\t' && (c.is_control() || is_invisible(c)) {
+        c.escape_default().to_string()
+    } else {
+        c.to_string()
+    }
+}
+
 impl std::error::Error for Diagnostic {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The excerpt line and caret line of `d`, without the gutter.
+    fn excerpt_lines(d: &Diagnostic) -> (String, String) {
+        let text = d.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        let strip = |l: &str| l.split_once(" | ").map_or("", |(_, r)| r).to_string();
+        (strip(lines[3]), strip(lines[4]))
+    }
+
+    /// The caret's first column (in characters) under the excerpt.
+    fn caret_at(caret: &str) -> usize {
+        caret.chars().take_while(|&c| c != '^').count()
+    }
+
+    #[test]
+    fn control_characters_are_escaped_with_the_caret_aligned() {
+        let text = "stage a { tokens all\u{1b}[31m\u{c} steps 0 }";
+        let src = Source::new("t.gtr", text);
+        let at = text.find('0').unwrap();
+        let d = Diagnostic::new(&src, Span::new(at, at + 1), "bad");
+        let (line, caret) = excerpt_lines(&d);
+        assert_eq!(line, "stage a { tokens all\\u{1b}[31m\\u{c} steps 0 }");
+        assert!(!d.to_string().contains(['\u{1b}', '\u{c}']));
+        assert_eq!(caret_at(&caret), line.find('0').unwrap());
+        assert_eq!(caret.trim(), "^");
+        // A caret over an escaped character covers all of it.
+        let esc = text.find('\u{1b}').unwrap();
+        let (line, caret) = excerpt_lines(&Diagnostic::new(&src, Span::new(esc, esc + 1), "x"));
+        assert_eq!(caret_at(&caret), line.find('\\').unwrap());
+        assert_eq!(caret.trim(), "^^^^^^");
+        // Tabs stay tabs (they align the caret); bidi controls are escaped.
+        let src = Source::new("t.gtr", "\tx \u{202e}y z");
+        let (line, caret) = excerpt_lines(&Diagnostic::new(&src, Span::new(6, 7), "x"));
+        assert_eq!(line, "\tx \\u{202e}y z");
+        assert_eq!(caret, "\t          ^");
+    }
+
+    #[test]
+    fn long_lines_are_cut_around_the_error() {
+        let text = format!("{}oops{}", "a".repeat(100_000), " b".repeat(100_000));
+        let src = Source::new("t.gtr", text.as_str());
+        let d = Diagnostic::new(&src, Span::new(100_000, 100_004), "bad");
+        let (line, caret) = excerpt_lines(&d);
+        assert!(d.to_string().len() < 400, "{}", d.to_string().len());
+        assert!(line.starts_with('…') && line.ends_with('…'), "{line}");
+        assert!(line.chars().count() <= MAX_EXCERPT_CHARS + 2, "{line}");
+        let at = line.find("oops").unwrap();
+        assert_eq!(caret_at(&caret), line[..at].chars().count());
+        assert_eq!(caret.trim(), "^^^^");
+        // Near the start: no mark before; at the end: no mark after.
+        let d = Diagnostic::new(&src, Span::new(3, 4), "bad");
+        let (line, caret) = excerpt_lines(&d);
+        assert!(line.starts_with("aaaa") && line.ends_with('…'), "{line}");
+        assert_eq!(caret, "   ^");
+        let end = text.len();
+        let (line, caret) = excerpt_lines(&Diagnostic::new(&src, Span::new(end, end), "x"));
+        assert!(line.starts_with('…') && line.ends_with(" b"), "{line}");
+        assert_eq!(caret_at(&caret), line.chars().count());
+        // A span running past the window is cut with it.
+        let (line, caret) = excerpt_lines(&Diagnostic::new(&src, Span::new(0, end), "x"));
+        assert_eq!(caret.len(), line.chars().count() - 1);
+    }
+
+    #[test]
+    fn short_lines_are_shown_whole() {
+        let src = Source::new("t.gtr", "grid 4x4\nstage a { tokens S4 }\n");
+        let d = Diagnostic::new(&src, Span::new(26, 28), "unknown");
+        assert_eq!(
+            d.to_string(),
+            "error: unknown\n --> t.gtr:2:18\n  |\n2 | stage a { tokens S4 }\n  |                  ^^"
+        );
+    }
+}

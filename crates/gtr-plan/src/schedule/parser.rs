@@ -560,8 +560,7 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
     let c = rest.chars().next().unwrap();
     // Shown as written, unless it cannot be seen (a control, space or
     // zero-width character).
-    let invisible = matches!(c, '\u{200B}'..='\u{200F}' | '\u{2060}' | '\u{FEFF}');
-    let shown = if c.is_control() || c.is_whitespace() || invisible {
+    let shown = if c.is_control() || c.is_whitespace() || super::diagnostic::is_invisible(c) {
         c.escape_default().to_string()
     } else {
         c.to_string()
