@@ -144,6 +144,46 @@ fn a_stage_value_is_checked_under_a_command_line_override() {
     assert!(err.contains("temperature -1 must be"), "{err}");
 }
 
+/// A carriage return that no line feed follows is refused where it is,
+/// in a schedule and in an order file: read as a space it hid the rest of
+/// a comment's line (here `temperature 0.5` and `cfg 3`).
+#[test]
+fn a_lone_carriage_return_is_refused() {
+    let text = "grid 2x2 stage a { tokens all steps 2 } # main stage\rtemperature 0.5\rcfg 3\r";
+    let err = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("t.gtr:1:53\n"), "{err}");
+    assert!(
+        err.contains("carriage return (CR) that no line feed follows"),
+        "{err}"
+    );
+    assert!(
+        err.contains("# main stage\\rtemperature 0.5\\rcfg 3"),
+        "shown escaped: {err}"
+    );
+    // CRLF line ends are fine, and count as one line end.
+    let crlf = "grid 2x2\r\n# a comment\r\nstage a { tokens all steps 0 }\r\n";
+    let s = Schedule::from_source(Source::new("t.gtr", crlf), &BTreeMap::new()).unwrap();
+    let err = plan(&s, Grid::new(2, 2), 0).unwrap_err().to_string();
+    assert!(err.contains("t.gtr:3:28\n"), "{err}");
+    // In an order file, the error names the file's line.
+    let dir = common::tmp("lone-cr");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("order.txt"), "0\n1 # two\r2\n3\n").unwrap();
+    let name = dir.join("s.gtr").display().to_string();
+    let text = "grid 2x2\nstage a { tokens all order file \"order.txt\" steps 2 }\n";
+    let err = Schedule::from_source(Source::new(name, text), &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("s.gtr:2:"), "{err}");
+    assert!(
+        err.contains("order.txt`, line 2: a carriage return"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// An error's excerpt shows control characters escaped and a long line
 /// cut around the error: a 1 MiB line was printed whole.
 #[test]

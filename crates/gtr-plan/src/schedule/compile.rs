@@ -1036,6 +1036,16 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
         };
         Diagnostic::new(src, span, problem).with_help(help)
     })?;
+    if let Some(at) = super::text::lone_carriage_return(&text) {
+        let (message, help) = super::text::LONE_CR;
+        let line = text[..at].matches('\n').count() + 1;
+        return Err(Diagnostic::new(
+            src,
+            span,
+            format!("order file `{shown}`, line {line}: {message}"),
+        )
+        .with_help(help));
+    }
     let mut tokens = Vec::new();
     for (k, line) in text.lines().enumerate() {
         let code = line.split('#').next().unwrap_or("");

@@ -16,6 +16,10 @@ struct GtrParser;
 /// Parses a schedule's text. Syntax errors come back as a [`Diagnostic`]
 /// pointing at the first place the text could not be read.
 pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
+    if let Some(at) = super::text::lone_carriage_return(&source.text) {
+        let (message, help) = super::text::LONE_CR;
+        return Err(Diagnostic::new(source, Span::new(at, at + 1), message).with_help(help));
+    }
     check_nesting(source)?;
     let mut pairs =
         GtrParser::parse(Rule::schedule, &source.text).map_err(|e| syntax_error(source, e))?;

@@ -66,6 +66,24 @@ pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String,
     Ok(without_bom(text))
 }
 
+/// The byte offset of the first carriage return of `text` that no line
+/// feed follows (a "lone CR", classic Mac OS's line end). Schedules and
+/// order files end lines with LF or CRLF only: a lone CR is refused, since
+/// read as a space it would hide the rest of a `#` comment's line, and
+/// read as a line end it would make lines disagree with other tools'.
+pub(crate) fn lone_carriage_return(text: &str) -> Option<usize> {
+    text.match_indices('\r')
+        .map(|(at, _)| at)
+        .find(|&at| !text[at + 1..].starts_with('\n'))
+}
+
+/// What to say about a lone CR ([`lone_carriage_return`]): the message and
+/// a help line.
+pub(crate) const LONE_CR: (&str, &str) = (
+    "a carriage return (CR) that no line feed follows: lines end with LF or CRLF",
+    "save the file with LF (Unix) or CRLF (Windows) line ends; a lone CR (old Mac line end) would hide the rest of a `#` comment's line",
+);
+
 /// `text` less a byte-order mark at its start (some editors write one; it
 /// is not part of the text).
 pub(crate) fn without_bom(text: String) -> String {
@@ -85,5 +103,13 @@ mod tests {
         assert_eq!(text, "grid 4x4\n");
         let bad = read_small_text(&b"ok\n\xff"[..], "a schedule");
         assert!(matches!(bad, Err(SmallTextError::Text(m)) if m.contains("line 2")));
+    }
+
+    #[test]
+    fn lone_carriage_returns_are_found() {
+        assert_eq!(lone_carriage_return("a\r\nb\r\n"), None);
+        assert_eq!(lone_carriage_return("a\r\nb\rc"), Some(4));
+        assert_eq!(lone_carriage_return("a\r\r\n"), Some(1));
+        assert_eq!(lone_carriage_return("ab\r"), Some(2));
     }
 }
