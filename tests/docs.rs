@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use gtr_run::cost::{ModelSpec, plan_cost};
 use gtr_run::grid::Grid;
 use gtr_run::plan::plan;
 use gtr_run::schedule::{
@@ -202,4 +203,89 @@ fn vocabularies_are_keywords() {
     check::<RampShape>();
     check::<Rounding>();
     check::<Ties>();
+}
+
+/// Per-image TFLOPs of preset `file` on built-in model `model`, as
+/// `gtr-run plan schedules/FILE --cost MODEL` prints them, and its MAR steps.
+fn preset_cost(file: &str, model: &str) -> (f64, usize) {
+    let path = format!("{}/schedules/{file}", env!("CARGO_MANIFEST_DIR"));
+    let s = Schedule::from_file(std::path::Path::new(&path), &BTreeMap::new())
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+    let p = plan(&s, s.planning_grid(None), 0).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let spec = ModelSpec::builtin(model).unwrap();
+    (plan_cost(&p, &spec).total_flops() / 1e12, p.steps.len())
+}
+
+/// The rows of the markdown table that follows `heading` in `doc`, as cells.
+fn table_rows(doc: &str, heading: &str) -> Vec<Vec<String>> {
+    let at = doc
+        .find(heading)
+        .unwrap_or_else(|| panic!("no `{heading}`"));
+    doc[at..]
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// The first `name.gtr` in backquotes of a table cell.
+fn preset_name(cell: &str) -> &str {
+    cell.split('`').nth(1).unwrap()
+}
+
+/// §15's preset table states each preset's MAR steps and MAR-H TFLOPs as
+/// the cost model gives them (disa.gtr's figure was stale).
+#[test]
+fn preset_table_matches_the_cost_model() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/schedule-language.md"
+    ))
+    .unwrap();
+    let rows = table_rows(&doc, "## 15. Presets");
+    assert!(rows.len() >= 20, "{} rows", rows.len());
+    for row in rows {
+        let file = preset_name(&row[0]);
+        let (tflops, steps) = preset_cost(file, "mar-h");
+        assert_eq!(row[1], steps.to_string(), "{file}: MAR steps");
+        assert_eq!(row[2], format!("{tflops:.2}"), "{file}: MAR-H TFLOPs");
+    }
+}
+
+/// The README's cost table states the cost model's TFLOPs on MAR-B, MAR-L
+/// and MAR-H, and its percentages against the paper's figures follow.
+#[test]
+fn readme_cost_table_matches_the_cost_model() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows = table_rows(&readme, "## The cost model against the paper's Table 1");
+    assert!(rows.len() >= 9, "{} rows", rows.len());
+    for row in rows {
+        let file = preset_name(&row[0]);
+        for (cell, model) in row[1..].iter().zip(["mar-b", "mar-l", "mar-h"]) {
+            let (tflops, _) = preset_cost(file, model);
+            let (ours, paper) = match cell.split_once(" (") {
+                Some((ours, paper)) => (ours, Some(paper.trim_end_matches(')'))),
+                None => (cell.as_str(), None),
+            };
+            assert_eq!(ours, format!("{tflops:.2}"), "{file} on {model}");
+            let Some((figure, share)) = paper.and_then(|p| p.split_once(", ")) else {
+                continue;
+            };
+            let figure: f64 = figure.parse().unwrap();
+            let pct = (tflops / figure - 1.0) * 100.0;
+            let want = format!("{}{:.1}%", if pct < 0.0 { "−" } else { "+" }, pct.abs());
+            assert_eq!(
+                share, want,
+                "{file} on {model}: against the paper's {figure}"
+            );
+        }
+    }
 }
