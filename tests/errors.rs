@@ -167,7 +167,7 @@ fn a_lone_carriage_return_is_refused() {
     let s = Schedule::from_source(Source::new("t.gtr", crlf), &BTreeMap::new()).unwrap();
     let err = plan(&s, Grid::new(2, 2), 0).unwrap_err().to_string();
     assert!(err.contains("t.gtr:3:28\n"), "{err}");
-    // In an order file, the error names the file's line.
+    // In an order file, the error names the file's line and column.
     let dir = common::tmp("lone-cr");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("order.txt"), "0\n1 # two\r2\n3\n").unwrap();
@@ -178,7 +178,7 @@ fn a_lone_carriage_return_is_refused() {
         .to_string();
     assert!(err.contains("s.gtr:2:"), "{err}");
     assert!(
-        err.contains("order.txt`, line 2: a carriage return"),
+        err.contains("order.txt`, line 2, column 8: a carriage return"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -205,4 +205,65 @@ fn excerpts_are_escaped_and_cut() {
         shown.find("oops").map(|k| shown[..k].chars().count()),
         "{err}"
     );
+}
+
+/// File text quoted in a message (the text found where a parse failed, an
+/// order file's word and path) is escaped and cut: it was printed raw and
+/// whole (an ESC reached the terminal; 200,000 `é` gave a 400 KB error).
+#[test]
+fn quoted_file_text_is_escaped_and_cut() {
+    let check = |err: &str, want: &str| {
+        assert!(err.len() < 1000, "{} bytes", err.len());
+        assert!(!err.contains(['\u{1b}', '\u{7}']), "{err}");
+        assert!(err.contains(want), "{err}");
+    };
+    let text = format!("stage a {{ tokens all steps 4 }}\n{}", "é".repeat(200_000));
+    let err = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    check(&err, &format!("found `{0}…{0}`", "é".repeat(20)));
+    let dir = common::tmp("quoted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = dir.join("s.gtr").display().to_string();
+    let refused = |file: &str, body: &str| {
+        std::fs::write(dir.join(file), body).unwrap();
+        let text = format!("grid 2x2\nstage a {{ tokens all  order file \"{file}\"  steps 4 }}\n");
+        let s = Schedule::from_source(Source::new(name.as_str(), text), &BTreeMap::new());
+        match s {
+            Err(e) => e.to_string(),
+            Ok(s) => plan(&s, Grid::new(2, 2), 0).unwrap_err().to_string(),
+        }
+    };
+    check(
+        &refused("oe.txt", "0 1\n\u{1b}[2J\n"),
+        "line 2: `\\u{1b}[2J` is not a token index",
+    );
+    check(
+        &refused("big.txt", &"9".repeat(300_000)),
+        &format!("line 1: `{0}…{0}` is not a token index", "9".repeat(20)),
+    );
+    let err = Schedule::from_source(
+        Source::new(
+            name.as_str(),
+            "grid 2x2\nstage a { tokens all  order file \"x\u{1b}[2J\u{7}.txt\"  steps 4 }\n",
+        ),
+        &BTreeMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    check(&err, "x\\u{1b}[2J\\u{7}.txt`: ");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Only the CR of a CRLF is left out of an excerpt: a lone CR before it
+/// was dropped too, with the caret past the end of the shown line.
+#[test]
+fn a_lone_cr_before_a_crlf_is_shown() {
+    let text = "stage a { tokens all  steps 4 }\r\r\n";
+    let err = Schedule::from_source(Source::new("t.gtr", text), &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines[3], "1 | stage a { tokens all  steps 4 }\\r", "{err}");
+    assert_eq!(lines[4].find('^'), lines[3].find('\\'), "{err}");
 }

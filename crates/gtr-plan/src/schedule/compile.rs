@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::ast::*;
-use super::diagnostic::{Diagnostic, Source, Span};
+use super::diagnostic::{Diagnostic, Source, Span, quoted};
 use super::expr::{self, Env, NameKind, Scope, Type};
 use super::text::{SmallTextError, read_small_text, read_small_text_file};
 use super::validated::*;
@@ -1026,7 +1026,8 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
         Some(dir) if std::path::Path::new(path).is_relative() => dir.join(path),
         _ => std::path::PathBuf::from(path),
     };
-    let shown = full.display().to_string();
+    let path_shown = full.display().to_string();
+    let shown = quoted(&path_shown);
     let help =
         "a relative path is read from the schedule's folder (the current directory for `plan -`)";
     let text = read_small_text_file(&full, "an order file").map_err(|e| {
@@ -1036,16 +1037,7 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
         };
         Diagnostic::new(src, span, problem).with_help(help)
     })?;
-    if let Some(at) = super::text::lone_carriage_return(&text) {
-        let (message, help) = super::text::LONE_CR;
-        let line = text[..at].matches('\n').count() + 1;
-        return Err(Diagnostic::new(
-            src,
-            span,
-            format!("order file `{shown}`, line {line}: {message}"),
-        )
-        .with_help(help));
-    }
+    super::text::refuse_lone_carriage_return(src, &text, Some((&shown, span)))?;
     let mut tokens = Vec::new();
     for (k, line) in text.lines().enumerate() {
         let code = line.split('#').next().unwrap_or("");
@@ -1058,8 +1050,9 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
                     src,
                     span,
                     format!(
-                        "order file `{shown}`, line {}: `{word}` is not a token index",
-                        k + 1
+                        "order file `{shown}`, line {}: `{}` is not a token index",
+                        k + 1,
+                        quoted(word)
                     ),
                 )
                 .with_help("list token indices i·w + j (whole numbers from 0), separated by spaces, commas or newlines")
@@ -1068,7 +1061,7 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
         }
     }
     Ok(Order::File {
-        path: shown,
+        path: path_shown,
         tokens,
     })
 }

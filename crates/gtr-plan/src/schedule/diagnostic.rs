@@ -63,29 +63,21 @@ impl Source {
 
     /// 1-based line and column (in characters) of byte offset `pos`.
     pub fn line_col(&self, pos: usize) -> (usize, usize) {
-        let pos = floor_char_boundary(&self.text, pos.min(self.text.len()));
-        let before = &self.text[..pos];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let col = self.text[line_start..pos].chars().count() + 1;
-        (line, col)
+        super::text::line_col(&self.text, pos)
     }
 
-    /// The text of 1-based line `line`, without its newline.
+    /// The text of 1-based line `line`, without its line end (LF or CRLF;
+    /// a lone CR before it stays, to be shown).
     pub fn line_text(&self, line: usize) -> &str {
-        self.text
-            .split('\n')
+        let text = self
+            .text
+            .split_inclusive('\n')
             .nth(line.saturating_sub(1))
-            .unwrap_or("")
-            .trim_end_matches('\r')
+            .unwrap_or("");
+        text.strip_suffix("\r\n")
+            .or_else(|| text.strip_suffix('\n'))
+            .unwrap_or(text)
     }
-}
-
-fn floor_char_boundary(s: &str, mut pos: usize) -> usize {
-    while pos > 0 && !s.is_char_boundary(pos) {
-        pos -= 1;
-    }
-    pos
 }
 
 /// One error found in a schedule: what is wrong (`message`), where (`span`),
@@ -266,21 +258,70 @@ impl Excerpt {
 /// Whether `c` is an invisible formatting character: zero-width ones, the
 /// byte-order mark, and the bidirectional controls that can make a line
 /// read differently from what it holds.
-pub(crate) fn is_invisible(c: char) -> bool {
+fn is_invisible(c: char) -> bool {
     matches!(
         c,
         '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
     )
 }
 
-/// `c` as an excerpt shows it: escaped when it is a control character
-/// other than tab, or [`is_invisible`]; else as written.
-fn shown(c: char) -> String {
-    if c != '\t' && (c.is_control() || is_invisible(c)) {
+/// Whether `c` cannot be seen as written: a control character, or one
+/// that [`is_invisible`].
+fn unseen(c: char) -> bool {
+    c.is_control() || is_invisible(c)
+}
+
+/// `c` escaped (ESC as `\u{1b}`, CR as `\r`) when `escape`, else as written.
+fn escaped_if(c: char, escape: bool) -> String {
+    if escape {
         c.escape_default().to_string()
     } else {
         c.to_string()
     }
+}
+
+/// `c` as an excerpt shows it: escaped when it is [`unseen`] and not a tab
+/// (tabs align the caret).
+fn shown(c: char) -> String {
+    escaped_if(c, c != '\t' && unseen(c))
+}
+
+/// The most characters of file text (a word, a path) that a message quotes.
+const MAX_QUOTED_CHARS: usize = 40;
+
+/// File text (a word, a path) as a message quotes it: each character that
+/// cannot be seen (as [`shown`] escapes it, and also tabs and whitespace
+/// other than the space) escaped, and, when that is longer than
+/// [`MAX_QUOTED_CHARS`] characters, cut in the middle to its first and last
+/// halves of that joined by `…` (a path keeps its file name).
+pub(crate) fn quoted(text: &str) -> String {
+    let parts: Vec<String> = text
+        .chars()
+        .map(|c| escaped_if(c, c != ' ' && (unseen(c) || c.is_whitespace())))
+        .collect();
+    let width = |p: &String| p.chars().count();
+    if parts.iter().map(width).sum::<usize>() <= MAX_QUOTED_CHARS {
+        return parts.concat();
+    }
+    let half = MAX_QUOTED_CHARS / 2;
+    let fits = |used: &mut usize, p: &String| {
+        *used += width(p);
+        *used <= half
+    };
+    let mut used = 0;
+    let head: String = parts
+        .iter()
+        .take_while(|p| fits(&mut used, p))
+        .cloned()
+        .collect();
+    used = 0;
+    let mut tail: Vec<&String> = parts
+        .iter()
+        .rev()
+        .take_while(|p| fits(&mut used, p))
+        .collect();
+    tail.reverse();
+    format!("{head}…{}", tail.into_iter().cloned().collect::<String>())
 }
 
 impl std::error::Error for Diagnostic {}

@@ -7,7 +7,7 @@ use pest::iterators::{Pair, Pairs};
 use pest::pratt_parser::{Assoc, Op, PrattParser};
 
 use super::ast::*;
-use super::diagnostic::{Diagnostic, Source, Span};
+use super::diagnostic::{Diagnostic, Source, Span, quoted};
 
 #[derive(pest_derive::Parser)]
 #[grammar = "../grammar/gtr.pest"]
@@ -16,10 +16,7 @@ struct GtrParser;
 /// Parses a schedule's text. Syntax errors come back as a [`Diagnostic`]
 /// pointing at the first place the text could not be read.
 pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
-    if let Some(at) = super::text::lone_carriage_return(&source.text) {
-        let (message, help) = super::text::LONE_CR;
-        return Err(Diagnostic::new(source, Span::new(at, at + 1), message).with_help(help));
-    }
+    super::text::refuse_lone_carriage_return(source, &source.text, None)?;
     check_nesting(source)?;
     let mut pairs =
         GtrParser::parse(Rule::schedule, &source.text).map_err(|e| syntax_error(source, e))?;
@@ -537,7 +534,10 @@ fn syntax_error(source: &Arc<Source>, err: pest::error::Error<Rule>) -> Diagnost
         return Diagnostic::new(
             source,
             name,
-            format!("`{}` is not a name", &source.text[name.start..name.end]),
+            format!(
+                "`{}` is not a name",
+                quoted(&source.text[name.start..name.end])
+            ),
         )
         .with_help("names are written with ASCII letters, digits and `_`");
     }
@@ -559,17 +559,10 @@ fn describe_found(text: &str, pos: usize) -> (String, usize) {
         .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '.')
         .collect();
     if !word.is_empty() {
-        return (format!("`{word}`"), word.len());
+        return (format!("`{}`", quoted(&word)), word.len());
     }
     let c = rest.chars().next().unwrap();
-    // Shown as written, unless it cannot be seen (a control, space or
-    // zero-width character).
-    let shown = if c.is_control() || c.is_whitespace() || super::diagnostic::is_invisible(c) {
-        c.escape_default().to_string()
-    } else {
-        c.to_string()
-    };
-    (format!("`{shown}`"), c.len_utf8())
+    (format!("`{}`", quoted(&rest[..c.len_utf8()])), c.len_utf8())
 }
 
 /// The last `{` before `pos` that no `}` closes (comments skipped), and
