@@ -146,7 +146,7 @@ impl fmt::Display for Diagnostic {
     ///   |                  ^^
     ///   = help: <help>
     /// ```
-    /// with the line shown as [`Excerpt`] shows it.
+    /// with the line shown as an excerpt shows it (escaped and cut).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (line, col) = self.line_col();
         let text = self.source.line_text(line);
