@@ -165,7 +165,7 @@ impl StepChains<'_> {
                     }
                 }
             }
-            let (out, graph) = if split {
+            let out = if split {
                 // A group past its ticks is dropped before the next is made.
                 let current = match group.take().filter(|g| g.ticks.contains(&tick)) {
                     Some(g) => g,
@@ -185,11 +185,18 @@ impl StepChains<'_> {
                 // Non-finite state output from non-finite condition rows is
                 // the condition part's (the rows are not checked as made: a
                 // pass over up to 20 MiB a call).
-                if !out.iter().all(|v| v.is_finite()) {
-                    check_finite("diffusion_condition", "cond", cond.iter(), self.step)?;
-                }
+                let out = self
+                    .checked(out, "diffusion_state", "out", (m, head))
+                    .map_err(|e| match e {
+                        EngineError::NonFinite { .. } => {
+                            check_finite("diffusion_condition", "cond", cond.iter(), self.step)
+                                .err()
+                                .unwrap_or(e)
+                        }
+                        e => e,
+                    })?;
                 group = Some(current);
-                (out, "diffusion_state")
+                out
             } else {
                 self.timesteps(rows, tick, tin.slice_mut(s![..m]));
                 let out = self.timed(&mut work, || {
@@ -199,10 +206,9 @@ impl StepChains<'_> {
                         zin.slice(s![..m, ..]),
                     )
                 })?;
-                (out, "diffusion")
+                self.checked(out, "diffusion", "out", (m, head))?
             };
             work.rows += m as u64;
-            let out = self.checked(out, graph, "out", (m, head))?;
             let os = out.as_slice().expect("standard layout");
             for (r, row) in rows[..n].iter().enumerate() {
                 let i = row.steps - 1 - tick;

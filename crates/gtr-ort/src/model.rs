@@ -273,19 +273,11 @@ impl OrtModel {
             tensor: "t".into(),
             problem,
         };
+        let input = |e: ModelError| to_contract(e.to_string());
         let inputs = vec![
-            (
-                "x",
-                view("diffusion", x.view()).map_err(|e| to_contract(e.to_string()))?,
-            ),
-            (
-                "t",
-                view("diffusion", t.view()).map_err(|e| to_contract(e.to_string()))?,
-            ),
-            (
-                "z",
-                view("diffusion", z.view()).map_err(|e| to_contract(e.to_string()))?,
-            ),
+            ("x", view("diffusion", x.view()).map_err(input)?),
+            ("t", view("diffusion", t.view()).map_err(input)?),
+            ("z", view("diffusion", z.view()).map_err(input)?),
         ];
         self.diffusion.probe(inputs, |_, _| ()).map_err(|e| {
             to_contract(format!(
@@ -317,19 +309,11 @@ impl OrtModel {
             tensor: "label".into(),
             problem,
         };
+        let input = |e: ModelError| to_contract(e.to_string());
         let inputs = vec![
-            (
-                "tokens",
-                view("encoder", tokens.view()).map_err(|e| to_contract(e.to_string()))?,
-            ),
-            (
-                "known",
-                view("encoder", known.view()).map_err(|e| to_contract(e.to_string()))?,
-            ),
-            (
-                "label",
-                view("encoder", labels.view()).map_err(|e| to_contract(e.to_string()))?,
-            ),
+            ("tokens", view("encoder", tokens.view()).map_err(input)?),
+            ("known", view("encoder", known.view()).map_err(input)?),
+            ("label", view("encoder", labels.view()).map_err(input)?),
         ];
         self.encoder.probe(inputs, |_, _| ()).map_err(|e| {
             to_contract(format!(
@@ -981,7 +965,7 @@ fn open_ticks(
 ) -> Result<(TickRunner, Option<String>), OrtError> {
     let mut capture = capture;
     let mut refused = None;
-    let (graph, ran) = match open_with(Role::Tick, entry, capture) {
+    let (mut graph, ran) = match open_with(Role::Tick, entry, capture) {
         Err(e) if capture => {
             capture = false;
             refused = Some(format!(
@@ -991,7 +975,6 @@ fn open_ticks(
         }
         opened => opened?,
     };
-    let mut graph = graph;
     // A captured graph's first calls are its capture: it is checked by its
     // runner's count instead.
     if !capture {
