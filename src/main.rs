@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use gtr_run::schedule::ScheduleError;
+use gtr_run::schedule::{ScheduleError, terminal_safe};
 
 mod cli;
 
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         Err(e) => {
             match e.downcast_ref::<ScheduleError>() {
                 Some(ScheduleError::Invalid(d)) => eprintln!("{d}"),
-                _ => eprintln!("error: {e:#}"),
+                _ => eprintln!("{}", terminal_safe(&format!("error: {e:#}"))),
             }
             ExitCode::from(exit_status(&e) as u8)
         }

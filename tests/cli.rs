@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{gtr_run, tmp};
+use common::{gtr_run, ok, tmp};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -644,4 +644,55 @@ fn outputs_never_replace_devices_or_pipes() {
         stderr(&o)
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// File names are the user's data: a schedule or output path holding
+/// terminal escapes reaches stderr and stdout escaped (it was printed raw
+/// in "cannot read schedule", the `-->` line and the plan's summary),
+/// while `plan --json` keeps the name as JSON writes it.
+#[test]
+fn paths_reach_the_terminal_escaped() {
+    let dir = common::tmp("escaped-paths");
+    std::fs::create_dir_all(&dir).unwrap();
+    let raw = |o: &Output| {
+        [stdout(o), stderr(o)]
+            .iter()
+            .any(|t| t.contains(['\u{1b}', '\u{7}', '\u{202e}']))
+    };
+    let missing = dir.join("no\u{1b}[2J\u{7}.gtr");
+    let o = gtr_run(&["plan", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(!raw(&o), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("cannot read schedule")
+            && stderr(&o).contains("no\\u{1b}[2J\\u{7}.gtr"),
+        "{}",
+        stderr(&o)
+    );
+    let invalid = dir.join("bad\u{1b}]0;x\u{7}.gtr");
+    std::fs::write(&invalid, "stage a: tokens all\n").unwrap();
+    let o = gtr_run(&["plan", invalid.to_str().unwrap()]);
+    assert!(common::is_failure_status(o.status.code()), "{}", stderr(&o));
+    assert!(!raw(&o), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("bad\\u{1b}]0;x\\u{7}.gtr:1:8"),
+        "{}",
+        stderr(&o)
+    );
+    let valid = dir.join("ok\u{202e}.gtr");
+    std::fs::write(&valid, "stage a { tokens all steps 2 }\n").unwrap();
+    let png = dir.join("p\u{1b}[1m.png");
+    let o = ok(&[
+        "plan",
+        valid.to_str().unwrap(),
+        "--png",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!raw(&o), "{}", stdout(&o));
+    assert!(stdout(&o).contains("p\\u{1b}[1m.png"), "{}", stdout(&o));
+    assert!(png.exists());
+    let o = ok(&["plan", valid.to_str().unwrap(), "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(json.to_string().contains("ok\u{202e}.gtr"), "{json}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

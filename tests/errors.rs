@@ -267,3 +267,26 @@ fn a_lone_cr_before_a_crlf_is_shown() {
     assert_eq!(lines[3], "1 | stage a { tokens all  steps 4 }\\r", "{err}");
     assert_eq!(lines[4].find('^'), lines[3].find('\\'), "{err}");
 }
+
+/// Names are at most 64 characters, whatever they name: a stage of a
+/// million characters was echoed whole by `gtr-run plan`.
+#[test]
+fn names_are_at_most_64_characters() {
+    let schedule = |name: &str| {
+        let text = format!(
+            "param {name}_p = 2\nset {name}_s = all\nstage {name} {{ tokens {name}_s  steps {name}_p }}\n"
+        );
+        Schedule::from_source(Source::new("n.gtr", text), &BTreeMap::new())
+    };
+    let fits = "a".repeat(62);
+    schedule(&fits).unwrap();
+    let long = "b".repeat(63);
+    let err = schedule(&long).unwrap_err().to_string();
+    assert!(
+        err.contains("this name has 65 characters; at most 64 are allowed"),
+        "{err}"
+    );
+    assert!(err.contains("n.gtr:1:7"), "{err}");
+    let err = schedule(&"c".repeat(1_000_000)).unwrap_err().to_string();
+    assert!(err.len() < 1000, "{} bytes", err.len());
+}

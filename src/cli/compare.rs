@@ -13,7 +13,7 @@ use gtr_run::schedule::Schedule;
 use super::runtime::{
     RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override, parse_repeats,
 };
-use super::write_stdout;
+use super::{say, write_stdout};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -134,12 +134,12 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
             let path = out.join("pareto.svg");
             gtr_run::fsutil::write_atomic(&path, svg.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
-            eprintln!(
+            say!(
                 "gtr-run sweep: the trade-off is drawn in {}",
                 path.display()
             );
         }
-        None => eprintln!(
+        None => say!(
             "gtr-run sweep: bundle `{}` has no evaluator, so there is no quality to draw against speed (the table has speed and cost)",
             bundle.manifest.name
         ),
@@ -212,7 +212,7 @@ fn run_comparison(
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let lock = claim_report(&out, &names, &format!("gtr-run {what}"), args.force)?;
-    eprintln!(
+    say!(
         "gtr-run {what}: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",
         info.name,
         options.precision.precision,
@@ -313,7 +313,7 @@ fn compare_writing_json<M: gtr_run::engine::MarModel>(
         // A batch failed, and writing what came before it failed too: the
         // batch's error is the run's (its exit status), the write's said.
         (Err(e), Some(write)) => {
-            eprintln!("gtr-run: the results before the failure were not kept: {write:#}");
+            say!("gtr-run: the results before the failure were not kept: {write:#}");
             Err(e.into())
         }
         (comparison, None) => Ok(comparison?),
@@ -349,7 +349,7 @@ fn write_report(
     }
     write_json(&out.join(format!("{what}.json")), json)?;
     write_stdout(&table)?;
-    eprintln!(
+    say!(
         "gtr-run {what}: wrote {what}.md, {what}.csv and {what}.json to {}",
         out.display()
     );

@@ -10,7 +10,7 @@ use gtr_run::run::{Shard, model_digest};
 use gtr_run::schedule::Schedule;
 
 use super::runtime::{RuntimeArgs, load_model, parse_batch, parse_image_count, parse_override};
-use super::write_stdout;
+use super::{say, write_stdout};
 
 /// `gtr-run MODEL SCHEDULE`: generate images.
 #[derive(Args)]
@@ -171,7 +171,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         vae: args.vae,
         model_sha256: Some(model_sha256),
     };
-    eprintln!(
+    say!(
         "gtr-run: model {} ({}), schedule {}, seed {}{} -> {}",
         bundle.manifest.name,
         options.precision.precision,
@@ -270,11 +270,11 @@ fn print_kernel_profiles(graphs: &[gtr_run::engine::GraphStats]) {
             Some(gtr_run::engine::KernelProfile {
                 problem: Some(problem),
                 ..
-            }) => eprintln!(
+            }) => say!(
                 "gtr-run: warning: no kernel profile of {}: {problem}",
                 graph.graph
             ),
-            Some(kernels) if graph.calls > 0 => eprintln!(
+            Some(kernels) if graph.calls > 0 => say!(
                 "gtr-run: kernel profile {}",
                 gtr_run::backend::profile::describe(&graph.graph, kernels)
             ),

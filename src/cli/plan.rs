@@ -16,7 +16,7 @@ use gtr_run::report;
 use gtr_run::schedule::{Schedule, ScheduleError};
 
 use super::runtime::parse_override;
-use super::write_stdout;
+use super::{say, write_stdout, write_stdout_raw};
 
 #[derive(Args)]
 pub struct PlanArgs {
@@ -125,7 +125,7 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     };
     if let Some(path) = &args.png {
         if plan.stages.len() > 1 && !report::png::has_stage_panels(&plan) {
-            eprintln!(
+            say!(
                 "gtr-run plan: --png {}: {} stages are too many panels; the picture shows the order only",
                 path.display(),
                 plan.stages.len()
@@ -138,13 +138,12 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         gtr_run::fsutil::write_atomic(path, &bytes)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let mut text = if args.json {
+    if args.json {
         let value = report::json::plan_json(&schedule, &plan, cost.as_ref());
-        serde_json::to_string(&value)? + "\n"
-    } else {
-        report::text::report(&schedule, &plan, cost.as_ref())
-    };
-    if let (Some(path), false) = (&args.png, args.json) {
+        return write_stdout_raw(&(serde_json::to_string(&value)? + "\n"));
+    }
+    let mut text = report::text::report(&schedule, &plan, cost.as_ref());
+    if let Some(path) = &args.png {
         text += &format!("\npicture written to {}\n", path.display());
     }
     write_stdout(&text)

@@ -9,6 +9,8 @@ use clap::Args;
 use gtr_run::plan::Planner;
 use gtr_run::schedule::{Schedule, ScheduleError};
 
+use super::say;
+
 /// Sampling and runtime options of generation and eval.
 #[derive(Args)]
 pub struct RuntimeArgs {
@@ -80,7 +82,7 @@ pub fn load_model(
     let runners = (runtime.sampler, runtime.backbone, runtime.head);
     let (model, note) = gtr_run::backend::OrtModel::load_running(bundle, options, runners)?;
     if let Some(note) = note {
-        eprintln!("gtr-run: {note}");
+        say!("gtr-run: {note}");
     }
     Ok(model)
 }
@@ -92,7 +94,7 @@ impl RuntimeArgs {
     pub fn ticks_per_call(&self, model: &impl gtr_run::engine::MarModel) -> Option<usize> {
         let n = self.sampler_ticks?;
         if !model.runs_chains() {
-            eprintln!(
+            say!(
                 "gtr-run: --sampler-ticks {n} has no effect: the diffusion chains run on the host, one head call per tick"
             );
             return None;

@@ -112,7 +112,7 @@ fn fetch(dir: &Path, lib: &Path) -> Result<(), LibraryError> {
     let _ = std::fs::remove_dir_all(&download);
     eprintln!(
         "gtr-run: fetching ONNX Runtime {ORT_VERSION} from PyPI into {} (once)",
-        dir.display()
+        gtr_plan::schedule::terminal_safe(&dir.display().to_string())
     );
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)

@@ -1048,7 +1048,8 @@ fn probe_tick(graph: &mut Graph, info: &ModelInfo) -> Result<(), OrtError> {
             "k_next",
             format!("{next:?} after tick 0; it must be k + 1 = [1]"),
         )),
-        (Err(e), _) | (_, Err(e)) => Err(contract("x_next", e.to_string())),
+        (Err(e), _) => Err(contract("x_next", e.to_string())),
+        (_, Err(e)) => Err(contract("k_next", e.to_string())),
         _ => Ok(()),
     }
 }

@@ -153,7 +153,11 @@ impl fmt::Display for Diagnostic {
         let gutter = line.to_string().len();
         let pad = " ".repeat(gutter);
         writeln!(f, "error: {}", self.message)?;
-        writeln!(f, "{pad}--> {}:{line}:{col}", self.source.name)?;
+        writeln!(
+            f,
+            "{pad}--> {}:{line}:{col}",
+            terminal_safe(&self.source.name)
+        )?;
         writeln!(f, "{pad} |")?;
         // Caret under the span, clipped to the first line it covers.
         let (end_line, end_col) = self.source.line_col(self.span.end);
@@ -286,6 +290,23 @@ fn shown(c: char) -> String {
     escaped_if(c, c != '\t' && unseen(c))
 }
 
+/// `text` as it may be written to a terminal: every character that
+/// cannot be seen (control characters, invisible formatting
+/// ones) escaped as Rust writes it (ESC as `\u{1b}`), except line feeds
+/// and tabs, which lay the text out. Nothing else changes: no byte of a
+/// file name or of a file's text that a message repeats can move or
+/// restyle the terminal it is printed on.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let escape = |c: char| c != '\n' && c != '\t' && unseen(c);
+    if !text.chars().any(escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    text.chars()
+        .map(|c| escaped_if(c, escape(c)))
+        .collect::<String>()
+        .into()
+}
+
 /// The most characters of file text (a word, a path) that a message quotes.
 const MAX_QUOTED_CHARS: usize = 40;
 
@@ -329,6 +350,24 @@ impl std::error::Error for Diagnostic {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terminal_safe_escapes_all_but_layout() {
+        assert!(matches!(
+            terminal_safe("a\tb\nc é"),
+            std::borrow::Cow::Borrowed("a\tb\nc é")
+        ));
+        assert_eq!(
+            terminal_safe("x\u{1b}[2J\r\u{7}\u{202e}y\n"),
+            "x\\u{1b}[2J\\r\\u{7}\\u{202e}y\n"
+        );
+        let d = Diagnostic::new(
+            &Source::new("a\u{1b}[31m.gtr", "stage a"),
+            Span { start: 0, end: 5 },
+            "m",
+        );
+        assert!(d.to_string().contains(" --> a\\u{1b}[31m.gtr:1:1"), "{d}");
+    }
 
     /// The excerpt line and caret line of `d`, without the gutter.
     fn excerpt_lines(d: &Diagnostic) -> (String, String) {

@@ -13,7 +13,7 @@ mod text;
 mod validated;
 
 pub use ast::{Distribution, OrderKind, RampShape, Rounding, Selector, Ties, Vocabulary};
-pub use diagnostic::{Diagnostic, Source, Span, fmt_num};
+pub use diagnostic::{Diagnostic, Source, Span, fmt_num, terminal_safe};
 pub use parser::{KEYWORDS, parse};
 pub use text::{MAX_SCHEDULE_BYTES, SmallTextError, read_small_text, read_small_text_file};
 pub use validated::{

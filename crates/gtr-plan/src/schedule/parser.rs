@@ -39,6 +39,24 @@ pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
             .with_help("split it with `param` or `set` declarations"));
         }
     }
+    for name in root
+        .clone()
+        .into_inner()
+        .flatten()
+        .filter(|p| p.as_rule() == Rule::ident)
+    {
+        let chars = name.as_str().len();
+        if chars > MAX_NAME_CHARS {
+            return Err(Diagnostic::new(
+                source,
+                span_of(&name),
+                format!("this name has {chars} characters; at most {MAX_NAME_CHARS} are allowed"),
+            )
+            .with_help(
+                "names of stages, parameters and sets are shown in plans and errors: shorten it",
+            ));
+        }
+    }
     let builder = Builder { source };
     let mut items = Vec::new();
     for pair in root.into_inner() {
@@ -98,6 +116,9 @@ pub const KEYWORDS: [&str; 41] = [
 
 /// Deepest nesting of `(` and `[` a schedule may use.
 const MAX_NESTING: usize = 64;
+/// Most characters in a name (of a stage, parameter, set or function;
+/// names are ASCII, so bytes).
+pub const MAX_NAME_CHARS: usize = 64;
 /// Most operators plus operands in one expression, nested ones included.
 const MAX_EXPR_PARTS: usize = 500;
 
