@@ -290,3 +290,19 @@ fn names_are_at_most_64_characters() {
     let err = schedule(&"c".repeat(1_000_000)).unwrap_err().to_string();
     assert!(err.len() < 1000, "{} bytes", err.len());
 }
+
+/// Schedule text given as text (the Python API) has the file's 1 MiB limit.
+#[test]
+fn schedule_text_has_the_files_size_limit() {
+    let text = format!(
+        "{}\nstage a {{ tokens all steps 2 }}\n",
+        "#".repeat(2 << 20)
+    );
+    let err = Schedule::from_source(Source::new("<string>", text), &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "schedule <string>: larger than 1024 KiB; a schedule is a small text file"
+    );
+}

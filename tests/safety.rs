@@ -537,7 +537,7 @@ fn a_folder_holding_no_run_is_refused_even_with_force() {
         (other.join("run.json"), "give a name ending in .npz"),
         (
             root().join("models/fixtures/tiny/encoder.onnx"),
-            "give a name ending in .npz",
+            "which this run reads; outputs never go there",
         ),
         (
             other.with_file_name("not-a-zip.npz"),
@@ -883,5 +883,297 @@ fn output_paths_that_cannot_be_made_are_named() {
         "lies inside, or holds, one of the parts",
     );
     assert!(!part.join("merged").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Outputs never land on what a run reads nor in another command's
+/// output: `plan --png` over a graph or into a run folder, `--npz` into
+/// the bundle or another run's folder, `--out` and `--ort-profile` inside
+/// another run's folder were all written (the bundle, the run or the
+/// reference destroyed, two runs mixed); a PNG already at `--png` is
+/// still replaced.
+#[test]
+fn outputs_stay_off_inputs_and_other_commands_folders() {
+    let dir = tmp("outputs-off-inputs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bundle = dir.join("tiny");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for entry in std::fs::read_dir(root().join(TINY)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, bundle.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let graph = std::fs::read(bundle.join("encoder.onnx")).unwrap();
+    let other = dir.join("other");
+    ok(&[s(&bundle), FAST, "--num-images", "2", "--out", s(&other)]);
+    let other_before = pngs(&other);
+    let other_record = std::fs::read(other.join("run.json")).unwrap();
+
+    // plan --png: never over a file that is not a PNG, never in a run folder.
+    fails(
+        &["plan", FAST, "--png", s(&bundle.join("encoder.onnx"))],
+        "is there and is not a PNG; it is not replaced",
+    );
+    fails(
+        &["plan", FAST, "--png", s(&other.join("00001.png"))],
+        "which holds the output of another gtr-run command (its run.json)",
+    );
+    let picture = dir.join("order.png");
+    std::fs::copy(other.join("00000.png"), &picture).unwrap();
+    ok(&["plan", FAST, "--png", s(&picture)]);
+    assert_ne!(std::fs::read(&picture).unwrap(), other_before[0].1);
+
+    // --npz: not in the bundle, not in another run's folder; --out and
+    // --ort-profile not inside another run's folder.
+    let new = dir.join("new");
+    let run = |flag: &str, path: &Path, want: &str| {
+        let args = [
+            s(&bundle),
+            FAST,
+            "--num-images",
+            "2",
+            "--out",
+            s(&new),
+            flag,
+            s(path),
+        ];
+        fails(&args, want);
+    };
+    let reads = "which this run reads; outputs never go there";
+    let others = "which holds the output of another gtr-run command (its run.json)";
+    run("--npz", &bundle.join("images.npz"), reads);
+    run("--npz", &other.join("images.npz"), others);
+    run("--ort-profile", &other.join("profile"), others);
+    run("--ort-profile", &bundle, reads);
+    fails(
+        &[
+            s(&bundle),
+            FAST,
+            "--num-images",
+            "1",
+            "--out",
+            s(&other.join("sub")),
+        ],
+        others,
+    );
+    assert!(
+        !dir.join("new").exists(),
+        "refused before the folder is made"
+    );
+    assert_eq!(std::fs::read(bundle.join("encoder.onnx")).unwrap(), graph);
+    assert!(pngs(&other) == other_before);
+    assert_eq!(std::fs::read(other.join("run.json")).unwrap(), other_record);
+    // Two images, grid.png, run.json.
+    assert_eq!(
+        std::fs::read_dir(&other).unwrap().count(),
+        4,
+        "nothing added"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An output folder named with `/.` is the folder (it failed with exit 4),
+/// one with `..` after a name is refused before anything is made (it made
+/// the folder before `..`), and `merge` into a link to a folder merges into
+/// that folder (it failed renaming the link, exit 4).
+#[test]
+fn output_folders_are_named_plainly_and_merge_follows_a_link() {
+    let dir = tmp("out-named-plainly");
+    std::fs::create_dir_all(&dir).unwrap();
+    let dotted = dir.join("dotted");
+    ok(&[
+        TINY,
+        FAST,
+        "--num-images",
+        "2",
+        "--out",
+        &format!("{}/.", s(&dotted)),
+    ]);
+    assert_eq!(pngs(&dotted).len(), 2);
+    let back = format!("{}/sub/..", s(&dir.join("back")));
+    fails(
+        &[TINY, FAST, "--num-images", "1", "--out", &back],
+        "`..` after a folder name",
+    );
+    assert!(!dir.join("back").exists());
+    let target = dir.join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    ok(&["merge", s(&link), s(&dotted)]);
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(pngs(&target) == pngs(&dotted));
+    let merged = dir.join("merged");
+    ok(&["merge", &format!("{}/.", s(&merged)), s(&dotted)]);
+    assert!(pngs(&merged) == pngs(&dotted));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A part's record must agree with itself (labels per image, classes,
+/// hashes of its own images only), and `--resume` refuses a folder with
+/// an image of an index the run does not make: both were accepted, the
+/// first merging a folder whose record and images disagreed.
+#[test]
+fn records_and_folders_that_disagree_with_themselves_are_refused() {
+    let dir = tmp("self-disagree");
+    std::fs::create_dir_all(&dir).unwrap();
+    let part = dir.join("part");
+    ok(&[TINY, FAST, "--num-images", "4", "--out", s(&part)]);
+    let path = part.join("run.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (edit, want) in [
+        (
+            Box::new(|v: &mut serde_json::Value| v["labels"] = serde_json::json!([0, 1]))
+                as Box<dyn Fn(&mut serde_json::Value)>,
+            "2 labels for 4 images",
+        ),
+        (
+            Box::new(|v: &mut serde_json::Value| v["labels"][1] = serde_json::json!(-1)),
+            "label -1 is not one of the model's",
+        ),
+        (
+            Box::new(|v: &mut serde_json::Value| {
+                v["images_sha256"]["00009.png"] = v["images_sha256"]["00000.png"].clone()
+            }),
+            "a hash for `00009.png`, which is not one of the part's images",
+        ),
+    ] {
+        let mut edited = value.clone();
+        edit(&mut edited);
+        std::fs::write(&path, serde_json::to_string_pretty(&edited).unwrap()).unwrap();
+        fails(&["merge", s(&dir.join("merged")), s(&part)], want);
+        assert!(!dir.join("merged").exists());
+    }
+    std::fs::write(&path, &text).unwrap();
+    std::fs::copy(part.join("00000.png"), part.join("00009.png")).unwrap();
+    fails(
+        &[
+            TINY,
+            FAST,
+            "--num-images",
+            "4",
+            "--out",
+            s(&part),
+            "--resume",
+        ],
+        "holds `00009.png`, which is not one of this run's images (00000.png to 00003.png)",
+    );
+    ok(&[
+        TINY,
+        FAST,
+        "--num-images",
+        "4",
+        "--out",
+        s(&part),
+        "--force",
+    ]);
+    assert!(!part.join("00009.png").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs on other execution providers are other runs: CPU and CUDA kernels
+/// differ in the last bits, so `--resume` and `merge` do not join them.
+#[test]
+fn a_run_on_another_execution_provider_is_another_run() {
+    let dir = tmp("provider-identity");
+    let part = dir.join("part");
+    ok(&[
+        TINY,
+        FAST,
+        "--num-images",
+        "2",
+        "--shard",
+        "0/2",
+        "--out",
+        s(&part),
+    ]);
+    let cpu = record(&part);
+    assert_eq!(cpu["runtime_settings"]["execution_provider"], "cpu");
+    let path = part.join("run.json");
+    let mut cuda = cpu.clone();
+    cuda["runtime_settings"]["execution_provider"] = "cuda".into();
+    std::fs::write(&path, serde_json::to_string_pretty(&cuda).unwrap()).unwrap();
+    fails(
+        &[
+            TINY,
+            FAST,
+            "--num-images",
+            "2",
+            "--shard",
+            "0/2",
+            "--out",
+            s(&part),
+            "--resume",
+        ],
+        "the execution provider (--device) (\"cuda\" in the folder, \"cpu\" in this run)",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A `--replay` that is a pipe is refused at once (opening it waited for a
+/// writer, forever), and a folder is named as one.
+#[test]
+fn a_replay_that_is_a_pipe_or_folder_is_refused_at_once() {
+    let dir = tmp("replay-pipe");
+    std::fs::create_dir_all(&dir).unwrap();
+    let pipe = dir.join("noise.npz");
+    let out = dir.join("o");
+    let made = Command::new("mkfifo").arg(&pipe).status();
+    if made.is_ok_and(|s| s.success()) {
+        let args = [
+            TINY,
+            FAST,
+            "--num-images",
+            "1",
+            "--replay",
+            s(&pipe),
+            "--out",
+            s(&out),
+        ];
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gtr-run"))
+            .args(args)
+            .current_dir(root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("gtr-run waited on the pipe");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(3));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("a pipe, socket or device, not a file"),
+            "{err}"
+        );
+    }
+    let folder = dir.join("folder.npz");
+    std::fs::create_dir_all(&folder).unwrap();
+    fails(
+        &[
+            TINY,
+            FAST,
+            "--num-images",
+            "1",
+            "--replay",
+            s(&folder),
+            "--out",
+            s(&out),
+        ],
+        "a folder, not an .npz file",
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

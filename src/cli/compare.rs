@@ -211,6 +211,7 @@ fn run_comparison(
         names.push("pareto.svg".into());
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    gtr_run::run::check_outside_inputs(&out, "--out", &bundle.read_paths())?;
     let lock = claim_report(&out, &names, &format!("gtr-run {what}"), args.force)?;
     say!(
         "gtr-run {what}: model {} ({}), {} schedule(s), {} images each × {} repeat(s), seed {}{} -> {}",

@@ -141,6 +141,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     });
     if let Some(dir) = &args.ort_profile {
         gtr_run::run::check_outside_run(dir, "--ort-profile", &out)?;
+        gtr_run::run::check_outside_inputs(dir, "--ort-profile", &bundle.read_paths())?;
         options.profile_dir = Some(profile_dir(dir)?);
     }
     let (model, model_sha256) = load_hashed(&bundle, &args.runtime, &options)?;

@@ -83,7 +83,7 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
     };
     if let Some(png) = &args.png {
         // Before the work, and naming the flag (not the temporary file).
-        gtr_run::run::check_file_target(png, "--png")?;
+        gtr_run::run::check_png_target(png, "--png")?;
     }
     let overrides = super::runtime::overrides_map(args.overrides)?;
     let schedule = Schedule::from_file(path, &overrides)?;

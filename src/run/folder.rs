@@ -1,6 +1,7 @@
 //! A run's output folder: where it is, what may be in it, who holds it,
 //! and whether a previous run in it is refused, resumed or overwritten.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::RunError;
@@ -123,6 +124,26 @@ pub(super) fn check_resumable(
     )))
 }
 
+/// On `--resume`, every image already in `out` must be one of the run's
+/// (`range`): the folder is finished with the run's images alone, so an
+/// image of another index (copied in, or left by a larger run) would stay
+/// beside them unvouched for.
+pub(super) fn check_images_in_range(out: &Path, range: &Range<usize>) -> Result<(), RunError> {
+    for entry in std::fs::read_dir(out).map_err(|e| io(out, e))? {
+        let name = entry.map_err(|e| io(out, e))?.file_name();
+        let name = name.to_string_lossy();
+        if image_index(&name).is_some_and(|i| !range.contains(&i)) {
+            return Err(RunError::Invalid(format!(
+                "{} holds `{name}`, which is not one of this run's images ({} to {}), so resuming would leave it beside them: remove it, --force to overwrite, or --out elsewhere",
+                out.display(),
+                image_name(range.start),
+                image_name(range.end.saturating_sub(1)),
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses, before any work, a path a file cannot be written to: a folder,
 /// a device, pipe or socket (never replaced: [`crate::fsutil::not_a_file`]),
 /// or a file in a folder that does not exist. `what` names the option.
@@ -221,9 +242,31 @@ fn io(path: &Path, source: std::io::Error) -> RunError {
     }
 }
 
-/// Makes the folder `out` if it is missing (refusing a file of that name)
-/// and locks it ([`lock`]).
+/// `out` as an output folder is named: its `.` components left out
+/// (`runs/a/.` is `runs/a`); refused if a `..` follows a folder name
+/// (`runs/a/..` would make `runs/a` on the way to its parent).
+pub(super) fn folder_path(out: &Path) -> Result<PathBuf, RunError> {
+    use std::path::Component;
+    let mut named = false;
+    for part in out.components() {
+        match part {
+            Component::Normal(_) => named = true,
+            Component::ParentDir if named => {
+                return Err(RunError::Invalid(format!(
+                    "{}: `..` after a folder name; name the output folder without it",
+                    out.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    Ok(out.components().collect())
+}
+
+/// Makes the folder `out` if it is missing (refusing a file of that name,
+/// and a folder inside another command's output) and locks it ([`lock`]).
 pub(super) fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
+    let out = &folder_path(out)?;
     if out.exists() && !out.is_dir() {
         return Err(RunError::Invalid(format!(
             "{} exists and is not a folder",
@@ -248,6 +291,18 @@ pub(super) fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
             "{}: {} is a file, not a folder to make it in",
             out.display(),
             file.display()
+        )));
+    }
+    // Inside another command's output folder (not the folder itself: a
+    // previous run there is refused, resumed or replaced by `claim`).
+    if let Some((folder, record)) = real_path(out)
+        .parent()
+        .and_then(|parent| other_output_above(parent, None))
+    {
+        return Err(RunError::Invalid(format!(
+            "{}: inside {}, which holds the output of another gtr-run command (its {record}); gtr-run writes there only as that command: choose a folder outside it",
+            out.display(),
+            folder.display()
         )));
     }
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
@@ -417,8 +472,15 @@ pub fn claim_report(
 /// directly in the output folder `out` (links and `..` resolved). There its
 /// name must end in `.npz`, since every other name in the folder is the
 /// run's own (an image, `run.json`); elsewhere it must be a file that can
-/// be written ([`check_file_target`]).
-pub(super) fn check_npz_target(npz: &Path, out: &Path) -> Result<bool, RunError> {
+/// be written ([`check_file_target`]), outside another command's output
+/// folder ([`check_outside_other_output`]). Anywhere, it may not be nor lie
+/// in one of `inputs` ([`check_outside_inputs`]).
+pub(super) fn check_npz_target(
+    npz: &Path,
+    out: &Path,
+    inputs: &[PathBuf],
+) -> Result<bool, RunError> {
+    check_outside_inputs(npz, "--npz", inputs)?;
     let name = npz.file_name().map(|n| n.to_string_lossy());
     let well_named = name
         .as_ref()
@@ -445,6 +507,7 @@ pub(super) fn check_npz_target(npz: &Path, out: &Path) -> Result<bool, RunError>
         )));
     }
     if !inside {
+        check_outside_other_output(npz, "--npz", None)?;
         check_file_target(npz, "--npz")?;
         // A link there is replaced, never written through, whatever it names.
         let file = std::fs::symlink_metadata(npz).is_ok_and(|m| m.is_file());
@@ -460,11 +523,35 @@ pub(super) fn check_npz_target(npz: &Path, out: &Path) -> Result<bool, RunError>
 
 /// Whether the file at `path` begins as a zip archive (an .npz) does.
 fn is_npz(path: &Path) -> bool {
+    begins_with(path, &[b"PK\x03\x04", b"PK\x05\x06"])
+}
+
+/// Whether the file at `path` begins with one of `signatures`.
+fn begins_with(path: &Path, signatures: &[&[u8]]) -> bool {
     use std::io::Read;
-    let mut magic = [0u8; 4];
+    let longest = signatures.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut head = Vec::with_capacity(longest);
     std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| magic == *b"PK\x03\x04" || magic == *b"PK\x05\x06")
+        .and_then(|f| f.take(longest as u64).read_to_end(&mut head))
+        .is_ok_and(|_| signatures.iter().any(|s| head.starts_with(s)))
+}
+
+/// Refuses, before any work, a picture target (`what`, e.g. `--png`) that
+/// [`check_file_target`] refuses, that lies in another command's output
+/// folder ([`check_outside_other_output`]), or where a file that is not a
+/// PNG is: a PNG there is replaced (a link is replaced, never followed),
+/// a graph, a manifest, a record or an archive never.
+pub fn check_png_target(path: &Path, what: &str) -> Result<(), RunError> {
+    check_file_target(path, what)?;
+    check_outside_other_output(path, what, None)?;
+    let file = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+    if file && !begins_with(path, &[b"\x89PNG\r\n\x1a\n"]) {
+        return Err(RunError::Invalid(format!(
+            "{what} {}: a file of that name is there and is not a PNG; it is not replaced",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Whether `path` names an entry directly in `folder`, with links and `..`
@@ -480,9 +567,11 @@ fn in_folder(path: &Path, folder: &Path) -> bool {
 }
 
 /// Refuses a folder of other output (`flag`, e.g. `--ort-profile`) that is
-/// the run folder `out` or inside it: the run would refuse its own folder
-/// for files it does not write, now and on every later run.
+/// the run folder `out` or inside it (the run would refuse its own folder
+/// for files it does not write, now and on every later run), or inside
+/// another command's output folder ([`check_outside_other_output`]).
 pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunError> {
+    check_outside_other_output(path, flag, None)?;
     if real_path(path).starts_with(real_path(out)) {
         return Err(RunError::Invalid(format!(
             "{flag} {}: inside the run's folder {}, which holds only the run's own files: choose a folder outside it",
@@ -491,6 +580,83 @@ pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunE
         )));
     }
     Ok(())
+}
+
+/// The JSON files a gtr-run command leaves in its output folder: a run's
+/// record, an evaluation's and a sweep's results.
+const OUTPUT_RECORDS: [&str; 3] = [RECORD_FILE, "eval.json", "sweep.json"];
+
+/// Which of [`OUTPUT_RECORDS`] the folder `dir` holds as a gtr-run command
+/// wrote it: a plain file whose top level records `gtr_run_version` (read
+/// as a stream, other fields skipped: a record of many images is not held
+/// in memory).
+fn gtr_run_output_in(dir: &Path) -> Option<&'static str> {
+    #[derive(serde::Deserialize)]
+    struct Written {
+        #[serde(rename = "gtr_run_version")]
+        _version: String,
+    }
+    OUTPUT_RECORDS.into_iter().find(|name| {
+        let path = dir.join(name);
+        std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
+            && std::fs::File::open(&path).is_ok_and(|f| {
+                serde_json::from_reader::<_, Written>(std::io::BufReader::new(f)).is_ok()
+            })
+    })
+}
+
+/// The nearest folder at or above `path` (links and `..` resolved), below
+/// `own`, that holds the output of a gtr-run command (a run, a merge, an
+/// evaluation, a sweep), with the record that says so.
+fn other_output_above(path: &Path, own: Option<&Path>) -> Option<(PathBuf, &'static str)> {
+    let own = own.map(real_path);
+    real_path(path)
+        .ancestors()
+        .take_while(|folder| Some(*folder) != own.as_deref())
+        .find_map(|folder| gtr_run_output_in(folder).map(|record| (folder.to_path_buf(), record)))
+}
+
+/// Refuses `path` (given as `what`, a flag) when it is, or lies in, the
+/// output folder of a gtr-run command other than `own`
+/// (a folder holding its record): files added there would mix with that output,
+/// and its command would refuse its own folder for them afterwards.
+pub fn check_outside_other_output(
+    path: &Path,
+    what: &str,
+    own: Option<&Path>,
+) -> Result<(), RunError> {
+    match other_output_above(path, own) {
+        Some((folder, record)) => Err(RunError::Invalid(format!(
+            "{what} {}: inside {}, which holds the output of another gtr-run command (its {record}); gtr-run writes there only as that command: choose a path outside it",
+            path.display(),
+            folder.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses an output `path` (given as `what`) that is one of the run's
+/// inputs or lies in one (`inputs`: the bundle's folder, the replay file),
+/// links and `..` resolved: an output is never written over what the run
+/// reads.
+pub fn check_outside_inputs(path: &Path, what: &str, inputs: &[PathBuf]) -> Result<(), RunError> {
+    let real = real_path(path);
+    match inputs
+        .iter()
+        .find(|input| real.starts_with(real_path(input)))
+    {
+        Some(input) => Err(RunError::Invalid(format!(
+            "{what} {}: {} {}, which this run reads; outputs never go there: choose a path outside it",
+            path.display(),
+            if real == real_path(input) {
+                "is"
+            } else {
+                "lies in"
+            },
+            input.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// `path` with links and `..` resolved as far as it exists (its nearest
@@ -512,6 +678,13 @@ fn foreign(out: &Path, name: &str) -> RunError {
         "{} holds `{name}`, which gtr-run does not write; gtr-run writes only into a new or empty folder or one holding its own run, --force or not: remove it, or choose a new folder",
         out.display()
     ))
+}
+
+/// The index of the image file named `name` ([`image_name`] of it), if
+/// `name` is one.
+pub(super) fn image_index(name: &str) -> Option<usize> {
+    let index: usize = name.strip_suffix(".png")?.parse().ok()?;
+    (image_name(index) == name).then_some(index)
 }
 
 /// Whether a generation run writes files of this name: [`RECORD_FILE`],
@@ -585,11 +758,11 @@ mod tests {
         // A folder not made yet.
         let later = scratch.path().join("later");
         assert!(in_folder(&later.join("x.npz"), &later));
-        let refused = check_npz_target(&out.join("00000.png"), &out).unwrap_err();
+        let refused = check_npz_target(&out.join("00000.png"), &out, &[]).unwrap_err();
         assert!(
             refused.to_string().contains("must be named NAME.npz"),
             "{refused}"
         );
-        assert!(check_npz_target(&out.join("all.npz"), &out).unwrap());
+        assert!(check_npz_target(&out.join("all.npz"), &out, &[]).unwrap());
     }
 }

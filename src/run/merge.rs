@@ -5,7 +5,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::folder::{
-    check_npz_target, create_and_lock, image_name, image_path, inventory, lock, real_path,
+    check_npz_target, create_and_lock, folder_path, image_index, image_name, image_path, inventory,
+    lock, real_path,
 };
 use super::outputs::{write_grid, write_npz};
 use super::record::RunRecord;
@@ -67,6 +68,7 @@ impl Part {
             )));
         }
         let range = shard.map_or(0..num, |s| s.range(num));
+        check_consistent(dir, &record, &range)?;
         Ok(Part {
             dir: dir.to_path_buf(),
             record,
@@ -168,6 +170,16 @@ impl Part {
 /// refused unless `force`, and even then only if it holds nothing but
 /// gtr-run output. Returns the combined record.
 pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
+    // The folder as the commit renames it: named plainly, and a link to a
+    // folder followed (renaming the link would replace the link itself).
+    let mut out = folder_path(&req.out)?;
+    if std::fs::symlink_metadata(&out).is_ok_and(|m| m.file_type().is_symlink()) && out.is_dir() {
+        out = out.canonicalize().map_err(|source| RunError::Write {
+            path: out.clone(),
+            source,
+        })?;
+    }
+    let out = out.as_path();
     let mut parts: Vec<Part> = req
         .parts
         .iter()
@@ -199,13 +211,16 @@ pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
     }
     // Held until the merged folder is in place: no gtr-run writes into the
     // old one meanwhile.
-    let mut held = check_out(&req.out, &parts, req.force)?;
+    let mut held = check_out(out, &parts, req.force)?;
     let npz_in_out = match &req.npz {
-        Some(npz) => check_npz_target(npz, &req.out)?,
+        Some(npz) => {
+            let parts: Vec<PathBuf> = parts.iter().map(|p| p.dir.clone()).collect();
+            check_npz_target(npz, out, &parts)?
+        }
         None => false,
     };
 
-    let staging = Staging::new(&req.out)?;
+    let staging = Staging::new(out)?;
     for part in &parts {
         for i in part.range.clone() {
             let staged = image_path(&staging.dir, i);
@@ -232,7 +247,7 @@ pub fn merge(req: &MergeRequest) -> Result<RunRecord, RunError> {
         };
         write_npz(&target, &staging.dir, 0..num)?;
     }
-    staging.commit(&req.out)?;
+    staging.commit(out)?;
     held.made = None;
     Ok(record)
 }
@@ -381,6 +396,41 @@ fn check_out(out: &Path, parts: &[Part], force: bool) -> Result<HeldOut, RunErro
         _lock: held,
         made: None,
     })
+}
+
+/// A part's record must agree with itself: a label per image of the whole
+/// run, each one of the model's classes, and image hashes only for the
+/// images of the part's `range` (a record edited by hand would otherwise
+/// merge into a folder whose record and images disagree).
+fn check_consistent(dir: &Path, record: &RunRecord, range: &Range<usize>) -> Result<(), RunError> {
+    let bad = |problem: String| {
+        Err(RunError::Invalid(format!(
+            "{}/run.json: {problem}; is it a gtr-run record?",
+            dir.display()
+        )))
+    };
+    let (labels, num) = (record.labels.len(), record.num_images);
+    if labels != num {
+        return bad(format!("{labels} labels for {num} images"));
+    }
+    let classes = record.model.classes;
+    if let Some(label) = record
+        .labels
+        .iter()
+        .find(|&&l| usize::try_from(l).map_or(true, |l| l >= classes))
+    {
+        return bad(format!(
+            "label {label} is not one of the model's {classes} classes"
+        ));
+    }
+    let ours = |name: &str| image_index(name).is_some_and(|i| range.contains(&i));
+    if let Some(name) = record.images_sha256.keys().find(|name| !ours(name)) {
+        return bad(format!(
+            "a hash for `{name}`, which is not one of the part's images ({})",
+            spans(&range.clone().collect::<Vec<_>>())
+        ));
+    }
+    Ok(())
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> Result<(), RunError> {

@@ -27,7 +27,8 @@ use ndarray::{Array4, Axis};
 use serde_json::Value;
 
 pub use folder::{
-    Existing, check_file_target, check_outside_run, claim_report, default_out_dir, precision_suffix,
+    Existing, check_file_target, check_outside_inputs, check_outside_run, check_png_target,
+    claim_report, default_out_dir, precision_suffix,
 };
 pub use jobs::{Classes, Shard, label_for};
 pub use outputs::{encode_batch, encode_png, write_npz};
@@ -128,7 +129,7 @@ impl<'s> Prepared<'s> {
     /// Checks everything that can be checked before any work.
     fn new<M: MarModel>(bundle: &Bundle, model: &M, req: &'s RunRequest) -> Result<Self, RunError> {
         let info = model.info().clone();
-        let range = check_request(req)?;
+        let range = check_request(req, &run_inputs(bundle, req))?;
         let vae_decode = pipeline::decide(model, req.vae).map_err(RunError::Conflict)?;
         let labels = jobs::labels(&req.classes, req.num_images, &info)?;
         let replay = load_replay(req)?;
@@ -238,6 +239,7 @@ pub fn generate<M: MarModel>(
     let (_lock, previous) = folder::claim(&req.out, req.existing)?;
     if req.existing == Existing::Resume {
         folder::check_resumable(&req.out, previous.as_ref(), &run.record)?;
+        folder::check_images_in_range(&req.out, &range)?;
     }
     // With adaptive orders an image is kept only with its recorded order
     // (one made without it is made again, to the same bytes).
@@ -417,9 +419,18 @@ fn pixel_buffer(n: usize, image: ImageSettings) -> Result<Array4<u8>, RunError> 
     Ok(Array4::zeros(shape))
 }
 
-/// The image indices this process makes; refuses counts, shards and an
-/// `.npz` target that cannot work, before any work.
-fn check_request(req: &RunRequest) -> Result<Range<usize>, RunError> {
+/// What a run reads, which no output of it may be or lie in: the bundle's
+/// folder and every file it names, and the replay file.
+fn run_inputs(bundle: &Bundle, req: &RunRequest) -> Vec<PathBuf> {
+    let mut inputs = bundle.read_paths();
+    inputs.extend(req.replay.clone());
+    inputs
+}
+
+/// The image indices this process makes; refuses counts, shards and
+/// outputs that cannot work (an `.npz` target, an output folder among
+/// `inputs` or inside another command's output), before any work.
+fn check_request(req: &RunRequest, inputs: &[PathBuf]) -> Result<Range<usize>, RunError> {
     if req.num_images == 0 || req.batch == 0 {
         return Err(RunError::Invalid(
             "--num-images and --batch must be at least 1".into(),
@@ -440,7 +451,10 @@ fn check_request(req: &RunRequest) -> Result<Range<usize>, RunError> {
                 "--npz with --shard: a shard holds only part of the images; pass --npz to `gtr-run merge` instead".into(),
             ));
         }
-        folder::check_npz_target(npz, &req.out)?;
+        folder::check_npz_target(npz, &req.out, inputs)?;
+    }
+    if !req.out.as_os_str().is_empty() {
+        folder::check_outside_inputs(&req.out, "--out", inputs)?;
     }
     Ok(range)
 }

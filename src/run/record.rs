@@ -27,6 +27,7 @@ const REPLAY_DIGEST: &str = "replay file's contents (SHA-256)";
 /// The identity entry of where the chains ran (`--sampler`, `--head`): absent
 /// from records older than it.
 const CHAINS: &str = "diffusion chains (--sampler, --head)";
+const PROVIDER: &str = "execution provider (--device)";
 
 /// The file name of the record in a run's folder.
 pub const RECORD_FILE: &str = "run.json";
@@ -330,7 +331,7 @@ impl RunRecord {
     /// What makes two records parts of one run: what each value is called
     /// in messages, and the value. Not compared: batch size, device and
     /// paths (none changes an image), nor the measurements.
-    fn identity(&self) -> [(&'static str, Value); 17] {
+    fn identity(&self) -> [(&'static str, Value); 18] {
         [
             ("gtr-run version", json!(self.gtr_run_version)),
             ("model", json!(self.model.name)),
@@ -354,6 +355,11 @@ impl RunRecord {
             ("precision (--precision)", json!(self.precision)),
             // Chain graphs and the host path may differ by a pixel level.
             (CHAINS, self.runtime_settings["diffusion_chains"].clone()),
+            // CPU and CUDA kernels differ in the last bits.
+            (
+                PROVIDER,
+                self.runtime_settings["execution_provider"].clone(),
+            ),
             // int8 (activations per tensor) images change with their batch.
             (
                 "batch (--batch; int8 images depend on it)",
@@ -373,9 +379,9 @@ impl RunRecord {
         self.identity()
             .into_iter()
             .zip(other.identity())
-            // A record older than a digest (or the chains entry) has none to compare.
+            // A record older than a digest (or the chains or provider entry) has none to compare.
             .filter(|((what, x), (_, y))| {
-                let digest = *what == MODEL_DIGEST || *what == REPLAY_DIGEST || *what == CHAINS;
+                let digest = [MODEL_DIGEST, REPLAY_DIGEST, CHAINS, PROVIDER].contains(what);
                 x != y && !(digest && (x.is_null() || y.is_null()))
             })
             .map(|((what, x), (_, y))| {

@@ -24,6 +24,17 @@ const MAX_HEADER: usize = 64 * 1024;
 /// read. Errors name the array and say what is wrong, without the path
 /// (the caller's error carries it).
 pub fn open_checked(path: &Path, arrays: &[(&str, u64)]) -> Result<NpzReader<File>, String> {
+    // Before opening: a pipe would block the open, and a zip is read with
+    // seeks.
+    let kind = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if kind.is_dir() {
+        return Err("a folder, not an .npz file".into());
+    }
+    if !kind.is_file() {
+        return Err(
+            "a pipe, socket or device, not a file: an .npz is read with seeks; give a file".into(),
+        );
+    }
     let file = File::open(path).map_err(|e| e.to_string())?;
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut zip = zip::ZipArchive::new(&file).map_err(|e| format!("not a readable .npz: {e}"))?;

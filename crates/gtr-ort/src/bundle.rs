@@ -693,6 +693,29 @@ impl Bundle {
         self.dir.join(&entry.file)
     }
 
+    /// What a run of the bundle reads, and so never writes: its folder, then
+    /// every file it names, as paths under the folder (not resolved): the
+    /// manifest, each graph, each precision variant, the evaluator and its
+    /// reference (which may lie outside the folder).
+    pub fn read_paths(&self) -> Vec<PathBuf> {
+        let m = &self.manifest;
+        let graphs = m.graphs.values().map(|g| g.file.as_str());
+        let variants = m
+            .precisions
+            .values()
+            .flat_map(|v| v.values().map(String::as_str));
+        let evaluator = m
+            .evaluator
+            .iter()
+            .flat_map(|e| [e.file.as_str(), e.reference.as_str()]);
+        let files = std::iter::once(MANIFEST_FILE)
+            .chain(graphs)
+            .chain(variants)
+            .chain(evaluator)
+            .map(|file| self.dir.join(file));
+        std::iter::once(self.dir.clone()).chain(files).collect()
+    }
+
     pub fn graph_path(&self, role: Role) -> PathBuf {
         self.entry_path(self.graph(role))
     }

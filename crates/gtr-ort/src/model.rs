@@ -535,6 +535,9 @@ impl OrtModel {
             "precision_source": self.precision.source,
             "graph_files": self.precision.graph_files,
             "cuda_tf32": self.precision.cuda_tf32,
+            // Part of a run's identity: providers' kernels differ in the
+            // last bits, and so may the images.
+            "execution_provider": self.provider,
             // Part of a run's identity: the host path and a chain graph may
             // differ by a pixel level, and int8 images with the batch.
             "diffusion_chains": gtr_engine::chain_runner(self),

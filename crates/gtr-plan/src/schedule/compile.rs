@@ -15,12 +15,20 @@ use super::validated::*;
 use crate::grid::Grid;
 
 impl Schedule {
-    /// Parses and checks `text`; `name` is used in error messages.
+    /// Parses and checks `text` (at most [`super::MAX_SCHEDULE_BYTES`]);
+    /// `name` is used in error messages.
     /// `overrides` replace parameter values (as `--set name=value` does).
     pub fn from_source(
         source: Arc<Source>,
         overrides: &BTreeMap<String, f64>,
     ) -> Result<Schedule, ScheduleError> {
+        // Text given as text (the Python API) has the file's limit too.
+        if let Some(problem) = super::text::too_large(source.text.len(), "a schedule") {
+            return Err(ScheduleError::Text {
+                path: source.name.clone(),
+                problem,
+            });
+        }
         let ast = super::parser::parse(&source)?;
         compile(source, &ast, overrides)
     }

@@ -37,6 +37,17 @@ pub fn read_small_text_file(path: &std::path::Path, what: &str) -> Result<String
         .and_then(|f| read_small_text(f, what))
 }
 
+/// Why `bytes` bytes of `what` ("a schedule") are too many, if they are
+/// more than [`MAX_SCHEDULE_BYTES`].
+pub fn too_large(bytes: usize, what: &str) -> Option<String> {
+    (bytes as u64 > MAX_SCHEDULE_BYTES).then(|| {
+        format!(
+            "larger than {} KiB; {what} is a small text file",
+            MAX_SCHEDULE_BYTES / 1024
+        )
+    })
+}
+
 /// Reads at most [`MAX_SCHEDULE_BYTES`] of UTF-8 text through a bounded
 /// reader (one byte past the limit tells it was exceeded). `what` names the
 /// kind of file in the size message ("a schedule").
@@ -47,11 +58,8 @@ pub fn read_small_text(reader: impl std::io::Read, what: &str) -> Result<String,
         .take(MAX_SCHEDULE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(SmallTextError::Io)?;
-    if bytes.len() as u64 > MAX_SCHEDULE_BYTES {
-        return Err(SmallTextError::Text(format!(
-            "larger than {} KiB; {what} is a small text file",
-            MAX_SCHEDULE_BYTES / 1024
-        )));
+    if let Some(problem) = too_large(bytes.len(), what) {
+        return Err(SmallTextError::Text(problem));
     }
     let text = String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
