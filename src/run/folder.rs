@@ -295,10 +295,7 @@ pub(super) fn create_and_lock(out: &Path) -> Result<FolderLock, RunError> {
     }
     // Inside another command's output folder (not the folder itself: a
     // previous run there is refused, resumed or replaced by `claim`).
-    if let Some((folder, record)) = real_path(out)
-        .parent()
-        .and_then(|parent| other_output_above(parent, None))
-    {
+    if let Some((folder, record)) = real_path(out).parent().and_then(other_output_above) {
         return Err(RunError::Invalid(format!(
             "{}: inside {}, which holds the output of another gtr-run command (its {record}); gtr-run writes there only as that command: choose a folder outside it",
             out.display(),
@@ -507,7 +504,7 @@ pub(super) fn check_npz_target(
         )));
     }
     if !inside {
-        check_outside_other_output(npz, "--npz", None)?;
+        check_outside_other_output(npz, "--npz")?;
         check_file_target(npz, "--npz")?;
         // A link there is replaced, never written through, whatever it names.
         let file = std::fs::symlink_metadata(npz).is_ok_and(|m| m.is_file());
@@ -543,7 +540,7 @@ fn begins_with(path: &Path, signatures: &[&[u8]]) -> bool {
 /// a graph, a manifest, a record or an archive never.
 pub fn check_png_target(path: &Path, what: &str) -> Result<(), RunError> {
     check_file_target(path, what)?;
-    check_outside_other_output(path, what, None)?;
+    check_outside_other_output(path, what)?;
     let file = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
     if file && !begins_with(path, &[b"\x89PNG\r\n\x1a\n"]) {
         return Err(RunError::Invalid(format!(
@@ -571,7 +568,7 @@ fn in_folder(path: &Path, folder: &Path) -> bool {
 /// for files it does not write, now and on every later run), or inside
 /// another command's output folder ([`check_outside_other_output`]).
 pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunError> {
-    check_outside_other_output(path, flag, None)?;
+    check_outside_other_output(path, flag)?;
     if real_path(path).starts_with(real_path(out)) {
         return Err(RunError::Invalid(format!(
             "{flag} {}: inside the run's folder {}, which holds only the run's own files: choose a folder outside it",
@@ -605,27 +602,21 @@ fn gtr_run_output_in(dir: &Path) -> Option<&'static str> {
     })
 }
 
-/// The nearest folder at or above `path` (links and `..` resolved), below
-/// `own`, that holds the output of a gtr-run command (a run, a merge, an
-/// evaluation, a sweep), with the record that says so.
-fn other_output_above(path: &Path, own: Option<&Path>) -> Option<(PathBuf, &'static str)> {
-    let own = own.map(real_path);
+/// The nearest folder at or above `path` (links and `..` resolved) that
+/// holds the output of a gtr-run command (a run, a merge, an evaluation, a
+/// sweep), with the record that says so.
+fn other_output_above(path: &Path) -> Option<(PathBuf, &'static str)> {
     real_path(path)
         .ancestors()
-        .take_while(|folder| Some(*folder) != own.as_deref())
         .find_map(|folder| gtr_run_output_in(folder).map(|record| (folder.to_path_buf(), record)))
 }
 
 /// Refuses `path` (given as `what`, a flag) when it is, or lies in, the
-/// output folder of a gtr-run command other than `own`
-/// (a folder holding its record): files added there would mix with that output,
-/// and its command would refuse its own folder for them afterwards.
-pub fn check_outside_other_output(
-    path: &Path,
-    what: &str,
-    own: Option<&Path>,
-) -> Result<(), RunError> {
-    match other_output_above(path, own) {
+/// output folder of a gtr-run command (a folder holding its record): files
+/// added there would mix with that output, and its command would refuse
+/// its own folder for them afterwards.
+pub fn check_outside_other_output(path: &Path, what: &str) -> Result<(), RunError> {
+    match other_output_above(path) {
         Some((folder, record)) => Err(RunError::Invalid(format!(
             "{what} {}: inside {}, which holds the output of another gtr-run command (its {record}); gtr-run writes there only as that command: choose a path outside it",
             path.display(),
