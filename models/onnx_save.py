@@ -403,31 +403,71 @@ def _staging_folders(folder: str) -> list[str]:
             and not os.path.islink(os.path.join(folder, name)) and os.path.isdir(os.path.join(folder, name))]
 
 
+def _plan_path(folder: str, rel, within: str) -> str:
+    """The path of a commit plan's entry `rel` (relative to bundle `folder`), which must lie in
+    the folder `within` (the bundle, or the plan's staging folder) once resolved as the commit
+    would: a relative path without `..` whose folder's real path (symbolic links resolved) is
+    inside `within`; the file itself is not followed (it is replaced or removed, never written
+    through). ValueError naming the entry otherwise."""
+    parts = rel.split("/") if isinstance(rel, str) else None
+    if not parts or os.path.isabs(rel) or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
+        raise ValueError(f"`{rel}` is not a plain path inside the bundle")
+    path = _key(os.path.join(folder, rel))
+    if not inside(within, os.path.dirname(path)) or path == os.path.realpath(within):
+        raise ValueError(f"`{rel}` lies outside {within} once resolved")
+    return path
+
+
+def _checked_plan(folder: str, name: str, plan) -> dict:
+    """The commit plan `plan` read from staging folder `name` of bundle `folder`, checked before
+    any step of it runs: `moves` pairs (source, destination) and `remove` paths, every source
+    inside that staging folder and every destination and removal inside the bundle (_plan_path).
+    ValueError naming the offending entry (a plan a tool did not write: nothing is changed)."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("moves"), list) or not isinstance(plan.get("remove"), list):
+        raise ValueError("not a commit plan (`moves` and `remove` lists)")
+    staging = os.path.join(folder, name)
+    for move in plan["moves"]:
+        if not (isinstance(move, list) and len(move) == 2):
+            raise ValueError(f"move {move!r} is not a [source, destination] pair")
+        _plan_path(folder, move[0], staging)
+        _plan_path(folder, move[1], folder)
+    for gone in plan["remove"]:
+        _plan_path(folder, gone, folder)
+    return plan
+
+
 def recover(folder: str, log=None) -> None:
     """Cleans up after tools killed in `folder`; only under the bundle's lock (Staging takes it),
     when no other tool is active there, so every staging folder found is a dead run's: one whose
     commit plan was written is committed (the commit had been decided), any other is removed.
-    BundleError naming the plan and what blocks it when a plan cannot be finished."""
+    Every plan is read and checked (_checked_plan) before any is carried out. BundleError naming
+    the plan and what blocks it when a plan cannot be read, leads outside the bundle (nothing is
+    then changed) or cannot be finished."""
     try:
         entries = _staging_folders(folder)
     except OSError:
         return
+    plans = {}
     for name in entries:
-        path = os.path.join(folder, name)
-        plan = os.path.join(path, PLAN)
+        plan = os.path.join(folder, name, PLAN)
         if os.path.isfile(plan):
             try:
                 with open(plan) as f:
-                    _apply(folder, json.load(f))
+                    plans[name] = _checked_plan(folder, name, json.load(f))
+            except (OSError, ValueError) as e:
+                raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be used "
+                                  f"({one_line(e)}); nothing was changed: inspect it and remove "
+                                  f"{os.path.join(folder, name)} by hand") from e
+    for name in entries:
+        if name in plans:
+            try:
+                _apply(folder, plans[name])
             except CommitStopped as e:
                 raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be finished: "
                                   f"{e.why}; remove the cause and run any model tool on {folder} again") from e
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be read "
-                                  f"({one_line(e)})") from e
             if log:
                 log(f"{name}: finished the commit of an interrupted run")
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 class Staging:

@@ -188,6 +188,72 @@ def test_finish_command(tmp):
           f"a missing bundle: exit 2, one line ({r.stderr.strip()})")
 
 
+def snapshot(folder):
+    """{relative path: bytes, or the link's target} of every file and link under `folder`."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            if os.path.islink(p):
+                out[os.path.relpath(p, folder)] = "-> " + os.readlink(p)
+            elif os.path.isfile(p):
+                out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def test_hostile_plan(tmp):
+    """A commit plan a tool did not write (a hostile bundle's `.gtr-tmp.*/commit.json`) whose
+    sources leave its staging folder or whose destinations or removals leave the bundle (absolute,
+    `..`, a link leading out) is refused by the finishing command and every tool: one line naming
+    the plan and the path, exit 2, nothing changed inside the bundle or outside it; with another,
+    valid plan beside it, neither runs."""
+    victim = os.path.join(tmp, "victim")
+    os.makedirs(victim)
+    for n in ("config", "x"):
+        with open(os.path.join(victim, n), "w") as f:
+            f.write("precious\n")
+    stage = ".gtr-tmp.1.x"
+    plans = {
+        "absolute destination": ({"moves": [[f"{stage}/payload", os.path.join(victim, "config")]], "remove": []},
+                                 os.path.join(victim, "config")),
+        "`..` destination": ({"moves": [[f"{stage}/payload", "../victim/config"]], "remove": []}, "../victim/config"),
+        "`..` removal": ({"moves": [], "remove": ["../victim/x"]}, "../victim/x"),
+        "source outside the staging folder": ({"moves": [["manifest.yaml", "../stolen.yaml"]], "remove": []},
+                                              "manifest.yaml"),
+        "destination through a link leading out": ({"moves": [[f"{stage}/payload", "out/config"]], "remove": []},
+                                                   "out/config"),
+        "source through a link leading out": ({"moves": [[f"{stage}/away/x", "x.onnx"]], "remove": []},
+                                              f"{stage}/away/x"),
+        "not a plan": ({"moves": "encoder.onnx", "remove": []}, "moves"),
+    }
+    command = [sys.executable, os.path.join(MODELS, "onnx_save.py")]
+    for k, (what, (plan, offending)) in enumerate(plans.items()):
+        bundle = copy_tiny(tmp, f"hostile{k}")
+        os.symlink(victim, os.path.join(bundle, "out"))
+        folder = os.path.join(bundle, stage)
+        os.makedirs(folder)
+        os.symlink(victim, os.path.join(folder, "away"))
+        with open(os.path.join(folder, "payload"), "w") as f:
+            f.write("pwned\n")
+        with open(os.path.join(folder, "commit.json"), "w") as f:
+            json.dump(plan, f)
+        if k == 0:  # a valid plan beside it is not carried out either
+            good = os.path.join(bundle, ".gtr-tmp.2.y")
+            os.makedirs(good)
+            with open(os.path.join(good, "new.onnx"), "w") as f:
+                f.write("new\n")
+            with open(os.path.join(good, "commit.json"), "w") as f:
+                json.dump({"moves": [[".gtr-tmp.2.y/new.onnx", "new.onnx"]], "remove": []}, f)
+        before, victims = snapshot(bundle), snapshot(victim)
+        for tool in (command, [sys.executable, os.path.join(MODELS, "add_sampler.py")]):
+            r = subprocess.run(tool + [bundle], capture_output=True, text=True)
+            check(r.returncode == 2 and r.stderr.count("\n") == 1 and "commit.json" in r.stderr
+                  and offending in r.stderr and "Traceback" not in r.stderr
+                  and snapshot(bundle) == before and snapshot(victim) == victims,
+                  f"{what}: {os.path.basename(tool[1])} refuses the plan in one line, nothing changed "
+                  f"({r.stderr.strip()})")
+
+
 def test_read_only_bundle(tmp):
     """A bundle folder the user cannot write: every tool says so in one line, exit 2, and changes
     nothing; `onnx_save.py BUNDLE` with nothing to finish succeeds. As root (which writes
@@ -579,6 +645,7 @@ def main():
         test_write_manifest(tmp)
         test_interrupted_commit_and_leftovers(tmp)
         test_finish_command(tmp)
+        test_hostile_plan(tmp)
         test_read_only_bundle(tmp)
         test_plan_of_a_live_pid(tmp)
         test_lock(tmp)
