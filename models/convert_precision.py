@@ -74,7 +74,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from models.add_backbone import write_backbone  # noqa: E402
 from models.add_sampler import write_sampler  # noqa: E402
-from models.onnx_save import BundleError, Staging, load_graph, placed_names, run_tool  # noqa: E402
+from models.onnx_save import (BundleError, Staging, load_graph, output_file, placed_names, run_tool,  # noqa: E402
+                              write_atomic)
 from models.variants import (  # noqa: E402
     DERIVED_FROM, DERIVED_ROLES, HALF_TYPE, PRECISIONS, ROLES, SPLIT_ROLES,
 )
@@ -851,16 +852,6 @@ def seed(text: str) -> int:
     return value
 
 
-def writable_file(path: str) -> bool:
-    """Whether `path` (links followed) can be written as a file: an existing regular file this
-    process may write, or a new name in a folder it may write."""
-    real = os.path.realpath(path)
-    if os.path.lexists(real):
-        return os.path.isfile(real) and os.access(real, os.W_OK)
-    folder = os.path.dirname(real)
-    return os.path.isdir(folder) and os.access(folder, os.W_OK)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", help="bundle folder (holding manifest.yaml)")
@@ -888,18 +879,13 @@ def main():
 
     def body():
         # Checked first: the report is written after the bundle has changed.
-        if args.report and not writable_file(args.report):
-            print(f"error: --report {args.report}: cannot write there (no such folder, not writable, or not a "
-                  "file); nothing was changed", file=sys.stderr)
-            return 2
+        report_path = args.report and output_file("--report", args.report, bundle)
         report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed,
                          tolerance=args.tolerance, per_row=args.per_row,
                          quantize_token_projections=args.quantize_token_projections)
-        if args.report:
+        if report_path:
             try:
-                with open(args.report, "w") as f:
-                    json.dump(report, f, indent=2)
-                    f.write("\n")
+                write_atomic(report_path, json.dumps(report, indent=2) + "\n")
             except OSError as e:
                 print(f"error: --report {args.report}: cannot be written ({type(e).__name__}: {e}); the "
                       f"{args.precision} variants were written and manifest.yaml lists them", file=sys.stderr)

@@ -324,6 +324,59 @@ def listed_files(manifest) -> set[str]:
     return out
 
 
+def listed_in(bundle: str) -> set[str] | None:
+    """The graph files the manifest of `bundle` lists now (`listed_files`), None when it has no
+    manifest or one that cannot be parsed."""
+    import yaml
+
+    path = os.path.join(bundle, "manifest.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return listed_files(yaml.load(f.read(), Loader=_unique_key_loader()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def output_file(flag: str, path: str, bundle: str) -> str:
+    """The real path (links followed) that a tool's output-file flag (`--report`, `--json`) names,
+    checked before the tool changes anything: BundleError naming the flag when it lies in the
+    bundle folder `bundle` (whose files change only through a Staging), is a graph file the
+    bundle's manifest lists (one kept outside it), or cannot be written as a file (no such folder,
+    not writable, a folder). Write it with `write_atomic`."""
+    real = os.path.realpath(path)
+    if inside(bundle, real):
+        raise BundleError(f"{flag} {path}: inside the bundle folder {os.path.realpath(bundle)}; write it "
+                          "elsewhere (nothing was changed)")
+    if real in {os.path.realpath(os.path.join(bundle, f)) for f in listed_in(bundle) or ()}:
+        raise BundleError(f"{flag} {path}: a graph file the bundle's manifest lists; write it elsewhere "
+                          "(nothing was changed)")
+    folder = os.path.dirname(real)
+    if (os.path.lexists(real) and not (os.path.isfile(real) and os.access(real, os.W_OK))) \
+            or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise BundleError(f"{flag} {path}: cannot write a file there (no such folder, not writable, or not a "
+                          "file); nothing was changed")
+    return real
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes `text` to the file `path` (links followed) through a temporary file beside it,
+    renamed into place: the old file or the whole new one is there, never half of it; an existing
+    file keeps its mode."""
+    real = os.path.realpath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=os.path.dirname(real))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _mode(real))
+        os.replace(tmp, real)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _mode(path: str, default: int = 0o644) -> int:
     return stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else default
 
@@ -629,18 +682,8 @@ class Staging:
         return out
 
     def _listed_in_bundle(self) -> set[str] | None:
-        """The graph files the bundle's manifest lists now (`listed_files`), None when it has no
-        manifest or one that cannot be parsed (then nothing is retired)."""
-        import yaml
-
-        path = os.path.join(self.bundle, "manifest.yaml")
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                return listed_files(yaml.load(f.read(), Loader=_unique_key_loader()))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return None
+        """The graph files the bundle's manifest lists now (then nothing is retired when None)."""
+        return listed_in(self.bundle)
 
     def _retire_unlisted(self, old: set[str] | None, kept: list[str]) -> None:
         """Marks for removal at the commit the graphs the old manifest listed (`old`) that the
