@@ -674,7 +674,7 @@ def compare_split(manifest, head_path, condition, state, seed):
 # ----------------------------------------------------------------------------- main
 
 
-def variant_names(bundle, graphs, roles, precision):
+def variant_names(bundle, manifest, roles, precision):
     """{role: file} of the variants of `roles`' graphs: `<name>.<precision>.onnx` beside a graph in
     the bundle; for a graph outside it (`../`, a folder that is a link leading out) a name in the
     bundle, distinct from every other graph's and variant's (`<name>.<precision>.onnx`, else
@@ -688,8 +688,8 @@ def variant_names(bundle, graphs, roles, precision):
         return [f"{base}.{precision}.onnx", f"{role}.{precision}.onnx", f"{role}.{base}.{precision}.onnx"]
 
     derived = [f"{r}.{precision}.onnx" for r in ("sampler", "tick", "backbone")]
-    return placed_names(bundle, graphs, roles, lambda f, r: f"{stem(f)}.{precision}.onnx", outside,
-                        reserved=derived)
+    return placed_names(bundle, manifest, roles, lambda r: f"precisions.{precision}.{r}",
+                        lambda f, r: f"{stem(f)}.{precision}.onnx", outside, reserved=derived)
 
 
 def convert_graph(model, precision, emulate=False, per_channel=True, per_row=False, token_dim=None):
@@ -745,7 +745,7 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
             log(f"{role}: not a graph this script converts (kept in float32)")
     todo = [r for r in ROLES if r in graphs and (roles is None or r in roles)]
     split = all(r in graphs for r in SPLIT_ROLES)
-    names = variant_names(bundle, graphs, todo + (list(SPLIT_ROLES) if split and "diffusion" in todo else []),
+    names = variant_names(bundle, manifest, todo + (list(SPLIT_ROLES) if split and "diffusion" in todo else []),
                           precision)
     rebuilt = set(todo) | {r for r, sources in DERIVED_FROM.items() if set(sources) & set(todo)}
     old = (manifest.get("precisions") or {}).get(precision) or {}

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import onnx
 import yaml
 
-from models.onnx_save import BundleError, CheckFailed, Staging, read_manifest, run_tool
+from models.onnx_save import BundleError, CheckFailed, Staging, claim, read_manifest, run_tool
 from models.variants import variant_flags
 
 
@@ -55,10 +55,14 @@ def _check_edit(old_text: str, new_text: str, role: str, want: dict) -> None:
                           f"(nothing was changed)")
 
 
-def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging) -> str:
+def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging,
+               manifest: dict, role: str) -> str:
     """Checks `model` and stages it in `bundle` (models.onnx_save.Staging) as `file`, or as
-    FILE.PRECISION.onnx for a precision variant; returns the name."""
+    FILE.PRECISION.onnx for a precision variant; returns the name. BundleError, before it is
+    staged, when that name is a graph the bundle's `manifest` lists under another entry than
+    `role`'s (models.onnx_save.claim)."""
     name = file if precision is None else file.replace(".onnx", f".{precision}.onnx")
+    claim(bundle, manifest, f"graphs.{role}" if precision is None else f"precisions.{precision}.{role}", name)
     staging.save(model, os.path.join(bundle, name))
     return name
 

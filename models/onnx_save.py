@@ -37,7 +37,10 @@ Every tool stages what it writes and commits it at the end (`Staging`):
 - Nothing is written outside the bundle: a path whose real path (symbolic links resolved) is not
   inside the bundle's real path is refused (`inside`); tools give a graph kept outside the
   bundle (`../tiny/encoder.onnx`, a folder that is a link leading out) a derived file inside it
-  (`placed_names`).
+  (`placed_names`). A new graph never replaces a file the manifest lists under another entry
+  (role or precision variant) or a listed graph's external data (`claim`: refused before it is
+  staged). A commit plan found by `recover` is checked first: its sources inside its staging
+  folder, its destinations and removals inside the bundle, or it is refused, nothing changed.
 
 Errors the tools report as one line naming the input (exit status 2, nothing changed) are
 `BundleError`s: a missing folder or manifest, malformed YAML, a graph entry without `file`, a
@@ -246,31 +249,86 @@ def inside(bundle: str, path: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def placed_names(bundle: str, graphs: dict, roles, inside_name, outside_names, reserved=(),
+def listed_entries(manifest) -> list[tuple[str, str]]:
+    """(entry, file) for each graph file a parsed manifest lists: `graphs.<role>` and
+    `precisions.<precision>.<role>` (files as written, relative to the bundle; entries of
+    another shape skipped)."""
+    out = []
+    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
+    for role, e in graphs.items() if isinstance(graphs, dict) else ():
+        if isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"]:
+            out.append((f"graphs.{role}", e["file"]))
+    precisions = manifest.get("precisions") if isinstance(manifest, dict) else None
+    for precision, files in precisions.items() if isinstance(precisions, dict) else ():
+        for role, f in files.items() if isinstance(files, dict) else ():
+            if isinstance(f, str) and f:
+                out.append((f"precisions.{precision}.{role}", f))
+    return out
+
+
+def claim(bundle: str, manifest: dict, entry: str, file: str) -> None:
+    """Refuses, before it is written, a new graph `file` (relative to `bundle`) for the manifest
+    entry `entry` (`graphs.sampler`, `precisions.fp16.encoder`) that would replace a graph the
+    parsed `manifest` lists under another entry, or the external data of a listed graph (the
+    same file once symbolic links are resolved): BundleError naming both entries. The entry's
+    own earlier file may be replaced (a tool run again)."""
+    new = _key(os.path.join(bundle, file))
+    real = os.path.realpath(new)
+    same = lambda p: new in (_key(p), os.path.realpath(p)) or real == os.path.realpath(p)  # noqa: E731
+    listed = listed_entries(manifest)
+    own = False
+    for other, f in listed:
+        if same(os.path.join(bundle, f)):
+            if other != entry:
+                raise BundleError(f"{file}, the new {entry} graph, would replace {f}, which the manifest lists as "
+                                  f"{other}; give that entry another file in manifest.yaml (nothing was changed)")
+            own = True
+    if own or not os.path.lexists(new):
+        return   # an external data file exists: only a file already there can be one
+    for other, f in listed:
+        for data in external_files(os.path.join(bundle, f)):
+            if same(data):
+                raise BundleError(f"{file}, the new {entry} graph, would replace {os.path.relpath(data, bundle)}, "
+                                  f"the external data of {other} ({f}); give that entry another file in "
+                                  "manifest.yaml (nothing was changed)")
+
+
+def placed_names(bundle: str, manifest: dict, roles, entry, inside_name, outside_names, reserved=(),
                  free_on_disk: bool = False) -> dict[str, str]:
-    """{role: file in the bundle} for files made from `roles`' graphs (manifest `graphs`): a graph
-    inside the bundle gets `inside_name(file, role)`; one outside it is never written beside, and
-    gets the first of `outside_names(file, role)` that no graph of the manifest, no other role
-    here (those inside first), nothing in `reserved` and, with `free_on_disk`, no file in the
-    bundle has. BundleError when none is free."""
-    taken = {os.path.normpath(e["file"]) for e in graphs.values() if isinstance(e, dict) and "file" in e}
-    taken |= {os.path.normpath(r) for r in reserved}
+    """{role: file in the bundle} for files made from `roles`' graphs (manifest `graphs`), each
+    to be the manifest's `entry(role)`: a graph inside the bundle gets `inside_name(file, role)`
+    (BundleError when that would replace another entry's graph: `claim`); one outside it is never
+    written beside, and gets the first of `outside_names(file, role)` that no other role here
+    (those inside first), nothing in `reserved`, no other entry of the manifest (`claim`) and,
+    with `free_on_disk`, no file in the bundle has. BundleError when none is free."""
+    graphs = manifest["graphs"]
+    taken = {os.path.normpath(r) for r in reserved}
     is_in = {role: inside(bundle, os.path.join(bundle, graphs[role]["file"])) for role in roles}
     names = {}
+
+    def free(name, role):
+        if os.path.normpath(name) in taken or (free_on_disk and os.path.lexists(os.path.join(bundle, name))):
+            return False
+        try:
+            claim(bundle, manifest, entry(role), name)
+        except BundleError:
+            return False
+        return True
+
     for role in sorted(roles, key=lambda r: not is_in[r]):
         file = graphs[role]["file"]
         if is_in[role]:
             names[role] = inside_name(file, role)
+            claim(bundle, manifest, entry(role), names[role])
             taken.add(os.path.normpath(names[role]))
             continue
         tried = outside_names(file, role)
-        free = [n for n in tried if os.path.normpath(n) not in taken
-                and not (free_on_disk and os.path.lexists(os.path.join(bundle, n)))]
-        if not free:
+        found = [n for n in tried if free(n, role)]
+        if not found:
             raise BundleError(f"{file} ({role}) is outside the bundle and no free name is left in it for the "
                               f"file made from it (tried {', '.join(tried)})")
-        names[role] = free[0]
-        taken.add(os.path.normpath(free[0]))
+        names[role] = found[0]
+        taken.add(os.path.normpath(found[0]))
     return {role: names[role] for role in roles}
 
 
@@ -308,20 +366,8 @@ def external_files(path: str) -> set[str]:
 
 def listed_files(manifest) -> set[str]:
     """The graph files (as written, relative to the bundle) a parsed manifest lists: each
-    `graphs.<role>.file` and each file of `precisions.<precision>`; entries of another shape
-    are skipped."""
-    out = set()
-    if not isinstance(manifest, dict):
-        return out
-    graphs = manifest.get("graphs")
-    for entry in graphs.values() if isinstance(graphs, dict) else ():
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry["file"]:
-            out.add(entry["file"])
-    precisions = manifest.get("precisions")
-    for files in precisions.values() if isinstance(precisions, dict) else ():
-        if isinstance(files, dict):
-            out |= {f for f in files.values() if isinstance(f, str) and f}
-    return out
+    `graphs.<role>.file` and each file of `precisions.<precision>` (listed_entries)."""
+    return {f for _, f in listed_entries(manifest)}
 
 
 def listed_in(bundle: str) -> set[str] | None:

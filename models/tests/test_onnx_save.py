@@ -20,7 +20,10 @@ run it, it exits non-zero on the first failure).
    destination that is a folder is refused with nothing changed, a commit stopped partway says
    so and is finished once the cause is gone; `other/lnk/..` is read and written as its real
    path; small tensors over the limit; an exporter's own save staged (export_mar.py).
-5. A whole bundle adopted over one that other tools extended (a re-export): the graphs the old
+5. No tool's new graph replaces a graph the manifest lists under another entry (a role, a
+   precision variant, through a link, or a listed graph's external data); a commit plan a tool
+   did not write, leading out of the bundle or its staging folder, is refused.
+6. A whole bundle adopted over one that other tools extended (a re-export): the graphs the old
    manifest listed and the new one does not are removed with their own data files at the commit,
    nothing else (files no manifest names, a listed graph outside the bundle); a commit killed
    before its removals is finished by the next run.
@@ -252,6 +255,78 @@ def test_hostile_plan(tmp):
                   and snapshot(bundle) == before and snapshot(victim) == victims,
                   f"{what}: {os.path.basename(tool[1])} refuses the plan in one line, nothing changed "
                   f"({r.stderr.strip()})")
+
+
+def test_no_graph_replaces_another_entry(tmp):
+    """A new graph whose name is a file the manifest lists under another entry (another role, a
+    precision variant, through a symbolic link, or a listed graph's external data) is refused
+    before anything is written: exit 2, one line naming both entries, nothing changed. Running a
+    tool again, replacing its own entry's file, still works; a graph outside the bundle gets the
+    next free name instead."""
+    tools = {name: [sys.executable, os.path.join(MODELS, f"{name}.py")]
+             for name in ("split_head", "add_sampler", "convert_precision")}
+
+    def edited(name, *replacements):
+        bundle = copy_tiny(tmp, name)
+        path = os.path.join(bundle, "manifest.yaml")
+        text = open(path).read()
+        for old, new in replacements:
+            check(old in text, f"({name}: the tiny manifest has `{old}`)")
+            text = text.replace(old, new)
+        open(path, "w").write(text)
+        return bundle
+
+    def refused(bundle, command, *want):
+        before = snapshot(bundle)
+        r = subprocess.run(command + [bundle], capture_output=True, text=True)
+        check(r.returncode == 2 and r.stderr.count("\n") == 1 and all(w in r.stderr for w in want)
+              and "Traceback" not in r.stderr and snapshot(bundle) == before,
+              f"{os.path.basename(bundle)}: {os.path.basename(command[1])} refused, naming {', '.join(want)}, "
+              f"nothing changed ({r.stderr.strip()})")
+
+    # The VAE listed as diffusion_state.onnx: split_head.py would write its state part over it.
+    bundle = edited("taken-vae", ("file: vae_decoder.onnx", "file: diffusion_state.onnx"))
+    os.rename(os.path.join(bundle, "vae_decoder.onnx"), os.path.join(bundle, "diffusion_state.onnx"))
+    refused(bundle, tools["split_head"], "graphs.diffusion_state", "graphs.vae_decoder")
+    # An int8 variant listed as encoder.fp16.onnx: the fp16 conversion would write over it.
+    bundle = copy_tiny(tmp, "taken-variant")
+    shutil.copyfile(os.path.join(bundle, "encoder.onnx"), os.path.join(bundle, "encoder.fp16.onnx"))
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("precisions:\n  int8: { encoder: encoder.fp16.onnx }\n")
+    refused(bundle, tools["convert_precision"] + ["--precision", "fp16", "--no-check"],
+            "precisions.fp16.encoder", "precisions.int8.encoder")
+    # The VAE listed through a link to sampler.onnx: the sampler would replace what it reads.
+    bundle = edited("taken-link", ("file: vae_decoder.onnx", "file: vae.onnx"))
+    os.rename(os.path.join(bundle, "vae_decoder.onnx"), os.path.join(bundle, "sampler.onnx"))
+    os.symlink("sampler.onnx", os.path.join(bundle, "vae.onnx"))
+    refused(bundle, tools["add_sampler"], "graphs.sampler", "graphs.vae_decoder")
+    # The encoder's weights in a data file named tick.onnx.
+    bundle = copy_tiny(tmp, "taken-data")
+    onnx.save(onnx.load(os.path.join(bundle, "encoder.onnx")), os.path.join(bundle, "encoder.onnx"),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="tick.onnx", size_threshold=0)
+    refused(bundle, tools["add_sampler"], "graphs.tick", "external data of graphs.encoder")
+    # Run again, each tool replaces its own entry's files.
+    bundle = copy_tiny(tmp, "run-twice")
+    for command in (tools["add_sampler"], tools["split_head"], tools["convert_precision"] + ["--precision", "fp16"]):
+        for n in (1, 2):
+            r = subprocess.run(command[:2] + [bundle] + command[2:], capture_output=True, text=True)
+            check(r.returncode == 0, f"{os.path.basename(command[1])} run {n}: exit 0 ({r.stderr.strip()[-200:]})")
+    # A graph outside the bundle: its variant skips a name another entry lists.
+    bundle = edited("outside-taken", ("file: encoder.onnx", f"file: {os.path.join(TINY, 'encoder.onnx')}"))
+    os.remove(os.path.join(bundle, "encoder.onnx"))
+    shutil.copyfile(os.path.join(TINY, "vae_decoder.onnx"), os.path.join(bundle, "encoder.fp16.onnx"))
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("precisions:\n  int8: { vae_decoder: encoder.fp16.onnx }\n")
+    kept = open(os.path.join(bundle, "encoder.fp16.onnx"), "rb").read()
+    r = subprocess.run(tools["convert_precision"] + [bundle, "--precision", "fp16", "--no-check"],
+                       capture_output=True, text=True)
+    import yaml
+
+    m = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))
+    check(r.returncode == 0 and m["precisions"]["fp16"]["encoder"] == "encoder.encoder.fp16.onnx"
+          and m["precisions"]["int8"] == {"vae_decoder": "encoder.fp16.onnx"}
+          and open(os.path.join(bundle, "encoder.fp16.onnx"), "rb").read() == kept,
+          f"an outside graph's variant takes the next free name ({m['precisions']}; {r.stderr.strip()[-200:]})")
 
 
 def test_read_only_bundle(tmp):
@@ -646,6 +721,7 @@ def main():
         test_interrupted_commit_and_leftovers(tmp)
         test_finish_command(tmp)
         test_hostile_plan(tmp)
+        test_no_graph_replaces_another_entry(tmp)
         test_read_only_bundle(tmp)
         test_plan_of_a_live_pid(tmp)
         test_lock(tmp)
