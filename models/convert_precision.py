@@ -852,6 +852,17 @@ def seed(text: str) -> int:
     return value
 
 
+def tolerance(text: str) -> float:
+    """--tolerance: a finite number of at least 0 (a share of the largest fp32 output)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of at least 0")
+    return value
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", help="bundle folder (holding manifest.yaml)")
@@ -868,7 +879,7 @@ def main():
     ap.add_argument("--quantize-token-projections", action="store_true",
                     help="int8: quantize the projections from and to the token space too (kept float32 by default)")
     ap.add_argument("--seed", type=seed, default=0, help="seed of the check's random inputs (0 or more)")
-    ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    ap.add_argument("--tolerance", type=tolerance, default=DEFAULT_TOLERANCE,
                     help="the check refuses a graph whose max |variant - fp32| exceeds this share of the "
                          "largest fp32 output (default %(default)s)")
     ap.add_argument("--report", help="also write the report as JSON here")

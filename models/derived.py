@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from contextlib import contextmanager, nullcontext
 
@@ -106,7 +107,7 @@ def add_graphs(bundle: str, edit, write, verify, roles, sources, log=print) -> d
         if isinstance(files, dict) and all(r in files for r in sources) and not all(r in files for r in roles):
             log(f"note: precisions.{precision} lists no {' and '.join(roles)} graph{'s' if len(roles) > 1 else ''} "
                 f"yet (gtr-run --precision {precision} will not use {'them' if len(roles) > 1 else 'it'}); "
-                f"build {'them' if len(roles) > 1 else 'it'} with python3 models/convert_precision.py {bundle} "
+                f"build {'them' if len(roles) > 1 else 'it'} with python3 models/convert_precision.py {shlex.quote(bundle)} "
                 f"--precision {precision}{variant_flags(bundle, m, precision)}")
     return names
 

@@ -56,6 +56,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import stat
 import sys
@@ -227,7 +228,8 @@ def load_graph(path: str, what: str, load_external_data: bool = True, entry: dic
     missing, unreadable, or not an ONNX graph (truncated, another format), or, given its manifest
     `entry`, when a tensor the entry names is not among the graph's inputs or outputs."""
     if not os.path.isfile(path):
-        raise BundleError(f"{path} ({what}): no such file")
+        raise BundleError(f"{path} ({what}): " + ("a folder, not a graph file" if os.path.isdir(path) else
+                                                  "not a file" if os.path.exists(path) else "no such file"))
     try:
         model = onnx.load(path, load_external_data=load_external_data)
     except OSError as e:
@@ -874,15 +876,34 @@ def main(argv=None) -> int:
     return run_tool(body, args.bundle)
 
 
+def interrupted_commit(bundle: str) -> bool:
+    """Whether this process left a decided commit (its plan) in `bundle`: the next tool run
+    finishes it."""
+    try:
+        return any(n.startswith(f"{TMP_PREFIX}{os.getpid()}.") and os.path.isfile(os.path.join(bundle, n, PLAN))
+                   for n in os.listdir(bundle))
+    except OSError:
+        return False
+
+
 def run_tool(body, what: str) -> int:
     """Runs a tool's `body()` (its exit status) and turns a BundleError or an OSError (a
-    read-only bundle, a full disk) into one line on stderr and exit status 2."""
+    read-only bundle, a full disk) into one line on stderr and exit status 2, and Ctrl-C into
+    one line and exit status 130 (what was staged is gone; a commit under way is left to the
+    next tool run on the bundle `what`, which finishes it)."""
     try:
         return body()
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:
         print(f"error: {what}: {type(e).__name__}: {one_line(e)}; nothing was changed", file=sys.stderr)
+    except KeyboardInterrupt:
+        if interrupted_commit(what):
+            print(f"error: interrupted during the commit: {what} holds its plan, which the next model tool run "
+                  f"on it finishes (python3 models/onnx_save.py {shlex.quote(what)})", file=sys.stderr)
+        else:
+            print(f"error: interrupted; {what} was left as it was", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -505,6 +505,19 @@ def test_errors_name_the_input(tmp):
     for role in ("encoder", "diffusion"):
         os.remove(os.path.join(bundle, f"{role}.onnx"))
     refused(bundle, "no such file", "a missing graph file")
+    bundle = copy_tiny(tmp, "folder-graph")
+    for role in ("encoder", "diffusion"):
+        os.remove(os.path.join(bundle, f"{role}.onnx"))
+        os.makedirs(os.path.join(bundle, f"{role}.onnx"))
+    refused(bundle, "a folder, not a graph file", "a graph path that is a folder")
+    bundle = copy_tiny(tmp, "fp32-variant")
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("precisions:\n  fp32: { encoder: encoder.onnx }\n")
+    before = snapshot(bundle)
+    p = run_tool(os.path.join(MODELS, "fuse_attention.py"), bundle)
+    check(p.returncode == 2 and p.stderr.count("\n") == 1 and "precisions.fp32" in p.stderr
+          and "ValueError" not in p.stderr and "--precision fp32" not in p.stderr and snapshot(bundle) == before,
+          f"fuse_attention.py, precisions.fp32: one line, no invalid command suggested ({p.stderr.strip()[-200:]})")
     bundle = copy_tiny(tmp, "report")
     before = snapshot(bundle)
     p = run_tool(script, bundle, "--precision", "int8", "--report", os.path.join(tmp, "nonexistent", "r.json"))
@@ -547,6 +560,10 @@ def test_errors_name_the_input(tmp):
         p = run_tool(script, bundle, "--precision", "fp16", *flags)
         check(p.returncode == 2 and "apply to int8" in p.stderr and snapshot(bundle) == before,
               f"fp16 with {flags[0]}: refused, nothing changed ({p.stderr.strip()[-160:]})")
+    for value in ("nan", "-1", "inf"):
+        p = run_tool(script, bundle, "--precision", "int8", "--tolerance", value)
+        check(p.returncode == 2 and "argument --tolerance" in p.stderr and snapshot(bundle) == before,
+              f"--tolerance {value}: refused, naming the flag ({p.stderr.strip()[-120:]})")
     p = run_tool(script, bundle, "--precision", "int8", "--seed", "-5")
     check(p.returncode == 2 and "--seed" in p.stderr and snapshot(bundle) == before,
           f"a negative --seed: refused ({p.stderr.strip()[-120:]})")

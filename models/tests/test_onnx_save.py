@@ -329,6 +329,22 @@ def test_no_graph_replaces_another_entry(tmp):
           f"an outside graph's variant takes the next free name ({m['precisions']}; {r.stderr.strip()[-200:]})")
 
 
+def test_ctrl_c(tmp):
+    """Ctrl-C in a tool: one line, exit status 130, the bundle as it was (no traceback)."""
+    import signal
+
+    bundle = copy_tiny(tmp, "ctrl-c")
+    before = snapshot(bundle)
+    p = subprocess.Popen([sys.executable, "-u", os.path.join(MODELS, "convert_precision.py"), bundle,
+                          "--precision", "fp16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = p.stdout.readline()   # the run has begun: a graph is converted
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    check(first and p.returncode == 130 and err.count("\n") == 1 and "interrupted" in err
+          and "Traceback" not in err and snapshot(bundle) == before,
+          f"Ctrl-C: exit 130, one line, nothing changed ({p.returncode}: {err.strip()[-300:]})")
+
+
 def test_read_only_bundle(tmp):
     """A bundle folder the user cannot write: every tool says so in one line, exit 2, and changes
     nothing; `onnx_save.py BUNDLE` with nothing to finish succeeds. As root (which writes
@@ -722,6 +738,7 @@ def main():
         test_finish_command(tmp)
         test_hostile_plan(tmp)
         test_no_graph_replaces_another_entry(tmp)
+        test_ctrl_c(tmp)
         test_read_only_bundle(tmp)
         test_plan_of_a_live_pid(tmp)
         test_lock(tmp)
