@@ -2,7 +2,7 @@
 """Tests of onnx_save.py, and of the model tools on graphs with external data (plain script:
 run it, it exits non-zero on the first failure).
 
-  .venv/bin/python models/tests/test_onnx_save.py        # ~5 s, needs models/fixtures/requirements.txt
+  .venv/bin/python models/tests/test_onnx_save.py        # ~20 s, needs models/fixtures/requirements.txt
 
 1. Below the limit a graph is one file; above it, the graph and a data file named after it,
    which onnx and ONNX Runtime read; rewriting it removes the old data file; a hard link to the
