@@ -143,7 +143,7 @@ def write_backbone(bundle: str, m: dict, encoder_file: str, decoder_file: str,
             backbone = build_backbone(encoder, decoder, g["encoder"], g["decoder"])
         except BundleError as e:
             raise BundleError(f"{encoder_file}, {decoder_file}: {e}") from None
-        name = save_graph(bundle, backbone, BACKBONE_FILE, precision, s)
+        name = save_graph(bundle, backbone, BACKBONE_FILE, precision, s, m, "backbone")
     log(f"{name}: {encoder_file} and {decoder_file} fused, z gathered at the predicted tokens")
     return name
 

@@ -368,7 +368,7 @@ def write_sampler(bundle: str, m: dict, head_file: str, precision: str | None = 
                 model = build(head, io, int(m["token_dim"]), learned)
             except BundleError as e:
                 raise BundleError(f"{head_file}: {e}") from None
-            names[role] = save_graph(bundle, model, file, precision, s)
+            names[role] = save_graph(bundle, model, file, precision, s, m, role)
             log(f"{names[role]}: {what} around {head_file} ({'learned' if learned else 'fixed'} variance)")
             blockers = capture_blockers(model) if role == "tick" else []
             if blockers:

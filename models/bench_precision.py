@@ -52,7 +52,8 @@ def copy_bundle(src, dst):
     manifest, its graphs (with their external data files), precision variants and evaluator files
     inside `src`, at the same relative paths. A graph kept outside `src` (`../tiny/encoder.onnx`)
     is not copied: the copy's manifest names it by its absolute path (never replaced: its variants
-    go into the copy). BundleError (models/onnx_save.py) naming what is missing."""
+    go into the copy). BundleError (models/onnx_save.py) naming what is missing, or a graph whose
+    external data lies outside `src` (its location leading out), before anything is copied."""
     from models.fuse_attention import manifest_with_files
     from models.onnx_save import BundleError, external_files, inside, read_manifest
 
@@ -64,17 +65,26 @@ def copy_bundle(src, dst):
     files += [evaluator[k] for k in ("file", "reference") if isinstance(evaluator.get(k), str)]
     outside = {role: os.path.abspath(os.path.join(src, e["file"])) for role, e in manifest["graphs"].items()
                if not inside(src, os.path.join(src, e["file"]))}
-    os.makedirs(dst)
+    copies = []   # (source, target): everything checked before anything is copied
     for file in files:
         path = os.path.join(src, file)
         if not inside(src, path):
             continue
         if not os.path.isfile(path):
             raise BundleError(f"{path}: no such file (named in {src}/manifest.yaml)")
-        for p in [path] + sorted(external_files(path)):
-            target = os.path.join(dst, os.path.relpath(p, src))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(p, target)
+        graph = os.path.normpath(os.path.join(dst, os.path.relpath(os.path.abspath(path), os.path.abspath(src))))
+        copies.append((path, graph))
+        for p in sorted(external_files(path)):
+            target = os.path.normpath(os.path.join(os.path.dirname(graph),
+                                                   os.path.relpath(p, os.path.dirname(os.path.abspath(path)))))
+            if not inside(src, p) or not target.startswith(os.path.join(dst, "")):
+                raise BundleError(f"{path} ({file}): its external data {p} lies outside the bundle {src}; "
+                                  "nothing was copied")
+            copies.append((p, target))
+    os.makedirs(dst)
+    for path, target in copies:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(path, target)
     with open(os.path.join(dst, "manifest.yaml"), "w") as f:
         f.write(manifest_with_files(text, outside) if outside else text)
 
@@ -148,10 +158,11 @@ def main():
 
 
 def bench(args):
-    from models.onnx_save import read_manifest
+    from models.onnx_save import output_file, read_manifest, write_atomic
 
     source = args.bundle
     read_manifest(source)  # a missing or malformed bundle is reported before anything is made
+    json_path = args.json and output_file("--json", args.json, source)
     if args.work:
         os.makedirs(args.work, exist_ok=True)
     # A new folder of its own: nothing of --work's is overwritten or removed.
@@ -277,10 +288,8 @@ def bench(args):
                 s = statistics.stdev(v) if len(v) > 1 else 0.0
                 return f"{statistics.mean(v):.2f} ± {s:.2f}" if len(v) > 1 else f"{v[0]:.2f}"
             print(f"| {label} | {ms('frechet_distance')} | {ms('class_accuracy', 100)}% | {ms('classifier_score')} |")
-    path = args.json or os.path.join(work, "bench_precision.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    path = json_path or os.path.join(work, "bench_precision.json")
+    write_atomic(path, json.dumps(result, indent=2) + "\n")
     print(f"\n({result['seconds']:.0f} s; everything in {path})")
     return 0
 

@@ -496,15 +496,21 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.reps < 1 or a.threads < 1 or any(b < 1 for b in a.batches):
         ap.error("--reps, --threads and --batches must be at least 1")
+    from models.onnx_save import BundleError, output_file, write_atomic
+
+    path = a.json or os.path.join(a.work, "bench_torch.json")
     try:
+        if not a.json:
+            os.makedirs(a.work, exist_ok=True)
+        path = output_file("--json", path, a.bundle)   # checked before the long run
         res = bench(a)
-    except BenchError as e:
+    except (BenchError, BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = a.json or os.path.join(a.work, "bench_torch.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+    except OSError as e:
+        print(f"error: --json {path}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    write_atomic(path, json.dumps(res, indent=1))
     shutil.rmtree(os.path.join(a.work, "rust-run"), ignore_errors=True)
     print(table(res))
     print(f"\nraw timings: {path}")

@@ -74,7 +74,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from models.add_backbone import write_backbone  # noqa: E402
 from models.add_sampler import write_sampler  # noqa: E402
-from models.onnx_save import BundleError, Staging, load_graph, placed_names, run_tool  # noqa: E402
+from models.onnx_save import (BundleError, Staging, load_graph, output_file, placed_names, run_tool,  # noqa: E402
+                              write_atomic)
 from models.variants import (  # noqa: E402
     DERIVED_FROM, DERIVED_ROLES, HALF_TYPE, PRECISIONS, ROLES, SPLIT_ROLES,
 )
@@ -673,7 +674,7 @@ def compare_split(manifest, head_path, condition, state, seed):
 # ----------------------------------------------------------------------------- main
 
 
-def variant_names(bundle, graphs, roles, precision):
+def variant_names(bundle, manifest, roles, precision):
     """{role: file} of the variants of `roles`' graphs: `<name>.<precision>.onnx` beside a graph in
     the bundle; for a graph outside it (`../`, a folder that is a link leading out) a name in the
     bundle, distinct from every other graph's and variant's (`<name>.<precision>.onnx`, else
@@ -687,8 +688,8 @@ def variant_names(bundle, graphs, roles, precision):
         return [f"{base}.{precision}.onnx", f"{role}.{precision}.onnx", f"{role}.{base}.{precision}.onnx"]
 
     derived = [f"{r}.{precision}.onnx" for r in ("sampler", "tick", "backbone")]
-    return placed_names(bundle, graphs, roles, lambda f, r: f"{stem(f)}.{precision}.onnx", outside,
-                        reserved=derived)
+    return placed_names(bundle, manifest, roles, lambda r: f"precisions.{precision}.{r}",
+                        lambda f, r: f"{stem(f)}.{precision}.onnx", outside, reserved=derived)
 
 
 def convert_graph(model, precision, emulate=False, per_channel=True, per_row=False, token_dim=None):
@@ -744,7 +745,7 @@ def convert(bundle, precision, check=True, emulate=False, per_channel=True, seed
             log(f"{role}: not a graph this script converts (kept in float32)")
     todo = [r for r in ROLES if r in graphs and (roles is None or r in roles)]
     split = all(r in graphs for r in SPLIT_ROLES)
-    names = variant_names(bundle, graphs, todo + (list(SPLIT_ROLES) if split and "diffusion" in todo else []),
+    names = variant_names(bundle, manifest, todo + (list(SPLIT_ROLES) if split and "diffusion" in todo else []),
                           precision)
     rebuilt = set(todo) | {r for r, sources in DERIVED_FROM.items() if set(sources) & set(todo)}
     old = (manifest.get("precisions") or {}).get(precision) or {}
@@ -851,14 +852,15 @@ def seed(text: str) -> int:
     return value
 
 
-def writable_file(path: str) -> bool:
-    """Whether `path` (links followed) can be written as a file: an existing regular file this
-    process may write, or a new name in a folder it may write."""
-    real = os.path.realpath(path)
-    if os.path.lexists(real):
-        return os.path.isfile(real) and os.access(real, os.W_OK)
-    folder = os.path.dirname(real)
-    return os.path.isdir(folder) and os.access(folder, os.W_OK)
+def tolerance(text: str) -> float:
+    """--tolerance: a finite number of at least 0 (a share of the largest fp32 output)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of at least 0")
+    return value
 
 
 def main():
@@ -877,7 +879,7 @@ def main():
     ap.add_argument("--quantize-token-projections", action="store_true",
                     help="int8: quantize the projections from and to the token space too (kept float32 by default)")
     ap.add_argument("--seed", type=seed, default=0, help="seed of the check's random inputs (0 or more)")
-    ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    ap.add_argument("--tolerance", type=tolerance, default=DEFAULT_TOLERANCE,
                     help="the check refuses a graph whose max |variant - fp32| exceeds this share of the "
                          "largest fp32 output (default %(default)s)")
     ap.add_argument("--report", help="also write the report as JSON here")
@@ -888,18 +890,13 @@ def main():
 
     def body():
         # Checked first: the report is written after the bundle has changed.
-        if args.report and not writable_file(args.report):
-            print(f"error: --report {args.report}: cannot write there (no such folder, not writable, or not a "
-                  "file); nothing was changed", file=sys.stderr)
-            return 2
+        report_path = args.report and output_file("--report", args.report, bundle)
         report = convert(bundle, args.precision, args.check, args.emulate, args.per_channel, args.seed,
                          tolerance=args.tolerance, per_row=args.per_row,
                          quantize_token_projections=args.quantize_token_projections)
-        if args.report:
+        if report_path:
             try:
-                with open(args.report, "w") as f:
-                    json.dump(report, f, indent=2)
-                    f.write("\n")
+                write_atomic(report_path, json.dumps(report, indent=2) + "\n")
             except OSError as e:
                 print(f"error: --report {args.report}: cannot be written ({type(e).__name__}: {e}); the "
                       f"{args.precision} variants were written and manifest.yaml lists them", file=sys.stderr)

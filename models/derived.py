@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from contextlib import contextmanager, nullcontext
 
 import onnx
 import yaml
 
-from models.onnx_save import BundleError, CheckFailed, Staging, read_manifest, run_tool
+from models.onnx_save import BundleError, CheckFailed, Staging, claim, read_manifest, run_tool
 from models.variants import variant_flags
 
 
@@ -55,10 +56,14 @@ def _check_edit(old_text: str, new_text: str, role: str, want: dict) -> None:
                           f"(nothing was changed)")
 
 
-def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging) -> str:
+def save_graph(bundle: str, model: onnx.ModelProto, file: str, precision: str | None, staging,
+               manifest: dict, role: str) -> str:
     """Checks `model` and stages it in `bundle` (models.onnx_save.Staging) as `file`, or as
-    FILE.PRECISION.onnx for a precision variant; returns the name."""
+    FILE.PRECISION.onnx for a precision variant; returns the name. BundleError, before it is
+    staged, when that name is a graph the bundle's `manifest` lists under another entry than
+    `role`'s (models.onnx_save.claim)."""
     name = file if precision is None else file.replace(".onnx", f".{precision}.onnx")
+    claim(bundle, manifest, f"graphs.{role}" if precision is None else f"precisions.{precision}.{role}", name)
     staging.save(model, os.path.join(bundle, name))
     return name
 
@@ -102,7 +107,7 @@ def add_graphs(bundle: str, edit, write, verify, roles, sources, log=print) -> d
         if isinstance(files, dict) and all(r in files for r in sources) and not all(r in files for r in roles):
             log(f"note: precisions.{precision} lists no {' and '.join(roles)} graph{'s' if len(roles) > 1 else ''} "
                 f"yet (gtr-run --precision {precision} will not use {'them' if len(roles) > 1 else 'it'}); "
-                f"build {'them' if len(roles) > 1 else 'it'} with python3 models/convert_precision.py {bundle} "
+                f"build {'them' if len(roles) > 1 else 'it'} with python3 models/convert_precision.py {shlex.quote(bundle)} "
                 f"--precision {precision}{variant_flags(bundle, m, precision)}")
     return names
 

@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -63,7 +64,8 @@ from models.make_fake_checkpoint import (  # noqa: E402
     OneLineParser, channel_mult, integer, number, shape_problem,
 )
 from models.onnx_save import (  # noqa: E402
-    EXTERNAL_DATA_BYTES, PLAN, TMP_PREFIX, BundleError, CheckFailed, Staging, one_line, write_manifest,
+    EXTERNAL_DATA_BYTES, BundleError, CheckFailed, Staging, interrupted_commit, one_line,
+    write_manifest,
 )
 from models.torch.mar import (  # noqa: E402
     MAR, MAR_SIZES, AutoencoderKL, MARConfig, VAEConfig, count_parameters, kl16_config, mar_config,
@@ -750,15 +752,6 @@ def remove_created(folders: list) -> None:
             return
 
 
-def interrupted_commit(out: str) -> bool:
-    """Whether this process left a decided commit (its plan) in `out`: the next tool run finishes it."""
-    try:
-        return any(n.startswith(f"{TMP_PREFIX}{os.getpid()}.") and os.path.isfile(os.path.join(out, n, PLAN))
-                   for n in os.listdir(out))
-    except OSError:
-        return False
-
-
 def main(argv=None):
     ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="MAR checkpoint (checkpoint-last.pth)")
@@ -833,7 +826,7 @@ def main(argv=None):
         remove_created(created)
         if commit:
             print(f"error: interrupted ({signal.Signals(signum).name}) during the commit: {a.out} holds its plan, "
-                  f"which the next model tool run on it finishes (python3 models/onnx_save.py {a.out})",
+                  f"which the next model tool run on it finishes (python3 models/onnx_save.py {shlex.quote(a.out)})",
                   file=sys.stderr)
         else:
             print(f"error: interrupted ({signal.Signals(signum).name}); {a.out} was left as it was"

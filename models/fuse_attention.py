@@ -320,11 +320,11 @@ def prune(nodes: list, outputs: set[str]) -> list:
         nodes = alive
 
 
-def fused_names(bundle: str, graphs: dict, roles: list[str]) -> dict[str, str]:
+def fused_names(bundle: str, manifest: dict, roles: list[str]) -> dict[str, str]:
     """{role: file} where each role's fused graph goes: its own file when that is in the bundle
     (symbolic links resolved), else a free name in the bundle (the file's name, else ROLE.onnx,
     else ROLE.fused.onnx; models.onnx_save.placed_names)."""
-    return placed_names(bundle, graphs, roles, lambda file, role: file,
+    return placed_names(bundle, manifest, roles, lambda role: f"graphs.{role}", lambda file, role: file,
                         lambda file, role: [os.path.basename(file), f"{role}.onnx", f"{role}.fused.onnx"],
                         free_on_disk=True)
 
@@ -442,7 +442,7 @@ def _fuse(bundle: str, check: bool, log) -> tuple[dict, bool]:
         # What would stop the run later is found now, before anything is written.
         options = variant_options(bundle, manifest)
         if roles:
-            names = fused_names(bundle, graphs, roles)
+            names = fused_names(bundle, manifest, roles)
             moved = {role: name for role, name in names.items() if name != graphs[role]["file"]}
             new_text = manifest_with_files(text, moved) if moved else text
             rebuild_backbone, rebuild = "backbone" in graphs, list(options)

@@ -37,7 +37,10 @@ Every tool stages what it writes and commits it at the end (`Staging`):
 - Nothing is written outside the bundle: a path whose real path (symbolic links resolved) is not
   inside the bundle's real path is refused (`inside`); tools give a graph kept outside the
   bundle (`../tiny/encoder.onnx`, a folder that is a link leading out) a derived file inside it
-  (`placed_names`).
+  (`placed_names`). A new graph never replaces a file the manifest lists under another entry
+  (role or precision variant) or a listed graph's external data (`claim`: refused before it is
+  staged). A commit plan found by `recover` is checked first: its sources inside its staging
+  folder, its destinations and removals inside the bundle, or it is refused, nothing changed.
 
 Errors the tools report as one line naming the input (exit status 2, nothing changed) are
 `BundleError`s: a missing folder or manifest, malformed YAML, a graph entry without `file`, a
@@ -53,6 +56,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import stat
 import sys
@@ -224,7 +228,8 @@ def load_graph(path: str, what: str, load_external_data: bool = True, entry: dic
     missing, unreadable, or not an ONNX graph (truncated, another format), or, given its manifest
     `entry`, when a tensor the entry names is not among the graph's inputs or outputs."""
     if not os.path.isfile(path):
-        raise BundleError(f"{path} ({what}): no such file")
+        raise BundleError(f"{path} ({what}): " + ("a folder, not a graph file" if os.path.isdir(path) else
+                                                  "not a file" if os.path.exists(path) else "no such file"))
     try:
         model = onnx.load(path, load_external_data=load_external_data)
     except OSError as e:
@@ -246,31 +251,86 @@ def inside(bundle: str, path: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def placed_names(bundle: str, graphs: dict, roles, inside_name, outside_names, reserved=(),
+def listed_entries(manifest) -> list[tuple[str, str]]:
+    """(entry, file) for each graph file a parsed manifest lists: `graphs.<role>` and
+    `precisions.<precision>.<role>` (files as written, relative to the bundle; entries of
+    another shape skipped)."""
+    out = []
+    graphs = manifest.get("graphs") if isinstance(manifest, dict) else None
+    for role, e in graphs.items() if isinstance(graphs, dict) else ():
+        if isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"]:
+            out.append((f"graphs.{role}", e["file"]))
+    precisions = manifest.get("precisions") if isinstance(manifest, dict) else None
+    for precision, files in precisions.items() if isinstance(precisions, dict) else ():
+        for role, f in files.items() if isinstance(files, dict) else ():
+            if isinstance(f, str) and f:
+                out.append((f"precisions.{precision}.{role}", f))
+    return out
+
+
+def claim(bundle: str, manifest: dict, entry: str, file: str) -> None:
+    """Refuses, before it is written, a new graph `file` (relative to `bundle`) for the manifest
+    entry `entry` (`graphs.sampler`, `precisions.fp16.encoder`) that would replace a graph the
+    parsed `manifest` lists under another entry, or the external data of a listed graph (the
+    same file once symbolic links are resolved): BundleError naming both entries. The entry's
+    own earlier file may be replaced (a tool run again)."""
+    new = _key(os.path.join(bundle, file))
+    real = os.path.realpath(new)
+    same = lambda p: new in (_key(p), os.path.realpath(p)) or real == os.path.realpath(p)  # noqa: E731
+    listed = listed_entries(manifest)
+    own = False
+    for other, f in listed:
+        if same(os.path.join(bundle, f)):
+            if other != entry:
+                raise BundleError(f"{file}, the new {entry} graph, would replace {f}, which the manifest lists as "
+                                  f"{other}; give that entry another file in manifest.yaml (nothing was changed)")
+            own = True
+    if own or not os.path.lexists(new):
+        return   # an external data file exists: only a file already there can be one
+    for other, f in listed:
+        for data in external_files(os.path.join(bundle, f)):
+            if same(data):
+                raise BundleError(f"{file}, the new {entry} graph, would replace {os.path.relpath(data, bundle)}, "
+                                  f"the external data of {other} ({f}); give that entry another file in "
+                                  "manifest.yaml (nothing was changed)")
+
+
+def placed_names(bundle: str, manifest: dict, roles, entry, inside_name, outside_names, reserved=(),
                  free_on_disk: bool = False) -> dict[str, str]:
-    """{role: file in the bundle} for files made from `roles`' graphs (manifest `graphs`): a graph
-    inside the bundle gets `inside_name(file, role)`; one outside it is never written beside, and
-    gets the first of `outside_names(file, role)` that no graph of the manifest, no other role
-    here (those inside first), nothing in `reserved` and, with `free_on_disk`, no file in the
-    bundle has. BundleError when none is free."""
-    taken = {os.path.normpath(e["file"]) for e in graphs.values() if isinstance(e, dict) and "file" in e}
-    taken |= {os.path.normpath(r) for r in reserved}
+    """{role: file in the bundle} for files made from `roles`' graphs (manifest `graphs`), each
+    to be the manifest's `entry(role)`: a graph inside the bundle gets `inside_name(file, role)`
+    (BundleError when that would replace another entry's graph: `claim`); one outside it is never
+    written beside, and gets the first of `outside_names(file, role)` that no other role here
+    (those inside first), nothing in `reserved`, no other entry of the manifest (`claim`) and,
+    with `free_on_disk`, no file in the bundle has. BundleError when none is free."""
+    graphs = manifest["graphs"]
+    taken = {os.path.normpath(r) for r in reserved}
     is_in = {role: inside(bundle, os.path.join(bundle, graphs[role]["file"])) for role in roles}
     names = {}
+
+    def free(name, role):
+        if os.path.normpath(name) in taken or (free_on_disk and os.path.lexists(os.path.join(bundle, name))):
+            return False
+        try:
+            claim(bundle, manifest, entry(role), name)
+        except BundleError:
+            return False
+        return True
+
     for role in sorted(roles, key=lambda r: not is_in[r]):
         file = graphs[role]["file"]
         if is_in[role]:
             names[role] = inside_name(file, role)
+            claim(bundle, manifest, entry(role), names[role])
             taken.add(os.path.normpath(names[role]))
             continue
         tried = outside_names(file, role)
-        free = [n for n in tried if os.path.normpath(n) not in taken
-                and not (free_on_disk and os.path.lexists(os.path.join(bundle, n)))]
-        if not free:
+        found = [n for n in tried if free(n, role)]
+        if not found:
             raise BundleError(f"{file} ({role}) is outside the bundle and no free name is left in it for the "
                               f"file made from it (tried {', '.join(tried)})")
-        names[role] = free[0]
-        taken.add(os.path.normpath(free[0]))
+        names[role] = found[0]
+        taken.add(os.path.normpath(found[0]))
     return {role: names[role] for role in roles}
 
 
@@ -308,20 +368,61 @@ def external_files(path: str) -> set[str]:
 
 def listed_files(manifest) -> set[str]:
     """The graph files (as written, relative to the bundle) a parsed manifest lists: each
-    `graphs.<role>.file` and each file of `precisions.<precision>`; entries of another shape
-    are skipped."""
-    out = set()
-    if not isinstance(manifest, dict):
-        return out
-    graphs = manifest.get("graphs")
-    for entry in graphs.values() if isinstance(graphs, dict) else ():
-        if isinstance(entry, dict) and isinstance(entry.get("file"), str) and entry["file"]:
-            out.add(entry["file"])
-    precisions = manifest.get("precisions")
-    for files in precisions.values() if isinstance(precisions, dict) else ():
-        if isinstance(files, dict):
-            out |= {f for f in files.values() if isinstance(f, str) and f}
-    return out
+    `graphs.<role>.file` and each file of `precisions.<precision>` (listed_entries)."""
+    return {f for _, f in listed_entries(manifest)}
+
+
+def listed_in(bundle: str) -> set[str] | None:
+    """The graph files the manifest of `bundle` lists now (`listed_files`), None when it has no
+    manifest or one that cannot be parsed."""
+    import yaml
+
+    path = os.path.join(bundle, "manifest.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return listed_files(yaml.load(f.read(), Loader=_unique_key_loader()))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def output_file(flag: str, path: str, bundle: str) -> str:
+    """The real path (links followed) that a tool's output-file flag (`--report`, `--json`) names,
+    checked before the tool changes anything: BundleError naming the flag when it lies in the
+    bundle folder `bundle` (whose files change only through a Staging), is a graph file the
+    bundle's manifest lists (one kept outside it), or cannot be written as a file (no such folder,
+    not writable, a folder). Write it with `write_atomic`."""
+    real = os.path.realpath(path)
+    if inside(bundle, real):
+        raise BundleError(f"{flag} {path}: inside the bundle folder {os.path.realpath(bundle)}; write it "
+                          "elsewhere (nothing was changed)")
+    if real in {os.path.realpath(os.path.join(bundle, f)) for f in listed_in(bundle) or ()}:
+        raise BundleError(f"{flag} {path}: a graph file the bundle's manifest lists; write it elsewhere "
+                          "(nothing was changed)")
+    folder = os.path.dirname(real)
+    if (os.path.lexists(real) and not (os.path.isfile(real) and os.access(real, os.W_OK))) \
+            or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise BundleError(f"{flag} {path}: cannot write a file there (no such folder, not writable, or not a "
+                          "file); nothing was changed")
+    return real
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes `text` to the file `path` (links followed) through a temporary file beside it,
+    renamed into place: the old file or the whole new one is there, never half of it; an existing
+    file keeps its mode."""
+    real = os.path.realpath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=os.path.dirname(real))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, _mode(real))
+        os.replace(tmp, real)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _mode(path: str, default: int = 0o644) -> int:
@@ -403,31 +504,71 @@ def _staging_folders(folder: str) -> list[str]:
             and not os.path.islink(os.path.join(folder, name)) and os.path.isdir(os.path.join(folder, name))]
 
 
+def _plan_path(folder: str, rel, within: str) -> str:
+    """The path of a commit plan's entry `rel` (relative to bundle `folder`), which must lie in
+    the folder `within` (the bundle, or the plan's staging folder) once resolved as the commit
+    would: a relative path without `..` whose folder's real path (symbolic links resolved) is
+    inside `within`; the file itself is not followed (it is replaced or removed, never written
+    through). ValueError naming the entry otherwise."""
+    parts = rel.split("/") if isinstance(rel, str) else None
+    if not parts or os.path.isabs(rel) or any(p in ("", ".", "..") for p in parts) or "\0" in rel:
+        raise ValueError(f"`{rel}` is not a plain path inside the bundle")
+    path = _key(os.path.join(folder, rel))
+    if not inside(within, os.path.dirname(path)) or path == os.path.realpath(within):
+        raise ValueError(f"`{rel}` lies outside {within} once resolved")
+    return path
+
+
+def _checked_plan(folder: str, name: str, plan) -> dict:
+    """The commit plan `plan` read from staging folder `name` of bundle `folder`, checked before
+    any step of it runs: `moves` pairs (source, destination) and `remove` paths, every source
+    inside that staging folder and every destination and removal inside the bundle (_plan_path).
+    ValueError naming the offending entry (a plan a tool did not write: nothing is changed)."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("moves"), list) or not isinstance(plan.get("remove"), list):
+        raise ValueError("not a commit plan (`moves` and `remove` lists)")
+    staging = os.path.join(folder, name)
+    for move in plan["moves"]:
+        if not (isinstance(move, list) and len(move) == 2):
+            raise ValueError(f"move {move!r} is not a [source, destination] pair")
+        _plan_path(folder, move[0], staging)
+        _plan_path(folder, move[1], folder)
+    for gone in plan["remove"]:
+        _plan_path(folder, gone, folder)
+    return plan
+
+
 def recover(folder: str, log=None) -> None:
     """Cleans up after tools killed in `folder`; only under the bundle's lock (Staging takes it),
     when no other tool is active there, so every staging folder found is a dead run's: one whose
     commit plan was written is committed (the commit had been decided), any other is removed.
-    BundleError naming the plan and what blocks it when a plan cannot be finished."""
+    Every plan is read and checked (_checked_plan) before any is carried out. BundleError naming
+    the plan and what blocks it when a plan cannot be read, leads outside the bundle (nothing is
+    then changed) or cannot be finished."""
     try:
         entries = _staging_folders(folder)
     except OSError:
         return
+    plans = {}
     for name in entries:
-        path = os.path.join(folder, name)
-        plan = os.path.join(path, PLAN)
+        plan = os.path.join(folder, name, PLAN)
         if os.path.isfile(plan):
             try:
                 with open(plan) as f:
-                    _apply(folder, json.load(f))
+                    plans[name] = _checked_plan(folder, name, json.load(f))
+            except (OSError, ValueError) as e:
+                raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be used "
+                                  f"({one_line(e)}); nothing was changed: inspect it and remove "
+                                  f"{os.path.join(folder, name)} by hand") from e
+    for name in entries:
+        if name in plans:
+            try:
+                _apply(folder, plans[name])
             except CommitStopped as e:
                 raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be finished: "
                                   f"{e.why}; remove the cause and run any model tool on {folder} again") from e
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise BundleError(f"{folder}: the interrupted commit {os.path.join(name, PLAN)} cannot be read "
-                                  f"({one_line(e)})") from e
             if log:
                 log(f"{name}: finished the commit of an interrupted run")
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 class Staging:
@@ -589,18 +730,8 @@ class Staging:
         return out
 
     def _listed_in_bundle(self) -> set[str] | None:
-        """The graph files the bundle's manifest lists now (`listed_files`), None when it has no
-        manifest or one that cannot be parsed (then nothing is retired)."""
-        import yaml
-
-        path = os.path.join(self.bundle, "manifest.yaml")
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                return listed_files(yaml.load(f.read(), Loader=_unique_key_loader()))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            return None
+        """The graph files the bundle's manifest lists now (then nothing is retired when None)."""
+        return listed_in(self.bundle)
 
     def _retire_unlisted(self, old: set[str] | None, kept: list[str]) -> None:
         """Marks for removal at the commit the graphs the old manifest listed (`old`) that the
@@ -745,15 +876,34 @@ def main(argv=None) -> int:
     return run_tool(body, args.bundle)
 
 
+def interrupted_commit(bundle: str) -> bool:
+    """Whether this process left a decided commit (its plan) in `bundle`: the next tool run
+    finishes it."""
+    try:
+        return any(n.startswith(f"{TMP_PREFIX}{os.getpid()}.") and os.path.isfile(os.path.join(bundle, n, PLAN))
+                   for n in os.listdir(bundle))
+    except OSError:
+        return False
+
+
 def run_tool(body, what: str) -> int:
     """Runs a tool's `body()` (its exit status) and turns a BundleError or an OSError (a
-    read-only bundle, a full disk) into one line on stderr and exit status 2."""
+    read-only bundle, a full disk) into one line on stderr and exit status 2, and Ctrl-C into
+    one line and exit status 130 (what was staged is gone; a commit under way is left to the
+    next tool run on the bundle `what`, which finishes it)."""
     try:
         return body()
     except BundleError as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:
         print(f"error: {what}: {type(e).__name__}: {one_line(e)}; nothing was changed", file=sys.stderr)
+    except KeyboardInterrupt:
+        if interrupted_commit(what):
+            print(f"error: interrupted during the commit: {what} holds its plan, which the next model tool run "
+                  f"on it finishes (python3 models/onnx_save.py {shlex.quote(what)})", file=sys.stderr)
+        else:
+            print(f"error: interrupted; {what} was left as it was", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -187,8 +187,8 @@ def write_split(bundle: str, m: dict, head_file: str, precision: str | None = No
         head = load_graph(s.read_path(os.path.join(bundle, head_file)), "diffusion", entry=m["graphs"]["diffusion"])
         condition, state, total = split_head(head, m["graphs"]["diffusion"], int(m["width"]),
                                              int(m["diffusion"]["train_steps"]), head_file)
-        names = {"diffusion_condition": save_graph(bundle, condition, CONDITION_FILE, precision, s),
-                 "diffusion_state": save_graph(bundle, state, STATE_FILE, precision, s)}
+        names = {role: save_graph(bundle, part, file, precision, s, m, role)
+                 for role, part, file in zip(ROLES, (condition, state), (CONDITION_FILE, STATE_FILE))}
     log(f"{names['diffusion_condition']}, {names['diffusion_state']}: {head_file} cut in two, "
         f"{total} values per row between them")
     return names

@@ -6,11 +6,14 @@ tools that add derived graphs) makes it the same way.
 from __future__ import annotations
 
 import os
+import shlex
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
+
+from models.onnx_save import BundleError, one_line
 
 PRECISIONS = ["fp16", "bf16", "int8"]
 # The graphs convert_precision.py converts.
@@ -84,14 +87,18 @@ def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
     as it was made: emulate for an fp16/bf16 variant that only rounds through half (--emulate),
     per_channel False for a per-tensor int8 one (--per-tensor), per_row True for one with
     per-row activations (--per-row-activations), quantize_token_projections True for one with its
-    token projections quantized (--quantize-token-projections). ValueError where a variant cannot
+    token projections quantized (--quantize-token-projections). BundleError where a variant cannot
     be read or is not one convert_precision.py makes."""
     options = {}
+    where = os.path.join(bundle, "manifest.yaml")
     for precision, files in (manifest.get("precisions") or {}).items():
         rebuild = f"remove precisions.{precision} from manifest.yaml and rebuild it after fusing " \
-                  f"(python3 models/convert_precision.py BUNDLE --precision {precision} ...)"
-        if precision not in PRECISIONS or not isinstance(files, dict):
-            raise ValueError(f"precisions.{precision}: not a variant convert_precision.py makes; {rebuild}")
+                  f"(python3 models/convert_precision.py {shlex.quote(bundle)} --precision {precision} ...)"
+        if precision not in PRECISIONS:
+            raise BundleError(f"{where}: precisions.{precision}: not a variant convert_precision.py makes (it makes "
+                              f"{', '.join(PRECISIONS)}); remove precisions.{precision} from manifest.yaml")
+        if not isinstance(files, dict):
+            raise BundleError(f"{where}: precisions.{precision}: not a mapping of roles to files; {rebuild}")
         models = []
         for role, file in files.items():
             if role not in ROLES:  # sampler, backbone: rebuilt from the others
@@ -100,7 +107,7 @@ def variant_options(bundle: str, manifest: dict) -> dict[str, dict]:
             try:
                 models.append(onnx.load(path, load_external_data=False))
             except (OSError, DecodeError) as e:
-                raise ValueError(f"precisions.{precision}: {path} cannot be read ({e}), so how it was made "
+                raise BundleError(f"precisions.{precision}: {path} cannot be read ({one_line(e)}), so how it was made "
                                  f"cannot be told; {rebuild}") from e
         if precision == "int8":
             found = {per_channel(m) for m in models} - {None}
@@ -125,6 +132,6 @@ def variant_flags(bundle: str, manifest: dict, precision: str) -> str:
     try:
         files = manifest["precisions"][precision]
         options = variant_options(bundle, {"precisions": {precision: files}, "token_dim": manifest.get("token_dim")})
-    except (ValueError, KeyError, TypeError):
+    except (BundleError, KeyError, TypeError):
         return ""
     return "".join(f" {FLAGS[k]}" for k in options[precision])

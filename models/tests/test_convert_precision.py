@@ -27,12 +27,13 @@ On temporary copies of models/fixtures/tiny:
    distinct variants.
 8. fp16 and bf16 on a split head: both parts converted and listed.
 9. Errors (a missing folder, malformed YAML, a graph without `file`, a truncated, non-ONNX or
-   missing graph file, a --report path that cannot be written) exit 2 with one line naming the
-   input, in every tool, and change nothing.
+   missing graph file, a --report path that cannot be written or that lies in the bundle or on a
+   graph it lists) exit 2 with one line naming the input, in every tool, and change nothing.
 10. bench_precision.py copies what the manifest names (graphs outside by absolute path) and never
-    touches what --work held.
+    touches what --work held; it refuses a --json in the bundle and external data leading out.
 """
 
+import json
 import os
 import re
 import shutil
@@ -504,6 +505,19 @@ def test_errors_name_the_input(tmp):
     for role in ("encoder", "diffusion"):
         os.remove(os.path.join(bundle, f"{role}.onnx"))
     refused(bundle, "no such file", "a missing graph file")
+    bundle = copy_tiny(tmp, "folder-graph")
+    for role in ("encoder", "diffusion"):
+        os.remove(os.path.join(bundle, f"{role}.onnx"))
+        os.makedirs(os.path.join(bundle, f"{role}.onnx"))
+    refused(bundle, "a folder, not a graph file", "a graph path that is a folder")
+    bundle = copy_tiny(tmp, "fp32-variant")
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("precisions:\n  fp32: { encoder: encoder.onnx }\n")
+    before = snapshot(bundle)
+    p = run_tool(os.path.join(MODELS, "fuse_attention.py"), bundle)
+    check(p.returncode == 2 and p.stderr.count("\n") == 1 and "precisions.fp32" in p.stderr
+          and "ValueError" not in p.stderr and "--precision fp32" not in p.stderr and snapshot(bundle) == before,
+          f"fuse_attention.py, precisions.fp32: one line, no invalid command suggested ({p.stderr.strip()[-200:]})")
     bundle = copy_tiny(tmp, "report")
     before = snapshot(bundle)
     p = run_tool(script, bundle, "--precision", "int8", "--report", os.path.join(tmp, "nonexistent", "r.json"))
@@ -519,10 +533,37 @@ def test_errors_name_the_input(tmp):
         p = run_tool(script, bundle, "--precision", "int8", "--report", link)
         check(p.returncode == 2 and "--report" in p.stderr and snapshot(bundle) == before,
               f"--report through {what}: exit 2, nothing changed ({p.stderr.strip()[-160:]})")
+    # --report onto the bundle's own files, or onto a graph it lists from outside: refused before
+    # converting, naming the flag (it once overwrote manifest.yaml with JSON, exit 0).
+    outside = os.path.join(tmp, "report-outside.onnx")
+    shutil.copyfile(os.path.join(bundle, "encoder.onnx"), outside)
+    text = open(os.path.join(bundle, "manifest.yaml")).read()
+    open(os.path.join(bundle, "manifest.yaml"), "w").write(
+        text.replace("file: encoder.onnx", "file: ../report-outside.onnx"))
+    before, kept = snapshot(bundle), open(outside, "rb").read()
+    for what, target in (("the manifest", os.path.join(bundle, "manifest.yaml")),
+                         ("a new file in the bundle", os.path.join(bundle, "report.json")),
+                         ("a listed graph outside the bundle", outside)):
+        p = run_tool(script, bundle, "--precision", "int8", "--report", target)
+        lines = p.stderr.strip().splitlines()
+        check(p.returncode == 2 and len(lines) == 1 and "--report" in lines[0] and snapshot(bundle) == before
+              and open(outside, "rb").read() == kept,
+              f"--report onto {what}: exit 2, one line naming the flag, nothing changed ({p.stderr.strip()[-160:]})")
+    report = os.path.join(tmp, "report-ok.json")
+    p = run_tool(script, bundle, "--precision", "int8", "--no-check", "--report", report)
+    check(p.returncode == 0 and "int8" in json.load(open(report))["precision"]
+          and not [n for n in os.listdir(tmp) if n.startswith(".report-ok.json.")],
+          f"--report elsewhere is written whole, no temporary file left ({p.stderr.strip()[-160:]})")
+    open(os.path.join(bundle, "manifest.yaml"), "w").write(text)
+    before = snapshot(bundle)
     for flags in (["--per-tensor"], ["--per-row-activations"], ["--quantize-token-projections"]):
         p = run_tool(script, bundle, "--precision", "fp16", *flags)
         check(p.returncode == 2 and "apply to int8" in p.stderr and snapshot(bundle) == before,
               f"fp16 with {flags[0]}: refused, nothing changed ({p.stderr.strip()[-160:]})")
+    for value in ("nan", "-1", "inf"):
+        p = run_tool(script, bundle, "--precision", "int8", "--tolerance", value)
+        check(p.returncode == 2 and "argument --tolerance" in p.stderr and snapshot(bundle) == before,
+              f"--tolerance {value}: refused, naming the flag ({p.stderr.strip()[-120:]})")
     p = run_tool(script, bundle, "--precision", "int8", "--seed", "-5")
     check(p.returncode == 2 and "--seed" in p.stderr and snapshot(bundle) == before,
           f"a negative --seed: refused ({p.stderr.strip()[-120:]})")
@@ -549,6 +590,39 @@ def test_bench_copies_what_the_manifest_names(tmp):
     check(p.returncode == 2 and "no such folder" in p.stderr and "Traceback" not in p.stderr,
           f"bench_precision.py on a missing bundle: exit 2 ({p.stderr.strip()[-160:]})")
     check(sorted(snapshot(work)) == ["bundle/notes.txt"], "… and --work keeps what was in it")
+    source = copy_tiny(tmp, "bench-json")
+    before = snapshot(source)
+    p = run_tool(os.path.join(MODELS, "bench_precision.py"), "--bundle", source, "--work", work,
+                 "--json", os.path.join(source, "manifest.yaml"))
+    lines = p.stderr.strip().splitlines()
+    check(p.returncode == 2 and len(lines) == 1 and "--json" in lines[0] and snapshot(source) == before
+          and sorted(snapshot(work)) == ["bundle/notes.txt"],
+          f"bench_precision.py --json into the bundle: exit 2 naming the flag, nothing made ({p.stderr.strip()[-160:]})")
+    # A graph whose external data location leads out of the bundle is refused before anything is
+    # copied (it was copied to a path outside the copy).
+    source = copy_tiny(tmp, "bench-escape")
+    victim = os.path.join(tmp, "bench-victim")
+    os.makedirs(victim)
+    encoder = onnx.load(os.path.join(source, "encoder.onnx"))
+    onnx.save(encoder, os.path.join(victim, "encoder.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="enc.data", size_threshold=0)
+    escaped = onnx.load(os.path.join(victim, "encoder.onnx"), load_external_data=False)
+    for init in escaped.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                entry.value = "../bench-victim/enc.data"
+    onnx.save(escaped, os.path.join(source, "encoder.onnx"))
+    deeper = os.path.join(tmp, "bench-escape-work")
+    copy = os.path.join(deeper, "copy")   # the old copy wrote bench-escape-work/bench-victim/enc.data
+    try:
+        bench_precision.copy_bundle(source, copy)
+        error = ""
+    except Exception as e:  # noqa: BLE001 - any other outcome fails below
+        error = f"{type(e).__name__}: {e}"
+    check(error.startswith("BundleError") and "encoder.onnx" in error and "bench-victim/enc.data" in error
+          and not os.path.exists(copy) and not os.path.exists(os.path.join(deeper, "bench-victim")),
+          f"bench_precision.py: external data outside the bundle is refused, naming the graph and the location, "
+          f"nothing copied ({error})")
 
 
 def main():

@@ -2,7 +2,7 @@
 """Tests of onnx_save.py, and of the model tools on graphs with external data (plain script:
 run it, it exits non-zero on the first failure).
 
-  .venv/bin/python models/tests/test_onnx_save.py        # ~5 s, needs models/fixtures/requirements.txt
+  .venv/bin/python models/tests/test_onnx_save.py        # ~20 s, needs models/fixtures/requirements.txt
 
 1. Below the limit a graph is one file; above it, the graph and a data file named after it,
    which onnx and ONNX Runtime read; rewriting it removes the old data file; a hard link to the
@@ -20,7 +20,10 @@ run it, it exits non-zero on the first failure).
    destination that is a folder is refused with nothing changed, a commit stopped partway says
    so and is finished once the cause is gone; `other/lnk/..` is read and written as its real
    path; small tensors over the limit; an exporter's own save staged (export_mar.py).
-5. A whole bundle adopted over one that other tools extended (a re-export): the graphs the old
+5. No tool's new graph replaces a graph the manifest lists under another entry (a role, a
+   precision variant, through a link, or a listed graph's external data); a commit plan a tool
+   did not write, leading out of the bundle or its staging folder, is refused.
+6. A whole bundle adopted over one that other tools extended (a re-export): the graphs the old
    manifest listed and the new one does not are removed with their own data files at the commit,
    nothing else (files no manifest names, a listed graph outside the bundle); a commit killed
    before its removals is finished by the next run.
@@ -186,6 +189,160 @@ def test_finish_command(tmp):
     r = subprocess.run(command[:2] + [os.path.join(tmp, "nowhere")], capture_output=True, text=True)
     check(r.returncode == 2 and r.stderr.count("\n") == 1 and "no such folder" in r.stderr,
           f"a missing bundle: exit 2, one line ({r.stderr.strip()})")
+
+
+def snapshot(folder):
+    """{relative path: bytes, or the link's target} of every file and link under `folder`."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for n in dirs + files:
+            p = os.path.join(root, n)
+            if os.path.islink(p):
+                out[os.path.relpath(p, folder)] = "-> " + os.readlink(p)
+            elif os.path.isfile(p):
+                out[os.path.relpath(p, folder)] = open(p, "rb").read()
+    return out
+
+
+def test_hostile_plan(tmp):
+    """A commit plan a tool did not write (a hostile bundle's `.gtr-tmp.*/commit.json`) whose
+    sources leave its staging folder or whose destinations or removals leave the bundle (absolute,
+    `..`, a link leading out) is refused by the finishing command and every tool: one line naming
+    the plan and the path, exit 2, nothing changed inside the bundle or outside it; with another,
+    valid plan beside it, neither runs."""
+    victim = os.path.join(tmp, "victim")
+    os.makedirs(victim)
+    for n in ("config", "x"):
+        with open(os.path.join(victim, n), "w") as f:
+            f.write("precious\n")
+    stage = ".gtr-tmp.1.x"
+    plans = {
+        "absolute destination": ({"moves": [[f"{stage}/payload", os.path.join(victim, "config")]], "remove": []},
+                                 os.path.join(victim, "config")),
+        "`..` destination": ({"moves": [[f"{stage}/payload", "../victim/config"]], "remove": []}, "../victim/config"),
+        "`..` removal": ({"moves": [], "remove": ["../victim/x"]}, "../victim/x"),
+        "source outside the staging folder": ({"moves": [["manifest.yaml", "../stolen.yaml"]], "remove": []},
+                                              "manifest.yaml"),
+        "destination through a link leading out": ({"moves": [[f"{stage}/payload", "out/config"]], "remove": []},
+                                                   "out/config"),
+        "source through a link leading out": ({"moves": [[f"{stage}/away/x", "x.onnx"]], "remove": []},
+                                              f"{stage}/away/x"),
+        "not a plan": ({"moves": "encoder.onnx", "remove": []}, "moves"),
+    }
+    command = [sys.executable, os.path.join(MODELS, "onnx_save.py")]
+    for k, (what, (plan, offending)) in enumerate(plans.items()):
+        bundle = copy_tiny(tmp, f"hostile{k}")
+        os.symlink(victim, os.path.join(bundle, "out"))
+        folder = os.path.join(bundle, stage)
+        os.makedirs(folder)
+        os.symlink(victim, os.path.join(folder, "away"))
+        with open(os.path.join(folder, "payload"), "w") as f:
+            f.write("pwned\n")
+        with open(os.path.join(folder, "commit.json"), "w") as f:
+            json.dump(plan, f)
+        if k == 0:  # a valid plan beside it is not carried out either
+            good = os.path.join(bundle, ".gtr-tmp.2.y")
+            os.makedirs(good)
+            with open(os.path.join(good, "new.onnx"), "w") as f:
+                f.write("new\n")
+            with open(os.path.join(good, "commit.json"), "w") as f:
+                json.dump({"moves": [[".gtr-tmp.2.y/new.onnx", "new.onnx"]], "remove": []}, f)
+        before, victims = snapshot(bundle), snapshot(victim)
+        for tool in (command, [sys.executable, os.path.join(MODELS, "add_sampler.py")]):
+            r = subprocess.run(tool + [bundle], capture_output=True, text=True)
+            check(r.returncode == 2 and r.stderr.count("\n") == 1 and "commit.json" in r.stderr
+                  and offending in r.stderr and "Traceback" not in r.stderr
+                  and snapshot(bundle) == before and snapshot(victim) == victims,
+                  f"{what}: {os.path.basename(tool[1])} refuses the plan in one line, nothing changed "
+                  f"({r.stderr.strip()})")
+
+
+def test_no_graph_replaces_another_entry(tmp):
+    """A new graph whose name is a file the manifest lists under another entry (another role, a
+    precision variant, through a symbolic link, or a listed graph's external data) is refused
+    before anything is written: exit 2, one line naming both entries, nothing changed. Running a
+    tool again, replacing its own entry's file, still works; a graph outside the bundle gets the
+    next free name instead."""
+    tools = {name: [sys.executable, os.path.join(MODELS, f"{name}.py")]
+             for name in ("split_head", "add_sampler", "convert_precision")}
+
+    def edited(name, *replacements):
+        bundle = copy_tiny(tmp, name)
+        path = os.path.join(bundle, "manifest.yaml")
+        text = open(path).read()
+        for old, new in replacements:
+            check(old in text, f"({name}: the tiny manifest has `{old}`)")
+            text = text.replace(old, new)
+        open(path, "w").write(text)
+        return bundle
+
+    def refused(bundle, command, *want):
+        before = snapshot(bundle)
+        r = subprocess.run(command + [bundle], capture_output=True, text=True)
+        check(r.returncode == 2 and r.stderr.count("\n") == 1 and all(w in r.stderr for w in want)
+              and "Traceback" not in r.stderr and snapshot(bundle) == before,
+              f"{os.path.basename(bundle)}: {os.path.basename(command[1])} refused, naming {', '.join(want)}, "
+              f"nothing changed ({r.stderr.strip()})")
+
+    # The VAE listed as diffusion_state.onnx: split_head.py would write its state part over it.
+    bundle = edited("taken-vae", ("file: vae_decoder.onnx", "file: diffusion_state.onnx"))
+    os.rename(os.path.join(bundle, "vae_decoder.onnx"), os.path.join(bundle, "diffusion_state.onnx"))
+    refused(bundle, tools["split_head"], "graphs.diffusion_state", "graphs.vae_decoder")
+    # An int8 variant listed as encoder.fp16.onnx: the fp16 conversion would write over it.
+    bundle = copy_tiny(tmp, "taken-variant")
+    shutil.copyfile(os.path.join(bundle, "encoder.onnx"), os.path.join(bundle, "encoder.fp16.onnx"))
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("precisions:\n  int8: { encoder: encoder.fp16.onnx }\n")
+    refused(bundle, tools["convert_precision"] + ["--precision", "fp16", "--no-check"],
+            "precisions.fp16.encoder", "precisions.int8.encoder")
+    # The VAE listed through a link to sampler.onnx: the sampler would replace what it reads.
+    bundle = edited("taken-link", ("file: vae_decoder.onnx", "file: vae.onnx"))
+    os.rename(os.path.join(bundle, "vae_decoder.onnx"), os.path.join(bundle, "sampler.onnx"))
+    os.symlink("sampler.onnx", os.path.join(bundle, "vae.onnx"))
+    refused(bundle, tools["add_sampler"], "graphs.sampler", "graphs.vae_decoder")
+    # The encoder's weights in a data file named tick.onnx.
+    bundle = copy_tiny(tmp, "taken-data")
+    onnx.save(onnx.load(os.path.join(bundle, "encoder.onnx")), os.path.join(bundle, "encoder.onnx"),
+              save_as_external_data=True, all_tensors_to_one_file=True, location="tick.onnx", size_threshold=0)
+    refused(bundle, tools["add_sampler"], "graphs.tick", "external data of graphs.encoder")
+    # Run again, each tool replaces its own entry's files.
+    bundle = copy_tiny(tmp, "run-twice")
+    for command in (tools["add_sampler"], tools["split_head"], tools["convert_precision"] + ["--precision", "fp16"]):
+        for n in (1, 2):
+            r = subprocess.run(command[:2] + [bundle] + command[2:], capture_output=True, text=True)
+            check(r.returncode == 0, f"{os.path.basename(command[1])} run {n}: exit 0 ({r.stderr.strip()[-200:]})")
+    # A graph outside the bundle: its variant skips a name another entry lists.
+    bundle = edited("outside-taken", ("file: encoder.onnx", f"file: {os.path.join(TINY, 'encoder.onnx')}"))
+    os.remove(os.path.join(bundle, "encoder.onnx"))
+    shutil.copyfile(os.path.join(TINY, "vae_decoder.onnx"), os.path.join(bundle, "encoder.fp16.onnx"))
+    with open(os.path.join(bundle, "manifest.yaml"), "a") as f:
+        f.write("precisions:\n  int8: { vae_decoder: encoder.fp16.onnx }\n")
+    kept = open(os.path.join(bundle, "encoder.fp16.onnx"), "rb").read()
+    r = subprocess.run(tools["convert_precision"] + [bundle, "--precision", "fp16", "--no-check"],
+                       capture_output=True, text=True)
+    import yaml
+
+    m = yaml.safe_load(open(os.path.join(bundle, "manifest.yaml")))
+    check(r.returncode == 0 and m["precisions"]["fp16"]["encoder"] == "encoder.encoder.fp16.onnx"
+          and m["precisions"]["int8"] == {"vae_decoder": "encoder.fp16.onnx"}
+          and open(os.path.join(bundle, "encoder.fp16.onnx"), "rb").read() == kept,
+          f"an outside graph's variant takes the next free name ({m['precisions']}; {r.stderr.strip()[-200:]})")
+
+
+def test_ctrl_c(tmp):
+    """Ctrl-C in a tool: one line, exit status 130, the bundle as it was (no traceback)."""
+    import signal
+
+    bundle = copy_tiny(tmp, "ctrl-c")
+    before = snapshot(bundle)
+    p = subprocess.Popen([sys.executable, "-u", os.path.join(MODELS, "convert_precision.py"), bundle,
+                          "--precision", "fp16"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = p.stdout.readline()   # the run has begun: a graph is converted
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    check(first and p.returncode == 130 and err.count("\n") == 1 and "interrupted" in err
+          and "Traceback" not in err and snapshot(bundle) == before,
+          f"Ctrl-C: exit 130, one line, nothing changed ({p.returncode}: {err.strip()[-300:]})")
 
 
 def test_read_only_bundle(tmp):
@@ -579,6 +736,9 @@ def main():
         test_write_manifest(tmp)
         test_interrupted_commit_and_leftovers(tmp)
         test_finish_command(tmp)
+        test_hostile_plan(tmp)
+        test_no_graph_replaces_another_entry(tmp)
+        test_ctrl_c(tmp)
         test_read_only_bundle(tmp)
         test_plan_of_a_live_pid(tmp)
         test_lock(tmp)
