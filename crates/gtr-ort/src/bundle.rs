@@ -253,6 +253,19 @@ pub struct EvaluatorEntry {
     pub reference: String,
 }
 
+/// `path` as one word of a command a message suggests, to be pasted into a
+/// POSIX shell: as it is when it holds only letters, digits and
+/// `_-./+:,@%=`, else in single quotes (a `'` in it written `'\''`).
+pub fn shell_word(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./+:,@%=".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 /// The folder of the bundle named by `path`: the folder itself, or the
 /// folder of its manifest or of one of its graphs.
 fn bundle_dir(path: &Path) -> PathBuf {
@@ -283,7 +296,8 @@ pub enum BundleError {
     /// A model tool was killed while replacing the bundle's files: some may
     /// be new and others old.
     #[error(
-        "{plan}: a model tool's commit was interrupted, so some of the bundle's files may be replaced and others not; finish it with `python3 models/onnx_save.py {dir}` (or any model tool run on the bundle)"
+        "{plan}: a model tool's commit was interrupted, so some of the bundle's files may be replaced and others not; finish it with `python3 models/onnx_save.py {}` (or any model tool run on the bundle)",
+        shell_word(dir)
     )]
     InterruptedCommit { dir: PathBuf, plan: PathBuf },
 }
@@ -860,7 +874,7 @@ fn check_precisions(bundle: &Bundle) -> Result<(), String> {
                 return Err(format!(
                     "{key}.{role}: {} does not exist (make it with `python3 models/convert_precision.py {} --precision {name}`)",
                     bundle.dir.join(file).display(),
-                    bundle.dir.display()
+                    shell_word(&bundle.dir)
                 ));
             }
             bundle.check_file(&format!("{key}.{role}"), file)?;
@@ -899,5 +913,19 @@ pub fn cost_spec_named(name: &str) -> Result<ModelSpec, NamedSpecError> {
         Some(spec) => Ok(spec),
         None if Path::new(name).exists() => Ok(Bundle::open(Path::new(name))?.cost_spec()),
         None => Err(NamedSpecError::Unknown(name.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggested_commands_quote_paths_a_shell_would_split() {
+        assert_eq!(shell_word(Path::new("models/mar-tiny")), "models/mar-tiny");
+        assert_eq!(shell_word(Path::new("my models/b")), "'my models/b'");
+        assert_eq!(shell_word(Path::new("it's")), "'it'\\''s'");
+        assert_eq!(shell_word(Path::new("$HOME;rm")), "'$HOME;rm'");
+        assert_eq!(shell_word(Path::new("")), "''");
     }
 }

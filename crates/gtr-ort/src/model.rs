@@ -8,7 +8,7 @@ use ndarray::{
     Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4, Ix2, Ix3, Ix4,
 };
 
-use crate::bundle::{Bundle, Role};
+use crate::bundle::{Bundle, Role, shell_word};
 use crate::contract::{check_contract, expectations};
 use crate::device::Device;
 pub use crate::error::OrtError;
@@ -447,7 +447,7 @@ impl OrtModel {
     /// `models/<tool>` adds) was not loaded: the bundle has none, or has it
     /// only in other precisions than the run's ([`PrecisionChoice::runs_alike`]).
     fn lacks(&self, bundle: &Bundle, role: Role, what: &str, tool: &str) -> String {
-        let (name, dir) = (&bundle.manifest.name, bundle.dir.display());
+        let (name, dir) = (&bundle.manifest.name, shell_word(&bundle.dir));
         let key = role.key();
         // The split head is two graphs; the bundle has it only with both.
         let missing = match role {

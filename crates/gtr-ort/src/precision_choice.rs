@@ -203,7 +203,7 @@ pub fn choose(
                      with --precision fp32",
                     bundle.dir.display(),
                     manifest_path.display(),
-                    bundle.dir.display(),
+                    crate::bundle::shell_word(&bundle.dir),
                 )));
             };
             for (role, file) in variant {
