@@ -1045,7 +1045,7 @@ fn read_order_file(src: &Arc<Source>, path: &str, span: Span) -> Result<Order, D
         };
         Diagnostic::new(src, span, problem).with_help(help)
     })?;
-    super::text::refuse_lone_carriage_return(src, &text, Some((&shown, span)))?;
+    super::diagnostic::refuse_lone_carriage_return(src, &text, Some((&shown, span)))?;
     let mut tokens = Vec::new();
     for (k, line) in text.lines().enumerate() {
         let code = line.split('#').next().unwrap_or("");

@@ -179,6 +179,34 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// Refuses a lone CR ([`super::text::lone_carriage_return`]) in `text`: the schedule's
+/// own (`order_file` `None`: the error points at the CR), or that of the
+/// order file named `order_file.0` (the error names its line and column and
+/// points at the `order file` clause, `order_file.1`).
+pub(crate) fn refuse_lone_carriage_return(
+    src: &Arc<Source>,
+    text: &str,
+    order_file: Option<(&str, Span)>,
+) -> Result<(), Diagnostic> {
+    let Some(at) = super::text::lone_carriage_return(text) else {
+        return Ok(());
+    };
+    let message = "a carriage return (CR) that no line feed follows: lines end with LF or CRLF";
+    let help = "save the file with LF (Unix) or CRLF (Windows) line ends; a lone CR (old Mac line end) would hide the rest of a `#` comment's line";
+    let diag = match order_file {
+        None => Diagnostic::new(src, Span::new(at, at + 1), message),
+        Some((path, span)) => {
+            let (line, col) = super::text::line_col(text, at);
+            Diagnostic::new(
+                src,
+                span,
+                format!("order file `{path}`, line {line}, column {col}: {message}"),
+            )
+        }
+    };
+    Err(diag.with_help(help))
+}
+
 /// The most characters of a source line an error shows: a longer line is
 /// cut to a window around the error, each cut marked `…`.
 const MAX_EXCERPT_CHARS: usize = 120;

@@ -16,7 +16,7 @@ struct GtrParser;
 /// Parses a schedule's text. Syntax errors come back as a [`Diagnostic`]
 /// pointing at the first place the text could not be read.
 pub fn parse(source: &Arc<Source>) -> Result<ScheduleAst, Diagnostic> {
-    super::text::refuse_lone_carriage_return(source, &source.text, None)?;
+    super::diagnostic::refuse_lone_carriage_return(source, &source.text, None)?;
     check_nesting(source)?;
     let mut pairs =
         GtrParser::parse(Rule::schedule, &source.text).map_err(|e| syntax_error(source, e))?;

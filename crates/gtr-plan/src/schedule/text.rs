@@ -1,10 +1,6 @@
 //! Small text files (schedules, order files) read with a size limit and
 //! a UTF-8 check that names the place of a bad byte.
 
-use std::sync::Arc;
-
-use super::diagnostic::{Diagnostic, Source, Span};
-
 /// The largest schedule file read (the presets are under 3 KB), and the
 /// largest order file.
 pub const MAX_SCHEDULE_BYTES: u64 = 1 << 20;
@@ -87,34 +83,6 @@ pub(crate) fn lone_carriage_return(text: &str) -> Option<usize> {
     text.match_indices('\r')
         .map(|(at, _)| at)
         .find(|&at| !text[at + 1..].starts_with('\n'))
-}
-
-/// Refuses a lone CR ([`lone_carriage_return`]) in `text`: the schedule's
-/// own (`order_file` `None`: the error points at the CR), or that of the
-/// order file named `order_file.0` (the error names its line and column and
-/// points at the `order file` clause, `order_file.1`).
-pub(crate) fn refuse_lone_carriage_return(
-    src: &Arc<Source>,
-    text: &str,
-    order_file: Option<(&str, Span)>,
-) -> Result<(), Diagnostic> {
-    let Some(at) = lone_carriage_return(text) else {
-        return Ok(());
-    };
-    let message = "a carriage return (CR) that no line feed follows: lines end with LF or CRLF";
-    let help = "save the file with LF (Unix) or CRLF (Windows) line ends; a lone CR (old Mac line end) would hide the rest of a `#` comment's line";
-    let diag = match order_file {
-        None => Diagnostic::new(src, Span::new(at, at + 1), message),
-        Some((path, span)) => {
-            let (line, col) = line_col(text, at);
-            Diagnostic::new(
-                src,
-                span,
-                format!("order file `{path}`, line {line}, column {col}: {message}"),
-            )
-        }
-    };
-    Err(diag.with_help(help))
 }
 
 /// 1-based line and column (in characters) of byte offset `pos` of `text`.
