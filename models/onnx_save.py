@@ -372,9 +372,9 @@ def listed_files(manifest) -> set[str]:
     return {f for _, f in listed_entries(manifest)}
 
 
-def listed_in(bundle: str) -> set[str] | None:
-    """The graph files the manifest of `bundle` lists now (`listed_files`), None when it has no
-    manifest or one that cannot be parsed."""
+def manifest_in(bundle: str):
+    """The parsed manifest of `bundle` as it is now, None when it has none or one that cannot be
+    parsed."""
     import yaml
 
     path = os.path.join(bundle, "manifest.yaml")
@@ -382,24 +382,43 @@ def listed_in(bundle: str) -> set[str] | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return listed_files(yaml.load(f.read(), Loader=_unique_key_loader()))
+            return yaml.load(f.read(), Loader=_unique_key_loader())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
+
+
+def listed_in(bundle: str) -> set[str] | None:
+    """The graph files the manifest of `bundle` lists now (`listed_files`), None when it has no
+    manifest or one that cannot be parsed."""
+    manifest = manifest_in(bundle)
+    return None if manifest is None else listed_files(manifest)
+
+
+def read_files(manifest) -> set[str]:
+    """Every file (as written, relative to the bundle) a parsed manifest names, which a run reads:
+    its graphs and precision variants (`listed_files`), the evaluator's graph and its reference."""
+    files = listed_files(manifest)
+    evaluator = manifest.get("evaluator") if isinstance(manifest, dict) else None
+    if isinstance(evaluator, dict):
+        files |= {f for f in (evaluator.get("file"), evaluator.get("reference")) if isinstance(f, str) and f}
+    return files
 
 
 def output_file(flag: str, path: str, bundle: str) -> str:
     """The real path (links followed) that a tool's output-file flag (`--report`, `--json`) names,
     checked before the tool changes anything: BundleError naming the flag when it lies in the
-    bundle folder `bundle` (whose files change only through a Staging), is a graph file the
-    bundle's manifest lists (one kept outside it), or cannot be written as a file (no such folder,
+    bundle folder `bundle` (whose files change only through a Staging), is a file the bundle's
+    manifest names (`read_files`: one kept outside it), or cannot be written as a file (no such folder,
     not writable, a folder). Write it with `write_atomic`."""
     real = os.path.realpath(path)
     if inside(bundle, real):
         raise BundleError(f"{flag} {path}: inside the bundle folder {os.path.realpath(bundle)}; write it "
                           "elsewhere (nothing was changed)")
-    if real in {os.path.realpath(os.path.join(bundle, f)) for f in listed_in(bundle) or ()}:
-        raise BundleError(f"{flag} {path}: a graph file the bundle's manifest lists; write it elsewhere "
-                          "(nothing was changed)")
+    manifest = manifest_in(bundle)
+    named = read_files(manifest) if manifest is not None else set()
+    if real in {os.path.realpath(os.path.join(bundle, f)) for f in named}:
+        raise BundleError(f"{flag} {path}: a file the bundle's manifest names (a graph, the evaluator or its "
+                          "reference); write it elsewhere (nothing was changed)")
     folder = os.path.dirname(real)
     if (os.path.lexists(real) and not (os.path.isfile(real) and os.access(real, os.W_OK))) \
             or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):

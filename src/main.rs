@@ -45,7 +45,10 @@ enum Command {
 fn main() -> ExitCode {
     // SAFETY: the first thing the process does: no other thread exists.
     unsafe { gtr_run::backend::library::disable_telemetry() };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let result = match cli.command {
         Some(Command::Plan(args)) => run_plan(args),
         Some(Command::Merge(args)) => run_merge(args),
@@ -63,4 +66,18 @@ fn main() -> ExitCode {
             ExitCode::from(exit_status(&e) as u8)
         }
     }
+}
+
+/// Clap's message for a command line it refused (or its help or version,
+/// which clap hands over the same way), written as [`terminal_safe`] shows
+/// it: the message repeats what was typed, escapes included.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let text = e.render().to_string();
+    let shown = terminal_safe(&text);
+    if e.use_stderr() {
+        eprint!("{shown}");
+    } else {
+        print!("{shown}");
+    }
+    ExitCode::from(e.exit_code() as u8)
 }

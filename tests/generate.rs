@@ -1789,3 +1789,39 @@ fn the_profile_folder_stays_outside_the_run_and_is_made_only_for_a_run() {
     assert_eq!(gtr_run(&args).status.code(), Some(3));
     assert!(!elsewhere.exists() && !out.exists());
 }
+
+/// `--force` removes the previous run's `.npz` files: a replay file kept
+/// in the run's folder was deleted by the run that read it. It is refused,
+/// naming the file; `--resume` (which removes nothing) keeps working.
+#[test]
+fn force_never_removes_the_replay_it_reads() {
+    let dir = tmp("force-replay");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("run");
+    let run = |replay: &Path, extra: &str| {
+        vec![
+            TINY.to_string(),
+            "schedules/gtr-fast.gtr".into(),
+            "--num-images".into(),
+            "2".into(),
+            "--replay".into(),
+            replay.to_str().unwrap().into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+            extra.into(),
+        ]
+    };
+    let outside = dir.join("replay.npz");
+    write_replay(&outside, 2, |t| t);
+    ok(&as_refs(&run(&outside, "--force")));
+    let kept = out.join("orders.npz");
+    std::fs::copy(&outside, &kept).unwrap();
+    fails(
+        &as_refs(&run(&kept, "--force")),
+        "which this run reads, and --force would remove it",
+    );
+    assert!(kept.exists());
+    ok(&as_refs(&run(&kept, "--resume")));
+    assert!(kept.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

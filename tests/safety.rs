@@ -957,6 +957,32 @@ fn outputs_stay_off_inputs_and_other_commands_folders() {
         ],
         others,
     );
+    // plan --png into the bundle `--cost` reads.
+    fails(
+        &[
+            "plan",
+            FAST,
+            "--cost",
+            s(&bundle),
+            "--png",
+            s(&bundle.join("order.png")),
+        ],
+        "which this run reads",
+    );
+    // A folder holding a copy of a record among other files (a project) is
+    // no command's output: outputs go inside it.
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::copy(other.join("run.json"), project.join("run.json")).unwrap();
+    std::fs::write(project.join("notes.txt"), "mine").unwrap();
+    ok(&[
+        s(&bundle),
+        FAST,
+        "--num-images",
+        "1",
+        "--out",
+        s(&project.join("runs/a")),
+    ]);
     assert!(
         !dir.join("new").exists(),
         "refused before the folder is made"
@@ -994,9 +1020,13 @@ fn output_folders_are_named_plainly_and_merge_follows_a_link() {
     let back = format!("{}/sub/..", s(&dir.join("back")));
     fails(
         &[TINY, FAST, "--num-images", "1", "--out", &back],
-        "`..` after a folder name",
+        "sub, which does not exist (it would be made on the way)",
     );
     assert!(!dir.join("back").exists());
+    // A `..` after a folder that exists is the path it names.
+    let up = format!("{}/../up", s(&dotted));
+    ok(&[TINY, FAST, "--num-images", "1", "--out", &up]);
+    assert_eq!(pngs(&dir.join("up")).len(), 1);
     let target = dir.join("target");
     std::fs::create_dir_all(&target).unwrap();
     let link = dir.join("link");

@@ -537,17 +537,23 @@ def test_errors_name_the_input(tmp):
     # converting, naming the flag (it once overwrote manifest.yaml with JSON, exit 0).
     outside = os.path.join(tmp, "report-outside.onnx")
     shutil.copyfile(os.path.join(bundle, "encoder.onnx"), outside)
+    # An evaluator reference kept outside the bundle is read by gtr-run eval: never a report.
+    reference = os.path.join(tmp, "report-reference.npz")
+    open(reference, "wb").write(b"PK\x05\x06" + bytes(18))
     text = open(os.path.join(bundle, "manifest.yaml")).read()
+    evaluator = ("evaluator:\n  name: none\n  file: encoder.onnx\n  inputs: { pixels: pixels }\n"
+                 "  outputs: { logits: logits, features: features }\n  reference: ../report-reference.npz\n")
     open(os.path.join(bundle, "manifest.yaml"), "w").write(
-        text.replace("file: encoder.onnx", "file: ../report-outside.onnx"))
-    before, kept = snapshot(bundle), open(outside, "rb").read()
+        text.replace("file: encoder.onnx", "file: ../report-outside.onnx") + evaluator)
+    before, kept, kept_reference = snapshot(bundle), open(outside, "rb").read(), open(reference, "rb").read()
     for what, target in (("the manifest", os.path.join(bundle, "manifest.yaml")),
                          ("a new file in the bundle", os.path.join(bundle, "report.json")),
-                         ("a listed graph outside the bundle", outside)):
+                         ("a listed graph outside the bundle", outside),
+                         ("the evaluator's reference outside the bundle", reference)):
         p = run_tool(script, bundle, "--precision", "int8", "--report", target)
         lines = p.stderr.strip().splitlines()
         check(p.returncode == 2 and len(lines) == 1 and "--report" in lines[0] and snapshot(bundle) == before
-              and open(outside, "rb").read() == kept,
+              and open(outside, "rb").read() == kept and open(reference, "rb").read() == kept_reference,
               f"--report onto {what}: exit 2, one line naming the flag, nothing changed ({p.stderr.strip()[-160:]})")
     report = os.path.join(tmp, "report-ok.json")
     p = run_tool(script, bundle, "--precision", "int8", "--no-check", "--report", report)

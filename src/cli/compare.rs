@@ -204,12 +204,7 @@ fn run_comparison(
         ))
     });
     // What the folder holds: the table (below) and a sweep's drawing.
-    let mut names: Vec<String> = ["md", "csv", "json"]
-        .map(|extension| format!("{what}.{extension}"))
-        .into();
-    if what == "sweep" {
-        names.push("pareto.svg".into());
-    }
+    let names = gtr_run::run::report_files(what);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     gtr_run::run::check_outside_inputs(&out, "--out", &bundle.read_paths())?;
     let lock = claim_report(&out, &names, &format!("gtr-run {what}"), args.force)?;

@@ -96,6 +96,9 @@ pub fn run_plan(args: PlanArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let (Some(png), Some(bundle)) = (&args.png, &bundle) {
+        gtr_run::run::check_outside_inputs(png, "--png", &bundle.read_paths())?;
+    }
     let plan = match &bundle {
         None => Planner::new(&schedule, schedule.planning_grid(args.grid))
             .and_then(|p| p.plan_with(args.seed, &PlanOptions::default()))

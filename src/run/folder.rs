@@ -243,22 +243,24 @@ fn io(path: &Path, source: std::io::Error) -> RunError {
 }
 
 /// `out` as an output folder is named: its `.` components left out
-/// (`runs/a/.` is `runs/a`); refused if a `..` follows a folder name
-/// (`runs/a/..` would make `runs/a` on the way to its parent).
+/// (`runs/a/.` is `runs/a`); refused if a `..` follows a folder name that
+/// does not exist (`runs/new/..` would make `runs/new` on the way to its
+/// parent), accepted where it exists (`$DIR/../runs/a`).
 pub(super) fn folder_path(out: &Path) -> Result<PathBuf, RunError> {
     use std::path::Component;
-    let mut named = false;
+    let mut before = PathBuf::new();
     for part in out.components() {
-        match part {
-            Component::Normal(_) => named = true,
-            Component::ParentDir if named => {
-                return Err(RunError::Invalid(format!(
-                    "{}: `..` after a folder name; name the output folder without it",
-                    out.display()
-                )));
-            }
-            _ => {}
+        if part == Component::ParentDir
+            && matches!(before.components().next_back(), Some(Component::Normal(_)))
+            && !before.is_dir()
+        {
+            return Err(RunError::Invalid(format!(
+                "{}: `..` after {}, which does not exist (it would be made on the way); name the output folder without it",
+                out.display(),
+                before.display()
+            )));
         }
+        before.push(part);
     }
     Ok(out.components().collect())
 }
@@ -553,7 +555,7 @@ pub fn check_png_target(path: &Path, what: &str) -> Result<(), RunError> {
 
 /// Whether `path` names an entry directly in `folder`, with links and `..`
 /// resolved where the paths exist (lexically where they do not yet).
-fn in_folder(path: &Path, folder: &Path) -> bool {
+pub(super) fn in_folder(path: &Path, folder: &Path) -> bool {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -579,27 +581,56 @@ pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunE
     Ok(())
 }
 
-/// The JSON files a gtr-run command leaves in its output folder: a run's
-/// record, an evaluation's and a sweep's results.
-const OUTPUT_RECORDS: [&str; 3] = [RECORD_FILE, "eval.json", "sweep.json"];
+/// The files `gtr-run eval` (`command` "eval") or `gtr-run sweep`
+/// ("sweep") writes in its output folder: the table as Markdown and CSV,
+/// the results as JSON (the record), and a sweep's drawing.
+pub fn report_files(command: &str) -> Vec<String> {
+    let mut names: Vec<String> = ["md", "csv", "json"]
+        .map(|extension| format!("{command}.{extension}"))
+        .into();
+    if command == "sweep" {
+        names.push("pareto.svg".into());
+    }
+    names
+}
 
-/// Which of [`OUTPUT_RECORDS`] the folder `dir` holds as a gtr-run command
-/// wrote it: a plain file whose top level records `gtr_run_version` (read
-/// as a stream, other fields skipped: a record of many images is not held
-/// in memory).
-fn gtr_run_output_in(dir: &Path) -> Option<&'static str> {
+/// The commands whose output folders gtr-run recognises: the record each
+/// writes (JSON whose top level has `gtr_run_version`), and the command
+/// ("run" for a run or a merge).
+const OUTPUT_RECORDS: [(&str, &str); 3] = [
+    (RECORD_FILE, "run"),
+    ("eval.json", "eval"),
+    ("sweep.json", "sweep"),
+];
+
+/// The record of the gtr-run command that owns the folder `dir`: one of
+/// [`OUTPUT_RECORDS`] as that command wrote it (a plain file whose top level
+/// records `gtr_run_version`, read as a stream, other fields skipped), and
+/// nothing in the folder that the command does not write there (a run's
+/// images, `grid.png` and `.npz` files, a report's files, temporary files
+/// of those names). A folder holding anything else (a project holding a
+/// copy of a record) is not a command's output.
+fn owner_record(dir: &Path) -> Option<&'static str> {
     #[derive(serde::Deserialize)]
     struct Written {
         #[serde(rename = "gtr_run_version")]
         _version: String,
     }
-    OUTPUT_RECORDS.into_iter().find(|name| {
+    let (record, command) = OUTPUT_RECORDS.into_iter().find(|(name, _)| {
         let path = dir.join(name);
         std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file())
             && std::fs::File::open(&path).is_ok_and(|f| {
                 serde_json::from_reader::<_, Written>(std::io::BufReader::new(f)).is_ok()
             })
-    })
+    })?;
+    let reports = report_files(command);
+    let writes = |name: &str| match command {
+        "run" => is_run_file(name) || name.ends_with(".npz"),
+        _ => reports.iter().any(|r| r == name),
+    };
+    let found = entries(dir, writes).ok()?;
+    let owned = !found.iter().any(|e| matches!(e, Entry::Foreign(_)));
+    owned.then_some(record)
 }
 
 /// The nearest folder at or above `path` (links and `..` resolved) that
@@ -608,7 +639,7 @@ fn gtr_run_output_in(dir: &Path) -> Option<&'static str> {
 fn other_output_above(path: &Path) -> Option<(PathBuf, &'static str)> {
     real_path(path)
         .ancestors()
-        .find_map(|folder| gtr_run_output_in(folder).map(|record| (folder.to_path_buf(), record)))
+        .find_map(|folder| owner_record(folder).map(|record| (folder.to_path_buf(), record)))
 }
 
 /// Refuses `path` (given as `what`, a flag) when it is, or lies in, the
@@ -656,8 +687,10 @@ pub(super) fn real_path(path: &Path) -> PathBuf {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     for base in path.ancestors() {
         if let Ok(real) = base.canonicalize() {
-            let rest = path.strip_prefix(base).unwrap_or(Path::new(""));
-            return real.join(rest);
+            return match path.strip_prefix(base) {
+                Ok(rest) if !rest.as_os_str().is_empty() => real.join(rest),
+                _ => real,
+            };
         }
     }
     path

@@ -28,7 +28,7 @@ use serde_json::Value;
 
 pub use folder::{
     Existing, check_file_target, check_outside_inputs, check_outside_run, check_png_target,
-    claim_report, default_out_dir, precision_suffix,
+    claim_report, default_out_dir, precision_suffix, report_files,
 };
 pub use jobs::{Classes, Shard, label_for};
 pub use outputs::{encode_batch, encode_png, write_npz};
@@ -453,10 +453,21 @@ fn check_request(req: &RunRequest, inputs: &[PathBuf]) -> Result<Range<usize>, R
         }
         folder::check_npz_target(npz, &req.out, inputs)?;
     }
-    if !req.out.as_os_str().is_empty() {
-        folder::check_outside_inputs(&req.out, "--out", inputs)?;
+    if req.out.as_os_str().is_empty() {
+        return Ok(range);
     }
-    Ok(range)
+    folder::check_outside_inputs(&req.out, "--out", inputs)?;
+    // --force removes the previous run's files in the folder, `.npz`
+    // files included.
+    let removed = |input: &&PathBuf| input.is_file() && folder::in_folder(input, &req.out);
+    match inputs.iter().find(removed) {
+        Some(input) if req.existing == Existing::Overwrite => Err(RunError::Invalid(format!(
+            "--force: {} holds {}, which this run reads, and --force would remove it: move it out of the folder",
+            req.out.display(),
+            input.display()
+        ))),
+        _ => Ok(range),
+    }
 }
 
 /// The `--replay` file, checked to hold noise for every image.
