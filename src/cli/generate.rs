@@ -144,6 +144,22 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         gtr_run::run::check_outside_inputs(dir, "--ort-profile", &bundle.read_paths())?;
         options.profile_dir = Some(profile_dir(dir)?);
     }
+    let existing = if args.resume {
+        Existing::Resume
+    } else if args.force {
+        Existing::Overwrite
+    } else {
+        Existing::Refuse
+    };
+    // Before the model loads (minutes for a large one under TensorRT).
+    gtr_run::run::check_outputs(
+        &bundle,
+        &out,
+        args.npz.as_deref(),
+        args.replay.as_deref(),
+        args.shard.is_some(),
+        existing,
+    )?;
     let (model, model_sha256) = load_hashed(&bundle, &args.runtime, &options)?;
     drop(bundle_lock);
     let settings = model.settings();
@@ -156,13 +172,7 @@ pub fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         cfg: args.runtime.cfg,
         temperature: args.runtime.temperature,
         out: out.clone(),
-        existing: if args.resume {
-            Existing::Resume
-        } else if args.force {
-            Existing::Overwrite
-        } else {
-            Existing::Refuse
-        },
+        existing,
         replay: args.replay,
         device_requested: args.runtime.device.name().into(),
         runtime_settings: settings,

@@ -129,7 +129,15 @@ impl<'s> Prepared<'s> {
     /// Checks everything that can be checked before any work.
     fn new<M: MarModel>(bundle: &Bundle, model: &M, req: &'s RunRequest) -> Result<Self, RunError> {
         let info = model.info().clone();
-        let range = check_request(req, &run_inputs(bundle, req))?;
+        let range = check_request(req)?;
+        check_outputs(
+            bundle,
+            &req.out,
+            req.npz.as_deref(),
+            req.replay.as_deref(),
+            req.shard.is_some(),
+            req.existing,
+        )?;
         let vae_decode = pipeline::decide(model, req.vae).map_err(RunError::Conflict)?;
         let labels = jobs::labels(&req.classes, req.num_images, &info)?;
         let replay = load_replay(req)?;
@@ -419,54 +427,63 @@ fn pixel_buffer(n: usize, image: ImageSettings) -> Result<Array4<u8>, RunError> 
     Ok(Array4::zeros(shape))
 }
 
-/// What a run reads, which no output of it may be or lie in: the bundle's
-/// folder and every file it names, and the replay file.
-fn run_inputs(bundle: &Bundle, req: &RunRequest) -> Vec<PathBuf> {
-    let mut inputs = bundle.read_paths();
-    inputs.extend(req.replay.clone());
-    inputs
-}
-
-/// The image indices this process makes; refuses counts, shards and
-/// outputs that cannot work (an `.npz` target, an output folder among
-/// `inputs` or inside another command's output), before any work.
-fn check_request(req: &RunRequest, inputs: &[PathBuf]) -> Result<Range<usize>, RunError> {
+/// The image indices this process makes; refuses counts and shards that
+/// cannot work, before any work.
+fn check_request(req: &RunRequest) -> Result<Range<usize>, RunError> {
     if req.num_images == 0 || req.batch == 0 {
         return Err(RunError::Invalid(
             "--num-images and --batch must be at least 1".into(),
         ));
     }
-    let range = match req.shard {
-        Some(shard) => {
-            if let Some(problem) = shard.unfit(req.num_images) {
-                return Err(RunError::Invalid(problem));
-            }
-            shard.range(req.num_images)
-        }
-        None => 0..req.num_images,
-    };
-    if let Some(npz) = &req.npz {
-        if req.shard.is_some() {
+    match req.shard {
+        Some(shard) => match shard.unfit(req.num_images) {
+            Some(problem) => Err(RunError::Invalid(problem)),
+            None => Ok(shard.range(req.num_images)),
+        },
+        None => Ok(0..req.num_images),
+    }
+}
+
+/// Where a run of `bundle` writes, checked before any work (the command
+/// line checks it before the model loads; [`generate`] again): the folder
+/// `out` (none for a run in memory: empty) and the `.npz` target may not be
+/// nor lie in what the run reads (the bundle's folder and every file it
+/// names, the `replay` file) nor, the `.npz`, in another command's output
+/// folder; a shard (`sharded`) writes no `.npz`; and `--force`
+/// (`existing`) may not be asked where the folder holds a file the run
+/// reads, which it would remove.
+pub fn check_outputs(
+    bundle: &Bundle,
+    out: &Path,
+    npz: Option<&Path>,
+    replay: Option<&Path>,
+    sharded: bool,
+    existing: Existing,
+) -> Result<(), RunError> {
+    let mut inputs = bundle.read_paths();
+    inputs.extend(replay.map(Path::to_path_buf));
+    if let Some(npz) = npz {
+        if sharded {
             return Err(RunError::Invalid(
                 "--npz with --shard: a shard holds only part of the images; pass --npz to `gtr-run merge` instead".into(),
             ));
         }
-        folder::check_npz_target(npz, &req.out, inputs)?;
+        folder::check_npz_target(npz, out, &inputs)?;
     }
-    if req.out.as_os_str().is_empty() {
-        return Ok(range);
+    if out.as_os_str().is_empty() {
+        return Ok(());
     }
-    folder::check_outside_inputs(&req.out, "--out", inputs)?;
+    folder::check_outside_inputs(out, "--out", &inputs)?;
     // --force removes the previous run's files in the folder, `.npz`
     // files included.
-    let removed = |input: &&PathBuf| input.is_file() && folder::in_folder(input, &req.out);
+    let removed = |input: &&PathBuf| input.is_file() && folder::in_folder(input, out);
     match inputs.iter().find(removed) {
-        Some(input) if req.existing == Existing::Overwrite => Err(RunError::Invalid(format!(
+        Some(input) if existing == Existing::Overwrite => Err(RunError::Invalid(format!(
             "--force: {} holds {}, which this run reads, and --force would remove it: move it out of the folder",
-            req.out.display(),
+            out.display(),
             input.display()
         ))),
-        _ => Ok(range),
+        _ => Ok(()),
     }
 }
 
