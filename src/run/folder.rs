@@ -570,7 +570,6 @@ pub(super) fn in_folder(path: &Path, folder: &Path) -> bool {
 /// for files it does not write, now and on every later run), or inside
 /// another command's output folder ([`check_outside_other_output`]).
 pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunError> {
-    check_outside_other_output(path, flag)?;
     if real_path(path).starts_with(real_path(out)) {
         return Err(RunError::Invalid(format!(
             "{flag} {}: inside the run's folder {}, which holds only the run's own files: choose a folder outside it",
@@ -578,7 +577,7 @@ pub fn check_outside_run(path: &Path, flag: &str, out: &Path) -> Result<(), RunE
             out.display()
         )));
     }
-    Ok(())
+    check_outside_other_output(path, flag)
 }
 
 /// The files `gtr-run eval` (`command` "eval") or `gtr-run sweep`
